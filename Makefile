@@ -1,0 +1,43 @@
+# Set-up and entry points. Everything a fresh machine needs is installed from here.
+PY ?= python3
+VENV := .venv
+REF := .venv-ref
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint format bench-vocab clean
+
+# The CPU build of torch is installed first: a bare `torch` requirement would pull a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# Google's reference scripts under TensorFlow, in their own environment (never a dependency).
+$(REF)/.installed:
+	$(PY) -m venv $(REF)
+	$(REF)/bin/pip install -q --upgrade pip
+	$(REF)/bin/pip install -q tensorflow-cpu==2.21.0 bert-tensorflow==1.0.4
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/bertforge demo --output demo-output
+
+test: $(VENV)/.installed $(REF)/.installed
+	$(BIN)/ruff check src tests bench
+	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python $(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format: $(VENV)/.installed
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench-vocab: $(VENV)/.installed
+	$(BIN)/python bench/vocab.py
+
+clean:
+	rm -rf $(VENV) $(REF) demo-output .pytest_cache

@@ -1,0 +1,129 @@
+"""`bertforge <stage>`: parse flags (+ an optional TOML file) into a stage config, call the stage.
+
+The flags themselves are generated from the config dataclasses in config.py; this module only
+wires subcommands to stage functions and turns UserError into one line on stderr (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bertforge import __version__
+from bertforge.config import (
+    STAGES,
+    VocabConfig,
+    add_config_arguments,
+    build_config,
+    normalize_bool_argv,
+    read_toml,
+    unknown_flags_error,
+)
+from bertforge.errors import UserError
+
+
+def demo_corpus() -> Path:
+    """Path of the bundled King James Bible corpus (gzip, Google's format)."""
+    return Path(str(resources.files("bertforge") / "demo" / "kjv.txt.gz"))
+
+
+def run_vocab(cfg: VocabConfig) -> None:
+    from bertforge.vocab import train_vocab
+
+    result = train_vocab(cfg)
+    s, q = result.stats, result.quality.as_dict()
+    casing = "uncased" if cfg.do_lower_case else "cased"
+    print(f"vocab: {len(result.tokens)} tokens ({cfg.algorithm}, {casing}) -> "
+          f"{result.output / 'vocab.txt'}")  # fmt: skip
+    print(
+        f"  corpus: {s.files} file(s), {s.documents:,} documents, {s.sentences:,} sentences, "
+        f"{s.bytes / 1e6:.1f} MB; trained on {result.sampled_sentences:,} sentences, "
+        f"alphabet {result.alphabet_size} characters"
+    )
+    if q["sentences"]:
+        print(
+            f"  quality on {q['sentences']:,} held-out sentences: [UNK] {q['unk_rate']:.3%}, "
+            f"{q['pieces_per_word']:.3f} pieces/word, {q['vocab_used']:.1%} of the vocab used"
+        )
+    for w in result.warnings:
+        print(w, file=sys.stderr)
+
+
+def run_demo(output: str) -> None:
+    out = Path(output)
+    print(f"demo: King James Bible ({demo_corpus()}) -> {out}")
+    run_vocab(
+        VocabConfig(
+            input=(str(demo_corpus()),),
+            output=str(out / "vocab"),
+            vocab_size=8000,
+            overwrite=True,
+        )
+    )
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="bertforge",
+        description="From your own text corpus to a pretrained BERT model.",
+    )
+    parser.add_argument("--version", action="version", version=f"bertforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+    for name, cls in STAGES.items():
+        summary = (cls.__doc__ or "").split(":", 1)[-1].strip()
+        p = sub.add_parser(name, help=summary, description=cls.__doc__)
+        p.add_argument(
+            "--config", metavar="FILE.toml", help=f"TOML file whose [{name}] section sets flags"
+        )
+        add_config_arguments(p, cls)
+        subparsers[name] = p
+    p = sub.add_parser("demo", help="run the pipeline on the bundled King James Bible corpus")
+    p.add_argument("--output", default="demo-output", help="output directory (demo-output)")
+    subparsers["demo"] = p
+    return parser, subparsers
+
+
+def dispatch(args: argparse.Namespace) -> None:
+    command = args.command
+    if command == "demo":
+        run_demo(args.output)
+        return
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    file_values: dict[str, Any] = {}
+    source = "config file"
+    if args.config:
+        file_values = read_toml(args.config).get(command, {})
+        source = f"{args.config} [{command}]"
+    cfg = build_config(STAGES[command], file_values, values, source=source)
+    runners: dict[str, Callable[[Any], None]] = {"vocab": run_vocab}
+    runners[command](cfg)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    try:
+        argv = normalize_bool_argv(argv, list(STAGES.values()))
+        args, unknown = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if unknown:
+            raise unknown_flags_error(unknown, subparsers[args.command])
+        dispatch(args)
+    except UserError as e:
+        print(f"bertforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bertforge: interrupted; finished outputs are kept.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""One frozen dataclass per stage; the CLI flags and the TOML keys are generated from them.
+
+A setting is declared once, as a dataclass field with a docstring under it; that docstring is
+the `--help` text. Flags are the field name with dashes (`--vocab-size`); Google's underscored
+spelling (`--vocab_size`) and any aliases in the field metadata are accepted too, and booleans
+also take absl's forms (`--do_lower_case=False`, `--nodo_lower_case`) so old commands paste in.
+`--config FILE.toml` sets fields per stage section (`[vocab]`, `[data]`, ...); flags override
+the file. Unknown keys and flags are errors that list the valid names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import itertools
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from bertforge.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+C = TypeVar("C")
+TRUE_WORDS = {"true", "1", "yes", "on"}
+FALSE_WORDS = {"false", "0", "no", "off"}
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    aliases: Sequence[str] = (),
+    true_flags: Sequence[str] = (),
+    false_flags: Sequence[str] = (),
+    split_commas: bool = False,
+) -> Any:
+    """A config field. aliases: extra flag spellings; true/false_flags: extra boolean switches;
+    split_commas: a list field that also accepts Google's comma-separated form."""
+    metadata = {
+        "aliases": tuple(aliases),
+        "true_flags": tuple(true_flags),
+        "false_flags": tuple(false_flags),
+        "split_commas": split_commas,
+    }
+    return field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------- stage configs
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusInput:
+    """Settings of every stage that reads a raw corpus."""
+
+    input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True)
+    """Corpus files, globs, directories (read recursively, sorted), .gz/.bz2/.xz files, or - for
+    stdin. Google's format: one sentence per line, a blank line between documents."""
+    strict_utf8: bool = False
+    """Stop at the first invalid UTF-8 byte (naming file:line:offset) instead of dropping bad
+    bytes and reporting how many lines had them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VocabConfig(CorpusInput):
+    """`bertforge vocab`: train a WordPiece vocabulary (vocab.txt + Hugging Face tokenizer)."""
+
+    output: str = option(aliases=("--output_dir",))
+    """Directory for vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    and manifest.json."""
+    vocab_size: int = 30522
+    """Exact number of lines of vocab.txt, special tokens and [unused] slots included."""
+    do_lower_case: bool = option(True, true_flags=("--lowercase",), false_flags=("--cased",))
+    """Lowercase the text (--lowercase) or keep case (--cased); recorded for every later stage."""
+    strip_accents: bool | None = None
+    """Strip accents (NFD, drop combining marks). Default: like Google, only when lowercasing.
+    --no-strip-accents keeps Turkish ç ş ğ ö ü in a lowercased model."""
+    algorithm: Literal["wordpiece", "sentencepiece"] = "wordpiece"
+    """wordpiece: Hugging Face's WordPiece trainer. sentencepiece: SentencePiece (see
+    --sentencepiece-model) on BERT-pre-tokenized text, converted to WordPiece format."""
+    sentencepiece_model: Literal["bpe", "unigram"] = "bpe"
+    """SentencePiece model type, with --algorithm sentencepiece."""
+    min_frequency: int = 2
+    """Pieces must occur at least this often in the training text (wordpiece)."""
+    limit_alphabet: int = 1000
+    """Keep at most this many distinct characters (the most frequent); rarer ones become [UNK]."""
+    num_unused: int = 99
+    """[unusedN] slots reserved after [PAD] (Google's layout: 99, so [UNK] is id 100); later
+    stages can fill them with domain words."""
+    max_sentences: int = 5_000_000
+    """Train on at most this many sentences, sampled evenly over the corpus; bounds time and
+    memory on large corpora (SentencePiece samples the same way)."""
+    heldout_sentences: int = 10_000
+    """Sentences held out of training (whole documents, spread over the corpus) to measure the
+    [UNK] rate, pieces per word and vocabulary use."""
+    seed: int = 12345
+    """Seed of the sentence sampling; same corpus + settings + seed give the same vocab.txt."""
+    overwrite: bool = False
+    """Replace an output directory that holds something other than a bertforge vocabulary."""
+    progress: bool = True
+    """Show a progress bar on a terminal."""
+
+    def __post_init__(self) -> None:
+        require(len(self.input) > 0, "--input", "give at least one corpus file")
+        require(self.vocab_size >= 100, "--vocab-size", "must be at least 100")
+        require(self.num_unused >= 0, "--num-unused", "must be 0 or more")
+        require(self.min_frequency >= 1, "--min-frequency", "must be at least 1")
+        require(self.limit_alphabet >= 1, "--limit-alphabet", "must be at least 1")
+        require(self.max_sentences >= 1, "--max-sentences", "must be at least 1")
+        require(self.heldout_sentences >= 0, "--heldout-sentences", "must be 0 or more")
+
+
+STAGES: dict[str, type] = {"vocab": VocabConfig}
+
+
+def require(condition: bool, flag: str, message: str) -> None:
+    """Raise a UserError naming the flag when a setting is out of range."""
+    if not condition:
+        raise UserError(f"{flag}: {message}.")
+
+
+# ----------------------------------------------------------------------------- introspection
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What the CLI and the TOML reader need to know about one config field."""
+
+    name: str
+    kind: str  # "bool", "int", "float", "str", "list", "choice"
+    help: str
+    required: bool
+    default: Any
+    choices: tuple[str, ...] = ()
+    optional: bool = False  # None is a valid value
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def names(self) -> list[str]:
+        """All flag spellings that set this field (to a value, or to True for booleans)."""
+        out = [self.flag]
+        if "--" + self.name != self.flag:
+            out.append("--" + self.name)
+        out += [a for a in self.metadata.get("aliases", ()) if a not in out]
+        out += list(self.metadata.get("true_flags", ()))
+        return out
+
+    def false_names(self) -> list[str]:
+        out = ["--no-" + self.name.replace("_", "-"), "--no" + self.name]
+        return out + list(self.metadata.get("false_flags", ()))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields, read from the source (also of base classes)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_specs(cls: type) -> list[FieldSpec]:
+    """FieldSpecs of a config dataclass, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        optional = False
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+            optional = True
+            tp = next(a for a in args if a is not type(None))
+        choices: tuple[str, ...] = ()
+        if tp is bool:
+            kind = "bool"
+        elif tp is int:
+            kind = "int"
+        elif tp is float:
+            kind = "float"
+        elif tp is str:
+            kind = "str"
+        elif typing.get_origin(tp) is Literal:
+            kind, choices = "choice", tuple(typing.get_args(tp))
+        elif typing.get_origin(tp) is tuple:
+            kind = "list"
+        else:  # pragma: no cover - a programming error in a config class
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported config type {tp}")
+        required = f.default is MISSING and f.default_factory is MISSING
+        specs.append(
+            FieldSpec(
+                name=f.name,
+                kind=kind,
+                help=docs.get(f.name, ""),
+                required=required,
+                default=None if required else f.default,
+                choices=choices,
+                optional=optional,
+                metadata=f.metadata,
+            )
+        )
+    return specs
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of cls; unset flags stay absent from the namespace."""
+    for spec in field_specs(cls):
+        default = "required" if spec.required else f"default: {format_value(spec.default)}"
+        help_text = f"{spec.help} ({default})".replace("%", "%%")
+        if spec.kind == "bool":
+            parser.add_argument(
+                *spec.names(), dest=spec.name, action="store_const", const=True,
+                default=argparse.SUPPRESS, help=help_text,
+            )  # fmt: skip
+            parser.add_argument(
+                *spec.false_names(), dest=spec.name, action="store_const", const=False,
+                default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+            )  # fmt: skip
+        elif spec.kind == "list":
+            parser.add_argument(
+                *spec.names(), dest=spec.name, nargs="+", action="extend",
+                default=argparse.SUPPRESS, help=help_text, metavar=spec.name.upper(),
+            )  # fmt: skip
+        else:
+            kind = {"int": int, "float": float}.get(spec.kind, str)
+            parser.add_argument(
+                *spec.names(), dest=spec.name, type=kind, default=argparse.SUPPRESS,
+                choices=spec.choices or None, help=help_text, metavar=spec.name.upper(),
+            )  # fmt: skip
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "auto"
+    return str(value)
+
+
+def normalize_bool_argv(argv: Sequence[str], classes: Sequence[type]) -> list[str]:
+    """Rewrite absl-style `--flag=true/false` for boolean fields into plain switches."""
+    true_of: dict[str, str] = {}
+    false_of: dict[str, str] = {}
+    for cls in classes:
+        for spec in field_specs(cls):
+            if spec.kind == "bool":
+                for name in spec.names():
+                    true_of[name], false_of[name] = name, spec.false_names()[0]
+                for name in spec.false_names():
+                    true_of[name], false_of[name] = name, spec.names()[0]
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if eq and name in true_of:
+            if value.lower() in TRUE_WORDS:
+                out.append(true_of[name])
+            elif value.lower() in FALSE_WORDS:
+                out.append(false_of[name])
+            else:
+                raise UserError(f"{name}: expected true or false, got {value!r}.")
+        else:
+            out.append(arg)
+    return out
+
+
+def unknown_flags_error(unknown: Sequence[str], parser: argparse.ArgumentParser) -> UserError:
+    valid = sorted(
+        {s for a in parser._actions for s in a.option_strings if a.help != argparse.SUPPRESS}
+    )
+    first = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=")[0]
+    close = difflib.get_close_matches(first, valid, n=3)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return UserError(
+        f"unknown argument {first!r}.{hint} Valid flags: {', '.join(valid)}."
+        if first.startswith("-")
+        else f"unexpected argument {first!r}; this command takes flags only ({', '.join(valid)})."
+    )
+
+
+# ----------------------------------------------------------------------------- TOML + merge
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; sections must be stage names."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config: {p} does not exist.")
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{p}: not valid TOML ({e}).") from None
+    for key, value in data.items():
+        if key not in STAGES or not isinstance(value, dict):
+            raise UserError(
+                f"{p}: unknown section [{key}]; valid sections: "
+                + ", ".join(f"[{s}]" for s in STAGES)
+                + "."
+            )
+    return data
+
+
+def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
+    """Check and convert a value from TOML (or code) to the field's type."""
+    if value is None and spec.optional:
+        return None
+    ok: bool
+    if spec.kind == "bool":
+        ok = isinstance(value, bool)
+    elif spec.kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif spec.kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif spec.kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        if ok:
+            items = []
+            for v in value:
+                items += v.split(",") if spec.metadata.get("split_commas") else [v]
+            value = tuple(v for v in items if v)
+    elif spec.kind == "choice":
+        ok = value in spec.choices
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        expected = f"one of {', '.join(spec.choices)}" if spec.choices else f"a {spec.kind}"
+        raise UserError(f"{where}: {spec.name} must be {expected}, got {value!r}.")
+    return value
+
+
+def build_config(
+    cls: type[C],
+    file_values: Mapping[str, Any] | None = None,
+    flag_values: Mapping[str, Any] | None = None,
+    source: str = "config file",
+) -> C:
+    """Defaults < file section < flags; unknown keys and missing required fields are errors."""
+    specs = {s.name: s for s in field_specs(cls)}
+    values: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        name = key.replace("-", "_")
+        if name not in specs:
+            close = difflib.get_close_matches(name, specs, n=3)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise UserError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(specs)}.")
+        values[name] = coerce(specs[name], value, source)
+    for name, value in (flag_values or {}).items():
+        values[name] = coerce(specs[name], value, specs[name].flag)
+    for spec in specs.values():
+        if spec.required and spec.name not in values:
+            raise UserError(f"{spec.flag} is required ({spec.help})")
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready view of a config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

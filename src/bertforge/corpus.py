@@ -1,0 +1,306 @@
+"""Streaming corpus reader for Google's format, used by every stage.
+
+Google's format is one sentence per line and a blank line between documents. Inputs are
+files, globs, directories (recursively, sorted), gzip/bzip2/xz files (detected by their
+magic bytes, whatever their name) and `-` for stdin, in any mix. Nothing is read whole into
+memory: lines stream from a buffered binary reader, so memory stays flat and a 1 MB line
+costs linear time.
+
+Decoding follows Google's `convert_to_unicode(..., errors="ignore")`: invalid UTF-8 bytes are
+dropped (replaced by nothing), which is what makes our data record-identical to Google's; we
+also count the lines that had them and report the first file:line. `strict_utf8` makes the
+first bad byte an error naming file:line and byte offset. A UTF-8 BOM is stripped; CRLF ends a
+line; a lone CR inside a line is whitespace (as in Google's tokenizer), and a file that uses
+only CR as its line break (classic Mac) is read as CR-separated lines. NUL and other control
+characters are left for the tokenizer to clean, exactly as Google's tokenizer does. Files
+that are binary (images, archives other than gz/bz2/xz, UTF-16 text) are refused.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import io
+import lzma
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from bertforge.errors import UserError
+
+STDIN = "-"
+SNIFF_BYTES = 8192
+
+# Magic numbers of formats that are certainly not a text corpus.
+BINARY_MAGIC: list[tuple[bytes, str]] = [
+    (b"PK\x03\x04", "a zip archive"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x7fELF", "an executable"),
+    (b"7z\xbc\xaf", "a 7z archive"),
+    (b"\x28\xb5\x2f\xfd", "a zstd file"),
+    (b"RIFF", "a RIFF (audio/video/image) file"),
+    (b"SQLite format 3", "an SQLite database"),
+    (b"\xff\xfe", "UTF-16 text"),
+    (b"\xfe\xff", "UTF-16 text"),
+]
+COMPRESSED_MAGIC: list[tuple[bytes, str]] = [
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+]
+
+
+@dataclass
+class InputFile:
+    """One resolved input: a path (or '-') and its size on disk (None for stdin)."""
+
+    path: str
+    size: int | None
+
+    def describe(self) -> dict:
+        return {"path": self.path, "bytes": self.size}
+
+
+@dataclass
+class CorpusStats:
+    """What reading a corpus saw; filled in while streaming."""
+
+    files: int = 0
+    bytes: int = 0  # decoded-stream bytes (after decompression)
+    lines: int = 0
+    sentences: int = 0  # non-blank lines
+    documents: int = 0  # non-empty documents
+    bad_lines: int = 0  # lines that had invalid UTF-8 (bytes dropped)
+    first_bad: str | None = None  # "file:line" of the first one
+
+    def as_dict(self) -> dict:
+        return {
+            "files": self.files,
+            "bytes": self.bytes,
+            "lines": self.lines,
+            "sentences": self.sentences,
+            "documents": self.documents,
+            "bad_utf8_lines": self.bad_lines,
+            "first_bad_utf8_line": self.first_bad,
+        }
+
+    def report(self) -> str | None:
+        """One line about invalid UTF-8, or None when there was none."""
+        if not self.bad_lines:
+            return None
+        return (
+            f"warning: {self.bad_lines} line(s) had invalid UTF-8 (bytes dropped, as Google's "
+            f"scripts do); first at {self.first_bad}. Use --strict-utf8 to stop on them instead."
+        )
+
+
+@dataclass
+class Progress:
+    """Bytes of input consumed so far (compressed bytes for compressed files)."""
+
+    done: int = 0
+    callbacks: list[Callable[[int], None]] = field(default_factory=list)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        for cb in self.callbacks:
+            cb(n)
+
+
+def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[InputFile]:
+    """Expand files, globs and directories (recursively, sorted) into a list of files."""
+    out: list[InputFile] = []
+    for pattern in patterns:
+        if pattern == STDIN:
+            out.append(InputFile(STDIN, None))
+            continue
+        p = Path(pattern)
+        if p.is_dir():
+            found = sorted(
+                str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+            )
+            if not found:
+                raise UserError(f"{flag}: directory {pattern} contains no files.")
+        elif p.is_file():
+            found = [pattern]
+        else:
+            found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+            if not found:
+                raise UserError(f"{flag}: {pattern} does not exist (no file matches).")
+        out += [InputFile(f, os.path.getsize(f)) for f in found]
+    return out
+
+
+def total_size(inputs: Sequence[InputFile]) -> int | None:
+    """Total bytes on disk, or None when an input is stdin."""
+    if any(f.size is None for f in inputs):
+        return None
+    return sum(f.size or 0 for f in inputs)
+
+
+class _CountingReader(io.RawIOBase):
+    """Wraps a binary file and reports every byte read to a Progress."""
+
+    def __init__(self, raw: BinaryIO, progress: Progress | None) -> None:
+        self.raw, self.progress = raw, progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        n = self.raw.readinto(b)  # type: ignore[attr-defined]
+        if n and self.progress is not None:
+            self.progress.advance(n)
+        return n or 0
+
+
+def open_text_stream(path: str, progress: Progress | None = None) -> io.BufferedReader:
+    """Open an input as a decompressed binary stream, refusing binary files."""
+    if path == STDIN:
+        raw: BinaryIO = sys.stdin.buffer
+    else:
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the wrapper
+        except OSError as e:
+            raise UserError(f"{path}: cannot open ({e.strerror}).") from None
+    stream = io.BufferedReader(_CountingReader(raw, progress), buffer_size=1 << 20)
+    head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+    for magic, kind in COMPRESSED_MAGIC:
+        if head.startswith(magic):
+            opener = {"gzip": gzip.GzipFile, "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind]
+            stream = io.BufferedReader(opener(fileobj=stream), buffer_size=1 << 20)  # type: ignore[arg-type]
+            try:
+                head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+            except (OSError, EOFError, lzma.LZMAError) as e:
+                raise UserError(f"{path}: damaged {kind} file ({e}).") from None
+            break
+    check_not_binary(path, head)
+    return stream
+
+
+def check_not_binary(path: str, head: bytes) -> None:
+    """Refuse a stream whose first bytes show it is not UTF-8 text."""
+    if head.startswith(b"\xef\xbb\xbf"):
+        return
+    for magic, kind in BINARY_MAGIC:
+        if head.startswith(magic):
+            hint = (
+                "convert it to UTF-8 (iconv -f UTF-16)"
+                if "UTF-16" in kind
+                else ("bertforge reads plain UTF-8 text, or text compressed with gzip, bzip2 or xz")
+            )
+            raise UserError(f"{path}: this is {kind}, not a text corpus; {hint}.")  # fmt: skip
+    if len(head) >= 257 + 5 and head[257:262] == b"ustar":
+        raise UserError(f"{path}: this is a tar archive; unpack it and pass the directory.")
+    if not head:
+        return
+    # Text has almost no NULs and decodes as UTF-8; cut a possibly split last character.
+    text = head[:-4] if len(head) == SNIFF_BYTES else head
+    bad = text.decode("utf-8", errors="replace").count("\ufffd")
+    if head.count(0) > len(head) // 100 or bad > len(text) // 10:
+        raise UserError(
+            f"{path}: looks binary (NUL bytes or mostly invalid UTF-8 in its first "
+            f"{len(head)} bytes), not a text corpus; pass UTF-8 text files."
+        )
+
+
+def _split_cr_lines(stream: BinaryIO) -> Iterator[bytes]:
+    """Lines of a file that uses a lone CR as its line break."""
+    rest = b""
+    while block := stream.read(1 << 20):
+        parts = (rest + block).split(b"\r")
+        rest = parts.pop()
+        for part in parts:
+            yield part + b"\n"
+    if rest:
+        yield rest
+
+
+def iter_lines(
+    inputs: Sequence[InputFile],
+    stats: CorpusStats,
+    *,
+    strict_utf8: bool = False,
+    progress: Progress | None = None,
+) -> Iterator[tuple[str, bool]]:
+    """Yield (stripped line, starts_new_file) for every line of every input, in order."""
+    for inp in inputs:
+        stats.files += 1
+        stream = open_text_stream(inp.path, progress)
+        try:
+            head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+            lines: Iterator[bytes] = stream  # type: ignore[assignment]
+            if b"\r" in head and b"\n" not in head:
+                lines = _split_cr_lines(stream)
+            new_file = True
+            offset = 0
+            for lineno, raw in enumerate(lines, 1):
+                stats.lines += 1
+                stats.bytes += len(raw)
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if strict_utf8:
+                        raise UserError(
+                            f"{inp.path}:{lineno}: invalid UTF-8 at byte {offset + e.start} of "
+                            f"the file (byte {e.start} of the line); fix the file, or drop "
+                            "--strict-utf8 to drop bad bytes."
+                        ) from None
+                    text = raw.decode("utf-8", errors="ignore")
+                    stats.bad_lines += 1
+                    if stats.first_bad is None:
+                        stats.first_bad = f"{inp.path}:{lineno}"
+                offset += len(raw)
+                yield text.strip(), new_file
+                new_file = False
+        except (OSError, EOFError, lzma.LZMAError) as e:
+            raise UserError(f"{inp.path}: read error ({e}); is the file damaged?") from None
+        finally:
+            if inp.path != STDIN:
+                stream.close()
+
+
+def iter_documents(
+    inputs: Sequence[InputFile],
+    stats: CorpusStats,
+    *,
+    strict_utf8: bool = False,
+    file_is_document_boundary: bool = True,
+    progress: Progress | None = None,
+) -> Iterator[list[str]]:
+    """Yield documents as lists of non-empty stripped lines.
+
+    A blank line ends a document. Google's script does not end a document at the end of a
+    file (the last document of one file runs on into the next); `file_is_document_boundary`
+    False reproduces that, True (the default) is what users expect.
+    """
+    doc: list[str] = []
+    for line, new_file in iter_lines(inputs, stats, strict_utf8=strict_utf8, progress=progress):
+        if (not line or (new_file and file_is_document_boundary)) and doc:
+            stats.documents += 1
+            yield doc
+            doc = []
+        if line:
+            stats.sentences += 1
+            doc.append(line)
+    if doc:
+        stats.documents += 1
+        yield doc
+
+
+def require_text(stats: CorpusStats, patterns: Sequence[str]) -> None:
+    """An input with no text at all is an error, not an empty result."""
+    if stats.sentences == 0:
+        raise UserError(
+            f"--input: {', '.join(patterns)} contains no text (no non-blank line in "
+            f"{stats.files} file(s)); check the path."
+        )

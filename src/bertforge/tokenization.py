@@ -1,0 +1,183 @@
+"""BERT tokenization identical to Google's FullTokenizer, and the Hugging Face tokenizer files.
+
+The engine is Hugging Face `tokenizers` (Rust, parallel): BertNormalizer (clean text, CJK
+splitting, lowercasing and accent stripping), BertPreTokenizer (whitespace + punctuation) and
+WordPiece with [UNK] for words over 100 characters, which together give Google's token ids
+(checked line by line against Google's code in tests/reference/). This module reads and
+validates Google's vocab.txt, builds that tokenizer, and writes the files with which
+`transformers.AutoTokenizer.from_pretrained(DIR)` loads it with the right casing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from bertforge.errors import UserError
+from bertforge.fileio import atomic_open, read_manifest, sha256_file, write_json
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIALS = (PAD, UNK, CLS, SEP, MASK)
+MAX_INPUT_CHARS_PER_WORD = 100  # Google's WordpieceTokenizer: longer words become [UNK]
+MODEL_MAX_LENGTH = 512
+
+
+def google_layout(pieces: Sequence[str], num_unused: int) -> list[str]:
+    """Google's vocab.txt order: [PAD], [unused0..], [UNK], [CLS], [SEP], [MASK], pieces."""
+    unused = [f"[unused{i}]" for i in range(num_unused)]
+    return [PAD, *unused, UNK, CLS, SEP, MASK, *pieces]
+
+
+def read_vocab_txt(path: str | Path) -> list[str]:
+    """Read Google's vocab.txt (one token per line, id = line number), validating it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--vocab: {p} does not exist.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte {e.start}); is this a vocab.txt?") from None
+    tokens = [line.strip() for line in text.split("\n")]
+    if tokens and tokens[-1] == "":
+        tokens.pop()  # the final newline
+    seen: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        if not tok:
+            raise UserError(f"{p}:{i + 1}: empty line in the vocabulary; remove it.")
+        if tok in seen:
+            raise UserError(
+                f"{p}:{i + 1}: duplicate entry {tok!r} (first on line {seen[tok] + 1}); "
+                "each token must appear once."
+            )
+        seen[tok] = i
+    missing = [s for s in SPECIALS if s not in seen]
+    if missing:
+        raise UserError(f"{p}: missing special token(s) {', '.join(missing)}; BERT needs them.")
+    return tokens
+
+
+def build_tokenizer(
+    tokens: Sequence[str], do_lower_case: bool, strip_accents: bool | None = None
+) -> Tokenizer:
+    """The fast tokenizer equivalent to Google's FullTokenizer for this vocab and casing."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(
+        models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
+    )
+    tok.normalizer = bert_normalizer(do_lower_case, strip_accents)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLS}:0 $A:0 {SEP}:0",
+        pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
+        special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def bert_normalizer(do_lower_case: bool, strip_accents: bool | None) -> normalizers.Normalizer:
+    """Google's BasicTokenizer text cleaning; accents follow casing unless set explicitly."""
+    return normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=True,
+        strip_accents=strip_accents,
+        lowercase=do_lower_case,
+    )
+
+
+def save_tokenizer_files(
+    directory: str | Path,
+    tokens: Sequence[str],
+    do_lower_case: bool,
+    strip_accents: bool | None,
+) -> list[str]:
+    """Write vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+    d = Path(directory)
+    with atomic_open(d / "vocab.txt", "w") as f:
+        f.write("".join(t + "\n" for t in tokens))
+    tokenizer = build_tokenizer(tokens, do_lower_case, strip_accents)
+    with atomic_open(d / "tokenizer.json", "w") as f:
+        f.write(tokenizer.to_str(pretty=True))
+    write_json(
+        d / "tokenizer_config.json",
+        {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": do_lower_case,
+            "strip_accents": strip_accents,
+            "tokenize_chinese_chars": True,
+            "model_max_length": MODEL_MAX_LENGTH,
+            "unk_token": UNK,
+            "sep_token": SEP,
+            "pad_token": PAD,
+            "cls_token": CLS,
+            "mask_token": MASK,
+            "clean_up_tokenization_spaces": True,
+        },
+    )
+    write_json(
+        d / "special_tokens_map.json",
+        {"unk_token": UNK, "sep_token": SEP, "pad_token": PAD, "cls_token": CLS,
+         "mask_token": MASK},
+    )  # fmt: skip
+    return ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """A vocabulary as later stages consume it: tokens, casing, and where it came from."""
+
+    path: Path  # the vocab.txt
+    tokens: tuple[str, ...]
+    do_lower_case: bool
+    strip_accents: bool | None
+    sha256: str
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def id(self, token: str) -> int:
+        return self.tokens.index(token)
+
+    def tokenizer(self) -> Tokenizer:
+        return build_tokenizer(self.tokens, self.do_lower_case, self.strip_accents)
+
+
+def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
+    """Load a vocab directory (casing from its manifest or tokenizer_config.json) or a bare
+    vocab.txt (casing must then be given). A given casing that contradicts the recorded one is
+    an error: that mismatch silently ruins a model."""
+    p = Path(path)
+    directory = p if p.is_dir() else p.parent
+    vocab_file = p / "vocab.txt" if p.is_dir() else p
+    recorded: bool | None = None
+    strip_accents: bool | None = None
+    source = None
+    manifest = read_manifest(directory) if p.is_dir() else None
+    if manifest is not None and manifest.get("stage") == "vocab":
+        recorded = manifest["config"]["do_lower_case"]
+        strip_accents = manifest["config"].get("strip_accents")
+        source = directory / "manifest.json"
+    elif (directory / "tokenizer_config.json").is_file():
+        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if "do_lower_case" in cfg:
+            recorded = bool(cfg["do_lower_case"])
+            strip_accents = cfg.get("strip_accents")
+            source = directory / "tokenizer_config.json"
+    if recorded is not None and do_lower_case is not None and recorded != do_lower_case:
+        raise UserError(
+            f"--do-lower-case={str(do_lower_case).lower()} contradicts {source}, which records "
+            f"do_lower_case={str(recorded).lower()}; drop the flag (it is read from there)."
+        )
+    casing = recorded if recorded is not None else do_lower_case
+    if casing is None:
+        raise UserError(
+            f"--vocab: {vocab_file} has no manifest saying whether it is cased; "
+            "pass --do-lower-case or --no-do-lower-case (Google: --do_lower_case=True/False)."
+        )
+    tokens = read_vocab_txt(vocab_file)
+    return Vocab(vocab_file, tuple(tokens), casing, strip_accents, sha256_file(vocab_file))

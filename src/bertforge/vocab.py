@@ -1,0 +1,410 @@
+"""`bertforge vocab`: train a WordPiece vocabulary in Google's vocab.txt layout.
+
+Two trainers, both well-kept libraries, neither re-implemented here:
+- wordpiece: Hugging Face's WordPieceTrainer. On its own it is not deterministic: symbols of
+  the form `##x` get ids in hash-map order, and ids break ties between equally frequent
+  merges. We fix every symbol id before training by computing the alphabet ourselves and
+  passing it as `initial_alphabet` (chars) and as special tokens (`##x`), which makes the
+  output byte-identical from run to run and also guarantees that every kept character exists
+  both word-initially and as a continuation.
+- sentencepiece: the seed workflow done right. SentencePiece (bpe or unigram) trains on text
+  that went through BERT's own normalization and punctuation splitting, then the pieces are
+  converted (`▁x` -> `x`, `x` -> `##x`) without the old converter's junk (`<s>`, `##[SEP]`,
+  the bare `▁`, empty lines, characters that only exist as `##x`).
+
+The corpus is streamed twice: a first pass counts characters (for the alphabet), counts
+sentences and picks held-out documents; the second feeds the trainer an evenly sampled,
+bounded number of sentences. The held-out documents measure the result: [UNK] rate, pieces
+per word and the share of the vocabulary in use.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bertforge.config import VocabConfig, config_to_dict
+from bertforge.corpus import (
+    STDIN,
+    CorpusStats,
+    InputFile,
+    Progress,
+    iter_documents,
+    require_text,
+    resolve_inputs,
+    total_size,
+)
+from bertforge.errors import UserError
+from bertforge.fileio import prepare_output_dir, write_manifest
+from bertforge.tokenization import (
+    SPECIALS,
+    UNK,
+    bert_normalizer,
+    build_tokenizer,
+    google_layout,
+    save_tokenizer_files,
+)
+
+BATCH_LINES = 2000
+HELDOUT_MAX_SHARE = 0.05  # never hold out more than 5% of the documents
+SP_MAX_SENTENCE_BYTES = 1 << 16
+
+
+@dataclass
+class Scan:
+    """What the first pass over the corpus learned."""
+
+    stats: CorpusStats
+    char_counts: np.ndarray  # (0x110000,) counts of normalized code points
+    heldout_docs: set[int]
+    heldout: list[str]
+    train_sentences: int
+
+
+@dataclass
+class Quality:
+    """Vocabulary quality measured on held-out text."""
+
+    measured_on: str
+    sentences: int = 0
+    words: int = 0
+    tokens: int = 0
+    unk_tokens: int = 0
+    distinct_ids: int = 0
+    vocab_size: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "measured_on": self.measured_on,
+            "sentences": self.sentences,
+            "words": self.words,
+            "unk_rate": self.unk_tokens / max(1, self.tokens),
+            "pieces_per_word": self.tokens / max(1, self.words),
+            "vocab_used": self.distinct_ids / max(1, self.vocab_size),
+        }
+
+
+@dataclass
+class VocabResult:
+    """What `train_vocab` produced, for the CLI summary and for tests."""
+
+    output: Path
+    tokens: list[str]
+    stats: CorpusStats
+    quality: Quality
+    alphabet_size: int
+    sampled_sentences: int
+    padded_unused: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def train_vocab(cfg: VocabConfig) -> VocabResult:
+    """Run the vocab stage: read the corpus, train, write vocab + tokenizer files + manifest."""
+    out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
+    inputs = resolve_inputs(cfg.input)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".stdin-") as spool:
+        inputs = [spool_stdin(f, Path(spool)) for f in inputs]
+        normalizer = bert_normalizer(cfg.do_lower_case, cfg.strip_accents)
+        scan = scan_corpus(inputs, cfg, normalizer)
+        require_text(scan.stats, cfg.input)
+        alphabet = choose_alphabet(scan.char_counts, cfg.limit_alphabet)
+        budget = cfg.vocab_size - cfg.num_unused - len(SPECIALS)
+        if 2 * len(alphabet) > budget:
+            raise UserError(
+                f"--vocab-size {cfg.vocab_size} leaves {budget} pieces, fewer than the "
+                f"{len(alphabet)} characters of the corpus need (each as x and ##x); raise "
+                "--vocab-size or lower --limit-alphabet."
+            )
+        keep = min(1.0, cfg.max_sentences / max(1, scan.train_sentences))
+        sentences = training_sentences(inputs, cfg, scan.heldout_docs, keep)
+        if cfg.algorithm == "wordpiece":
+            pieces = train_wordpiece(sentences, alphabet, budget, cfg)
+        else:
+            pieces = train_sentencepiece(sentences, normalizer, alphabet, budget, cfg, out)
+    warnings = [w for w in [scan.stats.report()] if w]
+    padded = budget - len(pieces)
+    if padded > 0:
+        extra = [f"[unused{cfg.num_unused + i}]" for i in range(padded)]
+        pieces = pieces + extra
+        warnings.append(
+            f"warning: the corpus supports only {budget - padded} pieces; filled the remaining "
+            f"{padded} lines with [unused] slots to keep --vocab-size {cfg.vocab_size}."
+        )
+    tokens = google_layout(pieces[:budget], cfg.num_unused)
+    assert len(tokens) == cfg.vocab_size, (len(tokens), cfg.vocab_size)
+    outputs = save_tokenizer_files(out, tokens, cfg.do_lower_case, cfg.strip_accents)
+    quality = measure_quality(tokens, cfg, scan.heldout)
+    sampled = min(scan.train_sentences, cfg.max_sentences)
+    write_manifest(
+        out,
+        "vocab",
+        config_to_dict(cfg),
+        inputs=[f.describe() for f in resolve_inputs(cfg.input) if f.path != STDIN],
+        counts={
+            **scan.stats.as_dict(),
+            "vocab_size": len(tokens),
+            "alphabet": len(alphabet),
+            "train_sentences": scan.train_sentences,
+            "sampled_sentences": sampled,
+            "heldout_documents": len(scan.heldout_docs),
+            "padded_unused": max(0, padded),
+        },
+        outputs=outputs,
+        extra={"quality": quality.as_dict()},
+    )
+    return VocabResult(
+        out, tokens, scan.stats, quality, len(alphabet), sampled, max(0, padded), warnings
+    )
+
+
+def spool_stdin(inp: InputFile, spool: Path) -> InputFile:
+    """Copy stdin to a file, since the corpus is read twice."""
+    if inp.path != STDIN:
+        return inp
+    path = spool / "stdin.txt"
+    with open(path, "wb") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+    return InputFile(str(path), path.stat().st_size)
+
+
+def progress_bar(inputs: Sequence[InputFile], enabled: bool, desc: str):  # type: ignore[no-untyped-def]
+    """A tqdm bar over input bytes on a terminal, else None."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_size(inputs), unit="B", unit_scale=True, desc=desc, leave=False)
+
+
+def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig, normalizer) -> Scan:  # type: ignore[no-untyped-def]
+    """Pass 1: character counts after normalization, sentence count, held-out documents.
+
+    Held-out documents are the ones with the smallest random priority (rng seeded by cfg.seed)
+    that fit in cfg.heldout_sentences, at most 5% of all documents: spread evenly over the
+    corpus, the same on every run, and found in one pass with bounded memory (a heap).
+    """
+    stats = CorpusStats()
+    counts = np.zeros(0x110000, dtype=np.int64)
+    rng = random.Random(cfg.seed)
+    heap: list[tuple[float, int, list[str]]] = []  # (-priority, doc index, sentences)
+    held = 0
+    batch: list[str] = []
+    bar = progress_bar(inputs, cfg.progress, "scan")
+    progress = Progress(callbacks=[bar.update] if bar else [])
+    for index, doc in enumerate(
+        iter_documents(inputs, stats, strict_utf8=cfg.strict_utf8, progress=progress)
+    ):
+        batch += doc
+        if len(batch) >= BATCH_LINES:
+            count_chars(batch, normalizer, counts)
+            batch = []
+        if cfg.heldout_sentences and len(doc) <= cfg.heldout_sentences:
+            heapq.heappush(heap, (-rng.random(), index, doc))
+            held += len(doc)
+            while held > cfg.heldout_sentences:
+                held -= len(heapq.heappop(heap)[2])
+    count_chars(batch, normalizer, counts)
+    if bar:
+        bar.close()
+    # Keep at most 5% of the documents: the ones with the smallest priority.
+    kept = sorted(heap, reverse=True)[: int(stats.documents * HELDOUT_MAX_SHARE)]
+    heldout_docs = {index for _, index, _ in kept}
+    heldout = [s for _, _, doc in sorted(kept, key=lambda x: x[1]) for s in doc]
+    return Scan(stats, counts, heldout_docs, heldout, stats.sentences - len(heldout))
+
+
+def count_chars(lines: list[str], normalizer, counts: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    """Add the code points of the normalized lines to counts (one Rust call per batch)."""
+    if not lines:
+        return
+    text = normalizer.normalize_str("\n".join(lines))
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    counts += np.bincount(codes, minlength=counts.shape[0])
+
+
+def choose_alphabet(counts: np.ndarray, limit: int) -> list[str]:
+    """The `limit` most frequent characters (ties by code point), in code point order.
+
+    Whitespace (to Python, which also strips vocab.txt lines) never becomes a token."""
+    present = np.flatnonzero(counts)
+    chars = [int(c) for c in present if chr(int(c)).strip() and not is_unsafe(chr(int(c)))]
+    chars.sort(key=lambda c: (-int(counts[c]), c))
+    return [chr(c) for c in sorted(chars[:limit])]
+
+
+def is_unsafe(ch: str) -> bool:
+    """Characters that cannot stand in a vocab.txt line or that the tokenizer removes."""
+    return unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") or ch == "\ufffd"
+
+
+def training_sentences(
+    inputs: Sequence[InputFile], cfg: VocabConfig, heldout_docs: set[int], keep: float
+) -> Iterator[list[str]]:
+    """Pass 2: batches of training sentences, held-out documents skipped, sampled evenly."""
+    rng = random.Random(cfg.seed + 1)
+    stats = CorpusStats()
+    bar = progress_bar(inputs, cfg.progress, "train")
+    progress = Progress(callbacks=[bar.update] if bar else [])
+    batch: list[str] = []
+    for index, doc in enumerate(
+        iter_documents(inputs, stats, strict_utf8=cfg.strict_utf8, progress=progress)
+    ):
+        if index in heldout_docs:
+            continue
+        if keep < 1.0:
+            doc = [s for s in doc if rng.random() < keep]
+        batch += doc
+        if len(batch) >= BATCH_LINES:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+    if bar:
+        bar.close()
+
+
+def train_wordpiece(
+    batches: Iterator[list[str]], alphabet: list[str], budget: int, cfg: VocabConfig
+) -> list[str]:
+    """Hugging Face WordPiece training with every symbol id fixed up front (deterministic)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token=UNK))
+    tok.normalizer = bert_normalizer(cfg.do_lower_case, cfg.strip_accents)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    continuations = ["##" + c for c in alphabet]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=budget + len(SPECIALS),
+        min_frequency=cfg.min_frequency,
+        special_tokens=[*SPECIALS, *continuations],
+        limit_alphabet=len(alphabet),
+        initial_alphabet=alphabet,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(batches, trainer)
+    vocab = tok.get_vocab()
+    trained = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    known = set(SPECIALS) | set(alphabet) | set(continuations)
+    merged = [t for t in trained if t not in known]
+    return alphabet + continuations + merged
+
+
+PUNCT_RE = re.compile(
+    "(["
+    + "".join(
+        re.escape(chr(c))
+        for c in range(0x110000)
+        if (33 <= c <= 47 or 58 <= c <= 64 or 91 <= c <= 96 or 123 <= c <= 126)
+        or unicodedata.category(chr(c)).startswith("P")
+    )
+    + "])"
+)
+
+
+def bert_pretokenize(lines: list[str], normalizer) -> list[str]:  # type: ignore[no-untyped-def]
+    """BERT's normalization and punctuation splitting, words joined by single spaces."""
+    text = normalizer.normalize_str("\n".join(lines))
+    text = PUNCT_RE.sub(r" \1 ", text)
+    return [" ".join(line.split()) for line in text.split("\n")]
+
+
+def train_sentencepiece(
+    batches: Iterator[list[str]],
+    normalizer,  # type: ignore[no-untyped-def]
+    alphabet: list[str],
+    budget: int,
+    cfg: VocabConfig,
+    workdir: Path,
+) -> list[str]:
+    """SentencePiece on BERT-pre-tokenized text, converted to WordPiece pieces."""
+    import sentencepiece as spm
+
+    def sentences() -> Iterator[str]:
+        for batch in batches:
+            for line in bert_pretokenize(batch, normalizer):
+                while len(line.encode("utf-8")) > SP_MAX_SENTENCE_BYTES // 2:
+                    cut = line.rfind(" ", 0, SP_MAX_SENTENCE_BYTES // 8)
+                    cut = cut if cut > 0 else SP_MAX_SENTENCE_BYTES // 8
+                    yield line[:cut]
+                    line = line[cut:].lstrip()
+                if line:
+                    yield line
+
+    spm.set_random_generator_seed(cfg.seed)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".sentencepiece-") as tmp:
+        prefix = os.path.join(tmp, "sp")
+        sp_vocab = max(budget - len(alphabet) + 1, len(alphabet) + 8)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_prefix=prefix,
+            model_type=cfg.sentencepiece_model,
+            vocab_size=sp_vocab,
+            hard_vocab_limit=False,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            add_dummy_prefix=True,
+            remove_extra_whitespaces=True,
+            split_by_whitespace=True,
+            max_sentence_length=SP_MAX_SENTENCE_BYTES,
+            input_sentence_size=0,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+        sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+        raw = [
+            sp.id_to_piece(i)
+            for i in range(sp.get_piece_size())
+            if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i))
+        ]
+    return convert_sentencepiece_pieces(raw, alphabet)
+
+
+def convert_sentencepiece_pieces(raw: Sequence[str], alphabet: list[str]) -> list[str]:
+    """`▁x` -> `x`, `x` -> `##x`; every alphabet char as x and ##x first; no junk, no dupes."""
+    allowed = set(alphabet)
+    out = alphabet + ["##" + c for c in alphabet]
+    seen = set(out)
+    for piece in raw:
+        word = piece[1:] if piece.startswith("▁") else piece
+        if not word or "▁" in word or not set(word) <= allowed:
+            continue
+        token = word if piece.startswith("▁") else "##" + word
+        if token not in seen:
+            seen.add(token)
+            out.append(token)
+    return out
+
+
+def measure_quality(tokens: list[str], cfg: VocabConfig, heldout: list[str]) -> Quality:
+    """[UNK] rate, pieces per word and vocabulary use on the held-out sentences."""
+    tokenizer = build_tokenizer(tokens, cfg.do_lower_case, cfg.strip_accents)
+    q = Quality("held-out documents", vocab_size=len(tokens))
+    if not heldout:
+        q.measured_on = "none (no document could be held out)"
+        return q
+    unk = tokens.index(UNK)
+    ids: set[int] = set()
+    for enc in tokenizer.encode_batch(heldout, add_special_tokens=False):
+        q.tokens += len(enc.ids)
+        q.unk_tokens += enc.ids.count(unk)
+        q.words += len(set(w for w in enc.word_ids if w is not None))
+        ids.update(enc.ids)
+    q.sentences = len(heldout)
+    q.distinct_ids = len(ids)
+    return q

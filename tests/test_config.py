@@ -1,0 +1,99 @@
+"""Config dataclasses -> flags, TOML sections, Google aliases, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bertforge.cli import main
+from bertforge.config import VocabConfig, build_config, field_specs, read_toml
+from bertforge.errors import UserError
+
+
+def parse_vocab(argv: list[str]) -> VocabConfig:
+    """Parse flags the way the CLI does, without running the stage."""
+    import argparse
+
+    from bertforge.config import add_config_arguments, normalize_bool_argv
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, VocabConfig)
+    ns = p.parse_args(normalize_bool_argv(argv, [VocabConfig]))
+    return build_config(VocabConfig, {}, vars(ns))
+
+
+def test_every_field_has_help_text():
+    for spec in field_specs(VocabConfig):
+        assert spec.help, f"{spec.name} has no docstring"
+
+
+def test_config_is_frozen():
+    cfg = VocabConfig(input=("a",), output="o")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.vocab_size = 3  # type: ignore[misc]
+
+
+def test_flags_and_google_aliases():
+    cfg = parse_vocab(["--input_file=a.txt,b.txt", "--output", "o", "--vocab_size", "500"])
+    assert cfg.input == ("a.txt", "b.txt") and cfg.vocab_size == 500
+    assert parse_vocab(["--input", "a", "--output", "o", "--cased"]).do_lower_case is False
+    assert (
+        parse_vocab(["--input", "a", "--output", "o", "--do_lower_case=False"]).do_lower_case
+        is False
+    )
+    assert (
+        parse_vocab(["--input", "a", "--output", "o", "--nodo_lower_case"]).do_lower_case is False
+    )
+    assert (
+        parse_vocab(["--input", "a", "--output", "o", "--no-strip-accents"]).strip_accents is False
+    )
+    assert parse_vocab(["--input", "a", "b", "--output", "o"]).input == ("a", "b")
+
+
+def test_bad_bool_value_is_an_error():
+    with pytest.raises(UserError, match="--do_lower_case: expected true or false"):
+        parse_vocab(["--input", "a", "--output", "o", "--do_lower_case=maybe"])
+
+
+def test_missing_required_flag_names_it():
+    with pytest.raises(UserError, match="--output is required"):
+        build_config(VocabConfig, {}, {"input": ["a"]})
+
+
+def test_out_of_range_value_names_flag():
+    with pytest.raises(UserError, match="--vocab-size: must be at least 100"):
+        VocabConfig(input=("a",), output="o", vocab_size=5)
+
+
+def test_toml_sets_fields_and_flags_override(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text('[vocab]\ninput = ["x.txt"]\noutput = "out"\nvocab-size = 1234\ncased = 1\n')
+    with pytest.raises(UserError, match=r"unknown key 'cased'.*Valid keys: input"):
+        build_config(VocabConfig, read_toml(f)["vocab"], {})
+    f.write_text('[vocab]\ninput = ["x.txt"]\noutput = "out"\nvocab-size = 1234\n')
+    cfg = build_config(VocabConfig, read_toml(f)["vocab"], {"vocab_size": 999})
+    assert cfg.vocab_size == 999 and cfg.input == ("x.txt",) and cfg.output == "out"
+
+
+def test_toml_type_and_section_errors(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text('[vocab]\nvocab_size = "big"\n')
+    with pytest.raises(UserError, match="vocab_size must be a int"):
+        build_config(VocabConfig, read_toml(f)["vocab"], {})
+    f.write_text("[vocabulary]\nx = 1\n")
+    with pytest.raises(
+        UserError, match=r"unknown section \[vocabulary\]; valid sections: \[vocab\]"
+    ):
+        read_toml(f)
+    f.write_text("[vocab\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        read_toml(f)
+
+
+def test_cli_unknown_flag_lists_valid_names(capsys):
+    assert main(["vocab", "--input", "a", "--output", "o", "--vocab-sise", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown argument '--vocab-sise'" in err and "Did you mean --vocab-size" in err
+    assert "--min-frequency" in err and err.count("\n") == 1
