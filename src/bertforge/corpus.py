@@ -174,8 +174,14 @@ def open_text_stream(path: str, progress: Progress | None = None) -> io.Buffered
     head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
     for magic, kind in COMPRESSED_MAGIC:
         if head.startswith(magic):
-            opener = {"gzip": gzip.GzipFile, "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}[kind]
-            stream = io.BufferedReader(opener(fileobj=stream), buffer_size=1 << 20)  # type: ignore[arg-type]
+            decompressed: BinaryIO = (
+                gzip.GzipFile(fileobj=stream)
+                if kind == "gzip"
+                else bz2.BZ2File(stream)
+                if kind == "bzip2"
+                else lzma.LZMAFile(stream)
+            )
+            stream = io.BufferedReader(decompressed, buffer_size=1 << 20)  # type: ignore[arg-type]
             try:
                 head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
             except (OSError, EOFError, lzma.LZMAError) as e:
@@ -204,7 +210,8 @@ def check_not_binary(path: str, head: bytes) -> None:
     # Text has almost no NULs and decodes as UTF-8; cut a possibly split last character.
     text = head[:-4] if len(head) == SNIFF_BYTES else head
     bad = text.decode("utf-8", errors="replace").count("\ufffd")
-    if head.count(0) > len(head) // 100 or bad > len(text) // 10:
+    too_many_nuls = head.count(0) >= 4 and head.count(0) > len(head) // 100
+    if too_many_nuls or (len(text) >= 64 and bad > len(text) // 10):
         raise UserError(
             f"{path}: looks binary (NUL bytes or mostly invalid UTF-8 in its first "
             f"{len(head)} bytes), not a text corpus; pass UTF-8 text files."

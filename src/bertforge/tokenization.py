@@ -1,28 +1,36 @@
 """BERT tokenization identical to Google's FullTokenizer, and the Hugging Face tokenizer files.
 
-The engine is Hugging Face `tokenizers` (Rust, parallel): BertNormalizer (clean text, CJK
-splitting, lowercasing and accent stripping), BertPreTokenizer (whitespace + punctuation) and
-WordPiece with [UNK] for words over 100 characters, which together give Google's token ids
-(checked line by line against Google's code in tests/reference/). This module reads and
-validates Google's vocab.txt, builds that tokenizer, and writes the files with which
-`transformers.AutoTokenizer.from_pretrained(DIR)` loads it with the right casing.
+The engine is Hugging Face `tokenizers` (Rust, parallel). Its stock BertNormalizer and
+BertPreTokenizer differ from Google's Python in corners that a multilingual corpus hits: they
+drop private-use and unassigned characters (Google keeps them, as [UNK]), they use older
+Unicode tables than Python's `unicodedata` (U+061D is punctuation to Google, not to them), and
+they lowercase a word-final Σ to σ where Python gives ς. So we assemble the pipeline from
+explicit character classes computed with Python's `unicodedata`, the tables Google's code
+uses, and write them into tokenizer.json, which then behaves the same wherever it is loaded.
+WordPiece turns words over 200 characters into [UNK], as Google's does. Equality of token ids
+with Google's FullTokenizer is tested line by line in tests/reference/.
+
+This module also reads and validates Google's vocab.txt and writes the files with which
+`transformers.AutoTokenizer.from_pretrained(DIR)` loads the tokenizer with the right casing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open, read_manifest, sha256_file, write_json
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIALS = (PAD, UNK, CLS, SEP, MASK)
-MAX_INPUT_CHARS_PER_WORD = 100  # Google's WordpieceTokenizer: longer words become [UNK]
+MAX_INPUT_CHARS_PER_WORD = 200  # Google's WordpieceTokenizer: longer words become [UNK]
 MODEL_MAX_LENGTH = 512
 
 
@@ -69,7 +77,7 @@ def build_tokenizer(
         models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD)
     )
     tok.normalizer = bert_normalizer(do_lower_case, strip_accents)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.pre_tokenizer = bert_pre_tokenizer()
     tok.post_processor = processors.TemplateProcessing(
         single=f"{CLS}:0 $A:0 {SEP}:0",
         pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
@@ -79,13 +87,92 @@ def build_tokenizer(
     return tok
 
 
+def is_removed(ch: str, cat: str) -> bool:
+    """Google's _clean_text drops NUL, U+FFFD and control/format characters but \\t\\n\\r."""
+    return ch not in "\t\n\r" and (ch in "\x00\ufffd" or cat in ("Cc", "Cf"))
+
+
+def is_whitespace(ch: str, cat: str) -> bool:
+    """Google's _is_whitespace: space, \\t, \\n, \\r and category Zs."""
+    return ch in " \t\n\r" or cat == "Zs"
+
+
+def is_punctuation(ch: str, cat: str) -> bool:
+    """Google's _is_punctuation: non-alphanumeric ASCII and Unicode category P*."""
+    cp = ord(ch)
+    ascii_punct = 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126
+    return ascii_punct or cat.startswith("P")
+
+
+def is_nonspacing(ch: str, cat: str) -> bool:
+    """What Google's _run_strip_accents drops after NFD."""
+    return cat == "Mn"
+
+
+PREDICATES = {
+    "removed": is_removed,
+    "whitespace": is_whitespace,
+    "punctuation": is_punctuation,
+    "nonspacing": is_nonspacing,
+}
+
+
+@functools.cache
+def char_ranges() -> dict[str, list[tuple[int, int]]]:
+    """Code point ranges of each class, from Python's unicodedata (one pass, once a process)."""
+    out: dict[str, list[tuple[int, int]]] = {name: [] for name in PREDICATES}
+    for cp in range(0x110000):
+        ch = chr(cp)
+        cat = unicodedata.category(ch)
+        if cat == "Cn" and cp > 0xFFFF:
+            continue  # unassigned: in none of the classes
+        for name, predicate in PREDICATES.items():
+            if predicate(ch, cat):
+                ranges = out[name]
+                if ranges and ranges[-1][1] == cp - 1:
+                    ranges[-1] = (ranges[-1][0], cp)
+                else:
+                    ranges.append((cp, cp))
+    return out
+
+
+def onig_class(name: str) -> str:
+    """The class as a regex for tokenizers (Oniguruma syntax)."""
+    parts = (f"\\x{{{a:x}}}" + (f"-\\x{{{b:x}}}" if b > a else "") for a, b in char_ranges()[name])
+    return "[" + "".join(parts) + "]"
+
+
+# Python's str.lower() maps Σ to ς at the end of a word (Unicode's Final_Sigma condition:
+# a cased letter before it, none after it, case-ignorable characters skipped).
+FINAL_SIGMA = (
+    r"(?<=\p{Cased}|\p{Cased}\p{Case_Ignorable}|\p{Cased}\p{Case_Ignorable}{2})"
+    r"Σ(?!\p{Case_Ignorable}*\p{Cased})"
+)
+
+
 def bert_normalizer(do_lower_case: bool, strip_accents: bool | None) -> normalizers.Normalizer:
     """Google's BasicTokenizer text cleaning; accents follow casing unless set explicitly."""
-    return normalizers.BertNormalizer(
-        clean_text=True,
-        handle_chinese_chars=True,
-        strip_accents=strip_accents,
-        lowercase=do_lower_case,
+    steps = [
+        normalizers.Replace(Regex(onig_class("removed")), ""),
+        normalizers.Replace(Regex(onig_class("whitespace")), " "),
+        normalizers.BertNormalizer(
+            clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False
+        ),
+    ]
+    if do_lower_case:
+        steps += [normalizers.Replace(Regex(FINAL_SIGMA), "ς"), normalizers.Lowercase()]
+    if do_lower_case if strip_accents is None else strip_accents:
+        steps += [normalizers.NFD(), normalizers.Replace(Regex(onig_class("nonspacing")), "")]
+    return normalizers.Sequence(steps)
+
+
+def bert_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Google's whitespace split, then every punctuation character as its own word."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(onig_class("punctuation")), behavior="isolated"),
+        ]
     )
 
 

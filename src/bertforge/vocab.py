@@ -20,6 +20,7 @@ per word and the share of the vocabulary in use.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import os
 import random
@@ -51,7 +52,9 @@ from bertforge.tokenization import (
     SPECIALS,
     UNK,
     bert_normalizer,
+    bert_pre_tokenizer,
     build_tokenizer,
+    char_ranges,
     google_layout,
     save_tokenizer_files,
 )
@@ -278,11 +281,11 @@ def train_wordpiece(
     batches: Iterator[list[str]], alphabet: list[str], budget: int, cfg: VocabConfig
 ) -> list[str]:
     """Hugging Face WordPiece training with every symbol id fixed up front (deterministic)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token=UNK))
     tok.normalizer = bert_normalizer(cfg.do_lower_case, cfg.strip_accents)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.pre_tokenizer = bert_pre_tokenizer()
     continuations = ["##" + c for c in alphabet]
     trainer = trainers.WordPieceTrainer(
         vocab_size=budget + len(SPECIALS),
@@ -301,22 +304,20 @@ def train_wordpiece(
     return alphabet + continuations + merged
 
 
-PUNCT_RE = re.compile(
-    "(["
-    + "".join(
-        re.escape(chr(c))
-        for c in range(0x110000)
-        if (33 <= c <= 47 or 58 <= c <= 64 or 91 <= c <= 96 or 123 <= c <= 126)
-        or unicodedata.category(chr(c)).startswith("P")
+@functools.cache
+def punctuation_re() -> re.Pattern[str]:
+    """Google's punctuation characters, each to be split off as its own word."""
+    ranges = char_ranges()["punctuation"]
+    body = "".join(
+        re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges
     )
-    + "])"
-)
+    return re.compile(f"([{body}])")
 
 
 def bert_pretokenize(lines: list[str], normalizer) -> list[str]:  # type: ignore[no-untyped-def]
     """BERT's normalization and punctuation splitting, words joined by single spaces."""
     text = normalizer.normalize_str("\n".join(lines))
-    text = PUNCT_RE.sub(r" \1 ", text)
+    text = punctuation_re().sub(r" \1 ", text)
     return [" ".join(line.split()) for line in text.split("\n")]
 
 
