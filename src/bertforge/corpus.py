@@ -57,6 +57,13 @@ COMPRESSED_MAGIC: list[tuple[bytes, str]] = [
 ]
 
 
+DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
+    "gzip": lambda f: gzip.GzipFile(fileobj=f),  # type: ignore[return-value]
+    "bzip2": lambda f: bz2.BZ2File(f),  # type: ignore[return-value]
+    "xz": lambda f: lzma.LZMAFile(f),  # type: ignore[return-value]  # noqa: SIM115
+}
+
+
 @dataclass
 class InputFile:
     """One resolved input: a path (or '-') and its size on disk (None for stdin)."""
@@ -174,13 +181,7 @@ def open_text_stream(path: str, progress: Progress | None = None) -> io.Buffered
     head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
     for magic, kind in COMPRESSED_MAGIC:
         if head.startswith(magic):
-            decompressed: BinaryIO = (
-                gzip.GzipFile(fileobj=stream)
-                if kind == "gzip"
-                else bz2.BZ2File(stream)
-                if kind == "bzip2"
-                else lzma.LZMAFile(stream)
-            )
+            decompressed = DECOMPRESSORS[kind](stream)
             stream = io.BufferedReader(decompressed, buffer_size=1 << 20)  # type: ignore[arg-type]
             try:
                 head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]

@@ -346,7 +346,8 @@ def train_sentencepiece(
     spm.set_random_generator_seed(cfg.seed)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".sentencepiece-") as tmp:
         prefix = os.path.join(tmp, "sp")
-        sp_vocab = max(budget - len(alphabet) + 1, len(alphabet) + 8)
+        # Headroom: `▁x` and `x` pieces collapse in conversion; extras are cut after it.
+        sp_vocab = budget + budget // 50 + 16
         spm.SentencePieceTrainer.train(
             sentence_iterator=sentences(),
             model_prefix=prefix,
@@ -373,7 +374,7 @@ def train_sentencepiece(
             for i in range(sp.get_piece_size())
             if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_unused(i))
         ]
-    return convert_sentencepiece_pieces(raw, alphabet)
+    return convert_sentencepiece_pieces(raw, alphabet)[:budget]
 
 
 def convert_sentencepiece_pieces(raw: Sequence[str], alphabet: list[str]) -> list[str]:

@@ -1,0 +1,76 @@
+"""vocab.txt reading and validation, casing from manifests, Hugging Face loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bertforge.config import VocabConfig
+from bertforge.errors import UserError
+from bertforge.tokenization import build_tokenizer, google_layout, load_vocab, read_vocab_txt
+from bertforge.vocab import train_vocab
+from tests.conftest import MIXED_DOCS
+
+TOKENS = google_layout(["the", "cat", "##s", "sat", ".", "σ", "ς", "ο", "##δ", "##ο", "##ς",
+                        "##σ", "a", "##a"], num_unused=2)  # fmt: skip
+
+
+def write_vocab(path: Path, tokens: list[str]) -> Path:
+    path.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    return path
+
+
+def test_google_layout_ids():
+    tokens = google_layout(["x"], num_unused=99)
+    assert tokens[:2] == ["[PAD]", "[unused0]"]
+    assert [tokens.index(t) for t in ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]] == [100, 101, 102, 103]
+
+
+def test_vocab_txt_validation(tmp_path: Path):
+    with pytest.raises(UserError, match=r"v\.txt:4: duplicate entry 'a' \(first on line 3\)"):
+        read_vocab_txt(write_vocab(tmp_path / "v.txt", ["[PAD]", "[UNK]", "a", "a"]))
+    with pytest.raises(UserError, match=r"v\.txt:2: empty line"):
+        read_vocab_txt(write_vocab(tmp_path / "v.txt", ["[PAD]", "", "a"]))
+    with pytest.raises(UserError, match=r"missing special token\(s\) \[CLS\], \[SEP\], \[MASK\]"):
+        read_vocab_txt(write_vocab(tmp_path / "v.txt", ["[PAD]", "[UNK]", "a"]))
+    with pytest.raises(UserError, match="does not exist"):
+        read_vocab_txt(tmp_path / "missing.txt")
+
+
+def test_bare_vocab_needs_casing_and_manifest_wins(tmp_path: Path, mixed_corpus: Path):
+    bare = write_vocab(tmp_path / "vocab.txt", TOKENS)
+    with pytest.raises(UserError, match="pass --do-lower-case or --no-do-lower-case"):
+        load_vocab(bare)
+    assert load_vocab(bare, do_lower_case=False).do_lower_case is False
+    d = tmp_path / "v"
+    train_vocab(VocabConfig(input=(str(mixed_corpus),), output=str(d), vocab_size=800,
+                            do_lower_case=False, progress=False))  # fmt: skip
+    assert load_vocab(d).do_lower_case is False
+    with pytest.raises(UserError, match=r"contradicts .*manifest\.json.*do_lower_case=false"):
+        load_vocab(d, do_lower_case=True)
+
+
+def test_final_sigma_and_long_words():
+    tok = build_tokenizer(TOKENS, do_lower_case=True)
+    pieces = tok.encode("ΟΔΟΣ Σ", add_special_tokens=False).tokens
+    assert pieces[:4] == ["ο", "##δ", "##ο", "##ς"] and pieces[4] == "σ"
+    word199, word201 = "a" * 199, "a" * 201
+    assert "[UNK]" not in tok.encode(word199, add_special_tokens=False).tokens
+    assert tok.encode(word201, add_special_tokens=False).tokens == ["[UNK]"]
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_autotokenizer_loads_with_the_right_casing(tmp_path: Path, mixed_corpus: Path, lower):
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "v"
+    train_vocab(VocabConfig(input=(str(mixed_corpus),), output=str(d), vocab_size=800,
+                            do_lower_case=lower, progress=False))  # fmt: skip
+    hf = AutoTokenizer.from_pretrained(str(d))
+    ours = load_vocab(d).tokenizer()
+    for line in [s for doc in MIXED_DOCS for s in doc] + ["ÇOK İYİ Blåbær"]:
+        assert hf(line)["input_ids"] == ours.encode(line).ids, line
+    enc = hf("Öğretmen", "güldü")
+    assert enc["input_ids"][0] == load_vocab(d).id("[CLS]")
+    assert enc["token_type_ids"][-1] == 1

@@ -1,0 +1,147 @@
+"""`bertforge vocab`: exact size, Google layout, determinism, conversion hygiene, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertforge.cli import main
+from bertforge.config import VocabConfig
+from bertforge.errors import UserError
+from bertforge.tokenization import read_vocab_txt
+from bertforge.vocab import convert_sentencepiece_pieces, train_vocab
+from tests.conftest import MIXED_DOCS, write_corpus
+
+
+def cfg(corpus: Path, out: Path, **kw) -> VocabConfig:
+    return VocabConfig(input=(str(corpus),), output=str(out), progress=False, **kw)
+
+
+def check_hygiene(tokens: list[str], size: int) -> None:
+    assert len(tokens) == size and len(set(tokens)) == size
+    assert tokens[0] == "[PAD]" and tokens[100:104] == ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert all(t and t == t.strip() for t in tokens)
+    assert not any(t in ("<s>", "</s>", "<unk>", "▁") or "▁" in t for t in tokens)
+    assert not any(t.startswith("##[") for t in tokens)
+    singles = {t for t in tokens if len(t) == 1}
+    for ch in singles:
+        assert "##" + ch in tokens, f"{ch!r} exists only word-initially"
+    for t in tokens:
+        if t.startswith("##") and len(t) == 3:
+            assert t[2] in singles, f"{t!r} exists only as a continuation"
+
+
+@pytest.mark.parametrize("algorithm,model", [("wordpiece", "bpe"), ("sentencepiece", "bpe"),
+                                             ("sentencepiece", "unigram")])  # fmt: skip
+def test_exact_size_layout_and_hygiene(tmp_path: Path, demo_path: Path, algorithm, model):
+    out = tmp_path / "v"
+    result = train_vocab(cfg(demo_path, out, vocab_size=3000, algorithm=algorithm,
+                             sentencepiece_model=model))  # fmt: skip
+    tokens = read_vocab_txt(out / "vocab.txt")
+    check_hygiene(tokens, 3000)
+    assert result.padded_unused == 0
+    assert {"the", "lord", "god", "##s"} <= set(tokens)
+    manifest = json.loads((out / "manifest.json").read_text())
+    q = manifest["quality"]
+    assert q["unk_rate"] == 0.0 and 1.0 < q["pieces_per_word"] < 1.3 and q["vocab_used"] > 0.3
+    assert manifest["counts"]["vocab_size"] == 3000 and manifest["config"]["algorithm"] == algorithm
+    assert manifest["outputs"]["vocab.txt"]["sha256"]
+
+
+@pytest.mark.parametrize("algorithm", ["wordpiece", "sentencepiece"])
+def test_deterministic_across_processes(tmp_path: Path, mixed_corpus: Path, algorithm):
+    """Byte-identical vocab.txt from two separate processes (hash seeds differ)."""
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"v{i}"
+        code = "import sys; from bertforge.cli import main; sys.exit(main(sys.argv[1:]))"
+        subprocess.run(
+            [sys.executable, "-c", code, "vocab", "--input", str(mixed_corpus), "--output",
+             str(out), "--vocab-size", "700", "--algorithm", algorithm, "--min-frequency", "1"],
+            check=True, capture_output=True, env={"PYTHONHASHSEED": str(i), "PATH": ""},
+        )  # fmt: skip
+        outs.append((out / "vocab.txt").read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
+    cased = read_vocab_txt(train_vocab(cfg(mixed_corpus, tmp_path / "c", vocab_size=900,
+                                           do_lower_case=False)).output / "vocab.txt")  # fmt: skip
+    assert {"İ", "Ö", "ç", "ş", "ğ", "ø", "å"} <= set(cased)
+    lower = read_vocab_txt(train_vocab(cfg(mixed_corpus, tmp_path / "l", vocab_size=900))
+                           .output / "vocab.txt")  # fmt: skip
+    assert "ç" not in lower and "c" in lower and "İ" not in lower
+    keep = read_vocab_txt(train_vocab(cfg(mixed_corpus, tmp_path / "k", vocab_size=900,
+                                          strip_accents=False)).output / "vocab.txt")  # fmt: skip
+    assert {"ç", "ş", "ğ", "ø"} <= set(keep) and "Ö" not in keep
+
+
+def test_small_corpus_pads_with_unused(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "tiny.txt", [["a b c", "abc abc"]])
+    result = train_vocab(cfg(corpus, tmp_path / "v", vocab_size=300))
+    tokens = read_vocab_txt(tmp_path / "v" / "vocab.txt")
+    assert len(tokens) == 300 and result.padded_unused > 0 and tokens[-1].startswith("[unused")
+    assert any("filled the remaining" in w for w in result.warnings)
+
+
+def test_vocab_too_small_for_alphabet(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "c.txt", [["".join(chr(0x4E00 + i) for i in range(200))]])
+    with pytest.raises(UserError, match="raise --vocab-size or lower --limit-alphabet"):
+        train_vocab(cfg(corpus, tmp_path / "v", vocab_size=300))
+
+
+def test_limit_alphabet_keeps_the_most_frequent(tmp_path: Path):
+    corpus = write_corpus(tmp_path / "c.txt", [["aaaa bbb cc d"]] * 5)
+    tokens = read_vocab_txt(train_vocab(cfg(corpus, tmp_path / "v", vocab_size=200,
+                                            limit_alphabet=3)).output / "vocab.txt")  # fmt: skip
+    assert {"a", "b", "c"} <= set(tokens) and "d" not in tokens
+
+
+def test_output_dir_protection(tmp_path: Path, mixed_corpus: Path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and is not a bertforge vocab output"):
+        train_vocab(cfg(mixed_corpus, foreign, vocab_size=600))
+    assert (foreign / "notes.txt").read_text() == "mine"
+    train_vocab(cfg(mixed_corpus, foreign, vocab_size=600, overwrite=True))
+    train_vocab(cfg(mixed_corpus, foreign, vocab_size=600))  # its own output: rerun is fine
+
+
+def test_binary_and_empty_input_leave_nothing(tmp_path: Path):
+    png = tmp_path / "img.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(UserError, match="PNG image"):
+        train_vocab(cfg(png, tmp_path / "v1"))
+    assert not (tmp_path / "v1" / "vocab.txt").exists()
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match="contains no text"):
+        train_vocab(cfg(empty, tmp_path / "v2"))
+    assert not (tmp_path / "v2" / "manifest.json").exists()
+
+
+def test_sentencepiece_conversion_rules():
+    raw = ["▁the", "s", "▁", "ing", "<s>", "▁[SEP]", "▁th", "e", "▁x▁y", "ß"]
+    out = convert_sentencepiece_pieces(raw, ["e", "h", "i", "n", "g", "s", "t"])
+    assert out[:14] == ["e", "h", "i", "n", "g", "s", "t",
+                        "##e", "##h", "##i", "##n", "##g", "##s", "##t"]  # fmt: skip
+    assert out[14:] == ["the", "##ing", "th"]
+
+
+def test_cli_vocab_from_stdin(tmp_path: Path, monkeypatch, capsys):
+    import io
+
+    text = "\n\n".join("\n".join(d) for d in MIXED_DOCS * 10).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text)))
+    out = tmp_path / "v"
+    assert main(["vocab", "--input", "-", "--output", str(out), "--vocab_size=650",
+                 "--cased", "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "vocab: 650 tokens (wordpiece, cased)" in printed and "held-out" in printed
+    assert len(read_vocab_txt(out / "vocab.txt")) == 650
+    assert not list(out.glob(".stdin-*"))
