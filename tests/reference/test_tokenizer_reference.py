@@ -25,7 +25,7 @@ def build_vocabs(tmp: Path, demo_path: Path, lines: list[bytes]) -> dict[bool, P
     for lower in (True, False):
         d = tmp / ("uncased" if lower else "cased")
         cfg = VocabConfig(input=(str(corpus),), output=str(d), vocab_size=12000,
-                          do_lower_case=lower, limit_alphabet=5000, min_frequency=1,
+                          do_lower_case=lower, limit_alphabet=1500, min_frequency=1,
                           heldout_sentences=0, progress=False)  # fmt: skip
         train_vocab(cfg)
         out[lower] = d
