@@ -4,6 +4,7 @@
   one verse per line, one chapter per document. `src/bertforge/demo/kjv.txt.gz` is this output.
 - `gcide`: the GNU Collaborative International Dictionary of English from Debian's dict-gcide
   (GPL: built here for benchmarks, never shipped): one definition per line, one entry per document.
+- `english`: gcide followed by kjv, the mix the benchmarks use (cut with `--max-mb`).
 - `--repeat N` concatenates the text N times for larger benchmark corpora; `--max-mb` cuts it.
 
 Needs `apt-get` (packages are downloaded and unpacked in a work directory, not installed).
@@ -104,14 +105,22 @@ def write_corpus(docs: list[list[str]], output: Path, repeat: int, max_mb: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("corpus", choices=["kjv", "gcide"])
+    parser.add_argument("corpus", choices=["kjv", "gcide", "english"])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("bench/work/debs"))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--max-mb", type=float, default=None)
     args = parser.parse_args()
-    docs = kjv_documents(args.work) if args.corpus == "kjv" else gcide_documents(args.work)
-    write_corpus(docs, args.output, args.repeat, args.max_mb)
+    write_corpus(build(args.corpus, args.work), args.output, args.repeat, args.max_mb)
+
+
+def build(corpus: str, work: Path) -> list[list[str]]:
+    """Documents of a named corpus."""
+    if corpus == "kjv":
+        return kjv_documents(work)
+    if corpus == "gcide":
+        return gcide_documents(work)
+    return gcide_documents(work) + kjv_documents(work)
 
 
 if __name__ == "__main__":

@@ -96,10 +96,10 @@ class VocabConfig(CorpusInput):
     num_unused: int = 99
     """[unusedN] slots reserved after [PAD] (Google's layout: 99, so [UNK] is id 100); later
     stages can fill them with domain words."""
-    max_sentences: int = 5_000_000
+    max_sentences: int = 100_000
     """Train on at most this many sentences, sampled evenly over the corpus; bounds time and
     memory on large corpora (SentencePiece samples the same way)."""
-    heldout_sentences: int = 10_000
+    heldout_sentences: int = 5_000
     """Sentences held out of training (whole documents, spread over the corpus) to measure the
     [UNK] rate, pieces per word and vocabulary use."""
     seed: int = 12345

@@ -219,14 +219,17 @@ def check_not_binary(path: str, head: bytes) -> None:
         )
 
 
-def _split_cr_lines(stream: BinaryIO) -> Iterator[bytes]:
-    """Lines of a file that uses a lone CR as its line break."""
+def _blocks(stream: BinaryIO, cr_only: bool) -> Iterator[bytes]:
+    """Blocks of whole lines (each ends with \\n, but maybe the last), about 1 MB each."""
     rest = b""
     while block := stream.read(1 << 20):
-        parts = (rest + block).split(b"\r")
-        rest = parts.pop()
-        for part in parts:
-            yield part + b"\n"
+        if cr_only:
+            block = block.replace(b"\r", b"\n")
+        block = rest + block
+        cut = block.rfind(b"\n") + 1
+        rest = block[cut:]
+        if cut:
+            yield block[:cut]
     if rest:
         yield rest
 
@@ -238,43 +241,62 @@ def iter_lines(
     strict_utf8: bool = False,
     progress: Progress | None = None,
 ) -> Iterator[tuple[str, bool]]:
-    """Yield (stripped line, starts_new_file) for every line of every input, in order."""
+    """Yield (stripped line, starts_new_file) for every line of every input, in order.
+
+    Blocks of lines are decoded at once (the fast path); a block with invalid UTF-8 is
+    decoded line by line to drop, count and locate the bad bytes."""
     for inp in inputs:
         stats.files += 1
         stream = open_text_stream(inp.path, progress)
         try:
             head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
-            lines: Iterator[bytes] = stream  # type: ignore[assignment]
-            if b"\r" in head and b"\n" not in head:
-                lines = _split_cr_lines(stream)
+            cr_only = b"\r" in head and b"\n" not in head
             new_file = True
-            offset = 0
-            for lineno, raw in enumerate(lines, 1):
-                stats.lines += 1
-                stats.bytes += len(raw)
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
+            lineno = offset = 0
+            for block in _blocks(stream, cr_only):
+                if lineno == 0 and block.startswith(b"\xef\xbb\xbf"):
+                    block, offset = block[3:], 3
                 try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    if strict_utf8:
-                        raise UserError(
-                            f"{inp.path}:{lineno}: invalid UTF-8 at byte {offset + e.start} of "
-                            f"the file (byte {e.start} of the line); fix the file, or drop "
-                            "--strict-utf8 to drop bad bytes."
-                        ) from None
-                    text = raw.decode("utf-8", errors="ignore")
-                    stats.bad_lines += 1
-                    if stats.first_bad is None:
-                        stats.first_bad = f"{inp.path}:{lineno}"
-                offset += len(raw)
-                yield text.strip(), new_file
-                new_file = False
+                    lines = block.decode("utf-8").split("\n")
+                except UnicodeDecodeError:
+                    lines = decode_lines(block, inp.path, lineno, offset, stats, strict_utf8)
+                if block.endswith(b"\n"):
+                    lines.pop()
+                stats.lines += len(lines)
+                stats.bytes += len(block)
+                lineno += len(lines)
+                offset += len(block)
+                for line in lines:
+                    yield line.strip(), new_file
+                    new_file = False
         except (OSError, EOFError, lzma.LZMAError) as e:
             raise UserError(f"{inp.path}: read error ({e}); is the file damaged?") from None
         finally:
             if inp.path != STDIN:
                 stream.close()
+
+
+def decode_lines(
+    block: bytes, path: str, lineno: int, offset: int, stats: CorpusStats, strict: bool
+) -> list[str]:
+    """Decode a block line by line, dropping invalid bytes (or raising, when strict)."""
+    out = []
+    for i, raw in enumerate(block.split(b"\n"), lineno + 1):
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if strict:
+                raise UserError(
+                    f"{path}:{i}: invalid UTF-8 at byte {offset + e.start} of the file "
+                    f"(byte {e.start} of the line); fix the file, or drop --strict-utf8 to "
+                    "drop bad bytes."
+                ) from None
+            out.append(raw.decode("utf-8", errors="ignore"))
+            stats.bad_lines += 1
+            if stats.first_bad is None:
+                stats.first_bad = f"{path}:{i}"
+        offset += len(raw) + 1
+    return out
 
 
 def iter_documents(

@@ -17,6 +17,7 @@ This module also reads and validates Google's vocab.txt and writes the files wit
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import unicodedata
 from collections.abc import Sequence
@@ -93,8 +94,9 @@ def is_removed(ch: str, cat: str) -> bool:
 
 
 def is_whitespace(ch: str, cat: str) -> bool:
-    """Google's _is_whitespace: space, \\t, \\n, \\r and category Zs."""
-    return ch in " \t\n\r" or cat == "Zs"
+    """Google's _is_whitespace (\\t, \\n, \\r and category Zs), less the plain space, which
+    needs no rewriting (rewriting it costs the normalizer a third of its time)."""
+    return ch in "\t\n\r" or (cat == "Zs" and ch != " ")
 
 
 def is_punctuation(ch: str, cat: str) -> bool:
@@ -121,11 +123,10 @@ PREDICATES = {
 def char_ranges() -> dict[str, list[tuple[int, int]]]:
     """Code point ranges of each class, from Python's unicodedata (one pass, once a process)."""
     out: dict[str, list[tuple[int, int]]] = {name: [] for name in PREDICATES}
-    for cp in range(0x110000):
+    # Planes 4-13 hold no assigned character and 15-16 only private use: none is in a class.
+    for cp in itertools.chain(range(0x40000), range(0xE0000, 0xF0000)):
         ch = chr(cp)
         cat = unicodedata.category(ch)
-        if cat == "Cn" and cp > 0xFFFF:
-            continue  # unassigned: in none of the classes
         for name, predicate in PREDICATES.items():
             if predicate(ch, cat):
                 ranges = out[name]

@@ -12,10 +12,13 @@ Two trainers, both well-kept libraries, neither re-implemented here:
   converted (`▁x` -> `x`, `x` -> `##x`) without the old converter's junk (`<s>`, `##[SEP]`,
   the bare `▁`, empty lines, characters that only exist as `##x`).
 
-The corpus is streamed twice: a first pass counts characters (for the alphabet), counts
-sentences and picks held-out documents; the second feeds the trainer an evenly sampled,
-bounded number of sentences. The held-out documents measure the result: [UNK] rate, pieces
-per word and the share of the vocabulary in use.
+The corpus is streamed once. On the way we count characters (for the alphabet), pick held-out
+documents, and keep a uniform reservoir sample of at most `max_sentences` training sentences
+(memory is bounded by that number, whatever the corpus size). Hugging Face's trainer spends
+about a microsecond per word just counting, three times SentencePiece's rate, and offers no
+way to feed it word counts, so the sample is what bounds its time; the default keeps it as
+fast as SentencePiece (bench/RESULTS.md gives the quality cost). The held-out documents measure
+the result: [UNK] rate, pieces per word and the share of the vocabulary in use.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import heapq
 import os
 import random
 import re
-import shutil
 import sys
 import tempfile
 import unicodedata
@@ -37,7 +39,6 @@ import numpy as np
 
 from bertforge.config import VocabConfig, config_to_dict
 from bertforge.corpus import (
-    STDIN,
     CorpusStats,
     InputFile,
     Progress,
@@ -72,7 +73,8 @@ class Scan:
     char_counts: np.ndarray  # (0x110000,) counts of normalized code points
     heldout_docs: set[int]
     heldout: list[str]
-    train_sentences: int
+    train_sentences: int  # in the corpus, held-out documents excluded
+    sample: list[str]  # the training sentences the trainer sees
 
 
 @dataclass
@@ -116,25 +118,22 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
     """Run the vocab stage: read the corpus, train, write vocab + tokenizer files + manifest."""
     out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
     inputs = resolve_inputs(cfg.input)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".stdin-") as spool:
-        inputs = [spool_stdin(f, Path(spool)) for f in inputs]
-        normalizer = bert_normalizer(cfg.do_lower_case, cfg.strip_accents)
-        scan = scan_corpus(inputs, cfg, normalizer)
-        require_text(scan.stats, cfg.input)
-        alphabet = choose_alphabet(scan.char_counts, cfg.limit_alphabet)
-        budget = cfg.vocab_size - cfg.num_unused - len(SPECIALS)
-        if 2 * len(alphabet) > budget:
-            raise UserError(
-                f"--vocab-size {cfg.vocab_size} leaves {budget} pieces, fewer than the "
-                f"{len(alphabet)} characters of the corpus need (each as x and ##x); raise "
-                "--vocab-size or lower --limit-alphabet."
-            )
-        keep = min(1.0, cfg.max_sentences / max(1, scan.train_sentences))
-        sentences = training_sentences(inputs, cfg, scan.heldout_docs, keep)
-        if cfg.algorithm == "wordpiece":
-            pieces = train_wordpiece(sentences, alphabet, budget, cfg)
-        else:
-            pieces = train_sentencepiece(sentences, normalizer, alphabet, budget, cfg, out)
+    normalizer = bert_normalizer(cfg.do_lower_case, cfg.strip_accents)
+    scan = scan_corpus(inputs, cfg, normalizer)
+    require_text(scan.stats, cfg.input)
+    alphabet = choose_alphabet(scan.char_counts, cfg.limit_alphabet)
+    budget = cfg.vocab_size - cfg.num_unused - len(SPECIALS)
+    if 2 * len(alphabet) > budget:
+        raise UserError(
+            f"--vocab-size {cfg.vocab_size} leaves {budget} pieces, fewer than the "
+            f"{len(alphabet)} characters of the corpus need (each as x and ##x); raise "
+            "--vocab-size or lower --limit-alphabet."
+        )
+    batches = [scan.sample[i : i + BATCH_LINES] for i in range(0, len(scan.sample), BATCH_LINES)]
+    if cfg.algorithm == "wordpiece":
+        pieces = train_wordpiece(iter(batches), alphabet, budget, cfg)
+    else:
+        pieces = train_sentencepiece(iter(batches), normalizer, alphabet, budget, cfg, out)
     warnings = [w for w in [scan.stats.report()] if w]
     padded = budget - len(pieces)
     if padded > 0:
@@ -148,12 +147,12 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
     assert len(tokens) == cfg.vocab_size, (len(tokens), cfg.vocab_size)
     outputs = save_tokenizer_files(out, tokens, cfg.do_lower_case, cfg.strip_accents)
     quality = measure_quality(tokens, cfg, scan.heldout)
-    sampled = min(scan.train_sentences, cfg.max_sentences)
+    sampled = len(scan.sample)
     write_manifest(
         out,
         "vocab",
         config_to_dict(cfg),
-        inputs=[f.describe() for f in resolve_inputs(cfg.input) if f.path != STDIN],
+        inputs=[f.describe() for f in inputs],
         counts={
             **scan.stats.as_dict(),
             "vocab_size": len(tokens),
@@ -171,16 +170,6 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
     )
 
 
-def spool_stdin(inp: InputFile, spool: Path) -> InputFile:
-    """Copy stdin to a file, since the corpus is read twice."""
-    if inp.path != STDIN:
-        return inp
-    path = spool / "stdin.txt"
-    with open(path, "wb") as f:
-        shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
-    return InputFile(str(path), path.stat().st_size)
-
-
 def progress_bar(inputs: Sequence[InputFile], enabled: bool, desc: str):  # type: ignore[no-untyped-def]
     """A tqdm bar over input bytes on a terminal, else None."""
     if not (enabled and sys.stderr.isatty()):
@@ -191,16 +180,21 @@ def progress_bar(inputs: Sequence[InputFile], enabled: bool, desc: str):  # type
 
 
 def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig, normalizer) -> Scan:  # type: ignore[no-untyped-def]
-    """Pass 1: character counts after normalization, sentence count, held-out documents.
+    """One pass: character counts, held-out documents, a reservoir sample of sentences.
 
     Held-out documents are the ones with the smallest random priority (rng seeded by cfg.seed)
     that fit in cfg.heldout_sentences, at most 5% of all documents: spread evenly over the
-    corpus, the same on every run, and found in one pass with bounded memory (a heap).
+    corpus, the same on every run, and found in one pass with bounded memory (a heap). The
+    training sample is a uniform reservoir (Algorithm R, its own rng) of at most
+    cfg.max_sentences sentences; held-out sentences are taken out of it at the end.
     """
     stats = CorpusStats()
     counts = np.zeros(0x110000, dtype=np.int64)
     rng = random.Random(cfg.seed)
+    sample_rng = random.Random(cfg.seed + 1)
     heap: list[tuple[float, int, list[str]]] = []  # (-priority, doc index, sentences)
+    reservoir: list[tuple[int, str]] = []  # (doc index, sentence)
+    seen = 0
     held = 0
     batch: list[str] = []
     bar = progress_bar(inputs, cfg.progress, "scan")
@@ -210,30 +204,52 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig, normalizer) -> Sc
     ):
         batch += doc
         if len(batch) >= BATCH_LINES:
-            count_chars(batch, normalizer, counts)
+            count_chars(batch, counts)
             batch = []
+        for sentence in doc:
+            if seen < cfg.max_sentences:
+                reservoir.append((index, sentence))
+            else:
+                j = sample_rng.randrange(seen + 1)
+                if j < cfg.max_sentences:
+                    reservoir[j] = (index, sentence)
+            seen += 1
         if cfg.heldout_sentences and len(doc) <= cfg.heldout_sentences:
             heapq.heappush(heap, (-rng.random(), index, doc))
             held += len(doc)
             while held > cfg.heldout_sentences:
                 held -= len(heapq.heappop(heap)[2])
-    count_chars(batch, normalizer, counts)
+    count_chars(batch, counts)
     if bar:
         bar.close()
     # Keep at most 5% of the documents: the ones with the smallest priority.
     kept = sorted(heap, reverse=True)[: int(stats.documents * HELDOUT_MAX_SHARE)]
     heldout_docs = {index for _, index, _ in kept}
     heldout = [s for _, _, doc in sorted(kept, key=lambda x: x[1]) for s in doc]
-    return Scan(stats, counts, heldout_docs, heldout, stats.sentences - len(heldout))
+    normalized = normalize_counts(counts, normalizer)
+    sample = [sentence for index, sentence in reservoir if index not in heldout_docs]
+    train_sentences = stats.sentences - len(heldout)
+    return Scan(stats, normalized, heldout_docs, heldout, train_sentences, sample)
 
 
-def count_chars(lines: list[str], normalizer, counts: np.ndarray) -> None:  # type: ignore[no-untyped-def]
-    """Add the code points of the normalized lines to counts (one Rust call per batch)."""
-    if not lines:
-        return
-    text = normalizer.normalize_str("\n".join(lines))
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    counts += np.bincount(codes, minlength=counts.shape[0])
+def count_chars(lines: list[str], counts: np.ndarray) -> None:
+    """Add the code points of raw lines to counts (vectorized)."""
+    if lines:
+        codes = np.frombuffer("".join(lines).encode("utf-32-le"), dtype=np.uint32)
+        counts += np.bincount(codes, minlength=counts.shape[0])
+
+
+def normalize_counts(raw: np.ndarray, normalizer) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Counts of the characters that normalization makes of the raw ones.
+
+    Normalization maps each character independently except Σ, which lowercases to σ or to
+    the final ς depending on its neighbours; both are counted then."""
+    out = np.zeros_like(raw)
+    for cp in np.flatnonzero(raw):
+        ch = chr(int(cp))
+        for n in normalizer.normalize_str(ch) + ("ς" if ch == "Σ" else ""):
+            out[ord(n)] += raw[cp]
+    return out
 
 
 def choose_alphabet(counts: np.ndarray, limit: int) -> list[str]:
@@ -249,32 +265,6 @@ def choose_alphabet(counts: np.ndarray, limit: int) -> list[str]:
 def is_unsafe(ch: str) -> bool:
     """Characters that cannot stand in a vocab.txt line or that the tokenizer removes."""
     return unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") or ch == "\ufffd"
-
-
-def training_sentences(
-    inputs: Sequence[InputFile], cfg: VocabConfig, heldout_docs: set[int], keep: float
-) -> Iterator[list[str]]:
-    """Pass 2: batches of training sentences, held-out documents skipped, sampled evenly."""
-    rng = random.Random(cfg.seed + 1)
-    stats = CorpusStats()
-    bar = progress_bar(inputs, cfg.progress, "train")
-    progress = Progress(callbacks=[bar.update] if bar else [])
-    batch: list[str] = []
-    for index, doc in enumerate(
-        iter_documents(inputs, stats, strict_utf8=cfg.strict_utf8, progress=progress)
-    ):
-        if index in heldout_docs:
-            continue
-        if keep < 1.0:
-            doc = [s for s in doc if rng.random() < keep]
-        batch += doc
-        if len(batch) >= BATCH_LINES:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-    if bar:
-        bar.close()
 
 
 def train_wordpiece(

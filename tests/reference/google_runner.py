@@ -3,6 +3,7 @@
 Executed with the reference virtual environment's Python (.venv-ref), never imported by
 bertforge. Usage: python google_runner.py JOB.json, where the job lists tasks:
   {"tokenize": {"vocab": PATH, "do_lower_case": bool, "input": PATH, "output": PATH}}
+  {"create": {... create_pretraining_data's flags ..., "output": PATH}}
 Token ids are written one JSON list per input line (lines split on b"\\n", decoded the way
 Google's convert_to_unicode does).
 """
@@ -15,6 +16,9 @@ import tensorflow.compat.v1 as tf
 sys.modules["tensorflow"] = tf  # Google's scripts `import tensorflow as tf` and use TF1 APIs
 tf.flags.FLAGS([sys.argv[0]])  # tokenization.py reads the absl flag preserve_unused_tokens
 
+import random  # noqa: E402
+
+from bert import create_pretraining_data as cpd  # noqa: E402
 from bert import tokenization  # noqa: E402
 
 
@@ -29,12 +33,44 @@ def tokenize(vocab: str, do_lower_case: bool, input: str, output: str) -> None:
             out.write(json.dumps(ids) + "\n")
 
 
+def create(
+    vocab: str,
+    do_lower_case: bool,
+    input: str,
+    output: str,
+    max_seq_length: int,
+    max_predictions_per_seq: int,
+    masked_lm_prob: float,
+    short_seq_prob: float,
+    dupe_factor: int,
+    random_seed: int,
+) -> None:
+    """Google's create_pretraining_data main(), minus flags."""
+    # TF1's GFile returned bytes, which convert_to_unicode decodes dropping invalid UTF-8;
+    # TF2's text mode decodes strictly and would crash on broken text. Restore TF1 behaviour.
+    cpd.tf.gfile.GFile = lambda path, mode="r": open(path, "rb" if mode == "r" else mode)
+    tokenizer = tokenization.FullTokenizer(vocab_file=vocab, do_lower_case=do_lower_case)
+    instances = cpd.create_training_instances(
+        [input],
+        tokenizer,
+        max_seq_length,
+        dupe_factor,
+        short_seq_prob,
+        masked_lm_prob,
+        max_predictions_per_seq,
+        random.Random(random_seed),
+    )
+    cpd.write_instance_to_example_files(
+        instances, tokenizer, max_seq_length, max_predictions_per_seq, [output]
+    )
+
+
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         job = json.load(f)
     for task in job["tasks"]:
         ((name, args),) = task.items()
-        {"tokenize": tokenize}[name](**args)
+        {"tokenize": tokenize, "create": create}[name](**args)
 
 
 if __name__ == "__main__":

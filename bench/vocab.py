@@ -1,0 +1,143 @@
+"""Benchmark `bertforge vocab` against SentencePiece BPE and Hugging Face's WordPiece trainer.
+
+Builds a public-domain English corpus (GCIDE + King James text, cut to --mb; GCIDE is GPL, so it
+is built here and never shipped), then trains a --vocab-size vocabulary with each tool in its
+own process, measuring wall time and peak RSS side by side in one run. bertforge runs are also
+swept over --max-sentences, with the quality figures it measures on held-out documents.
+`--large-mb 1000` adds a run on a ~1 GB corpus to show time and memory stay bounded.
+
+    python bench/vocab.py [--mb 30] [--vocab-size 30000] [--large-mb 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    """Run cmd; return (wall seconds, peak RSS in MB) of that process alone."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def corpus_file(work: Path, mb: float) -> Path:
+    """Build the corpus in a child process: a forked child's peak RSS counts the parent's
+    pages, so the benchmark process itself must stay small."""
+    path = work / f"english_{mb:g}mb.txt"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, str(HERE / "corpora.py"), "english", "--output", str(path),
+             "--work", str(work / "debs"), "--repeat", str(int(mb // 27) + 1),
+             "--max-mb", str(mb)],
+            check=True,
+        )  # fmt: skip
+    return path
+
+
+def bertforge(corpus: Path, out: Path, vocab_size: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bertforge.cli",
+        "vocab",
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--vocab-size",
+        str(vocab_size),
+        "--overwrite",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=30)
+    ap.add_argument("--vocab-size", type=int, default=30000)
+    ap.add_argument("--large-mb", type=float, default=0)
+    ap.add_argument("--work", type=Path, default=HERE / "work")
+    args = ap.parse_args()
+    corpus = corpus_file(args.work, args.mb)
+    out = args.work / "vocab_out"
+    v = args.vocab_size
+    spm = (
+        "import sentencepiece as s, sys; s.SentencePieceTrainer.train(input=sys.argv[1], "
+        "model_prefix=sys.argv[2], vocab_size=int(sys.argv[3]), model_type='bpe', "
+        "character_coverage=1.0, num_threads=os.cpu_count(), minloglevel=2)"
+    ).replace("import sentencepiece", "import os, sentencepiece")
+    hf = (
+        "import sys; from tokenizers import BertWordPieceTokenizer as B; "
+        "B(lowercase=True).train([sys.argv[1]], vocab_size=int(sys.argv[2]), show_progress=False)"
+    )
+    runs: list[tuple[str, list[str], Path | None]] = [
+        (
+            "SentencePiece BPE (spm.train)",
+            [sys.executable, "-c", spm, str(corpus), str(args.work / "spm"), str(v)],
+            None,
+        ),
+        ("HF BertWordPieceTokenizer.train", [sys.executable, "-c", hf, str(corpus), str(v)], None),
+        ("bertforge vocab (default)", bertforge(corpus, out / "default", v), out / "default"),
+    ]
+    for n in (40_000, 1_000_000_000):
+        name = "all sentences" if n > 1e8 else f"{n:,} sentences"
+        runs.append(
+            (
+                f"bertforge vocab --max-sentences {name}",
+                bertforge(corpus, out / f"s{n}", v, "--max-sentences", str(n)),
+                out / f"s{n}",
+            )
+        )
+    runs.append(
+        (
+            "bertforge vocab --algorithm sentencepiece",
+            bertforge(corpus, out / "sp", v, "--algorithm", "sentencepiece"),
+            out / "sp",
+        )
+    )
+    if args.large_mb:
+        large = corpus_file(args.work, args.large_mb)
+        runs.append(
+            (
+                f"bertforge vocab (default), {args.large_mb:g} MB corpus",
+                bertforge(large, out / "large", v),
+                out / "large",
+            )
+        )
+
+    py = platform.python_version()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {py}")
+    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), vocab size {v}\n")
+    print("| run | wall s | peak RSS MB | vs SentencePiece | [UNK] | pieces/word | vocab used |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    for name, cmd, outdir in runs:
+        wall, rss = measure(cmd)
+        results[name] = wall
+        ratio = wall / results["SentencePiece BPE (spm.train)"]
+        q = ""
+        if outdir is not None:
+            m = json.loads((outdir / "manifest.json").read_text())["quality"]
+            q = f"{m['unk_rate']:.3%} | {m['pieces_per_word']:.4f} | {m['vocab_used']:.1%}"
+        else:
+            q = "| |"
+        print(f"| {name} | {wall:.2f} | {rss:.0f} | {ratio:.2f}x | {q} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

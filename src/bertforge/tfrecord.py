@@ -1,0 +1,188 @@
+"""TFRecord files of tf.train.Example records, read and written without TensorFlow.
+
+Written by hand because it is small and a product feature (Google's data must be readable and
+writable by bertforge without a TensorFlow install), with the `crc32c` library for checksums.
+
+Framing per record: uint64 length (little endian), masked crc32c of those 8 bytes (uint32),
+the data, masked crc32c of the data; mask(c) = ((c >> 15) | (c << 17)) + 0xa282ead8 mod 2^32.
+
+tf.train.Example in protobuf wire format: Example{1: Features{1: map<string, Feature>}}, a map
+entry being {1: key, 2: Feature}; Feature{2: FloatList{1: packed float32}, 3: Int64List{1:
+packed varint}}. We write the features in the order given (Google's order for BERT data), so
+our bytes are stable; protobuf readers accept any order.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from typing import BinaryIO
+
+import crc32c
+import numpy as np
+
+from bertforge.errors import UserError
+
+MASK_DELTA = 0xA282EAD8
+
+
+def masked_crc(data: bytes) -> int:
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame(record: bytes) -> bytes:
+    """One record with its TFRecord framing."""
+    length = struct.pack("<Q", len(record))
+    return (
+        length
+        + struct.pack("<I", masked_crc(length))
+        + record
+        + struct.pack("<I", masked_crc(record))
+    )
+
+
+def read_records(f: BinaryIO, name: str = "TFRecord file", check: bool = True) -> Iterator[bytes]:
+    """Yield the records of a TFRecord stream, verifying both checksums when check is set."""
+    index = 0
+    while header := f.read(12):
+        if len(header) < 12:
+            raise UserError(f"{name}: truncated after record {index} (a partial header).")
+        (length,) = struct.unpack("<Q", header[:8])
+        if check and struct.unpack("<I", header[8:])[0] != masked_crc(header[:8]):
+            raise UserError(f"{name}: record {index} has a bad length checksum; corrupt file.")
+        data = f.read(length)
+        footer = f.read(4)
+        if len(data) < length or len(footer) < 4:
+            raise UserError(f"{name}: truncated in record {index}.")
+        if check and struct.unpack("<I", footer)[0] != masked_crc(data):
+            raise UserError(f"{name}: record {index} has a bad data checksum; corrupt file.")
+        yield data
+        index += 1
+
+
+def _varint(value: int) -> bytes:
+    value &= 0xFFFFFFFFFFFFFFFF  # int64 as two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_example(features: Mapping[str, Sequence[int] | np.ndarray], floats: set[str]) -> bytes:
+    """Serialize a tf.train.Example; names in `floats` are FloatLists, the rest Int64Lists."""
+    entries = []
+    for name, values in features.items():
+        if name in floats:
+            body = np.asarray(values, dtype="<f4").tobytes()
+            feature = _field(2, _field(1, body))
+        else:
+            body = b"".join(_varint(int(v)) for v in values)
+            feature = _field(3, _field(1, body))
+        entries.append(_field(1, _field(1, name.encode()) + _field(2, feature)))
+    return _field(1, b"".join(entries))
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes | int]]:
+    """(field number, wire type, payload) of a protobuf message."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            n, pos = _read_varint(buf, pos)
+            yield number, wire, buf[pos : pos + n]
+            pos += n
+        elif wire == 0:
+            v, pos = _read_varint(buf, pos)
+            yield number, wire, v
+        elif wire == 5:
+            yield number, wire, buf[pos : pos + 4]
+            pos += 4
+        elif wire == 1:
+            yield number, wire, buf[pos : pos + 8]
+            pos += 8
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def decode_example(record: bytes) -> dict[str, list[int] | list[float]]:
+    """Parse a tf.train.Example of Int64Lists and FloatLists (packed or not)."""
+    out: dict[str, list[int] | list[float]] = {}
+    for _, _, features in _fields(record):
+        for _, _, entry in _fields(features):  # type: ignore[arg-type]
+            name, feature = "", b""
+            for number, _, payload in _fields(entry):  # type: ignore[arg-type]
+                if number == 1:
+                    name = payload.decode()  # type: ignore[union-attr]
+                else:
+                    feature = payload  # type: ignore[assignment]
+            out[name] = _decode_feature(feature)
+    return out
+
+
+def _decode_feature(feature: bytes) -> list[int] | list[float]:
+    for kind, _, lst in _fields(feature):
+        values: list = []
+        for _, wire, payload in _fields(lst):  # type: ignore[arg-type]
+            if kind == 3:  # Int64List
+                if wire == 2:
+                    pos = 0
+                    while pos < len(payload):  # type: ignore[arg-type]
+                        v, pos = _read_varint(payload, pos)  # type: ignore[arg-type]
+                        values.append(v - (1 << 64) if v >= 1 << 63 else v)
+                else:
+                    values.append(payload)
+            elif kind == 2:  # FloatList
+                values += np.frombuffer(payload, dtype="<f4").tolist()  # type: ignore[arg-type]
+        return values
+    return []
+
+
+BERT_FEATURES = (
+    "input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+    "masked_lm_weights", "next_sentence_labels",
+)  # fmt: skip
+
+
+def bert_example(
+    input_ids: Sequence[int],
+    segment_ids: Sequence[int],
+    masked_lm_positions: Sequence[int],
+    masked_lm_ids: Sequence[int],
+    is_random_next: bool,
+    max_seq_length: int,
+    max_predictions_per_seq: int,
+) -> bytes:
+    """A pretraining record exactly as Google's write_instance_to_example_files builds it."""
+    n, m = len(input_ids), len(masked_lm_positions)
+    assert n <= max_seq_length and m <= max_predictions_per_seq, (n, m)
+    pad, pad_m = [0] * (max_seq_length - n), [0] * (max_predictions_per_seq - m)
+    features = {
+        "input_ids": [*input_ids, *pad],
+        "input_mask": [1] * n + pad,
+        "segment_ids": [*segment_ids, *pad],
+        "masked_lm_positions": [*masked_lm_positions, *pad_m],
+        "masked_lm_ids": [*masked_lm_ids, *pad_m],
+        "masked_lm_weights": [1.0] * m + [0.0] * (max_predictions_per_seq - m),
+        "next_sentence_labels": [1 if is_random_next else 0],
+    }
+    return encode_example(features, floats={"masked_lm_weights"})
