@@ -159,7 +159,7 @@ def create_masked_lm_predictions(
 
     output = list(ids)
     num_to_predict = min(
-        params.max_predictions_per_seq, max(1, int(round(len(ids) * params.masked_lm_prob)))
+        params.max_predictions_per_seq, max(1, round(len(ids) * params.masked_lm_prob))
     )
     masked: list[int] = []
     covered: set[int] = set()

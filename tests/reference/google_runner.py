@@ -48,7 +48,7 @@ def create(
     """Google's create_pretraining_data main(), minus flags."""
     # TF1's GFile returned bytes, which convert_to_unicode decodes dropping invalid UTF-8;
     # TF2's text mode decodes strictly and would crash on broken text. Restore TF1 behaviour.
-    cpd.tf.gfile.GFile = lambda path, mode="r": open(path, "rb" if mode == "r" else mode)
+    cpd.tf.gfile.GFile = lambda path, mode="r": open(path, "rb" if mode == "r" else mode)  # noqa: SIM115
     tokenizer = tokenization.FullTokenizer(vocab_file=vocab, do_lower_case=do_lower_case)
     instances = cpd.create_training_instances(
         [input],

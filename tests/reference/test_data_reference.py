@@ -36,7 +36,7 @@ def build_corpus(path: Path, demo_path: Path) -> Path:
         if i % 10 == 0:
             out.append("\n".join(TURKISH + HAND_WRITTEN[i % 7 : i % 7 + 3]).encode())
         if i % 15 == 0:
-            out.append(b"\n".join(broken[i % 5 :] + [b"single sentence document"]))
+            out.append(b"\n".join([*broken[i % 5 :], b"single sentence document"]))
     path.write_bytes(b"\n\n".join(out) + b"\nlast line without blank")
     return path
 

@@ -1,0 +1,102 @@
+"""Google's instance algorithm: invariants, masking rules, determinism (fast, no TensorFlow)."""
+
+from __future__ import annotations
+
+import random
+
+from bertforge.instances import (
+    InstanceParams,
+    VocabIds,
+    create_masked_lm_predictions,
+    create_training_instances,
+    truncate_seq_pair,
+)
+from bertforge.tokenization import google_layout
+
+TOKENS = google_layout([f"w{i}" for i in range(40)] + [f"##p{i}" for i in range(20)], 5)
+VOCAB = VocabIds.from_tokens(TOKENS)
+WORDS = list(range(VOCAB.mask_id + 1, VOCAB.mask_id + 41))
+PIECES = list(range(VOCAB.mask_id + 41, len(TOKENS)))
+
+
+def make_documents(seed: int = 0) -> list[list[list[int]]]:
+    rng = random.Random(seed)
+    return [
+        [[rng.choice(WORDS) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 8))]
+        for _ in range(40)
+    ]
+
+
+def test_instances_are_well_formed():
+    params = InstanceParams(max_seq_length=32, max_predictions_per_seq=5)
+    instances = create_training_instances(make_documents(), params, VOCAB, 3, random.Random(1))
+    assert len(instances) > 100
+    for inst in instances:
+        ids, seg = inst.input_ids, inst.segment_ids
+        assert len(ids) == len(seg) <= 32
+        assert ids[0] == VOCAB.cls_id and ids[-1] == VOCAB.sep_id
+        a_len = seg.count(0) - 1  # [CLS] A [SEP]; positions of [SEP] are never masked
+        assert ids[a_len] == VOCAB.sep_id and a_len >= 2
+        assert seg == [0] * (a_len + 1) + [1] * (len(ids) - a_len - 1) and seg[-2] == 1
+        assert 1 <= len(inst.masked_lm_positions) <= 5
+        assert inst.masked_lm_positions == sorted(set(inst.masked_lm_positions))
+        for pos, label in zip(inst.masked_lm_positions, inst.masked_lm_ids, strict=True):
+            assert label not in (VOCAB.cls_id, VOCAB.sep_id) and 0 < pos < len(ids) - 1
+    nsp = sum(i.is_random_next for i in instances) / len(instances)
+    assert 0.4 < nsp < 0.75  # 50% by coin, plus every one-sentence chunk
+
+
+def test_same_seed_same_instances_other_seed_differs():
+    params = InstanceParams(max_seq_length=32)
+    a = create_training_instances(make_documents(), params, VOCAB, 2, random.Random(7))
+    b = create_training_instances(make_documents(), params, VOCAB, 2, random.Random(7))
+    c = create_training_instances(make_documents(), params, VOCAB, 2, random.Random(8))
+    assert a == b and a != c
+
+
+def test_mask_replacement_shares():
+    params = InstanceParams(max_seq_length=128, max_predictions_per_seq=20)
+    rng = random.Random(3)
+    counts = {"mask": 0, "kept": 0, "random": 0}
+    for _ in range(400):
+        ids = [VOCAB.cls_id, *[rng.choice(WORDS) for _ in range(100)], VOCAB.sep_id]
+        out, positions, labels = create_masked_lm_predictions(ids, params, VOCAB, rng)
+        assert len(positions) == 15  # round(102 * 0.15)
+        for p, label in zip(positions, labels, strict=True):
+            kind = "mask" if out[p] == VOCAB.mask_id else "kept" if out[p] == label else "random"
+            counts[kind] += 1
+    total = sum(counts.values())
+    assert abs(counts["mask"] / total - 0.8) < 0.02
+    assert abs(counts["kept"] / total - 0.1) < 0.02
+
+
+def test_whole_word_masking_masks_all_pieces_of_a_word():
+    params = InstanceParams(max_seq_length=128, max_predictions_per_seq=20, do_whole_word_mask=True)
+    rng = random.Random(5)
+    for _ in range(50):
+        ids = [VOCAB.cls_id]
+        for _ in range(30):
+            ids += [rng.choice(WORDS)] + [rng.choice(PIECES) for _ in range(rng.randint(0, 2))]
+        ids.append(VOCAB.sep_id)
+        _, positions, _ = create_masked_lm_predictions(ids, params, VOCAB, rng)
+        covered = set(positions)
+        for p in positions:  # a masked piece's whole word is masked
+            start = p
+            while VOCAB.is_continuation[ids[start]]:
+                start -= 1
+            end = p + 1
+            while end < len(ids) and VOCAB.is_continuation[ids[end]]:
+                end += 1
+            assert set(range(start, end)) <= covered
+        assert len(positions) <= 20
+
+
+def test_truncate_seq_pair_trims_longer_side():
+    rng = random.Random(0)
+    a, b = list(range(10)), list(range(100, 103))
+    truncate_seq_pair(a, b, 8, rng)
+    assert len(a) + len(b) == 8 and b == [100, 101, 102]
+    assert a == list(range(a[0], a[0] + 5))  # a contiguous run: only the ends were cut
+    a, b = [1, 2], [3, 4]
+    truncate_seq_pair(a, b, 3, rng)
+    assert len(a) == 2 and len(b) == 1  # a tie trims B
