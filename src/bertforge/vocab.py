@@ -236,7 +236,8 @@ def count_chars(lines: list[str], counts: np.ndarray) -> None:
     """Add the code points of raw lines to counts (vectorized)."""
     if lines:
         codes = np.frombuffer("".join(lines).encode("utf-32-le"), dtype=np.uint32)
-        counts += np.bincount(codes, minlength=counts.shape[0])
+        found = np.bincount(codes)  # up to the largest code point seen, not all 1.1M
+        counts[: found.shape[0]] += found
 
 
 def normalize_counts(raw: np.ndarray, normalizer) -> np.ndarray:  # type: ignore[no-untyped-def]
