@@ -16,6 +16,7 @@ from typing import Any
 from bertforge import __version__
 from bertforge.config import (
     STAGES,
+    DataConfig,
     VocabConfig,
     add_config_arguments,
     build_config,
@@ -51,6 +52,35 @@ def run_vocab(cfg: VocabConfig) -> None:
         )
     for w in result.warnings:
         print(w, file=sys.stderr)
+
+
+def run_data(cfg: DataConfig) -> None:
+    from bertforge.data import create_data, print_summary
+
+    print_summary(create_data(cfg))
+
+
+def data_tool(argv: list[str]) -> None:
+    """`bertforge data verify DIR` and `bertforge data inspect PATH`."""
+    from bertforge import datacheck
+
+    parser = argparse.ArgumentParser(prog="bertforge data")
+    sub = parser.add_subparsers(dest="tool", required=True)
+    v = sub.add_parser("verify", help="check every shard against the manifest (sha256, records)")
+    v.add_argument("directory")
+    i = sub.add_parser("inspect", help="show instances as tokens, then statistics")
+    i.add_argument("path", help="a data directory, or TFRecord files (globs, comma lists)")
+    i.add_argument("-n", type=int, default=5, help="instances to show (5)")
+    i.add_argument("--vocab", help="vocab.txt or directory (default: the data's own vocab)")
+    i.add_argument("--max-records", type=int, default=100_000,
+                   help="statistics over at most this many records (100000)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.tool == "verify":
+        result = datacheck.verify(args.directory)
+        print(f"{args.directory}: ok, {result['shards']} shard(s), {result['records']:,} records "
+              "match the manifest")  # fmt: skip
+    else:
+        datacheck.inspect(args.path, args.n, args.vocab, args.max_records)
 
 
 def run_demo(output: str) -> None:
@@ -100,7 +130,7 @@ def dispatch(args: argparse.Namespace) -> None:
         file_values = read_toml(args.config).get(command, {})
         source = f"{args.config} [{command}]"
     cfg = build_config(STAGES[command], file_values, values, source=source)
-    runners: dict[str, Callable[[Any], None]] = {"vocab": run_vocab}
+    runners: dict[str, Callable[[Any], None]] = {"vocab": run_vocab, "data": run_data}
     runners[command](cfg)
 
 
@@ -108,6 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     try:
+        if argv[:1] == ["data"] and argv[1:2] in (["verify"], ["inspect"]):
+            data_tool(argv[1:])
+            return 0
         argv = normalize_bool_argv(argv, list(STAGES.values()))
         args, unknown = parser.parse_known_args(argv)
         if args.command is None:

@@ -119,7 +119,91 @@ class VocabConfig(CorpusInput):
         require(self.heldout_sentences >= 0, "--heldout-sentences", "must be 0 or more")
 
 
-STAGES: dict[str, type] = {"vocab": VocabConfig}
+@dataclass(frozen=True, kw_only=True)
+class DataConfig(CorpusInput):
+    """`bertforge data`: turn a corpus into pretraining instances (native shards or TFRecords).
+
+    Default mode: streaming and parallel, in flat memory, output byte-identical for any
+    --workers. --google-compatible: Google's create_pretraining_data.py record for record (one
+    process, every instance in memory, as Google's script)."""
+
+    vocab: str = option(aliases=("--vocab_file",))
+    """A `bertforge vocab` directory, or a vocab.txt (then give --do-lower-case or
+    --no-do-lower-case)."""
+    output: str = option(aliases=("--output_dir",))
+    """Directory for the shards and manifest.json."""
+    do_lower_case: bool | None = None
+    """Casing of a bare vocab.txt; read from the vocab directory's manifest otherwise."""
+    max_seq_length: int = 128
+    """Tokens per instance, [CLS] and [SEP]s included; the model trains at this length."""
+    max_predictions_per_seq: int = 20
+    """Most masked tokens per instance (Google: about max_seq_length * masked_lm_prob)."""
+    masked_lm_prob: float = 0.15
+    """Share of tokens masked."""
+    short_seq_prob: float = 0.1
+    """Share of instances given a random shorter target length."""
+    dupe_factor: int | None = None
+    """Passes over the corpus, each with other segment pairs and masks. Default: 10 (Google's)
+    with static masks; 1 for native shards, whose masks are drawn anew at training time."""
+    random_seed: int = 12345
+    """Seed of everything random; the same seed, corpus and settings give the same bytes."""
+    do_whole_word_mask: bool = False
+    """Mask all pieces of a word together."""
+    format: Literal["native", "tfrecord"] | None = None
+    """native (default): memory-mappable shards holding instances before masking (dynamic
+    masking in training). tfrecord: Google's tf.train.Example files, static masks."""
+    static_masking: bool = False
+    """Store Google-style fixed masks in native shards too."""
+    google_compatible: bool = False
+    """Reproduce Google's script exactly (its random call order, one global shuffle, all
+    instances in memory like Google's: needs about 80x the corpus size in RAM). Writes
+    data.tfrecord."""
+    workers: int = 0
+    """Worker processes (0: one per CPU core). The output does not depend on it."""
+    unit_mb: float = 4.0
+    """Size of a work unit (MB of text, cut at document boundaries); one shard per unit.
+    Random next segments and the shuffle stay within a unit."""
+    overwrite: bool = False
+    """Replace an output directory holding other data (default: refuse; resume if same)."""
+    progress: bool = True
+    """Show a progress bar on a terminal."""
+
+    def __post_init__(self) -> None:
+        require(len(self.input) > 0, "--input", "give at least one corpus file")
+        require(self.max_seq_length >= 5, "--max-seq-length",
+                "must be at least 5 ([CLS] a [SEP] b [SEP])")  # fmt: skip
+        require(self.max_seq_length <= 65535, "--max-seq-length", "must be at most 65535")
+        require(1 <= self.max_predictions_per_seq <= self.max_seq_length - 3,
+                "--max-predictions-per-seq",
+                f"must be between 1 and max_seq_length - 3 = {self.max_seq_length - 3} "
+                "(only that many tokens can be masked)")  # fmt: skip
+        require(0 < self.masked_lm_prob < 1, "--masked-lm-prob", "must be between 0 and 1")
+        require(0 <= self.short_seq_prob <= 1, "--short-seq-prob", "must be between 0 and 1")
+        require(self.dupe_factor is None or self.dupe_factor >= 1, "--dupe-factor",
+                "must be at least 1")  # fmt: skip
+        require(self.random_seed >= 0, "--random-seed", "must be 0 or more")
+        require(self.workers >= 0, "--workers", "must be 0 (all cores) or more")
+        require(self.unit_mb > 0, "--unit-mb", "must be positive")
+        require(not (self.google_compatible and self.format == "native"), "--format",
+                "--google-compatible writes Google's TFRecords; drop --format native")  # fmt: skip
+
+    @property
+    def resolved_format(self) -> str:
+        return self.format or ("tfrecord" if self.google_compatible else "native")
+
+    @property
+    def static(self) -> bool:
+        """Masks are fixed at data time (TFRecords always; native with --static-masking)."""
+        return self.resolved_format == "tfrecord" or self.static_masking
+
+    @property
+    def resolved_dupe_factor(self) -> int:
+        if self.dupe_factor is not None:
+            return self.dupe_factor
+        return 10 if self.static else 1
+
+
+STAGES: dict[str, type] = {"vocab": VocabConfig, "data": DataConfig}
 
 
 def require(condition: bool, flag: str, message: str) -> None:

@@ -334,3 +334,12 @@ def require_text(stats: CorpusStats, patterns: Sequence[str]) -> None:
             f"--input: {', '.join(patterns)} contains no text (no non-blank line in "
             f"{stats.files} file(s)); check the path."
         )
+
+
+def progress_bar(inputs: Sequence[InputFile], enabled: bool, desc: str):  # type: ignore[no-untyped-def]
+    """A tqdm bar over input bytes on a terminal, else None."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_size(inputs), unit="B", unit_scale=True, desc=desc, leave=False)

@@ -26,6 +26,9 @@ from bertforge.errors import UserError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+RUN_FILE = ".bertforge-run.json"  # an unfinished run's settings (resumable stages)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -35,6 +38,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -135,12 +139,12 @@ def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag:
     if d.exists() and not d.is_dir():
         raise UserError(f"{flag}: {d} is a file; give a directory.")
     if d.is_dir() and any(d.iterdir()) and not overwrite:
-        manifest_path = d / MANIFEST
-        owner = None
-        if manifest_path.is_file():
-            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
-                owner = json.loads(manifest_path.read_text(encoding="utf-8")).get("stage")
-        if owner != stage:
+        owners = set()
+        for marker in (d / MANIFEST, d / RUN_FILE):
+            if marker.is_file():
+                with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
+                    owners.add(json.loads(marker.read_text(encoding="utf-8")).get("stage"))
+        if stage not in owners:
             raise UserError(
                 f"{flag}: {d} is not empty and is not a bertforge {stage} output; "
                 "choose another directory or pass --overwrite."

@@ -13,7 +13,7 @@ which is the id of the drawn word, and the tokenizer never produces [CLS]/[SEP] 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 Document = Sequence[Sequence[int]]  # sentences of token ids
@@ -85,19 +85,39 @@ def create_instances_from_document(
     vocab: VocabIds,
     rng: random.Random,
 ) -> list[Instance]:
-    """Instances of one document; a random next segment B comes from another document.
+    """Google's instances of one document: each pair from `document_pairs`, masked at once with
+    the same rng (the generator pauses while the pair is masked, so the calls interleave in
+    Google's order)."""
+    instances = []
+    for tokens_a, tokens_b, is_random_next in document_pairs(
+        documents, document_index, params.max_seq_length, params.short_seq_prob, rng
+    ):
+        ids = [vocab.cls_id, *tokens_a, vocab.sep_id, *tokens_b, vocab.sep_id]
+        segment_ids = [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)
+        masked, positions, labels = create_masked_lm_predictions(ids, params, vocab, rng)
+        instances.append(Instance(masked, segment_ids, is_random_next, positions, labels))
+    return instances
+
+
+def document_pairs(
+    documents: Sequence[Document],
+    document_index: int,
+    max_seq_length: int,
+    short_seq_prob: float,
+    rng: random.Random,
+) -> Iterator[tuple[list[int], list[int], bool]]:
+    """The (segment A, segment B, is_random_next) pairs of one document, truncated to fit.
 
     We DON'T just concatenate all of the tokens of a document into one long sequence and cut
     it at arbitrary points, because then the next-sentence task would be too easy: segments are
     whole sentences, and targets are sometimes short (short_seq_prob) to reduce the mismatch
     between pretraining and the short sequences of fine-tuning."""
     document = documents[document_index]
-    max_num_tokens = params.max_seq_length - 3  # [CLS], [SEP], [SEP]
+    max_num_tokens = max_seq_length - 3  # [CLS], [SEP], [SEP]
     target_seq_length = max_num_tokens
-    if rng.random() < params.short_seq_prob:
+    if rng.random() < short_seq_prob:
         target_seq_length = rng.randint(2, max_num_tokens)
 
-    instances = []
     chunk: list[Sequence[int]] = []
     chunk_length = 0
     i = 0
@@ -130,14 +150,10 @@ def create_instances_from_document(
                 tokens_b = [t for sentence in chunk[a_end:] for t in sentence]
             truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
             assert tokens_a and tokens_b, "empty segment: documents must hold no empty sentence"
-            ids = [vocab.cls_id, *tokens_a, vocab.sep_id, *tokens_b, vocab.sep_id]
-            segment_ids = [0] * (len(tokens_a) + 2) + [1] * (len(tokens_b) + 1)
-            masked, positions, labels = create_masked_lm_predictions(ids, params, vocab, rng)
-            instances.append(Instance(masked, segment_ids, is_random_next, positions, labels))
+            yield tokens_a, tokens_b, is_random_next
             chunk = []
             chunk_length = 0
         i += 1
-    return instances
 
 
 def create_masked_lm_predictions(

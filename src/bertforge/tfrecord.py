@@ -186,3 +186,80 @@ def bert_example(
         "next_sentence_labels": [1 if is_random_next else 0],
     }
     return encode_example(features, floats={"masked_lm_weights"})
+
+
+_VARINT = [_varint(i) for i in range(1 << 14)]  # lengths of fields and small values
+
+
+def _varint_rows(values: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Packed varints of each row of a non-negative [n, k] array: (all bytes, row offsets)."""
+    v = values.astype(np.uint32)
+    top = int(v.max(initial=0))
+    planes, keep = [], []
+    for j in range(5):
+        if j and top < 1 << (7 * j):
+            break
+        more = v >= (1 << (7 * (j + 1))) if j < 4 else np.zeros_like(v, dtype=bool)
+        planes.append(((v >> (7 * j)) & 0x7F).astype(np.uint8) | (more.astype(np.uint8) << 7))
+        keep.append(v >= (1 << (7 * j)) if j else np.ones_like(v, dtype=bool))
+    stacked, kept = np.stack(planes, axis=-1), np.stack(keep, axis=-1)
+    flat = stacked[kept].tobytes()  # row-major: rows stay contiguous
+    offsets = np.concatenate([[0], np.cumsum(kept.sum(axis=(1, 2)))])
+    return flat, offsets
+
+
+def _entry_prefix(name: str, kind: int) -> tuple[bytes, bytes]:
+    """(map-entry key field, feature kind tag) for a feature name."""
+    return _field(1, name.encode()), bytes([kind << 3 | 2])
+
+
+def _wrap(key: bytes, kind_tag: bytes, packed: bytes) -> bytes:
+    """A map entry {1: name, 2: Feature{kind: List{1: packed}}} around packed values."""
+    inner = b"\x0a" + _VARINT[len(packed)] + packed
+    feature = kind_tag + _VARINT[len(inner)] + inner
+    body = key + b"\x12" + _VARINT[len(feature)] + feature
+    return b"\x0a" + _VARINT[len(body)] + body
+
+
+_PREFIX = {name: _entry_prefix(name, 2 if name == "masked_lm_weights" else 3)
+           for name in BERT_FEATURES}  # fmt: skip
+
+
+def bert_examples(
+    input_ids: np.ndarray,
+    lengths: np.ndarray,
+    sep_a: np.ndarray,
+    positions: np.ndarray,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    next_sentence_labels: np.ndarray,
+) -> list[bytes]:
+    """bert_example() for a batch of padded arrays, byte for byte, vectorized per feature."""
+    n, seq = input_ids.shape
+    p = positions.shape[1]
+    pos = np.arange(seq)
+    length = lengths.astype(np.int64)[:, None]
+    mask = (pos < length).astype(np.uint8)  # varints of 0/1 are single bytes
+    segment = ((pos > sep_a.astype(np.int64)[:, None]) & (pos < length)).astype(np.uint8)
+    weights = (np.arange(p) < counts[:, None]).astype("<f4")
+    ids_bytes, ids_off = _varint_rows(input_ids)
+    pos_bytes, pos_off = _varint_rows(positions)
+    lab_bytes, lab_off = _varint_rows(labels)
+    mask_rows, seg_rows, w_rows = mask.tobytes(), segment.tobytes(), weights.tobytes()
+    nsp = next_sentence_labels.astype(np.int64).tolist()
+    ids_off, pos_off, lab_off = ids_off.tolist(), pos_off.tolist(), lab_off.tolist()
+    names = [_PREFIX[name] for name in BERT_FEATURES]
+    out = []
+    for r in range(n):
+        parts = (
+            ids_bytes[ids_off[r] : ids_off[r + 1]],
+            mask_rows[r * seq : (r + 1) * seq],
+            seg_rows[r * seq : (r + 1) * seq],
+            pos_bytes[pos_off[r] : pos_off[r + 1]],
+            lab_bytes[lab_off[r] : lab_off[r + 1]],
+            w_rows[r * 4 * p : (r + 1) * 4 * p],
+            _VARINT[nsp[r]],
+        )
+        body = b"".join(_wrap(k, t, v) for (k, t), v in zip(names, parts, strict=True))
+        out.append(b"\x0a" + _varint(len(body)) + body)
+    return out

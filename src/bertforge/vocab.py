@@ -28,7 +28,6 @@ import heapq
 import os
 import random
 import re
-import sys
 import tempfile
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -43,9 +42,9 @@ from bertforge.corpus import (
     InputFile,
     Progress,
     iter_documents,
+    progress_bar,
     require_text,
     resolve_inputs,
-    total_size,
 )
 from bertforge.errors import UserError
 from bertforge.fileio import prepare_output_dir, write_manifest
@@ -168,15 +167,6 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
     return VocabResult(
         out, tokens, scan.stats, quality, len(alphabet), sampled, max(0, padded), warnings
     )
-
-
-def progress_bar(inputs: Sequence[InputFile], enabled: bool, desc: str):  # type: ignore[no-untyped-def]
-    """A tqdm bar over input bytes on a terminal, else None."""
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total_size(inputs), unit="B", unit_scale=True, desc=desc, leave=False)
 
 
 def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig, normalizer) -> Scan:  # type: ignore[no-untyped-def]

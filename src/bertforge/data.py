@@ -1,0 +1,540 @@
+"""`bertforge data`: corpus -> tokenized documents -> instances -> shards.
+
+Two modes share instances.py (Google's algorithm) and the writers:
+
+* Default: streaming and parallel. The main process reads the corpus and cuts it into work units
+  of about --unit-mb of text at document boundaries; worker processes tokenize a unit, create
+  its instances (Google's segmenting, with random next segments drawn from the same unit),
+  shuffle them within the unit, mask them (static masks) and write one shard per unit. Each
+  unit's randomness comes from (random_seed, unit index) alone, so the bytes do not depend on
+  the number of workers or on an interruption. Memory is bounded by a few units per worker.
+  A finished unit leaves its shard and then `.parts/unit-N.json` (written atomically, in that
+  order); a rerun of the same command skips finished units, and the manifest is written last.
+* --google-compatible: Google's create_training_instances in one process with its random call
+  order and its global shuffle, every instance in memory; records identical to Google's.
+
+Deviation of the default mode from Google's script (documented in the README): the shuffle of
+documents and of instances, and the choice of random next documents, stay inside a unit (4 MB
+of text by default, thousands of documents) instead of spanning the corpus; masking follows
+Google's rule with numpy's random streams (masking.py). Instance statistics match Google's
+(tests/reference/test_data_reference.py checks them).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from bertforge.config import DataConfig, config_to_dict
+from bertforge.corpus import (
+    CorpusStats,
+    InputFile,
+    Progress,
+    iter_documents,
+    progress_bar,
+    require_text,
+    resolve_inputs,
+)
+from bertforge.errors import UserError
+from bertforge.fileio import (
+    MANIFEST,
+    RUN_FILE,
+    atomic_open,
+    prepare_output_dir,
+    read_manifest,
+    write_json,
+    write_manifest,
+)
+from bertforge.instances import (
+    Instance,
+    InstanceParams,
+    VocabIds,
+    create_training_instances,
+    document_pairs,
+)
+from bertforge.masking import MaskSpec, mask_batch
+from bertforge.shards import encode_header, id_dtype, record_dtype
+from bertforge.tfrecord import bert_example, bert_examples, frame
+from bertforge.tokenization import Vocab, build_tokenizer, load_vocab
+
+ENCODE_BATCH = 4096  # sentences per tokenizer call
+PARTS = ".parts"
+GOOGLE_FILE = "data.tfrecord"
+# Settings that do not change the output bytes; a resumed run may change them.
+NOT_IN_RUN_ID = ("workers", "progress", "overwrite", "output", "input", "vocab")
+
+
+@dataclass(frozen=True)
+class DataResult:
+    output: Path
+    manifest: dict[str, Any]
+    resumed_units: int  # units found finished from an earlier run
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def tokenize_documents(
+    docs: Sequence[Sequence[str]], tokenizer: Tokenizer
+) -> list[list[list[int]]]:
+    """Documents of token ids; sentences that tokenize to nothing and documents left empty are
+    dropped, as in Google's script."""
+    lines = [s for d in docs for s in d]
+    ids: list[list[int]] = []
+    for i in range(0, len(lines), ENCODE_BATCH):
+        batch = tokenizer.encode_batch_fast(lines[i : i + ENCODE_BATCH], add_special_tokens=False)
+        ids += [e.ids for e in batch]
+    out, k = [], 0
+    for d in docs:
+        sentences = [x for x in ids[k : k + len(d)] if x]
+        k += len(d)
+        if sentences:
+            out.append(sentences)
+    return out
+
+
+# ----------------------------------------------------------------------------- default mode
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """Everything a worker needs besides the unit's text (picklable)."""
+
+    params: InstanceParams
+    dupe_factor: int
+    random_seed: int
+    format: str  # native | tfrecord
+    static: bool
+    output: str
+    run_id: str
+    tokens: tuple[str, ...]
+    do_lower_case: bool
+    strip_accents: bool | None
+
+
+@dataclass
+class UnitArrays:
+    """A unit's instances before masking, padded: [CLS] A [SEP] B [SEP] 0 0 ..."""
+
+    ids: np.ndarray  # [n, max_seq_length]
+    lengths: np.ndarray  # [n]
+    sep_a: np.ndarray  # [n] index of the first [SEP]
+    next_sentence: np.ndarray  # [n] 1 when B is a random segment
+
+
+def unit_rngs(random_seed: int, unit: int) -> tuple[random.Random, np.random.Generator]:
+    """The unit's two random streams, from (seed, unit) alone: Python's for the per-instance
+    choices of Google's segmenting (cheap scalar draws), numpy's for shuffles and masks."""
+    return random.Random(f"bertforge:{random_seed}:{unit}"), np.random.default_rng(
+        [random_seed, unit]
+    )
+
+
+def unit_instances(
+    documents: list[list[list[int]]],
+    params: InstanceParams,
+    vocab: VocabIds,
+    dupe_factor: int,
+    rng: random.Random,
+    np_rng: np.random.Generator,
+    dtype: np.dtype,
+) -> UnitArrays:
+    """Google's segmenting over one unit, dupe_factor passes, instances shuffled in the unit."""
+    rng.shuffle(documents)
+    seq = params.max_seq_length
+    cap = 1024
+    ids = np.zeros((cap, seq), dtype=dtype)
+    meta = np.zeros((cap, 3), dtype=np.int64)  # length, sep_a, next_sentence
+    n = 0
+    for _ in range(dupe_factor):
+        for index in range(len(documents)):
+            for a, b, is_random_next in document_pairs(
+                documents, index, seq, params.short_seq_prob, rng
+            ):
+                if n == cap:
+                    cap *= 2
+                    ids = np.resize(ids, (cap, seq))
+                    meta = np.resize(meta, (cap, 3))
+                row = [vocab.cls_id, *a, vocab.sep_id, *b, vocab.sep_id]
+                ids[n, : len(row)] = row
+                ids[n, len(row) :] = 0
+                meta[n] = (len(row), len(a) + 1, is_random_next)
+                n += 1
+    order = np_rng.permutation(n)
+    ids, meta = ids[:n][order], meta[:n][order]
+    return UnitArrays(ids, meta[:, 0], meta[:, 1], meta[:, 2])
+
+
+def mask_spec(params: InstanceParams, tokens: Sequence[str]) -> MaskSpec:
+    vocab = VocabIds.from_tokens(tokens)
+    return MaskSpec(params.masked_lm_prob, params.max_predictions_per_seq,
+                    params.do_whole_word_mask, vocab.size, vocab.mask_id,
+                    np.asarray(vocab.is_continuation, dtype=bool))  # fmt: skip
+
+
+def shard_name(unit: int, fmt: str) -> str:
+    return f"shard-{unit:05d}." + ("bin" if fmt == "native" else "tfrecord")
+
+
+def shard_bytes(arrays: UnitArrays, s: UnitSettings, unit: int, spec: MaskSpec,
+                np_rng: np.random.Generator) -> tuple[list[bytes], dict[str, int]]:  # fmt: skip
+    """The shard's bytes (in pieces) and its masking counts."""
+    p = s.params
+    masked = None
+    if s.static:
+        masked = mask_batch(arrays.ids, arrays.lengths, arrays.sep_a, spec, np_rng)
+    n = len(arrays.lengths)
+    counts = {"masked_tokens": int(masked.counts.sum()) if masked else 0}
+    if s.format == "tfrecord":
+        assert masked is not None
+        records = bert_examples(masked.input_ids, arrays.lengths, arrays.sep_a, masked.positions,
+                                masked.labels, masked.counts, arrays.next_sentence)  # fmt: skip
+        return [frame(r) for r in records], counts
+    rec = np.zeros(n, dtype=record_dtype(spec.vocab_size, p.max_seq_length,
+                                         p.max_predictions_per_seq, s.static))  # fmt: skip
+    rec["input_ids"] = masked.input_ids if masked else arrays.ids
+    rec["length"], rec["sep_a"] = arrays.lengths, arrays.sep_a
+    rec["next_sentence_label"] = arrays.next_sentence
+    if masked:
+        rec["masked_lm_positions"], rec["masked_lm_ids"] = masked.positions, masked.labels
+        rec["num_masked"] = masked.counts
+    meta = {"unit": unit, "run_id": s.run_id, "max_seq_length": p.max_seq_length,
+            "max_predictions_per_seq": p.max_predictions_per_seq, "vocab_size": spec.vocab_size,
+            "static_masking": s.static}  # fmt: skip
+    return [encode_header(rec, meta), rec.tobytes()], counts
+
+
+def build_unit(
+    unit: int, docs: Sequence[Sequence[str]], tokenizer: Tokenizer, s: UnitSettings,
+    spec: MaskSpec, vocab: VocabIds,
+) -> dict[str, Any]:  # fmt: skip
+    """Tokenize, segment, mask and write one unit; returns (and records) its part summary."""
+    documents = tokenize_documents(docs, tokenizer)
+    rng, np_rng = unit_rngs(s.random_seed, unit)
+    arrays = unit_instances(documents, s.params, vocab, s.dupe_factor, rng, np_rng,
+                            id_dtype(spec.vocab_size))  # fmt: skip
+    pieces, counts = shard_bytes(arrays, s, unit, spec, np_rng)
+    out = Path(s.output)
+    name = shard_name(unit, s.format)
+    digest, size = hashlib.sha256(), 0
+    with atomic_open(out / name, "wb") as f:
+        for piece in pieces:
+            f.write(piece)
+            digest.update(piece)
+            size += len(piece)
+    lengths = arrays.lengths
+    part = {
+        "unit": unit, "run_id": s.run_id, "file": name, "records": len(lengths),
+        "sha256": digest.hexdigest(), "bytes": size, "documents": len(documents),
+        "sentences": sum(len(d) for d in documents), "tokens": int(lengths.sum()),
+        "random_next": int(arrays.next_sentence.sum()),
+        "length_histogram": np.bincount(lengths, minlength=s.params.max_seq_length + 1).tolist(),
+        **counts,
+    }  # fmt: skip
+    write_json(out / PARTS / f"unit-{unit:05d}.json", part)
+    return part
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(s: UnitSettings, single_threaded: bool) -> None:
+    if single_threaded:  # one tokenizer thread per worker process; the pool is the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["settings"] = s
+    _WORKER["tokenizer"] = build_tokenizer(s.tokens, s.do_lower_case, s.strip_accents)
+    _WORKER["spec"] = mask_spec(s.params, s.tokens)
+    _WORKER["vocab"] = VocabIds.from_tokens(s.tokens)
+
+
+def _run_unit(unit: int, docs: list[list[str]]) -> dict[str, Any]:
+    w = _WORKER
+    return build_unit(unit, docs, w["tokenizer"], w["settings"], w["spec"], w["vocab"])
+
+
+def iter_units(
+    inputs: Sequence[InputFile], stats: CorpusStats, unit_chars: int, strict_utf8: bool,
+    progress: Progress | None,
+) -> Iterator[tuple[int, list[list[str]]]]:  # fmt: skip
+    """(unit index, documents) with about unit_chars characters each, cut between documents."""
+    unit: list[list[str]] = []
+    size = index = 0
+    for doc in iter_documents(inputs, stats, strict_utf8=strict_utf8, progress=progress):
+        unit.append(doc)
+        size += sum(len(s) + 1 for s in doc)
+        if size >= unit_chars:
+            yield index, unit
+            unit, size, index = [], 0, index + 1
+    if unit:
+        yield index, unit
+
+
+def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Path,
+              stats: CorpusStats) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+    """Process every unit not finished before; returns all parts in unit order and how many
+    were found finished."""
+    parts: dict[int, dict[str, Any]] = {}
+    for p in sorted((out / PARTS).glob("unit-*.json")):
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            part = json.loads(p.read_text(encoding="utf-8"))
+            if part.get("run_id") == s.run_id and (out / part["file"]).is_file():
+                parts[part["unit"]] = part
+    resumed = len(parts)
+    workers = cfg.workers or os.cpu_count() or 1
+    bar = progress_bar(inputs, cfg.progress, "data")
+    progress = Progress(callbacks=[bar.update] if bar else [])
+
+    def collect(part: dict[str, Any]) -> None:
+        parts[part["unit"]] = part
+        if bar:
+            bar.set_postfix(documents=f"{stats.documents:,}",
+                            instances=f"{sum(p['records'] for p in parts.values()):,}")  # fmt: skip
+
+    units = iter_units(inputs, stats, int(cfg.unit_mb * 1e6), cfg.strict_utf8, progress)
+    total_units = 0
+    try:
+        if workers == 1:
+            _init_worker(s, single_threaded=False)
+            for unit, docs in units:
+                total_units = unit + 1
+                if unit not in parts:
+                    collect(_run_unit(unit, docs))
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(s, True)) as pool:  # fmt: skip
+                pending: set[cf.Future] = set()
+                for unit, docs in units:
+                    total_units = unit + 1
+                    if unit in parts:
+                        continue
+                    pending.add(pool.submit(_run_unit, unit, docs))
+                    if len(pending) >= 2 * workers:  # bounded read-ahead: flat memory
+                        done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                        for fut in done:
+                            collect(fut.result())
+                for fut in cf.as_completed(pending):
+                    collect(fut.result())
+    finally:
+        if bar:
+            bar.close()
+    return [parts[u] for u in range(total_units)], resumed
+
+
+# ----------------------------------------------------------------------------- google mode
+
+
+def google_documents(inputs: Sequence[InputFile], tokenizer: Tokenizer, stats: CorpusStats,
+                     strict_utf8: bool) -> list[list[list[int]]]:  # fmt: skip
+    """All documents as Google's script reads them: a file's end does not end a document."""
+    docs = list(iter_documents(inputs, stats, strict_utf8=strict_utf8,
+                               file_is_document_boundary=False))  # fmt: skip
+    return tokenize_documents(docs, tokenizer)
+
+
+def google_instances(
+    inputs: Sequence[InputFile],
+    tokenizer: Tokenizer,
+    vocab: VocabIds,
+    params: InstanceParams,
+    dupe_factor: int,
+    random_seed: int,
+    stats: CorpusStats,
+    strict_utf8: bool = False,
+) -> list[Instance]:
+    """Google's create_training_instances, record for record: all in memory, one rng."""
+    documents = google_documents(inputs, tokenizer, stats, strict_utf8)
+    return create_training_instances(
+        documents, params, vocab, dupe_factor, random.Random(random_seed)
+    )
+
+
+def write_tfrecords(
+    instances: Iterable[Instance], paths: Sequence[Path], params: InstanceParams
+) -> list[int]:
+    """Write instances round-robin over the files (as Google does); returns records per file."""
+    counts = [0] * len(paths)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(atomic_open(p, "wb")) for p in paths]
+        for i, inst in enumerate(instances):
+            record = bert_example(
+                inst.input_ids, inst.segment_ids, inst.masked_lm_positions, inst.masked_lm_ids,
+                inst.is_random_next, params.max_seq_length, params.max_predictions_per_seq,
+            )  # fmt: skip
+            files[i % len(files)].write(frame(record))
+            counts[i % len(files)] += 1
+    return counts
+
+
+def run_google(cfg: DataConfig, inputs: list[InputFile], vocab: Vocab, params: InstanceParams,
+               out: Path, stats: CorpusStats, run_id: str) -> list[dict[str, Any]]:  # fmt: skip
+    instances = google_instances(
+        inputs, vocab.tokenizer(), VocabIds.from_tokens(vocab.tokens), params,
+        cfg.resolved_dupe_factor, cfg.random_seed, stats, cfg.strict_utf8,
+    )  # fmt: skip
+    write_tfrecords(instances, [out / GOOGLE_FILE], params)
+    lengths = np.array([len(i.input_ids) for i in instances], dtype=np.int64)
+    return [{
+        "unit": 0, "run_id": run_id, "file": GOOGLE_FILE, "records": len(instances),
+        "documents": stats.documents, "sentences": stats.sentences, "tokens": int(lengths.sum()),
+        "random_next": sum(i.is_random_next for i in instances),
+        "masked_tokens": sum(len(i.masked_lm_positions) for i in instances),
+        "length_histogram": np.bincount(lengths, minlength=params.max_seq_length + 1).tolist(),
+    }]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run_settings(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile]) -> dict[str, Any]:
+    """What determines the output bytes: resolved config, vocab and input files."""
+    config = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IN_RUN_ID}
+    config.update(format=cfg.resolved_format, dupe_factor=cfg.resolved_dupe_factor,
+                  do_lower_case=vocab.do_lower_case, static_masking=cfg.static)  # fmt: skip
+    return {"stage": "data", "config": config, "vocab_sha256": vocab.sha256,
+            "inputs": [i.describe() for i in inputs]}  # fmt: skip
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changes = []
+    for key in sorted(set(old["config"]) | set(new["config"])):
+        a, b = old["config"].get(key), new["config"].get(key)
+        if a != b:
+            changes.append(f"--{key.replace('_', '-')} was {a}, now {b}")
+    if old.get("vocab_sha256") != new["vocab_sha256"]:
+        changes.append("the vocabulary differs")
+    if old.get("inputs") != new["inputs"]:
+        changes.append("the input files differ (names or sizes)")
+    return "; ".join(changes) or "settings differ"
+
+
+def clear_output(out: Path) -> None:
+    """Remove what an earlier data run left (for --overwrite)."""
+    for p in [*out.glob("shard-*.bin"), *out.glob("shard-*.tfrecord"), out / GOOGLE_FILE,
+              out / MANIFEST, out / RUN_FILE]:  # fmt: skip
+        p.unlink(missing_ok=True)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+
+
+def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool) -> str:
+    """'done' when out already holds this exact output, 'go' otherwise; refuses other settings."""
+    manifest = read_manifest(out)
+    previous = manifest if manifest is not None else None
+    if previous is None and (out / RUN_FILE).is_file():
+        previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    if previous is None:
+        return "go"
+    if previous.get("run_id") == run_id:
+        return "done" if manifest is not None else "go"
+    if overwrite:
+        clear_output(out)
+        return "go"
+    what = "holds data" if manifest is not None else "holds an unfinished run"
+    raise UserError(
+        f"--output: {out} {what} made with other settings ({settings_diff(previous, run)}); "
+        "use another directory, repeat the earlier settings to resume, or pass --overwrite."
+    )
+
+
+def create_data(cfg: DataConfig) -> DataResult:
+    """The data stage: resolve inputs and vocab, (resume and) write shards, then the manifest."""
+    inputs = resolve_inputs(cfg.input)
+    vocab = load_vocab(cfg.vocab, cfg.do_lower_case)
+    params = InstanceParams(cfg.max_seq_length, cfg.short_seq_prob, cfg.masked_lm_prob,
+                            cfg.max_predictions_per_seq, cfg.do_whole_word_mask)  # fmt: skip
+    out = prepare_output_dir(cfg.output, "data", cfg.overwrite, "--output")
+    run = run_settings(cfg, vocab, inputs)
+    run_id = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    if check_resumable(out, run, run_id, cfg.overwrite) == "done":
+        manifest = read_manifest(out, "data")
+        assert manifest is not None
+        return DataResult(out, manifest, len(manifest["shards"]))
+    write_json(out / RUN_FILE, {**run, "run_id": run_id})
+
+    stats = CorpusStats()
+    if cfg.google_compatible:
+        parts, resumed = run_google(cfg, inputs, vocab, params, out, stats, run_id), 0
+    else:
+        settings = UnitSettings(params, cfg.resolved_dupe_factor, cfg.random_seed,
+                                cfg.resolved_format, cfg.static, str(out), run_id, vocab.tokens,
+                                vocab.do_lower_case, vocab.strip_accents)  # fmt: skip
+        parts, resumed = run_units(cfg, inputs, settings, out, stats)
+    require_text(stats, cfg.input)
+    records = sum(p["records"] for p in parts)
+    if records == 0:
+        raise UserError(
+            f"--input: {', '.join(cfg.input)} gave no instance: no line tokenizes to anything "
+            f"with {cfg.vocab}; check that the vocabulary fits the corpus."
+        )
+    manifest = write_data_manifest(cfg, vocab, inputs, out, run, run_id, parts, stats)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+    (out / RUN_FILE).unlink(missing_ok=True)
+    return DataResult(out, manifest, resumed)
+
+
+def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile], out: Path,
+                        run: dict[str, Any], run_id: str, parts: list[dict[str, Any]],
+                        stats: CorpusStats) -> dict[str, Any]:  # fmt: skip
+    seq = cfg.max_seq_length
+    records = sum(p["records"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    histogram = np.sum([p["length_histogram"] for p in parts], axis=0)
+    maskable = tokens - 3 * records
+    counts = {
+        "corpus": stats.as_dict(),
+        "documents": sum(p["documents"] for p in parts),
+        "instances": records,
+        "tokens": tokens,
+        "padding_share": round(1 - tokens / (records * seq), 6),
+        "random_next_share": round(sum(p["random_next"] for p in parts) / records, 6),
+        "mean_length": round(tokens / records, 3),
+        "masked_share": round(sum(p["masked_tokens"] for p in parts) / maskable, 6)
+        if cfg.static else None,
+        "length_histogram": [int(x) for x in histogram],
+    }  # fmt: skip
+    shards = [{k: p[k] for k in ("file", "records", "sha256", "bytes")} for p in parts]
+    config = dict(run["config"], vocab=str(vocab.path.parent), vocab_size=vocab.size)
+    return write_manifest(
+        out, "data", config,
+        inputs=[i.describe() for i in inputs], counts=counts,
+        outputs=[GOOGLE_FILE] if cfg.google_compatible else [],
+        extra={"run_id": run_id, "vocab": {"path": str(vocab.path), "sha256": vocab.sha256,
+                                           "size": vocab.size},
+               "shards": shards,
+               "format": {"kind": cfg.resolved_format, "static_masking": cfg.static,
+                          "shard_version": 1}},
+    )  # fmt: skip
+
+
+def print_summary(result: DataResult, file: Any = sys.stdout) -> None:
+    m = result.manifest
+    c, fmt = m["counts"], m["format"]
+    kind = f"{fmt['kind']}, {'static' if fmt['static_masking'] else 'dynamic'} masking"
+    print(f"data: {c['instances']:,} instances in {len(m['shards'])} shard(s) ({kind}) -> "
+          f"{result.output}", file=file)  # fmt: skip
+    corpus = c["corpus"]
+    print(
+        f"  corpus: {corpus['bytes'] / 1e6:.1f} MB, {c['documents']:,} documents; mean length "
+        f"{c['mean_length']:.1f} of {m['config']['max_seq_length']}, padding "
+        f"{c['padding_share']:.1%}, random next {c['random_next_share']:.1%}",
+        file=file,
+    )
+    if result.resumed_units:
+        print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
+    if corpus.get("bad_utf8_lines"):
+        print(f"warning: {corpus['bad_utf8_lines']} line(s) had invalid UTF-8 (bytes dropped); "
+              f"first at {corpus['first_bad_utf8_line']}.", file=sys.stderr)  # fmt: skip

@@ -1,0 +1,213 @@
+"""`bertforge data verify` and `bertforge data inspect`, and reading instances back.
+
+Instances are read into one common form (`Batch`) from native shards and from TFRecords
+(Google's or ours), so inspection, statistics and tests treat both formats alike.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from bertforge.errors import UserError
+from bertforge.fileio import read_manifest, sha256_file
+from bertforge.shards import open_shard, read_header, segment_ids
+from bertforge.tfrecord import decode_example, read_records
+from bertforge.tokenization import read_vocab_txt
+
+
+@dataclass
+class Batch:
+    """Instances in a common form; masks are None for dynamically masked native shards."""
+
+    input_ids: np.ndarray  # [n, seq]
+    lengths: np.ndarray  # [n]
+    segment_ids: np.ndarray  # [n, seq]
+    next_sentence: np.ndarray  # [n] 1 = random next
+    positions: np.ndarray | None  # [n, p]
+    labels: np.ndarray | None  # [n, p]
+    counts: np.ndarray | None  # [n] masked tokens
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def concat(batches: Sequence[Batch]) -> Batch:
+    def cat(name: str) -> Any:
+        values = [getattr(b, name) for b in batches]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    names = ("input_ids", "lengths", "segment_ids", "next_sentence", "positions", "labels")
+    return Batch(*(cat(n) for n in names), cat("counts"))
+
+
+def read_native(path: str | Path, limit: int | None = None) -> Batch:
+    _, rec = open_shard(path)
+    rec = rec[:limit]
+    static = "masked_lm_positions" in (rec.dtype.names or ())
+    return Batch(
+        np.asarray(rec["input_ids"], dtype=np.int64),
+        np.asarray(rec["length"], dtype=np.int64),
+        segment_ids(rec),
+        np.asarray(rec["next_sentence_label"], dtype=np.int64),
+        np.asarray(rec["masked_lm_positions"], dtype=np.int64) if static else None,
+        np.asarray(rec["masked_lm_ids"], dtype=np.int64) if static else None,
+        np.asarray(rec["num_masked"], dtype=np.int64) if static else None,
+    )
+
+
+def read_tfrecord(path: str | Path, limit: int | None = None) -> Batch:
+    """Parse BERT pretraining records (Google's feature spec)."""
+    rows: list[dict[str, list]] = []
+    with open(path, "rb") as f:
+        for i, record in enumerate(read_records(f, str(path))):
+            if limit is not None and i >= limit:
+                break
+            rows.append(decode_example(record))
+    if not rows:
+        return Batch(*(np.zeros((0, 0), np.int64) for _ in range(2)), np.zeros((0, 0), np.int64),
+                     np.zeros(0, np.int64), None, None, None)  # fmt: skip
+    missing = {"input_ids", "input_mask", "segment_ids", "next_sentence_labels"} - set(rows[0])
+    if missing:
+        raise UserError(f"{path}: not BERT pretraining data (no {', '.join(sorted(missing))}).")
+
+    def arr(name: str) -> np.ndarray:
+        return np.array([r[name] for r in rows], dtype=np.int64)
+
+    weights = np.array([r["masked_lm_weights"] for r in rows])
+    return Batch(arr("input_ids"), arr("input_mask").sum(1), arr("segment_ids"),
+                 arr("next_sentence_labels")[:, 0], arr("masked_lm_positions"),
+                 arr("masked_lm_ids"), (weights > 0).sum(1))  # fmt: skip
+
+
+def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
+    """The files of a data directory (from its manifest), or TFRecord files / globs / lists."""
+    p = Path(path)
+    if p.is_dir():
+        manifest = read_manifest(p, "data")
+        if manifest is None:
+            raise UserError(f"{p}: no manifest.json, so not a finished `bertforge data` output "
+                            "(rerun the same data command to finish it).")  # fmt: skip
+        return [p / s["file"] for s in manifest["shards"]], manifest
+    files: list[Path] = []
+    for part in path.split(","):
+        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        files += [Path(m) for m in matches]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise UserError(f"{path}: no such data file(s): {', '.join(missing) or path}.")
+    return files, None
+
+
+def read_any(path: Path, limit: int | None = None) -> Batch:
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    return read_native(path, limit) if magic == b"BFSHARD\0" else read_tfrecord(path, limit)
+
+
+def verify(directory: str) -> dict[str, Any]:
+    """Check every shard of a data directory against its manifest; raise on any mismatch."""
+    files, manifest = data_files(directory)
+    if manifest is None:
+        raise UserError(f"{directory}: verify takes a `bertforge data` output directory.")
+    problems = []
+    for path, shard in zip(files, manifest["shards"], strict=True):
+        if not path.is_file():
+            problems.append(f"{path.name} is missing")
+            continue
+        if path.stat().st_size != shard["bytes"]:
+            problems.append(f"{path.name} has {path.stat().st_size} bytes, the manifest "
+                            f"{shard['bytes']}")  # fmt: skip
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path.name} does not match its sha256 (changed or damaged)")
+            continue
+        if path.suffix == ".bin":
+            found = read_header(path).num_records
+        else:
+            with open(path, "rb") as f:
+                found = sum(1 for _ in read_records(f, str(path)))
+        if found != shard["records"]:
+            problems.append(f"{path.name} holds {found} records, the manifest {shard['records']}")
+    if problems:
+        raise UserError(
+            f"{directory}: {len(problems)} of {len(files)} shard(s) fail verification: "
+            + "; ".join(problems[:5])
+            + ("; ..." if len(problems) > 5 else "")
+            + ". Recreate the data (bertforge data ... --overwrite)."
+        )
+    return {"shards": len(files), "records": sum(s["records"] for s in manifest["shards"])}
+
+
+def statistics(batch: Batch, seq: int) -> dict[str, Any]:
+    n = len(batch)
+    out: dict[str, Any] = {
+        "instances": n,
+        "mean_length": float(batch.lengths.mean()),
+        "padding_share": float(1 - batch.lengths.sum() / (n * seq)),
+        "random_next_share": float(batch.next_sentence.mean()),
+        "length_histogram": np.bincount(batch.lengths, minlength=seq + 1).tolist(),
+    }
+    if batch.counts is not None:
+        out["mean_masked"] = float(batch.counts.mean())
+        out["masked_share"] = float(batch.counts.sum() / (batch.lengths - 3).sum())
+    return out
+
+
+def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 100_000,
+            file: TextIO | None = None) -> dict[str, Any]:  # fmt: skip
+    """Print n instances as tokens (Google's log format), then statistics; returns them."""
+    files, manifest = data_files(path)
+    tokens: list[str] | None = None
+    vocab_path = vocab or (manifest and manifest["vocab"]["path"])
+    if vocab_path:
+        vp = Path(vocab_path)
+        tokens = read_vocab_txt(vp / "vocab.txt" if vp.is_dir() else vp)
+    batches, total = [], 0
+    for f in files:
+        if total >= max_records:
+            break
+        batches.append(read_any(f, max_records - total))
+        total += len(batches[-1])
+    batch = concat(batches)
+    if len(batch) == 0:
+        raise UserError(f"{path}: holds no instances.")
+    seq = batch.input_ids.shape[1]
+
+    def show(ids: Sequence[int]) -> str:
+        return " ".join(tokens[i] if tokens and i < len(tokens) else str(i) for i in ids)
+
+    for i in range(min(n, len(batch))):
+        length = int(batch.lengths[i])
+        print(f"instance {i}:", file=file)
+        print(f"  tokens: {show(batch.input_ids[i, :length])}", file=file)
+        print(f"  segment_ids: {' '.join(map(str, batch.segment_ids[i, :length]))}", file=file)
+        print(f"  is_random_next: {bool(batch.next_sentence[i])}", file=file)
+        if batch.positions is not None and batch.labels is not None and batch.counts is not None:
+            m = int(batch.counts[i])
+            print(f"  masked_lm_positions: {' '.join(map(str, batch.positions[i, :m]))}", file=file)
+            print(f"  masked_lm_labels: {show(batch.labels[i, :m])}", file=file)
+        else:
+            print("  (dynamic masking: masks are drawn at training time)", file=file)
+    stats = statistics(batch, seq)
+    scope = f"first {len(batch):,}" if total >= max_records else f"all {len(batch):,}"
+    print(f"statistics over {scope} instances in {len(files)} file(s):", file=file)
+    print(f"  mean length {stats['mean_length']:.1f} of {seq}, padding "
+          f"{stats['padding_share']:.1%}, random next {stats['random_next_share']:.1%}",
+          file=file)  # fmt: skip
+    if "masked_share" in stats:
+        print(f"  masked {stats['masked_share']:.2%} of maskable tokens, "
+              f"{stats['mean_masked']:.2f} per instance", file=file)  # fmt: skip
+    print("  length histogram:", file=file)
+    hist = np.array(stats["length_histogram"])
+    edges = np.linspace(0, seq + 1, 9).astype(int)
+    for lo, hi in itertools.pairwise(edges):
+        share = hist[lo:hi].sum() / len(batch)
+        print(f"    {lo:>5}-{hi - 1:<5} {share:6.1%} {'#' * round(share * 50)}", file=file)
+    return stats
