@@ -35,3 +35,23 @@ def mixed_corpus(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def demo_path() -> Path:
     return demo_corpus()
+
+
+@pytest.fixture(scope="session")
+def kjv_corpus(tmp_path_factory: pytest.TempPathFactory, demo_path: Path) -> Path:
+    """About 300 KB: the first 80 chapters of the demo corpus plus the mixed documents."""
+    chapters = gzip.decompress(demo_path.read_bytes()).decode().split("\n\n")[:80]
+    docs = [c.split("\n") for c in chapters] + MIXED_DOCS * 4
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "kjv.txt", docs)
+
+
+@pytest.fixture(scope="session")
+def kjv_vocab(tmp_path_factory: pytest.TempPathFactory, kjv_corpus: Path) -> Path:
+    """A 1,500-token uncased vocab directory trained on kjv_corpus."""
+    from bertforge.config import VocabConfig
+    from bertforge.vocab import train_vocab
+
+    out = tmp_path_factory.mktemp("vocab")
+    train_vocab(VocabConfig(input=(str(kjv_corpus),), output=str(out), vocab_size=1500,
+                            progress=False))  # fmt: skip
+    return out

@@ -56,6 +56,7 @@ from bertforge.fileio import (
     atomic_open,
     prepare_output_dir,
     read_manifest,
+    sha256_file,
     write_json,
     write_manifest,
 )
@@ -388,8 +389,10 @@ def run_google(cfg: DataConfig, inputs: list[InputFile], vocab: Vocab, params: I
     )  # fmt: skip
     write_tfrecords(instances, [out / GOOGLE_FILE], params)
     lengths = np.array([len(i.input_ids) for i in instances], dtype=np.int64)
+    path = out / GOOGLE_FILE
     return [{
         "unit": 0, "run_id": run_id, "file": GOOGLE_FILE, "records": len(instances),
+        "sha256": sha256_file(path), "bytes": path.stat().st_size,
         "documents": stats.documents, "sentences": stats.sentences, "tokens": int(lengths.sum()),
         "random_next": sum(i.is_random_next for i in instances),
         "masked_tokens": sum(len(i.masked_lm_positions) for i in instances),
@@ -464,6 +467,8 @@ def create_data(cfg: DataConfig) -> DataResult:
         assert manifest is not None
         return DataResult(out, manifest, len(manifest["shards"]))
     write_json(out / RUN_FILE, {**run, "run_id": run_id})
+    for tmp in out.glob(".shard-*.tmp"):  # half-written shards of a killed run
+        tmp.unlink(missing_ok=True)
 
     stats = CorpusStats()
     if cfg.google_compatible:
@@ -511,7 +516,6 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
     return write_manifest(
         out, "data", config,
         inputs=[i.describe() for i in inputs], counts=counts,
-        outputs=[GOOGLE_FILE] if cfg.google_compatible else [],
         extra={"run_id": run_id, "vocab": {"path": str(vocab.path), "sha256": vocab.sha256,
                                            "size": vocab.size},
                "shards": shards,
@@ -520,7 +524,8 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
     )  # fmt: skip
 
 
-def print_summary(result: DataResult, file: Any = sys.stdout) -> None:
+def print_summary(result: DataResult, file: Any = None) -> None:
+    file = file or sys.stdout
     m = result.manifest
     c, fmt = m["counts"], m["format"]
     kind = f"{fmt['kind']}, {'static' if fmt['static_masking'] else 'dynamic'} masking"

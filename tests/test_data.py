@@ -1,0 +1,262 @@
+"""`bertforge data`: determinism across workers, formats, resume, refusal, verify, bad input."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertforge.cli import main
+from bertforge.config import DataConfig
+from bertforge.data import create_data
+from bertforge.datacheck import inspect, read_native, read_tfrecord, verify
+from bertforge.errors import UserError
+from bertforge.shards import open_shard, record_dtype, write_shard
+from bertforge.tokenization import read_vocab_txt
+from tests.conftest import write_corpus
+
+
+def cfg(corpus: Path, vocab: Path, out: Path, **kw) -> DataConfig:
+    kw.setdefault("unit_mb", 0.05)
+    kw.setdefault("max_seq_length", 64)
+    kw.setdefault("max_predictions_per_seq", 10)
+    kw.setdefault("workers", 1)
+    return DataConfig(input=(str(corpus),), vocab=str(vocab), output=str(out), progress=False,
+                      **kw)  # fmt: skip
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
+
+
+@pytest.mark.parametrize("fmt", ["native", "tfrecord"])
+def test_output_bytes_do_not_depend_on_workers(tmp_path, kjv_corpus, kjv_vocab, fmt):
+    one = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "one", format=fmt, dupe_factor=2))
+    two = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "two", format=fmt, dupe_factor=2,
+                          workers=2))  # fmt: skip
+    a, b = shard_bytes(one.output), shard_bytes(two.output)
+    assert len(a) >= 5 and a == b
+    assert one.manifest["shards"] == two.manifest["shards"]
+    other = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "seed", format=fmt, dupe_factor=2,
+                            random_seed=7))  # fmt: skip
+    assert shard_bytes(other.output) != a
+
+
+def test_native_shards_read_with_numpy_alone(tmp_path, kjv_corpus, kjv_vocab):
+    out = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "d")).output
+    tokens = read_vocab_txt(kjv_vocab / "vocab.txt")
+    cls_id, sep_id = tokens.index("[CLS]"), tokens.index("[SEP]")
+    manifest = json.loads((out / "manifest.json").read_text())
+    total = 0
+    for shard in manifest["shards"]:
+        raw = (out / shard["file"]).read_bytes()
+        assert raw[:8] == b"BFSHARD\0"
+        version, length = struct.unpack("<II", raw[8:16])
+        header = json.loads(raw[16 : 16 + length])
+        assert version == 1 and (16 + length) % 64 == 0
+        dtype = np.dtype([(n, d, tuple(s)) for n, d, s in header["dtype"]])
+        rec = np.memmap(out / shard["file"], dtype=dtype, mode="r", offset=16 + length,
+                        shape=(header["num_records"],))  # fmt: skip
+        assert rec["input_ids"].dtype == np.uint16 and rec["input_ids"].shape[1] == 64
+        for r in rec:
+            n, a = int(r["length"]), int(r["sep_a"])
+            ids = r["input_ids"]
+            assert ids[0] == cls_id and ids[a] == sep_id and ids[n - 1] == sep_id
+            assert 2 <= a <= n - 3 and (ids[n:] == 0).all() and n <= 64
+            assert sep_id not in ids[1:a] and sep_id not in ids[a + 1 : n - 1]
+        total += len(rec)
+    assert total == manifest["counts"]["instances"] > 100
+    counts = manifest["counts"]
+    assert 0.4 < counts["random_next_share"] < 0.7 and counts["masked_share"] is None
+    assert manifest["config"]["do_lower_case"] is True and manifest["format"]["kind"] == "native"
+
+
+def test_static_native_and_tfrecord_hold_the_same_instances(tmp_path, kjv_corpus, kjv_vocab):
+    native = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "n", static_masking=True,
+                             dupe_factor=2, do_whole_word_mask=True)).output  # fmt: skip
+    tf = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "t", format="tfrecord",
+                         dupe_factor=2, do_whole_word_mask=True)).output  # fmt: skip
+    for a_path, b_path in zip(sorted(native.glob("shard-*")), sorted(tf.glob("shard-*")),
+                              strict=True):  # fmt: skip
+        a, b = read_native(a_path), read_tfrecord(b_path)
+        for name in ("input_ids", "lengths", "segment_ids", "next_sentence", "positions",
+                     "labels", "counts"):  # fmt: skip
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    m = json.loads((tf / "manifest.json").read_text())["counts"]
+    assert 0.12 < m["masked_share"] < 0.18  # 15% of all tokens, of the maskable ones
+
+
+def test_shard_with_large_vocab_uses_uint32(tmp_path):
+    rec = np.zeros(3, dtype=record_dtype(100_000, 16, 3, static_masking=False))
+    rec["input_ids"][:, 1] = [70_000, 99_999, 5]
+    with open(tmp_path / "s.bin", "wb") as f:
+        write_shard(f, rec, {"unit": 0})
+    header, back = open_shard(tmp_path / "s.bin")
+    assert back["input_ids"].dtype == np.uint32 and back["input_ids"][:, 1].tolist() == [
+        70_000, 99_999, 5]  # fmt: skip
+
+
+def test_resume_after_sigkill_gives_identical_output(tmp_path, demo_path, kjv_vocab):
+    args = ["--input", str(demo_path), "--vocab", str(kjv_vocab), "--unit-mb", "0.1",
+            "--workers", "1", "--max-seq-length", "64", "--max-predictions-per-seq", "10"]  # fmt: skip
+    cmd = [sys.executable, "-m", "bertforge.cli", "data", *args]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--output", str(killed)])
+    deadline = time.time() + 60
+    while not (killed / ".parts" / "unit-00005.json").exists():
+        assert time.time() < deadline and proc.poll() is None, "run ended before the kill"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists()
+    assert subprocess.run([*cmd, "--output", str(killed)], capture_output=True).returncode == 0
+    clean = tmp_path / "clean"
+    assert subprocess.run([*cmd, "--output", str(clean)], capture_output=True).returncode == 0
+    assert shard_bytes(killed) == shard_bytes(clean) and len(shard_bytes(clean)) > 30
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (killed, clean))
+    assert a["shards"] == b["shards"] and a["counts"] == b["counts"]
+    assert not list(killed.glob(".*.tmp")) and not (killed / ".parts").exists()
+
+
+def test_finished_output_is_kept_and_other_settings_refused(tmp_path, kjv_corpus, kjv_vocab):
+    out = tmp_path / "d"
+    first = create_data(cfg(kjv_corpus, kjv_vocab, out))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    again = create_data(cfg(kjv_corpus, kjv_vocab, out, workers=2))  # workers don't matter
+    assert again.resumed_units == len(mtimes)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == mtimes
+    with pytest.raises(UserError, match=r"--max-seq-length was 64, now 128.*--overwrite"):
+        create_data(cfg(kjv_corpus, kjv_vocab, out, max_seq_length=128))
+    assert verify(str(out))["records"] == first.manifest["counts"]["instances"]
+    replaced = create_data(cfg(kjv_corpus, kjv_vocab, out, max_seq_length=128, overwrite=True))
+    assert replaced.manifest["config"]["max_seq_length"] == 128
+
+
+def test_unfinished_run_with_other_settings_is_refused(tmp_path, kjv_corpus, kjv_vocab):
+    out = tmp_path / "d"
+    create_data(cfg(kjv_corpus, kjv_vocab, out))
+    (out / "manifest.json").unlink()  # as if killed before the end
+    (out / ".bertforge-run.json").write_text(
+        json.dumps({"stage": "data", "run_id": "x", "config": {"dupe_factor": 3},
+                    "vocab_sha256": "y", "inputs": []}))  # fmt: skip
+    with pytest.raises(UserError, match="unfinished run made with other settings"):
+        create_data(cfg(kjv_corpus, kjv_vocab, out))
+
+
+def test_verify_finds_damage(tmp_path, kjv_corpus, kjv_vocab):
+    out = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "d", format="tfrecord")).output
+    shards = sorted(out.glob("shard-*"))
+    data = bytearray(shards[1].read_bytes())
+    data[100] ^= 1
+    shards[1].write_bytes(bytes(data))
+    shards[2].write_bytes(shards[2].read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"2 of \d+ shard\(s\) fail.*shard-00001.tfrecord does not"
+                       r" match its sha256.*shard-00002.tfrecord has \d+ bytes"):  # fmt: skip
+        verify(str(out))
+
+
+def test_inspect_native_and_google_tfrecords(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    out = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "d")).output
+    stats = inspect(str(out), n=2)
+    text = capsys.readouterr().out
+    assert text.count("tokens: [CLS] ") == 2 and "dynamic masking" in text
+    assert "length histogram" in text and 0.4 < stats["random_next_share"] < 0.7
+    tf = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "g", google_compatible=True,
+                         dupe_factor=1)).output  # fmt: skip
+    assert main(["data", "inspect", str(tf / "data.tfrecord"), "-n", "1", "--vocab",
+                 str(kjv_vocab)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "masked_lm_labels:" in text and "[MASK]" in text and "masked " in text
+
+
+def test_google_flag_spellings(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    rc = main(["data", f"--input_file={kjv_corpus}", f"--vocab_file={kjv_vocab / 'vocab.txt'}",
+               "--do_lower_case=True", f"--output_dir={tmp_path / 'd'}", "--max_seq_length=32",
+               "--max_predictions_per_seq=5", "--dupe_factor=1", "--google-compatible"])  # fmt: skip
+    assert rc == 0 and "instances" in capsys.readouterr().out
+    assert verify(str(tmp_path / "d"))["shards"] == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    rc = main(["data", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    base = ["--vocab", str(kjv_vocab), "--output", str(tmp_path / "o")]
+    empty = write_corpus(tmp_path / "empty.txt", [[" "]])
+    rc, err = run_cli(["--input", str(empty), *base], capsys)
+    assert rc == 2 and "contains no text" in err
+    nothing = write_corpus(tmp_path / "ctl.txt", [["\x07\x07", "\x00"], ["\u200b"]])
+    rc, err = run_cli(["--input", str(nothing), *base, "--overwrite"], capsys)
+    assert rc == 2 and "gave no instance" in err
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(kjv_vocab / "vocab.txt"),
+                       "--output", str(tmp_path / "bare")], capsys)  # fmt: skip
+    assert rc == 0  # vocab.txt beside its manifest-less tokenizer_config: casing found there
+    bare = tmp_path / "bare_vocab" / "vocab.txt"
+    bare.parent.mkdir()
+    bare.write_text((kjv_vocab / "vocab.txt").read_text())
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(bare), "--output",
+                       str(tmp_path / "b2")], capsys)  # fmt: skip
+    assert rc == 2 and "--do-lower-case" in err and str(bare) in err
+    no_mask = tmp_path / "nomask.txt"
+    no_mask.write_text(bare.read_text().replace("[MASK]\n", "[MASKX]\n"))
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(no_mask),
+                       "--do-lower-case", "--output", str(tmp_path / "b3")], capsys)  # fmt: skip
+    assert rc == 2 and "[MASK]" in err and "nomask.txt" in err
+    dupes = tmp_path / "dupes.txt"
+    dupes.write_text(bare.read_text() + "the\n")
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(dupes),
+                       "--do-lower-case", "--output", str(tmp_path / "b4")], capsys)  # fmt: skip
+    assert rc == 2 and "dupes.txt" in err and "the" in err
+    rc, err = run_cli(["--input", str(kjv_corpus), *base, "--max-seq-length", "16",
+                       "--max-predictions-per-seq", "20"], capsys)  # fmt: skip
+    assert rc == 2 and "--max-predictions-per-seq" in err and "13" in err
+    assert err.count("\n") == 1
+
+
+def test_short_documents_and_long_sentences(tmp_path, kjv_vocab):
+    long_sentence = " ".join(["and the earth was without form"] * 60)
+    docs = [["In the beginning."]] * 30 + [[long_sentence, "Void."], [long_sentence]] * 10
+    corpus = write_corpus(tmp_path / "c.txt", docs)
+    result = create_data(cfg(corpus, kjv_vocab, tmp_path / "d", format="tfrecord",
+                             dupe_factor=3))  # fmt: skip
+    batch = read_tfrecord(next(result.output.glob("shard-*")))
+    assert len(batch) > 50 and batch.lengths.max() == 64 and batch.next_sentence.any()
+
+
+def test_full_disk_leaves_no_complete_looking_shard(tmp_path, kjv_corpus, kjv_vocab, monkeypatch):
+    import bertforge.fileio as fileio
+
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def failing_fsync(fd):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", failing_fsync)
+    out = tmp_path / "d"
+    with pytest.raises(UserError, match="no space left.*run the same command again"):
+        create_data(cfg(kjv_corpus, kjv_vocab, out))
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
+    for part in (out / ".parts").glob("*.json"):  # every finished unit's shard is whole
+        shard = json.loads(part.read_text())
+        assert (out / shard["file"]).stat().st_size == shard["bytes"]
+    monkeypatch.setattr(fileio.os, "fsync", real_fsync)
+    result = create_data(cfg(kjv_corpus, kjv_vocab, out))
+    assert result.resumed_units >= 1 and verify(str(out))["shards"] == len(result.manifest["shards"])
