@@ -9,8 +9,8 @@ import pytest
 
 from bertforge.config import VocabConfig
 from bertforge.corpus import CorpusStats, resolve_inputs
-from bertforge.instances import InstanceParams, VocabIds
 from bertforge.data import google_instances, write_tfrecords
+from bertforge.instances import InstanceParams, VocabIds
 from bertforge.tfrecord import decode_example, read_records
 from bertforge.tokenization import load_vocab
 from bertforge.vocab import train_vocab
