@@ -15,37 +15,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Run cmd; return (wall seconds, peak RSS in MB) of that process alone."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
-
-
-def corpus_file(work: Path, mb: float) -> Path:
-    """Build the corpus in a child process: a forked child's peak RSS counts the parent's
-    pages, so the benchmark process itself must stay small."""
-    path = work / f"english_{mb:g}mb.txt"
-    if not path.exists():
-        subprocess.run(
-            [sys.executable, str(HERE / "corpora.py"), "english", "--output", str(path),
-             "--work", str(work / "debs"), "--repeat", str(int(mb // 27) + 1),
-             "--max-mb", str(mb)],
-            check=True,
-        )  # fmt: skip
-    return path
+from common import HERE, corpus_file, measure
 
 
 def bertforge(corpus: Path, out: Path, vocab_size: int, *extra: str) -> list[str]:
@@ -127,7 +100,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     results = {}
     for name, cmd, outdir in runs:
-        wall, rss = measure(cmd)
+        wall, rss, _ = measure(cmd)
         results[name] = wall
         ratio = wall / results["SentencePiece BPE (spm.train)"]
         q = ""

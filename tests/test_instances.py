@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from bertforge.instances import (
     InstanceParams,
     VocabIds,
@@ -100,3 +102,24 @@ def test_truncate_seq_pair_trims_longer_side():
     a, b = [1, 2], [3, 4]
     truncate_seq_pair(a, b, 3, rng)
     assert len(a) == 2 and len(b) == 1  # a tie trims B
+
+
+def test_fast_truncation_matches_google_distribution():
+    from bertforge.instances import truncate_seq_pair_fast
+
+    for la, lb, limit in [(10, 3, 8), (3, 10, 8), (7, 7, 9), (20, 15, 12), (5, 6, 4), (4, 4, 20)]:
+        results = {}
+        for name, fn, rng in (("google", truncate_seq_pair, random.Random(1)),
+                              ("fast", truncate_seq_pair_fast, random.Random(2))):  # fmt: skip
+            rows = []
+            for _ in range(4000):
+                a, b = list(range(la)), list(range(100, 100 + lb))
+                fn(a, b, limit, rng)
+                rows.append((len(a), len(b), a[0] if a else 0, b[0] - 100 if b else 0))
+            results[name] = np.array(rows, dtype=float)
+        g, f = results["google"], results["fast"]
+        assert (g[:, :2] == f[:, :2]).all(), "the kept lengths are not random"
+        for col in (2, 3):  # tokens cut from the front: Binomial(k, 1/2) in both
+            se = np.sqrt(g[:, col].var() / 4000 + f[:, col].var() / 4000)
+            assert abs(g[:, col].mean() - f[:, col].mean()) <= 4 * se + 1e-9
+            assert abs(g[:, col].var() - f[:, col].var()) <= 0.15 * g[:, col].var() + 1e-9

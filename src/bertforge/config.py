@@ -164,7 +164,8 @@ class DataConfig(CorpusInput):
     """Size of a work unit (MB of text, cut at document boundaries); one shard per unit.
     Random next segments and the shuffle stay within a unit."""
     overwrite: bool = False
-    """Replace an output directory holding other data (default: refuse; resume if same)."""
+    """Start over, replacing what the output directory holds. Without it, a rerun of the same
+    command resumes (or keeps finished output), and other settings are refused."""
     progress: bool = True
     """Show a progress bar on a terminal."""
 

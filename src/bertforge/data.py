@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from bertforge import __version__
 from bertforge.config import DataConfig, config_to_dict
 from bertforge.corpus import (
     CorpusStats,
@@ -66,6 +67,7 @@ from bertforge.instances import (
     VocabIds,
     create_training_instances,
     document_pairs,
+    truncate_seq_pair_fast,
 )
 from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import encode_header, id_dtype, record_dtype
@@ -157,27 +159,26 @@ def unit_instances(
     """Google's segmenting over one unit, dupe_factor passes, instances shuffled in the unit."""
     rng.shuffle(documents)
     seq = params.max_seq_length
-    cap = 1024
-    ids = np.zeros((cap, seq), dtype=dtype)
-    meta = np.zeros((cap, 3), dtype=np.int64)  # length, sep_a, next_sentence
-    n = 0
+    flat: list[int] = []  # all instances' tokens, end to end
+    meta: list[tuple[int, int, int]] = []  # length, sep_a, next_sentence
+    cls_id, sep_id = vocab.cls_id, vocab.sep_id
     for _ in range(dupe_factor):
         for index in range(len(documents)):
             for a, b, is_random_next in document_pairs(
-                documents, index, seq, params.short_seq_prob, rng
+                documents, index, seq, params.short_seq_prob, rng, truncate_seq_pair_fast
             ):
-                if n == cap:
-                    cap *= 2
-                    ids = np.resize(ids, (cap, seq))
-                    meta = np.resize(meta, (cap, 3))
-                row = [vocab.cls_id, *a, vocab.sep_id, *b, vocab.sep_id]
-                ids[n, : len(row)] = row
-                ids[n, len(row) :] = 0
-                meta[n] = (len(row), len(a) + 1, is_random_next)
-                n += 1
-    order = np_rng.permutation(n)
-    ids, meta = ids[:n][order], meta[:n][order]
-    return UnitArrays(ids, meta[:, 0], meta[:, 1], meta[:, 2])
+                flat.append(cls_id)
+                flat += a
+                flat.append(sep_id)
+                flat += b
+                flat.append(sep_id)
+                meta.append((len(a) + len(b) + 3, len(a) + 1, is_random_next))
+    info = np.array(meta, dtype=np.int64).reshape(-1, 3)
+    ids = np.zeros((len(info), seq), dtype=dtype)
+    ids[np.arange(seq) < info[:, :1]] = np.array(flat, dtype=dtype)  # row-major fill
+    order = np_rng.permutation(len(info))
+    ids, meta_arr = ids[order], info[order]
+    return UnitArrays(ids, meta_arr[:, 0], meta_arr[:, 1], meta_arr[:, 2])
 
 
 def mask_spec(params: InstanceParams, tokens: Sequence[str]) -> MaskSpec:
@@ -409,7 +410,7 @@ def run_settings(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile]) -> 
     config.update(format=cfg.resolved_format, dupe_factor=cfg.resolved_dupe_factor,
                   do_lower_case=vocab.do_lower_case, static_masking=cfg.static)  # fmt: skip
     return {"stage": "data", "config": config, "vocab_sha256": vocab.sha256,
-            "inputs": [i.describe() for i in inputs]}  # fmt: skip
+            "inputs": [i.describe() for i in inputs], "bertforge": __version__}  # fmt: skip
 
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -434,18 +435,19 @@ def clear_output(out: Path) -> None:
 
 
 def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool) -> str:
-    """'done' when out already holds this exact output, 'go' otherwise; refuses other settings."""
+    """'done' when out already holds this exact output, 'go' otherwise (resuming an unfinished
+    run with the same settings); refuses other settings unless overwrite, which starts over."""
+    if overwrite:
+        clear_output(out)
+        return "go"
     manifest = read_manifest(out)
-    previous = manifest if manifest is not None else None
+    previous = manifest
     if previous is None and (out / RUN_FILE).is_file():
         previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     if previous is None:
         return "go"
     if previous.get("run_id") == run_id:
         return "done" if manifest is not None else "go"
-    if overwrite:
-        clear_output(out)
-        return "go"
     what = "holds data" if manifest is not None else "holds an unfinished run"
     raise UserError(
         f"--output: {out} {what} made with other settings ({settings_diff(previous, run)}); "

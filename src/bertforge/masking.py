@@ -67,11 +67,16 @@ def mask_batch(
     if spec.do_whole_word_mask:
         chosen = _choose_whole_words(ids, cand, budget, spec, rng)
     else:
-        keys = rng.random((n, seq))
+        # The budget's smallest random keys among the candidates: a uniform random subset.
+        keys = rng.random((n, seq), dtype=np.float32)
         keys[~cand] = 2.0  # never before a candidate
-        order = np.argsort(keys, axis=1, kind="stable")
+        p = min(spec.max_predictions_per_seq, seq)
+        smallest = np.argpartition(keys, p - 1, axis=1)[:, :p] if p < seq else np.argsort(keys)
+        order = np.take_along_axis(
+            smallest, np.argsort(np.take_along_axis(keys, smallest, axis=1), axis=1), axis=1
+        )
         chosen = np.zeros((n, seq), dtype=bool)
-        np.put_along_axis(chosen, order, np.arange(seq) < budget[:, None], axis=1)
+        np.put_along_axis(chosen, order, np.arange(order.shape[1]) < budget[:, None], axis=1)
 
     rows, cols = np.nonzero(chosen)  # row-major: positions ascend within a row
     counts = chosen.sum(1)

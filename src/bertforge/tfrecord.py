@@ -234,32 +234,39 @@ def bert_examples(
     counts: np.ndarray,
     next_sentence_labels: np.ndarray,
 ) -> list[bytes]:
-    """bert_example() for a batch of padded arrays, byte for byte, vectorized per feature."""
-    n, seq = input_ids.shape
-    p = positions.shape[1]
-    pos = np.arange(seq)
-    length = lengths.astype(np.int64)[:, None]
-    mask = (pos < length).astype(np.uint8)  # varints of 0/1 are single bytes
-    segment = ((pos > sep_a.astype(np.int64)[:, None]) & (pos < length)).astype(np.uint8)
-    weights = (np.arange(p) < counts[:, None]).astype("<f4")
+    """bert_example() for a batch of padded arrays, byte for byte.
+
+    The varying features are varint-encoded for the whole batch at once; input_mask,
+    segment_ids, masked_lm_weights and next_sentence_labels depend only on (length, sep_a,
+    count, label), so their encoded map entries are built once per distinct value."""
+    seq, p = input_ids.shape[1], positions.shape[1]
     ids_bytes, ids_off = _varint_rows(input_ids)
     pos_bytes, pos_off = _varint_rows(positions)
     lab_bytes, lab_off = _varint_rows(labels)
-    mask_rows, seg_rows, w_rows = mask.tobytes(), segment.tobytes(), weights.tobytes()
-    nsp = next_sentence_labels.astype(np.int64).tolist()
-    ids_off, pos_off, lab_off = ids_off.tolist(), pos_off.tolist(), lab_off.tolist()
-    names = [_PREFIX[name] for name in BERT_FEATURES]
+    (k_ids, t_ids), (k_mask, t_mask), (k_seg, t_seg), (k_pos, t_pos), (k_lab, t_lab), \
+        (k_w, t_w), (k_nsp, t_nsp) = (_PREFIX[name] for name in BERT_FEATURES)  # fmt: skip
+    mask_entry: dict[int, bytes] = {}
+    seg_entry: dict[tuple[int, int], bytes] = {}
+    weight_entry: dict[int, bytes] = {}
+    nsp_entry = {v: _wrap(k_nsp, t_nsp, _VARINT[v]) for v in (0, 1)}
     out = []
-    for r in range(n):
-        parts = (
-            ids_bytes[ids_off[r] : ids_off[r + 1]],
-            mask_rows[r * seq : (r + 1) * seq],
-            seg_rows[r * seq : (r + 1) * seq],
-            pos_bytes[pos_off[r] : pos_off[r + 1]],
-            lab_bytes[lab_off[r] : lab_off[r + 1]],
-            w_rows[r * 4 * p : (r + 1) * 4 * p],
-            _VARINT[nsp[r]],
-        )
-        body = b"".join(_wrap(k, t, v) for (k, t), v in zip(names, parts, strict=True))
+    rows = zip(lengths.tolist(), sep_a.tolist(), counts.tolist(),
+               next_sentence_labels.tolist(), ids_off[:-1].tolist(), pos_off[:-1].tolist(),
+               lab_off[:-1].tolist(), strict=True)  # fmt: skip
+    ids_end, pos_end, lab_end = ids_off[1:].tolist(), pos_off[1:].tolist(), lab_off[1:].tolist()
+    for r, (length, sep, count, nsp, i0, p0, l0) in enumerate(rows):
+        if length not in mask_entry:
+            mask_entry[length] = _wrap(k_mask, t_mask, b"\x01" * length + b"\x00" * (seq - length))
+        if (length, sep) not in seg_entry:
+            segment = b"\x00" * (sep + 1) + b"\x01" * (length - sep - 1) + b"\x00" * (seq - length)
+            seg_entry[(length, sep)] = _wrap(k_seg, t_seg, segment)
+        if count not in weight_entry:
+            weights = np.arange(p) < count
+            weight_entry[count] = _wrap(k_w, t_w, weights.astype("<f4").tobytes())
+        body = b"".join((
+            _wrap(k_ids, t_ids, ids_bytes[i0 : ids_end[r]]), mask_entry[length],
+            seg_entry[(length, sep)], _wrap(k_pos, t_pos, pos_bytes[p0 : pos_end[r]]),
+            _wrap(k_lab, t_lab, lab_bytes[l0 : lab_end[r]]), weight_entry[count], nsp_entry[nsp],
+        ))  # fmt: skip
         out.append(b"\x0a" + _varint(len(body)) + body)
     return out

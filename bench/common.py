@@ -1,0 +1,74 @@
+"""What the benchmarks share: running a command while measuring it, and the English corpus."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of a process and all its descendants, summed (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / 2**20
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Run cmd; return (wall seconds, peak RSS MB of the largest single process, peak RSS MB of
+    the whole process tree, sampled every 0.1 s)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if status != 0:
+        assert proc.stderr is not None
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-3000:]}")
+    single = usage.ru_maxrss / 1024
+    return wall, single, max(peak[0], single)
+
+
+def corpus_file(work: Path, mb: float) -> Path:
+    """Build the English corpus in a child process: a forked child's peak RSS counts the
+    parent's pages, so the benchmark process itself must stay small."""
+    path = work / f"english_{mb:g}mb.txt"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, str(HERE / "corpora.py"), "english", "--output", str(path),
+             "--work", str(work / "debs"), "--repeat", str(int(mb // 27) + 1),
+             "--max-mb", str(mb)],
+            check=True,
+        )  # fmt: skip
+    return path
