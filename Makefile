@@ -4,7 +4,7 @@ VENV := .venv
 REF := .venv-ref
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format bench-vocab clean
+.PHONY: demo test lint format bench-vocab bench-data clean
 
 # The CPU build of torch is installed first: a bare `torch` requirement would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +38,9 @@ format: $(VENV)/.installed
 
 bench-vocab: $(VENV)/.installed
 	$(BIN)/python bench/vocab.py
+
+bench-data: $(VENV)/.installed $(REF)/.installed
+	$(BIN)/python bench/data_creation.py --reference-python $(REF)/bin/python
 
 clean:
 	rm -rf $(VENV) $(REF) demo-output .pytest_cache

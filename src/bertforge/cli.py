@@ -94,6 +94,14 @@ def run_demo(output: str) -> None:
             overwrite=True,
         )
     )
+    run_data(
+        DataConfig(
+            input=(str(demo_corpus()),),
+            vocab=str(out / "vocab"),
+            output=str(out / "data"),
+            overwrite=True,
+        )
+    )
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

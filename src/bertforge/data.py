@@ -75,6 +75,8 @@ from bertforge.tfrecord import bert_example, bert_examples, frame
 from bertforge.tokenization import Vocab, build_tokenizer, load_vocab
 
 ENCODE_BATCH = 4096  # sentences per tokenizer call
+CHUNK = 8192  # instances masked and encoded at a time
+FLAT_LIMIT = 1 << 22  # tokens gathered in a Python list before moving them to numpy
 PARTS = ".parts"
 GOOGLE_FILE = "data.tfrecord"
 # Settings that do not change the output bytes; a resumed run may change them.
@@ -160,6 +162,7 @@ def unit_instances(
     rng.shuffle(documents)
     seq = params.max_seq_length
     flat: list[int] = []  # all instances' tokens, end to end
+    flat_parts: list[np.ndarray] = []
     meta: list[tuple[int, int, int]] = []  # length, sep_a, next_sentence
     cls_id, sep_id = vocab.cls_id, vocab.sep_id
     for _ in range(dupe_factor):
@@ -173,9 +176,13 @@ def unit_instances(
                 flat += b
                 flat.append(sep_id)
                 meta.append((len(a) + len(b) + 3, len(a) + 1, is_random_next))
+                if len(flat) > FLAT_LIMIT:  # Python ints cost 8+ bytes each: move them out
+                    flat_parts.append(np.array(flat, dtype=dtype))
+                    flat = []
+    flat_parts.append(np.array(flat, dtype=dtype))
     info = np.array(meta, dtype=np.int64).reshape(-1, 3)
     ids = np.zeros((len(info), seq), dtype=dtype)
-    ids[np.arange(seq) < info[:, :1]] = np.array(flat, dtype=dtype)  # row-major fill
+    ids[np.arange(seq) < info[:, :1]] = np.concatenate(flat_parts)  # row-major fill
     order = np_rng.permutation(len(info))
     ids, meta_arr = ids[order], info[order]
     return UnitArrays(ids, meta_arr[:, 0], meta_arr[:, 1], meta_arr[:, 2])
@@ -192,32 +199,39 @@ def shard_name(unit: int, fmt: str) -> str:
     return f"shard-{unit:05d}." + ("bin" if fmt == "native" else "tfrecord")
 
 
-def shard_bytes(arrays: UnitArrays, s: UnitSettings, unit: int, spec: MaskSpec,
-                np_rng: np.random.Generator) -> tuple[list[bytes], dict[str, int]]:  # fmt: skip
-    """The shard's bytes (in pieces) and its masking counts."""
+def shard_bytes(
+    arrays: UnitArrays, s: UnitSettings, unit: int, spec: MaskSpec,
+    np_rng: np.random.Generator, counts: dict[str, int],
+) -> Iterator[bytes]:  # fmt: skip
+    """The shard's bytes, in pieces; masks are drawn CHUNK rows at a time to bound memory.
+    Adds the number of masked tokens to counts."""
     p = s.params
-    masked = None
-    if s.static:
-        masked = mask_batch(arrays.ids, arrays.lengths, arrays.sep_a, spec, np_rng)
     n = len(arrays.lengths)
-    counts = {"masked_tokens": int(masked.counts.sum()) if masked else 0}
-    if s.format == "tfrecord":
-        assert masked is not None
-        records = bert_examples(masked.input_ids, arrays.lengths, arrays.sep_a, masked.positions,
-                                masked.labels, masked.counts, arrays.next_sentence)  # fmt: skip
-        return [frame(r) for r in records], counts
-    rec = np.zeros(n, dtype=record_dtype(spec.vocab_size, p.max_seq_length,
-                                         p.max_predictions_per_seq, s.static))  # fmt: skip
-    rec["input_ids"] = masked.input_ids if masked else arrays.ids
-    rec["length"], rec["sep_a"] = arrays.lengths, arrays.sep_a
-    rec["next_sentence_label"] = arrays.next_sentence
-    if masked:
-        rec["masked_lm_positions"], rec["masked_lm_ids"] = masked.positions, masked.labels
-        rec["num_masked"] = masked.counts
-    meta = {"unit": unit, "run_id": s.run_id, "max_seq_length": p.max_seq_length,
-            "max_predictions_per_seq": p.max_predictions_per_seq, "vocab_size": spec.vocab_size,
-            "static_masking": s.static}  # fmt: skip
-    return [encode_header(rec, meta), rec.tobytes()], counts
+    counts["masked_tokens"] = 0
+    rec = None
+    if s.format == "native":
+        rec = np.zeros(n, dtype=record_dtype(spec.vocab_size, p.max_seq_length,
+                                             p.max_predictions_per_seq, s.static))  # fmt: skip
+        rec["input_ids"], rec["length"], rec["sep_a"] = arrays.ids, arrays.lengths, arrays.sep_a
+        rec["next_sentence_label"] = arrays.next_sentence
+    for lo in range(0, n if s.static else 0, CHUNK):
+        sl = slice(lo, lo + CHUNK)
+        m = mask_batch(arrays.ids[sl], arrays.lengths[sl], arrays.sep_a[sl], spec, np_rng)
+        counts["masked_tokens"] += int(m.counts.sum())
+        if rec is not None:
+            rec["input_ids"][sl], rec["num_masked"][sl] = m.input_ids, m.counts
+            rec["masked_lm_positions"][sl], rec["masked_lm_ids"][sl] = m.positions, m.labels
+        else:
+            records = bert_examples(m.input_ids, arrays.lengths[sl], arrays.sep_a[sl],
+                                    m.positions, m.labels, m.counts,
+                                    arrays.next_sentence[sl])  # fmt: skip
+            yield b"".join(frame(r) for r in records)
+    if rec is not None:
+        meta = {"unit": unit, "run_id": s.run_id, "max_seq_length": p.max_seq_length,
+                "max_predictions_per_seq": p.max_predictions_per_seq,
+                "vocab_size": spec.vocab_size, "static_masking": s.static}  # fmt: skip
+        yield encode_header(rec, meta)
+        yield rec.tobytes()
 
 
 def build_unit(
@@ -229,7 +243,8 @@ def build_unit(
     rng, np_rng = unit_rngs(s.random_seed, unit)
     arrays = unit_instances(documents, s.params, vocab, s.dupe_factor, rng, np_rng,
                             id_dtype(spec.vocab_size))  # fmt: skip
-    pieces, counts = shard_bytes(arrays, s, unit, spec, np_rng)
+    counts: dict[str, int] = {}
+    pieces = shard_bytes(arrays, s, unit, spec, np_rng, counts)
     out = Path(s.output)
     name = shard_name(unit, s.format)
     digest, size = hashlib.sha256(), 0
