@@ -42,6 +42,16 @@ def build_corpus(path: Path, demo_path: Path) -> Path:
     return path
 
 
+def google_create(google, tmp_path: Path, corpus: Path, vocab_dir: Path, lower: bool,
+                  flags: dict) -> Path:  # fmt: skip
+    """Google's create_pretraining_data on corpus; returns its TFRecord file."""
+    out = tmp_path / "google.tfrecord"
+    google.run([{"create": {"vocab": str(vocab_dir / "vocab.txt"), "do_lower_case": lower,
+                            "input": str(corpus), "output": str(out), **flags}}],
+               tmp_path)  # fmt: skip
+    return out
+
+
 @pytest.mark.parametrize("lower", [True, False])
 def test_google_compatible_records_identical(google, tmp_path: Path, demo_path: Path, lower):
     corpus = build_corpus(tmp_path / "corpus.txt", demo_path)
@@ -51,10 +61,7 @@ def test_google_compatible_records_identical(google, tmp_path: Path, demo_path: 
                             do_lower_case=lower, progress=False))  # fmt: skip
     flags = dict(max_seq_length=64, max_predictions_per_seq=10, masked_lm_prob=0.15,
                  short_seq_prob=0.1, dupe_factor=2, random_seed=4321)  # fmt: skip
-    theirs_path = tmp_path / "google.tfrecord"
-    google.run([{"create": {"vocab": str(vdir / "vocab.txt"), "do_lower_case": lower,
-                            "input": str(corpus), "output": str(theirs_path), **flags}}],
-               tmp_path)  # fmt: skip
+    theirs_path = google_create(google, tmp_path, corpus, vdir, lower, flags)
 
     # through the CLI, with a bare vocab.txt and Google's flag spellings, as users paste them
     out = tmp_path / "ours"
@@ -111,10 +118,7 @@ def test_default_mode_statistics_match_google(google, tmp_path: Path, corpus_and
     corpus, vocab = corpus_and_vocab
     flags = dict(max_seq_length=64, max_predictions_per_seq=10, masked_lm_prob=0.15,
                  short_seq_prob=0.1, dupe_factor=4, random_seed=99)  # fmt: skip
-    theirs_path = tmp_path / "google.tfrecord"
-    google.run([{"create": {"vocab": str(vocab / "vocab.txt"), "do_lower_case": True,
-                            "input": str(corpus), "output": str(theirs_path), **flags}}],
-               tmp_path)  # fmt: skip
+    theirs_path = google_create(google, tmp_path, corpus, vocab, True, flags)
     out = create_data(DataConfig(input=(str(corpus),), vocab=str(vocab), output=str(tmp_path / "d"),
                                  format="tfrecord", unit_mb=0.05, progress=False,
                                  **flags)).output  # fmt: skip
