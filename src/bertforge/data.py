@@ -50,6 +50,7 @@ from bertforge.corpus import (
     require_text,
     resolve_inputs,
 )
+from bertforge.datacheck import summarize
 from bertforge.errors import UserError
 from bertforge.fileio import (
     MANIFEST,
@@ -70,6 +71,7 @@ from bertforge.instances import (
     truncate_seq_pair_fast,
 )
 from bertforge.masking import MaskSpec, mask_batch
+from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, bert_examples, frame
 from bertforge.tokenization import Vocab, build_tokenizer, load_vocab
@@ -188,8 +190,7 @@ def unit_instances(
     return UnitArrays(ids, meta_arr[:, 0], meta_arr[:, 1], meta_arr[:, 2])
 
 
-def mask_spec(params: InstanceParams, tokens: Sequence[str]) -> MaskSpec:
-    vocab = VocabIds.from_tokens(tokens)
+def mask_spec(params: InstanceParams, vocab: VocabIds) -> MaskSpec:
     return MaskSpec(params.masked_lm_prob, params.max_predictions_per_seq,
                     params.do_whole_word_mask, vocab.size, vocab.mask_id,
                     np.asarray(vocab.is_continuation, dtype=bool))  # fmt: skip
@@ -274,8 +275,8 @@ def _init_worker(s: UnitSettings, single_threaded: bool) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["settings"] = s
     _WORKER["tokenizer"] = build_tokenizer(s.tokens, s.do_lower_case, s.strip_accents)
-    _WORKER["spec"] = mask_spec(s.params, s.tokens)
-    _WORKER["vocab"] = VocabIds.from_tokens(s.tokens)
+    _WORKER["vocab"] = vocab = VocabIds.from_tokens(s.tokens)
+    _WORKER["spec"] = mask_spec(s.params, vocab)
 
 
 def _run_unit(unit: int, docs: list[list[str]]) -> dict[str, Any]:
@@ -511,22 +512,16 @@ def create_data(cfg: DataConfig) -> DataResult:
 def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile], out: Path,
                         run: dict[str, Any], run_id: str, parts: list[dict[str, Any]],
                         stats: CorpusStats) -> dict[str, Any]:  # fmt: skip
-    seq = cfg.max_seq_length
-    records = sum(p["records"] for p in parts)
-    tokens = sum(p["tokens"] for p in parts)
-    histogram = np.sum([p["length_histogram"] for p in parts], axis=0)
-    maskable = tokens - 3 * records
     counts = {
         "corpus": stats.as_dict(),
         "documents": sum(p["documents"] for p in parts),
-        "instances": records,
-        "tokens": tokens,
-        "padding_share": round(1 - tokens / (records * seq), 6),
-        "random_next_share": round(sum(p["random_next"] for p in parts) / records, 6),
-        "mean_length": round(tokens / records, 3),
-        "masked_share": round(sum(p["masked_tokens"] for p in parts) / maskable, 6)
-        if cfg.static else None,
-        "length_histogram": [int(x) for x in histogram],
+        "tokens": sum(p["tokens"] for p in parts),
+        **summarize(
+            sum(p["records"] for p in parts), sum(p["tokens"] for p in parts),
+            sum(p["random_next"] for p in parts),
+            sum(p["masked_tokens"] for p in parts) if cfg.static else None,
+            np.sum([p["length_histogram"] for p in parts], axis=0), cfg.max_seq_length,
+        ),
     }  # fmt: skip
     shards = [{k: p[k] for k in ("file", "records", "sha256", "bytes")} for p in parts]
     config = dict(run["config"], vocab=str(vocab.path.parent), vocab_size=vocab.size)
@@ -537,7 +532,7 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
                                            "size": vocab.size},
                "shards": shards,
                "format": {"kind": cfg.resolved_format, "static_masking": cfg.static,
-                          "shard_version": 1}},
+                          "shard_version": SHARD_VERSION}},
     )  # fmt: skip
 
 

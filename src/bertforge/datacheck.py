@@ -17,7 +17,7 @@ import numpy as np
 
 from bertforge.errors import UserError
 from bertforge.fileio import read_manifest, sha256_file
-from bertforge.shards import open_shard, read_header, segment_ids
+from bertforge.shards import MAGIC, open_shard, read_header, segment_ids
 from bertforge.tfrecord import decode_example, read_records
 from bertforge.tokenization import read_vocab_txt
 
@@ -71,8 +71,8 @@ def read_tfrecord(path: str | Path, limit: int | None = None) -> Batch:
                 break
             rows.append(decode_example(record))
     if not rows:
-        return Batch(*(np.zeros((0, 0), np.int64) for _ in range(2)), np.zeros((0, 0), np.int64),
-                     np.zeros(0, np.int64), None, None, None)  # fmt: skip
+        empty = np.zeros((0, 0), np.int64)
+        return Batch(empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), None, None, None)
     missing = {"input_ids", "input_mask", "segment_ids", "next_sentence_labels"} - set(rows[0])
     if missing:
         raise UserError(f"{path}: not BERT pretraining data (no {', '.join(sorted(missing))}).")
@@ -108,7 +108,7 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
 def read_any(path: Path, limit: int | None = None) -> Batch:
     with open(path, "rb") as f:
         magic = f.read(8)
-    return read_native(path, limit) if magic == b"BFSHARD\0" else read_tfrecord(path, limit)
+    return read_native(path, limit) if magic == MAGIC else read_tfrecord(path, limit)
 
 
 def verify(directory: str) -> dict[str, Any]:
@@ -145,19 +145,26 @@ def verify(directory: str) -> dict[str, Any]:
     return {"shards": len(files), "records": sum(s["records"] for s in manifest["shards"])}
 
 
-def statistics(batch: Batch, seq: int) -> dict[str, Any]:
-    n = len(batch)
+def summarize(instances: int, tokens: int, random_next: int, masked: int | None,
+              histogram: Sequence[int], seq: int) -> dict[str, Any]:  # fmt: skip
+    """Instance statistics from totals (the manifest's counts and `inspect` share them);
+    masked is None for dynamically masked data."""
     out: dict[str, Any] = {
-        "instances": n,
-        "mean_length": float(batch.lengths.mean()),
-        "padding_share": float(1 - batch.lengths.sum() / (n * seq)),
-        "random_next_share": float(batch.next_sentence.mean()),
-        "length_histogram": np.bincount(batch.lengths, minlength=seq + 1).tolist(),
+        "instances": instances,
+        "mean_length": round(tokens / instances, 3),
+        "padding_share": round(1 - tokens / (instances * seq), 6),
+        "random_next_share": round(random_next / instances, 6),
+        "masked_share": None if masked is None else round(masked / (tokens - 3 * instances), 6),
+        "mean_masked": None if masked is None else round(masked / instances, 3),
+        "length_histogram": [int(x) for x in histogram],
     }
-    if batch.counts is not None:
-        out["mean_masked"] = float(batch.counts.mean())
-        out["masked_share"] = float(batch.counts.sum() / (batch.lengths - 3).sum())
     return out
+
+
+def statistics(batch: Batch, seq: int) -> dict[str, Any]:
+    masked = None if batch.counts is None else int(batch.counts.sum())
+    return summarize(len(batch), int(batch.lengths.sum()), int(batch.next_sentence.sum()),
+                     masked, np.bincount(batch.lengths, minlength=seq + 1), seq)  # fmt: skip
 
 
 def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 100_000,
@@ -201,7 +208,7 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
     print(f"  mean length {stats['mean_length']:.1f} of {seq}, padding "
           f"{stats['padding_share']:.1%}, random next {stats['random_next_share']:.1%}",
           file=file)  # fmt: skip
-    if "masked_share" in stats:
+    if stats["masked_share"] is not None:
         print(f"  masked {stats['masked_share']:.2%} of maskable tokens, "
               f"{stats['mean_masked']:.2f} per instance", file=file)  # fmt: skip
     print("  length histogram:", file=file)
