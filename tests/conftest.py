@@ -55,3 +55,31 @@ def kjv_vocab(tmp_path_factory: pytest.TempPathFactory, kjv_corpus: Path) -> Pat
     train_vocab(VocabConfig(input=(str(kjv_corpus),), output=str(out), vocab_size=1500,
                             progress=False))  # fmt: skip
     return out
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory, kjv_corpus: Path, kjv_vocab: Path) -> Path:
+    """Native shards (dynamic masking) of kjv_corpus at max_seq_length 64."""
+    from bertforge.config import DataConfig
+    from bertforge.data import create_data
+
+    out = tmp_path_factory.mktemp("train_data")
+    create_data(DataConfig(input=(str(kjv_corpus),), vocab=str(kjv_vocab), output=str(out),
+                           max_seq_length=64, max_predictions_per_seq=10, workers=1,
+                           progress=False))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 64-wide bert_config.json for kjv_vocab, without dropout (exact comparisons)."""
+    import json
+
+    path = tmp_path_factory.mktemp("bert") / "bert_config.json"
+    path.write_text(json.dumps({
+        "vocab_size": 1500, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "intermediate_size": 128, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "max_position_embeddings": 128, "type_vocab_size": 2, "initializer_range": 0.02,
+    }))  # fmt: skip
+    return path

@@ -17,6 +17,7 @@ from bertforge import __version__
 from bertforge.config import (
     STAGES,
     DataConfig,
+    TrainConfig,
     VocabConfig,
     add_config_arguments,
     build_config,
@@ -58,6 +59,14 @@ def run_data(cfg: DataConfig) -> None:
     from bertforge.data import create_data, print_summary
 
     print_summary(create_data(cfg))
+
+
+def run_train(cfg: TrainConfig) -> None:
+    from bertforge.train import train
+
+    result = train(cfg)
+    if result.interrupted:
+        raise SystemExit(130)
 
 
 def data_tool(argv: list[str]) -> None:
@@ -138,7 +147,11 @@ def dispatch(args: argparse.Namespace) -> None:
         file_values = read_toml(args.config).get(command, {})
         source = f"{args.config} [{command}]"
     cfg = build_config(STAGES[command], file_values, values, source=source)
-    runners: dict[str, Callable[[Any], None]] = {"vocab": run_vocab, "data": run_data}
+    runners: dict[str, Callable[[Any], None]] = {
+        "vocab": run_vocab,
+        "data": run_data,
+        "train": run_train,
+    }
     runners[command](cfg)
 
 

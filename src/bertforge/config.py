@@ -204,7 +204,121 @@ class DataConfig(CorpusInput):
         return 10 if self.static else 1
 
 
-STAGES: dict[str, type] = {"vocab": VocabConfig, "data": DataConfig}
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """`bertforge train`: pretrain BERT (masked LM + next sentence) on `bertforge data` output
+    or Google's TFRecords, on a CPU, a GPU, or many under torchrun. Resumes by itself."""
+
+    data: str = option(aliases=("--input_file",))
+    """A `bertforge data` directory, or TFRecord files (comma lists and globs, as Google's
+    --input_file)."""
+    output: str = option(aliases=("--output_dir",))
+    """Directory for checkpoints, metrics.jsonl, eval_results.txt, bert_config.json, the vocab
+    files and manifest.json. A directory with checkpoints is resumed from its latest."""
+    model_size: Literal["tiny", "mini", "small", "medium", "base", "large"] | None = None
+    """Google's sizes: tiny L2/H128, mini L4/H256, small L4/H512, medium L8/H512, base L12/H768,
+    large L24/H1024 (default base, or the --init-checkpoint's size)."""
+    bert_config: str | None = option(None, aliases=("--bert_config_file",))
+    """Google's bert_config.json instead of --model-size; its vocab_size must be the data's."""
+    init_checkpoint: str | None = None
+    """Start from these weights (optimizer fresh): a bertforge checkpoint or training
+    directory, a Hugging Face BERT directory, or a Google TF checkpoint (bert_model.ckpt)."""
+    vocab: str | None = option(None, aliases=("--vocab_file",))
+    """The vocabulary (directory or vocab.txt). Default: the data's (from its manifest), else
+    the --init-checkpoint's vocab.txt; Google's TFRecords need one of them."""
+    max_seq_length: int | None = None
+    """Check only: must be the data's (it is read from the data)."""
+    max_predictions_per_seq: int | None = None
+    """Check only: must be the data's."""
+    do_lower_case: bool | None = None
+    """Check only: must be the data's vocabulary casing."""
+    train_batch_size: int = 256
+    """Instances per optimizer step, over all processes and accumulation steps."""
+    micro_batch_size: int | None = None
+    """Instances per forward pass per process (default: all of the process's share). On a CUDA
+    out-of-memory error it is halved and accumulation doubled, automatically."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (Google: 1e-4 from scratch, 2e-5 continuing from a checkpoint)."""
+    num_train_steps: int = 10000
+    """Optimizer steps in all; the learning rate reaches 0 at the last."""
+    num_warmup_steps: int | None = None
+    """Steps of linear warmup (default: 1% of num_train_steps, at most 10000)."""
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    """adamw, or lamb for very large batches."""
+    google_adam: bool = False
+    """AdamW exactly as Google's AdamWeightDecayOptimizer: no bias correction."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not on LayerNorm and biases)."""
+    adam_epsilon: float = 1e-6
+    """Adam's epsilon (Google's 1e-6)."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global norm (0: no clipping)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, fp32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train (auto: CUDA when available)."""
+    compile: bool = False
+    """torch.compile the model (faster steps after a warm-up compile)."""
+    packed: bool | None = None
+    """Drop padding inside the model (variable-length attention; default on CUDA)."""
+    save_checkpoints_steps: int = 1000
+    """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept (the newest)."""
+    do_train: bool = True
+    """Train (--no-do-train with --do-eval only evaluates --init-checkpoint)."""
+    do_eval: bool = True
+    """Evaluate on the held-out split (every --eval-every steps and at the end)."""
+    eval_every: int | None = None
+    """Evaluate every N steps (default: at every checkpoint)."""
+    eval_records: int | None = None
+    """Held-out instances (the last ones of the data; default: 1%, at least 1, at most 10000).
+    They are never trained on."""
+    eval_batch_size: int | None = None
+    """Instances per evaluation forward pass (default: the micro-batch size)."""
+    max_eval_steps: int | None = None
+    """Evaluate on at most this many eval batches."""
+    log_every: int = 50
+    """Write a metrics.jsonl line and a progress line every N steps."""
+    random_seed: int = 12345
+    """Seed of the data order, the masks, dropout and initialization."""
+    resume: str | None = None
+    """Resume from this checkpoint instead of the output directory's latest."""
+    overwrite: bool = False
+    """Start over in an output directory that holds another run."""
+    max_bad_steps: int = 5
+    """Stop when this many steps in a row have a NaN/inf loss (each is skipped)."""
+    progress: bool = True
+    """Print progress lines."""
+
+    def __post_init__(self) -> None:
+        require(not (self.model_size and self.bert_config), "--bert-config",
+                "give either --model-size or --bert-config, not both")  # fmt: skip
+        for name in ("train_batch_size", "num_train_steps", "save_checkpoints_steps",
+                     "keep_checkpoints", "log_every", "max_bad_steps"):  # fmt: skip
+            require(getattr(self, name) >= 1, "--" + name.replace("_", "-"), "must be at least 1")
+        for name in ("micro_batch_size", "eval_every", "eval_batch_size", "max_eval_steps"):
+            value = getattr(self, name)
+            require(value is None or value >= 1, "--" + name.replace("_", "-"),
+                    "must be at least 1")  # fmt: skip
+        require(self.eval_records is None or self.eval_records >= 0, "--eval-records",
+                "must be 0 or more")  # fmt: skip
+        require(self.learning_rate > 0, "--learning-rate", "must be positive")
+        require(self.num_warmup_steps is None or self.num_warmup_steps >= 0,
+                "--num-warmup-steps", "must be 0 or more")  # fmt: skip
+        require(self.random_seed >= 0, "--random-seed", "must be 0 or more")
+        require(self.do_train or self.do_eval, "--do-train", "nothing to do: no train, no eval")
+        require(self.do_train or self.init_checkpoint is not None, "--init-checkpoint",
+                "evaluation without training needs the weights to evaluate")  # fmt: skip
+
+    @property
+    def warmup_steps(self) -> int:
+        if self.num_warmup_steps is not None:
+            return self.num_warmup_steps
+        return min(10000, self.num_train_steps // 100)
+
+
+STAGES: dict[str, type] = {"vocab": VocabConfig, "data": DataConfig, "train": TrainConfig}
 
 
 def require(condition: bool, flag: str, message: str) -> None:

@@ -1,0 +1,257 @@
+"""Training throughput: bertforge's train step against the usual stack, interleaved in one process.
+
+bertforge: BertForPretraining (packed on CUDA, MLM head at masked positions, vocab padded to 64)
+fed by its real loader (a native shard, dynamic masking, background prefetch), AdamW (fused on
+CUDA), the trainer's own forward_backward. Peer: transformers' BertForPreTraining with its
+default attention, torch.optim.AdamW, autocast, MLM logits over every position, batches
+already on the device. Blocks of steps alternate so machine drift affects both alike.
+
+Tokens are real tokens (padding excluded). Instance lengths follow the data stage's shape: 90%
+near max length, 10% short (Google's short_seq_prob). MFU uses training FLOPs per token =
+6 x non-embedding parameters + 12 x layers x hidden x seq + the MLM head at masked positions.
+
+    python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
+
+The last line printed is a JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bertforge.batches import IGNORE, Order, Prefetcher, PretrainingData, step_rows, to_tensors
+from bertforge.config import TrainConfig
+from bertforge.distributed import Dist
+from bertforge.masking import MaskSpec
+from bertforge.model import BertConfig, BertForPretraining
+from bertforge.shards import record_dtype, write_shard
+from bertforge.train import forward_backward, make_optimizer, resolve_precision
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+VOCAB = 30522
+
+
+def synthetic_shard(path: Path, n: int, seq: int, p: int, rng: np.random.Generator) -> None:
+    rec = np.zeros(n, dtype=record_dtype(VOCAB, seq, p, static_masking=False))
+    short = rng.random(n) < 0.1
+    lengths = np.where(short, rng.integers(8, seq + 1, n), rng.integers(seq - 12, seq + 1, n))
+    ids = rng.integers(1000, VOCAB, (n, seq))
+    ids[np.arange(seq)[None, :] >= lengths[:, None]] = 0
+    sep_a = np.maximum(2, lengths // 2)
+    ids[:, 0] = 101
+    ids[np.arange(n), sep_a] = 102
+    ids[np.arange(n), lengths - 1] = 102
+    rec["input_ids"], rec["length"], rec["sep_a"] = ids, lengths, sep_a
+    rec["next_sentence_label"] = rng.integers(0, 2, n)
+    with open(path, "wb") as f:
+        write_shard(f, rec, {"max_seq_length": seq, "max_predictions_per_seq": p})
+
+
+def flops_per_token(c: BertConfig, seq: int, masked_per_token: float) -> float:
+    h = c.hidden_size
+    head = 6 * (h * h + h * c.vocab_size) * masked_per_token
+    return 6 * c.non_embedding_parameters() + 12 * c.num_hidden_layers * h * seq + head
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-size", default="mini")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--steps", type=int, default=20, help="measured steps per side")
+    ap.add_argument("--block", type=int, default=5, help="steps per alternation block")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile bertforge's model")
+    ap.add_argument("--no-packed", action="store_true", help="bertforge without unpadding")
+    ap.add_argument("--skip-peer", action="store_true")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
+    autocast = (
+        torch.autocast(device.type, dtype=precision)
+        if precision != torch.float32
+        else contextlib.nullcontext()
+    )
+    seq, batch = args.seq_len, args.batch_size
+    p = max(1, round(seq * 0.15))
+    c = BertConfig.preset(
+        args.model_size, VOCAB, hidden_dropout_prob=0.1, max_position_embeddings=max(512, seq)
+    )
+    packed = device.type == "cuda" and not args.no_packed
+    d = Dist(0, 1, 0, device)
+    rng = np.random.default_rng(0)
+
+    tmp = tempfile.TemporaryDirectory()
+    shard = Path(tmp.name) / "shard-00000.bin"
+    synthetic_shard(shard, max(4096, batch * 8), seq, p, rng)
+    data = PretrainingData(str(shard))
+    spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
+    order = Order(len(data), 1)
+    total_steps = args.warmup + args.steps + args.block
+    prefetch = iter(
+        Prefetcher(lambda s: step_rows(data, order, spec, 1, s, batch), 0, 10 * total_steps)
+    )
+
+    torch.manual_seed(0)
+    ours = BertForPretraining(c).to(device)
+    cfg = TrainConfig(data="-", output="-", learning_rate=1e-4)
+    opt = make_optimizer(cfg, ours, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    forward = torch.compile(ours) if args.compile else ours
+    stats = {
+        "ours_time": 0.0,
+        "ours_tokens": 0,
+        "ours_steps": 0,
+        "wait": 0.0,
+        "peer_time": 0.0,
+        "peer_tokens": 0,
+        "peer_steps": 0,
+        "masked": 0,
+    }
+
+    def our_step(measure: bool) -> None:
+        sync(device)
+        t0 = time.perf_counter()
+        _, rows = next(prefetch)
+        t1 = time.perf_counter()
+        masked = int((rows.labels != IGNORE).sum())
+        forward_backward(
+            forward, None, rows, batch, (masked, batch), d, autocast, scaler, packed, args.compile
+        )
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if measure:
+            stats["ours_time"] += time.perf_counter() - t0
+            stats["wait"] += t1 - t0
+            stats["ours_tokens"] += int(rows.lengths.sum())
+            stats["masked"] += masked
+            stats["ours_steps"] += 1
+
+    peer = peer_opt = None
+    peer_batches = []
+    if not args.skip_peer:
+        import transformers
+
+        hf_cfg = transformers.BertConfig(**{k: v for k, v in c.to_dict().items()})
+        peer = transformers.BertForPreTraining(hf_cfg).to(device)
+        peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.01)
+        for s in range(4):
+            rows = step_rows(data, order, spec, 1, 1000 + s, batch)
+            b = to_tensors(rows, device, trim=False)
+            labels = torch.full_like(b["input_ids"], IGNORE)
+            labels.scatter_(1, b["positions"], b["labels"])
+            labels[:, 0] = IGNORE  # a slot's padding position 0 is never a real target
+            mask = (torch.arange(seq, device=device)[None, :] < b["lengths"][:, None]).long()
+            peer_batches.append((b, labels, mask, int(rows.lengths.sum())))
+
+    def peer_step(i: int, measure: bool) -> None:
+        assert peer is not None and peer_opt is not None
+        b, labels, mask, tokens = peer_batches[i % len(peer_batches)]
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            out = peer(
+                input_ids=b["input_ids"],
+                token_type_ids=b["token_type_ids"],
+                attention_mask=mask,
+                labels=labels,
+                next_sentence_label=b["next_sentence"],
+            )
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
+        peer_opt.step()
+        peer_opt.zero_grad(set_to_none=True)
+        sync(device)
+        if measure:
+            stats["peer_time"] += time.perf_counter() - t0
+            stats["peer_tokens"] += tokens
+            stats["peer_steps"] += 1
+
+    for i in range(args.warmup):
+        our_step(False)
+        if peer is not None:
+            peer_step(i, False)
+    # Peak memory is what was allocated during a side's blocks (both models stay resident).
+    mem = {"ours": 0.0, "peer": 0.0}
+
+    def block(side: str) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for j in range(args.block):
+            our_step(True) if side == "ours" else peer_step(j, True)
+        if device.type == "cuda":
+            mem[side] = max(mem[side], torch.cuda.max_memory_allocated(device) / 2**30)
+
+    while stats["ours_steps"] < args.steps:
+        block("ours")
+        if peer is not None:
+            block("peer")
+    tmp.cleanup()
+
+    ours_tps = stats["ours_tokens"] / stats["ours_time"]
+    peer_tps = stats["peer_tokens"] / stats["peer_time"] if stats["peer_steps"] else None
+    masked_per_token = stats["masked"] / max(stats["ours_tokens"], 1)
+    peak = peak_flops(device)
+    fpt = flops_per_token(c, seq, masked_per_token)
+    result = {
+        "model_size": args.model_size,
+        "seq_len": seq,
+        "batch_size": batch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": str(precision).removeprefix("torch."),
+        "packed": packed,
+        "compile": args.compile,
+        "bertforge_tokens_per_s": round(ours_tps, 1),
+        "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,
+        "ratio": round(ours_tps / peer_tps, 3) if peer_tps else None,
+        "bertforge_step_ms": round(1000 * stats["ours_time"] / stats["ours_steps"], 2),
+        "peer_step_ms": (
+            round(1000 * stats["peer_time"] / stats["peer_steps"], 2)
+            if stats["peer_steps"]
+            else None
+        ),
+        "data_wait_share": round(stats["wait"] / stats["ours_time"], 4),
+        "mfu": round(ours_tps * fpt / peak, 4) if peak else None,
+        "peer_mfu": round(peer_tps * fpt / peak, 4) if peak and peer_tps else None,
+        "peak_memory_gib": (
+            {k: round(v, 2) for k, v in mem.items()} if device.type == "cuda" else None
+        ),
+        "padding_share": round(1 - stats["ours_tokens"] / (stats["ours_steps"] * batch * seq), 4),
+    }
+    print(
+        f"bertforge {ours_tps:,.0f} tok/s ({result['bertforge_step_ms']} ms/step), peer "
+        f"{peer_tps or 0:,.0f} tok/s, ratio {result['ratio']}, mfu {result['mfu']}, data wait "
+        f"{result['data_wait_share']:.2%}"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

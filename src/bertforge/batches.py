@@ -1,0 +1,335 @@
+"""Training batches from native shards or TFRecords: split, order, dynamic masks, prefetch.
+
+Everything a step sees is a pure function of (seed, step): the order of the training
+instances is a permutation per epoch drawn from (seed, epoch), and a native shard's masks are
+drawn for the whole global batch from (seed, step), so a resumed run, a run with another
+micro-batch size and a run on several processes all see the same batches and masks. The
+held-out split is the last `eval_records` instances (the end of the corpus, whole documents
+but one) and is never trained on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bertforge.datacheck import data_files, read_tfrecord
+from bertforge.errors import UserError
+from bertforge.masking import MaskSpec, mask_batch
+from bertforge.shards import MAGIC, open_shard
+
+IGNORE = -100  # label of an unused prediction slot
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the data says about itself (the manifest, or the records of Google's TFRecords)."""
+
+    source: str
+    max_seq_length: int
+    max_predictions_per_seq: int
+    static_masking: bool
+    vocab_size: int | None  # None: Google's TFRecords carry no vocabulary facts
+    vocab_path: str | None
+    vocab_sha256: str | None
+    do_lower_case: bool | None
+    masked_lm_prob: float | None
+    do_whole_word_mask: bool
+    num_records: int
+
+
+@dataclass
+class Rows:
+    """Instances as numpy arrays; masks are set for static data and after dynamic masking."""
+
+    input_ids: np.ndarray  # [n, S] int64
+    lengths: np.ndarray  # [n]
+    sep_a: np.ndarray | None  # [n] native shards only (dynamic masking needs it)
+    token_type_ids: np.ndarray  # [n, S]
+    next_sentence: np.ndarray  # [n]
+    positions: np.ndarray | None  # [n, P]
+    labels: np.ndarray | None  # [n, P], IGNORE in unused slots
+
+
+class PretrainingData:
+    """Every instance of a data directory or of TFRecord files, addressed by a global index.
+
+    Native shards are memory-mapped (nothing is loaded); TFRecords are parsed into memory."""
+
+    def __init__(self, path: str) -> None:
+        files, manifest = data_files(path)
+        self.native: list[np.ndarray] = []
+        self.tf_rows: Rows | None = None
+        with open(files[0], "rb") as f:
+            native = f.read(8) == MAGIC
+        if native:
+            for p in files:
+                header, records = open_shard(p)
+                self.native.append(records)
+            sizes = [len(r) for r in self.native]
+            seq = self.native[0]["input_ids"].shape[1]
+            static = "masked_lm_positions" in (self.native[0].dtype.names or ())
+            p_max = header.meta.get("max_predictions_per_seq") if manifest is None else None
+        else:
+            batches = [read_tfrecord(p) for p in files]
+            rows = [
+                Rows(
+                    b.input_ids,
+                    b.lengths,
+                    None,
+                    b.segment_ids,
+                    b.next_sentence,
+                    b.positions,
+                    np.where(np.arange(b.labels.shape[1]) < b.counts[:, None], b.labels, IGNORE),
+                )
+                for b in batches
+                if len(b)
+            ]
+            if not rows:
+                raise UserError(f"--data: {path} holds no records.")
+            self.tf_rows = Rows(
+                *(
+                    np.concatenate([getattr(r, f) for r in rows]) if f != "sep_a" else None
+                    for f in Rows.__dataclass_fields__
+                )
+            )
+            sizes = [len(self.tf_rows.lengths)]
+            seq = self.tf_rows.input_ids.shape[1]
+            static = True
+            p_max = self.tf_rows.positions.shape[1]
+        self.offsets = np.cumsum([0, *sizes])
+        n = int(self.offsets[-1])
+        if n == 0:
+            raise UserError(f"--data: {path} holds no records.")
+        if manifest is not None:
+            c = manifest["config"]
+            self.info = DataInfo(
+                source=path,
+                max_seq_length=c["max_seq_length"],
+                max_predictions_per_seq=c["max_predictions_per_seq"],
+                static_masking=manifest["format"]["static_masking"],
+                vocab_size=manifest["vocab"]["size"],
+                vocab_path=manifest["vocab"]["path"],
+                vocab_sha256=manifest["vocab"]["sha256"],
+                do_lower_case=c["do_lower_case"],
+                masked_lm_prob=c["masked_lm_prob"],
+                do_whole_word_mask=c["do_whole_word_mask"],
+                num_records=n,
+            )
+            assert self.info.max_seq_length == seq and self.info.static_masking == static, path
+        else:
+            self.info = DataInfo(
+                path, seq, int(p_max or 0), static, None, None, None, None, None, False, n
+            )
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def max_token_id(self) -> int:
+        if self.tf_rows is not None:
+            return int(self.tf_rows.input_ids.max(initial=0))
+        return max(int(r["input_ids"].max(initial=0)) for r in self.native if len(r))
+
+    def rows(self, index: np.ndarray) -> Rows:
+        """The instances at global indices `index`, in that order."""
+        if self.tf_rows is not None:
+            t = self.tf_rows
+            return Rows(
+                t.input_ids[index],
+                t.lengths[index],
+                None,
+                t.token_type_ids[index],
+                t.next_sentence[index],
+                t.positions[index],
+                t.labels[index],
+            )
+        shard = np.searchsorted(self.offsets, index, side="right") - 1
+        order = np.argsort(shard, kind="stable")
+        parts = []
+        for s in np.unique(shard):
+            local = index[order[shard[order] == s]] - self.offsets[s]
+            parts.append(self.native[s][local])
+        rec = np.concatenate(parts)[np.argsort(order, kind="stable")]
+        seq = rec["input_ids"].shape[1]
+        lengths = rec["length"].astype(np.int64)
+        sep_a = rec["sep_a"].astype(np.int64)
+        pos = np.arange(seq)
+        types = ((pos > sep_a[:, None]) & (pos < lengths[:, None])).astype(np.int64)
+        positions = labels = None
+        if "masked_lm_positions" in (rec.dtype.names or ()):
+            positions = rec["masked_lm_positions"].astype(np.int64)
+            used = np.arange(positions.shape[1]) < rec["num_masked"].astype(np.int64)[:, None]
+            labels = np.where(used, rec["masked_lm_ids"].astype(np.int64), IGNORE)
+        return Rows(
+            rec["input_ids"].astype(np.int64),
+            lengths,
+            sep_a,
+            types,
+            rec["next_sentence_label"].astype(np.int64),
+            positions,
+            labels,
+        )
+
+
+def apply_mask(rows: Rows, spec: MaskSpec | None, rng: np.random.Generator) -> Rows:
+    """Rows with masks: static rows as stored, others masked afresh with rng."""
+    if rows.positions is not None:
+        return rows
+    assert spec is not None and rows.sep_a is not None, "dynamic masking needs a MaskSpec"
+    m = mask_batch(rows.input_ids, rows.lengths, rows.sep_a, spec, rng)
+    used = np.arange(m.positions.shape[1]) < m.counts[:, None]
+    return Rows(
+        m.input_ids,
+        rows.lengths,
+        rows.sep_a,
+        rows.token_type_ids,
+        rows.next_sentence,
+        m.positions,
+        np.where(used, m.labels.astype(np.int64), IGNORE),
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training and held-out index ranges: [0, num_train) and [num_train, total)."""
+
+    num_train: int
+    total: int
+
+    @classmethod
+    def of(cls, total: int, eval_records: int) -> Split:
+        return cls(total - eval_records, total)
+
+
+class Order:
+    """Which training instances step `step` uses: permutation per epoch from (seed, epoch)."""
+
+    def __init__(self, num_train: int, seed: int) -> None:
+        self.num_train = num_train
+        self.seed = seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            rng = np.random.default_rng([self.seed, 0, epoch])
+            self._cache[epoch] = rng.permutation(self.num_train)
+        return self._cache[epoch]
+
+    def indices(self, step: int, batch: int) -> np.ndarray:
+        pos = step * batch + np.arange(batch, dtype=np.int64)
+        epoch, within = np.divmod(pos, self.num_train)
+        out = np.empty(batch, dtype=np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = self.permutation(int(e))[within[sel]]
+        return out
+
+
+def step_rows(
+    data: PretrainingData, order: Order, spec: MaskSpec | None, seed: int, step: int, batch: int
+) -> Rows:
+    """The global batch of a training step, masked (the same on every rank and every run)."""
+    rows = data.rows(order.indices(step, batch))
+    return apply_mask(rows, spec, np.random.default_rng([seed, 1, step]))
+
+
+def eval_rows(
+    data: PretrainingData, split: Split, spec: MaskSpec | None, seed: int, chunk: int, batch: int
+) -> Rows:
+    """The `chunk`-th batch of the held-out split, with fixed masks."""
+    start = split.num_train + chunk * batch
+    index = np.arange(start, min(start + batch, split.total), dtype=np.int64)
+    return apply_mask(data.rows(index), spec, np.random.default_rng([seed, 2, chunk]))
+
+
+def to_tensors(rows: Rows, device: torch.device, trim: bool = True) -> dict[str, torch.Tensor]:
+    """Torch tensors of rows; padding columns beyond the longest instance are cut (exact:
+    padded keys are masked out anyway) to a multiple of 8."""
+    seq = rows.input_ids.shape[1]
+    if trim and len(rows.lengths):
+        seq = min(seq, int(-(-int(rows.lengths.max()) // 8) * 8))
+    pin = device.type == "cuda"
+    arrays = {
+        "input_ids": rows.input_ids[:, :seq],
+        "token_type_ids": rows.token_type_ids[:, :seq],
+        "lengths": rows.lengths,
+        "positions": rows.positions,
+        "labels": rows.labels,
+        "next_sentence": rows.next_sentence,
+    }
+    out = {}
+    for name, a in arrays.items():
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        if pin:
+            t = t.pin_memory()
+        out[name] = t.to(device, non_blocking=True)
+    return out
+
+
+def slice_rows(rows: Rows, start: int, stop: int) -> Rows:
+    return Rows(
+        *(
+            None if (v := getattr(rows, f)) is None else v[start:stop]
+            for f in Rows.__dataclass_fields__
+        )
+    )
+
+
+class Prefetcher:
+    """Prepares the numpy batches of upcoming steps in a background thread.
+
+    numpy releases the GIL for the heavy parts (gather, sort, masking), so one thread keeps
+    several steps ahead of the GPU; `depth` bounds the memory held."""
+
+    def __init__(self, make: Any, start: int, stop: int, depth: int = 3) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, start, stop), daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Any, start: int, stop: int) -> None:
+        try:
+            for step in range(start, stop):
+                if not self._put((step, make(step))):
+                    return
+            self._put((None, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._put((None, e))
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[int, Rows]]:
+        while True:
+            step, item = self._queue.get()
+            if step is None:
+                if item is None:
+                    return
+                raise item
+            yield step, item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def vocab_dir(info: DataInfo, given: str | None) -> Path | None:
+    """The vocabulary directory or vocab.txt to use: --vocab, else the data's own."""
+    if given:
+        return Path(given)
+    return Path(info.vocab_path).parent if info.vocab_path else None

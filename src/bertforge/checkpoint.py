@@ -1,0 +1,122 @@
+"""Training checkpoints (atomic, last K kept) and the weights `--init-checkpoint` starts from.
+
+A checkpoint is one file, OUTPUT/checkpoints/ckpt-SSSSSSSS.pt, written to a temporary name
+and renamed: it holds the model, the optimizer, the loss scaler, every RNG state, the step
+(which is the data position: batches are a function of the step) and the configs.
+
+`--init-checkpoint` reads weights from a bertforge checkpoint (file or training directory), a
+Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin) or a Google
+TF checkpoint (bert_model.ckpt + bert_config.json + vocab.txt). Optimizer state starts fresh.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bertforge.errors import UserError
+from bertforge.fileio import atomic_open
+from bertforge.model import BertConfig, from_hf
+
+CHECKPOINTS = "checkpoints"
+FORMAT = "bertforge-checkpoint"
+VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def checkpoint_path(output: Path, step: int) -> Path:
+    return output / CHECKPOINTS / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(output: Path) -> list[Path]:
+    d = output / CHECKPOINTS
+    found = [p for p in d.glob("ckpt-*.pt") if _NAME.match(p.name)] if d.is_dir() else []
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ckpt-STEP.pt atomically, then delete all but the newest `keep`."""
+    path = checkpoint_path(output, step)
+    with atomic_open(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
+    for old in list_checkpoints(output)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which
+        raise UserError(f"{path}: not a readable bertforge checkpoint ({e}).") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path}: not a bertforge checkpoint.")
+    if state["version"] > VERSION:
+        raise UserError(
+            f"{path}: checkpoint version {state['version']} is newer than this "
+            f"bertforge reads ({VERSION}); upgrade bertforge."
+        )
+    return state
+
+
+@dataclass
+class InitWeights:
+    """Weights to start from, in our names, with the config and vocabulary they came with."""
+
+    weights: dict[str, torch.Tensor]
+    config: BertConfig
+    vocab_file: Path | None
+    kind: str  # bertforge | huggingface | google
+
+
+def _config_in(directory: Path, source: str) -> BertConfig:
+    for name in ("bert_config.json", "config.json"):
+        if (directory / name).is_file():
+            return BertConfig.from_json(directory / name)
+    raise UserError(
+        f"{source}: no bert_config.json or config.json beside it; the model's size is unknown."
+    )
+
+
+def read_init_checkpoint(path: str) -> InitWeights:
+    p = Path(path)
+    if not p.exists() and not p.with_name(p.name + ".index").exists():
+        raise UserError(f"--init-checkpoint: {p} does not exist.")
+    if p.is_dir() and list_checkpoints(p):
+        p = list_checkpoints(p)[-1]
+    if p.is_file() and p.suffix == ".pt":
+        state = load_checkpoint(p)
+        c = BertConfig.from_dict(state["bert_config"], str(p))
+        vocab = p.parent.parent / "vocab.txt"
+        return InitWeights(state["model"], c, vocab if vocab.is_file() else None, "bertforge")
+    directory = p if p.is_dir() else p.parent
+    vocab = directory / "vocab.txt"
+    vocab_file = vocab if vocab.is_file() else None
+    if p.is_dir() and (p / "config.json").is_file():
+        c = BertConfig.from_json(p / "config.json")
+        hf = _read_hf_weights(p)
+        return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface")
+    from bertforge.tfcheckpoint import google_weights
+
+    c = _config_in(directory, str(p))
+    hf = {k: torch.from_numpy(v) for k, v in google_weights(p).items()}
+    return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "google")
+
+
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    st = directory / "model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    binary = directory / "pytorch_model.bin"
+    if binary.is_file():
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise UserError(
+        f"{directory}: no model.safetensors or pytorch_model.bin (sharded "
+        "checkpoints are not supported for BERT-sized models)."
+    )

@@ -1,0 +1,425 @@
+"""BERT encoder with pretraining heads (masked LM, next sentence), written for training speed.
+
+Written here because the model is the product: the layer math is BERT's (post-LayerNorm,
+GELU, learned absolute positions), but the code is shaped for speed:
+- q, k and v are one matmul (`qkv`), attention is torch's scaled_dot_product_attention;
+- the masked-LM head runs only at the masked positions (Google's gather), never over the
+  whole sequence;
+- the word embedding matrix (tied to the MLM decoder) has its rows padded to a multiple of 64
+  for aligned matmuls; the padding rows are never predicted and are cut off on export;
+- a batch can be given "packed": every real token of the batch in one row, no padding at all,
+  attention per sequence via `cu_seqlens` (flash varlen attention on CUDA; on CPU a
+  pad/attend/unpad fallback that computes the same thing).
+
+The weights map to `transformers.BertForPreTraining` through the explicit table in
+`hf_key_table` (q/k/v are split, the vocab padding is cut), checked numerically in the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertforge.errors import UserError
+
+VOCAB_MULTIPLE = 64
+
+# Google's sizes: (layers, hidden). Heads = hidden / 64, intermediate = 4 * hidden.
+PRESETS: dict[str, tuple[int, int]] = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,  # erf form, as transformers reads "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # Google's TF code's gelu
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The model's shape, in Google's bert_config.json names."""
+
+    vocab_size: int
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"bert config: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}."
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise UserError(
+                f"bert config: hidden_act {self.hidden_act!r} is not supported; "
+                f"use one of {', '.join(ACTIVATIONS)}."
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int, **overrides: Any) -> BertConfig:
+        if name not in PRESETS:
+            raise UserError(
+                f"--model-size: unknown size {name!r}; use one of {', '.join(PRESETS)} "
+                "or --bert-config FILE."
+            )
+        layers, hidden = PRESETS[name]
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            intermediate_size=4 * hidden,
+            **overrides,
+        )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str) -> BertConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise UserError(f"{source}: not a BERT config ({e}).") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> BertConfig:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path}: cannot read a bert_config.json ({e}).") from None
+        return cls.from_dict(d, str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def non_embedding_parameters(self) -> int:
+        h, i, n = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
+        return n * per_layer
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass
+class Packed:
+    """A batch without padding: tokens of all sequences in one row.
+
+    cu_seqlens [B+1] int32 holds where each sequence starts (and the total at the end);
+    max_len is the longest sequence. `unpad` gathers the real tokens of a padded [B, S] batch."""
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+    index: torch.Tensor  # [T] flat positions b * S + i of the real tokens in the padded batch
+    batch: int
+    seq: int
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor, seq: int) -> Packed:
+        lengths = lengths.to(torch.int32)
+        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        valid = torch.arange(seq, device=lengths.device)[None, :] < lengths[:, None]
+        index = torch.nonzero(valid.flatten()).squeeze(1)
+        return cls(cu, int(lengths.max()), index, len(lengths), seq)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(0, 1)[self.index]
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
+        out[self.index] = x
+        return out.view(self.batch, self.seq, *x.shape[1:])
+
+
+def _varlen_available(x: torch.Tensor) -> bool:
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor | Packed | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Attention of q, k, v given as [B, S, nh, hs] (padded) or [T, nh, hs] (packed).
+
+    layout: None (no padding), a [B, 1, 1, S] bool key mask, or a Packed batch."""
+    if isinstance(layout, Packed):
+        if _varlen_available(q) and dropout == 0.0:
+            from torch.nn.attention.varlen import varlen_attn
+
+            cu = layout.cu_seqlens
+            return varlen_attn(q, k, v, cu, cu, layout.max_len, layout.max_len)
+        # Fallback: back to a padded batch, attention with a key mask, and packed again.
+        valid = torch.zeros(layout.batch * layout.seq, dtype=torch.bool, device=q.device)
+        valid[layout.index] = True
+        mask = valid.view(layout.batch, 1, 1, layout.seq)
+        out = attend(layout.pad(q), layout.pad(k), layout.pad(v), mask, dropout)
+        return layout.unpad(out)
+    # (B, S, nh, hs) -> (B, nh, S, hs) for SDPA
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=layout,
+        dropout_p=dropout,
+    )
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Layer(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        h = c.hidden_size
+        self.num_heads = c.num_attention_heads
+        self.attention_dropout = c.attention_probs_dropout_prob
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, c.intermediate_size)
+        self.ffn_out = nn.Linear(c.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.act = ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
+        # x: (B, S, H) padded or (T, H) packed; heads split the last dim into (nh, hs)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        a = attend(q, k, v, layout, self.attention_dropout if self.training else 0.0)
+        x = self.attn_norm(x + self.dropout(self.attn_out(a.flatten(-2))))
+        y = self.ffn_out(self.act(self.ffn_in(x)))
+        return self.ffn_norm(x + self.dropout(y))
+
+
+class BertForPretraining(nn.Module):
+    """Encoder + pooler + MLM head (decoder tied to the word embeddings) + NSP head."""
+
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.config = c
+        h = c.hidden_size
+        self.word_embeddings = nn.Embedding(c.padded_vocab_size, h)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, h)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, h)
+        self.embed_norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
+        self.pooler = nn.Linear(h, h)
+        self.mlm_transform = nn.Linear(h, h)
+        self.mlm_norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(c.padded_vocab_size))
+        self.nsp = nn.Linear(h, 2)
+        self.act = ACTIVATIONS[c.hidden_act]
+        self.apply(self._init)
+        with torch.no_grad():  # padding rows: never looked up, never predicted
+            self.word_embeddings.weight[c.vocab_size :].zero_()
+
+    def _init(self, m: nn.Module) -> None:
+        # Google's initializer: truncated normal (2 std) for weights, zeros for biases.
+        std = self.config.initializer_range
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        lengths: torch.Tensor | None,
+        packed: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | Packed | None]:
+        """Hidden states (B, S, H), or (T, H) when packed, and the attention layout."""
+        b, s = input_ids.shape
+        positions = torch.arange(s, device=input_ids.device)
+        layout: torch.Tensor | Packed | None = None
+        if packed:
+            assert lengths is not None, "a packed batch needs lengths"
+            layout = Packed.from_lengths(lengths, s)
+            ids, types = layout.unpad(input_ids), layout.unpad(token_type_ids)
+            positions = layout.unpad(positions.expand(b, s))
+        else:
+            ids, types = input_ids, token_type_ids
+            if lengths is not None and bool((lengths < s).any()):
+                layout = (positions[None, :] < lengths[:, None]).view(b, 1, 1, s)
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)
+        x = self.dropout(self.embed_norm(x + self.token_type_embeddings(types)))
+        for layer in self.layers:
+            x = layer(x, layout)
+        return x, layout
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        lengths: torch.Tensor | None,
+        masked_positions: torch.Tensor,
+        packed: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM logits (B, P, vocab_size) at masked_positions (B, P), NSP logits (B, 2)."""
+        x, layout = self.encode(input_ids, token_type_ids, lengths, packed)
+        b, s = input_ids.shape
+        if isinstance(layout, Packed):
+            starts = layout.cu_seqlens[:-1].long()
+            first = x[starts]
+            gathered = x[(starts[:, None] + masked_positions).flatten()]
+        else:
+            first = x[:, 0]
+            gathered = x.flatten(0, 1)[
+                (torch.arange(b, device=x.device)[:, None] * s + masked_positions).flatten()
+            ]
+        pooled = torch.tanh(self.pooler(first))
+        t = self.mlm_norm(self.act(self.mlm_transform(gathered)))
+        logits = F.linear(t, self.word_embeddings.weight, self.mlm_bias)
+        v = self.config.vocab_size
+        return logits[:, :v].view(b, -1, v), self.nsp(pooled)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def hf_key_table(num_layers: int) -> list[tuple[str, str]]:
+    """(bertforge name, transformers BertForPreTraining name) for every weight.
+
+    Our `layers.N.qkv` is transformers' query, key and value stacked; see to_hf/from_hf."""
+    table = [
+        ("word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
+        ("position_embeddings.weight", "bert.embeddings.position_embeddings.weight"),
+        ("token_type_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"),
+        ("embed_norm.weight", "bert.embeddings.LayerNorm.weight"),
+        ("embed_norm.bias", "bert.embeddings.LayerNorm.bias"),
+    ]
+    for i in range(num_layers):
+        ours, hf = f"layers.{i}.", f"bert.encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            table += [
+                (f"{ours}qkv.{kind}", f"{hf}attention.self.{{query,key,value}}.{kind}"),
+                (f"{ours}attn_out.{kind}", f"{hf}attention.output.dense.{kind}"),
+                (f"{ours}attn_norm.{kind}", f"{hf}attention.output.LayerNorm.{kind}"),
+                (f"{ours}ffn_in.{kind}", f"{hf}intermediate.dense.{kind}"),
+                (f"{ours}ffn_out.{kind}", f"{hf}output.dense.{kind}"),
+                (f"{ours}ffn_norm.{kind}", f"{hf}output.LayerNorm.{kind}"),
+            ]
+    table += [
+        ("pooler.weight", "bert.pooler.dense.weight"),
+        ("pooler.bias", "bert.pooler.dense.bias"),
+        ("mlm_transform.weight", "cls.predictions.transform.dense.weight"),
+        ("mlm_transform.bias", "cls.predictions.transform.dense.bias"),
+        ("mlm_norm.weight", "cls.predictions.transform.LayerNorm.weight"),
+        ("mlm_norm.bias", "cls.predictions.transform.LayerNorm.bias"),
+        ("mlm_bias", "cls.predictions.bias"),
+        ("nsp.weight", "cls.seq_relationship.weight"),
+        ("nsp.bias", "cls.seq_relationship.bias"),
+    ]
+    return table
+
+
+def _qkv_names(hf: str) -> list[str]:
+    head, rest = hf.split("{", 1)
+    names, tail = rest.split("}", 1)
+    return [head + n + tail for n in names.split(",")]
+
+
+def _vocab_rows(name: str) -> bool:
+    return name in ("word_embeddings.weight", "mlm_bias")
+
+
+def to_hf(state: Mapping[str, torch.Tensor], c: BertConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our state dict as transformers BertForPreTraining weights (vocab padding removed).
+
+    The decoder weight (cls.predictions.decoder.weight) is tied to the word embeddings and the
+    decoder bias to cls.predictions.bias; both are yielded so either transformers loads it."""
+    for ours, hf in hf_key_table(c.num_hidden_layers):
+        t = state[ours]
+        if _vocab_rows(ours):
+            t = t[: c.vocab_size]
+        if "{" in hf:
+            yield from zip(_qkv_names(hf), t.chunk(3), strict=True)
+        else:
+            yield hf, t
+    yield "cls.predictions.decoder.weight", state["word_embeddings.weight"][: c.vocab_size]
+    yield "cls.predictions.decoder.bias", state["mlm_bias"][: c.vocab_size]
+
+
+def from_hf(hf: Mapping[str, torch.Tensor], c: BertConfig, source: str) -> dict[str, torch.Tensor]:
+    """transformers BertForPreTraining (or BertModel, prefix-less) weights in our names.
+
+    Heads missing from `hf` (a bare encoder) are left out: the caller keeps its fresh ones."""
+    if not any(k.startswith("bert.") for k in hf):
+        hf = {f"bert.{k}": v for k, v in hf.items()}
+    out: dict[str, torch.Tensor] = {}
+    for ours, name in hf_key_table(c.num_hidden_layers):
+        names = _qkv_names(name) if "{" in name else [name]
+        if not all(n in hf for n in names):
+            if name.startswith("bert.embeddings") or name.startswith("bert.encoder"):
+                raise UserError(
+                    f"{source}: no weight {names[0]}; not a BERT checkpoint of this "
+                    "size (check its config)."
+                )
+            continue
+        t = torch.cat([hf[n] for n in names]) if len(names) > 1 else hf[name]
+        if _vocab_rows(ours):
+            if t.shape[0] != c.vocab_size:
+                raise UserError(
+                    f"{source}: {name} has {t.shape[0]} rows but the vocabulary "
+                    f"has {c.vocab_size} tokens."
+                )
+            t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, c.padded_vocab_size - c.vocab_size))
+        out[ours] = t
+    return out
+
+
+def load_weights(
+    model: BertForPretraining, weights: Mapping[str, torch.Tensor], source: str
+) -> None:
+    """Copy weights into the model, checking every shape; missing heads keep their init."""
+    state = model.state_dict()
+    for name, t in weights.items():
+        if name not in state:
+            raise UserError(f"{source}: unexpected weight {name}.")
+        if tuple(t.shape) != tuple(state[name].shape):
+            raise UserError(
+                f"{source}: {name} has shape {tuple(t.shape)}, the model expects "
+                f"{tuple(state[name].shape)} (is the model size the checkpoint's?)."
+            )
+    with torch.no_grad():
+        for name, t in weights.items():
+            state[name].copy_(t)

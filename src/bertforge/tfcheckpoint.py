@@ -1,0 +1,245 @@
+"""Read TensorFlow checkpoints (tensor bundles) without TensorFlow.
+
+Written here because the only reader is TensorFlow itself (transformers 5 dropped its TF
+loader, and 4.x's needs TensorFlow installed). A checkpoint `PREFIX` is two files:
+- PREFIX.index: a LevelDB-format table (sorted key -> value blocks, an index block and a
+  48-byte footer). Key "" holds a BundleHeaderProto; every other key is a variable name whose
+  value is a BundleEntryProto: dtype, shape, shard_id, offset, size, crc32c.
+- PREFIX.data-SSSSS-of-NNNNN: the tensors' raw little-endian bytes at those offsets.
+Only what BERT checkpoints use is supported: uncompressed index blocks, numeric dtypes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import crc32c
+import numpy as np
+
+from bertforge.errors import UserError
+
+FOOTER_BYTES = 48
+TABLE_MAGIC = 0xDB4775248B80FB57
+DTYPES = {
+    1: "<f4",
+    2: "<f8",
+    3: "<i4",
+    4: "u1",
+    5: "<i2",
+    6: "i1",
+    9: "<i8",
+    10: "?",
+    14: "bfloat16",
+    19: "<f2",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: int
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc: int | None
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
+    """Protobuf wire format: (field number, value) pairs; length-delimited values as bytes."""
+    out: list[tuple[int, int | bytes]] = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos : pos + n], pos + n
+        elif wire == 5:
+            value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        out.append((number, value))
+    return out
+
+
+def _entry(value: bytes) -> Entry:
+    dtype = shard = offset = size = 0
+    shape: list[int] = []
+    crc = None
+    for number, v in _fields(value):
+        if number == 1:
+            dtype = int(v)  # type: ignore[arg-type]
+        elif number == 2:
+            for n, dim in _fields(v):  # type: ignore[arg-type]
+                if n == 2:
+                    shape.append(next((int(x) for k, x in _fields(dim) if k == 1), 0))  # type: ignore[arg-type]
+        elif number == 3:
+            shard = int(v)  # type: ignore[arg-type]
+        elif number == 4:
+            offset = int(v)  # type: ignore[arg-type]
+        elif number == 5:
+            size = int(v)  # type: ignore[arg-type]
+        elif number == 6:
+            crc = int(v)  # type: ignore[arg-type]
+    return Entry(dtype, tuple(shape), shard, offset, size, crc)
+
+
+def _block(data: bytes, handle: bytes, path: Path) -> list[tuple[bytes, bytes]]:
+    offset, pos = _varint(handle, 0)
+    size, _ = _varint(handle, pos)
+    block = data[offset : offset + size]
+    if data[offset + size] != 0:
+        raise UserError(f"{path}: compressed index blocks are not supported.")
+    (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
+    end = len(block) - 4 - 4 * num_restarts
+    entries, key, pos = [], b"", 0
+    while pos < end:
+        shared, pos = _varint(block, pos)
+        non_shared, pos = _varint(block, pos)
+        length, pos = _varint(block, pos)
+        key = key[:shared] + block[pos : pos + non_shared]
+        pos += non_shared
+        entries.append((key, block[pos : pos + length]))
+        pos += length
+    return entries
+
+
+def resolve_prefix(path: str | Path) -> Path:
+    """PREFIX from PREFIX, PREFIX.index, PREFIX.data-..., or a directory with one checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(p.glob("*.index"))
+        if len(found) != 1:
+            raise UserError(
+                f"{p}: expected one TensorFlow checkpoint (*.index), found "
+                f"{len(found)}; give its prefix, e.g. {p}/bert_model.ckpt."
+            )
+        return found[0].with_suffix("")
+    name = p.name
+    if name.endswith(".index"):
+        return p.with_name(name[: -len(".index")])
+    if ".data-" in name:
+        return p.with_name(name.split(".data-")[0])
+    return p
+
+
+def read_index(prefix: Path) -> dict[str, Entry]:
+    index = prefix.with_name(prefix.name + ".index")
+    try:
+        data = index.read_bytes()
+    except OSError as e:
+        raise UserError(f"{index}: cannot read the checkpoint index ({e}).") from None
+    if len(data) < FOOTER_BYTES or struct.unpack_from("<Q", data, len(data) - 8)[0] != TABLE_MAGIC:
+        raise UserError(f"{index}: not a TensorFlow checkpoint index (bad footer).")
+    footer = data[-FOOTER_BYTES:]
+    _, pos = _varint(footer, 0)  # metaindex handle: offset, size (unused)
+    _, pos = _varint(footer, pos)
+    entries: dict[str, Entry] = {}
+    for _, handle in _block(data, footer[pos:], index):
+        for key, value in _block(data, handle, index):
+            if key:  # "" is the bundle header
+                entries[key.decode("utf-8")] = _entry(value)
+    return entries
+
+
+def read_checkpoint(path: str | Path, names: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Every numeric variable (or those in `names`) of a TF checkpoint, as numpy arrays."""
+    prefix = resolve_prefix(path)
+    entries = read_index(prefix)
+    shards = {e.shard for e in entries.values()}
+    total = _count(prefix)
+    out: dict[str, np.ndarray] = {}
+    files = {}
+    for s in shards:
+        f = prefix.with_name(f"{prefix.name}.data-{s:05d}-of-{total:05d}")
+        try:
+            files[s] = f.read_bytes()
+        except OSError as e:
+            raise UserError(f"{f}: cannot read the checkpoint data ({e}).") from None
+    for name, e in entries.items():
+        if (names is not None and name not in names) or e.dtype not in DTYPES:
+            continue
+        raw = files[e.shard][e.offset : e.offset + e.size]
+        if e.crc is not None and _masked_crc(raw) != e.crc:
+            raise UserError(
+                f"{prefix}: variable {name} fails its checksum; the checkpoint "
+                "is damaged (download it again)."
+            )
+        if DTYPES[e.dtype] == "bfloat16":
+            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+            arr = bits.view(np.float32)
+        else:
+            arr = np.frombuffer(raw, dtype=DTYPES[e.dtype])
+        out[name] = arr.reshape(e.shape).copy()
+    return out
+
+
+def _count(prefix: Path) -> int:
+    found = sorted(prefix.parent.glob(f"{prefix.name}.data-*-of-*"))
+    if not found:
+        raise UserError(f"{prefix}: no {prefix.name}.data-00000-of-NNNNN beside the index.")
+    return int(found[0].name.rsplit("-of-", 1)[1])
+
+
+def _masked_crc(raw: bytes) -> int:
+    # TF stores crc32c "masked": rotate right by 15 and add a constant.
+    c = crc32c.crc32c(raw)
+    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def google_to_hf_name(name: str) -> str | None:
+    """transformers' name of a Google BERT variable (None for optimizer slots, global_step)."""
+    if name.endswith(("adam_m", "adam_v")) or name == "global_step":
+        return None
+    special = {
+        "cls/predictions/output_bias": "cls.predictions.bias",
+        "cls/seq_relationship/output_weights": "cls.seq_relationship.weight",
+        "cls/seq_relationship/output_bias": "cls.seq_relationship.bias",
+    }
+    if name in special:
+        return special[name]
+    parts = name.split("/")
+    if parts[-1] in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        parts.append("weight")
+    leaf = {
+        "kernel": "weight",
+        "gamma": "weight",
+        "beta": "bias",
+        "bias": "bias",
+        "weight": "weight",
+    }
+    if parts[-1] not in leaf:
+        return None
+    parts[-1] = leaf[parts[-1]]
+    parts = [p.replace("layer_", "layer.") if p.startswith("layer_") else p for p in parts]
+    return ".".join(parts)
+
+
+def google_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """A Google BERT checkpoint in transformers' BertForPreTraining names (kernels transposed)."""
+    out = {}
+    for name, arr in read_checkpoint(path).items():
+        hf = google_to_hf_name(name)
+        if hf is None:
+            continue
+        out[hf] = arr.T.copy() if name.endswith("/kernel") else arr
+    if "bert.embeddings.word_embeddings.weight" not in out:
+        raise UserError(f"{path}: no bert/embeddings/word_embeddings; not a BERT checkpoint.")
+    return out

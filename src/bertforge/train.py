@@ -1,0 +1,888 @@
+"""`bertforge train`: BERT pretraining, from one CPU to many GPUs, resumable at every step.
+
+Read `train` top to bottom: resolve the data, vocabulary and model (and check that they
+agree), restore a checkpoint if the output has one, then the step loop. A step takes the
+global batch of that step (a pure function of seed and step, see batches.py), gives this
+process its share, runs it in micro-batches (halving them on CUDA out-of-memory), checks the
+loss is finite, clips, steps the optimizer, and logs, evaluates and saves on schedule.
+
+The objective of a step is Google's: masked-LM loss averaged over the masked tokens of the
+whole global batch plus next-sentence loss averaged over its instances. Each micro-batch
+contributes its sums divided by the global counts, so micro-batching and the number of
+processes do not change the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from bertforge import distributed
+from bertforge.batches import (
+    IGNORE,
+    Order,
+    Prefetcher,
+    PretrainingData,
+    Rows,
+    Split,
+    eval_rows,
+    slice_rows,
+    step_rows,
+    to_tensors,
+    vocab_dir,
+)
+from bertforge.checkpoint import (
+    InitWeights,
+    list_checkpoints,
+    load_checkpoint,
+    read_init_checkpoint,
+    save_checkpoint,
+)
+from bertforge.config import TrainConfig, config_to_dict
+from bertforge.distributed import Dist
+from bertforge.errors import UserError
+from bertforge.fileio import (
+    RUN_FILE,
+    prepare_output_dir,
+    write_json,
+    write_manifest,
+    write_text,
+)
+from bertforge.masking import MaskSpec
+from bertforge.model import BertConfig, BertForPretraining, load_weights
+from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups
+from bertforge.tokenization import Vocab, load_vocab
+
+VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Settings that may change when a run is resumed; any other change is refused.
+RESUMABLE = {
+    "num_train_steps",
+    "save_checkpoints_steps",
+    "keep_checkpoints",
+    "do_eval",
+    "eval_every",
+    "eval_batch_size",
+    "max_eval_steps",
+    "log_every",
+    "progress",
+    "resume",
+    "overwrite",
+    "micro_batch_size",
+    "compile",
+    "device",
+    "max_bad_steps",
+    "packed",
+}
+EVAL_KEYS = (
+    "global_step",
+    "loss",
+    "masked_lm_accuracy",
+    "masked_lm_loss",
+    "next_sentence_accuracy",
+    "next_sentence_loss",
+)
+# Per-step sums, reduced over micro-batches and ranks in one collective.
+SUMS = (
+    "masked_lm_loss",
+    "next_sentence_loss",
+    "masked_lm_correct",
+    "next_sentence_correct",
+    "masked",
+    "instances",
+    "tokens",
+    "stop",
+)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    step: int
+    eval: dict[str, float] | None
+    interrupted: bool
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    d = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        distributed.shutdown(d)
+
+
+def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
+    # ---- what we train on, with what, into what; all checked against each other
+    data = PretrainingData(cfg.data)
+    info = data.info
+    check_data_flags(cfg, data)
+    init = read_init_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None
+    vocab = resolve_vocab(cfg, data, init)
+    bert = model_config(cfg, vocab, init, info.max_seq_length)
+    spec = None if info.static_masking else mask_spec(data, vocab)
+    eval_n = eval_size(cfg, len(data)) if cfg.do_eval else 0
+    split = Split.of(len(data), eval_n)
+    if cfg.do_train and split.num_train < 1:
+        raise UserError(f"--eval-records {eval_n} leaves no training data ({len(data)} records).")
+    precision = resolve_precision(cfg.precision, d.device)
+    packed = cfg.packed if cfg.packed is not None else d.device.type == "cuda"
+    if cfg.train_batch_size % d.world:
+        raise UserError(
+            f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
+            f"number of processes ({d.world})."
+        )
+    local_batch = cfg.train_batch_size // d.world
+
+    out = Path(cfg.output)
+    state = None
+    resume = Path(cfg.resume) if cfg.resume else None
+    if resume is None and not cfg.overwrite and list_checkpoints(out):
+        resume = list_checkpoints(out)[-1]
+    if resume is not None:
+        state = load_checkpoint(resume)
+        check_same_run(state, cfg, bert, resume)
+    if d.main:
+        prepare_output_dir(out, "train", cfg.overwrite and state is None, "--output")
+        if state is None:
+            clear_run(out)
+        write_json(out / RUN_FILE, {"stage": "train", "config": run_settings(cfg)})
+        write_json(out / "bert_config.json", bert.to_dict())
+        copy_vocab(vocab, out)
+        truncate_metrics(out / "metrics.jsonl", state["step"] if state else 0)
+    distributed.barrier(d)
+    for line in distributed.gpu_neighbours(d):
+        print(
+            f"bertforge: warning: another process holds memory on this GPU: {line} (a "
+            "suspended job? it can make training run out of memory)",
+            file=sys.stderr,
+        )
+
+    # ---- model, optimizer, state
+    torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
+    model = BertForPretraining(bert).to(d.device)
+    if init is not None and state is None:
+        load_weights(
+            model, {k: v.to(d.device) for k, v in init.weights.items()}, cfg.init_checkpoint or ""
+        )
+    if state is not None:
+        model.load_state_dict(state["model"])
+    optimizer = make_optimizer(cfg, model, d.device)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=precision == torch.float16)
+    step = 0
+    micro = min(cfg.micro_batch_size or local_batch, local_batch)
+    skipped = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        skipped = state["skipped_steps"]
+        if cfg.micro_batch_size is None:
+            micro = min(state["micro_batch_size"], local_batch)
+        restore_rng(state["rng"], d, cfg.random_seed, step)
+    else:
+        torch.manual_seed(cfg.random_seed + 1_000_003 * d.rank)  # dropout differs per rank
+    ddp = (
+        DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+        )
+        if d.world > 1
+        else None
+    )
+    forward = ddp or model
+    if cfg.compile:
+        forward = torch.compile(forward)
+    autocast = (
+        torch.autocast(d.device.type, dtype=precision)
+        if precision != torch.float32
+        else contextlib.nullcontext()
+    )
+
+    def evaluate_now() -> dict[str, float]:
+        result = evaluate(
+            model, data, split, spec, cfg, d, cfg.eval_batch_size or micro, autocast, packed, step
+        )
+        if d.main:
+            report_eval(out, result, cfg.progress)
+        return result
+
+    def checkpoint() -> Path | None:
+        rng = distributed.gather_objects(rng_state(), d)
+        if not d.main:
+            return None
+        return save_checkpoint(
+            out,
+            step,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng,
+                "micro_batch_size": micro,
+                "skipped_steps": skipped,
+                "config": run_settings(cfg),
+                "bert_config": bert.to_dict(),
+                "data": {"source": info.source, "records": len(data), "eval_records": eval_n},
+            },
+            cfg.keep_checkpoints,
+        )
+
+    if d.main and cfg.progress:
+        what = f"resuming at step {step} from {resume}" if state else "starting"
+        print(
+            f"train: {what}: {bert.num_hidden_layers} layers, hidden {bert.hidden_size}, vocab "
+            f"{bert.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            f"parameters; {split.num_train:,} training / {eval_n:,} held-out instances of "
+            f"{info.max_seq_length} tokens; batch {cfg.train_batch_size} ({d.world} "
+            f"process(es) x micro-batch {micro}); {precision_name(precision)} on "
+            f"{d.device.type}",
+            file=sys.stderr,
+        )
+
+    # ---- the loop
+    last_eval: dict[str, float] | None = None
+    interrupted = False
+    if cfg.do_train and step < cfg.num_train_steps:
+        stop = StopRequest()
+        order = Order(split.num_train, cfg.random_seed)
+        prefetch = Prefetcher(
+            lambda s: step_rows(data, order, spec, cfg.random_seed, s, cfg.train_batch_size),
+            step,
+            cfg.num_train_steps,
+        )
+        log = Window(time.perf_counter())
+        bad_in_a_row = 0
+        try:
+            for step_now, rows in prefetch:
+                assert step_now == step, (step_now, step)
+                lr = learning_rate(step, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                local = slice_rows(rows, d.rank * local_batch, (d.rank + 1) * local_batch)
+                totals = (int((rows.labels != IGNORE).sum()), len(rows.lengths))
+                while True:
+                    try:
+                        sums = forward_backward(
+                            forward,
+                            ddp,
+                            local,
+                            micro,
+                            totals,
+                            d,
+                            autocast,
+                            scaler,
+                            packed,
+                            cfg.compile,
+                        )
+                        break
+                    except torch.OutOfMemoryError:
+                        pass  # leave the except block first, so the failed step's tensors go
+                    micro = halve_micro_batch(micro, d, optimizer, step)
+                sums[SUMS.index("stop")] = float(stop.requested)
+                distributed.all_reduce_sum(sums, d)
+                values = dict(zip(SUMS, sums.tolist(), strict=True))
+                loss = (
+                    values["masked_lm_loss"] / max(values["masked"], 1)
+                    + values["next_sentence_loss"] / values["instances"]
+                )
+                if math.isfinite(loss):
+                    bad_in_a_row = 0
+                    scaler.unscale_(optimizer)
+                    norm = (
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        if cfg.max_grad_norm > 0
+                        else torch.zeros(())
+                    )
+                    scaler.step(optimizer)
+                    scaler.update()
+                    log.add(values, float(norm))
+                else:
+                    skipped += 1
+                    bad_in_a_row += 1
+                    print(
+                        f"bertforge: warning: step {step}: loss is {loss}; step skipped "
+                        f"({bad_in_a_row} in a row)",
+                        file=sys.stderr,
+                    )
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        raise UserError(
+                            f"the loss was NaN/inf for {bad_in_a_row} steps in a row (last at "
+                            f"step {step}); stopped. The last good checkpoint is in {out}/"
+                            "checkpoints. Lower --learning-rate, use --precision fp32 or bf16, "
+                            "or check that the data was made with this vocabulary."
+                        )
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last = step == cfg.num_train_steps
+                stopping = values["stop"] > 0
+                if d.main and (step % cfg.log_every == 0 or last or stopping):
+                    log.write(out, step, lr, micro, skipped, cfg, time.perf_counter())
+                if cfg.do_eval and (
+                    step % (cfg.eval_every or cfg.save_checkpoints_steps) == 0 or last
+                ):
+                    last_eval = evaluate_now()
+                if step % cfg.save_checkpoints_steps == 0 or last or stopping:
+                    checkpoint()
+                if stopping:
+                    interrupted = True
+                    if d.main:
+                        print(
+                            f"train: stopped at step {step}; checkpoint saved. Run the same "
+                            "command to resume.",
+                            file=sys.stderr,
+                        )
+                    break
+        finally:
+            prefetch.close()
+            stop.restore()
+    elif cfg.do_eval:
+        last_eval = evaluate_now()
+
+    if d.main and not interrupted:
+        finish(out, cfg, bert, info, step, skipped, last_eval, precision, d)
+    return TrainResult(out, step, last_eval, interrupted)
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def pretraining_sums(
+    mlm_logits: torch.Tensor,
+    labels: torch.Tensor,
+    nsp_logits: torch.Tensor,
+    nsp_labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed MLM and NSP cross-entropies (fp32) and the detached correct counts."""
+    mlm = F.cross_entropy(
+        mlm_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    nsp = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum")
+    with torch.no_grad():
+        mlm_correct = ((mlm_logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
+        nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
+    return mlm, nsp, torch.stack([mlm_correct, nsp_correct]).float()
+
+
+def forward_backward(
+    forward: Any,
+    ddp: DistributedDataParallel | None,
+    rows: Rows,
+    micro: int,
+    totals: tuple[int, int],
+    d: Dist,
+    autocast: Any,
+    scaler: Any,
+    packed: bool,
+    static_shapes: bool,
+) -> torch.Tensor:
+    """Gradients of this process's share of the step, micro-batch by micro-batch; the sums."""
+    masked, instances = totals
+    n = len(rows.lengths)
+    sums = torch.zeros(len(SUMS), device=d.device)
+    starts = list(range(0, n, micro))
+    for i, start in enumerate(starts):
+        b = to_tensors(slice_rows(rows, start, start + micro), d.device, trim=not static_shapes)
+        sync = ddp is None or i == len(starts) - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
+            with autocast:
+                mlm_logits, nsp_logits = forward(
+                    b["input_ids"], b["token_type_ids"], b["lengths"], b["positions"], packed
+                )
+            mlm, nsp, correct = pretraining_sums(
+                mlm_logits, b["labels"], nsp_logits, b["next_sentence"]
+            )
+            # DDP averages gradients over ranks; * world makes that a sum over the global batch.
+            objective = (mlm / max(masked, 1) + nsp / instances) * d.world
+            scaler.scale(objective).backward()
+        sums[:4] += torch.stack([mlm.detach(), nsp.detach(), correct[0], correct[1]])
+        sums[4] += int((rows.labels[start : start + micro] != IGNORE).sum())
+        sums[5] += len(b["lengths"])
+        sums[6] += int(rows.lengths[start : start + micro].sum())
+    return sums
+
+
+def halve_micro_batch(micro: int, d: Dist, optimizer: torch.optim.Optimizer, step: int) -> int:
+    """After a CUDA out-of-memory error: drop the step's gradients, halve the micro-batch."""
+    optimizer.zero_grad(set_to_none=True)
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if micro == 1 or d.world > 1:
+        hint = (
+            "even one instance per micro-batch does not fit; use a smaller --model-size or "
+            "shorter sequences"
+            if micro == 1
+            else f"with several processes the micro-batch cannot shrink mid-step; rerun with "
+            f"--micro-batch-size {micro // 2} (training resumes from the last checkpoint)"
+        )
+        raise UserError(f"CUDA out of memory at step {step} with micro-batch {micro}: {hint}.")
+    print(
+        f"bertforge: CUDA out of memory at step {step} with micro-batch {micro}; retrying the "
+        f"step with micro-batch {micro // 2} (gradient accumulation doubles, the effective "
+        "batch stays the same)",
+        file=sys.stderr,
+    )
+    return micro // 2
+
+
+@torch.no_grad()
+def evaluate(
+    model: BertForPretraining,
+    data: PretrainingData,
+    split: Split,
+    spec: MaskSpec | None,
+    cfg: TrainConfig,
+    d: Dist,
+    batch: int,
+    autocast: Any,
+    packed: bool,
+    step: int,
+) -> dict[str, float]:
+    """Google's eval metrics on the held-out split (its batches spread over the ranks)."""
+    model.eval()
+    count = math.ceil((split.total - split.num_train) / batch)
+    if cfg.max_eval_steps:
+        count = min(count, cfg.max_eval_steps)
+    sums = torch.zeros(6, dtype=torch.float64, device=d.device)
+    for chunk in range(d.rank, count, d.world):
+        rows = eval_rows(data, split, spec, cfg.random_seed, chunk, batch)
+        b = to_tensors(rows, d.device)
+        with autocast:
+            mlm_logits, nsp_logits = model(
+                b["input_ids"], b["token_type_ids"], b["lengths"], b["positions"], packed
+            )
+        mlm, nsp, correct = pretraining_sums(
+            mlm_logits, b["labels"], nsp_logits, b["next_sentence"]
+        )
+        masked = (b["labels"] != IGNORE).sum()
+        sums += torch.stack(
+            [
+                mlm,
+                nsp,
+                correct[0],
+                correct[1],
+                masked.float(),
+                torch.tensor(float(len(rows.lengths)), device=d.device),
+            ]
+        ).double()
+    distributed.all_reduce_sum(sums, d)
+    model.train()
+    mlm_sum, nsp_sum, mlm_ok, nsp_ok, masked, n = sums.tolist()
+    result = {
+        "global_step": step,
+        "masked_lm_loss": mlm_sum / max(masked, 1),
+        "masked_lm_accuracy": mlm_ok / max(masked, 1),
+        "next_sentence_loss": nsp_sum / max(n, 1),
+        "next_sentence_accuracy": nsp_ok / max(n, 1),
+    }
+    result["loss"] = result["masked_lm_loss"] + result["next_sentence_loss"]
+    return result
+
+
+def report_eval(out: Path, result: dict[str, float], progress: bool) -> None:
+    """eval_results.txt in Google's format (sorted `key = value` lines) and metrics.jsonl."""
+    write_text(out / "eval_results.txt", "".join(f"{k} = {result[k]}\n" for k in sorted(EVAL_KEYS)))
+    append_metrics(
+        out,
+        {
+            "step": result["global_step"],
+            "eval": True,
+            **{k: result[k] for k in EVAL_KEYS if k != "global_step"},
+        },
+    )
+    if progress:
+        print(
+            f"eval at step {result['global_step']}: loss {result['loss']:.4f}, masked LM "
+            f"accuracy {result['masked_lm_accuracy']:.4f}, next sentence accuracy "
+            f"{result['next_sentence_accuracy']:.4f}",
+            file=sys.stderr,
+        )
+
+
+class Window:
+    """Sums since the last log line."""
+
+    def __init__(self, now: float) -> None:
+        self.start = now
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.norm = 0.0
+
+    def add(self, values: dict[str, float], norm: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.norm = norm
+
+    def write(
+        self,
+        out: Path,
+        step: int,
+        lr: float,
+        micro: int,
+        skipped: int,
+        cfg: TrainConfig,
+        now: float,
+    ) -> None:
+        s, elapsed = self.sums, max(now - self.start, 1e-9)
+        if self.steps:
+            mlm = s["masked_lm_loss"] / max(s["masked"], 1)
+            nsp = s["next_sentence_loss"] / s["instances"]
+            record = {
+                "step": step,
+                "loss": mlm + nsp,
+                "masked_lm_loss": mlm,
+                "next_sentence_loss": nsp,
+                "masked_lm_accuracy": s["masked_lm_correct"] / max(s["masked"], 1),
+                "next_sentence_accuracy": s["next_sentence_correct"] / s["instances"],
+                "learning_rate": lr,
+                "grad_norm": self.norm,
+                "tokens_per_second": s["tokens"] / elapsed,
+                "step_seconds": elapsed / self.steps,
+                "micro_batch_size": micro,
+                "skipped_steps": skipped,
+            }
+            append_metrics(out, record)
+            if cfg.progress:
+                left = (cfg.num_train_steps - step) * elapsed / self.steps
+                print(
+                    f"step {step}/{cfg.num_train_steps} | loss {record['loss']:.4f} | mlm acc "
+                    f"{record['masked_lm_accuracy']:.3f} | nsp acc "
+                    f"{record['next_sentence_accuracy']:.3f} | lr {lr:.2e} | "
+                    f"{record['tokens_per_second']:,.0f} tok/s | ETA {duration(left)}",
+                    file=sys.stderr,
+                )
+        self.__init__(now)  # type: ignore[misc]
+
+
+def append_metrics(out: Path, record: dict[str, Any]) -> None:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics past `step` (a resumed run logs those steps again)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    write_text(path, "".join(kept))
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the step, save a checkpoint, exit. A second Ctrl-C quits now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nbertforge: stopping after this step and saving a checkpoint (Ctrl-C again to "
+            "quit at once)",
+            file=sys.stderr,
+        )
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(states: list[dict[str, Any]], d: Dist, seed: int, step: int) -> None:
+    """This rank's RNG state; a different number of processes reseeds from (seed, step)."""
+    if len(states) != d.world:
+        torch.manual_seed(seed + 1_000_003 * d.rank + 7919 * step)
+        return
+    state = states[d.rank]
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and d.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def run_settings(cfg: TrainConfig) -> dict[str, Any]:
+    settings = config_to_dict(cfg)
+    for key in ("data", "output", "bert_config", "init_checkpoint", "vocab", "resume"):
+        if settings[key] is not None:
+            settings[key] = ",".join(
+                str(Path(p).resolve()) if "*" not in p else p for p in str(settings[key]).split(",")
+            )
+    return settings
+
+
+def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, path: Path) -> None:
+    old, new = state["config"], run_settings(cfg)
+    changed = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
+    if state["bert_config"] != bert.to_dict():
+        changed.append("model (--model-size/--bert-config)")
+    if changed:
+        detail = ", ".join(
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in new else k for k in changed
+        )
+        raise UserError(
+            f"{path} belongs to a run with other settings ({detail}); resume with the "
+            "same settings, or start over with --overwrite or another --output."
+        )
+
+
+def clear_run(out: Path) -> None:
+    """A fresh start: remove what an earlier run left (checkpoints, metrics, results)."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    for name in ("metrics.jsonl", "eval_results.txt", "manifest.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def make_optimizer(
+    cfg: TrainConfig, model: torch.nn.Module, device: torch.device
+) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "lamb":
+        return Lamb(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+    if cfg.google_adam:
+        return GoogleAdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.999),
+        eps=cfg.adam_epsilon,
+        fused=device.type == "cuda",
+    )
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU.")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_data_flags(cfg: TrainConfig, data: PretrainingData) -> None:
+    """Flags that restate the data's settings must agree with it (Google kept them in sync
+    by hand across scripts; a mismatch there fails late or silently)."""
+    info = data.info
+    for flag, given, actual in (
+        ("--max-seq-length", cfg.max_seq_length, info.max_seq_length),
+        ("--max-predictions-per-seq", cfg.max_predictions_per_seq, info.max_predictions_per_seq),
+        ("--do-lower-case", cfg.do_lower_case, info.do_lower_case),
+    ):
+        if given is not None and actual is not None and given != actual:
+            raise UserError(
+                f"{flag} {given} does not match the data in {cfg.data}, which was made "
+                f"with {actual}; drop the flag or remake the data."
+            )
+
+
+def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | None) -> Vocab:
+    info = data.info
+    path = vocab_dir(info, cfg.vocab)
+    if path is not None and not path.exists() and cfg.vocab is None:
+        raise UserError(
+            f"the data's vocabulary {info.vocab_path} no longer exists; give it with "
+            "--vocab (the same vocab.txt the data was made with)."
+        )
+    if path is None and init is not None:
+        path = init.vocab_file
+    if path is None:
+        raise UserError(
+            f"{cfg.data}: Google's TFRecords do not name their vocabulary; give "
+            "--vocab (the vocab.txt the data was made with)."
+        )
+    vocab = load_vocab(
+        path, cfg.do_lower_case if cfg.do_lower_case is not None else info.do_lower_case
+    )
+    if info.vocab_sha256 and vocab.sha256 != info.vocab_sha256:
+        raise UserError(
+            f"--vocab: {vocab.path} is not the vocabulary the data in {cfg.data} was "
+            f"made with ({info.vocab_path})."
+        )
+    if init is not None and init.vocab_file is not None:
+        theirs = init.vocab_file.read_text(encoding="utf-8").splitlines()
+        if list(vocab.tokens) != [t.strip() for t in theirs]:
+            first = next(
+                (
+                    i
+                    for i, (a, b) in enumerate(zip(vocab.tokens, theirs, strict=False))
+                    if a != b.strip()
+                ),
+                min(len(theirs), vocab.size),
+            )
+            raise UserError(
+                f"--init-checkpoint: its vocabulary {init.vocab_file} ({len(theirs)} tokens) is "
+                f"not the data's {vocab.path} ({vocab.size} tokens; first difference at line "
+                f"{first + 1}); make the data with --vocab {init.vocab_file}."
+            )
+    top = data.max_token_id()
+    if top >= vocab.size:
+        raise UserError(
+            f"{cfg.data} holds token id {top}, beyond the vocabulary {vocab.path} "
+            f"({vocab.size} tokens); the data was made with another vocabulary."
+        )
+    return vocab
+
+
+def model_config(
+    cfg: TrainConfig, vocab: Vocab, init: InitWeights | None, max_seq_length: int
+) -> BertConfig:
+    if cfg.bert_config:
+        bert = BertConfig.from_json(cfg.bert_config)
+        source = cfg.bert_config
+    elif init is not None:
+        bert, source = init.config, f"{cfg.init_checkpoint}'s config"
+        if cfg.model_size:
+            want = BertConfig.preset(cfg.model_size, bert.vocab_size)
+            if (want.num_hidden_layers, want.hidden_size) != (
+                bert.num_hidden_layers,
+                bert.hidden_size,
+            ):
+                raise UserError(
+                    f"--model-size {cfg.model_size} is not the size of "
+                    f"--init-checkpoint (L{bert.num_hidden_layers} "
+                    f"H{bert.hidden_size}); drop --model-size."
+                )
+    else:
+        return BertConfig.preset(
+            cfg.model_size or "base", vocab.size, max_position_embeddings=max(512, max_seq_length)
+        )
+    if bert.vocab_size != vocab.size:
+        raise UserError(
+            f"{source}: vocab_size {bert.vocab_size} but the vocabulary {vocab.path} "
+            f"has {vocab.size} tokens; they must be equal (a wrong vocab_size is "
+            "what makes BERT training produce NaN)."
+        )
+    if bert.max_position_embeddings < max_seq_length:
+        raise UserError(
+            f"{source}: max_position_embeddings {bert.max_position_embeddings} is "
+            f"below the data's max_seq_length {max_seq_length}."
+        )
+    return bert
+
+
+def mask_spec(data: PretrainingData, vocab: Vocab) -> MaskSpec:
+    info = data.info
+    assert info.masked_lm_prob is not None, "dynamic masking needs the data manifest"
+    return MaskSpec(
+        info.masked_lm_prob,
+        info.max_predictions_per_seq,
+        info.do_whole_word_mask,
+        vocab.size,
+        vocab.tokens.index("[MASK]"),
+        np.array([t.startswith("##") for t in vocab.tokens]),
+    )
+
+
+def eval_size(cfg: TrainConfig, total: int) -> int:
+    if cfg.eval_records is not None:
+        if cfg.eval_records >= total:
+            raise UserError(
+                f"--eval-records {cfg.eval_records}: the data has only {total} records."
+            )
+        return cfg.eval_records
+    return min(10_000, max(1, total // 100))
+
+
+def copy_vocab(vocab: Vocab, out: Path) -> None:
+    """The vocabulary travels with the model (export and later stages read it from here)."""
+    source = vocab.path.parent
+    for name in VOCAB_FILES:
+        src = vocab.path if name == "vocab.txt" else source / name
+        if src.is_file() and src.resolve() != (out / name).resolve():
+            shutil.copyfile(src, out / name)
+    if not (out / "tokenizer_config.json").is_file():
+        write_json(
+            out / "tokenizer_config.json",
+            {
+                "tokenizer_class": "BertTokenizer",
+                "do_lower_case": vocab.do_lower_case,
+                "strip_accents": vocab.strip_accents,
+            },
+        )
+
+
+def finish(
+    out: Path,
+    cfg: TrainConfig,
+    bert: BertConfig,
+    info: Any,
+    step: int,
+    skipped: int,
+    last_eval: dict[str, float] | None,
+    precision: torch.dtype,
+    d: Dist,
+) -> None:
+    ckpts = list_checkpoints(out)
+    write_manifest(
+        out,
+        "train",
+        run_settings(cfg),
+        counts={
+            "steps": step,
+            "skipped_steps": skipped,
+            "instances_seen": step * cfg.train_batch_size,
+        },
+        extra={
+            "bert_config": bert.to_dict(),
+            "eval": last_eval,
+            "checkpoint": str(ckpts[-1].relative_to(out)) if ckpts else None,
+            "data": {
+                "source": info.source,
+                "records": info.num_records,
+                "max_seq_length": info.max_seq_length,
+                "max_predictions_per_seq": info.max_predictions_per_seq,
+                "static_masking": info.static_masking,
+                "do_lower_case": info.do_lower_case,
+            },
+            "precision": precision_name(precision),
+            "device": d.device.type,
+            "processes": d.world,
+        },
+        libraries=("torch", "numpy", "tokenizers"),
+    )
+    (out / RUN_FILE).unlink(missing_ok=True)
+    if cfg.progress:
+        print(f"train: done, {step} steps -> {out}", file=sys.stderr)

@@ -1,0 +1,101 @@
+"""The CUDA paths (bf16/fp16, packed varlen attention, compile, out-of-memory recovery).
+
+Skipped without a GPU; run on one, the results are recorded in bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bertforge.cli import main
+from bertforge.model import BertConfig, BertForPretraining
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_matches_padded_on_cuda(dtype):
+    c = BertConfig.preset("mini", 1000)
+    model = BertForPretraining(c).cuda().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (8, 128), generator=g).cuda()
+    lengths = torch.tensor([128, 100, 64, 9, 128, 77, 120, 33]).cuda()
+    ids[torch.arange(128, device="cuda")[None] >= lengths[:, None]] = 0
+    types = torch.zeros_like(ids)
+    positions = torch.randint(1, 8, (8, 5), generator=g).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        a = model(ids, types, lengths, positions)
+        b = model(ids, types, lengths, positions, packed=True)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("extra", [[], ["--compile"], ["--no-packed", "--precision", "fp16"]])
+def test_train_on_cuda(tmp_path, train_data, extra):
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(train_data),
+            "--output",
+            str(out),
+            "--model-size",
+            "mini",
+            "--train-batch-size",
+            "32",
+            "--num-train-steps",
+            "120",
+            "--learning-rate",
+            "1e-3",
+            "--log-every",
+            "10",
+            "--save-checkpoints-steps",
+            "60",
+            *extra,
+        ]
+    )
+    assert rc == 0
+    m = [r for r in metrics(out) if not r.get("eval")]
+    assert m[-1]["loss"] < m[0]["loss"] - 0.8
+    assert m[-1]["masked_lm_accuracy"] > m[0]["masked_lm_accuracy"] + 0.03
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["device"] == "cuda"
+    assert manifest["precision"] == ("fp16" if "fp16" in extra else "bf16")
+
+
+def test_out_of_memory_halves_the_micro_batch(tmp_path, train_data, capsys):
+    # BERT-large at 4096 x 64 tokens needs far more than a GPU's memory for activations.
+    out = tmp_path / "oom"
+    rc = main(
+        [
+            "train",
+            "--data",
+            str(train_data),
+            "--output",
+            str(out),
+            "--model-size",
+            "large",
+            "--train-batch-size",
+            "4096",
+            "--num-train-steps",
+            "2",
+            "--log-every",
+            "1",
+            "--no-do-eval",
+        ]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "CUDA out of memory at step 0 with micro-batch 4096" in err
+    m = metrics(out)
+    assert m[-1]["micro_batch_size"] < 4096 and len(m) == 2

@@ -1,0 +1,530 @@
+"""`bertforge train` on CPU: learning, exact resume, micro-batching, OOM and NaN handling,
+checks against the data, TFRecord input, other optimizers, init checkpoints, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bertforge import train as train_module
+from bertforge.batches import Order, PretrainingData, Split, step_rows
+from bertforge.checkpoint import list_checkpoints, read_init_checkpoint
+from bertforge.cli import main
+from bertforge.config import DataConfig, TrainConfig
+from bertforge.data import create_data
+from bertforge.errors import UserError
+from bertforge.model import BertConfig, BertForPretraining, from_hf, to_hf
+from bertforge.optim import GoogleAdamW, learning_rate
+from bertforge.train import train
+
+LOSSES = ("loss", "masked_lm_loss", "next_sentence_loss", "masked_lm_accuracy")
+
+
+def metrics(out: Path, evals: bool = False) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if bool(r.get("eval")) == evals]
+
+
+def args(data: Path, out: Path, bert: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--bert-config",
+        str(bert),
+        "--train-batch-size",
+        "16",
+        "--log-every",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_tiny_model_learns(tmp_path, train_data, tiny_bert_config):
+    out = tmp_path / "run"
+    assert (
+        main(
+            args(
+                train_data,
+                out,
+                tiny_bert_config,
+                "--num-train-steps",
+                "300",
+                "--learning-rate",
+                "2e-3",
+                "--save-checkpoints-steps",
+                "150",
+            )
+        )
+        == 0
+    )
+    first = metrics(out)[0]  # step 1: the random model
+    final = metrics(out, evals=True)[-1]
+    assert first["masked_lm_accuracy"] < 0.01
+    assert final["masked_lm_accuracy"] > 0.05
+    assert final["loss"] < first["loss"] - 1.5
+    text = (out / "eval_results.txt").read_text().splitlines()
+    assert [line.split(" = ")[0] for line in text] == sorted(train_module.EVAL_KEYS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["counts"]["steps"] == 300
+    assert {"vocab.txt", "bert_config.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000150.pt", "ckpt-00000300.pt"]
+
+
+def test_sigkill_and_resume_give_the_same_losses_bit_for_bit(tmp_path, train_data, kjv_vocab):
+    # Dropout on (a preset), so the RNG state must be restored too.
+    common = [
+        "--model-size",
+        "tiny",
+        "--num-train-steps",
+        "14",
+        "--save-checkpoints-steps",
+        "4",
+        "--learning-rate",
+        "1e-3",
+    ]
+    full = tmp_path / "full"
+    cli = [sys.executable, "-m", "bertforge.cli"]
+    base = [
+        "train",
+        "--data",
+        str(train_data),
+        "--train-batch-size",
+        "16",
+        "--log-every",
+        "1",
+        "--no-progress",
+        *common,
+    ]
+    subprocess.run([*cli, *base, "--output", str(full)], check=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*cli, *base, "--output", str(cut)])
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "ckpt-00000008.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (cut / "checkpoints" / "ckpt-00000008.pt").exists()
+    assert not (cut / "manifest.json").exists()
+    subprocess.run([*cli, *base, "--output", str(cut)], check=True)
+    a, b = metrics(full), metrics(cut)
+    assert [r["step"] for r in b] == list(range(1, 15))
+    assert [[r[k] for k in LOSSES] for r in a] == [[r[k] for k in LOSSES] for r in b]
+    assert metrics(full, True) == metrics(cut, True)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, train_data, tiny_bert_config):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bertforge.cli",
+        *args(
+            train_data,
+            out,
+            tiny_bert_config,
+            "--num-train-steps",
+            "100000",
+            "--save-checkpoints-steps",
+            "100000",
+        ),
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while (
+        not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3
+    ) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err
+    (ckpt,) = list_checkpoints(out)
+    step = int(ckpt.stem.split("-")[1])
+    assert step == metrics(out)[-1]["step"] >= 3
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", str(step + 2))) == 0
+    assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))
+
+
+def test_micro_batches_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
+    one, four = tmp_path / "one", tmp_path / "four"
+    main(args(train_data, one, tiny_bert_config, "--num-train-steps", "4", "--no-do-eval"))
+    main(
+        args(
+            train_data,
+            four,
+            tiny_bert_config,
+            "--num-train-steps",
+            "4",
+            "--no-do-eval",
+            "--micro-batch-size",
+            "5",
+        )
+    )
+    for a, b in zip(metrics(one), metrics(four), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert metrics(four)[0]["micro_batch_size"] == 5
+
+
+def test_out_of_memory_halves_the_micro_batch(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
+):
+    real = BertForPretraining.forward
+
+    def small_memory(self, input_ids, *rest, **kw):
+        if input_ids.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, input_ids, *rest, **kw)
+
+    monkeypatch.setattr(BertForPretraining, "forward", small_memory)
+    out = tmp_path / "oom"
+    assert (
+        main(args(train_data, out, tiny_bert_config, "--num-train-steps", "3", "--no-do-eval")) == 0
+    )
+    err = capsys.readouterr().err
+    assert (
+        "out of memory at step 0 with micro-batch 16; retrying the step with micro-batch 8" in err
+    )
+    assert "micro-batch 8; retrying the step with micro-batch 4" in err
+    assert [r["micro_batch_size"] for r in metrics(out)] == [4, 4, 4]
+    monkeypatch.setattr(BertForPretraining, "forward", real)
+    ref = tmp_path / "ref"
+    main(args(train_data, ref, tiny_bert_config, "--num-train-steps", "3", "--no-do-eval"))
+    for a, b in zip(metrics(out), metrics(ref), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_nan_steps_are_skipped_then_stop_the_run(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
+):
+    real = train_module.pretraining_sums
+    calls = {"n": 0}
+    bad = {2, 5, 6, 7}  # forward passes (= steps here) whose loss is NaN
+
+    def flaky(*a):
+        mlm, nsp, correct = real(*a)
+        calls["n"] += 1
+        return (mlm * float("nan") if calls["n"] - 1 in bad else mlm), nsp, correct
+
+    monkeypatch.setattr(train_module, "pretraining_sums", flaky)
+    out = tmp_path / "nan"
+    rc = main(
+        args(
+            train_data,
+            out,
+            tiny_bert_config,
+            "--num-train-steps",
+            "20",
+            "--no-do-eval",
+            "--max-bad-steps",
+            "3",
+            "--save-checkpoints-steps",
+            "4",
+        )
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "step 2: loss is nan; step skipped (1 in a row)" in err
+    assert "NaN/inf for 3 steps in a row (last at step 7)" in err
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000004.pt"]
+    logged = metrics(out)
+    assert all(np.isfinite(r["loss"]) for r in logged)
+    assert logged[-1]["skipped_steps"] == 1 and logged[-1]["step"] == 5
+
+
+def test_settings_that_contradict_the_data_are_refused(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    def error(*extra: str, bert: Path = tiny_bert_config) -> str:
+        rc = main(args(train_data, tmp_path / "x", bert, "--num-train-steps", "1", *extra))
+        assert rc == 2
+        return capsys.readouterr().err
+
+    assert "--max-seq-length 128 does not match the data" in error("--max-seq-length", "128")
+    assert "--max-predictions-per-seq 20 does not match" in error("--max-predictions-per-seq", "20")
+    assert "--do-lower-case False does not match" in error("--no-do-lower-case")
+    wrong = tmp_path / "bert_config.json"
+    wrong.write_text(
+        tiny_bert_config.read_text().replace('"vocab_size": 1500', '"vocab_size": 30522')
+    )
+    assert "vocab_size 30522 but the vocabulary" in error(bert=wrong)
+    assert "give either --model-size or --bert-config" in error("--model-size", "tiny")
+    other = tmp_path / "other_vocab.txt"
+    other.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")
+    assert "is not the vocabulary the data" in error("--vocab", str(other), "--do-lower-case")
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, train_data, tiny_bert_config, capsys):
+    out = tmp_path / "run"
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "2")) == 0
+    assert (
+        main(
+            args(
+                train_data,
+                out,
+                tiny_bert_config,
+                "--num-train-steps",
+                "3",
+                "--learning-rate",
+                "3e-4",
+            )
+        )
+        == 2
+    )
+    assert "learning_rate: 0.0001 -> 0.0003" in capsys.readouterr().err
+    assert (
+        main(
+            args(
+                train_data,
+                out,
+                tiny_bert_config,
+                "--num-train-steps",
+                "3",
+                "--learning-rate",
+                "3e-4",
+                "--overwrite",
+            )
+        )
+        == 0
+    )
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert main(args(tmp_path, tmp_path / "y", tiny_bert_config)) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def google_tfrecords(tmp_path_factory, kjv_corpus, kjv_vocab) -> Path:
+    out = tmp_path_factory.mktemp("tf")
+    create_data(
+        DataConfig(
+            input=(str(kjv_corpus),),
+            vocab=str(kjv_vocab / "vocab.txt"),
+            do_lower_case=True,
+            output=str(out),
+            max_seq_length=64,
+            max_predictions_per_seq=10,
+            dupe_factor=1,
+            google_compatible=True,
+            progress=False,
+        )
+    )
+    return out / "data.tfrecord"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--google-adam", "--learning_rate=2e-3"], ["--optimizer", "lamb", "--learning_rate=2e-2"]],
+)
+def test_google_tfrecords_and_other_optimizers(
+    tmp_path, google_tfrecords, kjv_vocab, tiny_bert_config, extra, capsys
+):
+    out = tmp_path / "run"
+    glob = str(google_tfrecords.parent / "*.tfrecord")
+    assert main(args(google_tfrecords, out, tiny_bert_config, "--num-train-steps", "1")) == 2
+    assert "do not name their vocabulary; give --vocab" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "train",
+                "--input_file",
+                glob,
+                "--output_dir",
+                str(out),
+                "--bert_config_file",
+                str(tiny_bert_config),
+                "--vocab_file",
+                str(kjv_vocab / "vocab.txt"),
+                "--do_lower_case=True",
+                "--max_seq_length=64",
+                "--max_predictions_per_seq=10",
+                "--train_batch_size=16",
+                "--num_train_steps=30",
+                "--log-every=1",
+                *extra,
+            ]
+        )
+        == 0
+    )
+    m = metrics(out)
+    assert m[-1]["loss"] < m[0]["loss"] - 0.5
+    assert json.loads((out / "manifest.json").read_text())["data"]["static_masking"] is True
+
+
+def test_google_adam_has_no_bias_correction():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = GoogleAdamW([{"params": [p], "weight_decay": 0.1}], lr=0.5, eps=1e-6)
+    g = torch.tensor([0.3, -0.1])
+    p.grad = g.clone()
+    opt.step()
+    m, v = 0.1 * g, 0.001 * g * g
+    want = torch.tensor([1.0, -2.0]) - 0.5 * (
+        m / (v.sqrt() + 1e-6) + 0.1 * torch.tensor([1.0, -2.0])
+    )
+    torch.testing.assert_close(p.detach(), want)
+
+
+def test_learning_rate_schedule_is_googles():
+    assert learning_rate(0, 1e-4, 10, 100) == 0.0
+    assert learning_rate(5, 1e-4, 10, 100) == pytest.approx(5e-5)
+    assert learning_rate(10, 1e-4, 10, 100) == pytest.approx(9e-5)  # decay counts from step 0
+    assert learning_rate(100, 1e-4, 10, 100) == 0.0
+    assert TrainConfig(data="d", output="o", num_train_steps=500_000).warmup_steps == 5000
+
+
+def test_batches_are_a_function_of_seed_and_step(train_data):
+    data = PretrainingData(str(train_data))
+    split = Split.of(len(data), 15)
+    order = Order(split.num_train, 7)
+    seen = np.concatenate([order.indices(s, 16) for s in range(len(data) // 16 - 1)])
+    assert len(set(seen.tolist())) == len(seen) and seen.max() < split.num_train  # one epoch
+    from bertforge.tokenization import load_vocab
+    from bertforge.train import mask_spec
+
+    spec = mask_spec(data, load_vocab(data.info.vocab_path))
+    a = step_rows(data, order, spec, 7, 3, 16)
+    b = step_rows(data, Order(split.num_train, 7), spec, 7, 3, 16)
+    assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+    c = step_rows(data, order, spec, 7, 4, 16)
+    assert not np.array_equal(a.input_ids, c.input_ids)
+
+
+def test_init_from_hugging_face_and_bertforge_checkpoints(
+    tmp_path, train_data, kjv_vocab, tiny_bert_config, capsys
+):
+    transformers = pytest.importorskip("transformers")
+    c = BertConfig.from_json(tiny_bert_config)
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**c.to_dict()))
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    (hf_dir / "vocab.txt").write_text((kjv_vocab / "vocab.txt").read_text())
+    init = read_init_checkpoint(str(hf_dir))
+    assert init.kind == "huggingface"
+    want = from_hf(hf.state_dict(), c, "hf")
+    for k, v in want.items():
+        torch.testing.assert_close(init.weights[k], v, rtol=0, atol=0)
+    out = tmp_path / "cont"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(train_data),
+                "--output",
+                str(out),
+                "--init-checkpoint",
+                str(hf_dir),
+                "--train-batch-size",
+                "16",
+                "--num-train-steps",
+                "2",
+                "--learning-rate",
+                "2e-5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    again = read_init_checkpoint(str(out))
+    assert again.kind == "bertforge" and again.config == c
+    # eval only, from the bertforge checkpoint
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(train_data),
+                "--output",
+                str(tmp_path / "ev"),
+                "--init-checkpoint",
+                str(out),
+                "--no-do-train",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "global_step = 0" in (tmp_path / "ev" / "eval_results.txt").read_text()
+    # a checkpoint whose vocabulary is not the data's
+    (hf_dir / "vocab.txt").write_text((kjv_vocab / "vocab.txt").read_text().replace("the", "teh"))
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(train_data),
+                "--output",
+                str(tmp_path / "z"),
+                "--init-checkpoint",
+                str(hf_dir),
+            ]
+        )
+        == 2
+    )
+    assert "is not the data's" in capsys.readouterr().err
+    state = dict(to_hf(BertForPretraining(c).state_dict(), c))
+    assert "cls.predictions.decoder.weight" in state
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
+    """torchrun with 2 gloo processes: same per-step losses as 1 process, same global batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = args(train_data, one, tiny_bert_config, "--num-train-steps", "4", "--no-do-eval")
+    main(common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29517",
+        "-m",
+        "bertforge.cli",
+        *args(train_data, two, tiny_bert_config, "--num-train-steps", "4", "--no-do-eval"),
+    ]
+    subprocess.run(cmd, check=True, env=env, timeout=300)
+    a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b, strict=True):
+        for k in LOSSES:
+            assert x[k] == pytest.approx(y[k], abs=1e-5), k
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+
+
+def test_config_errors():
+    with pytest.raises(UserError, match="--train-batch-size"):
+        TrainConfig(data="d", output="o", train_batch_size=0)
+    with pytest.raises(UserError, match="--init-checkpoint"):
+        TrainConfig(data="d", output="o", do_train=False)
+
+
+def test_train_result(tmp_path, train_data, tiny_bert_config):
+    cfg = TrainConfig(
+        data=str(train_data),
+        output=str(tmp_path / "r"),
+        bert_config=str(tiny_bert_config),
+        train_batch_size=8,
+        num_train_steps=2,
+        eval_records=8,
+        progress=False,
+    )
+    result = train(cfg)
+    assert result.step == 2 and not result.interrupted
+    assert result.eval is not None and set(result.eval) == set(train_module.EVAL_KEYS)
