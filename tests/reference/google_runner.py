@@ -6,6 +6,9 @@ bertforge. Usage: python google_runner.py JOB.json, where the job lists tasks:
   {"create": {... create_pretraining_data's flags ..., "output": PATH}}
   {"parse": {"inputs": [PATH, ...], "max_seq_length": N, "max_predictions_per_seq": N,
              "output": PATH}}
+"checkpoint" builds Google's BertModel with run_pretraining's heads at a given config, sets
+random weights, saves a TF checkpoint with Saver and writes the weights and log-probabilities
+for given inputs to an .npz file.
 "parse" reads TFRecords the way run_pretraining.py's input pipeline does and writes one JSON
 object per record. create and parse define the same absl flags, so one job holds only one kind.
 Token ids are written one JSON list per input line (lines split on b"\\n", decoded the way
@@ -93,12 +96,91 @@ def parse(inputs: list, max_seq_length: int, max_predictions_per_seq: int, outpu
             out.write(json.dumps({k: v.numpy().tolist() for k, v in example.items()}) + "\n")
 
 
+def _layer_norm(inputs, begin_norm_axis=-1, begin_params_axis=-1, scope=None):
+    """tf.contrib.layers.layer_norm as modeling.py calls it (contrib is gone in TF2): the same
+    variable names (SCOPE/beta, SCOPE/gamma) and epsilon (1e-12)."""
+    with tf.variable_scope(scope, default_name="LayerNorm"):
+        dim = inputs.shape[-1]
+        beta = tf.get_variable("beta", [dim], initializer=tf.zeros_initializer())
+        gamma = tf.get_variable("gamma", [dim], initializer=tf.ones_initializer())
+        mean, variance = tf.nn.moments(inputs, [-1], keepdims=True)
+        return tf.nn.batch_normalization(inputs, mean, variance, beta, gamma, 1e-12)
+
+
+def _dense(inputs, units, activation=None, name=None, kernel_initializer=None):
+    """tf.layers.dense for the 2-D inputs modeling.py gives it (Keras 3 removed tf.layers):
+    the same variable names (NAME/kernel [in, out], NAME/bias)."""
+    with tf.variable_scope(name, default_name="dense"):
+        kernel = tf.get_variable("kernel", [inputs.shape[-1], units],
+                                 initializer=kernel_initializer)  # fmt: skip
+        bias = tf.get_variable("bias", [units], initializer=tf.zeros_initializer())
+        out = tf.matmul(inputs, kernel) + bias
+        return activation(out) if activation else out
+
+
+def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
+               segment_ids: list, positions: list, output: str) -> None:  # fmt: skip
+    import numpy as np
+
+    contrib = types.SimpleNamespace(layers=types.SimpleNamespace(layer_norm=_layer_norm))
+    sys.modules["tensorflow.contrib"] = contrib  # type: ignore
+    from bert import modeling
+    from bert import run_pretraining as rp
+
+    class TF1:  # tensorflow.compat.v1 with contrib and tf.layers put back
+        def __getattr__(self, name):
+            if name == "contrib":
+                return contrib
+            if name == "layers":
+                return types.SimpleNamespace(dense=_dense)
+            return getattr(tf, name)
+
+    modeling.tf = rp.tf = TF1()
+
+    bert_config = modeling.BertConfig.from_dict(config)
+    with tf.Graph().as_default():
+        model = modeling.BertModel(
+            config=bert_config, is_training=False, input_ids=tf.constant(input_ids),
+            input_mask=tf.constant(input_mask), token_type_ids=tf.constant(segment_ids),
+            use_one_hot_embeddings=False,
+        )  # fmt: skip
+        pos = tf.constant(positions)
+        _, _, mlm = rp.get_masked_lm_output(
+            bert_config, model.get_sequence_output(), model.get_embedding_table(), pos,
+            tf.zeros_like(pos), tf.ones_like(pos, dtype=tf.float32),
+        )  # fmt: skip
+        _, _, nsp = rp.get_next_sentence_output(
+            bert_config, model.get_pooled_output(), tf.zeros([len(input_ids)], tf.int32)
+        )
+        # an optimizer slot and the step counter, as in a real pretraining checkpoint
+        tf.get_variable("bert/embeddings/word_embeddings/adam_m",
+                        [config["vocab_size"], config["hidden_size"]])  # fmt: skip
+        tf.train.get_or_create_global_step()
+        rng = np.random.RandomState(0)
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            for v in tf.global_variables():
+                if v.dtype.base_dtype == tf.float32:
+                    shape = v.shape.as_list()
+                    value = rng.normal(0, 0.05, shape)
+                    if v.name.endswith("gamma:0"):
+                        value += 1.0
+                    v.load(value.astype(np.float32), sess)
+            tf.train.Saver().save(sess, directory + "/bert_model.ckpt")
+            values = {v.name[:-2]: sess.run(v) for v in tf.global_variables()}
+            mlm_out, nsp_out = sess.run([mlm, nsp])
+    np.savez(output, mlm_log_probs=mlm_out, nsp_log_probs=nsp_out,
+             **{"var:" + k: v for k, v in values.items()})  # fmt: skip
+
+
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         job = json.load(f)
     for task in job["tasks"]:
         ((name, args),) = task.items()
-        {"tokenize": tokenize, "create": create, "parse": parse}[name](**args)
+        {"tokenize": tokenize, "create": create, "parse": parse, "checkpoint": checkpoint}[name](
+            **args
+        )
 
 
 if __name__ == "__main__":

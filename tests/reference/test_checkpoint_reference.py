@@ -1,0 +1,98 @@
+"""Google TF checkpoints, read without TensorFlow: a checkpoint that TensorFlow writes with
+Google's modeling.py and run_pretraining.py heads loads into bertforge's model, which then
+gives Google's masked-LM and next-sentence log-probabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bertforge.checkpoint import read_init_checkpoint
+from bertforge.cli import main
+from bertforge.errors import UserError
+from bertforge.model import BertForPretraining, load_weights
+from bertforge.tfcheckpoint import read_checkpoint
+
+pytestmark = pytest.mark.reference
+
+CONFIG = {"vocab_size": 1500, "hidden_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "intermediate_size": 128, "hidden_act": "gelu",
+          "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+          "max_position_embeddings": 128, "type_vocab_size": 2, "initializer_range": 0.02}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def google_checkpoint(tmp_path_factory, google, kjv_vocab):
+    d = tmp_path_factory.mktemp("google_ckpt")
+    rng = np.random.default_rng(0)
+    b, s, p = 3, 24, 5
+    lengths = np.array([24, 17, 9])
+    ids = rng.integers(5, 1500, (b, s))
+    mask = (np.arange(s)[None] < lengths[:, None]).astype(int)
+    ids = ids * mask
+    segments = ((np.arange(s)[None] >= lengths[:, None] // 2) * mask).astype(int)
+    positions = np.stack([rng.permutation(np.arange(1, n - 1))[:p] for n in lengths])
+    google.run([{"checkpoint": {
+        "directory": str(d), "config": CONFIG, "input_ids": ids.tolist(),
+        "input_mask": mask.tolist(), "segment_ids": segments.tolist(),
+        "positions": positions.tolist(), "output": str(d / "reference.npz"),
+    }}], d)  # fmt: skip
+    (d / "bert_config.json").write_text(json.dumps(CONFIG))
+    (d / "vocab.txt").write_text((kjv_vocab / "vocab.txt").read_text())
+    inputs = {"ids": ids, "lengths": lengths, "segments": segments, "positions": positions}
+    return d, dict(np.load(d / "reference.npz")), inputs
+
+
+def test_reader_returns_what_tensorflow_saved(google_checkpoint):
+    d, ref, _ = google_checkpoint
+    ours = read_checkpoint(d / "bert_model.ckpt")
+    saved = {k[4:]: v for k, v in ref.items() if k.startswith("var:")}
+    assert set(ours) == set(saved)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+
+def test_google_weights_give_googles_outputs(google_checkpoint):
+    d, ref, x = google_checkpoint
+    init = read_init_checkpoint(str(d / "bert_model.ckpt"))
+    assert init.kind == "google" and init.vocab_file == d / "vocab.txt"
+    # Google's TF code computes "gelu" with the tanh formula (transformers' gelu_new).
+    model = BertForPretraining(dataclasses.replace(init.config, hidden_act="gelu_new")).eval()
+    load_weights(model, init.weights, "google")
+    with torch.no_grad():
+        mlm, nsp = model(torch.tensor(x["ids"]), torch.tensor(x["segments"]),
+                         torch.tensor(x["lengths"]), torch.tensor(x["positions"]))  # fmt: skip
+    np.testing.assert_allclose(torch.log_softmax(mlm, -1).flatten(0, 1).numpy(),
+                               ref["mlm_log_probs"], atol=2e-5, rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(torch.log_softmax(nsp, -1).numpy(), ref["nsp_log_probs"],
+                               atol=2e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_continue_from_a_google_checkpoint(google_checkpoint, train_data, tmp_path):
+    d, _, _ = google_checkpoint
+    out = tmp_path / "cont"
+    assert main(["train", "--data", str(train_data), "--output", str(out), "--init_checkpoint",
+                 str(d / "bert_model.ckpt"), "--train-batch-size", "8", "--num-train-steps", "2",
+                 "--learning-rate", "2e-5", "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((out / "bert_config.json").read_text())["hidden_size"] == 64
+
+
+def test_damaged_checkpoint_is_reported(google_checkpoint, tmp_path):
+    d, _, _ = google_checkpoint
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in d.glob("bert_model.ckpt*"):
+        (bad / f.name).write_bytes(f.read_bytes())
+    data = next(bad.glob("*.data-*"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="fails its checksum"):
+        read_checkpoint(bad / "bert_model.ckpt")
+    with pytest.raises(UserError, match="not a TensorFlow checkpoint index"):
+        (bad / "x.index").write_bytes(b"nonsense" * 10)
+        read_checkpoint(bad / "x")
