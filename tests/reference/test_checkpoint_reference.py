@@ -19,10 +19,19 @@ from bertforge.tfcheckpoint import read_checkpoint
 
 pytestmark = pytest.mark.reference
 
-CONFIG = {"vocab_size": 1500, "hidden_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "intermediate_size": 128, "hidden_act": "gelu",
-          "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-          "max_position_embeddings": 128, "type_vocab_size": 2, "initializer_range": 0.02}  # fmt: skip
+CONFIG = {
+    "vocab_size": 1500,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 128,
+    "type_vocab_size": 2,
+    "initializer_range": 0.02,
+}
 
 
 @pytest.fixture(scope="module")
