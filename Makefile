@@ -4,7 +4,7 @@ VENV := .venv
 REF := .venv-ref
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format bench-vocab bench-data clean
+.PHONY: demo test lint format bench-vocab bench-data bench-train clean
 
 # The CPU build of torch is installed first: a bare `torch` requirement would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,10 @@ bench-vocab: $(VENV)/.installed
 
 bench-data: $(VENV)/.installed $(REF)/.installed
 	$(BIN)/python bench/data_creation.py --reference-python $(REF)/bin/python
+
+bench-train: $(VENV)/.installed
+	$(BIN)/python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
+	$(BIN)/python bench/train_throughput.py --model-size small --seq-len 128 --batch-size 32 --device cpu
 
 clean:
 	rm -rf $(VENV) $(REF) demo-output .pytest_cache

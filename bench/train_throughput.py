@@ -1,10 +1,11 @@
 """Training throughput: bertforge's train step against the usual stack, interleaved in one process.
 
-bertforge: BertForPretraining (packed on CUDA, MLM head at masked positions, vocab padded to 64)
-fed by its real loader (a native shard, dynamic masking, background prefetch), AdamW (fused on
-CUDA), the trainer's own forward_backward. Peer: transformers' BertForPreTraining with its
-default attention, torch.optim.AdamW, autocast, MLM logits over every position, batches
-already on the device. Blocks of steps alternate so machine drift affects both alike.
+bertforge: BertForPretraining (padded, or unpadded with --packed; MLM head at masked positions,
+vocab padded to 64) fed by its real loader (a native shard, dynamic masking, background
+prefetch), AdamW (fused on CUDA), the trainer's own forward_backward. Peer: transformers'
+BertForPreTraining with its default attention, torch.optim.AdamW, autocast, MLM logits over
+every position, batches already on the device. Blocks of steps alternate so machine drift
+affects both alike.
 
 Tokens are real tokens (padding excluded). Instance lengths follow the data stage's shape: 90%
 near max length, 10% short (Google's short_seq_prob). MFU uses training FLOPs per token =
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=5, help="steps per alternation block")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile bertforge's model")
-    ap.add_argument("--no-packed", action="store_true", help="bertforge without unpadding")
+    ap.add_argument("--packed", action="store_true", help="bertforge with unpadding (varlen)")
     ap.add_argument("--skip-peer", action="store_true")
     args = ap.parse_args()
 
@@ -100,7 +101,7 @@ def main() -> None:
     c = BertConfig.preset(
         args.model_size, VOCAB, hidden_dropout_prob=0.1, max_position_embeddings=max(512, seq)
     )
-    packed = device.type == "cuda" and not args.no_packed
+    packed = args.packed
     d = Dist(0, 1, 0, device)
     rng = np.random.default_rng(0)
 

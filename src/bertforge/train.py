@@ -138,7 +138,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if cfg.do_train and split.num_train < 1:
         raise UserError(f"--eval-records {eval_n} leaves no training data ({len(data)} records).")
     precision = resolve_precision(cfg.precision, d.device)
-    packed = cfg.packed if cfg.packed is not None else d.device.type == "cuda"
+    packed = cfg.packed
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
