@@ -42,6 +42,18 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
 class _Moments(torch.optim.Optimizer):
     """Shared state handling: first and second moments per parameter."""
 
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        )
+
     def _moments(self, group: dict[str, Any]) -> tuple[list, list, list, list]:
         params, grads, ms, vs = [], [], [], []
         for p in group["params"]:
@@ -68,18 +80,6 @@ class _Moments(torch.optim.Optimizer):
 class GoogleAdamW(_Moments):
     """update = m / (sqrt(v) + eps) + weight_decay * p;  p -= lr * update (no bias correction)."""
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-    ) -> None:
-        super().__init__(
-            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        )
-
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         for group in self.param_groups:
@@ -96,18 +96,6 @@ class GoogleAdamW(_Moments):
 
 class Lamb(_Moments):
     """LAMB with bias correction; trust ratio |p| / |update| per tensor (1 where either is 0)."""
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-    ) -> None:
-        super().__init__(
-            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:

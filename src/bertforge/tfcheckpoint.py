@@ -19,6 +19,7 @@ import crc32c
 import numpy as np
 
 from bertforge.errors import UserError
+from bertforge.tfrecord import _read_varint as _varint
 
 FOOTER_BYTES = 48
 TABLE_MAGIC = 0xDB4775248B80FB57
@@ -44,17 +45,6 @@ class Entry:
     offset: int
     size: int
     crc: int | None
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
 
 
 def _fields(buf: bytes) -> list[tuple[int, int | bytes]]:
