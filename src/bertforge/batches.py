@@ -23,7 +23,7 @@ import torch
 from bertforge.datacheck import data_files, read_tfrecord
 from bertforge.errors import UserError
 from bertforge.masking import MaskSpec, mask_batch
-from bertforge.shards import MAGIC, open_shard
+from bertforge.shards import MAGIC, open_shard, segment_ids
 
 IGNORE = -100  # label of an unused prediction slot
 
@@ -157,11 +157,9 @@ class PretrainingData:
             local = index[order[shard[order] == s]] - self.offsets[s]
             parts.append(self.native[s][local])
         rec = np.concatenate(parts)[np.argsort(order, kind="stable")]
-        seq = rec["input_ids"].shape[1]
         lengths = rec["length"].astype(np.int64)
         sep_a = rec["sep_a"].astype(np.int64)
-        pos = np.arange(seq)
-        types = ((pos > sep_a[:, None]) & (pos < lengths[:, None])).astype(np.int64)
+        types = segment_ids(rec)
         positions = labels = None
         if "masked_lm_positions" in (rec.dtype.names or ()):
             positions = rec["masked_lm_positions"].astype(np.int64)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -53,6 +52,7 @@ from bertforge.checkpoint import (
     save_checkpoint,
 )
 from bertforge.config import TrainConfig, config_to_dict
+from bertforge.data import mask_spec as data_mask_spec
 from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.fileio import (
@@ -62,6 +62,7 @@ from bertforge.fileio import (
     write_manifest,
     write_text,
 )
+from bertforge.instances import InstanceParams, VocabIds
 from bertforge.masking import MaskSpec
 from bertforge.model import BertConfig, BertForPretraining, load_weights
 from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups
@@ -804,16 +805,16 @@ def model_config(
 
 
 def mask_spec(data: PretrainingData, vocab: Vocab) -> MaskSpec:
+    """The data stage's masking rule, with the settings the data was made with."""
     info = data.info
     assert info.masked_lm_prob is not None, "dynamic masking needs the data manifest"
-    return MaskSpec(
-        info.masked_lm_prob,
-        info.max_predictions_per_seq,
-        info.do_whole_word_mask,
-        vocab.size,
-        vocab.tokens.index("[MASK]"),
-        np.array([t.startswith("##") for t in vocab.tokens]),
+    params = InstanceParams(
+        max_seq_length=info.max_seq_length,
+        masked_lm_prob=info.masked_lm_prob,
+        max_predictions_per_seq=info.max_predictions_per_seq,
+        do_whole_word_mask=info.do_whole_word_mask,
     )
+    return data_mask_spec(params, VocabIds.from_tokens(vocab.tokens))
 
 
 def eval_size(cfg: TrainConfig, total: int) -> int:
