@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 REF := .venv-ref
+HF4 := .venv-hf4
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint format bench-vocab bench-data bench-train clean
@@ -21,12 +22,21 @@ $(REF)/.installed:
 	$(REF)/bin/pip install -q tensorflow-cpu==2.21.0 bert-tensorflow==1.0.4
 	touch $@
 
+# transformers 4.x with flair (flair needs transformers < 5): the compatibility test's venv.
+$(HF4)/.installed:
+	$(PY) -m venv $(HF4)
+	$(HF4)/bin/pip install -q --upgrade pip
+	$(HF4)/bin/pip install -q torch==2.13.0
+	$(HF4)/bin/pip install -q flair==0.15.1 'transformers>=4.40,<5'
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/bertforge demo --output demo-output
 
-test: $(VENV)/.installed $(REF)/.installed
+test: $(VENV)/.installed $(REF)/.installed $(HF4)/.installed
 	$(BIN)/ruff check src tests bench
-	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python $(BIN)/python -m pytest -q
+	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python \
+	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
@@ -47,4 +57,4 @@ bench-train: $(VENV)/.installed
 	$(BIN)/python bench/train_throughput.py --model-size small --seq-len 128 --batch-size 32 --device cpu
 
 clean:
-	rm -rf $(VENV) $(REF) demo-output .pytest_cache
+	rm -rf $(VENV) $(REF) $(HF4) demo-output .pytest_cache

@@ -83,3 +83,28 @@ def tiny_bert_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "max_position_embeddings": 128, "type_vocab_size": 2, "initializer_range": 0.02,
     }))  # fmt: skip
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, train_data: Path,
+                tiny_bert_config: Path) -> Path:  # fmt: skip
+    """A `bertforge train` directory: the tiny model after 30 steps on train_data, evaluated."""
+    from bertforge.config import TrainConfig
+    from bertforge.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train(TrainConfig(data=str(train_data), output=str(out), bert_config=str(tiny_bert_config),
+                      train_batch_size=16, num_train_steps=30, learning_rate=2e-3,
+                      eval_records=40, save_checkpoints_steps=30, progress=False))  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Path:
+    """trained_run exported as a Hugging Face directory."""
+    from bertforge.config import ExportConfig
+    from bertforge.export import export
+
+    out = tmp_path_factory.mktemp("exported")
+    export(ExportConfig(checkpoint=str(trained_run), output=str(out), overwrite=True))
+    return out

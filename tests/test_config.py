@@ -16,11 +16,11 @@ def parse_vocab(argv: list[str]) -> VocabConfig:
     """Parse flags the way the CLI does, without running the stage."""
     import argparse
 
-    from bertforge.config import add_config_arguments, normalize_bool_argv
+    from bertforge.config import add_config_arguments, normalize_argv
 
     p = argparse.ArgumentParser()
     add_config_arguments(p, VocabConfig)
-    ns = p.parse_args(normalize_bool_argv(argv, [VocabConfig]))
+    ns = p.parse_args(normalize_argv(argv, [VocabConfig]))
     return build_config(VocabConfig, {}, vars(ns))
 
 

@@ -527,4 +527,6 @@ def test_train_result(tmp_path, train_data, tiny_bert_config):
     )
     result = train(cfg)
     assert result.step == 2 and not result.interrupted
-    assert result.eval is not None and set(result.eval) == set(train_module.EVAL_KEYS)
+    assert result.eval is not None
+    assert set(result.eval) == {*train_module.EVAL_KEYS, "masked_lm_unigram_baseline"}
+    assert 0 < result.eval["masked_lm_unigram_baseline"] < 1

@@ -71,6 +71,8 @@ class InitWeights:
     config: BertConfig
     vocab_file: Path | None
     kind: str  # bertforge | huggingface | google
+    path: Path  # the file or directory read
+    step: int | None = None  # a bertforge checkpoint's training step
 
 
 def _config_in(directory: Path, source: str) -> BertConfig:
@@ -82,29 +84,32 @@ def _config_in(directory: Path, source: str) -> BertConfig:
     )
 
 
-def read_init_checkpoint(path: str) -> InitWeights:
+def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeights:
+    """Weights from any source bertforge reads; errors name `flag`."""
     p = Path(path)
     if not p.exists() and not p.with_name(p.name + ".index").exists():
-        raise UserError(f"--init-checkpoint: {p} does not exist.")
+        raise UserError(f"{flag}: {p} does not exist.")
     if p.is_dir() and list_checkpoints(p):
         p = list_checkpoints(p)[-1]
     if p.is_file() and p.suffix == ".pt":
         state = load_checkpoint(p)
         c = BertConfig.from_dict(state["bert_config"], str(p))
         vocab = p.parent.parent / "vocab.txt"
-        return InitWeights(state["model"], c, vocab if vocab.is_file() else None, "bertforge")
+        return InitWeights(
+            state["model"], c, vocab if vocab.is_file() else None, "bertforge", p, state["step"]
+        )
     directory = p if p.is_dir() else p.parent
     vocab = directory / "vocab.txt"
     vocab_file = vocab if vocab.is_file() else None
     if p.is_dir() and (p / "config.json").is_file():
         c = BertConfig.from_json(p / "config.json")
         hf = _read_hf_weights(p)
-        return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface")
+        return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface", p)
     from bertforge.tfcheckpoint import google_weights
 
     c = _config_in(directory, str(p))
     hf = {k: torch.from_numpy(v) for k, v in google_weights(p).items()}
-    return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "google")
+    return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "google", p)
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

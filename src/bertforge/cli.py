@@ -7,6 +7,8 @@ wires subcommands to stage functions and turns UserError into one line on stderr
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -16,12 +18,17 @@ from typing import Any
 from bertforge import __version__
 from bertforge.config import (
     STAGES,
+    TOOLS,
     DataConfig,
+    EmbedConfig,
+    ExportConfig,
+    FillMaskConfig,
+    RunConfig,
     TrainConfig,
     VocabConfig,
     add_config_arguments,
     build_config,
-    normalize_bool_argv,
+    normalize_argv,
     read_toml,
     unknown_flags_error,
 )
@@ -69,6 +76,34 @@ def run_train(cfg: TrainConfig) -> None:
         raise SystemExit(130)
 
 
+def run_export(cfg: ExportConfig) -> None:
+    from bertforge.export import export, print_summary
+
+    print_summary(export(cfg))
+
+
+def run_embed(cfg: EmbedConfig) -> None:
+    from bertforge.embed import embed
+
+    embed(cfg)
+
+
+def run_fill_mask(cfg: FillMaskConfig) -> None:
+    from bertforge.inference import run_fill_mask as fill
+
+    fill(cfg)
+
+
+RUNNERS: dict[str, Callable[[Any], None]] = {
+    "vocab": run_vocab,
+    "data": run_data,
+    "train": run_train,
+    "export": run_export,
+    "embed": run_embed,
+    "fill-mask": run_fill_mask,
+}
+
+
 def data_tool(argv: list[str]) -> None:
     """`bertforge data verify DIR` and `bertforge data inspect PATH`."""
     from bertforge import datacheck
@@ -92,25 +127,40 @@ def data_tool(argv: list[str]) -> None:
         datacheck.inspect(args.path, args.n, args.vocab, args.max_records)
 
 
+def demo_config() -> Path:
+    """The demo's recipe (configs/demo.toml in the repository)."""
+    return Path(str(resources.files("bertforge") / "demo" / "demo.toml"))
+
+
+DEMO_PROMPTS = (
+    "In the beginning God created the heaven and the [MASK].",
+    "And the LORD spake unto [MASK], saying,",
+    "The LORD is my [MASK]; I shall not want.",
+)
+
+
 def run_demo(output: str) -> None:
-    out = Path(output)
-    print(f"demo: King James Bible ({demo_corpus()}) -> {out}")
-    run_vocab(
-        VocabConfig(
-            input=(str(demo_corpus()),),
-            output=str(out / "vocab"),
-            vocab_size=8000,
-            overwrite=True,
-        )
-    )
-    run_data(
-        DataConfig(
-            input=(str(demo_corpus()),),
-            vocab=str(out / "vocab"),
-            output=str(out / "data"),
-            overwrite=True,
-        )
-    )
+    from bertforge.inference import run_fill_mask as fill
+
+    print(f"demo: King James Bible ({demo_corpus()}) -> {output}, settings {demo_config()}")
+    run = RunConfig(input=(str(demo_corpus()),), output=output)
+    run_pipeline_command(run, str(demo_config()), {})
+    print("fill-mask with the trained model:")
+    fill(FillMaskConfig(text=DEMO_PROMPTS, model=str(Path(output) / "model"), top_k=5))
+
+
+def run_pipeline_command(run: RunConfig, config: str | None, flag_values: dict[str, Any]) -> None:
+    from bertforge.run import run_pipeline, stage_configs
+
+    toml = read_toml(config) if config else {}
+    configs = stage_configs(run, toml, flag_values, config)
+    run_pipeline(run, configs, RUNNERS)
+
+
+def summary(cls: type) -> str:
+    """The first sentence of a config's docstring, after the `bertforge X:` prefix."""
+    text = " ".join((cls.__doc__ or "").split(":", 1)[-1].split())
+    return re.split(r"\.(?:\s|$)", text)[0]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -122,13 +172,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers: dict[str, argparse.ArgumentParser] = {}
     for name, cls in STAGES.items():
-        summary = (cls.__doc__ or "").split(":", 1)[-1].strip()
-        p = sub.add_parser(name, help=summary, description=cls.__doc__)
+        p = sub.add_parser(name, help=summary(cls), description=cls.__doc__)
         p.add_argument(
             "--config", metavar="FILE.toml", help=f"TOML file whose [{name}] section sets flags"
         )
         add_config_arguments(p, cls)
         subparsers[name] = p
+    for name, cls in TOOLS.items():
+        p = sub.add_parser(name, help=summary(cls), description=cls.__doc__)
+        add_config_arguments(p, cls)
+        subparsers[name] = p
+    p = sub.add_parser("run", help=summary(RunConfig), description=RunConfig.__doc__)
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file with [run] and stage sections")
+    add_config_arguments(p, RunConfig)
+    from bertforge.run import add_run_arguments
+
+    add_run_arguments(p)
+    subparsers["run"] = p
     p = sub.add_parser("demo", help="run the pipeline on the bundled King James Bible corpus")
     p.add_argument("--output", default="demo-output", help="output directory (demo-output)")
     subparsers["demo"] = p
@@ -141,18 +201,21 @@ def dispatch(args: argparse.Namespace) -> None:
         run_demo(args.output)
         return
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    if command == "run":
+        own = {f.name for f in dataclasses.fields(RunConfig)}
+        toml = read_toml(args.config) if args.config else {}
+        source = f"{args.config} [run]" if args.config else "config file"
+        mine = {k: v for k, v in values.items() if k in own}
+        run = build_config(RunConfig, toml.get("run", {}), mine, source=source)
+        run_pipeline_command(run, args.config, {k: v for k, v in values.items() if k not in own})
+        return
     file_values: dict[str, Any] = {}
     source = "config file"
-    if args.config:
+    if getattr(args, "config", None):
         file_values = read_toml(args.config).get(command, {})
         source = f"{args.config} [{command}]"
-    cfg = build_config(STAGES[command], file_values, values, source=source)
-    runners: dict[str, Callable[[Any], None]] = {
-        "vocab": run_vocab,
-        "data": run_data,
-        "train": run_train,
-    }
-    runners[command](cfg)
+    cfg = build_config({**STAGES, **TOOLS}[command], file_values, values, source=source)
+    RUNNERS[command](cfg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["data"] and argv[1:2] in (["verify"], ["inspect"]):
             data_tool(argv[1:])
             return 0
-        argv = normalize_bool_argv(argv, list(STAGES.values()))
+        argv = normalize_argv(argv, [*STAGES.values(), *TOOLS.values(), RunConfig])
         args, unknown = parser.parse_known_args(argv)
         if args.command is None:
             parser.print_help()

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import re
 import sys
 import types
 import typing
@@ -34,6 +35,7 @@ else:  # pragma: no cover
 C = TypeVar("C")
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
+NEGATIVE_VALUE = re.compile(r"^-[\d.]")
 
 
 def option(
@@ -43,14 +45,17 @@ def option(
     true_flags: Sequence[str] = (),
     false_flags: Sequence[str] = (),
     split_commas: bool = False,
+    positional: bool = False,
 ) -> Any:
     """A config field. aliases: extra flag spellings; true/false_flags: extra boolean switches;
-    split_commas: a list field that also accepts Google's comma-separated form."""
+    split_commas: a list field that also accepts Google's comma-separated form; positional: also
+    given without a flag (`bertforge fill-mask "text"`)."""
     metadata = {
         "aliases": tuple(aliases),
         "true_flags": tuple(true_flags),
         "false_flags": tuple(false_flags),
         "split_commas": split_commas,
+        "positional": positional,
     }
     return field(default=default, metadata=metadata)
 
@@ -319,7 +324,145 @@ class TrainConfig:
         return min(10000, self.num_train_steps // 100)
 
 
-STAGES: dict[str, type] = {"vocab": VocabConfig, "data": DataConfig, "train": TrainConfig}
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """`bertforge export`: write a model as a Hugging Face directory (transformers, flair).
+
+    Reads a bertforge training directory (its latest checkpoint) or checkpoint file, a Hugging
+    Face BERT directory, or a Google TF checkpoint (bert_model.ckpt with bert_config.json and
+    vocab.txt beside it: the seed's TF-to-PyTorch conversion)."""
+
+    checkpoint: str = option(aliases=("--init_checkpoint", "--tf_checkpoint_path"))
+    """A `bertforge train` directory or ckpt-*.pt file, a Hugging Face directory, or a Google TF
+    checkpoint prefix (bert_model.ckpt)."""
+    output: str = option(aliases=("--output_dir", "--pytorch_dump_path"))
+    """Directory for config.json, model.safetensors, the tokenizer files and manifest.json."""
+    vocab: str | None = option(None, aliases=("--vocab_file",))
+    """The vocabulary (directory or vocab.txt). Default: the one beside the checkpoint."""
+    do_lower_case: bool | None = None
+    """Casing of a bare vocab.txt (a Google checkpoint's); read from bertforge's files otherwise."""
+    format: Literal["hf", "google"] = "hf"
+    """hf: the Hugging Face files. google: also bert_config.json, Google's name for the config."""
+    overwrite: bool = False
+    """Replace an output directory that holds something other than a bertforge export."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """`bertforge embed`: vectors for each line of a text file (sentence) or each of its words
+    (token), from any model bertforge can read (export, training directory, checkpoint)."""
+
+    model: str
+    """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
+    BERT directory."""
+    input: str
+    """Text file (or .gz/.bz2/.xz, or - for stdin): one sentence or text per line."""
+    output: str
+    """FILE.npy or FILE.safetensors. Sentence level: one row per input line. Token level: one
+    row per word, FILE's `offsets` (safetensors, or FILE.offsets.npy) give each line's first
+    row, and FILE.words.txt lists the words of each line."""
+    level: Literal["sentence", "token"] = "sentence"
+    """sentence: one vector per line. token: one vector per word (as BERT's basic tokenizer
+    splits words; a word's pieces are pooled by --pooling)."""
+    layers: str = "-1"
+    """Layers to use, comma-separated; -1 is the last, 0 the embedding layer (-1,-2,-3,-4: the
+    last four). Write --layers=-1,-2 (with =) when the list starts with a minus."""
+    combine: Literal["concat", "mean"] = "concat"
+    """How several --layers become one vector: concatenated or averaged."""
+    pooling: Literal["first", "mean", "cls"] | None = None
+    """token level: first (default) or mean of a word's pieces. sentence level: mean (default,
+    over the line's pieces) or cls (the [CLS] vector)."""
+    batch_size: int = 32
+    """Lines per forward pass."""
+    max_length: int | None = None
+    """Pieces per forward pass, [CLS] and [SEP] included (default: the model's maximum).
+    Longer lines: token level cuts them into several passes at word boundaries; sentence
+    level keeps the first pieces (and says how many lines were cut)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run the model (auto: CUDA when available)."""
+    overwrite: bool = False
+    """Replace an existing output file."""
+    progress: bool = True
+    """Show a progress bar on a terminal."""
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "--batch-size", "must be at least 1")
+        require(self.max_length is None or self.max_length >= 3, "--max-length",
+                "must be at least 3 ([CLS] piece [SEP])")  # fmt: skip
+        require(Path(self.output).suffix in (".npy", ".safetensors"), "--output",
+                f"{self.output} must end in .npy or .safetensors")  # fmt: skip
+        allowed = ("first", "mean") if self.level == "token" else ("mean", "cls")
+        require(self.pooling is None or self.pooling in allowed, "--pooling",
+                f"with --level {self.level} use {' or '.join(allowed)}")  # fmt: skip
+        self.layer_indices()
+
+    def layer_indices(self) -> tuple[int, ...]:
+        try:
+            layers = tuple(int(x) for x in self.layers.split(",") if x.strip())
+        except ValueError:
+            layers = ()
+        require(
+            len(layers) > 0,
+            "--layers",
+            f"expected comma-separated layer numbers like -1,-2,-3,-4, got {self.layers!r}",
+        )
+        return layers
+
+    @property
+    def resolved_pooling(self) -> str:
+        return self.pooling or ("first" if self.level == "token" else "mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FillMaskConfig:
+    """`bertforge fill-mask`: the model's top guesses for each [MASK] in a text (a quick check)."""
+
+    text: tuple[str, ...] = option(positional=True)
+    """Texts with [MASK] in them."""
+    model: str
+    """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
+    BERT directory."""
+    top_k: int = 5
+    """Guesses shown per [MASK]."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to run the model (auto: CUDA when available)."""
+
+    def __post_init__(self) -> None:
+        require(len(self.text) > 0, "TEXT", "give a text with [MASK] in it")
+        require(self.top_k >= 1, "--top-k", "must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """`bertforge run`: the whole pipeline, vocab -> data -> train -> export, then report.md.
+
+    Every stage flag works here too and is given once: a flag several stages use (--input,
+    --max-seq-length, --random-seed, --cased, ...) goes to each of them; export's --format is
+    --export-format. A TOML --config sets [run] and per-stage sections. A stage whose
+    settings and output are unchanged since the last run is skipped; an interrupted one
+    resumes."""
+
+    input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True, positional=True)
+    """The corpus: files, globs, directories, .gz/.bz2/.xz, - for stdin (Google's format)."""
+    output: str = option(aliases=("--output_dir",))
+    """Directory of the run: vocab/, data/, train/, model/ (the export), report.md."""
+    overwrite: bool = False
+    """Run every stage from the start, replacing what the directory holds."""
+    progress: bool = True
+    """Show progress bars and lines."""
+
+    def __post_init__(self) -> None:
+        require(len(self.input) > 0, "CORPUS", "give at least one corpus file")
+
+
+STAGES: dict[str, type] = {
+    "vocab": VocabConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "export": ExportConfig,
+}
+# Commands with a config that are not pipeline stages (no TOML section of their own).
+TOOLS: dict[str, type] = {"embed": EmbedConfig, "fill-mask": FillMaskConfig}
 
 
 def require(condition: bool, flag: str, message: str) -> None:
@@ -432,28 +575,38 @@ def field_specs(cls: type) -> list[FieldSpec]:
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of cls; unset flags stay absent from the namespace."""
     for spec in field_specs(cls):
-        default = "required" if spec.required else f"default: {format_value(spec.default)}"
-        help_text = f"{spec.help} ({default})".replace("%", "%%")
-        if spec.kind == "bool":
+        add_field_argument(parser, spec)
+
+
+def add_field_argument(parser: argparse.ArgumentParser, spec: FieldSpec, note: str = "") -> None:
+    """The flag(s) of one field, with dest = the field name; `note` is added to the help."""
+    default = "required" if spec.required else f"default: {format_value(spec.default)}"
+    help_text = f"{spec.help} ({default}{note})".replace("%", "%%")
+    if spec.kind == "bool":
+        parser.add_argument(
+            *spec.names(), dest=spec.name, action="store_const", const=True,
+            default=argparse.SUPPRESS, help=help_text,
+        )  # fmt: skip
+        parser.add_argument(
+            *spec.false_names(), dest=spec.name, action="store_const", const=False,
+            default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+        )  # fmt: skip
+    elif spec.kind == "list":
+        if spec.metadata.get("positional"):
             parser.add_argument(
-                *spec.names(), dest=spec.name, action="store_const", const=True,
-                default=argparse.SUPPRESS, help=help_text,
+                spec.name, nargs="*", default=argparse.SUPPRESS, help=help_text,
+                metavar=spec.name.upper(),
             )  # fmt: skip
-            parser.add_argument(
-                *spec.false_names(), dest=spec.name, action="store_const", const=False,
-                default=argparse.SUPPRESS, help=argparse.SUPPRESS,
-            )  # fmt: skip
-        elif spec.kind == "list":
-            parser.add_argument(
-                *spec.names(), dest=spec.name, nargs="+", action="extend",
-                default=argparse.SUPPRESS, help=help_text, metavar=spec.name.upper(),
-            )  # fmt: skip
-        else:
-            kind = {"int": int, "float": float}.get(spec.kind, str)
-            parser.add_argument(
-                *spec.names(), dest=spec.name, type=kind, default=argparse.SUPPRESS,
-                choices=spec.choices or None, help=help_text, metavar=spec.name.upper(),
-            )  # fmt: skip
+        parser.add_argument(
+            *spec.names(), dest=spec.name, nargs="+", action="extend",
+            default=argparse.SUPPRESS, help=help_text, metavar=spec.name.upper(),
+        )  # fmt: skip
+    else:
+        kind = {"int": int, "float": float}.get(spec.kind, str)
+        parser.add_argument(
+            *spec.names(), dest=spec.name, type=kind, default=argparse.SUPPRESS,
+            choices=spec.choices or None, help=help_text, metavar=spec.name.upper(),
+        )  # fmt: skip
 
 
 def format_value(value: Any) -> str:
@@ -464,21 +617,27 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def normalize_bool_argv(argv: Sequence[str], classes: Sequence[type]) -> list[str]:
-    """Rewrite absl-style `--flag=true/false` for boolean fields into plain switches."""
+def normalize_argv(argv: Sequence[str], classes: Sequence[type]) -> list[str]:
+    """Rewrite absl-style `--flag=true/false` for boolean fields into plain switches, and join
+    a value that starts with a minus (`--layers -1,-2`) to its flag."""
     true_of: dict[str, str] = {}
     false_of: dict[str, str] = {}
+    value_flags: set[str] = set()
     for cls in classes:
         for spec in field_specs(cls):
-            if spec.kind == "bool":
+            if spec.kind != "bool":
+                value_flags.update(spec.names())
+            else:
                 for name in spec.names():
                     true_of[name], false_of[name] = name, spec.false_names()[0]
                 for name in spec.false_names():
                     true_of[name], false_of[name] = name, spec.names()[0]
-    out = []
+    out: list[str] = []
     for arg in argv:
         name, eq, value = arg.partition("=")
-        if eq and name in true_of:
+        if out and out[-1] in value_flags and NEGATIVE_VALUE.match(arg):
+            out[-1] = f"{out[-1]}={arg}"  # `--layers -1,-2`: argparse would take -1 for a flag
+        elif eq and name in true_of:
             if value.lower() in TRUE_WORDS:
                 out.append(true_of[name])
             elif value.lower() in FALSE_WORDS:
@@ -518,10 +677,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{p}: not valid TOML ({e}).") from None
     for key, value in data.items():
-        if key not in STAGES or not isinstance(value, dict):
+        if key not in (*STAGES, "run") or not isinstance(value, dict):
             raise UserError(
                 f"{p}: unknown section [{key}]; valid sections: "
-                + ", ".join(f"[{s}]" for s in STAGES)
+                + ", ".join(f"[{s}]" for s in (*STAGES, "run"))
                 + "."
             )
     return data

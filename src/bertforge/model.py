@@ -280,11 +280,29 @@ class BertForPretraining(nn.Module):
             ids, types = input_ids, token_type_ids
             if lengths is not None and bool((lengths < s).any()):
                 layout = (positions[None, :] < lengths[:, None]).view(b, 1, 1, s)
-        x = self.word_embeddings(ids) + self.position_embeddings(positions)
-        x = self.dropout(self.embed_norm(x + self.token_type_embeddings(types)))
+        x = self.embed(ids, types, positions)
         for layer in self.layers:
             x = layer(x, layout)
         return x, layout
+
+    def embed(
+        self, ids: torch.Tensor, types: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)
+        return self.dropout(self.embed_norm(x + self.token_type_embeddings(types)))
+
+    def hidden_states(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """The embedding output and every layer's output, (B, S, H) each, as transformers'
+        hidden_states (single-segment inputs: feature extraction)."""
+        b, s = input_ids.shape
+        positions = torch.arange(s, device=input_ids.device)
+        layout = (positions[None, :] < lengths[:, None]).view(b, 1, 1, s)
+        x = self.embed(input_ids, torch.zeros_like(input_ids), positions)
+        out = [x]
+        for layer in self.layers:
+            x = layer(x, layout)
+            out.append(x)
+        return out
 
     def forward(
         self,

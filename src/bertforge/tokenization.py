@@ -170,6 +170,7 @@ def save_tokenizer_files(
     tokens: Sequence[str],
     do_lower_case: bool,
     strip_accents: bool | None,
+    model_max_length: int = MODEL_MAX_LENGTH,
 ) -> list[str]:
     """Write vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
     d = Path(directory)
@@ -185,7 +186,7 @@ def save_tokenizer_files(
             "do_lower_case": do_lower_case,
             "strip_accents": strip_accents,
             "tokenize_chinese_chars": True,
-            "model_max_length": MODEL_MAX_LENGTH,
+            "model_max_length": model_max_length,
             "unk_token": UNK,
             "sep_token": SEP,
             "pad_token": PAD,

@@ -456,6 +456,7 @@ def evaluate(
     if cfg.max_eval_steps:
         count = min(count, cfg.max_eval_steps)
     sums = torch.zeros(6, dtype=torch.float64, device=d.device)
+    label_counts = torch.zeros(model.config.vocab_size, dtype=torch.float64, device=d.device)
     for chunk in range(d.rank, count, d.world):
         rows = eval_rows(data, split, spec, cfg.random_seed, chunk, batch)
         b = to_tensors(rows, d.device)
@@ -467,6 +468,9 @@ def evaluate(
             mlm_logits, b["labels"], nsp_logits, b["next_sentence"]
         )
         masked = (b["labels"] != IGNORE).sum()
+        label_counts += torch.bincount(
+            b["labels"][b["labels"] != IGNORE], minlength=label_counts.numel()
+        ).double()
         sums += torch.stack(
             [
                 mlm,
@@ -478,6 +482,7 @@ def evaluate(
             ]
         ).double()
     distributed.all_reduce_sum(sums, d)
+    distributed.all_reduce_sum(label_counts, d)
     model.train()
     mlm_sum, nsp_sum, mlm_ok, nsp_ok, masked, n = sums.tolist()
     result = {
@@ -488,6 +493,8 @@ def evaluate(
         "next_sentence_accuracy": nsp_ok / max(n, 1),
     }
     result["loss"] = result["masked_lm_loss"] + result["next_sentence_loss"]
+    # The best constant guess on these very labels: what a unigram model cannot beat.
+    result["masked_lm_unigram_baseline"] = float(label_counts.max()) / max(masked, 1)
     return result
 
 
@@ -500,6 +507,7 @@ def report_eval(out: Path, result: dict[str, float], progress: bool) -> None:
             "step": result["global_step"],
             "eval": True,
             **{k: result[k] for k in EVAL_KEYS if k != "global_step"},
+            "masked_lm_unigram_baseline": result["masked_lm_unigram_baseline"],
         },
     )
     if progress:

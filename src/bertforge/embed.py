@@ -1,0 +1,295 @@
+"""`bertforge embed`: vectors for the lines (sentence level) or words (token level) of a text.
+
+Streaming: lines are read, embedded and appended to a scratch file in blocks, so memory stays
+flat however long the input; at the end the scratch rows are wrapped in the output format and
+renamed into place (an interrupted run leaves no half-written output). Within a block, lines
+are sorted by length before batching so little compute goes to padding.
+
+The two output formats are written here rather than through numpy/safetensors' savers
+because both of those need the whole array in memory; the formats themselves are tiny and
+documented (npy: a header then raw rows; safetensors: a little-endian u64 header length, a
+JSON header, raw tensors), and the tests read our files back with numpy and safetensors.
+
+Words are BERT's basic-tokenizer words (whitespace and punctuation split), found from the
+tokenizer's word ids; a word's vector pools its pieces (first, as flair does by default, or
+mean). Token level cuts a line longer than the model reads into several forward passes at
+word boundaries; sentence level keeps the first pieces and reports how many lines were cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from bertforge.config import EmbedConfig
+from bertforge.corpus import CorpusStats, Progress, iter_lines, progress_bar, resolve_inputs
+from bertforge.errors import UserError
+from bertforge.fileio import atomic_open
+from bertforge.inference import Loaded, load_model
+from bertforge.tokenization import CLS, SEP
+
+BLOCK_LINES = 2048  # lines read, sorted by length and embedded together
+
+
+@dataclass
+class Chunk:
+    """One forward pass worth of a line: piece ids and, at token level, its words' spans."""
+
+    line: int
+    ids: list[int]  # without [CLS]/[SEP]
+    words: list[tuple[int, int]] = field(default_factory=list)  # piece [start, end) per word
+
+
+@dataclass
+class EmbedResult:
+    output: Path
+    lines: int
+    rows: int
+    dim: int
+    truncated_lines: int
+
+
+def embed(cfg: EmbedConfig) -> EmbedResult:
+    out = Path(cfg.output)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"--output: {out} exists; pass --overwrite to replace it.")
+    if not out.parent.is_dir():
+        raise UserError(f"--output: directory {out.parent} does not exist.")
+    loaded = load_model(cfg.model, cfg.device)
+    num_layers = loaded.model.config.num_hidden_layers
+    layers = cfg.layer_indices()
+    for layer in layers:
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise UserError(
+                f"--layers: the model has {num_layers} layers (0 is the embedding layer, "
+                f"{num_layers} or -1 the last); {layer} is out of range."
+            )
+    max_length = min(cfg.max_length or loaded.max_length, loaded.max_length)
+    hidden = loaded.model.config.hidden_size
+    dim = hidden * len(layers) if cfg.combine == "concat" else hidden
+
+    inputs = resolve_inputs([cfg.input], "--input")
+    stats = CorpusStats()
+    bar = progress_bar(inputs, cfg.progress, "embed")
+    progress = Progress(callbacks=[bar.update] if bar else [])
+    token_level = cfg.level == "token"
+    scratch = out.with_name(f".{out.name}.rows.tmp")
+    words_path = out.with_name(out.stem + ".words.txt")
+    offsets = [0]
+    rows = truncated = 0
+    try:
+        with open(scratch, "wb") as f, contextlib.ExitStack() as stack:
+            words_file: IO[str] | None = None
+            if token_level:
+                words_file = stack.enter_context(atomic_open(words_path, "w"))
+            lines = (line for line, _ in iter_lines(inputs, stats, progress=progress))
+            for block in blocks(lines, BLOCK_LINES):
+                vectors, words, cut = embed_block(loaded, block, cfg, layers, max_length, dim)
+                truncated += cut
+                for v, w in zip(vectors, words, strict=True):
+                    f.write(np.ascontiguousarray(v, dtype="<f4").tobytes())
+                    rows += len(v)
+                    offsets.append(rows)
+                    if words_file is not None:
+                        words_file.write(" ".join(w) + "\n")
+        if len(offsets) == 1:
+            raise UserError(f"--input: {cfg.input} has no lines to embed.")
+        metadata = {
+            "model": str(loaded.source.path),
+            "level": cfg.level,
+            "layers": cfg.layers,
+            "combine": cfg.combine,
+            "pooling": cfg.resolved_pooling,
+        }
+        offsets_array = np.asarray(offsets, dtype="<i8") if token_level else None
+        if out.suffix == ".npy":
+            write_npy(out, scratch, (rows, dim))
+            if offsets_array is not None:
+                with atomic_open(out.with_name(out.stem + ".offsets.npy")) as g:
+                    np.save(g, offsets_array)
+        else:
+            write_safetensors_rows(out, scratch, (rows, dim), offsets_array, metadata)
+    finally:
+        scratch.unlink(missing_ok=True)
+        if bar:
+            bar.close()
+    result = EmbedResult(out, len(offsets) - 1, rows, dim, truncated)
+    if cfg.progress:
+        what = "words" if token_level else "lines"
+        print(f"embed: {result.lines:,} lines -> {rows:,} {what} x {dim} -> {out}", file=sys.stderr)
+        if truncated:
+            print(
+                f"  {truncated} line(s) were longer than {max_length} pieces; their "
+                "vectors use the first pieces only",
+                file=sys.stderr,
+            )
+    return result
+
+
+def blocks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+    block: list[str] = []
+    for line in lines:
+        block.append(line)
+        if len(block) == size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def chunks_of(
+    line_index: int, ids: list[int], word_ids: list[int | None], limit: int, token_level: bool
+) -> tuple[list[Chunk], bool]:
+    """Cut a line's pieces into chunks of at most `limit` pieces (at word boundaries at token
+    level; sentence level keeps the first chunk). Returns the chunks and whether it was cut."""
+    if not token_level:
+        return [Chunk(line_index, ids[:limit])], len(ids) > limit
+    spans: list[tuple[int, int]] = []
+    for i, w in enumerate(word_ids):
+        if spans and w is not None and w == word_ids[spans[-1][0]]:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    out: list[Chunk] = []
+    for start, end in spans:
+        if not out or len(out[-1].ids) + (end - start) > limit:
+            out.append(Chunk(line_index, []))
+        c = out[-1]
+        end = min(end, start + limit)  # a word longer than a pass keeps its first pieces
+        c.words.append((len(c.ids), len(c.ids) + end - start))
+        c.ids += ids[start:end]
+    return out, False
+
+
+@torch.no_grad()
+def embed_block(
+    loaded: Loaded,
+    lines: list[str],
+    cfg: EmbedConfig,
+    layers: tuple[int, ...],
+    max_length: int,
+    dim: int,
+) -> tuple[list[np.ndarray], list[list[str]], int]:
+    """Vectors (one array per line: 1 row, or one row per word) and the words of each line."""
+    token_level = cfg.level == "token"
+    encodings = loaded.tokenizer.encode_batch(lines, add_special_tokens=False)
+    chunks: list[Chunk] = []
+    words: list[list[str]] = []
+    cut = 0
+    for i, (line, enc) in enumerate(zip(lines, encodings, strict=True)):
+        line_chunks, was_cut = chunks_of(i, enc.ids, enc.word_ids, max_length - 2, token_level)
+        chunks += line_chunks
+        cut += was_cut
+        words.append(line_words(line, enc) if token_level else [])
+    states: list[np.ndarray] = [np.empty(0)] * len(chunks)
+    order = sorted(range(len(chunks)), key=lambda k: len(chunks[k].ids))
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start : start + cfg.batch_size]
+        for k, h in zip(
+            batch, forward(loaded, [chunks[k] for k in batch], layers, cfg.combine), strict=True
+        ):
+            states[k] = h
+    vectors: list[np.ndarray] = []
+    first = 0
+    for i in range(len(lines)):
+        last = first
+        while last < len(chunks) and chunks[last].line == i:
+            last += 1
+        parts = list(zip(chunks[first:last], states[first:last], strict=True))
+        vectors.append(pool(parts, cfg, token_level, dim))
+        first = last
+    return vectors, words, cut
+
+
+def forward(
+    loaded: Loaded, batch: list[Chunk], layers: tuple[int, ...], combine: str
+) -> list[np.ndarray]:
+    """Combined hidden states (pieces + 2, dim) of each chunk, [CLS] first."""
+    cls, sep = loaded.vocab.id(CLS), loaded.vocab.id(SEP)
+    width = max(len(c.ids) for c in batch) + 2
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, c in enumerate(batch):
+        ids[row, : len(c.ids) + 2] = torch.tensor([cls, *c.ids, sep])
+    lengths = torch.tensor([len(c.ids) + 2 for c in batch])
+    states = loaded.model.hidden_states(ids.to(loaded.device), lengths.to(loaded.device))
+    chosen = torch.stack([states[layer] for layer in layers], dim=2)  # (B, S, k, H)
+    combined = chosen.flatten(2) if combine == "concat" else chosen.mean(2)
+    combined = combined.float().cpu().numpy()
+    return [combined[row, : int(n)] for row, n in enumerate(lengths)]
+
+
+def pool(
+    parts: list[tuple[Chunk, np.ndarray]], cfg: EmbedConfig, token_level: bool, dim: int
+) -> np.ndarray:
+    """One line's rows from its chunks' hidden states ([CLS] at 0, pieces from 1)."""
+    how = cfg.resolved_pooling
+    if not token_level:
+        chunk, h = parts[0]
+        if how == "cls":
+            return h[:1]
+        body = h[1 : 1 + len(chunk.ids)]
+        return body.mean(0, keepdims=True) if len(body) else np.zeros((1, h.shape[1]), "f4")
+    out = []
+    for chunk, h in parts:
+        for start, end in chunk.words:
+            piece = h[1 + start : 1 + end]
+            out.append(piece[0] if how == "first" else piece.mean(0))
+    return np.stack(out) if out else np.zeros((0, dim), "f4")
+
+
+def line_words(line: str, enc: Any) -> list[str]:
+    """The text of each word of a line (from the pieces' offsets into the line)."""
+    spans: dict[int, list[int]] = {}
+    for w, (s, e) in zip(enc.word_ids, enc.offsets, strict=True):
+        if w is None:
+            continue
+        if w in spans:
+            spans[w][1] = max(spans[w][1], e)
+        else:
+            spans[w] = [s, e]
+    return [line[s:e].replace(" ", "_") or "_" for s, e in spans.values()]
+
+
+def write_npy(out: Path, scratch: Path, shape: tuple[int, int]) -> None:
+    with atomic_open(out) as f, open(scratch, "rb") as src:
+        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_2_0(f, header)
+        shutil.copyfileobj(src, f, 1 << 22)
+
+
+def write_safetensors_rows(
+    out: Path,
+    scratch: Path,
+    shape: tuple[int, int],
+    offsets: np.ndarray | None,
+    metadata: dict[str, str],
+) -> None:
+    nbytes = shape[0] * shape[1] * 4
+    header: dict[str, Any] = {
+        "__metadata__": metadata,
+        "embeddings": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]},
+    }
+    if offsets is not None:
+        header["offsets"] = {
+            "dtype": "I64",
+            "shape": [len(offsets)],
+            "data_offsets": [nbytes, nbytes + offsets.nbytes],
+        }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_open(out) as f, open(scratch, "rb") as src:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        shutil.copyfileobj(src, f, 1 << 22)
+        if offsets is not None:
+            f.write(offsets.tobytes())

@@ -1,0 +1,127 @@
+"""Using a trained model: load it from anything bertforge reads, tokenize text exactly as the
+data stage did, and answer fill-mask queries (`bertforge fill-mask`). embed.py builds on it.
+
+The model is bertforge's own (model.py), so an export, a training directory mid-run and a
+Hugging Face BERT directory all work the same way, without a round trip through transformers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from tokenizers import AddedToken, Tokenizer
+
+from bertforge.checkpoint import InitWeights, read_init_checkpoint
+from bertforge.config import FillMaskConfig
+from bertforge.errors import UserError
+from bertforge.model import BertForPretraining, load_weights
+from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab
+
+UNUSED = re.compile(r"^\[unused\d+\]$")
+
+
+@dataclass
+class Loaded:
+    model: BertForPretraining
+    vocab: Vocab
+    tokenizer: Tokenizer  # [CLS] ... [SEP] added; "[MASK]" in a text is the mask token
+    device: torch.device
+    source: InitWeights
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_model(path: str, device: str = "auto", flag: str = "--model") -> Loaded:
+    source = read_init_checkpoint(path, flag)
+    if source.vocab_file is None:
+        raise UserError(
+            f"{flag}: no vocab.txt beside {source.path}; export the model first "
+            "(bertforge export --checkpoint ... --vocab ...)."
+        )
+    try:
+        vocab = load_vocab(source.vocab_file)
+    except UserError as e:
+        raise UserError(
+            f"{flag}: {e} Export it first: bertforge export --checkpoint {path} "
+            "--do-lower-case (or --no-do-lower-case) --output DIR."
+        ) from None
+    if vocab.size != source.config.vocab_size:
+        raise UserError(
+            f"{flag}: {vocab.path} has {vocab.size} tokens, the model {source.config.vocab_size}."
+        )
+    model = BertForPretraining(source.config)
+    load_weights(model, source.weights, str(source.path))
+    dev = pick_device(device)
+    model.to(dev).eval()
+    tokenizer = vocab.tokenizer()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    return Loaded(model, vocab, tokenizer, dev, source)
+
+
+@dataclass
+class Guess:
+    token: str
+    probability: float
+
+
+@torch.no_grad()
+def fill_mask(loaded: Loaded, text: str, top_k: int) -> list[list[Guess]]:
+    """The top_k guesses for each [MASK] in text, in order (special tokens never guessed)."""
+    mask_id = loaded.vocab.id(MASK)
+    ids = loaded.tokenizer.encode(text).ids
+    if len(ids) > loaded.max_length:
+        raise UserError(f"text has {len(ids)} pieces; the model reads at most {loaded.max_length}.")
+    positions = [i for i, t in enumerate(ids) if t == mask_id]
+    if not positions:
+        raise UserError(f"no {MASK} in {text!r}; put {MASK} where a word should be guessed.")
+    dev = loaded.device
+    input_ids = torch.tensor([ids], device=dev)
+    logits, _ = loaded.model(
+        input_ids,
+        torch.zeros_like(input_ids),
+        torch.tensor([len(ids)], device=dev),
+        torch.tensor([positions], device=dev),
+    )
+    logits = logits[0].float()
+    banned = [i for i, t in enumerate(loaded.vocab.tokens) if t in SPECIALS or UNUSED.match(t)]
+    logits[:, banned] = float("-inf")
+    probs = logits.softmax(-1)
+    top = probs.topk(min(top_k, probs.shape[-1] - len(banned)), dim=-1)
+    return [
+        [Guess(loaded.vocab.tokens[i], p) for p, i in zip(ps.tolist(), ix.tolist(), strict=True)]
+        for ps, ix in zip(top.values, top.indices, strict=True)
+    ]
+
+
+def filled(text: str, guesses: list[list[Guess]]) -> str:
+    """text with each [MASK] replaced by its best guess, in brackets."""
+    parts = text.split(MASK)
+    out = parts[0]
+    for part, g in zip(parts[1:], guesses, strict=False):
+        out += f"[{g[0].token}]" + part
+    return out
+
+
+def run_fill_mask(cfg: FillMaskConfig) -> list[list[list[Guess]]]:
+    loaded = load_model(cfg.model, cfg.device)
+    results = []
+    for text in cfg.text:
+        guesses = fill_mask(loaded, text, cfg.top_k)
+        results.append(guesses)
+        print(filled(text, guesses))
+        for n, g in enumerate(guesses, 1):
+            shown = ", ".join(f"{x.token} {x.probability:.3f}" for x in g)
+            print(f"  {MASK} {n}: {shown}")
+    return results

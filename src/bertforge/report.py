@@ -1,0 +1,201 @@
+"""DIR/report.md for a `bertforge run`: what went in, what came out, and how training went.
+
+Everything is read from the stages' own records (manifests, metrics.jsonl, run.json), so the
+report can be rewritten at any time from a run directory. Plots are PNGs drawn with
+matplotlib's non-interactive backend.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertforge.fileio import read_manifest, write_text
+
+PLOTS = "plots"
+
+
+@dataclass
+class Summary:
+    """The figures the end-of-run message prints."""
+
+    model: Path
+    steps: int
+    masked_lm_accuracy: float | None
+    unigram_baseline: float | None
+    next_sentence_accuracy: float | None
+    tokens_per_second: float | None
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training log records, evaluation records) of a metrics.jsonl, skipping a torn line."""
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    if not path.is_file():
+        return train, evals
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        (evals if record.get("eval") else train).append(record)
+    return train, evals
+
+
+def plot(out: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[str]:
+    """loss.png and accuracy.png; the names written (none without training records)."""
+    if not train:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / PLOTS).mkdir(exist_ok=True)
+    steps = [r["step"] for r in train]
+    esteps = [r["step"] for r in evals]
+    written = []
+    for name, series in (
+        (
+            "loss",
+            (
+                ("loss", "loss"),
+                ("masked_lm_loss", "masked LM loss"),
+                ("next_sentence_loss", "next sentence loss"),
+            ),
+        ),
+        (
+            "accuracy",
+            (
+                ("masked_lm_accuracy", "masked LM accuracy"),
+                ("next_sentence_accuracy", "next sentence accuracy"),
+            ),
+        ),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for key, label in series:
+            line = ax.plot(steps, [r[key] for r in train], label=f"train {label}")[0]
+            if evals:
+                ax.plot(
+                    esteps,
+                    [r[key] for r in evals],
+                    "o",
+                    color=line.get_color(),
+                    label=f"held-out {label}",
+                )
+        if name == "accuracy" and evals and "masked_lm_unigram_baseline" in evals[-1]:
+            ax.axhline(
+                evals[-1]["masked_lm_unigram_baseline"],
+                ls="--",
+                color="grey",
+                label="unigram baseline (masked LM)",
+            )
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / PLOTS / f"{name}.png")
+        plt.close(fig)
+        written.append(f"{PLOTS}/{name}.png")
+    return written
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def write_report(out: Path, dirs: dict[str, str]) -> Summary:
+    vocab = read_manifest(out / dirs["vocab"]) or {}
+    data = read_manifest(out / dirs["data"]) or {}
+    trained = read_manifest(out / dirs["train"]) or {}
+    exported = read_manifest(out / dirs["export"]) or {}
+    state = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    train, evals = read_metrics(out / dirs["train"] / "metrics.jsonl")
+    images = plot(out, train, evals)
+    last = evals[-1] if evals else {}
+    speeds = [r["tokens_per_second"] for r in train[1:] or train if "tokens_per_second" in r]
+    speed = sum(speeds) / len(speeds) if speeds else None
+    model = out / dirs["export"]
+
+    vc, vq, vcfg = vocab.get("counts", {}), vocab.get("quality", {}), vocab.get("config", {})
+    dc, dcfg = data.get("counts", {}), data.get("config", {})
+    bert = trained.get("bert_config", {})
+    tcfg = trained.get("config", {})
+    lines = [
+        "# bertforge run report",
+        "",
+        f"Corpus: {', '.join(vcfg.get('input', []))}  ",
+        f'Model: `{model}` (transformers: `AutoModel.from_pretrained("{model}")`; flair: '
+        f'`TransformerWordEmbeddings("{model}")`)',
+        "",
+        "## Stages",
+        "",
+        "| stage | directory | seconds |",
+        "|---|---|---|",
+    ]
+    for stage, sub in dirs.items():
+        seconds = state.get(stage, {}).get("seconds")
+        lines.append(f"| {stage} | `{sub}/` | {'–' if seconds is None else f'{seconds:.0f}'} |")
+    lines += [
+        "",
+        "## Corpus and vocabulary",
+        "",
+        f"- {vc.get('documents', 0):,} documents, {vc.get('sentences', 0):,} sentences, "
+        f"{vc.get('bytes', 0) / 1e6:.1f} MB",
+        f"- vocabulary: {vc.get('vocab_size', '?')} tokens ({vcfg.get('algorithm', '?')}, "
+        f"{'uncased' if vcfg.get('do_lower_case') else 'cased'}), alphabet "
+        f"{vc.get('alphabet', '?')} characters",
+        f"- on {vq.get('sentences', 0):,} held-out sentences: [UNK] {_pct(vq.get('unk_rate'))}, "
+        f"{vq.get('pieces_per_word', 0):.3f} pieces per word, {_pct(vq.get('vocab_used'))} of "
+        "the vocabulary in use",
+        "",
+        "## Pretraining data",
+        "",
+        f"- {dc.get('instances', 0):,} instances of at most {dcfg.get('max_seq_length', '?')} "
+        f"tokens, {dc.get('tokens', 0):,} tokens; mean length {dc.get('mean_length', 0):.1f}, "
+        f"padding {_pct(dc.get('padding_share'))}, random next sentence "
+        f"{_pct(dc.get('random_next_share'))}",
+        f"- masking: {dcfg.get('masked_lm_prob', '?')} of the tokens, at most "
+        f"{dcfg.get('max_predictions_per_seq', '?')} per instance"
+        + (", whole words" if dcfg.get("do_whole_word_mask") else ""),
+        "",
+        "## Training",
+        "",
+        f"- model: L{bert.get('num_hidden_layers', '?')} H{bert.get('hidden_size', '?')} "
+        f"A{bert.get('num_attention_heads', '?')}, vocabulary {bert.get('vocab_size', '?')}",
+        f"- {trained.get('counts', {}).get('steps', 0):,} steps of {tcfg.get('train_batch_size')} "
+        f"instances, learning rate {tcfg.get('learning_rate')} ({tcfg.get('optimizer')}), "
+        f"{trained.get('precision', '?')} on {trained.get('device', '?')} x "
+        f"{trained.get('processes', 1)}",
+        f"- throughput: {speed:,.0f} tokens/s" if speed else "- throughput: –",
+        "",
+    ]
+    if last:
+        lines += [
+            f"### Held-out evaluation (step {last['step']})",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            f"| masked LM accuracy | {last['masked_lm_accuracy']:.4f} |",
+            f"| unigram baseline (best constant guess) | "
+            f"{last.get('masked_lm_unigram_baseline', float('nan')):.4f} |",
+            f"| masked LM loss | {last['masked_lm_loss']:.4f} |",
+            f"| next sentence accuracy | {last['next_sentence_accuracy']:.4f} |",
+            f"| next sentence loss | {last['next_sentence_loss']:.4f} |",
+            "",
+        ]
+    lines += [f"![{Path(i).stem}]({i})" for i in images]
+    files = sorted(exported.get("outputs", {}))
+    lines += ["", "## Exported model", "", f"`{model}`: {', '.join(files)}", ""]
+    write_text(out / "report.md", "\n".join(lines))
+    return Summary(
+        model=model,
+        steps=trained.get("counts", {}).get("steps", 0),
+        masked_lm_accuracy=last.get("masked_lm_accuracy"),
+        unigram_baseline=last.get("masked_lm_unigram_baseline"),
+        next_sentence_accuracy=last.get("next_sentence_accuracy"),
+        tokens_per_second=speed,
+    )

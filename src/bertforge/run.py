@@ -1,0 +1,254 @@
+"""`bertforge run CORPUS... --output DIR`: vocab -> data -> train -> export, then report.md.
+
+The pipeline is the four stage commands with their outputs wired together (DIR/vocab,
+DIR/data, DIR/train, DIR/model): each stage's own code runs, writes its own manifest, checks
+its own inputs. What run adds:
+
+- Settings given once. Every stage flag is a run flag; one that several stages use goes to
+  each (--input, --cased, --max-seq-length, --random-seed), and the paths between stages are
+  set by run (a TOML section that sets one of them is refused). Names that mean different
+  things in two stages get the stage as prefix (export's --format is --export-format).
+- Skipping and resuming. DIR/run.json records, per stage, the settings it last ran with and
+  the sha256 of the manifest it wrote. A stage is skipped when its settings, its manifest and
+  everything upstream are unchanged; a stage that was cut off resumes (data and train resume
+  by themselves); training also resumes when only settings it can resume with changed
+  (--num-train-steps, logging, ...). Anything else starts the stage, and all after it, over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bertforge.config import (
+    STAGES,
+    FieldSpec,
+    RunConfig,
+    add_field_argument,
+    build_config,
+    config_to_dict,
+    field_specs,
+)
+from bertforge.errors import UserError
+from bertforge.fileio import MANIFEST, sha256_file, write_json
+from bertforge.report import Summary, write_report
+
+ORDER = ("vocab", "data", "train", "export")
+DIRS = {"vocab": "vocab", "data": "data", "train": "train", "export": "model"}
+STATE = "run.json"
+# Set by run itself: the corpus and the paths from one stage to the next.
+WIRED = {
+    "vocab": {"input", "output"},
+    "data": {"input", "vocab", "output"},
+    "train": {"data", "output", "vocab"},
+    "export": {"checkpoint", "output", "vocab"},
+}
+# Stages that continue where they were cut off (the others are quick and start again).
+RESUMES = {"data", "train"}
+# Settings that do not change a stage's output.
+COSMETIC = {"progress", "overwrite"}
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+@dataclass(frozen=True)
+class RunFlag:
+    """One run flag: the field it sets in each stage that has it."""
+
+    spec: FieldSpec  # named as the flag's dest
+    targets: tuple[tuple[str, str], ...]  # (stage, field)
+
+
+def run_flags() -> list[RunFlag]:
+    """The stage flags of `bertforge run`: shared names merged, clashing names prefixed."""
+    own = {s.name for s in field_specs(RunConfig)}
+    by_name: dict[str, list[tuple[str, FieldSpec]]] = {}
+    for stage in ORDER:
+        for spec in field_specs(STAGES[stage]):
+            if spec.name not in WIRED[stage] and spec.name not in own:
+                by_name.setdefault(spec.name, []).append((stage, spec))
+    flags = []
+    for name, uses in by_name.items():
+        first = uses[0][1]
+        same = [(st, sp) for st, sp in uses if (sp.kind, sp.choices) == (first.kind, first.choices)]
+        flags.append(
+            RunFlag(
+                dataclasses.replace(first, required=False, default=None),
+                tuple((st, name) for st, _ in same),
+            )
+        )
+        for stage, spec in uses:
+            if (stage, spec) not in same:
+                flags.append(
+                    RunFlag(
+                        dataclasses.replace(
+                            spec,
+                            name=f"{stage}_{name}",
+                            required=False,
+                            default=None,
+                            metadata={},
+                        ),
+                        ((stage, name),),
+                    )
+                )
+    return flags
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> list[RunFlag]:
+    flags = run_flags()
+    for flag in flags:
+        stages = ", ".join(dict.fromkeys(st for st, _ in flag.targets))
+        add_field_argument(parser, flag.spec, note=f"; stage: {stages}")
+    return flags
+
+
+def stage_configs(
+    run: RunConfig,
+    toml: Mapping[str, Mapping[str, Any]],
+    flag_values: Mapping[str, Any],
+    config_path: str | None = None,
+) -> dict[str, Any]:
+    """Each stage's config: its defaults < its TOML section < run flags < run's wiring."""
+    out = Path(run.output)
+    wiring: dict[str, dict[str, Any]] = {
+        "vocab": {"input": run.input, "output": str(out / DIRS["vocab"])},
+        "data": {
+            "input": run.input,
+            "vocab": str(out / DIRS["vocab"]),
+            "output": str(out / DIRS["data"]),
+        },
+        "train": {"data": str(out / DIRS["data"]), "output": str(out / DIRS["train"])},
+        "export": {"checkpoint": str(out / DIRS["train"]), "output": str(out / DIRS["export"])},
+    }
+    per_stage: dict[str, dict[str, Any]] = {stage: {} for stage in ORDER}
+    for flag in run_flags():
+        if flag.spec.name in flag_values:
+            for stage, name in flag.targets:
+                per_stage[stage][name] = flag_values[flag.spec.name]
+    configs = {}
+    for stage in ORDER:
+        section = dict(toml.get(stage, {}))
+        for key in section:
+            if key.replace("-", "_") in WIRED[stage]:
+                raise UserError(
+                    f"{config_path} [{stage}]: {key} is set by bertforge run (the corpus and the "
+                    "paths between stages); remove it from the file."
+                )
+        values = {**per_stage[stage], **wiring[stage], "progress": run.progress}
+        if stage == "export":
+            values.pop("progress")
+        source = f"{config_path} [{stage}]" if config_path else "config file"
+        configs[stage] = build_config(STAGES[stage], section, values, source=source)
+    return configs
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class RunResult:
+    output: Path
+    ran: list[str]
+    skipped: list[str]
+    summary: Summary
+
+
+def settings_key(cfg: Any) -> dict[str, Any]:
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in COSMETIC}
+
+
+def decide(
+    stage: str, cfg: Any, record: dict[str, Any] | None, directory: Path, upstream_ran: bool
+) -> str:
+    """skip, resume or start."""
+    if upstream_ran or record is None:
+        return "start"
+    old, new = record["config"], settings_key(cfg)
+    manifest = directory / MANIFEST
+    if old == new:
+        if record.get("done"):
+            if manifest.is_file() and sha256_file(manifest) == record.get("manifest_sha256"):
+                return "skip"
+            return "start"
+        return "resume"
+    if stage == "train":
+        from bertforge.train import RESUMABLE
+
+        if all(old.get(k) == v for k, v in new.items() if k not in RESUMABLE):
+            return "resume"
+    return "start"
+
+
+def run_pipeline(
+    run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
+) -> RunResult:
+    out = Path(run.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output: {out} is a file; give a directory.")
+    state_path = out / STATE
+    if out.is_dir() and any(out.iterdir()) and not state_path.is_file() and not run.overwrite:
+        raise UserError(
+            f"--output: {out} is not empty and is not a bertforge run; choose another "
+            "directory or pass --overwrite."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    state: dict[str, Any] = read_state(state_path) if not run.overwrite else {}
+    ran: list[str] = []
+    skipped: list[str] = []
+    for stage in ORDER:
+        cfg = configs[stage]
+        directory = out / DIRS[stage]
+        action = decide(stage, cfg, state.get(stage), directory, bool(ran) or run.overwrite)
+        if action == "resume" and stage not in RESUMES:
+            action = "start"  # quick stages simply run again
+        if action == "skip":
+            skipped.append(stage)
+            print(f"run: {stage}: unchanged, kept {directory}", file=sys.stderr)
+            continue
+        print(
+            f"run: {stage}: {'resuming' if action == 'resume' else 'running'} -> {directory}",
+            file=sys.stderr,
+        )
+        cfg = dataclasses.replace(cfg, overwrite=action == "start")
+        state[stage] = {"config": settings_key(cfg), "done": False}
+        write_json(state_path, state)
+        started = time.monotonic()
+        runners[stage](cfg)
+        state[stage]["seconds"] = round(time.monotonic() - started, 1)
+        state[stage]["done"] = True
+        state[stage]["manifest_sha256"] = sha256_file(directory / MANIFEST)
+        write_json(state_path, state)
+        ran.append(stage)
+    summary = write_report(out, DIRS)
+    print_summary(summary, out)
+    return RunResult(out, ran, skipped, summary)
+
+
+def print_summary(s: Summary, out: Path) -> None:
+    print(f"run: done -> {out / 'report.md'}")
+    if s.masked_lm_accuracy is not None:
+        print(
+            f"  held-out masked LM accuracy {s.masked_lm_accuracy:.1%} (unigram baseline "
+            f"{s.unigram_baseline or 0:.1%}), next sentence accuracy "
+            f"{s.next_sentence_accuracy or 0:.1%} after {s.steps:,} steps"
+        )
+    if s.tokens_per_second:
+        print(f"  training throughput {s.tokens_per_second:,.0f} tokens/s")
+    print(f"  model: {s.model} (transformers AutoModel / flair TransformerWordEmbeddings)")
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """run.json, or nothing when absent or damaged (then every stage starts over)."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}

@@ -1,0 +1,192 @@
+"""`bertforge embed` and `bertforge fill-mask`: vectors equal transformers' hidden states."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bertforge.cli import main
+from bertforge.config import EmbedConfig, FillMaskConfig
+from bertforge.embed import embed
+from bertforge.errors import UserError
+from bertforge.inference import fill_mask, load_model
+
+transformers = pytest.importorskip("transformers")
+
+LINES = [
+    "In the beginning God created the heaven and the earth.",
+    "",
+    "And the earth was without form, and void; and darkness was upon the face of the deep.",
+    "Jesus wept.",
+]
+
+
+@pytest.fixture(scope="module")
+def hf(exported_model):
+    tok = transformers.AutoTokenizer.from_pretrained(exported_model)
+    model = transformers.AutoModel.from_pretrained(exported_model).eval()
+    return tok, model
+
+
+def hidden(hf, text: str) -> tuple[list[torch.Tensor], list[int | None]]:
+    tok, model = hf
+    enc = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**enc, output_hidden_states=True).hidden_states
+    return [s[0] for s in states], enc.word_ids()
+
+
+def test_sentence_vectors(tmp_path, exported_model, hf):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(LINES) + "\n")
+    out = tmp_path / "sent.npy"
+    result = embed(
+        EmbedConfig(model=str(exported_model), input=str(src), output=str(out), progress=False)
+    )
+    vectors = np.load(out)
+    assert vectors.shape == (4, 64) and result.rows == 4
+    for line, v in zip(LINES, vectors, strict=True):
+        if not line:
+            assert not v.any()  # a blank line: no pieces, a zero vector
+            continue
+        states, _ = hidden(hf, line)
+        want = states[-1][1:-1].mean(0).numpy()  # mean over the pieces, [CLS]/[SEP] excluded
+        np.testing.assert_allclose(v, want, atol=2e-5)
+
+    cls_out = tmp_path / "cls.safetensors"
+    embed(
+        EmbedConfig(
+            model=str(exported_model),
+            input=str(src),
+            output=str(cls_out),
+            pooling="cls",
+            layers="-1,-2",
+            progress=False,
+        )
+    )
+    from safetensors.numpy import load_file
+
+    cls = load_file(cls_out)["embeddings"]
+    assert cls.shape == (4, 128)
+    states, _ = hidden(hf, LINES[0])
+    np.testing.assert_allclose(cls[0], torch.cat([states[-1][0], states[-2][0]]).numpy(), atol=2e-5)
+
+
+def test_word_vectors_with_long_lines_cut_at_word_boundaries(tmp_path, exported_model, hf):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(LINES) + "\n")
+    out = tmp_path / "words.safetensors"
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(exported_model),
+                "--input",
+                str(src),
+                "--output",
+                str(out),
+                "--level",
+                "token",
+                "--layers",
+                "-1,-2,-3",
+                "--combine",
+                "mean",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    from safetensors.numpy import load_file
+
+    arrays = load_file(out)
+    vectors, offsets = arrays["embeddings"], arrays["offsets"]
+    words = (tmp_path / "words.words.txt").read_text().split("\n")[:-1]
+    assert len(offsets) == len(LINES) + 1 and len(words) == len(LINES)
+    for i, line in enumerate(LINES):
+        rows = vectors[offsets[i] : offsets[i + 1]]
+        assert len(rows) == len(words[i].split())
+        if not line:
+            continue
+        states, word_ids = hidden(hf, line)
+        combined = torch.stack(states[-3:]).mean(0)
+        first = [word_ids.index(w) for w in dict.fromkeys(x for x in word_ids if x is not None)]
+        np.testing.assert_allclose(rows, combined[first].numpy(), atol=2e-5)
+    assert words[0].split()[:3] == ["In", "the", "beginning"]
+
+    # With passes of at most 8 pieces a line is cut at word boundaries: one row per word still.
+    short = tmp_path / "short.npy"
+    embed(
+        EmbedConfig(
+            model=str(exported_model),
+            input=str(src),
+            output=str(short),
+            level="token",
+            max_length=8,
+            progress=False,
+        )
+    )
+    assert np.load(short).shape[0] == offsets[-1]
+    np.testing.assert_array_equal(np.load(tmp_path / "short.offsets.npy"), offsets)
+
+
+def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("a line\n")
+    out = tmp_path / "v.npy"
+    out.write_bytes(b"precious")
+    assert (
+        main(["embed", "--model", str(exported_model), "--input", str(src), "--output", str(out)])
+        == 2
+    )
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    with pytest.raises(UserError, match=r"--output: .* must end in \.npy or \.safetensors"):
+        EmbedConfig(model="m", input="i", output="v.txt")
+    with pytest.raises(UserError, match="--pooling: with --level token use first or mean"):
+        EmbedConfig(model="m", input="i", output="v.npy", level="token", pooling="cls")
+    with pytest.raises(UserError, match="--layers: the model has 2 layers"):
+        embed(
+            EmbedConfig(
+                model=str(exported_model),
+                input=str(src),
+                output=str(tmp_path / "w.npy"),
+                layers="-4",
+            )
+        )
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(UserError, match="no lines"):
+        embed(
+            EmbedConfig(model=str(exported_model), input=str(empty), output=str(tmp_path / "e.npy"))
+        )
+    assert not (tmp_path / "e.npy").exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_fill_mask(exported_model, capsys):
+    loaded = load_model(str(exported_model), "cpu")
+    guesses = fill_mask(loaded, "the [MASK] of the [MASK]", 3)
+    assert len(guesses) == 2 and all(len(g) == 3 for g in guesses)
+    for g in guesses:
+        probs = [x.probability for x in g]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+        assert not any(x.token.startswith("[") for x in g)
+    with pytest.raises(UserError, match=r"no \[MASK\]"):
+        fill_mask(loaded, "no mask here", 3)
+    assert (
+        main(
+            [
+                "fill-mask",
+                "--model",
+                str(exported_model),
+                "--top-k",
+                "2",
+                "And God said, Let there be [MASK].",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("And God said, Let there be [") and "[MASK] 1:" in out
+    assert FillMaskConfig(text=("a [MASK]",), model="m").top_k == 5

@@ -1,0 +1,151 @@
+"""`bertforge export`: transformers loads the directory and computes bertforge's logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertforge.cli import main
+from bertforge.config import ExportConfig
+from bertforge.errors import UserError
+from bertforge.export import export
+from bertforge.inference import load_model
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "In the beginning God created the heaven and the earth.",
+    "And God said, Let there be light",
+]
+
+
+def our_logits(model_dir: Path, text: str) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    loaded = load_model(str(model_dir), "cpu")
+    ids = loaded.tokenizer.encode(text).ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        mlm, nsp = loaded.model(
+            x, torch.zeros_like(x), torch.tensor([len(ids)]), torch.arange(len(ids))[None]
+        )
+    return ids, mlm[0], nsp[0]
+
+
+def test_transformers_loads_the_export_and_agrees(exported_model, trained_run):
+    tok = transformers.AutoTokenizer.from_pretrained(exported_model)
+    pretraining = transformers.BertForPreTraining.from_pretrained(exported_model).eval()
+    masked_lm = transformers.AutoModelForMaskedLM.from_pretrained(exported_model).eval()
+    encoder = transformers.AutoModel.from_pretrained(exported_model).eval()
+    for text in TEXTS:
+        ids, mlm, nsp = our_logits(trained_run, text)  # the training directory itself
+        enc = tok(text, return_tensors="pt")
+        assert enc["input_ids"][0].tolist() == ids
+        with torch.no_grad():
+            out = pretraining(**enc)
+            torch.testing.assert_close(out.prediction_logits[0], mlm, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out.seq_relationship_logits[0], nsp, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(masked_lm(**enc).logits[0], mlm, atol=1e-5, rtol=1e-5)
+            hidden = encoder(**enc).last_hidden_state[0]
+        loaded = load_model(str(exported_model), "cpu")
+        x = enc["input_ids"]
+        ours = loaded.model.hidden_states(x, torch.tensor([x.shape[1]]))[-1][0]
+        torch.testing.assert_close(hidden, ours.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_fill_mask_pipeline_gives_our_guesses(exported_model):
+    from bertforge.inference import fill_mask
+
+    fill = transformers.pipeline("fill-mask", model=str(exported_model), device="cpu")
+    text = "And God said, Let there be [MASK]."
+    theirs = fill(text, top_k=50)
+    ours = fill_mask(load_model(str(exported_model), "cpu"), text, 5)[0]
+    # Ours never guesses special tokens; theirs may: compare the ranking of ordinary tokens.
+    ordinary = [g for g in theirs if not g["token_str"].startswith("[")][:5]
+    assert [g.token for g in ours] == [g["token_str"] for g in ordinary]
+    # Same distribution: each probability differs only by the special tokens' mass.
+    scale = ours[0].probability / ordinary[0]["score"]
+    for g, h in zip(ours, ordinary, strict=True):
+        assert g.probability == pytest.approx(h["score"] * scale, rel=1e-4)
+
+
+def test_export_files_and_manifest(tmp_path, trained_run):
+    out = tmp_path / "model"
+    assert (
+        main(
+            ["export", "--checkpoint", str(trained_run), "--output", str(out), "--format", "google"]
+        )
+        == 0
+    )
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "bert_config.json",
+        "manifest.json",
+    } <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BertForPreTraining"] and config["vocab_size"] == 1500
+    assert json.loads((out / "tokenizer_config.json").read_text())["do_lower_case"] is True
+    assert json.loads((out / "bert_config.json").read_text())["hidden_size"] == 64
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "export"
+    assert manifest["inputs"][0]["step"] == 30
+    assert manifest["training"]["config"]["num_train_steps"] == 30
+    assert manifest["data"]["max_seq_length"] == 64 and manifest["data"]["counts"]["instances"]
+    assert manifest["eval"]["step"] == 30 and 0 <= manifest["eval"]["masked_lm_accuracy"] <= 1
+    assert set(manifest["outputs"]) >= {"model.safetensors", "vocab.txt", "bert_config.json"}
+    # No vocabulary padding leaks out: 1500 rows, as the vocabulary.
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("bert.embeddings.word_embeddings.weight").shape == (1500, 64)
+        assert "cls.predictions.decoder.weight" not in f.keys()  # noqa: SIM118  # tied, as transformers saves
+
+
+def test_export_of_an_export_is_identical(tmp_path, exported_model):
+    again = tmp_path / "again"
+    export(ExportConfig(checkpoint=str(exported_model), output=str(again)))
+    a = (exported_model / "model.safetensors").read_bytes()
+    assert a == (again / "model.safetensors").read_bytes()
+    for name in ("vocab.txt", "tokenizer.json", "config.json"):
+        assert (exported_model / name).read_text() == (again / name).read_text()
+
+
+def test_export_errors(tmp_path, trained_run, exported_model, capsys):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(occupied)]) == 2
+    assert "not a bertforge export output" in capsys.readouterr().err
+    assert (occupied / "notes.txt").read_text() == "mine"  # nothing touched
+
+    # A model without a vocabulary beside it (a copied checkpoint): say to give --vocab.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((exported_model / name).read_bytes())
+    with pytest.raises(UserError, match=r"no vocab\.txt beside .* --vocab"):
+        export(ExportConfig(checkpoint=str(bare), output=str(tmp_path / "x")))
+    # A vocabulary of another size.
+    small = tmp_path / "small" / "vocab.txt"
+    small.parent.mkdir()
+    small.write_text(
+        "".join(t + "\n" for t in (exported_model / "vocab.txt").read_text().split()[:800])
+    )
+    with pytest.raises(UserError, match=r"800 tokens but the model .* vocab_size 1500"):
+        export(
+            ExportConfig(
+                checkpoint=str(bare),
+                output=str(tmp_path / "x"),
+                vocab=str(small),
+                do_lower_case=True,
+            )
+        )
+    with pytest.raises(UserError, match=r"--checkpoint: .* does not exist"):
+        export(ExportConfig(checkpoint=str(tmp_path / "nothing"), output=str(tmp_path / "x")))

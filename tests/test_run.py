@@ -1,0 +1,170 @@
+"""`bertforge run`: settings given once, stages skipped or resumed, report.md; recipes parse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bertforge import cli
+from bertforge.cli import RUNNERS, main
+from bertforge.config import RunConfig, read_toml
+from bertforge.errors import UserError
+from bertforge.run import run_pipeline, stage_configs
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = [
+    "--vocab-size",
+    "1500",
+    "--max-seq-length",
+    "64",
+    "--max-predictions-per-seq",
+    "10",
+    "--model-size",
+    "tiny",
+    "--train-batch-size",
+    "8",
+    "--num-train-steps",
+    "6",
+    "--eval-records",
+    "20",
+    "--save-checkpoints-steps",
+    "3",
+    "--workers",
+    "1",
+    "--no-progress",
+]
+
+
+def run_cli(corpus: Path, out: Path, *extra: str) -> dict:
+    assert main(["run", str(corpus), "--output", str(out), *FAST, *extra]) == 0
+    return json.loads((out / "run.json").read_text())
+
+
+def test_pipeline_runs_then_skips_then_reruns_what_changed(tmp_path, kjv_corpus, capsys):
+    out = tmp_path / "run"
+    state = run_cli(kjv_corpus, out)
+    for stage, sub in (
+        ("vocab", "vocab"),
+        ("data", "data"),
+        ("train", "train"),
+        ("export", "model"),
+    ):
+        assert state[stage]["done"] and (out / sub / "manifest.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "masked LM accuracy" in report and "unigram baseline" in report
+    assert (out / "plots" / "loss.png").stat().st_size > 1000
+    assert (out / "plots" / "accuracy.png").stat().st_size > 1000
+    printed = capsys.readouterr()
+    assert "held-out masked LM accuracy" in printed.out and "unigram baseline" in printed.out
+
+    # The same command again: nothing reruns.
+    before = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    run_cli(kjv_corpus, out)
+    assert printed.err.count("running") == 4
+    err = capsys.readouterr().err
+    assert err.count("unchanged, kept") == 4
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+    # More steps: training resumes from its checkpoint, then export reruns; vocab/data kept.
+    state = run_cli(kjv_corpus, out, "--num-train-steps", "9")
+    err = capsys.readouterr().err
+    assert "vocab: unchanged" in err and "data: unchanged" in err and "train: resuming" in err
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    assert manifest["counts"]["steps"] == 9
+    metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert min(r["step"] for r in metrics if not r.get("eval")) <= 6  # kept the first 6 steps
+
+    # Another learning rate: training starts over (and export follows).
+    run_cli(kjv_corpus, out, "--num-train-steps", "9", "--learning-rate", "3e-4")
+    err = capsys.readouterr().err
+    assert "data: unchanged" in err and "train: running" in err and "export: running" in err
+
+    # A vocabulary setting: everything from the vocabulary on reruns.
+    run_cli(kjv_corpus, out, "--num-train-steps", "9", "--learning-rate", "3e-4", "--cased")
+    err = capsys.readouterr().err
+    assert all(f"{s}: running" in err for s in ("vocab", "data", "train", "export"))
+    tokenizer_config = json.loads((out / "model" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["do_lower_case"] is False
+
+
+def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):
+    out = tmp_path / "run"
+    run = RunConfig(input=(str(kjv_corpus),), output=str(out), progress=False)
+    flags = {
+        "vocab_size": 1500,
+        "max_seq_length": 64,
+        "max_predictions_per_seq": 10,
+        "model_size": "tiny",
+        "train_batch_size": 8,
+        "num_train_steps": 6,
+        "eval_records": 20,
+        "save_checkpoints_steps": 3,
+        "workers": 1,
+    }
+    configs = stage_configs(run, {}, flags)
+
+    def crash(cfg):  # the machine dies during export, after writing part of it
+        Path(cfg.output).mkdir(parents=True)
+        (Path(cfg.output) / "config.json").write_text("{")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(run, configs, {**RUNNERS, "export": crash})
+    state = json.loads((out / "run.json").read_text())
+    assert state["train"]["done"] and not state["export"]["done"]
+    result = run_pipeline(run, configs, RUNNERS)
+    assert result.ran == ["export"] and result.skipped == ["vocab", "data", "train"]
+    assert json.loads((out / "model" / "config.json").read_text())["vocab_size"] == 1500
+    assert "export: running" in capsys.readouterr().err
+
+
+def test_flags_reach_every_stage_that_uses_them(tmp_path):
+    run = RunConfig(input=("corpus.txt",), output=str(tmp_path / "r"))
+    configs = stage_configs(
+        run,
+        {"train": {"learning_rate": 5e-4}},
+        {
+            "max_seq_length": 256,
+            "do_lower_case": False,
+            "export_format": "google",
+            "format": "tfrecord",
+            "random_seed": 7,
+        },
+    )
+    assert configs["vocab"].do_lower_case is False and configs["data"].do_lower_case is False
+    assert configs["data"].max_seq_length == 256 and configs["train"].max_seq_length == 256
+    assert configs["data"].format == "tfrecord" and configs["export"].format == "google"
+    assert configs["data"].random_seed == 7 and configs["train"].random_seed == 7
+    assert configs["train"].learning_rate == 5e-4
+    assert configs["train"].data == str(tmp_path / "r" / "data")
+    assert configs["export"].checkpoint == str(tmp_path / "r" / "train")
+    with pytest.raises(UserError, match=r"r.toml \[data\]: output is set by bertforge run"):
+        stage_configs(run, {"data": {"output": "elsewhere"}}, {}, "r.toml")
+
+
+def test_run_refuses_a_foreign_directory(tmp_path, kjv_corpus, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep me")
+    assert main(["run", str(kjv_corpus), "--output", str(out), *FAST]) == 2
+    assert "not a bertforge run" in capsys.readouterr().err
+    assert (out / "thesis.tex").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_recipes_parse_into_stage_configs(recipe, tmp_path):
+    toml = read_toml(recipe)
+    run = RunConfig(input=("corpus.txt",), output=str(tmp_path / "r"))
+    configs = stage_configs(run, toml, {}, str(recipe))
+    assert set(configs) == {"vocab", "data", "train", "export"}
+    for stage, section in toml.items():
+        for key, value in section.items():
+            if stage != "run":
+                got = getattr(configs[stage], key)
+                assert (list(got) if isinstance(got, tuple) else got) == value
+
+
+def test_demo_uses_the_repository_recipe():
+    assert cli.demo_config().read_text() == (REPO / "configs" / "demo.toml").read_text()
