@@ -164,7 +164,76 @@ def test_recipes_parse_into_stage_configs(recipe, tmp_path):
             if stage != "run":
                 got = getattr(configs[stage], key)
                 assert (list(got) if isinstance(got, tuple) else got) == value
+    if configs["train"].bert_config:  # a model shape shipped beside the recipes
+        from bertforge.model import BertConfig
+
+        bert = BertConfig.from_json(REPO / configs["train"].bert_config)
+        assert bert.vocab_size == configs["vocab"].vocab_size
 
 
 def test_demo_uses_the_repository_recipe():
     assert cli.demo_config().read_text() == (REPO / "configs" / "demo.toml").read_text()
+
+
+def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
+    tmp_path, kjv_corpus, kjv_vocab, trained_run, capsys
+):
+    out = tmp_path / "continued"
+    fast = [a for a in FAST if a not in ("--model-size", "tiny")]
+    argv = [
+        "run",
+        str(kjv_corpus),
+        "--output",
+        str(out),
+        "--vocab",
+        str(kjv_vocab),
+        "--init-checkpoint",
+        str(trained_run),
+        "--learning-rate",
+        "2e-5",
+        *fast,
+    ]
+    assert main(argv) == 0
+    assert "vocab: using" in capsys.readouterr().err and not (out / "vocab").exists()
+    manifest = json.loads((out / "train" / "manifest.json").read_text())
+    assert manifest["bert_config"]["hidden_size"] == 64  # the checkpoint's size
+    assert (out / "model" / "vocab.txt").read_text() == (kjv_vocab / "vocab.txt").read_text()
+    assert "vocabulary given" in (out / "report.md").read_text()
+    # A vocabulary that is not the checkpoint's is refused before any training.
+    other = tmp_path / "other"
+    assert (
+        main(
+            [
+                "vocab",
+                "--input",
+                str(kjv_corpus),
+                "--output",
+                str(other),
+                "--vocab-size",
+                "1200",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    argv[argv.index(str(kjv_vocab))] = str(other)
+    assert main([*argv[:3], str(tmp_path / "c2"), *argv[4:]]) == 2
+    assert "is not the data's" in capsys.readouterr().err
+
+
+def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypatch, capsys):
+    recipe = tmp_path / "demo.toml"
+    recipe.write_text(
+        (REPO / "configs" / "demo.toml").read_text()
+        .replace("vocab_size = 8000", "vocab_size = 1500")
+        .replace("num_train_steps = 600", "num_train_steps = 4")
+        .replace("eval_records = 500", "eval_records = 20")
+    )  # fmt: skip
+    monkeypatch.setattr(cli, "demo_config", lambda: recipe)
+    monkeypatch.setattr(cli, "demo_corpus", lambda: kjv_corpus)
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out masked LM accuracy" in out and "unigram baseline" in out
+    for prompt in cli.DEMO_PROMPTS:
+        assert prompt.split("[MASK]")[0] in out
+    assert out.count("[MASK] 1:") == len(cli.DEMO_PROMPTS)

@@ -530,3 +530,39 @@ def test_train_result(tmp_path, train_data, tiny_bert_config):
     assert result.eval is not None
     assert set(result.eval) == {*train_module.EVAL_KEYS, "masked_lm_unigram_baseline"}
     assert 0 < result.eval["masked_lm_unigram_baseline"] < 1
+
+
+def test_metrics_are_mirrored_to_tensorboard(trained_run):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
+    acc = event_accumulator.EventAccumulator(str(trained_run / "tensorboard"))
+    acc.Reload()
+    jsonl = metrics(trained_run)
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [r["step"] for r in jsonl]
+    assert loss[-1].value == pytest.approx(jsonl[-1]["loss"], rel=1e-6)
+    (final,) = metrics(trained_run, evals=True)
+    assert acc.Scalars("eval/masked_lm_accuracy")[-1].value == pytest.approx(
+        final["masked_lm_accuracy"], rel=1e-6
+    )
+
+
+def test_dropout_override(tmp_path, train_data):
+    out = tmp_path / "r"
+    cfg = TrainConfig(
+        data=str(train_data),
+        output=str(out),
+        model_size="tiny",
+        dropout=0.0,
+        train_batch_size=4,
+        num_train_steps=2,
+        eval_records=8,
+        progress=False,
+    )
+    train(cfg)
+    bert = json.loads((out / "manifest.json").read_text())["bert_config"]
+    assert bert["hidden_dropout_prob"] == 0.0 and bert["attention_probs_dropout_prob"] == 0.0
+    assert json.loads((out / "bert_config.json").read_text())["hidden_dropout_prob"] == 0.0
+    with pytest.raises(UserError, match="--dropout"):
+        TrainConfig(data="d", output="o", dropout=1.5)

@@ -225,6 +225,9 @@ class TrainConfig:
     large L24/H1024 (default base, or the --init-checkpoint's size)."""
     bert_config: str | None = option(None, aliases=("--bert_config_file",))
     """Google's bert_config.json instead of --model-size; its vocab_size must be the data's."""
+    dropout: float | None = None
+    """Hidden and attention dropout of the model (default: the model's, Google's 0.1). 0 helps
+    short runs of small models; it is saved in the exported config."""
     init_checkpoint: str | None = None
     """Start from these weights (optimizer fresh): a bertforge checkpoint or training
     directory, a Hugging Face BERT directory, or a Google TF checkpoint (bert_model.ckpt)."""
@@ -310,6 +313,8 @@ class TrainConfig:
         require(self.eval_records is None or self.eval_records >= 0, "--eval-records",
                 "must be 0 or more")  # fmt: skip
         require(self.learning_rate > 0, "--learning-rate", "must be positive")
+        require(self.dropout is None or 0 <= self.dropout < 1, "--dropout",
+                "must be at least 0 and below 1")  # fmt: skip
         require(self.num_warmup_steps is None or self.num_warmup_steps >= 0,
                 "--num-warmup-steps", "must be 0 or more")  # fmt: skip
         require(self.random_seed >= 0, "--random-seed", "must be 0 or more")
@@ -446,6 +451,10 @@ class RunConfig:
     """The corpus: files, globs, directories, .gz/.bz2/.xz, - for stdin (Google's format)."""
     output: str = option(aliases=("--output_dir",))
     """Directory of the run: vocab/, data/, train/, model/ (the export), report.md."""
+    vocab: str | None = option(None, aliases=("--vocab_file",))
+    """Use this vocabulary (a `bertforge vocab` directory, or a checkpoint's vocab.txt with
+    --cased/--lowercase) instead of training one: continued pretraining from a checkpoint must
+    keep the checkpoint's vocabulary. The vocab stage is then skipped."""
     overwrite: bool = False
     """Run every stage from the start, replacing what the directory holds."""
     progress: bool = True

@@ -127,7 +127,7 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
     lines = [
         "# bertforge run report",
         "",
-        f"Corpus: {', '.join(vcfg.get('input', []))}  ",
+        f"Corpus: {', '.join(dcfg.get('input', []))}  ",
         f'Model: `{model}` (transformers: `AutoModel.from_pretrained("{model}")`; flair: '
         f'`TransformerWordEmbeddings("{model}")`)',
         "",
@@ -139,18 +139,27 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
     for stage, sub in dirs.items():
         seconds = state.get(stage, {}).get("seconds")
         lines.append(f"| {stage} | `{sub}/` | {'–' if seconds is None else f'{seconds:.0f}'} |")
+    corpus = dc.get("corpus", vc)
     lines += [
         "",
         "## Corpus and vocabulary",
         "",
-        f"- {vc.get('documents', 0):,} documents, {vc.get('sentences', 0):,} sentences, "
-        f"{vc.get('bytes', 0) / 1e6:.1f} MB",
-        f"- vocabulary: {vc.get('vocab_size', '?')} tokens ({vcfg.get('algorithm', '?')}, "
-        f"{'uncased' if vcfg.get('do_lower_case') else 'cased'}), alphabet "
-        f"{vc.get('alphabet', '?')} characters",
-        f"- on {vq.get('sentences', 0):,} held-out sentences: [UNK] {_pct(vq.get('unk_rate'))}, "
-        f"{vq.get('pieces_per_word', 0):.3f} pieces per word, {_pct(vq.get('vocab_used'))} of "
-        "the vocabulary in use",
+        f"- {corpus.get('documents', 0):,} documents, {corpus.get('sentences', 0):,} sentences, "
+        f"{corpus.get('bytes', 0) / 1e6:.1f} MB",
+    ]
+    if vocab:
+        lines += [
+            f"- vocabulary: {vc.get('vocab_size', '?')} tokens ({vcfg.get('algorithm', '?')}, "
+            f"{'uncased' if vcfg.get('do_lower_case') else 'cased'}), alphabet "
+            f"{vc.get('alphabet', '?')} characters",
+            f"- on {vq.get('sentences', 0):,} held-out sentences: [UNK] "
+            f"{_pct(vq.get('unk_rate'))}, {vq.get('pieces_per_word', 0):.3f} pieces per word, "
+            f"{_pct(vq.get('vocab_used'))} of the vocabulary in use",
+        ]
+    else:
+        given = data.get("vocab", {})
+        lines.append(f"- vocabulary given: {given.get('path')} ({given.get('size')} tokens)")
+    lines += [
         "",
         "## Pretraining data",
         "",

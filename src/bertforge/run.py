@@ -122,7 +122,7 @@ def stage_configs(
         "vocab": {"input": run.input, "output": str(out / DIRS["vocab"])},
         "data": {
             "input": run.input,
-            "vocab": str(out / DIRS["vocab"]),
+            "vocab": run.vocab or str(out / DIRS["vocab"]),
             "output": str(out / DIRS["data"]),
         },
         "train": {"data": str(out / DIRS["data"]), "output": str(out / DIRS["train"])},
@@ -206,6 +206,10 @@ def run_pipeline(
     for stage in ORDER:
         cfg = configs[stage]
         directory = out / DIRS[stage]
+        if stage == "vocab" and run.vocab:
+            print(f"run: vocab: using {run.vocab}", file=sys.stderr)
+            state.pop("vocab", None)
+            continue
         action = decide(stage, cfg, state.get(stage), directory, bool(ran) or run.overwrite)
         if action == "resume" and stage not in RESUMES:
             action = "start"  # quick stages simply run again

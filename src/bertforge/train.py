@@ -15,6 +15,7 @@ processes do not change the result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -133,6 +134,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     init = read_init_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None
     vocab = resolve_vocab(cfg, data, init)
     bert = model_config(cfg, vocab, init, info.max_seq_length)
+    if cfg.dropout is not None:
+        bert = dataclasses.replace(
+            bert, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout
+        )
     spec = None if info.static_masking else mask_spec(data, vocab)
     eval_n = eval_size(cfg, len(data)) if cfg.do_eval else 0
     split = Split.of(len(data), eval_n)
@@ -576,8 +581,31 @@ class Window:
 
 
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
+    """One line of metrics.jsonl, mirrored to TensorBoard (OUTPUT/tensorboard) if installed."""
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+    writer = tensorboard(out)
+    if writer is not None:
+        group = "eval" if record.get("eval") else "train"
+        for key, value in record.items():
+            if key not in ("step", "eval") and isinstance(value, int | float):
+                writer.add_scalar(f"{group}/{key}", value, record["step"])
+        writer.flush()
+
+
+_WRITERS: dict[Path, Any] = {}
+
+
+def tensorboard(out: Path) -> Any:
+    """The run's TensorBoard writer, or None without the tensorboard package (optional extra)."""
+    if out not in _WRITERS:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            _WRITERS[out] = None
+        else:
+            _WRITERS[out] = SummaryWriter(str(out / "tensorboard"))
+    return _WRITERS[out]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -673,6 +701,10 @@ def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, pa
 def clear_run(out: Path) -> None:
     """A fresh start: remove what an earlier run left (checkpoints, metrics, results)."""
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    writer = _WRITERS.pop(out, None)
+    if writer is not None:
+        writer.close()
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
     for name in ("metrics.jsonl", "eval_results.txt", "manifest.json"):
         (out / name).unlink(missing_ok=True)
 
