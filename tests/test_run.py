@@ -223,12 +223,13 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
 
 def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypatch, capsys):
     recipe = tmp_path / "demo.toml"
-    recipe.write_text(
-        (REPO / "configs" / "demo.toml").read_text()
-        .replace("vocab_size = 8000", "vocab_size = 1500")
-        .replace("num_train_steps = 600", "num_train_steps = 4")
-        .replace("eval_records = 500", "eval_records = 20")
-    )  # fmt: skip
+    text = (REPO / "configs" / "demo.toml").read_text()
+    for old, new in (("vocab_size = 8000", "vocab_size = 1500"),
+                     ("num_train_steps = 1000", "num_train_steps = 4"),
+                     ("eval_records = 500", "eval_records = 20")):  # fmt: skip
+        assert old in text, f"update this test: the demo recipe has no {old!r}"
+        text = text.replace(old, new)
+    recipe.write_text(text)
     monkeypatch.setattr(cli, "demo_config", lambda: recipe)
     monkeypatch.setattr(cli, "demo_corpus", lambda: kjv_corpus)
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
