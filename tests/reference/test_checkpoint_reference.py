@@ -105,3 +105,31 @@ def test_damaged_checkpoint_is_reported(google_checkpoint, tmp_path):
     with pytest.raises(UserError, match="not a TensorFlow checkpoint index"):
         (bad / "x.index").write_bytes(b"nonsense" * 10)
         read_checkpoint(bad / "x")
+
+
+def test_export_a_google_checkpoint_for_transformers(google_checkpoint, tmp_path, capsys):
+    """The seed's last step (convert_tf_checkpoint_to_pytorch), without TensorFlow."""
+    transformers = pytest.importorskip("transformers")
+    d, ref, x = google_checkpoint
+    out = tmp_path / "hf"
+    argv = ["export", "--checkpoint", str(d / "bert_model.ckpt"), "--output", str(out)]
+    assert main(argv) == 2  # a bare vocab.txt: its casing must be said
+    assert "--do-lower-case" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--do_lower_case=True"]) == 0
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert config.hidden_act == "gelu"  # kept as transformers reads Google's name
+    config.hidden_act = "gelu_new"  # the formula Google's TF code computes
+    model = transformers.BertForPreTraining.from_pretrained(out, config=config).eval()
+    ids = torch.tensor(x["ids"])
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(x["lengths"])[:, None]).long()
+    with torch.no_grad():
+        result = model(input_ids=ids, token_type_ids=torch.tensor(x["segments"]),
+                       attention_mask=mask)  # fmt: skip
+    positions = torch.tensor(x["positions"])
+    mlm = torch.gather(result.prediction_logits, 1,
+                       positions[..., None].expand(-1, -1, 1500))  # fmt: skip
+    np.testing.assert_allclose(torch.log_softmax(mlm, -1).flatten(0, 1).numpy(),
+                               ref["mlm_log_probs"], atol=2e-5, rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(torch.log_softmax(result.seq_relationship_logits, -1).numpy(),
+                               ref["nsp_log_probs"], atol=2e-5, rtol=1e-5)  # fmt: skip
+    assert json.loads((out / "tokenizer_config.json").read_text())["do_lower_case"] is True
