@@ -238,3 +238,25 @@ def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypa
     for prompt in cli.DEMO_PROMPTS:
         assert prompt.split("[MASK]")[0] in out
     assert out.count("[MASK] 1:") == len(cli.DEMO_PROMPTS)
+
+
+def test_a_toml_file_drives_the_run(tmp_path, kjv_corpus):
+    out = tmp_path / "from-toml"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'[run]\noutput = "{out}"\n\n[vocab]\nvocab_size = 1500\ndo_lower_case = false\n\n'
+        "[data]\nmax_seq_length = 64\nmax_predictions_per_seq = 10\nworkers = 1\n\n"
+        '[train]\nmodel_size = "tiny"\ntrain_batch_size = 8\nnum_train_steps = 3\n'
+        'eval_records = 20\n\n[export]\nformat = "google"\n'
+    )
+    # Flags override the file: 4 steps, not 3.
+    assert main(["run", str(kjv_corpus), "--config", str(recipe), "--num-train-steps", "4",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((out / "train" / "manifest.json").read_text())["counts"]["steps"] == 4
+    assert (out / "model" / "bert_config.json").is_file()  # [export] format = "google"
+    assert (
+        json.loads((out / "vocab" / "manifest.json").read_text())["config"]["do_lower_case"]
+        is False
+    )
+    recipe.write_text(recipe.read_text() + "\n[train]\nlearning_rate = 1\n")
+    assert main(["run", str(kjv_corpus), "--config", str(recipe)]) == 2  # duplicate section
