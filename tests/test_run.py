@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ def run_cli(corpus: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "run.json").read_text())
 
 
-def test_pipeline_runs_then_skips_then_reruns_what_changed(tmp_path, kjv_corpus, capsys):
+def test_pipeline_runs_then_skips_then_reruns_what_changed(
+    tmp_path, kjv_corpus, capsys, monkeypatch
+):
     out = tmp_path / "run"
     state = run_cli(kjv_corpus, out)
     for stage, sub in (
@@ -59,9 +62,10 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(tmp_path, kjv_corpus,
     printed = capsys.readouterr()
     assert "held-out masked LM accuracy" in printed.out and "unigram baseline" in printed.out
 
-    # The same command again: nothing reruns.
+    # The same command again, from another directory with relative paths: nothing reruns.
     before = (out / "model" / "model.safetensors").stat().st_mtime_ns
-    run_cli(kjv_corpus, out)
+    monkeypatch.chdir(kjv_corpus.parent)
+    run_cli(Path(kjv_corpus.name), Path(os.path.relpath(out, kjv_corpus.parent)))
     assert printed.err.count("running") == 4
     err = capsys.readouterr().err
     assert err.count("unchanged, kept") == 4

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import sys
 import time
@@ -116,13 +117,19 @@ def stage_configs(
     flag_values: Mapping[str, Any],
     config_path: str | None = None,
 ) -> dict[str, Any]:
-    """Each stage's config: its defaults < its TOML section < run flags < run's wiring."""
-    out = Path(run.output)
+    """Each stage's config: its defaults < its TOML section < run flags < run's wiring.
+
+    Paths are made absolute, so the same run started from another directory is recognised."""
+    out = Path(run.output).resolve()
+    corpus = tuple(
+        p if p == "-" or glob.has_magic(p) else str(Path(p).resolve()) for p in run.input
+    )
+    vocab = str(Path(run.vocab).resolve()) if run.vocab else str(out / DIRS["vocab"])
     wiring: dict[str, dict[str, Any]] = {
-        "vocab": {"input": run.input, "output": str(out / DIRS["vocab"])},
+        "vocab": {"input": corpus, "output": str(out / DIRS["vocab"])},
         "data": {
-            "input": run.input,
-            "vocab": run.vocab or str(out / DIRS["vocab"]),
+            "input": corpus,
+            "vocab": vocab,
             "output": str(out / DIRS["data"]),
         },
         "train": {"data": str(out / DIRS["data"]), "output": str(out / DIRS["train"])},
