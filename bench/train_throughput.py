@@ -24,6 +24,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from bertforge.distributed import Dist
 from bertforge.masking import MaskSpec
 from bertforge.model import BertConfig, BertForPretraining
 from bertforge.shards import record_dtype, write_shard
-from bertforge.train import forward_backward, make_optimizer, resolve_precision
+from bertforge.train import Objective, forward_backward, make_optimizer, resolve_precision
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 VOCAB = 30522
@@ -74,6 +75,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
+    ("attention", ("fmha", "flash", "attention", "attn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "mm_", "_mm", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),
+    ("compiled fused", ("triton_",)),
+    ("copy/cast", ("copy", "cast", "fill", "memcpy", "memset")),
+)
+
+
+def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[str, float]:
+    """Device time of n steps by kind of kernel (shares), and the top kernels printed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(n):
+            step(False)
+    cuda = device.type == "cuda"
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if e.device_type.name == device.type.upper()]
+
+    def own(e: Any) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    times: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
+        times[kind] = times.get(kind, 0.0) + own(e)
+    total = sum(times.values()) or 1.0
+    text = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=100)
+    if table:
+        Path(table).write_text(text)
+    top = sorted(events, key=lambda e: -own(e))[:15]
+    print(f"{device.type} time per step: {total / n / 1000:.2f} ms")
+    for e in top:
+        share = own(e) / total
+        print(f"  {share:6.1%} {e.count // n:4d}x  {e.key[:100]}")
+    return {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="mini")
@@ -84,10 +127,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="measured steps per side")
     ap.add_argument("--block", type=int, default=5, help="steps per alternation block")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile bertforge's model")
+    ap.add_argument("--compile", action="store_true", help="torch.compile bertforge's step")
+    ap.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode (e.g. max-autotune-no-cudagraphs); implies --compile",
+    )
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after measuring, profile N of bertforge's steps and print where device time goes",
+    )
+    ap.add_argument("--profile-table", default=None, help="also write the full kernel table here")
     ap.add_argument("--packed", action="store_true", help="bertforge with unpadding (varlen)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument(
+        "--free-running",
+        action="store_true",
+        help="no device sync between bertforge's steps (a block is timed as a whole): what "
+        "a trainer that never waits for the device per step would reach",
+    )
     args = ap.parse_args()
+    args.compile = args.compile or args.compile_mode is not None
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -121,7 +184,8 @@ def main() -> None:
     cfg = TrainConfig(data="-", output="-", learning_rate=1e-4)
     opt = make_optimizer(cfg, ours, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    forward = torch.compile(ours) if args.compile else ours
+    objective = Objective(ours)
+    forward = torch.compile(objective, mode=args.compile_mode) if args.compile else objective
     stats = {
         "ours_time": 0.0,
         "ours_tokens": 0,
@@ -133,8 +197,9 @@ def main() -> None:
         "masked": 0,
     }
 
-    def our_step(measure: bool) -> None:
-        sync(device)
+    def our_step(measure: bool, synced: bool = True) -> None:
+        if synced:
+            sync(device)
         t0 = time.perf_counter()
         _, rows = next(prefetch)
         t1 = time.perf_counter()
@@ -147,9 +212,11 @@ def main() -> None:
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        sync(device)
+        if synced:
+            sync(device)
         if measure:
-            stats["ours_time"] += time.perf_counter() - t0
+            if synced:
+                stats["ours_time"] += time.perf_counter() - t0
             stats["wait"] += t1 - t0
             stats["ours_tokens"] += int(rows.lengths.sum())
             stats["masked"] += masked
@@ -205,8 +272,16 @@ def main() -> None:
     def block(side: str) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for j in range(args.block):
-            our_step(True) if side == "ours" else peer_step(j, True)
+        if side == "ours" and args.free_running:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.block):
+                our_step(True, synced=False)
+            sync(device)
+            stats["ours_time"] += time.perf_counter() - t0
+        else:
+            for j in range(args.block):
+                our_step(True) if side == "ours" else peer_step(j, True)
         if device.type == "cuda":
             mem[side] = max(mem[side], torch.cuda.max_memory_allocated(device) / 2**30)
 
@@ -214,6 +289,9 @@ def main() -> None:
         block("ours")
         if peer is not None:
             block("peer")
+    breakdown = (
+        profile(our_step, args.profile, device, args.profile_table) if args.profile else None
+    )
     tmp.cleanup()
 
     ours_tps = stats["ours_tokens"] / stats["ours_time"]
@@ -244,6 +322,7 @@ def main() -> None:
         "peak_memory_gib": (
             {k: round(v, 2) for k, v in mem.items()} if device.type == "cuda" else None
         ),
+        "device_time_shares": breakdown,
         "padding_share": round(1 - stats["ours_tokens"] / (stats["ours_steps"] * batch * seq), 4),
     }
     print(

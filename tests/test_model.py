@@ -73,6 +73,26 @@ def test_packed_equals_padded():
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
+def test_half_residual_stream_under_autocast():
+    """Under autocast the norms keep bf16 (the residual stream is half, not fp32), the result
+    stays close to fp32, and the gradients reach the fp32 weights in fp32."""
+    c = tiny_config()
+    model = BertForPretraining(c)
+    ids, types, lengths, positions = batch(c)
+    seen = []
+    model.layers[0].attn_norm.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.no_grad():
+        ref = model.eval()(ids, types, lengths, positions)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mlm, nsp = model(ids, types, lengths, positions)
+    assert seen == [torch.float32, torch.bfloat16]
+    torch.testing.assert_close(mlm.float(), ref[0], atol=0.05, rtol=0.05)
+    torch.testing.assert_close(nsp.float(), ref[1], atol=0.05, rtol=0.05)
+    mlm.float().sum().backward()
+    grad = model.layers[0].attn_norm.weight.grad
+    assert grad is not None and grad.dtype == torch.float32 and bool(grad.abs().sum() > 0)
+
+
 def test_bert_config_json_and_errors(tmp_path):
     p = tmp_path / "bert_config.json"
     p.write_text(json.dumps({"vocab_size": 50, "hidden_size": 64, "num_hidden_layers": 1,

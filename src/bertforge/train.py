@@ -200,14 +200,15 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         restore_rng(state["rng"], d, cfg.random_seed, step)
     else:
         torch.manual_seed(cfg.random_seed + 1_000_003 * d.rank)  # dropout differs per rank
+    objective = Objective(model)
     ddp = (
         DistributedDataParallel(
-            model, device_ids=[d.device.index] if d.device.type == "cuda" else None
+            objective, device_ids=[d.device.index] if d.device.type == "cuda" else None
         )
         if d.world > 1
         else None
     )
-    forward = ddp or model
+    forward = ddp or objective
     if cfg.compile:
         forward = torch.compile(forward)
     autocast = (
@@ -381,6 +382,36 @@ def pretraining_sums(
     return mlm, nsp, torch.stack([mlm_correct, nsp_correct]).float()
 
 
+class Objective(torch.nn.Module):
+    """The model and its pretraining sums in one module: DDP wraps it, and torch.compile sees
+    the step's whole forward (the MLM cross-entropy over the vocabulary fuses with the logits'
+    slice and cast instead of running as separate passes over a large tensor)."""
+
+    def __init__(self, model: BertForPretraining) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        lengths: torch.Tensor | None,
+        positions: torch.Tensor,
+        labels: torch.Tensor,
+        next_sentence: torch.Tensor,
+        packed: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mlm_logits, nsp_logits = self.model(input_ids, token_type_ids, lengths, positions, packed)
+        return pretraining_sums(mlm_logits, labels, nsp_logits, next_sentence)
+
+
+def model_lengths(b: dict[str, torch.Tensor], rows: Rows, packed: bool) -> torch.Tensor | None:
+    """The lengths to give the model: None when the batch has no padding (decided here, on the
+    host, so the model never reads device values)."""
+    width = b["input_ids"].shape[1]
+    return b["lengths"] if packed or int(rows.lengths.min(initial=width)) < width else None
+
+
 def forward_backward(
     forward: Any,
     ddp: DistributedDataParallel | None,
@@ -393,29 +424,35 @@ def forward_backward(
     packed: bool,
     static_shapes: bool,
 ) -> torch.Tensor:
-    """Gradients of this process's share of the step, micro-batch by micro-batch; the sums."""
+    """Gradients of this process's share of the step, micro-batch by micro-batch; the sums.
+
+    `forward` is an Objective (or its DDP / compiled wrapper). Nothing here waits for the
+    device: the counts come from the host arrays."""
     masked, instances = totals
     n = len(rows.lengths)
     sums = torch.zeros(len(SUMS), device=d.device)
     starts = list(range(0, n, micro))
     for i, start in enumerate(starts):
-        b = to_tensors(slice_rows(rows, start, start + micro), d.device, trim=not static_shapes)
+        part = slice_rows(rows, start, start + micro)
+        b = to_tensors(part, d.device, trim=not static_shapes)
         sync = ddp is None or i == len(starts) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
             with autocast:
-                mlm_logits, nsp_logits = forward(
-                    b["input_ids"], b["token_type_ids"], b["lengths"], b["positions"], packed
+                mlm, nsp, correct = forward(
+                    b["input_ids"],
+                    b["token_type_ids"],
+                    model_lengths(b, part, packed),
+                    b["positions"],
+                    b["labels"],
+                    b["next_sentence"],
+                    packed,
                 )
-            mlm, nsp, correct = pretraining_sums(
-                mlm_logits, b["labels"], nsp_logits, b["next_sentence"]
-            )
             # DDP averages gradients over ranks; * world makes that a sum over the global batch.
             objective = (mlm / max(masked, 1) + nsp / instances) * d.world
             scaler.scale(objective).backward()
         sums[:4] += torch.stack([mlm.detach(), nsp.detach(), correct[0], correct[1]])
-        sums[4] += int((rows.labels[start : start + micro] != IGNORE).sum())
-        sums[5] += len(b["lengths"])
-        sums[6] += int(rows.lengths[start : start + micro].sum())
+    for j, count in enumerate((int((rows.labels != IGNORE).sum()), n, int(rows.lengths.sum()))):
+        sums[4 + j] += count
     return sums
 
 
@@ -467,7 +504,11 @@ def evaluate(
         b = to_tensors(rows, d.device)
         with autocast:
             mlm_logits, nsp_logits = model(
-                b["input_ids"], b["token_type_ids"], b["lengths"], b["positions"], packed
+                b["input_ids"],
+                b["token_type_ids"],
+                model_lengths(b, rows, packed),
+                b["positions"],
+                packed,
             )
         mlm, nsp, correct = pretraining_sums(
             mlm_logits, b["labels"], nsp_logits, b["next_sentence"]
