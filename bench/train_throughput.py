@@ -2,10 +2,12 @@
 
 bertforge: BertForPretraining (padded, or unpadded with --packed; MLM head at masked positions,
 vocab padded to 64) fed by its real loader (a native shard, dynamic masking, background
-prefetch), AdamW (fused on CUDA), the trainer's own forward_backward. Peer: transformers'
+prefetch), fused AdamW, the trainer's own forward_backward and update. Peer: transformers'
 BertForPreTraining with its default attention, torch.optim.AdamW, autocast, MLM logits over
 every position, batches already on the device. Blocks of steps alternate so machine drift
-affects both alike.
+affects both alike; a block is timed as a whole, with no device sync between its steps, as
+both training loops run (bertforge's trainer reads its step sums back every READ_EVERY
+steps, the block length).
 
 Tokens are real tokens (padding excluded). Instance lengths follow the data stage's shape: 90%
 near max length, 10% short (Google's short_seq_prob). MFU uses training FLOPs per token =
@@ -35,7 +37,16 @@ from bertforge.distributed import Dist
 from bertforge.masking import MaskSpec
 from bertforge.model import BertConfig, BertForPretraining
 from bertforge.shards import record_dtype, write_shard
-from bertforge.train import Objective, forward_backward, make_optimizer, resolve_precision
+from bertforge.train import (
+    READ_EVERY,
+    Ledger,
+    Objective,
+    device_skip,
+    forward_backward,
+    make_optimizer,
+    resolve_precision,
+    update,
+)
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 VOCAB = 30522
@@ -124,8 +135,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    ap.add_argument("--steps", type=int, default=20, help="measured steps per side")
-    ap.add_argument("--block", type=int, default=5, help="steps per alternation block")
+    ap.add_argument("--steps", type=int, default=24, help="measured steps per side")
+    ap.add_argument("--block", type=int, default=READ_EVERY, help="steps per alternation block")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile bertforge's step")
     ap.add_argument(
@@ -143,12 +154,6 @@ def main() -> None:
     ap.add_argument("--profile-table", default=None, help="also write the full kernel table here")
     ap.add_argument("--packed", action="store_true", help="bertforge with unpadding (varlen)")
     ap.add_argument("--skip-peer", action="store_true")
-    ap.add_argument(
-        "--free-running",
-        action="store_true",
-        help="no device sync between bertforge's steps (a block is timed as a whole): what "
-        "a trainer that never waits for the device per step would reach",
-    )
     args = ap.parse_args()
     args.compile = args.compile or args.compile_mode is not None
 
@@ -197,26 +202,21 @@ def main() -> None:
         "masked": 0,
     }
 
-    def our_step(measure: bool, synced: bool = True) -> None:
-        if synced:
-            sync(device)
+    ledger = Ledger(device_skip(opt, scaler), 0)
+
+    def our_step(measure: bool) -> None:
+        """The trainer's step: it reads nothing back unless the optimizer cannot skip a bad
+        step on the device (then `update` does, as in the trainer)."""
         t0 = time.perf_counter()
         _, rows = next(prefetch)
         t1 = time.perf_counter()
         masked = int((rows.labels != IGNORE).sum())
-        forward_backward(
+        sums = forward_backward(
             forward, None, rows, batch, (masked, batch), d, autocast, scaler, packed, args.compile
         )
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
+        update(ours, opt, scaler, sums, 1.0, ledger)
         opt.zero_grad(set_to_none=True)
-        if synced:
-            sync(device)
         if measure:
-            if synced:
-                stats["ours_time"] += time.perf_counter() - t0
             stats["wait"] += t1 - t0
             stats["ours_tokens"] += int(rows.lengths.sum())
             stats["masked"] += masked
@@ -242,8 +242,6 @@ def main() -> None:
     def peer_step(i: int, measure: bool) -> None:
         assert peer is not None and peer_opt is not None
         b, labels, mask, tokens = peer_batches[i % len(peer_batches)]
-        sync(device)
-        t0 = time.perf_counter()
         with autocast:
             out = peer(
                 input_ids=b["input_ids"],
@@ -256,9 +254,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(peer.parameters(), 1.0)
         peer_opt.step()
         peer_opt.zero_grad(set_to_none=True)
-        sync(device)
         if measure:
-            stats["peer_time"] += time.perf_counter() - t0
             stats["peer_tokens"] += tokens
             stats["peer_steps"] += 1
 
@@ -270,18 +266,16 @@ def main() -> None:
     mem = {"ours": 0.0, "peer": 0.0}
 
     def block(side: str) -> None:
+        """A block of steps timed as a whole: like the training loops, neither side waits
+        for the device between its steps."""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        if side == "ours" and args.free_running:
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.block):
-                our_step(True, synced=False)
-            sync(device)
-            stats["ours_time"] += time.perf_counter() - t0
-        else:
-            for j in range(args.block):
-                our_step(True) if side == "ours" else peer_step(j, True)
+        sync(device)
+        t0 = time.perf_counter()
+        for j in range(args.block):
+            our_step(True) if side == "ours" else peer_step(j, True)
+        sync(device)
+        stats[f"{side}_time"] += time.perf_counter() - t0
         if device.type == "cuda":
             mem[side] = max(mem[side], torch.cuda.max_memory_allocated(device) / 2**30)
 

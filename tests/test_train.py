@@ -246,6 +246,45 @@ def test_nan_steps_are_skipped_then_stop_the_run(
     assert logged[-1]["skipped_steps"] == 1 and logged[-1]["step"] == 5
 
 
+def test_bad_steps_skipped_on_the_device_match_host_decisions(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
+):
+    """With fused AdamW the trainer reads the step sums back only every READ_EVERY steps (and
+    at logs/saves): bad steps are skipped on the device, reported when read, and the weights
+    are exactly those of the per-step host decision."""
+    real_sums, real_read = train_module.pretraining_sums, train_module.Ledger.read
+    state = {"calls": 0, "reads": 0}
+
+    def flaky(*a):
+        mlm, nsp, correct = real_sums(*a)
+        state["calls"] += 1
+        return (mlm * float("nan") if state["calls"] - 1 in (2, 3) else mlm), nsp, correct
+
+    def counted(self, *a):
+        state["reads"] += 1
+        return real_read(self, *a)
+
+    monkeypatch.setattr(train_module, "pretraining_sums", flaky)
+    monkeypatch.setattr(train_module.Ledger, "read", counted)
+    runs = {}
+    for name, on_device in (("device", True), ("host", False)):
+        state.update(calls=0, reads=0)
+        monkeypatch.setattr(train_module, "device_skip", lambda o, s, v=on_device: v)
+        out = tmp_path / name
+        extra = ("--num-train-steps", "10", "--no-do-eval", "--log-every", "10")
+        assert main(args(train_data, out, tiny_bert_config, *extra)) == 0
+        err = capsys.readouterr().err
+        assert "step 2: loss is nan; step skipped (1 in a row)" in err
+        assert "step 3: loss is nan; step skipped (2 in a row)" in err
+        assert metrics(out)[-1]["skipped_steps"] == 2
+        runs[name] = (torch.load(list_checkpoints(out)[-1], weights_only=False), state["reads"])
+    (device_ckpt, device_reads), (host_ckpt, host_reads) = runs["device"], runs["host"]
+    assert (device_reads, host_reads) == (2, 10)  # steps 8 and 10, against every step
+    for name, t in host_ckpt["model"].items():
+        torch.testing.assert_close(device_ckpt["model"][name], t, rtol=0, atol=0)
+    assert device_ckpt["skipped_steps"] == host_ckpt["skipped_steps"] == 2
+
+
 def test_settings_that_contradict_the_data_are_refused(
     tmp_path, train_data, tiny_bert_config, capsys
 ):
