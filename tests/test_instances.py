@@ -123,3 +123,44 @@ def test_fast_truncation_matches_google_distribution():
             se = np.sqrt(g[:, col].var() / 4000 + f[:, col].var() / 4000)
             assert abs(g[:, col].mean() - f[:, col].mean()) <= 4 * se + 1e-9
             assert abs(g[:, col].var() - f[:, col].var()) <= 0.15 * g[:, col].var() + 1e-9
+
+
+def test_pair_ranges_are_document_pairs_on_token_ranges():
+    """The default mode's range-based segmenting gives document_pairs' instances (with the
+    fast truncation), call for call: same rng stream, same segments, same trims."""
+    from itertools import accumulate, chain
+
+    from bertforge.instances import document_pairs, pair_ranges, truncate_seq_pair_fast
+
+    gen = random.Random(7)
+    documents = [
+        [[gen.randrange(1000, 2000) for _ in range(gen.choice([1, 3, 9, 40, 90]))]
+         for _ in range(gen.randint(1, 12))]
+        for _ in range(60)
+    ]  # fmt: skip
+    for seq, short, dupe in ((128, 0.1, 3), (32, 0.5, 2), (12, 0.0, 1)):
+        expected = []
+        rng = random.Random(seq)
+        docs = [list(d) for d in documents]
+        rng.shuffle(docs)
+        for _ in range(dupe):
+            for index in range(len(docs)):
+                expected += document_pairs(docs, index, seq, short, rng, truncate_seq_pair_fast)
+        after_expected = rng.random()
+
+        flat = list(chain.from_iterable(chain.from_iterable(documents)))
+        starts = list(accumulate((len(s) for d in documents for s in d), initial=0))
+        bounds, k = [], 0
+        for d in documents:
+            bounds.append(starts[k : k + len(d) + 1])
+            k += len(d)
+        rng = random.Random(seq)
+        r = pair_ranges(bounds, seq, short, dupe, rng)
+        got = [
+            (flat[a0 : a0 + la], flat[b0 : b0 + lb], bool(nsp))
+            for a0, la, b0, lb, nsp in zip(
+                r.a_start, r.a_len, r.b_start, r.b_len, r.is_random_next, strict=True
+            )
+        ]
+        assert got == expected and len(got) > 50
+        assert rng.random() == after_expected  # the same number of draws

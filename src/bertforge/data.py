@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -67,8 +68,7 @@ from bertforge.instances import (
     InstanceParams,
     VocabIds,
     create_training_instances,
-    document_pairs,
-    truncate_seq_pair_fast,
+    pair_ranges,
 )
 from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import VERSION as SHARD_VERSION
@@ -78,7 +78,6 @@ from bertforge.tokenization import Vocab, build_tokenizer, load_vocab
 
 ENCODE_BATCH = 4096  # sentences per tokenizer call
 CHUNK = 8192  # instances masked and encoded at a time
-FLAT_LIMIT = 1 << 22  # tokens gathered in a Python list before moving them to numpy
 PARTS = ".parts"
 GOOGLE_FILE = "data.tfrecord"
 # Settings that do not change the output bytes; a resumed run may change them.
@@ -160,34 +159,43 @@ def unit_instances(
     np_rng: np.random.Generator,
     dtype: np.dtype,
 ) -> UnitArrays:
-    """Google's segmenting over one unit, dupe_factor passes, instances shuffled in the unit."""
-    rng.shuffle(documents)
+    """Google's segmenting over one unit, dupe_factor passes, instances shuffled in the unit.
+
+    The segmenting decides token ranges (`pair_ranges`); the instances' ids are then gathered
+    from the unit's flat token array by numpy, CHUNK rows at a time."""
     seq = params.max_seq_length
-    flat: list[int] = []  # all instances' tokens, end to end
-    flat_parts: list[np.ndarray] = []
-    meta: list[tuple[int, int, int]] = []  # length, sep_a, next_sentence
-    cls_id, sep_id = vocab.cls_id, vocab.sep_id
-    for _ in range(dupe_factor):
-        for index in range(len(documents)):
-            for a, b, is_random_next in document_pairs(
-                documents, index, seq, params.short_seq_prob, rng, truncate_seq_pair_fast
-            ):
-                flat.append(cls_id)
-                flat += a
-                flat.append(sep_id)
-                flat += b
-                flat.append(sep_id)
-                meta.append((len(a) + len(b) + 3, len(a) + 1, is_random_next))
-                if len(flat) > FLAT_LIMIT:  # Python ints cost 8+ bytes each: move them out
-                    flat_parts.append(np.array(flat, dtype=dtype))
-                    flat = []
-    flat_parts.append(np.array(flat, dtype=dtype))
-    info = np.array(meta, dtype=np.int64).reshape(-1, 3)
-    ids = np.zeros((len(info), seq), dtype=dtype)
-    ids[np.arange(seq) < info[:, :1]] = np.concatenate(flat_parts)  # row-major fill
-    order = np_rng.permutation(len(info))
-    ids, meta_arr = ids[order], info[order]
-    return UnitArrays(ids, meta_arr[:, 0], meta_arr[:, 1], meta_arr[:, 2])
+    lengths = [len(s) for d in documents for s in d]
+    flat = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain.from_iterable(documents)),
+        dtype=dtype,
+        count=sum(lengths),
+    )
+    starts = list(itertools.accumulate(lengths, initial=0))
+    bounds, k = [], 0
+    for d in documents:
+        bounds.append(starts[k : k + len(d) + 1])
+        k += len(d)
+    r = pair_ranges(bounds, seq, params.short_seq_prob, dupe_factor, rng)
+    a_start, a_len = np.array(r.a_start, np.int64), np.array(r.a_len, np.int64)
+    b_start, b_len = np.array(r.b_start, np.int64), np.array(r.b_len, np.int64)
+    n = len(a_len)
+    ids = np.zeros((n, seq), dtype=dtype)
+    col = np.arange(seq)[None, :]
+    for lo in range(0, n, CHUNK):
+        sl = slice(lo, lo + CHUNK)
+        la, lb = a_len[sl, None], b_len[sl, None]
+        # column j holds A's token j-1 for 1 <= j <= la, B's token j-la-2 after the first [SEP]
+        src = np.where(col <= la, a_start[sl, None] + col - 1, b_start[sl, None] + col - la - 2)
+        rows = flat[np.clip(src, 0, max(len(flat) - 1, 0))]
+        rows[:, 0] = vocab.cls_id
+        rows[col == la + 1] = vocab.sep_id
+        rows[col == la + lb + 2] = vocab.sep_id
+        rows[col > la + lb + 2] = 0
+        ids[sl] = rows
+    length, sep_a = a_len + b_len + 3, a_len + 1
+    order = np_rng.permutation(n)
+    next_sentence = np.array(r.is_random_next, dtype=np.int64)
+    return UnitArrays(ids[order], length[order], sep_a[order], next_sentence[order])
 
 
 def mask_spec(params: InstanceParams, vocab: VocabIds) -> MaskSpec:

@@ -12,6 +12,7 @@ which is the id of the drawn word, and the tokenizer never produces [CLS]/[SEP] 
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -161,6 +162,106 @@ def document_pairs(
         i += 1
 
 
+@dataclass
+class PairRanges:
+    """Instances as token ranges: segment A is flat[a_start : a_start + a_len], B likewise."""
+
+    a_start: list[int]
+    a_len: list[int]
+    b_start: list[int]
+    b_len: list[int]
+    is_random_next: list[int]
+
+
+def pair_ranges(
+    bounds: list[list[int]],
+    max_seq_length: int,
+    short_seq_prob: float,
+    dupe_factor: int,
+    rng: random.Random,
+) -> PairRanges:
+    """`document_pairs` with `truncate_seq_pair_fast` over every document, dupe_factor passes
+    (documents shuffled first), computed on sentence boundaries instead of token lists.
+
+    bounds[d] holds where document d's sentences start in one flat token array, and where
+    the last ends: the sentences of a document are contiguous there, so a segment (whole
+    sentences, trimmed at its ends) is one range. The random calls and their order are
+    document_pairs' exactly, so the instances are the same (tested); what goes is the
+    per-token work, which made this loop the largest cost of static-masking data."""
+    rng.shuffle(bounds)
+    out = PairRanges([], [], [], [], [])
+    max_num_tokens = max_seq_length - 3
+    for _ in range(dupe_factor):
+        for index, doc in enumerate(bounds):
+            _document_ranges(bounds, index, doc, max_num_tokens, short_seq_prob, rng, out)
+    return out
+
+
+def _document_ranges(
+    bounds: list[list[int]],
+    index: int,
+    doc: list[int],
+    max_num_tokens: int,
+    short_seq_prob: float,
+    rng: random.Random,
+    out: PairRanges,
+) -> None:
+    target_seq_length = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target_seq_length = rng.randint(2, max_num_tokens)
+    n = len(doc) - 1  # sentences
+    first = 0  # the chunk's first sentence
+    i = 0
+    while i < n:
+        if i == n - 1 or doc[i + 1] - doc[first] >= target_seq_length:
+            size = i - first + 1
+            a_end = first + (rng.randint(1, size - 1) if size >= 2 else 1)
+            a_start, a_len = doc[first], doc[a_end] - doc[first]
+            if size == 1 or rng.random() < 0.5:
+                is_random_next = 1
+                target_b_length = target_seq_length - a_len
+                for _ in range(10):
+                    random_index = rng.randint(0, len(bounds) - 1)
+                    if random_index != index:
+                        break
+                other = bounds[random_index]
+                start = rng.randint(0, len(other) - 2)
+                # sentences from start until the length reaches target_b_length (at least one)
+                stop = bisect.bisect_left(other, other[start] + target_b_length, start + 1)
+                stop = min(stop, len(other) - 1)
+                b_start, b_len = other[start], other[stop] - other[start]
+                i = a_end - 1  # the chunk's unused sentences are put back
+            else:
+                is_random_next = 0
+                b_start, b_len = doc[a_end], doc[i + 1] - doc[a_end]
+            excess = a_len + b_len - max_num_tokens
+            if excess > 0:  # truncate_seq_pair_fast on the ranges
+                ka, kb = _trim_counts(a_len, b_len, excess)
+                if ka:
+                    front = rng.getrandbits(ka).bit_count()
+                    a_start, a_len = a_start + front, a_len - ka
+                if kb:
+                    front = rng.getrandbits(kb).bit_count()
+                    b_start, b_len = b_start + front, b_len - kb
+            out.a_start.append(a_start)
+            out.a_len.append(a_len)
+            out.b_start.append(b_start)
+            out.b_len.append(b_len)
+            out.is_random_next.append(is_random_next)
+            first = i + 1
+        i += 1
+
+
+def _trim_counts(la: int, lb: int, excess: int) -> tuple[int, int]:
+    """How many tokens truncate_seq_pair takes from A and from B (chance decides only which
+    end): the longer shrinks to the shorter's length, then they alternate, B first."""
+    gap = abs(la - lb)
+    if excess <= gap:
+        return (excess, 0) if la > lb else (0, excess)
+    rest = excess - gap
+    return (gap if la > lb else 0) + rest // 2, (gap if lb >= la else 0) + rest - rest // 2
+
+
 def create_masked_lm_predictions(
     ids: list[int], params: InstanceParams, vocab: VocabIds, rng: random.Random
 ) -> tuple[list[int], list[int], list[int]]:
@@ -227,17 +328,10 @@ def truncate_seq_pair_fast(
     Which segment loses how many tokens does not depend on chance: the longer one shrinks to
     the shorter's length, then they alternate, B first. Each removal takes the front or the
     back with probability 1/2, so the number taken from the front is Binomial(k, 1/2)."""
-    la, lb = len(tokens_a), len(tokens_b)
-    excess = la + lb - max_num_tokens
+    excess = len(tokens_a) + len(tokens_b) - max_num_tokens
     if excess <= 0:
         return
-    gap = abs(la - lb)
-    if excess <= gap:
-        ka, kb = (excess, 0) if la > lb else (0, excess)
-    else:
-        rest = excess - gap
-        ka = (gap if la > lb else 0) + rest // 2
-        kb = (gap if lb >= la else 0) + rest - rest // 2
+    ka, kb = _trim_counts(len(tokens_a), len(tokens_b), excess)
     for tokens, k in ((tokens_a, ka), (tokens_b, kb)):
         if k:
             front = rng.getrandbits(k).bit_count()
