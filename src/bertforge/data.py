@@ -73,7 +73,7 @@ from bertforge.instances import (
 from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
-from bertforge.tfrecord import bert_example, bert_examples, frame
+from bertforge.tfrecord import bert_example, bert_examples, frame, frame_all
 from bertforge.tokenization import Vocab, build_tokenizer, load_vocab
 
 ENCODE_BATCH = 4096  # sentences per tokenizer call
@@ -234,7 +234,7 @@ def shard_bytes(
             records = bert_examples(m.input_ids, arrays.lengths[sl], arrays.sep_a[sl],
                                     m.positions, m.labels, m.counts,
                                     arrays.next_sentence[sl])  # fmt: skip
-            yield b"".join(frame(r) for r in records)
+            yield frame_all(records)
     if rec is not None:
         meta = {"unit": unit, "run_id": s.run_id, "max_seq_length": p.max_seq_length,
                 "max_predictions_per_seq": p.max_predictions_per_seq,

@@ -190,66 +190,74 @@ def pair_ranges(
     per-token work, which made this loop the largest cost of static-masking data."""
     rng.shuffle(bounds)
     out = PairRanges([], [], [], [], [])
+    a_starts, a_lens, b_starts, b_lens, randoms = (
+        out.a_start,
+        out.a_len,
+        out.b_start,
+        out.b_len,
+        out.is_random_next,
+    )
+    random_, getrandbits, bisect_left = rng.random, rng.getrandbits, bisect.bisect_left
+
+    def randint(a: int, b: int) -> int:
+        """rng.randint(a, b), drawing exactly as CPython does (randrange -> _randbelow)."""
+        n = b - a + 1
+        k = n.bit_length()
+        r = getrandbits(k)
+        while r >= n:
+            r = getrandbits(k)
+        return a + r
+
     max_num_tokens = max_seq_length - 3
+    last_doc = len(bounds) - 1
     for _ in range(dupe_factor):
         for index, doc in enumerate(bounds):
-            _document_ranges(bounds, index, doc, max_num_tokens, short_seq_prob, rng, out)
+            target_seq_length = max_num_tokens
+            if random_() < short_seq_prob:
+                target_seq_length = randint(2, max_num_tokens)
+            n = len(doc) - 1  # sentences
+            first = 0  # the chunk's first sentence
+            i = 0
+            while i < n:
+                if i != n - 1 and doc[i + 1] - doc[first] < target_seq_length:
+                    i += 1
+                    continue
+                size = i - first + 1
+                a_end = first + (randint(1, size - 1) if size >= 2 else 1)
+                a_start, a_len = doc[first], doc[a_end] - doc[first]
+                if size == 1 or random_() < 0.5:
+                    randoms.append(1)
+                    target_b_length = target_seq_length - a_len
+                    for _ in range(10):
+                        random_index = randint(0, last_doc)
+                        if random_index != index:
+                            break
+                    other = bounds[random_index]
+                    start = randint(0, len(other) - 2)
+                    # sentences from start until the length reaches target_b_length (one at least)
+                    stop = bisect_left(other, other[start] + target_b_length, start + 1)
+                    stop = min(stop, len(other) - 1)
+                    b_start, b_len = other[start], other[stop] - other[start]
+                    i = a_end - 1  # the chunk's unused sentences are put back
+                else:
+                    randoms.append(0)
+                    b_start, b_len = doc[a_end], doc[i + 1] - doc[a_end]
+                excess = a_len + b_len - max_num_tokens
+                if excess > 0:  # truncate_seq_pair_fast on the ranges
+                    ka, kb = _trim_counts(a_len, b_len, excess)
+                    if ka:
+                        a_start += getrandbits(ka).bit_count()
+                        a_len -= ka
+                    if kb:
+                        b_start += getrandbits(kb).bit_count()
+                        b_len -= kb
+                a_starts.append(a_start)
+                a_lens.append(a_len)
+                b_starts.append(b_start)
+                b_lens.append(b_len)
+                first = i + 1
+                i += 1
     return out
-
-
-def _document_ranges(
-    bounds: list[list[int]],
-    index: int,
-    doc: list[int],
-    max_num_tokens: int,
-    short_seq_prob: float,
-    rng: random.Random,
-    out: PairRanges,
-) -> None:
-    target_seq_length = max_num_tokens
-    if rng.random() < short_seq_prob:
-        target_seq_length = rng.randint(2, max_num_tokens)
-    n = len(doc) - 1  # sentences
-    first = 0  # the chunk's first sentence
-    i = 0
-    while i < n:
-        if i == n - 1 or doc[i + 1] - doc[first] >= target_seq_length:
-            size = i - first + 1
-            a_end = first + (rng.randint(1, size - 1) if size >= 2 else 1)
-            a_start, a_len = doc[first], doc[a_end] - doc[first]
-            if size == 1 or rng.random() < 0.5:
-                is_random_next = 1
-                target_b_length = target_seq_length - a_len
-                for _ in range(10):
-                    random_index = rng.randint(0, len(bounds) - 1)
-                    if random_index != index:
-                        break
-                other = bounds[random_index]
-                start = rng.randint(0, len(other) - 2)
-                # sentences from start until the length reaches target_b_length (at least one)
-                stop = bisect.bisect_left(other, other[start] + target_b_length, start + 1)
-                stop = min(stop, len(other) - 1)
-                b_start, b_len = other[start], other[stop] - other[start]
-                i = a_end - 1  # the chunk's unused sentences are put back
-            else:
-                is_random_next = 0
-                b_start, b_len = doc[a_end], doc[i + 1] - doc[a_end]
-            excess = a_len + b_len - max_num_tokens
-            if excess > 0:  # truncate_seq_pair_fast on the ranges
-                ka, kb = _trim_counts(a_len, b_len, excess)
-                if ka:
-                    front = rng.getrandbits(ka).bit_count()
-                    a_start, a_len = a_start + front, a_len - ka
-                if kb:
-                    front = rng.getrandbits(kb).bit_count()
-                    b_start, b_len = b_start + front, b_len - kb
-            out.a_start.append(a_start)
-            out.a_len.append(a_len)
-            out.b_start.append(b_start)
-            out.b_len.append(b_len)
-            out.is_random_next.append(is_random_next)
-            first = i + 1
-        i += 1
 
 
 def _trim_counts(la: int, lb: int, excess: int) -> tuple[int, int]:

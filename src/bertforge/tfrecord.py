@@ -14,8 +14,9 @@ our bytes are stable; protobuf readers accept any order.
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import BinaryIO
 
 import crc32c
@@ -33,13 +34,24 @@ def masked_crc(data: bytes) -> int:
 
 def frame(record: bytes) -> bytes:
     """One record with its TFRecord framing."""
-    length = struct.pack("<Q", len(record))
-    return (
-        length
-        + struct.pack("<I", masked_crc(length))
-        + record
-        + struct.pack("<I", masked_crc(record))
-    )
+    return _frame_header(len(record)) + record + struct.pack("<I", masked_crc(record))
+
+
+@functools.cache
+def _frame_header(n: int) -> bytes:
+    """uint64 length and its masked crc (records of a shard have few distinct lengths)."""
+    length = struct.pack("<Q", n)
+    return length + struct.pack("<I", masked_crc(length))
+
+
+def frame_all(records: Iterable[bytes]) -> bytes:
+    """The records framed, end to end."""
+    crc, pack, header = crc32c.crc32c, struct.Struct("<I").pack, _frame_header
+    parts = []
+    for r in records:
+        c = crc(r)
+        parts += (header(len(r)), r, pack((((c >> 15) | (c << 17)) + MASK_DELTA) & 0xFFFFFFFF))
+    return b"".join(parts)
 
 
 def read_records(f: BinaryIO, name: str = "TFRecord file", check: bool = True) -> Iterator[bytes]:
@@ -221,6 +233,23 @@ def _wrap(key: bytes, kind_tag: bytes, packed: bytes) -> bytes:
     return b"\x0a" + _VARINT[len(body)] + body
 
 
+class _Heads(dict):  # type: ignore[type-arg]
+    """Memo of what goes before n bytes of packed values: a feature's map entry header, or
+    with no key the Example's own (field 1, length n)."""
+
+    def __init__(self, key: bytes | None, kind_tag: bytes | None) -> None:
+        super().__init__()
+        self.key, self.kind_tag = key, kind_tag
+
+    def __missing__(self, n: int) -> bytes:
+        if self.key is None or self.kind_tag is None:
+            head = b"\x0a" + _varint(n)
+        else:
+            head = _wrap(self.key, self.kind_tag, b"\xff" * n)[:-n]
+        self[n] = head
+        return head
+
+
 _PREFIX = {name: _entry_prefix(name, 2 if name == "masked_lm_weights" else 3)
            for name in BERT_FEATURES}  # fmt: skip
 
@@ -249,12 +278,16 @@ def bert_examples(
     seg_entry: dict[tuple[int, int], bytes] = {}
     weight_entry: dict[int, bytes] = {}
     nsp_entry = {v: _wrap(k_nsp, t_nsp, _VARINT[v]) for v in (0, 1)}
+    # An entry of packed values is (prefix depending only on the values' byte length, values):
+    # the prefixes are built once per length.
+    ids_head, pos_head, lab_head = _Heads(k_ids, t_ids), _Heads(k_pos, t_pos), _Heads(k_lab, t_lab)
+    example_head = _Heads(None, None)
     out = []
+    ids_end, pos_end, lab_end = (iter(o[1:].tolist()) for o in (ids_off, pos_off, lab_off))
     rows = zip(lengths.tolist(), sep_a.tolist(), counts.tolist(),
-               next_sentence_labels.tolist(), ids_off[:-1].tolist(), pos_off[:-1].tolist(),
-               lab_off[:-1].tolist(), strict=True)  # fmt: skip
-    ids_end, pos_end, lab_end = ids_off[1:].tolist(), pos_off[1:].tolist(), lab_off[1:].tolist()
-    for r, (length, sep, count, nsp, i0, p0, l0) in enumerate(rows):
+               next_sentence_labels.tolist(), ids_off.tolist(), pos_off.tolist(),
+               lab_off.tolist(), strict=False)  # fmt: skip
+    for length, sep, count, nsp, i0, p0, l0 in rows:
         if length not in mask_entry:
             mask_entry[length] = _wrap(k_mask, t_mask, b"\x01" * length + b"\x00" * (seq - length))
         if (length, sep) not in seg_entry:
@@ -263,10 +296,12 @@ def bert_examples(
         if count not in weight_entry:
             weights = np.arange(p) < count
             weight_entry[count] = _wrap(k_w, t_w, weights.astype("<f4").tobytes())
+        ids = ids_bytes[i0 : next(ids_end)]
+        pos = pos_bytes[p0 : next(pos_end)]
+        lab = lab_bytes[l0 : next(lab_end)]
         body = b"".join((
-            _wrap(k_ids, t_ids, ids_bytes[i0 : ids_end[r]]), mask_entry[length],
-            seg_entry[(length, sep)], _wrap(k_pos, t_pos, pos_bytes[p0 : pos_end[r]]),
-            _wrap(k_lab, t_lab, lab_bytes[l0 : lab_end[r]]), weight_entry[count], nsp_entry[nsp],
+            ids_head[len(ids)], ids, mask_entry[length], seg_entry[(length, sep)],
+            pos_head[len(pos)], pos, lab_head[len(lab)], lab, weight_entry[count], nsp_entry[nsp],
         ))  # fmt: skip
-        out.append(b"\x0a" + _varint(len(body)) + body)
+        out.append(example_head[len(body)] + body)
     return out
