@@ -94,16 +94,41 @@ class DataResult:
 # ----------------------------------------------------------------------------- tokenization
 
 
+def encode_lines(lines: list[str], tokenizer: Tokenizer) -> list[list[int]]:
+    ids: list[list[int]] = []
+    for i in range(0, len(lines), ENCODE_BATCH):
+        batch = tokenizer.encode_batch_fast(lines[i : i + ENCODE_BATCH], add_special_tokens=False)
+        ids += [e.ids for e in batch]
+    return ids
+
+
+def unit_tokens(
+    docs: Sequence[Sequence[str]], tokenizer: Tokenizer, dtype: np.dtype
+) -> tuple[np.ndarray, list[list[int]]]:
+    """tokenize_documents as the default mode uses it: all token ids end to end, and per
+    document where its sentences start in them (and where the last ends)."""
+    ids = encode_lines([s for d in docs for s in d], tokenizer)
+    lengths = list(map(len, ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(lengths))
+    bounds, pos, k = [], 0, 0
+    for d in docs:
+        starts = [pos]
+        for n in lengths[k : k + len(d)]:
+            if n:  # a sentence that tokenizes to nothing is dropped
+                pos += n
+                starts.append(pos)
+        k += len(d)
+        if len(starts) > 1:  # so is a document left empty
+            bounds.append(starts)
+    return flat, bounds
+
+
 def tokenize_documents(
     docs: Sequence[Sequence[str]], tokenizer: Tokenizer
 ) -> list[list[list[int]]]:
     """Documents of token ids; sentences that tokenize to nothing and documents left empty are
     dropped, as in Google's script."""
-    lines = [s for d in docs for s in d]
-    ids: list[list[int]] = []
-    for i in range(0, len(lines), ENCODE_BATCH):
-        batch = tokenizer.encode_batch_fast(lines[i : i + ENCODE_BATCH], add_special_tokens=False)
-        ids += [e.ids for e in batch]
+    ids = encode_lines([s for d in docs for s in d], tokenizer)
     out, k = [], 0
     for d in docs:
         sentences = [x for x in ids[k : k + len(d)] if x]
@@ -151,51 +176,49 @@ def unit_rngs(random_seed: int, unit: int) -> tuple[random.Random, np.random.Gen
 
 
 def unit_instances(
-    documents: list[list[list[int]]],
+    flat: np.ndarray,
+    bounds: list[list[int]],
     params: InstanceParams,
     vocab: VocabIds,
     dupe_factor: int,
     rng: random.Random,
     np_rng: np.random.Generator,
-    dtype: np.dtype,
 ) -> UnitArrays:
-    """Google's segmenting over one unit, dupe_factor passes, instances shuffled in the unit.
+    """Google's segmenting over one unit (see unit_tokens), dupe_factor passes, instances
+    shuffled in the unit.
 
-    The segmenting decides token ranges (`pair_ranges`); the instances' ids are then gathered
-    from the unit's flat token array by numpy, CHUNK rows at a time."""
+    The segmenting decides token ranges (`pair_ranges`); the instances' ids are then copied
+    from `flat` by numpy, CHUNK rows at a time."""
     seq = params.max_seq_length
-    lengths = [len(s) for d in documents for s in d]
-    flat = np.fromiter(
-        itertools.chain.from_iterable(itertools.chain.from_iterable(documents)),
-        dtype=dtype,
-        count=sum(lengths),
-    )
-    starts = list(itertools.accumulate(lengths, initial=0))
-    bounds, k = [], 0
-    for d in documents:
-        bounds.append(starts[k : k + len(d) + 1])
-        k += len(d)
     r = pair_ranges(bounds, seq, params.short_seq_prob, dupe_factor, rng)
-    a_start, a_len = np.array(r.a_start, np.int64), np.array(r.a_len, np.int64)
-    b_start, b_len = np.array(r.b_start, np.int64), np.array(r.b_len, np.int64)
+    order = np_rng.permutation(len(r.a_len))  # the unit's shuffle, applied before assembly
+    a_start, a_len, b_start, b_len, next_sentence = (
+        np.array(v, dtype=np.int64)[order]
+        for v in (r.a_start, r.a_len, r.b_start, r.b_len, r.is_random_next)
+    )
     n = len(a_len)
-    ids = np.zeros((n, seq), dtype=dtype)
-    col = np.arange(seq)[None, :]
+    ids = np.zeros((n, seq), dtype=flat.dtype)
     for lo in range(0, n, CHUNK):
         sl = slice(lo, lo + CHUNK)
-        la, lb = a_len[sl, None], b_len[sl, None]
-        # column j holds A's token j-1 for 1 <= j <= la, B's token j-la-2 after the first [SEP]
-        src = np.where(col <= la, a_start[sl, None] + col - 1, b_start[sl, None] + col - la - 2)
-        rows = flat[np.clip(src, 0, max(len(flat) - 1, 0))]
+        rows = ids[sl]
+        copy_ranges(flat, a_start[sl], a_len[sl], rows, 1)
+        copy_ranges(flat, b_start[sl], b_len[sl], rows, a_len[sl] + 2)
+        index = np.arange(len(rows))
         rows[:, 0] = vocab.cls_id
-        rows[col == la + 1] = vocab.sep_id
-        rows[col == la + lb + 2] = vocab.sep_id
-        rows[col > la + lb + 2] = 0
-        ids[sl] = rows
-    length, sep_a = a_len + b_len + 3, a_len + 1
-    order = np_rng.permutation(n)
-    next_sentence = np.array(r.is_random_next, dtype=np.int64)
-    return UnitArrays(ids[order], length[order], sep_a[order], next_sentence[order])
+        rows[index, a_len[sl] + 1] = vocab.sep_id
+        rows[index, a_len[sl] + b_len[sl] + 2] = vocab.sep_id
+    return UnitArrays(ids, a_len + b_len + 3, a_len + 1, next_sentence)
+
+
+def copy_ranges(
+    src: np.ndarray, starts: np.ndarray, lens: np.ndarray, rows: np.ndarray, column: Any
+) -> None:
+    """Row i of `rows` ([n, seq], C-contiguous) gets src[starts[i] : starts[i] + lens[i]] from
+    `column` (one for all rows, or one per row) on: every range in one gather and scatter."""
+    stream = np.cumsum(lens) - lens  # where each range begins in the ranges end to end
+    k = np.arange(int(lens.sum()))
+    dest = np.repeat(np.arange(len(lens)) * rows.shape[1] + column - stream, lens) + k
+    rows.reshape(-1)[dest] = src[np.repeat(starts - stream, lens) + k]
 
 
 def mask_spec(params: InstanceParams, vocab: VocabIds) -> MaskSpec:
@@ -248,10 +271,9 @@ def build_unit(
     spec: MaskSpec, vocab: VocabIds,
 ) -> dict[str, Any]:  # fmt: skip
     """Tokenize, segment, mask and write one unit; returns (and records) its part summary."""
-    documents = tokenize_documents(docs, tokenizer)
+    flat, bounds = unit_tokens(docs, tokenizer, id_dtype(spec.vocab_size))
     rng, np_rng = unit_rngs(s.random_seed, unit)
-    arrays = unit_instances(documents, s.params, vocab, s.dupe_factor, rng, np_rng,
-                            id_dtype(spec.vocab_size))  # fmt: skip
+    arrays = unit_instances(flat, bounds, s.params, vocab, s.dupe_factor, rng, np_rng)
     counts: dict[str, int] = {}
     pieces = shard_bytes(arrays, s, unit, spec, np_rng, counts)
     out = Path(s.output)
@@ -265,8 +287,8 @@ def build_unit(
     lengths = arrays.lengths
     part = {
         "unit": unit, "run_id": s.run_id, "file": name, "records": len(lengths),
-        "sha256": digest.hexdigest(), "bytes": size, "documents": len(documents),
-        "sentences": sum(len(d) for d in documents), "tokens": int(lengths.sum()),
+        "sha256": digest.hexdigest(), "bytes": size, "documents": len(bounds),
+        "sentences": sum(len(b) - 1 for b in bounds), "tokens": int(lengths.sum()),
         "random_next": int(arrays.next_sentence.sum()),
         "length_histogram": np.bincount(lengths, minlength=s.params.max_seq_length + 1).tolist(),
         **counts,

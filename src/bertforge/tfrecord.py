@@ -274,10 +274,10 @@ def bert_examples(
     lab_bytes, lab_off = _varint_rows(labels)
     (k_ids, t_ids), (k_mask, t_mask), (k_seg, t_seg), (k_pos, t_pos), (k_lab, t_lab), \
         (k_w, t_w), (k_nsp, t_nsp) = (_PREFIX[name] for name in BERT_FEATURES)  # fmt: skip
-    mask_entry: dict[int, bytes] = {}
-    seg_entry: dict[tuple[int, int], bytes] = {}
-    weight_entry: dict[int, bytes] = {}
-    nsp_entry = {v: _wrap(k_nsp, t_nsp, _VARINT[v]) for v in (0, 1)}
+    # input_mask + segment_ids depend on (length, sep_a) only, masked_lm_weights +
+    # next_sentence_labels on (count, label): each pair's bytes are built once.
+    shape_entries: dict[tuple[int, int], bytes] = {}
+    tail_entries: dict[tuple[int, int], bytes] = {}
     # An entry of packed values is (prefix depending only on the values' byte length, values):
     # the prefixes are built once per length.
     ids_head, pos_head, lab_head = _Heads(k_ids, t_ids), _Heads(k_pos, t_pos), _Heads(k_lab, t_lab)
@@ -288,20 +288,21 @@ def bert_examples(
                next_sentence_labels.tolist(), ids_off.tolist(), pos_off.tolist(),
                lab_off.tolist(), strict=False)  # fmt: skip
     for length, sep, count, nsp, i0, p0, l0 in rows:
-        if length not in mask_entry:
-            mask_entry[length] = _wrap(k_mask, t_mask, b"\x01" * length + b"\x00" * (seq - length))
-        if (length, sep) not in seg_entry:
+        shape = shape_entries.get((length, sep))
+        if shape is None:
+            mask = b"\x01" * length + b"\x00" * (seq - length)
             segment = b"\x00" * (sep + 1) + b"\x01" * (length - sep - 1) + b"\x00" * (seq - length)
-            seg_entry[(length, sep)] = _wrap(k_seg, t_seg, segment)
-        if count not in weight_entry:
-            weights = np.arange(p) < count
-            weight_entry[count] = _wrap(k_w, t_w, weights.astype("<f4").tobytes())
+            shape = _wrap(k_mask, t_mask, mask) + _wrap(k_seg, t_seg, segment)
+            shape_entries[(length, sep)] = shape
+        tail = tail_entries.get((count, nsp))
+        if tail is None:
+            weights = (np.arange(p) < count).astype("<f4").tobytes()
+            tail = _wrap(k_w, t_w, weights) + _wrap(k_nsp, t_nsp, _VARINT[nsp])
+            tail_entries[(count, nsp)] = tail
         ids = ids_bytes[i0 : next(ids_end)]
         pos = pos_bytes[p0 : next(pos_end)]
         lab = lab_bytes[l0 : next(lab_end)]
-        body = b"".join((
-            ids_head[len(ids)], ids, mask_entry[length], seg_entry[(length, sep)],
-            pos_head[len(pos)], pos, lab_head[len(lab)], lab, weight_entry[count], nsp_entry[nsp],
-        ))  # fmt: skip
+        body = b"".join((ids_head[len(ids)], ids, shape, pos_head[len(pos)], pos,
+                         lab_head[len(lab)], lab, tail))  # fmt: skip
         out.append(example_head[len(body)] + body)
     return out
