@@ -446,18 +446,17 @@ def update(
     """Clip and apply the step's gradients unless its loss is NaN/inf; (bad, grad norm)."""
     bad = step_is_bad(sums)
     norm = torch.zeros((), device=sums.device)
-    if ledger.device_skip:  # the optimizer skips a bad step itself: nothing is read back
+    if ledger.device_skip or not bool(bad):  # bool(): the host path reads the device here
+        scaler.unscale_(optimizer)  # a no-op unless fp16 loss scaling (never device_skip)
         if max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.found_inf = bad  # type: ignore[attr-defined]
-        optimizer.step()
-        del optimizer.found_inf  # type: ignore[attr-defined]
-    elif not bool(bad):
-        scaler.unscale_(optimizer)
-        if max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        if ledger.device_skip:  # the optimizer skips a bad step itself: nothing is read back
+            optimizer.found_inf = bad  # type: ignore[attr-defined]
+            optimizer.step()
+            del optimizer.found_inf  # type: ignore[attr-defined]
+        else:
+            scaler.step(optimizer)
+            scaler.update()
     return bad, norm
 
 
