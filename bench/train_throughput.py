@@ -100,11 +100,11 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
         for _ in range(n):
             step(False)
-    cuda = device.type == "cuda"
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if e.device_type.name == device.type.upper()]
 
@@ -187,7 +187,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = BertForPretraining(c).to(device)
     cfg = TrainConfig(data="-", output="-", learning_rate=1e-4)
-    opt = make_optimizer(cfg, ours, device)
+    opt = make_optimizer(cfg, ours)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     objective = Objective(ours)
     forward = torch.compile(objective, mode=args.compile_mode) if args.compile else objective

@@ -46,11 +46,10 @@ def _frame_header(n: int) -> bytes:
 
 def frame_all(records: Iterable[bytes]) -> bytes:
     """The records framed, end to end."""
-    crc, pack, header = crc32c.crc32c, struct.Struct("<I").pack, _frame_header
+    pack = struct.Struct("<I").pack
     parts = []
-    for r in records:
-        c = crc(r)
-        parts += (header(len(r)), r, pack((((c >> 15) | (c << 17)) + MASK_DELTA) & 0xFFFFFFFF))
+    for r in records:  # frame()'s pieces, joined once instead of per record
+        parts += (_frame_header(len(r)), r, pack(masked_crc(r)))
     return b"".join(parts)
 
 
@@ -283,11 +282,16 @@ def bert_examples(
     ids_head, pos_head, lab_head = _Heads(k_ids, t_ids), _Heads(k_pos, t_pos), _Heads(k_lab, t_lab)
     example_head = _Heads(None, None)
     out = []
-    ids_end, pos_end, lab_end = (iter(o[1:].tolist()) for o in (ids_off, pos_off, lab_off))
-    rows = zip(lengths.tolist(), sep_a.tolist(), counts.tolist(),
-               next_sentence_labels.tolist(), ids_off.tolist(), pos_off.tolist(),
-               lab_off.tolist(), strict=False)  # fmt: skip
-    for length, sep, count, nsp, i0, p0, l0 in rows:
+    rows = zip(
+        lengths.tolist(),
+        sep_a.tolist(),
+        counts.tolist(),
+        next_sentence_labels.tolist(),
+        *(o[:-1].tolist() for o in (ids_off, pos_off, lab_off)),  # where each row starts
+        *(o[1:].tolist() for o in (ids_off, pos_off, lab_off)),  # and ends
+        strict=True,
+    )
+    for length, sep, count, nsp, i0, p0, l0, i1, p1, l1 in rows:
         shape = shape_entries.get((length, sep))
         if shape is None:
             mask = b"\x01" * length + b"\x00" * (seq - length)
@@ -299,9 +303,7 @@ def bert_examples(
             weights = (np.arange(p) < count).astype("<f4").tobytes()
             tail = _wrap(k_w, t_w, weights) + _wrap(k_nsp, t_nsp, _VARINT[nsp])
             tail_entries[(count, nsp)] = tail
-        ids = ids_bytes[i0 : next(ids_end)]
-        pos = pos_bytes[p0 : next(pos_end)]
-        lab = lab_bytes[l0 : next(lab_end)]
+        ids, pos, lab = ids_bytes[i0:i1], pos_bytes[p0:p1], lab_bytes[l0:l1]
         body = b"".join((ids_head[len(ids)], ids, shape, pos_head[len(pos)], pos,
                          lab_head[len(lab)], lab, tail))  # fmt: skip
         out.append(example_head[len(body)] + body)

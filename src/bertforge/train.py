@@ -185,7 +185,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         )
     if state is not None:
         model.load_state_dict(state["model"])
-    optimizer = make_optimizer(cfg, model, d.device)
+    optimizer = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(d.device.type, enabled=precision == torch.float16)
     step = 0
     micro = min(cfg.micro_batch_size or local_batch, local_batch)
@@ -469,6 +469,14 @@ def step_is_bad(sums: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(loss)).float()
 
 
+def mean_losses(sums: dict[str, float]) -> tuple[float, float]:
+    """(masked LM loss per masked token, next sentence loss per instance) of summed values."""
+    return (
+        sums["masked_lm_loss"] / max(sums["masked"], 1),
+        sums["next_sentence_loss"] / max(sums["instances"], 1),
+    )
+
+
 def device_skip(optimizer: torch.optim.Optimizer, scaler: Any) -> bool:
     """Whether the optimizer can skip a bad step on the device: torch's fused AdamW reads a
     `found_inf` tensor (the mechanism GradScaler uses); our own optimizers and fp16 loss
@@ -519,9 +527,7 @@ class Ledger:
                 continue
             self.skipped += 1
             self.bad_in_a_row += 1
-            loss = values["masked_lm_loss"] / max(values["masked"], 1) + values[
-                "next_sentence_loss"
-            ] / max(values["instances"], 1)
+            loss = sum(mean_losses(values))
             print(
                 f"bertforge: warning: step {step}: loss is {loss}; step skipped "
                 f"({self.bad_in_a_row} in a row)",
@@ -674,8 +680,7 @@ class Window:
     ) -> None:
         s, elapsed = self.sums, max(now - self.start, 1e-9)
         if self.steps:
-            mlm = s["masked_lm_loss"] / max(s["masked"], 1)
-            nsp = s["next_sentence_loss"] / s["instances"]
+            mlm, nsp = mean_losses(s)
             record = {
                 "step": step,
                 "loss": mlm + nsp,
@@ -832,9 +837,7 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def make_optimizer(
-    cfg: TrainConfig, model: torch.nn.Module, device: torch.device
-) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
