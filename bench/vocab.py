@@ -4,9 +4,11 @@ Builds a public-domain English corpus (GCIDE + King James text, cut to --mb; GCI
 is built here and never shipped), then trains a --vocab-size vocabulary with each tool in its
 own process, measuring wall time and peak RSS side by side in one run. bertforge runs are also
 swept over --max-sentences, with the quality figures it measures on held-out documents.
+SentencePiece and bertforge's default run alternately --repeats times (this VM's speed drifts
+by 20% within minutes); the table gives their medians. Peak RSS covers all processes of a run.
 `--large-mb 1000` adds a run on a ~1 GB corpus to show time and memory stay bounded.
 
-    python bench/vocab.py [--mb 30] [--vocab-size 30000] [--large-mb 1000]
+    python bench/vocab.py [--mb 30] [--vocab-size 30000] [--repeats 3] [--large-mb 1000]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -44,6 +47,9 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=30)
     ap.add_argument("--vocab-size", type=int, default=30000)
     ap.add_argument("--large-mb", type=float, default=0)
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="alternating SentencePiece/bertforge pairs"
+    )
     ap.add_argument("--work", type=Path, default=HERE / "work")
     args = ap.parse_args()
     corpus = corpus_file(args.work, args.mb)
@@ -58,16 +64,16 @@ def main() -> None:
         "import sys; from tokenizers import BertWordPieceTokenizer as B; "
         "B(lowercase=True).train([sys.argv[1]], vocab_size=int(sys.argv[2]), show_progress=False)"
     )
+    sp = (
+        "SentencePiece BPE (spm.train)",
+        [sys.executable, "-c", spm, str(corpus), str(args.work / "spm"), str(v)],
+        None,
+    )
+    default = ("bertforge vocab (default)", bertforge(corpus, out / "default", v), out / "default")
     runs: list[tuple[str, list[str], Path | None]] = [
-        (
-            "SentencePiece BPE (spm.train)",
-            [sys.executable, "-c", spm, str(corpus), str(args.work / "spm"), str(v)],
-            None,
-        ),
         ("HF BertWordPieceTokenizer.train", [sys.executable, "-c", hf, str(corpus), str(v)], None),
-        ("bertforge vocab (default)", bertforge(corpus, out / "default", v), out / "default"),
     ]
-    for n in (40_000, 1_000_000_000):
+    for n in (100_000, 1_000_000_000):
         name = "all sentences" if n > 1e8 else f"{n:,} sentences"
         runs.append(
             (
@@ -95,21 +101,42 @@ def main() -> None:
 
     py = platform.python_version()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {py}")
-    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), vocab size {v}\n")
-    print("| run | wall s | peak RSS MB | vs SentencePiece | [UNK] | pieces/word | vocab used |")
+    print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB), vocab size {v}")
+    # SentencePiece and bertforge's default alternate, so that drift of the machine hits both.
+    walls: dict[str, list[float]] = {sp[0]: [], default[0]: []}
+    rss: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, cmd, _ in (sp, default):
+            wall, _, tree = measure(cmd)
+            walls[name].append(wall)
+            rss[name] = max(rss.get(name, 0.0), tree)
+    pairs = [b / a for a, b in zip(walls[sp[0]], walls[default[0]], strict=True)]
+    print(
+        f"alternating runs (s): SentencePiece {fmt(walls[sp[0]])}, "
+        f"bertforge {fmt(walls[default[0]])};"
+        f" per-pair ratios {', '.join(f'{r:.2f}' for r in pairs)}\n"
+    )
+    print(
+        "| run | wall s | peak RSS MB (all processes) | vs SentencePiece | [UNK] "
+        "| pieces/word | vocab used |"
+    )
     print("|---|---|---|---|---|---|---|")
-    results = {}
-    for name, cmd, outdir in runs:
-        wall, rss, _ = measure(cmd)
-        results[name] = wall
-        ratio = wall / results["SentencePiece BPE (spm.train)"]
-        q = ""
+    base = statistics.median(walls[sp[0]])
+    for name, cmd, outdir in [sp, default, *runs]:
+        if name in walls:
+            wall, tree = statistics.median(walls[name]), rss[name]
+        else:
+            wall, _, tree = measure(cmd)
+        q = "| |"
         if outdir is not None:
             m = json.loads((outdir / "manifest.json").read_text())["quality"]
             q = f"{m['unk_rate']:.3%} | {m['pieces_per_word']:.4f} | {m['vocab_used']:.1%}"
-        else:
-            q = "| |"
-        print(f"| {name} | {wall:.2f} | {rss:.0f} | {ratio:.2f}x | {q} |", flush=True)
+        label = f"{name} (median of {args.repeats})" if name in walls else name
+        print(f"| {label} | {wall:.2f} | {tree:.0f} | {wall / base:.2f}x | {q} |", flush=True)
+
+
+def fmt(values: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in values)
 
 
 if __name__ == "__main__":

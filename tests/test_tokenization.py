@@ -8,9 +8,18 @@ import pytest
 
 from bertforge.config import VocabConfig
 from bertforge.errors import UserError
-from bertforge.tokenization import build_tokenizer, google_layout, load_vocab, read_vocab_txt
+from bertforge.tokenization import (
+    basic_words,
+    bert_normalizer,
+    bert_pre_tokenizer,
+    build_tokenizer,
+    google_layout,
+    load_vocab,
+    read_vocab_txt,
+)
 from bertforge.vocab import train_vocab
 from tests.conftest import MIXED_DOCS
+from tests.reference.nasty_text import nasty_lines
 
 TOKENS = google_layout(["the", "cat", "##s", "sat", ".", "σ", "ς", "ο", "##δ", "##ο", "##ς",
                         "##σ", "a", "##a"], num_unused=2)  # fmt: skip
@@ -74,3 +83,22 @@ def test_autotokenizer_loads_with_the_right_casing(tmp_path: Path, mixed_corpus:
     enc = hf("Öğretmen", "güldü")
     assert enc["input_ids"][0] == load_vocab(d).id("[CLS]")
     assert enc["token_type_ids"][-1] == 1
+
+
+@pytest.mark.parametrize("lower,strip", [(True, None), (False, None), (True, False), (False, True)])
+def test_basic_words_equals_the_tokenizer_pipeline(lower, strip):
+    """The bulk normalizer used to count words gives the fast tokenizer's words, line for line
+    (tests/reference checks it against Google's BasicTokenizer too)."""
+    texts = [raw.decode("utf-8", "ignore") for raw in nasty_lines(1500)]
+    normalizer, pre = bert_normalizer(lower, strip), bert_pre_tokenizer()
+    ours = [line.split() for line in basic_words(texts, lower, strip)]
+    theirs = [[w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t))] for t in texts]
+    assert len(ours) == len(texts)
+    differ = [texts[i] for i in range(len(texts)) if ours[i] != theirs[i]]
+    assert not differ, f"{len(differ)} lines differ, e.g. {differ[:2]}"
+    # Python's own Final_Sigma rule, which skips any number of case-ignorable characters:
+    sigma = [line.split() for line in basic_words(["ΟΔΟΣ.", "Σ", "ΑΣ''' Α"], True, strip)]
+    assert sigma == [["οδος", "."], ["σ"], ["ας", "'", "'", "'", "α"]]
+    assert basic_words([], lower, strip) == []
+    with pytest.raises(ValueError, match="line break"):
+        basic_words(["a\nb"], lower, strip)

@@ -9,11 +9,18 @@ from pathlib import Path
 
 import pytest
 
+import bertforge.vocab as vocab_module
 from bertforge.cli import main
 from bertforge.config import VocabConfig
 from bertforge.errors import UserError
 from bertforge.tokenization import read_vocab_txt
-from bertforge.vocab import convert_sentencepiece_pieces, train_vocab
+from bertforge.vocab import (
+    convert_sentencepiece_pieces,
+    count_words,
+    count_words_serial,
+    train_vocab,
+    trainer_feed,
+)
 from tests.conftest import MIXED_DOCS, write_corpus
 
 
@@ -145,3 +152,46 @@ def test_cli_vocab_from_stdin(tmp_path: Path, monkeypatch, capsys):
     assert "vocab: 650 tokens (wordpiece, cased)" in printed and "held-out" in printed
     assert len(read_vocab_txt(out / "vocab.txt")) == 650
     assert not list(out.glob(".stdin-*"))
+
+
+def test_count_words_is_the_tokenizers_word_count(monkeypatch):
+    """Counting distinct tokens then normalizing them in bulk gives the same counts as running
+    the tokenizer's normalizer and pre-tokenizer over every sentence; so does the forked half."""
+    from collections import Counter
+
+    from bertforge.tokenization import bert_normalizer, bert_pre_tokenizer
+    from tests.reference.nasty_text import nasty_lines
+
+    nasty = [raw.decode("utf-8", "ignore") for raw in nasty_lines(300)]
+    sentences = [s for doc in MIXED_DOCS for s in doc] * 40 + nasty
+    for lower in (True, False):
+        c = VocabConfig(input=("x",), output="y", do_lower_case=lower)
+        normalizer, pre = bert_normalizer(lower, None), bert_pre_tokenizer()
+        want = Counter(
+            w for s in sentences for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(s))
+        )
+        assert count_words_serial(sentences, c) == want
+        monkeypatch.setattr(vocab_module, "BATCH_LINES", 50)  # small enough to fork
+        assert len(sentences) >= 4 * vocab_module.BATCH_LINES
+        assert count_words(sentences, c) == want
+        monkeypatch.undo()
+
+
+def test_trainer_feed_keeps_the_frequent_words_and_their_proportions(monkeypatch):
+    from collections import Counter
+
+    words = Counter({f"w{i:03d}": 1000 - 3 * i for i in range(300)})
+    words.update({"tie_b": 400, "tie_a": 400, "tie_c": 400})  # w200 has 400 too
+    batches, scale = trainer_feed(words, seed=1)  # under both limits: fed exactly
+    assert scale == 1 and Counter(" ".join(s for b in batches for s in b).split()) == words
+    monkeypatch.setattr(vocab_module, "TRAIN_WORDS", 202)
+    monkeypatch.setattr(vocab_module, "TRAIN_OCCURRENCES", 30_000)
+    batches, scale = trainer_feed(words, seed=1)
+    fed = Counter(" ".join(s for b in batches for s in b).split())
+    # The 200 words above 400, then the two alphabetically first of the four tied at 400.
+    assert set(fed) == {f"w{i:03d}" for i in range(200)} | {"tie_a", "tie_b"}
+    total = sum(words[w] for w in fed)
+    assert abs(scale - total / 30_000) / scale < 0.02
+    assert all(abs(fed[w] - words[w] / scale) < 1.05 for w in fed)  # rounded down or up
+    again, _ = trainer_feed(words, seed=1)
+    assert again == batches and trainer_feed(words, seed=2)[0] != batches

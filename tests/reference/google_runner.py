@@ -3,6 +3,7 @@
 Executed with the reference virtual environment's Python (.venv-ref), never imported by
 bertforge. Usage: python google_runner.py JOB.json, where the job lists tasks:
   {"tokenize": {"vocab": PATH, "do_lower_case": bool, "input": PATH, "output": PATH}}
+  {"basic": {"do_lower_case": bool, "input": PATH, "output": PATH}} (BasicTokenizer's words)
   {"create": {... create_pretraining_data's flags ..., "output": PATH}}
   {"parse": {"inputs": [PATH, ...], "max_seq_length": N, "max_predictions_per_seq": N,
              "output": PATH}}
@@ -38,6 +39,15 @@ def tokenize(vocab: str, do_lower_case: bool, input: str, output: str) -> None:
             text = tokenization.convert_to_unicode(raw)
             ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
             out.write(json.dumps(ids) + "\n")
+
+
+def basic(do_lower_case: bool, input: str, output: str) -> None:
+    tokenizer = tokenization.BasicTokenizer(do_lower_case=do_lower_case)
+    with open(input, "rb") as f:
+        lines = f.read().split(b"\n")
+    with open(output, "w", encoding="utf-8") as out:
+        for raw in lines:
+            out.write(json.dumps(tokenizer.tokenize(tokenization.convert_to_unicode(raw))) + "\n")
 
 
 def create(
@@ -178,9 +188,13 @@ def main() -> None:
         job = json.load(f)
     for task in job["tasks"]:
         ((name, args),) = task.items()
-        {"tokenize": tokenize, "create": create, "parse": parse, "checkpoint": checkpoint}[name](
-            **args
-        )
+        {
+            "tokenize": tokenize,
+            "basic": basic,
+            "create": create,
+            "parse": parse,
+            "checkpoint": checkpoint,
+        }[name](**args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bertforge.config import VocabConfig
-from bertforge.tokenization import load_vocab
+from bertforge.tokenization import basic_words, load_vocab
 from bertforge.vocab import train_vocab
 from tests.reference.nasty_text import nasty_lines
 
@@ -42,6 +42,11 @@ def test_token_ids_identical_to_google(google, tmp_path: Path, demo_path: Path):
                       "input": str(probe), "output": str(tmp_path / f"google_{lower}.jsonl")}}
         for lower, d in vocabs.items()
     ]  # fmt: skip
+    tasks += [
+        {"basic": {"do_lower_case": lower, "input": str(probe),
+                   "output": str(tmp_path / f"basic_{lower}.jsonl")}}
+        for lower in vocabs
+    ]  # fmt: skip
     google.run(tasks, tmp_path)
     for lower, d in vocabs.items():
         tokenizer = load_vocab(d).tokenizer()
@@ -58,3 +63,10 @@ def test_token_ids_identical_to_google(google, tmp_path: Path, demo_path: Path):
         unk = load_vocab(d).id("[UNK]")
         assert any(unk in ids for ids in theirs), "the probe should exercise [UNK] too"
         assert sum(len(ids) for ids in theirs) > 20000
+        # The bulk normalizer that counts words for vocab training: BasicTokenizer's words.
+        words = [
+            json.loads(x) for x in (tmp_path / f"basic_{lower}.jsonl").read_text().splitlines()
+        ]
+        bulk = [line.split() for line in basic_words(texts, lower, None)]
+        differ = [(i, texts[i]) for i in range(len(texts)) if bulk[i] != words[i]]
+        assert not differ, f"do_lower_case={lower}: basic_words differs, e.g. {differ[:3]}"
