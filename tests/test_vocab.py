@@ -16,8 +16,8 @@ from bertforge.errors import UserError
 from bertforge.tokenization import read_vocab_txt
 from bertforge.vocab import (
     convert_sentencepiece_pieces,
+    count_texts,
     count_words,
-    count_words_serial,
     train_vocab,
     trainer_feed,
 )
@@ -170,7 +170,7 @@ def test_count_words_is_the_tokenizers_word_count(monkeypatch):
         want = Counter(
             w for s in sentences for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(s))
         )
-        assert count_words_serial(sentences, c) == want
+        assert count_texts([" ".join(sentences)], c) == want
         monkeypatch.setattr(vocab_module, "BATCH_LINES", 50)  # small enough to fork
         assert len(sentences) >= 4 * vocab_module.BATCH_LINES
         assert count_words(sentences, c) == want

@@ -24,6 +24,7 @@ the result: [UNK] rate, pieces per word and the share of the vocabulary in use.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import multiprocessing
 import os
@@ -266,37 +267,41 @@ def count_words(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
     """How often each word (BERT-normalized, punctuation split off) occurs in the sentences.
 
     Where the platform can fork, a child process counts the second half while this one counts
-    the first (counting is pure Python: one core does ~3 M tokens a second)."""
-    half = len(sentences) // 2
-    if half < BATCH_LINES or (os.cpu_count() or 1) < 2 or sys.platform != "linux":
-        return count_words_serial(sentences, cfg)
+    the first (counting is pure Python: one core does ~3 M tokens a second). The child gets
+    a few large strings, not the sentences: touching every sentence object would make it copy
+    the memory pages they live on."""
+    texts = [
+        " ".join(sentences[i : i + BATCH_LINES]) for i in range(0, len(sentences), BATCH_LINES)
+    ]
+    half = len(texts) // 2
+    if half < 1 or (os.cpu_count() or 1) < 2 or sys.platform != "linux":
+        return count_texts(texts, cfg)
     global _FORK_INPUT
-    _FORK_INPUT = (sentences[half:], cfg)
+    _FORK_INPUT = (texts[half:], cfg)
     try:
         with multiprocessing.get_context("fork").Pool(1) as pool:
             other = pool.apply_async(_count_forked)
-            words = count_words_serial(sentences[:half], cfg)
+            words = count_texts(texts[:half], cfg)
             words.update(other.get())
     finally:
         _FORK_INPUT = None
     return words
 
 
-_FORK_INPUT: tuple[Sequence[str], VocabConfig] | None = None  # read by the forked child
+_FORK_INPUT: tuple[list[str], VocabConfig] | None = None  # read by the forked child
 
 
 def _count_forked() -> Counter[str]:
     assert _FORK_INPUT is not None
-    return count_words_serial(*_FORK_INPUT)
+    return count_texts(*_FORK_INPUT)
 
 
-def count_words_serial(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
-    """count_words in this process. Distinct space-separated tokens are counted first, then
-    only those are normalized, in bulk (`basic_words`): a corpus has about twelve times fewer
-    distinct tokens than tokens."""
+def count_texts(texts: Sequence[str], cfg: VocabConfig) -> Counter[str]:
+    """count_words in this process, on sentences joined by spaces. Distinct space-separated
+    tokens are counted first, then only those are normalized, in bulk (`basic_words`): a
+    corpus has about twelve times fewer distinct tokens than tokens."""
     raw: Counter[str] = Counter()
-    for i in range(0, len(sentences), BATCH_LINES):
-        text = " ".join(sentences[i : i + BATCH_LINES])
+    for text in texts:
         if cfg.do_lower_case and text.isascii():
             text = text.lower()  # fewer distinct tokens; exact for ASCII
         raw.update(text.split(" "))
@@ -450,13 +455,11 @@ def measure_quality(tokens: list[str], cfg: VocabConfig, heldout: list[str]) -> 
     vocab = {t: i for i, t in enumerate(tokens)}
     tokenizer = wordpiece_tokenizer(vocab)
     lines = basic_words(heldout, cfg.do_lower_case, cfg.strip_accents)
-    unk = vocab[UNK]
-    ids: set[int] = set()
-    for enc in tokenizer.encode_batch(lines, add_special_tokens=False):
-        q.tokens += len(enc.ids)
-        q.unk_tokens += enc.ids.count(unk)
-        q.words += len(set(w for w in enc.word_ids if w is not None))
-        ids.update(enc.ids)
+    encodings = tokenizer.encode_batch(lines, add_special_tokens=False)
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64)
     q.sentences = len(heldout)
-    q.distinct_ids = len(ids)
+    q.words = sum(len(line.split()) for line in lines)  # a word over 200 characters: one [UNK]
+    q.tokens = len(ids)
+    q.unk_tokens = int((ids == vocab[UNK]).sum())
+    q.distinct_ids = len(np.unique(ids))
     return q
