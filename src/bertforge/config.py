@@ -96,7 +96,8 @@ class VocabConfig(CorpusInput):
     sentencepiece_model: Literal["bpe", "unigram"] = "bpe"
     """SentencePiece model type, with --algorithm sentencepiece."""
     min_frequency: int = 2
-    """Pieces must occur at least this often in the training text (wordpiece)."""
+    """Pieces must occur at least this often in the training sample (wordpiece; scaled like the
+    word counts the trainer is fed)."""
     limit_alphabet: int = 1000
     """Keep at most this many distinct characters (the most frequent); rarer ones become [UNK]."""
     num_unused: int = 99
