@@ -195,3 +195,16 @@ def test_trainer_feed_keeps_the_frequent_words_and_their_proportions(monkeypatch
     assert all(abs(fed[w] - words[w] / scale) < 1.05 for w in fed)  # rounded down or up
     again, _ = trainer_feed(words, seed=1)
     assert again == batches and trainer_feed(words, seed=2)[0] != batches
+
+
+def test_trainer_feed_does_not_depend_on_counting_order(monkeypatch):
+    from collections import Counter
+
+    monkeypatch.setattr(vocab_module, "TRAIN_OCCURRENCES", 1000)  # counts / ~6.5: rounding
+    words = Counter({f"w{i}": 7 + i % 13 for i in range(500)})
+    reordered = Counter(dict(reversed(list(words.items()))))
+    a, _ = trainer_feed(words, seed=3)
+    b, _ = trainer_feed(reordered, seed=3)
+    assert Counter(" ".join(s for x in a for s in x).split()) == Counter(
+        " ".join(s for x in b for s in x).split()
+    )

@@ -35,6 +35,7 @@ import random
 import sys
 import tempfile
 import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -342,9 +343,12 @@ def trainer_feed(words: Counter[str], seed: int) -> tuple[list[list[str]], float
     else:
         kept = np.arange(len(vocab))
     shares = counts[kept] / max(1.0, counts[kept].sum() / TRAIN_OCCURRENCES)
-    rng = np.random.default_rng(seed)
-    repeats = (np.floor(shares) + (rng.random(len(kept)) < shares % 1)).astype(np.int64)
     fed = [vocab[i] + " " for i in kept.tolist()]
+    # A uniform draw per word from a hash of the word and the seed: the same whatever order
+    # the words were counted in (one process or two).
+    start = seed & 0xFFFFFFFF
+    draws = np.fromiter((zlib.crc32(w.encode(), start) for w in fed), np.float64, len(fed))
+    repeats = (np.floor(shares) + (draws / 2**32 < shares % 1)).astype(np.int64)
     lines = [w * r for w, r in zip(fed, repeats.tolist(), strict=True) if r]
     batches = [lines[i : i + BATCH_LINES] for i in range(0, len(lines), BATCH_LINES)]
     return batches, float(counts[kept].sum() / max(1, repeats.sum()))
