@@ -117,14 +117,18 @@ def char_classes(cps: np.ndarray, cats: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def categories(cps: np.ndarray) -> np.ndarray:
+    """Unicode general category of each code point, from Python's unicodedata."""
+    return np.array(list(map(unicodedata.category, map(chr, cps.tolist()))), dtype="U2")
+
+
 @functools.cache
 def char_ranges() -> dict[str, list[tuple[int, int]]]:
     """Code point ranges of each class, from Python's unicodedata (once a process)."""
     # Planes 4-13 hold no assigned character and 15-16 only private use: none is in a class.
     cps = np.concatenate([np.arange(0x40000), np.arange(0xE0000, 0xF0000)])
-    cats = np.array(list(map(unicodedata.category, map(chr, cps.tolist()))), dtype="U2")
     out = {}
-    for name, mask in char_classes(cps, cats).items():
+    for name, mask in char_classes(cps, categories(cps)).items():
         members = cps[mask]
         breaks = np.flatnonzero(np.diff(members) != 1)
         starts = np.concatenate([members[:1], members[breaks + 1]])
@@ -218,8 +222,7 @@ def char_class_re(chars: Iterable[str], group: bool = False) -> re.Pattern[str]:
 def classes_of(chars: Iterable[str]) -> dict[str, list[str]]:
     """The characters among `chars` in each of Google's character classes, and CJK."""
     cps = np.array(sorted(map(ord, chars)), dtype=np.int64)
-    cats = np.array([unicodedata.category(chr(cp)) for cp in cps.tolist()] or [""])[: len(cps)]
-    masks = char_classes(cps, cats)
+    masks = char_classes(cps, categories(cps))
     masks["cjk"] = np.zeros(len(cps), dtype=bool)
     for a, b in CJK_RANGES:
         masks["cjk"] |= (cps >= a) & (cps <= b)
