@@ -342,7 +342,8 @@ def trainer_feed(words: Counter[str], seed: int) -> tuple[list[list[str]], float
         kept = np.concatenate([above, tied[: TRAIN_WORDS - len(above)]]).astype(np.int64)
     else:
         kept = np.arange(len(vocab))
-    shares = counts[kept] / max(1.0, counts[kept].sum() / TRAIN_OCCURRENCES)
+    total = int(counts[kept].sum())
+    shares = counts[kept] / max(1.0, total / TRAIN_OCCURRENCES)
     fed = [vocab[i] + " " for i in kept.tolist()]
     # A uniform draw per word from a hash of the word and the seed: the same whatever order
     # the words were counted in (one process or two).
@@ -351,7 +352,7 @@ def trainer_feed(words: Counter[str], seed: int) -> tuple[list[list[str]], float
     repeats = (np.floor(shares) + (draws / 2**32 < shares % 1)).astype(np.int64)
     lines = [w * r for w, r in zip(fed, repeats.tolist(), strict=True) if r]
     batches = [lines[i : i + BATCH_LINES] for i in range(0, len(lines), BATCH_LINES)]
-    return batches, float(counts[kept].sum() / max(1, repeats.sum()))
+    return batches, total / max(1, int(repeats.sum()))
 
 
 def train_wordpiece(
