@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from bertforge import __version__
 from bertforge.config import DataConfig, config_to_dict
@@ -74,9 +73,9 @@ from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, bert_examples, frame, frame_all
-from bertforge.tokenization import Vocab, build_tokenizer, load_vocab
+from bertforge.tokenization import LineEncoder, Vocab, load_vocab
 
-ENCODE_BATCH = 4096  # sentences per tokenizer call
+ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
 PARTS = ".parts"
 GOOGLE_FILE = "data.tfrecord"
@@ -94,22 +93,16 @@ class DataResult:
 # ----------------------------------------------------------------------------- tokenization
 
 
-def encode_lines(lines: list[str], tokenizer: Tokenizer) -> list[list[int]]:
-    ids: list[list[int]] = []
-    for i in range(0, len(lines), ENCODE_BATCH):
-        batch = tokenizer.encode_batch_fast(lines[i : i + ENCODE_BATCH], add_special_tokens=False)
-        ids += [e.ids for e in batch]
-    return ids
-
-
 def unit_tokens(
-    docs: Sequence[Sequence[str]], tokenizer: Tokenizer, dtype: np.dtype
+    docs: Sequence[Sequence[str]], encoder: LineEncoder, dtype: np.dtype
 ) -> tuple[np.ndarray, list[list[int]]]:
     """tokenize_documents as the default mode uses it: all token ids end to end, and per
     document where its sentences start in them (and where the last ends)."""
-    ids = encode_lines([s for d in docs for s in d], tokenizer)
-    lengths = list(map(len, ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(lengths))
+    lines = [s for d in docs for s in d]
+    parts = [encoder.encode(lines[i : i + ENCODE_LINES], dtype)
+             for i in range(0, len(lines), ENCODE_LINES)]  # fmt: skip
+    flat = np.concatenate([ids for ids, _ in parts] or [np.zeros(0, dtype)])
+    lengths = list(itertools.chain.from_iterable(n.tolist() for _, n in parts))
     bounds, pos, k = [], 0, 0
     for d in docs:
         starts = [pos]
@@ -124,11 +117,11 @@ def unit_tokens(
 
 
 def tokenize_documents(
-    docs: Sequence[Sequence[str]], tokenizer: Tokenizer
+    docs: Sequence[Sequence[str]], encoder: LineEncoder
 ) -> list[list[list[int]]]:
     """Documents of token ids; sentences that tokenize to nothing and documents left empty are
     dropped, as in Google's script (unit_tokens, as nested lists)."""
-    flat, bounds = unit_tokens(docs, tokenizer, np.dtype(np.int64))
+    flat, bounds = unit_tokens(docs, encoder, np.dtype(np.int64))
     ids = flat.tolist()
     return [[ids[b[i] : b[i + 1]] for i in range(len(b) - 1)] for b in bounds]
 
@@ -262,11 +255,11 @@ def shard_bytes(
 
 
 def build_unit(
-    unit: int, docs: Sequence[Sequence[str]], tokenizer: Tokenizer, s: UnitSettings,
+    unit: int, docs: Sequence[Sequence[str]], encoder: LineEncoder, s: UnitSettings,
     spec: MaskSpec, vocab: VocabIds,
 ) -> dict[str, Any]:  # fmt: skip
     """Tokenize, segment, mask and write one unit; returns (and records) its part summary."""
-    flat, bounds = unit_tokens(docs, tokenizer, id_dtype(spec.vocab_size))
+    flat, bounds = unit_tokens(docs, encoder, id_dtype(spec.vocab_size))
     rng, np_rng = unit_rngs(s.random_seed, unit)
     arrays = unit_instances(flat, bounds, s.params, vocab, s.dupe_factor, rng, np_rng)
     counts: dict[str, int] = {}
@@ -295,18 +288,16 @@ def build_unit(
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(s: UnitSettings, single_threaded: bool) -> None:
-    if single_threaded:  # one tokenizer thread per worker process; the pool is the parallelism
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _init_worker(s: UnitSettings) -> None:
     _WORKER["settings"] = s
-    _WORKER["tokenizer"] = build_tokenizer(s.tokens, s.do_lower_case, s.strip_accents)
+    _WORKER["encoder"] = LineEncoder(s.tokens, s.do_lower_case, s.strip_accents)
     _WORKER["vocab"] = vocab = VocabIds.from_tokens(s.tokens)
     _WORKER["spec"] = mask_spec(s.params, vocab)
 
 
 def _run_unit(unit: int, docs: list[list[str]]) -> dict[str, Any]:
     w = _WORKER
-    return build_unit(unit, docs, w["tokenizer"], w["settings"], w["spec"], w["vocab"])
+    return build_unit(unit, docs, w["encoder"], w["settings"], w["spec"], w["vocab"])
 
 
 def iter_units(
@@ -351,7 +342,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
     total_units = 0
     try:
         if workers == 1:
-            _init_worker(s, single_threaded=False)
+            _init_worker(s)
             for unit, docs in units:
                 total_units = unit + 1
                 if unit not in parts:
@@ -359,7 +350,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
         else:
             ctx = multiprocessing.get_context("spawn")
             with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(s, True)) as pool:  # fmt: skip
+                                        initargs=(s,)) as pool:  # fmt: skip
                 pending: set[cf.Future] = set()
                 for unit, docs in units:
                     total_units = unit + 1
@@ -381,17 +372,17 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
 # ----------------------------------------------------------------------------- google mode
 
 
-def google_documents(inputs: Sequence[InputFile], tokenizer: Tokenizer, stats: CorpusStats,
+def google_documents(inputs: Sequence[InputFile], encoder: LineEncoder, stats: CorpusStats,
                      strict_utf8: bool) -> list[list[list[int]]]:  # fmt: skip
     """All documents as Google's script reads them: a file's end does not end a document."""
     docs = list(iter_documents(inputs, stats, strict_utf8=strict_utf8,
                                file_is_document_boundary=False))  # fmt: skip
-    return tokenize_documents(docs, tokenizer)
+    return tokenize_documents(docs, encoder)
 
 
 def google_instances(
     inputs: Sequence[InputFile],
-    tokenizer: Tokenizer,
+    encoder: LineEncoder,
     vocab: VocabIds,
     params: InstanceParams,
     dupe_factor: int,
@@ -400,7 +391,7 @@ def google_instances(
     strict_utf8: bool = False,
 ) -> list[Instance]:
     """Google's create_training_instances, record for record: all in memory, one rng."""
-    documents = google_documents(inputs, tokenizer, stats, strict_utf8)
+    documents = google_documents(inputs, encoder, stats, strict_utf8)
     return create_training_instances(
         documents, params, vocab, dupe_factor, random.Random(random_seed)
     )
@@ -426,7 +417,7 @@ def write_tfrecords(
 def run_google(cfg: DataConfig, inputs: list[InputFile], vocab: Vocab, params: InstanceParams,
                out: Path, stats: CorpusStats, run_id: str) -> list[dict[str, Any]]:  # fmt: skip
     instances = google_instances(
-        inputs, vocab.tokenizer(), VocabIds.from_tokens(vocab.tokens), params,
+        inputs, vocab.encoder(), VocabIds.from_tokens(vocab.tokens), params,
         cfg.resolved_dupe_factor, cfg.random_seed, stats, cfg.strict_utf8,
     )  # fmt: skip
     write_tfrecords(instances, [out / GOOGLE_FILE], params)

@@ -6,10 +6,11 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bertforge.config import VocabConfig
-from bertforge.tokenization import basic_words, load_vocab
+from bertforge.tokenization import LineEncoder, basic_words, load_vocab
 from bertforge.vocab import train_vocab
 from tests.reference.nasty_text import nasty_lines
 
@@ -60,6 +61,14 @@ def test_token_ids_identical_to_google(google, tmp_path: Path, demo_path: Path):
         assert not mismatches, (
             f"do_lower_case={lower}: {len(mismatches)} lines differ, e.g. {mismatches[:3]}"
         )
+        # The data stage's encoder, in batches that reuse its cache and (it is small) clear it.
+        encoder = LineEncoder(load_vocab(d).tokens, lower, None, max_entries=3000)
+        cached = []
+        for i in range(0, len(texts), 300):
+            flat, counts = encoder.encode(texts[i : i + 300], np.dtype(np.int64))
+            cached += [a.tolist() for a in np.split(flat, np.cumsum(counts)[:-1])]
+        differ = [(i, texts[i]) for i in range(len(texts)) if cached[i] != theirs[i]]
+        assert not differ, f"do_lower_case={lower}: LineEncoder differs, e.g. {differ[:3]}"
         unk = load_vocab(d).id("[UNK]")
         assert any(unk in ids for ids in theirs), "the probe should exercise [UNK] too"
         assert sum(len(ids) for ids in theirs) > 20000
