@@ -6,7 +6,8 @@ same corpus, vocab and flags (max_seq_length 128, max_predictions_per_seq 20, du
 
 - Google's script (bert-tensorflow 1.0.4 under TensorFlow, in the reference venv, through
   tests/reference/google_runner.py): one process, all instances in memory;
-- Hugging Face tokenizers alone encoding every line (the floor: tokenization);
+- Hugging Face tokenizers alone encoding every line (the floor: tokenization), and bertforge's
+  own tokenizer (LineEncoder: the same ids, each distinct piece of text tokenized once);
 - bertforge like for like (`--format tfrecord --dupe-factor 5`), with all cores and with one;
 - bertforge's default (native shards, dynamic masking, dupe_factor 1);
 - bertforge's default on a 10x larger corpus (peak memory must not grow).
@@ -40,6 +41,17 @@ with open(sys.argv[2], encoding="utf-8") as f:
 method = getattr(tok, sys.argv[3])
 for i in range(0, len(lines), 10000):
     method(lines[i : i + 10000], add_special_tokens=False)
+"""
+
+LINE_ENCODER = """
+import sys
+import numpy as np
+from bertforge.tokenization import load_vocab
+encoder = load_vocab(sys.argv[1]).encoder()
+with open(sys.argv[2], encoding="utf-8") as f:
+    lines = [line.strip() for line in f if line.strip()]
+for i in range(0, len(lines), 65536):
+    encoder.encode(lines[i : i + 65536], np.dtype(np.uint16))
 """
 
 
@@ -80,6 +92,8 @@ def main() -> None:
         ("HF tokenizers encode_batch_fast alone (all cores)",
          [sys.executable, "-c", ENCODE, str(vocab / "tokenizer.json"), str(corpus),
           "encode_batch_fast"], None, args.mb),
+        ("bertforge's LineEncoder alone (1 process)",
+         [sys.executable, "-c", LINE_ENCODER, str(vocab), str(corpus)], None, args.mb),
         (f"bertforge --format tfrecord --dupe-factor 5 ({os.cpu_count()} workers)",
          bertforge_data(corpus, vocab, out / "tf", *like), None, args.mb),
         ("bertforge --format tfrecord --dupe-factor 5 --workers 1",

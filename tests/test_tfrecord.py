@@ -47,9 +47,9 @@ def test_bert_example_padding():
 
 
 def test_batch_encoding_is_bert_example_byte_for_byte():
-    """bert_examples (the default mode's batch encoder) and frame_all give exactly the bytes
-    of bert_example and frame, row by row: ids of 1 to 3 varint bytes, every mask count."""
-    from bertforge.tfrecord import bert_examples, frame_all
+    """framed_examples (the default mode's batch encoder) gives exactly the bytes of
+    frame(bert_example(...)), row by row: ids of 1 to 5 varint bytes, every mask count."""
+    from bertforge.tfrecord import framed_examples
 
     rng = np.random.default_rng(3)
     n, seq, p = 300, 40, 6
@@ -60,16 +60,17 @@ def test_batch_encoding_is_bert_example_byte_for_byte():
     labels = np.zeros((n, p), dtype=np.int64)
     counts = rng.integers(0, p + 1, n)
     for r in range(n):
-        ids[r, : lengths[r]] = rng.choice([5, 200, 40_000, 3_000_000], lengths[r])
+        ids[r, : lengths[r]] = rng.choice([5, 200, 40_000, 3_000_000, 300_000_000], lengths[r])
         pos = np.sort(rng.choice(np.arange(1, lengths[r]), counts[r], replace=False))
         positions[r, : counts[r]], labels[r, : counts[r]] = pos, ids[r, pos]
     nsp = rng.integers(0, 2, n)
-    got = bert_examples(ids, lengths, sep_a, positions, labels, counts, nsp)
+    got = framed_examples(ids, lengths, sep_a, positions, labels, counts, nsp)
     want = []
     for r in range(n):
         length, c = int(lengths[r]), int(counts[r])
         segment = [0] * (int(sep_a[r]) + 1) + [1] * (length - int(sep_a[r]) - 1)
         want.append(bert_example(ids[r, :length].tolist(), segment, positions[r, :c].tolist(),
                                  labels[r, :c].tolist(), bool(nsp[r]), seq, p))  # fmt: skip
-    assert got == want
-    assert frame_all(got) == b"".join(frame(r) for r in want)
+    assert got == b"".join(frame(r) for r in want)
+    assert framed_examples(ids[:0], lengths[:0], sep_a[:0], positions[:0], labels[:0],
+                           counts[:0], nsp[:0]) == b""  # fmt: skip

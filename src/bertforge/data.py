@@ -72,7 +72,7 @@ from bertforge.instances import (
 from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
-from bertforge.tfrecord import bert_example, bert_examples, frame, frame_all
+from bertforge.tfrecord import bert_example, frame, framed_examples
 from bertforge.tokenization import LineEncoder, Vocab, load_vocab
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
@@ -242,10 +242,9 @@ def shard_bytes(
             rec["input_ids"][sl], rec["num_masked"][sl] = m.input_ids, m.counts
             rec["masked_lm_positions"][sl], rec["masked_lm_ids"][sl] = m.positions, m.labels
         else:
-            records = bert_examples(m.input_ids, arrays.lengths[sl], arrays.sep_a[sl],
-                                    m.positions, m.labels, m.counts,
-                                    arrays.next_sentence[sl])  # fmt: skip
-            yield frame_all(records)
+            yield framed_examples(m.input_ids, arrays.lengths[sl], arrays.sep_a[sl],
+                                  m.positions, m.labels, m.counts,
+                                  arrays.next_sentence[sl])  # fmt: skip
     if rec is not None:
         meta = {"unit": unit, "run_id": s.run_id, "max_seq_length": p.max_seq_length,
                 "max_predictions_per_seq": p.max_predictions_per_seq,

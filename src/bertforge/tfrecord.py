@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import BinaryIO
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import crc32c
 import numpy as np
@@ -42,15 +42,6 @@ def _frame_header(n: int) -> bytes:
     """uint64 length and its masked crc (records of a shard have few distinct lengths)."""
     length = struct.pack("<Q", n)
     return length + struct.pack("<I", masked_crc(length))
-
-
-def frame_all(records: Iterable[bytes]) -> bytes:
-    """The records framed, end to end."""
-    pack = struct.Struct("<I").pack
-    parts = []
-    for r in records:  # frame()'s pieces, joined once instead of per record
-        parts += (_frame_header(len(r)), r, pack(masked_crc(r)))
-    return b"".join(parts)
 
 
 def read_records(f: BinaryIO, name: str = "TFRecord file", check: bool = True) -> Iterator[bytes]:
@@ -232,28 +223,49 @@ def _wrap(key: bytes, kind_tag: bytes, packed: bytes) -> bytes:
     return b"\x0a" + _VARINT[len(body)] + body
 
 
-class _Heads(dict):  # type: ignore[type-arg]
-    """Memo of what goes before n bytes of packed values: a feature's map entry header, or
-    with no key the Example's own (field 1, length n)."""
-
-    def __init__(self, key: bytes | None, kind_tag: bytes | None) -> None:
-        super().__init__()
-        self.key, self.kind_tag = key, kind_tag
-
-    def __missing__(self, n: int) -> bytes:
-        if self.key is None or self.kind_tag is None:
-            head = b"\x0a" + _varint(n)
-        else:
-            head = _wrap(self.key, self.kind_tag, b"\xff" * n)[:-n]
-        self[n] = head
-        return head
-
-
 _PREFIX = {name: _entry_prefix(name, 2 if name == "masked_lm_weights" else 3)
            for name in BERT_FEATURES}  # fmt: skip
+_CRC_SLOT = b"\x00" * 4  # where a record's crc goes until it is computed
 
 
-def bert_examples(
+@functools.cache
+def _entry_head(name: str, n: int) -> bytes:
+    """A feature's map entry up to its n bytes of packed values."""
+    return _wrap(*_PREFIX[name], b"\xff" * n)[: -n or None]
+
+
+@functools.cache
+def _shape_entries(seq: int, length: int, sep: int) -> bytes:
+    """The input_mask and segment_ids entries of a record (length, first [SEP] at sep)."""
+    mask = b"\x01" * length + b"\x00" * (seq - length)
+    segment = b"\x00" * (sep + 1) + b"\x01" * (length - sep - 1) + b"\x00" * (seq - length)
+    return _wrap(*_PREFIX["input_mask"], mask) + _wrap(*_PREFIX["segment_ids"], segment)
+
+
+@functools.cache
+def _tail_entries(p: int, count: int, nsp: int) -> bytes:
+    """The masked_lm_weights and next_sentence_labels entries of a record."""
+    weights = (np.arange(p) < count).astype("<f4").tobytes()
+    return _wrap(*_PREFIX["masked_lm_weights"], weights) + _wrap(
+        *_PREFIX["next_sentence_labels"], _VARINT[nsp]
+    )
+
+
+def _per_row(keys: np.ndarray, make: Any) -> tuple[list[bytes], np.ndarray]:
+    """make(key) for each row's key, built once per distinct key: (bytes, their lengths)."""
+    distinct, inverse = np.unique(keys, return_inverse=True)
+    built = [make(k) for k in distinct.tolist()]
+    lengths = np.fromiter(map(len, built), np.int64, len(built))
+    return list(map(built.__getitem__, inverse.tolist())), lengths[inverse]
+
+
+def _row_slices(blob: bytes, offsets: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """blob cut at offsets (n + 1 of them): (the n pieces, their lengths)."""
+    cuts = map(slice, offsets[:-1].tolist(), offsets[1:].tolist())
+    return list(map(blob.__getitem__, cuts)), np.diff(offsets)
+
+
+def framed_examples(
     input_ids: np.ndarray,
     lengths: np.ndarray,
     sep_a: np.ndarray,
@@ -261,50 +273,43 @@ def bert_examples(
     labels: np.ndarray,
     counts: np.ndarray,
     next_sentence_labels: np.ndarray,
-) -> list[bytes]:
-    """bert_example() for a batch of padded arrays, byte for byte.
+) -> bytes:
+    """frame(bert_example(...)) for each row of a batch of padded arrays, end to end, byte for
+    byte, with no Python loop over records.
 
-    The varying features are varint-encoded for the whole batch at once; input_mask,
-    segment_ids, masked_lm_weights and next_sentence_labels depend only on (length, sep_a,
-    count, label), so their encoded map entries are built once per distinct value."""
+    A framed record is a fixed sequence of byte segments: frame header, Example header, then
+    per feature a map-entry header and the packed values, then the crc. The varying values
+    (input_ids, masked_lm_positions, masked_lm_ids) are varint-encoded for the whole batch at
+    once; every other segment depends on one small key (a byte length; (length, sep_a) for
+    input_mask + segment_ids; (count, label) for masked_lm_weights + next_sentence_labels) and
+    is built once per distinct key. One join assembles the records; the crcs are written in
+    afterwards."""
     seq, p = input_ids.shape[1], positions.shape[1]
-    ids_bytes, ids_off = _varint_rows(input_ids)
-    pos_bytes, pos_off = _varint_rows(positions)
-    lab_bytes, lab_off = _varint_rows(labels)
-    (k_ids, t_ids), (k_mask, t_mask), (k_seg, t_seg), (k_pos, t_pos), (k_lab, t_lab), \
-        (k_w, t_w), (k_nsp, t_nsp) = (_PREFIX[name] for name in BERT_FEATURES)  # fmt: skip
-    # input_mask + segment_ids depend on (length, sep_a) only, masked_lm_weights +
-    # next_sentence_labels on (count, label): each pair's bytes are built once.
-    shape_entries: dict[tuple[int, int], bytes] = {}
-    tail_entries: dict[tuple[int, int], bytes] = {}
-    # An entry of packed values is (prefix depending only on the values' byte length, values):
-    # the prefixes are built once per length.
-    ids_head, pos_head, lab_head = _Heads(k_ids, t_ids), _Heads(k_pos, t_pos), _Heads(k_lab, t_lab)
-    example_head = _Heads(None, None)
-    out = []
-    rows = zip(
-        lengths.tolist(),
-        sep_a.tolist(),
-        counts.tolist(),
-        next_sentence_labels.tolist(),
-        *(o[:-1].tolist() for o in (ids_off, pos_off, lab_off)),  # where each row starts
-        *(o[1:].tolist() for o in (ids_off, pos_off, lab_off)),  # and ends
-        strict=True,
+    n = len(lengths)
+    body: list[tuple[list[bytes], np.ndarray]] = []  # the Example's segments, in order
+    for values, name in ((input_ids, "input_ids"), (positions, "masked_lm_positions"),
+                         (labels, "masked_lm_ids")):  # fmt: skip
+        packed = _row_slices(*_varint_rows(values))
+        body += [_per_row(packed[1], functools.partial(_entry_head, name)), packed]
+    body.insert(2, _per_row(lengths * (seq + 1) + sep_a,
+                            lambda k: _shape_entries(seq, *divmod(k, seq + 1))))  # fmt: skip
+    body.append(_per_row(counts * 2 + next_sentence_labels,
+                         lambda k: _tail_entries(p, *divmod(k, 2))))  # fmt: skip
+    body_len = sum(n for _, n in body)
+    example_head = _per_row(body_len, lambda n: b"\x0a" + _varint(n))
+    record = body_len + example_head[1]
+    segments = [_per_row(record, _frame_header)[0], example_head[0], *(b for b, _ in body)]
+    pieces: list[bytes] = [_CRC_SLOT] * ((len(segments) + 1) * n)
+    for k, seg in enumerate(segments):
+        pieces[k :: len(segments) + 1] = seg
+    out = bytearray(b"".join(pieces))
+    ends = np.cumsum(record + 16)  # a framed record: 12 header bytes, the record, 4 crc bytes
+    view = memoryview(out)
+    cuts = map(slice, (ends - 4 - record).tolist(), (ends - 4).tolist())
+    crc = np.fromiter(map(crc32c.crc32c, map(view.__getitem__, cuts)), np.uint32, n)
+    crc = ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(MASK_DELTA)
+    np.frombuffer(out, np.uint8)[(ends - 4)[:, None] + np.arange(4)] = (
+        crc.astype("<u4").view(np.uint8).reshape(-1, 4)
     )
-    for length, sep, count, nsp, i0, p0, l0, i1, p1, l1 in rows:
-        shape = shape_entries.get((length, sep))
-        if shape is None:
-            mask = b"\x01" * length + b"\x00" * (seq - length)
-            segment = b"\x00" * (sep + 1) + b"\x01" * (length - sep - 1) + b"\x00" * (seq - length)
-            shape = _wrap(k_mask, t_mask, mask) + _wrap(k_seg, t_seg, segment)
-            shape_entries[(length, sep)] = shape
-        tail = tail_entries.get((count, nsp))
-        if tail is None:
-            weights = (np.arange(p) < count).astype("<f4").tobytes()
-            tail = _wrap(k_w, t_w, weights) + _wrap(k_nsp, t_nsp, _VARINT[nsp])
-            tail_entries[(count, nsp)] = tail
-        ids, pos, lab = ids_bytes[i0:i1], pos_bytes[p0:p1], lab_bytes[l0:l1]
-        body = b"".join((ids_head[len(ids)], ids, shape, pos_head[len(pos)], pos,
-                         lab_head[len(lab)], lab, tail))  # fmt: skip
-        out.append(example_head[len(body)] + body)
-    return out
+    view.release()
+    return bytes(out)
