@@ -339,10 +339,13 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
 
 
 class _IdTable:
-    """Keys (strings) -> their token ids, stored end to end in one growing numpy array."""
+    """Keys (strings) -> their token ids, stored end to end in one growing numpy array, and
+    how often each key was used."""
 
     def __init__(self) -> None:
         self.slot: dict[str, int] = {}
+        self.keys: list[str] = []
+        self.uses = np.zeros(0, dtype=np.int64)
         self.starts = np.zeros(1 << 16, dtype=np.int64)  # slot -> where its ids start
         self.lengths = np.zeros(1 << 16, dtype=np.int64)  # slot -> how many ids
         self.ids = np.zeros(1 << 18, dtype=np.int64)
@@ -360,6 +363,20 @@ class _IdTable:
         self.ids[self.used : self.used + len(ids)] = ids
         self.used += len(ids)
         self.slot.update(zip(keys, range(first, end), strict=True))
+        self.keys += keys
+        self.uses = np.concatenate([self.uses, np.zeros(len(keys), np.int64)])
+
+    def count(self, slots: np.ndarray) -> None:
+        """Record one use of each slot in `slots`."""
+        self.uses += np.bincount(slots, minlength=len(self.uses))
+
+    def most_used(self, keep: int) -> _IdTable:
+        """A table of the `keep` most used keys (counts halved, so that recent use counts)."""
+        order = np.argsort(-self.uses, kind="stable")[:keep]
+        table = _IdTable()
+        table.add([self.keys[i] for i in order.tolist()], *self.gather(order)[::-1])
+        table.uses = self.uses[order] // 2
+        return table
 
     def slots(self, keys: list[str]) -> np.ndarray:
         """Slot of each key, -1 where it is not in the table."""
@@ -395,21 +412,19 @@ class LineEncoder:
     a table of piece -> ids turns tokenization into one dict lookup per piece and numpy
     gathers. Pieces not yet in it go through basic_words, and their distinct words not yet in
     a second table through the WordPiece model, in bulk (the Hugging Face tokenizer's per-call
-    cost is larger than a dict lookup's by two orders of magnitude). Both tables are cleared
-    when the pieces reach `max_entries`, which bounds their memory; the output never depends
-    on what they hold."""
+    cost is larger than a dict lookup's by two orders of magnitude). When the pieces would
+    exceed `max_entries`, the half most used stay; the words are then cleared when they would.
+    That bounds the memory (about 300 bytes an entry); the output never depends on what the
+    tables hold."""
 
     def __init__(
         self, tokens: Sequence[str], do_lower_case: bool, strip_accents: bool | None,
-        max_entries: int = 1 << 19,
+        max_entries: int = 1 << 18,
     ) -> None:  # fmt: skip
         self.do_lower_case = do_lower_case
         self.strip_accents = strip_accents
         self.max_entries = max_entries
         self.wordpiece = wordpiece_tokenizer({tok: i for i, tok in enumerate(tokens)})
-        self._clear()
-
-    def _clear(self) -> None:
         self.pieces = _IdTable()
         self.words = _IdTable()
 
@@ -419,6 +434,9 @@ class LineEncoder:
         words = " ".join(split).split()
         per_piece = np.fromiter(map(len, map(str.split, split)), np.int64, len(split))
         new = [w for w in dict.fromkeys(words) if w not in self.words.slot]
+        if len(self.words.slot) + len(new) > self.max_entries:
+            self.words = _IdTable()  # words are looked up only for new pieces: start afresh
+            new = list(dict.fromkeys(words))
         if new:
             tokenize = self.wordpiece.model.tokenize
             encoded = [[t.id for t in tokenize(w)] for w in new]
@@ -437,11 +455,14 @@ class LineEncoder:
             absent = [pieces[i] for i in missing.tolist()]
             new = list(dict.fromkeys(absent))
             if len(self.pieces.slot) + len(new) > self.max_entries:
-                self._clear()
-                missing, absent = np.arange(len(pieces)), pieces
-                new = list(dict.fromkeys(pieces))
+                self.pieces = self.pieces.most_used(self.max_entries // 2)
+                slots = self.pieces.slots(pieces)
+                missing = np.flatnonzero(slots < 0)
+                absent = [pieces[i] for i in missing.tolist()]
+                new = list(dict.fromkeys(absent))
             self._add(new)
             slots[missing] = self.pieces.lookup(absent)
+        self.pieces.count(slots)
         ids, lengths = self.pieces.gather(slots)
         per_line = np.fromiter(map(str.count, lines, itertools.repeat(" ")), np.int64, len(lines))
         return ids.astype(dtype), segment_sums(lengths, per_line + 1)
