@@ -10,6 +10,11 @@ uses, and write them into tokenizer.json, which then behaves the same wherever i
 WordPiece turns words over 200 characters into [UNK], as Google's does. Equality of token ids
 with Google's FullTokenizer is tested line by line in tests/reference/.
 
+For bulk work the data stage uses `LineEncoder`, written here because it is where the data
+stage's time went: it tokenizes each distinct space-separated piece of a corpus once (Google's
+BasicTokenizer in bulk with Python's string methods, `basic_words`, then the WordPiece model)
+and gathers ids with numpy; the same ids, several times faster than the fast tokenizer.
+
 This module also reads and validates Google's vocab.txt and writes the files with which
 `transformers.AutoTokenizer.from_pretrained(DIR)` loads the tokenizer with the right casing.
 """
