@@ -295,7 +295,7 @@ def framed_examples(
                             lambda k: _shape_entries(seq, *divmod(k, seq + 1))))  # fmt: skip
     body.append(_per_row(counts * 2 + next_sentence_labels,
                          lambda k: _tail_entries(p, *divmod(k, 2))))  # fmt: skip
-    body_len = sum(n for _, n in body)
+    body_len = sum(sizes for _, sizes in body)
     example_head = _per_row(body_len, lambda n: b"\x0a" + _varint(n))
     record = body_len + example_head[1]
     segments = [_per_row(record, _frame_header)[0], example_head[0], *(b for b, _ in body)]
@@ -306,8 +306,7 @@ def framed_examples(
     ends = np.cumsum(record + 16)  # a framed record: 12 header bytes, the record, 4 crc bytes
     view = memoryview(out)
     cuts = map(slice, (ends - 4 - record).tolist(), (ends - 4).tolist())
-    crc = np.fromiter(map(crc32c.crc32c, map(view.__getitem__, cuts)), np.uint32, n)
-    crc = ((crc >> np.uint32(15)) | (crc << np.uint32(17))) + np.uint32(MASK_DELTA)
+    crc = np.fromiter(map(masked_crc, map(view.__getitem__, cuts)), np.uint32, n)
     np.frombuffer(out, np.uint8)[(ends - 4)[:, None] + np.arange(4)] = (
         crc.astype("<u4").view(np.uint8).reshape(-1, 4)
     )
