@@ -348,8 +348,7 @@ class _IdTable:
     how often each key was used."""
 
     def __init__(self) -> None:
-        self.slot: dict[str, int] = {}
-        self.keys: list[str] = []
+        self.slot: dict[str, int] = {}  # in slot order: keys are added with the next slots
         self.uses = np.zeros(0, dtype=np.int64)
         self.starts = np.zeros(1 << 16, dtype=np.int64)  # slot -> where its ids start
         self.lengths = np.zeros(1 << 16, dtype=np.int64)  # slot -> how many ids
@@ -368,7 +367,6 @@ class _IdTable:
         self.ids[self.used : self.used + len(ids)] = ids
         self.used += len(ids)
         self.slot.update(zip(keys, range(first, end), strict=True))
-        self.keys += keys
         self.uses = np.concatenate([self.uses, np.zeros(len(keys), np.int64)])
 
     def count(self, slots: np.ndarray) -> None:
@@ -378,8 +376,9 @@ class _IdTable:
     def most_used(self, keep: int) -> _IdTable:
         """A table of the `keep` most used keys (counts halved, so that recent use counts)."""
         order = np.argsort(-self.uses, kind="stable")[:keep]
+        keys = list(self.slot)
         table = _IdTable()
-        table.add([self.keys[i] for i in order.tolist()], *self.gather(order)[::-1])
+        table.add([keys[i] for i in order.tolist()], *self.gather(order)[::-1])
         table.uses = self.uses[order] // 2
         return table
 

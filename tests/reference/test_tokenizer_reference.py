@@ -61,7 +61,7 @@ def test_token_ids_identical_to_google(google, tmp_path: Path, demo_path: Path):
         assert not mismatches, (
             f"do_lower_case={lower}: {len(mismatches)} lines differ, e.g. {mismatches[:3]}"
         )
-        # The data stage's encoder, in batches that reuse its cache and (it is small) clear it.
+        # The data stage's encoder, in batches that reuse its cache and (it is small) shrink it.
         encoder = LineEncoder(load_vocab(d).tokens, lower, None, max_entries=3000)
         cached = []
         for i in range(0, len(texts), 300):
