@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,57 @@ def test_trainer_feed_does_not_depend_on_counting_order(monkeypatch):
     assert Counter(" ".join(s for x in a for s in x).split()) == Counter(
         " ".join(s for x in b for s in x).split()
     )
+
+
+def reference_scan(docs: list[list[str]], cfg: VocabConfig) -> tuple[list[str], list[str]]:
+    """The sample and held-out sentences of scan_corpus, written the plain way: a reservoir
+    sentence by sentence (Algorithm R) and a heap of every short document."""
+    import heapq
+
+    rng, sample_rng = random.Random(cfg.seed), random.Random(cfg.seed + 1)
+    reservoir: list[tuple[int, str]] = []
+    heap: list[tuple[float, int, list[str]]] = []
+    seen = held = 0
+    for index, doc in enumerate(docs):
+        for sentence in doc:
+            if seen < cfg.max_sentences:
+                reservoir.append((index, sentence))
+            elif (j := sample_rng.randrange(seen + 1)) < cfg.max_sentences:
+                reservoir[j] = (index, sentence)
+            seen += 1
+        if cfg.heldout_sentences and len(doc) <= cfg.heldout_sentences:
+            heapq.heappush(heap, (-rng.random(), index, doc))
+            held += len(doc)
+            while held > cfg.heldout_sentences:
+                held -= len(heapq.heappop(heap)[2])
+    kept = sorted(heap, reverse=True)[: int(len(docs) * vocab_module.HELDOUT_MAX_SHARE)]
+    out = {index for _, index, _ in kept}
+    heldout = [s for _, _, doc in sorted(kept, key=lambda x: x[1]) for s in doc]
+    return [s for index, s in reservoir if index not in out], heldout
+
+
+@pytest.mark.parametrize("max_sentences", [7, 150, 1000, 10**6])
+@pytest.mark.parametrize("heldout", [0, 3, 40])
+def test_scan_samples_like_the_plain_algorithm(tmp_path: Path, max_sentences, heldout):
+    from bertforge.corpus import resolve_inputs
+
+    rng = random.Random(5)
+    docs = [[f"s{d}.{i} {rng.random()}" for i in range(rng.randint(1, 9))] for d in range(200)]
+    path = write_corpus(tmp_path / "c.txt", docs)
+    cfg = VocabConfig(input=(str(path),), output="y", max_sentences=max_sentences,
+                      heldout_sentences=heldout, progress=False)  # fmt: skip
+    scan = vocab_module.scan_corpus(resolve_inputs(cfg.input), cfg)
+    assert (scan.sample, scan.heldout) == reference_scan(docs, cfg)
+    assert len(scan.sample) <= max_sentences and len(scan.heldout) <= heldout
+    if max_sentences >= 1000 and not heldout:  # everything fits: every sentence, in order
+        assert scan.sample == [s for doc in docs for s in doc]
+
+
+def test_count_chars_ascii_and_not():
+    import numpy as np
+
+    for lines in (["ab", "c\x00\x7f", "zz z"], ["odd"], ["é ü", "Σ 東京 🙂", "ascii"], []):
+        counts = np.zeros(0x110000, dtype=np.int64)
+        vocab_module.count_chars(lines, counts)
+        want = Counter("".join(lines))
+        assert {chr(c): int(counts[c]) for c in np.flatnonzero(counts)} == want

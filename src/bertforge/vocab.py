@@ -27,7 +27,6 @@ use.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import multiprocessing
 import os
@@ -63,12 +62,14 @@ from bertforge.tokenization import (
     save_tokenizer_files,
     wordpiece_tokenizer,
 )
+from bertforge.wordcount import TokenCounter
 
 BATCH_LINES = 2000
 HELDOUT_MAX_SHARE = 0.05  # never hold out more than 5% of the documents
 SP_MAX_SENTENCE_BYTES = 1 << 16
 TRAIN_WORDS = 80_000  # distinct words the WordPiece trainer sees
 TRAIN_OCCURRENCES = 1_500_000  # word occurrences it is fed, about
+COUNT_CHUNK = 1 << 19  # characters counted at once (small chunks stay in cache: faster)
 
 
 @dataclass
@@ -190,8 +191,11 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
     counts = np.zeros(0x110000, dtype=np.int64)
     rng = random.Random(cfg.seed)
     sample_rng = random.Random(cfg.seed + 1)
+    cap = cfg.heldout_sentences
     heap: list[tuple[float, int, list[str]]] = []  # (-priority, doc index, sentences)
-    reservoir: list[tuple[int, str]] = []  # (doc index, sentence)
+    whole: list[tuple[int, list[str]]] = []  # the reservoir while every document fits
+    indices: list[int] = []  # then the reservoir sentence by sentence: document index,
+    reservoir: list[str] = []  # and sentence
     seen = 0
     held = 0
     batch: list[str] = []
@@ -204,22 +208,30 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
         if len(batch) >= BATCH_LINES:
             count_chars(batch, counts)
             batch = []
-        if seen + len(doc) <= cfg.max_sentences:  # still filling the reservoir
-            reservoir += zip(itertools.repeat(index), doc)
+        if seen + len(doc) <= cfg.max_sentences and not reservoir:  # still filling it
+            whole.append((index, doc))
             seen += len(doc)
         else:
+            if whole:  # from now on, sentence by sentence (Algorithm R)
+                indices = [i for i, d in whole for _ in d]
+                reservoir = [sentence for _, d in whole for sentence in d]
+                whole = []
             for sentence in doc:
                 if seen < cfg.max_sentences:
-                    reservoir.append((index, sentence))
+                    indices.append(index)
+                    reservoir.append(sentence)
                 else:
                     j = sample_rng.randrange(seen + 1)
                     if j < cfg.max_sentences:
-                        reservoir[j] = (index, sentence)
+                        indices[j], reservoir[j] = index, sentence
                 seen += 1
-        if cfg.heldout_sentences and len(doc) <= cfg.heldout_sentences:
-            heapq.heappush(heap, (-rng.random(), index, doc))
+        if cap and len(doc) <= cap:
+            priority = rng.random()
+            if held + len(doc) > cap and heap and priority > -heap[0][0]:
+                continue  # it would be the first to leave the full heap
+            heapq.heappush(heap, (-priority, index, doc))
             held += len(doc)
-            while held > cfg.heldout_sentences:
+            while held > cap:
                 held -= len(heapq.heappop(heap)[2])
     count_chars(batch, counts)
     if bar:
@@ -229,17 +241,31 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
     heldout_docs = {index for _, index, _ in kept}
     heldout = [s for _, _, doc in sorted(kept, key=lambda x: x[1]) for s in doc]
     normalized = normalize_counts(counts, cfg)
-    sample = [sentence for index, sentence in reservoir if index not in heldout_docs]
+    if whole:
+        sample = [s for index, doc in whole if index not in heldout_docs for s in doc]
+    else:
+        pairs = zip(indices, reservoir, strict=True)
+        sample = [s for index, s in pairs if index not in heldout_docs]
     train_sentences = stats.sentences - len(heldout)
     return Scan(stats, normalized, heldout_docs, heldout, train_sentences, sample)
 
 
 def count_chars(lines: list[str], counts: np.ndarray) -> None:
-    """Add the code points of raw lines to counts (vectorized)."""
-    if lines:
-        codes = np.frombuffer("".join(lines).encode("utf-32-le"), dtype=np.uint32)
-        found = np.bincount(codes)  # up to the largest code point seen, not all 1.1M
-        counts[: found.shape[0]] += found
+    """Add the code points of lines to counts (vectorized). ASCII text is counted two bytes
+    at a time, half the work of one code point at a time."""
+    text = "".join(lines)
+    if not text:
+        return
+    if text.isascii():
+        data = text.encode("ascii")
+        pairs = np.bincount(np.frombuffer(data, np.uint16, len(data) // 2), minlength=1 << 16)
+        pairs = pairs.reshape(256, 256)  # the two bytes of a pair, in the byte order's order
+        counts[:256] += pairs.sum(axis=0) + pairs.sum(axis=1)
+        if len(data) % 2:
+            counts[data[-1]] += 1
+        return
+    found = np.bincount(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
+    counts[: found.shape[0]] += found
 
 
 def normalize_counts(raw: np.ndarray, cfg: VocabConfig) -> np.ndarray:
@@ -305,19 +331,37 @@ def _count_forked() -> Counter[str]:
 
 
 def count_texts(texts: Sequence[str], cfg: VocabConfig) -> Counter[str]:
-    """count_words in this process, on sentences joined by spaces. Distinct space-separated
-    tokens are counted first, then only those are normalized, in bulk (`basic_words`): a
-    corpus has about twelve times fewer distinct tokens than tokens."""
-    raw: Counter[str] = Counter()
+    """count_words in this process, on sentences joined by spaces, about COUNT_CHUNK
+    characters at a time. ASCII text is counted as BERT's words directly (`wordcount`); other
+    text as space-separated tokens, of which only the distinct ones are then normalized, in
+    bulk (`basic_words`): a corpus has about ten times fewer distinct tokens than tokens."""
+    counters = {True: TokenCounter(), False: TokenCounter()}  # ASCII, other
+    pending: dict[bool, list[str]] = {True: [], False: []}
+    size = {True: 0, False: 0}
+
+    def flush(ascii_only: bool) -> None:
+        text = " ".join(pending[ascii_only])
+        if ascii_only:
+            counters[True].add_ascii_words(text.encode("ascii"), cfg.do_lower_case)
+        else:
+            counters[False].add_space_separated(text.encode("utf-8"))
+        pending[ascii_only], size[ascii_only] = [], 0
+
     for text in texts:
-        if cfg.do_lower_case and text.isascii():
-            text = text.lower()  # fewer distinct tokens; exact for ASCII
-        raw.update(text.split(" "))
-    raw.pop("", None)
-    lines = basic_words(list(raw), cfg.do_lower_case, cfg.strip_accents)
-    words: dict[str, int] = {}
+        ascii_only = text.isascii()
+        pending[ascii_only].append(text)
+        size[ascii_only] += len(text)
+        if size[ascii_only] >= COUNT_CHUNK:
+            flush(ascii_only)
+    for ascii_only in (True, False):
+        if pending[ascii_only]:
+            flush(ascii_only)
+    tokens, counts = counters[True].result()
+    words = dict(zip(tokens, counts.tolist(), strict=True))
+    tokens, counts = counters[False].result()
+    lines = basic_words(tokens, cfg.do_lower_case, cfg.strip_accents)
     get = words.get
-    for line, count in zip(lines, raw.values(), strict=True):
+    for line, count in zip(lines, counts.tolist(), strict=True):
         if " " in line:
             for word in line.split():
                 words[word] = get(word, 0) + count
@@ -458,20 +502,21 @@ def convert_sentencepiece_pieces(raw: Sequence[str], alphabet: list[str]) -> lis
 def measure_quality(tokens: list[str], cfg: VocabConfig, heldout: list[str]) -> Quality:
     """[UNK] rate, pieces per word and vocabulary use on the held-out sentences.
 
-    The words come from `basic_words` (what the full tokenizer's normalizer and pre-tokenizer
-    produce, tested), so only the WordPiece model runs here."""
+    WordPiece splits each word on its own, so the held-out words are counted (`count_texts`,
+    tested equal to Google's BasicTokenizer) and each distinct word is tokenized once."""
     q = Quality("held-out documents", vocab_size=len(tokens))
     if not heldout:
         q.measured_on = "none (no document could be held out)"
         return q
+    words = count_texts([" ".join(heldout)], cfg)
     vocab = {t: i for i, t in enumerate(tokens)}
-    tokenizer = wordpiece_tokenizer(vocab)
-    lines = basic_words(heldout, cfg.do_lower_case, cfg.strip_accents)
-    encodings = tokenizer.encode_batch(lines, add_special_tokens=False)
-    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64)
+    encodings = wordpiece_tokenizer(vocab).encode_batch(list(words), add_special_tokens=False)
+    counts = np.fromiter(words.values(), dtype=np.int64, count=len(words))
+    pieces = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(words))
+    unk = np.fromiter((e.ids == [vocab[UNK]] for e in encodings), dtype=bool, count=len(words))
     q.sentences = len(heldout)
-    q.words = sum(len(line.split()) for line in lines)  # a word over 200 characters: one [UNK]
-    q.tokens = len(ids)
-    q.unk_tokens = int((ids == vocab[UNK]).sum())
-    q.distinct_ids = len(np.unique(ids))
+    q.words = int(counts.sum())  # a word over 200 characters is one [UNK]
+    q.tokens = int(pieces @ counts)
+    q.unk_tokens = int(counts[unk].sum())
+    q.distinct_ids = len(set().union(*(e.ids for e in encodings)))
     return q

@@ -71,3 +71,14 @@ def nasty_lines(n_random: int = 3000) -> list[bytes]:
     lines = [s.encode("utf-8") for s in HAND_WRITTEN] + BROKEN
     lines += [s.replace("\n", " ").encode("utf-8") for s in random_lines(n_random)]
     return [line.replace(b"\n", b" ") for line in lines]
+
+
+def ascii_lines(n: int, seed: int = 1) -> list[bytes]:
+    """Random ASCII lines: words of every ASCII character, control characters included,
+    recurring (1-20 characters), as the vocab stage's fast ASCII word counting sees them."""
+    rng = random.Random(seed)
+    alphabet = [chr(c) for c in range(128) if c != 10]
+    pool = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 20))) for _ in range(400)]
+    pool += ["Word", "WORD", "word.", "(Word)", "e-mail", "don't", "Hello,", "x" * 7, "y" * 8]
+    lines = (" ".join(rng.choice(pool) for _ in range(rng.randint(1, 30))) for _ in range(n))
+    return [line.encode() for line in lines]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 
 from bertforge.config import VocabConfig
 from bertforge.tokenization import LineEncoder, basic_words, load_vocab
-from bertforge.vocab import train_vocab
-from tests.reference.nasty_text import nasty_lines
+from bertforge.vocab import count_texts, train_vocab
+from tests.reference.nasty_text import ascii_lines, nasty_lines
 
 pytestmark = pytest.mark.reference
 
@@ -34,7 +35,7 @@ def build_vocabs(tmp: Path, demo_path: Path, lines: list[bytes]) -> dict[bool, P
 
 
 def test_token_ids_identical_to_google(google, tmp_path: Path, demo_path: Path):
-    lines = nasty_lines()
+    lines = nasty_lines() + ascii_lines(600)
     vocabs = build_vocabs(tmp_path, demo_path, lines)
     probe = tmp_path / "probe.txt"
     probe.write_bytes(b"\n".join(lines))
@@ -79,3 +80,7 @@ def test_token_ids_identical_to_google(google, tmp_path: Path, demo_path: Path):
         bulk = [line.split() for line in basic_words(texts, lower, None)]
         differ = [(i, texts[i]) for i in range(len(texts)) if bulk[i] != words[i]]
         assert not differ, f"do_lower_case={lower}: basic_words differs, e.g. {differ[:3]}"
+        # The vocab stage's word counts (numpy on the ASCII lines, basic_words on the rest).
+        cfg = VocabConfig(input=("x",), output="y", do_lower_case=lower)
+        assert sum(text.isascii() for text in texts) > 100
+        assert count_texts(texts, cfg) == Counter(w for line in words for w in line)
