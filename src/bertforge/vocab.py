@@ -16,12 +16,13 @@ The corpus is streamed once. On the way we count characters (for the alphabet), 
 documents, and keep a uniform reservoir sample of at most `max_sentences` training sentences
 (memory is bounded by that number, whatever the corpus size). The words of the sample are
 counted here, not by Hugging Face's trainer, which spends ~1 us per word occurrence counting
-(its normalizer tracks alignments) and ~7 us per distinct word: distinct space-separated tokens
-are counted on two cores, then normalized in bulk by `basic_words` (Google's BasicTokenizer,
-tested against it), and the trainer is fed the TRAIN_WORDS most frequent words with their
-counts scaled to about TRAIN_OCCURRENCES occurrences (it takes text, not counts). The held-out
-documents measure the result: [UNK] rate, pieces per word and the share of the vocabulary in
-use.
+(its normalizer tracks alignments) and ~7 us per distinct word: on two cores, with numpy
+(`wordcount`: ASCII text straight into BERT's words, other text into space-separated tokens
+that `basic_words`, Google's BasicTokenizer tested against it, then normalizes once per
+distinct token), and the trainer is fed the TRAIN_WORDS most frequent words with their
+counts scaled to about TRAIN_OCCURRENCES occurrences (it takes text, not counts). The
+held-out documents measure the result: [UNK] rate, pieces per word and the share of the
+vocabulary in use.
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def count_words(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
     """How often each word (BERT-normalized, punctuation split off) occurs in the sentences.
 
     Where the platform can fork, a child process counts the second half while this one counts
-    the first (counting is pure Python: one core does ~3 M tokens a second). The child gets
+    the first (one core counts ~7 M words a second on the development machine). The child gets
     a few large strings, not the sentences: touching every sentence object would make it copy
     the memory pages they live on."""
     texts = [
