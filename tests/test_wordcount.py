@@ -46,7 +46,7 @@ def test_ascii_words_are_berts_words(lower: bool):
     counter = TokenCounter()
     want: Counter[str] = Counter()
     for part in chunks(text, 3001):  # several chunks, merged by result()
-        counter.add_ascii_words(part.encode("ascii"), lower)
+        counter.add_words(part.encode("ascii"), lower, TokenCounter())
         want.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(part)))
     got = counted(counter)
     assert got == want
@@ -81,5 +81,14 @@ def test_empty_text():
     counter = TokenCounter()
     counter.add_space_separated(b"")
     counter.add_space_separated(b"    ")
-    counter.add_ascii_words(b" \t\x00\x7f ", True)
+    counter.add_words(b" \t\x00\x7f ", True, TokenCounter())
     assert counter.result()[0] == []
+
+
+def test_tokens_with_other_characters_go_to_rest():
+    """ASCII is cleaned, lowercased and split off; a token with any other character is left
+    for the caller (here whole, punctuation and all, but ASCII lowercased)."""
+    counter, rest = TokenCounter(), TokenCounter()
+    counter.add_words("Çok GÜZEL, dedi:\t«EVET» ok.\x00ok".encode(), True, rest)
+    assert counted(counter) == Counter({",": 1, ":": 1, "dedi": 1, ".": 1, "ok": 2})
+    assert counted(rest) == Counter({"Çok": 1, "gÜzel": 1, "«evet»": 1})

@@ -28,6 +28,7 @@ vocabulary in use.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import multiprocessing
 import os
@@ -310,13 +311,13 @@ def count_words(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
     ]
     half = len(texts) // 2
     if half < 1 or (os.cpu_count() or 1) < 2 or sys.platform != "linux":
-        return count_texts(texts, cfg)
+        return count_texts(texts, cfg).to_counter()
     global _FORK_INPUT
     _FORK_INPUT = (texts[half:], cfg)
     try:
         with multiprocessing.get_context("fork").Pool(1) as pool:
             other = pool.apply_async(_count_forked)
-            words = count_texts(texts[:half], cfg)
+            words = count_texts(texts[:half], cfg).to_counter()
             words.update(other.get())
     finally:
         _FORK_INPUT = None
@@ -328,47 +329,44 @@ _FORK_INPUT: tuple[list[str], VocabConfig] | None = None  # read by the forked c
 
 def _count_forked() -> Counter[str]:
     assert _FORK_INPUT is not None
-    return count_texts(*_FORK_INPUT)
+    return count_texts(*_FORK_INPUT).to_counter()
 
 
-def count_texts(texts: Sequence[str], cfg: VocabConfig) -> Counter[str]:
+def count_texts(texts: Sequence[str], cfg: VocabConfig) -> TokenCounter:
     """count_words in this process, on sentences joined by spaces, about COUNT_CHUNK
-    characters at a time. ASCII text is counted as BERT's words directly (`wordcount`); other
-    text as space-separated tokens, of which only the distinct ones are then normalized, in
-    bulk (`basic_words`): a corpus has about ten times fewer distinct tokens than tokens."""
-    counters = {True: TokenCounter(), False: TokenCounter()}  # ASCII, other
-    pending: dict[bool, list[str]] = {True: [], False: []}
+    characters at a time (`wordcount.TokenCounter`, numpy). Words made of ASCII alone are
+    counted as BERT's words directly; the other tokens (ASCII punctuation split off) are
+    counted as they are, then only the distinct ones are normalized, in bulk (`basic_words`,
+    a corpus has about ten times fewer distinct tokens than tokens), and their words counted
+    as often as the token occurred."""
+    words, raw = TokenCounter(), TokenCounter()
+    pending: dict[bool, list[str]] = {True: [], False: []}  # plain texts, sigma texts
     size = {True: 0, False: 0}
 
-    def flush(ascii_only: bool) -> None:
-        text = " ".join(pending[ascii_only])
-        if ascii_only:
-            counters[True].add_ascii_words(text.encode("ascii"), cfg.do_lower_case)
-        else:
-            counters[False].add_space_separated(text.encode("utf-8"))
-        pending[ascii_only], size[ascii_only] = [], 0
+    def flush(plain: bool) -> None:
+        data = " ".join(pending[plain]).encode("utf-8")
+        if plain:
+            words.add_words(data, cfg.do_lower_case, raw)
+        else:  # Σ lowercases by its context: the whole token goes to basic_words
+            raw.add_space_separated(data)
+        pending[plain], size[plain] = [], 0
 
     for text in texts:
-        ascii_only = text.isascii()
-        pending[ascii_only].append(text)
-        size[ascii_only] += len(text)
-        if size[ascii_only] >= COUNT_CHUNK:
-            flush(ascii_only)
-    for ascii_only in (True, False):
-        if pending[ascii_only]:
-            flush(ascii_only)
-    tokens, counts = counters[True].result()
-    words = dict(zip(tokens, counts.tolist(), strict=True))
-    tokens, counts = counters[False].result()
+        plain = not (cfg.do_lower_case and "Σ" in text)
+        pending[plain].append(text)
+        size[plain] += len(text)
+        if size[plain] >= COUNT_CHUNK:
+            flush(plain)
+    for plain in (True, False):
+        if pending[plain]:
+            flush(plain)
+    tokens, counts = raw.result()
     lines = basic_words(tokens, cfg.do_lower_case, cfg.strip_accents)
-    get = words.get
-    for line, count in zip(lines, counts.tolist(), strict=True):
-        if " " in line:
-            for word in line.split():
-                words[word] = get(word, 0) + count
-        elif line:  # the common case: one word
-            words[line] = get(line, 0) + count
-    return Counter(words)
+    ends = np.cumsum(np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1)
+    cuts = np.searchsorted(ends, np.arange(0, ends[-1], COUNT_CHUNK) if len(ends) else [])
+    for a, b in itertools.pairwise([*cuts.tolist(), len(lines)]):
+        words.add_lines("\n".join(lines[a:b]).encode("utf-8"), counts[a:b])
+    return words
 
 
 def trainer_feed(words: Counter[str], seed: int) -> tuple[list[list[str]], float]:
@@ -509,7 +507,7 @@ def measure_quality(tokens: list[str], cfg: VocabConfig, heldout: list[str]) -> 
     if not heldout:
         q.measured_on = "none (no document could be held out)"
         return q
-    words = count_texts([" ".join(heldout)], cfg)
+    words = count_texts([" ".join(heldout)], cfg).to_counter()
     vocab = {t: i for i, t in enumerate(tokens)}
     encodings = wordpiece_tokenizer(vocab).encode_batch(list(words), add_special_tokens=False)
     counts = np.fromiter(words.values(), dtype=np.int64, count=len(words))

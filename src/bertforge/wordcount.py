@@ -34,7 +34,7 @@ import numpy as np
 from bertforge.tokenization import categories, char_classes
 
 HASH_SEED = 0x5EED
-SPACE = 32
+SPACE, NEWLINE = 32, 10
 LETTER, SPACE_LIKE, REMOVED, PUNCT = 0, 1, 2, 3  # what an ASCII byte is to BERT
 MASKS = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)
 
@@ -54,10 +54,17 @@ class TokenCounter:
         starts, ends = _runs(arr != SPACE)
         self._add(arr, starts, ends - starts)
 
-    def add_ascii_words(self, data: bytes, do_lower_case: bool) -> None:
-        """Count BERT's words in ASCII text (Google's BasicTokenizer: clean, split on
-        whitespace, lowercase, split off punctuation)."""
-        kind_of = _ascii_kinds()
+    def add_words(self, data: bytes, do_lower_case: bool, rest: TokenCounter) -> None:
+        """Google's BasicTokenizer on the ASCII characters of UTF-8 text: ASCII control
+        characters removed, split on ASCII whitespace, ASCII lowercased, ASCII punctuation
+        split off. The words made of ASCII alone are counted here, the other tokens in `rest`
+        for the caller to finish (other characters may be whitespace, punctuation, accents...).
+
+        Exact unless do_lower_case and the text has a capital sigma, whose lowercase depends
+        on its neighbours (Final_Sigma; an apostrophe or a period next to it counts), so that
+        splitting off punctuation first could change it: count such text with
+        add_space_separated instead."""
+        kind_of = _byte_kinds()
         arr = np.frombuffer(data, dtype=np.uint8)
         kind = np.take(kind_of, arr)  # np.take: 2.5x faster than indexing here
         keep = kind != REMOVED
@@ -66,14 +73,34 @@ class TokenCounter:
         if do_lower_case:
             upper = (arr - np.uint8(ord("A"))) < np.uint8(26)
             arr = arr | (upper.view(np.uint8) << np.uint8(5))  # A-Z | 32 = a-z
-        # A word starts at a letter after a non-letter and at every punctuation character, and
+        # A token starts at a letter after a non-letter and at every punctuation character, and
         # ends likewise; the padding on both sides counts as a space.
         k = np.full(len(kind) + 2, SPACE_LIKE, dtype=np.uint8)
         k[1:-1] = kind
         letter, punct = k == LETTER, k == PUNCT
         starts = np.flatnonzero(punct[1:-1] | (letter[1:-1] & ~letter[:-2]))
         ends = np.flatnonzero(punct[1:-1] | (letter[1:-1] & ~letter[2:])) + 1
-        self._add(arr, starts, ends - starts)
+        if data.isascii():
+            self._add(arr, starts, ends - starts)
+            return
+        high = np.zeros(len(arr) + 1, dtype=np.int32)  # bytes over 127 before i
+        np.cumsum(arr >= 128, dtype=np.int32, out=high[1:])
+        other = high[ends] > high[starts]
+        self._add(arr, starts[~other], ends[~other] - starts[~other])
+        rest._add(arr, starts[other], ends[other] - starts[other])
+
+    def add_lines(self, data: bytes, weights: np.ndarray) -> None:
+        """Count the space-separated tokens of newline-separated lines of UTF-8 text, each
+        occurrence weighted by its line's weight (a line, a distinct token's normalized words;
+        its weight, how often that token occurs)."""
+        arr = np.frombuffer(data, dtype=np.uint8)
+        starts, ends = _runs((arr != SPACE) & (arr != NEWLINE))
+        line = np.searchsorted(np.flatnonzero(arr == NEWLINE), starts)
+        self._add(arr, starts, ends - starts, weights[line])
+
+    def to_counter(self) -> Counter[str]:
+        tokens, counts = self.result()
+        return Counter(dict(zip(tokens, counts.tolist(), strict=True)))
 
     def result(self) -> tuple[list[str], np.ndarray]:
         """The distinct tokens and their counts, in no particular order but the same on
@@ -90,7 +117,13 @@ class TokenCounter:
         tokens = _decode_keys(keys) + _decode_packed(arr, lengths)
         return tokens, np.concatenate([key_counts, counts]).astype(np.int64)
 
-    def _add(self, arr: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> None:
+    def _add(
+        self,
+        arr: np.ndarray,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        weights: np.ndarray | None = None,
+    ) -> None:
         if len(starts) == 0:
             return
         padded = np.zeros(len(arr) + 8, dtype=np.uint8)
@@ -99,14 +132,22 @@ class TokenCounter:
         short = lengths <= 7
         keys = np.take(window, starts[short]) & np.take(MASKS, lengths[short])
         keys |= lengths[short].astype(np.uint64) << np.uint64(56)
-        keys, key_counts = np.unique(keys, return_counts=True)
+        if weights is None:
+            keys, key_counts = np.unique(keys, return_counts=True)
+        else:
+            keys, inverse = np.unique(keys, return_inverse=True)
+            key_counts = np.bincount(
+                inverse.reshape(-1), weights=weights[short], minlength=len(keys)
+            ).astype(np.int64)  # exact: float64 holds integers up to 2**53
         self._keys.append(keys)
         self._key_counts.append(key_counts)
         if not short.all():
             long = ~short
-            self._long.append(
-                _merge_long(arr, starts[long], lengths[long], None, self.hash_seed, padded)
+            long_weights = None if weights is None else weights[long]
+            merged = _merge_long(
+                arr, starts[long], lengths[long], long_weights, self.hash_seed, padded
             )
+            self._long.append(merged)
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,13 +159,12 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _ascii_kinds() -> np.ndarray:
-    """Per byte: its kind to BERT (LETTER, SPACE_LIKE, REMOVED, PUNCT), from the tokenizer's
-    own character classes."""
+def _byte_kinds() -> np.ndarray:
+    """Per byte of UTF-8: its kind to BERT (LETTER, SPACE_LIKE, REMOVED, PUNCT), for ASCII
+    from the tokenizer's own character classes; bytes of other characters are LETTER here."""
     cps = np.arange(128, dtype=np.int64)
     masks = char_classes(cps, categories(cps))
-    kind = np.full(256, REMOVED, dtype=np.uint8)  # bytes over 127: never seen (ASCII text)
-    kind[:128] = LETTER
+    kind = np.full(256, LETTER, dtype=np.uint8)
     kind[:128][masks["removed"]] = REMOVED
     kind[:128][masks["whitespace"]] = SPACE_LIKE
     kind[SPACE] = SPACE_LIKE
