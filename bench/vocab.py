@@ -7,8 +7,11 @@ swept over --max-sentences, with the quality figures it measures on held-out doc
 SentencePiece and bertforge's default run alternately --repeats times (this VM's speed drifts
 by 20% within minutes); the table gives their medians. Peak RSS covers all processes of a run.
 `--large-mb 1000` adds a run on a ~1 GB corpus to show time and memory stay bounded.
+`--accented` adds alternating pairs on the same corpus with c, g, I written ç, ğ, İ (every line
+then has non-ASCII letters, as Turkish text does), bertforge cased and uncased.
 
     python bench/vocab.py [--mb 30] [--vocab-size 30000] [--repeats 3] [--large-mb 1000]
+        [--accented]
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=3, help="alternating SentencePiece/bertforge pairs"
     )
+    ap.add_argument("--accented", action="store_true", help="also time accented text")
     ap.add_argument("--work", type=Path, default=HERE / "work")
     args = ap.parse_args()
     corpus = corpus_file(args.work, args.mb)
@@ -143,6 +147,32 @@ def main() -> None:
             q = f"{m['unk_rate']:.3%} | {m['pieces_per_word']:.4f} | {m['vocab_used']:.1%}"
         label = f"{name} (median of {args.repeats})" if name in walls else name
         print(f"| {label} | {wall:.2f} | {tree:.0f} | {wall / base:.2f}x | {q} |", flush=True)
+    if args.accented:
+        accented_pairs(corpus, args.work, spm, v, args.repeats)
+
+
+def accented_pairs(corpus: Path, work: Path, spm: str, vocab_size: int, repeats: int) -> None:
+    """Alternating SentencePiece / bertforge (cased, uncased) runs on accented text."""
+    accented = work / (corpus.stem + "_accented.txt")
+    if not accented.exists():
+        text = corpus.read_text(encoding="utf-8")
+        accented.write_text(text.replace("c", "ç").replace("g", "ğ").replace("I", "İ"))
+    out = work / "vocab_out"
+    cmds = {
+        "SentencePiece BPE": [sys.executable, "-c", spm, str(accented), str(work / "spm"),
+                              str(vocab_size)],
+        "bertforge --cased": bertforge(accented, out / "acc_cased", vocab_size, "--cased"),
+        "bertforge (uncased)": bertforge(accented, out / "acc_uncased", vocab_size),
+    }  # fmt: skip
+    walls: dict[str, list[float]] = {name: [] for name in cmds}
+    for _ in range(repeats):
+        for name, cmd in cmds.items():
+            walls[name].append(measure(cmd)[0])
+    print(f"\naccented text ({accented.name}), alternating runs, median (runs):")
+    base = statistics.median(walls["SentencePiece BPE"])
+    for name, w in walls.items():
+        med = statistics.median(w)
+        print(f"- {name}: {med:.2f} s ({fmt(w)}), {med / base:.2f}x SentencePiece")
 
 
 def fmt(values: list[float]) -> str:
