@@ -14,11 +14,12 @@ is a sort:
   hashes are counted, and every token is then compared chunk by chunk with the first token
   of its hash. Counts are exact: if two different tokens ever shared a hash, the long tokens
   are counted again with a Counter.
-- ASCII text is also normalized here the way Google's BasicTokenizer does it (control
+- ASCII characters are also normalized here the way Google's BasicTokenizer does it (control
   characters removed, whitespace split, lowercasing, every punctuation character its own
-  word), with lookup tables built from the tokenizer's own character classes, so for ASCII
-  the tokens counted are BERT's words. Other text is counted as space-separated tokens,
-  which the caller normalizes once per distinct token.
+  word), with lookup tables built from the tokenizer's own character classes, so a word made
+  of ASCII alone is counted as BERT's word; a token with other characters is counted as it
+  is, for the caller to normalize once per distinct token (`add_lines` then counts the
+  results, weighted by how often each token occurred).
 
 `TokenCounter` takes text chunk by chunk (small chunks stay in the CPU cache; memory is a few
 tens of bytes per byte of a chunk) and merges the chunks' counts the same way, with numpy.
