@@ -17,9 +17,9 @@ documents, and keep a uniform reservoir sample of at most `max_sentences` traini
 (memory is bounded by that number, whatever the corpus size). The words of the sample are
 counted here, not by Hugging Face's trainer, which spends ~1 us per word occurrence counting
 (its normalizer tracks alignments) and ~7 us per distinct word: on two cores, with numpy
-(`wordcount`: ASCII text straight into BERT's words, other text into space-separated tokens
-that `basic_words`, Google's BasicTokenizer tested against it, then normalizes once per
-distinct token), and the trainer is fed the TRAIN_WORDS most frequent words with their
+(`wordcount`: words made of ASCII alone are normalized and counted there; tokens with other
+characters are normalized once per distinct token by `basic_words`, Google's BasicTokenizer
+tested against it), and the trainer is fed the TRAIN_WORDS most frequent words with their
 counts scaled to about TRAIN_OCCURRENCES occurrences (it takes text, not counts). The
 held-out documents measure the result: [UNK] rate, pieces per word and the share of the
 vocabulary in use.
@@ -306,9 +306,7 @@ def count_words(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
     the first (one core counts ~7 M words a second on the development machine). The child gets
     a few large strings, not the sentences: touching every sentence object would make it copy
     the memory pages they live on."""
-    texts = [
-        " ".join(sentences[i : i + BATCH_LINES]) for i in range(0, len(sentences), BATCH_LINES)
-    ]
+    texts = joined(sentences)
     half = len(texts) // 2
     if half < 1 or (os.cpu_count() or 1) < 2 or sys.platform != "linux":
         return count_texts(texts, cfg).to_counter()
@@ -325,6 +323,11 @@ def count_words(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
 
 
 _FORK_INPUT: tuple[list[str], VocabConfig] | None = None  # read by the forked child
+
+
+def joined(sentences: Sequence[str]) -> list[str]:
+    """Sentences joined by spaces, BATCH_LINES at a time: count_texts' input."""
+    return [" ".join(sentences[i : i + BATCH_LINES]) for i in range(0, len(sentences), BATCH_LINES)]
 
 
 def _count_forked() -> Counter[str]:
@@ -507,7 +510,7 @@ def measure_quality(tokens: list[str], cfg: VocabConfig, heldout: list[str]) -> 
     if not heldout:
         q.measured_on = "none (no document could be held out)"
         return q
-    words = count_texts([" ".join(heldout)], cfg).to_counter()
+    words = count_texts(joined(heldout), cfg).to_counter()
     vocab = {t: i for i, t in enumerate(tokens)}
     encodings = wordpiece_tokenizer(vocab).encode_batch(list(words), add_special_tokens=False)
     counts = np.fromiter(words.values(), dtype=np.int64, count=len(words))
