@@ -87,8 +87,9 @@ class TokenCounter:
         high = np.zeros(len(arr) + 1, dtype=np.int32)  # bytes over 127 before i
         np.cumsum(arr >= 128, dtype=np.int32, out=high[1:])
         other = high[ends] > high[starts]
-        self._add(arr, starts[~other], ends[~other] - starts[~other])
-        rest._add(arr, starts[other], ends[other] - starts[other])
+        padded = _padded(arr)
+        self._add(arr, starts[~other], ends[~other] - starts[~other], padded=padded)
+        rest._add(arr, starts[other], ends[other] - starts[other], padded=padded)
 
     def add_lines(self, data: bytes, weights: np.ndarray) -> None:
         """Count the space-separated tokens of newline-separated lines of UTF-8 text, each
@@ -124,11 +125,11 @@ class TokenCounter:
         starts: np.ndarray,
         lengths: np.ndarray,
         weights: np.ndarray | None = None,
+        padded: np.ndarray | None = None,
     ) -> None:
         if len(starts) == 0:
             return
-        padded = np.zeros(len(arr) + 8, dtype=np.uint8)
-        padded[: len(arr)] = arr
+        padded = _padded(arr) if padded is None else padded
         window = _windows(padded)
         short = lengths <= 7
         keys = np.take(window, starts[short]) & np.take(MASKS, lengths[short])
@@ -171,6 +172,13 @@ def _byte_kinds() -> np.ndarray:
     kind[SPACE] = SPACE_LIKE
     kind[:128][masks["punctuation"]] = PUNCT
     return kind
+
+
+def _padded(arr: np.ndarray) -> np.ndarray:
+    """arr and 8 zero bytes, for _windows."""
+    padded = np.zeros(len(arr) + 8, dtype=np.uint8)
+    padded[: len(arr)] = arr
+    return padded
 
 
 def _windows(padded: np.ndarray) -> np.ndarray:
@@ -235,10 +243,7 @@ def _merge_long(
     """The distinct spans arr[starts[i]:starts[i]+lengths[i]] (8 bytes or more; weighted by
     counts, or 1 each), packed back to back: (bytes, lengths, counts). Hashed, counted, and
     verified chunk by chunk against the first span of each hash."""
-    if padded is None:
-        padded = np.zeros(len(arr) + 8, dtype=np.uint8)
-        padded[: len(arr)] = arr
-    window = _windows(padded)
+    window = _windows(_padded(arr) if padded is None else padded)
     values, position, offsets = _chunk_values(window, starts, lengths)
     weights = np.random.default_rng(seed).integers(
         0, 2**64, size=int(position.max()) + 2, dtype=np.uint64
