@@ -266,3 +266,14 @@ def test_count_chars_ascii_and_not():
         vocab_module.count_chars(lines, counts)
         want = Counter("".join(lines))
         assert {chr(c): int(counts[c]) for c in np.flatnonzero(counts)} == want
+
+
+def test_joined_bounds_texts_by_sentences_and_characters(monkeypatch):
+    monkeypatch.setattr(vocab_module, "COUNT_CHUNK", 100)
+    sentences = [("w" * random.Random(i).randint(1, 60)) for i in range(500)] + ["x" * 1000, "y"]
+    texts = vocab_module.joined(sentences)
+    assert " ".join(texts) == " ".join(sentences)
+    assert all(len(t) < 100 + 1001 for t in texts) and max(map(len, texts)) > 1000
+    assert all(t.count(" ") + 1 <= vocab_module.BATCH_LINES for t in texts)
+    assert sum(t.count(" ") + 1 for t in texts) == len(sentences) and len(texts) > 100
+    assert vocab_module.joined([]) == []

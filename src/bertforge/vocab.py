@@ -326,8 +326,18 @@ _FORK_INPUT: tuple[list[str], VocabConfig] | None = None  # read by the forked c
 
 
 def joined(sentences: Sequence[str]) -> list[str]:
-    """Sentences joined by spaces, BATCH_LINES at a time: count_texts' input."""
-    return [" ".join(sentences[i : i + BATCH_LINES]) for i in range(0, len(sentences), BATCH_LINES)]
+    """count_texts' input: sentences joined by spaces, a text ending at BATCH_LINES sentences or
+    at the sentence that reaches COUNT_CHUNK characters (long lines keep memory bounded)."""
+    ends = np.cumsum(np.fromiter(map(len, sentences), np.int64, len(sentences)) + 1)
+    texts: list[str] = []
+    start = 0
+    while start < len(sentences):
+        before = int(ends[start - 1]) if start else 0
+        reach = int(np.searchsorted(ends, before + COUNT_CHUNK)) + 1
+        end = min(start + BATCH_LINES, reach, len(sentences))
+        texts.append(" ".join(sentences[start:end]))
+        start = end
+    return texts
 
 
 def _count_forked() -> Counter[str]:
