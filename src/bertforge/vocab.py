@@ -198,8 +198,7 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
     whole: list[tuple[int, list[str]]] = []  # the reservoir while every document fits
     indices: list[int] = []  # then the reservoir sentence by sentence: document index,
     reservoir: list[str] = []  # and sentence
-    seen = 0
-    held = 0
+    seen = held = counted = 0  # sentences seen, sentences held out, input bytes counted
     batch: list[str] = []
     bar = progress_bar(inputs, cfg.progress, "scan")
     progress = Progress(callbacks=[bar.update] if bar else [])
@@ -207,9 +206,9 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
         iter_documents(inputs, stats, strict_utf8=cfg.strict_utf8, progress=progress)
     ):
         batch += doc
-        if len(batch) >= BATCH_LINES:
-            count_chars(batch, counts)
-            batch = []
+        if len(batch) >= BATCH_LINES or stats.bytes - counted >= COUNT_CHUNK:
+            count_chars(batch, counts)  # a few MB at most: its temporaries are 12x the text
+            batch, counted = [], stats.bytes
         if seen + len(doc) <= cfg.max_sentences and not reservoir:  # still filling it
             whole.append((index, doc))
             seen += len(doc)
