@@ -277,3 +277,15 @@ def test_joined_bounds_texts_by_sentences_and_characters(monkeypatch):
     assert all(t.count(" ") + 1 <= vocab_module.BATCH_LINES for t in texts)
     assert sum(t.count(" ") + 1 for t in texts) == len(sentences) and len(texts) > 100
     assert vocab_module.joined([]) == []
+
+
+def test_words_too_long_to_tokenize_are_not_trained_on(tmp_path: Path):
+    """The tokenizer makes a word over 200 characters one [UNK]; the trainer never sees one
+    (its merges are quadratic in a word's length: a 1 MB line without spaces would take hours)."""
+    words = Counter({"a" * 200: 5, "b" * 201: 50, "ok": 3})
+    batches, _ = trainer_feed(words, seed=1)
+    assert Counter(" ".join(s for b in batches for s in b).split()) == {"a" * 200: 5, "ok": 3}
+    corpus = write_corpus(tmp_path / "c.txt", [["x" * 300_000], *MIXED_DOCS * 5])
+    result = train_vocab(VocabConfig(input=(str(corpus),), output=str(tmp_path / "v"),
+                                     vocab_size=500, progress=False))  # fmt: skip
+    assert "x" in result.tokens and len(result.tokens) == 500

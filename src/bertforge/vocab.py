@@ -57,6 +57,7 @@ from bertforge.corpus import (
 from bertforge.errors import UserError
 from bertforge.fileio import prepare_output_dir, write_manifest
 from bertforge.tokenization import (
+    MAX_INPUT_CHARS_PER_WORD,
     SPECIALS,
     UNK,
     basic_words,
@@ -387,9 +388,12 @@ def trainer_feed(words: Counter[str], seed: int) -> tuple[list[list[str]], float
     Hugging Face's trainer takes text, not counts, and costs ~7 us per distinct word and a
     little per occurrence. So it gets the TRAIN_WORDS most frequent words (ties at the cut by
     word), each repeated count/scale times, where scale brings the total near
-    TRAIN_OCCURRENCES; the fractional part is rounded up or down at random (unbiased; seeded)."""
-    vocab = list(words)
-    counts = np.fromiter(words.values(), dtype=np.int64, count=len(vocab))
+    TRAIN_OCCURRENCES; the fractional part is rounded up or down at random (unbiased; seeded).
+    Words over MAX_INPUT_CHARS_PER_WORD characters are left out: the tokenizer makes them one
+    [UNK] whatever the vocabulary, and the trainer's merges take quadratic time in a word's
+    length (a 1 MB word would take hours)."""
+    vocab = [w for w in words if len(w) <= MAX_INPUT_CHARS_PER_WORD]
+    counts = np.fromiter((words[w] for w in vocab), dtype=np.int64, count=len(vocab))
     if len(vocab) > TRAIN_WORDS:
         cut = np.partition(counts, len(vocab) - TRAIN_WORDS)[len(vocab) - TRAIN_WORDS]
         above = np.flatnonzero(counts > cut)
