@@ -346,33 +346,18 @@ def _count_forked() -> Counter[str]:
 
 
 def count_texts(texts: Sequence[str], cfg: VocabConfig) -> TokenCounter:
-    """count_words in this process, on sentences joined by spaces, about COUNT_CHUNK
-    characters at a time (`wordcount.TokenCounter`, numpy). Words made of ASCII alone are
-    counted as BERT's words directly; the other tokens (ASCII punctuation split off) are
-    counted as they are, then only the distinct ones are normalized, in bulk (`basic_words`,
-    a corpus has about ten times fewer distinct tokens than tokens), and their words counted
-    as often as the token occurred."""
+    """count_words in this process, on sentences joined by spaces (`joined`: texts of at most
+    ~COUNT_CHUNK characters, counted one at a time with numpy by `wordcount.TokenCounter`).
+    Words made of ASCII alone are counted as BERT's words directly; the other tokens (ASCII
+    punctuation split off) are counted as they are, then only the distinct ones are normalized,
+    in bulk (`basic_words`, a corpus has about ten times fewer distinct tokens than tokens),
+    and their words counted as often as the token occurred."""
     words, raw = TokenCounter(), TokenCounter()
-    pending: dict[bool, list[str]] = {True: [], False: []}  # plain texts, sigma texts
-    size = {True: 0, False: 0}
-
-    def flush(plain: bool) -> None:
-        data = " ".join(pending[plain]).encode("utf-8")
-        if plain:
-            words.add_words(data, cfg.do_lower_case, raw)
-        else:  # Σ lowercases by its context: the whole token goes to basic_words
-            raw.add_space_separated(data)
-        pending[plain], size[plain] = [], 0
-
     for text in texts:
-        plain = not (cfg.do_lower_case and "Σ" in text)
-        pending[plain].append(text)
-        size[plain] += len(text)
-        if size[plain] >= COUNT_CHUNK:
-            flush(plain)
-    for plain in (True, False):
-        if pending[plain]:
-            flush(plain)
+        if cfg.do_lower_case and "Σ" in text:  # lowercases by its context: tokens stay whole
+            raw.add_space_separated(text.encode("utf-8"))
+        else:
+            words.add_words(text.encode("utf-8"), cfg.do_lower_case, raw)
     tokens, counts = raw.result()
     lines = basic_words(tokens, cfg.do_lower_case, cfg.strip_accents)
     ends = np.cumsum(np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1)
