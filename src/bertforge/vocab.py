@@ -28,7 +28,6 @@ vocabulary in use.
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import multiprocessing
 import os
@@ -328,16 +327,22 @@ _FORK_INPUT: tuple[list[str], VocabConfig] | None = None  # read by the forked c
 def joined(sentences: Sequence[str]) -> list[str]:
     """count_texts' input: sentences joined by spaces, a text ending at BATCH_LINES sentences or
     at the sentence that reaches COUNT_CHUNK characters (long lines keep memory bounded)."""
-    ends = np.cumsum(np.fromiter(map(len, sentences), np.int64, len(sentences)) + 1)
-    texts: list[str] = []
+    return [" ".join(sentences[a:b]) for a, b in chunk_bounds(sentences, BATCH_LINES)]
+
+
+def chunk_bounds(strings: Sequence[str], most: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive runs of strings, each ending at `most` strings or at the
+    string that reaches COUNT_CHUNK characters (counting a separator after each)."""
+    ends = np.cumsum(np.fromiter(map(len, strings), np.int64, len(strings)) + 1)
+    bounds: list[tuple[int, int]] = []
     start = 0
-    while start < len(sentences):
+    while start < len(strings):
         before = int(ends[start - 1]) if start else 0
         reach = int(np.searchsorted(ends, before + COUNT_CHUNK)) + 1
-        end = min(start + BATCH_LINES, reach, len(sentences))
-        texts.append(" ".join(sentences[start:end]))
+        end = min(start + most, reach, len(strings))
+        bounds.append((start, end))
         start = end
-    return texts
+    return bounds
 
 
 def _count_forked() -> Counter[str]:
@@ -360,9 +365,7 @@ def count_texts(texts: Sequence[str], cfg: VocabConfig) -> TokenCounter:
             words.add_words(text.encode("utf-8"), cfg.do_lower_case, raw)
     tokens, counts = raw.result()
     lines = basic_words(tokens, cfg.do_lower_case, cfg.strip_accents)
-    ends = np.cumsum(np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)) + 1)
-    cuts = np.searchsorted(ends, np.arange(0, ends[-1], COUNT_CHUNK) if len(ends) else [])
-    for a, b in itertools.pairwise([*cuts.tolist(), len(lines)]):
+    for a, b in chunk_bounds(lines, len(lines)):
         words.add_lines("\n".join(lines[a:b]).encode("utf-8"), counts[a:b])
     return words
 
