@@ -1,6 +1,6 @@
 """Training throughput: bertforge's train step against the usual stack, interleaved in one process.
 
-bertforge: BertForPretraining (padded, or unpadded with --packed; MLM head at masked positions,
+bertforge: BertForPretraining (padded, or packed with --packed; MLM head at masked positions,
 vocab padded to 64) fed by its real loader (a native shard, dynamic masking, background
 prefetch), fused AdamW, the trainer's own forward_backward and update. Peer: transformers'
 BertForPreTraining with its default attention, torch.optim.AdamW, autocast, MLM logits over
@@ -152,7 +152,7 @@ def main() -> None:
         help="after measuring, profile N of bertforge's steps and print where device time goes",
     )
     ap.add_argument("--profile-table", default=None, help="also write the full kernel table here")
-    ap.add_argument("--packed", action="store_true", help="bertforge with unpadding (varlen)")
+    ap.add_argument("--packed", action="store_true", help="bertforge on packed batches")
     ap.add_argument("--skip-peer", action="store_true")
     args = ap.parse_args()
     args.compile = args.compile or args.compile_mode is not None

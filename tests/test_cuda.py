@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from bertforge.batches import Rows, to_tensors
 from bertforge.cli import main
 from bertforge.model import BertConfig, BertForPretraining
+from bertforge.train import batch_layout
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,18 +27,24 @@ def metrics(out):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_packed_matches_padded_on_cuda(dtype):
+    """The loader's packed batch through flash varlen attention gives the padded logits."""
     c = BertConfig.preset("mini", 1000)
     model = BertForPretraining(c).cuda().eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 1000, (8, 128), generator=g).cuda()
-    lengths = torch.tensor([128, 100, 64, 9, 128, 77, 120, 33]).cuda()
-    ids[torch.arange(128, device="cuda")[None] >= lengths[:, None]] = 0
-    types = torch.zeros_like(ids)
-    positions = torch.randint(1, 8, (8, 5), generator=g).cuda()
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-        a = model(ids, types, lengths, positions)
-        b = model(ids, types, lengths, positions, packed=True)
-    for x, y in zip(a, b, strict=True):
+    g = np.random.default_rng(0)
+    lengths = np.array([128, 100, 64, 9, 128, 77, 120, 33])
+    ids = g.integers(5, 1000, (8, 128))
+    ids[np.arange(128)[None] >= lengths[:, None]] = 0
+    positions = g.integers(1, 8, (8, 5))
+    rows = Rows(ids, lengths, None, np.zeros_like(ids), np.zeros(8, dtype=np.int64),
+                positions, np.ones_like(positions))  # fmt: skip
+    outs = []
+    for packed in (False, True):
+        b = to_tensors(rows, torch.device("cuda"), packed=packed)
+        lengths_arg, layout = batch_layout(b, rows, packed)
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+            outs.append(model(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"],
+                              layout))  # fmt: skip
+    for x, y in zip(*outs, strict=True):
         torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05)
 
 

@@ -7,8 +7,19 @@ import json
 import pytest
 import torch
 
+from bertforge.batches import IGNORE, Rows, to_tensors
 from bertforge.errors import UserError
-from bertforge.model import BertConfig, BertForPretraining, from_hf, load_weights, to_hf
+from bertforge.model import (
+    BertConfig,
+    BertForPretraining,
+    Packed,
+    attend,
+    flash_varlen,
+    from_hf,
+    load_weights,
+    to_hf,
+)
+from bertforge.train import Objective, batch_layout
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,10 +30,10 @@ def tiny_config(**kw) -> BertConfig:
     return BertConfig(**(base | kw))
 
 
-def batch(c: BertConfig, b: int = 3, s: int = 16, p: int = 4, seed: int = 0):
+def batch(c: BertConfig, b: int = 3, s: int = 16, p: int = 4, seed: int = 0, cut: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, c.vocab_size, (b, s), generator=g)
-    lengths = torch.tensor([s, s - 5, 7][:b])
+    lengths = torch.tensor([s, s - 5 - cut, 7][:b])
     ids[torch.arange(s)[None, :] >= lengths[:, None]] = 0
     types = (torch.arange(s)[None, :] >= (lengths[:, None] // 2)).long()
     types[torch.arange(s)[None, :] >= lengths[:, None]] = 0
@@ -62,15 +73,111 @@ def test_round_trip_through_transformers_names():
     assert hf_state["bert.embeddings.word_embeddings.weight"].shape[0] == 99
 
 
+def rows_of(ids, types, lengths, positions, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(1, 99, positions.shape, generator=g)
+    labels[:, -1] = IGNORE  # an unused slot
+    nsp = torch.randint(0, 2, (len(lengths),), generator=g)
+    return Rows(ids.numpy(), lengths.numpy(), None, types.numpy(), nsp.numpy(),
+                positions.numpy(), labels.numpy())  # fmt: skip
+
+
+def sums_and_grads(model, rows, packed, trim=True):
+    """The trainer's forward (loss sums) and the gradients of their total."""
+    model.zero_grad()
+    b = to_tensors(rows, torch.device("cpu"), trim=trim, packed=packed)
+    lengths, layout = batch_layout(b, rows, packed)
+    mlm, nsp, correct = Objective(model)(
+        b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
+        b["next_sentence"], layout,
+    )  # fmt: skip
+    (mlm + nsp).backward()
+    return [mlm, nsp, correct], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def test_packed_equals_padded():
-    c = tiny_config()
-    model = BertForPretraining(c).eval()
+    """The loader's packed batch (no padding anywhere) gives the padded batch's logits, losses
+    and gradients; the padded batch is tried trimmed and at full width."""
+    c = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForPretraining(c)
     ids, types, lengths, positions = batch(c)
+    rows = rows_of(ids, types, lengths, positions)
+    b = to_tensors(rows, torch.device("cpu"), packed=True)
+    assert b["input_ids"].shape == (int(lengths.sum()),)
+    assert b["cu_seqlens"].tolist() == [0, 16, 27, 34]
+    assert b["position_ids"][16:27].tolist() == list(range(11))
     with torch.no_grad():
         a = model(ids, types, lengths, positions)
-        b = model(ids, types, lengths, positions, packed=True)
-    for x, y in zip(a, b, strict=True):
+        _, layout = batch_layout(b, rows, True)
+        p = model(b["input_ids"], b["token_type_ids"], None, b["positions"], layout)
+    for x, y in zip(a, p, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    want, want_grads = sums_and_grads(model, rows, packed=False, trim=False)
+    for trim, packed in ((True, False), (True, True)):
+        got, grads = sums_and_grads(model, rows, packed, trim)
+        for x, y in zip(want, got, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", devices())
+def test_packed_attention_dropout_is_the_same_in_backward(device):
+    """Packed attention with dropout (flash varlen on CUDA, the padded fallback elsewhere):
+    with one token per sequence, each head's output is its value scaled by 1/(1-p) or zero,
+    and the value's gradient must be zero exactly where the forward dropped it."""
+    torch.manual_seed(0)
+    t, heads, dim, p = 64, 4, 64, 0.5
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(t, heads, dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    cu = torch.arange(t + 1, device=device, dtype=torch.int32)
+    layout = Packed(cu, torch.zeros(t, dtype=torch.long, device=device), 8)
+    out = attend(q, k, v, layout, p)
+    kept = out.detach().abs().amax(-1) > 0
+    assert 0.3 < kept.float().mean().item() < 0.7
+    torch.testing.assert_close(out.detach()[kept], v.detach()[kept] / (1 - p))
+    out.backward(torch.ones_like(out))
+    assert torch.equal(v.grad.abs().amax(-1) > 0, kept)
+    assert float(q.grad.abs().max()) == 0.0
+
+
+def test_flash_varlen_call_and_backward_on_meta_tensors():
+    """The CUDA kernel call (aten's flash attention with cu_seqlens and dropout) is checked
+    for its signature and autograd on meta tensors; its numbers run in tests/test_cuda.py."""
+    q, k, v = (torch.empty(20, 2, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))  # fmt: skip
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device="meta")
+    out = flash_varlen(
+        q, k, v, Packed(cu, torch.empty(20, dtype=torch.long, device="meta"), 16), 0.1
+    )
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape and v.grad.dtype == torch.bfloat16
+
+
+def test_packed_batches_compile_into_one_graph():
+    """Packed batches differ in token count step to step; torch.compile must trace one
+    dynamic graph without breaks, not one graph per count."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    c = tiny_config()
+    model = BertForPretraining(c)
+    counter = CompileCounter()
+    forward = torch.compile(Objective(model), backend=counter)
+    for seed, cut in ((0, 0), (1, 3), (2, -2)):
+        ids, types, lengths, positions = batch(c, seed=seed, cut=cut)
+        rows = rows_of(ids, types, lengths, positions, seed)
+        b = to_tensors(rows, torch.device("cpu"), trim=False, packed=True)
+        lengths_arg, layout = batch_layout(b, rows, True)
+        forward(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"], b["labels"],
+                b["next_sentence"], layout)  # fmt: skip
+    assert counter.frame_count == 1, counter.frame_count
 
 
 def test_half_residual_stream_under_autocast():

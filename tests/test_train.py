@@ -160,24 +160,20 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, train_data, 
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))
 
 
-def test_micro_batches_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
-    one, four = tmp_path / "one", tmp_path / "four"
-    main(args(train_data, one, tiny_bert_config, "--num-train-steps", "4", "--no-do-eval"))
-    main(
-        args(
-            train_data,
-            four,
-            tiny_bert_config,
-            "--num-train-steps",
-            "4",
-            "--no-do-eval",
-            "--micro-batch-size",
-            "5",
-        )
-    )
-    for a, b in zip(metrics(one), metrics(four), strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-    assert metrics(four)[0]["micro_batch_size"] == 5
+def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
+    """Micro-batches of 5 and packed batches (no padding) train as the plain run does."""
+    runs = {"one": [], "four": ["--micro-batch-size", "5"], "packed": ["--packed"]}
+    for name, extra in runs.items():
+        steps = ["--num-train-steps", "4", "--eval-every", "2", "--eval-batch-size", "8"]
+        main(args(train_data, tmp_path / name, tiny_bert_config, *steps, *extra))
+    for name in ("four", "packed"):
+        for evals in (False, True):
+            got, want = metrics(tmp_path / name, evals), metrics(tmp_path / "one", evals)
+            assert len(got) == len(want) > 0
+            for a, b in zip(want, got, strict=True):
+                for key in LOSSES:
+                    assert a[key] == pytest.approx(b[key], abs=1e-5), (name, evals, key)
+    assert metrics(tmp_path / "four")[0]["micro_batch_size"] == 5
 
 
 def test_out_of_memory_halves_the_micro_batch(

@@ -249,13 +249,19 @@ def eval_rows(
     return apply_mask(data.rows(index), spec, np.random.default_rng([seed, 2, chunk]))
 
 
-def to_tensors(rows: Rows, device: torch.device, trim: bool = True) -> dict[str, torch.Tensor]:
-    """Torch tensors of rows; padding columns beyond the longest instance are cut (exact:
-    padded keys are masked out anyway) to a multiple of 8."""
+def to_tensors(
+    rows: Rows, device: torch.device, trim: bool = True, packed: bool = False
+) -> dict[str, torch.Tensor]:
+    """Torch tensors of rows, padded [B, S] or packed.
+
+    Padded: columns beyond the longest instance are cut (exact: padded keys are masked out
+    anyway) to a multiple of 8 unless trim is False. Packed: input_ids, token_type_ids and
+    position_ids hold the real tokens of all instances back to back, [T], and cu_seqlens
+    [B+1] (int32) where each instance starts; built here on the host, so the model never
+    looks for padding on the device."""
     seq = rows.input_ids.shape[1]
     if trim and len(rows.lengths):
         seq = min(seq, int(-(-int(rows.lengths.max()) // 8) * 8))
-    pin = device.type == "cuda"
     arrays = {
         "input_ids": rows.input_ids[:, :seq],
         "token_type_ids": rows.token_type_ids[:, :seq],
@@ -264,12 +270,20 @@ def to_tensors(rows: Rows, device: torch.device, trim: bool = True) -> dict[str,
         "labels": rows.labels,
         "next_sentence": rows.next_sentence,
     }
-    out = {}
-    for name, a in arrays.items():
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-        if pin:
-            t = t.pin_memory()
-        out[name] = t.to(device, non_blocking=True)
+    if packed:
+        real = np.arange(seq)[None, :] < rows.lengths[:, None]
+        arrays["input_ids"] = arrays["input_ids"][real]
+        arrays["token_type_ids"] = arrays["token_type_ids"][real]
+        arrays["position_ids"] = np.broadcast_to(np.arange(seq), real.shape)[real]
+    pin = device.type == "cuda"
+
+    def move(a: np.ndarray, dtype: type) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+        return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
+    out = {name: move(a, np.int64) for name, a in arrays.items()}
+    if packed:
+        out["cu_seqlens"] = move(np.concatenate([[0], np.cumsum(rows.lengths)]), np.int32)
     return out
 
 

@@ -271,8 +271,9 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (faster steps after a warm-up compile)."""
     packed: bool = False
-    """Drop padding inside the model (variable-length flash attention on CUDA). Exact, but
-    measured slower than padded batches at BERT's usual ~9% padding (bench/RESULTS.md)."""
+    """Batches without padding: the loader packs each batch's real tokens back to back and
+    attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact; its
+    GPU speed is not measured yet (bench/RESULTS.md)."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

@@ -7,9 +7,10 @@ GELU, learned absolute positions), but the code is shaped for speed:
   whole sequence;
 - the word embedding matrix (tied to the MLM decoder) has its rows padded to a multiple of 64
   for aligned matmuls; the padding rows are never predicted and are cut off on export;
-- a batch can be given "packed": every real token of the batch in one row, no padding at all,
-  attention per sequence via `cu_seqlens` (flash varlen attention on CUDA; on CPU a
-  pad/attend/unpad fallback that computes the same thing).
+- a batch can be given "packed" (built by the loader on the host): every real token of the
+  batch in one row, no padding at all, attention per sequence via `cu_seqlens` (flash varlen
+  attention with dropout on CUDA; elsewhere a pad/attend/unpad fallback that computes the
+  same thing).
 
 The weights map to `transformers.BertForPreTraining` through the explicit table in
 `hf_key_table` (q/k/v are split, the vocab padding is cut), checked numerically in the tests.
@@ -131,44 +132,52 @@ class BertConfig:
 
 @dataclass
 class Packed:
-    """A batch without padding: tokens of all sequences in one row.
+    """A batch without padding: the real tokens of all sequences back to back, [T, ...].
 
-    cu_seqlens [B+1] int32 holds where each sequence starts (and the total at the end);
-    max_len is the longest sequence. `unpad` gathers the real tokens of a padded [B, S] batch."""
+    The loader builds it on the host (`batches.to_tensors(packed=True)`), so the model reads
+    no device value and finds no padding to remove. cu_seqlens [B+1] int32 holds where each
+    sequence starts (and the total at the end); position_ids [T] each token's position in its
+    sequence; max_len the padded width, a constant upper bound on the lengths for the
+    attention kernel's grid."""
 
     cu_seqlens: torch.Tensor
+    position_ids: torch.Tensor
     max_len: int
-    index: torch.Tensor  # [T] flat positions b * S + i of the real tokens in the padded batch
-    batch: int
-    seq: int
 
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor, seq: int) -> Packed:
-        # max_len is only an upper bound for the attention kernel's grid: the padded width
-        # serves and needs no device-to-host read of the lengths.
-        lengths = lengths.to(torch.int32)
-        cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        valid = torch.arange(seq, device=lengths.device)[None, :] < lengths[:, None]
-        index = torch.nonzero(valid.flatten()).squeeze(1)
-        return cls(cu, seq, index, len(lengths), seq)
+    @property
+    def starts(self) -> torch.Tensor:
+        return self.cu_seqlens[:-1].long()
 
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(0, 1)[self.index]
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        out = x.new_zeros(self.batch * self.seq, *x.shape[1:])
-        out[self.index] = x
-        return out.view(self.batch, self.seq, *x.shape[1:])
+    def padded_index(self) -> torch.Tensor:
+        """[T] flat position b * max_len + i of every token in the padded [B, max_len] batch
+        (no data-dependent shape: a binary search of each token in cu_seqlens)."""
+        tokens = torch.arange(self.position_ids.shape[0], device=self.position_ids.device)
+        sequence = torch.searchsorted(self.cu_seqlens[1:].long(), tokens, right=True)
+        return sequence * self.max_len + self.position_ids
 
 
-def _varlen_available(x: torch.Tensor) -> bool:
-    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _flash_varlen_supported(q: torch.Tensor) -> bool:
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and torch.backends.cuda.flash_sdp_enabled()
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    )
+
+
+def flash_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Packed, dropout: float
+) -> torch.Tensor:
+    """Flash attention per sequence of a packed batch, q/k/v [T, nh, hs], with dropout.
+
+    torch's public `varlen_attn` has no dropout (BERT pretraining drops 10% of the attention
+    probabilities), so this calls the aten kernel it wraps, as torch's own jagged-tensor SDPA
+    does; aten's autograd formula runs the flash backward with the forward's RNG state."""
+    cu = layout.cu_seqlens
+    n = layout.max_len
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, dropout, False, False)[0]
 
 
 def attend(
@@ -182,17 +191,21 @@ def attend(
 
     layout: None (no padding), a [B, 1, 1, S] bool key mask, or a Packed batch."""
     if isinstance(layout, Packed):
-        if _varlen_available(q) and dropout == 0.0:
-            from torch.nn.attention.varlen import varlen_attn
+        if _flash_varlen_supported(q):
+            return flash_varlen(q, k, v, layout, dropout)
+        # Elsewhere (CPU, fp32): scatter into a padded batch, attend with a key mask, gather.
+        index = layout.padded_index()
+        b, s = layout.cu_seqlens.shape[0] - 1, layout.max_len
 
-            cu = layout.cu_seqlens
-            return varlen_attn(q, k, v, cu, cu, layout.max_len, layout.max_len)
-        # Fallback: back to a padded batch, attention with a key mask, and packed again.
-        valid = torch.zeros(layout.batch * layout.seq, dtype=torch.bool, device=q.device)
-        valid[layout.index] = True
-        mask = valid.view(layout.batch, 1, 1, layout.seq)
-        out = attend(layout.pad(q), layout.pad(k), layout.pad(v), mask, dropout)
-        return layout.unpad(out)
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(b * s, *x.shape[1:])
+            out[index] = x
+            return out.view(b, s, *x.shape[1:])
+
+        valid = torch.zeros(b * s, dtype=torch.bool, device=q.device)
+        valid[index] = True
+        out = attend(pad(q), pad(k), pad(v), valid.view(b, 1, 1, s), dropout)
+        return out.flatten(0, 1)[index]
     # (B, S, nh, hs) -> (B, nh, S, hs) for SDPA
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -286,26 +299,24 @@ class BertForPretraining(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor,
         lengths: torch.Tensor | None,
-        packed: bool = False,
+        packed: Packed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | Packed | None]:
         """Hidden states (B, S, H), or (T, H) when packed, and the attention layout.
 
-        lengths None: no padding at all. Given, padded keys are masked (the caller decides on
-        the host whether a batch has padding, so this never reads device values: no sync, no
-        torch.compile graph break)."""
-        b, s = input_ids.shape
-        positions = torch.arange(s, device=input_ids.device)
-        layout: torch.Tensor | Packed | None = None
-        if packed:
-            assert lengths is not None, "a packed batch needs lengths"
-            layout = Packed.from_lengths(lengths, s)
-            ids, types = layout.unpad(input_ids), layout.unpad(token_type_ids)
-            positions = layout.unpad(positions.expand(b, s))
+        Padded input (B, S): lengths None means no padding at all; given, padded keys are
+        masked (the caller decides on the host whether a batch has padding, so this never
+        reads device values: no sync, no torch.compile graph break). Packed input: ids and
+        types are (T,) and `packed` says where the sequences are; lengths is not used."""
+        if packed is not None:
+            x = self.embed(input_ids, token_type_ids, packed.position_ids)
+            layout: torch.Tensor | Packed | None = packed
         else:
-            ids, types = input_ids, token_type_ids
+            b, s = input_ids.shape
+            positions = torch.arange(s, device=input_ids.device)
+            x = self.embed(input_ids, token_type_ids, positions)
+            layout = None
             if lengths is not None:
                 layout = (positions[None, :] < lengths[:, None]).view(b, 1, 1, s)
-        x = self.embed(ids, types, positions)
         for layer in self.layers:
             x = layer(x, layout)
         return x, layout
@@ -335,25 +346,24 @@ class BertForPretraining(nn.Module):
         token_type_ids: torch.Tensor,
         lengths: torch.Tensor | None,
         masked_positions: torch.Tensor,
-        packed: bool = False,
+        packed: Packed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM logits (B, P, vocab_size) at masked_positions (B, P), NSP logits (B, 2)."""
-        x, layout = self.encode(input_ids, token_type_ids, lengths, packed)
-        b, s = input_ids.shape
-        if isinstance(layout, Packed):
-            starts = layout.cu_seqlens[:-1].long()
+        x, _ = self.encode(input_ids, token_type_ids, lengths, packed)
+        if packed is not None:
+            starts = packed.starts
             first = x[starts]
-            gathered = x[(starts[:, None] + masked_positions).flatten()]
         else:
+            s = input_ids.shape[1]
+            starts = torch.arange(input_ids.shape[0], device=x.device) * s
             first = x[:, 0]
-            gathered = x.flatten(0, 1)[
-                (torch.arange(b, device=x.device)[:, None] * s + masked_positions).flatten()
-            ]
+            x = x.flatten(0, 1)
+        gathered = x[(starts[:, None] + masked_positions).flatten()]
         pooled = torch.tanh(self.pooler(first))
         t = self.mlm_norm(self.act(self.mlm_transform(gathered)))
         logits = F.linear(t, self.word_embeddings.weight, self.mlm_bias)
         v = self.config.vocab_size
-        return logits[:, :v].view(b, -1, v), self.nsp(pooled)
+        return logits[:, :v].view(masked_positions.shape[0], -1, v), self.nsp(pooled)
 
 
 # ----------------------------------------------------------------------------- weights

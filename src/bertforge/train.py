@@ -65,7 +65,7 @@ from bertforge.fileio import (
 )
 from bertforge.instances import InstanceParams, VocabIds
 from bertforge.masking import MaskSpec
-from bertforge.model import BertConfig, BertForPretraining, load_weights
+from bertforge.model import BertConfig, BertForPretraining, Packed, load_weights
 from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups
 from bertforge.tokenization import Vocab, load_vocab
 
@@ -378,17 +378,25 @@ class Objective(torch.nn.Module):
         positions: torch.Tensor,
         labels: torch.Tensor,
         next_sentence: torch.Tensor,
-        packed: bool,
+        packed: Packed | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mlm_logits, nsp_logits = self.model(input_ids, token_type_ids, lengths, positions, packed)
         return pretraining_sums(mlm_logits, labels, nsp_logits, next_sentence)
 
 
-def model_lengths(b: dict[str, torch.Tensor], rows: Rows, packed: bool) -> torch.Tensor | None:
-    """The lengths to give the model: None when the batch has no padding (decided here, on the
-    host, so the model never reads device values)."""
+def batch_layout(
+    b: dict[str, torch.Tensor], rows: Rows, packed: bool
+) -> tuple[torch.Tensor | None, Packed | None]:
+    """(lengths, Packed) to give the model for a batch of `to_tensors`: lengths None when a
+    padded batch has no padding, decided here on the host so the model never reads device
+    values. Under torch.compile a packed batch's token count is marked dynamic: one graph
+    serves every step."""
+    if packed:
+        for name in ("input_ids", "token_type_ids", "position_ids"):
+            torch._dynamo.maybe_mark_dynamic(b[name], 0)
+        return None, Packed(b["cu_seqlens"], b["position_ids"], rows.input_ids.shape[1])
     width = b["input_ids"].shape[1]
-    return b["lengths"] if packed or int(rows.lengths.min(initial=width)) < width else None
+    return (b["lengths"] if int(rows.lengths.min(initial=width)) < width else None), None
 
 
 def forward_backward(
@@ -413,18 +421,19 @@ def forward_backward(
     starts = list(range(0, n, micro))
     for i, start in enumerate(starts):
         part = slice_rows(rows, start, start + micro)
-        b = to_tensors(part, d.device, trim=not static_shapes)
+        b = to_tensors(part, d.device, trim=not static_shapes, packed=packed)
+        lengths, layout = batch_layout(b, part, packed)
         sync = ddp is None or i == len(starts) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
             with autocast:
                 mlm, nsp, correct = forward(
                     b["input_ids"],
                     b["token_type_ids"],
-                    model_lengths(b, part, packed),
+                    lengths,
                     b["positions"],
                     b["labels"],
                     b["next_sentence"],
-                    packed,
+                    layout,
                 )
             # DDP averages gradients over ranks; * world makes that a sum over the global batch.
             objective = (mlm / max(masked, 1) + nsp / instances) * d.world
@@ -589,14 +598,11 @@ def evaluate(
     label_counts = torch.zeros(model.config.vocab_size, dtype=torch.float64, device=d.device)
     for chunk in range(d.rank, count, d.world):
         rows = eval_rows(data, split, spec, cfg.random_seed, chunk, batch)
-        b = to_tensors(rows, d.device)
+        b = to_tensors(rows, d.device, packed=packed)
+        lengths, layout = batch_layout(b, rows, packed)
         with autocast:
             mlm_logits, nsp_logits = model(
-                b["input_ids"],
-                b["token_type_ids"],
-                model_lengths(b, rows, packed),
-                b["positions"],
-                packed,
+                b["input_ids"], b["token_type_ids"], lengths, b["positions"], layout
             )
         mlm, nsp, correct = pretraining_sums(
             mlm_logits, b["labels"], nsp_logits, b["next_sentence"]
