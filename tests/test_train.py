@@ -516,31 +516,34 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
-    """torchrun with 2 gloo processes: same per-step losses as 1 process, same global batch."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = args(train_data, one, tiny_bert_config, "--num-train-steps", "4", "--no-do-eval")
-    main(common)
+    """torchrun with 2 gloo processes, padded and packed: same per-step losses as 1 process,
+    same global batch."""
+    one = tmp_path / "one"
+    steps = ("--num-train-steps", "4", "--no-do-eval")
+    main(args(train_data, one, tiny_bert_config, *steps))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29517",
-        "-m",
-        "bertforge.cli",
-        *args(train_data, two, tiny_bert_config, "--num-train-steps", "4", "--no-do-eval"),
-    ]
-    subprocess.run(cmd, check=True, env=env, timeout=300)
-    a, b = metrics(one), metrics(two)
-    assert len(a) == len(b) == 4
-    for x, y in zip(a, b, strict=True):
-        for k in LOSSES:
-            assert x[k] == pytest.approx(y[k], abs=1e-5), k
-    manifest = json.loads((two / "manifest.json").read_text())
-    assert manifest["processes"] == 2
+    for name, extra in (("two", ()), ("two-packed", ("--packed",))):
+        two = tmp_path / name
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "bertforge.cli",
+            *args(train_data, two, tiny_bert_config, *steps, *extra),
+        ]
+        subprocess.run(cmd, check=True, env=env, timeout=300)
+        a, b = metrics(one), metrics(two)
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b, strict=True):
+            for k in LOSSES:
+                assert x[k] == pytest.approx(y[k], abs=1e-5), (name, k)
+        manifest = json.loads((two / "manifest.json").read_text())
+        assert manifest["processes"] == 2
 
 
 def test_config_errors():
