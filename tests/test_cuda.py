@@ -48,7 +48,9 @@ def test_packed_matches_padded_on_cuda(dtype):
         torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("extra", [["--packed"], ["--compile"], ["--precision", "fp16"]])
+@pytest.mark.parametrize(
+    "extra", [["--packed"], ["--compile"], ["--packed", "--compile"], ["--precision", "fp16"]]
+)
 def test_train_on_cuda(tmp_path, train_data, extra):
     out = tmp_path / "run"
     rc = main(
