@@ -1,7 +1,8 @@
 """Training throughput: bertforge's train step against the usual stack, interleaved in one process.
 
-bertforge: BertForPretraining (padded, or packed with --packed; MLM head at masked positions,
-vocab padded to 64) fed by its real loader (a native shard, dynamic masking, background
+bertforge: BertForPretraining (padded and/or packed batches, --layouts, each measured on its own
+model and optimizer in the same interleaving; MLM head at masked positions, vocab padded to 64)
+fed by its real loader (a native shard, dynamic masking, background
 prefetch), fused AdamW, the trainer's own forward_backward and update. Peer: transformers'
 BertForPreTraining with its default attention, torch.optim.AdamW, autocast, MLM logits over
 every position, batches already on the device. Blocks of steps alternate so machine drift
@@ -14,14 +15,18 @@ near max length, 10% short (Google's short_seq_prob). MFU uses training FLOPs pe
 6 x non-embedding parameters + 12 x layers x hidden x seq + the MLM head at masked positions.
 
     python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
+    python bench/train_throughput.py --model-size base --batch-size 256 --compile \
+        --layouts padded,packed
 
-The last line printed is a JSON object with the figures.
+The last line printed is a JSON object with the figures: the fastest layout's as
+bertforge_tokens_per_s / ratio / mfu, each layout's under "layouts".
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import tempfile
 import time
@@ -152,10 +157,18 @@ def main() -> None:
         help="after measuring, profile N of bertforge's steps and print where device time goes",
     )
     ap.add_argument("--profile-table", default=None, help="also write the full kernel table here")
-    ap.add_argument("--packed", action="store_true", help="bertforge on packed batches")
+    ap.add_argument(
+        "--layouts",
+        default="padded",
+        help="bertforge's batch layouts to measure, interleaved: padded, packed or padded,packed "
+        "(each its own model and optimizer; the fastest is the headline figure)",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     args = ap.parse_args()
     args.compile = args.compile or args.compile_mode is not None
+    layouts = args.layouts.split(",")
+    if not layouts or not set(layouts) <= {"padded", "packed"}:
+        ap.error(f"--layouts: {args.layouts!r}; use padded, packed or padded,packed")
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -169,7 +182,6 @@ def main() -> None:
     c = BertConfig.preset(
         args.model_size, VOCAB, hidden_dropout_prob=0.1, max_position_embeddings=max(512, seq)
     )
-    packed = args.packed
     d = Dist(0, 1, 0, device)
     rng = np.random.default_rng(0)
 
@@ -179,69 +191,175 @@ def main() -> None:
     data = PretrainingData(str(shard))
     spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
     order = Order(len(data), 1)
-    total_steps = args.warmup + args.steps + args.block
+    total_steps = (args.warmup + args.steps + args.block) * len(layouts)
     prefetch = iter(
         Prefetcher(lambda s: step_rows(data, order, spec, 1, s, batch), 0, 10 * total_steps)
     )
-
-    torch.manual_seed(0)
-    ours = BertForPretraining(c).to(device)
-    cfg = TrainConfig(data="-", output="-", learning_rate=1e-4)
-    opt = make_optimizer(cfg, ours)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    objective = Objective(ours)
-    forward = torch.compile(objective, mode=args.compile_mode) if args.compile else objective
+    sides = [*layouts, *([] if args.skip_peer else ["peer"])]
     stats = {
-        "ours_time": 0.0,
-        "ours_tokens": 0,
-        "ours_steps": 0,
-        "wait": 0.0,
-        "peer_time": 0.0,
-        "peer_tokens": 0,
-        "peer_steps": 0,
-        "masked": 0,
+        side: {"time": 0.0, "tokens": 0, "steps": 0, "wait": 0.0, "masked": 0} for side in sides
     }
 
-    ledger = Ledger(device_skip(opt, scaler), 0)
+    def make_ours(layout: str) -> Any:
+        """The trainer's step for one layout, on its own model (same init) and optimizer: it
+        reads nothing back unless the optimizer cannot skip a bad step on the device (then
+        `update` does, as in the trainer)."""
+        torch.manual_seed(0)
+        model = BertForPretraining(c).to(device)
+        opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+        objective = Objective(model)
+        forward = torch.compile(objective, mode=args.compile_mode) if args.compile else objective
+        ledger = Ledger(device_skip(opt, scaler), 0)
+        packed = layout == "packed"
+        own = stats[layout]
 
-    def our_step(measure: bool) -> None:
-        """The trainer's step: it reads nothing back unless the optimizer cannot skip a bad
-        step on the device (then `update` does, as in the trainer)."""
-        t0 = time.perf_counter()
-        _, rows = next(prefetch)
-        t1 = time.perf_counter()
-        masked = int((rows.labels != IGNORE).sum())
-        sums = forward_backward(
-            forward, None, rows, batch, (masked, batch), d, autocast, scaler, packed, args.compile
-        )
-        update(ours, opt, scaler, sums, 1.0, ledger)
-        opt.zero_grad(set_to_none=True)
-        if measure:
-            stats["wait"] += t1 - t0
-            stats["ours_tokens"] += int(rows.lengths.sum())
-            stats["masked"] += masked
-            stats["ours_steps"] += 1
+        def step(measure: bool) -> None:
+            t0 = time.perf_counter()
+            _, rows = next(prefetch)
+            t1 = time.perf_counter()
+            masked = int((rows.labels != IGNORE).sum())
+            sums = forward_backward(
+                forward,
+                None,
+                rows,
+                batch,
+                (masked, batch),
+                d,
+                autocast,
+                scaler,
+                packed,
+                args.compile,
+            )
+            update(model, opt, scaler, sums, 1.0, ledger)
+            opt.zero_grad(set_to_none=True)
+            if measure:
+                own["wait"] += t1 - t0
+                own["tokens"] += int(rows.lengths.sum())
+                own["masked"] += masked
+                own["steps"] += 1
 
-    peer = peer_opt = None
-    peer_batches = []
+        return step
+
+    steps = {layout: make_ours(layout) for layout in layouts}
     if not args.skip_peer:
-        import transformers
+        steps["peer"] = make_peer(c, data, order, spec, batch, seq, device, autocast, stats["peer"])
 
-        hf_cfg = transformers.BertConfig(**{k: v for k, v in c.to_dict().items()})
-        peer = transformers.BertForPreTraining(hf_cfg).to(device)
-        peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.01)
-        for s in range(4):
-            rows = step_rows(data, order, spec, 1, 1000 + s, batch)
-            b = to_tensors(rows, device, trim=False)
-            labels = torch.full_like(b["input_ids"], IGNORE)
-            labels.scatter_(1, b["positions"], b["labels"])
-            labels[:, 0] = IGNORE  # a slot's padding position 0 is never a real target
-            mask = (torch.arange(seq, device=device)[None, :] < b["lengths"][:, None]).long()
-            peer_batches.append((b, labels, mask, int(rows.lengths.sum())))
+    for _ in range(args.warmup):
+        for side in sides:
+            steps[side](False)
+    # Peak memory is what was allocated during a side's blocks (all models stay resident).
+    mem = dict.fromkeys(sides, 0.0)
 
-    def peer_step(i: int, measure: bool) -> None:
-        assert peer is not None and peer_opt is not None
-        b, labels, mask, tokens = peer_batches[i % len(peer_batches)]
+    def block(side: str) -> None:
+        """A block of steps timed as a whole: like the training loops, no side waits for the
+        device between its steps."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.block):
+            steps[side](True)
+        sync(device)
+        stats[side]["time"] += time.perf_counter() - t0
+        if device.type == "cuda":
+            mem[side] = max(mem[side], torch.cuda.max_memory_allocated(device) / 2**30)
+
+    while min(stats[side]["steps"] for side in layouts) < args.steps:
+        for side in sides:
+            block(side)
+    breakdown = {
+        layout: profile(steps[layout], args.profile, device, args.profile_table)
+        for layout in (layouts if args.profile else [])
+    }
+    tmp.cleanup()
+
+    peak = peak_flops(device)
+    tps = {
+        side: stats[side]["tokens"] / stats[side]["time"] for side in sides if stats[side]["steps"]
+    }
+    peer_tps = tps.get("peer")
+    per_layout = {}
+    for layout in layouts:
+        st = stats[layout]
+        fpt = flops_per_token(c, seq, st["masked"] / max(st["tokens"], 1))
+        per_layout[layout] = {
+            "tokens_per_s": round(tps[layout], 1),
+            "ratio": round(tps[layout] / peer_tps, 3) if peer_tps else None,
+            "step_ms": round(1000 * st["time"] / st["steps"], 2),
+            "mfu": round(tps[layout] * fpt / peak, 4) if peak else None,
+            "data_wait_share": round(st["wait"] / st["time"], 4),
+            "peak_memory_gib": round(mem[layout], 2) if device.type == "cuda" else None,
+            "device_time_shares": breakdown.get(layout),
+        }
+    best = max(layouts, key=lambda layout: tps[layout])
+    head = per_layout[best]
+    st = stats[layouts[0]]
+    fpt = flops_per_token(c, seq, st["masked"] / max(st["tokens"], 1))
+    result = {
+        "model_size": args.model_size,
+        "seq_len": seq,
+        "batch_size": batch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": str(precision).removeprefix("torch."),
+        "compile": args.compile,
+        "bertforge_layout": best,
+        "bertforge_tokens_per_s": head["tokens_per_s"],
+        "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,
+        "ratio": head["ratio"],
+        "bertforge_step_ms": head["step_ms"],
+        "peer_step_ms": (
+            round(1000 * stats["peer"]["time"] / stats["peer"]["steps"], 2) if peer_tps else None
+        ),
+        "data_wait_share": head["data_wait_share"],
+        "mfu": head["mfu"],
+        "peer_mfu": round(peer_tps * fpt / peak, 4) if peak and peer_tps else None,
+        "peak_memory_gib": {"ours": head["peak_memory_gib"], "peer": mem.get("peer")}
+        if device.type == "cuda"
+        else None,
+        "padding_share": round(1 - st["tokens"] / (st["steps"] * batch * seq), 4),
+        "layouts": per_layout,
+    }
+    for layout, r in per_layout.items():
+        print(
+            f"bertforge {layout}: {r['tokens_per_s']:,.0f} tok/s ({r['step_ms']} ms/step), "
+            f"ratio {r['ratio']}, mfu {r['mfu']}, data wait {r['data_wait_share']:.2%}"
+        )
+    print(f"peer: {peer_tps or 0:,.0f} tok/s")
+    print(json.dumps(result))
+
+
+def make_peer(
+    c: BertConfig,
+    data: PretrainingData,
+    order: Order,
+    spec: MaskSpec,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    autocast: Any,
+    own: dict[str, Any],
+) -> Any:
+    """The usual stack's step: transformers' BertForPreTraining (MLM logits at every
+    position), torch.optim.AdamW, autocast, clipping; its batches already on the device."""
+    import transformers
+
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in c.to_dict().items()})
+    peer = transformers.BertForPreTraining(hf_cfg).to(device)
+    peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-4, weight_decay=0.01)
+    batches = []
+    for s in range(4):
+        rows = step_rows(data, order, spec, 1, 1000 + s, batch)
+        b = to_tensors(rows, device, trim=False)
+        labels = torch.full_like(b["input_ids"], IGNORE)
+        labels.scatter_(1, b["positions"], b["labels"])
+        labels[:, 0] = IGNORE  # a slot's padding position 0 is never a real target
+        mask = (torch.arange(seq, device=device)[None, :] < b["lengths"][:, None]).long()
+        batches.append((b, labels, mask, int(rows.lengths.sum())))
+    count = itertools.count()
+
+    def step(measure: bool) -> None:
+        b, labels, mask, tokens = batches[next(count) % len(batches)]
         with autocast:
             out = peer(
                 input_ids=b["input_ids"],
@@ -255,76 +373,10 @@ def main() -> None:
         peer_opt.step()
         peer_opt.zero_grad(set_to_none=True)
         if measure:
-            stats["peer_tokens"] += tokens
-            stats["peer_steps"] += 1
+            own["tokens"] += tokens
+            own["steps"] += 1
 
-    for i in range(args.warmup):
-        our_step(False)
-        if peer is not None:
-            peer_step(i, False)
-    # Peak memory is what was allocated during a side's blocks (both models stay resident).
-    mem = {"ours": 0.0, "peer": 0.0}
-
-    def block(side: str) -> None:
-        """A block of steps timed as a whole: like the training loops, neither side waits
-        for the device between its steps."""
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        for j in range(args.block):
-            our_step(True) if side == "ours" else peer_step(j, True)
-        sync(device)
-        stats[f"{side}_time"] += time.perf_counter() - t0
-        if device.type == "cuda":
-            mem[side] = max(mem[side], torch.cuda.max_memory_allocated(device) / 2**30)
-
-    while stats["ours_steps"] < args.steps:
-        block("ours")
-        if peer is not None:
-            block("peer")
-    breakdown = (
-        profile(our_step, args.profile, device, args.profile_table) if args.profile else None
-    )
-    tmp.cleanup()
-
-    ours_tps = stats["ours_tokens"] / stats["ours_time"]
-    peer_tps = stats["peer_tokens"] / stats["peer_time"] if stats["peer_steps"] else None
-    masked_per_token = stats["masked"] / max(stats["ours_tokens"], 1)
-    peak = peak_flops(device)
-    fpt = flops_per_token(c, seq, masked_per_token)
-    result = {
-        "model_size": args.model_size,
-        "seq_len": seq,
-        "batch_size": batch,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": str(precision).removeprefix("torch."),
-        "packed": packed,
-        "compile": args.compile,
-        "bertforge_tokens_per_s": round(ours_tps, 1),
-        "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,
-        "ratio": round(ours_tps / peer_tps, 3) if peer_tps else None,
-        "bertforge_step_ms": round(1000 * stats["ours_time"] / stats["ours_steps"], 2),
-        "peer_step_ms": (
-            round(1000 * stats["peer_time"] / stats["peer_steps"], 2)
-            if stats["peer_steps"]
-            else None
-        ),
-        "data_wait_share": round(stats["wait"] / stats["ours_time"], 4),
-        "mfu": round(ours_tps * fpt / peak, 4) if peak else None,
-        "peer_mfu": round(peer_tps * fpt / peak, 4) if peak and peer_tps else None,
-        "peak_memory_gib": (
-            {k: round(v, 2) for k, v in mem.items()} if device.type == "cuda" else None
-        ),
-        "device_time_shares": breakdown,
-        "padding_share": round(1 - stats["ours_tokens"] / (stats["ours_steps"] * batch * seq), 4),
-    }
-    print(
-        f"bertforge {ours_tps:,.0f} tok/s ({result['bertforge_step_ms']} ms/step), peer "
-        f"{peer_tps or 0:,.0f} tok/s, ratio {result['ratio']}, mfu {result['mfu']}, data wait "
-        f"{result['data_wait_share']:.2%}"
-    )
-    print(json.dumps(result))
+    return step
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from bertforge.model import (
     Packed,
     attend,
     flash_varlen,
+    flash_varlen_available,
     from_hf,
     load_weights,
     to_hf,
@@ -136,7 +137,8 @@ def test_packed_attention_dropout_is_the_same_in_backward(device):
     q, k, v = (torch.randn(t, heads, dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))  # fmt: skip
     cu = torch.arange(t + 1, device=device, dtype=torch.int32)
-    layout = Packed(cu, torch.zeros(t, dtype=torch.long, device=device), 8)
+    flash = flash_varlen_available(torch.device(device))
+    layout = Packed(cu, torch.zeros(t, dtype=torch.long, device=device), 8, flash)
     out = attend(q, k, v, layout, p)
     kept = out.detach().abs().amax(-1) > 0
     assert 0.3 < kept.float().mean().item() < 0.7

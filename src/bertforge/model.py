@@ -19,6 +19,7 @@ The weights map to `transformers.BertForPreTraining` through the explicit table 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -138,11 +139,13 @@ class Packed:
     no device value and finds no padding to remove. cu_seqlens [B+1] int32 holds where each
     sequence starts (and the total at the end); position_ids [T] each token's position in its
     sequence; max_len the padded width, a constant upper bound on the lengths for the
-    attention kernel's grid."""
+    attention kernel's grid; flash whether the device runs flash varlen attention (decided
+    on the host: `flash_varlen_available`)."""
 
     cu_seqlens: torch.Tensor
     position_ids: torch.Tensor
     max_len: int
+    flash: bool = False
 
     @property
     def starts(self) -> torch.Tensor:
@@ -156,14 +159,14 @@ class Packed:
         return sequence * self.max_len + self.position_ids
 
 
-def _flash_varlen_supported(q: torch.Tensor) -> bool:
+@functools.cache
+def flash_varlen_available(device: torch.device) -> bool:
+    """Whether `device` runs flash varlen attention (a CUDA GPU of compute capability 8.0 or
+    newer, flash attention not switched off in torch.backends)."""
     return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 256
+        device.type == "cuda"
         and torch.backends.cuda.flash_sdp_enabled()
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+        and torch.cuda.get_device_capability(device) >= (8, 0)
     )
 
 
@@ -191,7 +194,8 @@ def attend(
 
     layout: None (no padding), a [B, 1, 1, S] bool key mask, or a Packed batch."""
     if isinstance(layout, Packed):
-        if _flash_varlen_supported(q):
+        half, head = q.dtype in (torch.float16, torch.bfloat16), q.shape[-1]
+        if layout.flash and half and head % 8 == 0 and head <= 256:
             return flash_varlen(q, k, v, layout, dropout)
         # Elsewhere (CPU, fp32): scatter into a padded batch, attend with a key mask, gather.
         index = layout.padded_index()

@@ -65,7 +65,13 @@ from bertforge.fileio import (
 )
 from bertforge.instances import InstanceParams, VocabIds
 from bertforge.masking import MaskSpec
-from bertforge.model import BertConfig, BertForPretraining, Packed, load_weights
+from bertforge.model import (
+    BertConfig,
+    BertForPretraining,
+    Packed,
+    flash_varlen_available,
+    load_weights,
+)
 from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups
 from bertforge.tokenization import Vocab, load_vocab
 
@@ -394,7 +400,11 @@ def batch_layout(
     if packed:
         for name in ("input_ids", "token_type_ids", "position_ids"):
             torch._dynamo.maybe_mark_dynamic(b[name], 0)
-        return None, Packed(b["cu_seqlens"], b["position_ids"], rows.input_ids.shape[1])
+        device = b["cu_seqlens"].device
+        width = rows.input_ids.shape[1]
+        return None, Packed(
+            b["cu_seqlens"], b["position_ids"], width, flash_varlen_available(device)
+        )
     width = b["input_ids"].shape[1]
     return (b["lengths"] if int(rows.lengths.min(initial=width)) < width else None), None
 
