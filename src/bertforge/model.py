@@ -304,8 +304,8 @@ class BertForPretraining(nn.Module):
         token_type_ids: torch.Tensor,
         lengths: torch.Tensor | None,
         packed: Packed | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | Packed | None]:
-        """Hidden states (B, S, H), or (T, H) when packed, and the attention layout.
+    ) -> torch.Tensor:
+        """Hidden states (B, S, H), or (T, H) when packed.
 
         Padded input (B, S): lengths None means no padding at all; given, padded keys are
         masked (the caller decides on the host whether a batch has padding, so this never
@@ -323,7 +323,7 @@ class BertForPretraining(nn.Module):
                 layout = (positions[None, :] < lengths[:, None]).view(b, 1, 1, s)
         for layer in self.layers:
             x = layer(x, layout)
-        return x, layout
+        return x
 
     def embed(
         self, ids: torch.Tensor, types: torch.Tensor, positions: torch.Tensor
@@ -353,7 +353,7 @@ class BertForPretraining(nn.Module):
         packed: Packed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM logits (B, P, vocab_size) at masked_positions (B, P), NSP logits (B, 2)."""
-        x, _ = self.encode(input_ids, token_type_ids, lengths, packed)
+        x = self.encode(input_ids, token_type_ids, lengths, packed)
         if packed is not None:
             starts = packed.starts
             first = x[starts]
