@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from bertforge.batches import Rows, to_tensors
+from bertforge.batches import Rows
 from bertforge.cli import main
 from bertforge.model import BertConfig, BertForPretraining
-from bertforge.train import batch_layout
+from bertforge.train import model_batch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,8 +39,7 @@ def test_packed_matches_padded_on_cuda(dtype):
                 positions, np.ones_like(positions))  # fmt: skip
     outs = []
     for packed in (False, True):
-        b = to_tensors(rows, torch.device("cuda"), packed=packed)
-        lengths_arg, layout = batch_layout(b, rows, packed)
+        b, lengths_arg, layout = model_batch(rows, torch.device("cuda"), packed)
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
             outs.append(model(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"],
                               layout))  # fmt: skip

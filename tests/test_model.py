@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bertforge.batches import IGNORE, Rows, to_tensors
+from bertforge.batches import IGNORE, Rows
 from bertforge.errors import UserError
 from bertforge.model import (
     BertConfig,
@@ -20,7 +20,7 @@ from bertforge.model import (
     load_weights,
     to_hf,
 )
-from bertforge.train import Objective, batch_layout
+from bertforge.train import Objective, model_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,8 +86,7 @@ def rows_of(ids, types, lengths, positions, seed=0):
 def sums_and_grads(model, rows, packed, trim=True):
     """The trainer's forward (loss sums) and the gradients of their total."""
     model.zero_grad()
-    b = to_tensors(rows, torch.device("cpu"), trim=trim, packed=packed)
-    lengths, layout = batch_layout(b, rows, packed)
+    b, lengths, layout = model_batch(rows, torch.device("cpu"), packed, trim)
     mlm, nsp, correct = Objective(model)(
         b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
         b["next_sentence"], layout,
@@ -103,13 +102,12 @@ def test_packed_equals_padded():
     model = BertForPretraining(c)
     ids, types, lengths, positions = batch(c)
     rows = rows_of(ids, types, lengths, positions)
-    b = to_tensors(rows, torch.device("cpu"), packed=True)
+    b, _, layout = model_batch(rows, torch.device("cpu"), True)
     assert b["input_ids"].shape == (int(lengths.sum()),)
     assert b["cu_seqlens"].tolist() == [0, 16, 27, 34]
     assert b["position_ids"][16:27].tolist() == list(range(11))
     with torch.no_grad():
         a = model(ids, types, lengths, positions)
-        _, layout = batch_layout(b, rows, True)
         p = model(b["input_ids"], b["token_type_ids"], None, b["positions"], layout)
     for x, y in zip(a, p, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
@@ -175,8 +173,7 @@ def test_packed_batches_compile_into_one_graph():
     for seed, cut in ((0, 0), (1, 3), (2, -2)):
         ids, types, lengths, positions = batch(c, seed=seed, cut=cut)
         rows = rows_of(ids, types, lengths, positions, seed)
-        b = to_tensors(rows, torch.device("cpu"), trim=False, packed=True)
-        lengths_arg, layout = batch_layout(b, rows, True)
+        b, lengths_arg, layout = model_batch(rows, torch.device("cpu"), True, trim=False)
         forward(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"], b["labels"],
                 b["next_sentence"], layout)  # fmt: skip
     assert counter.frame_count == 1, counter.frame_count

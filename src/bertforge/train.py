@@ -390,23 +390,22 @@ class Objective(torch.nn.Module):
         return pretraining_sums(mlm_logits, labels, nsp_logits, next_sentence)
 
 
-def batch_layout(
-    b: dict[str, torch.Tensor], rows: Rows, packed: bool
-) -> tuple[torch.Tensor | None, Packed | None]:
-    """(lengths, Packed) to give the model for a batch of `to_tensors`: lengths None when a
-    padded batch has no padding, decided here on the host so the model never reads device
-    values. Under torch.compile a packed batch's token count is marked dynamic: one graph
-    serves every step."""
+def model_batch(
+    rows: Rows, device: torch.device, packed: bool, trim: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Packed | None]:
+    """The rows as tensors (`to_tensors`) and the (lengths, Packed) to give the model:
+    lengths None when a padded batch has no padding, decided here on the host so the model
+    never reads device values. Under torch.compile a packed batch's token count is marked
+    dynamic: one graph serves every step."""
+    b = to_tensors(rows, device, trim=trim, packed=packed)
     if packed:
         for name in ("input_ids", "token_type_ids", "position_ids"):
             torch._dynamo.maybe_mark_dynamic(b[name], 0)
-        device = b["cu_seqlens"].device
         width = rows.input_ids.shape[1]
-        return None, Packed(
-            b["cu_seqlens"], b["position_ids"], width, flash_varlen_available(device)
-        )
+        flash = flash_varlen_available(device)
+        return b, None, Packed(b["cu_seqlens"], b["position_ids"], width, flash)
     width = b["input_ids"].shape[1]
-    return (b["lengths"] if int(rows.lengths.min(initial=width)) < width else None), None
+    return b, (b["lengths"] if int(rows.lengths.min(initial=width)) < width else None), None
 
 
 def forward_backward(
@@ -431,8 +430,7 @@ def forward_backward(
     starts = list(range(0, n, micro))
     for i, start in enumerate(starts):
         part = slice_rows(rows, start, start + micro)
-        b = to_tensors(part, d.device, trim=not static_shapes, packed=packed)
-        lengths, layout = batch_layout(b, part, packed)
+        b, lengths, layout = model_batch(part, d.device, packed, trim=not static_shapes)
         sync = ddp is None or i == len(starts) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
             with autocast:
@@ -608,8 +606,7 @@ def evaluate(
     label_counts = torch.zeros(model.config.vocab_size, dtype=torch.float64, device=d.device)
     for chunk in range(d.rank, count, d.world):
         rows = eval_rows(data, split, spec, cfg.random_seed, chunk, batch)
-        b = to_tensors(rows, d.device, packed=packed)
-        lengths, layout = batch_layout(b, rows, packed)
+        b, lengths, layout = model_batch(rows, d.device, packed)
         with autocast:
             mlm_logits, nsp_logits = model(
                 b["input_ids"], b["token_type_ids"], lengths, b["positions"], layout
