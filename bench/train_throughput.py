@@ -163,12 +163,22 @@ def main() -> None:
         help="bertforge's batch layouts to measure, interleaved: padded, packed or padded,packed "
         "(each its own model and optimizer; the fastest is the headline figure)",
     )
+    ap.add_argument(
+        "--whole-graph",
+        choices=["no", "yes", "both"],
+        default="no",
+        help="with --compile: trace every layer into the step's graph instead of compiling one "
+        "layer as a nested region reused by all (the model's default); both measures each "
+        "layout both ways ('+whole' in its name)",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     args = ap.parse_args()
     args.compile = args.compile or args.compile_mode is not None
-    layouts = args.layouts.split(",")
-    if not layouts or not set(layouts) <= {"padded", "packed"}:
+    kinds = args.layouts.split(",")
+    if not kinds or not set(kinds) <= {"padded", "packed"}:
         ap.error(f"--layouts: {args.layouts!r}; use padded, packed or padded,packed")
+    graphs = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
+    layouts = [kind + graph for kind in kinds for graph in graphs]
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -201,17 +211,19 @@ def main() -> None:
     }
 
     def make_ours(layout: str) -> Any:
-        """The trainer's step for one layout, on its own model (same init) and optimizer: it
-        reads nothing back unless the optimizer cannot skip a bad step on the device (then
-        `update` does, as in the trainer)."""
+        """The trainer's step for one layout ("padded" or "packed", "+whole": no compile
+        regions), on its own model (same init) and optimizer: it reads nothing back unless the
+        optimizer cannot skip a bad step on the device (then `update` does, as in the
+        trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
+        model.compile_regions = not layout.endswith("+whole")
         opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         objective = Objective(model)
         forward = torch.compile(objective, mode=args.compile_mode) if args.compile else objective
         ledger = Ledger(device_skip(opt, scaler), 0)
-        packed = layout == "packed"
+        packed = layout.startswith("packed")
         own = stats[layout]
 
         def step(measure: bool) -> None:
@@ -245,9 +257,13 @@ def main() -> None:
     if not args.skip_peer:
         steps["peer"] = make_peer(c, data, order, spec, batch, seq, device, autocast, stats["peer"])
 
+    warmup = dict.fromkeys(sides, 0.0)  # includes torch.compile's compile time
     for _ in range(args.warmup):
         for side in sides:
+            t0 = time.perf_counter()
             steps[side](False)
+            sync(device)
+            warmup[side] += time.perf_counter() - t0
     # Peak memory is what was allocated during a side's blocks (all models stay resident).
     mem = dict.fromkeys(sides, 0.0)
 
@@ -290,6 +306,7 @@ def main() -> None:
             "mfu": round(tps[layout] * fpt / peak, 4) if peak else None,
             "data_wait_share": round(st["wait"] / st["time"], 4),
             "peak_memory_gib": round(mem[layout], 2) if device.type == "cuda" else None,
+            "warmup_s": round(warmup[layout], 1),
             "device_time_shares": breakdown.get(layout),
         }
     best = max(layouts, key=lambda layout: tps[layout])
@@ -323,7 +340,8 @@ def main() -> None:
     for layout, r in per_layout.items():
         print(
             f"bertforge {layout}: {r['tokens_per_s']:,.0f} tok/s ({r['step_ms']} ms/step), "
-            f"ratio {r['ratio']}, mfu {r['mfu']}, data wait {r['data_wait_share']:.2%}"
+            f"ratio {r['ratio']}, mfu {r['mfu']}, data wait {r['data_wait_share']:.2%}, "
+            f"warm-up {r['warmup_s']} s"
         )
     print(f"peer: {peer_tps or 0:,.0f} tok/s")
     print(json.dumps(result))

@@ -83,11 +83,12 @@ def rows_of(ids, types, lengths, positions, seed=0):
                 positions.numpy(), labels.numpy())  # fmt: skip
 
 
-def sums_and_grads(model, rows, packed, trim=True):
-    """The trainer's forward (loss sums) and the gradients of their total."""
+def sums_and_grads(model, rows, packed, trim=True, forward=None):
+    """The trainer's forward (loss sums; `forward` a compiled Objective) and the gradients of
+    their total."""
     model.zero_grad()
     b, lengths, layout = model_batch(rows, torch.device("cpu"), packed, trim)
-    mlm, nsp, correct = Objective(model)(
+    mlm, nsp, correct = (Objective(model) if forward is None else forward)(
         b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
         b["next_sentence"], layout,
     )  # fmt: skip
@@ -163,12 +164,12 @@ def test_flash_varlen_call_and_backward_on_meta_tensors():
 def test_packed_batches_compile_into_one_graph():
     """Packed batches differ in token count step to step; torch.compile must trace one
     dynamic graph without breaks, not one graph per count."""
-    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     c = tiny_config()
     model = BertForPretraining(c)
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")
     forward = torch.compile(Objective(model), backend=counter)
     for seed, cut in ((0, 0), (1, 3), (2, -2)):
         ids, types, lengths, positions = batch(c, seed=seed, cut=cut)
@@ -177,6 +178,49 @@ def test_packed_batches_compile_into_one_graph():
         forward(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"], b["labels"],
                 b["next_sentence"], layout)  # fmt: skip
     assert counter.frame_count == 1, counter.frame_count
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_layers_compile_as_one_nested_region(packed):
+    """Under torch.compile the layers are one nested compile region: the step's graph calls
+    one subgraph once per layer (compiled once, not once per layer), and the losses and
+    gradients are eager's (no dropout) and the whole graph's (with dropout, same seed).
+    compile_regions False traces every layer into the graph."""
+    c = tiny_config(num_hidden_layers=3)
+    ids, types, lengths, positions = batch(c)
+    rows = rows_of(ids, types, lengths, positions)
+    torch.manual_seed(0)
+    init = BertForPretraining(c).state_dict()
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    results = {}
+    for regions, train in ((True, False), (True, True), (False, True)):
+        torch._dynamo.reset()
+        model = BertForPretraining(c).train(train)
+        model.load_state_dict(init)
+        model.compile_regions = regions
+        graphs = []
+
+        def backend(gm, inputs, graphs=graphs):
+            graphs.append(gm)
+            return aot_eager(gm, inputs)
+
+        torch.manual_seed(1)
+        forward = torch.compile(Objective(model), backend=backend)
+        results[regions, train] = sums_and_grads(model, rows, packed, forward=forward)
+        subgraphs = [n for n, _ in graphs[0].named_children() if n.startswith("subgraph")]
+        calls = graphs[0].code.count("invoke_subgraph(")
+        assert len(graphs) == 1
+        assert (len(subgraphs), calls) == ((1, 3) if regions else (0, 0))
+    model.eval()
+    eager = sums_and_grads(model, rows, packed)
+    for (sums, grads), (want_sums, want_grads) in (
+        (results[True, False], eager),
+        (results[True, True], results[False, True]),
+    ):
+        torch.testing.assert_close(sums, want_sums, atol=1e-5, rtol=1e-5)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.allclose(results[True, True][0][0], eager[0][0])  # dropout was on
 
 
 def test_half_residual_stream_under_autocast():

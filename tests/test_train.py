@@ -516,13 +516,15 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
-    """torchrun with 2 gloo processes, padded and packed: same per-step losses as 1 process,
-    same global batch."""
+    """torchrun with 2 gloo processes, padded, packed and compiled (DDP around the compiled
+    step, its layers one nested region): same per-step losses as 1 process, same global
+    batch."""
     one = tmp_path / "one"
     steps = ("--num-train-steps", "4", "--no-do-eval")
     main(args(train_data, one, tiny_bert_config, *steps))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name, extra in (("two", ()), ("two-packed", ("--packed",))):
+    variants = (("two", ()), ("two-packed", ("--packed",)), ("two-compiled", ("--compile",)))
+    for name, extra in variants:
         two = tmp_path / name
         cmd = [
             sys.executable,
