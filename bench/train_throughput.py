@@ -25,6 +25,7 @@ bertforge_tokens_per_s / ratio / mfu, each layout's under "layouts".
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import itertools
 import json
@@ -133,6 +134,18 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
     return {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
+def set_inductor(key: str, value: Any) -> None:
+    """torch._inductor.config.KEY = value, KEY dotted for nested settings (triton.cudagraphs)."""
+    import torch._inductor.config as config
+
+    *path, name = key.split(".")
+    target: Any = config
+    for part in path:
+        target = getattr(target, part)
+    getattr(target, name)  # AttributeError for a setting that does not exist
+    setattr(target, name, value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="mini")
@@ -171,8 +184,22 @@ def main() -> None:
         "layer as a nested region reused by all (the model's default); both measures each "
         "layout both ways ('+whole' in its name)",
     )
+    ap.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set torch._inductor.config.KEY (a Python literal) for this run, e.g. "
+        "coordinate_descent_tuning=True; repeatable",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     args = ap.parse_args()
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        try:
+            set_inductor(key, ast.literal_eval(value))
+        except (ValueError, SyntaxError, AttributeError) as e:
+            ap.error(f"--inductor {setting!r}: {e}")
     args.compile = args.compile or args.compile_mode is not None
     kinds = args.layouts.split(",")
     if not kinds or not set(kinds) <= {"padded", "packed"}:
@@ -320,6 +347,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": str(precision).removeprefix("torch."),
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
+        "inductor": args.inductor,
+        "whole_graph": args.whole_graph,
         "bertforge_layout": best,
         "bertforge_tokens_per_s": head["tokens_per_s"],
         "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,
