@@ -204,6 +204,55 @@ def test_out_of_memory_halves_the_micro_batch(
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+def test_compile_is_on_by_default_only_for_long_gpu_runs(tiny_bert_config):
+    def cfg(**kw):
+        return TrainConfig(data="d", output="o", **kw)
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    long = train_module.AUTO_COMPILE_STEPS
+    assert train_module.use_compile(cfg(), cuda, long)
+    assert not train_module.use_compile(cfg(), cuda, long - 1)  # e.g. resumed near the end
+    assert not train_module.use_compile(cfg(), cpu, long)
+    assert train_module.use_compile(cfg(compile=True), cpu, 1)
+    assert not train_module.use_compile(cfg(compile=False), cuda, long)
+
+
+def test_a_failed_automatic_compile_trains_on_uncompiled(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
+):
+    """When the default compile fails (no C++ compiler, an old GPU), the step is redone
+    uncompiled with a warning and the run is the uncompiled run; an asked-for --compile
+    that fails stops with torch's error."""
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no working C++ compiler found (simulated)")
+
+    real_compile, real_use = torch.compile, train_module.use_compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real_compile(f, backend=broken))
+    monkeypatch.setattr(
+        train_module, "use_compile", lambda cfg, device, left: cfg.compile is not False
+    )
+    run = ["--num-train-steps", "3", "--no-do-eval", "--micro-batch-size", "8"]
+    out = tmp_path / "auto"
+    try:
+        assert main(args(train_data, out, tiny_bert_config, *run)) == 0
+        err = capsys.readouterr().err
+        assert err.count("torch.compile failed") == 1
+        assert "failed at step 0 (RuntimeError: no working C++ compiler found (simulated))" in err
+        assert not json.loads((out / "manifest.json").read_text())["compiled"]
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+            main(args(train_data, tmp_path / "asked", tiny_bert_config, *run, "--compile"))
+    finally:
+        torch._dynamo.reset()
+    monkeypatch.setattr(train_module, "use_compile", real_use)
+    ref = tmp_path / "ref"
+    main(args(train_data, ref, tiny_bert_config, *run, "--no-compile"))
+    assert len(metrics(out)) == 3
+    for a, b in zip(metrics(out), metrics(ref), strict=True):
+        for key in LOSSES:
+            assert a[key] == b[key], key
+
+
 def test_nan_steps_are_skipped_then_stop_the_run(
     tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
 ):

@@ -268,8 +268,10 @@ class TrainConfig:
     """auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (auto: CUDA when available)."""
-    compile: bool = False
-    """torch.compile the model (faster steps after a warm-up compile)."""
+    compile: bool | None = None
+    """torch.compile the model and loss: faster steps after a warm-up compile (default: on a
+    GPU for runs of 10,000 steps or more, where the compile pays back; if compiling then
+    fails, training goes on uncompiled with a warning). --no-compile never compiles."""
     packed: bool = False
     """Batches without padding: the loader packs each batch's real tokens back to back and
     attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact; its

@@ -178,7 +178,7 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         f"- {trained.get('counts', {}).get('steps', 0):,} steps of {tcfg.get('train_batch_size')} "
         f"instances, learning rate {tcfg.get('learning_rate')} ({tcfg.get('optimizer')}), "
         f"{trained.get('precision', '?')} on {trained.get('device', '?')} x "
-        f"{trained.get('processes', 1)}",
+        f"{trained.get('processes', 1)}" + (", compiled" if trained.get("compiled") else ""),
         f"- throughput: {speed:,.0f} tokens/s" if speed else "- throughput: –",
         "",
     ]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.exc import TorchDynamoException
 from torch.nn.parallel import DistributedDataParallel
 
 from bertforge import distributed
@@ -214,9 +215,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if d.world > 1
         else None
     )
-    forward = ddp or objective
-    if cfg.compile:
-        forward = torch.compile(forward)
+    eager = ddp or objective
+    compiled = use_compile(cfg, d.device, cfg.num_train_steps - step)
+    forward = torch.compile(eager) if compiled else eager
     autocast = (
         torch.autocast(d.device.type, dtype=precision)
         if precision != torch.float32
@@ -260,7 +261,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             f"parameters; {split.num_train:,} training / {eval_n:,} held-out instances of "
             f"{info.max_seq_length} tokens; batch {cfg.train_batch_size} ({d.world} "
             f"process(es) x micro-batch {micro}); {precision_name(precision)} on "
-            f"{d.device.type}",
+            f"{d.device.type}{', compiled (the first step waits for it)' if compiled else ''}",
             file=sys.stderr,
         )
 
@@ -286,6 +287,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 local = slice_rows(rows, d.rank * local_batch, (d.rank + 1) * local_batch)
                 totals = (int((rows.labels != IGNORE).sum()), len(rows.lengths))
                 while True:
+                    failed = None
                     try:
                         sums = forward_backward(
                             forward,
@@ -297,12 +299,27 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                             autocast,
                             scaler,
                             packed,
-                            cfg.compile,
+                            compiled,
                         )
                         break
                     except torch.OutOfMemoryError:
                         pass  # leave the except block first, so the failed step's tensors go
-                    micro = halve_micro_batch(micro, d, optimizer, step)
+                    except TorchDynamoException as e:
+                        if cfg.compile is not None:  # asked for: the user sees why it failed
+                            raise
+                        failed = root_cause(e)
+                    if failed is None:
+                        micro = halve_micro_batch(micro, d, optimizer, step)
+                        continue
+                    # The automatic compile failed (no compiler, an old GPU, a torch bug):
+                    # drop the step's partial gradients and redo it uncompiled.
+                    optimizer.zero_grad(set_to_none=True)
+                    forward, compiled = eager, False
+                    print(
+                        f"bertforge: warning: torch.compile failed at step {step} ({failed}); "
+                        "training goes on uncompiled (--no-compile skips the attempt)",
+                        file=sys.stderr,
+                    )
                 sums[SUMS.index("stop")] = float(stop.requested)
                 distributed.all_reduce_sum(sums, d)
                 bad, norm = update(model, optimizer, scaler, sums, cfg.max_grad_norm, ledger)
@@ -343,7 +360,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         last_eval = evaluate_now()
 
     if d.main and not interrupted:
-        finish(out, cfg, bert, info, step, skipped, last_eval, precision, d)
+        finish(out, cfg, bert, info, step, skipped, last_eval, precision, compiled, d)
     return TrainResult(out, step, last_eval, interrupted)
 
 
@@ -865,6 +882,29 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     )
 
 
+def root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost cause (torch.compile wraps its backend's error as
+    `inner_exception`)."""
+    while (inner := e.__cause__ or getattr(e, "inner_exception", None)) is not None:
+        e = inner
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+# Steps a run must have left for torch.compile to be on by default (on a GPU): on an H100 the
+# compiled BERT-base step is 1.2x faster (bench/RESULTS.md), so the warm-up compile of about a
+# minute pays back within a few thousand steps. On a CPU it is off unless asked for: there it
+# needs a C++ compiler and measured slower (bench/RESULTS.md, CPU).
+AUTO_COMPILE_STEPS = 10_000
+
+
+def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool:
+    """--compile / --no-compile, or by default: on CUDA for a run of AUTO_COMPILE_STEPS or more."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return device.type == "cuda" and steps_left >= AUTO_COMPILE_STEPS
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
@@ -1033,6 +1073,7 @@ def finish(
     skipped: int,
     last_eval: dict[str, float] | None,
     precision: torch.dtype,
+    compiled: bool,
     d: Dist,
 ) -> None:
     ckpts = list_checkpoints(out)
@@ -1058,6 +1099,7 @@ def finish(
                 "do_lower_case": info.do_lower_case,
             },
             "precision": precision_name(precision),
+            "compiled": compiled,
             "device": d.device.type,
             "processes": d.world,
         },
