@@ -8,6 +8,7 @@
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   autotune  the same with inductor's max-autotune-no-cudagraphs (epilogue fusion)
 #   tuning    the same with inductor's coordinate-descent tuning of its own kernels
+#   eager     padded and packed, compiled and eager, interleaved (no peer): what compiling gains
 #   regions   padded, the layers as one compile region and as the whole graph, interleaved
 #   profile   where one step's device time goes (padded and packed, no peer)
 #   base512   BERT-base, seq 512, batch 32
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags]}
 shift
 case "$stage" in
-  tests | base128 | autotune | tuning | regions | profile | base512 | large | smoke) ;;
+  tests | base128 | autotune | tuning | eager | regions | profile | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
@@ -47,6 +48,7 @@ base=(--model-size base --seq-len 128 --batch-size 256)
     tuning)
       "${bench[@]}" "${base[@]}" --layouts padded,packed \
         --inductor coordinate_descent_tuning=True "$@" ;;
+    eager) "${bench[@]}" "${base[@]}" --layouts padded,packed --compile both --skip-peer "$@" ;;
     regions) "${bench[@]}" "${base[@]}" --whole-graph both --skip-peer "$@" ;;
     profile) "${bench[@]}" "${base[@]}" --layouts padded,packed --skip-peer --profile 3 "$@" ;;
     base512) "${bench[@]}" --model-size base --seq-len 512 --batch-size 32 \

@@ -17,6 +17,7 @@ near max length, 10% short (Google's short_seq_prob). MFU uses training FLOPs pe
     python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
     python bench/train_throughput.py --model-size base --batch-size 256 --compile \
         --layouts padded,packed
+    python bench/train_throughput.py --compile both   # compiled and eager, interleaved
 
 The last line printed is a JSON object with the figures: the fastest layout's as
 bertforge_tokens_per_s / ratio / mfu, each layout's under "layouts".
@@ -156,7 +157,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="measured steps per side")
     ap.add_argument("--block", type=int, default=READ_EVERY, help="steps per alternation block")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile bertforge's step")
+    ap.add_argument(
+        "--compile",
+        nargs="?",
+        const="yes",
+        default="no",
+        choices=["no", "yes", "both"],
+        help="torch.compile bertforge's step; both measures each layout compiled and eager "
+        "('+eager' in its name), interleaved",
+    )
     ap.add_argument(
         "--compile-mode",
         default=None,
@@ -200,12 +209,21 @@ def main() -> None:
             set_inductor(key, ast.literal_eval(value))
         except (ValueError, SyntaxError, AttributeError) as e:
             ap.error(f"--inductor {setting!r}: {e}")
-    args.compile = args.compile or args.compile_mode is not None
+    if args.compile == "no" and args.compile_mode is not None:
+        args.compile = "yes"
+    if args.compile == "no" and args.whole_graph != "no":
+        ap.error("--whole-graph: the layers' compile regions only exist with --compile")
     kinds = args.layouts.split(",")
     if not kinds or not set(kinds) <= {"padded", "packed"}:
         ap.error(f"--layouts: {args.layouts!r}; use padded, packed or padded,packed")
     graphs = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
-    layouts = [kind + graph for kind in kinds for graph in graphs]
+    ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
+    layouts = [
+        kind + (graph if way == "compiled" else way)
+        for kind in kinds
+        for way in ways
+        for graph in (graphs if way == "compiled" else [""])
+    ]
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -238,17 +256,18 @@ def main() -> None:
     }
 
     def make_ours(layout: str) -> Any:
-        """The trainer's step for one layout ("padded" or "packed", "+whole": no compile
-        regions), on its own model (same init) and optimizer: it reads nothing back unless the
-        optimizer cannot skip a bad step on the device (then `update` does, as in the
-        trainer)."""
+        """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
+        regions; "+eager": not compiled), on its own model (same init) and optimizer: it reads
+        nothing back unless the optimizer cannot skip a bad step on the device (then `update`
+        does, as in the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         model.compile_regions = not layout.endswith("+whole")
         opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         objective = Objective(model)
-        forward = torch.compile(objective, mode=args.compile_mode) if args.compile else objective
+        compiled = args.compile != "no" and not layout.endswith("+eager")
+        forward = torch.compile(objective, mode=args.compile_mode) if compiled else objective
         ledger = Ledger(device_skip(opt, scaler), 0)
         packed = layout.startswith("packed")
         own = stats[layout]
@@ -268,7 +287,7 @@ def main() -> None:
                 autocast,
                 scaler,
                 packed,
-                args.compile,
+                compiled,
             )
             update(model, opt, scaler, sums, 1.0, ledger)
             opt.zero_grad(set_to_none=True)
@@ -327,6 +346,7 @@ def main() -> None:
         st = stats[layout]
         fpt = flops_per_token(c, seq, st["masked"] / max(st["tokens"], 1))
         per_layout[layout] = {
+            "compiled": args.compile != "no" and not layout.endswith("+eager"),
             "tokens_per_s": round(tps[layout], 1),
             "ratio": round(tps[layout] / peer_tps, 3) if peer_tps else None,
             "step_ms": round(1000 * st["time"] / st["steps"], 2),
