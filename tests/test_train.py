@@ -204,7 +204,7 @@ def test_out_of_memory_halves_the_micro_batch(
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-def test_compile_is_on_by_default_only_for_long_gpu_runs(tiny_bert_config):
+def test_compile_is_on_by_default_only_for_long_gpu_runs():
     def cfg(**kw):
         return TrainConfig(data="d", output="o", **kw)
 
