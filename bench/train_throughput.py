@@ -218,12 +218,13 @@ def main() -> None:
         ap.error(f"--layouts: {args.layouts!r}; use padded, packed or padded,packed")
     graphs = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
     ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
-    layouts = [
-        kind + (graph if way == "compiled" else way)
+    compiled_of = {  # side name -> whether its step is compiled
+        kind + (graph if way == "compiled" else way): way == "compiled"
         for kind in kinds
         for way in ways
         for graph in (graphs if way == "compiled" else [""])
-    ]
+    }
+    layouts = list(compiled_of)
 
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -266,7 +267,7 @@ def main() -> None:
         opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         objective = Objective(model)
-        compiled = args.compile != "no" and not layout.endswith("+eager")
+        compiled = compiled_of[layout]
         forward = torch.compile(objective, mode=args.compile_mode) if compiled else objective
         ledger = Ledger(device_skip(opt, scaler), 0)
         packed = layout.startswith("packed")
@@ -346,7 +347,7 @@ def main() -> None:
         st = stats[layout]
         fpt = flops_per_token(c, seq, st["masked"] / max(st["tokens"], 1))
         per_layout[layout] = {
-            "compiled": args.compile != "no" and not layout.endswith("+eager"),
+            "compiled": compiled_of[layout],
             "tokens_per_s": round(tps[layout], 1),
             "ratio": round(tps[layout] / peer_tps, 3) if peer_tps else None,
             "step_ms": round(1000 * st["time"] / st["steps"], 2),
