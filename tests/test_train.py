@@ -3,6 +3,7 @@ checks against the data, TFRecord input, other optimizers, init checkpoints, two
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from bertforge.checkpoint import list_checkpoints, read_init_checkpoint
 from bertforge.cli import main
 from bertforge.config import DataConfig, TrainConfig
 from bertforge.data import create_data
+from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, BertForPretraining, from_hf, to_hf
 from bertforge.optim import GoogleAdamW, learning_rate
@@ -251,6 +253,29 @@ def test_a_failed_automatic_compile_trains_on_uncompiled(
     for a, b in zip(metrics(out), metrics(ref), strict=True):
         for key in LOSSES:
             assert a[key] == b[key], key
+
+
+def test_a_failed_automatic_compile_stops_a_run_of_several_processes():
+    """With several processes a failed compile cannot fall back alone (the others would wait
+    in the all-reduce forever): one clear error naming the process and the flag."""
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("ptxas: unsupported GPU (simulated)")
+
+    try:
+        torch.compile(lambda x: x * 2, backend=broken)(torch.ones(2))
+    except torch._dynamo.exc.TorchDynamoException as e:
+        failed = e
+    finally:
+        torch._dynamo.reset()
+    cfg = TrainConfig(data="d", output="o")
+    one = Dist(0, 1, 0, torch.device("cpu"))
+    warning = train_module.compile_failure(failed, cfg, one, 7)
+    assert "failed at step 7 (RuntimeError: ptxas: unsupported GPU (simulated))" in warning
+    with pytest.raises(UserError, match=r"step 7 in process 1 \(RuntimeError: ptxas.*--no-compile"):
+        train_module.compile_failure(failed, cfg, Dist(1, 2, 1, torch.device("cpu")), 7)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        train_module.compile_failure(failed, dataclasses.replace(cfg, compile=True), one, 7)
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(

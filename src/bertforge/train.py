@@ -305,9 +305,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                     except torch.OutOfMemoryError:
                         pass  # leave the except block first, so the failed step's tensors go
                     except TorchDynamoException as e:
-                        if cfg.compile is not None:  # asked for: the user sees why it failed
-                            raise
-                        failed = root_cause(e)
+                        failed = compile_failure(e, cfg, d, step)
                     if failed is None:
                         micro = halve_micro_batch(micro, d, optimizer, step)
                         continue
@@ -315,11 +313,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                     # drop the step's partial gradients and redo it uncompiled.
                     optimizer.zero_grad(set_to_none=True)
                     forward, compiled = eager, False
-                    print(
-                        f"bertforge: warning: torch.compile failed at step {step} ({failed}); "
-                        "training goes on uncompiled (--no-compile skips the attempt)",
-                        file=sys.stderr,
-                    )
+                    print(failed, file=sys.stderr)
                 sums[SUMS.index("stop")] = float(stop.requested)
                 distributed.all_reduce_sum(sums, d)
                 bad, norm = update(model, optimizer, scaler, sums, cfg.max_grad_norm, ledger)
@@ -889,6 +883,25 @@ def root_cause(e: BaseException) -> str:
         e = inner
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def compile_failure(e: TorchDynamoException, cfg: TrainConfig, d: Dist, step: int) -> str:
+    """The warning for an automatic torch.compile that failed, before the step is redone
+    uncompiled. Raises where that cannot be: --compile was asked for (torch's own error), or
+    the run has several processes (the others may already wait in the step's gradient
+    all-reduce, which this one would no longer match: they would hang)."""
+    if cfg.compile is not None:
+        raise e
+    cause = root_cause(e)
+    if d.world > 1:
+        raise UserError(
+            f"torch.compile failed at step {step} in process {d.rank} ({cause}); rerun with "
+            "--no-compile (training resumes from the last checkpoint, if there is one)."
+        ) from e
+    return (
+        f"bertforge: warning: torch.compile failed at step {step} ({cause}); training goes on "
+        "uncompiled (--no-compile skips the attempt)"
+    )
 
 
 # Steps a run must have left for torch.compile to be on by default (on a GPU): on an H100 the
