@@ -58,6 +58,7 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     report = (out / "report.md").read_text()
     assert "masked LM accuracy" in report and "unigram baseline" in report
     assert "fp32 on cpu x 1\n" in report  # not compiled by default on a CPU
+    assert f"Corpus: {kjv_corpus.resolve()}  \n" in report
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     assert (out / "plots" / "accuracy.png").stat().st_size > 1000
     printed = capsys.readouterr()

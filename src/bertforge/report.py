@@ -127,7 +127,7 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
     lines = [
         "# bertforge run report",
         "",
-        f"Corpus: {', '.join(dcfg.get('input', []))}  ",
+        f"Corpus: {', '.join(state.get('data', {}).get('config', {}).get('input', []))}  ",
         f'Model: `{model}` (transformers: `AutoModel.from_pretrained("{model}")`; flair: '
         f'`TransformerWordEmbeddings("{model}")`)',
         "",
