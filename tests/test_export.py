@@ -149,3 +149,11 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
         )
     with pytest.raises(UserError, match=r"--checkpoint: .* does not exist"):
         export(ExportConfig(checkpoint=str(tmp_path / "nothing"), output=str(tmp_path / "x")))
+    # A directory holding no model: say what is read; a training run's checkpoints/ is read.
+    with pytest.raises(UserError, match=r"--checkpoint: .*small holds no model .*\(ckpt-\*\.pt\)"):
+        export(ExportConfig(checkpoint=str(small.parent), output=str(tmp_path / "x")))
+    export(ExportConfig(checkpoint=str(trained_run / "checkpoints"), output=str(tmp_path / "c")))
+    again = tmp_path / "again"
+    export(ExportConfig(checkpoint=str(trained_run), output=str(again)))
+    a, b = (tmp_path / "c" / "model.safetensors"), (again / "model.safetensors")
+    assert a.read_bytes() == b.read_bytes()

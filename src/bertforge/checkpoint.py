@@ -89,6 +89,8 @@ def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeig
     p = Path(path)
     if not p.exists() and not p.with_name(p.name + ".index").exists():
         raise UserError(f"{flag}: {p} does not exist.")
+    if p.is_dir() and p.name == CHECKPOINTS and list_checkpoints(p.parent):
+        p = p.parent  # the training directory's checkpoints/ itself
     if p.is_dir() and list_checkpoints(p):
         p = list_checkpoints(p)[-1]
     if p.is_file() and p.suffix == ".pt":
@@ -105,9 +107,16 @@ def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeig
         c = BertConfig.from_json(p / "config.json")
         hf = _read_hf_weights(p)
         return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface", p)
+    if p.is_dir() and not any(p.glob("*.index")):
+        raise UserError(
+            f"{flag}: {p} holds no model bertforge reads; give a bertforge training directory "
+            "(with checkpoints/) or checkpoint file (ckpt-*.pt), a Hugging Face BERT directory "
+            "(config.json + model.safetensors), or a Google TF checkpoint (bert_model.ckpt + "
+            "bert_config.json)."
+        )
     from bertforge.tfcheckpoint import google_weights
 
-    c = _config_in(directory, str(p))
+    c = _config_in(directory, f"{flag}: {p}")
     hf = {k: torch.from_numpy(v) for k, v in google_weights(p).items()}
     return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "google", p)
 
