@@ -377,6 +377,15 @@ def test_settings_that_contradict_the_data_are_refused(
     assert "is not the vocabulary the data" in error("--vocab", str(other), "--do-lower-case")
 
 
+def test_data_that_is_not_pretraining_data_is_refused(
+    tmp_path, kjv_vocab, tiny_bert_config, capsys
+):
+    assert main(args(kjv_vocab, tmp_path / "x", tiny_bert_config, "--num-train-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "is a `bertforge vocab` output; give the directory `bertforge data` wrote" in err
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, train_data, tiny_bert_config, capsys):
     out = tmp_path / "run"
     assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "2")) == 0

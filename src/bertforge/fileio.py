@@ -128,7 +128,8 @@ def read_manifest(directory: str | Path, stage: str | None = None) -> dict[str, 
         raise UserError(f"{p}: damaged manifest ({e}); rerun the stage that wrote it.") from None
     if stage is not None and manifest.get("stage") != stage:
         raise UserError(
-            f"{p}: written by the {manifest.get('stage')!r} stage, expected a {stage!r} output."
+            f"{p}: this directory is a `bertforge {manifest.get('stage')}` output; give the "
+            f"directory `bertforge {stage}` wrote."
         )
     return manifest
 
