@@ -185,7 +185,8 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     tmp_path, kjv_corpus, kjv_vocab, trained_run, capsys
 ):
     out = tmp_path / "continued"
-    fast = [a for a in FAST if a not in ("--model-size", "tiny")]
+    assert FAST[:2] == ["--vocab-size", "1500"]  # dropped: the vocabulary is given
+    fast = [a for a in FAST[2:] if a not in ("--model-size", "tiny")]
     argv = [
         "run",
         str(kjv_corpus),
@@ -225,6 +226,33 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     argv[argv.index(str(kjv_vocab))] = str(other)
     assert main([*argv[:3], str(tmp_path / "c2"), *argv[4:]]) == 2
     assert "is not the data's" in capsys.readouterr().err
+
+    # Without --vocab the checkpoint's own is used (given as its checkpoints/ directory here).
+    at = argv.index("--vocab")
+    argv = [*argv[:at], *argv[at + 2 :]]
+    argv[argv.index(str(trained_run))] = str(trained_run / "checkpoints")
+    assert main([*argv[:3], str(tmp_path / "c3"), *argv[4:]]) == 0
+    assert f"vocab: using {trained_run}\n" in capsys.readouterr().err
+    data = json.loads((tmp_path / "c3" / "data" / "manifest.json").read_text())
+    assert (
+        data["vocab"]["sha256"]
+        == json.loads((out / "data" / "manifest.json").read_text())["vocab"]["sha256"]
+    )
+    assert not (tmp_path / "c3" / "vocab").exists()
+    # A flag only the vocab stage reads is refused before anything runs.
+    assert main([*argv[:3], str(tmp_path / "c4"), *argv[4:], "--vocab-size", "900"]) == 2
+    assert "--vocab-size: only the vocab stage reads it" in capsys.readouterr().err
+    assert not (tmp_path / "c4").exists()
+    # A checkpoint with no vocabulary beside it: say to give --vocab.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "bert_config.json").write_text((trained_run / "bert_config.json").read_text())
+    argv[argv.index(str(trained_run / "checkpoints"))] = str(bare / "bert_model.ckpt")
+    (bare / "bert_model.ckpt.index").write_bytes(b"")
+    assert main([*argv[:3], str(tmp_path / "c5"), *argv[4:]]) == 2
+    err = capsys.readouterr().err
+    assert f"--init-checkpoint: no vocab.txt beside {bare / 'bert_model.ckpt'}" in err
+    assert "give it with --vocab" in err and not (tmp_path / "c5").exists()
 
 
 def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypatch, capsys):

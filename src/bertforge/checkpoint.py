@@ -84,8 +84,9 @@ def _config_in(directory: Path, source: str) -> BertConfig:
     )
 
 
-def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeights:
-    """Weights from any source bertforge reads; errors name `flag`."""
+def checkpoint_source(path: str, flag: str) -> Path:
+    """The file or directory to read for `path`: a training directory (or its checkpoints/)
+    means its latest checkpoint; anything else is read as it is. Errors name `flag`."""
     p = Path(path)
     if not p.exists() and not p.with_name(p.name + ".index").exists():
         raise UserError(f"{flag}: {p} does not exist.")
@@ -93,16 +94,28 @@ def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeig
         p = p.parent  # the training directory's checkpoints/ itself
     if p.is_dir() and list_checkpoints(p):
         p = list_checkpoints(p)[-1]
+    return p
+
+
+def vocab_beside(source: Path) -> Path | None:
+    """The vocab.txt a checkpoint came with (`checkpoint_source`'s answer): its training
+    directory's for a bertforge checkpoint, else the one in its directory; None if absent."""
+    if source.is_file() and source.suffix == ".pt":
+        vocab = source.parent.parent / "vocab.txt"
+    else:
+        vocab = (source if source.is_dir() else source.parent) / "vocab.txt"
+    return vocab if vocab.is_file() else None
+
+
+def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeights:
+    """Weights from any source bertforge reads; errors name `flag`."""
+    p = checkpoint_source(path, flag)
+    vocab_file = vocab_beside(p)
     if p.is_file() and p.suffix == ".pt":
         state = load_checkpoint(p)
         c = BertConfig.from_dict(state["bert_config"], str(p))
-        vocab = p.parent.parent / "vocab.txt"
-        return InitWeights(
-            state["model"], c, vocab if vocab.is_file() else None, "bertforge", p, state["step"]
-        )
+        return InitWeights(state["model"], c, vocab_file, "bertforge", p, state["step"])
     directory = p if p.is_dir() else p.parent
-    vocab = directory / "vocab.txt"
-    vocab_file = vocab if vocab.is_file() else None
     if p.is_dir() and (p / "config.json").is_file():
         c = BertConfig.from_json(p / "config.json")
         hf = _read_hf_weights(p)

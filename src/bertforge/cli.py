@@ -150,10 +150,10 @@ def run_demo(output: str) -> None:
 
 
 def run_pipeline_command(run: RunConfig, config: str | None, flag_values: dict[str, Any]) -> None:
-    from bertforge.run import run_pipeline, stage_configs
+    from bertforge.run import plan, run_pipeline
 
     toml = read_toml(config) if config else {}
-    configs = stage_configs(run, toml, flag_values, config)
+    run, configs = plan(run, toml, flag_values, config)
     run_pipeline(run, configs, RUNNERS)
 
 

@@ -459,8 +459,9 @@ class RunConfig:
     """Directory of the run: vocab/, data/, train/, model/ (the export), report.md."""
     vocab: str | None = option(None, aliases=("--vocab_file",))
     """Use this vocabulary (a `bertforge vocab` directory, or a checkpoint's vocab.txt with
-    --cased/--lowercase) instead of training one: continued pretraining from a checkpoint must
-    keep the checkpoint's vocabulary. The vocab stage is then skipped."""
+    --cased/--lowercase) instead of training one; the vocab stage is then skipped. Default
+    with --init-checkpoint: the vocab.txt beside the checkpoint (continued pretraining must
+    keep the checkpoint's vocabulary)."""
     overwrite: bool = False
     """Run every stage from the start, replacing what the directory holds."""
     progress: bool = True

@@ -157,6 +157,41 @@ def stage_configs(
     return configs
 
 
+def plan(
+    run: RunConfig,
+    toml: Mapping[str, Mapping[str, Any]],
+    flag_values: Mapping[str, Any],
+    config_path: str | None = None,
+) -> tuple[RunConfig, dict[str, Any]]:
+    """The run and its stage configs (`stage_configs`), checked before anything runs.
+
+    Continued pretraining (train's --init-checkpoint) without --vocab uses the checkpoint's
+    vocabulary: one trained anew would not match its embeddings, and train would only find
+    that out after the vocab and data stages (hours on a large corpus). A run whose
+    vocabulary is given refuses flags that only the skipped vocab stage reads."""
+    configs = stage_configs(run, toml, flag_values, config_path)
+    init = configs["train"].init_checkpoint
+    if run.vocab is None and init:
+        from bertforge.checkpoint import checkpoint_source, vocab_beside  # imports torch
+
+        vocab = vocab_beside(checkpoint_source(init, "--init-checkpoint"))
+        if vocab is None:
+            raise UserError(
+                f"--init-checkpoint: no vocab.txt beside {init}; continued pretraining keeps the "
+                "checkpoint's vocabulary: give it with --vocab (and --cased or --lowercase)."
+            )
+        run = dataclasses.replace(run, vocab=str(vocab.parent))
+        configs = stage_configs(run, toml, flag_values, config_path)
+    if run.vocab is not None:
+        for flag in run_flags():
+            if flag.spec.name in flag_values and {st for st, _ in flag.targets} == {"vocab"}:
+                raise UserError(
+                    f"{flag.spec.flag}: only the vocab stage reads it, and this run uses the "
+                    f"vocabulary {run.vocab} instead of training one; drop the flag."
+                )
+    return run, configs
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 
