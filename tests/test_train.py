@@ -453,7 +453,14 @@ def test_google_tfrecords_and_other_optimizers(
     out = tmp_path / "run"
     glob = str(google_tfrecords.parent / "*.tfrecord")
     assert main(args(google_tfrecords, out, tiny_bert_config, "--num-train-steps", "1")) == 2
-    assert "do not name their vocabulary; give --vocab" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "do not name their vocabulary; give --vocab" in err
+    assert f"or --data {google_tfrecords.parent} (its manifest.json names it)." in err
+    alone = tmp_path / "alone" / "data.tfrecord"  # a TFRecord without a bertforge manifest
+    alone.parent.mkdir()
+    alone.write_bytes(google_tfrecords.read_bytes())
+    assert main(args(alone, out, tiny_bert_config, "--num-train-steps", "1")) == 2
+    assert "(the vocab.txt the data was made with).\n" in capsys.readouterr().err
     assert (
         main(
             [

@@ -65,6 +65,7 @@ class PretrainingData:
 
     def __init__(self, path: str) -> None:
         files, manifest = data_files(path)
+        self.files = files
         self.native: list[np.ndarray] = []
         self.tf_rows: Rows | None = None
         with open(files[0], "rb") as f:

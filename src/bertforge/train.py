@@ -60,6 +60,7 @@ from bertforge.errors import UserError
 from bertforge.fileio import (
     RUN_FILE,
     prepare_output_dir,
+    read_manifest,
     write_json,
     write_manifest,
     write_text,
@@ -962,9 +963,16 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
     if path is None and init is not None:
         path = init.vocab_file
     if path is None:
+        hint = "."
+        folders = {f.parent for f in data.files}
+        if len(folders) == 1:  # files of a `bertforge data --format tfrecord` output?
+            folder = folders.pop()
+            with contextlib.suppress(UserError):
+                if read_manifest(folder, "data") is not None:
+                    hint = f", or --data {folder} (its manifest.json names it)."
         raise UserError(
             f"{cfg.data}: Google's TFRecords do not name their vocabulary; give "
-            "--vocab (the vocab.txt the data was made with)."
+            f"--vocab (the vocab.txt the data was made with){hint}"
         )
     vocab = load_vocab(
         path, cfg.do_lower_case if cfg.do_lower_case is not None else info.do_lower_case
