@@ -95,6 +95,64 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     assert tokenizer_config["do_lower_case"] is False
 
 
+def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch):
+    """Text added to the corpus (same file name) reruns everything; so does a run.json from
+    before bertforge recorded the corpus (the stages' manifests say what they read)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(kjv_corpus.read_bytes())
+    out = tmp_path / "run"
+    run_cli(corpus, out)
+    with corpus.open("a") as f:
+        f.write("\nAnd it came to pass in those days.\nThen the people went home.\n")
+    run_cli(corpus, out)
+    err = capsys.readouterr().err
+    assert "vocab: the corpus changed" in err and "data: the corpus changed" in err
+    assert all(f"{s}: running" in err for s in ("vocab", "data", "train", "export"))
+    data = json.loads((out / "data" / "manifest.json").read_text())
+    assert data["inputs"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}]
+
+    state = json.loads((out / "run.json").read_text())
+    for record in state.values():
+        record.pop("corpus", None)
+    (out / "run.json").write_text(json.dumps(state))
+    run_cli(corpus, out)
+    assert capsys.readouterr().err.count("unchanged, kept") == 4
+    with corpus.open("a") as f:
+        f.write("\nOne more line.\n")
+    run_cli(corpus, out)
+    assert "vocab: the corpus changed" in capsys.readouterr().err
+
+
+def test_stdin_is_refused_by_run_and_never_taken_as_unchanged(
+    tmp_path, kjv_corpus, kjv_vocab, monkeypatch, capsys
+):
+    """run reads the corpus twice and tells it by its files: it refuses stdin. The data stage
+    cannot check stdin against an earlier output: it neither keeps nor resumes one."""
+    import io
+    import sys
+
+    assert main(["run", "-", "--output", str(tmp_path / "r"), *FAST]) == 2
+    assert "CORPUS -: bertforge run cannot read the corpus from standard input" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "r").exists()
+
+    def data(*extra: str) -> int:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(kjv_corpus.read_bytes())))
+        argv = ["data", "--input", "-", "--vocab", str(kjv_vocab), "--output", str(out)]
+        return main([*argv, "--max-seq-length", "64", "--workers", "1", "--no-progress", *extra])
+
+    out = tmp_path / "d"
+    assert data() == 0
+    manifest = (out / "manifest.json").read_bytes()
+    assert data() == 2
+    assert "standard input cannot be checked against what it was made from" in (
+        capsys.readouterr().err
+    )
+    assert (out / "manifest.json").read_bytes() == manifest  # nothing touched
+    assert data("--overwrite") == 0
+
+
 def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):
     out = tmp_path / "run"
     run = RunConfig(input=(str(kjv_corpus),), output=str(out), progress=False)

@@ -42,6 +42,7 @@ import numpy as np
 from bertforge import __version__
 from bertforge.config import DataConfig, config_to_dict
 from bertforge.corpus import (
+    STDIN,
     CorpusStats,
     InputFile,
     Progress,
@@ -477,9 +478,15 @@ def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool
         previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
     if previous is None:
         return "go"
+    what = "holds data" if manifest is not None else "holds an unfinished run"
+    if any(i["path"] == STDIN for i in run["inputs"]):
+        raise UserError(
+            f"--output: {out} {what}; standard input cannot be checked against what it was "
+            "made from, so it is neither kept nor resumed: pass --overwrite to make the data "
+            "again, or use another directory."
+        )
     if previous.get("run_id") == run_id:
         return "done" if manifest is not None else "go"
-    what = "holds data" if manifest is not None else "holds an unfinished run"
     raise UserError(
         f"--output: {out} {what} made with other settings ({settings_diff(previous, run)}); "
         "use another directory, repeat the earlier settings to resume, or pass --overwrite."

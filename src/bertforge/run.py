@@ -8,11 +8,12 @@ its own inputs. What run adds:
   each (--input, --cased, --max-seq-length, --random-seed), and the paths between stages are
   set by run (a TOML section that sets one of them is refused). Names that mean different
   things in two stages get the stage as prefix (export's --format is --export-format).
-- Skipping and resuming. DIR/run.json records, per stage, the settings it last ran with and
-  the sha256 of the manifest it wrote. A stage is skipped when its settings, its manifest and
-  everything upstream are unchanged; a stage that was cut off resumes (data and train resume
-  by themselves); training also resumes when only settings it can resume with changed
-  (--num-train-steps, logging, ...). Anything else starts the stage, and all after it, over.
+- Skipping and resuming. DIR/run.json records, per stage, the settings it last ran with, the
+  corpus files it read (names and sizes) and the sha256 of the manifest it wrote. A stage is
+  skipped when its settings, its corpus, its manifest and everything upstream are unchanged;
+  a stage that was cut off resumes (data and train resume by themselves); training also
+  resumes when only settings it can resume with changed (--num-train-steps, logging, ...).
+  Anything else starts the stage, and all after it, over.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from bertforge.config import (
     config_to_dict,
     field_specs,
 )
+from bertforge.corpus import STDIN, resolve_inputs
 from bertforge.errors import UserError
-from bertforge.fileio import MANIFEST, sha256_file, write_json
+from bertforge.fileio import MANIFEST, read_manifest, sha256_file, write_json
 from bertforge.report import Summary, write_report
 
 ORDER = ("vocab", "data", "train", "export")
@@ -169,6 +171,12 @@ def plan(
     vocabulary: one trained anew would not match its embeddings, and train would only find
     that out after the vocab and data stages (hours on a large corpus). A run whose
     vocabulary is given refuses flags that only the skipped vocab stage reads."""
+    if STDIN in run.input:
+        raise UserError(
+            "CORPUS -: bertforge run cannot read the corpus from standard input (it reads the "
+            "corpus in two stages, and tells an unchanged corpus by its files); save it to a "
+            "file first (compressed files are read as they are), or run the stage commands."
+        )
     configs = stage_configs(run, toml, flag_values, config_path)
     init = configs["train"].init_checkpoint
     if run.vocab is None and init:
@@ -205,6 +213,23 @@ class RunResult:
 
 def settings_key(cfg: Any) -> dict[str, Any]:
     return {k: v for k, v in config_to_dict(cfg).items() if k not in COSMETIC}
+
+
+def corpus_files(cfg: Any) -> list[dict[str, Any]] | None:
+    """The corpus files a stage reads, by name and size (what the data stage itself checks
+    before resuming), or None for a stage that reads no corpus."""
+    if not hasattr(cfg, "input"):
+        return None
+    return [f.describe() for f in resolve_inputs(cfg.input)]
+
+
+def recorded_corpus(record: dict[str, Any], directory: Path, default: Any) -> Any:
+    """The corpus files a stage last ran on: from run.json, or for a run.json written before
+    bertforge recorded them, from the stage's manifest (`default` when neither says)."""
+    if "corpus" in record:
+        return record["corpus"]
+    manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else None
+    return manifest.get("inputs", default) if manifest else default
 
 
 def decide(
@@ -252,7 +277,12 @@ def run_pipeline(
             print(f"run: vocab: using {run.vocab}", file=sys.stderr)
             state.pop("vocab", None)
             continue
-        action = decide(stage, cfg, state.get(stage), directory, bool(ran) or run.overwrite)
+        record = state.get(stage)
+        corpus = corpus_files(cfg)
+        if record and corpus is not None and corpus != recorded_corpus(record, directory, corpus):
+            print(f"run: {stage}: the corpus changed (its files' names or sizes)", file=sys.stderr)
+            record = None
+        action = decide(stage, cfg, record, directory, bool(ran) or run.overwrite)
         if action == "resume" and stage not in RESUMES:
             action = "start"  # quick stages simply run again
         if action == "skip":
@@ -264,7 +294,7 @@ def run_pipeline(
             file=sys.stderr,
         )
         cfg = dataclasses.replace(cfg, overwrite=action == "start")
-        state[stage] = {"config": settings_key(cfg), "done": False}
+        state[stage] = {"config": settings_key(cfg), "corpus": corpus, "done": False}
         write_json(state_path, state)
         started = time.monotonic()
         runners[stage](cfg)
