@@ -195,6 +195,25 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+def test_a_corpus_of_long_lines_is_warned_about(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    """One document per line (a common corpus layout) instead of one sentence per line: an
+    instance keeps only each line's start, which the summary says (the demo-like corpus with
+    a sentence per line holds more than its text: random next sentences repeat some)."""
+    text = kjv_corpus.read_text()
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(d.replace("\n", " ") for d in text.split("\n\n")) + "\n")
+    base = ["--vocab", str(kjv_vocab), "--max-seq-length", "64"]
+    rc, err = run_cli(["--input", str(lines), *base, "--output", str(tmp_path / "l")], capsys)
+    assert rc == 0 and "warning: the instances hold only" in err
+    assert "expects one sentence per line" in err and "keeps at most 64" in err
+    counts = json.loads((tmp_path / "l" / "manifest.json").read_text())["counts"]
+    assert counts["text_ratio"] < 0.5
+    rc, err = run_cli(["--input", str(kjv_corpus), *base, "--output", str(tmp_path / "s")], capsys)
+    assert rc == 0 and "warning" not in err
+    counts = json.loads((tmp_path / "s" / "manifest.json").read_text())["counts"]
+    assert 1.0 < counts["text_ratio"] < 1.5
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):
     base = ["--vocab", str(kjv_vocab), "--output", str(tmp_path / "o")]
     empty = write_corpus(tmp_path / "empty.txt", [[" "]])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bertforge.data import line_warning
 from bertforge.fileio import read_manifest, write_text
 
 PLOTS = "plots"
@@ -170,6 +171,10 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         f"- masking: {dcfg.get('masked_lm_prob', '?')} of the tokens, at most "
         f"{dcfg.get('max_predictions_per_seq', '?')} per instance"
         + (", whole words" if dcfg.get("do_whole_word_mask") else ""),
+    ]
+    if warning := line_warning(dc, dcfg.get("max_seq_length", 0)):
+        lines.append(f"- **{warning}**")
+    lines += [
         "",
         "## Training",
         "",
