@@ -645,6 +645,17 @@ def test_config_errors():
         TrainConfig(data="d", output="o", do_train=False)
 
 
+def test_data_smaller_than_a_batch_is_warned_about(tmp_path, train_data, tiny_bert_config, capsys):
+    total = len(PretrainingData(str(train_data)))
+    steps = ("--num-train-steps", "1", "--no-do-eval")
+    assert main(args(train_data, tmp_path / "a", tiny_bert_config, *steps)) == 0
+    assert "warning" not in capsys.readouterr().err
+    few = ("--eval-records", str(total - 5), "--max-eval-steps", "1")
+    assert main(args(train_data, tmp_path / "b", tiny_bert_config, *steps[:2], *few)) == 0
+    err = capsys.readouterr().err
+    assert "has 5 training instances, fewer than one batch (--train-batch-size 16)" in err
+
+
 def test_train_result(tmp_path, train_data, tiny_bert_config):
     cfg = TrainConfig(
         data=str(train_data),

@@ -151,6 +151,13 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     split = Split.of(len(data), eval_n)
     if cfg.do_train and split.num_train < 1:
         raise UserError(f"--eval-records {eval_n} leaves no training data ({len(data)} records).")
+    if cfg.do_train and split.num_train < cfg.train_batch_size and d.main:
+        print(
+            f"bertforge: warning: {cfg.data} has {split.num_train:,} training instances, fewer "
+            f"than one batch (--train-batch-size {cfg.train_batch_size}): every step repeats "
+            "them. Is this the data you meant?",
+            file=sys.stderr,
+        )
     precision = resolve_precision(cfg.precision, d.device)
     packed = cfg.packed
     if cfg.train_batch_size % d.world:
