@@ -153,6 +153,17 @@ def test_stdin_is_refused_by_run_and_never_taken_as_unchanged(
     assert data("--overwrite") == 0
 
 
+def test_under_torchrun_only_train_runs(tmp_path, kjv_corpus, monkeypatch, capsys):
+    """Each torchrun process would run the stage and write the same files: refused."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", str(kjv_corpus), "--output", str(tmp_path / "r"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "bertforge run runs in one process, and torchrun started 2 of them" in err
+    assert "only `bertforge train` runs" in err and not (tmp_path / "r").exists()
+    assert main(["vocab", "--input", str(kjv_corpus), "--output", str(tmp_path / "v")]) == 2
+    assert not (tmp_path / "v").exists()
+
+
 def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):
     out = tmp_path / "run"
     run = RunConfig(input=(str(kjv_corpus),), output=str(out), progress=False)

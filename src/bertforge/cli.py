@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -197,6 +198,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def dispatch(args: argparse.Namespace) -> None:
     command = args.command
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and command != "train":
+        raise UserError(
+            f"bertforge {command} runs in one process, and torchrun started {processes} of "
+            "them (each would write the same files). Under torchrun only `bertforge train` "
+            "runs: make the vocabulary and data in one process (bertforge vocab, bertforge "
+            "data), train under torchrun, then bertforge export."
+        )
     if command == "demo":
         run_demo(args.output)
         return
