@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,15 +155,48 @@ def test_stdin_is_refused_by_run_and_never_taken_as_unchanged(
     assert data("--overwrite") == 0
 
 
-def test_under_torchrun_only_train_runs(tmp_path, kjv_corpus, monkeypatch, capsys):
-    """Each torchrun process would run the stage and write the same files: refused."""
+def test_under_torchrun_only_train_and_run_run(tmp_path, kjv_corpus, monkeypatch, capsys):
+    """Each torchrun process would run a stage and write the same files: refused."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["run", str(kjv_corpus), "--output", str(tmp_path / "r"), *FAST]) == 2
-    err = capsys.readouterr().err
-    assert "bertforge run runs in one process, and torchrun started 2 of them" in err
-    assert "only `bertforge train` runs" in err and not (tmp_path / "r").exists()
     assert main(["vocab", "--input", str(kjv_corpus), "--output", str(tmp_path / "v")]) == 2
-    assert not (tmp_path / "v").exists()
+    err = capsys.readouterr().err
+    assert "bertforge vocab runs in one process, and torchrun started 2 of them" in err
+    assert "`bertforge run` for the whole pipeline" in err and not (tmp_path / "v").exists()
+
+
+@pytest.mark.slow
+def test_run_under_torchrun(tmp_path, kjv_corpus):
+    """torchrun with 2 gloo processes: process 0 makes the vocabulary and data while the other
+    waits, both train (the one-process losses), process 0 exports; run again, all is kept. A
+    stage that fails in process 0 ends the other process too (no hang)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    steps = ["--log-every", "1", "--dropout", "0"]  # dropout differs by process
+    assert main(["run", str(kjv_corpus), "--output", str(one), *FAST, *steps]) == 0
+
+    def torchrun(corpus: Path, out: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29521", "-m", "bertforge.cli", "run", str(corpus),
+               "--output", str(out), *FAST, *steps]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+    done = torchrun(kjv_corpus, two)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("run: vocab: running") == 1  # process 0 only
+    losses = [[json.loads(x)["loss"] for x in (d / "train" / "metrics.jsonl").read_text()
+               .splitlines() if "loss" in json.loads(x) and not json.loads(x).get("eval")]
+              for d in (one, two)]  # fmt: skip
+    assert len(losses[0]) == len(losses[1]) == 6
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert json.loads((two / "train" / "manifest.json").read_text())["processes"] == 2
+    assert (two / "model" / "model.safetensors").is_file() and (two / "report.md").is_file()
+    again = torchrun(kjv_corpus, two)
+    assert again.returncode == 0 and again.stderr.count("unchanged, kept") == 4
+
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
+    failed = torchrun(binary, tmp_path / "three")
+    assert failed.returncode != 0 and "not a text corpus" in failed.stderr
 
 
 def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):

@@ -151,11 +151,14 @@ def run_demo(output: str) -> None:
 
 
 def run_pipeline_command(run: RunConfig, config: str | None, flag_values: dict[str, Any]) -> None:
-    from bertforge.run import plan, run_pipeline
+    from bertforge.run import plan, run_many, run_pipeline
 
     toml = read_toml(config) if config else {}
     run, configs = plan(run, toml, flag_values, config)
-    run_pipeline(run, configs, RUNNERS)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_many(run, configs, RUNNERS)
+    else:
+        run_pipeline(run, configs, RUNNERS)
 
 
 def summary(cls: type) -> str:
@@ -199,12 +202,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 def dispatch(args: argparse.Namespace) -> None:
     command = args.command
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1 and command != "train":
+    if processes > 1 and command not in ("train", "run"):
         raise UserError(
             f"bertforge {command} runs in one process, and torchrun started {processes} of "
-            "them (each would write the same files). Under torchrun only `bertforge train` "
-            "runs: make the vocabulary and data in one process (bertforge vocab, bertforge "
-            "data), train under torchrun, then bertforge export."
+            "them (each would write the same files). Under torchrun, run `bertforge train`, "
+            "or `bertforge run` for the whole pipeline (process 0 makes the vocabulary and "
+            "data while the others wait, then all train)."
         )
     if command == "demo":
         run_demo(args.output)

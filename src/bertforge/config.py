@@ -451,7 +451,7 @@ class RunConfig:
     --max-seq-length, --random-seed, --cased, ...) goes to each of them; export's --format is
     --export-format. A TOML --config sets [run] and per-stage sections. A stage whose
     settings and output are unchanged since the last run is skipped; an interrupted one
-    resumes."""
+    resumes. Under torchrun, process 0 runs the stages and all processes train."""
 
     input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True, positional=True)
     """The corpus: files, globs, directories, .gz/.bz2/.xz, - for stdin (Google's format)."""

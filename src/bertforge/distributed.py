@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,22 @@ def setup(device: str) -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, dev)
+
+
+def waiting_group(d: Dist) -> Any:
+    """A gloo group whose operations wait up to 30 days: for processes that wait while
+    process 0 does hours of single-process work (`bertforge run`'s vocab and data stages).
+    The default group keeps its usual timeout, which catches a hung training step."""
+    return dist.new_group(backend="gloo", timeout=timedelta(days=30)) if d.world > 1 else None
+
+
+def broadcast_word(word: str | None, d: Dist, group: Any) -> str:
+    """Process 0's word, on every process (the others pass None)."""
+    box = [word]
+    if d.world > 1:
+        dist.broadcast_object_list(box, src=0, group=group)
+    assert box[0] is not None
+    return box[0]
 
 
 def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:

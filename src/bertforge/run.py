@@ -14,6 +14,8 @@ its own inputs. What run adds:
   a stage that was cut off resumes (data and train resume by themselves); training also
   resumes when only settings it can resume with changed (--num-train-steps, logging, ...).
   Anything else starts the stage, and all after it, over.
+- Many processes. Under torchrun, process 0 runs the pipeline; the others wait for it to
+  reach training, train with it, and leave export and the report to it (`run_many`).
 """
 
 from __future__ import annotations
@@ -306,6 +308,41 @@ def run_pipeline(
     summary = write_report(out, DIRS)
     print_summary(summary, out)
     return RunResult(out, ran, skipped, summary)
+
+
+def run_many(
+    run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
+) -> None:
+    """`bertforge run` under torchrun: process 0 runs the pipeline; the others wait (in a
+    group that waits for days: making the data can take hours) until it reaches the train
+    stage, train with it, and leave export and the report to it. Process 0 tells them one
+    word: 'start' or 'resume' (train, from scratch or from the last checkpoint) or 'none'
+    (training was kept as it is, or an earlier stage stopped)."""
+    from bertforge import distributed
+
+    d = distributed.setup(configs["train"].device)
+    group = distributed.waiting_group(d)
+    try:
+        if d.main:
+            told = False
+
+            def train_together(cfg: Any) -> None:
+                nonlocal told
+                told = True
+                distributed.broadcast_word("start" if cfg.overwrite else "resume", d, group)
+                runners["train"](cfg)
+
+            try:
+                run_pipeline(run, configs, {**runners, "train": train_together})
+            finally:
+                if not told:
+                    distributed.broadcast_word("none", d, group)
+        else:
+            word = distributed.broadcast_word(None, d, group)
+            if word != "none":
+                runners["train"](dataclasses.replace(configs["train"], overwrite=word == "start"))
+    finally:
+        distributed.shutdown(d)
 
 
 def print_summary(s: Summary, out: Path) -> None:
