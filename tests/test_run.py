@@ -343,6 +343,13 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
         == json.loads((out / "data" / "manifest.json").read_text())["vocab"]["sha256"]
     )
     assert not (tmp_path / "c3" / "vocab").exists()
+    # The run's own training directory as the start: refused before anything runs.
+    state = (out / "run.json").read_bytes()
+    mine = [*argv[:3], str(out), *argv[4:]]
+    mine[mine.index("--init-checkpoint") + 1] = str(out / "train")
+    assert main(mine) == 2
+    assert "is this run's own training directory" in capsys.readouterr().err
+    assert (out / "run.json").read_bytes() == state
     # A flag only the vocab stage reads is refused before anything runs.
     assert main([*argv[:3], str(tmp_path / "c4"), *argv[4:], "--vocab-size", "900"]) == 2
     assert "--vocab-size: only the vocab stage reads it" in capsys.readouterr().err

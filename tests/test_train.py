@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -643,6 +644,19 @@ def test_config_errors():
         TrainConfig(data="d", output="o", train_batch_size=0)
     with pytest.raises(UserError, match="--init-checkpoint"):
         TrainConfig(data="d", output="o", do_train=False)
+
+
+def test_a_fresh_start_never_deletes_its_own_init_checkpoint(
+    tmp_path, train_data, tiny_bert_config, trained_run, capsys
+):
+    own = tmp_path / "own"
+    shutil.copytree(trained_run, own)
+    before = sorted(p.name for p in (own / "checkpoints").iterdir())
+    extra = ("--init-checkpoint", str(own), "--overwrite", "--num-train-steps", "1")
+    assert main(args(train_data, own, tiny_bert_config, *extra)) == 2
+    err = capsys.readouterr().err
+    assert f"--init-checkpoint {own / 'checkpoints'}" in err and "(e.g. own-2 beside it)" in err
+    assert sorted(p.name for p in (own / "checkpoints").iterdir()) == before
 
 
 def test_data_smaller_than_a_batch_is_warned_about(tmp_path, train_data, tiny_bert_config, capsys):

@@ -181,6 +181,13 @@ def plan(
         )
     configs = stage_configs(run, toml, flag_values, config_path)
     init = configs["train"].init_checkpoint
+    own = Path(configs["train"].output).resolve()
+    if init and Path(init).resolve().is_relative_to(own):
+        raise UserError(
+            f"--init-checkpoint {init} is this run's own training directory, which its train "
+            "stage would start over (deleting the checkpoint); continue into another --output, "
+            f"e.g. --output {Path(run.output).name}-2 --init-checkpoint {init}."
+        )
     if run.vocab is None and init:
         from bertforge.checkpoint import checkpoint_source, vocab_beside  # imports torch
 

@@ -47,6 +47,7 @@ from bertforge.batches import (
     vocab_dir,
 )
 from bertforge.checkpoint import (
+    CHECKPOINTS,
     InitWeights,
     list_checkpoints,
     load_checkpoint,
@@ -175,6 +176,16 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if resume is not None:
         state = load_checkpoint(resume)
         check_same_run(state, cfg, bert, resume)
+    if (
+        state is None
+        and init is not None
+        and init.path.resolve().is_relative_to((out / CHECKPOINTS).resolve())
+    ):
+        raise UserError(
+            f"--init-checkpoint {init.path} is in --output {out}, whose checkpoints a fresh "
+            "start deletes: the weights would be gone with the first crash. Train into "
+            f"another --output (e.g. {out.name}-2 beside it)."
+        )
     if d.main:
         prepare_output_dir(out, "train", cfg.overwrite and state is None, "--output")
         if state is None:
