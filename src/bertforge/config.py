@@ -271,7 +271,8 @@ class TrainConfig:
     compile: bool | None = None
     """torch.compile the model and loss: faster steps after a warm-up compile (default: on a
     GPU for runs of 10,000 steps or more, where the compile pays back; if compiling then
-    fails, training goes on uncompiled with a warning). --no-compile never compiles."""
+    fails, one process goes on uncompiled with a warning, several stop and say to rerun with
+    --no-compile). --no-compile never compiles."""
     packed: bool = False
     """Batches without padding: the loader packs each batch's real tokens back to back and
     attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact; its
