@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bertforge.checkpoint import read_init_checkpoint
 from bertforge.cli import main
 from bertforge.config import ExportConfig
 from bertforge.errors import UserError
 from bertforge.export import export
 from bertforge.inference import load_model
+from bertforge.model import to_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,6 +108,24 @@ def test_export_files_and_manifest(tmp_path, trained_run):
     with safe_open(out / "model.safetensors", "pt") as f:
         assert f.get_tensor("bert.embeddings.word_embeddings.weight").shape == (1500, 64)
         assert "cls.predictions.decoder.weight" not in f.keys()  # noqa: SIM118  # tied, as transformers saves
+        hf = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+    # The TF checkpoint holds the same weights (read back without TensorFlow; TensorFlow and
+    # Google's own model code read it in tests/reference).
+    ckpt = "bert_model.ckpt"
+    assert {f"{ckpt}.index", f"{ckpt}.data-00000-of-00001"} <= set(manifest["outputs"])
+    google = read_init_checkpoint(str(out / ckpt))
+    assert google.kind == "google" and google.vocab_file == out / "vocab.txt"
+    back = dict(to_hf(google.weights, google.config))
+    assert set(hf) <= set(back)
+    for name, tensor in hf.items():
+        assert torch.equal(back[name], tensor), name
+    # Exported again as hf: the Google files of the earlier export do not linger.
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(out)]) == 0
+    assert (
+        not list(out.glob("bert_*"))
+        and "bert_config.json" not in json.loads((out / "manifest.json").read_text())["outputs"]
+    )
 
 
 def test_export_of_an_export_is_identical(tmp_path, exported_model):

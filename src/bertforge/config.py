@@ -354,7 +354,8 @@ class ExportConfig:
     do_lower_case: bool | None = None
     """Casing of a bare vocab.txt (a Google checkpoint's); read from bertforge's files otherwise."""
     format: Literal["hf", "google"] = "hf"
-    """hf: the Hugging Face files. google: also bert_config.json, Google's name for the config."""
+    """hf: the Hugging Face files. google: also Google's bert_config.json and bert_model.ckpt
+    (a TF checkpoint, for Google's run_classifier.py and the like)."""
     overwrite: bool = False
     """Replace an output directory that holds something other than a bertforge export."""
 

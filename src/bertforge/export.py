@@ -9,7 +9,9 @@ vocabulary padding, as `model.safetensors` in transformers' BertForPreTraining n
 tied decoder weight and bias are left out, as transformers itself saves them). The tokenizer
 files are written from the vocabulary with its recorded casing, so `AutoTokenizer` tokenizes
 exactly as the data stage did. The manifest records where the model came from: the training
-config, a summary of the data, and the final evaluation.
+config, a summary of the data, and the final evaluation. `--format google` adds Google's
+bert_config.json and the weights as a TF checkpoint, bert_model.ckpt (written without
+TensorFlow, `tfcheckpoint.write_checkpoint`), which Google's scripts take as --init_checkpoint.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from bertforge.fileio import (
     write_manifest,
 )
 from bertforge.model import BertConfig, to_hf
+from bertforge.tfcheckpoint import google_tensors, write_checkpoint
 from bertforge.tokenization import Vocab, load_vocab, save_tokenizer_files
 
 WEIGHTS = "model.safetensors"
+GOOGLE_CHECKPOINT = "bert_model.ckpt"  # --format google: PREFIX.index, PREFIX.data-00000-of-00001
 TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
@@ -53,6 +57,10 @@ def export(cfg: ExportConfig) -> ExportResult:
     vocab = export_vocab(cfg, source)
     out = prepare_output_dir(cfg.output, "export", cfg.overwrite, "--output")
     (out / "manifest.json").unlink(missing_ok=True)  # complete only when rewritten at the end
+    for old in [out / "bert_config.json", *out.glob(f"{GOOGLE_CHECKPOINT}.*")]:
+        old.unlink(
+            missing_ok=True
+        )  # an earlier --format google export's files: rewritten below, or not wanted
 
     bert = source.config
     write_json(out / "config.json", hf_config(bert))
@@ -63,7 +71,9 @@ def export(cfg: ExportConfig) -> ExportResult:
     )
     if cfg.format == "google":
         write_json(out / "bert_config.json", bert.to_dict())
-        files.append("bert_config.json")
+        hf = {k: v.detach().float().numpy() for k, v in to_hf(source.weights, bert)}
+        written = write_checkpoint(out / GOOGLE_CHECKPOINT, google_tensors(hf))
+        files += ["bert_config.json", *(p.name for p in written)]
 
     training = training_record(source)
     write_manifest(

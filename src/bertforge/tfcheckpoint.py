@@ -1,12 +1,13 @@
-"""Read TensorFlow checkpoints (tensor bundles) without TensorFlow.
+"""Read and write TensorFlow checkpoints (tensor bundles) without TensorFlow.
 
-Written here because the only reader is TensorFlow itself (transformers 5 dropped its TF
-loader, and 4.x's needs TensorFlow installed). A checkpoint `PREFIX` is two files:
+Written here because the only reader and writer is TensorFlow itself (transformers 5 dropped
+its TF loader, and 4.x's needs TensorFlow installed). A checkpoint `PREFIX` is two files:
 - PREFIX.index: a LevelDB-format table (sorted key -> value blocks, an index block and a
   48-byte footer). Key "" holds a BundleHeaderProto; every other key is a variable name whose
   value is a BundleEntryProto: dtype, shape, shard_id, offset, size, crc32c.
 - PREFIX.data-SSSSS-of-NNNNN: the tensors' raw little-endian bytes at those offsets.
-Only what BERT checkpoints use is supported: uncompressed index blocks, numeric dtypes.
+Only what BERT checkpoints use is supported: uncompressed index blocks, numeric dtypes; the
+writer writes float32 tensors into one shard, as Google's released checkpoints are.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
 import numpy as np
 
 from bertforge.errors import UserError
+from bertforge.fileio import atomic_open
+from bertforge.tfrecord import _field, masked_crc
 from bertforge.tfrecord import _read_varint as _varint
+from bertforge.tfrecord import _varint as _encode_varint
 
 FOOTER_BYTES = 48
 TABLE_MAGIC = 0xDB4775248B80FB57
@@ -167,7 +170,7 @@ def read_checkpoint(path: str | Path, names: set[str] | None = None) -> dict[str
         if (names is not None and name not in names) or e.dtype not in DTYPES:
             continue
         raw = files[e.shard][e.offset : e.offset + e.size]
-        if e.crc is not None and _masked_crc(raw) != e.crc:
+        if e.crc is not None and masked_crc(raw) != e.crc:
             raise UserError(
                 f"{prefix}: variable {name} fails its checksum; the checkpoint "
                 "is damaged (download it again)."
@@ -188,10 +191,56 @@ def _count(prefix: Path) -> int:
     return int(found[0].name.rsplit("-of-", 1)[1])
 
 
-def _masked_crc(raw: bytes) -> int:
-    # TF stores crc32c "masked": rotate right by 15 and add a constant.
-    c = crc32c.crc32c(raw)
-    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+def write_checkpoint(prefix: Path, tensors: dict[str, np.ndarray]) -> list[Path]:
+    """Write float32 `tensors` as the TF checkpoint PREFIX (PREFIX.index and
+    PREFIX.data-00000-of-00001, each atomically); returns the two paths."""
+    data_path = prefix.with_name(f"{prefix.name}.data-00000-of-00001")
+    entries: list[tuple[bytes, bytes]] = []
+    offset = 0
+    with atomic_open(data_path, "wb") as f:
+        for name in sorted(tensors):
+            raw = np.ascontiguousarray(tensors[name], dtype="<f4").tobytes()
+            f.write(raw)
+            shape = b"".join(_field(2, _encode_varint(1 << 3) + _encode_varint(n))
+                             for n in tensors[name].shape)  # fmt: skip
+            entry = (_encode_varint(1 << 3) + _encode_varint(1)  # dtype: DT_FLOAT
+                     + _field(2, shape)
+                     + _encode_varint(4 << 3) + _encode_varint(offset)
+                     + _encode_varint(5 << 3) + _encode_varint(len(raw))
+                     + _encode_varint(6 << 3 | 5) + struct.pack("<I", masked_crc(raw)))  # fmt: skip
+            entries.append((name.encode("utf-8"), entry))
+            offset += len(raw)
+    # BundleHeaderProto: num_shards 1, little-endian (the default), version {producer: 1}
+    header = (
+        _encode_varint(1 << 3) + _encode_varint(1) + _field(3, _encode_varint(1 << 3) + b"\x01")
+    )
+    table = bytearray()
+
+    def add_block(items: list[tuple[bytes, bytes]]) -> bytes:
+        """Append a block (every entry a restart point, no compression); its handle."""
+        body = bytearray()
+        restarts = []
+        for key, value in items:
+            restarts.append(len(body))
+            body += _encode_varint(0) + _encode_varint(len(key)) + _encode_varint(len(value))
+            body += key + value
+        for r in restarts or [0]:
+            body += struct.pack("<I", r)
+        body += struct.pack("<I", len(restarts or [0]))
+        handle = _encode_varint(len(table)) + _encode_varint(len(body))
+        table.extend(body + b"\x00" + struct.pack("<I", masked_crc(bytes(body) + b"\x00")))
+        return handle
+
+    last = entries[-1][0] if entries else b""
+    data_handle = add_block([(b"", header), *entries])
+    meta_handle = add_block([])
+    index_handle = add_block([(last, data_handle)])
+    footer = meta_handle + index_handle
+    table += footer + b"\x00" * (FOOTER_BYTES - 8 - len(footer)) + struct.pack("<Q", TABLE_MAGIC)
+    index_path = prefix.with_name(f"{prefix.name}.index")
+    with atomic_open(index_path, "wb") as f:
+        f.write(bytes(table))
+    return [index_path, data_path]
 
 
 def google_to_hf_name(name: str) -> str | None:
@@ -220,6 +269,43 @@ def google_to_hf_name(name: str) -> str | None:
     parts[-1] = leaf[parts[-1]]
     parts = [p.replace("layer_", "layer.") if p.startswith("layer_") else p for p in parts]
     return ".".join(parts)
+
+
+def hf_to_google_name(name: str) -> str | None:
+    """Google's name of a transformers BertForPreTraining weight (None for the decoder weight,
+    which Google ties to the word embeddings, and for buffers); inverse of google_to_hf_name."""
+    special = {
+        "cls.predictions.bias": "cls/predictions/output_bias",
+        "cls.seq_relationship.weight": "cls/seq_relationship/output_weights",
+        "cls.seq_relationship.bias": "cls/seq_relationship/output_bias",
+    }
+    if name in special:
+        return special[name]
+    if name.startswith("cls.predictions.decoder.") or name.endswith("position_ids"):
+        return None
+    joined: list[str] = []
+    for p in name.split("."):
+        if joined and joined[-1] == "layer" and p.isdigit():
+            joined[-1] = f"layer_{p}"
+        else:
+            joined.append(p)
+    *scope, leaf = joined
+    if scope[-1].endswith("_embeddings"):
+        return "/".join(scope)
+    if scope[-1] == "LayerNorm":
+        return "/".join([*scope, {"weight": "gamma", "bias": "beta"}[leaf]])
+    return "/".join([*scope, {"weight": "kernel", "bias": "bias"}[leaf]])
+
+
+def google_tensors(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers' BertForPreTraining weights as a Google checkpoint's variables (kernels
+    transposed back to [in, out])."""
+    out = {}
+    for name, arr in hf.items():
+        google = hf_to_google_name(name)
+        if google is not None:
+            out[google] = arr.T if google.endswith("/kernel") else arr
+    return out
 
 
 def google_weights(path: str | Path) -> dict[str, np.ndarray]:

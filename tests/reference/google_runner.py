@@ -10,6 +10,8 @@ bertforge. Usage: python google_runner.py JOB.json, where the job lists tasks:
 "checkpoint" builds Google's BertModel with run_pretraining's heads at a given config, sets
 random weights, saves a TF checkpoint with Saver and writes the weights and log-probabilities
 for given inputs to an .npz file.
+"restore" builds the same graph, restores every variable from a given checkpoint (as
+Google's fine-tuning scripts' --init_checkpoint does) and writes the log-probabilities.
 "parse" reads TFRecords the way run_pretraining.py's input pipeline does and writes one JSON
 object per record. create and parse define the same absl flags, so one job holds only one kind.
 Token ids are written one JSON list per input line (lines split on b"\\n", decoded the way
@@ -128,10 +130,10 @@ def _dense(inputs, units, activation=None, name=None, kernel_initializer=None):
         return activation(out) if activation else out
 
 
-def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
-               segment_ids: list, positions: list, output: str) -> None:  # fmt: skip
-    import numpy as np
-
+def _pretraining_graph(config: dict, input_ids: list, input_mask: list, segment_ids: list,
+                       positions: list):  # fmt: skip
+    """Google's BertModel with run_pretraining's heads, in the current graph: the masked-LM
+    and next-sentence log-probabilities."""
     contrib = types.SimpleNamespace(layers=types.SimpleNamespace(layer_norm=_layer_norm))
     sys.modules["tensorflow.contrib"] = contrib  # type: ignore
     from bert import modeling
@@ -148,20 +150,28 @@ def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
     modeling.tf = rp.tf = TF1()
 
     bert_config = modeling.BertConfig.from_dict(config)
+    model = modeling.BertModel(
+        config=bert_config, is_training=False, input_ids=tf.constant(input_ids),
+        input_mask=tf.constant(input_mask), token_type_ids=tf.constant(segment_ids),
+        use_one_hot_embeddings=False,
+    )  # fmt: skip
+    pos = tf.constant(positions)
+    _, _, mlm = rp.get_masked_lm_output(
+        bert_config, model.get_sequence_output(), model.get_embedding_table(), pos,
+        tf.zeros_like(pos), tf.ones_like(pos, dtype=tf.float32),
+    )  # fmt: skip
+    _, _, nsp = rp.get_next_sentence_output(
+        bert_config, model.get_pooled_output(), tf.zeros([len(input_ids)], tf.int32)
+    )
+    return mlm, nsp
+
+
+def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
+               segment_ids: list, positions: list, output: str) -> None:  # fmt: skip
+    import numpy as np
+
     with tf.Graph().as_default():
-        model = modeling.BertModel(
-            config=bert_config, is_training=False, input_ids=tf.constant(input_ids),
-            input_mask=tf.constant(input_mask), token_type_ids=tf.constant(segment_ids),
-            use_one_hot_embeddings=False,
-        )  # fmt: skip
-        pos = tf.constant(positions)
-        _, _, mlm = rp.get_masked_lm_output(
-            bert_config, model.get_sequence_output(), model.get_embedding_table(), pos,
-            tf.zeros_like(pos), tf.ones_like(pos, dtype=tf.float32),
-        )  # fmt: skip
-        _, _, nsp = rp.get_next_sentence_output(
-            bert_config, model.get_pooled_output(), tf.zeros([len(input_ids)], tf.int32)
-        )
+        mlm, nsp = _pretraining_graph(config, input_ids, input_mask, segment_ids, positions)
         # an optimizer slot and the step counter, as in a real pretraining checkpoint
         tf.get_variable("bert/embeddings/word_embeddings/adam_m",
                         [config["vocab_size"], config["hidden_size"]])  # fmt: skip
@@ -183,6 +193,20 @@ def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
              **{"var:" + k: v for k, v in values.items()})  # fmt: skip
 
 
+def restore(checkpoint: str, config: dict, input_ids: list, input_mask: list,
+            segment_ids: list, positions: list, output: str) -> None:  # fmt: skip
+    """Google's model restored from a checkpoint (every variable of its graph must be there,
+    as run_classifier.py's init needs): its log-probabilities."""
+    import numpy as np
+
+    with tf.Graph().as_default():
+        mlm, nsp = _pretraining_graph(config, input_ids, input_mask, segment_ids, positions)
+        with tf.Session() as sess:
+            tf.train.Saver().restore(sess, checkpoint)
+            mlm_out, nsp_out = sess.run([mlm, nsp])
+    np.savez(output, mlm_log_probs=mlm_out, nsp_log_probs=nsp_out)
+
+
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         job = json.load(f)
@@ -194,6 +218,7 @@ def main() -> None:
             "create": create,
             "parse": parse,
             "checkpoint": checkpoint,
+            "restore": restore,
         }[name](**args)
 
 

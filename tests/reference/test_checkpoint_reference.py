@@ -133,3 +133,32 @@ def test_export_a_google_checkpoint_for_transformers(google_checkpoint, tmp_path
     np.testing.assert_allclose(torch.log_softmax(result.seq_relationship_logits, -1).numpy(),
                                ref["nsp_log_probs"], atol=2e-5, rtol=1e-5)  # fmt: skip
     assert json.loads((out / "tokenizer_config.json").read_text())["do_lower_case"] is True
+
+
+def test_googles_code_restores_a_bertforge_export(google, google_checkpoint, trained_run, tmp_path):
+    """`export --format google` writes a TF checkpoint (without TensorFlow) from which Google's
+    own model code restores every variable of its pretraining graph, and then gives
+    bertforge's log-probabilities."""
+    _, _, x = google_checkpoint
+    out = tmp_path / "google"
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(out),
+                 "--format", "google"]) == 0  # fmt: skip
+    config = json.loads((out / "bert_config.json").read_text())
+    mask = (np.arange(x["ids"].shape[1])[None] < x["lengths"][:, None]).astype(int)
+    google.run([{"restore": {
+        "checkpoint": str(out / "bert_model.ckpt"), "config": config,
+        "input_ids": x["ids"].tolist(), "input_mask": mask.tolist(),
+        "segment_ids": x["segments"].tolist(), "positions": x["positions"].tolist(),
+        "output": str(tmp_path / "restored.npz"),
+    }}], tmp_path)  # fmt: skip
+    ref = np.load(tmp_path / "restored.npz")
+    init = read_init_checkpoint(str(trained_run))
+    model = BertForPretraining(dataclasses.replace(init.config, hidden_act="gelu_new")).eval()
+    load_weights(model, init.weights, "bertforge")
+    with torch.no_grad():
+        mlm, nsp = model(torch.tensor(x["ids"]), torch.tensor(x["segments"]),
+                         torch.tensor(x["lengths"]), torch.tensor(x["positions"]))  # fmt: skip
+    np.testing.assert_allclose(torch.log_softmax(mlm, -1).flatten(0, 1).numpy(),
+                               ref["mlm_log_probs"], atol=2e-5, rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(torch.log_softmax(nsp, -1).numpy(), ref["nsp_log_probs"],
+                               atol=2e-5, rtol=1e-5)  # fmt: skip
