@@ -162,6 +162,17 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
             EmbedConfig(model=str(exported_model), input=str(empty), output=str(tmp_path / "e.npy"))
         )
     assert not (tmp_path / "e.npy").exists() and not list(tmp_path.glob(".*tmp"))
+    # A Google-style checkpoint directory: its vocab.txt does not say whether it is cased.
+    google = tmp_path / "google"
+    assert main(["export", "--checkpoint", str(exported_model), "--output", str(google),
+                 "--format", "google"]) == 0  # fmt: skip
+    for name in ("tokenizer_config.json", "config.json", "model.safetensors"):
+        (google / name).unlink()
+    ckpt = str(google / "bert_model.ckpt")
+    assert main(["fill-mask", "--model", ckpt, "The [MASK] ."]) == 2
+    err = capsys.readouterr().err
+    assert f"--model: {google / 'vocab.txt'} does not record whether the model is cased" in err
+    assert f"bertforge export --checkpoint {ckpt} --do-lower-case" in err
 
 
 def test_fill_mask(exported_model, capsys):

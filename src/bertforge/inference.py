@@ -17,7 +17,7 @@ from bertforge.checkpoint import InitWeights, read_init_checkpoint
 from bertforge.config import FillMaskConfig
 from bertforge.errors import UserError
 from bertforge.model import BertForPretraining, load_weights
-from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab
+from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab, recorded_casing
 
 UNUSED = re.compile(r"^\[unused\d+\]$")
 
@@ -50,13 +50,14 @@ def load_model(path: str, device: str = "auto", flag: str = "--model") -> Loaded
             f"{flag}: no vocab.txt beside {source.path}; export the model first "
             "(bertforge export --checkpoint ... --vocab ...)."
         )
-    try:
-        vocab = load_vocab(source.vocab_file)
-    except UserError as e:
+    if recorded_casing(source.vocab_file)[0] is None:
         raise UserError(
-            f"{flag}: {e} Export it first: bertforge export --checkpoint {path} "
-            "--do-lower-case (or --no-do-lower-case) --output DIR."
-        ) from None
+            f"{flag}: {source.vocab_file} does not record whether the model is cased (a Google "
+            f"checkpoint's vocabulary does not); export it once, saying which: bertforge export "
+            f"--checkpoint {path} --do-lower-case (or --no-do-lower-case) --output DIR, then "
+            f"use {flag} DIR."
+        )
+    vocab = load_vocab(source.vocab_file)
     if vocab.size != source.config.vocab_size:
         raise UserError(
             f"{flag}: {vocab.path} has {vocab.size} tokens, the model {source.config.vocab_size}."

@@ -307,27 +307,29 @@ class Vocab:
         return LineEncoder(self.tokens, self.do_lower_case, self.strip_accents)
 
 
+def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:
+    """(do_lower_case, strip_accents, the file saying so) recorded beside a vocabulary: in a
+    `bertforge vocab` manifest (for a directory) or a tokenizer_config.json; Nones if neither."""
+    directory = path if path.is_dir() else path.parent
+    manifest = read_manifest(directory) if path.is_dir() else None
+    if manifest is not None and manifest.get("stage") == "vocab":
+        cfg = manifest["config"]
+        return cfg["do_lower_case"], cfg.get("strip_accents"), directory / "manifest.json"
+    if (directory / "tokenizer_config.json").is_file():
+        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        if "do_lower_case" in cfg:
+            source = directory / "tokenizer_config.json"
+            return bool(cfg["do_lower_case"]), cfg.get("strip_accents"), source
+    return None, None, None
+
+
 def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
     """Load a vocab directory (casing from its manifest or tokenizer_config.json) or a bare
     vocab.txt (casing must then be given). A given casing that contradicts the recorded one is
     an error: that mismatch silently ruins a model."""
     p = Path(path)
-    directory = p if p.is_dir() else p.parent
     vocab_file = p / "vocab.txt" if p.is_dir() else p
-    recorded: bool | None = None
-    strip_accents: bool | None = None
-    source = None
-    manifest = read_manifest(directory) if p.is_dir() else None
-    if manifest is not None and manifest.get("stage") == "vocab":
-        recorded = manifest["config"]["do_lower_case"]
-        strip_accents = manifest["config"].get("strip_accents")
-        source = directory / "manifest.json"
-    elif (directory / "tokenizer_config.json").is_file():
-        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-        if "do_lower_case" in cfg:
-            recorded = bool(cfg["do_lower_case"])
-            strip_accents = cfg.get("strip_accents")
-            source = directory / "tokenizer_config.json"
+    recorded, strip_accents, source = recorded_casing(p)
     if recorded is not None and do_lower_case is not None and recorded != do_lower_case:
         raise UserError(
             f"--do-lower-case={str(do_lower_case).lower()} contradicts {source}, which records "
