@@ -444,6 +444,47 @@ def google_tfrecords(tmp_path_factory, kjv_corpus, kjv_vocab) -> Path:
     return out / "data.tfrecord"
 
 
+def test_converted_tfrecords_train_as_the_tfrecords(
+    tmp_path, google_tfrecords, kjv_vocab, tiny_bert_config, capsys, monkeypatch
+):
+    """`bertforge data convert`: Google's TFRecords -> native shards (memory-mapped, streamed
+    in chunks): the same instances with the same masks, hence the same training losses."""
+    from bertforge import datacheck
+
+    monkeypatch.setattr(datacheck, "SHARD_RECORDS", 200)  # several shards, chunks across them
+    out = tmp_path / "converted"
+    argv = ["data", "convert", str(google_tfrecords), "--vocab", str(kjv_vocab), "--output"]
+    assert main([*argv, str(out)]) == 0
+    assert main(["data", "verify", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["shards"]) > 1 and manifest["format"]["static_masking"]
+    a, b = PretrainingData(str(google_tfrecords)), PretrainingData(str(out))
+    assert len(a) == len(b) and b.tf_rows is None
+    everything = np.arange(len(a))
+    ra, rb = a.rows(everything), b.rows(everything)
+    for field in ("input_ids", "lengths", "token_type_ids", "next_sentence", "positions",
+                  "labels"):  # fmt: skip
+        assert np.array_equal(getattr(ra, field), getattr(rb, field)), field
+    run = ("--num-train-steps", "3", "--no-do-eval", "--vocab", str(kjv_vocab / "vocab.txt"))
+    assert main(args(google_tfrecords, tmp_path / "tf", tiny_bert_config, *run)) == 0
+    assert main(args(out, tmp_path / "native", tiny_bert_config, "--num-train-steps", "3",
+                     "--no-do-eval")) == 0  # fmt: skip
+    for x, y in zip(metrics(tmp_path / "tf"), metrics(tmp_path / "native"), strict=True):
+        assert x["loss"] == y["loss"]
+
+    # Errors name the file and records; nothing is taken as data without a manifest.
+    small = tmp_path / "small" / "vocab.txt"
+    small.parent.mkdir()
+    small.write_text("".join(t + "\n" for t in (kjv_vocab / "vocab.txt").read_text().split()[:300]))
+    assert main([*argv[:4], str(small), "--output", str(tmp_path / "x"), "--lowercase"]) == 2
+    err = capsys.readouterr().err
+    assert f"{google_tfrecords}, records 0-" in err and "beyond" in err and "300 tokens" in err
+    assert not (tmp_path / "x" / "manifest.json").exists()
+    assert main([*argv, str(out)]) == 2  # an earlier conversion is kept unless --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, str(out), "--overwrite"]) == 0
+
+
 @pytest.mark.parametrize(
     "extra",
     [["--google-adam", "--learning_rate=2e-3"], ["--optimizer", "lamb", "--learning_rate=2e-2"]],

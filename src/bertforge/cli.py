@@ -106,7 +106,7 @@ RUNNERS: dict[str, Callable[[Any], None]] = {
 
 
 def data_tool(argv: list[str]) -> None:
-    """`bertforge data verify DIR` and `bertforge data inspect PATH`."""
+    """`bertforge data verify DIR`, `bertforge data inspect PATH` and `bertforge data convert`."""
     from bertforge import datacheck
 
     parser = argparse.ArgumentParser(prog="bertforge data")
@@ -119,8 +119,38 @@ def data_tool(argv: list[str]) -> None:
     i.add_argument("--vocab", help="vocab.txt or directory (default: the data's own vocab)")
     i.add_argument("--max-records", type=int, default=100_000,
                    help="statistics over at most this many records (100000)")  # fmt: skip
+    c = sub.add_parser(
+        "convert", help="Google's TFRecords -> native shards that train memory-maps (streaming)"
+    )
+    c.add_argument("input", help="TFRecord files (globs, comma lists)")
+    c.add_argument(
+        "--vocab", required=True, help="the vocab.txt (or directory) they were made with"
+    )
+    c.add_argument("--output", required=True, help="the data directory to write")
+    casing = c.add_mutually_exclusive_group()
+    casing.add_argument(
+        "--do-lower-case",
+        "--lowercase",
+        dest="lower",
+        action="store_const",
+        const=True,
+        help="the vocabulary is uncased (when it does not say)",
+    )
+    casing.add_argument(
+        "--no-do-lower-case",
+        "--cased",
+        dest="lower",
+        action="store_const",
+        const=False,
+        help="the vocabulary is cased (when it does not say)",
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier conversion")
     args = parser.parse_args(argv)
-    if args.tool == "verify":
+    if args.tool == "convert":
+        m = datacheck.convert(args.input, args.vocab, args.output, args.lower, args.overwrite)
+        print(f"data: {m['counts']['instances']:,} instances in {len(m['shards'])} shard(s) "
+              f"(native, static masking, from TFRecords) -> {args.output}")  # fmt: skip
+    elif args.tool == "verify":
         result = datacheck.verify(args.directory)
         print(f"{args.directory}: ok, {result['shards']} shard(s), {result['records']:,} records "
               "match the manifest")  # fmt: skip
@@ -234,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     try:
-        if argv[:1] == ["data"] and argv[1:2] in (["verify"], ["inspect"]):
+        if argv[:1] == ["data"] and argv[1:2] in (["verify"], ["inspect"], ["convert"]):
             data_tool(argv[1:])
             return 0
         argv = normalize_argv(argv, [*STAGES.values(), *TOOLS.values(), RunConfig])

@@ -1,14 +1,17 @@
-"""`bertforge data verify` and `bertforge data inspect`, and reading instances back.
+"""`bertforge data verify`, `inspect` and `convert`, and reading instances back.
 
 Instances are read into one common form (`Batch`) from native shards and from TFRecords
-(Google's or ours), so inspection, statistics and tests treat both formats alike.
+(Google's or ours), so inspection, statistics and tests treat both formats alike. `convert`
+turns Google's TFRecords into native shards, streaming: train memory-maps native shards but
+parses TFRecords into memory (about 2.5 KB per instance of length 128), which does not scale
+to the TFRecords of a large corpus.
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -16,10 +19,24 @@ from typing import Any, TextIO
 import numpy as np
 
 from bertforge.errors import UserError
-from bertforge.fileio import read_manifest, sha256_file
-from bertforge.shards import MAGIC, open_shard, read_header, segment_ids
+from bertforge.fileio import (
+    atomic_open,
+    prepare_output_dir,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from bertforge.shards import (
+    MAGIC,
+    VERSION,
+    encode_header,
+    open_shard,
+    read_header,
+    record_dtype,
+    segment_ids,
+)
 from bertforge.tfrecord import decode_example, read_records
-from bertforge.tokenization import read_vocab_txt
+from bertforge.tokenization import load_vocab, read_vocab_txt
 
 
 @dataclass
@@ -64,15 +81,31 @@ def read_native(path: str | Path, limit: int | None = None) -> Batch:
 
 def read_tfrecord(path: str | Path, limit: int | None = None) -> Batch:
     """Parse BERT pretraining records (Google's feature spec)."""
+    batches = list(tfrecord_batches(path, limit=limit))
+    if not batches:
+        empty = np.zeros((0, 0), np.int64)
+        return Batch(empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), None, None, None)
+    return concat(batches)
+
+
+def tfrecord_batches(
+    path: str | Path, chunk: int = 1 << 14, limit: int | None = None
+) -> Iterator[Batch]:
+    """The records of a TFRecord file, `chunk` at a time (memory stays bounded)."""
     rows: list[dict[str, list]] = []
     with open(path, "rb") as f:
         for i, record in enumerate(read_records(f, str(path))):
             if limit is not None and i >= limit:
                 break
             rows.append(decode_example(record))
-    if not rows:
-        empty = np.zeros((0, 0), np.int64)
-        return Batch(empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64), None, None, None)
+            if len(rows) == chunk:
+                yield _tf_batch(rows, path)
+                rows = []
+    if rows:
+        yield _tf_batch(rows, path)
+
+
+def _tf_batch(rows: list[dict[str, list]], path: str | Path) -> Batch:
     missing = {"input_ids", "input_mask", "segment_ids", "next_sentence_labels"} - set(rows[0])
     if missing:
         raise UserError(f"{path}: not BERT pretraining data (no {', '.join(sorted(missing))}).")
@@ -218,3 +251,108 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
         share = hist[lo:hi].sum() / len(batch)
         print(f"    {lo:>5}-{hi - 1:<5} {share:6.1%} {'#' * round(share * 50)}", file=file)
     return stats
+
+
+# ----------------------------------------------------------------------------- convert
+
+SHARD_RECORDS = 1 << 20  # records per native shard written by convert (~300 MB at length 128)
+
+
+def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | None = None,
+            overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Google's TFRecords (files, globs, comma lists) -> a native data directory with their
+    static masks, which train memory-maps. Streams: memory stays bounded whatever the size.
+    Every record is checked (shape, token ids within the vocabulary, segment layout); the
+    manifest is written last, so an interrupted conversion is never taken as data."""
+    files, manifest = data_files(inputs)
+    if manifest is not None:
+        raise UserError(f"{inputs}: already a `bertforge data` directory; train reads it as is.")
+    vocab = load_vocab(vocab_path, do_lower_case)
+    out = prepare_output_dir(output, "data", overwrite, "--output")
+    earlier = [*out.glob("manifest.json"), *out.glob("shard-*"), *out.glob("run.json")]
+    if earlier and not overwrite:
+        raise UserError(
+            f"--output: {out} already holds data; pass --overwrite to replace it, or use "
+            "another directory."
+        )
+    for old in earlier:
+        old.unlink()
+    shape: tuple[int, int] | None = None
+    pending: list[np.ndarray] = []
+    shards: list[dict[str, Any]] = []
+    totals = {"tokens": 0, "random_next": 0, "masked": 0}
+    histogram = np.zeros(0, np.int64)
+
+    def flush(limit: int) -> None:
+        """Write the first `limit` pending records as the next shard."""
+        everything = np.concatenate(pending)
+        records, rest = everything[:limit], everything[limit:]
+        pending[:] = [rest] if len(rest) else []
+        name = f"shard-{len(shards):05d}.bin"
+        meta = {"unit": len(shards), "max_seq_length": shape[0],  # type: ignore[index]
+                "max_predictions_per_seq": shape[1], "vocab_size": vocab.size,  # type: ignore[index]
+                "static_masking": True, "converted_from": "tfrecord"}  # fmt: skip
+        with atomic_open(out / name) as f:
+            f.write(encode_header(records, meta))
+            f.write(records.tobytes())
+        shards.append({"file": name, "records": len(records), "sha256": sha256_file(out / name),
+                       "bytes": (out / name).stat().st_size})  # fmt: skip
+
+    for path in files:
+        first = 0
+        for b in tfrecord_batches(path):
+            where = f"{path}, records {first}-{first + len(b) - 1}"
+            if shape is None:
+                shape = (b.input_ids.shape[1], b.positions.shape[1])  # type: ignore[union-attr]
+                histogram = np.zeros(shape[0] + 1, np.int64)
+            if (b.input_ids.shape[1], b.positions.shape[1]) != shape:  # type: ignore[union-attr]
+                raise UserError(
+                    f"{where}: length {b.input_ids.shape[1]} and {b.positions.shape[1]} "  # type: ignore[union-attr]
+                    f"predictions, but the first file's records have {shape[0]} and {shape[1]}; "
+                    "convert files made with the same settings together."
+                )
+            if int(b.input_ids.max(initial=0)) >= vocab.size:
+                raise UserError(
+                    f"{where}: token id {int(b.input_ids.max())} is beyond {vocab.path} "
+                    f"({vocab.size} tokens); give the vocab.txt the data was made with."
+                )
+            segment_zeros = (b.segment_ids == 0) & (np.arange(shape[0]) < b.lengths[:, None])
+            rec = np.zeros(len(b), dtype=record_dtype(vocab.size, shape[0], shape[1], True))
+            rec["input_ids"], rec["length"] = b.input_ids, b.lengths
+            rec["sep_a"] = segment_zeros.sum(1) - 1
+            rec["next_sentence_label"] = b.next_sentence
+            rec["masked_lm_positions"], rec["masked_lm_ids"] = b.positions, b.labels
+            rec["num_masked"] = b.counts
+            bad = np.flatnonzero((segment_ids(rec) != b.segment_ids).any(1))
+            if len(bad):
+                raise UserError(
+                    f"{path}, record {first + int(bad[0])}: segment ids are not [CLS] A [SEP] "
+                    "B [SEP] followed by padding; not BERT pretraining data."
+                )
+            totals["tokens"] += int(b.lengths.sum())
+            totals["random_next"] += int(b.next_sentence.sum())
+            totals["masked"] += int(b.counts.sum())  # type: ignore[union-attr]
+            histogram += np.bincount(b.lengths, minlength=shape[0] + 1)
+            pending.append(rec)
+            first += len(b)
+            while sum(len(r) for r in pending) >= SHARD_RECORDS:
+                flush(SHARD_RECORDS)
+    if pending:
+        flush(SHARD_RECORDS)
+    if shape is None:
+        raise UserError(f"{inputs}: holds no records.")
+    instances = sum(s["records"] for s in shards)
+    config = {"max_seq_length": shape[0], "max_predictions_per_seq": shape[1],
+              "do_lower_case": vocab.do_lower_case, "masked_lm_prob": None,
+              "do_whole_word_mask": False, "vocab": str(vocab.path.parent),
+              "vocab_size": vocab.size, "converted_from": "tfrecord"}  # fmt: skip
+    counts = {"tokens": totals["tokens"],
+              **summarize(instances, totals["tokens"], totals["random_next"], totals["masked"],
+                          histogram, shape[0])}  # fmt: skip
+    return write_manifest(
+        out, "data", config,
+        inputs=[{"path": str(f), "bytes": f.stat().st_size} for f in files], counts=counts,
+        extra={"vocab": {"path": str(vocab.path), "sha256": vocab.sha256, "size": vocab.size},
+               "shards": shards,
+               "format": {"kind": "native", "static_masking": True, "shard_version": VERSION}},
+    )  # fmt: skip

@@ -152,6 +152,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     split = Split.of(len(data), eval_n)
     if cfg.do_train and split.num_train < 1:
         raise UserError(f"--eval-records {eval_n} leaves no training data ({len(data)} records).")
+    tf_bytes = sum(f.stat().st_size for f in data.files) if data.tf_rows is not None else 0
+    if tf_bytes > 1 << 30 and d.main:
+        print(
+            f"bertforge: warning: {tf_bytes / 1e9:.1f} GB of TFRecords are read into memory at "
+            "every start (in every process); `bertforge data convert` turns them once into "
+            "shards that training memory-maps.",
+            file=sys.stderr,
+        )
     if cfg.do_train and split.num_train < cfg.train_batch_size and d.main:
         print(
             f"bertforge: warning: {cfg.data} has {split.num_train:,} training instances, fewer "
