@@ -452,12 +452,16 @@ def test_converted_tfrecords_train_as_the_tfrecords(
     from bertforge import datacheck
 
     monkeypatch.setattr(datacheck, "SHARD_RECORDS", 200)  # several shards, chunks across them
+    monkeypatch.setattr(datacheck, "CONVERT_CHUNK", 300)
     out = tmp_path / "converted"
     argv = ["data", "convert", str(google_tfrecords), "--vocab", str(kjv_vocab), "--output"]
-    assert main([*argv, str(out)]) == 0
+    assert main([*argv, str(out), "--workers", "1"]) == 0
     assert main(["data", "verify", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) > 1 and manifest["format"]["static_masking"]
+    assert main([*argv, str(tmp_path / "parallel"), "--workers", "2"]) == 0  # the same bytes
+    parallel = json.loads((tmp_path / "parallel" / "manifest.json").read_text())
+    assert [s["sha256"] for s in parallel["shards"]] == [s["sha256"] for s in manifest["shards"]]
     a, b = PretrainingData(str(google_tfrecords)), PretrainingData(str(out))
     assert len(a) == len(b) and b.tf_rows is None
     everything = np.arange(len(a))

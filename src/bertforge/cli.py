@@ -145,9 +145,12 @@ def data_tool(argv: list[str]) -> None:
         help="the vocabulary is cased (when it does not say)",
     )
     c.add_argument("--overwrite", action="store_true", help="replace an earlier conversion")
+    c.add_argument("--workers", type=int, help="processes decoding records (default: all CPUs)")
     args = parser.parse_args(argv)
     if args.tool == "convert":
-        m = datacheck.convert(args.input, args.vocab, args.output, args.lower, args.overwrite)
+        m = datacheck.convert(
+            args.input, args.vocab, args.output, args.lower, args.overwrite, args.workers
+        )
         print(f"data: {m['counts']['instances']:,} instances in {len(m['shards'])} shard(s) "
               f"(native, static masking, from TFRecords) -> {args.output}")  # fmt: skip
     elif args.tool == "verify":

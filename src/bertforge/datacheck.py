@@ -9,8 +9,12 @@ to the TFRecords of a large corpus.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import glob
 import itertools
+import multiprocessing
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,14 +260,56 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
 # ----------------------------------------------------------------------------- convert
 
 SHARD_RECORDS = 1 << 20  # records per native shard written by convert (~300 MB at length 128)
+CONVERT_CHUNK = 4096  # records a worker decodes at a time
+
+
+def _raw_chunks(files: Sequence[Path]) -> Iterator[tuple[list[bytes], str, int]]:
+    """(raw records, file, index of the first) of every file, CONVERT_CHUNK at a time."""
+    for path in files:
+        with open(path, "rb") as f:
+            records = read_records(f, str(path))
+            first = 0
+            while chunk := list(itertools.islice(records, CONVERT_CHUNK)):
+                yield chunk, str(path), first
+                first += len(chunk)
+
+
+def _convert_chunk(raw: list[bytes], path: str, first: int, vocab_size: int,
+                   vocab_name: str) -> tuple[np.ndarray, dict[str, Any], str]:  # fmt: skip
+    """Decode and check one chunk of TFRecords (in a worker); its native records."""
+    where = f"{path}, records {first}-{first + len(raw) - 1}"
+    b = _tf_batch([decode_example(r) for r in raw], path)
+    seq, p = b.input_ids.shape[1], b.positions.shape[1]  # type: ignore[union-attr]
+    if int(b.input_ids.max(initial=0)) >= vocab_size:
+        raise UserError(
+            f"{where}: token id {int(b.input_ids.max())} is beyond {vocab_name} "
+            f"({vocab_size} tokens); give the vocab.txt the data was made with."
+        )
+    rec = np.zeros(len(b), dtype=record_dtype(vocab_size, seq, p, True))
+    rec["input_ids"], rec["length"] = b.input_ids, b.lengths
+    rec["sep_a"] = ((b.segment_ids == 0) & (np.arange(seq) < b.lengths[:, None])).sum(1) - 1
+    rec["next_sentence_label"] = b.next_sentence
+    rec["masked_lm_positions"], rec["masked_lm_ids"] = b.positions, b.labels
+    rec["num_masked"] = b.counts
+    bad = np.flatnonzero((segment_ids(rec) != b.segment_ids).any(1))
+    if len(bad):
+        raise UserError(
+            f"{path}, record {first + int(bad[0])}: segment ids are not [CLS] A [SEP] B [SEP] "
+            "followed by padding; not BERT pretraining data."
+        )
+    stats = {"tokens": int(b.lengths.sum()), "random_next": int(b.next_sentence.sum()),
+             "masked": int(b.counts.sum())}  # type: ignore[union-attr]  # fmt: skip
+    return rec, stats, where
 
 
 def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | None = None,
-            overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+            overwrite: bool = False, workers: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Google's TFRecords (files, globs, comma lists) -> a native data directory with their
     static masks, which train memory-maps. Streams: memory stays bounded whatever the size.
     Every record is checked (shape, token ids within the vocabulary, segment layout); the
-    manifest is written last, so an interrupted conversion is never taken as data."""
+    manifest is written last, so an interrupted conversion is never taken as data. Records
+    are decoded by `workers` processes (default: every CPU), a bounded window at a time."""
+    workers = workers or os.cpu_count() or 1
     files, manifest = data_files(inputs)
     if manifest is not None:
         raise UserError(f"{inputs}: already a `bertforge data` directory; train reads it as is.")
@@ -298,45 +344,39 @@ def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | Non
         shards.append({"file": name, "records": len(records), "sha256": sha256_file(out / name),
                        "bytes": (out / name).stat().st_size})  # fmt: skip
 
-    for path in files:
-        first = 0
-        for b in tfrecord_batches(path):
-            where = f"{path}, records {first}-{first + len(b) - 1}"
-            if shape is None:
-                shape = (b.input_ids.shape[1], b.positions.shape[1])  # type: ignore[union-attr]
-                histogram = np.zeros(shape[0] + 1, np.int64)
-            if (b.input_ids.shape[1], b.positions.shape[1]) != shape:  # type: ignore[union-attr]
-                raise UserError(
-                    f"{where}: length {b.input_ids.shape[1]} and {b.positions.shape[1]} "  # type: ignore[union-attr]
-                    f"predictions, but the first file's records have {shape[0]} and {shape[1]}; "
-                    "convert files made with the same settings together."
-                )
-            if int(b.input_ids.max(initial=0)) >= vocab.size:
-                raise UserError(
-                    f"{where}: token id {int(b.input_ids.max())} is beyond {vocab.path} "
-                    f"({vocab.size} tokens); give the vocab.txt the data was made with."
-                )
-            segment_zeros = (b.segment_ids == 0) & (np.arange(shape[0]) < b.lengths[:, None])
-            rec = np.zeros(len(b), dtype=record_dtype(vocab.size, shape[0], shape[1], True))
-            rec["input_ids"], rec["length"] = b.input_ids, b.lengths
-            rec["sep_a"] = segment_zeros.sum(1) - 1
-            rec["next_sentence_label"] = b.next_sentence
-            rec["masked_lm_positions"], rec["masked_lm_ids"] = b.positions, b.labels
-            rec["num_masked"] = b.counts
-            bad = np.flatnonzero((segment_ids(rec) != b.segment_ids).any(1))
-            if len(bad):
-                raise UserError(
-                    f"{path}, record {first + int(bad[0])}: segment ids are not [CLS] A [SEP] "
-                    "B [SEP] followed by padding; not BERT pretraining data."
-                )
-            totals["tokens"] += int(b.lengths.sum())
-            totals["random_next"] += int(b.next_sentence.sum())
-            totals["masked"] += int(b.counts.sum())  # type: ignore[union-attr]
-            histogram += np.bincount(b.lengths, minlength=shape[0] + 1)
-            pending.append(rec)
-            first += len(b)
-            while sum(len(r) for r in pending) >= SHARD_RECORDS:
-                flush(SHARD_RECORDS)
+    def take(done: tuple[np.ndarray, dict[str, Any], str]) -> None:
+        """Add a converted chunk (in input order), checking it has the first chunk's shape."""
+        nonlocal shape, histogram
+        rec, stats, where = done
+        this = (rec["input_ids"].shape[1], rec["masked_lm_positions"].shape[1])
+        if shape is None:
+            shape, histogram = this, np.zeros(this[0] + 1, np.int64)
+        if this != shape:
+            raise UserError(
+                f"{where}: length {this[0]} and {this[1]} predictions, but the first file's "
+                f"records have {shape[0]} and {shape[1]}; convert files made with the same "
+                "settings together."
+            )
+        for key in totals:
+            totals[key] += stats[key]
+        histogram += np.bincount(rec["length"], minlength=shape[0] + 1)
+        pending.append(rec)
+        while sum(len(r) for r in pending) >= SHARD_RECORDS:
+            flush(SHARD_RECORDS)
+
+    if workers == 1:
+        for task in _raw_chunks(files):
+            take(_convert_chunk(*task, vocab.size, str(vocab.path)))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            window: collections.deque[cf.Future] = collections.deque()
+            for task in _raw_chunks(files):
+                window.append(pool.submit(_convert_chunk, *task, vocab.size, str(vocab.path)))
+                if len(window) >= 2 * workers:
+                    take(window.popleft().result())
+            while window:
+                take(window.popleft().result())
     if pending:
         flush(SHARD_RECORDS)
     if shape is None:
