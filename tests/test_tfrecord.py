@@ -86,3 +86,48 @@ def test_packed_varints_of_every_size():
                   for b in bits]  # fmt: skip
         record = encode_example({"x": values}, set())
         assert decode_example(record).get("x", []) == values
+
+
+def test_bulk_decoding_is_decode_example(tmp_path):
+    """datacheck decodes a chunk's lists all at once; it must equal decoding each record
+    (packed lists), fall back for unpacked ones, and refuse lists of unequal length."""
+    from bertforge.datacheck import _tf_batch, _tf_batch_raw
+
+    rng = np.random.default_rng(1)
+    n, seq, p = 50, 32, 5
+    records = []
+    for _ in range(n):
+        length = int(rng.integers(8, seq + 1))
+        ids = np.zeros(seq, np.int64)
+        ids[:length] = rng.integers(0, 40000, length)
+        count = int(rng.integers(0, p + 1))
+        records.append(encode_example({
+            "input_ids": ids, "input_mask": (np.arange(seq) < length).astype(np.int64),
+            "segment_ids": ((np.arange(seq) > length // 2) & (np.arange(seq) < length)).astype(
+                np.int64),
+            "masked_lm_positions": np.r_[rng.integers(1, length, count), np.zeros(p - count)],
+            "masked_lm_ids": np.r_[rng.integers(0, 40000, count), np.zeros(p - count)],
+            "masked_lm_weights": np.r_[np.ones(count), np.zeros(p - count)],
+            "next_sentence_labels": [int(rng.integers(0, 2))],
+        }, floats={"masked_lm_weights"}))  # fmt: skip
+    bulk = _tf_batch_raw(records, "x.tfrecord")
+    plain = _tf_batch([decode_example(r) for r in records], "x.tfrecord")
+    for field in ("input_ids", "lengths", "segment_ids", "next_sentence", "positions", "labels",
+                  "counts"):  # fmt: skip
+        assert np.array_equal(getattr(bulk, field), getattr(plain, field)), field
+    # One record whose input_ids list is not packed (repeated varints): read the plain way.
+    from bertforge.tfrecord import _field, _varint
+
+    unpacked = b"".join(_varint(1 << 3) + _varint(int(v)) for v in range(seq))
+    entry = _field(1, b"input_ids") + _field(2, _field(3, unpacked))
+    rest = decode_example(records[1])
+    del rest["input_ids"]
+    odd = _field(1, _field(1, entry)) + encode_example(rest, floats={"masked_lm_weights"})
+    assert decode_example(odd)["input_ids"] == list(range(seq))
+    mixed = _tf_batch_raw([records[0], odd], "x.tfrecord")
+    assert mixed.input_ids[1].tolist() == list(range(seq))
+    assert np.array_equal(mixed.input_ids[0], plain.input_ids[0])
+    short = encode_example({**decode_example(records[0]), "input_ids": [5, 6]},
+                           floats={"masked_lm_weights"})  # fmt: skip
+    with pytest.raises(UserError, match=r"x.tfrecord, record 7: input_ids has 2 values"):
+        _tf_batch_raw([*records[:2], short], "x.tfrecord", first=5)

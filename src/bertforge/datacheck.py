@@ -39,7 +39,7 @@ from bertforge.shards import (
     record_dtype,
     segment_ids,
 )
-from bertforge.tfrecord import decode_example, read_records
+from bertforge.tfrecord import decode_example, example_lists, read_records, varint_values
 from bertforge.tokenization import load_vocab, read_vocab_txt
 
 
@@ -96,17 +96,58 @@ def tfrecord_batches(
     path: str | Path, chunk: int = 1 << 14, limit: int | None = None
 ) -> Iterator[Batch]:
     """The records of a TFRecord file, `chunk` at a time (memory stays bounded)."""
-    rows: list[dict[str, list]] = []
+    raw: list[bytes] = []
+    first = 0
     with open(path, "rb") as f:
         for i, record in enumerate(read_records(f, str(path))):
             if limit is not None and i >= limit:
                 break
-            rows.append(decode_example(record))
-            if len(rows) == chunk:
-                yield _tf_batch(rows, path)
-                rows = []
-    if rows:
-        yield _tf_batch(rows, path)
+            raw.append(record)
+            if len(raw) == chunk:
+                yield _tf_batch_raw(raw, path, first)
+                raw, first = [], first + len(raw)
+    if raw:
+        yield _tf_batch_raw(raw, path, first)
+
+
+def _tf_batch_raw(raw: list[bytes], path: str | Path, first: int = 0) -> Batch:
+    """Batch of raw BERT records, each feature's values decoded for all records at once (the
+    per-value Python loop of decode_example was the cost); falls back to it for records whose
+    lists are not packed or hold varints of 9 bytes or more."""
+    lists = [example_lists(r) for r in raw]
+    if any(x is None for x in lists):
+        return _tf_batch([decode_example(r) for r in raw], path)
+    need = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+            "masked_lm_weights", "next_sentence_labels")  # fmt: skip
+    missing = [n for n in need if n not in lists[0]]  # type: ignore[operator]
+    if missing:
+        raise UserError(f"{path}: not BERT pretraining data (no {', '.join(sorted(missing))}).")
+
+    def column(name: str) -> np.ndarray:
+        parts = [x.get(name, b"") for x in lists]  # type: ignore[union-attr]
+        data = b"".join(parts)
+        if name == "masked_lm_weights":
+            values = np.frombuffer(data, dtype="<f4")
+            counts = np.array([len(p) // 4 for p in parts])
+        else:
+            try:
+                values, ends = varint_values(data)
+            except ValueError:
+                return np.array([decode_example(r)[name] for r in raw], dtype=np.int64)
+            bounds = np.cumsum([len(p) for p in parts])
+            counts = np.diff(np.searchsorted(ends, bounds, side="left"), prepend=0)
+        if len(counts) and (counts != counts[0]).any():
+            i = int(np.flatnonzero(counts != counts[0])[0])
+            raise UserError(
+                f"{path}, record {first + i}: {name} has {counts[i]} values, record {first} "
+                f"{counts[0]}; not BERT pretraining data of one length."
+            )
+        return values.reshape(len(raw), -1)
+
+    ids, weights = column("input_ids"), column("masked_lm_weights")
+    return Batch(ids.astype(np.int64), column("input_mask").sum(1), column("segment_ids"),
+                 column("next_sentence_labels")[:, 0], column("masked_lm_positions"),
+                 column("masked_lm_ids"), (weights > 0).sum(1))  # fmt: skip
 
 
 def _tf_batch(rows: list[dict[str, list]], path: str | Path) -> Batch:
@@ -278,7 +319,7 @@ def _convert_chunk(raw: list[bytes], path: str, first: int, vocab_size: int,
                    vocab_name: str) -> tuple[np.ndarray, dict[str, Any], str]:  # fmt: skip
     """Decode and check one chunk of TFRecords (in a worker); its native records."""
     where = f"{path}, records {first}-{first + len(raw) - 1}"
-    b = _tf_batch([decode_example(r) for r in raw], path)
+    b = _tf_batch_raw(raw, path, first)
     seq, p = b.input_ids.shape[1], b.positions.shape[1]  # type: ignore[union-attr]
     if int(b.input_ids.max(initial=0)) >= vocab_size:
         raise UserError(

@@ -141,6 +141,45 @@ def decode_example(record: bytes) -> dict[str, list[int] | list[float]]:
     return out
 
 
+def example_lists(record: bytes) -> dict[str, bytes] | None:
+    """Each feature of a tf.train.Example as its packed list bytes, values not decoded (the
+    varints of an Int64List, the float32s of a FloatList). None when a list is not packed
+    (then decode_example reads it)."""
+    out: dict[str, bytes] = {}
+    for _, _, features in _fields(record):
+        for _, _, entry in _fields(features):  # type: ignore[arg-type]
+            name, feature = "", b""
+            for number, _, payload in _fields(entry):  # type: ignore[arg-type]
+                if number == 1:
+                    name = payload.decode()  # type: ignore[union-attr]
+                else:
+                    feature = payload  # type: ignore[assignment]
+            lists = [lst for _, _, lst in _fields(feature)]
+            inner = list(_fields(lists[0])) if lists else []  # type: ignore[arg-type]
+            if len(inner) > 1 or any(wire != 2 for _, wire, _ in inner):
+                return None
+            out[name] = inner[0][2] if inner else b""  # type: ignore[assignment]
+    return out
+
+
+def varint_values(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """All varints of `data` end to end, decoded at once: (values int64, index of each one's
+    last byte). Values of 9 bytes or more (not in BERT data) raise ValueError."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(b < 0x80)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    if len(ends) and int((ends - starts).max()) >= 8:
+        raise ValueError("a varint of 9 bytes or more")
+    owner = np.repeat(np.arange(len(ends)), ends - starts + 1)
+    shift = 7 * (np.arange(len(b)) - starts[owner])
+    values = (
+        np.add.reduceat((b & 0x7F).astype(np.int64) << shift, starts)
+        if len(ends)
+        else np.zeros(0, np.int64)
+    )
+    return values, ends
+
+
 def _decode_feature(feature: bytes) -> list[int] | list[float]:
     for kind, _, lst in _fields(feature):
         values: list = []
