@@ -145,7 +145,7 @@ def _tf_batch_raw(raw: list[bytes], path: str | Path, first: int = 0) -> Batch:
         return values.reshape(len(raw), -1)
 
     ids, weights = column("input_ids"), column("masked_lm_weights")
-    return Batch(ids.astype(np.int64), column("input_mask").sum(1), column("segment_ids"),
+    return Batch(ids, column("input_mask").sum(1), column("segment_ids"),
                  column("next_sentence_labels")[:, 0], column("masked_lm_positions"),
                  column("masked_lm_ids"), (weights > 0).sum(1))  # fmt: skip
 

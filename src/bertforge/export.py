@@ -57,10 +57,9 @@ def export(cfg: ExportConfig) -> ExportResult:
     vocab = export_vocab(cfg, source)
     out = prepare_output_dir(cfg.output, "export", cfg.overwrite, "--output")
     (out / "manifest.json").unlink(missing_ok=True)  # complete only when rewritten at the end
+    # An earlier --format google export's files: rewritten below, or not wanted.
     for old in [out / "bert_config.json", *out.glob(f"{GOOGLE_CHECKPOINT}.*")]:
-        old.unlink(
-            missing_ok=True
-        )  # an earlier --format google export's files: rewritten below, or not wanted
+        old.unlink(missing_ok=True)
 
     bert = source.config
     write_json(out / "config.json", hf_config(bert))

@@ -243,17 +243,20 @@ def write_checkpoint(prefix: Path, tensors: dict[str, np.ndarray]) -> list[Path]
     return [index_path, data_path]
 
 
+# Google's head variables whose names do not follow the layer naming, and transformers' names.
+GOOGLE_HEADS = {
+    "cls/predictions/output_bias": "cls.predictions.bias",
+    "cls/seq_relationship/output_weights": "cls.seq_relationship.weight",
+    "cls/seq_relationship/output_bias": "cls.seq_relationship.bias",
+}
+
+
 def google_to_hf_name(name: str) -> str | None:
     """transformers' name of a Google BERT variable (None for optimizer slots, global_step)."""
     if name.endswith(("adam_m", "adam_v")) or name == "global_step":
         return None
-    special = {
-        "cls/predictions/output_bias": "cls.predictions.bias",
-        "cls/seq_relationship/output_weights": "cls.seq_relationship.weight",
-        "cls/seq_relationship/output_bias": "cls.seq_relationship.bias",
-    }
-    if name in special:
-        return special[name]
+    if name in GOOGLE_HEADS:
+        return GOOGLE_HEADS[name]
     parts = name.split("/")
     if parts[-1] in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         parts.append("weight")
@@ -274,13 +277,9 @@ def google_to_hf_name(name: str) -> str | None:
 def hf_to_google_name(name: str) -> str | None:
     """Google's name of a transformers BertForPreTraining weight (None for the decoder weight,
     which Google ties to the word embeddings, and for buffers); inverse of google_to_hf_name."""
-    special = {
-        "cls.predictions.bias": "cls/predictions/output_bias",
-        "cls.seq_relationship.weight": "cls/seq_relationship/output_weights",
-        "cls.seq_relationship.bias": "cls/seq_relationship/output_bias",
-    }
-    if name in special:
-        return special[name]
+    heads = {hf: google for google, hf in GOOGLE_HEADS.items()}
+    if name in heads:
+        return heads[name]
     if name.startswith("cls.predictions.decoder.") or name.endswith("position_ids"):
         return None
     joined: list[str] = []

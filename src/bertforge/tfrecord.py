@@ -128,7 +128,11 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, bytes | int]]:
 
 def decode_example(record: bytes) -> dict[str, list[int] | list[float]]:
     """Parse a tf.train.Example of Int64Lists and FloatLists (packed or not)."""
-    out: dict[str, list[int] | list[float]] = {}
+    return {name: _decode_feature(feature) for name, feature in _features(record)}
+
+
+def _features(record: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, Feature message) of each feature of a tf.train.Example."""
     for _, _, features in _fields(record):
         for _, _, entry in _fields(features):  # type: ignore[arg-type]
             name, feature = "", b""
@@ -137,8 +141,7 @@ def decode_example(record: bytes) -> dict[str, list[int] | list[float]]:
                     name = payload.decode()  # type: ignore[union-attr]
                 else:
                     feature = payload  # type: ignore[assignment]
-            out[name] = _decode_feature(feature)
-    return out
+            yield name, feature
 
 
 def example_lists(record: bytes) -> dict[str, bytes] | None:
@@ -146,19 +149,12 @@ def example_lists(record: bytes) -> dict[str, bytes] | None:
     varints of an Int64List, the float32s of a FloatList). None when a list is not packed
     (then decode_example reads it)."""
     out: dict[str, bytes] = {}
-    for _, _, features in _fields(record):
-        for _, _, entry in _fields(features):  # type: ignore[arg-type]
-            name, feature = "", b""
-            for number, _, payload in _fields(entry):  # type: ignore[arg-type]
-                if number == 1:
-                    name = payload.decode()  # type: ignore[union-attr]
-                else:
-                    feature = payload  # type: ignore[assignment]
-            lists = [lst for _, _, lst in _fields(feature)]
-            inner = list(_fields(lists[0])) if lists else []  # type: ignore[arg-type]
-            if len(inner) > 1 or any(wire != 2 for _, wire, _ in inner):
-                return None
-            out[name] = inner[0][2] if inner else b""  # type: ignore[assignment]
+    for name, feature in _features(record):
+        lists = [lst for _, _, lst in _fields(feature)]
+        inner = list(_fields(lists[0])) if lists else []  # type: ignore[arg-type]
+        if len(inner) > 1 or any(wire != 2 for _, wire, _ in inner):
+            return None
+        out[name] = inner[0][2] if inner else b""  # type: ignore[assignment]
     return out
 
 
