@@ -164,8 +164,13 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, train_data, 
 
 
 def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
-    """Micro-batches of 5 and packed batches (no padding) train as the plain run does."""
-    runs = {"one": [], "four": ["--micro-batch-size", "5"], "packed": ["--packed"]}
+    """Micro-batches of 5 and packed batches (no padding, the CPU default) train as the plain
+    padded run does."""
+    runs = {
+        "one": ["--no-packed"],
+        "four": ["--no-packed", "--micro-batch-size", "5"],
+        "packed": [],
+    }
     for name, extra in runs.items():
         steps = ["--num-train-steps", "4", "--eval-every", "2", "--eval-batch-size", "8"]
         main(args(train_data, tmp_path / name, tiny_bert_config, *steps, *extra))
@@ -177,6 +182,8 @@ def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data
                 for key in LOSSES:
                     assert a[key] == pytest.approx(b[key], abs=1e-5), (name, evals, key)
     assert metrics(tmp_path / "four")[0]["micro_batch_size"] == 5
+    layout = {n: json.loads((tmp_path / n / "manifest.json").read_text())["packed"] for n in runs}
+    assert layout == {"one": False, "four": False, "packed": True}
 
 
 def test_out_of_memory_halves_the_micro_batch(
@@ -184,10 +191,10 @@ def test_out_of_memory_halves_the_micro_batch(
 ):
     real = BertForPretraining.forward
 
-    def small_memory(self, input_ids, *rest, **kw):
-        if input_ids.shape[0] > 4:
+    def small_memory(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw):
+        if masked_positions.shape[0] > 4:  # instances, padded or packed
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, input_ids, *rest, **kw)
+        return real(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw)
 
     monkeypatch.setattr(BertForPretraining, "forward", small_memory)
     out = tmp_path / "oom"
@@ -218,6 +225,17 @@ def test_compile_is_on_by_default_only_for_long_gpu_runs():
     assert not train_module.use_compile(cfg(), cpu, long)
     assert train_module.use_compile(cfg(compile=True), cpu, 1)
     assert not train_module.use_compile(cfg(compile=False), cuda, long)
+
+
+def test_batches_are_packed_by_default_only_on_a_cpu():
+    def cfg(**kw):
+        return TrainConfig(data="d", output="o", **kw)
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train_module.use_packed(cfg(), cpu)
+    assert not train_module.use_packed(cfg(), cuda)
+    assert not train_module.use_packed(cfg(packed=False), cpu)
+    assert train_module.use_packed(cfg(packed=True), cuda)
 
 
 def test_a_failed_automatic_compile_trains_on_uncompiled(
@@ -659,7 +677,7 @@ def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
     steps = ("--num-train-steps", "4", "--no-do-eval")
     main(args(train_data, one, tiny_bert_config, *steps))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    variants = (("two", ()), ("two-packed", ("--packed",)), ("two-compiled", ("--compile",)))
+    variants = (("two", ("--no-packed",)), ("two-packed", ()), ("two-compiled", ("--compile",)))
     for name, extra in variants:
         two = tmp_path / name
         cmd = [

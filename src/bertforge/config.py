@@ -273,10 +273,11 @@ class TrainConfig:
     GPU for runs of 10,000 steps or more, where the compile pays back; if compiling then
     fails, one process goes on uncompiled with a warning, several stop and say to rerun with
     --no-compile). --no-compile never compiles."""
-    packed: bool = False
+    packed: bool | None = None
     """Batches without padding: the loader packs each batch's real tokens back to back and
-    attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact; its
-    GPU speed is not measured yet (bench/RESULTS.md)."""
+    attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact.
+    Default: on a CPU, where it measured 2-9% faster; off on a GPU until its speed there is
+    measured (bench/RESULTS.md). --no-packed pads every batch."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3
