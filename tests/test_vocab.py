@@ -99,8 +99,12 @@ def test_small_corpus_pads_with_unused(tmp_path: Path):
 
 def test_vocab_too_small_for_alphabet(tmp_path: Path):
     corpus = write_corpus(tmp_path / "c.txt", [["".join(chr(0x4E00 + i) for i in range(200))]])
-    with pytest.raises(UserError, match="raise --vocab-size or lower --limit-alphabet"):
+    with pytest.raises(UserError, match="raise --vocab-size to at least 504, or lower") as e:
         train_vocab(cfg(corpus, tmp_path / "v", vocab_size=300))
+    assert "leaves 196 pieces" in str(e.value) and "fewer than the 400" in str(e.value)
+    assert not (tmp_path / "v" / "vocab.txt").exists()
+    train_vocab(cfg(corpus, tmp_path / "v", vocab_size=504, overwrite=True))  # the size it names
+    assert len(read_vocab_txt(tmp_path / "v" / "vocab.txt")) == 504
 
 
 def test_limit_alphabet_keeps_the_most_frequent(tmp_path: Path):

@@ -133,9 +133,12 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
     budget = cfg.vocab_size - cfg.num_unused - len(SPECIALS)
     if 2 * len(alphabet) > budget:
         raise UserError(
-            f"--vocab-size {cfg.vocab_size} leaves {budget} pieces, fewer than the "
-            f"{len(alphabet)} characters of the corpus need (each as x and ##x); raise "
-            "--vocab-size or lower --limit-alphabet."
+            f"--vocab-size {cfg.vocab_size} leaves {max(budget, 0)} pieces after the "
+            f"{len(SPECIALS)} special tokens and {cfg.num_unused} [unused] slots, fewer than "
+            f"the {2 * len(alphabet)} that the corpus's {len(alphabet)} characters need (each "
+            "as x and ##x); raise --vocab-size to at least "
+            f"{cfg.vocab_size - budget + 2 * len(alphabet)}, or lower --limit-alphabet or "
+            "--num-unused."
         )
     if cfg.algorithm == "wordpiece":
         pieces = train_wordpiece(count_words(scan.sample, cfg), alphabet, budget, cfg)
