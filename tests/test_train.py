@@ -214,10 +214,12 @@ def test_out_of_memory_halves_the_micro_batch(
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-def test_compile_is_on_by_default_only_for_long_gpu_runs():
-    def cfg(**kw):
-        return TrainConfig(data="d", output="o", **kw)
+def bare_config(**kw) -> TrainConfig:
+    return TrainConfig(data="d", output="o", **kw)
 
+
+def test_compile_is_on_by_default_only_for_long_gpu_runs():
+    cfg = bare_config
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     long = train_module.AUTO_COMPILE_STEPS
     assert train_module.use_compile(cfg(), cuda, long)
@@ -228,9 +230,7 @@ def test_compile_is_on_by_default_only_for_long_gpu_runs():
 
 
 def test_batches_are_packed_by_default_only_on_a_cpu():
-    def cfg(**kw):
-        return TrainConfig(data="d", output="o", **kw)
-
+    cfg = bare_config
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert train_module.use_packed(cfg(), cpu)
     assert not train_module.use_packed(cfg(), cuda)
