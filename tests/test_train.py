@@ -390,6 +390,16 @@ def test_settings_that_contradict_the_data_are_refused(
         tiny_bert_config.read_text().replace('"vocab_size": 1500', '"vocab_size": 30522')
     )
     assert "vocab_size 30522 but the vocabulary" in error(bert=wrong)
+    short = tmp_path / "short_config.json"
+    short.write_text(
+        tiny_bert_config.read_text().replace(
+            '"max_position_embeddings": 128', '"max_position_embeddings": 16'
+        )
+    )
+    assert "max_position_embeddings 16 is below the data's max_seq_length" in (
+        message := error(bert=short)
+    )
+    assert "--max-seq-length 16` or less" in message
     assert "give either --model-size or --bert-config" in error("--model-size", "tiny")
     other = tmp_path / "other_vocab.txt"
     other.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\n")

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import random
 import shutil
@@ -75,6 +74,7 @@ from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
 from bertforge.tokenization import LineEncoder, Vocab, load_vocab
+from bertforge.workers import process_pool
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
@@ -349,9 +349,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
                 if unit not in parts:
                     collect(_run_unit(unit, docs))
         else:
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(s,)) as pool:  # fmt: skip
+            with process_pool(workers, _init_worker, (s,)) as pool:
                 pending: set[cf.Future] = set()
                 for unit, docs in units:
                     total_units = unit + 1
@@ -508,8 +506,8 @@ def create_data(cfg: DataConfig) -> DataResult:
         assert manifest is not None
         return DataResult(out, manifest, len(manifest["shards"]))
     write_json(out / RUN_FILE, {**run, "run_id": run_id})
-    for tmp in out.glob(".shard-*.tmp"):  # half-written shards of a killed run
-        tmp.unlink(missing_ok=True)
+    for tmp in [*out.glob(".shard-*.tmp"), *out.glob(f"{PARTS}/.unit-*.tmp")]:
+        tmp.unlink(missing_ok=True)  # half-written files of a killed run
 
     stats = CorpusStats()
     if cfg.google_compatible:

@@ -13,7 +13,6 @@ import collections
 import concurrent.futures as cf
 import glob
 import itertools
-import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from bertforge.shards import (
 )
 from bertforge.tfrecord import decode_example, example_lists, read_records, varint_values
 from bertforge.tokenization import load_vocab, read_vocab_txt
+from bertforge.workers import process_pool
 
 
 @dataclass
@@ -409,8 +409,7 @@ def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | Non
         for task in _raw_chunks(files):
             take(_convert_chunk(*task, vocab.size, str(vocab.path)))
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with process_pool(workers) as pool:
             window: collections.deque[cf.Future] = collections.deque()
             for task in _raw_chunks(files):
                 window.append(pool.submit(_convert_chunk, *task, vocab.size, str(vocab.path)))

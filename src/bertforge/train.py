@@ -1075,7 +1075,9 @@ def model_config(
     if bert.max_position_embeddings < max_seq_length:
         raise UserError(
             f"{source}: max_position_embeddings {bert.max_position_embeddings} is "
-            f"below the data's max_seq_length {max_seq_length}."
+            f"below the data's max_seq_length {max_seq_length}; make the data again with "
+            f"`bertforge data --max-seq-length {bert.max_position_embeddings}` or less (the "
+            "model has no position embeddings past that)."
         )
     return bert
 

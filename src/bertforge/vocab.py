@@ -65,6 +65,7 @@ from bertforge.tokenization import (
     wordpiece_tokenizer,
 )
 from bertforge.wordcount import TokenCounter
+from bertforge.workers import ignore_ctrl_c
 
 BATCH_LINES = 2000
 HELDOUT_MAX_SHARE = 0.05  # never hold out more than 5% of the documents
@@ -315,7 +316,7 @@ def count_words(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
     global _FORK_INPUT
     _FORK_INPUT = (texts[half:], cfg)
     try:
-        with multiprocessing.get_context("fork").Pool(1) as pool:
+        with multiprocessing.get_context("fork").Pool(1, ignore_ctrl_c) as pool:
             other = pool.apply_async(_count_forked)
             words = count_texts(texts[:half], cfg).to_counter()
             words.update(other.get())
