@@ -129,11 +129,13 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path, demo_path, kjv_vo
     assert not list(killed.glob(".*.tmp")) and not (killed / ".parts").exists()
 
 
-def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_finishes(tmp_path, demo_path, kjv_vocab):
+def test_signals_stop_the_workers_at_once_and_the_rerun_finishes(tmp_path, demo_path, kjv_vocab):
     """Ctrl-C reaches the whole process group. The workers must not print tracebacks, nor
     leave the parent waiting for them at exit (it did, about one Ctrl-C in three with units
     of a megabyte: a worker stopped halfway through reading its next unit wedged the queue),
-    nor outlive it; the rerun makes what an uninterrupted run makes."""
+    nor outlive it. SIGTERM to the parent alone stops it as Ctrl-C does; SIGKILL to the parent
+    alone takes the workers with it (they used to wait for a task forever). The rerun makes
+    what an uninterrupted run makes."""
     corpus = tmp_path / "corpus.txt"
     text = gzip.decompress(demo_path.read_bytes())
     corpus.write_bytes(text * math.ceil(20e6 / len(text)))  # units of 1 MB: twenty
@@ -141,23 +143,29 @@ def test_ctrl_c_stops_the_workers_at_once_and_the_rerun_finishes(tmp_path, demo_
             "--workers", "2", "--max-seq-length", "64", "--no-progress"]  # fmt: skip
     cmd = [sys.executable, "-m", "bertforge.cli", "data", *args]
     out = tmp_path / "out"
-    for round_ in range(6):  # each round interrupts the resumed run at another point
+    said = {signal.SIGINT: (130, "interrupted"), signal.SIGTERM: (143, "terminated")}
+    for round_, sig in enumerate([signal.SIGINT] * 5 + [signal.SIGTERM, signal.SIGKILL]):
         proc = subprocess.Popen([*cmd, "--output", str(out)], stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)  # fmt: skip
         seen = len(list((out / ".parts").glob("unit-*.json")))
         deadline = time.time() + 60
         while len(list((out / ".parts").glob("unit-*.json"))) <= seen:
-            assert time.time() < deadline and proc.poll() is None, "run ended before Ctrl-C"
+            assert time.time() < deadline and proc.poll() is None, "run ended before the signal"
             time.sleep(0.01)
-        time.sleep(0.02 * round_)
-        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.02 * round_)  # each round stops the resumed run at another point
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C does
+        else:
+            proc.send_signal(sig)
         try:
-            _, err = proc.communicate(timeout=60)
+            _, err = proc.communicate(timeout=60)  # waits for every holder of its stderr
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"round {round_}: still running 60 s after Ctrl-C")
-        assert proc.returncode == 130, err
-        assert err.strip() == "bertforge: interrupted; finished outputs are kept.", err
+            pytest.fail(f"round {round_}: still running 60 s after {sig.name}")
+        if sig in said:
+            code, word = said[sig]
+            assert proc.returncode == code, err
+            assert err.strip() == f"bertforge: {word}; finished outputs are kept.", err
         with pytest.raises(ProcessLookupError):  # no worker outlives the parent
             for _ in range(100):
                 os.killpg(proc.pid, 0)

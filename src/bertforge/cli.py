@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -263,9 +265,20 @@ def dispatch(args: argparse.Namespace) -> None:
     RUNNERS[command](cfg)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a batch system's time limit), handled as Ctrl-C is."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
+    on_term = None
+    if threading.current_thread() is threading.main_thread():
+        on_term = signal.signal(signal.SIGTERM, _terminate)  # training overrides it for its own
     try:
         if argv[:1] == ["data"] and argv[1:2] in (["verify"], ["inspect"], ["convert"]):
             data_tool(argv[1:])
@@ -281,9 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"bertforge: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bertforge: interrupted; finished outputs are kept.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"bertforge: {how}; finished outputs are kept.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     return 0
 
 

@@ -9,14 +9,22 @@ the parent leaves the pool on any exception (KeyboardInterrupt, an error in the 
 queued tasks are cancelled and the workers terminated rather than waited for. Whatever a
 terminated worker was writing is a temporary file (`fileio.atomic_open`) that the next run
 removes; nothing it had finished is touched.
+
+A parent killed outright (SIGKILL, the out-of-memory killer) cannot terminate anything: the
+workers would wait for a task forever, holding their memory. On Linux each worker asks the
+kernel to kill it when its parent dies (PR_SET_PDEATHSIG). `bertforge` itself turns SIGTERM
+(`kill`, a batch system's time limit) into the same orderly stop as Ctrl-C (`cli.main`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,8 +34,22 @@ def ignore_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _start(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (a parent that died
+    before the request was made is caught by the pid check)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _start(parent: int, initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
     ignore_ctrl_c()
+    die_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)
 
@@ -44,7 +66,7 @@ def process_pool(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start,
-        initargs=(initializer, initargs),
+        initargs=(os.getpid(), initializer, initargs),
     )
     try:
         yield pool
