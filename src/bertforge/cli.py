@@ -147,7 +147,11 @@ def data_tool(argv: list[str]) -> None:
         help="the vocabulary is cased (when it does not say)",
     )
     c.add_argument("--overwrite", action="store_true", help="replace an earlier conversion")
-    c.add_argument("--workers", type=int, help="processes decoding records (default: all CPUs)")
+    c.add_argument(
+        "--workers",
+        type=int,
+        help="processes decoding records (default: every CPU this process may use)",
+    )
     args = parser.parse_args(argv)
     if args.tool == "convert":
         m = datacheck.convert(

@@ -167,7 +167,8 @@ class DataConfig(CorpusInput):
     instances in memory like Google's: needs about 80x the corpus size in RAM). Writes
     data.tfrecord."""
     workers: int = 0
-    """Worker processes (0: one per CPU core). The output does not depend on it."""
+    """Worker processes (0: one per CPU this process may use: its affinity mask, capped by a
+    cgroup CPU quota). The output does not depend on it."""
     unit_mb: float = 4.0
     """Size of a work unit (MB of text, cut at document boundaries); one shard per unit.
     Random next segments and the shuffle stay within a unit."""
@@ -191,7 +192,7 @@ class DataConfig(CorpusInput):
         require(self.dupe_factor is None or self.dupe_factor >= 1, "--dupe-factor",
                 "must be at least 1")  # fmt: skip
         require(self.random_seed >= 0, "--random-seed", "must be 0 or more")
-        require(self.workers >= 0, "--workers", "must be 0 (all cores) or more")
+        require(self.workers >= 0, "--workers", "must be 0 (every usable CPU) or more")
         require(self.unit_mb > 0, "--unit-mb", "must be positive")
         require(not (self.google_compatible and self.format == "native"), "--format",
                 "--google-compatible writes Google's TFRecords; drop --format native")  # fmt: skip

@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
 import random
 import shutil
 import sys
@@ -74,7 +73,7 @@ from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
 from bertforge.tokenization import LineEncoder, Vocab, load_vocab
-from bertforge.workers import process_pool
+from bertforge.workers import process_pool, usable_cpus
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
@@ -329,7 +328,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
             if part.get("run_id") == s.run_id and (out / part["file"]).is_file():
                 parts[part["unit"]] = part
     resumed = len(parts)
-    workers = cfg.workers or os.cpu_count() or 1
+    workers = cfg.workers or usable_cpus()
     bar = progress_bar(inputs, cfg.progress, "data")
     progress = Progress(callbacks=[bar.update] if bar else [])
 

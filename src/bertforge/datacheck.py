@@ -13,7 +13,6 @@ import collections
 import concurrent.futures as cf
 import glob
 import itertools
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from bertforge.shards import (
 )
 from bertforge.tfrecord import decode_example, example_lists, read_records, varint_values
 from bertforge.tokenization import load_vocab, read_vocab_txt
-from bertforge.workers import process_pool
+from bertforge.workers import process_pool, usable_cpus
 
 
 @dataclass
@@ -350,7 +349,7 @@ def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | Non
     Every record is checked (shape, token ids within the vocabulary, segment layout); the
     manifest is written last, so an interrupted conversion is never taken as data. Records
     are decoded by `workers` processes (default: every CPU), a bounded window at a time."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     files, manifest = data_files(inputs)
     if manifest is not None:
         raise UserError(f"{inputs}: already a `bertforge data` directory; train reads it as is.")

@@ -65,7 +65,7 @@ from bertforge.tokenization import (
     wordpiece_tokenizer,
 )
 from bertforge.wordcount import TokenCounter
-from bertforge.workers import ignore_ctrl_c
+from bertforge.workers import ignore_ctrl_c, usable_cpus
 
 BATCH_LINES = 2000
 HELDOUT_MAX_SHARE = 0.05  # never hold out more than 5% of the documents
@@ -311,7 +311,7 @@ def count_words(sentences: Sequence[str], cfg: VocabConfig) -> Counter[str]:
     the memory pages they live on."""
     texts = joined(sentences)
     half = len(texts) // 2
-    if half < 1 or (os.cpu_count() or 1) < 2 or sys.platform != "linux":
+    if half < 1 or usable_cpus() < 2 or sys.platform != "linux":
         return count_texts(texts, cfg).to_counter()
     global _FORK_INPUT
     _FORK_INPUT = (texts[half:], cfg)
@@ -478,7 +478,7 @@ def train_sentencepiece(
             bos_id=-1,
             eos_id=-1,
             pad_id=-1,
-            num_threads=os.cpu_count() or 1,
+            num_threads=usable_cpus(),
             minloglevel=2,
         )
         sp = spm.SentencePieceProcessor(model_file=prefix + ".model")

@@ -14,6 +14,11 @@ A parent killed outright (SIGKILL, the out-of-memory killer) cannot terminate an
 workers would wait for a task forever, holding their memory. On Linux each worker asks the
 kernel to kill it when its parent dies (PR_SET_PDEATHSIG). `bertforge` itself turns SIGTERM
 (`kill`, a batch system's time limit) into the same orderly stop as Ctrl-C (`cli.main`).
+
+How many workers: `usable_cpus`, not `os.cpu_count()`, which counts the whole machine. A
+batch job given 8 cores of a 128-core node (Slurm, taskset: the affinity mask) or a container
+limited to 4 CPUs (docker --cpus, Kubernetes: the cgroup's CPU quota) would otherwise start
+128 workers that fight over 8 or 4 cores.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
+import math
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -88,3 +95,36 @@ def terminate(pool: cf.ProcessPoolExecutor) -> None:
         p.terminate()
     for p in processes:
         p.join()
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on (its affinity mask), capped by its cgroup's CPU quota."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere the whole machine
+    n = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(n, quota) if quota else n)
+
+
+def cgroup_cpu_quota(root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """CPUs the cgroup quota allows (rounded up), or None: no quota, or no cgroup to read.
+    cgroup v2 keeps "QUOTA PERIOD" (or "max PERIOD") in cpu.max of the process's own cgroup
+    (the root one inside a container); v1 keeps cpu.cfs_quota_us (-1: none) and
+    cpu.cfs_period_us under cpu/."""
+    own = None
+    with contextlib.suppress(OSError):
+        for line in proc_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                own = root / line[3:].lstrip("/")
+    try:
+        for d in [own, root] if own is not None else [root]:
+            if (d / "cpu.max").is_file():
+                quota, period = (d / "cpu.max").read_text().split()[:2]
+                return None if quota == "max" else math.ceil(int(quota) / int(period))
+        v1 = root / "cpu"
+        if (v1 / "cpu.cfs_quota_us").is_file():
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+            return math.ceil(quota / period) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+    return None

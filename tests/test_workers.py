@@ -1,0 +1,55 @@
+"""How many workers: the affinity mask and the cgroup CPU quota, not the machine's core count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bertforge.workers import cgroup_cpu_quota, usable_cpus
+
+
+def fake_cgroup(tmp_path: Path, files: dict[str, str], own: str | None = None) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text(f"0::/{own}\n" if own else "12:cpu,cpuacct:/\n")
+    return root, proc
+
+
+@pytest.mark.parametrize(
+    ("files", "own", "want"),
+    [
+        ({"cpu.max": "250000 100000\n"}, None, 3),  # docker --cpus 2.5: three workers
+        ({"cpu.max": "max 100000\n"}, None, None),  # no limit
+        ({"job/cpu.max": "400000 100000\n", "cpu.max": "max 100000\n"}, "job", 4),  # own cgroup
+        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, 2),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, None),
+        ({"cpu.max": "garbage\n"}, None, None),
+        ({}, None, None),  # no cgroup filesystem at all
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path, files, own, want):
+    root, proc = fake_cgroup(tmp_path, files, own)
+    assert cgroup_cpu_quota(root, proc) == want
+
+
+def test_usable_cpus_caps_the_affinity_mask_by_the_quota(tmp_path):
+    assert usable_cpus(tmp_path / "none") == len(os.sched_getaffinity(0))
+    root, _ = fake_cgroup(tmp_path, {"cpu.max": "50000 100000\n"})
+    assert usable_cpus(root) == 1  # half a CPU still gets one worker
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_usable_cpus_follows_the_affinity_mask():
+    """A process pinned to one core (taskset, a Slurm job step) gets one worker."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from bertforge.workers import usable_cpus; print(usable_cpus())"
+    )
+    assert subprocess.check_output([sys.executable, "-c", code]).strip() == b"1"
