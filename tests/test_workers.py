@@ -53,3 +53,21 @@ def test_usable_cpus_follows_the_affinity_mask():
         "from bertforge.workers import usable_cpus; print(usable_cpus())"
     )
     assert subprocess.check_output([sys.executable, "-c", code]).strip() == b"1"
+
+
+def test_torch_threads_are_capped_by_a_cpu_quota_unless_omp_num_threads_chose():
+    """Training and embedding on a CPU in a container limited to one CPU run one thread."""
+    code = (
+        "import torch, bertforge.workers as w; torch.set_num_threads(2); "
+        "w.usable_cpus = lambda: 1; "
+        "from bertforge.distributed import setup; from bertforge.inference import pick_device; "
+        "setup('cpu'); a = torch.get_num_threads(); torch.set_num_threads(2); "
+        "pick_device('cpu'); print(a, torch.get_num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    run = subprocess.check_output([sys.executable, "-c", code], env=env)
+    assert run.split() == [b"1", b"1"]
+    chosen = subprocess.check_output(
+        [sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "2"}
+    )
+    assert chosen.split() == [b"2", b"2"]

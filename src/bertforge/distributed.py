@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from bertforge.errors import UserError
+from bertforge.workers import cap_torch_threads
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ def setup(device: str) -> Dist:
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    else:
+        cap_torch_threads()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, dev)

@@ -18,6 +18,7 @@ from bertforge.config import FillMaskConfig
 from bertforge.errors import UserError
 from bertforge.model import BertForPretraining, load_weights
 from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab, recorded_casing
+from bertforge.workers import cap_torch_threads
 
 UNUSED = re.compile(r"^\[unused\d+\]$")
 
@@ -40,6 +41,8 @@ def pick_device(name: str) -> torch.device:
         raise UserError("--device cuda: no CUDA device is available; use --device cpu.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        cap_torch_threads()
     return torch.device(name)
 
 

@@ -128,3 +128,13 @@ def cgroup_cpu_quota(root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) 
     except (OSError, ValueError):
         return None
     return None
+
+
+def cap_torch_threads() -> None:
+    """torch's CPU thread pool follows the affinity mask but not a cgroup CPU quota: in a
+    container limited to 4 CPUs of a 64-core host it would run 64 threads on 4 CPUs' time.
+    Cap it at `usable_cpus`, unless OMP_NUM_THREADS (torchrun sets it) already chose."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cpus():
+        torch.set_num_threads(usable_cpus())
