@@ -130,7 +130,10 @@ def test_sigkill_and_resume_give_the_same_losses_bit_for_bit(tmp_path, train_dat
     assert metrics(full, True) == metrics(cut, True)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, train_data, tiny_bert_config):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(
+    tmp_path, train_data, tiny_bert_config, sig, code
+):
     out = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -152,9 +155,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(tmp_path, train_data, 
         not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3
     ) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "checkpoint saved" in err
     (ckpt,) = list_checkpoints(out)
     step = int(ckpt.stem.split("-")[1])

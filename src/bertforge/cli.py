@@ -76,7 +76,7 @@ def run_train(cfg: TrainConfig) -> None:
 
     result = train(cfg)
     if result.interrupted:
-        raise SystemExit(130)
+        raise SystemExit(128 + result.stop_signal)  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 def run_export(cfg: ExportConfig) -> None:

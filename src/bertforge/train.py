@@ -125,6 +125,7 @@ class TrainResult:
     step: int
     eval: dict[str, float] | None
     interrupted: bool
+    stop_signal: int = int(signal.SIGINT)  # what stopped an interrupted run (this process's view)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -295,7 +296,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     # ---- the loop
     last_eval: dict[str, float] | None = None
-    interrupted = False
+    interrupted, stop_signal = False, int(signal.SIGINT)
     if cfg.do_train and step < cfg.num_train_steps:
         stop = StopRequest()
         order = Order(split.num_train, cfg.random_seed)
@@ -367,7 +368,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 if save_due or stopping:
                     checkpoint()
                 if stopping:
-                    interrupted = True
+                    interrupted, stop_signal = True, stop.signum or stop_signal
                     if d.main:
                         print(
                             f"train: stopped at step {step}; checkpoint saved. Run the same "
@@ -383,7 +384,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     if d.main and not interrupted:
         finish(out, cfg, bert, info, step, skipped, last_eval, precision, compiled, packed, d)
-    return TrainResult(out, step, last_eval, interrupted)
+    return TrainResult(out, step, last_eval, interrupted, stop_signal)
 
 
 # ----------------------------------------------------------------------------- step
@@ -811,6 +812,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # None: stopped by another process's request
         self._old: dict[int, Any] = {}
         with contextlib.suppress(ValueError):  # not the main thread: no handlers
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -819,7 +821,7 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         print(
             "\nbertforge: stopping after this step and saving a checkpoint (Ctrl-C again to "
             "quit at once)",
