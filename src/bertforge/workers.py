@@ -3,8 +3,8 @@
 Ctrl-C sends SIGINT to the terminal's whole process group, workers included. Left alone,
 each worker of a ProcessPoolExecutor raises KeyboardInterrupt wherever it happens to be and
 prints its traceback; one caught halfway through reading the task queue leaves the queue
-wedged, and the parent then waits forever at exit for workers that wait for a task (seen
-about once in six Ctrl-Cs of `bertforge data`). So here the workers ignore SIGINT, and when
+wedged, and the parent then waits forever at exit for workers that wait for a task (9 of 36
+Ctrl-Cs of `bertforge data` at random moments hung so, on the development machine). So here the workers ignore SIGINT, and when
 the parent leaves the pool on any exception (KeyboardInterrupt, an error in the corpus) the
 queued tasks are cancelled and the workers terminated rather than waited for. Whatever a
 terminated worker was writing is a temporary file (`fileio.atomic_open`) that the next run
