@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bertforge.workers import cgroup_cpu_quota, usable_cpus
+from bertforge.workers import cgroup_cpu_quota, start_all, usable_cpus
 
 
 def fake_cgroup(tmp_path: Path, files: dict[str, str], own: str | None = None) -> tuple[Path, Path]:
@@ -71,3 +74,21 @@ def test_torch_threads_are_capped_by_a_cpu_quota_unless_omp_num_threads_chose():
         [sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "2"}
     )
     assert chosen.split() == [b"2", b"2"]
+
+
+def _sigint_handler() -> str:
+    return repr(signal.getsignal(signal.SIGINT))
+
+
+def test_workers_are_started_with_ctrl_c_already_ignored():
+    """The ignore is inherited through exec, so it holds while a worker still imports
+    (before any initializer could set it); the parent gets its own handler back."""
+    before = signal.getsignal(signal.SIGINT)
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(2, mp_context=context) as plain:
+        assert "default_int_handler" in plain.submit(_sigint_handler).result()
+    with cf.ProcessPoolExecutor(2, mp_context=context) as pool:
+        start_all(pool, 2)
+        assert signal.getsignal(signal.SIGINT) is before
+        handlers = {pool.submit(_sigint_handler).result() for _ in range(8)}
+    assert handlers == {repr(signal.SIG_IGN)}

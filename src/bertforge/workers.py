@@ -4,9 +4,10 @@ Ctrl-C sends SIGINT to the terminal's whole process group, workers included. Lef
 each worker of a ProcessPoolExecutor raises KeyboardInterrupt wherever it happens to be and
 prints its traceback; one caught halfway through reading the task queue leaves the queue
 wedged, and the parent then waits forever at exit for workers that wait for a task (9 of 36
-Ctrl-Cs of `bertforge data` at random moments hung so, on the development machine). So here the workers ignore SIGINT, and when
-the parent leaves the pool on any exception (KeyboardInterrupt, an error in the corpus) the
-queued tasks are cancelled and the workers terminated rather than waited for. Whatever a
+Ctrl-Cs of `bertforge data` at random moments hung so, on the development machine). So here
+the workers ignore SIGINT from their first instruction (`start_all`), and when the parent
+leaves the pool on any exception (KeyboardInterrupt, an error in the corpus) the queued tasks
+are cancelled and the workers terminated rather than waited for. Whatever a
 terminated worker was writing is a temporary file (`fileio.atomic_open`) that the next run
 removes; nothing it had finished is touched.
 
@@ -31,6 +32,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,11 +78,28 @@ def process_pool(
         initargs=(os.getpid(), initializer, initargs),
     )
     try:
+        start_all(pool, workers)
         yield pool
     except BaseException:
         terminate(pool)
         raise
     pool.shutdown(wait=True)
+
+
+def start_all(pool: cf.ProcessPoolExecutor, workers: int) -> None:
+    """Start every worker now, with SIGINT ignored for the few milliseconds that takes: an
+    ignored signal stays ignored through exec, so Ctrl-C cannot reach a worker even while it
+    is still importing, before its initializer runs (a Ctrl-C then printed a traceback about
+    once in twelve in the first second and a half). A Ctrl-C within those milliseconds is
+    lost; the parent's handler is back before the first unit is read."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for _ in range(workers):  # each submit starts a worker while none is idle
+            pool.submit(os.getpid)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def terminate(pool: cf.ProcessPoolExecutor) -> None:
