@@ -299,9 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bertforge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        how = "terminated" if isinstance(e, Terminated) else "interrupted"
+        term = isinstance(e, Terminated)
+        how = "terminated" if term else "interrupted"
         print(f"bertforge: {how}; finished outputs are kept.", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)  # 143 or 130, as train
     finally:
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)

@@ -348,7 +348,7 @@ def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | Non
     static masks, which train memory-maps. Streams: memory stays bounded whatever the size.
     Every record is checked (shape, token ids within the vocabulary, segment layout); the
     manifest is written last, so an interrupted conversion is never taken as data. Records
-    are decoded by `workers` processes (default: every CPU), a bounded window at a time."""
+    are decoded by `workers` processes (default: every usable CPU), a bounded window at a time."""
     workers = workers or usable_cpus()
     files, manifest = data_files(inputs)
     if manifest is not None:

@@ -7,9 +7,9 @@ wedged, and the parent then waits forever at exit for workers that wait for a ta
 Ctrl-Cs of `bertforge data` at random moments hung so, on the development machine). So here
 the workers ignore SIGINT from their first instruction (`start_all`), and when the parent
 leaves the pool on any exception (KeyboardInterrupt, an error in the corpus) the queued tasks
-are cancelled and the workers terminated rather than waited for. Whatever a
-terminated worker was writing is a temporary file (`fileio.atomic_open`) that the next run
-removes; nothing it had finished is touched.
+are cancelled and the workers terminated rather than waited for. Whatever a terminated worker
+was writing is a temporary file (`fileio.atomic_open`) that the next run removes; nothing it
+had finished is touched.
 
 A parent killed outright (SIGKILL, the out-of-memory killer) cannot terminate anything: the
 workers would wait for a task forever, holding their memory. On Linux each worker asks the
@@ -155,5 +155,5 @@ def cap_torch_threads() -> None:
     Cap it at `usable_cpus`, unless OMP_NUM_THREADS (torchrun sets it) already chose."""
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cpus():
-        torch.set_num_threads(usable_cpus())
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > (n := usable_cpus()):
+        torch.set_num_threads(n)
