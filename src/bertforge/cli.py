@@ -75,7 +75,7 @@ def run_train(cfg: TrainConfig) -> None:
     from bertforge.train import train
 
     result = train(cfg)
-    if result.interrupted:
+    if result.stop_signal is not None:
         raise SystemExit(128 + result.stop_signal)  # 130 for Ctrl-C, 143 for SIGTERM
 
 

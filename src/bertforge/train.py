@@ -124,8 +124,11 @@ class TrainResult:
     output: Path
     step: int
     eval: dict[str, float] | None
-    interrupted: bool
-    stop_signal: int = int(signal.SIGINT)  # what stopped an interrupted run (this process's view)
+    stop_signal: int | None  # None: ran to its end; else what stopped it (another rank's: SIGINT)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_signal is not None
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -296,7 +299,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     # ---- the loop
     last_eval: dict[str, float] | None = None
-    interrupted, stop_signal = False, int(signal.SIGINT)
+    stop_signal: int | None = None
     if cfg.do_train and step < cfg.num_train_steps:
         stop = StopRequest()
         order = Order(split.num_train, cfg.random_seed)
@@ -368,7 +371,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 if save_due or stopping:
                     checkpoint()
                 if stopping:
-                    interrupted, stop_signal = True, stop.signum or stop_signal
+                    stop_signal = stop.signum or int(signal.SIGINT)
                     if d.main:
                         print(
                             f"train: stopped at step {step}; checkpoint saved. Run the same "
@@ -382,9 +385,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     elif cfg.do_eval:
         last_eval = evaluate_now()
 
-    if d.main and not interrupted:
+    if d.main and stop_signal is None:
         finish(out, cfg, bert, info, step, skipped, last_eval, precision, compiled, packed, d)
-    return TrainResult(out, step, last_eval, interrupted, stop_signal)
+    return TrainResult(out, step, last_eval, stop_signal)
 
 
 # ----------------------------------------------------------------------------- step
