@@ -1,12 +1,16 @@
-"""Shared helpers: tiny corpora written on the fly; the bundled demo corpus."""
+"""Shared helpers: tiny corpora written on the fly; the bundled demo corpus; a full disk."""
 
 from __future__ import annotations
 
+import errno
 import gzip
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bertforge import fileio
 from bertforge.cli import demo_corpus
 
 MIXED_DOCS = [
@@ -108,3 +112,45 @@ def exported_model(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) 
     out = tmp_path_factory.mktemp("exported")
     export(ExportConfig(checkpoint=str(trained_run), output=str(out), overwrite=True))
     return out
+
+
+class FullDisk:
+    """Every file bertforge writes (all go through `fileio.atomic_open`) fails as on a full
+    disk once `room` bytes (characters, for text) have been written in all: the write that
+    crosses the line writes what fits, then raises OSError(ENOSPC). `room = None` frees it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, room: int | None) -> None:
+        self.room = room
+        disk = self
+
+        class Os:  # fileio's view of `os`, with fdopen metered
+            def __getattr__(self, name: str) -> Any:
+                return getattr(os, name)
+
+            def fdopen(self, fd: int, mode: str = "r", **kwargs: Any) -> Any:
+                return _Metered(os.fdopen(fd, mode, **kwargs), disk)
+
+        monkeypatch.setattr(fileio, "os", Os())
+
+
+class _Metered:
+    def __init__(self, f: Any, disk: FullDisk) -> None:
+        self.f, self.disk = f, disk
+
+    def write(self, data: Any) -> int:
+        if self.disk.room is not None and len(data) > self.disk.room:
+            self.f.write(data[: self.disk.room])
+            self.disk.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if self.disk.room is not None:
+            self.disk.room -= len(data)
+        return self.f.write(data)
+
+    def __enter__(self) -> _Metered:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)

@@ -15,6 +15,7 @@ from bertforge.errors import UserError
 from bertforge.export import export
 from bertforge.inference import load_model
 from bertforge.model import to_hf
+from tests.conftest import FullDisk
 
 transformers = pytest.importorskip("transformers")
 
@@ -135,6 +136,26 @@ def test_export_of_an_export_is_identical(tmp_path, exported_model):
     assert a == (again / "model.safetensors").read_bytes()
     for name in ("vocab.txt", "tokenizer.json", "config.json"):
         assert (exported_model / name).read_text() == (again / name).read_text()
+
+
+@pytest.mark.parametrize("fill", ["weights", "google checkpoint"])
+def test_a_full_disk_stops_cleanly_and_the_rerun_finishes(tmp_path, trained_run, monkeypatch, fill):
+    clean = tmp_path / "clean"
+    export(ExportConfig(checkpoint=str(trained_run), output=str(clean), format="google"))
+    weights = (clean / "model.safetensors").stat().st_size
+    room = weights // 2 if fill == "weights" else 2 * weights  # the TF data file comes later
+    disk = FullDisk(monkeypatch, room)
+    out = tmp_path / "m"
+    with pytest.raises(UserError, match=r"no space left on the device .*run the same command"):
+        export(ExportConfig(checkpoint=str(trained_run), output=str(out), format="google"))
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
+    disk.room = None
+    export(ExportConfig(checkpoint=str(trained_run), output=str(out), format="google"))
+    names = sorted(p.name for p in clean.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        if name != "manifest.json":  # it records the time and command
+            assert (out / name).read_bytes() == (clean / name).read_bytes(), name
 
 
 def test_export_errors(tmp_path, trained_run, exported_model, capsys):

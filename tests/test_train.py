@@ -28,6 +28,7 @@ from bertforge.errors import UserError
 from bertforge.model import BertConfig, BertForPretraining, from_hf, to_hf
 from bertforge.optim import GoogleAdamW, learning_rate
 from bertforge.train import train
+from tests.conftest import FullDisk
 
 LOSSES = ("loss", "masked_lm_loss", "next_sentence_loss", "masked_lm_accuracy")
 
@@ -164,6 +165,29 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(
     assert step == metrics(out)[-1]["step"] >= 3
     assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", str(step + 2))) == 0
     assert [r["step"] for r in metrics(out)] == list(range(1, step + 3))
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_finishes(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    run = args(train_data, out, tiny_bert_config, "--save-checkpoints-steps", "2")
+    assert main([*run, "--num-train-steps", "2"]) == 0
+    (first,) = list_checkpoints(out)
+    rewritten = sum(p.stat().st_size for p in out.iterdir() if p.suffix in (".json", ".txt"))
+    # Resumed, the run rewrites its small files, then the disk fills in the next checkpoint.
+    disk = FullDisk(monkeypatch, rewritten + first.stat().st_size // 2)
+    assert main([*run, "--num-train-steps", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bertforge: error: ") and "Traceback" not in "".join(err)
+    assert "no space left on the device while writing ckpt-00000004.pt" in err[-1]
+    assert list_checkpoints(out) == [first] and not list(out.rglob(".*.tmp"))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 7.1')  # what a full disk leaves of an appended line
+    disk.room = None
+    assert main([*run, "--num-train-steps", "6"]) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in list_checkpoints(out)][-1] == "ckpt-00000006.pt"
 
 
 def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):

@@ -23,7 +23,7 @@ from bertforge.vocab import (
     train_vocab,
     trainer_feed,
 )
-from tests.conftest import MIXED_DOCS, write_corpus
+from tests.conftest import MIXED_DOCS, FullDisk, write_corpus
 
 
 def cfg(corpus: Path, out: Path, **kw) -> VocabConfig:
@@ -136,6 +136,23 @@ def test_binary_and_empty_input_leave_nothing(tmp_path: Path):
     with pytest.raises(UserError, match="contains no text"):
         train_vocab(cfg(empty, tmp_path / "v2"))
     assert not (tmp_path / "v2" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("room", [0, 3000, 9000])  # the disk fills before/at/after vocab.txt
+def test_a_full_disk_stops_cleanly_and_the_rerun_finishes(
+    tmp_path, mixed_corpus, monkeypatch, room
+):
+    clean = train_vocab(cfg(mixed_corpus, tmp_path / "clean", vocab_size=600)).output
+    disk = FullDisk(monkeypatch, room)
+    out = tmp_path / "v"
+    with pytest.raises(UserError, match=r"no space left on the device .*run the same command"):
+        train_vocab(cfg(mixed_corpus, out, vocab_size=600))
+    assert not (out / "manifest.json").exists() and not list(out.glob(".*.tmp"))
+    disk.room = None  # space freed: the same command finishes (the output is its own)
+    train_vocab(cfg(mixed_corpus, out, vocab_size=600))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir())
 
 
 def test_sentencepiece_conversion_rules():

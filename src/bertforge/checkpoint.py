@@ -42,10 +42,34 @@ def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -
     """Write ckpt-STEP.pt atomically, then delete all but the newest `keep`."""
     path = checkpoint_path(output, step)
     with atomic_open(path) as f:
-        torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, f)
+        writer = _WriteErrors(f)
+        try:
+            torch.save({"format": FORMAT, "version": VERSION, "step": step, **state}, writer)
+        except RuntimeError:  # torch's C++ writer reports a failed write as its own error
+            if writer.error is not None:
+                raise writer.error from None  # the real one (a full disk): atomic_open says so
+            raise
     for old in list_checkpoints(output)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+class _WriteErrors:
+    """A file that remembers the OSError of a failed write (torch.save replaces it with a
+    RuntimeError that does not say the disk is full)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from bertforge.config import (
     unknown_flags_error,
 )
 from bertforge.errors import UserError
+from bertforge.fileio import os_error_message
 
 
 def demo_corpus() -> Path:
@@ -298,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"bertforge: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `bertforge data inspect ... | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 128 + signal.SIGPIPE
+    except OSError as e:  # the file system refused (full, read-only, permissions): no traceback
+        print(f"bertforge: error: {os_error_message(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
         how = "terminated" if term else "interrupted"

@@ -16,7 +16,6 @@ TensorFlow, `tfcheckpoint.write_checkpoint`), which Google's scripts take as --i
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,10 @@ from bertforge.config import ExportConfig, config_to_dict
 from bertforge.errors import UserError
 from bertforge.fileio import (
     atomic_open,
+    begin_output,
+    finish_output,
     prepare_output_dir,
+    read_jsonl,
     read_manifest,
     write_json,
     write_manifest,
@@ -56,7 +58,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     source = read_init_checkpoint(cfg.checkpoint, "--checkpoint")
     vocab = export_vocab(cfg, source)
     out = prepare_output_dir(cfg.output, "export", cfg.overwrite, "--output")
-    (out / "manifest.json").unlink(missing_ok=True)  # complete only when rewritten at the end
+    begin_output(out, "export")
     # An earlier --format google export's files: rewritten below, or not wanted.
     for old in [out / "bert_config.json", *out.glob(f"{GOOGLE_CHECKPOINT}.*")]:
         old.unlink(missing_ok=True)
@@ -84,6 +86,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         extra={"bert_config": bert.to_dict(), **training},
         libraries=("torch", "safetensors", "tokenizers"),
     )
+    finish_output(out)
     return ExportResult(out, source, vocab, files, training.get("eval"))
 
 
@@ -159,18 +162,12 @@ def _data_manifest(source: str | None) -> dict[str, Any] | None:
 
 def last_eval(run: Path, step: int | None) -> dict[str, Any] | None:
     """The latest evaluation in metrics.jsonl at or before `step`."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    found = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if record.get("eval") and (step is None or record["step"] <= step):
-            found = record
-    return found
+    evals = [
+        r
+        for r in read_jsonl(run / "metrics.jsonl")
+        if r.get("eval") and (step is None or r.get("step", 0) <= step)
+    ]
+    return evals[-1] if evals else None
 
 
 def print_summary(result: ExportResult) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,12 +32,27 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space, or over quota: the same remedy
+_FREE_SPACE = "free some space and run the same command again (finished files are kept)"
+_PERMISSIONS = "check its permissions and its directory's, or choose another path"
+_ADVICE = {
+    errno.ENOSPC: _FREE_SPACE,
+    errno.EDQUOT: _FREE_SPACE,
+    errno.EROFS: "write the output to a writable file system",
+    errno.EACCES: _PERMISSIONS,
+    errno.EPERM: _PERMISSIONS,
+}
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temp file beside path; on clean exit fsync and rename it over path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:  # read-only, no permission: about the directory, not our temp name
+        raise OSError(e.errno, e.strerror, str(target.parent)) from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -47,16 +63,44 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if e.errno == errno.ENOSPC:
+        if e.errno in _FULL:
             raise UserError(
                 f"{target.parent}: no space left on the device while writing {target.name}; "
-                "free some space and run the same command again (finished files are kept)."
+                f"{_FREE_SPACE}."
             ) from None
         raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for a file system error that reached the command line: which path, what
+    happened, what to do."""
+    path = e.filename2 if e.errno in _FULL and e.filename2 else e.filename
+    what = (e.strerror or str(e)).lower()
+    advice = _ADVICE.get(e.errno or 0)
+    return f"{path if path is not None else 'a file'}: {what}" + (f"; {advice}." if advice else ".")
+
+
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy a file atomically: a crash or a full disk never leaves a partial copy at target."""
+    with atomic_open(target) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f, 1 << 22)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (none if absent), skipping a line a crash or a full
+    disk cut short."""
+    records = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+    return records
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -152,3 +196,19 @@ def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag:
             )
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def begin_output(directory: Path, stage: str) -> None:
+    """Before a stage that redoes its whole output writes into `directory`: drop the manifest
+    (the directory is complete only once it is rewritten) and the temporaries a killed run
+    left, and mark the directory as this stage's unfinished output, so that the rerun after a
+    crash or a full disk is not refused as a foreign directory. `finish_output` at the end."""
+    (directory / MANIFEST).unlink(missing_ok=True)
+    for tmp in directory.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    write_json(directory / RUN_FILE, {"stage": stage})
+
+
+def finish_output(directory: Path) -> None:
+    """The manifest is written: the directory is complete."""
+    (directory / RUN_FILE).unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.data import line_warning
-from bertforge.fileio import read_manifest, write_text
+from bertforge.fileio import atomic_open, read_jsonl, read_manifest, write_text
 
 PLOTS = "plots"
 
@@ -32,17 +32,8 @@ class Summary:
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training log records, evaluation records) of a metrics.jsonl, skipping a torn line."""
-    train: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    if not path.is_file():
-        return train, evals
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        (evals if record.get("eval") else train).append(record)
-    return train, evals
+    records = read_jsonl(path)
+    return [r for r in records if not r.get("eval")], [r for r in records if r.get("eval")]
 
 
 def plot(out: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[str]:
@@ -98,7 +89,8 @@ def plot(out: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]]) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / PLOTS / f"{name}.png")
+        with atomic_open(out / PLOTS / f"{name}.png") as f:
+            fig.savefig(f, format="png")
         plt.close(fig)
         written.append(f"{PLOTS}/{name}.png")
     return written

@@ -60,7 +60,9 @@ from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.fileio import (
     RUN_FILE,
+    copy_file,
     prepare_output_dir,
+    read_jsonl,
     read_manifest,
     write_json,
     write_manifest,
@@ -794,14 +796,9 @@ def tensorboard(out: Path) -> Any:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics past `step` (a resumed run logs those steps again)."""
-    if not path.is_file():
-        return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
-    write_text(path, "".join(kept))
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]  # torn lines go too
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def duration(seconds: float) -> str:
@@ -1116,7 +1113,7 @@ def copy_vocab(vocab: Vocab, out: Path) -> None:
     for name in VOCAB_FILES:
         src = vocab.path if name == "vocab.txt" else source / name
         if src.is_file() and src.resolve() != (out / name).resolve():
-            shutil.copyfile(src, out / name)
+            copy_file(src, out / name)
     if not (out / "tokenizer_config.json").is_file():
         write_json(
             out / "tokenizer_config.json",

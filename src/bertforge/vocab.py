@@ -54,7 +54,7 @@ from bertforge.corpus import (
     resolve_inputs,
 )
 from bertforge.errors import UserError
-from bertforge.fileio import prepare_output_dir, write_manifest
+from bertforge.fileio import begin_output, finish_output, prepare_output_dir, write_manifest
 from bertforge.tokenization import (
     MAX_INPUT_CHARS_PER_WORD,
     SPECIALS,
@@ -127,6 +127,7 @@ class VocabResult:
 def train_vocab(cfg: VocabConfig) -> VocabResult:
     """Run the vocab stage: read the corpus, train, write vocab + tokenizer files + manifest."""
     out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
+    begin_output(out, "vocab")
     inputs = resolve_inputs(cfg.input)
     scan = scan_corpus(inputs, cfg)
     require_text(scan.stats, cfg.input)
@@ -179,6 +180,7 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
         outputs=outputs,
         extra={"quality": quality.as_dict()},
     )
+    finish_output(out)
     return VocabResult(
         out, tokens, scan.stats, quality, len(alphabet), sampled, max(0, padded), warnings
     )
