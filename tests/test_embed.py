@@ -11,6 +11,7 @@ from bertforge.config import EmbedConfig, FillMaskConfig
 from bertforge.embed import embed
 from bertforge.errors import UserError
 from bertforge.inference import fill_mask, load_model
+from tests.conftest import FullDisk
 
 transformers = pytest.importorskip("transformers")
 
@@ -129,6 +130,42 @@ def test_word_vectors_with_long_lines_cut_at_word_boundaries(tmp_path, exported_
     )
     assert np.load(short).shape[0] == offsets[-1]
     np.testing.assert_array_equal(np.load(tmp_path / "short.offsets.npy"), offsets)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_a_full_disk_leaves_no_output_and_the_rerun_finishes(
+    tmp_path, exported_model, monkeypatch, suffix
+):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(LINES * 50) + "\n")
+
+    def run(name: str) -> dict[str, np.ndarray]:
+        out = tmp_path / f"{name}{suffix}"
+        embed(EmbedConfig(model=str(exported_model), input=str(src), output=str(out),
+                          level="token", progress=False))  # fmt: skip
+        files = sorted(p.name.replace(name, "NAME") for p in tmp_path.glob(f"{name}*"))
+        assert files == sorted(f"NAME{x}" for x in (suffix, ".words.txt", ".offsets.npy")
+                               if x != ".offsets.npy" or suffix == ".npy")  # fmt: skip
+        if suffix == ".npy":
+            return {
+                "embeddings": np.load(out),
+                "offsets": np.load(f"{tmp_path / name}.offsets.npy"),
+            }
+        from safetensors.numpy import load_file
+
+        return load_file(out)
+
+    clean = run("clean")
+    rows, dim = clean["embeddings"].shape
+    assert rows > 500 and len(clean["offsets"]) == len(LINES * 50) + 1
+    disk = FullDisk(monkeypatch, rows * dim * 2)  # half the vectors fit
+    with pytest.raises(UserError, match=r"no space left on the device while writing v\."):
+        run("v")
+    assert not list(tmp_path.glob("v*")) and not list(tmp_path.glob(".*tmp"))
+    disk.room = None
+    again = run("v")
+    for name, array in clean.items():
+        assert np.array_equal(again[name], array)
 
 
 def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):

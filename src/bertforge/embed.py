@@ -1,8 +1,9 @@
 """`bertforge embed`: vectors for the lines (sentence level) or words (token level) of a text.
 
-Streaming: lines are read, embedded and appended to a scratch file in blocks, so memory stays
-flat however long the input; at the end the scratch rows are wrapped in the output format and
-renamed into place (an interrupted run leaves no half-written output). Within a block, lines
+Streaming: lines are read, embedded and appended to the output's temporary file in blocks
+after a header of reserved size, so memory stays flat however long the input and the rows
+are written once; at the end the header is filled in and the file renamed into place (an
+interrupted run leaves no half-written output). Within a block, lines
 are sorted by length before batching so little compute goes to padding.
 
 The two output formats are written here rather than through numpy/safetensors' savers
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import struct
 import sys
 from collections.abc import Iterator
@@ -83,15 +83,25 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     bar = progress_bar(inputs, cfg.progress, "embed")
     progress = Progress(callbacks=[bar.update] if bar else [])
     token_level = cfg.level == "token"
-    scratch = out.with_name(f".{out.name}.rows.tmp")
     words_path = out.with_name(out.stem + ".words.txt")
     offsets = [0]
     rows = truncated = 0
+    metadata = {
+        "model": str(loaded.source.path),
+        "level": cfg.level,
+        "layers": cfg.layers,
+        "combine": cfg.combine,
+        "pooling": cfg.resolved_pooling,
+    }
+    header = NpyHeader() if out.suffix == ".npy" else SafetensorsHeader(metadata, token_level)
     try:
-        with open(scratch, "wb") as f, contextlib.ExitStack() as stack:
+        # Files are renamed into place as the stack closes, last in first out: `out` last.
+        with contextlib.ExitStack() as stack:
+            f = stack.enter_context(atomic_open(out))
             words_file: IO[str] | None = None
             if token_level:
                 words_file = stack.enter_context(atomic_open(words_path, "w"))
+            f.write(b" " * header.size)  # rewritten once the number of rows is known
             lines = (line for line, _ in iter_lines(inputs, stats, progress=progress))
             for block in blocks(lines, BLOCK_LINES):
                 vectors, words, cut = embed_block(loaded, block, cfg, layers, max_length, dim)
@@ -102,25 +112,17 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                     offsets.append(rows)
                     if words_file is not None:
                         words_file.write(" ".join(w) + "\n")
-        if len(offsets) == 1:
-            raise UserError(f"--input: {cfg.input} has no lines to embed.")
-        metadata = {
-            "model": str(loaded.source.path),
-            "level": cfg.level,
-            "layers": cfg.layers,
-            "combine": cfg.combine,
-            "pooling": cfg.resolved_pooling,
-        }
-        offsets_array = np.asarray(offsets, dtype="<i8") if token_level else None
-        if out.suffix == ".npy":
-            write_npy(out, scratch, (rows, dim))
-            if offsets_array is not None:
+            if len(offsets) == 1:
+                raise UserError(f"--input: {cfg.input} has no lines to embed.")
+            offsets_array = np.asarray(offsets, dtype="<i8") if token_level else None
+            if isinstance(header, SafetensorsHeader) and offsets_array is not None:
+                f.write(offsets_array.tobytes())
+            elif offsets_array is not None:
                 with atomic_open(out.with_name(out.stem + ".offsets.npy")) as g:
                     np.save(g, offsets_array)
-        else:
-            write_safetensors_rows(out, scratch, (rows, dim), offsets_array, metadata)
+            f.seek(0)
+            f.write(header.bytes((rows, dim), len(offsets)))
     finally:
-        scratch.unlink(missing_ok=True)
         if bar:
             bar.close()
     result = EmbedResult(out, len(offsets) - 1, rows, dim, truncated)
@@ -260,36 +262,42 @@ def line_words(line: str, enc: Any) -> list[str]:
     return [line[s:e].replace(" ", "_") or "_" for s, e in spans.values()]
 
 
-def write_npy(out: Path, scratch: Path, shape: tuple[int, int]) -> None:
-    with atomic_open(out) as f, open(scratch, "rb") as src:
-        header = {"descr": "<f4", "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_2_0(f, header)
-        shutil.copyfileobj(src, f, 1 << 22)
+class NpyHeader:
+    """The header of a 2-D little-endian float32 .npy file (format 1.0), reserved at a fixed
+    size before the rows are written and filled in after them (numpy reads the padding)."""
+
+    size = 128  # a multiple of 64, as numpy aligns its own
+
+    def bytes(self, shape: tuple[int, int], num_offsets: int) -> bytes:
+        text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}"
+        text = text.ljust(self.size - 11) + "\n"
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("ascii")
 
 
-def write_safetensors_rows(
-    out: Path,
-    scratch: Path,
-    shape: tuple[int, int],
-    offsets: np.ndarray | None,
-    metadata: dict[str, str],
-) -> None:
-    nbytes = shape[0] * shape[1] * 4
-    header: dict[str, Any] = {
-        "__metadata__": metadata,
-        "embeddings": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]},
-    }
-    if offsets is not None:
-        header["offsets"] = {
-            "dtype": "I64",
-            "shape": [len(offsets)],
-            "data_offsets": [nbytes, nbytes + offsets.nbytes],
+class SafetensorsHeader:
+    """A safetensors header: u64 length, then JSON naming `embeddings` (rows x dim float32)
+    and, at token level, `offsets` (i64) after them; padded with spaces to a size fixed before
+    the rows are written, large enough for any row count."""
+
+    def __init__(self, metadata: dict[str, str], with_offsets: bool) -> None:
+        self.metadata, self.with_offsets = metadata, with_offsets
+        widest = self._json((10**15, 10**6), 10**15)  # more rows than any disk holds
+        self.size = 8 + len(widest) + (-len(widest) % 8)
+
+    def _json(self, shape: tuple[int, int], num_offsets: int) -> bytes:
+        nbytes = shape[0] * shape[1] * 4
+        header: dict[str, Any] = {
+            "__metadata__": self.metadata,
+            "embeddings": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]},
         }
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with atomic_open(out) as f, open(scratch, "rb") as src:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        shutil.copyfileobj(src, f, 1 << 22)
-        if offsets is not None:
-            f.write(offsets.tobytes())
+        if self.with_offsets:
+            header["offsets"] = {
+                "dtype": "I64",
+                "shape": [num_offsets],
+                "data_offsets": [nbytes, nbytes + 8 * num_offsets],
+            }
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def bytes(self, shape: tuple[int, int], num_offsets: int) -> bytes:
+        text = self._json(shape, num_offsets).ljust(self.size - 8)
+        return struct.pack("<Q", len(text)) + text
