@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,14 @@ import pytest
 from bertforge import fileio
 from bertforge.cli import main
 from bertforge.errors import UserError
-from bertforge.fileio import atomic_open, copy_file, os_error_message, read_jsonl
+from bertforge.fileio import (
+    LOCK,
+    atomic_open,
+    copy_file,
+    os_error_message,
+    output_lock,
+    read_jsonl,
+)
 from tests.conftest import FullDisk
 
 
@@ -81,3 +89,39 @@ def test_a_closed_pipe_ends_the_command_quietly(train_data: Path):
     )
     assert proc.stdout == "instance 0:\n" and proc.stderr == ""
     assert proc.returncode == 141
+
+
+def test_a_second_writer_of_a_directory_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out, "train", "--output"):
+        assert (out / LOCK).read_text().startswith(f"train, pid {os.getpid()} on ")
+        first = rf"\(train, pid {os.getpid()} on .*\)"
+        refused = rf"--output: {out} is being written by another bertforge {first}; wait for it"
+        with pytest.raises(UserError, match=refused), output_lock(out, "data", "--output"):
+            pass
+        (out / "result.txt").write_text("kept")
+    assert sorted(p.name for p in out.iterdir()) == ["result.txt"]  # the lock file is gone
+    with output_lock(out, "data", "--output"):
+        pass
+    with pytest.raises(UserError, match="no input"), output_lock(tmp_path / "new", "x", "--o"):
+        raise UserError("no input")
+    assert not (tmp_path / "new").exists()  # refused before writing: no empty directory left
+
+
+def test_a_killed_holder_never_blocks_the_rerun(tmp_path):
+    out = tmp_path / "out"
+    code = (
+        "import sys, time; from bertforge.fileio import output_lock\n"
+        f"with output_lock({str(out)!r}, 'data', '--output'):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    refused = f"another bertforge \\(data, pid {proc.pid} "
+    with pytest.raises(UserError, match=refused), output_lock(out, "data", "--output"):
+        pass
+    proc.kill()
+    proc.wait()
+    assert (out / LOCK).exists()  # kill -9 leaves the file, but not the lock
+    with output_lock(out, "data", "--output"):
+        pass

@@ -133,7 +133,7 @@ def test_sigkill_and_resume_give_the_same_losses_bit_for_bit(tmp_path, train_dat
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(
-    tmp_path, train_data, tiny_bert_config, sig, code
+    tmp_path, train_data, tiny_bert_config, sig, code, capsys
 ):
     out = tmp_path / "run"
     cmd = [
@@ -156,6 +156,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(
         not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3
     ) and time.time() < deadline:
         time.sleep(0.05)
+    # A second run into the same directory (a job started twice) is refused, naming the first.
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "5")) == 2
+    assert f"being written by another bertforge (train, pid {proc.pid} " in capsys.readouterr().err
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err

@@ -55,6 +55,7 @@ from bertforge.fileio import (
     MANIFEST,
     RUN_FILE,
     atomic_open,
+    locked_output,
     prepare_output_dir,
     read_manifest,
     sha256_file,
@@ -491,6 +492,7 @@ def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool
     )
 
 
+@locked_output("data")
 def create_data(cfg: DataConfig) -> DataResult:
     """The data stage: resolve inputs and vocab, (resume and) write shards, then the manifest."""
     inputs = resolve_inputs(cfg.input)

@@ -23,6 +23,7 @@ import numpy as np
 from bertforge.errors import UserError
 from bertforge.fileio import (
     atomic_open,
+    output_lock,
     prepare_output_dir,
     read_manifest,
     sha256_file,
@@ -349,6 +350,12 @@ def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | Non
     Every record is checked (shape, token ids within the vocabulary, segment layout); the
     manifest is written last, so an interrupted conversion is never taken as data. Records
     are decoded by `workers` processes (default: every usable CPU), a bounded window at a time."""
+    with output_lock(output, "data convert", "--output"):
+        return _convert(inputs, vocab_path, output, do_lower_case, overwrite, workers)
+
+
+def _convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | None,
+             overwrite: bool, workers: int | None) -> dict[str, Any]:  # fmt: skip
     workers = workers or usable_cpus()
     files, manifest = data_files(inputs)
     if manifest is not None:

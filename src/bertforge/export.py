@@ -30,6 +30,7 @@ from bertforge.fileio import (
     atomic_open,
     begin_output,
     finish_output,
+    locked_output,
     prepare_output_dir,
     read_jsonl,
     read_manifest,
@@ -54,6 +55,7 @@ class ExportResult:
     eval: dict[str, Any] | None
 
 
+@locked_output("export")
 def export(cfg: ExportConfig) -> ExportResult:
     source = read_init_checkpoint(cfg.checkpoint, "--checkpoint")
     vocab = export_vocab(cfg, source)

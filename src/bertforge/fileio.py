@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar, cast
 
 from bertforge import __version__
 from bertforge.errors import UserError
@@ -28,6 +31,8 @@ from bertforge.errors import UserError
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 RUN_FILE = ".bertforge-run.json"  # an unfinished run's settings (resumable stages)
+LOCK = ".bertforge.lock"  # held while a stage writes into its directory
+F = TypeVar("F", bound=Callable[..., Any])
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -183,7 +188,7 @@ def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag:
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise UserError(f"{flag}: {d} is a file; give a directory.")
-    if d.is_dir() and any(d.iterdir()) and not overwrite:
+    if d.is_dir() and holds_files(d) and not overwrite:
         owners = set()
         for marker in (d / MANIFEST, d / RUN_FILE):
             if marker.is_file():
@@ -212,3 +217,72 @@ def begin_output(directory: Path, stage: str) -> None:
 def finish_output(directory: Path) -> None:
     """The manifest is written: the directory is complete."""
     (directory / RUN_FILE).unlink(missing_ok=True)
+
+
+def holds_files(directory: Path) -> bool:
+    """Whether a directory holds anything besides a lock file."""
+    return any(p.name != LOCK for p in directory.iterdir())
+
+
+@contextlib.contextmanager
+def output_lock(directory: str | Path, stage: str, flag: str) -> Iterator[Path]:
+    """Hold DIRECTORY/.bertforge.lock while a stage writes there (creating the directory).
+
+    A second bertforge writing into the same directory (a job started twice, a second
+    terminal) is refused, naming the first, instead of the two deleting or mixing each
+    other's files. The lock is the kernel's (flock, which Linux's NFS client maps to NFS
+    locks): it goes with its process, even on kill -9, so no stale lock ever blocks a rerun.
+    The file is removed on the way out. On a file system without locks, runs go unguarded."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{flag}: {d} is a file; give a directory.")
+    created = not d.exists()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 500, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise UserError(
+                f"{flag}: {d} is being written by another bertforge ({holder or 'starting'}); "
+                "wait for it to finish or stop it, or choose another directory."
+            ) from None
+        except OSError:
+            break  # no locks here (ENOLCK, EOPNOTSUPP): go on unguarded
+        try:  # the holder before us may have removed the file: then lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        since = datetime.now().astimezone().isoformat(timespec="seconds")
+        holder = f"{stage}, pid {os.getpid()} on {socket.gethostname()}, since {since}\n"
+        with contextlib.suppress(OSError):  # only for the message of a refused second run
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode(), 0)
+        yield d
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still held: the next holder checks it locked this file
+            if created:
+                d.rmdir()  # refused before writing anything: leave no empty directory
+        os.close(fd)
+
+
+def locked_output(stage: str) -> Callable[[F], F]:
+    """Decorate a stage function of a config with an `output` directory: it runs holding
+    `output_lock` on that directory."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def locked(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            with output_lock(cfg.output, stage, "--output"):
+                return fn(cfg, *args, **kwargs)
+
+        return cast(F, locked)
+
+    return wrap

@@ -42,7 +42,14 @@ from bertforge.config import (
 )
 from bertforge.corpus import STDIN, resolve_inputs
 from bertforge.errors import UserError
-from bertforge.fileio import MANIFEST, read_manifest, sha256_file, write_json
+from bertforge.fileio import (
+    MANIFEST,
+    holds_files,
+    output_lock,
+    read_manifest,
+    sha256_file,
+    write_json,
+)
 from bertforge.report import Summary, write_report
 
 ORDER = ("vocab", "data", "train", "export")
@@ -266,11 +273,18 @@ def decide(
 def run_pipeline(
     run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
 ) -> RunResult:
+    with output_lock(run.output, "run", "--output"):
+        return _run_pipeline(run, configs, runners)
+
+
+def _run_pipeline(
+    run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
+) -> RunResult:
     out = Path(run.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output: {out} is a file; give a directory.")
     state_path = out / STATE
-    if out.is_dir() and any(out.iterdir()) and not state_path.is_file() and not run.overwrite:
+    if out.is_dir() and holds_files(out) and not state_path.is_file() and not run.overwrite:
         raise UserError(
             f"--output: {out} is not empty and is not a bertforge run; choose another "
             "directory or pass --overwrite."

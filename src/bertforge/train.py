@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from bertforge.errors import UserError
 from bertforge.fileio import (
     RUN_FILE,
     copy_file,
+    output_lock,
     prepare_output_dir,
     read_jsonl,
     read_manifest,
@@ -136,9 +138,27 @@ class TrainResult:
 def train(cfg: TrainConfig) -> TrainResult:
     d = distributed.setup(cfg.device)
     try:
-        return _train(cfg, d)
+        with claim_output(cfg, d):
+            return _train(cfg, d)
     finally:
         distributed.shutdown(d)
+
+
+@contextlib.contextmanager
+def claim_output(cfg: TrainConfig, d: Dist) -> Iterator[None]:
+    """Process 0, the one that writes, holds the output directory's lock (`output_lock`) for
+    the run; every process learns whether it got it, so all stop together if not."""
+    with contextlib.ExitStack() as stack:
+        refusal = ""
+        if d.main:
+            try:
+                stack.enter_context(output_lock(cfg.output, "train", "--output"))
+            except UserError as e:
+                refusal = str(e)
+        refusal = distributed.broadcast_word(refusal if d.main else None, d, None)
+        if refusal:
+            raise UserError(refusal)
+        yield
 
 
 def _train(cfg: TrainConfig, d: Dist) -> TrainResult:

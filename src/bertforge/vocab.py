@@ -54,7 +54,13 @@ from bertforge.corpus import (
     resolve_inputs,
 )
 from bertforge.errors import UserError
-from bertforge.fileio import begin_output, finish_output, prepare_output_dir, write_manifest
+from bertforge.fileio import (
+    begin_output,
+    finish_output,
+    locked_output,
+    prepare_output_dir,
+    write_manifest,
+)
 from bertforge.tokenization import (
     MAX_INPUT_CHARS_PER_WORD,
     SPECIALS,
@@ -124,6 +130,7 @@ class VocabResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@locked_output("vocab")
 def train_vocab(cfg: VocabConfig) -> VocabResult:
     """Run the vocab stage: read the corpus, train, write vocab + tokenizer files + manifest."""
     out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
