@@ -185,9 +185,7 @@ def read_manifest(directory: str | Path, stage: str | None = None) -> dict[str, 
 
 def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag: str) -> Path:
     """Create the output dir; refuse one that holds something other than this stage's output."""
-    d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise UserError(f"{flag}: {d} is a file; give a directory.")
+    d = Path(directory)  # `output_lock` has refused a file of that name
     if d.is_dir() and holds_files(d) and not overwrite:
         owners = set()
         for marker in (d / MANIFEST, d / RUN_FILE):

@@ -280,9 +280,7 @@ def run_pipeline(
 def _run_pipeline(
     run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
 ) -> RunResult:
-    out = Path(run.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output: {out} is a file; give a directory.")
+    out = Path(run.output)  # `output_lock` has refused a file of that name
     state_path = out / STATE
     if out.is_dir() and holds_files(out) and not state_path.is_file() and not run.overwrite:
         raise UserError(
