@@ -74,6 +74,65 @@ def test_round_trip_through_transformers_names():
     assert hf_state["bert.embeddings.word_embeddings.weight"].shape[0] == 99
 
 
+def test_checkpoints_as_published_read_as_transformers_reads_them(tmp_path):
+    """Pre-2020 uploads (bert-base-*, multilingual BERT) name LayerNorm's weights gamma and
+    beta; the masked-LM bias may be stored under its tied name only; a bare BertModel has no
+    `bert.` prefix and no heads. Read to the weights transformers reads."""
+    from safetensors.torch import save_file
+
+    from bertforge.checkpoint import read_init_checkpoint
+
+    c = tiny_config()
+    ours = BertForPretraining(c)
+    with torch.no_grad():  # LayerNorms and the MLM bias away from their (1, 0) init
+        for name, p in ours.named_parameters():
+            if "norm" in name or name == "mlm_bias":
+                p[: c.vocab_size].normal_()
+    legacy = {}
+    for k, v in to_hf(ours.state_dict(), c):
+        k = k.replace("LayerNorm.weight", "LayerNorm.gamma")
+        legacy[k.replace("LayerNorm.bias", "LayerNorm.beta")] = v.clone()
+    assert sum("gamma" in k for k in legacy) == 2 * c.num_hidden_layers + 2
+    del legacy["cls.predictions.bias"]  # cls.predictions.decoder.bias holds it
+    d = tmp_path / "mbert"
+    d.mkdir()
+    save_file(legacy, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({**c.to_dict(), "model_type": "bert"}))
+    init = read_init_checkpoint(str(d))
+    hf = transformers.BertForPreTraining.from_pretrained(d)
+    for name, want in ours.state_dict().items():
+        torch.testing.assert_close(init.weights[name], want, rtol=0, atol=0)
+    assert set(from_hf(hf.state_dict(), c, "hf")) == set(init.weights)
+    for name, got in from_hf(hf.state_dict(), c, "hf").items():
+        torch.testing.assert_close(got, init.weights[name], rtol=0, atol=0)
+
+    (d / "model.safetensors").unlink()  # a bare encoder, pickled
+    torch.save({k.removeprefix("bert."): v for k, v in legacy.items() if "cls." not in k},
+               d / "pytorch_model.bin")  # fmt: skip
+    init = read_init_checkpoint(str(d))
+    heads = {k for k in ours.state_dict() if k.startswith(("mlm_", "nsp."))}
+    assert set(init.weights) == set(ours.state_dict()) - heads
+    for name, got in init.weights.items():
+        torch.testing.assert_close(got, ours.state_dict()[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        ({"model_type": "roberta"}, "a 'roberta' model; bertforge trains and reads BERT"),
+        ({"position_embedding_type": "relative_key"}, "absolute positions only"),
+    ],
+)
+def test_a_config_of_another_model_is_refused_naming_it(tmp_path, extra, says):
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({**tiny_config().to_dict(), **extra}))
+    with pytest.raises(UserError, match=f"{p}: .*{says}"):
+        BertConfig.from_json(p)
+    p.write_text("[1, 2]")
+    with pytest.raises(UserError, match="a JSON object is expected"):
+        BertConfig.from_json(p)
+
+
 def rows_of(ids, types, lengths, positions, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(1, 99, positions.shape, generator=g)

@@ -5,8 +5,9 @@ and renamed: it holds the model, the optimizer, the loss scaler, every RNG state
 (which is the data position: batches are a function of the step) and the configs.
 
 `--init-checkpoint` reads weights from a bertforge checkpoint (file or training directory), a
-Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin) or a Google
-TF checkpoint (bert_model.ckpt + bert_config.json + vocab.txt). Optimizer state starts fresh.
+Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin; names as
+published, see model.published_names) or a Google TF checkpoint (bert_model.ckpt +
+bert_config.json + vocab.txt). Optimizer state starts fresh.
 """
 
 from __future__ import annotations

@@ -105,6 +105,20 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str) -> BertConfig:
+        if not isinstance(d, Mapping):
+            raise UserError(f"{source}: not a BERT config (a JSON object is expected).")
+        kind = d.get("model_type", "bert")
+        if kind != "bert":
+            raise UserError(
+                f"{source}: a {kind!r} model; bertforge trains and reads BERT models "
+                "(model_type 'bert')."
+            )
+        positions = d.get("position_embedding_type", "absolute")
+        if positions != "absolute":
+            raise UserError(
+                f"{source}: position_embedding_type {positions!r}; bertforge's BERT has "
+                "learned absolute positions only ('absolute')."
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{k: v for k, v in d.items() if k in names})
@@ -453,12 +467,31 @@ def to_hf(state: Mapping[str, torch.Tensor], c: BertConfig) -> Iterator[tuple[st
     yield "cls.predictions.decoder.bias", state["mlm_bias"][: c.vocab_size]
 
 
+LEGACY_NAMES = ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias"))
+
+
+def published_names(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' names for weights as checkpoints are published, renamed as transformers
+    renames them on load: a bare BertModel's names gain the `bert.` prefix; pre-2020 uploads
+    (bert-base-*, multilingual BERT) name LayerNorm's weights gamma and beta; a checkpoint may
+    hold the masked-LM bias only under its tied name, cls.predictions.decoder.bias."""
+    out = dict(hf)
+    if not any(k.startswith("bert.") for k in out):
+        out = {f"bert.{k}": v for k, v in out.items()}
+    for k in list(out):
+        for old, new in LEGACY_NAMES:
+            if k.endswith(old):
+                out.setdefault(k[: -len(old)] + new, out.pop(k))
+    if "cls.predictions.decoder.bias" in out:
+        out.setdefault("cls.predictions.bias", out["cls.predictions.decoder.bias"])
+    return out
+
+
 def from_hf(hf: Mapping[str, torch.Tensor], c: BertConfig, source: str) -> dict[str, torch.Tensor]:
     """transformers BertForPreTraining (or BertModel, prefix-less) weights in our names.
 
     Heads missing from `hf` (a bare encoder) are left out: the caller keeps its fresh ones."""
-    if not any(k.startswith("bert.") for k in hf):
-        hf = {f"bert.{k}": v for k, v in hf.items()}
+    hf = published_names(hf)
     out: dict[str, torch.Tensor] = {}
     for ours, name in hf_key_table(c.num_hidden_layers):
         names = _qkv_names(name) if "{" in name else [name]
