@@ -129,6 +129,45 @@ def test_export_files_and_manifest(tmp_path, trained_run):
     )
 
 
+def test_continue_from_run_pretrainings_output_directory(
+    tmp_path, trained_run, train_data, tiny_bert_config, capsys
+):
+    """run_pretraining.py's --output_dir: model.ckpt-N checkpoints, TensorFlow's `checkpoint`
+    state file naming the latest (absolute, from the machine that trained), no bert_config.json
+    and no vocab.txt. The latest is read, and --bert-config gives the size."""
+    google = tmp_path / "google"
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(google),
+                 "--format", "google"]) == 0  # fmt: skip
+    run = tmp_path / "pretraining_output"
+    run.mkdir()
+    for step in (9, 10):  # sorted by name, model.ckpt-9 would come last
+        for f in google.glob("bert_model.ckpt.*"):
+            (run / f.name.replace("bert_model.ckpt", f"model.ckpt-{step}")).write_bytes(
+                f.read_bytes()
+            )
+    (run / "checkpoint").write_text(
+        'model_checkpoint_path: "gs://bucket/pretraining_output/model.ckpt-10"\n'
+        'all_model_checkpoint_paths: "gs://bucket/pretraining_output/model.ckpt-9"\n'
+        'all_model_checkpoint_paths: "gs://bucket/pretraining_output/model.ckpt-10"\n'
+    )
+    argv = ["train", "--data", str(train_data), "--output", str(tmp_path / "cont"),
+            "--init_checkpoint", str(run), "--train-batch-size", "8", "--num-train-steps", "2",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{run}/model.ckpt-10: no bert_config.json" in err and "--bert-config FILE" in err
+    assert main([*argv, "--bert_config_file", str(tiny_bert_config)]) == 0
+    init = read_init_checkpoint(str(run), bert_config=str(tiny_bert_config))
+    assert init.kind == "google" and init.path == run / "model.ckpt-10"
+    want = read_init_checkpoint(str(trained_run))
+    for name, t in init.weights.items():
+        assert torch.equal(t, want.weights[name]), name
+    # A state file naming a checkpoint that is not there says which.
+    (run / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-11"\n')
+    with pytest.raises(UserError, match=r"names the checkpoint model.ckpt-11, which is not in"):
+        read_init_checkpoint(str(run), bert_config=str(tiny_bert_config))
+
+
 def test_export_of_an_export_is_identical(tmp_path, exported_model):
     again = tmp_path / "again"
     export(ExportConfig(checkpoint=str(exported_model), output=str(again)))

@@ -100,12 +100,14 @@ class InitWeights:
     step: int | None = None  # a bertforge checkpoint's training step
 
 
-def _config_in(directory: Path, source: str) -> BertConfig:
+def _config_in(directory: Path, source: str, flag: str) -> BertConfig:
     for name in ("bert_config.json", "config.json"):
         if (directory / name).is_file():
             return BertConfig.from_json(directory / name)
+    given = " or give it as --bert-config FILE" if flag == "--init-checkpoint" else ""
     raise UserError(
-        f"{source}: no bert_config.json or config.json beside it; the model's size is unknown."
+        f"{source}: no bert_config.json or config.json beside it, so the model's size is "
+        f"unknown; copy the bert_config.json it was trained with into {directory}{given}."
     )
 
 
@@ -132,8 +134,12 @@ def vocab_beside(source: Path) -> Path | None:
     return vocab if vocab.is_file() else None
 
 
-def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeights:
-    """Weights from any source bertforge reads; errors name `flag`."""
+def read_init_checkpoint(
+    path: str, flag: str = "--init-checkpoint", bert_config: str | None = None
+) -> InitWeights:
+    """Weights from any source bertforge reads; errors name `flag`. A Google checkpoint's
+    size is read from `bert_config` when given (run_pretraining.py's output directory has
+    none), else from the bert_config.json beside it."""
     p = checkpoint_source(path, flag)
     vocab_file = vocab_beside(p)
     if p.is_file() and p.suffix == ".pt":
@@ -152,11 +158,15 @@ def read_init_checkpoint(path: str, flag: str = "--init-checkpoint") -> InitWeig
             "(config.json + model.safetensors), or a Google TF checkpoint (bert_model.ckpt + "
             "bert_config.json)."
         )
-    from bertforge.tfcheckpoint import google_weights
+    from bertforge.tfcheckpoint import google_weights, resolve_prefix
 
-    c = _config_in(directory, f"{flag}: {p}")
-    hf = {k: torch.from_numpy(v) for k, v in google_weights(p).items()}
-    return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "google", p)
+    prefix = resolve_prefix(p)
+    if bert_config:
+        c = BertConfig.from_json(bert_config)
+    else:
+        c = _config_in(directory, f"{flag}: {prefix}", flag)
+    hf = {k: torch.from_numpy(v) for k, v in google_weights(prefix).items()}
+    return InitWeights(from_hf(hf, c, str(prefix)), c, vocab_file, "google", prefix)
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

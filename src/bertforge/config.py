@@ -234,7 +234,8 @@ class TrainConfig:
     short runs of small models; it is saved in the exported config."""
     init_checkpoint: str | None = None
     """Start from these weights (optimizer fresh): a bertforge checkpoint or training
-    directory, a Hugging Face BERT directory, or a Google TF checkpoint (bert_model.ckpt)."""
+    directory, a Hugging Face BERT directory, or a Google TF checkpoint (bert_model.ckpt, or
+    run_pretraining.py's output directory: its latest; give --bert-config with it)."""
     vocab: str | None = option(None, aliases=("--vocab_file",))
     """The vocabulary (directory or vocab.txt). Default: the data's (from its manifest), else
     the --init-checkpoint's vocab.txt; Google's TFRecords need one of them."""
@@ -348,7 +349,7 @@ class ExportConfig:
 
     checkpoint: str = option(aliases=("--init_checkpoint", "--tf_checkpoint_path"))
     """A `bertforge train` directory or ckpt-*.pt file, a Hugging Face directory, or a Google TF
-    checkpoint prefix (bert_model.ckpt)."""
+    checkpoint (prefix bert_model.ckpt, or a directory: the latest its `checkpoint` file names)."""
     output: str = option(aliases=("--output_dir", "--pytorch_dump_path"))
     """Directory for config.json, model.safetensors, the tokenizer files and manifest.json."""
     vocab: str | None = option(None, aliases=("--vocab_file",))

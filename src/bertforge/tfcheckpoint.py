@@ -12,6 +12,8 @@ writer writes float32 tensors into one shard, as Google's released checkpoints a
 
 from __future__ import annotations
 
+import contextlib
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,9 +117,14 @@ def _block(data: bytes, handle: bytes, path: Path) -> list[tuple[bytes, bytes]]:
 
 
 def resolve_prefix(path: str | Path) -> Path:
-    """PREFIX from PREFIX, PREFIX.index, PREFIX.data-..., or a directory with one checkpoint."""
+    """PREFIX from PREFIX, PREFIX.index, PREFIX.data-..., or a directory: the latest checkpoint
+    its `checkpoint` state file names (run_pretraining.py's output directory), else its one
+    checkpoint."""
     p = Path(path)
     if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is not None:
+            return latest
         found = sorted(p.glob("*.index"))
         if len(found) != 1:
             raise UserError(
@@ -131,6 +138,31 @@ def resolve_prefix(path: str | Path) -> Path:
     if ".data-" in name:
         return p.with_name(name.split(".data-")[0])
     return p
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The prefix named by `model_checkpoint_path` in DIRECTORY/checkpoint, the text state
+    file TensorFlow's Saver and Estimator keep (None without one). The name may be relative
+    or absolute (from another machine or bucket): its file name is looked up in DIRECTORY
+    first, the directory given being the one that was copied or moved."""
+    state = directory / "checkpoint"
+    if not state.is_file():
+        return None
+    text = state.read_text(encoding="utf-8", errors="replace")
+    found = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', text, re.MULTILINE)
+    if found is None:
+        return None
+    name = found.group(1)
+    with contextlib.suppress(UnicodeError, ValueError):  # text-proto escapes (\303\274) undone
+        name = name.encode("utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+    for prefix in (directory / Path(name).name, directory / name):
+        if prefix.with_name(prefix.name + ".index").is_file():
+            return prefix
+    raise UserError(
+        f"{state}: names the checkpoint {name}, which is not in {directory} "
+        f"(no {Path(name).name}.index); give the prefix of one that is there, "
+        f"e.g. {directory}/model.ckpt-NNNN."
+    )
 
 
 def read_index(prefix: Path) -> dict[str, Entry]:

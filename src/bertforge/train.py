@@ -166,7 +166,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     data = PretrainingData(cfg.data)
     info = data.info
     check_data_flags(cfg, data)
-    init = read_init_checkpoint(cfg.init_checkpoint) if cfg.init_checkpoint else None
+    init = None
+    if cfg.init_checkpoint:
+        init = read_init_checkpoint(cfg.init_checkpoint, bert_config=cfg.bert_config)
     vocab = resolve_vocab(cfg, data, init)
     bert = model_config(cfg, vocab, init, info.max_seq_length)
     if cfg.dropout is not None:

@@ -19,6 +19,7 @@ Google's convert_to_unicode does).
 """
 
 import json
+import os
 import sys
 
 import tensorflow.compat.v1 as tf
@@ -186,7 +187,12 @@ def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
                     if v.name.endswith("gamma:0"):
                         value += 1.0
                     v.load(value.astype(np.float32), sess)
-            tf.train.Saver().save(sess, directory + "/bert_model.ckpt")
+            saver = tf.train.Saver()
+            saver.save(sess, directory + "/bert_model.ckpt")
+            # as run_pretraining.py's --output_dir: model.ckpt-STEP and the `checkpoint` file
+            os.makedirs(directory + "/run", exist_ok=True)
+            for step in (9, 10):
+                saver.save(sess, directory + "/run/model.ckpt", global_step=step)
             values = {v.name[:-2]: sess.run(v) for v in tf.global_variables()}
             mlm_out, nsp_out = sess.run([mlm, nsp])
     np.savez(output, mlm_log_probs=mlm_out, nsp_log_probs=nsp_out,

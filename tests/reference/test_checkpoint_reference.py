@@ -72,6 +72,16 @@ def test_google_weights_give_googles_outputs(google_checkpoint):
     assert_googles_log_probs(init, x, ref)
 
 
+def test_run_pretrainings_latest_checkpoint_is_read(google_checkpoint):
+    """An output directory as run_pretraining.py leaves it (written by TensorFlow's Saver):
+    the `checkpoint` state file names model.ckpt-10, the latest; no bert_config.json."""
+    d, ref, x = google_checkpoint
+    assert (d / "run" / "checkpoint").is_file() and not (d / "run" / "bert_config.json").exists()
+    init = read_init_checkpoint(str(d / "run"), bert_config=str(d / "bert_config.json"))
+    assert init.path == d / "run" / "model.ckpt-10"
+    assert_googles_log_probs(init, x, ref)
+
+
 def assert_googles_log_probs(init, x, ref) -> None:
     """bertforge's model with `init`'s weights gives Google's log-probabilities `ref`."""
     # Google's TF code computes "gelu" with the tanh formula (transformers' gelu_new).
