@@ -4,7 +4,7 @@
 #   bash bench/gpu_round.sh STAGE [extra bench/train_throughput.py flags]
 #
 # Stages, in the order to run them:
-#   tests     tests/test_cuda.py and tests/test_model.py on the GPU
+#   tests     tests/test_cuda.py and tests/test_model.py on the GPU; bench/optimizer_update.py
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   autotune  the same with inductor's max-autotune-no-cudagraphs (epilogue fusion)
 #   tuning    the same with inductor's coordinate-descent tuning of its own kernels
@@ -40,7 +40,9 @@ base=(--model-size base --seq-len 128 --batch-size 256)
 {
   "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
   case "$stage" in
-    tests) "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_model.py "$@" ;;
+    tests)
+      "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_model.py "$@"
+      "$py" bench/optimizer_update.py --model-size base ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     autotune)
       "${bench[@]}" "${base[@]}" --layouts padded,packed \

@@ -593,6 +593,41 @@ def test_google_tfrecords_and_other_optimizers(
     assert json.loads((out / "manifest.json").read_text())["data"]["static_masking"] is True
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradients_are_clipped_to_the_global_norm(fused):
+    """update() clips as Google's clip_by_global_norm (and torch's clip_grad_norm_): folded
+    into fused AdamW's grad_scale when the optimizer skips bad steps on the device, divided on
+    the host otherwise. Gradient norms 40, 0.3, 12 against max 1.0: clipping changes Adam's
+    moments, so a step that did not clip would differ."""
+    from bertforge.train import SUMS, Ledger, update
+
+    def run(clip: str) -> tuple[list[torch.Tensor], list[float]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=clip == "update" and fused)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        ledger = Ledger(device_skip=clip == "update" and fused, skipped=0)
+        norms = []
+        for target in (40.0, 0.3, 12.0):
+            grads = [torch.randn_like(p) for p in model.parameters()]
+            total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g * (target / total)
+            if clip == "update":
+                _, norm = update(model, opt, scaler, torch.zeros(len(SUMS)), 1.0, ledger)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0 if clip else 1e9)
+                opt.step()
+            norms.append(float(norm))
+        return [p.detach().clone() for p in model.parameters()], norms
+
+    (ours, norms), (want, want_norms), (unclipped, _) = run("update"), run("torch"), run("")
+    assert norms == pytest.approx([40.0, 0.3, 12.0], rel=1e-5) == want_norms
+    for a, b, c in zip(ours, want, unclipped, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(a, c, rtol=1e-3, atol=1e-4)
+
+
 def test_google_adam_has_no_bias_correction():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = GoogleAdamW([{"params": [p], "weight_decay": 0.1}], lr=0.5, eps=1e-6)

@@ -1,0 +1,88 @@
+"""The optimizer update of one training step: bertforge's (`train.update`: the global norm,
+then fused AdamW clipping through its grad_scale and skipping a bad step through found_inf)
+against the usual clip_grad_norm_ followed by the same fused step, interleaved in one process.
+
+    python bench/optimizer_update.py --model-size base --device cpu
+
+Prints one line per round and, last, one JSON object: milliseconds per update of each and
+the ratio. Both update the same model's weights from the same gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bertforge.model import BertConfig, BertForPretraining
+from bertforge.optim import param_groups
+from bertforge.train import SUMS, Ledger, update
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    return "cpu"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-size", default="base")
+    ap.add_argument("--vocab-size", type=int, default=30522)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="updates per side per round")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    model = BertForPretraining(BertConfig.preset(args.model_size, args.vocab_size)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, eps=1e-6, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    ledger = Ledger(device_skip=True, skipped=0)
+    sums = torch.zeros(len(SUMS), device=device)
+
+    def ours() -> None:
+        update(model, opt, scaler, sums, 1.0, ledger)
+
+    def usual() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.found_inf = torch.zeros((), device=device)  # type: ignore[attr-defined]
+        opt.step()
+        del opt.found_inf  # type: ignore[attr-defined]
+
+    def timed(step) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps * 1e3
+
+    timed(ours), timed(usual)  # warm-up: optimizer state, kernels
+    results: dict[str, list[float]] = {"bertforge": [], "usual": []}
+    for r in range(args.rounds):
+        results["bertforge"].append(timed(ours))
+        results["usual"].append(timed(usual))
+        print(f"round {r}: bertforge {results['bertforge'][-1]:.2f} ms, "
+              f"clip_grad_norm_ + step {results['usual'][-1]:.2f} ms")  # fmt: skip
+    best = {k: min(v) for k, v in results.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(json.dumps({
+        "model_size": args.model_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bertforge_ms": round(best["bertforge"], 3),
+        "usual_ms": round(best["usual"], 3),
+        "ratio": round(best["usual"] / best["bertforge"], 3),
+        "device": f"{name}, torch {torch.__version__}",
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
