@@ -125,3 +125,16 @@ def test_a_killed_holder_never_blocks_the_rerun(tmp_path):
     assert (out / LOCK).exists()  # kill -9 leaves the file, but not the lock
     with output_lock(out, "data", "--output"):
         pass
+
+
+def test_a_file_system_without_locks_goes_on_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fileio.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    with output_lock(out, "vocab", "--output"):
+        (out / "vocab.txt").write_text("[PAD]\n")
+    err = capsys.readouterr().err
+    assert f"bertforge: warning: cannot lock {out} (No locks available); go on" in err
+    assert sorted(p.name for p in out.iterdir()) == ["vocab.txt"]

@@ -230,7 +230,8 @@ def output_lock(directory: str | Path, stage: str, flag: str) -> Iterator[Path]:
     terminal) is refused, naming the first, instead of the two deleting or mixing each
     other's files. The lock is the kernel's (flock, which Linux's NFS client maps to NFS
     locks): it goes with its process, even on kill -9, so no stale lock ever blocks a rerun.
-    The file is removed on the way out. On a file system without locks, runs go unguarded."""
+    The file is removed on the way out. On a file system without locks, runs go unguarded,
+    with a warning."""
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise UserError(f"{flag}: {d} is a file; give a directory.")
@@ -248,8 +249,13 @@ def output_lock(directory: str | Path, stage: str, flag: str) -> Iterator[Path]:
                 f"{flag}: {d} is being written by another bertforge ({holder or 'starting'}); "
                 "wait for it to finish or stop it, or choose another directory."
             ) from None
-        except OSError:
-            break  # no locks here (ENOLCK, EOPNOTSUPP): go on unguarded
+        except OSError as e:  # no locks on this file system (ENOLCK, EOPNOTSUPP)
+            print(
+                f"bertforge: warning: cannot lock {d} ({e.strerror}); go on, but a second "
+                "bertforge writing there at the same time would not be stopped.",
+                file=sys.stderr,
+            )
+            break
         try:  # the holder before us may have removed the file: then lock the new one
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
