@@ -116,6 +116,42 @@ def test_checkpoints_as_published_read_as_transformers_reads_them(tmp_path):
         torch.testing.assert_close(got, ours.state_dict()[name], rtol=0, atol=0)
 
 
+def test_sharded_and_damaged_hugging_face_checkpoints(tmp_path):
+    from bertforge.checkpoint import read_init_checkpoint
+
+    c = tiny_config()
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**c.to_dict()))
+    want = from_hf(hf.state_dict(), c, "hf")
+    pickled = tmp_path / "sharded-bin"  # as transformers 4 wrote them
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({**c.to_dict(), "model_type": "bert"}))
+    names, weight_map = sorted(hf.state_dict()), {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        f = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({k: hf.state_dict()[k].clone() for k in part}, pickled / f)
+        weight_map |= dict.fromkeys(part, f)
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    safe = tmp_path / "sharded-safetensors"
+    hf.save_pretrained(safe, max_shard_size="40KB")
+    assert (safe / "model.safetensors.index.json").is_file()
+    for d in (safe, pickled):
+        assert len(list(d.glob("*-of-*"))) >= 2
+        init = read_init_checkpoint(str(d))
+        assert set(init.weights) == set(want)
+        for k, v in want.items():
+            torch.testing.assert_close(init.weights[k], v, rtol=0, atol=0)
+    shard = sorted(d.glob("*-of-*"))[-1]
+    shard.unlink()
+    with pytest.raises(UserError, match=f"names {shard.name}, which is not in {d}"):
+        read_init_checkpoint(str(d))
+    whole = tmp_path / "whole"
+    hf.save_pretrained(whole)
+    data = (whole / "model.safetensors").read_bytes()
+    (whole / "model.safetensors").write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(UserError, match=r"model.safetensors: cannot read its weights .*again"):
+        read_init_checkpoint(str(whole))
+
+
 @pytest.mark.parametrize(
     "extra, says",
     [

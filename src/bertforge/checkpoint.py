@@ -12,6 +12,7 @@ bert_config.json + vocab.txt). Optimizer state starts fresh.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,15 +171,41 @@ def read_init_checkpoint(
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
-    st = directory / "model.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    binary = directory / "pytorch_model.bin"
-    if binary.is_file():
-        return torch.load(binary, map_location="cpu", weights_only=True)
+    """model.safetensors or pytorch_model.bin, whole or sharded (NAME.index.json's weight_map
+    names each tensor's file, as transformers' save_pretrained writes them)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return _read_weights_file(directory / name)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            try:
+                files = sorted(
+                    set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+                )
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{index}: not a sharded checkpoint's index ({e}).") from None
+            missing = [f for f in files if not (directory / f).is_file()]
+            if missing:
+                raise UserError(f"{index} names {missing[0]}, which is not in {directory}.")
+            weights: dict[str, torch.Tensor] = {}
+            for f in files:
+                weights.update(_read_weights_file(directory / f))
+            return weights
     raise UserError(
-        f"{directory}: no model.safetensors or pytorch_model.bin (sharded "
-        "checkpoints are not supported for BERT-sized models)."
+        f"{directory}: no model.safetensors or pytorch_model.bin (whole or sharded with its "
+        ".index.json) beside config.json."
     )
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors or pickled state-dict file; a damaged one is named."""
+    try:
+        if path.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # the file system's error, reported as such
+    except Exception as e:  # a truncated download, a foreign pickle: say which file
+        raise UserError(f"{path}: cannot read its weights ({e}); download it again.") from None
