@@ -206,6 +206,14 @@ def plan(
             )
         run = dataclasses.replace(run, vocab=str(vocab.parent))
         configs = stage_configs(run, toml, flag_values, config_path)
+    elif run.vocab is not None and init:  # checked now, not after the data stage
+        from bertforge.checkpoint import checkpoint_source, vocab_beside
+        from bertforge.tokenization import check_init_vocab, read_vocab_txt
+
+        theirs = vocab_beside(checkpoint_source(init, "--init-checkpoint"))
+        ours = Path(run.vocab) / "vocab.txt" if Path(run.vocab).is_dir() else Path(run.vocab)
+        if theirs is not None:
+            check_init_vocab(read_vocab_txt(ours), ours, theirs, note=False)
     if run.vocab is not None:
         for flag in run_flags():
             if flag.spec.name in flag_values and {st for st, _ in flag.targets} == {"vocab"}:

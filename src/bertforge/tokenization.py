@@ -25,6 +25,7 @@ import functools
 import itertools
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -305,6 +306,36 @@ class Vocab:
 
     def encoder(self) -> LineEncoder:
         return LineEncoder(self.tokens, self.do_lower_case, self.strip_accents)
+
+
+UNUSED = re.compile(r"\[unused\d+\]")
+
+
+def check_init_vocab(
+    tokens: Sequence[str], path: Path, theirs_file: Path, note: bool = True
+) -> None:
+    """Continued pretraining: the data's vocabulary (`tokens`, read from `path`) must be the
+    checkpoint's, token for token, except where the checkpoint has an [unusedN] slot: Google
+    left those for new words, written over in a copy of vocab.txt (the new words start from
+    the slots' embeddings). `note`: say on stderr how many slots are new words."""
+    theirs = read_vocab_txt(theirs_file)
+    diffs = [i for i, (a, b) in enumerate(zip(tokens, theirs, strict=False)) if a != b]
+    other = [i for i in diffs if not UNUSED.fullmatch(theirs[i])]
+    if other or len(theirs) != len(tokens):
+        first = other[0] if other else min(len(theirs), len(tokens))
+        raise UserError(
+            f"--init-checkpoint: its vocabulary {theirs_file} ({len(theirs)} tokens) is not "
+            f"the data's {path} ({len(tokens)} tokens; first difference at line {first + 1}, "
+            f"not an [unusedN] slot); make the data with --vocab {theirs_file}, or a copy of "
+            "it that writes new words over its [unusedN] lines only."
+        )
+    if diffs and note:
+        i = diffs[0]
+        print(
+            f"bertforge: note: {len(diffs)} [unusedN] slot(s) of {theirs_file} are new words "
+            f"in {path} (line {i + 1}: {theirs[i]} -> {tokens[i]}).",
+            file=sys.stderr,
+        )
 
 
 def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 import shutil
 import signal
 import sys
@@ -81,7 +80,7 @@ from bertforge.model import (
     load_weights,
 )
 from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups
-from bertforge.tokenization import Vocab, load_vocab
+from bertforge.tokenization import Vocab, check_init_vocab, load_vocab
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Settings that may change when a run is resumed; any other change is refused.
@@ -1058,7 +1057,7 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"made with ({info.vocab_path})."
         )
     if init is not None and init.vocab_file is not None:
-        check_init_vocab(vocab, init.vocab_file)
+        check_init_vocab(vocab.tokens, vocab.path, init.vocab_file)
     top = data.max_token_id()
     if top >= vocab.size:
         raise UserError(
@@ -1066,33 +1065,6 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"({vocab.size} tokens); the data was made with another vocabulary."
         )
     return vocab
-
-
-UNUSED = re.compile(r"\[unused\d+\]")
-
-
-def check_init_vocab(vocab: Vocab, theirs_file: Path) -> None:
-    """The data's vocabulary must be the checkpoint's, token for token, except where the
-    checkpoint has an [unusedN] slot: Google left those for new words, to be written over in a
-    copy of vocab.txt (the replaced tokens start from the slots' embeddings)."""
-    theirs = [t.strip() for t in theirs_file.read_text(encoding="utf-8").splitlines()]
-    diffs = [i for i, (a, b) in enumerate(zip(vocab.tokens, theirs, strict=False)) if a != b]
-    other = [i for i in diffs if not UNUSED.fullmatch(theirs[i])]
-    if other or len(theirs) != vocab.size:
-        first = other[0] if other else min(len(theirs), vocab.size)
-        raise UserError(
-            f"--init-checkpoint: its vocabulary {theirs_file} ({len(theirs)} tokens) is not "
-            f"the data's {vocab.path} ({vocab.size} tokens; first difference at line "
-            f"{first + 1}, not an [unusedN] slot); make the data with --vocab {theirs_file}, "
-            "or a copy of it that writes new words over its [unusedN] lines only."
-        )
-    if diffs:
-        i = diffs[0]
-        print(
-            f"bertforge: note: {len(diffs)} [unusedN] slot(s) of {theirs_file} are new words "
-            f"in {vocab.path} (line {i + 1}: {theirs[i]} -> {vocab.tokens[i]}).",
-            file=sys.stderr,
-        )
 
 
 def model_config(
