@@ -743,15 +743,15 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
     # over [unusedN] lines. Here the checkpoint's has slots where the data's has words.
     tokens = (kjv_vocab / "vocab.txt").read_text().splitlines()
     slots = tokens[:]
-    slots[700], slots[701] = "[unused0]", "[unused1]"
+    slots[700], slots[701] = "[unused900]", "[unused901]"
     (hf_dir / "vocab.txt").write_text("\n".join(slots) + "\n")
     cont = ["train", "--data", str(train_data), "--init-checkpoint", str(hf_dir),
             "--train-batch-size", "16", "--num-train-steps", "1", "--no-progress"]  # fmt: skip
     assert main([*cont, "--output", str(tmp_path / "slots")]) == 0
     err = capsys.readouterr().err
     assert f"2 [unusedN] slot(s) of {hf_dir / 'vocab.txt'} are new words in " in err
-    assert f"(line 701: [unused0] -> {tokens[700]})" in err
-    slots[702] = "other"  # a word that is not a slot changed: refused, naming its line
+    assert f"(line 701: [unused900] -> {tokens[700]})" in err
+    slots[702] = "zzqx"  # a word that is not a slot changed: refused, naming its line
     (hf_dir / "vocab.txt").write_text("\n".join(slots) + "\n")
     assert main([*cont, "--output", str(tmp_path / "other")]) == 2
     assert "first difference at line 703, not an [unusedN] slot" in capsys.readouterr().err
