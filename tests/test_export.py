@@ -162,6 +162,11 @@ def test_continue_from_run_pretrainings_output_directory(
     want = read_init_checkpoint(str(trained_run))
     for name, t in init.weights.items():
         assert torch.equal(t, want.weights[name]), name
+    # A data file cut short (a copy or download that stopped) is named as such.
+    data = run / "model.ckpt-9.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"model.ckpt-9: variable .* the checkpoint is truncated"):
+        read_init_checkpoint(str(run / "model.ckpt-9"), bert_config=str(tiny_bert_config))
     # A state file naming a checkpoint that is not there says which.
     (run / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-11"\n')
     with pytest.raises(UserError, match=r"names the checkpoint model.ckpt-11, which is not in"):

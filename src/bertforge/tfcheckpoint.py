@@ -13,8 +13,11 @@ writer writes float32 tensors into one shard, as Google's released checkpoints a
 from __future__ import annotations
 
 import contextlib
+import mmap
+import os
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,35 +187,54 @@ def read_index(prefix: Path) -> dict[str, Entry]:
     return entries
 
 
-def read_checkpoint(path: str | Path, names: set[str] | None = None) -> dict[str, np.ndarray]:
-    """Every numeric variable (or those in `names`) of a TF checkpoint, as numpy arrays."""
+def read_checkpoint(
+    path: str | Path, keep: Callable[[str], bool] | None = None
+) -> dict[str, np.ndarray]:
+    """Every numeric variable (or those `keep` accepts) of a TF checkpoint, as numpy arrays.
+
+    The data files are memory-mapped and only the kept tensors are read: run_pretraining's
+    checkpoints hold two Adam slots per weight, twice the weights' size, that a reader of the
+    weights never needs in memory."""
     prefix = resolve_prefix(path)
-    entries = read_index(prefix)
-    shards = {e.shard for e in entries.values()}
+    entries = {
+        name: e
+        for name, e in read_index(prefix).items()
+        if e.dtype in DTYPES and (keep is None or keep(name))
+    }
     total = _count(prefix)
     out: dict[str, np.ndarray] = {}
-    files = {}
-    for s in shards:
-        f = prefix.with_name(f"{prefix.name}.data-{s:05d}-of-{total:05d}")
-        try:
-            files[s] = f.read_bytes()
-        except OSError as e:
-            raise UserError(f"{f}: cannot read the checkpoint data ({e}).") from None
-    for name, e in entries.items():
-        if (names is not None and name not in names) or e.dtype not in DTYPES:
-            continue
-        raw = files[e.shard][e.offset : e.offset + e.size]
-        if e.crc is not None and masked_crc(raw) != e.crc:
-            raise UserError(
-                f"{prefix}: variable {name} fails its checksum; the checkpoint "
-                "is damaged (download it again)."
-            )
-        if DTYPES[e.dtype] == "bfloat16":
-            bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-            arr = bits.view(np.float32)
-        else:
-            arr = np.frombuffer(raw, dtype=DTYPES[e.dtype])
-        out[name] = arr.reshape(e.shape).copy()
+    with contextlib.ExitStack() as stack:
+        files: dict[int, mmap.mmap | bytes] = {}
+        for s in sorted({e.shard for e in entries.values()}):
+            f = prefix.with_name(f"{prefix.name}.data-{s:05d}-of-{total:05d}")
+            try:
+                fh = stack.enter_context(open(f, "rb"))
+                size = os.fstat(fh.fileno()).st_size
+                files[s] = (
+                    stack.enter_context(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+                    if size
+                    else b""
+                )
+            except OSError as e:
+                raise UserError(f"{f}: cannot read the checkpoint data ({e}).") from None
+        for name, e in entries.items():
+            raw = files[e.shard][e.offset : e.offset + e.size]
+            if len(raw) != e.size:
+                raise UserError(
+                    f"{prefix}: variable {name} lies beyond the end of its data file; the "
+                    "checkpoint is truncated (download or copy it again)."
+                )
+            if e.crc is not None and masked_crc(raw) != e.crc:
+                raise UserError(
+                    f"{prefix}: variable {name} fails its checksum; the checkpoint "
+                    "is damaged (download it again)."
+                )
+            if DTYPES[e.dtype] == "bfloat16":
+                bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+                arr = bits.view(np.float32)
+            else:
+                arr = np.frombuffer(bytearray(raw), dtype=DTYPES[e.dtype])  # writable
+            out[name] = arr.reshape(e.shape)
     return out
 
 
@@ -340,13 +362,15 @@ def google_tensors(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def google_weights(path: str | Path) -> dict[str, np.ndarray]:
-    """A Google BERT checkpoint in transformers' BertForPreTraining names (kernels transposed)."""
+    """A Google BERT checkpoint in transformers' BertForPreTraining names (kernels transposed);
+    optimizer slots and the step counter are not read."""
+    tensors = read_checkpoint(path, keep=lambda name: google_to_hf_name(name) is not None)
     out = {}
-    for name, arr in read_checkpoint(path).items():
+    for name in list(tensors):
+        arr = tensors.pop(name)  # each tensor held once: the transposed copy replaces it
         hf = google_to_hf_name(name)
-        if hf is None:
-            continue
-        out[hf] = arr.T.copy() if name.endswith("/kernel") else arr
+        assert hf is not None
+        out[hf] = np.ascontiguousarray(arr.T) if name.endswith("/kernel") else arr
     if "bert.embeddings.word_embeddings.weight" not in out:
         raise UserError(f"{path}: no bert/embeddings/word_embeddings; not a BERT checkpoint.")
     return out
