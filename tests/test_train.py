@@ -759,6 +759,88 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
     assert "cls.predictions.decoder.weight" in state
 
 
+def google_run_checkpoint(pt: Path, prefix: Path, cfg: TrainConfig) -> None:
+    """A bertforge checkpoint written as run_pretraining.py writes its checkpoints: weights,
+    WEIGHT/adam_m and WEIGHT/adam_v per weight, global_step (Google's names and layouts)."""
+    from bertforge.tfcheckpoint import google_tensors, write_checkpoint
+    from bertforge.train import make_optimizer
+
+    state = torch.load(pt, weights_only=False)
+    c = BertConfig.from_dict(state["bert_config"], "ckpt")
+    model = BertForPretraining(c)
+    model.load_state_dict(state["model"])
+    optimizer = make_optimizer(cfg, model)
+    optimizer.load_state_dict(state["optimizer"])
+    params = dict(model.named_parameters())
+    tensors: dict[str, np.ndarray] = {"global_step": np.array(state["step"], dtype=np.int64)}
+    for suffix, values in (
+        ("", params),
+        ("/adam_m", {n: optimizer.state[p]["exp_avg"] for n, p in params.items()}),
+        ("/adam_v", {n: optimizer.state[p]["exp_avg_sq"] for n, p in params.items()}),
+    ):
+        hf = {k: v.detach().numpy() for k, v in to_hf(values, c)}
+        for name, arr in google_tensors(hf).items():
+            tensors[name + suffix] = np.ascontiguousarray(arr)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(prefix, tensors)
+    (prefix.parent / "checkpoint").write_text(f'model_checkpoint_path: "{prefix.name}"\n')
+
+
+@pytest.mark.parametrize("google_adam", [True, False])
+def test_a_google_run_continues_where_it_stopped(
+    tmp_path, train_data, tiny_bert_config, capsys, google_adam
+):
+    """--resume-google takes over a run_pretraining.py checkpoint's weights, Adam moments and
+    step: 2 steps from Google's step 2 give the weights of 4 uninterrupted steps (no dropout:
+    data order and masks are functions of the step). With torch's AdamW, whose bias
+    correction reads the optimizer's step count, as well as with Google's optimizer."""
+    same = ("--dropout", "0", "--no-do-eval", "--save-checkpoints-steps", "2",
+            "--num-train-steps", "4")  # fmt: skip
+    same = ("--google-adam", *same) if google_adam else same
+    whole = tmp_path / "whole"
+    assert main(args(train_data, whole, tiny_bert_config, *same)) == 0
+    cfg = TrainConfig(data=str(train_data), output="x", google_adam=google_adam)
+    run = tmp_path / "pretraining_output"
+    google_run_checkpoint(list_checkpoints(whole)[0], run / "model.ckpt-2", cfg)
+
+    taken = tmp_path / "taken"
+    argv = args(train_data, taken, tiny_bert_config, *same, "--resume-google", str(run))
+    argv.remove("--no-progress")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"continuing {run / 'model.ckpt-2'} at its step 2" in err
+    assert ("--google-adam updates exactly as Google's" in err) != google_adam
+    assert [m["step"] for m in metrics(taken)] == [3, 4]
+    want = torch.load(list_checkpoints(whole)[-1], weights_only=False)["model"]
+    got = torch.load(list_checkpoints(taken)[-1], weights_only=False)["model"]
+    for name, t in want.items():
+        torch.testing.assert_close(got[name], t, rtol=1e-6, atol=1e-7, msg=name)
+    fresh = tmp_path / "fresh"  # the same weights with a fresh optimizer and schedule differ
+    assert main([*args(train_data, fresh, tiny_bert_config, *same[:-2]), "--num-train-steps",
+                 "2", "--init-checkpoint", str(run)]) == 0  # fmt: skip
+    assert "`bertforge train --resume-google` continues that run" in capsys.readouterr().err
+    fresh_weights = torch.load(list_checkpoints(fresh)[-1], weights_only=False)["model"]
+    assert not torch.allclose(fresh_weights["layers.0.qkv.weight"], want["layers.0.qkv.weight"])
+
+    # The same command again: resumed from the output's own checkpoint, nothing left to do.
+    assert main(argv) == 0
+    assert "resuming at step 4" in capsys.readouterr().err
+    # A total the run has already reached, and checkpoints that are not a run's: refused.
+    short = [*argv[:-2], "--num-train-steps", "2", "--resume-google", str(run)]
+    short[short.index(str(taken))] = str(tmp_path / "short")
+    assert main(short) == 2
+    assert "--num-train-steps 2: " in capsys.readouterr().err
+    released = tmp_path / "released"
+    assert main(["export", "--checkpoint", str(whole), "--output", str(released),
+                 "--format", "google"]) == 0  # fmt: skip
+    for source, says in ((released / "bert_model.ckpt", "has no global_step"),
+                         (whole, "is not a TensorFlow checkpoint")):  # fmt: skip
+        other = [*argv[:-1], str(source)]
+        other[other.index(str(taken))] = str(tmp_path / "other")
+        assert main(other) == 2
+        assert says in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
     """torchrun with 2 gloo processes, padded, packed and compiled (DDP around the compiled

@@ -170,6 +170,41 @@ def read_init_checkpoint(
     return InitWeights(from_hf(hf, c, str(prefix)), c, vocab_file, "google", prefix)
 
 
+@dataclass
+class GoogleRun:
+    """What run_pretraining.py's checkpoint holds beside the weights: each weight's Adam
+    moments (in our names and shapes, vocabulary padding zero) and the step it reached."""
+
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    step: int
+
+
+def read_google_run(prefix: Path, config: BertConfig, flag: str = "--resume-google") -> GoogleRun:
+    from bertforge.tfcheckpoint import global_step, google_weights
+
+    step = global_step(prefix)
+    if step is None:
+        raise UserError(
+            f"{flag}: {prefix} has no global_step: not a checkpoint of a run_pretraining.py "
+            "run (a released model?); start from its weights with --init-checkpoint."
+        )
+    slots = []
+    for slot in ("/adam_m", "/adam_v"):
+        try:
+            hf = {k: torch.from_numpy(v) for k, v in google_weights(prefix, slot).items()}
+            slots.append(from_hf(hf, config, f"{prefix} ({slot[1:]})"))
+        except UserError as e:
+            raise UserError(
+                f"{flag}: {prefix} lacks the Adam moments of a run_pretraining.py run ({e}); "
+                "start from its weights with --init-checkpoint (the optimizer starts fresh)."
+            ) from None
+    m, v = slots
+    if set(m) != set(v):
+        missing = sorted(set(m) ^ set(v))[0]
+        raise UserError(f"{flag}: {prefix} has one Adam moment of {missing} but not the other.")
+    return GoogleRun({name: (m[name], v[name]) for name in m}, step)
+
+
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """model.safetensors or pytorch_model.bin, whole or sharded (NAME.index.json's weight_map
     names each tensor's file, as transformers' save_pretrained writes them)."""

@@ -236,6 +236,12 @@ class TrainConfig:
     """Start from these weights (optimizer fresh): a bertforge checkpoint or training
     directory, a Hugging Face BERT directory, or a Google TF checkpoint (bert_model.ckpt, or
     run_pretraining.py's output directory: its latest; give --bert-config with it)."""
+    resume_google: str | None = None
+    """Continue a run of Google's run_pretraining.py from its checkpoint (model.ckpt-N, or its
+    output directory: the latest): the weights, Adam moments and global_step carry over, so the
+    learning-rate schedule goes on where it was (data order, masks and dropout start afresh).
+    Give the run's --bert-config, --num-train-steps and --num-warmup-steps (and --google-adam to
+    update exactly as Google's optimizer). A rerun resumes from --output's checkpoints."""
     vocab: str | None = option(None, aliases=("--vocab_file",))
     """The vocabulary (directory or vocab.txt). Default: the data's (from its manifest), else
     the --init-checkpoint's vocab.txt; Google's TFRecords need one of them."""
@@ -331,6 +337,8 @@ class TrainConfig:
         require(self.do_train or self.do_eval, "--do-train", "nothing to do: no train, no eval")
         require(self.do_train or self.init_checkpoint is not None, "--init-checkpoint",
                 "evaluation without training needs the weights to evaluate")  # fmt: skip
+        require(not (self.resume_google and (self.init_checkpoint or self.resume)),
+                "--resume-google", "not with --init-checkpoint or --resume")  # fmt: skip
 
     @property
     def warmup_steps(self) -> int:

@@ -117,3 +117,23 @@ class Lamb(_Moments):
             for p, u, wn, un in zip(params, update, w_norm, u_norm, strict=True):
                 ratio = torch.where((wn > 0) & (un > 0), wn / un, torch.ones_like(wn))
                 p.add_(u * ratio, alpha=-group["lr"])
+
+
+def set_moments(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+) -> None:
+    """Give the optimizer another trainer's Adam state: each parameter's first and second
+    moments and the step count (Google's AdamWeightDecayOptimizer keeps the same m and v).
+    A parameter without moments (a head the other trainer did not have) starts fresh."""
+    for name, p in model.named_parameters():
+        if name not in moments:
+            continue
+        m, v = (t.to(device=p.device, dtype=p.dtype).clone() for t in moments[name])
+        count: Any = step
+        if isinstance(optimizer, torch.optim.AdamW):  # torch keeps the step as a tensor
+            fused = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+            count = torch.tensor(float(step), device=p.device if fused else "cpu")
+        optimizer.state[p] = {"step": count, "exp_avg": m, "exp_avg_sq": v}

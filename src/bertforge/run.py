@@ -62,6 +62,8 @@ WIRED = {
     "train": {"data", "output", "vocab"},
     "export": {"checkpoint", "output", "vocab"},
 }
+# Stage settings that `bertforge run` does not take (the stage command alone does).
+STAGE_ONLY = {"train": {"resume_google"}}
 # Stages that continue where they were cut off (the others are quick and start again).
 RESUMES = {"data", "train"}
 # Settings that do not change a stage's output.
@@ -85,7 +87,7 @@ def run_flags() -> list[RunFlag]:
     by_name: dict[str, list[tuple[str, FieldSpec]]] = {}
     for stage in ORDER:
         for spec in field_specs(STAGES[stage]):
-            if spec.name not in WIRED[stage] and spec.name not in own:
+            if spec.name not in WIRED[stage] | STAGE_ONLY.get(stage, set()) | own:
                 by_name.setdefault(spec.name, []).append((stage, spec))
     flags = []
     for name, uses in by_name.items():
@@ -159,6 +161,11 @@ def stage_configs(
                 raise UserError(
                     f"{config_path} [{stage}]: {key} is set by bertforge run (the corpus and the "
                     "paths between stages); remove it from the file."
+                )
+            if key.replace("-", "_") in STAGE_ONLY.get(stage, set()):
+                raise UserError(
+                    f"{config_path} [{stage}]: {key} is for `bertforge {stage}` alone, not "
+                    "bertforge run; remove it from the file."
                 )
         values = {**per_stage[stage], **wiring[stage], "progress": run.progress}
         if stage == "export":

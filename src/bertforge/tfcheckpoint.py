@@ -361,16 +361,29 @@ def google_tensors(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def google_weights(path: str | Path) -> dict[str, np.ndarray]:
+def google_weights(path: str | Path, slot: str = "") -> dict[str, np.ndarray]:
     """A Google BERT checkpoint in transformers' BertForPreTraining names (kernels transposed);
-    optimizer slots and the step counter are not read."""
-    tensors = read_checkpoint(path, keep=lambda name: google_to_hf_name(name) is not None)
+    optimizer slots and the step counter are not read. slot "/adam_m" or "/adam_v": instead
+    of the weights, the Adam moments run_pretraining.py keeps for each (WEIGHT/adam_m)."""
+
+    def hf_name(name: str) -> str | None:
+        return google_to_hf_name(name[: len(name) - len(slot)]) if name.endswith(slot) else None
+
+    tensors = read_checkpoint(path, keep=lambda name: hf_name(name) is not None)
     out = {}
     for name in list(tensors):
         arr = tensors.pop(name)  # each tensor held once: the transposed copy replaces it
-        hf = google_to_hf_name(name)
+        hf = hf_name(name)
         assert hf is not None
-        out[hf] = np.ascontiguousarray(arr.T) if name.endswith("/kernel") else arr
+        kernel = name[: len(name) - len(slot)].endswith("/kernel")
+        out[hf] = np.ascontiguousarray(arr.T) if kernel else arr
     if "bert.embeddings.word_embeddings.weight" not in out:
-        raise UserError(f"{path}: no bert/embeddings/word_embeddings; not a BERT checkpoint.")
+        what = f"bert/embeddings/word_embeddings{slot}"
+        raise UserError(f"{path}: no {what}; not a BERT checkpoint{' of a run' if slot else ''}.")
     return out
+
+
+def global_step(path: str | Path) -> int | None:
+    """The checkpoint's global_step (None without one: Google's released checkpoints)."""
+    found = read_checkpoint(path, keep=lambda name: name == "global_step")
+    return int(found["global_step"]) if "global_step" in found else None

@@ -52,6 +52,7 @@ from bertforge.checkpoint import (
     InitWeights,
     list_checkpoints,
     load_checkpoint,
+    read_google_run,
     read_init_checkpoint,
     save_checkpoint,
 )
@@ -79,7 +80,7 @@ from bertforge.model import (
     flash_varlen_available,
     load_weights,
 )
-from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups
+from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups, set_moments
 from bertforge.tokenization import Vocab, check_init_vocab, load_vocab
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -95,6 +96,7 @@ RESUMABLE = {
     "log_every",
     "progress",
     "resume",
+    "resume_google",  # read at the start only: a rerun resumes from the output's checkpoints
     "overwrite",
     "micro_batch_size",
     "compile",
@@ -169,6 +171,15 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     init = None
     if cfg.init_checkpoint:
         init = read_init_checkpoint(cfg.init_checkpoint, bert_config=cfg.bert_config)
+        note_google_run(init)
+    elif cfg.resume_google:
+        init = read_init_checkpoint(cfg.resume_google, "--resume-google", cfg.bert_config)
+        if init.kind != "google":
+            raise UserError(
+                f"--resume-google: {init.path} is not a TensorFlow checkpoint of Google's "
+                "run_pretraining.py; resume a bertforge run with --resume, or start from "
+                "weights with --init-checkpoint."
+            )
     vocab = resolve_vocab(cfg, data, init)
     bert = model_config(cfg, vocab, init, info.max_seq_length)
     if cfg.dropout is not None:
@@ -242,9 +253,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
     if init is not None and state is None:
-        load_weights(
-            model, {k: v.to(d.device) for k, v in init.weights.items()}, cfg.init_checkpoint or ""
-        )
+        load_weights(model, {k: v.to(d.device) for k, v in init.weights.items()}, str(init.path))
     if state is not None:
         model.load_state_dict(state["model"])
     optimizer = make_optimizer(cfg, model)
@@ -262,6 +271,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         restore_rng(state["rng"], d, cfg.random_seed, step)
     else:
         torch.manual_seed(cfg.random_seed + 1_000_003 * d.rank)  # dropout differs per rank
+        if cfg.resume_google:
+            assert init is not None
+            step = take_over_google_run(cfg, init.path, bert, model, optimizer)
     objective = Objective(model)
     ddp = (
         DistributedDataParallel(
@@ -310,6 +322,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     if d.main and cfg.progress:
         what = f"resuming at step {step} from {resume}" if state else "starting"
+        if state is None and cfg.resume_google:
+            what = f"continuing {init.path} at its step {step}"  # type: ignore[union-attr]
         print(
             f"train: {what}: {bert.num_hidden_layers} layers, hidden {bert.hidden_size}, vocab "
             f"{bert.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
@@ -916,6 +930,45 @@ def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, pa
         )
 
 
+def note_google_run(init: InitWeights) -> None:
+    """--init-checkpoint starts the optimizer and schedule afresh (as Google's does); say so
+    when the checkpoint is a run_pretraining.py run's, which --resume-google would continue."""
+    if init.kind != "google":
+        return
+    from bertforge.tfcheckpoint import global_step
+
+    step = global_step(init.path)
+    if step:
+        print(
+            f"bertforge: note: {init.path} is a run_pretraining.py checkpoint at step {step}; "
+            "--init-checkpoint takes its weights only (optimizer and learning-rate schedule "
+            "start afresh); `bertforge train --resume-google` continues that run where it stopped.",
+            file=sys.stderr,
+        )
+
+
+def take_over_google_run(
+    cfg: TrainConfig, prefix: Path, bert: BertConfig, model: torch.nn.Module, optimizer: Any
+) -> int:
+    """--resume-google: the optimizer takes the Adam moments of a run_pretraining.py
+    checkpoint (whose weights the model already has); returns its global_step."""
+    google = read_google_run(prefix, bert)
+    if google.step >= cfg.num_train_steps:
+        raise UserError(
+            f"--num-train-steps {cfg.num_train_steps}: {prefix} is at step {google.step} "
+            "already; give the run's total number of steps (its learning rate reaches 0 there)."
+        )
+    set_moments(optimizer, model, google.moments, google.step)
+    if not cfg.google_adam and cfg.optimizer == "adamw":
+        print(
+            "bertforge: note: the run goes on with torch's AdamW, which corrects Adam's bias "
+            "(Google's optimizer does not; the difference fades over the steps); "
+            "--google-adam updates exactly as Google's optimizer did.",
+            file=sys.stderr,
+        )
+    return google.step
+
+
 def clear_run(out: Path) -> None:
     """A fresh start: remove what an earlier run left (checkpoints, metrics, results)."""
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -1074,7 +1127,7 @@ def model_config(
         bert = BertConfig.from_json(cfg.bert_config)
         source = cfg.bert_config
     elif init is not None:
-        bert, source = init.config, f"{cfg.init_checkpoint}'s config"
+        bert, source = init.config, f"{init.path}'s config"
         if cfg.model_size:
             want = BertConfig.preset(cfg.model_size, bert.vocab_size)
             if (want.num_hidden_layers, want.hidden_size) != (
