@@ -10,6 +10,8 @@ bertforge. Usage: python google_runner.py JOB.json, where the job lists tasks:
 "checkpoint" builds Google's BertModel with run_pretraining's heads at a given config, sets
 random weights, saves a TF checkpoint with Saver and writes the weights and log-probabilities
 for given inputs to an .npz file.
+"train" runs run_pretraining's training step with Google's optimizer and saves checkpoints
+as its Estimator does.
 "restore" builds the same graph, restores every variable from a given checkpoint (as
 Google's fine-tuning scripts' --init_checkpoint does) and writes the log-probabilities.
 "parse" reads TFRecords the way run_pretraining.py's input pipeline does and writes one JSON
@@ -132,9 +134,11 @@ def _dense(inputs, units, activation=None, name=None, kernel_initializer=None):
 
 
 def _pretraining_graph(config: dict, input_ids: list, input_mask: list, segment_ids: list,
-                       positions: list):  # fmt: skip
+                       positions: list, labels: list | None = None,
+                       next_sentence: list | None = None):  # fmt: skip
     """Google's BertModel with run_pretraining's heads, in the current graph: the masked-LM
-    and next-sentence log-probabilities."""
+    and next-sentence log-probabilities, and run_pretraining's loss for `labels` (the token
+    at each position) and `next_sentence` (0 or 1 per instance) when given."""
     contrib = types.SimpleNamespace(layers=types.SimpleNamespace(layer_norm=_layer_norm))
     sys.modules["tensorflow.contrib"] = contrib  # type: ignore
     from bert import modeling
@@ -157,14 +161,32 @@ def _pretraining_graph(config: dict, input_ids: list, input_mask: list, segment_
         use_one_hot_embeddings=False,
     )  # fmt: skip
     pos = tf.constant(positions)
-    _, _, mlm = rp.get_masked_lm_output(
+    label_ids = tf.constant(labels) if labels is not None else tf.zeros_like(pos)
+    mlm_loss, _, mlm = rp.get_masked_lm_output(
         bert_config, model.get_sequence_output(), model.get_embedding_table(), pos,
-        tf.zeros_like(pos), tf.ones_like(pos, dtype=tf.float32),
+        label_ids, tf.ones_like(pos, dtype=tf.float32),
     )  # fmt: skip
-    _, _, nsp = rp.get_next_sentence_output(
-        bert_config, model.get_pooled_output(), tf.zeros([len(input_ids)], tf.int32)
+    nsp_labels = next_sentence if next_sentence is not None else [0] * len(input_ids)
+    nsp_loss, _, nsp = rp.get_next_sentence_output(
+        bert_config, model.get_pooled_output(), tf.constant(nsp_labels, tf.int32)
     )
-    return mlm, nsp
+    if labels is None:
+        return mlm, nsp
+    return mlm_loss + nsp_loss
+
+
+def _random_weights(sess, seed: int) -> None:
+    """Every float weight of the graph drawn at random (LayerNorm scales around 1); optimizer
+    slots and the step keep their initial zeros."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    for v in tf.global_variables():
+        if v.dtype.base_dtype == tf.float32 and "/adam_" not in v.name:
+            value = rng.normal(0, 0.05, v.shape.as_list())
+            if v.name.endswith("gamma:0"):
+                value += 1.0
+            v.load(value.astype(np.float32), sess)
 
 
 def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
@@ -177,16 +199,13 @@ def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
         tf.get_variable("bert/embeddings/word_embeddings/adam_m",
                         [config["vocab_size"], config["hidden_size"]])  # fmt: skip
         tf.train.get_or_create_global_step()
-        rng = np.random.RandomState(0)
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
-            for v in tf.global_variables():
-                if v.dtype.base_dtype == tf.float32:
-                    shape = v.shape.as_list()
-                    value = rng.normal(0, 0.05, shape)
-                    if v.name.endswith("gamma:0"):
-                        value += 1.0
+            for v in tf.global_variables():  # the Adam slot made above: random too
+                if "/adam_" in v.name:
+                    value = np.random.RandomState(1).normal(0, 0.05, v.shape.as_list())
                     v.load(value.astype(np.float32), sess)
+            _random_weights(sess, 0)
             saver = tf.train.Saver()
             saver.save(sess, directory + "/bert_model.ckpt")
             # as run_pretraining.py's --output_dir: model.ckpt-STEP and the `checkpoint` file
@@ -197,6 +216,33 @@ def checkpoint(directory: str, config: dict, input_ids: list, input_mask: list,
             mlm_out, nsp_out = sess.run([mlm, nsp])
     np.savez(output, mlm_log_probs=mlm_out, nsp_log_probs=nsp_out,
              **{"var:" + k: v for k, v in values.items()})  # fmt: skip
+
+
+def train(directory: str, config: dict, input_ids: list, input_mask: list, segment_ids: list,
+          positions: list, labels: list, next_sentence: list, steps: int, learning_rate: float,
+          num_train_steps: int, num_warmup_steps: int, output: str) -> None:  # fmt: skip
+    """run_pretraining.py's training step (its loss, optimization.create_optimizer: clipping,
+    AdamWeightDecayOptimizer, the warmup and decay schedule) on one batch from random
+    weights: `steps` steps, a checkpoint saved as its Estimator does (DIRECTORY/model.ckpt-N
+    and the `checkpoint` file), then one step more, whose weights go to `output`."""
+    import numpy as np
+    from bert import optimization
+
+    with tf.Graph().as_default():
+        loss = _pretraining_graph(config, input_ids, input_mask, segment_ids, positions,
+                                  labels, next_sentence)  # fmt: skip
+        train_op = optimization.create_optimizer(
+            loss, learning_rate, num_train_steps, num_warmup_steps, False
+        )
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            _random_weights(sess, 0)
+            for _ in range(steps):
+                sess.run(train_op)
+            tf.train.Saver().save(sess, directory + "/model.ckpt", global_step=steps)
+            sess.run(train_op)
+            after = {v.name[:-2]: sess.run(v) for v in tf.trainable_variables()}
+    np.savez(output, **after)
 
 
 def restore(checkpoint: str, config: dict, input_ids: list, input_mask: list,
@@ -224,6 +270,7 @@ def main() -> None:
             "create": create,
             "parse": parse,
             "checkpoint": checkpoint,
+            "train": train,
             "restore": restore,
         }[name](**args)
 

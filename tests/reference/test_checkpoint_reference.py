@@ -169,3 +169,72 @@ def test_googles_code_restores_a_bertforge_export(google, google_checkpoint, tra
     assert_googles_log_probs(
         read_init_checkpoint(str(trained_run)), x, np.load(tmp_path / "restored.npz")
     )
+
+
+def test_a_google_run_is_continued_as_googles_optimizer_continues_it(google, tmp_path):
+    """run_pretraining.py trains 3 steps on one batch (Google's loss, clipping, optimizer and
+    schedule, in TensorFlow) and saves its checkpoint; bertforge reads the weights, Adam
+    moments and step from it (--resume-google's reader) and takes the 4th step on the same
+    batch: the weights TensorFlow's 4th step gives."""
+    from bertforge.checkpoint import read_google_run
+    from bertforge.config import TrainConfig
+    from bertforge.model import to_hf
+    from bertforge.optim import learning_rate, set_moments
+    from bertforge.tfcheckpoint import google_tensors
+    from bertforge.train import SUMS, Ledger, make_optimizer, update
+
+    rng = np.random.default_rng(1)
+    b, s, p = 4, 20, 4
+    lengths = np.array([20, 15, 11, 6])
+    mask = (np.arange(s)[None] < lengths[:, None]).astype(int)
+    ids = rng.integers(5, 1500, (b, s)) * mask
+    segments = ((np.arange(s)[None] >= lengths[:, None] // 2) * mask).astype(int)
+    positions = np.stack([rng.permutation(np.arange(1, n - 1))[:p] for n in lengths])
+    labels = rng.integers(5, 1500, (b, p))
+    next_sentence = [0, 1, 1, 0]
+    lr, total, warmup = 1e-2, 10, 2
+    run = tmp_path / "run"
+    run.mkdir()
+    google.run([{"train": {
+        "directory": str(run), "config": CONFIG, "input_ids": ids.tolist(),
+        "input_mask": mask.tolist(), "segment_ids": segments.tolist(),
+        "positions": positions.tolist(), "labels": labels.tolist(),
+        "next_sentence": next_sentence, "steps": 3, "learning_rate": lr,
+        "num_train_steps": total, "num_warmup_steps": warmup,
+        "output": str(tmp_path / "after.npz"),
+    }}], tmp_path)  # fmt: skip
+    (tmp_path / "bert_config.json").write_text(json.dumps(CONFIG))
+
+    init = read_init_checkpoint(str(run), "--resume-google", str(tmp_path / "bert_config.json"))
+    google_run = read_google_run(init.path, init.config)
+    assert init.path == run / "model.ckpt-3" and google_run.step == 3
+    # Google's TF code computes "gelu" with the tanh formula; its graph here has no dropout.
+    c = dataclasses.replace(init.config, hidden_act="gelu_new", hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)  # fmt: skip
+    model = BertForPretraining(c)
+    load_weights(model, init.weights, "google")
+    cfg = TrainConfig(data="-", output="-", google_adam=True, learning_rate=lr,
+                      num_train_steps=total, num_warmup_steps=warmup)  # fmt: skip
+    optimizer = make_optimizer(cfg, model)
+    set_moments(optimizer, model, google_run.moments, google_run.step)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(google_run.step, lr, warmup, total)
+    mlm, nsp = model(torch.tensor(ids), torch.tensor(segments), torch.tensor(lengths),
+                     torch.tensor(positions))  # fmt: skip
+    mlm_loss = torch.nn.functional.cross_entropy(
+        mlm.flatten(0, 1), torch.tensor(labels).flatten(), reduction="sum"
+    ) / (labels.size + 1e-5)  # run_pretraining's masked-LM loss: weighted sum / (weights + 1e-5)
+    nsp_loss = torch.nn.functional.cross_entropy(nsp, torch.tensor(next_sentence))
+    (mlm_loss + nsp_loss).backward()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    update(model, optimizer, scaler, torch.zeros(len(SUMS)), 1.0, Ledger(False, 0))
+
+    after = dict(np.load(tmp_path / "after.npz"))
+    hf = {k: v.detach().numpy() for k, v in to_hf(dict(model.named_parameters()), c)}
+    ours = google_tensors(hf)
+    assert set(ours) == set(after)
+    before = dict(google_tensors({k: v.numpy() for k, v in to_hf(init.weights, init.config)}))
+    for name, want in after.items():
+        if not name.endswith("/key/bias"):  # softmax ignores it: its gradient is 0
+            assert np.abs(want - before[name]).max() > 1e-4, name  # the step moved the weight
+        np.testing.assert_allclose(ours[name], want, rtol=1e-4, atol=2e-6, err_msg=name)
