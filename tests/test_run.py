@@ -14,7 +14,7 @@ from bertforge import cli
 from bertforge.cli import RUNNERS, main
 from bertforge.config import RunConfig, read_toml
 from bertforge.errors import UserError
-from bertforge.run import run_pipeline, stage_configs
+from bertforge.run import run_flags, run_pipeline, stage_configs
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [
@@ -252,6 +252,9 @@ def test_flags_reach_every_stage_that_uses_them(tmp_path):
     assert configs["export"].checkpoint == str(tmp_path / "r" / "train")
     with pytest.raises(UserError, match=r"r.toml \[data\]: output is set by bertforge run"):
         stage_configs(run, {"data": {"output": "elsewhere"}}, {}, "r.toml")
+    with pytest.raises(UserError, match=r"resume_google is for `bertforge train` alone"):
+        stage_configs(run, {"train": {"resume_google": "model.ckpt-9"}}, {}, "r.toml")
+    assert not any("resume" in f.spec.name and "google" in f.spec.name for f in run_flags())
 
 
 def test_run_refuses_a_foreign_directory(tmp_path, kjv_corpus, capsys):
