@@ -171,7 +171,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     init = None
     if cfg.init_checkpoint:
         init = read_init_checkpoint(cfg.init_checkpoint, bert_config=cfg.bert_config)
-        note_google_run(init)
+        if d.main:
+            note_google_run(init)
     elif cfg.resume_google:
         init = read_init_checkpoint(cfg.resume_google, "--resume-google", cfg.bert_config)
         if init.kind != "google":
@@ -273,7 +274,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         torch.manual_seed(cfg.random_seed + 1_000_003 * d.rank)  # dropout differs per rank
         if cfg.resume_google:
             assert init is not None
-            step = take_over_google_run(cfg, init.path, bert, model, optimizer)
+            step = take_over_google_run(cfg, init.path, bert, model, optimizer, d.main)
     objective = Objective(model)
     ddp = (
         DistributedDataParallel(
@@ -948,7 +949,12 @@ def note_google_run(init: InitWeights) -> None:
 
 
 def take_over_google_run(
-    cfg: TrainConfig, prefix: Path, bert: BertConfig, model: torch.nn.Module, optimizer: Any
+    cfg: TrainConfig,
+    prefix: Path,
+    bert: BertConfig,
+    model: torch.nn.Module,
+    optimizer: Any,
+    notes: bool,
 ) -> int:
     """--resume-google: the optimizer takes the Adam moments of a run_pretraining.py
     checkpoint (whose weights the model already has); returns its global_step."""
@@ -959,7 +965,7 @@ def take_over_google_run(
             "already; give the run's total number of steps (its learning rate reaches 0 there)."
         )
     set_moments(optimizer, model, google.moments, google.step)
-    if not cfg.google_adam and cfg.optimizer == "adamw":
+    if notes and not cfg.google_adam and cfg.optimizer == "adamw":
         print(
             "bertforge: note: the run goes on with torch's AdamW, which corrects Adam's bias "
             "(Google's optimizer does not; the difference fades over the steps); "
