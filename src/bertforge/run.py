@@ -215,10 +215,10 @@ def plan(
         configs = stage_configs(run, toml, flag_values, config_path)
     elif run.vocab is not None and init:  # checked now, not after the data stage
         from bertforge.checkpoint import checkpoint_source, vocab_beside
-        from bertforge.tokenization import check_init_vocab, read_vocab_txt
+        from bertforge.tokenization import check_init_vocab, read_vocab_txt, vocab_txt
 
         theirs = vocab_beside(checkpoint_source(init, "--init-checkpoint"))
-        ours = Path(run.vocab) / "vocab.txt" if Path(run.vocab).is_dir() else Path(run.vocab)
+        ours = vocab_txt(run.vocab)
         if theirs is not None:
             check_init_vocab(read_vocab_txt(ours), ours, theirs, note=False)
     if run.vocab is not None:

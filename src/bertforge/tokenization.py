@@ -49,6 +49,12 @@ def google_layout(pieces: Sequence[str], num_unused: int) -> list[str]:
     return [PAD, *unused, UNK, CLS, SEP, MASK, *pieces]
 
 
+def vocab_txt(path: str | Path) -> Path:
+    """The vocab.txt of a vocabulary given as its directory or as the file itself."""
+    p = Path(path)
+    return p / "vocab.txt" if p.is_dir() else p
+
+
 def read_vocab_txt(path: str | Path) -> list[str]:
     """Read Google's vocab.txt (one token per line, id = line number), validating it."""
     p = Path(path)
@@ -359,7 +365,7 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
     vocab.txt (casing must then be given). A given casing that contradicts the recorded one is
     an error: that mismatch silently ruins a model."""
     p = Path(path)
-    vocab_file = p / "vocab.txt" if p.is_dir() else p
+    vocab_file = vocab_txt(p)
     recorded, strip_accents, source = recorded_casing(p)
     if recorded is not None and do_lower_case is not None and recorded != do_lower_case:
         raise UserError(
