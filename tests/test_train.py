@@ -27,6 +27,7 @@ from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, BertForPretraining, from_hf, to_hf
 from bertforge.optim import GoogleAdamW, learning_rate
+from bertforge.tokenization import wordpiece_tokenizer
 from bertforge.train import train
 from tests.conftest import FullDisk
 
@@ -741,16 +742,37 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
     assert "is not the data's" in capsys.readouterr().err
     # Google's way to add words: a copy of the checkpoint's vocab.txt with new words written
     # over [unusedN] lines. Here the checkpoint's has slots where the data's has words.
+    # Each new word starts from the mean of its pieces' rows (embedding and masked-LM bias).
     tokens = (kjv_vocab / "vocab.txt").read_text().splitlines()
     slots = tokens[:]
     slots[700], slots[701] = "[unused900]", "[unused901]"
     (hf_dir / "vocab.txt").write_text("\n".join(slots) + "\n")
+    # lr 0 at step 0 (warmup): the step-1 checkpoint holds the weights training started from
     cont = ["train", "--data", str(train_data), "--init-checkpoint", str(hf_dir),
-            "--train-batch-size", "16", "--num-train-steps", "1", "--no-progress"]  # fmt: skip
+            "--train-batch-size", "16", "--num-train-steps", "1", "--num-warmup-steps", "1",
+            "--no-progress"]  # fmt: skip
     assert main([*cont, "--output", str(tmp_path / "slots")]) == 0
     err = capsys.readouterr().err
     assert f"2 [unusedN] slot(s) of {hf_dir / 'vocab.txt'} are new words in " in err
     assert f"(line 701: [unused900] -> {tokens[700]})" in err
+    assert "2 start from the mean of their pieces' embeddings" in err
+    started = torch.load(list_checkpoints(tmp_path / "slots")[-1], weights_only=False)["model"]
+    split = wordpiece_tokenizer({t: i for i, t in enumerate(slots)})
+    for i in (700, 701):
+        word = tokens[i]
+        if word.startswith("##"):  # as the continuation of a word starting with "a"
+            ids = split.encode("a" + word[2:]).ids
+            assert ids[0] == slots.index("a")
+            ids = ids[1:]
+        else:
+            ids = split.encode(word).ids
+        assert len(ids) > 1 and slots.index("[UNK]") not in ids
+        for name, hf_name in (("word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
+                              ("mlm_bias", "cls.predictions.bias")):  # fmt: skip
+            theirs = hf.state_dict()[hf_name]
+            torch.testing.assert_close(started[name][i], theirs[ids].mean(0))
+            kept = [j for j in range(len(slots)) if j not in (700, 701)]
+            torch.testing.assert_close(started[name][kept], theirs[kept], rtol=0, atol=0)
     slots[702] = "zzqx"  # a word that is not a slot changed: refused, naming its line
     (hf_dir / "vocab.txt").write_text("\n".join(slots) + "\n")
     assert main([*cont, "--output", str(tmp_path / "other")]) == 2

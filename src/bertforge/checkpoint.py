@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open
 from bertforge.model import BertConfig, from_hf
+from bertforge.tokenization import new_words, wordpiece_ids
 
 CHECKPOINTS = "checkpoints"
 FORMAT = "bertforge-checkpoint"
@@ -244,3 +246,38 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise  # the file system's error, reported as such
     except Exception as e:  # a truncated download, a foreign pickle: say which file
         raise UserError(f"{path}: cannot read its weights ({e}); download it again.") from None
+
+
+@dataclass(frozen=True)
+class NewWords:
+    """What `seed_new_words` did: the ids whose rows now hold the mean of their pieces' rows,
+    and those left as the checkpoint had them (a word the checkpoint's vocabulary makes [UNK])."""
+
+    seeded: list[int]
+    unknown: list[int]
+
+
+def seed_new_words(
+    weights: dict[str, torch.Tensor], tokens: Sequence[str], theirs: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], NewWords]:
+    """Weights for a vocabulary (`tokens`) that writes new words over [unusedN] slots of the
+    checkpoint's (`theirs`): each such word's embedding row and masked-LM bias start as the
+    mean of those of the pieces the checkpoint's vocabulary splits it into, instead of the
+    slot's (never trained on a word; in Google's checkpoints pushed down as a prediction).
+    The means are taken over the checkpoint's own rows, in fp32."""
+    ids = new_words(tokens, theirs)
+    if not ids:
+        return weights, NewWords([], [])
+    vocab = {t: i for i, t in enumerate(theirs)}
+    pieces = {i: wordpiece_ids(tokens[i], vocab) for i in ids}
+    seeded = [i for i in ids if pieces[i]]
+    out = dict(weights)
+    for name in ("word_embeddings.weight", "mlm_bias"):
+        if name not in weights:
+            continue  # a bare encoder: the head starts fresh anyway
+        old = weights[name]
+        new = old.clone()
+        for i in seeded:
+            new[i] = old[pieces[i]].float().mean(0).to(old.dtype)
+        out[name] = new
+    return out, NewWords(seeded, [i for i in ids if not pieces[i]])

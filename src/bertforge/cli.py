@@ -29,6 +29,7 @@ from bertforge.config import (
     RunConfig,
     TrainConfig,
     VocabConfig,
+    VocabExtendConfig,
     add_config_arguments,
     build_config,
     normalize_argv,
@@ -168,6 +169,46 @@ def data_tool(argv: list[str]) -> None:
         datacheck.inspect(args.path, args.n, args.vocab, args.max_records)
 
 
+def vocab_extend(argv: list[str]) -> None:
+    """`bertforge vocab extend`: new words over a vocabulary's [unusedN] lines."""
+    from bertforge.vocab import extend_vocab
+
+    parser = argparse.ArgumentParser(
+        prog="bertforge vocab extend", description=VocabExtendConfig.__doc__
+    )
+    add_config_arguments(parser, VocabExtendConfig)
+    args, unknown = parser.parse_known_args(normalize_argv(argv, [VocabExtendConfig]))
+    if unknown:
+        raise unknown_flags_error(unknown, parser)
+    result = extend_vocab(build_config(VocabExtendConfig, {}, vars(args), source="flags"))
+    base, before, after = result.base, result.before.as_dict(), result.after.as_dict()
+    print(
+        f"vocab extend: {len(result.added)} new word(s) over the {result.slots} [unusedN] "
+        f"lines of {base.path} -> {result.output / 'vocab.txt'}"
+    )
+    for a in result.added[:10]:
+        pieces = f"{a['pieces']} pieces" if a["pieces"] else "[UNK]"
+        print(f"  {a['slot']} -> {a['word']} ({a['count']:,} in the sample, was {pieces})")
+    if len(result.added) > 10:
+        print(f"  ... ({len(result.added) - 10} more in manifest.json)")
+    if result.already:
+        more = ", ..." if len(result.already) > 5 else ""
+        print(f"  --words: {len(result.already)} already in the vocabulary "
+              f"({', '.join(result.already[:5])}{more})")  # fmt: skip
+    if after["sentences"]:
+        print(
+            f"  on {after['sentences']:,} held-out sentences: {before['pieces_per_word']:.3f} -> "
+            f"{after['pieces_per_word']:.3f} pieces/word, [UNK] {before['unk_rate']:.3%} -> "
+            f"{after['unk_rate']:.3%}"
+        )
+    print(
+        f"  next: make the data with --vocab {result.output}, then train with --init-checkpoint "
+        "(the new words start from the mean of their pieces' embeddings)."
+    )
+    if result.stats.report():
+        print(result.stats.report(), file=sys.stderr)
+
+
 def demo_config() -> Path:
     """The demo's recipe (configs/demo.toml in the repository)."""
     return Path(str(resources.files("bertforge") / "demo" / "demo.toml"))
@@ -287,6 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["data"] and argv[1:2] in (["verify"], ["inspect"], ["convert"]):
             data_tool(argv[1:])
+            return 0
+        if argv[:2] == ["vocab", "extend"]:
+            vocab_extend(argv[2:])
             return 0
         argv = normalize_argv(argv, [*STAGES.values(), *TOOLS.values(), RunConfig])
         args, unknown = parser.parse_known_args(argv)

@@ -101,8 +101,8 @@ class VocabConfig(CorpusInput):
     limit_alphabet: int = 1000
     """Keep at most this many distinct characters (the most frequent); rarer ones become [UNK]."""
     num_unused: int = 99
-    """[unusedN] slots reserved after [PAD] (Google's layout: 99, so [UNK] is id 100); later
-    stages can fill them with domain words."""
+    """[unusedN] slots reserved after [PAD] (Google's layout: 99, so [UNK] is id 100); `bertforge
+    vocab extend` fills them with new words later, keeping every other id."""
     max_sentences: int = 300_000
     """Train on at most this many sentences, sampled evenly over the corpus; bounds time and
     memory on large corpora (SentencePiece samples the same way). Their words are counted,
@@ -123,6 +123,53 @@ class VocabConfig(CorpusInput):
         require(self.num_unused >= 0, "--num-unused", "must be 0 or more")
         require(self.min_frequency >= 1, "--min-frequency", "must be at least 1")
         require(self.limit_alphabet >= 1, "--limit-alphabet", "must be at least 1")
+        require(self.max_sentences >= 1, "--max-sentences", "must be at least 1")
+        require(self.heldout_sentences >= 0, "--heldout-sentences", "must be 0 or more")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VocabExtendConfig(CorpusInput):
+    """`bertforge vocab extend`: write frequent words of a corpus over the [unusedN] lines of a
+    vocabulary, every other id kept, for continued pretraining from a checkpoint that has it.
+
+    The words chosen are those the vocabulary splits into the most pieces in all (occurrences
+    x (pieces - 1), counted in a sample of the corpus), plus any --words you list; the new
+    vocabulary's pieces per word on held-out text are printed before and after. Training with
+    --init-checkpoint then starts each new word's embedding (and output bias) as the mean of
+    its pieces' in the checkpoint."""
+
+    vocab: str = option(aliases=("--vocab_file",))
+    """The vocabulary to extend: a checkpoint's directory (Google's, Hugging Face's, a bertforge
+    vocab) or its vocab.txt."""
+    output: str = option(aliases=("--output_dir",))
+    """Directory for the extended vocab.txt, tokenizer files and manifest.json (not --vocab's)."""
+    do_lower_case: bool | None = option(None, true_flags=("--lowercase",), false_flags=("--cased",))
+    """Casing of a vocab.txt that does not record it (Google's checkpoints); read from the
+    manifest or tokenizer_config.json beside it otherwise."""
+    words: str | None = None
+    """A file of words to add first, one per line (blank lines and lines starting with # are
+    skipped), whatever their count in the corpus."""
+    max_words: int | None = None
+    """Add at most this many words (default: as many as there are [unusedN] lines)."""
+    min_count: int = 20
+    """Corpus words must occur at least this often in the sample to be added (a word seen
+    rarely gets too little training for its new embedding)."""
+    max_sentences: int = 300_000
+    """Count the words of at most this many sentences, sampled evenly over the corpus."""
+    heldout_sentences: int = 5_000
+    """Sentences held out of the count (whole documents) on which pieces per word are measured
+    before and after."""
+    seed: int = 12345
+    """Seed of the sampling; the same corpus, vocabulary and settings give the same vocab.txt."""
+    overwrite: bool = False
+    """Replace an output directory that holds something other than a bertforge vocabulary."""
+    progress: bool = True
+    """Show a progress bar on a terminal."""
+
+    def __post_init__(self) -> None:
+        require(len(self.input) > 0, "--input", "give at least one corpus file")
+        require(self.max_words is None or self.max_words >= 0, "--max-words", "must be 0 or more")
+        require(self.min_count >= 1, "--min-count", "must be at least 1")
         require(self.max_sentences >= 1, "--max-sentences", "must be at least 1")
         require(self.heldout_sentences >= 0, "--heldout-sentences", "must be 0 or more")
 

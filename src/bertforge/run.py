@@ -220,7 +220,7 @@ def plan(
         theirs = vocab_beside(checkpoint_source(init, "--init-checkpoint"))
         ours = vocab_txt(run.vocab)
         if theirs is not None:
-            check_init_vocab(read_vocab_txt(ours), ours, theirs, note=False)
+            check_init_vocab(read_vocab_txt(ours), ours, theirs)
     if run.vocab is not None:
         for flag in run_flags():
             if flag.spec.name in flag_values and {st for st, _ in flag.targets} == {"vocab"}:

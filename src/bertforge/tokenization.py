@@ -25,7 +25,6 @@ import functools
 import itertools
 import json
 import re
-import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -317,13 +316,11 @@ class Vocab:
 UNUSED = re.compile(r"\[unused\d+\]")
 
 
-def check_init_vocab(
-    tokens: Sequence[str], path: Path, theirs_file: Path, note: bool = True
-) -> None:
+def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> list[str]:
     """Continued pretraining: the data's vocabulary (`tokens`, read from `path`) must be the
     checkpoint's, token for token, except where the checkpoint has an [unusedN] slot: Google
-    left those for new words, written over in a copy of vocab.txt (the new words start from
-    the slots' embeddings). `note`: say on stderr how many slots are new words."""
+    left those for new words, written over in a copy of vocab.txt (`bertforge vocab extend`).
+    Returns the checkpoint's tokens."""
     theirs = read_vocab_txt(theirs_file)
     diffs = [i for i, (a, b) in enumerate(zip(tokens, theirs, strict=False)) if a != b]
     other = [i for i in diffs if not UNUSED.fullmatch(theirs[i])]
@@ -333,15 +330,33 @@ def check_init_vocab(
             f"--init-checkpoint: its vocabulary {theirs_file} ({len(theirs)} tokens) is not "
             f"the data's {path} ({len(tokens)} tokens; first difference at line {first + 1}, "
             f"not an [unusedN] slot); make the data with --vocab {theirs_file}, or a copy of "
-            "it that writes new words over its [unusedN] lines only."
+            "it that writes new words over its [unusedN] lines only (`bertforge vocab extend`)."
         )
-    if diffs and note:
-        i = diffs[0]
-        print(
-            f"bertforge: note: {len(diffs)} [unusedN] slot(s) of {theirs_file} are new words "
-            f"in {path} (line {i + 1}: {theirs[i]} -> {tokens[i]}).",
-            file=sys.stderr,
-        )
+    return theirs
+
+
+def new_words(tokens: Sequence[str], theirs: Sequence[str]) -> list[int]:
+    """Ids at which `tokens` has a word where the vocabulary `theirs` has an [unusedN] slot."""
+    pairs = zip(tokens, theirs, strict=False)
+    return [i for i, (a, b) in enumerate(pairs) if a != b and UNUSED.fullmatch(b)]
+
+
+def wordpiece_ids(token: str, vocab: dict[str, int]) -> list[int] | None:
+    """The ids of `token`'s pieces under `vocab`, by Google's greedy longest-match-first
+    (a `##` token is split as a word's continuation); None where a piece is missing ([UNK])."""
+    prefix = "##" if token.startswith("##") and len(token) > 2 else ""
+    word = token[len(prefix) :]
+    ids: list[int] = []
+    start = 0
+    while start < len(word):
+        end = len(word)
+        while end > start and (prefix if start == 0 else "##") + word[start:end] not in vocab:
+            end -= 1
+        if end == start:
+            return None
+        ids.append(vocab[(prefix if start == 0 else "##") + word[start:end]])
+        start = end
+    return ids
 
 
 def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:

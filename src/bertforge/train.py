@@ -55,6 +55,7 @@ from bertforge.checkpoint import (
     read_google_run,
     read_init_checkpoint,
     save_checkpoint,
+    seed_new_words,
 )
 from bertforge.config import TrainConfig, config_to_dict
 from bertforge.data import mask_spec as data_mask_spec
@@ -81,7 +82,7 @@ from bertforge.model import (
     load_weights,
 )
 from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups, set_moments
-from bertforge.tokenization import Vocab, check_init_vocab, load_vocab
+from bertforge.tokenization import Vocab, check_init_vocab, load_vocab, read_vocab_txt
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Settings that may change when a run is resumed; any other change is refused.
@@ -254,7 +255,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
     if init is not None and state is None:
-        load_weights(model, {k: v.to(d.device) for k, v in init.weights.items()}, str(init.path))
+        weights = start_new_words(init, vocab, notes=d.main)
+        load_weights(model, {k: v.to(d.device) for k, v in weights.items()}, str(init.path))
     if state is not None:
         model.load_state_dict(state["model"])
     optimizer = make_optimizer(cfg, model)
@@ -946,6 +948,32 @@ def note_google_run(init: InitWeights) -> None:
             "start afresh); `bertforge train --resume-google` continues that run where it stopped.",
             file=sys.stderr,
         )
+
+
+def start_new_words(init: InitWeights, vocab: Vocab, notes: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights for the data's vocabulary: words written over its [unusedN]
+    slots (`bertforge vocab extend`) start from the mean of their pieces (`seed_new_words`)."""
+    if init.vocab_file is None:
+        return init.weights
+    theirs = read_vocab_txt(init.vocab_file)
+    weights, new = seed_new_words(init.weights, vocab.tokens, theirs)
+    if notes and (new.seeded or new.unknown):
+        i = (new.seeded or new.unknown)[0]
+        print(
+            f"bertforge: note: {len(new.seeded) + len(new.unknown)} [unusedN] slot(s) of "
+            f"{init.vocab_file} are new words in {vocab.path} (line {i + 1}: {theirs[i]} -> "
+            f"{vocab.tokens[i]}); {len(new.seeded)} start from the mean of their pieces' "
+            "embeddings in the checkpoint.",
+            file=sys.stderr,
+        )
+    if notes and new.unknown:
+        print(
+            f"bertforge: note: {len(new.unknown)} new word(s) have characters the checkpoint's "
+            f"vocabulary lacks (the first: {vocab.tokens[new.unknown[0]]!r}); they keep the "
+            "slots' embeddings.",
+            file=sys.stderr,
+        )
+    return weights
 
 
 def take_over_google_run(

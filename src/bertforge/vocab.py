@@ -40,10 +40,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bertforge.config import VocabConfig, config_to_dict
+from bertforge.config import VocabConfig, VocabExtendConfig, config_to_dict
 from bertforge.corpus import (
     CorpusStats,
     InputFile,
@@ -65,9 +66,13 @@ from bertforge.tokenization import (
     MAX_INPUT_CHARS_PER_WORD,
     SPECIALS,
     UNK,
+    UNUSED,
+    Vocab,
     basic_words,
     google_layout,
+    load_vocab,
     save_tokenizer_files,
+    wordpiece_ids,
     wordpiece_tokenizer,
 )
 from bertforge.wordcount import TokenCounter
@@ -536,3 +541,183 @@ def measure_quality(tokens: list[str], cfg: VocabConfig, heldout: list[str]) -> 
     q.unk_tokens = int(counts[unk].sum())
     q.distinct_ids = len(set().union(*(e.ids for e in encodings)))
     return q
+
+
+# ----------------------------------------------------------------------------- vocab extend
+
+
+@dataclass
+class ExtendResult:
+    """What `extend_vocab` wrote, for the CLI summary and for tests."""
+
+    output: Path
+    base: Vocab
+    tokens: list[str]
+    added: list[dict[str, Any]]  # id, slot, word, count (in the sample), pieces before
+    slots: int  # [unusedN] lines in the base vocabulary
+    stats: CorpusStats
+    before: Quality
+    after: Quality
+    sampled_sentences: int
+    already: list[str]  # --words entries the vocabulary holds already
+
+
+def extend_vocab(cfg: VocabExtendConfig) -> ExtendResult:
+    """`bertforge vocab extend`: new words over the [unusedN] lines of --vocab, every other
+    line kept, written with the tokenizer files and a manifest to --output."""
+    base = load_vocab(cfg.vocab, cfg.do_lower_case)
+    if Path(cfg.output).resolve() == base.path.parent.resolve():
+        raise UserError(
+            f"--output {cfg.output} is the directory of --vocab {base.path}; write the extended "
+            "vocabulary to another directory (the checkpoint's own must stay as it is)."
+        )
+    return _extend_vocab(cfg, base)
+
+
+@locked_output("vocab")
+def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
+    slots = [i for i, t in enumerate(base.tokens) if UNUSED.fullmatch(t)]
+    if not slots:
+        raise UserError(
+            f"--vocab: {base.path} has no [unusedN] lines to write new words over; a vocabulary "
+            "without them cannot grow without changing the checkpoint's ids (train a new one "
+            "with `bertforge vocab`)."
+        )
+    room = len(slots) if cfg.max_words is None else min(len(slots), cfg.max_words)
+    listed, already = read_word_list(Path(cfg.words), base) if cfg.words else ([], [])
+    if len(listed) > room:
+        raise UserError(
+            f"--words {cfg.words} lists {len(listed)} new words, but there is room for {room} "
+            f"({len(slots)} [unusedN] lines in {base.path}"
+            + (f", --max-words {cfg.max_words}" if cfg.max_words is not None else "")
+            + "); shorten the list."
+        )
+    scan_cfg = VocabConfig(
+        input=cfg.input,
+        strict_utf8=cfg.strict_utf8,
+        output=cfg.output,
+        vocab_size=base.size,
+        do_lower_case=base.do_lower_case,
+        strip_accents=base.strip_accents,
+        max_sentences=cfg.max_sentences,
+        heldout_sentences=cfg.heldout_sentences,
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
+    begin_output(out, "vocab")
+    inputs = resolve_inputs(cfg.input)
+    scan = scan_corpus(inputs, scan_cfg)
+    require_text(scan.stats, cfg.input)
+    counts = count_words(scan.sample, scan_cfg)
+    vocab = {t: i for i, t in enumerate(base.tokens)}
+    chosen = listed + frequent_split_words(
+        counts, vocab, room - len(listed), cfg.min_count, set(listed)
+    )
+    tokens = list(base.tokens)
+    added = []
+    for slot, word in zip(slots, chosen, strict=False):
+        pieces = wordpiece_ids(word, vocab)
+        added.append(
+            {
+                "id": slot,
+                "slot": tokens[slot],
+                "word": word,
+                "count": counts.get(word, 0),
+                "pieces": len(pieces) if pieces else None,
+            }
+        )
+        tokens[slot] = word
+    outputs = save_tokenizer_files(out, tokens, base.do_lower_case, base.strip_accents)
+    before = measure_quality(list(base.tokens), scan_cfg, scan.heldout)
+    after = measure_quality(tokens, scan_cfg, scan.heldout)
+    write_manifest(
+        out,
+        "vocab",
+        {
+            **config_to_dict(cfg),
+            "do_lower_case": base.do_lower_case,
+            "strip_accents": base.strip_accents,
+            "algorithm": "extend",
+        },
+        inputs=[f.describe() for f in inputs],
+        counts={
+            **scan.stats.as_dict(),
+            "vocab_size": len(tokens),
+            "sampled_sentences": len(scan.sample),
+            "heldout_documents": len(scan.heldout_docs),
+            "unused_slots": len(slots),
+            "added_words": len(added),
+        },
+        outputs=outputs,
+        extra={
+            "extends": {"vocab": str(base.path.resolve()), "sha256": base.sha256},
+            "added": added,
+            "quality_before": before.as_dict(),
+            "quality": after.as_dict(),
+        },
+    )
+    finish_output(out)
+    return ExtendResult(
+        out, base, tokens, added, len(slots), scan.stats, before, after, len(scan.sample), already
+    )
+
+
+def read_word_list(path: Path, base: Vocab) -> tuple[list[str], list[str]]:
+    """--words: (new words in file order, listed words the vocabulary holds already), each
+    normalized as the vocabulary's tokenizer normalizes text. A line `##x` is a continuation
+    piece. A line that BERT reads as several words (spaces, punctuation) is an error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--words: {path} does not exist.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--words: {path} is not UTF-8 text (byte {e.start}).") from None
+    new: list[str] = []
+    already: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry or (entry.startswith("#") and not entry.startswith("##")):
+            continue
+        prefix = "##" if entry.startswith("##") else ""
+        words = basic_words([entry[len(prefix) :]], base.do_lower_case, base.strip_accents)[0]
+        if len(words.split()) != 1:
+            seen = " | ".join(words.split()) or "nothing"
+            raise UserError(
+                f"--words {path}:{n}: {entry!r} is not one word to BERT's tokenizer (it reads "
+                f"{seen}); write one word per line, without spaces or punctuation."
+            )
+        word = prefix + words.strip()
+        if len(word) > MAX_INPUT_CHARS_PER_WORD:
+            raise UserError(
+                f"--words {path}:{n}: longer than {MAX_INPUT_CHARS_PER_WORD} characters; BERT "
+                "reads such a word as [UNK] whatever the vocabulary."
+            )
+        if word in base.tokens:
+            already.append(word)
+        elif word not in new:
+            new.append(word)
+    return new, already
+
+
+def frequent_split_words(
+    counts: Counter[str], vocab: dict[str, int], n: int, min_count: int, exclude: set[str]
+) -> list[str]:
+    """The `n` words of `counts` whose addition saves the most pieces: occurrences x (pieces
+    - 1) under `vocab`, ties by word. Words seen fewer than `min_count` times, words in
+    `vocab` or `exclude`, and words with a character `vocab` lacks ([UNK]) are left out."""
+    if n <= 0:
+        return []
+    words = [
+        w for w, c in counts.items()
+        if c >= min_count and w not in vocab and w not in exclude
+        and len(w) <= MAX_INPUT_CHARS_PER_WORD
+    ]  # fmt: skip
+    encodings = wordpiece_tokenizer(vocab).encode_batch(words, add_special_tokens=False)
+    unk = vocab[UNK]
+    saved = [
+        (-(counts[w] * (len(e.ids) - 1)), w)
+        for w, e in zip(words, encodings, strict=True)
+        if len(e.ids) > 1 and unk not in e.ids
+    ]
+    return [w for _, w in heapq.nsmallest(n, saved)]
