@@ -1,0 +1,102 @@
+"""Does starting new words from the mean of their pieces help? `bertforge vocab extend`, measured.
+
+A model is pretrained on general English (GCIDE dictionary text) with its own vocabulary, then
+continued on a new domain (the King James Bible) with that vocabulary extended by `vocab
+extend` (99 words over its [unusedN] lines). Two continuations, side by side on the same data,
+steps and seed:
+- mean: the default, each new word's embedding and masked-LM bias start as the mean of its
+  pieces' rows in the checkpoint;
+- slot: the new words keep the [unusedN] rows of the checkpoint (what editing vocab.txt by
+  hand gives; here a copy of the checkpoint whose vocab.txt already holds the new words).
+Held-out masked-LM loss and accuracy before the first step and after each evaluation are
+printed; the last line is one JSON object.
+
+    python bench/new_words.py --general bench/work/gcide.txt
+(`python bench/corpora.py gcide --output bench/work/gcide.txt --max-mb 4` builds it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from bertforge.cli import demo_corpus, main
+
+
+def bertforge(*argv: str) -> None:
+    code = main(list(argv))
+    if code != 0:
+        raise SystemExit(f"bertforge {' '.join(argv)}: exit {code}")
+
+
+def evals(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("eval")]
+
+
+def main_() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--general", required=True, help="general-domain corpus (GCIDE text)")
+    p.add_argument("--work", default="bench/work/new_words")
+    p.add_argument("--model-size", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--base-steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=200, help="continued pretraining steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args()
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    quiet = "--no-progress"
+    shape = ["--max-seq-length", "64", "--max-predictions-per-seq", "10"]
+    start = time.perf_counter()
+    bertforge("vocab", "--input", args.general, "--output", str(work / "vocab"),
+              "--vocab-size", str(args.vocab_size), quiet)  # fmt: skip
+    bertforge("data", "--input", args.general, "--vocab", str(work / "vocab"),
+              "--output", str(work / "data"), *shape, quiet)  # fmt: skip
+    bertforge("train", "--data", str(work / "data"), "--output", str(work / "base"),
+              "--model-size", args.model_size, "--train-batch-size", str(args.batch_size),
+              "--num-train-steps", str(args.base_steps), "--learning-rate", "1e-3",
+              "--eval-every", str(args.base_steps), quiet)  # fmt: skip
+    domain = str(demo_corpus())
+    bertforge("vocab", "extend", "--input", domain, "--vocab", str(work / "vocab"),
+              "--output", str(work / "vocab-ext"), quiet)  # fmt: skip
+    bertforge("data", "--input", domain, "--vocab", str(work / "vocab-ext"),
+              "--output", str(work / "domain"), *shape, quiet)  # fmt: skip
+    slot = work / "base-slot"  # the checkpoint as if its vocab.txt had been edited by hand
+    shutil.copytree(work / "base", slot)
+    shutil.copy(work / "vocab-ext" / "vocab.txt", slot / "vocab.txt")
+    results = {}
+    for name, init in (("mean", work / "base"), ("slot", slot)):
+        common = ["--data", str(work / "domain"), "--init-checkpoint", str(init), quiet]
+        bertforge("train", *common, "--output", str(work / f"{name}-0"), "--no-do-train")
+        bertforge("train", *common, "--output", str(work / name), "--train-batch-size",
+                  str(args.batch_size), "--num-train-steps", str(args.steps),
+                  "--learning-rate", "5e-4", "--eval-every", str(args.steps // 4))  # fmt: skip
+        results[name] = evals(work / f"{name}-0") + evals(work / name)
+    ext = json.loads((work / "vocab-ext" / "manifest.json").read_text())
+    print(f"\nvocab extend: {ext['counts']['added_words']} words; held-out pieces/word "
+          f"{ext['quality_before']['pieces_per_word']:.3f} -> "
+          f"{ext['quality']['pieces_per_word']:.3f}")  # fmt: skip
+    print(f"{'step':>6} {'mean: MLM loss':>15} {'acc':>7} {'slot: MLM loss':>15} {'acc':>7}")
+    for a, b in zip(results["mean"], results["slot"], strict=True):
+        print(f"{a['step']:>6} {a['masked_lm_loss']:>15.4f} {a['masked_lm_accuracy']:>7.2%} "
+              f"{b['masked_lm_loss']:>15.4f} {b['masked_lm_accuracy']:>7.2%}")  # fmt: skip
+    summary = {
+        "model_size": args.model_size,
+        "base_steps": args.base_steps,
+        "steps": args.steps,
+        "pieces_per_word": [q["pieces_per_word"] for q in (ext["quality_before"], ext["quality"])],
+        **{
+            name: [(r["step"], r["masked_lm_loss"], r["masked_lm_accuracy"]) for r in rows]
+            for name, rows in results.items()
+        },
+        "seconds": round(time.perf_counter() - start),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main_()
