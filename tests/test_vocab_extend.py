@@ -142,6 +142,9 @@ def test_cli(tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys):
     assert "pieces/word" in printed and f"--vocab {out}" in printed
     assert main([*argv[:-1], "--max-wrds", "3"]) == 2
     assert "Did you mean --max-words" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["vocab", "--help"])  # where a user looks first
+    assert "`bertforge vocab extend` writes new words" in capsys.readouterr().out
 
 
 def test_wordpiece_ids_split_as_googles_tokenizer(kjv_vocab: Path):

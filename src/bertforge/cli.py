@@ -248,6 +248,14 @@ def summary(cls: type) -> str:
     return re.split(r"\.(?:\s|$)", text)[0]
 
 
+SUBTOOLS = {
+    "vocab": "Also: `bertforge vocab extend` writes new words over a vocabulary's [unusedN] "
+    "lines (see its --help).",
+    "data": "Also: `bertforge data verify DIR`, `bertforge data inspect PATH` and `bertforge "
+    "data convert TFRECORDS` (see their --help).",
+}
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="bertforge",
@@ -257,7 +265,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers: dict[str, argparse.ArgumentParser] = {}
     for name, cls in STAGES.items():
-        p = sub.add_parser(name, help=summary(cls), description=cls.__doc__)
+        p = sub.add_parser(name, help=summary(cls), description=cls.__doc__,
+                           epilog=SUBTOOLS.get(name))  # fmt: skip
         p.add_argument(
             "--config", metavar="FILE.toml", help=f"TOML file whose [{name}] section sets flags"
         )

@@ -316,11 +316,10 @@ class Vocab:
 UNUSED = re.compile(r"\[unused\d+\]")
 
 
-def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> list[str]:
+def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> None:
     """Continued pretraining: the data's vocabulary (`tokens`, read from `path`) must be the
     checkpoint's, token for token, except where the checkpoint has an [unusedN] slot: Google
-    left those for new words, written over in a copy of vocab.txt (`bertforge vocab extend`).
-    Returns the checkpoint's tokens."""
+    left those for new words, written over in a copy of vocab.txt (`bertforge vocab extend`)."""
     theirs = read_vocab_txt(theirs_file)
     diffs = [i for i, (a, b) in enumerate(zip(tokens, theirs, strict=False)) if a != b]
     other = [i for i in diffs if not UNUSED.fullmatch(theirs[i])]
@@ -332,7 +331,6 @@ def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> li
             f"not an [unusedN] slot); make the data with --vocab {theirs_file}, or a copy of "
             "it that writes new words over its [unusedN] lines only (`bertforge vocab extend`)."
         )
-    return theirs
 
 
 def new_words(tokens: Sequence[str], theirs: Sequence[str]) -> list[int]:
