@@ -12,7 +12,9 @@ steps, the block length).
 
 Tokens are real tokens (padding excluded). Instance lengths follow the data stage's shape: 90%
 near max length, 10% short (Google's short_seq_prob). MFU uses training FLOPs per token =
-6 x non-embedding parameters + 12 x layers x hidden x seq + the MLM head at masked positions.
+6 x non-embedding parameters + 12 x layers x hidden x seq + the MLM head at masked positions
+(`BertConfig.training_flops_per_token`, the figure `bertforge train` logs as MFU), against the
+device's dense bf16/fp16 peak (`train.PEAK_HALF_FLOPS`: 989 TFLOP/s for an H100 SXM).
 
     python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
     python bench/train_throughput.py --model-size base --batch-size 256 --compile \
@@ -51,11 +53,11 @@ from bertforge.train import (
     device_skip,
     forward_backward,
     make_optimizer,
+    peak_flops,
     resolve_precision,
     update,
 )
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 VOCAB = 30522
 
 
@@ -73,19 +75,6 @@ def synthetic_shard(path: Path, n: int, seq: int, p: int, rng: np.random.Generat
     rec["next_sentence_label"] = rng.integers(0, 2, n)
     with open(path, "wb") as f:
         write_shard(f, rec, {"max_seq_length": seq, "max_predictions_per_seq": p})
-
-
-def flops_per_token(c: BertConfig, seq: int, masked_per_token: float) -> float:
-    h = c.hidden_size
-    head = 6 * (h * h + h * c.vocab_size) * masked_per_token
-    return 6 * c.non_embedding_parameters() + 12 * c.num_hidden_layers * h * seq + head
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def sync(device: torch.device) -> None:
@@ -337,7 +326,7 @@ def main() -> None:
     }
     tmp.cleanup()
 
-    peak = peak_flops(device)
+    peak = peak_flops(device, precision)
     tps = {
         side: stats[side]["tokens"] / stats[side]["time"] for side in sides if stats[side]["steps"]
     }
@@ -345,7 +334,7 @@ def main() -> None:
     per_layout = {}
     for layout in layouts:
         st = stats[layout]
-        fpt = flops_per_token(c, seq, st["masked"] / max(st["tokens"], 1))
+        fpt = c.training_flops_per_token(seq, st["masked"] / max(st["tokens"], 1))
         per_layout[layout] = {
             "compiled": compiled_of[layout],
             "tokens_per_s": round(tps[layout], 1),
@@ -360,7 +349,7 @@ def main() -> None:
     best = max(layouts, key=lambda layout: tps[layout])
     head = per_layout[best]
     st = stats[layouts[0]]
-    fpt = flops_per_token(c, seq, st["masked"] / max(st["tokens"], 1))
+    fpt = c.training_flops_per_token(seq, st["masked"] / max(st["tokens"], 1))
     result = {
         "model_size": args.model_size,
         "seq_len": seq,

@@ -13,7 +13,7 @@ import torch
 from bertforge.batches import Rows
 from bertforge.cli import main
 from bertforge.model import BertConfig, BertForPretraining
-from bertforge.train import model_batch
+from bertforge.train import model_batch, peak_flops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -81,6 +81,8 @@ def test_train_on_cuda(tmp_path, train_data, extra):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["device"] == "cuda"
     assert manifest["precision"] == ("fp16" if "fp16" in extra else "bf16")
+    known = peak_flops(torch.device("cuda"), torch.bfloat16) is not None
+    assert all(0 < r["mfu"] < 1 for r in m) if known else all("mfu" not in r for r in m)
 
 
 def test_out_of_memory_halves_the_micro_batch(tmp_path, train_data, capsys):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bertforge.batches import IGNORE, Rows
 from bertforge.errors import UserError
@@ -336,6 +337,35 @@ def test_half_residual_stream_under_autocast():
     mlm.float().sum().backward()
     grad = model.layers[0].attn_norm.weight.grad
     assert grad is not None and grad.dtype == torch.float32 and bool(grad.abs().sum() > 0)
+
+
+def test_training_flops_per_token_counts_the_steps_matmuls():
+    """MFU's FLOPs per token (training_flops_per_token) against torch's FLOP counter over a
+    real forward and backward: what it leaves out or counts as parameters that do no matmul
+    (biases, LayerNorm, pooler, NSP) is all it differs by, under 1% here, and each term is
+    needed (without the attention term or the masked-LM head it would miss by 10% or more)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = tiny_config(vocab_size=4096, hidden_size=128, intermediate_size=512,
+                    max_position_embeddings=128)  # fmt: skip
+    b, s, p = 2, 128, 20
+    model = BertForPretraining(c)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, c.vocab_size, (b, s), generator=g)
+    positions = torch.stack([torch.randperm(s, generator=g)[:p] for _ in range(b)])
+    labels = torch.randint(0, c.vocab_size, (b, p), generator=g)
+    # The math backend runs attention as matmuls the counter sees on any device.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        mlm, nsp = model(ids, torch.zeros_like(ids), None, positions)
+        loss = F.cross_entropy(mlm.flatten(0, 1), labels.flatten()) + nsp.sum()
+        loss.backward()
+    counted = counter.get_total_flops()
+    estimate = c.training_flops_per_token(s, p / s) * b * s
+    assert 0 < (estimate - counted) / counted < 0.01, (estimate, counted)
+    h, layers = c.hidden_size, c.num_hidden_layers
+    for term in (12 * layers * h * s * b * s, 6 * (h * h + h * c.vocab_size) * b * p):
+        assert (counted - (estimate - term)) / counted > 0.1
 
 
 def test_bert_config_json_and_errors(tmp_path):

@@ -14,7 +14,8 @@ from bertforge import cli
 from bertforge.cli import RUNNERS, main
 from bertforge.config import RunConfig, read_toml
 from bertforge.errors import UserError
-from bertforge.run import run_flags, run_pipeline, stage_configs
+from bertforge.report import write_report
+from bertforge.run import DIRS, print_summary, run_flags, run_pipeline, stage_configs
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [
@@ -65,6 +66,22 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     assert (out / "plots" / "accuracy.png").stat().st_size > 1000
     printed = capsys.readouterr()
     assert "held-out masked LM accuracy" in printed.out and "unigram baseline" in printed.out
+    assert "MFU" not in report + printed.out  # a CPU: no peak to measure against
+
+    # Trained on a GPU of known peak, the log's MFU is in the report and the summary: the
+    # mean of the records after the first (which holds the warm-up).
+    metrics = out / "train" / "metrics.jsonl"
+    lines = metrics.read_text()
+    (first,) = [r for r in map(json.loads, lines.splitlines()) if not r.get("eval")]
+    records = [first | {"mfu": m} for m in (0.05, 0.30, 0.34)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = write_report(out, DIRS)
+    assert summary.mfu == pytest.approx(0.32)
+    assert ", MFU 32.0%\n" in (out / "report.md").read_text()
+    print_summary(summary, out)
+    assert " tokens/s (MFU 32.0%)\n" in capsys.readouterr().out
+    metrics.write_text(lines)
+    write_report(out, DIRS)
 
     # The same command again, from another directory with relative paths: nothing reruns.
     before = (out / "model" / "model.safetensors").stat().st_mtime_ns

@@ -979,3 +979,52 @@ def test_dropout_override(tmp_path, train_data):
     assert json.loads((out / "bert_config.json").read_text())["hidden_dropout_prob"] == 0.0
     with pytest.raises(UserError, match="--dropout"):
         TrainConfig(data="d", output="o", dropout=1.5)
+
+
+def test_mfu_is_logged_on_a_gpu_of_known_peak(tmp_path, monkeypatch, capsys):
+    """On a GPU whose peak is known, each log line and metrics.jsonl record gives the model
+    FLOPs utilization; the peak is the data sheet's dense half-precision figure of the GPU
+    torch names, times the processes; none on a CPU, in fp32, or on an unknown GPU."""
+    cuda = torch.device("cuda", 0)
+    peaks = {
+        "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA A100-SXM4-40GB": 312e12,
+        "NVIDIA L40S": 362e12,
+        "NVIDIA L4": 121e12,
+        "Tesla V100-SXM2-16GB": None,
+    }
+    for name, peak in peaks.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert train_module.peak_flops(cuda, torch.bfloat16) == peak, name
+        assert train_module.peak_flops(cuda, torch.float16) == peak, name
+        assert train_module.peak_flops(cuda, torch.float32) is None
+    assert train_module.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    base = BertConfig.preset("base", 30522)
+    # 6 x 85,054,464 non-embedding parameters + 12 x 12 x 768 x 128 + 6 x (768^2 + 768 x
+    # 30,522) x 0.15 masked per token
+    assert base.training_flops_per_token(128, 0.15) == pytest.approx(546_110_208)
+    meter = train_module.FlopsMeter.of(base, 128, Dist(0, 2, 0, cuda), torch.bfloat16)
+    assert meter is not None and meter.peak == 2 * 756e12
+    assert train_module.FlopsMeter.of(base, 128, Dist(0, 1, 0, cuda), torch.float32) is None
+
+    log = train_module.Window(0.0, meter)
+    sums = dict.fromkeys(train_module.SUMS, 0.0) | {"masked": 300.0, "instances": 16.0}
+    log.add(sums | {"tokens": 1000.0}, 1.0)
+    log.add(sums | {"tokens": 1000.0}, 1.0)
+    cfg = TrainConfig(data="d", output="o", num_train_steps=10)
+    log.write(tmp_path, 2, 1e-4, 8, 0, cfg, 0.5)  # 2,000 tokens, 600 masked, in 0.5 s
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    want = 4000 * base.training_flops_per_token(128, 0.3) / (2 * 756e12)
+    assert record["tokens_per_second"] == 4000
+    assert record["mfu"] == pytest.approx(want)
+    assert f"4,000 tok/s | MFU {want:.1%} | ETA" in capsys.readouterr().err
+
+    log = train_module.Window(0.0)  # CPU, fp32, unknown GPUs: no MFU
+    log.add(sums | {"tokens": 1000.0}, 1.0)
+    log.write(tmp_path, 3, 1e-4, 8, 0, cfg, 0.5)
+    assert "mfu" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "MFU" not in capsys.readouterr().err

@@ -141,6 +141,17 @@ class BertConfig:
         per_layer = 4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h
         return n * per_layer
 
+    def training_flops_per_token(self, seq_len: int, masked_per_token: float) -> float:
+        """Training FLOPs (forward + backward) per real token, as MFU counts them (PaLM's
+        appendix B, BERT's heads added): 6 per non-embedding parameter, 12 x layers x hidden x
+        seq_len for the attention scores and their weighted sum, and the masked-LM head
+        (transform and decoder) at the masked tokens, masked_per_token of them per token.
+        Matmul work only: LayerNorm, GELU, dropout, the pooler and NSP head are left out."""
+        h = self.hidden_size
+        head = 6 * (h * h + h * self.vocab_size) * masked_per_token
+        attention = 12 * self.num_hidden_layers * h * seq_len
+        return 6 * self.non_embedding_parameters() + attention + head
+
 
 # ----------------------------------------------------------------------------- layout
 

@@ -28,12 +28,20 @@ class Summary:
     unigram_baseline: float | None
     next_sentence_accuracy: float | None
     tokens_per_second: float | None
+    mfu: float | None = None
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training log records, evaluation records) of a metrics.jsonl, skipping a torn line."""
     records = read_jsonl(path)
     return [r for r in records if not r.get("eval")], [r for r in records if r.get("eval")]
+
+
+def steady_mean(train: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of a training log figure, leaving out the first record (warm-up, compiling)
+    unless it is the only one; None when no record has it."""
+    values = [r[key] for r in train[1:] or train if key in r]
+    return sum(values) / len(values) if values else None
 
 
 def plot(out: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> list[str]:
@@ -109,8 +117,7 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
     train, evals = read_metrics(out / dirs["train"] / "metrics.jsonl")
     images = plot(out, train, evals)
     last = evals[-1] if evals else {}
-    speeds = [r["tokens_per_second"] for r in train[1:] or train if "tokens_per_second" in r]
-    speed = sum(speeds) / len(speeds) if speeds else None
+    speed, mfu = steady_mean(train, "tokens_per_second"), steady_mean(train, "mfu")
     model = out / dirs["export"]
 
     vc, vq, vcfg = vocab.get("counts", {}), vocab.get("quality", {}), vocab.get("config", {})
@@ -176,7 +183,9 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         f"instances, learning rate {tcfg.get('learning_rate')} ({tcfg.get('optimizer')}), "
         f"{trained.get('precision', '?')} on {trained.get('device', '?')} x "
         f"{trained.get('processes', 1)}" + (", compiled" if trained.get("compiled") else ""),
-        f"- throughput: {speed:,.0f} tokens/s" if speed else "- throughput: –",
+        f"- throughput: {speed:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else "")
+        if speed
+        else "- throughput: –",
         "",
     ]
     if last:
@@ -204,4 +213,5 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         unigram_baseline=last.get("masked_lm_unigram_baseline"),
         next_sentence_accuracy=last.get("next_sentence_accuracy"),
         tokens_per_second=speed,
+        mfu=mfu,
     )

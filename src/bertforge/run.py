@@ -388,7 +388,8 @@ def print_summary(s: Summary, out: Path) -> None:
             f"{s.next_sentence_accuracy or 0:.1%} after {s.steps:,} steps"
         )
     if s.tokens_per_second:
-        print(f"  training throughput {s.tokens_per_second:,.0f} tokens/s")
+        mfu = f" (MFU {s.mfu:.1%})" if s.mfu else ""
+        print(f"  training throughput {s.tokens_per_second:,.0f} tokens/s{mfu}")
     print(f"  model: {s.model} (transformers AutoModel / flair TransformerWordEmbeddings)")
 
 

@@ -349,7 +349,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             step,
             cfg.num_train_steps,
         )
-        log = Window(time.perf_counter())
+        log = Window(time.perf_counter(), FlopsMeter.of(bert, info.max_seq_length, d, precision))
         ledger = Ledger(device_skip(optimizer, scaler), skipped)
         try:
             for step_now, rows in prefetch:
@@ -767,7 +767,11 @@ def report_eval(out: Path, result: dict[str, float], progress: bool) -> None:
 class Window:
     """Sums since the last log line."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, meter: FlopsMeter | None = None) -> None:
+        self.meter = meter
+        self.reset(now)
+
+    def reset(self, now: float) -> None:
         self.start = now
         self.sums: dict[str, float] = {}
         self.steps = 0
@@ -806,6 +810,10 @@ class Window:
                 "micro_batch_size": micro,
                 "skipped_steps": skipped,
             }
+            mfu = ""
+            if self.meter is not None:
+                record["mfu"] = self.meter.mfu(s["tokens"] / elapsed, s["masked"] / s["tokens"])
+                mfu = f" | MFU {record['mfu']:.1%}"
             append_metrics(out, record)
             if cfg.progress:
                 left = (cfg.num_train_steps - step) * elapsed / self.steps
@@ -813,10 +821,10 @@ class Window:
                     f"step {step}/{cfg.num_train_steps} | loss {record['loss']:.4f} | mlm acc "
                     f"{record['masked_lm_accuracy']:.3f} | nsp acc "
                     f"{record['next_sentence_accuracy']:.3f} | lr {lr:.2e} | "
-                    f"{record['tokens_per_second']:,.0f} tok/s | ETA {duration(left)}",
+                    f"{record['tokens_per_second']:,.0f} tok/s{mfu} | ETA {duration(left)}",
                     file=sys.stderr,
                 )
-        self.__init__(now)  # type: ignore[misc]
+        self.reset(now)
 
 
 def append_metrics(out: Path, record: dict[str, Any]) -> None:
@@ -1092,6 +1100,48 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
 
 def precision_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peak FLOP/s per GPU, from NVIDIA's data sheets, by
+# a part of the name torch.cuda.get_device_name gives; the first match counts, so the longer
+# names come first ("NVIDIA H100 80GB HBM3" is the SXM part).
+PEAK_HALF_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak FLOP/s at this precision: known GPUs in bf16/fp16; else None."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for part, peak in PEAK_HALF_FLOPS if part in name), None)
+
+
+@dataclass(frozen=True)
+class FlopsMeter:
+    """Model FLOPs utilization (MFU): the share of the hardware's peak that the model's own
+    training FLOPs (`BertConfig.training_flops_per_token` at the run's sequence length) use
+    at a measured tokens/s. peak is the FLOP/s of every process of the run together."""
+
+    config: BertConfig
+    seq_len: int
+    peak: float
+
+    @classmethod
+    def of(cls, config: BertConfig, seq_len: int, d: Dist, dtype: torch.dtype) -> FlopsMeter | None:
+        peak = peak_flops(d.device, dtype)
+        return None if peak is None else cls(config, seq_len, peak * d.world)
+
+    def mfu(self, tokens_per_second: float, masked_per_token: float) -> float:
+        flops = self.config.training_flops_per_token(self.seq_len, masked_per_token)
+        return tokens_per_second * flops / self.peak
 
 
 # ----------------------------------------------------------------------------- checks
