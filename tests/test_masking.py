@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
+import itertools
 
-from bertforge.masking import MaskSpec, candidates, mask_batch, num_to_predict
+import numpy as np
+import pytest
+
+from bertforge.masking import MaskSpec, RowRng, candidates, mask_batch, num_to_predict
 
 SEQ, VOCAB, MASK_ID = 64, 500, 103
 CONT = np.zeros(VOCAB, dtype=bool)
@@ -44,9 +47,12 @@ def test_budget_positions_and_labels():
         assert (out.input_ids[r, unmasked] == ids[r, unmasked]).all()
 
 
-def test_replacement_shares_are_80_10_10():
+@pytest.mark.parametrize("blocks", [False, True])
+def test_replacement_shares_are_80_10_10(blocks):
     ids, lengths, sep_a = make_batch(20000)
-    out = mask_batch(ids, lengths, sep_a, spec(), np.random.default_rng(2))
+    n = len(ids)
+    rng = RowRng([2], 0, n) if blocks else np.random.default_rng(2)
+    out = mask_batch(ids, lengths, sep_a, spec(), rng)
     rows = np.repeat(np.arange(len(ids)), out.counts)
     slots = np.concatenate([np.arange(c) for c in out.counts])
     new = out.input_ids[rows, out.positions[rows, slots]]
@@ -81,3 +87,26 @@ def test_same_rng_same_masks():
     c = mask_batch(ids, lengths, sep_a, spec(), np.random.default_rng(6))
     assert (a.input_ids == b.input_ids).all() and (a.positions == b.positions).all()
     assert not (a.positions == c.positions).all()
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_a_share_of_the_rows_is_masked_as_in_the_whole_batch(whole_word):
+    """RowRng: masking rows [lo, hi) alone gives those rows of the whole batch's masks, for
+    any cut; another key gives other masks; rows alike get their own masks."""
+    n = 103
+    ids, lengths, sep_a = make_batch(n, seed=4)
+    s = spec(whole_word)
+    whole = mask_batch(ids, lengths, sep_a, s, RowRng([9, 1, 5], 0, n))
+    cuts = [0, 1, 13, 32, 45, 65, n, n]
+    for lo, hi in itertools.pairwise(cuts):
+        part = mask_batch(ids[lo:hi], lengths[lo:hi], sep_a[lo:hi], s, RowRng([9, 1, 5], lo, hi))
+        for name in ("input_ids", "positions", "labels", "counts"):
+            assert np.array_equal(getattr(part, name), getattr(whole, name)[lo:hi]), (lo, hi)
+    other = mask_batch(ids, lengths, sep_a, s, RowRng([9, 1, 6], 0, n))
+    assert not np.array_equal(other.positions, whole.positions)  # another step, other masks
+
+    longest = int(np.argmax(lengths))
+    same = np.repeat(ids[longest : longest + 1], n, axis=0)  # one instance in every row
+    out = mask_batch(same, np.repeat(lengths[longest], n), np.repeat(sep_a[longest], n), s,
+                     RowRng([3], 0, n))  # fmt: skip
+    assert len({tuple(p) for p in out.positions}) > n // 2  # one shared stream would give 1

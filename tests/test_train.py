@@ -665,6 +665,12 @@ def test_batches_are_a_function_of_seed_and_step(train_data):
     assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
     c = step_rows(data, order, spec, 7, 4, 16)
     assert not np.array_equal(a.input_ids, c.input_ids)
+    # Each process reads and masks only its share: the shares are the whole batch's rows.
+    for lo, hi in ((0, 5), (5, 8), (8, 16)):
+        part = step_rows(data, order, spec, 7, 3, 16, (lo, hi))
+        for name in ("input_ids", "lengths", "token_type_ids", "next_sentence", "positions",
+                     "labels"):  # fmt: skip
+            assert np.array_equal(getattr(part, name), getattr(a, name)[lo:hi]), name
 
 
 def test_init_from_hugging_face_and_bertforge_checkpoints(

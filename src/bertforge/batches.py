@@ -22,7 +22,7 @@ import torch
 
 from bertforge.datacheck import data_files, read_tfrecord
 from bertforge.errors import UserError
-from bertforge.masking import MaskSpec, mask_batch
+from bertforge.masking import MaskSpec, RowRng, mask_batch
 from bertforge.shards import MAGIC, open_shard, segment_ids
 
 IGNORE = -100  # label of an unused prediction slot
@@ -177,7 +177,7 @@ class PretrainingData:
         )
 
 
-def apply_mask(rows: Rows, spec: MaskSpec | None, rng: np.random.Generator) -> Rows:
+def apply_mask(rows: Rows, spec: MaskSpec | None, rng: np.random.Generator | RowRng) -> Rows:
     """Rows with masks: static rows as stored, others masked afresh with rng."""
     if rows.positions is not None:
         return rows
@@ -234,11 +234,22 @@ class Order:
 
 
 def step_rows(
-    data: PretrainingData, order: Order, spec: MaskSpec | None, seed: int, step: int, batch: int
+    data: PretrainingData,
+    order: Order,
+    spec: MaskSpec | None,
+    seed: int,
+    step: int,
+    batch: int,
+    part: tuple[int, int] | None = None,
 ) -> Rows:
-    """The global batch of a training step, masked (the same on every rank and every run)."""
-    rows = data.rows(order.indices(step, batch))
-    return apply_mask(rows, spec, np.random.default_rng([seed, 1, step]))
+    """Rows [lo, hi) (`part`; default all) of the global batch of a training step, masked.
+
+    A row's instance and masks depend only on (seed, step, its place in the batch), so each
+    process reads and masks only its share, and the shares put together are the batch one
+    process would train on (the same on every rank, every run and any number of processes)."""
+    lo, hi = part or (0, batch)
+    rows = data.rows(order.indices(step, batch)[lo:hi])
+    return apply_mask(rows, spec, RowRng([seed, 1, step], lo, hi))
 
 
 def eval_rows(

@@ -15,6 +15,7 @@ A is 1..sep_a-1, segment B sep_a+1..length-2), which is how the native shards st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,12 +53,41 @@ def num_to_predict(lengths: np.ndarray, spec: MaskSpec) -> np.ndarray:
     return np.minimum(spec.max_predictions_per_seq, wanted)
 
 
+class RowRng:
+    """Stands in for a numpy Generator in mask_batch over rows [lo, hi) of a batch, so that
+    each row's draws depend only on the key and the row's place in the batch, never on which
+    other rows are masked in the same call: a process that masks only its share of a step's
+    batch gets exactly the rows that masking the whole batch gives.
+
+    mask_batch draws one row of values per batch row in each call. Call i reads stream
+    (*key, i), row j taking that stream's values from j x width on (a PCG64 advanced there:
+    one 64-bit output per float64; integers are scaled floats so that each value takes one
+    output too, with a bias below high / 2**53)."""
+
+    def __init__(self, key: Sequence[int], lo: int, hi: int) -> None:
+        self.key, self.lo, self.n = list(key), lo, hi - lo
+        self.calls = 0
+
+    def _stream(self, size: tuple[int, int]) -> np.random.Generator:
+        assert size[0] == self.n, (size, self.n)
+        bits = np.random.PCG64(np.random.SeedSequence([*self.key, self.calls]))
+        bits.advance(self.lo * int(np.prod(size[1:])))
+        self.calls += 1
+        return np.random.Generator(bits)
+
+    def random(self, size: tuple[int, int], dtype: type = np.float64) -> np.ndarray:
+        return self._stream(size).random(size).astype(dtype, copy=False)
+
+    def integers(self, low: int, high: int, size: tuple[int, int]) -> np.ndarray:
+        return low + (self._stream(size).random(size) * (high - low)).astype(np.int64)
+
+
 def mask_batch(
     ids: np.ndarray,
     lengths: np.ndarray,
     sep_a: np.ndarray,
     spec: MaskSpec,
-    rng: np.random.Generator,
+    rng: np.random.Generator | RowRng,
 ) -> MaskedBatch:
     """Choose and replace the masked tokens of every row of `ids` ([n, seq], 0-padded)."""
     n, seq = ids.shape
@@ -88,8 +118,9 @@ def mask_batch(
     original = ids[rows, cols]
     labels[rows, slot] = original
 
-    r = rng.random(len(rows))
-    random_ids = rng.integers(0, spec.vocab_size, len(rows))
+    # One row of p values per batch row (RowRng's requirement); slot < counts <= p.
+    r = rng.random((n, p))[rows, slot]
+    random_ids = rng.integers(0, spec.vocab_size, (n, p))[rows, slot]
     replaced = np.where(r < 0.8, spec.mask_id, np.where(r < 0.9, original, random_ids))
     out = ids.copy()
     out[rows, cols] = replaced.astype(ids.dtype)
@@ -101,7 +132,7 @@ def _choose_whole_words(
     cand: np.ndarray,
     budget: np.ndarray,
     spec: MaskSpec,
-    rng: np.random.Generator,
+    rng: np.random.Generator | RowRng,
 ) -> np.ndarray:
     """Whole-word choice: random word order, greedy, a word that overshoots is skipped."""
     n, seq = ids.shape

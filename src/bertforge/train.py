@@ -344,8 +344,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if cfg.do_train and step < cfg.num_train_steps:
         stop = StopRequest()
         order = Order(split.num_train, cfg.random_seed)
+        share = (d.rank * local_batch, (d.rank + 1) * local_batch)  # of each step's batch
         prefetch = Prefetcher(
-            lambda s: step_rows(data, order, spec, cfg.random_seed, s, cfg.train_batch_size),
+            lambda s: step_rows(data, order, spec, cfg.random_seed, s, cfg.train_batch_size, share),
             step,
             cfg.num_train_steps,
         )
@@ -357,15 +358,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 lr = learning_rate(step, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                local = slice_rows(rows, d.rank * local_batch, (d.rank + 1) * local_batch)
-                totals = (int((rows.labels != IGNORE).sum()), len(rows.lengths))
+                totals = (step_masked(rows, d), cfg.train_batch_size)
                 while True:
                     failed = None
                     try:
                         sums = forward_backward(
                             forward,
                             ddp,
-                            local,
+                            rows,
                             micro,
                             totals,
                             d,
@@ -492,12 +492,22 @@ def model_batch(
     return b, (b["lengths"] if int(rows.lengths.min(initial=width)) < width else None), None
 
 
+def step_masked(rows: Rows, d: Dist) -> int | torch.Tensor:
+    """The masked tokens of the whole step (the masked-LM loss is a mean over them), from
+    this process's rows: with several processes a sum over them on the device (nothing waits
+    for it; torch.full, unlike torch.tensor, copies nothing that would sync the stream)."""
+    masked = int((rows.labels != IGNORE).sum())
+    if d.world == 1:
+        return masked
+    return distributed.all_reduce_sum(torch.full((), masked, device=d.device), d)
+
+
 def forward_backward(
     forward: Any,
     ddp: DistributedDataParallel | None,
     rows: Rows,
     micro: int,
-    totals: tuple[int, int],
+    totals: tuple[int | torch.Tensor, int],
     d: Dist,
     autocast: Any,
     scaler: Any,
@@ -528,7 +538,8 @@ def forward_backward(
                     layout,
                 )
             # DDP averages gradients over ranks; * world makes that a sum over the global batch.
-            objective = (mlm / max(masked, 1) + nsp / instances) * d.world
+            denominator = masked.clamp(min=1) if torch.is_tensor(masked) else max(masked, 1)
+            objective = (mlm / denominator + nsp / instances) * d.world
             scaler.scale(objective).backward()
         sums[:4] += torch.stack([mlm.detach(), nsp.detach(), correct[0], correct[1]])
     for j, count in enumerate((int((rows.labels != IGNORE).sum()), n, int(rows.lengths.sum()))):
