@@ -350,6 +350,15 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     argv[argv.index(str(kjv_vocab))] = str(other)
     assert main([*argv[:3], str(tmp_path / "c2"), *argv[4:]]) == 2
     assert "is not the data's" in capsys.readouterr().err and not (tmp_path / "c2").exists()
+    # --transfer-vocab: the run trains its own vocabulary, and train maps the checkpoint's
+    # embeddings onto it.
+    transfer = [a for a in argv if a not in ("--vocab", str(other))]
+    transfer = [*transfer[:3], str(tmp_path / "t"), *transfer[4:], "--vocab-size", "1200"]
+    assert main([*transfer, "--transfer-vocab"]) == 0
+    assert "--transfer-vocab: of the 1,200 tokens of" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "t" / "train" / "manifest.json").read_text())
+    assert manifest["bert_config"]["vocab_size"] == 1200
+    assert manifest["bert_config"]["hidden_size"] == 64  # the checkpoint's size
 
     # Without --vocab the checkpoint's own is used (given as its checkpoints/ directory here).
     at = argv.index("--vocab")

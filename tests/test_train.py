@@ -787,6 +787,89 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
     assert "cls.predictions.decoder.weight" in state
 
 
+def test_transfer_vocab_starts_each_token_from_the_checkpoints_rows(
+    tmp_path, train_data, kjv_vocab, tiny_bert_config, capsys
+):
+    """--transfer-vocab: data made with another vocabulary than the checkpoint's trains from
+    it. Matched by token, not by id: a token the checkpoint has keeps its rows (embedding and
+    masked-LM bias), another starts from the mean of its pieces' rows under the checkpoint's
+    WordPiece (Hugging Face's, as the independent split), one with a character the checkpoint
+    lacks from its [UNK] row; the vocab padding stays zero. Without the flag it is refused."""
+    transformers = pytest.importorskip("transformers")
+    tokens = (kjv_vocab / "vocab.txt").read_text().splitlines()
+    words = [t for t in tokens[110:] if len(t.lstrip("#")) > 3 and "z" not in t]
+    dropped = set(words[::7])  # words the checkpoint lacks: split into pieces
+    theirs = tokens[:105] + sorted(
+        {t for t in tokens[105:] if t not in dropped and "z" not in t} | {"[extra]", "##qq"},
+        reverse=True,  # another order: other ids
+    )
+    c = dataclasses.replace(BertConfig.from_json(tiny_bert_config), vocab_size=len(theirs))
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**c.to_dict()))
+    with torch.no_grad():
+        hf.cls.predictions.bias.normal_()  # zeros at init: give the mean something to show
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+    (hf_dir / "vocab.txt").write_text("\n".join(theirs) + "\n")
+    cont = ["train", "--data", str(train_data), "--init-checkpoint", str(hf_dir),
+            "--train-batch-size", "16", "--num-train-steps", "1", "--num-warmup-steps", "1",
+            "--no-progress"]  # fmt: skip
+    assert main([*cont, "--output", str(tmp_path / "refused")]) == 2
+    assert "--transfer-vocab" in capsys.readouterr().err
+
+    assert main([*cont, "--output", str(tmp_path / "t"), "--transfer-vocab"]) == 0
+    err = capsys.readouterr().err
+    kept = [i for i, t in enumerate(tokens) if t in theirs]
+    unknown = [i for i, t in enumerate(tokens) if "z" in t]
+    pieces = [i for i in range(len(tokens)) if i not in kept and i not in unknown]
+    assert unknown and len(pieces) >= len(dropped) > 10
+    assert (
+        f"--transfer-vocab: of the {len(tokens):,} tokens of {kjv_vocab / 'vocab.txt'}, "
+        f"{len(kept):,} are in {hf_dir / 'vocab.txt'} ({len(theirs):,} tokens) and keep their "
+        f"embeddings; {len(pieces):,} start from the mean of their pieces' embeddings; "
+        f"{len(unknown):,} have characters it lacks (the first: {tokens[unknown[0]]!r})"
+    ) in err
+    state = torch.load(list_checkpoints(tmp_path / "t")[-1], weights_only=False)
+    assert state["bert_config"]["vocab_size"] == len(tokens)
+    split = wordpiece_tokenizer({t: i for i, t in enumerate(theirs)})
+    for name, hf_name in (("word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
+                          ("mlm_bias", "cls.predictions.bias")):  # fmt: skip
+        old, new = hf.state_dict()[hf_name], state["model"][name]
+        assert (new[len(tokens) :] == 0).all()
+        for i in kept:
+            assert torch.equal(new[i], old[theirs.index(tokens[i])]), tokens[i]
+        for i in unknown:
+            assert torch.equal(new[i], old[theirs.index("[UNK]")]), tokens[i]
+        for i in pieces:
+            word = tokens[i]
+            ids = split.encode(word).ids
+            if word.startswith("##"):  # as the continuation of a one-letter word before it
+                letters = set("abcdefghijklmnopqrstuvwxy")
+                first = (split.encode(c + word[2:]).ids for c in sorted(letters))
+                ids = next(x[1:] for x in first if theirs[x[0]] in letters)
+            assert len(ids) > 1 and theirs.index("[UNK]") not in ids, word
+            torch.testing.assert_close(new[i], old[ids].mean(0))
+    (hf_dir / "vocab.txt").unlink()  # nothing to match the rows by: refused
+    assert main([*cont, "--output", str(tmp_path / "t2"), "--transfer-vocab"]) == 2
+    assert "--transfer-vocab: no vocab.txt beside" in capsys.readouterr().err
+
+
+def test_transfer_vocab_reads_an_uncased_checkpoint_for_a_cased_vocabulary():
+    from bertforge.checkpoint import transfer_vocab
+
+    theirs = ["[PAD]", "[UNK]", "apple", "##s", "ol", "##e"]
+    weights = {"word_embeddings.weight": torch.arange(6.0)[:, None].repeat(1, 2)}
+    out, t = transfer_vocab(
+        weights, ["[PAD]", "[UNK]", "Apples", "Olé", "##s", "##S", "x"], theirs, 8
+    )
+    emb = out["word_embeddings.weight"]
+    assert emb.shape == (8, 2) and (emb[7:] == 0).all()
+    # Apples -> apple ##s, Olé -> ol ##e, ##S -> ##s (lowercased, accents stripped); x: [UNK]
+    assert emb[:, 0].tolist() == [0, 1, 2.5, 4.5, 3, 3, 1, 0]
+    assert (t.kept, t.pieces, t.unknown) == ([0, 1, 4], [2, 3, 5], [6])
+    with pytest.raises(UserError, match="--transfer-vocab"):
+        TrainConfig(data="d", output="o", transfer_vocab=True)
+
+
 def google_run_checkpoint(pt: Path, prefix: Path, cfg: TrainConfig) -> None:
     """A bertforge checkpoint written as run_pretraining.py writes its checkpoints: weights,
     WEIGHT/adam_m and WEIGHT/adam_v per weight, global_step (Google's names and layouts)."""

@@ -24,7 +24,7 @@ import torch
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open
 from bertforge.model import BertConfig, from_hf
-from bertforge.tokenization import new_words, wordpiece_ids
+from bertforge.tokenization import bert_normalizer, new_words, wordpiece_ids
 
 CHECKPOINTS = "checkpoints"
 FORMAT = "bertforge-checkpoint"
@@ -281,3 +281,62 @@ def seed_new_words(
             new[i] = old[pieces[i]].float().mean(0).to(old.dtype)
         out[name] = new
     return out, NewWords(seeded, [i for i in ids if not pieces[i]])
+
+
+@dataclass(frozen=True)
+class VocabTransfer:
+    """What `transfer_vocab` did, by id of the new vocabulary: tokens the checkpoint's
+    vocabulary has (their rows kept), tokens started from the mean of their pieces' rows, and
+    tokens with characters it lacks (started from its [UNK] row)."""
+
+    kept: list[int]
+    pieces: list[int]
+    unknown: list[int]
+
+
+def transfer_vocab(
+    weights: dict[str, torch.Tensor],
+    tokens: Sequence[str],
+    theirs: Sequence[str],
+    padded_size: int,
+) -> tuple[dict[str, torch.Tensor], VocabTransfer]:
+    """Weights for another vocabulary (`tokens`) than the checkpoint's (`theirs`), with
+    `padded_size` rows (the model's vocab padding, zero). The embedding row and masked-LM bias
+    of a token the checkpoint has are its own; of any other token, the mean (fp32) of those of
+    the pieces the checkpoint's vocabulary splits it into, looked up as it is, else lowercased
+    and accent-stripped (an uncased checkpoint); else those of its [UNK]."""
+    vocab = {t: i for i, t in enumerate(theirs)}
+    lower = bert_normalizer(True, None).normalize_str
+    source: list[list[int]] = []
+    kept, pieces, unknown = [], [], []
+    for j, token in enumerate(tokens):
+        if token in vocab:
+            kept.append(j)
+            source.append([vocab[token]])
+            continue
+        split = wordpiece_ids(token, vocab)
+        if split is None:
+            prefix = "##" if token.startswith("##") and len(token) > 2 else ""
+            split = wordpiece_ids(prefix + lower(token[len(prefix) :]), vocab)
+        if split is None:
+            unknown.append(j)
+            split = [vocab.get("[UNK]", 0)]
+        else:
+            pieces.append(j)
+        source.append(split)
+    rows = torch.tensor([i for s in source for i in s])
+    row_of = torch.repeat_interleave(
+        torch.arange(len(source)), torch.tensor(list(map(len, source)))
+    )
+    counts = torch.tensor([len(s) for s in source], dtype=torch.float32)
+    out = dict(weights)
+    for name in ("word_embeddings.weight", "mlm_bias"):
+        if name not in weights:
+            continue  # a bare encoder: the head starts fresh anyway
+        old = weights[name]
+        sums = torch.zeros((len(tokens), *old.shape[1:]), dtype=torch.float32)
+        sums.index_add_(0, row_of, old[rows].float())
+        new = torch.zeros((padded_size, *old.shape[1:]), dtype=old.dtype)
+        new[: len(tokens)] = (sums / counts.view(-1, *[1] * (old.dim() - 1))).to(old.dtype)
+        out[name] = new
+    return out, VocabTransfer(kept, pieces, unknown)

@@ -283,6 +283,11 @@ class TrainConfig:
     """Start from these weights (optimizer fresh): a bertforge checkpoint or training
     directory, a Hugging Face BERT directory, or a Google TF checkpoint (bert_model.ckpt, or
     run_pretraining.py's output directory: its latest; give --bert-config with it)."""
+    transfer_vocab: bool = False
+    """With --init-checkpoint: train on data made with another vocabulary than the
+    checkpoint's (one trained on your corpus, e.g. to leave multilingual BERT's). Tokens both
+    vocabularies have keep their trained embeddings; each other token starts from the mean of
+    those of the pieces the checkpoint's vocabulary splits it into ([UNK]'s where it has none)."""
     resume_google: str | None = None
     """Continue a run of Google's run_pretraining.py from its checkpoint (model.ckpt-N, or its
     output directory: the latest): the weights, Adam moments and global_step carry over, so the
@@ -384,6 +389,8 @@ class TrainConfig:
         require(self.do_train or self.do_eval, "--do-train", "nothing to do: no train, no eval")
         require(self.do_train or self.init_checkpoint is not None, "--init-checkpoint",
                 "evaluation without training needs the weights to evaluate")  # fmt: skip
+        require(not self.transfer_vocab or self.init_checkpoint is not None, "--transfer-vocab",
+                "needs --init-checkpoint (the weights whose vocabulary it replaces)")  # fmt: skip
         require(not (self.resume_google and (self.init_checkpoint or self.resume)),
                 "--resume-google", "not with --init-checkpoint or --resume")  # fmt: skip
 

@@ -185,8 +185,9 @@ def plan(
 
     Continued pretraining (train's --init-checkpoint) without --vocab uses the checkpoint's
     vocabulary: one trained anew would not match its embeddings, and train would only find
-    that out after the vocab and data stages (hours on a large corpus). A run whose
-    vocabulary is given refuses flags that only the skipped vocab stage reads."""
+    that out after the vocab and data stages (hours on a large corpus). With --transfer-vocab
+    the run trains its own vocabulary (or takes --vocab) and train maps the embeddings to it.
+    A run whose vocabulary is given refuses flags that only the skipped vocab stage reads."""
     if STDIN in run.input:
         raise UserError(
             "CORPUS -: bertforge run cannot read the corpus from standard input (it reads the "
@@ -202,7 +203,8 @@ def plan(
             "stage would start over (deleting the checkpoint); continue into another --output, "
             f"e.g. --output {Path(run.output).name}-2 --init-checkpoint {init}."
         )
-    if run.vocab is None and init:
+    transfer = configs["train"].transfer_vocab
+    if run.vocab is None and init and not transfer:
         from bertforge.checkpoint import checkpoint_source, vocab_beside  # imports torch
 
         vocab = vocab_beside(checkpoint_source(init, "--init-checkpoint"))
@@ -213,7 +215,7 @@ def plan(
             )
         run = dataclasses.replace(run, vocab=str(vocab.parent))
         configs = stage_configs(run, toml, flag_values, config_path)
-    elif run.vocab is not None and init:  # checked now, not after the data stage
+    elif run.vocab is not None and init and not transfer:  # checked now, not after data
         from bertforge.checkpoint import checkpoint_source, vocab_beside
         from bertforge.tokenization import check_init_vocab, read_vocab_txt, vocab_txt
 

@@ -329,7 +329,9 @@ def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> No
             f"--init-checkpoint: its vocabulary {theirs_file} ({len(theirs)} tokens) is not "
             f"the data's {path} ({len(tokens)} tokens; first difference at line {first + 1}, "
             f"not an [unusedN] slot); make the data with --vocab {theirs_file}, or a copy of "
-            "it that writes new words over its [unusedN] lines only (`bertforge vocab extend`)."
+            "it that writes new words over its [unusedN] lines only (`bertforge vocab extend`); "
+            "or keep this vocabulary with --transfer-vocab (shared tokens keep the checkpoint's "
+            "embeddings, the others start from those of their pieces)."
         )
 
 

@@ -56,6 +56,7 @@ from bertforge.checkpoint import (
     read_init_checkpoint,
     save_checkpoint,
     seed_new_words,
+    transfer_vocab,
 )
 from bertforge.config import TrainConfig, config_to_dict
 from bertforge.data import mask_spec as data_mask_spec
@@ -255,7 +256,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
     if init is not None and state is None:
-        weights = start_new_words(init, vocab, notes=d.main)
+        if cfg.transfer_vocab:
+            weights = start_transferred(init, vocab, bert, notes=d.main)
+        else:
+            weights = start_new_words(init, vocab, notes=d.main)
         load_weights(model, {k: v.to(d.device) for k, v in weights.items()}, str(init.path))
     if state is not None:
         model.load_state_dict(state["model"])
@@ -995,6 +999,30 @@ def start_new_words(init: InitWeights, vocab: Vocab, notes: bool) -> dict[str, t
     return weights
 
 
+def start_transferred(
+    init: InitWeights, vocab: Vocab, bert: BertConfig, notes: bool
+) -> dict[str, torch.Tensor]:
+    """--transfer-vocab: the checkpoint's weights for the data's vocabulary (`transfer_vocab`)."""
+    assert init.vocab_file is not None
+    theirs = read_vocab_txt(init.vocab_file)
+    weights, t = transfer_vocab(init.weights, vocab.tokens, theirs, bert.padded_vocab_size)
+    if notes:
+        unknown = (
+            f"; {len(t.unknown):,} have characters it lacks (the first: "
+            f"{vocab.tokens[t.unknown[0]]!r}) and start from its [UNK]"
+            if t.unknown
+            else ""
+        )
+        print(
+            f"bertforge: note: --transfer-vocab: of the {vocab.size:,} tokens of {vocab.path}, "
+            f"{len(t.kept):,} are in {init.vocab_file} ({len(theirs):,} tokens) and keep their "
+            f"embeddings; {len(t.pieces):,} start from the mean of their pieces' "
+            f"embeddings{unknown}.",
+            file=sys.stderr,
+        )
+    return weights
+
+
 def take_over_google_run(
     cfg: TrainConfig,
     prefix: Path,
@@ -1204,7 +1232,12 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"--vocab: {vocab.path} is not the vocabulary the data in {cfg.data} was "
             f"made with ({info.vocab_path})."
         )
-    if init is not None and init.vocab_file is not None:
+    if init is not None and cfg.transfer_vocab and init.vocab_file is None:
+        raise UserError(
+            f"--transfer-vocab: no vocab.txt beside {init.path}, so its embeddings cannot be "
+            "matched to the data's tokens; copy the checkpoint's vocab.txt beside it."
+        )
+    if init is not None and init.vocab_file is not None and not cfg.transfer_vocab:
         check_init_vocab(vocab.tokens, vocab.path, init.vocab_file)
     top = data.max_token_id()
     if top >= vocab.size:
@@ -1234,6 +1267,8 @@ def model_config(
                     f"--init-checkpoint (L{bert.num_hidden_layers} "
                     f"H{bert.hidden_size}); drop --model-size."
                 )
+        if cfg.transfer_vocab:
+            bert = dataclasses.replace(bert, vocab_size=vocab.size)
     else:
         return BertConfig.preset(
             cfg.model_size or "base", vocab.size, max_position_embeddings=max(512, max_seq_length)
