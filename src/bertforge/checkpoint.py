@@ -262,25 +262,20 @@ def seed_new_words(
 ) -> tuple[dict[str, torch.Tensor], NewWords]:
     """Weights for a vocabulary (`tokens`) that writes new words over [unusedN] slots of the
     checkpoint's (`theirs`): each such word's embedding row and masked-LM bias start as the
-    mean of those of the pieces the checkpoint's vocabulary splits it into, instead of the
-    slot's (never trained on a word; in Google's checkpoints pushed down as a prediction).
-    The means are taken over the checkpoint's own rows, in fp32."""
+    mean of those of the pieces the checkpoint's vocabulary splits it into (`transfer_vocab`),
+    instead of the slot's (never trained on a word; in Google's checkpoints pushed down as a
+    prediction). A word it cannot split keeps the slot's rows."""
     ids = new_words(tokens, theirs)
     if not ids:
         return weights, NewWords([], [])
-    vocab = {t: i for i, t in enumerate(theirs)}
-    pieces = {i: wordpiece_ids(tokens[i], vocab) for i in ids}
-    seeded = [i for i in ids if pieces[i]]
-    out = dict(weights)
-    for name in ("word_embeddings.weight", "mlm_bias"):
-        if name not in weights:
-            continue  # a bare encoder: the head starts fresh anyway
-        old = weights[name]
-        new = old.clone()
-        for i in seeded:
-            new[i] = old[pieces[i]].float().mean(0).to(old.dtype)
-        out[name] = new
-    return out, NewWords(seeded, [i for i in ids if not pieces[i]])
+    rows = weights["word_embeddings.weight"].shape[0]
+    out, t = transfer_vocab(weights, tokens, theirs, rows)
+    unknown = sorted(set(ids) & set(t.unknown))
+    keep = unknown + list(range(len(tokens), rows))  # and the padding rows, as they were
+    for name, old in weights.items():
+        if name in ("word_embeddings.weight", "mlm_bias"):
+            out[name][keep] = old[keep]
+    return out, NewWords([i for i in ids if i not in set(unknown)], unknown)
 
 
 @dataclass(frozen=True)
@@ -325,10 +320,8 @@ def transfer_vocab(
             pieces.append(j)
         source.append(split)
     rows = torch.tensor([i for s in source for i in s])
-    row_of = torch.repeat_interleave(
-        torch.arange(len(source)), torch.tensor(list(map(len, source)))
-    )
-    counts = torch.tensor([len(s) for s in source], dtype=torch.float32)
+    counts = torch.tensor([len(s) for s in source])
+    row_of = torch.repeat_interleave(torch.arange(len(source)), counts)
     out = dict(weights)
     for name in ("word_embeddings.weight", "mlm_bias"):
         if name not in weights:
