@@ -5,8 +5,10 @@ new domain (the King James Bible) gets a vocabulary of its own, and its data is 
 Two runs train on that data side by side, same steps, learning rate and seed:
 - transfer: from the general model, `--init-checkpoint ... --transfer-vocab` (tokens both
   vocabularies have keep their rows, the others start from the mean of their pieces' rows);
+- random rows: the same, but the tokens the general vocabulary lacks start from fresh random
+  rows (as a new model's) instead of their pieces' mean: what the mean is worth;
 - scratch: the same model size from a random start (what a new vocabulary meant until now).
-Both predict the same tokens, so their held-out masked-LM losses compare directly. The loss
+All predict the same tokens, so their held-out masked-LM losses compare directly. The loss
 before the first step and at each evaluation is printed; the last line is one JSON object.
 
     python bench/transfer_vocab.py --general bench/work/gcide4.txt
@@ -16,12 +18,19 @@ before the first step and at each evaluation is printed; the last line is one JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from bertforge.checkpoint import read_init_checkpoint, transfer_vocab
 from bertforge.cli import demo_corpus, main
+from bertforge.model import to_hf
+from bertforge.tokenization import read_vocab_txt
 
 
 def bertforge(*argv: str) -> None:
@@ -33,6 +42,28 @@ def bertforge(*argv: str) -> None:
 def evals(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("eval")]
+
+
+def random_new_rows(base: Path, vocab: Path, out: Path) -> None:
+    """The transferred start with fresh random rows (and zero bias) for every token the
+    base vocabulary lacks, saved as a Hugging Face directory with the new vocabulary."""
+    init = read_init_checkpoint(str(base))
+    assert init.vocab_file is not None
+    tokens = read_vocab_txt(vocab / "vocab.txt")
+    c = dataclasses.replace(init.config, vocab_size=len(tokens))
+    theirs = read_vocab_txt(init.vocab_file)
+    weights, t = transfer_vocab(init.weights, tokens, theirs, c.padded_vocab_size)
+    new = t.pieces + t.unknown
+    std = c.initializer_range
+    fresh = torch.empty(len(new), c.hidden_size)
+    torch.nn.init.trunc_normal_(fresh, std=std, a=-2 * std, b=2 * std,
+                                generator=torch.Generator().manual_seed(0))  # fmt: skip
+    weights["word_embeddings.weight"][new] = fresh
+    weights["mlm_bias"][new] = 0.0
+    out.mkdir(parents=True)
+    save_file({k: v.clone().contiguous() for k, v in to_hf(weights, c)}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({**c.to_dict(), "model_type": "bert"}))
+    shutil.copy(vocab / "vocab.txt", out / "vocab.txt")
 
 
 def main_() -> None:
@@ -65,24 +96,31 @@ def main_() -> None:
               "--vocab-size", str(args.domain_vocab_size), quiet)  # fmt: skip
     bertforge("data", "--input", domain, "--vocab", str(work / "domain-vocab"),
               "--output", str(work / "domain"), *shape, quiet)  # fmt: skip
+    random_new_rows(work / "base", work / "domain-vocab", work / "start-random-rows")
     runs = {
         "transfer": ["--init-checkpoint", str(work / "base"), "--transfer-vocab"],
+        "random rows": ["--init-checkpoint", str(work / "start-random-rows")],
         "scratch": ["--model-size", args.model_size],
     }
     results = {}
     for name, how in runs.items():
         common = ["--data", str(work / "domain"), *how, quiet]
         train = ["--train-batch-size", str(args.batch_size), "--learning-rate", args.learning_rate]
-        bertforge("train", *common, *train, "--output", str(work / f"{name}-0"),
+        run = work / name.replace(" ", "-")
+        bertforge("train", *common, *train, "--output", f"{run}-0",
                   "--num-train-steps", "1", "--num-warmup-steps", "1")  # fmt: skip
-        bertforge("train", *common, *train, "--output", str(work / name), "--num-train-steps",
+        bertforge("train", *common, *train, "--output", str(run), "--num-train-steps",
                   str(args.steps), "--eval-every", str(args.steps // 4))  # fmt: skip
         # The 1-step run's lr is 0 (warm-up): its evaluation is the starting point.
-        results[name] = [{**evals(work / f"{name}-0")[-1], "step": 0}, *evals(work / name)]
-    print(f"{'step':>6} {'transfer: MLM loss':>19} {'acc':>7} {'scratch: MLM loss':>18} {'acc':>7}")
-    for a, b in zip(results["transfer"], results["scratch"], strict=True):
-        print(f"{a['step']:>6} {a['masked_lm_loss']:>19.4f} {a['masked_lm_accuracy']:>7.2%} "
-              f"{b['masked_lm_loss']:>18.4f} {b['masked_lm_accuracy']:>7.2%}")  # fmt: skip
+        results[name] = [{**evals(Path(f"{run}-0"))[-1], "step": 0}, *evals(run)]
+    print(f"{'step':>6}" + "".join(f" {name + ': MLM loss':>22} {'acc':>7}" for name in runs))
+    for rows in zip(*results.values(), strict=True):
+        print(
+            f"{rows[0]['step']:>6}"
+            + "".join(
+                f" {r['masked_lm_loss']:>22.4f} {r['masked_lm_accuracy']:>7.2%}" for r in rows
+            )
+        )
     summary = {
         "model_size": args.model_size,
         "base_steps": args.base_steps,
