@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import VOCAB, synthetic_shard
 
 from bertforge.batches import Order, PretrainingData, apply_mask, slice_rows, step_rows

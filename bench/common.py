@@ -1,7 +1,9 @@
-"""What the benchmarks share: running a command while measuring it, and the English corpus."""
+"""What the benchmarks share: running a command while measuring it, running bertforge in
+process, and the English corpus."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +74,18 @@ def corpus_file(work: Path, mb: float) -> Path:
             check=True,
         )  # fmt: skip
     return path
+
+
+def bertforge(*argv: str) -> None:
+    """Run a bertforge command in this process; stop the benchmark if it fails."""
+    from bertforge.cli import main
+
+    code = main(list(argv))
+    if code != 0:
+        raise SystemExit(f"bertforge {' '.join(argv)}: exit {code}")
+
+
+def eval_records(run: Path) -> list[dict]:
+    """The evaluation records of a training directory's metrics.jsonl."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("eval")]

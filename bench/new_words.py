@@ -23,18 +23,9 @@ import shutil
 import time
 from pathlib import Path
 
-from bertforge.cli import demo_corpus, main
+from common import bertforge, eval_records
 
-
-def bertforge(*argv: str) -> None:
-    code = main(list(argv))
-    if code != 0:
-        raise SystemExit(f"bertforge {' '.join(argv)}: exit {code}")
-
-
-def evals(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("eval")]
+from bertforge.cli import demo_corpus
 
 
 def main_() -> None:
@@ -75,7 +66,7 @@ def main_() -> None:
         bertforge("train", *common, "--output", str(work / name), "--train-batch-size",
                   str(args.batch_size), "--num-train-steps", str(args.steps),
                   "--learning-rate", "5e-4", "--eval-every", str(args.steps // 4))  # fmt: skip
-        results[name] = evals(work / f"{name}-0") + evals(work / name)
+        results[name] = eval_records(work / f"{name}-0") + eval_records(work / name)
     ext = json.loads((work / "vocab-ext" / "manifest.json").read_text())
     print(f"\nvocab extend: {ext['counts']['added_words']} words; held-out pieces/word "
           f"{ext['quality_before']['pieces_per_word']:.3f} -> "

@@ -25,23 +25,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import bertforge, eval_records
 from safetensors.torch import save_file
 
 from bertforge.checkpoint import read_init_checkpoint, transfer_vocab
-from bertforge.cli import demo_corpus, main
+from bertforge.cli import demo_corpus
 from bertforge.model import to_hf
 from bertforge.tokenization import read_vocab_txt
-
-
-def bertforge(*argv: str) -> None:
-    code = main(list(argv))
-    if code != 0:
-        raise SystemExit(f"bertforge {' '.join(argv)}: exit {code}")
-
-
-def evals(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("eval")]
 
 
 def random_new_rows(base: Path, vocab: Path, out: Path) -> None:
@@ -112,7 +102,7 @@ def main_() -> None:
         bertforge("train", *common, *train, "--output", str(run), "--num-train-steps",
                   str(args.steps), "--eval-every", str(args.steps // 4))  # fmt: skip
         # The 1-step run's lr is 0 (warm-up): its evaluation is the starting point.
-        results[name] = [{**evals(Path(f"{run}-0"))[-1], "step": 0}, *evals(run)]
+        results[name] = [{**eval_records(Path(f"{run}-0"))[-1], "step": 0}, *eval_records(run)]
     print(f"{'step':>6}" + "".join(f" {name + ': MLM loss':>22} {'acc':>7}" for name in runs))
     for rows in zip(*results.values(), strict=True):
         print(
