@@ -67,6 +67,7 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     printed = capsys.readouterr()
     assert "held-out masked LM accuracy" in printed.out and "unigram baseline" in printed.out
     assert "MFU" not in report + printed.out  # a CPU: no peak to measure against
+    assert "continued from" not in report
 
     # Trained on a GPU of known peak, the log's MFU is in the report and the summary: the
     # mean of the records after the first (which holds the warm-up).
@@ -329,7 +330,9 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     manifest = json.loads((out / "train" / "manifest.json").read_text())
     assert manifest["bert_config"]["hidden_size"] == 64  # the checkpoint's size
     assert (out / "model" / "vocab.txt").read_text() == (kjv_vocab / "vocab.txt").read_text()
-    assert "vocabulary given" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "vocabulary given" in report
+    assert f"- continued from {trained_run.resolve()}\n" in report
     # A vocabulary that is not the checkpoint's is refused before any stage runs.
     other = tmp_path / "other"
     assert (
@@ -358,6 +361,10 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     assert "--transfer-vocab: of the 1,200 tokens of" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "t" / "train" / "manifest.json").read_text())
     assert manifest["bert_config"]["vocab_size"] == 1200
+    assert (
+        "carried over to this vocabulary: --transfer-vocab)"
+        in (tmp_path / "t" / "report.md").read_text()
+    )
     assert manifest["bert_config"]["hidden_size"] == 64  # the checkpoint's size
 
     # Without --vocab the checkpoint's own is used (given as its checkpoints/ directory here).

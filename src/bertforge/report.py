@@ -186,8 +186,14 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         f"- throughput: {speed:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else "")
         if speed
         else "- throughput: –",
-        "",
     ]
+    if tcfg.get("init_checkpoint"):
+        carried = " (its embeddings carried over to this vocabulary: --transfer-vocab)"
+        lines.append(
+            f"- continued from {tcfg['init_checkpoint']}"
+            + (carried if tcfg.get("transfer_vocab") else "")
+        )
+    lines.append("")
     if last:
         lines += [
             f"### Held-out evaluation (step {last['step']})",
