@@ -3,8 +3,10 @@ process, and the English corpus."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -89,3 +91,34 @@ def eval_records(run: Path) -> list[dict]:
     """The evaluation records of a training directory's metrics.jsonl."""
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("eval")]
+
+
+# The continued-pretraining benchmarks (new_words, transfer_vocab): a general-domain model,
+# then the King James Bible, at this shape.
+QUIET = "--no-progress"
+SHAPE = ["--max-seq-length", "64", "--max-predictions-per-seq", "10"]
+
+
+def general_model_flags(p: argparse.ArgumentParser, work: str) -> None:
+    """The flags of the general-domain model and of the runs that continue it."""
+    p.add_argument("--general", required=True, help="general-domain corpus (GCIDE text)")
+    p.add_argument("--work", default=work)
+    p.add_argument("--model-size", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=8000, help="the general model's")
+    p.add_argument("--base-steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=200, help="steps on the new domain")
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def pretrain_general(args: argparse.Namespace, work: Path) -> None:
+    """The general-domain model, from nothing in `work` (emptied): its own vocabulary
+    (work/vocab), data (work/data) and args.base_steps steps of training (work/base)."""
+    shutil.rmtree(work, ignore_errors=True)
+    bertforge("vocab", "--input", args.general, "--output", str(work / "vocab"),
+              "--vocab-size", str(args.vocab_size), QUIET)  # fmt: skip
+    bertforge("data", "--input", args.general, "--vocab", str(work / "vocab"),
+              "--output", str(work / "data"), *SHAPE, QUIET)  # fmt: skip
+    bertforge("train", "--data", str(work / "data"), "--output", str(work / "base"),
+              "--model-size", args.model_size, "--train-batch-size", str(args.batch_size),
+              "--num-train-steps", str(args.base_steps), "--learning-rate", "1e-3",
+              "--eval-every", str(args.base_steps), QUIET)  # fmt: skip

@@ -23,45 +23,29 @@ import shutil
 import time
 from pathlib import Path
 
-from common import bertforge, eval_records
+from common import QUIET, SHAPE, bertforge, eval_records, general_model_flags, pretrain_general
 
 from bertforge.cli import demo_corpus
 
 
 def main_() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--general", required=True, help="general-domain corpus (GCIDE text)")
-    p.add_argument("--work", default="bench/work/new_words")
-    p.add_argument("--model-size", default="tiny")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--base-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=200, help="continued pretraining steps")
-    p.add_argument("--batch-size", type=int, default=64)
+    general_model_flags(p, "bench/work/new_words")
     args = p.parse_args()
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    quiet = "--no-progress"
-    shape = ["--max-seq-length", "64", "--max-predictions-per-seq", "10"]
     start = time.perf_counter()
-    bertforge("vocab", "--input", args.general, "--output", str(work / "vocab"),
-              "--vocab-size", str(args.vocab_size), quiet)  # fmt: skip
-    bertforge("data", "--input", args.general, "--vocab", str(work / "vocab"),
-              "--output", str(work / "data"), *shape, quiet)  # fmt: skip
-    bertforge("train", "--data", str(work / "data"), "--output", str(work / "base"),
-              "--model-size", args.model_size, "--train-batch-size", str(args.batch_size),
-              "--num-train-steps", str(args.base_steps), "--learning-rate", "1e-3",
-              "--eval-every", str(args.base_steps), quiet)  # fmt: skip
+    pretrain_general(args, work)
     domain = str(demo_corpus())
     bertforge("vocab", "extend", "--input", domain, "--vocab", str(work / "vocab"),
-              "--output", str(work / "vocab-ext"), quiet)  # fmt: skip
+              "--output", str(work / "vocab-ext"), QUIET)  # fmt: skip
     bertforge("data", "--input", domain, "--vocab", str(work / "vocab-ext"),
-              "--output", str(work / "domain"), *shape, quiet)  # fmt: skip
+              "--output", str(work / "domain"), *SHAPE, QUIET)  # fmt: skip
     slot = work / "base-slot"  # the checkpoint as if its vocab.txt had been edited by hand
     shutil.copytree(work / "base", slot)
     shutil.copy(work / "vocab-ext" / "vocab.txt", slot / "vocab.txt")
     results = {}
     for name, init in (("mean", work / "base"), ("slot", slot)):
-        common = ["--data", str(work / "domain"), "--init-checkpoint", str(init), quiet]
+        common = ["--data", str(work / "domain"), "--init-checkpoint", str(init), QUIET]
         bertforge("train", *common, "--output", str(work / f"{name}-0"), "--no-do-train")
         bertforge("train", *common, "--output", str(work / name), "--train-batch-size",
                   str(args.batch_size), "--num-train-steps", str(args.steps),

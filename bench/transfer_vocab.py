@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import bertforge, eval_records
+from common import QUIET, SHAPE, bertforge, eval_records, general_model_flags, pretrain_general
 from safetensors.torch import save_file
 
 from bertforge.checkpoint import read_init_checkpoint, transfer_vocab
@@ -58,34 +58,18 @@ def random_new_rows(base: Path, vocab: Path, out: Path) -> None:
 
 def main_() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--general", required=True, help="general-domain corpus (GCIDE text)")
-    p.add_argument("--work", default="bench/work/transfer_vocab")
-    p.add_argument("--model-size", default="tiny")
-    p.add_argument("--vocab-size", type=int, default=8000, help="the general model's")
+    general_model_flags(p, "bench/work/transfer_vocab")
     p.add_argument("--domain-vocab-size", type=int, default=4000)
-    p.add_argument("--base-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=200, help="steps on the new domain")
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--learning-rate", default="5e-4")
     args = p.parse_args()
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    quiet = "--no-progress"
-    shape = ["--max-seq-length", "64", "--max-predictions-per-seq", "10"]
     start = time.perf_counter()
-    bertforge("vocab", "--input", args.general, "--output", str(work / "vocab"),
-              "--vocab-size", str(args.vocab_size), quiet)  # fmt: skip
-    bertforge("data", "--input", args.general, "--vocab", str(work / "vocab"),
-              "--output", str(work / "data"), *shape, quiet)  # fmt: skip
-    bertforge("train", "--data", str(work / "data"), "--output", str(work / "base"),
-              "--model-size", args.model_size, "--train-batch-size", str(args.batch_size),
-              "--num-train-steps", str(args.base_steps), "--learning-rate", "1e-3",
-              "--eval-every", str(args.base_steps), quiet)  # fmt: skip
+    pretrain_general(args, work)
     domain = str(demo_corpus())
     bertforge("vocab", "--input", domain, "--output", str(work / "domain-vocab"),
-              "--vocab-size", str(args.domain_vocab_size), quiet)  # fmt: skip
+              "--vocab-size", str(args.domain_vocab_size), QUIET)  # fmt: skip
     bertforge("data", "--input", domain, "--vocab", str(work / "domain-vocab"),
-              "--output", str(work / "domain"), *shape, quiet)  # fmt: skip
+              "--output", str(work / "domain"), *SHAPE, QUIET)  # fmt: skip
     random_new_rows(work / "base", work / "domain-vocab", work / "start-random-rows")
     runs = {
         "transfer": ["--init-checkpoint", str(work / "base"), "--transfer-vocab"],
@@ -94,7 +78,7 @@ def main_() -> None:
     }
     results = {}
     for name, how in runs.items():
-        common = ["--data", str(work / "domain"), *how, quiet]
+        common = ["--data", str(work / "domain"), *how, QUIET]
         train = ["--train-batch-size", str(args.batch_size), "--learning-rate", args.learning_rate]
         run = work / name.replace(" ", "-")
         bertforge("train", *common, *train, "--output", f"{run}-0",
