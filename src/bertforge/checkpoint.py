@@ -270,12 +270,13 @@ def seed_new_words(
         return weights, NewWords([], [])
     rows = weights["word_embeddings.weight"].shape[0]
     out, t = transfer_vocab(weights, tokens, theirs, rows)
-    unknown = sorted(set(ids) & set(t.unknown))
-    keep = unknown + list(range(len(tokens), rows))  # and the padding rows, as they were
+    unknown = set(t.unknown)
+    stay = [i for i in ids if i in unknown]
+    keep = stay + list(range(len(tokens), rows))  # and the padding rows, as they were
     for name, old in weights.items():
         if name in ("word_embeddings.weight", "mlm_bias"):
             out[name][keep] = old[keep]
-    return out, NewWords([i for i in ids if i not in set(unknown)], unknown)
+    return out, NewWords([i for i in ids if i not in unknown], stay)
 
 
 @dataclass(frozen=True)
@@ -310,9 +311,8 @@ def transfer_vocab(
             source.append([vocab[token]])
             continue
         split = wordpiece_ids(token, vocab)
-        if split is None:
-            prefix = "##" if token.startswith("##") and len(token) > 2 else ""
-            split = wordpiece_ids(prefix + lower(token[len(prefix) :]), vocab)
+        if split is None:  # the normalizer leaves a "##" prefix as it is
+            split = wordpiece_ids(lower(token), vocab)
         if split is None:
             unknown.append(j)
             split = [vocab.get("[UNK]", 0)]
