@@ -41,7 +41,8 @@ base=(--model-size base --seq-len 128 --batch-size 256)
   "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
   case "$stage" in
     tests)
-      "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_model.py "$@"
+      "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda.py \
+        tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
       "$py" bench/optimizer_update.py --model-size base ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     autotune)

@@ -260,13 +260,14 @@ def test_compile_is_on_by_default_only_for_long_gpu_runs():
     assert not train_module.use_compile(cfg(compile=False), cuda, long)
 
 
-def test_batches_are_packed_by_default_only_on_a_cpu():
+def test_batches_are_packed_by_default_on_a_cpu_and_on_a_gpu_up_to_seq_128():
     cfg = bare_config
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert train_module.use_packed(cfg(), cpu)
-    assert not train_module.use_packed(cfg(), cuda)
-    assert not train_module.use_packed(cfg(packed=False), cpu)
-    assert train_module.use_packed(cfg(packed=True), cuda)
+    assert train_module.use_packed(cfg(), cpu, 512)
+    assert train_module.use_packed(cfg(), cuda, 128)
+    assert not train_module.use_packed(cfg(), cuda, 129)
+    assert not train_module.use_packed(cfg(packed=False), cpu, 64)
+    assert train_module.use_packed(cfg(packed=True), cuda, 512)
 
 
 def test_a_failed_automatic_compile_trains_on_uncompiled(

@@ -210,7 +210,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             file=sys.stderr,
         )
     precision = resolve_precision(cfg.precision, d.device)
-    packed = use_packed(cfg, d.device)
+    packed = use_packed(cfg, d.device, info.max_seq_length)
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -1118,13 +1118,18 @@ def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool
     return device.type == "cuda" and steps_left >= AUTO_COMPILE_STEPS
 
 
-def use_packed(cfg: TrainConfig, device: torch.device) -> bool:
-    """--packed / --no-packed, or by default on a CPU: there packed batches measured 2-9%
-    faster (BERT-tiny seq 64 to BERT-small seq 128; bench/RESULTS.md). On a GPU padded batches
-    stay the default until packed ones (flash varlen attention) have been measured there."""
+# Longest max_seq_length at which a GPU trains on packed batches by default: on an H200 they
+# measured 2% (BERT-base) and 4% (BERT-large) faster at seq 128, 14% slower at 512, where
+# cuDNN's padded attention outruns the flash varlen kernel (bench/RESULTS.md).
+PACKED_MAX_SEQ_ON_GPU = 128
+
+
+def use_packed(cfg: TrainConfig, device: torch.device, max_seq_length: int) -> bool:
+    """--packed / --no-packed, or by default on a CPU (packed batches measured 2-9% faster
+    there, BERT-tiny seq 64 to BERT-small seq 128) and on a GPU up to PACKED_MAX_SEQ_ON_GPU."""
     if cfg.packed is not None:
         return cfg.packed
-    return device.type == "cpu"
+    return device.type == "cpu" or max_seq_length <= PACKED_MAX_SEQ_ON_GPU
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
