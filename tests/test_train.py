@@ -1118,3 +1118,42 @@ def test_mfu_is_logged_on_a_gpu_of_known_peak(tmp_path, monkeypatch, capsys):
     log.write(tmp_path, 3, 1e-4, 8, 0, cfg, 0.5)
     assert "mfu" not in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert "MFU" not in capsys.readouterr().err
+
+
+def test_peak_tflops_gives_mfu_where_the_table_does_not(tmp_path, train_data, tiny_bert_config):
+    """--peak-tflops: MFU on any device (here a CPU in fp32), and over the table on a known GPU."""
+    base = BertConfig.preset("base", 30522)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    meter = train_module.FlopsMeter.of(base, 128, Dist(0, 1, 0, cpu), torch.float32, 2.5)
+    assert meter is not None and meter.peak == 2.5e12
+    meter = train_module.FlopsMeter.of(base, 128, Dist(0, 4, 0, cuda), torch.bfloat16, 100.0)
+    assert meter is not None and meter.peak == 4 * 100e12  # no device name read
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(train_data), "--output", str(out), "--bert-config",
+            str(tiny_bert_config), "--train-batch-size", "8", "--num-train-steps", "4",
+            "--log-every", "2", "--eval-records", "0", "--peak-tflops", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    bert = BertConfig.from_json(tiny_bert_config)
+    low, high = bert.training_flops_per_token(64, 0.0), bert.training_flops_per_token(64, 1.0)
+    assert [r["step"] for r in records] == [2, 4]  # --eval-records 0: no eval lines
+    for r in records:  # the FLOPs per token implied, with some share of the tokens masked
+        assert low < r["mfu"] * 0.5e12 / r["tokens_per_second"] < high, r
+    with pytest.raises(UserError, match="--peak-tflops"):
+        TrainConfig(data="d", output="o", peak_tflops=0)
+
+
+def test_no_held_out_set_means_no_evaluation(tmp_path, train_data, tiny_bert_config):
+    """--eval-records 0 trains on everything and evaluates nothing (it used to log an
+    evaluation of zero instances as loss 0, accuracy 0)."""
+    out = tmp_path / "run"
+    result = train_module.train(TrainConfig(
+        data=str(train_data), output=str(out), bert_config=str(tiny_bert_config),
+        train_batch_size=8, num_train_steps=2, eval_records=0, progress=False))  # fmt: skip
+    assert result.eval is None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["eval"] is None
+    assert metrics(out, evals=True) == []
+    with pytest.raises(UserError, match=r"--eval-records.*nothing to evaluate"):
+        TrainConfig(data="d", output="o", do_train=False, eval_records=0, init_checkpoint="c")

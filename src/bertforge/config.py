@@ -328,6 +328,10 @@ class TrainConfig:
     """auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, fp32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (auto: CUDA when available)."""
+    peak_tflops: float | None = None
+    """The peak TFLOP/s of one device at the training precision (dense, no sparsity), for the
+    MFU in the log where bertforge's table does not know it (it knows the H100, H200, A100,
+    L40S and L4 in bf16/fp16); given, it is used instead of the table."""
     compile: bool | None = None
     """torch.compile the model and loss: faster steps after a warm-up compile (default: on a
     GPU for runs of 10,000 steps or more, where the compile pays back; if compiling then
@@ -351,7 +355,7 @@ class TrainConfig:
     """Evaluate every N steps (default: at every checkpoint)."""
     eval_records: int | None = None
     """Held-out instances (the last ones of the data; default: 1%, at least 1, at most 10000).
-    They are never trained on."""
+    They are never trained on. 0: no held-out set and no evaluation."""
     eval_batch_size: int | None = None
     """Instances per evaluation forward pass (default: the micro-batch size)."""
     max_eval_steps: int | None = None
@@ -381,7 +385,11 @@ class TrainConfig:
                     "must be at least 1")  # fmt: skip
         require(self.eval_records is None or self.eval_records >= 0, "--eval-records",
                 "must be 0 or more")  # fmt: skip
+        require(self.do_train or self.eval_records != 0, "--eval-records",
+                "0 leaves nothing to evaluate, and --no-do-train nothing to train")  # fmt: skip
         require(self.learning_rate > 0, "--learning-rate", "must be positive")
+        require(self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops",
+                "must be positive (the peak in TFLOP/s, e.g. 989 for an H100 SXM)")  # fmt: skip
         require(self.dropout is None or 0 <= self.dropout < 1, "--dropout",
                 "must be at least 0 and below 1")  # fmt: skip
         require(self.num_warmup_steps is None or self.num_warmup_steps >= 0,

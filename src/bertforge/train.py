@@ -105,6 +105,7 @@ RESUMABLE = {
     "device",
     "max_bad_steps",
     "packed",
+    "peak_tflops",
 }
 EVAL_KEYS = (
     "global_step",
@@ -191,6 +192,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         )
     spec = None if info.static_masking else mask_spec(data, vocab)
     eval_n = eval_size(cfg, len(data)) if cfg.do_eval else 0
+    evaluating = eval_n > 0  # --eval-records 0: no held-out set, so no evaluation
     split = Split.of(len(data), eval_n)
     if cfg.do_train and split.num_train < 1:
         raise UserError(f"--eval-records {eval_n} leaves no training data ({len(data)} records).")
@@ -354,7 +356,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             step,
             cfg.num_train_steps,
         )
-        log = Window(time.perf_counter(), FlopsMeter.of(bert, info.max_seq_length, d, precision))
+        log = Window(
+            time.perf_counter(),
+            FlopsMeter.of(bert, info.max_seq_length, d, precision, cfg.peak_tflops),
+        )
         ledger = Ledger(device_skip(optimizer, scaler), skipped)
         try:
             for step_now, rows in prefetch:
@@ -399,7 +404,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 step += 1
                 last = step == cfg.num_train_steps
                 log_due = step % cfg.log_every == 0 or last
-                eval_due = cfg.do_eval and (
+                eval_due = evaluating and (
                     step % (cfg.eval_every or cfg.save_checkpoints_steps) == 0 or last
                 )
                 save_due = step % cfg.save_checkpoints_steps == 0 or last
@@ -427,7 +432,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         finally:
             prefetch.close()
             stop.restore()
-    elif cfg.do_eval:
+    elif evaluating:
         last_eval = evaluate_now()
 
     if d.main and stop_signal is None:
@@ -1179,8 +1184,17 @@ class FlopsMeter:
     peak: float
 
     @classmethod
-    def of(cls, config: BertConfig, seq_len: int, d: Dist, dtype: torch.dtype) -> FlopsMeter | None:
-        peak = peak_flops(d.device, dtype)
+    def of(
+        cls,
+        config: BertConfig,
+        seq_len: int,
+        d: Dist,
+        dtype: torch.dtype,
+        peak_tflops: float | None = None,
+    ) -> FlopsMeter | None:
+        """The meter of a run: one device's peak from --peak-tflops, else from the table
+        (known GPUs in bf16/fp16); None when neither gives it."""
+        peak = peak_tflops * 1e12 if peak_tflops is not None else peak_flops(d.device, dtype)
         return None if peak is None else cls(config, seq_len, peak * d.world)
 
     def mfu(self, tokens_per_second: float, masked_per_token: float) -> float:
