@@ -191,6 +191,12 @@ def main() -> None:
         "coordinate_descent_tuning=True; repeatable",
     )
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for MFU where bertforge's table does not know it",
+    )
     args = ap.parse_args()
     for setting in args.inductor:
         key, _, value = setting.partition("=")
@@ -326,7 +332,7 @@ def main() -> None:
     }
     tmp.cleanup()
 
-    peak = peak_flops(device, precision)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, precision)
     tps = {
         side: stats[side]["tokens"] / stats[side]["time"] for side in sides if stats[side]["steps"]
     }
