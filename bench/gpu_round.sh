@@ -15,14 +15,36 @@
 #   large     BERT-large, seq 128, batch 128
 #   smoke     BERT-mini, a few steps: checks this script anywhere (CPU too)
 #
+#   bash bench/gpu_round.sh all [SECONDS]
+#
+# runs the stages that matter most in one device call, in this order, each under a cap and
+# all within SECONDS (default 540): tests, base128 (with --profile 3), large, base512, eager,
+# autotune; it prints how long each took. On an H200 (2026-12-04) tests took about 110 s
+# and base128 + large + base512 about 300 s together; autotune did not finish in 130 s.
+#
 # The device machine has torch (CUDA) and transformers; anything else bertforge or the tests
 # import is carried as wheels in .whl/ (pip download --only-binary=:all: --python-version 3.12
 # -d .whl pytest crc32c ...) and installed here into /tmp/site. The log of each stage goes to
 # $OUT/STAGE.log (bench/work/gpu/ when OUT is not set); its last line is the bench's JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags]}
+stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
+if [ "$stage" = all ]; then
+  end=$((SECONDS + ${1:-540}))
+  for spec in tests:180 base128:150 large:120 base512:100 eager:120 autotune:600; do
+    name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
+    if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
+    [ "$cap" -lt "$left" ] || cap=$left
+    extra=()
+    [ "$name" != base128 ] || extra=(--profile 3)
+    echo "== $name: at most $cap s ($left s left)"
+    start=$SECONDS
+    timeout -k 5 "$cap" bash "$0" "$name" "${extra[@]}" || echo "== $name: exit $?"
+    echo "== $name took $((SECONDS - start)) s"
+  done
+  exit 0
+fi
 case "$stage" in
   tests | base128 | autotune | tuning | eager | regions | profile | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
