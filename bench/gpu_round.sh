@@ -11,6 +11,8 @@
 #   eager     padded and packed, compiled and eager, interleaved (no peer): what compiling gains
 #   regions   padded, the layers as one compile region and as the whole graph, interleaved
 #   profile   where one step's device time goes (padded and packed, no peer)
+#   dropout   packed, no peer: dropout 0.1, 0 and 0.1 with aten's random numbers (inductor's
+#             fallback_random), one run each: what dropout's fused random numbers cost
 #   base512   BERT-base, seq 512, batch 32
 #   large     BERT-large, seq 128, batch 128
 #   smoke     BERT-mini, a few steps: checks this script anywhere (CPU too)
@@ -18,9 +20,9 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): tests, base128 (with --profile 3), large, base512, eager,
-# autotune; it prints how long each took. On an H200 (2026-12-04) tests took about 110 s
-# and base128 + large + base512 about 300 s together; autotune did not finish in 130 s.
+# all within SECONDS (default 540): tests, base128 (with --profile 3), large, base512,
+# dropout, autotune; it prints how long each took. On an H200 (2026-12-04) tests took about
+# 110 s, base128 + large + base512 about 300 s together; autotune did not finish in 130 s.
 #
 # The device machine has torch (CUDA) and transformers; anything else bertforge or the tests
 # import is carried as wheels in .whl/ (pip download --only-binary=:all: --python-version 3.12
@@ -32,7 +34,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:180 base128:150 large:120 base512:100 eager:120 autotune:600; do
+  for spec in tests:180 base128:150 large:120 base512:100 dropout:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -46,7 +48,8 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | base128 | autotune | tuning | eager | regions | profile | base512 | large | smoke) ;;
+  tests | base128 | autotune | tuning | eager | regions | profile | dropout | base512 | large \
+    | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
@@ -76,6 +79,12 @@ base=(--model-size base --seq-len 128 --batch-size 256)
     eager) "${bench[@]}" "${base[@]}" --layouts padded,packed --compile both --skip-peer "$@" ;;
     regions) "${bench[@]}" "${base[@]}" --whole-graph both --skip-peer "$@" ;;
     profile) "${bench[@]}" "${base[@]}" --layouts padded,packed --skip-peer --profile 3 "$@" ;;
+    dropout)
+      for flags in "--dropout 0.1" "--dropout 0" "--dropout 0.1 --inductor fallback_random=True"; do
+        echo "== $flags"
+        # shellcheck disable=SC2086  # flags is a word list
+        "${bench[@]}" "${base[@]}" --layouts packed --skip-peer $flags "$@"
+      done ;;
     base512) "${bench[@]}" --model-size base --seq-len 512 --batch-size 32 \
       --layouts padded,packed "$@" ;;
     large) "${bench[@]}" --model-size large --seq-len 128 --batch-size 128 \

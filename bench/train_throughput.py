@@ -192,6 +192,12 @@ def main() -> None:
     )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="hidden and attention dropout of every side (BERT's 0.1; 0 shows what it costs)",
+    )
+    ap.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -231,7 +237,11 @@ def main() -> None:
     seq, batch = args.seq_len, args.batch_size
     p = max(1, round(seq * 0.15))
     c = BertConfig.preset(
-        args.model_size, VOCAB, hidden_dropout_prob=0.1, max_position_embeddings=max(512, seq)
+        args.model_size,
+        VOCAB,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
+        max_position_embeddings=max(512, seq),
     )
     d = Dist(0, 1, 0, device)
     rng = np.random.default_rng(0)
@@ -366,6 +376,7 @@ def main() -> None:
         "compile_mode": args.compile_mode,
         "inductor": args.inductor,
         "whole_graph": args.whole_graph,
+        "dropout": args.dropout,
         "bertforge_layout": best,
         "bertforge_tokens_per_s": head["tokens_per_s"],
         "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,
