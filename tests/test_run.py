@@ -361,10 +361,12 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     assert "--transfer-vocab: of the 1,200 tokens of" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "t" / "train" / "manifest.json").read_text())
     assert manifest["bert_config"]["vocab_size"] == 1200
+    e = manifest["embeddings"]
+    assert sum(e.values()) == 1200 and e["kept"] > 0, e  # the same corpus: its tokens all kept
     assert (
-        "carried over to this vocabulary: --transfer-vocab)"
-        in (tmp_path / "t" / "report.md").read_text()
-    )
+        f"(--transfer-vocab: {e['kept']:,} of the 1,200 tokens kept their embeddings, "
+        f"{e['from_pieces']:,} started from the mean of their pieces'"
+    ) in (tmp_path / "t" / "report.md").read_text()
     assert manifest["bert_config"]["hidden_size"] == 64  # the checkpoint's size
 
     # Without --vocab the checkpoint's own is used (given as its checkpoints/ directory here).
@@ -441,3 +443,21 @@ def test_a_toml_file_drives_the_run(tmp_path, kjv_corpus):
     )
     recipe.write_text(recipe.read_text() + "\n[train]\nlearning_rate = 1\n")
     assert main(["run", str(kjv_corpus), "--config", str(recipe)]) == 2  # duplicate section
+
+
+def test_report_says_how_the_checkpoints_embeddings_started():
+    from bertforge.report import embeddings_note
+
+    counts = {"kept": 900, "from_pieces": 290, "from_unk": 10}
+    assert embeddings_note(True, counts) == (
+        " (--transfer-vocab: 900 of the 1,200 tokens kept their embeddings, 290 started from "
+        "the mean of their pieces', 10 from its [UNK])"
+    )
+    assert "[UNK]" not in embeddings_note(True, counts | {"from_unk": 0})
+    assert "--transfer-vocab" in embeddings_note(True, None)  # an older manifest: no counts
+    new = {"new_words_from_pieces": 2, "new_words_as_slots": 1}
+    assert embeddings_note(False, new) == (
+        " (2 new words in [unusedN] slots started from the mean of their pieces' embeddings; "
+        "1 kept their slots' embeddings)"
+    )
+    assert embeddings_note(False, None) == ""

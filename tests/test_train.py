@@ -763,6 +763,8 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
     assert f"2 [unusedN] slot(s) of {hf_dir / 'vocab.txt'} are new words in " in err
     assert f"(line 701: [unused900] -> {tokens[700]})" in err
     assert "2 start from the mean of their pieces' embeddings" in err
+    manifest = json.loads((tmp_path / "slots" / "manifest.json").read_text())
+    assert manifest["embeddings"] == {"new_words_from_pieces": 2, "new_words_as_slots": 0}
     started = torch.load(list_checkpoints(tmp_path / "slots")[-1], weights_only=False)["model"]
     split = wordpiece_tokenizer({t: i for i, t in enumerate(slots)})
     for i in (700, 701):
@@ -831,6 +833,15 @@ def test_transfer_vocab_starts_each_token_from_the_checkpoints_rows(
     ) in err
     state = torch.load(list_checkpoints(tmp_path / "t")[-1], weights_only=False)
     assert state["bert_config"]["vocab_size"] == len(tokens)
+    counts = {"kept": len(kept), "from_pieces": len(pieces), "from_unk": len(unknown)}
+    assert state["embeddings"] == counts  # kept for a resumed run's manifest
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["embeddings"] == counts
+    longer = [*cont, "--output", str(tmp_path / "t"), "--transfer-vocab"]
+    longer[longer.index("--num-train-steps") + 1] = "2"
+    assert main(longer) == 0  # resumed from step 1: the counts come from the checkpoint
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["embeddings"] == counts
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["counts"]["steps"] == 2
     split = wordpiece_tokenizer({t: i for i, t in enumerate(theirs)})
     for name, hf_name in (("word_embeddings.weight", "bert.embeddings.word_embeddings.weight"),
                           ("mlm_bias", "cls.predictions.bias")):  # fmt: skip

@@ -31,6 +31,27 @@ class Summary:
     mfu: float | None = None
 
 
+def embeddings_note(transfer: bool, counts: dict[str, int] | None) -> str:
+    """How the checkpoint's embeddings became the vocabulary's, as the train manifest says."""
+    if transfer:
+        if not counts:  # a manifest from before the counts were recorded
+            return " (its embeddings carried over to this vocabulary: --transfer-vocab)"
+        total = counts["kept"] + counts["from_pieces"] + counts["from_unk"]
+        unk = f", {counts['from_unk']:,} from its [UNK]" if counts["from_unk"] else ""
+        return (
+            f" (--transfer-vocab: {counts['kept']:,} of the {total:,} tokens kept their "
+            f"embeddings, {counts['from_pieces']:,} started from the mean of their pieces'{unk})"
+        )
+    if counts:
+        slots = counts["new_words_as_slots"]
+        rest = f"; {slots:,} kept their slots' embeddings" if slots else ""
+        return (
+            f" ({counts['new_words_from_pieces']:,} new words in [unusedN] slots started from "
+            f"the mean of their pieces' embeddings{rest})"
+        )
+    return ""
+
+
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training log records, evaluation records) of a metrics.jsonl, skipping a torn line."""
     records = read_jsonl(path)
@@ -188,10 +209,9 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         else "- throughput: –",
     ]
     if tcfg.get("init_checkpoint"):
-        carried = " (its embeddings carried over to this vocabulary: --transfer-vocab)"
         lines.append(
             f"- continued from {tcfg['init_checkpoint']}"
-            + (carried if tcfg.get("transfer_vocab") else "")
+            + embeddings_note(bool(tcfg.get("transfer_vocab")), trained.get("embeddings"))
         )
     lines.append("")
     if last:

@@ -257,11 +257,13 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     # ---- model, optimizer, state
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
+    # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
+    embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:
         if cfg.transfer_vocab:
-            weights = start_transferred(init, vocab, bert, notes=d.main)
+            weights, embeddings = start_transferred(init, vocab, bert, notes=d.main)
         else:
-            weights = start_new_words(init, vocab, notes=d.main)
+            weights, embeddings = start_new_words(init, vocab, notes=d.main)
         load_weights(model, {k: v.to(d.device) for k, v in weights.items()}, str(init.path))
     if state is not None:
         model.load_state_dict(state["model"])
@@ -325,6 +327,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 "config": run_settings(cfg),
                 "bert_config": bert.to_dict(),
                 "data": {"source": info.source, "records": len(data), "eval_records": eval_n},
+                "embeddings": embeddings,
             },
             cfg.keep_checkpoints,
         )
@@ -436,7 +439,20 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         last_eval = evaluate_now()
 
     if d.main and stop_signal is None:
-        finish(out, cfg, bert, info, step, skipped, last_eval, precision, compiled, packed, d)
+        finish(
+            out,
+            cfg,
+            bert,
+            info,
+            step,
+            skipped,
+            last_eval,
+            precision,
+            compiled,
+            packed,
+            d,
+            embeddings,
+        )
     return TrainResult(out, step, last_eval, stop_signal)
 
 
@@ -978,11 +994,14 @@ def note_google_run(init: InitWeights) -> None:
         )
 
 
-def start_new_words(init: InitWeights, vocab: Vocab, notes: bool) -> dict[str, torch.Tensor]:
+def start_new_words(
+    init: InitWeights, vocab: Vocab, notes: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int] | None]:
     """The checkpoint's weights for the data's vocabulary: words written over its [unusedN]
-    slots (`bertforge vocab extend`) start from the mean of their pieces (`seed_new_words`)."""
+    slots (`bertforge vocab extend`) start from the mean of their pieces (`seed_new_words`);
+    with the counts of those new words (None when there are none)."""
     if init.vocab_file is None:
-        return init.weights
+        return init.weights, None
     theirs = read_vocab_txt(init.vocab_file)
     weights, new = seed_new_words(init.weights, vocab.tokens, theirs)
     if notes and (new.seeded or new.unknown):
@@ -1001,13 +1020,19 @@ def start_new_words(init: InitWeights, vocab: Vocab, notes: bool) -> dict[str, t
             "slots' embeddings.",
             file=sys.stderr,
         )
-    return weights
+    if not (new.seeded or new.unknown):
+        return weights, None
+    return weights, {
+        "new_words_from_pieces": len(new.seeded),
+        "new_words_as_slots": len(new.unknown),
+    }
 
 
 def start_transferred(
     init: InitWeights, vocab: Vocab, bert: BertConfig, notes: bool
-) -> dict[str, torch.Tensor]:
-    """--transfer-vocab: the checkpoint's weights for the data's vocabulary (`transfer_vocab`)."""
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """--transfer-vocab: the checkpoint's weights for the data's vocabulary (`transfer_vocab`),
+    and how many tokens kept their rows, started from their pieces' or from [UNK]."""
     assert init.vocab_file is not None
     theirs = read_vocab_txt(init.vocab_file)
     weights, t = transfer_vocab(init.weights, vocab.tokens, theirs, bert.padded_vocab_size)
@@ -1025,7 +1050,8 @@ def start_transferred(
             f"embeddings{unknown}.",
             file=sys.stderr,
         )
-    return weights
+    counts = {"kept": len(t.kept), "from_pieces": len(t.pieces), "from_unk": len(t.unknown)}
+    return weights, counts
 
 
 def take_over_google_run(
@@ -1361,6 +1387,7 @@ def finish(
     compiled: bool,
     packed: bool,
     d: Dist,
+    embeddings: dict[str, int] | None,
 ) -> None:
     ckpts = list_checkpoints(out)
     write_manifest(
@@ -1387,6 +1414,7 @@ def finish(
             "precision": precision_name(precision),
             "compiled": compiled,
             "packed": packed,
+            "embeddings": embeddings,
             "device": d.device.type,
             "processes": d.world,
         },
