@@ -6,8 +6,10 @@
 # Stages, in the order to run them:
 #   tests     tests/test_cuda.py and tests/test_model.py on the GPU; bench/optimizer_update.py
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
-#   autotune  the same with inductor's max-autotune-no-cudagraphs (epilogue fusion)
-#   tuning    the same with inductor's coordinate-descent tuning of its own kernels
+#   graphs    padded and packed, with and without CUDA graphs (packed rounded up by filler),
+#             interleaved, no peer: whether graphs close the packed step's 6% host gap
+#   autotune  base128 with inductor's max-autotune-no-cudagraphs (epilogue fusion)
+#   tuning    base128 with inductor's coordinate-descent tuning of its own kernels
 #   eager     padded and packed, compiled and eager, interleaved (no peer): what compiling gains
 #   regions   padded, the layers as one compile region and as the whole graph, interleaved
 #   profile   where one step's device time goes (padded and packed, no peer)
@@ -20,9 +22,10 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): tests, base128 (with --profile 3), large, base512,
-# dropout, autotune; it prints how long each took. On an H200 (2026-12-04) tests took about
-# 110 s, base128 + large + base512 about 300 s together; autotune did not finish in 130 s.
+# all within SECONDS (default 540): tests, base128 (with --profile 3), graphs, large,
+# base512, dropout, autotune; it prints how long each took. On an H200 (2026-12-04) tests
+# took about 110 s, base128 + large + base512 about 300 s together; autotune did not finish
+# in 130 s.
 #
 # The device machine has torch (CUDA) and transformers; anything else bertforge or the tests
 # import is carried as wheels in .whl/ (pip download --only-binary=:all: --python-version 3.12
@@ -34,7 +37,8 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:180 base128:150 large:120 base512:100 dropout:150 autotune:600; do
+  for spec in tests:180 base128:150 graphs:180 large:120 base512:100 dropout:150 \
+    autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -48,8 +52,8 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | base128 | autotune | tuning | eager | regions | profile | dropout | base512 | large \
-    | smoke) ;;
+  tests | base128 | graphs | autotune | tuning | eager | regions | profile | dropout | base512 \
+    | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
@@ -70,6 +74,7 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
       "$py" bench/optimizer_update.py --model-size base ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
+    graphs) "${bench[@]}" "${base[@]}" --layouts padded,packed --graphs both --skip-peer "$@" ;;
     autotune)
       "${bench[@]}" "${base[@]}" --layouts padded,packed \
         --compile-mode max-autotune-no-cudagraphs "$@" ;;

@@ -190,6 +190,14 @@ def main() -> None:
         help="set torch._inductor.config.KEY (a Python literal) for this run, e.g. "
         "coordinate_descent_tuning=True; repeatable",
     )
+    ap.add_argument(
+        "--graphs",
+        choices=["no", "yes", "both"],
+        default="no",
+        help="CUDA graphs (torch.compile mode reduce-overhead; packed batches rounded up to "
+        "a multiple of seq x batch/64 tokens by filler, so a few shapes are recorded); both: "
+        "with and without ('+graphs' in the name), interleaved",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument(
         "--dropout",
@@ -217,13 +225,17 @@ def main() -> None:
     kinds = args.layouts.split(",")
     if not kinds or not set(kinds) <= {"padded", "packed"}:
         ap.error(f"--layouts: {args.layouts!r}; use padded, packed or padded,packed")
-    graphs = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
+    if args.compile == "no" and args.graphs != "no":
+        ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
+    regions = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
+    cuda_graphs = {"no": [""], "yes": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
     ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
     compiled_of = {  # side name -> whether its step is compiled
-        kind + (graph if way == "compiled" else way): way == "compiled"
+        kind + (region + graphs if way == "compiled" else way): way == "compiled"
         for kind in kinds
         for way in ways
-        for graph in (graphs if way == "compiled" else [""])
+        for region in (regions if way == "compiled" else [""])
+        for graphs in (cuda_graphs if way == "compiled" else [""])
     }
     layouts = list(compiled_of)
 
@@ -263,9 +275,10 @@ def main() -> None:
 
     def make_ours(layout: str) -> Any:
         """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
-        regions; "+eager": not compiled), on its own model (same init) and optimizer: it reads
-        nothing back unless the optimizer cannot skip a bad step on the device (then `update`
-        does, as in the trainer)."""
+        regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+eager":
+        not compiled), on its own model (same init) and optimizer: it reads nothing back
+        unless the optimizer cannot skip a bad step on the device (then `update` does, as in
+        the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         model.compile_regions = not layout.endswith("+whole")
@@ -273,12 +286,18 @@ def main() -> None:
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         objective = Objective(model)
         compiled = compiled_of[layout]
-        forward = torch.compile(objective, mode=args.compile_mode) if compiled else objective
+        graphs = layout.endswith("+graphs")
+        mode = "reduce-overhead" if graphs else args.compile_mode
+        forward = torch.compile(objective, mode=mode) if compiled else objective
         ledger = Ledger(device_skip(opt, scaler), 0)
         packed = layout.startswith("packed")
+        # about 1% of the step's tokens: at batch 256 and seq 128, 4-5 shapes in practice
+        bucket = seq * min(seq, max(1, batch // 64)) if graphs and packed else 0
         own = stats[layout]
 
         def step(measure: bool) -> None:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             t0 = time.perf_counter()
             _, rows = next(prefetch)
             t1 = time.perf_counter()
@@ -294,6 +313,7 @@ def main() -> None:
                 scaler,
                 packed,
                 compiled,
+                bucket,
             )
             update(model, opt, scaler, sums, 1.0, ledger)
             opt.zero_grad(set_to_none=True)
@@ -376,6 +396,7 @@ def main() -> None:
         "compile_mode": args.compile_mode,
         "inductor": args.inductor,
         "whole_graph": args.whole_graph,
+        "graphs": args.graphs,
         "dropout": args.dropout,
         "bertforge_layout": best,
         "bertforge_tokens_per_s": head["tokens_per_s"],

@@ -13,7 +13,7 @@ import torch
 from bertforge.batches import Rows
 from bertforge.cli import main
 from bertforge.model import BertConfig, BertForPretraining
-from bertforge.train import model_batch, peak_flops
+from bertforge.train import Objective, model_batch, peak_flops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -115,3 +115,49 @@ def test_out_of_memory_halves_the_micro_batch(tmp_path, train_data, capsys):
     assert "CUDA out of memory at step 0 with micro-batch 4096" in err
     m = metrics(out)
     assert m[-1]["micro_batch_size"] < 4096 and len(m) == 2
+
+
+def packed_rows(n: int, seed: int) -> Rows:
+    g = np.random.default_rng(seed)
+    lengths = g.integers(20, 129, n)
+    ids = g.integers(5, 1000, (n, 128))
+    ids[np.arange(128)[None] >= lengths[:, None]] = 0
+    positions = np.stack([g.choice(np.arange(1, int(k)), 8, replace=False) for k in lengths])
+    return Rows(ids, lengths, None, np.zeros_like(ids), g.integers(0, 2, n), positions,
+                g.integers(5, 1000, positions.shape))  # fmt: skip
+
+
+def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients():
+    """What `bench/train_throughput.py --graphs` measures: the compiled step under CUDA graphs
+    (mode reduce-overhead), packed batches rounded up by filler to a few token counts, gives
+    the plain compiled step's losses and gradients (dropout off; bf16)."""
+    device = torch.device("cuda")
+    c = BertConfig.preset("mini", 1000, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForPretraining(c).to(device)
+    results = []
+    for graphs in (False, True):
+        forward = torch.compile(Objective(model), mode="reduce-overhead" if graphs else None)
+        for seed in range(4):  # warm-up, recording and replays over two token counts
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            rows = packed_rows(16, seed % 2)
+            b, lengths, layout = model_batch(rows, device, True, False, 512 if graphs else 0)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                mlm, nsp, _ = forward(
+                    b["input_ids"],
+                    b["token_type_ids"],
+                    lengths,
+                    b["positions"],
+                    b["labels"],
+                    b["next_sentence"],
+                    layout,
+                )
+            (mlm + nsp).backward()
+            loss = float(mlm + nsp)
+        results.append((loss, {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    (want, want_grads), (got, grads) = results
+    assert got == pytest.approx(want, rel=1e-2)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=2e-2, rtol=5e-2, msg=name)

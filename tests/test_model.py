@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertforge.batches import IGNORE, Rows
+from bertforge.batches import IGNORE, Rows, filler_lengths
 from bertforge.errors import UserError
 from bertforge.model import (
     BertConfig,
@@ -179,11 +179,11 @@ def rows_of(ids, types, lengths, positions, seed=0):
                 positions.numpy(), labels.numpy())  # fmt: skip
 
 
-def sums_and_grads(model, rows, packed, trim=True, forward=None):
+def sums_and_grads(model, rows, packed, trim=True, forward=None, bucket=0):
     """The trainer's forward (loss sums; `forward` a compiled Objective) and the gradients of
     their total."""
     model.zero_grad()
-    b, lengths, layout = model_batch(rows, torch.device("cpu"), packed, trim)
+    b, lengths, layout = model_batch(rows, torch.device("cpu"), packed, trim, bucket)
     mlm, nsp, correct = (Objective(model) if forward is None else forward)(
         b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
         b["next_sentence"], layout,
@@ -215,6 +215,28 @@ def test_packed_equals_padded():
             torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)
         for name, g in want_grads.items():
             torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_filler_rounds_a_packed_batch_up_and_changes_nothing():
+    """A packed batch rounded up to a bucket by filler sequences (so that CUDA graphs see a
+    few token counts only) gives the plain packed batch's losses and gradients."""
+    c = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForPretraining(c)
+    rows = rows_of(*batch(c))  # 16 + 11 + 7 = 34 tokens of width 16
+    b, _, layout = model_batch(rows, torch.device("cpu"), True, bucket=32)
+    assert b["input_ids"].shape == (64,) and (b["input_ids"][34:] == 0).all()
+    assert b["cu_seqlens"].tolist() == [0, 16, 27, 34, 44, 54, 64]  # 3 filler sequences
+    assert b["position_ids"][34:44].tolist() == list(range(10))
+    assert layout.max_len == 16 and layout.starts(3).tolist() == [0, 16, 27]
+    want, want_grads = sums_and_grads(model, rows, packed=True)
+    got, grads = sums_and_grads(model, rows, packed=True, bucket=32)
+    for x, y in zip(want, got, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    for tokens in range(1, 700):  # always 5 sequences of 1 to 16 tokens: one cu_seqlens shape
+        f = filler_lengths(tokens, 64, 16)
+        assert len(f) == 5 and (tokens + f.sum()) % 64 == 0 and 1 <= f.min() <= f.max() <= 16
 
 
 def devices():

@@ -262,7 +262,7 @@ def eval_rows(
 
 
 def to_tensors(
-    rows: Rows, device: torch.device, trim: bool = True, packed: bool = False
+    rows: Rows, device: torch.device, trim: bool = True, packed: bool = False, bucket: int = 0
 ) -> dict[str, torch.Tensor]:
     """Torch tensors of rows, padded [B, S] or packed.
 
@@ -270,7 +270,9 @@ def to_tensors(
     anyway) to a multiple of 8 unless trim is False. Packed: input_ids, token_type_ids and
     position_ids hold the real tokens of all instances back to back, [T], and cu_seqlens
     [B+1] (int32) where each instance starts; built here on the host, so the model never
-    looks for padding on the device."""
+    looks for padding on the device. A packed batch with `bucket` (a multiple of S) has its
+    token count rounded up to a multiple of it by filler sequences after the instances (see
+    `filler_lengths`), so that steps take a few shapes only (one CUDA graph each)."""
     seq = rows.input_ids.shape[1]
     if trim and len(rows.lengths):
         seq = min(seq, int(-(-int(rows.lengths.max()) // 8) * 8))
@@ -282,11 +284,20 @@ def to_tensors(
         "labels": rows.labels,
         "next_sentence": rows.next_sentence,
     }
+    lengths = rows.lengths
     if packed:
         real = np.arange(seq)[None, :] < rows.lengths[:, None]
         arrays["input_ids"] = arrays["input_ids"][real]
         arrays["token_type_ids"] = arrays["token_type_ids"][real]
         arrays["position_ids"] = np.broadcast_to(np.arange(seq), real.shape)[real]
+        if bucket:
+            filler = filler_lengths(int(rows.lengths.sum()), bucket, rows.input_ids.shape[1])
+            lengths = np.concatenate([rows.lengths, filler])
+            zeros = np.zeros(int(filler.sum()), dtype=np.int64)
+            arrays["input_ids"] = np.concatenate([arrays["input_ids"], zeros])
+            arrays["token_type_ids"] = np.concatenate([arrays["token_type_ids"], zeros])
+            within = np.arange(len(zeros)) - np.repeat(np.cumsum(filler) - filler, filler)
+            arrays["position_ids"] = np.concatenate([arrays["position_ids"], within])
     pin = device.type == "cuda"
 
     def move(a: np.ndarray, dtype: type) -> torch.Tensor:
@@ -295,8 +306,19 @@ def to_tensors(
 
     out = {name: move(a, np.int64) for name, a in arrays.items()}
     if packed:
-        out["cu_seqlens"] = move(np.concatenate([[0], np.cumsum(rows.lengths)]), np.int32)
+        out["cu_seqlens"] = move(np.concatenate([[0], np.cumsum(lengths)]), np.int32)
     return out
+
+
+def filler_lengths(tokens: int, bucket: int, seq: int) -> np.ndarray:
+    """Lengths of the filler sequences that round a packed batch of `tokens` up to a multiple
+    of `bucket` (a multiple of seq): always bucket // seq + 1 of them, each 1 to seq tokens
+    long (an empty or over-long sequence would leave attention outputs unwritten), so a
+    batch's cu_seqlens keeps one shape."""
+    assert bucket % seq == 0 and bucket // seq <= seq, (bucket, seq)
+    count = bucket // seq + 1
+    total = -(-(tokens + count) // bucket) * bucket - tokens  # count to count + bucket - 1
+    return total // count + (np.arange(count) < total % count)
 
 
 def slice_rows(rows: Rows, start: int, stop: int) -> Rows:

@@ -162,8 +162,9 @@ class Packed:
 
     The loader builds it on the host (`batches.to_tensors(packed=True)`), so the model reads
     no device value and finds no padding to remove. cu_seqlens [B+1] int32 holds where each
-    sequence starts (and the total at the end); position_ids [T] each token's position in its
-    sequence; max_len the padded width, a constant upper bound on the lengths for the
+    sequence starts (and the total at the end), [B+1+C] when C filler sequences after the
+    batch's round T up (`to_tensors(bucket=...)`); position_ids [T] each token's position in
+    its sequence; max_len the padded width, a constant upper bound on the lengths for the
     attention kernel's grid; flash whether the device runs flash varlen attention (decided
     on the host: `flash_varlen_available`)."""
 
@@ -172,9 +173,10 @@ class Packed:
     max_len: int
     flash: bool = False
 
-    @property
-    def starts(self) -> torch.Tensor:
-        return self.cu_seqlens[:-1].long()
+    def starts(self, rows: int) -> torch.Tensor:
+        """Where each of the batch's `rows` instances starts (filler sequences that round the
+        token count up, `batches.to_tensors(bucket=...)`, come after them)."""
+        return self.cu_seqlens[:rows].long()
 
     def padded_index(self) -> torch.Tensor:
         """[T] flat position b * max_len + i of every token in the padded [B, max_len] batch
@@ -397,7 +399,7 @@ class BertForPretraining(nn.Module):
         """MLM logits (B, P, vocab_size) at masked_positions (B, P), NSP logits (B, 2)."""
         x = self.encode(input_ids, token_type_ids, lengths, packed)
         if packed is not None:
-            starts = packed.starts
+            starts = packed.starts(masked_positions.shape[0])
             first = x[starts]
         else:
             s = input_ids.shape[1]

@@ -500,13 +500,14 @@ class Objective(torch.nn.Module):
 
 
 def model_batch(
-    rows: Rows, device: torch.device, packed: bool, trim: bool = True
+    rows: Rows, device: torch.device, packed: bool, trim: bool = True, bucket: int = 0
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Packed | None]:
     """The rows as tensors (`to_tensors`) and the (lengths, Packed) to give the model:
     lengths None when a padded batch has no padding, decided here on the host so the model
     never reads device values. Under torch.compile a packed batch's token count is marked
-    dynamic: one graph serves every step."""
-    b = to_tensors(rows, device, trim=trim, packed=packed)
+    dynamic: one graph serves every step (with `bucket`, filler rounds the count up, so that
+    CUDA graphs see a few sizes only)."""
+    b = to_tensors(rows, device, trim=trim, packed=packed, bucket=bucket if packed else 0)
     if packed:
         for name in ("input_ids", "token_type_ids", "position_ids"):
             torch._dynamo.maybe_mark_dynamic(b[name], 0)
@@ -538,18 +539,19 @@ def forward_backward(
     scaler: Any,
     packed: bool,
     static_shapes: bool,
+    bucket: int = 0,
 ) -> torch.Tensor:
     """Gradients of this process's share of the step, micro-batch by micro-batch; the sums.
 
     `forward` is an Objective (or its DDP / compiled wrapper). Nothing here waits for the
-    device: the counts come from the host arrays."""
+    device: the counts come from the host arrays. bucket: see `model_batch`."""
     masked, instances = totals
     n = len(rows.lengths)
     sums = torch.zeros(len(SUMS), device=d.device)
     starts = list(range(0, n, micro))
     for i, start in enumerate(starts):
         part = slice_rows(rows, start, start + micro)
-        b, lengths, layout = model_batch(part, d.device, packed, trim=not static_shapes)
+        b, lengths, layout = model_batch(part, d.device, packed, not static_shapes, bucket)
         sync = ddp is None or i == len(starts) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
             with autocast:
