@@ -84,10 +84,12 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     metrics.write_text(lines)
     write_report(out, DIRS)
 
-    # The same command again, from another directory with relative paths: nothing reruns.
+    # The same command again, from another directory with relative paths (and a peak for
+    # the MFU, which changes no output): nothing reruns.
     before = (out / "model" / "model.safetensors").stat().st_mtime_ns
     monkeypatch.chdir(kjv_corpus.parent)
-    run_cli(Path(kjv_corpus.name), Path(os.path.relpath(out, kjv_corpus.parent)))
+    relative = Path(os.path.relpath(out, kjv_corpus.parent))
+    run_cli(Path(kjv_corpus.name), relative, "--peak-tflops", "50")
     assert printed.err.count("running") == 4
     err = capsys.readouterr().err
     assert err.count("unchanged, kept") == 4

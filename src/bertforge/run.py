@@ -66,8 +66,8 @@ WIRED = {
 STAGE_ONLY = {"train": {"resume_google"}}
 # Stages that continue where they were cut off (the others are quick and start again).
 RESUMES = {"data", "train"}
-# Settings that do not change a stage's output.
-COSMETIC = {"progress", "overwrite"}
+# Settings that do not change a stage's output (--peak-tflops only what the log calls MFU).
+COSMETIC = {"progress", "overwrite", "peak_tflops"}
 
 
 # ----------------------------------------------------------------------------- flags
