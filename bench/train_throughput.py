@@ -54,6 +54,7 @@ from bertforge.train import (
     forward_backward,
     make_optimizer,
     peak_flops,
+    quiet_inductor_notes,
     resolve_precision,
     update,
 )
@@ -288,6 +289,8 @@ def main() -> None:
         compiled = compiled_of[layout]
         graphs = layout.endswith("+graphs")
         mode = "reduce-overhead" if graphs else args.compile_mode
+        if compiled:
+            quiet_inductor_notes()
         forward = torch.compile(objective, mode=mode) if compiled else objective
         ledger = Ledger(device_skip(opt, scaler), 0)
         packed = layout.startswith("packed")

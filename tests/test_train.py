@@ -1168,3 +1168,21 @@ def test_no_held_out_set_means_no_evaluation(tmp_path, train_data, tiny_bert_con
     assert metrics(out, evals=True) == []
     with pytest.raises(UserError, match=r"--eval-records.*nothing to evaluate"):
         TrainConfig(data="d", output="o", do_train=False, eval_records=0, init_checkpoint="c")
+
+
+def test_inductors_online_softmax_note_is_hidden():
+    """Compiling on a GPU, inductor warns that a split reduction runs without online softmax
+    (seen on an H200, once per compiled graph): not something a user can act on."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_module.quiet_inductor_notes()
+        warnings.warn(
+            "\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the "
+            "reduction. Cut an issue to PyTorch if this is an\nimportant use case.",
+            UserWarning,
+            stacklevel=1,
+        )
+        warnings.warn("any other warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["any other warning"]

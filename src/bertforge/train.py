@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     )
     eager = ddp or objective
     compiled = use_compile(cfg, d.device, cfg.num_train_steps - step)
+    if compiled:
+        quiet_inductor_notes()
     forward = torch.compile(eager) if compiled else eager
     autocast = (
         torch.autocast(d.device.type, dtype=precision)
@@ -1155,6 +1158,13 @@ def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool
 # measured 2% (BERT-base) and 4% (BERT-large) faster at seq 128, 14% slower at 512, where
 # cuDNN's padded attention outruns the flash varlen kernel (bench/RESULTS.md).
 PACKED_MAX_SEQ_ON_GPU = 128
+
+
+def quiet_inductor_notes() -> None:
+    """Hide inductor's note, printed while compiling on a GPU, that a split reduction (the
+    masked-LM loss over the vocabulary) runs without online softmax: it is about inductor's
+    own code generation, and nothing a user of bertforge can act on."""
+    warnings.filterwarnings("ignore", r"\s*Online softmax is disabled", UserWarning)
 
 
 def use_packed(cfg: TrainConfig, device: torch.device, max_seq_length: int) -> bool:
