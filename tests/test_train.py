@@ -263,11 +263,15 @@ def test_compile_is_on_by_default_only_for_long_gpu_runs():
 def test_batches_are_packed_by_default_on_a_cpu_and_on_a_gpu_up_to_seq_128():
     cfg = bare_config
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert train_module.use_packed(cfg(), cpu, 512)
-    assert train_module.use_packed(cfg(), cuda, 128)
-    assert not train_module.use_packed(cfg(), cuda, 129)
-    assert not train_module.use_packed(cfg(packed=False), cpu, 64)
-    assert train_module.use_packed(cfg(packed=True), cuda, 512)
+    assert train_module.use_packed(cfg(), cpu, 512, False)
+    assert train_module.use_packed(cfg(), cuda, 128, True)
+    assert not train_module.use_packed(cfg(), cuda, 129, True)
+    assert not train_module.use_packed(cfg(), cuda, 128, False)  # e.g. a T4, or fp32
+    assert not train_module.use_packed(cfg(packed=False), cpu, 64, False)
+    assert train_module.use_packed(cfg(packed=True), cuda, 512, False)
+    fits = train_module.flash_varlen_fits
+    assert fits(torch.bfloat16, 64) and fits(torch.float16, 256)
+    assert not fits(torch.float32, 64) and not fits(torch.bfloat16, 12)
 
 
 def test_a_failed_automatic_compile_trains_on_uncompiled(

@@ -340,9 +340,10 @@ class TrainConfig:
     packed: bool | None = None
     """Batches without padding: the loader packs each batch's real tokens back to back and
     attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact.
-    Default: on a CPU, where it measured 2-9% faster, and on a GPU up to max_seq_length 128
-    (2-4% faster there on an H200; 14% slower at 512, where cuDNN's padded attention is
-    faster: bench/RESULTS.md). --no-packed pads every batch."""
+    Default: on a CPU, where it measured 2-9% faster, and up to max_seq_length 128 on a GPU
+    that runs flash varlen attention (compute capability 8.0+, bf16/fp16): 2-4% faster there
+    on an H200, 14% slower at 512, where cuDNN's padded attention is faster
+    (bench/RESULTS.md). --no-packed pads every batch."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

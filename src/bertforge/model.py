@@ -197,6 +197,11 @@ def flash_varlen_available(device: torch.device) -> bool:
     )
 
 
+def flash_varlen_fits(dtype: torch.dtype, head_size: int) -> bool:
+    """Whether the flash varlen kernel takes q/k/v of this dtype and head size."""
+    return dtype in (torch.float16, torch.bfloat16) and head_size % 8 == 0 and head_size <= 256
+
+
 def flash_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Packed, dropout: float
 ) -> torch.Tensor:
@@ -221,8 +226,7 @@ def attend(
 
     layout: None (no padding), a [B, 1, 1, S] bool key mask, or a Packed batch."""
     if isinstance(layout, Packed):
-        half, head = q.dtype in (torch.float16, torch.bfloat16), q.shape[-1]
-        if layout.flash and half and head % 8 == 0 and head <= 256:
+        if layout.flash and flash_varlen_fits(q.dtype, q.shape[-1]):
             return flash_varlen(q, k, v, layout, dropout)
         # Elsewhere (CPU, fp32): scatter into a padded batch, attend with a key mask, gather.
         index = layout.padded_index()

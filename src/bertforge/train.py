@@ -81,6 +81,7 @@ from bertforge.model import (
     BertForPretraining,
     Packed,
     flash_varlen_available,
+    flash_varlen_fits,
     load_weights,
 )
 from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups, set_moments
@@ -213,7 +214,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             file=sys.stderr,
         )
     precision = resolve_precision(cfg.precision, d.device)
-    packed = use_packed(cfg, d.device, info.max_seq_length)
+    varlen = flash_varlen_available(d.device) and flash_varlen_fits(
+        precision, bert.hidden_size // bert.num_attention_heads
+    )
+    packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -1154,12 +1158,6 @@ def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool
     return device.type == "cuda" and steps_left >= AUTO_COMPILE_STEPS
 
 
-# Longest max_seq_length at which a GPU trains on packed batches by default: on an H200 they
-# measured 2% (BERT-base) and 4% (BERT-large) faster at seq 128, 14% slower at 512, where
-# cuDNN's padded attention outruns the flash varlen kernel (bench/RESULTS.md).
-PACKED_MAX_SEQ_ON_GPU = 128
-
-
 def quiet_inductor_notes() -> None:
     """Hide inductor's note, printed while compiling on a GPU, that a split reduction (the
     masked-LM loss over the vocabulary) runs without online softmax: it is about inductor's
@@ -1167,12 +1165,21 @@ def quiet_inductor_notes() -> None:
     warnings.filterwarnings("ignore", r"\s*Online softmax is disabled", UserWarning)
 
 
-def use_packed(cfg: TrainConfig, device: torch.device, max_seq_length: int) -> bool:
+# Longest max_seq_length at which a GPU trains on packed batches by default: on an H200 they
+# measured 2% (BERT-base) and 4% (BERT-large) faster at seq 128, 14% slower at 512, where
+# cuDNN's padded attention outruns the flash varlen kernel (bench/RESULTS.md).
+PACKED_MAX_SEQ_ON_GPU = 128
+
+
+def use_packed(cfg: TrainConfig, device: torch.device, max_seq_length: int, varlen: bool) -> bool:
     """--packed / --no-packed, or by default on a CPU (packed batches measured 2-9% faster
-    there, BERT-tiny seq 64 to BERT-small seq 128) and on a GPU up to PACKED_MAX_SEQ_ON_GPU."""
+    there, BERT-tiny seq 64 to BERT-small seq 128) and on a GPU up to PACKED_MAX_SEQ_ON_GPU
+    where the flash varlen kernel runs (`varlen`: compute capability 8.0 or newer, bf16/fp16,
+    a head size it takes). Elsewhere on a GPU packed attention would scatter each layer's
+    tokens into a padded batch and back, slower than padding in the first place."""
     if cfg.packed is not None:
         return cfg.packed
-    return device.type == "cpu" or max_seq_length <= PACKED_MAX_SEQ_ON_GPU
+    return device.type == "cpu" or (varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
