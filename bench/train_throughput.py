@@ -125,6 +125,12 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
     return {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
+def cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def set_inductor(key: str, value: Any) -> None:
     """torch._inductor.config.KEY = value, KEY dotted for nested settings (triton.cudagraphs)."""
     import torch._inductor.config as config
@@ -416,6 +422,8 @@ def main() -> None:
         if device.type == "cuda"
         else None,
         "padding_share": round(1 - st["tokens"] / (st["steps"] * batch * seq), 4),
+        # with --graphs: how often inductor ran a graph without CUDA graphs (0: they all ran)
+        "cudagraph_skips": cudagraph_skips() if args.graphs != "no" else None,
         "layouts": per_layout,
     }
     for layout, r in per_layout.items():

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from bertforge.batches import Rows
 from bertforge.cli import main
@@ -137,6 +138,7 @@ def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients():
     model = BertForPretraining(c).to(device)
     results = []
     for graphs in (False, True):
+        counters.clear()
         forward = torch.compile(Objective(model), mode="reduce-overhead" if graphs else None)
         for seed in range(4):  # warm-up, recording and replays over two token counts
             if graphs:
@@ -157,6 +159,7 @@ def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients():
             (mlm + nsp).backward()
             loss = float(mlm + nsp)
         results.append((loss, {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs did run
     (want, want_grads), (got, grads) = results
     assert got == pytest.approx(want, rel=1e-2)
     for name, g in want_grads.items():
