@@ -232,6 +232,10 @@ def main() -> None:
     kinds = args.layouts.split(",")
     if not kinds or not set(kinds) <= {"padded", "packed"}:
         ap.error(f"--layouts: {args.layouts!r}; use padded, packed or padded,packed")
+    # Padded sides compile first: after a packed graph (1-D inputs) dynamo would compile the
+    # padded step with dynamic sizes ("automatic dynamic"), not the static graph that
+    # `bertforge train` compiles (train.compile_step starts from a clean slate).
+    kinds.sort(key=lambda kind: kind != "padded")
     if args.compile == "no" and args.graphs != "no":
         ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
     regions = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]

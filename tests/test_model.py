@@ -21,7 +21,7 @@ from bertforge.model import (
     load_weights,
     to_hf,
 )
-from bertforge.train import Objective, model_batch
+from bertforge.train import Objective, compile_step, model_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -296,6 +296,25 @@ def test_packed_batches_compile_into_one_graph():
         forward(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"], b["labels"],
                 b["next_sentence"], layout)  # fmt: skip
     assert counter.frame_count == 1, counter.frame_count
+
+
+def test_a_compiled_step_forgets_the_shapes_of_earlier_runs():
+    """After a packed run's step was compiled in this process, a padded run's step must get
+    the static graph a process of its own compiles, not one with dynamic batch and sequence
+    sizes (dynamo's automatic dynamic, from having seen other shapes)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    c = tiny_config()
+    call = lambda f, b, lengths, layout: f(  # noqa: E731
+        b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
+        b["next_sentence"], layout)  # fmt: skip
+    packed = compile_step(Objective(BertForPretraining(c)), backend="aot_eager")
+    call(packed, *model_batch(rows_of(*batch(c)), torch.device("cpu"), True, False))
+    counter = CompileCounterWithBackend("aot_eager")
+    padded = compile_step(Objective(BertForPretraining(c)), backend=counter)
+    for width in (16, 24):  # a static graph takes one width: the second compiles again
+        call(padded, *model_batch(rows_of(*batch(c, s=width)), torch.device("cpu"), False, False))
+    assert counter.frame_count == 2
 
 
 @pytest.mark.parametrize("packed", [False, True])

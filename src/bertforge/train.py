@@ -300,9 +300,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     )
     eager = ddp or objective
     compiled = use_compile(cfg, d.device, cfg.num_train_steps - step)
-    if compiled:
-        quiet_inductor_notes()
-    forward = torch.compile(eager) if compiled else eager
+    forward = compile_step(eager) if compiled else eager
     autocast = (
         torch.autocast(d.device.type, dtype=precision)
         if precision != torch.float32
@@ -1156,6 +1154,19 @@ def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool
     if cfg.compile is not None:
         return cfg.compile
     return device.type == "cuda" and steps_left >= AUTO_COMPILE_STEPS
+
+
+def compile_step(step: torch.nn.Module, **options: Any) -> Any:
+    """torch.compile of the training step, compiled as a fresh process would compile it.
+
+    Dynamo remembers the shapes it saw in this process: after a packed run (1-D inputs) a
+    padded run's inputs (2-D) would be compiled with dynamic batch and sequence sizes
+    ("automatic dynamic"), a different graph from the static one a run of its own gets. So
+    whatever was compiled before is forgotten first (code compiled elsewhere in the process
+    recompiles at its next call; inductor's on-disk cache keeps that quick)."""
+    torch._dynamo.reset()
+    quiet_inductor_notes()
+    return torch.compile(step, **options)
 
 
 def quiet_inductor_notes() -> None:
