@@ -203,7 +203,9 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         f"- {trained.get('counts', {}).get('steps', 0):,} steps of {tcfg.get('train_batch_size')} "
         f"instances, learning rate {tcfg.get('learning_rate')} ({tcfg.get('optimizer')}), "
         f"{trained.get('precision', '?')} on {trained.get('device', '?')} x "
-        f"{trained.get('processes', 1)}" + (", compiled" if trained.get("compiled") else ""),
+        f"{trained.get('processes', 1)}"
+        + (", compiled" if trained.get("compiled") else "")
+        + (", packed batches" if trained.get("packed") else ""),
         f"- throughput: {speed:,.0f} tokens/s" + (f", MFU {mfu:.1%}" if mfu else "")
         if speed
         else "- throughput: –",
