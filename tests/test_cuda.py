@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 from bertforge.batches import Rows
 from bertforge.cli import main
 from bertforge.model import BertConfig, BertForPretraining
-from bertforge.train import Objective, model_batch, peak_flops
+from bertforge.train import Objective, model_batch, objective_args, peak_flops
 
 pytestmark = [
     pytest.mark.gpu,
@@ -147,15 +147,7 @@ def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients():
             b, lengths, layout = model_batch(rows, device, True, False, 512 if graphs else 0)
             model.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                mlm, nsp, _ = forward(
-                    b["input_ids"],
-                    b["token_type_ids"],
-                    lengths,
-                    b["positions"],
-                    b["labels"],
-                    b["next_sentence"],
-                    layout,
-                )
+                mlm, nsp, _ = forward(*objective_args(b, lengths, layout))
             (mlm + nsp).backward()
             loss = float(mlm + nsp)
         results.append((loss, {n: p.grad.float().clone() for n, p in model.named_parameters()}))

@@ -21,7 +21,7 @@ from bertforge.model import (
     load_weights,
     to_hf,
 )
-from bertforge.train import Objective, compile_step, model_batch
+from bertforge.train import Objective, compile_step, model_batch, objective_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -184,10 +184,8 @@ def sums_and_grads(model, rows, packed, trim=True, forward=None, bucket=0):
     their total."""
     model.zero_grad()
     b, lengths, layout = model_batch(rows, torch.device("cpu"), packed, trim, bucket)
-    mlm, nsp, correct = (Objective(model) if forward is None else forward)(
-        b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
-        b["next_sentence"], layout,
-    )  # fmt: skip
+    forward = Objective(model) if forward is None else forward
+    mlm, nsp, correct = forward(*objective_args(b, lengths, layout))
     (mlm + nsp).backward()
     return [mlm, nsp, correct], {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -293,8 +291,7 @@ def test_packed_batches_compile_into_one_graph():
         ids, types, lengths, positions = batch(c, seed=seed, cut=cut)
         rows = rows_of(ids, types, lengths, positions, seed)
         b, lengths_arg, layout = model_batch(rows, torch.device("cpu"), True, trim=False)
-        forward(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"], b["labels"],
-                b["next_sentence"], layout)  # fmt: skip
+        forward(*objective_args(b, lengths_arg, layout))
     assert counter.frame_count == 1, counter.frame_count
 
 
@@ -307,15 +304,13 @@ def test_a_compiled_step_forgets_the_shapes_of_earlier_runs():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     c = tiny_config()
-    call = lambda f, b, lengths, layout: f(  # noqa: E731
-        b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
-        b["next_sentence"], layout)  # fmt: skip
+    cpu = torch.device("cpu")
     packed = compile_step(Objective(BertForPretraining(c)), backend="aot_eager")
-    call(packed, *model_batch(rows_of(*batch(c)), torch.device("cpu"), True, False))
+    packed(*objective_args(*model_batch(rows_of(*batch(c)), cpu, True, False)))
     counter = CompileCounterWithBackend("aot_eager")
     padded = compile_step(Objective(BertForPretraining(c)), backend=counter)
     for width in (16, 24):  # a static graph takes one width: the second compiles again
-        call(padded, *model_batch(rows_of(*batch(c, s=width)), torch.device("cpu"), False, False))
+        padded(*objective_args(*model_batch(rows_of(*batch(c, s=width)), cpu, False, False)))
     assert counter.frame_count == 2
 
 

@@ -523,6 +523,14 @@ def model_batch(
     return b, (b["lengths"] if int(rows.lengths.min(initial=width)) < width else None), None
 
 
+def objective_args(
+    b: dict[str, torch.Tensor], lengths: torch.Tensor | None, layout: Packed | None
+) -> tuple[Any, ...]:
+    """`model_batch`'s batch as an Objective's positional arguments."""
+    return (b["input_ids"], b["token_type_ids"], lengths, b["positions"], b["labels"],
+            b["next_sentence"], layout)  # fmt: skip
+
+
 def step_masked(rows: Rows, d: Dist) -> int | torch.Tensor:
     """The masked tokens of the whole step (the masked-LM loss is a mean over them), from
     this process's rows: with several processes a sum over them on the device (nothing waits
@@ -560,15 +568,7 @@ def forward_backward(
         sync = ddp is None or i == len(starts) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
             with autocast:
-                mlm, nsp, correct = forward(
-                    b["input_ids"],
-                    b["token_type_ids"],
-                    lengths,
-                    b["positions"],
-                    b["labels"],
-                    b["next_sentence"],
-                    layout,
-                )
+                mlm, nsp, correct = forward(*objective_args(b, lengths, layout))
             # DDP averages gradients over ranks; * world makes that a sum over the global batch.
             denominator = masked.clamp(min=1) if torch.is_tensor(masked) else max(masked, 1)
             objective = (mlm / denominator + nsp / instances) * d.world
