@@ -48,12 +48,12 @@ from bertforge.model import BertConfig, BertForPretraining
 from bertforge.shards import record_dtype, write_shard
 from bertforge.train import (
     READ_EVERY,
+    FlopsMeter,
     Ledger,
     Objective,
     device_skip,
     forward_backward,
     make_optimizer,
-    peak_flops,
     quiet_inductor_notes,
     resolve_precision,
     update,
@@ -376,7 +376,14 @@ def main() -> None:
     }
     tmp.cleanup()
 
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, precision)
+    meter = FlopsMeter.of(c, seq, d, precision, args.peak_tflops or None)
+
+    def mfu(tokens_per_s: float, st: dict[str, Any]) -> float | None:
+        """MFU at a side's speed, with the masked share of `st`'s tokens (as train logs it)."""
+        if meter is None:
+            return None
+        return round(meter.mfu(tokens_per_s, st["masked"] / max(st["tokens"], 1)), 4)
+
     tps = {
         side: stats[side]["tokens"] / stats[side]["time"] for side in sides if stats[side]["steps"]
     }
@@ -384,13 +391,12 @@ def main() -> None:
     per_layout = {}
     for layout in layouts:
         st = stats[layout]
-        fpt = c.training_flops_per_token(seq, st["masked"] / max(st["tokens"], 1))
         per_layout[layout] = {
             "compiled": compiled_of[layout],
             "tokens_per_s": round(tps[layout], 1),
             "ratio": round(tps[layout] / peer_tps, 3) if peer_tps else None,
             "step_ms": round(1000 * st["time"] / st["steps"], 2),
-            "mfu": round(tps[layout] * fpt / peak, 4) if peak else None,
+            "mfu": mfu(tps[layout], st),
             "data_wait_share": round(st["wait"] / st["time"], 4),
             "peak_memory_gib": round(mem[layout], 2) if device.type == "cuda" else None,
             "warmup_s": round(warmup[layout], 1),
@@ -399,7 +405,6 @@ def main() -> None:
     best = max(layouts, key=lambda layout: tps[layout])
     head = per_layout[best]
     st = stats[layouts[0]]
-    fpt = c.training_flops_per_token(seq, st["masked"] / max(st["tokens"], 1))
     result = {
         "model_size": args.model_size,
         "seq_len": seq,
@@ -422,7 +427,7 @@ def main() -> None:
         ),
         "data_wait_share": head["data_wait_share"],
         "mfu": head["mfu"],
-        "peer_mfu": round(peer_tps * fpt / peak, 4) if peak and peer_tps else None,
+        "peer_mfu": mfu(peer_tps, st) if peer_tps else None,
         "peak_memory_gib": {"ours": head["peak_memory_gib"], "peer": mem.get("peer")}
         if device.type == "cuda"
         else None,
