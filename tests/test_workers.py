@@ -92,3 +92,36 @@ def test_workers_are_started_with_ctrl_c_already_ignored():
         assert signal.getsignal(signal.SIGINT) is before
         handlers = {pool.submit(_sigint_handler).result() for _ in range(8)}
     assert handlers == {repr(signal.SIG_IGN)}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_signal_to_the_parent_of_a_pool_waits_for_a_wait():
+    """Ctrl-C and SIGTERM reach the parent of a pool only in `finished` (between its slices,
+    holding none of the futures' locks), or at the block's end; their handlers are back after."""
+    import time
+
+    from bertforge.workers import finished, process_pool
+
+    def stop(signum, frame):
+        raise Stop(signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        for signum, raised in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Stop)):
+            reached = False
+            with pytest.raises(raised), process_pool(2) as pool:
+                futures = {pool.submit(time.sleep, 0.3)}
+                os.kill(os.getpid(), signum)
+                time.sleep(0.05)  # the handler has run: the signal is only noted
+                reached = True
+                finished(futures)
+            assert reached
+        with pytest.raises(KeyboardInterrupt), process_pool(2):
+            os.kill(os.getpid(), signal.SIGINT)  # noted, then raised as the block ends
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        signal.signal(signal.SIGTERM, before)

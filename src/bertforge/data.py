@@ -74,7 +74,7 @@ from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
 from bertforge.tokenization import LineEncoder, Vocab, load_vocab
-from bertforge.workers import process_pool, usable_cpus
+from bertforge.workers import finished, process_pool, usable_cpus
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
@@ -357,11 +357,13 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
                         continue
                     pending.add(pool.submit(_run_unit, unit, docs))
                     if len(pending) >= 2 * workers:  # bounded read-ahead: flat memory
-                        done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                        done, pending = finished(pending)
                         for fut in done:
                             collect(fut.result())
-                for fut in cf.as_completed(pending):
-                    collect(fut.result())
+                while pending:
+                    done, pending = finished(pending)
+                    for fut in done:
+                        collect(fut.result())
     finally:
         if bar:
             bar.close()

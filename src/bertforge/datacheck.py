@@ -40,7 +40,7 @@ from bertforge.shards import (
 )
 from bertforge.tfrecord import decode_example, example_lists, read_records, varint_values
 from bertforge.tokenization import load_vocab, read_vocab_txt, vocab_txt
-from bertforge.workers import process_pool, usable_cpus
+from bertforge.workers import finished, process_pool, usable_cpus
 
 
 @dataclass
@@ -303,6 +303,12 @@ SHARD_RECORDS = 1 << 20  # records per native shard written by convert (~300 MB 
 CONVERT_CHUNK = 4096  # records a worker decodes at a time
 
 
+def oldest(window: collections.deque[cf.Future]) -> Any:
+    """The result of the window's first future, waited for as `workers.finished` waits."""
+    finished({window[0]})
+    return window.popleft().result()
+
+
 def _raw_chunks(files: Sequence[Path]) -> Iterator[tuple[list[bytes], str, int]]:
     """(raw records, file, index of the first) of every file, CONVERT_CHUNK at a time."""
     for path in files:
@@ -419,9 +425,9 @@ def _convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | No
             for task in _raw_chunks(files):
                 window.append(pool.submit(_convert_chunk, *task, vocab.size, str(vocab.path)))
                 if len(window) >= 2 * workers:
-                    take(window.popleft().result())
+                    take(oldest(window))
             while window:
-                take(window.popleft().result())
+                take(oldest(window))
     if pending:
         flush(SHARD_RECORDS)
     if shape is None:
