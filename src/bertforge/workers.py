@@ -14,7 +14,7 @@ had finished is touched.
 The parent's own Ctrl-C must not land while it holds a lock of the pool's. `cf.wait` takes
 every future's lock, and a KeyboardInterrupt raised while it takes them can leave one taken;
 the pool's manager thread, cancelling that future as the parent leaves, then waits for it
-forever, and the parent's exit waits for that thread. Seen once in 130 Ctrl-Cs of `bertforge
+forever, and the parent's exit waits for that thread. Seen once in about 120 Ctrl-Cs of `bertforge
 data` at random moments: the stacks showed the exit waiting for the manager thread and that
 thread in `Future.cancel`, waiting for a future's lock. So while a pool runs, SIGINT and
 SIGTERM are only noted (`DeferredStops`), and `finished` (the parent's wait for results, in
