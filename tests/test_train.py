@@ -3,6 +3,7 @@ checks against the data, TFRecord input, other optimizers, init checkpoints, two
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -243,6 +244,58 @@ def test_out_of_memory_halves_the_micro_batch(
     main(args(train_data, ref, tiny_bert_config, "--num-train-steps", "3", "--no-do-eval"))
     for a, b in zip(metrics(out), metrics(ref), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_a_trial_step_leaves_no_trace():
+    """What a multi-process run tries before its first step: it changes no gradient, optimizer
+    state or random number generator, and leaves no gradients when out of memory either."""
+    from bertforge.train import Objective, make_optimizer, trial_rows, trial_step
+
+    cpu = torch.device("cpu")
+    model = BertForPretraining(BertConfig.preset("tiny", 300))  # dropout 0.1
+    optimizer = make_optimizer(TrainConfig(data="d", output="o"), model)
+    d = Dist(0, 1, 0, cpu)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    step_args = (contextlib.nullcontext(), scaler, True, False)
+    rows = trial_rows(3, 64, 10)
+    assert rows.lengths.tolist() == [64, 64, 63] and rows.positions.shape == (3, 10)
+    rng = torch.get_rng_state()
+    trial_step(Objective(model), None, model, optimizer, rows, d, step_args)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state
+
+    def out_of_memory(*a, **kw):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        trial_step(out_of_memory, None, model, optimizer, rows, d, step_args)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_one_process_finds_the_micro_batch_that_fits(capsys):
+    from bertforge.train import fit_micro_batch
+
+    tried = []
+
+    def trial(n: int) -> None:
+        tried.append(n)
+        if n > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    d = Dist(0, 1, 0, torch.device("cpu"))
+    assert fit_micro_batch(32, d, trial) == 4 and tried == [32, 16, 8, 4]
+    assert "all 1 processes train with micro-batch 4 (gradient accumulation x8" in (
+        capsys.readouterr().err
+    )
+    assert fit_micro_batch(4, d, trial) == 4 and capsys.readouterr().err == ""
+    with pytest.raises(UserError, match=r"process\(es\) 0 before the first step: even one"):
+        fit_micro_batch(4, d, lambda n: out_of_memory())
+
+
+def out_of_memory() -> None:
+    raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
 
 def bare_config(**kw) -> TrainConfig:
@@ -1000,6 +1053,48 @@ def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
                 assert x[k] == pytest.approx(y[k], abs=1e-5), (name, k)
         manifest = json.loads((two / "manifest.json").read_text())
         assert manifest["processes"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_a_micro_batch_that_fits_before_the_first_step(
+    tmp_path, train_data, tiny_bert_config
+):
+    """torchrun with 2 gloo processes, process 1 out of memory above 2 instances (simulated):
+    both take micro-batch 2 before the first step (a process cannot halve mid-step while the
+    other waits in DDP's all-reduce), and the losses are those of one process without the
+    trial. With even one instance too many, both stop with one clear error."""
+    one = tmp_path / "one"
+    steps = ("--num-train-steps", "3", "--no-do-eval")
+    main(args(train_data, one, tiny_bert_config, *steps))
+    helper = Path(__file__).with_name("simulated_oom.py")
+
+    def torchrun(out: Path, above: int, *extra: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMULATED_OOM_RANK": "1",
+               "SIMULATED_OOM_ABOVE": str(above)}  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29518", str(helper), *args(train_data, out, tiny_bert_config,
+               *steps, *extra)]  # fmt: skip
+        return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+    done = torchrun(tmp_path / "two", 2)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "micro-batch 8 does not fit in memory on process(es) 1 (out of memory in a trial step "
+        "before the first); all 2 processes train with micro-batch 2 (gradient accumulation x4"
+    ) in done.stderr
+    assert "retrying" not in done.stderr and "rerun with" not in done.stderr
+    assert [r["micro_batch_size"] for r in metrics(tmp_path / "two")] == [2, 2, 2]
+    for x, y in zip(metrics(one), metrics(tmp_path / "two"), strict=True):
+        for k in LOSSES:
+            assert x[k] == pytest.approx(y[k], abs=1e-5), k
+
+    failed = torchrun(tmp_path / "three", 0, "--no-packed")
+    assert failed.returncode != 0
+    says = "out of memory on process(es) 1 before the first step: even one instance"
+    assert failed.stderr.count(says) == 2  # each process says it, neither hangs
+    assert not (tmp_path / "three" / "checkpoints").exists() or not list(
+        (tmp_path / "three" / "checkpoints").iterdir()
+    )
 
 
 def test_config_errors():

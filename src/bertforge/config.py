@@ -307,7 +307,8 @@ class TrainConfig:
     """Instances per optimizer step, over all processes and accumulation steps."""
     micro_batch_size: int | None = None
     """Instances per forward pass per process (default: all of the process's share). On a CUDA
-    out-of-memory error it is halved and accumulation doubled, automatically."""
+    out-of-memory error it is halved and accumulation doubled, automatically (with several
+    processes in a trial step before the first)."""
     learning_rate: float = 1e-4
     """Peak learning rate (Google: 1e-4 from scratch, 2e-5 continuing from a checkpoint)."""
     num_train_steps: int = 10000

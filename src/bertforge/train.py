@@ -3,8 +3,10 @@
 Read `train` top to bottom: resolve the data, vocabulary and model (and check that they
 agree), restore a checkpoint if the output has one, then the step loop. A step takes the
 global batch of that step (a pure function of seed and step, see batches.py), gives this
-process its share, runs it in micro-batches (halving them on CUDA out-of-memory), checks the
-loss is finite, clips, steps the optimizer, and logs, evaluates and saves on schedule.
+process its share, runs it in micro-batches (halving them on CUDA out-of-memory; with
+several processes a trial step before the first finds the size that fits in every one),
+checks the loss is finite, clips, steps the optimizer, and logs, evaluates and saves on
+schedule.
 
 The objective of a step is Google's: masked-LM loss averaged over the masked tokens of the
 whole global batch plus next-sentence loss averaged over its instances. Each micro-batch
@@ -24,11 +26,12 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch._dynamo.exc import TorchDynamoException
@@ -306,6 +309,20 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if precision != torch.float32
         else contextlib.nullcontext()
     )
+
+    if d.world > 1 and cfg.do_train and step < cfg.num_train_steps:
+
+        def trial(n: int) -> None:
+            rows = trial_rows(n, info.max_seq_length, info.max_predictions_per_seq)
+            step_args = (autocast, scaler, packed, compiled)
+            trial_step(forward, ddp, model, optimizer, rows, d, step_args)
+
+        try:
+            micro = fit_micro_batch(micro, d, trial)
+        except TorchDynamoException as e:  # as in the loop: an automatic compile goes eager
+            print(compile_failure(e, cfg, d, step), file=sys.stderr)
+            forward, compiled = eager, False
+            micro = fit_micro_batch(micro, d, trial)
 
     def evaluate_now() -> dict[str, float]:
         result = evaluate(
@@ -723,6 +740,84 @@ def halve_micro_batch(micro: int, d: Dist, optimizer: torch.optim.Optimizer, ste
         file=sys.stderr,
     )
     return micro // 2
+
+
+def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
+    """Before the first step of a run of several processes: the micro-batch every process's
+    memory holds. Each process halves `micro` until `trial` (a step's forward and backward at
+    that size, `trial_step`) runs without out-of-memory; all take the smallest.
+
+    One process halves its micro-batch mid-step (`halve_micro_batch`); several cannot: the
+    others would be waiting for its gradients in DDP's all-reduce."""
+    fits = micro
+    while fits > 0:
+        try:
+            trial(fits)
+            break
+        except torch.OutOfMemoryError:
+            pass  # leave the except block first, so the failed trial's tensors go
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()
+        fits //= 2
+    everyone = [int(f) for f in distributed.gather_objects(fits, d)]  # type: ignore[call-overload]
+    agreed = min(everyone)
+    short = ", ".join(str(rank) for rank, f in enumerate(everyone) if f < micro)
+    if agreed == 0:
+        raise UserError(
+            f"out of memory on process(es) {short} before the first step: even one instance "
+            "per micro-batch does not fit; use a smaller --model-size or shorter sequences."
+        )
+    if agreed < micro and d.main:
+        print(
+            f"bertforge: micro-batch {micro} does not fit in memory on process(es) {short} "
+            f"(out of memory in a trial step before the first); all {d.world} processes train "
+            f"with micro-batch {agreed} (gradient accumulation x{micro // agreed}, the effective "
+            "batch stays the same)",
+            file=sys.stderr,
+        )
+    return agreed
+
+
+def trial_rows(n: int, seq: int, predictions: int) -> Rows:
+    """n instances of the largest size a step can hold: seq tokens (one a token shorter, so
+    that a padded batch takes the masked attention of real batches) and every masked slot
+    used."""
+    lengths = np.full(n, seq)
+    lengths[-1] = seq - 1
+    ids = np.ones((n, seq), dtype=np.int64)
+    positions = np.broadcast_to(np.arange(1, predictions + 1), (n, predictions)).copy()
+    return Rows(ids, lengths, None, np.zeros_like(ids), np.zeros(n, dtype=np.int64), positions,
+                np.ones_like(positions))  # fmt: skip
+
+
+def trial_step(
+    forward: Any,
+    ddp: DistributedDataParallel | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rows: Rows,
+    d: Dist,
+    step_args: tuple[Any, ...],
+) -> None:
+    """A step's forward and backward on `rows` that leaves no trace: no gradients kept, no
+    all-reduce (DDP's no_sync), the random number generators as they were. While the
+    optimizer has no state yet (a fresh run), the memory its first step will take for it is
+    held, so that the trial needs what later steps need."""
+    n = len(rows.lengths)
+    fresh = not optimizer.state
+    room = sum(2 * p.numel() * p.element_size() for p in model.parameters()) if fresh else 0
+    held = torch.empty(room, dtype=torch.uint8, device=d.device)
+    devices = [d.device] if d.device.type == "cuda" else []  # the CPU's is always forked
+    try:
+        with (
+            torch.random.fork_rng(devices, device_type="cuda"),
+            ddp.no_sync() if ddp is not None else contextlib.nullcontext(),
+        ):
+            masked = int((rows.labels != IGNORE).sum())  # type: ignore[operator]
+            forward_backward(forward, None, rows, n, (masked, n), d, *step_args)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del held
 
 
 @torch.no_grad()

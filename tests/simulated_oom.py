@@ -1,0 +1,26 @@
+"""`bertforge` under torchrun with one process's memory made small: a micro-batch of more than
+SIMULATED_OOM_ABOVE instances raises CUDA's out-of-memory error on process SIMULATED_OOM_RANK
+(test_train.py's multi-process out-of-memory tests; CPUs cannot run out of memory on cue)."""
+
+import os
+import sys
+
+import torch
+
+from bertforge.cli import main
+from bertforge.model import BertForPretraining
+
+real = BertForPretraining.forward
+
+
+def small_memory(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw):
+    above = int(os.environ["SIMULATED_OOM_ABOVE"])
+    here = os.environ["RANK"] == os.environ["SIMULATED_OOM_RANK"]
+    if here and masked_positions.shape[0] > above:  # instances, padded or packed
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw)
+
+
+if __name__ == "__main__":
+    BertForPretraining.forward = small_memory
+    sys.exit(main(sys.argv[1:]))
