@@ -13,8 +13,19 @@ from torch._dynamo.utils import counters
 
 from bertforge.batches import Rows
 from bertforge.cli import main
+from bertforge.config import TrainConfig
+from bertforge.distributed import Dist
 from bertforge.model import BertConfig, BertForPretraining
-from bertforge.train import Objective, model_batch, objective_args, peak_flops
+from bertforge.train import (
+    Objective,
+    fit_micro_batch,
+    make_optimizer,
+    model_batch,
+    objective_args,
+    peak_flops,
+    trial_rows,
+    trial_step,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -116,6 +127,30 @@ def test_out_of_memory_halves_the_micro_batch(tmp_path, train_data, capsys):
     assert "CUDA out of memory at step 0 with micro-batch 4096" in err
     m = metrics(out)
     assert m[-1]["micro_batch_size"] < 4096 and len(m) == 2
+
+
+def test_trial_steps_find_the_micro_batch_that_fits_and_give_the_memory_back(capsys):
+    """What a multi-process run does before its first step, with real out-of-memory errors:
+    BERT-large at 4096 x 512 tokens does not fit; halving finds a size that does, and every
+    failed trial gives its memory back (what stays allocated is the model, and cuBLAS's
+    workspaces)."""
+    device = torch.device("cuda")
+    model = BertForPretraining(BertConfig.preset("large", 30522)).to(device)
+    optimizer = make_optimizer(TrainConfig(data="d", output="o"), model)
+    weights = torch.cuda.memory_allocated(device)
+    d = Dist(0, 1, 0, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    step_args = (autocast, torch.amp.GradScaler("cuda", enabled=False), False, False)
+
+    def trial(n: int) -> None:
+        trial_step(Objective(model), None, model, optimizer, trial_rows(n, 512, 80), d, step_args)
+
+    micro = fit_micro_batch(4096, d, trial)
+    assert 1 <= micro < 4096
+    assert "micro-batch 4096 does not fit in memory on process(es) 0" in capsys.readouterr().err
+    assert torch.cuda.memory_allocated(device) - weights < 2**28  # cuBLAS's workspaces at most
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state
+    trial(micro)  # fits again: nothing was left behind by the failed trials
 
 
 def packed_rows(n: int, seed: int) -> Rows:
