@@ -12,7 +12,8 @@
 #   tuning    base128 with inductor's coordinate-descent tuning of its own kernels
 #   eager     padded and packed, compiled and eager, interleaved (no peer): what compiling gains
 #   regions   padded, the layers as one compile region and as the whole graph, interleaved
-#   profile   where one step's device time goes (padded and packed, no peer)
+#   profile   where one step's device time goes (padded and packed, no peer), and the host's
+#             launches and blocking calls per step (synchronize, item, memcpy, allocations)
 #   dropout   packed, no peer: dropout 0.1, 0 and 0.1 with aten's random numbers (inductor's
 #             fallback_random), one run each: what dropout's fused random numbers cost
 #   base512   BERT-base, seq 512, batch 32

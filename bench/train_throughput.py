@@ -92,8 +92,25 @@ KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
 )
 
 
-def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[str, float]:
-    """Device time of n steps by kind of kernel (shares), and the top kernels printed."""
+# Host calls that can hold the host back (a wait for the device, a pageable copy, a fresh
+# allocation) or that launch work, matched in lower case; counted per step by `host_calls`.
+HOST_CALLS = ("synchronize", "aten::item", "aten::_local_scalar_dense", "cudamemcpy",
+              "cudahostalloc", "cudamalloc", "cudafree", "launchkernel")  # fmt: skip
+
+
+def host_calls(events: Any, n: int) -> dict[str, list[float]]:
+    """{call: [calls per step, host ms per step]} of the HOST_CALLS among a profile's events:
+    where the host's time goes when the device waits for it."""
+    calls: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type.name == "CPU" and any(x in e.key.lower() for x in HOST_CALLS):
+            calls[e.key] = [e.count / n, round(e.self_cpu_time_total / n / 1000, 3)]
+    return dict(sorted(calls.items(), key=lambda kv: -kv[1][1]))
+
+
+def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[str, Any]:
+    """Device time of n steps by kind of kernel (shares), and the top kernels printed; with
+    the host's blocking and launching calls per step (`host_calls`)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -122,7 +139,14 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
     for e in top:
         share = own(e) / total
         print(f"  {share:6.1%} {e.count // n:4d}x  {e.key[:100]}")
-    return {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+    averages = prof.key_averages()
+    host = host_calls(averages, n)
+    host_ms = sum(e.self_cpu_time_total for e in averages if e.device_type.name == "CPU")
+    print(f"host time per step: {host_ms / n / 1000:.2f} ms; launches and blocking calls:")
+    for name, (count, ms) in host.items():
+        print(f"  {count:8.1f}x {ms:8.3f} ms  {name[:90]}")
+    shares = {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+    return {"device_time_shares": shares, "host_calls": host}
 
 
 def cudagraph_skips() -> int:
@@ -400,7 +424,7 @@ def main() -> None:
             "data_wait_share": round(st["wait"] / st["time"], 4),
             "peak_memory_gib": round(mem[layout], 2) if device.type == "cuda" else None,
             "warmup_s": round(warmup[layout], 1),
-            "device_time_shares": breakdown.get(layout),
+            **(breakdown.get(layout) or {"device_time_shares": None}),
         }
     best = max(layouts, key=lambda layout: tps[layout])
     head = per_layout[best]
@@ -442,7 +466,8 @@ def main() -> None:
             f"ratio {r['ratio']}, mfu {r['mfu']}, data wait {r['data_wait_share']:.2%}, "
             f"warm-up {r['warmup_s']} s"
         )
-    print(f"peer: {peer_tps or 0:,.0f} tok/s")
+    if peer_tps:
+        print(f"peer: {peer_tps:,.0f} tok/s")
     print(json.dumps(result))
 
 
