@@ -310,20 +310,6 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         else contextlib.nullcontext()
     )
 
-    if d.world > 1 and cfg.do_train and step < cfg.num_train_steps:
-
-        def trial(n: int) -> None:
-            rows = trial_rows(n, info.max_seq_length, info.max_predictions_per_seq)
-            step_args = (autocast, scaler, packed, compiled)
-            trial_step(forward, ddp, model, optimizer, rows, d, step_args)
-
-        try:
-            micro = fit_micro_batch(micro, d, trial)
-        except TorchDynamoException as e:  # as in the loop: an automatic compile goes eager
-            print(compile_failure(e, cfg, d, step), file=sys.stderr)
-            forward, compiled = eager, False
-            micro = fit_micro_batch(micro, d, trial)
-
     def evaluate_now() -> dict[str, float]:
         result = evaluate(
             model, data, split, spec, cfg, d, cfg.eval_batch_size or micro, autocast, packed, step
@@ -368,6 +354,20 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             f"{', compiled (the first step waits for it)' if compiled else ''}",
             file=sys.stderr,
         )
+
+    if d.world > 1 and cfg.do_train and step < cfg.num_train_steps:
+
+        def trial(n: int) -> None:
+            rows = trial_rows(n, info.max_seq_length, info.max_predictions_per_seq)
+            step_args = (autocast, scaler, packed, compiled)
+            trial_step(forward, ddp, model, optimizer, rows, d, step_args)
+
+        try:
+            micro = fit_micro_batch(micro, d, trial)
+        except TorchDynamoException as e:  # as in the loop: an automatic compile goes eager
+            print(compile_failure(e, cfg, d, step), file=sys.stderr)
+            forward, compiled = eager, False
+            micro = fit_micro_batch(micro, d, trial)
 
     # ---- the loop
     last_eval: dict[str, float] | None = None
