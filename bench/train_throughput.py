@@ -173,7 +173,12 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        help="auto, fp32, bf16 or fp16 (train's --precision), for every side; a list such as "
+        "fp32,bf16 measures each side, the peer too, at each ('@bf16' in its name), interleaved",
+    )
     ap.add_argument("--steps", type=int, default=24, help="measured steps per side")
     ap.add_argument("--block", type=int, default=READ_EVERY, help="steps per alternation block")
     ap.add_argument("--warmup", type=int, default=3)
@@ -253,6 +258,13 @@ def main() -> None:
         args.compile = "yes"
     if args.compile == "no" and args.whole_graph != "no":
         ap.error("--whole-graph: the layers' compile regions only exist with --compile")
+    names = args.precision.split(",")
+    if (
+        not names
+        or not set(names) <= {"auto", "fp32", "bf16", "fp16"}
+        or len(set(names)) < len(names)
+    ):
+        ap.error(f"--precision: {args.precision!r}; use auto, fp32, bf16, fp16 or a list of them")
     kinds = args.layouts.split(",")
     if not kinds or not set(kinds) <= {"padded", "packed"}:
         ap.error(f"--layouts: {args.layouts!r}; use padded, packed or padded,packed")
@@ -272,15 +284,23 @@ def main() -> None:
         for region in (regions if way == "compiled" else [""])
         for graphs in (cuda_graphs if way == "compiled" else [""])
     }
-    layouts = list(compiled_of)
-
     device = torch.device(args.device)
-    precision = resolve_precision(args.precision, device)
-    autocast = (
-        torch.autocast(device.type, dtype=precision)
-        if precision != torch.float32
-        else contextlib.nullcontext()
-    )
+    # with several precisions every side is measured at each, named side@precision
+    at = {name: f"@{name}" if len(names) > 1 else "" for name in names}
+    precision_of = {at[name]: resolve_precision(name, device) for name in names}
+    compiled_of = {side + mark: on for side, on in compiled_of.items() for mark in precision_of}
+    layouts = list(compiled_of)
+    peers = [] if args.skip_peer else ["peer" + mark for mark in precision_of]
+
+    def mark_of(side: str) -> str:
+        return side[side.index("@") :] if "@" in side else ""
+
+    def autocast_of(side: str) -> Any:
+        dtype = precision_of[mark_of(side)]
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
     seq, batch = args.seq_len, args.batch_size
     p = max(1, round(seq * 0.15))
     c = BertConfig.preset(
@@ -303,7 +323,7 @@ def main() -> None:
     prefetch = iter(
         Prefetcher(lambda s: step_rows(data, order, spec, 1, s, batch), 0, 10 * total_steps)
     )
-    sides = [*layouts, *([] if args.skip_peer else ["peer"])]
+    sides = [*layouts, *peers]
     stats = {
         side: {"time": 0.0, "tokens": 0, "steps": 0, "wait": 0.0, "masked": 0} for side in sides
     }
@@ -316,12 +336,15 @@ def main() -> None:
         the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
-        model.compile_regions = not layout.endswith("+whole")
+        variant = layout.split("@")[0]
+        model.compile_regions = not variant.endswith("+whole")
         opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
+        precision = precision_of[mark_of(layout)]
+        autocast = autocast_of(layout)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         objective = Objective(model)
         compiled = compiled_of[layout]
-        graphs = layout.endswith("+graphs")
+        graphs = variant.endswith("+graphs")
         mode = "reduce-overhead" if graphs else args.compile_mode
         if compiled:
             quiet_inductor_notes()
@@ -365,7 +388,10 @@ def main() -> None:
 
     steps = {layout: make_ours(layout) for layout in layouts}
     if not args.skip_peer:
-        steps["peer"] = make_peer(c, data, order, spec, batch, seq, device, autocast, stats["peer"])
+        for peer in peers:
+            steps[peer] = make_peer(
+                c, data, order, spec, batch, seq, device, autocast_of(peer), stats[peer]
+            )
 
     warmup = dict.fromkeys(sides, 0.0)  # includes torch.compile's compile time
     for _ in range(args.warmup):
@@ -400,10 +426,14 @@ def main() -> None:
     }
     tmp.cleanup()
 
-    meter = FlopsMeter.of(c, seq, d, precision, args.peak_tflops or None)
+    meters = {
+        mark: FlopsMeter.of(c, seq, d, dtype, args.peak_tflops or None)
+        for mark, dtype in precision_of.items()
+    }
 
-    def mfu(tokens_per_s: float, st: dict[str, Any]) -> float | None:
+    def mfu(tokens_per_s: float, st: dict[str, Any], side: str) -> float | None:
         """MFU at a side's speed, with the masked share of `st`'s tokens (as train logs it)."""
+        meter = meters[mark_of(side)]
         if meter is None:
             return None
         return round(meter.mfu(tokens_per_s, st["masked"] / max(st["tokens"], 1)), 4)
@@ -411,16 +441,16 @@ def main() -> None:
     tps = {
         side: stats[side]["tokens"] / stats[side]["time"] for side in sides if stats[side]["steps"]
     }
-    peer_tps = tps.get("peer")
     per_layout = {}
     for layout in layouts:
         st = stats[layout]
+        peer_tps = tps.get("peer" + mark_of(layout))
         per_layout[layout] = {
             "compiled": compiled_of[layout],
             "tokens_per_s": round(tps[layout], 1),
             "ratio": round(tps[layout] / peer_tps, 3) if peer_tps else None,
             "step_ms": round(1000 * st["time"] / st["steps"], 2),
-            "mfu": mfu(tps[layout], st),
+            "mfu": mfu(tps[layout], st, layout),
             "data_wait_share": round(st["wait"] / st["time"], 4),
             "peak_memory_gib": round(mem[layout], 2) if device.type == "cuda" else None,
             "warmup_s": round(warmup[layout], 1),
@@ -429,12 +459,14 @@ def main() -> None:
     best = max(layouts, key=lambda layout: tps[layout])
     head = per_layout[best]
     st = stats[layouts[0]]
+    peer = "peer" + mark_of(best)  # the headline's peer: the same precision
+    peer_tps = tps.get(peer)
     result = {
         "model_size": args.model_size,
         "seq_len": seq,
         "batch_size": batch,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": str(precision).removeprefix("torch."),
+        "precision": ",".join(str(dtype).removeprefix("torch.") for dtype in precision_of.values()),
         "compile": args.compile,
         "compile_mode": args.compile_mode,
         "inductor": args.inductor,
@@ -447,12 +479,12 @@ def main() -> None:
         "ratio": head["ratio"],
         "bertforge_step_ms": head["step_ms"],
         "peer_step_ms": (
-            round(1000 * stats["peer"]["time"] / stats["peer"]["steps"], 2) if peer_tps else None
+            round(1000 * stats[peer]["time"] / stats[peer]["steps"], 2) if peer_tps else None
         ),
         "data_wait_share": head["data_wait_share"],
         "mfu": head["mfu"],
-        "peer_mfu": mfu(peer_tps, st) if peer_tps else None,
-        "peak_memory_gib": {"ours": head["peak_memory_gib"], "peer": mem.get("peer")}
+        "peer_mfu": mfu(peer_tps, st, peer) if peer_tps else None,
+        "peak_memory_gib": {"ours": head["peak_memory_gib"], "peer": mem.get(peer)}
         if device.type == "cuda"
         else None,
         "padding_share": round(1 - st["tokens"] / (st["steps"] * batch * seq), 4),
@@ -466,8 +498,9 @@ def main() -> None:
             f"ratio {r['ratio']}, mfu {r['mfu']}, data wait {r['data_wait_share']:.2%}, "
             f"warm-up {r['warmup_s']} s"
         )
-    if peer_tps:
-        print(f"peer: {peer_tps:,.0f} tok/s")
+    for side in peers:
+        if side in tps:
+            print(f"{side}: {tps[side]:,.0f} tok/s")
     print(json.dumps(result))
 
 
