@@ -192,6 +192,7 @@ def test_run_under_torchrun(tmp_path, kjv_corpus):
     one, two = tmp_path / "one", tmp_path / "two"
     steps = ["--log-every", "1", "--dropout", "0"]  # dropout differs by process
     assert main(["run", str(kjv_corpus), "--output", str(one), *FAST, *steps]) == 0
+    steps.extend(["--precision", "fp32"])  # as in this process (conftest.fp32_on_every_cpu)
 
     def torchrun(corpus: Path, out: Path) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

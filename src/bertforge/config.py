@@ -326,7 +326,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip gradients to this global norm (0: no clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, fp32 on CPU."""
+    """auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones; on a CPU bf16
+    where it multiplies bf16 in hardware (Intel AMX), else fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (auto: CUDA when available)."""
     peak_tflops: float | None = None
@@ -335,7 +336,8 @@ class TrainConfig:
     L40S and L4 in bf16/fp16); given, it is used instead of the table."""
     compile: bool | None = None
     """torch.compile the model and loss: faster steps after a warm-up compile (default: on a
-    GPU for runs of 10,000 steps or more, where the compile pays back; if compiling then
+    GPU, or a CPU with Intel AMX, for runs of 10,000 steps or more, where the compile pays
+    back; if compiling then
     fails, one process goes on uncompiled with a warning, several stop and say to rerun with
     --no-compile). --no-compile never compiles."""
     packed: bool | None = None

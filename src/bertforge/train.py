@@ -1237,18 +1237,20 @@ def compile_failure(e: TorchDynamoException, cfg: TrainConfig, d: Dist, step: in
     )
 
 
-# Steps a run must have left for torch.compile to be on by default (on a GPU): on an H100 the
-# compiled BERT-base step is 1.2x faster (bench/RESULTS.md), so the warm-up compile of about a
-# minute pays back within a few thousand steps. On a CPU it is off unless asked for: there it
-# needs a C++ compiler and measured slower (bench/RESULTS.md, CPU).
+# Steps a run must have left for torch.compile to be on by default (on a GPU, or a CPU with
+# AMX): on an H100 the compiled BERT-base step is 1.2x faster, on a Xeon with AMX BERT-tiny to
+# -small 1.1-1.3x in bf16 and mini 1.08x in fp32 (bench/RESULTS.md), so the warm-up compile of
+# under a minute pays back within a few thousand steps. On other CPUs it is off unless asked
+# for: on an AMD EPYC it measured slower (bench/RESULTS.md, session 11).
 AUTO_COMPILE_STEPS = 10_000
 
 
 def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool:
-    """--compile / --no-compile, or by default: on CUDA for a run of AUTO_COMPILE_STEPS or more."""
+    """--compile / --no-compile, or by default: on CUDA, or a CPU with AMX, for a run of
+    AUTO_COMPILE_STEPS or more."""
     if cfg.compile is not None:
         return cfg.compile
-    return device.type == "cuda" and steps_left >= AUTO_COMPILE_STEPS
+    return (device.type == "cuda" or cpu_has_amx()) and steps_left >= AUTO_COMPILE_STEPS
 
 
 def compile_step(step: torch.nn.Module, **options: Any) -> Any:
@@ -1288,10 +1290,19 @@ def use_packed(cfg: TrainConfig, device: torch.device, max_seq_length: int, varl
     return device.type == "cpu" or (varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles: Xeon 4th
+    generation and later), where bf16 autocast trains BERT-mini and -small 1.44x and 1.75x
+    faster than fp32, and torch.compile pays (bench/RESULTS.md, session 20). Elsewhere bf16 is
+    emulated, and slower."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent, no AMX
+    return bool(probe is not None and probe())
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
-            return torch.float32
+            return torch.bfloat16 if cpu_has_amx() else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU.")
