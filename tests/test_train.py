@@ -334,20 +334,24 @@ def test_auto_precision_is_bf16_on_a_cpu_that_multiplies_bf16_in_hardware(monkey
 
 
 def test_bf16_on_a_cpu_learns_as_fp32_does(tmp_path, train_data, tiny_bert_config):
-    """80 steps in bf16 on the CPU (what --precision auto chooses on AMX CPUs): the loss falls
-    as in fp32, its last 30 steps' loss within 0.03 of the fp32 run's (on this data the two
-    differ by about 1e-4; a run that stopped learning stays about 1 higher)."""
+    """80 steps in bf16 on the CPU, eager and compiled (what an AMX CPU chooses by default, the
+    compile for long runs): the loss falls as in fp32, its last 30 steps' loss within 0.03 of
+    the fp32 run's (on this data they differ by about 1e-4; a run that stopped learning stays
+    about 1 higher)."""
     late = {}
-    for precision in ("fp32", "bf16"):
-        out = tmp_path / precision
+    for name, precision, *compiled in (("fp32", "fp32"), ("bf16", "bf16"),
+                                       ("compiled", "bf16", "--compile")):  # fmt: skip
+        out = tmp_path / name
         extra = ("--num-train-steps", "80", "--log-every", "10", "--learning-rate", "2e-3")
         assert main(args(train_data, out, tiny_bert_config, *extra, "--precision", precision,
-                         "--no-do-eval")) == 0  # fmt: skip
+                         "--no-do-eval", *compiled)) == 0  # fmt: skip
         losses = [r["loss"] for r in metrics(out)]
         assert losses[-1] < losses[0] - 0.8, losses
-        late[precision] = float(np.mean(losses[-3:]))
-        assert json.loads((out / "manifest.json").read_text())["precision"] == precision
+        late[name] = float(np.mean(losses[-3:]))
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert (manifest["precision"], manifest["compiled"]) == (precision, bool(compiled))
     assert late["bf16"] == pytest.approx(late["fp32"], abs=0.03)
+    assert late["compiled"] == pytest.approx(late["fp32"], abs=0.03)
 
 
 def test_batches_are_packed_by_default_on_a_cpu_and_on_a_gpu_up_to_seq_128():
