@@ -343,7 +343,8 @@ class TrainConfig:
     packed: bool | None = None
     """Batches without padding: the loader packs each batch's real tokens back to back and
     attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact.
-    Default: on a CPU, where it measured 2-9% faster, and up to max_seq_length 128 on a GPU
+    Default: on a CPU in fp32, where it measured 2-9% faster (in bf16 on a CPU with AMX it
+    measured 6-9% slower, so padded there), and up to max_seq_length 128 on a GPU
     that runs flash varlen attention (compute capability 8.0+, bf16/fp16): 2-4% faster there
     on an H200, 14% slower at 512, where cuDNN's padded attention is faster
     (bench/RESULTS.md). --no-packed pads every batch."""

@@ -220,7 +220,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     varlen = flash_varlen_available(d.device) and flash_varlen_fits(
         precision, bert.hidden_size // bert.num_attention_heads
     )
-    packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
+    packed = use_packed(cfg, d.device, info.max_seq_length, varlen, precision)
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -1279,15 +1279,25 @@ def quiet_inductor_notes() -> None:
 PACKED_MAX_SEQ_ON_GPU = 128
 
 
-def use_packed(cfg: TrainConfig, device: torch.device, max_seq_length: int, varlen: bool) -> bool:
-    """--packed / --no-packed, or by default on a CPU (packed batches measured 2-9% faster
-    there, BERT-tiny seq 64 to BERT-small seq 128) and on a GPU up to PACKED_MAX_SEQ_ON_GPU
-    where the flash varlen kernel runs (`varlen`: compute capability 8.0 or newer, bf16/fp16,
-    a head size it takes). Elsewhere on a GPU packed attention would scatter each layer's
-    tokens into a padded batch and back, slower than padding in the first place."""
+def use_packed(
+    cfg: TrainConfig,
+    device: torch.device,
+    max_seq_length: int,
+    varlen: bool,
+    precision: torch.dtype,
+) -> bool:
+    """--packed / --no-packed, or by default on a CPU in fp32 (packed batches measured 2-9%
+    faster there, BERT-tiny seq 64 to BERT-small seq 128) and on a GPU up to
+    PACKED_MAX_SEQ_ON_GPU where the flash varlen kernel runs (`varlen`: compute capability 8.0
+    or newer, bf16/fp16, a head size it takes). Elsewhere packed attention scatters each
+    layer's tokens into a padded batch and back: on a GPU without the kernel, and on a CPU in
+    bf16 (AMX), whose faster matmuls leave that copying the larger cost (6-9% slower than
+    padding there, bench/RESULTS.md, session 20)."""
     if cfg.packed is not None:
         return cfg.packed
-    return device.type == "cpu" or (varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU)
+    if device.type == "cpu":
+        return precision == torch.float32
+    return varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
 
 
 def cpu_has_amx() -> bool:
