@@ -138,8 +138,10 @@ def test_signals_stop_the_workers_at_once_and_the_rerun_finishes(tmp_path, demo_
     what an uninterrupted run makes."""
     corpus = tmp_path / "corpus.txt"
     text = gzip.decompress(demo_path.read_bytes())
-    corpus.write_bytes(text * math.ceil(20e6 / len(text)))  # units of 1 MB: twenty
-    args = ["--input", str(corpus), "--vocab", str(kjv_vocab), "--unit-mb", "1",
+    # Units of 0.5 MB: forty. Each round lets at least one more finish (two workers, often
+    # three or four): with twenty, a fast CPU finished the run before the last round.
+    corpus.write_bytes(text * math.ceil(20e6 / len(text)))
+    args = ["--input", str(corpus), "--vocab", str(kjv_vocab), "--unit-mb", "0.5",
             "--workers", "2", "--max-seq-length", "64", "--no-progress"]  # fmt: skip
     cmd = [sys.executable, "-m", "bertforge.cli", "data", *args]
     out = tmp_path / "out"
@@ -170,7 +172,8 @@ def test_signals_stop_the_workers_at_once_and_the_rerun_finishes(tmp_path, demo_
             for _ in range(100):
                 os.killpg(proc.pid, 0)
                 time.sleep(0.05)
-    assert not (out / "manifest.json").exists()
+    done = len(list((out / ".parts").glob("unit-*.json")))
+    assert not (out / "manifest.json").exists(), f"all units done after the signals ({done})"
     assert subprocess.run([*cmd, "--output", str(out)], capture_output=True).returncode == 0
     clean = tmp_path / "clean"
     assert subprocess.run([*cmd, "--output", str(clean)], capture_output=True).returncode == 0
