@@ -493,7 +493,8 @@ def pretraining_sums(
     )
     nsp = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum")
     with torch.no_grad():
-        mlm_correct = ((mlm_logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
+        # max(-1).indices is argmax (the first maximum), 2.2x faster on a CPU (bench/RESULTS.md)
+        mlm_correct = ((mlm_logits.max(-1).indices == labels) & (labels != IGNORE)).sum()
         nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
     return mlm, nsp, torch.stack([mlm_correct, nsp_correct]).float()
 
