@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import itertools
 import json
 import tempfile
@@ -51,6 +50,7 @@ from bertforge.train import (
     FlopsMeter,
     Ledger,
     Objective,
+    autocast_to,
     device_skip,
     forward_backward,
     make_optimizer,
@@ -296,10 +296,7 @@ def main() -> None:
         return side[side.index("@") :] if "@" in side else ""
 
     def autocast_of(side: str) -> Any:
-        dtype = precision_of[mark_of(side)]
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+        return autocast_to(precision_of[mark_of(side)], device)
 
     seq, batch = args.seq_len, args.batch_size
     p = max(1, round(seq * 0.15))
@@ -387,11 +384,10 @@ def main() -> None:
         return step
 
     steps = {layout: make_ours(layout) for layout in layouts}
-    if not args.skip_peer:
-        for peer in peers:
-            steps[peer] = make_peer(
-                c, data, order, spec, batch, seq, device, autocast_of(peer), stats[peer]
-            )
+    for peer in peers:  # none with --skip-peer
+        steps[peer] = make_peer(
+            c, data, order, spec, batch, seq, device, autocast_of(peer), stats[peer]
+        )
 
     warmup = dict.fromkeys(sides, 0.0)  # includes torch.compile's compile time
     for _ in range(args.warmup):

@@ -304,11 +304,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     eager = ddp or objective
     compiled = use_compile(cfg, d.device, cfg.num_train_steps - step)
     forward = compile_step(eager) if compiled else eager
-    autocast = (
-        torch.autocast(d.device.type, dtype=precision)
-        if precision != torch.float32
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_to(precision, d.device)
 
     def evaluate_now() -> dict[str, float]:
         result = evaluate(
@@ -1318,6 +1314,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU.")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast_to(dtype: torch.dtype, device: torch.device) -> Any:
+    """The context a step runs in: autocast to bf16/fp16, nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def precision_name(dtype: torch.dtype) -> str:
