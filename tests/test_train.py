@@ -223,14 +223,14 @@ def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data
 def test_out_of_memory_halves_the_micro_batch(
     tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
 ):
-    real = BertForPretraining.forward
+    real = BertForPretraining.pretraining_logits
 
     def small_memory(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw):
         if masked_positions.shape[0] > 4:  # instances, padded or packed
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw)
 
-    monkeypatch.setattr(BertForPretraining, "forward", small_memory)
+    monkeypatch.setattr(BertForPretraining, "pretraining_logits", small_memory)
     out = tmp_path / "oom"
     assert (
         main(args(train_data, out, tiny_bert_config, "--num-train-steps", "3", "--no-do-eval")) == 0
@@ -241,7 +241,7 @@ def test_out_of_memory_halves_the_micro_batch(
     )
     assert "micro-batch 8; retrying the step with micro-batch 4" in err
     assert [r["micro_batch_size"] for r in metrics(out)] == [4, 4, 4]
-    monkeypatch.setattr(BertForPretraining, "forward", real)
+    monkeypatch.setattr(BertForPretraining, "pretraining_logits", real)
     ref = tmp_path / "ref"
     main(args(train_data, ref, tiny_bert_config, "--num-train-steps", "3", "--no-do-eval"))
     for a, b in zip(metrics(out), metrics(ref), strict=True):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertforge import cpu_ops
 from bertforge.errors import UserError
 
 VOCAB_MULTIPLE = 64
@@ -241,6 +242,10 @@ def attend(
         valid[index] = True
         out = attend(pad(q), pad(k), pad(v), valid.view(b, 1, 1, s), dropout)
         return out.flatten(0, 1)[index]
+    if dropout > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        out = cpu_ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout,
+                                dropout)  # fmt: skip
+        return out.transpose(1, 2)
     # (B, S, nh, hs) -> (B, nh, S, hs) for SDPA
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -274,6 +279,13 @@ class LayerNorm(nn.LayerNorm):
             return F.layer_norm(x.to(half), self.normalized_shape, w, b, self.eps)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, drawn by `cpu_ops.dropout` (16 random bits an element) on a CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_ops.dropout(x, self.p, self.training)
+
+
 class Layer(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
@@ -286,7 +298,7 @@ class Layer(nn.Module):
         self.ffn_in = nn.Linear(h, c.intermediate_size)
         self.ffn_out = nn.Linear(c.intermediate_size, h)
         self.ffn_norm = LayerNorm(h, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.dropout = Dropout(c.hidden_dropout_prob)
         self.act = ACTIVATIONS[c.hidden_act]
 
     def forward(self, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
@@ -325,7 +337,7 @@ class BertForPretraining(nn.Module):
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, h)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, h)
         self.embed_norm = LayerNorm(h, eps=c.layer_norm_eps)
-        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.dropout = Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
         self.pooler = nn.Linear(h, h)
         self.mlm_transform = nn.Linear(h, h)
@@ -401,6 +413,23 @@ class BertForPretraining(nn.Module):
         packed: Packed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM logits (B, P, vocab_size) at masked_positions (B, P), NSP logits (B, 2)."""
+        logits, nsp = self.pretraining_logits(
+            input_ids, token_type_ids, lengths, masked_positions, packed
+        )
+        v = self.config.vocab_size
+        return logits[:, :v].view(masked_positions.shape[0], -1, v), nsp
+
+    def pretraining_logits(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        lengths: torch.Tensor | None,
+        masked_positions: torch.Tensor,
+        packed: Packed | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s logits as the decoder writes them: MLM (B x P, padded_vocab_size), the
+        columns from vocab_size on the vocabulary's padding (no token: a loss skips them,
+        which saves a copy of the logits without them and its backward), NSP (B, 2)."""
         x = self.encode(input_ids, token_type_ids, lengths, packed)
         if packed is not None:
             starts = packed.starts(masked_positions.shape[0])
@@ -413,9 +442,7 @@ class BertForPretraining(nn.Module):
         gathered = x[(starts[:, None] + masked_positions).flatten()]
         pooled = torch.tanh(self.pooler(first))
         t = self.mlm_norm(self.act(self.mlm_transform(gathered)))
-        logits = F.linear(t, self.word_embeddings.weight, self.mlm_bias)
-        v = self.config.vocab_size
-        return logits[:, :v].view(masked_positions.shape[0], -1, v), self.nsp(pooled)
+        return F.linear(t, self.word_embeddings.weight, self.mlm_bias), self.nsp(pooled)
 
 
 # ----------------------------------------------------------------------------- weights

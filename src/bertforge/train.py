@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch._dynamo.exc import TorchDynamoException
 from torch.nn.parallel import DistributedDataParallel
 
-from bertforge import distributed
+from bertforge import cpu_ops, distributed
 from bertforge.batches import (
     IGNORE,
     Order,
@@ -482,15 +482,23 @@ def pretraining_sums(
     labels: torch.Tensor,
     nsp_logits: torch.Tensor,
     nsp_labels: torch.Tensor,
+    vocab: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed MLM and NSP cross-entropies (fp32) and the detached correct counts."""
-    mlm = F.cross_entropy(
-        mlm_logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
-    )
+    """Summed MLM and NSP cross-entropies (fp32) and the detached correct counts.
+
+    mlm_logits: (B x P, V) with V >= vocab, the columns from vocab on padding
+    (`BertForPretraining.pretraining_logits`); labels (B, P)."""
+    labels = labels.flatten()
+    if mlm_logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        mlm, mlm_correct = cpu_ops.masked_lm_loss(mlm_logits, labels, vocab, IGNORE)
+    else:
+        mlm_logits = mlm_logits[:, :vocab]
+        mlm = F.cross_entropy(mlm_logits.float(), labels, ignore_index=IGNORE, reduction="sum")
+        with torch.no_grad():
+            # max(-1).indices is argmax (the first maximum), 2.2x faster on a CPU
+            mlm_correct = ((mlm_logits.max(-1).indices == labels) & (labels != IGNORE)).sum()
     nsp = F.cross_entropy(nsp_logits.float(), nsp_labels, reduction="sum")
     with torch.no_grad():
-        # max(-1).indices is argmax (the first maximum), 2.2x faster on a CPU (bench/RESULTS.md)
-        mlm_correct = ((mlm_logits.max(-1).indices == labels) & (labels != IGNORE)).sum()
         nsp_correct = (nsp_logits.argmax(-1) == nsp_labels).sum()
     return mlm, nsp, torch.stack([mlm_correct, nsp_correct]).float()
 
@@ -514,8 +522,11 @@ class Objective(torch.nn.Module):
         next_sentence: torch.Tensor,
         packed: Packed | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mlm_logits, nsp_logits = self.model(input_ids, token_type_ids, lengths, positions, packed)
-        return pretraining_sums(mlm_logits, labels, nsp_logits, next_sentence)
+        mlm_logits, nsp_logits = self.model.pretraining_logits(
+            input_ids, token_type_ids, lengths, positions, packed
+        )
+        vocab = self.model.config.vocab_size
+        return pretraining_sums(mlm_logits, labels, nsp_logits, next_sentence, vocab)
 
 
 def model_batch(
@@ -841,11 +852,11 @@ def evaluate(
         rows = eval_rows(data, split, spec, cfg.random_seed, chunk, batch)
         b, lengths, layout = model_batch(rows, d.device, packed)
         with autocast:
-            mlm_logits, nsp_logits = model(
+            mlm_logits, nsp_logits = model.pretraining_logits(
                 b["input_ids"], b["token_type_ids"], lengths, b["positions"], layout
             )
         mlm, nsp, correct = pretraining_sums(
-            mlm_logits, b["labels"], nsp_logits, b["next_sentence"]
+            mlm_logits, b["labels"], nsp_logits, b["next_sentence"], model.config.vocab_size
         )
         masked = (b["labels"] != IGNORE).sum()
         label_counts += torch.bincount(

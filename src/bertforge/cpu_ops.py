@@ -1,0 +1,145 @@
+"""Three training ops for the CPU, where torch's eager kernels are the slow part of a step.
+
+Written here because on a CPU they cost more than the matmuls around them (profiles in
+bench/RESULTS.md, "CPU dropout, attention and loss"); on CUDA the model keeps torch's own
+(flash or cuDNN attention with dropout inside the kernel, inductor's fused random numbers):
+- `dropout`: torch's CPU dropout draws one Bernoulli sample per element through a generic
+  per-element path. Here each element takes 16 random bits: one 64-bit draw of the same
+  generator (torch.random, so seeding, checkpointed RNG state and fork_rng all cover it) makes
+  four decisions. The drop probability is p rounded to a multiple of 1/65536 (0.1 becomes
+  0.1000061) and the kept values are scaled by 1 / (1 - that), so the output's expected value
+  is still the input's.
+- `attention`: scaled_dot_product_attention with dropout on a CPU takes its math path, which
+  casts bf16 q, k and v to fp32 and draws the Bernoulli mask above. Here the two products run
+  in the input dtype (bf16 on AMX), softmax accumulates in fp32 as torch's kernel does, and
+  the probabilities take `dropout`.
+- `masked_lm_loss`: the MLM cross-entropy over the vocabulary, chunked over rows. The plain
+  expression casts all [N, vocab] logits to fp32, writes a full fp32 log-softmax, and in the
+  backward fills and copies full fp32 gradients several times over. Here each chunk of rows
+  is cast, reduced and differentiated while it is in cache; the fp32 logits never exist in
+  full, and the logits' vocabulary padding columns are skipped without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BITS = 16
+LEVELS = 1 << BITS
+# fp32 bytes of logits per chunk of masked_lm_loss: 8 rows of a 30k vocabulary, which fits
+# a core's L2 cache with room to spare (on a 2-core Xeon 1-4 MB chunks measured within noise,
+# 8 MB and more slower)
+CHUNK_BYTES = 1 << 20
+
+
+def drop_levels(p: float) -> int:
+    """p as the number of the 65536 16-bit values that drop an element."""
+    return round(p * LEVELS)
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask of `shape`, True where an element is kept, with probability 1 - p rounded
+    to a multiple of 1/65536 (`drop_levels`)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None)  # every 64-bit value: four uniform int16
+    values = words.view(torch.int16)[:n].view(shape)
+    return values >= -(LEVELS // 2) + drop_levels(p)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
+        keep = keep_mask(x.shape, p, x.device)
+        ctx.scale = LEVELS / (LEVELS - drop_levels(p))
+        ctx.save_for_backward(keep)
+        return torch.where(keep, x * ctx.scale, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, from 16 random bits per element on a CPU (see the module docstring);
+    F.dropout itself elsewhere, under torch.compile, and where p rounds to 0 or 1."""
+    fast = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not training or p == 0 or not fast or not 0 < drop_levels(p) < LEVELS:
+        return F.dropout(x, p, training)
+    return _Dropout.apply(x, p)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs) with masked keys at -inf) with dropout p, times v.
+
+    q, k, v: [B, nh, S, hs]; mask: None or a [B, 1, 1, S] bool, True for keys to attend to.
+    Every query needs at least one key to attend to (a sequence is never empty)."""
+    scores = torch.matmul(q * (1 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))  # [B, nh, S, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = dropout(torch.softmax(scores, -1), p, True)
+    return torch.matmul(probs, v)
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+class _MaskedLMLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, rows = logits.shape[0], chunk_rows(vocab)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        best = torch.empty(n, dtype=torch.long, device=logits.device)
+        for i in range(0, n, rows):
+            part = logits[i : i + rows, :vocab].float()
+            lse[i : i + rows] = torch.logsumexp(part, -1)
+            best[i : i + rows] = part.max(-1).indices
+        used = labels != ignore
+        target = labels.masked_fill(~used, 0)
+        picked = logits.gather(1, target[:, None])[:, 0].float()
+        loss = torch.where(used, lse - picked, 0).sum()
+        correct = ((best == labels) & used).sum()
+        ctx.vocab = vocab
+        ctx.save_for_backward(logits, lse, target, used)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx, grad: torch.Tensor, _: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None]:
+        logits, lse, target, used = ctx.saved_tensors
+        vocab = ctx.vocab
+        n, rows = logits.shape[0], chunk_rows(vocab)
+        weight = torch.where(used, grad, 0)  # [N] d loss / d row
+        out = torch.empty_like(logits)
+        out[:, vocab:] = 0
+        for i in range(0, n, rows):
+            r = slice(i, i + rows)
+            part = torch.exp(logits[r, :vocab].float() - lse[r, None])  # softmax
+            part.mul_(weight[r, None])
+            # minus 1 at the label (d -logit[label]), in fp32: softmax - 1 rounds once
+            part.scatter_add_(1, target[r, None], -weight[r, None])
+            out[r, :vocab] = part
+        return out, None, None, None
+
+
+def masked_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed fp32 cross-entropy of logits [N, V] (V >= vocab: columns from `vocab` on are
+    padding, never predicted) against labels [N] (rows labelled `ignore` count for nothing),
+    and the number of rows whose first maximum over the vocabulary is the label.
+
+    Equal to F.cross_entropy(logits[:, :vocab].float(), labels, ignore_index=ignore,
+    reduction="sum") and its gradient, up to the order of fp32 sums."""
+    return _MaskedLMLoss.apply(logits, labels, vocab, ignore)

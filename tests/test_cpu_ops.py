@@ -1,0 +1,123 @@
+"""The CPU ops: dropout from 16 random bits, attention with it, the chunked masked-LM loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bertforge import cpu_ops
+from bertforge.batches import IGNORE
+
+KEPT_SCALE = 65536 / (65536 - 6554)  # p = 0.1 rounds to 6554 / 65536
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_drops_p_and_scales_what_it_keeps(dtype):
+    torch.manual_seed(0)
+    n = 1_000_000
+    out = cpu_ops.dropout(torch.ones(n, dtype=dtype), 0.1, True)
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - 6554 / 65536) < 5 * math.sqrt(0.09 / n)  # five standard deviations
+    kept = out[out != 0]
+    assert torch.equal(kept, torch.full_like(kept, KEPT_SCALE))
+    # the four 16-bit values of one random word decide independently: no pattern with period 4
+    shares = (out.view(-1, 4) == 0).double().mean(0)
+    assert (shares - 0.1).abs().max().item() < 5 * math.sqrt(0.09 / (n / 4))
+    for p in (0.5, 0.9):
+        dropped = (cpu_ops.dropout(torch.ones(n), p, True) == 0).double().mean().item()
+        assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    torch.manual_seed(1)
+    x = torch.ones(5000, requires_grad=True)
+    out = cpu_ops.dropout(x, 0.25, True)
+    g = torch.randn(5000)
+    out.backward(g)
+    assert torch.equal(x.grad == 0, out == 0)
+    torch.testing.assert_close(x.grad, torch.where(out != 0, g * 65536 / (65536 - 16384), 0))
+
+
+def test_dropout_follows_torch_seed_and_falls_back_where_it_does_not_apply():
+    x = torch.randn(7, 33)
+    torch.manual_seed(5)
+    a = cpu_ops.dropout(x, 0.1, True)
+    b = cpu_ops.dropout(x, 0.1, True)
+    torch.manual_seed(5)
+    assert torch.equal(cpu_ops.dropout(x, 0.1, True), a)  # odd element count: a partial word
+    assert not torch.equal(a, b)
+    assert torch.equal(cpu_ops.dropout(x, 0.1, False), x)
+    assert torch.equal(cpu_ops.dropout(x, 0.0, True), x)
+    assert torch.equal(cpu_ops.dropout(x, 1.0, True), torch.zeros_like(x))
+    # p below half a 16-bit step has no 16-bit form: torch's dropout draws it
+    torch.manual_seed(2)
+    tiny = cpu_ops.dropout(x, 1e-6, True)
+    torch.manual_seed(2)
+    assert torch.equal(tiny, F.dropout(x, 1e-6, True))
+
+
+def scores_masked(q, k, mask):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def test_attention_is_sdpa_and_drops_the_probabilities():
+    g = torch.Generator().manual_seed(0)
+    b, nh, s, hs = 3, 2, 9, 8
+    q, k, v = (torch.randn(b, nh, s, hs, generator=g) for _ in range(3))
+    mask = (torch.arange(s)[None, :] < torch.tensor([9, 4, 1])[:, None]).view(b, 1, 1, s)
+    without = cpu_ops.attention(q, k, v, mask, 0.0)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(without, sdpa, atol=1e-6, rtol=1e-5)
+    torch.manual_seed(3)
+    out = cpu_ops.attention(q, k, v, mask, 0.2)
+    torch.manual_seed(3)
+    keep = cpu_ops.keep_mask((b, nh, s, s), 0.2, torch.device("cpu"))
+    probs = torch.softmax(scores_masked(q, k, mask), -1) * keep * (65536 / (65536 - 13107))
+    torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=1e-5)
+    # no mask: every key attended to
+    torch.testing.assert_close(
+        cpu_ops.attention(q, k, v, None, 0.0), F.scaled_dot_product_attention(q, k, v)
+    )
+
+
+def reference_loss(logits, labels, vocab):
+    x = logits[:, :vocab]
+    loss = F.cross_entropy(x.float(), labels, ignore_index=IGNORE, reduction="sum")
+    correct = ((x.max(-1).indices == labels) & (labels != IGNORE)).sum()
+    return loss, correct
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_lm_loss_is_cross_entropy_over_the_vocabulary(monkeypatch, dtype):
+    monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 5 * 4 * 190)  # 5 rows a chunk: 37 = 7 x 5 + 2
+    g = torch.Generator().manual_seed(0)
+    n, padded, vocab = 37, 192, 190
+    base = (torch.randn(n, padded, generator=g) * 4).to(dtype)
+    base[:, vocab:] = 100.0  # padding columns: never predicted, never in the loss
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::6] = IGNORE
+    labels[1] = base[1, :vocab].float().argmax()  # at least one correct prediction
+    base[2, 5] = base[2, 7] = base[2, :vocab].max() + 1  # a tie: the first maximum counts
+    labels[2] = 5
+    weight = torch.randn((), generator=g)
+
+    def run(fn):
+        x = base.clone().requires_grad_(True)
+        loss, correct = fn(x)
+        (loss * weight).backward()
+        return loss, correct, x.grad
+
+    ours = run(lambda x: cpu_ops.masked_lm_loss(x, labels, vocab, IGNORE))
+    ref = run(lambda x: reference_loss(x, labels, vocab))
+    assert ours[0].dtype == torch.float32
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-6, atol=1e-4)
+    assert ours[1].item() == ref[1].item() >= 2
+    assert ours[2].dtype == dtype
+    assert torch.equal(ours[2][:, vocab:], torch.zeros(n, padded - vocab, dtype=dtype))
+    assert torch.equal(ours[2][::6], torch.zeros(7, padded, dtype=dtype))  # ignored rows
+    tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(ours[2], ref[2], **tolerance)
