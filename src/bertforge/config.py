@@ -335,17 +335,19 @@ class TrainConfig:
     MFU in the log where bertforge's table does not know it (it knows the H100, H200, A100,
     L40S and L4 in bf16/fp16); given, it is used instead of the table."""
     compile: bool | None = None
-    """torch.compile the model and loss: faster steps after a warm-up compile (default: on a
-    GPU, or a CPU with Intel AMX, for runs of 10,000 steps or more, where the compile pays
-    back; if compiling then fails, one process goes on uncompiled with a warning, several
-    stop and say to rerun with --no-compile). --no-compile never compiles."""
+    """torch.compile the model and loss: faster steps on a GPU after a warm-up compile
+    (default: on a GPU for runs of 10,000 steps or more, where the compile pays back; if
+    compiling then fails, one process goes on uncompiled with a warning, several stop and say
+    to rerun with --no-compile). On a CPU the eager step measured faster: off unless asked.
+    --no-compile never compiles."""
     packed: bool | None = None
     """Batches without padding: the loader packs each batch's real tokens back to back and
     attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact.
-    Default: on a CPU in fp32, where it measured 2-9% faster (in bf16 on a CPU with AMX it
-    measured 6-9% slower, so padded there), and up to max_seq_length 128 on a GPU that runs
-    flash varlen attention (compute capability 8.0+, bf16/fp16): 2-4% faster there on an
-    H200, 14% slower at 512, where cuDNN's padded attention is faster (bench/RESULTS.md).
+    Default: on a CPU in fp32, where it measured up to 5% faster (BERT-small; within 3% for
+    tiny and mini; in bf16 on a CPU with AMX 8-17% slower, so padded there), and up to
+    max_seq_length 128 on a GPU that runs flash varlen attention (compute capability 8.0+,
+    bf16/fp16): 2-4% faster there on an H200, 14% slower at 512, where cuDNN's padded
+    attention is faster (bench/RESULTS.md).
     --no-packed pads every batch."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""

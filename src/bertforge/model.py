@@ -242,7 +242,7 @@ def attend(
         valid[index] = True
         out = attend(pad(q), pad(k), pad(v), valid.view(b, 1, 1, s), dropout)
         return out.flatten(0, 1)[index]
-    if dropout > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if cpu_ops.attention_faster(q, dropout):
         out = cpu_ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout,
                                 dropout)  # fmt: skip
         return out.transpose(1, 2)

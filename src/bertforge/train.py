@@ -1245,20 +1245,20 @@ def compile_failure(e: TorchDynamoException, cfg: TrainConfig, d: Dist, step: in
     )
 
 
-# Steps a run must have left for torch.compile to be on by default (on a GPU, or a CPU with
-# AMX): on an H100 the compiled BERT-base step is 1.2x faster, on a Xeon with AMX BERT-tiny to
-# -small 1.1-1.3x in bf16 and mini 1.08x in fp32 (bench/RESULTS.md), so the warm-up compile of
-# under a minute pays back within a few thousand steps. On other CPUs it is off unless asked
-# for: on an AMD EPYC it measured slower (bench/RESULTS.md, session 11).
+# Steps a run must have left for torch.compile to be on by default on a GPU: on an H100 the
+# compiled BERT-base step is 1.2x faster, so the warm-up compile of under a minute pays back
+# within a few thousand steps. A CPU runs eager unless asked: with `cpu_ops` the eager step
+# of BERT-tiny, -mini and -small measured 1.22-1.38x faster than the compiled one in bf16 on a
+# Xeon with AMX, and on an AMD EPYC compiling was slower already (bench/RESULTS.md).
 AUTO_COMPILE_STEPS = 10_000
 
 
 def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool:
-    """--compile / --no-compile, or by default: on CUDA, or a CPU with AMX, for a run of
-    AUTO_COMPILE_STEPS or more."""
+    """--compile / --no-compile, or by default: on CUDA for a run of AUTO_COMPILE_STEPS or
+    more."""
     if cfg.compile is not None:
         return cfg.compile
-    return (device.type == "cuda" or cpu_has_amx()) and steps_left >= AUTO_COMPILE_STEPS
+    return device.type == "cuda" and steps_left >= AUTO_COMPILE_STEPS
 
 
 def compile_step(step: torch.nn.Module, **options: Any) -> Any:
@@ -1294,13 +1294,13 @@ def use_packed(
     varlen: bool,
     precision: torch.dtype,
 ) -> bool:
-    """--packed / --no-packed, or by default on a CPU in fp32 (packed batches measured 2-9%
-    faster there, BERT-tiny seq 64 to BERT-small seq 128) and on a GPU up to
+    """--packed / --no-packed, or by default on a CPU in fp32 (packed batches measured up to
+    5% faster there, BERT-small at seq 128; within 3% for tiny and mini) and on a GPU up to
     PACKED_MAX_SEQ_ON_GPU where the flash varlen kernel runs (`varlen`: compute capability 8.0
     or newer, bf16/fp16, a head size it takes). Elsewhere packed attention scatters each
     layer's tokens into a padded batch and back: on a GPU without the kernel, and on a CPU in
-    bf16 (AMX), whose faster matmuls leave that copying the larger cost (6-9% slower than
-    padding there, bench/RESULTS.md, session 20)."""
+    bf16 (AMX), whose faster matmuls leave that copying the larger cost (8-17% slower than
+    padding there, bench/RESULTS.md, session 21)."""
     if cfg.packed is not None:
         return cfg.packed
     if device.type == "cpu":
@@ -1310,9 +1310,8 @@ def use_packed(
 
 def cpu_has_amx() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles: Xeon 4th
-    generation and later), where bf16 autocast trains BERT-mini and -small 1.44x and 1.75x
-    faster than fp32, and torch.compile pays (bench/RESULTS.md, session 20). Elsewhere bf16 is
-    emulated, and slower."""
+    generation and later), where bf16 autocast trains BERT-mini and -small 2.1x and 2.5x
+    faster than fp32 (bench/RESULTS.md, session 21). Elsewhere bf16 is emulated, and slower."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent, no AMX
     return bool(probe is not None and probe())
 
