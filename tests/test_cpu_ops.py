@@ -121,3 +121,15 @@ def test_masked_lm_loss_is_cross_entropy_over_the_vocabulary(monkeypatch, dtype)
     assert torch.equal(ours[2][::6], torch.zeros(7, padded, dtype=dtype))  # ignored rows
     tolerance = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}
     torch.testing.assert_close(ours[2], ref[2], **tolerance)
+
+
+def test_attention_is_taken_where_it_measured_faster_than_sdpa():
+    def q(dtype, grad):
+        return torch.zeros(1, 1, 4, 8, dtype=dtype, requires_grad=grad)
+
+    assert cpu_ops.attention_faster(q(torch.float32, False), 0.1)  # dropout
+    assert cpu_ops.attention_faster(q(torch.bfloat16, True), 0.0)  # a bf16 backward
+    assert not cpu_ops.attention_faster(q(torch.float32, True), 0.0)
+    assert not cpu_ops.attention_faster(q(torch.bfloat16, False), 0.0)
+    with torch.no_grad():
+        assert not cpu_ops.attention_faster(q(torch.bfloat16, True), 0.0)
