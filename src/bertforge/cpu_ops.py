@@ -1,14 +1,15 @@
 """Three training ops for the CPU, where torch's eager kernels are the slow part of a step.
 
-Written here because on a CPU they cost more than the matmuls around them (profiles in
-bench/RESULTS.md, "CPU dropout, attention and loss"); on CUDA the model keeps torch's own
-(flash or cuDNN attention with dropout inside the kernel, inductor's fused random numbers):
-- `dropout`: torch's CPU dropout draws one Bernoulli sample per element through a generic
-  per-element path. Here each element takes 16 random bits: one 64-bit draw of the same
-  generator (torch.random, so seeding, checkpointed RNG state and fork_rng all cover it) makes
-  four decisions. The drop probability is p rounded to a multiple of 1/65536 (0.1 becomes
-  0.1000061) and the kept values are scaled by 1 / (1 - that), so the output's expected value
-  is still the input's.
+Written here because on a CPU they cost more than the matmuls around them (profiles and
+measurements in bench/RESULTS.md, "bertforge's own CPU ops"; `bench/cpu_ops.py`); on CUDA the
+model keeps torch's own (flash or cuDNN attention with dropout inside the kernel, inductor's
+fused random numbers):
+- `dropout`: torch's CPU dropout draws a Bernoulli sample per element (`bernoulli_`, 17% of
+  a bf16 BERT-mini step on a 2-core Xeon). Here each element takes 16 random bits: one
+  64-bit draw of the same generator (torch.random, so seeding, checkpointed RNG state and
+  fork_rng all cover it) makes four decisions. The drop probability is p rounded to a
+  multiple of 1/65536 (0.1 becomes 0.1000061) and the kept values are scaled by
+  1 / (1 - that), so the output's expected value is still the input's.
 - `attention`: scaled_dot_product_attention with dropout on a CPU takes its math path, which
   casts bf16 q, k and v to fp32 and draws the Bernoulli mask above. Here the two products run
   in the input dtype (bf16 on AMX), softmax accumulates in fp32 as torch's kernel does, and
