@@ -53,7 +53,12 @@ def cases(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, tuple[Calla
         return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
 
     x = leaf(b, s, hidden)
-    q, k, v = (leaf(b, heads, s, 64) for _ in range(3))
+    qkv = leaf(b, s, 3 * hidden)
+
+    def heads_of(t: torch.Tensor) -> list[torch.Tensor]:
+        """q, k, v as the model hands them over: [B, nh, S, hs] views of [B, S, 3 x H]."""
+        return [x.transpose(1, 2) for x in t.unflatten(-1, (3, heads, -1)).unbind(-3)]
+
     lengths = torch.randint(s // 2, s + 1, (b,), generator=g)
     mask = (torch.arange(s)[None, :] < lengths[:, None]).view(b, 1, 1, s)
     rows = b * args.predictions
@@ -72,12 +77,12 @@ def cases(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, tuple[Calla
             fwd_bwd(lambda t: cpu_ops.dropout(t, p, True), x),
         ),
         "attention, dropout": (
-            fwd_bwd(lambda *t: sdpa(*t, dropout=p), q, k, v),
-            fwd_bwd(lambda *t: cpu_ops.attention(*t, mask, p), q, k, v),
+            fwd_bwd(lambda t: sdpa(*heads_of(t), dropout=p), qkv),
+            fwd_bwd(lambda t: cpu_ops.attention(*heads_of(t), mask, p), qkv),
         ),
         "attention, no dropout": (
-            fwd_bwd(sdpa, q, k, v),
-            fwd_bwd(lambda *t: cpu_ops.attention(*t, mask, 0.0), q, k, v),
+            fwd_bwd(lambda t: sdpa(*heads_of(t)), qkv),
+            fwd_bwd(lambda t: cpu_ops.attention(*heads_of(t), mask, 0.0), qkv),
         ),
         "masked-LM loss": (
             fwd_bwd(lambda t: plain_loss(t, labels, vocab), logits),
