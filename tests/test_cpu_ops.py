@@ -133,3 +133,34 @@ def test_attention_is_taken_where_it_measured_faster_than_sdpa():
     assert not cpu_ops.attention_faster(q(torch.bfloat16, False), 0.0)
     with torch.no_grad():
         assert not cpu_ops.attention_faster(q(torch.bfloat16, True), 0.0)
+
+
+def test_a_cpu_training_step_takes_the_cpu_ops_and_evaluation_does_not(monkeypatch):
+    from bertforge.model import BertConfig, BertForPretraining
+    from bertforge.train import Objective
+
+    calls = {"dropout": 0, "attention": 0, "masked_lm_loss": 0}
+    for name in calls:
+        real = getattr(cpu_ops, name)
+
+        def counted(*a, real=real, name=name, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+
+        monkeypatch.setattr(cpu_ops, name, counted)
+    c = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    objective = Objective(BertForPretraining(c))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 99, (3, 16), generator=g)
+    labels = torch.randint(0, 99, (3, 4), generator=g)
+    args = (ids, torch.zeros_like(ids), torch.tensor([16, 9, 5]), torch.tensor([[1, 2, 3, 4]] * 3),
+            labels, torch.tensor([0, 1, 0]), None)  # fmt: skip
+    mlm, nsp, _ = objective(*args)
+    (mlm + nsp).backward()
+    # embeddings + 2 per layer (hidden) + 1 per layer (attention probabilities)
+    assert calls == {"dropout": 1 + 2 * 2 + 2, "attention": 2, "masked_lm_loss": 1}
+    objective.eval()
+    with torch.no_grad():
+        objective(*args)
+    assert calls["attention"] == 2 and calls["masked_lm_loss"] == 2  # SDPA when evaluating
