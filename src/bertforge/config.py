@@ -343,7 +343,7 @@ class TrainConfig:
     packed: bool | None = None
     """Batches without padding: the loader packs each batch's real tokens back to back and
     attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact.
-    Default: on a CPU in fp32, where it measured up to 5% faster (BERT-small; within 3% for
+    Default: on a CPU in fp32, where it measured up to 9% faster (BERT-small; within 4% for
     tiny and mini; in bf16 on a CPU with AMX 8-17% slower, so padded there), and up to
     max_seq_length 128 on a GPU that runs flash varlen attention (compute capability 8.0+,
     bf16/fp16): 2-4% faster there on an H200, 14% slower at 512, where cuDNN's padded

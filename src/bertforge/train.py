@@ -1295,7 +1295,7 @@ def use_packed(
     precision: torch.dtype,
 ) -> bool:
     """--packed / --no-packed, or by default on a CPU in fp32 (packed batches measured up to
-    5% faster there, BERT-small at seq 128; within 3% for tiny and mini) and on a GPU up to
+    9% faster there, BERT-small at seq 128; within 4% for tiny and mini) and on a GPU up to
     PACKED_MAX_SEQ_ON_GPU where the flash varlen kernel runs (`varlen`: compute capability 8.0
     or newer, bf16/fp16, a head size it takes). Elsewhere packed attention scatters each
     layer's tokens into a padded batch and back: on a GPU without the kernel, and on a CPU in
