@@ -36,6 +36,12 @@ LEVELS = 1 << BITS
 CHUNK_BYTES = 1 << 20
 
 
+def eager_on_cpu(x: torch.Tensor) -> bool:
+    """Whether the ops here apply to `x`: on a CPU, outside torch.compile (which keeps torch's
+    ops: inductor fuses them itself, and would unroll the loss's chunk loop)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def drop_levels(p: float) -> int:
     """p as the number of the 65536 16-bit values that drop an element."""
     return round(p * LEVELS)
@@ -68,8 +74,7 @@ class _Dropout(torch.autograd.Function):
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """F.dropout, from 16 random bits per element on a CPU (see the module docstring);
     F.dropout itself elsewhere, under torch.compile, and where p rounds to 0 or 1."""
-    fast = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    if not training or p == 0 or not fast or not 0 < drop_levels(p) < LEVELS:
+    if not training or p == 0 or not eager_on_cpu(x) or not 0 < drop_levels(p) < LEVELS:
         return F.dropout(x, p, training)
     return _Dropout.apply(x, p)
 
@@ -79,7 +84,7 @@ def attention_faster(q: torch.Tensor, p: float) -> bool:
     on a CPU, with dropout, or in training in half precision (the CPU flash kernel's backward
     in bf16 measured 1.9-2.4x slower; without a backward, or in fp32 without dropout,
     SDPA is the faster)."""
-    if q.device.type != "cpu" or torch.compiler.is_compiling():
+    if not eager_on_cpu(q):
         return False
     return p > 0 or (q.dtype != torch.float32 and torch.is_grad_enabled() and q.requires_grad)
 

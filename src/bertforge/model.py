@@ -242,18 +242,11 @@ def attend(
         valid[index] = True
         out = attend(pad(q), pad(k), pad(v), valid.view(b, 1, 1, s), dropout)
         return out.flatten(0, 1)[index]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, nh, hs) -> (B, nh, S, hs)
     if cpu_ops.attention_faster(q, dropout):
-        out = cpu_ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout,
-                                dropout)  # fmt: skip
-        return out.transpose(1, 2)
-    # (B, S, nh, hs) -> (B, nh, S, hs) for SDPA
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=layout,
-        dropout_p=dropout,
-    )
+        out = cpu_ops.attention(q, k, v, layout, dropout)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, dropout_p=dropout)
     return out.transpose(1, 2)
 
 

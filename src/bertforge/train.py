@@ -489,7 +489,7 @@ def pretraining_sums(
     mlm_logits: (B x P, V) with V >= vocab, the columns from vocab on padding
     (`BertForPretraining.pretraining_logits`); labels (B, P)."""
     labels = labels.flatten()
-    if mlm_logits.device.type == "cpu" and not torch.compiler.is_compiling():
+    if cpu_ops.eager_on_cpu(mlm_logits):
         mlm, mlm_correct = cpu_ops.masked_lm_loss(mlm_logits, labels, vocab, IGNORE)
     else:
         mlm_logits = mlm_logits[:, :vocab]
