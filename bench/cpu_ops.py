@@ -1,7 +1,7 @@
-"""bertforge's CPU ops (`bertforge.cpu_ops`) against the torch expressions they replace,
+"""bertforge's CPU ops (`bertforge.ops`) against the torch expressions they replace,
 forward and backward at a model's training shapes, interleaved in one process.
 
-    python bench/cpu_ops.py --model-size mini --seq-len 128 --batch-size 32
+    python bench/ops.py --model-size mini --seq-len 128 --batch-size 32
 
 For each op and precision: the hidden dropout (F.dropout), the attention probabilities'
 dropout inside attention (scaled_dot_product_attention with dropout_p, and without dropout
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bertforge import cpu_ops
+from bertforge import ops
 from bertforge.batches import IGNORE
 from bertforge.model import PRESETS
 
@@ -74,19 +74,19 @@ def cases(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, tuple[Calla
     return {
         "hidden dropout": (
             fwd_bwd(lambda t: F.dropout(t, p, True), x),
-            fwd_bwd(lambda t: cpu_ops.dropout(t, p, True), x),
+            fwd_bwd(lambda t: ops.dropout(t, p, True), x),
         ),
         "attention, dropout": (
             fwd_bwd(lambda t: sdpa(*heads_of(t), dropout=p), qkv),
-            fwd_bwd(lambda t: cpu_ops.attention(*heads_of(t), mask, p), qkv),
+            fwd_bwd(lambda t: ops.attention(*heads_of(t), mask, p), qkv),
         ),
         "attention, no dropout": (
             fwd_bwd(lambda t: sdpa(*heads_of(t)), qkv),
-            fwd_bwd(lambda t: cpu_ops.attention(*heads_of(t), mask, 0.0), qkv),
+            fwd_bwd(lambda t: ops.attention(*heads_of(t), mask, 0.0), qkv),
         ),
         "masked-LM loss": (
             fwd_bwd(lambda t: plain_loss(t, labels, vocab), logits),
-            fwd_bwd(lambda t: cpu_ops.masked_lm_loss(t, labels, vocab, IGNORE)[0], logits),
+            fwd_bwd(lambda t: ops.masked_lm_loss(t, labels, vocab, IGNORE)[0], logits),
         ),
     }
 

@@ -4,7 +4,8 @@
 #   bash bench/gpu_round.sh STAGE [extra bench/train_throughput.py flags]
 #
 # Stages, in the order to run them:
-#   tests     tests/test_cuda.py and tests/test_model.py on the GPU; bench/optimizer_update.py
+#   tests     tests/test_cuda.py, test_ops.py and test_model.py on the GPU;
+#             bench/optimizer_update.py
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   graphs    padded and packed, with and without CUDA graphs (packed rounded up by filler),
 #             interleaved, no peer: whether graphs close the packed step's 6% host gap
@@ -17,8 +18,9 @@
 #   regions   padded, the layers as one compile region and as the whole graph, interleaved
 #   profile   where one step's device time goes (padded and packed, no peer), and the host's
 #             launches and blocking calls per step (synchronize, item, memcpy, allocations)
-#   dropout   packed, no peer: dropout 0.1, 0 and 0.1 with aten's random numbers (inductor's
-#             fallback_random), one run each: what dropout's fused random numbers cost
+#   dropout   packed, no peer: dropout 0.1 from bertforge's 15-bit draws against torch's
+#             dropout (inductor's random number per element), interleaved; then dropout 0:
+#             what dropout's random numbers cost either way
 #   base512   BERT-base, seq 512, batch 32
 #   large     BERT-large, seq 128, batch 128
 #   smoke     BERT-mini, a few steps: checks this script anywhere (CPU too)
@@ -26,8 +28,8 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): tests, base128 (with --profile 3), graphs, cppwrap,
-# dropout, autotune; it prints how long each took. On an H200 (2026-12-04) tests took about
+# all within SECONDS (default 540): tests, base128 (with --profile 3), dropout, graphs,
+# cppwrap, autotune; it prints how long each took. On an H200 (2026-12-04) tests took about
 # 110 s, base128 + large + base512 about 300 s together; autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
 #
@@ -41,7 +43,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:150 base128:150 graphs:180 cppwrap:150 dropout:150 autotune:600; do
+  for spec in tests:150 base128:150 dropout:150 graphs:180 cppwrap:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -74,7 +76,7 @@ base=(--model-size base --seq-len 128 --batch-size 256)
   case "$stage" in
     tests)
       "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda.py \
-        tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
+        tests/test_ops.py tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
       "$py" bench/optimizer_update.py --model-size base ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     graphs) "${bench[@]}" "${base[@]}" --layouts padded,packed --graphs both --skip-peer "$@" ;;
@@ -92,7 +94,7 @@ base=(--model-size base --seq-len 128 --batch-size 256)
     regions) "${bench[@]}" "${base[@]}" --whole-graph both --skip-peer "$@" ;;
     profile) "${bench[@]}" "${base[@]}" --layouts padded,packed --skip-peer --profile 3 "$@" ;;
     dropout)
-      for flags in "--dropout 0.1" "--dropout 0" "--dropout 0.1 --inductor fallback_random=True"; do
+      for flags in "--dropout 0.1 --compiled-dropout both" "--dropout 0"; do
         echo "== $flags"
         # shellcheck disable=SC2086  # flags is a word list
         "${bench[@]}" "${base[@]}" --layouts packed --skip-peer $flags "$@"

@@ -43,7 +43,7 @@ from bertforge.batches import IGNORE, Order, Prefetcher, PretrainingData, step_r
 from bertforge.config import TrainConfig
 from bertforge.distributed import Dist
 from bertforge.masking import MaskSpec
-from bertforge.model import BertConfig, BertForPretraining
+from bertforge.model import BertConfig, BertForPretraining, Dropout
 from bertforge.shards import record_dtype, write_shard
 from bertforge.train import (
     READ_EVERY,
@@ -234,6 +234,14 @@ def main() -> None:
         "a multiple of seq x batch/64 tokens by filler, so a few shapes are recorded); both: "
         "with and without ('+graphs' in the name), interleaved",
     )
+    ap.add_argument(
+        "--compiled-dropout",
+        choices=["bits", "torch", "both"],
+        default="bits",
+        help="dropout of compiled sides: bertforge's (15 random bits an element, one Philox "
+        "call per four; the default) or torch's (inductor's random number per element); both: "
+        "each ('+torchdrop' in its name), interleaved",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument(
         "--dropout",
@@ -277,12 +285,14 @@ def main() -> None:
     regions = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
     cuda_graphs = {"no": [""], "yes": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
     ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
+    drops = {"bits": [""], "torch": ["+torchdrop"], "both": ["", "+torchdrop"]}
     compiled_of = {  # side name -> whether its step is compiled
-        kind + (region + graphs if way == "compiled" else way): way == "compiled"
+        kind + (region + graphs + drop if way == "compiled" else way): way == "compiled"
         for kind in kinds
         for way in ways
         for region in (regions if way == "compiled" else [""])
         for graphs in (cuda_graphs if way == "compiled" else [""])
+        for drop in (drops[args.compiled_dropout] if way == "compiled" else [""])
     }
     device = torch.device(args.device)
     # with several precisions every side is measured at each, named side@precision
@@ -327,21 +337,25 @@ def main() -> None:
 
     def make_ours(layout: str) -> Any:
         """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
-        regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+eager":
-        not compiled), on its own model (same init) and optimizer: it reads nothing back
+        regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+torchdrop":
+        torch's dropout under torch.compile; "+eager": not compiled), on its own model (same
+        init) and optimizer: it reads nothing back
         unless the optimizer cannot skip a bad step on the device (then `update` does, as in
         the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
-        model.compile_regions = not variant.endswith("+whole")
+        model.compile_regions = "+whole" not in variant
+        for module in model.modules():
+            if isinstance(module, Dropout):
+                module.bits = "+torchdrop" not in variant
         opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
         precision = precision_of[mark_of(layout)]
         autocast = autocast_of(layout)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         objective = Objective(model)
         compiled = compiled_of[layout]
-        graphs = variant.endswith("+graphs")
+        graphs = "+graphs" in variant
         mode = "reduce-overhead" if graphs else args.compile_mode
         if compiled:
             quiet_inductor_notes()
@@ -469,6 +483,7 @@ def main() -> None:
         "whole_graph": args.whole_graph,
         "graphs": args.graphs,
         "dropout": args.dropout,
+        "compiled_dropout": args.compiled_dropout,
         "bertforge_layout": best,
         "bertforge_tokens_per_s": head["tokens_per_s"],
         "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,

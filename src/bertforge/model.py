@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertforge import cpu_ops
+from bertforge import ops
 from bertforge.errors import UserError
 
 VOCAB_MULTIPLE = 64
@@ -243,8 +243,8 @@ def attend(
         out = attend(pad(q), pad(k), pad(v), valid.view(b, 1, 1, s), dropout)
         return out.flatten(0, 1)[index]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, nh, hs) -> (B, nh, S, hs)
-    if cpu_ops.attention_faster(q, dropout):
-        out = cpu_ops.attention(q, k, v, layout, dropout)
+    if ops.attention_faster(q, dropout):
+        out = ops.attention(q, k, v, layout, dropout)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, dropout_p=dropout)
     return out.transpose(1, 2)
@@ -273,10 +273,14 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout, drawn by `cpu_ops.dropout` (16 random bits an element) on a CPU."""
+    """nn.Dropout drawn by `ops.dropout`: 15 random bits an element in eager mode on a CPU
+    and under torch.compile. `bits = False` keeps torch's own dropout under torch.compile
+    (the throughput bench's `--compiled-dropout` compares the two)."""
+
+    bits = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_ops.dropout(x, self.p, self.training)
+        return ops.dropout(x, self.p, self.training, self.bits)
 
 
 class Layer(nn.Module):

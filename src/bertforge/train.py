@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch._dynamo.exc import TorchDynamoException
 from torch.nn.parallel import DistributedDataParallel
 
-from bertforge import cpu_ops, distributed
+from bertforge import distributed, ops
 from bertforge.batches import (
     IGNORE,
     Order,
@@ -489,8 +489,8 @@ def pretraining_sums(
     mlm_logits: (B x P, V) with V >= vocab, the columns from vocab on padding
     (`BertForPretraining.pretraining_logits`); labels (B, P)."""
     labels = labels.flatten()
-    if cpu_ops.eager_on_cpu(mlm_logits):
-        mlm, mlm_correct = cpu_ops.masked_lm_loss(mlm_logits, labels, vocab, IGNORE)
+    if ops.eager_on_cpu(mlm_logits):
+        mlm, mlm_correct = ops.masked_lm_loss(mlm_logits, labels, vocab, IGNORE)
     else:
         mlm_logits = mlm_logits[:, :vocab]
         mlm = F.cross_entropy(mlm_logits.float(), labels, ignore_index=IGNORE, reduction="sum")
@@ -1247,9 +1247,10 @@ def compile_failure(e: TorchDynamoException, cfg: TrainConfig, d: Dist, step: in
 
 # Steps a run must have left for torch.compile to be on by default on a GPU: on an H100 the
 # compiled BERT-base step is 1.2x faster, so the warm-up compile of under a minute pays back
-# within a few thousand steps. A CPU runs eager unless asked: with `cpu_ops` the eager step
-# of BERT-tiny, -mini and -small measured 1.22-1.38x faster than the compiled one in bf16 on a
-# Xeon with AMX, and on an AMD EPYC compiling was slower already (bench/RESULTS.md).
+# within a few thousand steps. A CPU runs eager unless asked: with bertforge's own ops
+# (ops.py) the eager step of BERT-tiny, -mini and -small measured 1.22-1.38x faster than the
+# compiled one in bf16 on a Xeon with AMX (BERT-mini 1.27x with the compiled step's 15-bit
+# dropout too), and on an AMD EPYC compiling was slower already (bench/RESULTS.md).
 AUTO_COMPILE_STEPS = 10_000
 
 

@@ -1,4 +1,5 @@
-"""The CPU ops: dropout from 16 random bits, attention with it, the chunked masked-LM loss."""
+"""bertforge's own ops: dropout from 15 random bits (eager on a CPU and under torch.compile),
+attention with it, the chunked masked-LM loss."""
 
 from __future__ import annotations
 
@@ -8,53 +9,97 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertforge import cpu_ops
+from bertforge import ops
 from bertforge.batches import IGNORE
 
-KEPT_SCALE = 65536 / (65536 - 6554)  # p = 0.1 rounds to 6554 / 65536
+KEPT_SCALE = 32768 / (32768 - 3277)  # p = 0.1 rounds to 3277 / 32768
 
 
+def dropout_of(compiled: bool):
+    """ops.dropout as the eager model calls it, or traced whole by torch.compile (inductor,
+    one graph: the draw must not break it)."""
+    return torch.compile(ops.dropout, fullgraph=True) if compiled else ops.dropout
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# eager on a CPU, and under torch.compile on a CPU and on CUDA (where eager is F.dropout)
+WHERE = pytest.mark.parametrize(
+    "device, compiled",
+    [("cpu", False), ("cpu", True), pytest.param("cuda", True, marks=[CUDA, pytest.mark.gpu])],
+    ids=["eager", "compiled", "cuda-compiled"],
+)
+
+
+@WHERE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_drops_p_and_scales_what_it_keeps(dtype):
+def test_dropout_drops_p_and_scales_what_it_keeps(dtype, device, compiled):
     torch.manual_seed(0)
     n = 1_000_000
-    out = cpu_ops.dropout(torch.ones(n, dtype=dtype), 0.1, True)
+    drop = dropout_of(compiled)
+    out = drop(torch.ones(n, dtype=dtype, device=device), 0.1, True)
     dropped = (out == 0).double().mean().item()
-    assert abs(dropped - 6554 / 65536) < 5 * math.sqrt(0.09 / n)  # five standard deviations
+    assert abs(dropped - 3277 / 32768) < 5 * math.sqrt(0.09 / n)  # five standard deviations
     kept = out[out != 0]
     assert torch.equal(kept, torch.full_like(kept, KEPT_SCALE))
     # the four 16-bit values of one random word decide independently: no pattern with period 4
     shares = (out.view(-1, 4) == 0).double().mean(0)
     assert (shares - 0.1).abs().max().item() < 5 * math.sqrt(0.09 / (n / 4))
-    for p in (0.5, 0.9):
-        dropped = (cpu_ops.dropout(torch.ones(n), p, True) == 0).double().mean().item()
+    for p in (0.5,) if compiled else (0.5, 0.9):
+        dropped = (drop(torch.ones(n, device=device), p, True) == 0).double().mean().item()
         assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n)
 
 
-def test_dropout_backward_uses_the_forward_mask():
+@WHERE
+def test_dropout_backward_uses_the_forward_mask(device, compiled):
     torch.manual_seed(1)
-    x = torch.ones(5000, requires_grad=True)
-    out = cpu_ops.dropout(x, 0.25, True)
-    g = torch.randn(5000)
+    x = torch.ones(5001, device=device, requires_grad=True)  # a partial last word
+    out = dropout_of(compiled)(x, 0.25, True)
+    g = torch.randn(5001, device=device)
     out.backward(g)
     assert torch.equal(x.grad == 0, out == 0)
-    torch.testing.assert_close(x.grad, torch.where(out != 0, g * 65536 / (65536 - 16384), 0))
+    torch.testing.assert_close(x.grad, torch.where(out != 0, g * 32768 / (32768 - 8192), 0))
+
+
+def test_compiled_dropout_draws_one_64_bit_word_per_four_elements():
+    """What inductor is handed: one randint over a quarter of the elements, no random number
+    per element (F.dropout's); `bits=False` keeps F.dropout."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def draws(bits: bool) -> list[str]:
+        graphs.clear()
+        torch._dynamo.reset()
+        run = torch.compile(ops.dropout, backend=record, fullgraph=True)
+        run(torch.ones(10, 100), 0.1, True, bits)
+        (gm,) = graphs
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        return [
+            f"{n.target.__name__}{list(n.args[2]) if n.target is torch.randint else ''}"
+            for n in calls
+            if "rand" in n.target.__name__ or "dropout" in n.target.__name__
+        ]
+
+    assert draws(True) == ["randint[250]"]
+    assert draws(False) == ["dropout"]
 
 
 def test_dropout_follows_torch_seed_and_falls_back_where_it_does_not_apply():
     x = torch.randn(7, 33)
     torch.manual_seed(5)
-    a = cpu_ops.dropout(x, 0.1, True)
-    b = cpu_ops.dropout(x, 0.1, True)
+    a = ops.dropout(x, 0.1, True)
+    b = ops.dropout(x, 0.1, True)
     torch.manual_seed(5)
-    assert torch.equal(cpu_ops.dropout(x, 0.1, True), a)  # odd element count: a partial word
+    assert torch.equal(ops.dropout(x, 0.1, True), a)  # odd element count: a partial word
     assert not torch.equal(a, b)
-    assert torch.equal(cpu_ops.dropout(x, 0.1, False), x)
-    assert torch.equal(cpu_ops.dropout(x, 0.0, True), x)
-    assert torch.equal(cpu_ops.dropout(x, 1.0, True), torch.zeros_like(x))
-    # p below half a 16-bit step has no 16-bit form: torch's dropout draws it
+    assert torch.equal(ops.dropout(x, 0.1, False), x)
+    assert torch.equal(ops.dropout(x, 0.0, True), x)
+    assert torch.equal(ops.dropout(x, 1.0, True), torch.zeros_like(x))
+    # p below half a 15-bit step has no 15-bit form: torch's dropout draws it
     torch.manual_seed(2)
-    tiny = cpu_ops.dropout(x, 1e-6, True)
+    tiny = ops.dropout(x, 1e-6, True)
     torch.manual_seed(2)
     assert torch.equal(tiny, F.dropout(x, 1e-6, True))
 
@@ -69,18 +114,18 @@ def test_attention_is_sdpa_and_drops_the_probabilities():
     b, nh, s, hs = 3, 2, 9, 8
     q, k, v = (torch.randn(b, nh, s, hs, generator=g) for _ in range(3))
     mask = (torch.arange(s)[None, :] < torch.tensor([9, 4, 1])[:, None]).view(b, 1, 1, s)
-    without = cpu_ops.attention(q, k, v, mask, 0.0)
+    without = ops.attention(q, k, v, mask, 0.0)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(without, sdpa, atol=1e-6, rtol=1e-5)
     torch.manual_seed(3)
-    out = cpu_ops.attention(q, k, v, mask, 0.2)
+    out = ops.attention(q, k, v, mask, 0.2)
     torch.manual_seed(3)
-    keep = cpu_ops.keep_mask((b, nh, s, s), 0.2, torch.device("cpu"))
-    probs = torch.softmax(scores_masked(q, k, mask), -1) * keep * (65536 / (65536 - 13107))
+    keep = ops.keep_mask((b, nh, s, s), 0.2, torch.device("cpu"))
+    probs = torch.softmax(scores_masked(q, k, mask), -1) * keep * (32768 / (32768 - 6554))
     torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=1e-5)
     # no mask: every key attended to
     torch.testing.assert_close(
-        cpu_ops.attention(q, k, v, None, 0.0), F.scaled_dot_product_attention(q, k, v)
+        ops.attention(q, k, v, None, 0.0), F.scaled_dot_product_attention(q, k, v)
     )
 
 
@@ -93,7 +138,7 @@ def reference_loss(logits, labels, vocab):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_lm_loss_is_cross_entropy_over_the_vocabulary(monkeypatch, dtype):
-    monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 5 * 4 * 190)  # 5 rows a chunk: 37 = 7 x 5 + 2
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 5 * 4 * 190)  # 5 rows a chunk: 37 = 7 x 5 + 2
     g = torch.Generator().manual_seed(0)
     n, padded, vocab = 37, 192, 190
     base = (torch.randn(n, padded, generator=g) * 4).to(dtype)
@@ -111,7 +156,7 @@ def test_masked_lm_loss_is_cross_entropy_over_the_vocabulary(monkeypatch, dtype)
         (loss * weight).backward()
         return loss, correct, x.grad
 
-    ours = run(lambda x: cpu_ops.masked_lm_loss(x, labels, vocab, IGNORE))
+    ours = run(lambda x: ops.masked_lm_loss(x, labels, vocab, IGNORE))
     ref = run(lambda x: reference_loss(x, labels, vocab))
     assert ours[0].dtype == torch.float32
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-6, atol=1e-4)
@@ -127,12 +172,12 @@ def test_attention_is_taken_where_it_measured_faster_than_sdpa():
     def q(dtype, grad):
         return torch.zeros(1, 1, 4, 8, dtype=dtype, requires_grad=grad)
 
-    assert cpu_ops.attention_faster(q(torch.float32, False), 0.1)  # dropout
-    assert cpu_ops.attention_faster(q(torch.bfloat16, True), 0.0)  # a bf16 backward
-    assert not cpu_ops.attention_faster(q(torch.float32, True), 0.0)
-    assert not cpu_ops.attention_faster(q(torch.bfloat16, False), 0.0)
+    assert ops.attention_faster(q(torch.float32, False), 0.1)  # dropout
+    assert ops.attention_faster(q(torch.bfloat16, True), 0.0)  # a bf16 backward
+    assert not ops.attention_faster(q(torch.float32, True), 0.0)
+    assert not ops.attention_faster(q(torch.bfloat16, False), 0.0)
     with torch.no_grad():
-        assert not cpu_ops.attention_faster(q(torch.bfloat16, True), 0.0)
+        assert not ops.attention_faster(q(torch.bfloat16, True), 0.0)
 
 
 def test_a_cpu_training_step_takes_the_cpu_ops_and_evaluation_does_not(monkeypatch):
@@ -141,13 +186,13 @@ def test_a_cpu_training_step_takes_the_cpu_ops_and_evaluation_does_not(monkeypat
 
     calls = {"dropout": 0, "attention": 0, "masked_lm_loss": 0}
     for name in calls:
-        real = getattr(cpu_ops, name)
+        real = getattr(ops, name)
 
         def counted(*a, real=real, name=name, **kw):
             calls[name] += 1
             return real(*a, **kw)
 
-        monkeypatch.setattr(cpu_ops, name, counted)
+        monkeypatch.setattr(ops, name, counted)
     c = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     objective = Objective(BertForPretraining(c))

@@ -1,15 +1,20 @@
-"""Three training ops for the CPU, where torch's eager kernels are the slow part of a step.
+"""bertforge's own training ops, where torch's are the slow part of a step.
 
-Written here because on a CPU they cost more than the matmuls around them (profiles and
-measurements in bench/RESULTS.md, "bertforge's own CPU ops"; `bench/cpu_ops.py`); on CUDA the
-model keeps torch's own (flash or cuDNN attention with dropout inside the kernel, inductor's
-fused random numbers):
-- `dropout`: torch's CPU dropout draws a Bernoulli sample per element (`bernoulli_`, 17% of
-  a bf16 BERT-mini step on a 2-core Xeon). Here each element takes 16 random bits: one
-  64-bit draw of the same generator (torch.random, so seeding, checkpointed RNG state and
+Written here because they cost more than the matmuls around them (profiles and measurements
+in bench/RESULTS.md, "bertforge's own CPU ops" and "dropout's random numbers under
+torch.compile"; `bench/cpu_ops.py`). Three are for eager mode on a CPU; on CUDA the model
+keeps torch's attention (flash or cuDNN, dropout inside the kernel), and under torch.compile
+inductor fuses the rest itself.
+- `dropout`: each element takes 15 random bits instead of a random number of its own. One
+  64-bit draw of torch's generator (torch.random, so seeding, checkpointed RNG state and
   fork_rng all cover it) makes four decisions. The drop probability is p rounded to a
-  multiple of 1/65536 (0.1 becomes 0.1000061) and the kept values are scaled by
-  1 / (1 - that), so the output's expected value is still the input's.
+  multiple of 1/32768 (0.1 becomes 0.1000061) and the kept values are scaled by
+  1 / (1 - that), so the output's expected value is still the input's. In eager mode on a
+  CPU this replaces torch's Bernoulli sample per element (`bernoulli_`, 17% of a bf16
+  BERT-mini step on a 2-core Xeon). Under torch.compile, on any device, it replaces the
+  Philox call per element that inductor's fused dropout makes (a Philox call gives 128 bits
+  of which `rand` keeps 32): the draw is a kernel of its own, one call per four elements,
+  whose 64-bit words the fused kernels read as four int16.
 - `attention`: scaled_dot_product_attention with dropout on a CPU takes its math path, which
   casts bf16 q, k and v to fp32 and draws the Bernoulli mask above. Here the two products run
   in the input dtype (bf16 on AMX), softmax accumulates in fp32 as torch's kernel does, and
@@ -28,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BITS = 16
+BITS = 15
 LEVELS = 1 << BITS
 # fp32 bytes of logits per chunk of masked_lm_loss: 8 rows of a 30k vocabulary, which fits
 # a core's L2 cache with room to spare (on a 2-core Xeon 1-4 MB chunks measured within noise,
@@ -37,31 +42,46 @@ CHUNK_BYTES = 1 << 20
 
 
 def eager_on_cpu(x: torch.Tensor) -> bool:
-    """Whether the ops here apply to `x`: on a CPU, outside torch.compile (which keeps torch's
-    ops: inductor fuses them itself, and would unroll the loss's chunk loop)."""
+    """Whether the CPU ops here apply to `x`: on a CPU, outside torch.compile (which keeps
+    torch's attention and loss: inductor fuses them itself, and would unroll the loss's chunk
+    loop)."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def drop_levels(p: float) -> int:
-    """p as the number of the 65536 16-bit values that drop an element."""
+    """p as the number of the 32768 15-bit values that drop an element."""
     return round(p * LEVELS)
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A bool mask of `shape`, True where an element is kept, with probability 1 - p rounded
-    to a multiple of 1/65536 (`drop_levels`)."""
+    to a multiple of 1/32768 (`drop_levels`).
+
+    Eager: every 64-bit value from `random_`, four uniform int16, of which 2 x drop_levels(p)
+    of the 65536 drop. Under torch.compile: `randint` (which inductor lowers to one Philox
+    call per word, where `random_` would break the graph) over [0, 2**63 - 1), whose int16
+    are uniform in their low 15 bits."""
     n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), None)  # every 64-bit value: four uniform int16
-    values = words.view(torch.int16)[:n].view(shape)
-    return values >= -(LEVELS // 2) + drop_levels(p)
+    words = (n + 3) // 4
+    if torch.compiler.is_compiling():
+        drawn = torch.randint(0, 2**63 - 1, (words,), dtype=torch.int64, device=device)
+        values = drawn.view(torch.int16)[:n].view(shape)
+        return (values & (LEVELS - 1)) >= drop_levels(p)
+    drawn = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None)
+    values = drawn.view(torch.int16)[:n].view(shape)
+    return values >= -LEVELS + 2 * drop_levels(p)
+
+
+def keep_scale(p: float) -> float:
+    """What a kept element is multiplied by: 1 / (1 - p as rounded by `drop_levels`)."""
+    return LEVELS / (LEVELS - drop_levels(p))
 
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
         keep = keep_mask(x.shape, p, x.device)
-        ctx.scale = LEVELS / (LEVELS - drop_levels(p))
+        ctx.scale = keep_scale(p)
         ctx.save_for_backward(keep)
         return torch.where(keep, x * ctx.scale, 0)
 
@@ -71,12 +91,21 @@ class _Dropout(torch.autograd.Function):
         return torch.where(keep, grad * ctx.scale, 0), None
 
 
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout, from 16 random bits per element on a CPU (see the module docstring);
-    F.dropout itself elsewhere, under torch.compile, and where p rounds to 0 or 1."""
-    if not training or p == 0 or not eager_on_cpu(x) or not 0 < drop_levels(p) < LEVELS:
+def dropout(x: torch.Tensor, p: float, training: bool, bits: bool = True) -> torch.Tensor:
+    """F.dropout, from 15 random bits per element (see the module docstring) in eager mode
+    on a CPU and, with `bits`, under torch.compile; F.dropout itself elsewhere (eager CUDA
+    draws four elements per Philox call already), without `bits` under torch.compile, and
+    where p rounds to 0 or 1."""
+    if not training or p == 0 or not 0 < drop_levels(p) < LEVELS:
         return F.dropout(x, p, training)
-    return _Dropout.apply(x, p)
+    if torch.compiler.is_compiling():
+        if not bits:
+            return F.dropout(x, p, training)
+        # plain ops: autograd keeps the mask for the backward, inductor fuses the where
+        return torch.where(keep_mask(x.shape, p, x.device), x * keep_scale(p), 0)
+    if x.device.type == "cpu":
+        return _Dropout.apply(x, p)
+    return F.dropout(x, p, training)
 
 
 def attention_faster(q: torch.Tensor, p: float) -> bool:
