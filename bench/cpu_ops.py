@@ -1,12 +1,13 @@
-"""bertforge's CPU ops (`bertforge.ops`) against the torch expressions they replace,
+"""bertforge's own ops (`bertforge.ops`) on a CPU against the torch expressions they replace,
 forward and backward at a model's training shapes, interleaved in one process.
 
-    python bench/ops.py --model-size mini --seq-len 128 --batch-size 32
+    python bench/cpu_ops.py --model-size mini --seq-len 128 --batch-size 32
 
 For each op and precision: the hidden dropout (F.dropout), the attention probabilities'
 dropout inside attention (scaled_dot_product_attention with dropout_p, and without dropout
-in training), and the masked-LM loss (the fp32 cross-entropy over the vocabulary and its
-accuracy count). Prints milliseconds per forward + backward of each side (the median of
+in training), the masked-LM loss (the fp32 cross-entropy over the vocabulary and its
+accuracy count), and the hidden dropout after a residual add under torch.compile (inductor's
+fused dropout against the 15-bit draws; the add gives inductor something to fuse it into). Prints milliseconds per forward + backward of each side (the median of
 `--rounds` rounds, the sides alternating) and the ratio; last, one JSON object.
 """
 
@@ -53,6 +54,7 @@ def cases(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, tuple[Calla
         return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
 
     x = leaf(b, s, hidden)
+    residual = leaf(b, s, hidden)
     qkv = leaf(b, s, 3 * hidden)
 
     def heads_of(t: torch.Tensor) -> list[torch.Tensor]:
@@ -87,6 +89,10 @@ def cases(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, tuple[Calla
         "masked-LM loss": (
             fwd_bwd(lambda t: plain_loss(t, labels, vocab), logits),
             fwd_bwd(lambda t: ops.masked_lm_loss(t, labels, vocab, IGNORE)[0], logits),
+        ),
+        "residual + dropout, compiled": (
+            fwd_bwd(torch.compile(lambda t, r: F.dropout(t + r, p, True)), x, residual),
+            fwd_bwd(torch.compile(lambda t, r: ops.dropout(t + r, p, True)), x, residual),
         ),
     }
 
