@@ -60,6 +60,26 @@ def test_dropout_backward_uses_the_forward_mask(device, compiled):
     torch.testing.assert_close(x.grad, torch.where(out != 0, g * 32768 / (32768 - 8192), 0))
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "nested_compile_region"), reason="torch without compile regions"
+)
+def test_compiled_layers_draw_masks_of_their_own():
+    """The model compiles one layer as a nested region and runs it for every layer: each run
+    (and each step) must draw its own mask, and the backward must take each run's."""
+    region = torch.compiler.nested_compile_region(lambda x: ops.dropout(x * 2, 0.5, True))
+    run = torch.compile(lambda x: (region(x), region(x)), fullgraph=True)
+    x = torch.ones(4096, requires_grad=True)
+    torch.manual_seed(0)
+    a, b = run(x)
+    again, _ = run(x)
+    assert not torch.equal(a == 0, b == 0)
+    assert not torch.equal(a == 0, again == 0)
+    for out in (a, b):
+        assert abs((out == 0).double().mean().item() - 0.5) < 5 * math.sqrt(0.25 / 4096)
+    (a.sum() + 2 * b.sum()).backward()
+    assert torch.equal(x.grad, torch.where(a != 0, 4.0, 0) + torch.where(b != 0, 8.0, 0))
+
+
 def test_compiled_dropout_draws_one_64_bit_word_per_four_elements():
     """What inductor is handed: one randint over a quarter of the elements, no random number
     per element (F.dropout's); `bits=False` keeps F.dropout."""
