@@ -7,8 +7,9 @@ For each op and precision: the hidden dropout (F.dropout), the attention probabi
 dropout inside attention (scaled_dot_product_attention with dropout_p, and without dropout
 in training), the masked-LM loss (the fp32 cross-entropy over the vocabulary and its
 accuracy count), and the hidden dropout after a residual add under torch.compile (inductor's
-fused dropout against the 15-bit draws; the add gives inductor something to fuse it into). Prints milliseconds per forward + backward of each side (the median of
-`--rounds` rounds, the sides alternating) and the ratio; last, one JSON object.
+fused dropout against the 15-bit draws; the add gives inductor something to fuse it into).
+Prints milliseconds per forward + backward of each side (the median of `--rounds` rounds, the
+sides alternating) and the ratio; last, one JSON object.
 """
 
 from __future__ import annotations
