@@ -147,6 +147,9 @@ def test_attention_is_sdpa_and_drops_the_probabilities():
     torch.testing.assert_close(
         ops.attention(q, k, v, None, 0.0), F.scaled_dot_product_attention(q, k, v)
     )
+    # compiled (as a CPU model with dropout runs it under torch.compile)
+    compiled = torch.compile(ops.attention, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, mask, 0.0), sdpa, atol=1e-6, rtol=1e-5)
 
 
 def reference_loss(logits, labels, vocab):
@@ -188,7 +191,7 @@ def test_masked_lm_loss_is_cross_entropy_over_the_vocabulary(monkeypatch, dtype)
     torch.testing.assert_close(ours[2], ref[2], **tolerance)
 
 
-def test_attention_is_taken_where_it_measured_faster_than_sdpa():
+def test_attention_is_taken_where_it_measured_faster_than_sdpa(monkeypatch):
     def q(dtype, grad):
         return torch.zeros(1, 1, 4, 8, dtype=dtype, requires_grad=grad)
 
@@ -198,6 +201,10 @@ def test_attention_is_taken_where_it_measured_faster_than_sdpa():
     assert not ops.attention_faster(q(torch.bfloat16, False), 0.0)
     with torch.no_grad():
         assert not ops.attention_faster(q(torch.bfloat16, True), 0.0)
+    # under torch.compile: with dropout only (a Philox call per probability in SDPA's math path)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops.attention_faster(q(torch.float32, True), 0.1)
+    assert not ops.attention_faster(q(torch.bfloat16, True), 0.0)
 
 
 def test_a_cpu_training_step_takes_the_cpu_ops_and_evaluation_does_not(monkeypatch):

@@ -2,9 +2,10 @@
 
 Written here because they cost more than the matmuls around them (profiles and measurements
 in bench/RESULTS.md, "bertforge's own CPU ops" and "dropout's random numbers under
-torch.compile"; `bench/cpu_ops.py`). Three are for eager mode on a CPU; on CUDA the model
-keeps torch's attention (flash or cuDNN, dropout inside the kernel), and under torch.compile
-inductor fuses the rest itself.
+torch.compile"; `bench/cpu_ops.py`). They are for a CPU in eager mode, except that dropout
+(and attention with dropout on a CPU) serves under torch.compile too. On CUDA the model keeps
+torch's attention (flash or cuDNN, dropout inside the kernel), and inductor fuses the
+loss itself.
 - `dropout`: each element takes 15 random bits instead of a random number of its own. One
   64-bit draw of torch's generator (torch.random, so seeding, checkpointed RNG state and
   fork_rng all cover it) makes four decisions. The drop probability is p rounded to a
@@ -18,7 +19,8 @@ inductor fuses the rest itself.
 - `attention`: scaled_dot_product_attention with dropout on a CPU takes its math path, which
   casts bf16 q, k and v to fp32 and draws the Bernoulli mask above. Here the two products run
   in the input dtype (bf16 on AMX), softmax accumulates in fp32 as torch's kernel does, and
-  the probabilities take `dropout`.
+  the probabilities take `dropout`. Under torch.compile on a CPU too, when there is dropout:
+  SDPA's math path would draw a Philox number per probability.
 - `masked_lm_loss`: the MLM cross-entropy over the vocabulary, chunked over rows. The plain
   expression casts all [N, vocab] logits to fp32, writes a full fp32 log-softmax, and in the
   backward fills and copies full fp32 gradients several times over. Here each chunk of rows
@@ -42,9 +44,8 @@ CHUNK_BYTES = 1 << 20
 
 
 def eager_on_cpu(x: torch.Tensor) -> bool:
-    """Whether the CPU ops here apply to `x`: on a CPU, outside torch.compile (which keeps
-    torch's attention and loss: inductor fuses them itself, and would unroll the loss's chunk
-    loop)."""
+    """Whether `x` is on a CPU, outside torch.compile (where inductor fuses the loss itself,
+    and would unroll its chunk loop)."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -109,12 +110,16 @@ def dropout(x: torch.Tensor, p: float, training: bool, bits: bool = True) -> tor
 
 
 def attention_faster(q: torch.Tensor, p: float) -> bool:
-    """Whether `attention` is faster than scaled_dot_product_attention here: in eager mode
-    on a CPU, with dropout, or in training in half precision (the CPU flash kernel's backward
-    in bf16 measured 1.9-2.4x slower; without a backward, or in fp32 without dropout,
-    SDPA is the faster)."""
-    if not eager_on_cpu(q):
+    """Whether `attention` is faster than scaled_dot_product_attention here: on a CPU with
+    dropout, eager or compiled (SDPA's math path draws a random number per probability: a
+    Bernoulli sample in eager mode, a Philox call under inductor; the compiled BERT-mini bf16
+    step measured 1.25x faster with `attention`), or in eager training in half precision (the CPU
+    flash kernel's backward in bf16 measured 1.9-2.4x slower; without a backward, or in fp32
+    without dropout, SDPA is the faster)."""
+    if q.device.type != "cpu":
         return False
+    if torch.compiler.is_compiling():
+        return p > 0
     return p > 0 or (q.dtype != torch.float32 and torch.is_grad_enabled() and q.requires_grad)
 
 

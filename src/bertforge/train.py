@@ -1248,9 +1248,9 @@ def compile_failure(e: TorchDynamoException, cfg: TrainConfig, d: Dist, step: in
 # Steps a run must have left for torch.compile to be on by default on a GPU: on an H100 the
 # compiled BERT-base step is 1.2x faster, so the warm-up compile of under a minute pays back
 # within a few thousand steps. A CPU runs eager unless asked: with bertforge's own ops
-# (ops.py) the eager step of BERT-tiny, -mini and -small measured 1.22-1.38x faster than the
-# compiled one in bf16 on a Xeon with AMX (BERT-mini 1.27x with the compiled step's 15-bit
-# dropout too), and on an AMD EPYC compiling was slower already (bench/RESULTS.md).
+# (ops.py) the eager step of BERT-mini and -small measured 1.06-1.14x faster than the compiled
+# one in bf16 (the CPU default with AMX) on a Xeon; in fp32 compiling measured 1.05-1.5x
+# faster there, but on an AMD EPYC (fp32, before these ops) 4% slower (bench/RESULTS.md).
 AUTO_COMPILE_STEPS = 10_000
 
 
