@@ -19,8 +19,8 @@
 #   profile   where one step's device time goes (padded and packed, no peer), and the host's
 #             launches and blocking calls per step (synchronize, item, memcpy, allocations)
 #   dropout   packed, no peer: dropout 0.1 from bertforge's 15-bit draws against torch's
-#             dropout (inductor's random number per element), interleaved; then dropout 0:
-#             what dropout's random numbers cost either way
+#             dropout (inductor's random number per element), interleaved, with a profile of
+#             each (kernels by kind); then dropout 0: what dropout's random numbers cost
 #   base512   BERT-base, seq 512, batch 32
 #   large     BERT-large, seq 128, batch 128
 #   smoke     BERT-mini, a few steps: checks this script anywhere (CPU too)
@@ -94,7 +94,7 @@ base=(--model-size base --seq-len 128 --batch-size 256)
     regions) "${bench[@]}" "${base[@]}" --whole-graph both --skip-peer "$@" ;;
     profile) "${bench[@]}" "${base[@]}" --layouts padded,packed --skip-peer --profile 3 "$@" ;;
     dropout)
-      for flags in "--dropout 0.1 --compiled-dropout both" "--dropout 0"; do
+      for flags in "--dropout 0.1 --compiled-dropout both --profile 2" "--dropout 0"; do
         echo "== $flags"
         # shellcheck disable=SC2086  # flags is a word list
         "${bench[@]}" "${base[@]}" --layouts packed --skip-peer $flags "$@"
