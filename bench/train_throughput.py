@@ -20,6 +20,7 @@ device's dense bf16/fp16 peak (`train.PEAK_HALF_FLOPS`: 989 TFLOP/s for an H100 
     python bench/train_throughput.py --model-size base --batch-size 256 --compile \
         --layouts padded,packed
     python bench/train_throughput.py --compile both   # compiled and eager, interleaved
+    python bench/train_throughput.py --compile --compiled-dropout both   # dropout's draws
 
 The last line printed is a JSON object with the figures: the fastest layout's as
 bertforge_tokens_per_s / ratio / mfu, each layout's under "layouts".
