@@ -237,11 +237,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--compiled-dropout",
-        choices=["bits", "torch", "both"],
-        default="bits",
-        help="dropout of compiled sides: bertforge's (15 random bits an element, one Philox "
-        "call per four; the default) or torch's (inductor's random number per element); both: "
-        "each ('+torchdrop' in its name), interleaved",
+        choices=["auto", "bits", "torch", "both"],
+        default="auto",
+        help="dropout of compiled sides: bertforge's 15-bit draws (one Philox call per four "
+        "elements; '+bits' in the name), torch's (inductor's random number per element; "
+        "'+torchdrop'), both, interleaved, or auto: the model's default (the draws on a CPU, "
+        "torch's on CUDA)",
     )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument(
@@ -286,7 +287,8 @@ def main() -> None:
     regions = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
     cuda_graphs = {"no": [""], "yes": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
     ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
-    drops = {"bits": [""], "torch": ["+torchdrop"], "both": ["", "+torchdrop"]}
+    drops = {"auto": [""], "bits": ["+bits"], "torch": ["+torchdrop"]}
+    drops["both"] = drops["bits"] + drops["torch"]
     compiled_of = {  # side name -> whether its step is compiled
         kind + (region + graphs + drop if way == "compiled" else way): way == "compiled"
         for kind in kinds
@@ -338,8 +340,9 @@ def main() -> None:
 
     def make_ours(layout: str) -> Any:
         """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
-        regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+torchdrop":
-        torch's dropout under torch.compile; "+eager": not compiled), on its own model (same
+        regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
+        "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
+        compiled), on its own model (same
         init) and optimizer: it reads nothing back
         unless the optimizer cannot skip a bad step on the device (then `update` does, as in
         the trainer)."""
@@ -347,9 +350,10 @@ def main() -> None:
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
         model.compile_regions = "+whole" not in variant
+        bits = True if "+bits" in variant else False if "+torchdrop" in variant else None
         for module in model.modules():
             if isinstance(module, Dropout):
-                module.bits = "+torchdrop" not in variant
+                module.bits = bits
         opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
         precision = precision_of[mark_of(layout)]
         autocast = autocast_of(layout)

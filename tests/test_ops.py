@@ -3,6 +3,7 @@ attention with it, the chunked masked-LM loss."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -16,9 +17,12 @@ KEPT_SCALE = 32768 / (32768 - 3277)  # p = 0.1 rounds to 3277 / 32768
 
 
 def dropout_of(compiled: bool):
-    """ops.dropout as the eager model calls it, or traced whole by torch.compile (inductor,
-    one graph: the draw must not break it)."""
-    return torch.compile(ops.dropout, fullgraph=True) if compiled else ops.dropout
+    """ops.dropout as the eager model calls it, or traced whole by torch.compile with the
+    15-bit draws (inductor, one graph: the draw must not break it; on CUDA the model asks for
+    them with Dropout.bits)."""
+    if not compiled:
+        return ops.dropout
+    return torch.compile(functools.partial(ops.dropout, bits=True), fullgraph=True)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -83,13 +87,16 @@ def test_compiled_layers_draw_masks_of_their_own():
 def test_compiled_dropout_draws_one_64_bit_word_per_four_elements():
     """What inductor is handed: one randint over a quarter of the elements, no random number
     per element (F.dropout's); `bits=False` keeps F.dropout."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ops.compiled_draws(cpu, None) and not ops.compiled_draws(cuda, None)
+    assert ops.compiled_draws(cuda, True) and not ops.compiled_draws(cpu, False)
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    def draws(bits: bool) -> list[str]:
+    def draws(bits: bool | None) -> list[str]:
         graphs.clear()
         torch._dynamo.reset()
         run = torch.compile(ops.dropout, backend=record, fullgraph=True)
@@ -102,7 +109,7 @@ def test_compiled_dropout_draws_one_64_bit_word_per_four_elements():
             if "rand" in n.target.__name__ or "dropout" in n.target.__name__
         ]
 
-    assert draws(True) == ["randint[250]"]
+    assert draws(None) == draws(True) == ["randint[250]"]  # on a CPU by default
     assert draws(False) == ["dropout"]
 
 

@@ -274,10 +274,11 @@ class LayerNorm(nn.LayerNorm):
 
 class Dropout(nn.Dropout):
     """nn.Dropout drawn by `ops.dropout`: 15 random bits an element in eager mode on a CPU
-    and under torch.compile. `bits = False` keeps torch's own dropout under torch.compile
-    (the throughput bench's `--compiled-dropout` compares the two)."""
+    and under torch.compile on a CPU. `bits` True or False takes those draws or torch's own
+    dropout under torch.compile on any device (the throughput bench's `--compiled-dropout`
+    compares the two); None, the default, leaves it to `ops.compiled_draws`."""
 
-    bits = True
+    bits: bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.dropout(x, self.p, self.training, self.bits)

@@ -2,20 +2,20 @@
 
 Written here because they cost more than the matmuls around them (profiles and measurements
 in bench/RESULTS.md, "bertforge's own CPU ops" and "dropout's random numbers under
-torch.compile"; `bench/cpu_ops.py`). They are for a CPU in eager mode, except that dropout
-(and attention with dropout on a CPU) serves under torch.compile too. On CUDA the model keeps
-torch's attention (flash or cuDNN, dropout inside the kernel), and inductor fuses the
-loss itself.
+torch.compile"; `bench/cpu_ops.py`). They are for a CPU, in eager mode and (dropout, and
+attention with dropout) under torch.compile. On CUDA the model keeps torch's attention (flash
+or cuDNN, dropout inside the kernel) and, by default, its dropout; inductor fuses the loss
+itself.
 - `dropout`: each element takes 15 random bits instead of a random number of its own. One
   64-bit draw of torch's generator (torch.random, so seeding, checkpointed RNG state and
   fork_rng all cover it) makes four decisions. The drop probability is p rounded to a
   multiple of 1/32768 (0.1 becomes 0.1000061) and the kept values are scaled by
   1 / (1 - that), so the output's expected value is still the input's. In eager mode on a
   CPU this replaces torch's Bernoulli sample per element (`bernoulli_`, 17% of a bf16
-  BERT-mini step on a 2-core Xeon). Under torch.compile, on any device, it replaces the
-  Philox call per element that inductor's fused dropout makes (a Philox call gives 128 bits
-  of which `rand` keeps 32): the draw is a kernel of its own, one call per four elements,
-  whose 64-bit words the fused kernels read as four int16.
+  BERT-mini step on a 2-core Xeon). Under torch.compile on a CPU (on CUDA when asked:
+  `compiled_draws`) it replaces the Philox call per element that inductor's fused dropout
+  makes (a Philox call gives 128 bits of which `rand` keeps 32): the draw is a kernel of its
+  own, one call per four elements, whose 64-bit words the fused kernels read as four int16.
 - `attention`: scaled_dot_product_attention with dropout on a CPU takes its math path, which
   casts bf16 q, k and v to fp32 and draws the Bernoulli mask above. Here the two products run
   in the input dtype (bf16 on AMX), softmax accumulates in fp32 as torch's kernel does, and
@@ -92,15 +92,24 @@ class _Dropout(torch.autograd.Function):
         return torch.where(keep, grad * ctx.scale, 0), None
 
 
-def dropout(x: torch.Tensor, p: float, training: bool, bits: bool = True) -> torch.Tensor:
+def compiled_draws(device: torch.device, bits: bool | None) -> bool:
+    """Whether `dropout` under torch.compile takes the 15-bit draws: `bits`, or by default on a
+    CPU only. On CUDA inductor's own dropout stays the default until a GPU measures the draws
+    faster: there the per-element Philox calls are a smaller share of the fused kernels (about
+    55 of their SASS instructions per element on an H100/H200, against 21 with the draws, whose
+    words add 4 bytes of memory traffic per element: `bench/dropout_sass.py`)."""
+    return device.type == "cpu" if bits is None else bits
+
+
+def dropout(x: torch.Tensor, p: float, training: bool, bits: bool | None = None) -> torch.Tensor:
     """F.dropout, from 15 random bits per element (see the module docstring) in eager mode
-    on a CPU and, with `bits`, under torch.compile; F.dropout itself elsewhere (eager CUDA
-    draws four elements per Philox call already), without `bits` under torch.compile, and
-    where p rounds to 0 or 1."""
+    on a CPU and under torch.compile where `compiled_draws` says so; F.dropout itself
+    elsewhere (eager CUDA draws four elements per Philox call already) and where p rounds to
+    0 or 1."""
     if not training or p == 0 or not 0 < drop_levels(p) < LEVELS:
         return F.dropout(x, p, training)
     if torch.compiler.is_compiling():
-        if not bits:
+        if not compiled_draws(x.device, bits):
             return F.dropout(x, p, training)
         # plain ops: autograd keeps the mask for the backward, inductor fuses the where
         return torch.where(keep_mask(x.shape, p, x.device), x * keep_scale(p), 0)
