@@ -95,9 +95,9 @@ class _Dropout(torch.autograd.Function):
 def compiled_draws(device: torch.device, bits: bool | None) -> bool:
     """Whether `dropout` under torch.compile takes the 15-bit draws: `bits`, or by default on a
     CPU only. On CUDA inductor's own dropout stays the default until a GPU measures the draws
-    faster: there the per-element Philox calls are a smaller share of the fused kernels (about
-    55 of their SASS instructions per element on an H100/H200, against 21 with the draws, whose
-    words add 4 bytes of memory traffic per element: `bench/dropout_sass.py`)."""
+    faster: counted for sm_90 (`bench/dropout_sass.py`), its random numbers take 49.6 SASS
+    instructions per element against the draws' 18.0, whose words add 4 bytes of memory
+    traffic per element; under 2% of a BERT-base step either way (bench/RESULTS.md)."""
     return device.type == "cpu" if bits is None else bits
 
 
