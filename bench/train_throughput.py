@@ -342,10 +342,9 @@ def main() -> None:
         """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
         regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
-        compiled), on its own model (same
-        init) and optimizer: it reads nothing back
-        unless the optimizer cannot skip a bad step on the device (then `update` does, as in
-        the trainer)."""
+        compiled), on its own model (same init) and optimizer: it reads nothing back unless
+        the optimizer cannot skip a bad step on the device (then `update` does, as in the
+        trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
