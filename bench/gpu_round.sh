@@ -7,6 +7,10 @@
 #   tests     tests/test_cuda.py, test_ops.py and test_model.py on the GPU;
 #             bench/optimizer_update.py
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
+#   bandwidth packed, no peer, every layer in one graph: inductor times each of its own
+#             (Triton) kernels once and counts the bytes it moves; bench/kernel_bandwidth.py
+#             prints how far they are from the memory bandwidth ($OUT/bandwidth.txt: the raw
+#             file), which is what custom kernels could win on the fused elementwise time
 #   graphs    padded and packed, with and without CUDA graphs (packed rounded up by filler),
 #             interleaved, no peer: whether graphs close the packed step's 6% host gap
 #   cppwrap   base128 packed with inductor's C++ wrapper (kernels launched from C++, not
@@ -28,7 +32,7 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): tests, base128 (with --profile 3), dropout, graphs,
+# all within SECONDS (default 540): tests, base128 (with --profile 3), bandwidth, dropout, graphs,
 # cppwrap, autotune; it prints how long each took. On an H200 (2026-12-04) tests took about
 # 110 s, base128 + large + base512 about 300 s together; autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
@@ -43,7 +47,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:170 base128:150 dropout:150 graphs:180 cppwrap:150 autotune:600; do
+  for spec in tests:170 base128:150 bandwidth:120 dropout:150 graphs:180 cppwrap:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -57,7 +61,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | base128 | graphs | cppwrap | autotune | tuning | eager | regions | profile | dropout \
+  tests | base128 | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions | profile | dropout \
     | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
@@ -79,6 +83,16 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         tests/test_ops.py tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
       "$py" bench/optimizer_update.py --model-size base ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
+    bandwidth)
+      # every layer in one graph: a nested region's wrapper would restart the tally; no
+      # benchmark harness: with an output file inductor would run each graph once more at
+      # compile time on random inputs (token ids too)
+      rm -f "$out/bandwidth.txt"
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --whole-graph yes --steps 1 \
+        --block 1 --warmup 1 --inductor profile_bandwidth=True --inductor benchmark_harness=False \
+        --inductor "profile_bandwidth_output='$out/bandwidth.txt'" "$@" \
+        || echo "bench: exit $? (after the first step its figures are not a measurement)"
+      "$py" bench/kernel_bandwidth.py "$out/bandwidth.txt" ;;
     graphs) "${bench[@]}" "${base[@]}" --layouts padded,packed --graphs both --skip-peer "$@" ;;
     cppwrap)
       # the C++ wrapper has no nested compile regions (invoke_subgraph): the whole graph

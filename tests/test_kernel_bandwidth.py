@@ -1,0 +1,64 @@
+"""bench/kernel_bandwidth.py reads the file inductor's bandwidth profile writes: written here by
+torch's own writer (`end_graph`), so a change of its format fails this test, not a GPU round."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from torch._inductor.runtime import triton_heuristics
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_bandwidth.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("kernel_bandwidth", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_graph(path: Path, calls: list[tuple[float, float, str]]) -> None:
+    """One graph's section as inductor writes it: (ms, GB, kernel) per call."""
+    triton_heuristics.start_graph()
+    triton_heuristics.collected_calls.extend((ms, gb, gb / ms * 1e3, k) for ms, gb, k in calls)
+    triton_heuristics.end_graph(str(path))
+    triton_heuristics.start_graph()
+
+
+def test_reads_inductors_profile_and_ranks_time_lost(tmp_path: Path) -> None:
+    kb = load_script()
+    path = tmp_path / "bw.txt"
+    layer_norm, gelu, rand = (
+        "triton_per_fused_native_layer_norm_0",
+        "triton_poi_fused_gelu_1",
+        "triton_poi_fused_rand_2",
+    )
+    # forward: the GELU kernel called twice (as a layer's kernels are), at the limit; the
+    # LayerNorm kernel takes less time than GELU's two calls but loses more against the limit
+    write_graph(path, [(0.4, 0.5, layer_norm), (0.25, 1.0, gelu), (0.25, 1.0, gelu)])
+    write_graph(path, [(2.0, 1.0, rand)])  # backward: slow for its bytes
+    write_graph(path, [(9.0, 1.0, rand)])  # the next step's forward: not summed
+    graphs = kb.read_profile(path)
+    assert [len(g) for g in graphs] == [3, 1, 1]
+    assert graphs[0][1] == (gelu, 0.25, 1.0)
+    s = kb.summarize(graphs[:2], limit_gbps=4000.0, top=10)
+    assert (s["graphs"], s["kernels"], s["calls"]) == (2, 3, 4)
+    assert s["ms"] == pytest.approx(2.9) and s["gb"] == pytest.approx(3.5)
+    assert s["ms_at_limit"] == pytest.approx(0.875)
+    top = s["top"]
+    assert [r["kernel"] for r in top] == [rand, layer_norm, gelu]
+    assert top[0]["ms_lost"] == pytest.approx(1.75)
+    assert (top[2]["calls"], top[2]["ms_lost"]) == (2, pytest.approx(0.0))
+
+
+def test_a_file_without_kernels_says_how_to_make_one(tmp_path: Path) -> None:
+    kb = load_script()
+    path = tmp_path / "bw.txt"
+    path.write_text("SUMMARY\n")
+    with pytest.raises(SystemExit, match=r"no 'TRITON.*profile_bandwidth=True"):
+        kb.read_profile(path)
+    with pytest.raises(SystemExit, match=r"no such file.*profile_bandwidth=True"):
+        kb.read_profile(tmp_path / "missing.txt")
