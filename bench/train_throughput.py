@@ -43,6 +43,7 @@ import torch
 from bertforge.batches import IGNORE, Order, Prefetcher, PretrainingData, step_rows, to_tensors
 from bertforge.config import TrainConfig
 from bertforge.distributed import Dist
+from bertforge.malloc import keep_freed_memory
 from bertforge.masking import MaskSpec
 from bertforge.model import BertConfig, BertForPretraining, Dropout
 from bertforge.shards import record_dtype, write_shard
@@ -244,6 +245,13 @@ def main() -> None:
         "'+torchdrop'), both, interleaved, or auto: the model's default (the draws on a CPU, "
         "torch's on CUDA)",
     )
+    ap.add_argument(
+        "--cpu-malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="on a CPU: glibc malloc set to keep freed memory, as `bertforge train` sets it "
+        "(malloc.py; process-wide, so the peer gets it too), or left at its defaults",
+    )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument(
         "--dropout",
@@ -298,6 +306,11 @@ def main() -> None:
         for drop in (drops[args.compiled_dropout] if way == "compiled" else [""])
     }
     device = torch.device(args.device)
+    cpu_malloc = None
+    if device.type == "cpu":
+        cpu_malloc = args.cpu_malloc
+        if cpu_malloc == "tuned" and not keep_freed_memory():
+            cpu_malloc = "default (not glibc)"
     # with several precisions every side is measured at each, named side@precision
     at = {name: f"@{name}" if len(names) > 1 else "" for name in names}
     precision_of = {at[name]: resolve_precision(name, device) for name in names}
@@ -488,6 +501,7 @@ def main() -> None:
         "graphs": args.graphs,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,
+        "cpu_malloc": cpu_malloc,
         "bertforge_layout": best,
         "bertforge_tokens_per_s": head["tokens_per_s"],
         "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,

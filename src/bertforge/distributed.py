@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from bertforge.errors import UserError
+from bertforge.malloc import keep_freed_memory
 from bertforge.workers import cap_torch_threads
 
 
@@ -48,6 +49,7 @@ def setup(device: str) -> Dist:
         torch.cuda.set_device(dev)
     else:
         cap_torch_threads()
+        keep_freed_memory()  # a CPU step's tensors: reused, not faulted in anew (malloc.py)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, dev)
