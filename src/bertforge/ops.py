@@ -166,9 +166,14 @@ class _MaskedLMLoss(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=logits.device)
         best = torch.empty(n, dtype=torch.long, device=logits.device)
         for i in range(0, n, rows):
-            part = logits[i : i + rows, :vocab].float()
-            lse[i : i + rows] = torch.logsumexp(part, -1)
-            best[i : i + rows] = part.max(-1).indices
+            # a copy (fp32 logits too), then torch.logsumexp's arithmetic (shifted by the
+            # maximum, 0 where that is infinite) in place, the maximum's first index the
+            # prediction
+            part = logits[i : i + rows, :vocab].to(torch.float32, copy=True)
+            top = part.max(-1)
+            shift = top.values.masked_fill(top.values.isinf(), 0)
+            lse[i : i + rows] = part.sub_(shift[:, None]).exp_().sum(-1).log_().add_(shift)
+            best[i : i + rows] = top.indices
         used = labels != ignore
         target = labels.masked_fill(~used, 0)
         picked = logits.gather(1, target[:, None])[:, 0].float()
@@ -186,16 +191,17 @@ class _MaskedLMLoss(torch.autograd.Function):
         logits, lse, target, used = ctx.saved_tensors
         vocab = ctx.vocab
         n, rows = logits.shape[0], chunk_rows(vocab)
-        weight = torch.where(used, grad, 0)  # [N] d loss / d row
+        weight = torch.where(used, grad, 0)[:, None]  # [N, 1] d loss / d row
+        minus_one = torch.full_like(weight, -1.0)
         out = torch.empty_like(logits)
         out[:, vocab:] = 0
         for i in range(0, n, rows):
             r = slice(i, i + rows)
-            part = torch.exp(logits[r, :vocab].float() - lse[r, None])  # softmax
-            part.mul_(weight[r, None])
+            part = logits[r, :vocab].to(torch.float32, copy=True)
+            part.sub_(lse[r, None]).exp_()  # softmax, in place
             # minus 1 at the label (d -logit[label]), in fp32: softmax - 1 rounds once
-            part.scatter_add_(1, target[r, None], -weight[r, None])
-            out[r, :vocab] = part
+            part.scatter_add_(1, target[r, None], minus_one[r])
+            out[r, :vocab] = part.mul_(weight[r])
         return out, None, None, None
 
 
