@@ -36,8 +36,9 @@
 # cppwrap, dropout, autotune; it prints how long each took. The two that may win time
 # outright come first (graphs and cppwrap: the packed step's 6% host gap), with bandwidth
 # (what custom kernels could win) between them; dropout (at most 2%, by instruction counts)
-# and autotune (never finished in time) get what is left. On an H200 (2026-12-04) tests took about
-# 110 s, base128 + large + base512 about 300 s together; autotune did not finish in 130 s.
+# and autotune (never finished in time) get what is left. On an H200 (2026-12-04) tests took
+# about 110 s, base128 + large + base512 about 300 s together; autotune did not finish in
+# 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
 #
 # The device machine has torch (CUDA) and transformers; anything else bertforge or the tests
@@ -50,7 +51,8 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:170 base128:150 graphs:180 bandwidth:120 cppwrap:150 dropout:150 autotune:600; do
+  for spec in tests:170 base128:150 graphs:180 bandwidth:120 cppwrap:150 dropout:150 \
+    autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -64,8 +66,8 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | base128 | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions | profile | dropout \
-    | base512 | large | smoke) ;;
+  tests | base128 | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions \
+    | profile | dropout | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
