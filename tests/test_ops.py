@@ -198,6 +198,20 @@ def test_masked_lm_loss_is_cross_entropy_over_the_vocabulary(monkeypatch, dtype)
     torch.testing.assert_close(ours[2], ref[2], **tolerance)
 
 
+def test_masked_lm_loss_of_an_overflowed_logit_is_infinite():
+    """A diverged step's +inf logit makes the loss +inf, as torch.logsumexp's arithmetic gives
+    it (F.cross_entropy gives NaN; either way the step is flagged bad); rows without one keep
+    their finite terms."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    logits[0, 9] = float("inf")
+    labels = torch.tensor([4, 5, IGNORE])
+    ours = ops.masked_lm_loss(logits, labels, 64, IGNORE)[0]
+    assert ours.item() == float("inf")
+    assert not torch.isfinite(reference_loss(logits, labels, 64)[0])
+    finite = ops.masked_lm_loss(logits[1:], labels[1:], 64, IGNORE)[0]
+    torch.testing.assert_close(finite, reference_loss(logits[1:], labels[1:], 64)[0])
+
+
 def test_attention_is_taken_where_it_measured_faster_than_sdpa(monkeypatch):
     def q(dtype, grad):
         return torch.zeros(1, 1, 4, 8, dtype=dtype, requires_grad=grad)
