@@ -51,7 +51,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:170 base128:150 graphs:180 bandwidth:120 cppwrap:150 dropout:150 \
+  for spec in tests:170 base128:150 graphs:180 bandwidth:150 cppwrap:150 dropout:150 \
     autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
