@@ -25,6 +25,10 @@
 #   dropout   packed, no peer: dropout 0.1 from bertforge's 15-bit draws against torch's
 #             dropout (inductor's random number per element), interleaved, with a profile of
 #             each (kernels by kind); then dropout 0: what dropout's random numbers cost
+#   malloc    base128 packed, no peer, in two processes: glibc malloc left at its defaults (as
+#             `bertforge train` leaves it on a GPU) and set to keep freed memory (as it sets
+#             it on a CPU, where the demo's step ran 1.4x faster): whether the host's page
+#             faults (the loader's arrays) cost the GPU step anything
 #   base512   BERT-base, seq 512, batch 32
 #   large     BERT-large, seq 128, batch 128
 #   smoke     BERT-mini, a few steps: checks this script anywhere (CPU too)
@@ -33,12 +37,12 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540): tests, base128 (with --profile 3), graphs, bandwidth,
-# cppwrap, dropout, autotune; it prints how long each took. The two that may win time
-# outright come first (graphs and cppwrap: the packed step's 6% host gap), with bandwidth
-# (what custom kernels could win) between them; dropout (at most 2%, by instruction counts)
-# and autotune (never finished in time) get what is left. On an H200 (2026-12-04) tests took
-# about 110 s, base128 + large + base512 about 300 s together; autotune did not finish in
-# 130 s.
+# cppwrap, dropout, malloc, autotune; it prints how long each took. The two that may win
+# time outright come first (graphs and cppwrap: the packed step's 6% host gap), with
+# bandwidth (what custom kernels could win) between them; dropout (at most 2%, by
+# instruction counts), malloc and autotune (never finished in time) get what is left. On an
+# H200 (2026-12-04) tests took about 110 s, base128 + large + base512 about 300 s together;
+# autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
 #
 # The device machine has torch (CUDA) and transformers; anything else bertforge or the tests
@@ -52,7 +56,7 @@ shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   for spec in tests:170 base128:150 graphs:180 bandwidth:150 cppwrap:150 dropout:150 \
-    autotune:600; do
+    malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -67,7 +71,7 @@ if [ "$stage" = all ]; then
 fi
 case "$stage" in
   tests | base128 | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions \
-    | profile | dropout | base512 | large | smoke) ;;
+    | profile | dropout | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
@@ -117,6 +121,10 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         echo "== $flags"
         # shellcheck disable=SC2086  # flags is a word list
         "${bench[@]}" "${base[@]}" --layouts packed --skip-peer $flags "$@"
+      done ;;
+    malloc)
+      for m in default tuned; do
+        "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --malloc $m "$@"
       done ;;
     base512) "${bench[@]}" --model-size base --seq-len 512 --batch-size 32 \
       --layouts padded,packed "$@" ;;

@@ -246,11 +246,11 @@ def main() -> None:
         "torch's on CUDA)",
     )
     ap.add_argument(
-        "--cpu-malloc",
-        choices=["tuned", "default"],
-        default="tuned",
-        help="on a CPU: glibc malloc set to keep freed memory, as `bertforge train` sets it "
-        "(malloc.py; process-wide, so the peer gets it too), or left at its defaults",
+        "--malloc",
+        choices=["auto", "tuned", "default"],
+        default="auto",
+        help="glibc malloc set to keep freed memory (malloc.py; process-wide, so the peer gets "
+        "it too) or left at its defaults; auto: as `bertforge train` does, tuned on a CPU only",
     )
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument(
@@ -306,11 +306,11 @@ def main() -> None:
         for drop in (drops[args.compiled_dropout] if way == "compiled" else [""])
     }
     device = torch.device(args.device)
-    cpu_malloc = None
-    if device.type == "cpu":
-        cpu_malloc = args.cpu_malloc
-        if cpu_malloc == "tuned" and not keep_freed_memory():
-            cpu_malloc = "default (not glibc)"
+    malloc = args.malloc
+    if malloc == "auto":
+        malloc = "tuned" if device.type == "cpu" else "default"
+    if malloc == "tuned" and not keep_freed_memory():
+        malloc = "default (not glibc)"
     # with several precisions every side is measured at each, named side@precision
     at = {name: f"@{name}" if len(names) > 1 else "" for name in names}
     precision_of = {at[name]: resolve_precision(name, device) for name in names}
@@ -501,7 +501,7 @@ def main() -> None:
         "graphs": args.graphs,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,
-        "cpu_malloc": cpu_malloc,
+        "malloc": malloc,
         "bertforge_layout": best,
         "bertforge_tokens_per_s": head["tokens_per_s"],
         "peer_tokens_per_s": round(peer_tps, 1) if peer_tps else None,
