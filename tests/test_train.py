@@ -198,12 +198,12 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_finishes(
 
 
 def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
-    """Micro-batches of 5 and packed batches (no padding, the CPU default) train as the plain
-    padded run does."""
+    """Micro-batches of 5 and packed batches (no padding) train as the plain padded run (the
+    CPU default) does."""
     runs = {
-        "one": ["--no-packed"],
-        "four": ["--no-packed", "--micro-batch-size", "5"],
-        "packed": [],
+        "one": [],
+        "four": ["--micro-batch-size", "5"],
+        "packed": ["--packed"],
     }
     for name, extra in runs.items():
         steps = ["--num-train-steps", "4", "--eval-every", "2", "--eval-batch-size", "8"]
@@ -348,18 +348,17 @@ def test_bf16_on_a_cpu_learns_as_fp32_does(tmp_path, train_data, tiny_bert_confi
     assert late["compiled"] == pytest.approx(late["fp32"], abs=0.03)
 
 
-def test_batches_are_packed_by_default_on_a_cpu_in_fp32_and_a_gpu_up_to_seq_128():
+def test_batches_are_packed_by_default_on_a_gpu_up_to_seq_128_and_padded_on_a_cpu():
     cfg = bare_config
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    fp32, bf16 = torch.float32, torch.bfloat16
-    assert train_module.use_packed(cfg(), cpu, 512, False, fp32)
-    assert not train_module.use_packed(cfg(), cpu, 128, False, bf16)  # AMX: padding is faster
-    assert train_module.use_packed(cfg(packed=True), cpu, 128, False, bf16)
-    assert train_module.use_packed(cfg(), cuda, 128, True, bf16)
-    assert not train_module.use_packed(cfg(), cuda, 129, True, bf16)
-    assert not train_module.use_packed(cfg(), cuda, 128, False, bf16)  # e.g. a T4, or fp32
-    assert not train_module.use_packed(cfg(packed=False), cpu, 64, False, fp32)
-    assert train_module.use_packed(cfg(packed=True), cuda, 512, False, bf16)
+    assert not train_module.use_packed(cfg(), cpu, 128, False)  # a new shape every step
+    assert not train_module.use_packed(cfg(), cpu, 128, True)
+    assert train_module.use_packed(cfg(packed=True), cpu, 128, False)
+    assert train_module.use_packed(cfg(), cuda, 128, True)
+    assert not train_module.use_packed(cfg(), cuda, 129, True)
+    assert not train_module.use_packed(cfg(), cuda, 128, False)  # e.g. a T4, or fp32
+    assert not train_module.use_packed(cfg(packed=False), cpu, 64, False)
+    assert train_module.use_packed(cfg(packed=True), cuda, 512, False)
     fits = train_module.flash_varlen_fits
     assert fits(torch.bfloat16, 64) and fits(torch.float16, 256)
     assert not fits(torch.float32, 64) and not fits(torch.bfloat16, 12)

@@ -343,12 +343,13 @@ class TrainConfig:
     packed: bool | None = None
     """Batches without padding: the loader packs each batch's real tokens back to back and
     attention runs per instance (flash varlen attention, with dropout, on CUDA). Exact.
-    Default: on a CPU in fp32, where it measured up to 9% faster (BERT-small; within 4% for
-    tiny and mini; in bf16 on a CPU with AMX 8-17% slower, so padded there), and up to
-    max_seq_length 128 on a GPU that runs flash varlen attention (compute capability 8.0+,
-    bf16/fp16): 2-4% faster there on an H200, 14% slower at 512, where cuDNN's padded
-    attention is faster (bench/RESULTS.md).
-    --no-packed pads every batch."""
+    Default: up to max_seq_length 128 on a GPU that runs flash varlen attention (compute
+    capability 8.0+, bf16/fp16): 2-4% faster there on an H200, 14% slower at 512, where
+    cuDNN's padded attention is faster. Not on a CPU: a packed batch's token count differs
+    every step, and a CPU pays for each new shape (new pages for the step's tensors; in bf16
+    a new oneDNN kernel per matrix shape), so over a long run padded batches were the faster,
+    1.08-1.20x for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16
+    (bench/RESULTS.md). --no-packed pads every batch."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

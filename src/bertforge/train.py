@@ -220,7 +220,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     varlen = flash_varlen_available(d.device) and flash_varlen_fits(
         precision, bert.hidden_size // bert.num_attention_heads
     )
-    packed = use_packed(cfg, d.device, info.max_seq_length, varlen, precision)
+    packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -1293,20 +1293,19 @@ def use_packed(
     device: torch.device,
     max_seq_length: int,
     varlen: bool,
-    precision: torch.dtype,
 ) -> bool:
-    """--packed / --no-packed, or by default on a CPU in fp32 (packed batches measured up to
-    9% faster there, BERT-small at seq 128; within 4% for tiny and mini) and on a GPU up to
-    PACKED_MAX_SEQ_ON_GPU where the flash varlen kernel runs (`varlen`: compute capability 8.0
-    or newer, bf16/fp16, a head size it takes). Elsewhere packed attention scatters each
-    layer's tokens into a padded batch and back: on a GPU without the kernel, and on a CPU in
-    bf16 (AMX), whose faster matmuls leave that copying the larger cost (8-17% slower than
-    padding there, bench/RESULTS.md, session 21)."""
+    """--packed / --no-packed, or by default on a GPU up to PACKED_MAX_SEQ_ON_GPU where the
+    flash varlen kernel runs (`varlen`: compute capability 8.0 or newer, bf16/fp16, a head
+    size it takes). Elsewhere packed attention scatters each layer's tokens into a padded
+    batch and back: on a GPU without the kernel, and on a CPU, where moreover every step's
+    token count is a new shape: fresh pages for the step's tensors (thousands of page faults
+    a step) and, in bf16, a new oneDNN matmul kernel per shape (its cache of 1,024 overflows).
+    Measured over 40-100 warm-up steps (bench/RESULTS.md, session 24), padded batches were
+    1.08-1.20x faster for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16 (the
+    short runs of sessions 7 and 21 had packed up to 9% ahead in fp32)."""
     if cfg.packed is not None:
         return cfg.packed
-    if device.type == "cpu":
-        return precision == torch.float32
-    return varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
+    return device.type == "cuda" and varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
 
 
 def cpu_has_amx() -> bool:
