@@ -60,7 +60,7 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
         assert state[stage]["done"] and (out / sub / "manifest.json").is_file()
     report = (out / "report.md").read_text()
     assert "masked LM accuracy" in report and "unigram baseline" in report
-    assert "fp32 on cpu x 1, packed batches\n" in report  # a CPU: packed, not compiled
+    assert "fp32 on cpu x 1\n" in report  # a CPU: padded batches, not compiled
     assert f"Corpus: {kjv_corpus.resolve()}  \n" in report
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     assert (out / "plots" / "accuracy.png").stat().st_size > 1000

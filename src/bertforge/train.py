@@ -1302,7 +1302,7 @@ def use_packed(
     a step) and, in bf16, a new oneDNN matmul kernel per shape (its cache of 1,024 overflows).
     Measured over 40-100 warm-up steps (bench/RESULTS.md, session 24), padded batches were
     1.08-1.20x faster for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16 (the
-    short runs of sessions 7 and 21 had packed up to 9% ahead in fp32)."""
+    short runs of sessions 13 and 21 had packed up to 9% ahead in fp32)."""
     if cfg.packed is not None:
         return cfg.packed
     return device.type == "cuda" and varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
