@@ -433,13 +433,14 @@ def test_a_toml_file_drives_the_run(tmp_path, kjv_corpus):
         f'[run]\noutput = "{out}"\n\n[vocab]\nvocab_size = 1500\ndo_lower_case = false\n\n'
         "[data]\nmax_seq_length = 64\nmax_predictions_per_seq = 10\nworkers = 1\n\n"
         '[train]\nmodel_size = "tiny"\ntrain_batch_size = 8\nnum_train_steps = 3\n'
-        'eval_records = 20\n\n[export]\nformat = "google"\n'
+        'eval_records = 20\npacked = true\n\n[export]\nformat = "google"\n'
     )
     # Flags override the file: 4 steps, not 3.
     assert main(["run", str(kjv_corpus), "--config", str(recipe), "--num-train-steps", "4",
                  "--no-progress"]) == 0  # fmt: skip
     assert json.loads((out / "train" / "manifest.json").read_text())["counts"]["steps"] == 4
     assert (out / "model" / "bert_config.json").is_file()  # [export] format = "google"
+    assert ", packed batches\n" in (out / "report.md").read_text()  # [train] packed = true
     assert (
         json.loads((out / "vocab" / "manifest.json").read_text())["config"]["do_lower_case"]
         is False
