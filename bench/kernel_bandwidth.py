@@ -67,7 +67,9 @@ def summarize(
     total_ms = sum(k[1] for k in kernels.values())
     total_gb = sum(k[2] for k in kernels.values())
     bound_ms = total_gb / limit_gbps * 1e3
-    rows = sorted(kernels.items(), key=lambda kv: -(kv[1][1] - kv[1][2] / limit_gbps * 1e3))
+    # each kernel's time beyond what its bytes take at the limit
+    lost = {name: ms - gb / limit_gbps * 1e3 for name, (_, ms, gb) in kernels.items()}
+    rows = sorted(kernels.items(), key=lambda kv: -lost[kv[0]])
     return {
         "graphs": len(graphs),
         "kernels": len(kernels),
@@ -84,7 +86,7 @@ def summarize(
                 "ms": round(ms, 3),
                 "gb": round(gb, 3),
                 "gbps": round(gb / ms * 1e3, 1) if ms else None,
-                "ms_lost": round(ms - gb / limit_gbps * 1e3, 3),
+                "ms_lost": round(lost[name], 3),
             }
             for name, (calls, ms, gb) in rows[:top]
         ],

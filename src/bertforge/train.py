@@ -1301,8 +1301,8 @@ def use_packed(
     token count is a new shape: fresh pages for the step's tensors (thousands of page faults
     a step) and, in bf16, a new oneDNN matmul kernel per shape (its cache of 1,024 overflows).
     Measured over 40-100 warm-up steps (bench/RESULTS.md, session 24), padded batches were
-    1.08-1.20x faster for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16 (the
-    short runs of sessions 13 and 21 had packed up to 9% ahead in fp32)."""
+    1.08-1.20x faster for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16
+    (session 13's runs, 3 warm-up steps each, had packed up to 9% ahead in fp32)."""
     if cfg.packed is not None:
         return cfg.packed
     return device.type == "cuda" and varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
