@@ -22,9 +22,12 @@
 #   regions   padded, the layers as one compile region and as the whole graph, interleaved
 #   profile   where one step's device time goes (padded and packed, no peer), and the host's
 #             launches and blocking calls per step (synchronize, item, memcpy, allocations)
-#   dropout   packed, no peer: dropout 0.1 from bertforge's 15-bit draws against torch's
-#             dropout (inductor's random number per element), interleaved, with a profile of
-#             each (kernels by kind); then dropout 0: what dropout's random numbers cost
+#   elementwise  packed, no peer, each with a profile (kernels by kind): dropout 0.1 from
+#             bertforge's 15-bit draws against torch's dropout (inductor's random number per
+#             element), interleaved; dropout 0; dropout 0 with relu for GELU (the floor of the
+#             fused elementwise time without random numbers or erf); GELU's tanh form (Google's
+#             TF code's): what dropout's random numbers and GELU's arithmetic cost, the part of
+#             the elementwise time that custom kernels could not win by moving fewer bytes
 #   malloc    base128 packed, no peer, in two processes: glibc malloc left at its defaults (as
 #             `bertforge train` leaves it on a GPU) and set to keep freed memory (as it sets
 #             it on a CPU, where the demo's step ran 1.4x faster): whether the host's page
@@ -37,10 +40,11 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540): tests, base128 (with --profile 3), graphs, bandwidth,
-# cppwrap, dropout, malloc, autotune; it prints how long each took. The two that may win
+# cppwrap, elementwise, malloc, autotune; it prints how long each took. The two that may win
 # time outright come first (graphs and cppwrap: the packed step's 6% host gap), with
-# bandwidth (what custom kernels could win) between them; dropout (at most 2%, by
-# instruction counts), malloc and autotune (never finished in time) get what is left. On an
+# bandwidth (what custom kernels could win) between them; elementwise (what random numbers
+# and GELU's arithmetic cost: dropout's at most 2%, by instruction counts), malloc and
+# autotune (never finished in time) get what is left. On an
 # H200 (2026-12-04) tests took about 110 s, base128 + large + base512 about 300 s together;
 # autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
@@ -55,7 +59,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:170 base128:150 graphs:180 bandwidth:150 cppwrap:150 dropout:150 \
+  for spec in tests:170 base128:150 graphs:180 bandwidth:150 cppwrap:150 elementwise:180 \
     malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
@@ -71,7 +75,7 @@ if [ "$stage" = all ]; then
 fi
 case "$stage" in
   tests | base128 | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions \
-    | profile | dropout | malloc | base512 | large | smoke) ;;
+    | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
@@ -116,11 +120,12 @@ base=(--model-size base --seq-len 128 --batch-size 256)
     eager) "${bench[@]}" "${base[@]}" --layouts padded,packed --compile both --skip-peer "$@" ;;
     regions) "${bench[@]}" "${base[@]}" --whole-graph both --skip-peer "$@" ;;
     profile) "${bench[@]}" "${base[@]}" --layouts padded,packed --skip-peer --profile 3 "$@" ;;
-    dropout)
-      for flags in "--dropout 0.1 --compiled-dropout both --profile 2" "--dropout 0"; do
+    elementwise)
+      for flags in "--dropout 0.1 --compiled-dropout both" "--dropout 0" \
+        "--dropout 0 --hidden-act relu" "--hidden-act gelu_new"; do
         echo "== $flags"
         # shellcheck disable=SC2086  # flags is a word list
-        "${bench[@]}" "${base[@]}" --layouts packed --skip-peer $flags "$@"
+        "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --profile 2 $flags "$@"
       done ;;
     malloc)
       for m in default tuned; do

@@ -21,6 +21,7 @@ device's dense bf16/fp16 peak (`train.PEAK_HALF_FLOPS`: 989 TFLOP/s for an H100 
         --layouts padded,packed
     python bench/train_throughput.py --compile both   # compiled and eager, interleaved
     python bench/train_throughput.py --compile --compiled-dropout both   # dropout's draws
+    python bench/train_throughput.py --compile --dropout 0 --hidden-act relu   # their floor
 
 The last line printed is a JSON object with the figures: the fastest layout's as
 bertforge_tokens_per_s / ratio / mfu, each layout's under "layouts".
@@ -45,7 +46,7 @@ from bertforge.config import TrainConfig
 from bertforge.distributed import Dist
 from bertforge.malloc import keep_freed_memory
 from bertforge.masking import MaskSpec
-from bertforge.model import BertConfig, BertForPretraining, Dropout
+from bertforge.model import ACTIVATIONS, BertConfig, BertForPretraining, Dropout
 from bertforge.shards import record_dtype, write_shard
 from bertforge.train import (
     READ_EVERY,
@@ -260,6 +261,13 @@ def main() -> None:
         help="hidden and attention dropout of every side (BERT's 0.1; 0 shows what it costs)",
     )
     ap.add_argument(
+        "--hidden-act",
+        choices=list(ACTIVATIONS),
+        default="gelu",
+        help="the feed-forward activation of every side (BERT's gelu, erf form; gelu_new is the "
+        "tanh form Google's TF code computes, relu the cheapest: what GELU's arithmetic costs)",
+    )
+    ap.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
@@ -331,6 +339,7 @@ def main() -> None:
         VOCAB,
         hidden_dropout_prob=args.dropout,
         attention_probs_dropout_prob=args.dropout,
+        hidden_act=args.hidden_act,
         max_position_embeddings=max(512, seq),
     )
     d = Dist(0, 1, 0, device)
@@ -501,6 +510,7 @@ def main() -> None:
         "graphs": args.graphs,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,
+        "hidden_act": args.hidden_act,
         "malloc": malloc,
         "bertforge_layout": best,
         "bertforge_tokens_per_s": head["tokens_per_s"],
