@@ -1,11 +1,12 @@
 """What the benchmarks share: running a command while measuring it, running bertforge in
-process, and the English corpus."""
+process, the English corpus, and reading a GPU kernel's SASS."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -122,3 +123,20 @@ def pretrain_general(args: argparse.Namespace, work: Path) -> None:
               "--model-size", args.model_size, "--train-batch-size", str(args.batch_size),
               "--num-train-steps", str(args.base_steps), "--learning-rate", "1e-3",
               "--eval-every", str(args.base_steps), QUIET)  # fmt: skip
+
+
+def sass_opcodes(cubin: bytes, workdir: Path) -> list[str]:
+    """A compiled kernel's SASS opcodes, with cuobjdump from Triton's wheel: every instruction
+    but the NOPs, branches and the exit (what a thread issues on its straight path)."""
+    import triton
+
+    path = workdir / "kernel.cubin"
+    path.write_bytes(cubin)
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True).stdout
+    ops = []
+    for line in text.splitlines():
+        found = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
+        if found and found.group(2).split(".")[0] not in ("NOP", "BRA", "EXIT"):
+            ops.append(found.group(2))
+    return ops

@@ -19,14 +19,13 @@ the memory traffic the words add is not counted. bench/RESULTS.md turns it into 
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
 
 import triton
 import triton.language as tl
+from common import sass_opcodes
 from triton.backends.compiler import GPUTarget
 
 BLOCK = 1024
@@ -71,28 +70,19 @@ SIGNATURES = {
 }
 
 
-def sass(fn: object, signature: str, workdir: Path, name: str) -> list[str]:
+def sass(fn: object, signature: str, workdir: Path) -> list[str]:
     """The kernel's SASS opcodes for sm_90, without NOPs, branches and the exit."""
     sig = dict(pair.split(":") for pair in signature.split())
     sig["BLOCK"] = "constexpr"
     source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": BLOCK})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
-    cubin = workdir / f"{name}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    text = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    ops = []
-    for line in text.splitlines():
-        found = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
-        if found and found.group(2).split(".")[0] not in ("NOP", "BRA", "EXIT"):
-            ops.append(found.group(2))
-    return ops
+    return sass_opcodes(kernel.asm["cubin"], workdir)
 
 
 def main() -> None:
     per_thread = BLOCK / (WARPS * 32)  # elements (words in `words`) each thread handles
     with tempfile.TemporaryDirectory() as tmp:
-        ops = {name: sass(fn, sig, Path(tmp), name) for name, (fn, sig) in SIGNATURES.items()}
+        ops = {name: sass(fn, sig, Path(tmp)) for name, (fn, sig) in SIGNATURES.items()}
     each = {name: len(found) / per_thread for name, found in ops.items()}
     each["words"] /= 4  # four elements a word
     for name, found in ops.items():

@@ -19,7 +19,10 @@
 #   autotune  base128 with inductor's max-autotune-no-cudagraphs (epilogue fusion)
 #   tuning    base128 with inductor's coordinate-descent tuning of its own kernels
 #   eager     padded and packed, compiled and eager, interleaved (no peer): what compiling gains
-#   regions   padded, the layers as one compile region and as the whole graph, interleaved
+#   regions   packed, no peer, the layers as one nested compile region (the trainer's
+#             default) and every layer in the step's graph, interleaved: on a CPU
+#             (bench/kernel_census.py) inductor's kernels move 7% fewer bytes in the whole
+#             graph, where LayerNorm's backward fuses its two reductions and not in a region
 #   profile   where one step's device time goes (padded and packed, no peer), and the host's
 #             launches and blocking calls per step (synchronize, item, memcpy, allocations)
 #   elementwise  packed, no peer, each with a profile (kernels by kind): dropout 0.1 from
@@ -39,11 +42,12 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): tests, base128 (with --profile 3), graphs, bandwidth,
-# cppwrap, elementwise, malloc, autotune; it prints how long each took. The two that may win
-# time outright come first (graphs and cppwrap: the packed step's 6% host gap), with
-# bandwidth (what custom kernels could win) between them; elementwise (what random numbers
-# and GELU's arithmetic cost: dropout's at most 2%, by instruction counts), malloc and
+# all within SECONDS (default 540): tests, base128 (with --profile 3), regions, graphs,
+# bandwidth, cppwrap, elementwise, malloc, autotune; it prints how long each took. The three
+# that may win time outright come first (regions: a default to switch at once if the whole
+# graph is faster; graphs and cppwrap: the packed step's 6% host gap), with bandwidth (what
+# custom kernels could win) between them; elementwise (what random numbers and GELU's
+# arithmetic cost: bench/kernel_census.py puts it at about 2 ms of the step), malloc and
 # autotune (never finished in time) get what is left. On an
 # H200 (2026-12-04) tests took about 110 s, base128 + large + base512 about 300 s together;
 # autotune did not finish in 130 s.
@@ -59,8 +63,8 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:170 base128:150 graphs:180 bandwidth:150 cppwrap:150 elementwise:180 \
-    malloc:150 autotune:600; do
+  for spec in tests:170 base128:150 regions:150 graphs:180 bandwidth:150 cppwrap:150 \
+    elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -118,7 +122,7 @@ base=(--model-size base --seq-len 128 --batch-size 256)
       "${bench[@]}" "${base[@]}" --layouts padded,packed \
         --inductor coordinate_descent_tuning=True "$@" ;;
     eager) "${bench[@]}" "${base[@]}" --layouts padded,packed --compile both --skip-peer "$@" ;;
-    regions) "${bench[@]}" "${base[@]}" --whole-graph both --skip-peer "$@" ;;
+    regions) "${bench[@]}" "${base[@]}" --layouts packed --whole-graph both --skip-peer "$@" ;;
     profile) "${bench[@]}" "${base[@]}" --layouts padded,packed --skip-peer --profile 3 "$@" ;;
     elementwise)
       for flags in "--dropout 0.1 --compiled-dropout both" "--dropout 0" \

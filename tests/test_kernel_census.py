@@ -1,0 +1,85 @@
+"""bench/kernel_census.py's bookkeeping: what it reads from the kernels inductor generates and
+how it turns bytes and instructions into a floor. (Generating and compiling the kernels needs
+Triton, which the test environment does not have; the GPU round's bandwidth stage measures
+what this estimates.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# A persistent reduction as inductor writes it (trimmed): its triton_meta signature, where a
+# parameter it specialized (load_seed_offset) is a constexpr that the wrapper still passes.
+SOURCE = """
+@triton_heuristics.persistent_reduction(
+    size_hints={'x': 32768, 'r0_': 1024},
+    triton_meta={'signature': {'in_ptr0': '*i64', 'in_ptr1': '*bf16', 'out_ptr1': '*i1', \
+'load_seed_offset': 'constexpr', 'xnumel': 'i32', 'r0_numel': 'i32', 'XBLOCK': 'constexpr'}, \
+'device': DeviceProperties(type='cpu', index=None), 'constants': {}},
+    inductor_meta={'grid_type': 'Grid1D', 'kernel_name': 'triton_per_fused_native_dropout_6', \
+'kernel_num_gb': 0.161226752, 'backend_hash': 'census'},
+)
+@triton.jit
+def triton_per_fused_native_dropout_6(in_ptr0, in_ptr1, out_ptr1, load_seed_offset, xnumel, \
+r0_numel, XBLOCK : tl.constexpr):
+    r0_numel = 768
+"""
+
+
+@pytest.fixture(scope="module")
+def census():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("kernel_census", BENCH / "kernel_census.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernel_census"] = module  # its dataclass looks itself up there
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("kernel_census", None)
+        sys.path.remove(str(BENCH))
+
+
+def test_a_call_is_read_against_the_kernels_signature(census) -> None:
+    k = census.Kernel("triton_per_fused_native_dropout_6", SOURCE)
+    assert k.kind == "per"
+    assert k.gb == pytest.approx(0.161226752)
+    ids, x, mask = (
+        torch.zeros(2, dtype=torch.long),
+        torch.zeros(8),
+        torch.zeros(8, dtype=torch.bool),
+    )
+    # the wrapper passes every parameter but XBLOCK, the specialized seed offset included
+    census.Capture(k).run(ids, x, mask, 1, 29976, 768, stream=0)
+    assert k.calls == [{"xnumel": 29976, "r0_numel": 768}]
+    assert census.Kernel.elements(k.calls[0]) == 29976 * 768
+
+
+def test_the_floor_is_the_slower_of_bytes_and_instructions(census) -> None:
+    # 4.8 GB at 4,800 GB/s: 1 ms; 16.7e9 instructions at 33.4 T/s: 0.5 ms
+    est = census.floor_ms(4.8, 16.7e9, 4800.0, 33.4)
+    assert est["memory_ms"] == pytest.approx(1.0)
+    assert est["instructions_ms"] == pytest.approx(0.5)
+    assert (est["floor_ms"], est["bound"]) == (pytest.approx(1.0), "memory")
+    est = census.floor_ms(4.8, 66.8e9, 4800.0, 33.4)
+    assert (est["floor_ms"], est["bound"]) == (pytest.approx(2.0), "instructions")
+    est = census.floor_ms(4.8, None, 4800.0, 33.4)  # a looped reduction: bytes only
+    assert (est["instructions_ms"], est["floor_ms"], est["bound"]) == (None, 1.0, "memory")
+
+
+def test_inductor_is_left_as_it_was(census) -> None:
+    import torch._inductor.config as inductor
+    from torch._inductor.async_compile import AsyncCompile
+
+    before = (inductor.cpu_backend, inductor.benchmark_kernel, AsyncCompile.triton)
+    with pytest.raises(RuntimeError), census.captured_kernels():
+        assert inductor.cpu_backend == "triton"
+        raise RuntimeError("a failed step")
+    assert (inductor.cpu_backend, inductor.benchmark_kernel, AsyncCompile.triton) == before
