@@ -42,13 +42,14 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): tests, base128 (with --profile 3), regions, graphs,
-# bandwidth, cppwrap, elementwise, malloc, autotune; it prints how long each took. The three
-# that may win time outright come first (regions: a default to switch at once if the whole
-# graph is faster; graphs and cppwrap: the packed step's 6% host gap), with bandwidth (what
-# custom kernels could win) between them; elementwise (what random numbers and GELU's
-# arithmetic cost: bench/kernel_census.py puts it at about 2 ms of the step), malloc and
-# autotune (never finished in time) get what is left. On an
+# all within SECONDS (default 540): base128 (with --profile 3), regions, cppwrap, graphs,
+# tests, bandwidth, elementwise, malloc, autotune; it prints how long each took. The headline
+# first, then the three that may win time outright (regions: every layer in one graph,
+# whose LayerNorm backward moves 7% fewer bytes by bench/kernel_census.py, a default to
+# switch at once; cppwrap, which needs that whole graph too, and graphs: the packed step's 6%
+# host gap), then the CUDA tests, bandwidth (what custom kernels could win),
+# elementwise (what random numbers and GELU's arithmetic cost: bench/kernel_census.py puts it
+# at about 2 ms of the step), malloc and autotune (never finished in time). On an
 # H200 (2026-12-04) tests took about 110 s, base128 + large + base512 about 300 s together;
 # autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
@@ -63,7 +64,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in tests:170 base128:150 regions:150 graphs:180 bandwidth:150 cppwrap:150 \
+  for spec in base128:150 regions:150 cppwrap:150 graphs:180 tests:170 bandwidth:150 \
     elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
