@@ -3,9 +3,10 @@ PY ?= python3
 VENV := .venv
 REF := .venv-ref
 HF4 := .venv-hf4
+CENSUS := .venv-census
 BIN := $(VENV)/bin
 
-.PHONY: demo test envs lint format bench-vocab bench-data bench-train clean
+.PHONY: demo test envs lint format bench-vocab bench-data bench-train bench-census clean
 
 # The CPU build of torch is installed first: a bare `torch` requirement would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +29,14 @@ $(HF4)/.installed:
 	$(HF4)/bin/pip install -q --upgrade pip
 	$(HF4)/bin/pip install -q torch==2.13.0
 	$(HF4)/bin/pip install -q flair==0.15.1 'transformers>=4.40,<5'
+	touch $@
+
+# Triton beside the CPU build of torch, for bench/kernel_census.py only (no GPU needed).
+$(CENSUS)/.installed: pyproject.toml
+	$(PY) -m venv $(CENSUS)
+	$(CENSUS)/bin/pip install -q --upgrade pip
+	$(CENSUS)/bin/pip install -q torch==2.13.0 triton==3.9.0
+	$(CENSUS)/bin/pip install -q -e .
 	touch $@
 
 demo: $(VENV)/.installed
@@ -58,7 +67,10 @@ bench-data: $(VENV)/.installed $(REF)/.installed
 
 bench-train: $(VENV)/.installed
 	$(BIN)/python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
+
+bench-census: $(CENSUS)/.installed
+	$(CENSUS)/bin/python bench/kernel_census.py
 	$(BIN)/python bench/train_throughput.py --model-size small --seq-len 128 --batch-size 32 --device cpu
 
 clean:
-	rm -rf $(VENV) $(REF) $(HF4) demo-output .pytest_cache
+	rm -rf $(VENV) $(REF) $(HF4) $(CENSUS) demo-output .pytest_cache

@@ -2,8 +2,8 @@
 bytes each moves, the SASS instructions each executes per element on sm_90 (H100, H200), and
 from the two a floor on each kernel's time there.
 
-    pip install triton   # beside the CPU build of torch, in the bench's environment only
-    python bench/kernel_census.py --model-size base --batch-size 256 --layout packed
+    make bench-census   # .venv-census: torch 2.13.0 (CPU) with Triton 3.9.0, then the default run
+    .venv-census/bin/python bench/kernel_census.py --layout padded --bandwidth-gbps 3350
 
 Why: on the GPU, inductor's fused elementwise kernels took 13.9 ms of BERT-base's 44.7 ms
 packed step (H200) and about as long on an H100, which has 30% less memory bandwidth: so they
