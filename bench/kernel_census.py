@@ -50,13 +50,13 @@ from typing import Any
 import numpy as np
 import torch
 from common import sass_opcodes
-from train_throughput import VOCAB, synthetic_shard
+from train_throughput import VOCAB, bench_config, predictions, synthetic_shard
 
 from bertforge import model as bert_model
 from bertforge import train
 from bertforge.batches import Order, PretrainingData, step_rows
 from bertforge.masking import MaskSpec
-from bertforge.model import BertConfig, BertForPretraining, Dropout
+from bertforge.model import BertForPretraining, Dropout
 from bertforge.train import Objective, model_batch, objective_args
 
 POINTWISE = {"XBLOCK": 1024}, 4
@@ -199,16 +199,8 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     packed = args.layout == "packed"
     attention_as_on_cuda(packed)
     seq, batch = args.seq_len, args.batch_size
-    p = max(1, round(seq * 0.15))
-    c = BertConfig.preset(
-        args.model_size,
-        VOCAB,
-        hidden_act=args.hidden_act,
-        hidden_dropout_prob=args.dropout,
-        attention_probs_dropout_prob=args.dropout,
-        max_position_embeddings=max(512, seq),
-    )
-    model = BertForPretraining(c)
+    p = predictions(seq)
+    model = BertForPretraining(bench_config(args))
     model.compile_regions = not args.whole_graph
     for m in model.modules():
         if isinstance(m, Dropout):

@@ -81,6 +81,23 @@ def synthetic_shard(path: Path, n: int, seq: int, p: int, rng: np.random.Generat
         write_shard(f, rec, {"max_seq_length": seq, "max_predictions_per_seq": p})
 
 
+def predictions(seq: int) -> int:
+    """max_predictions_per_seq of the synthetic data: 15% of the length, as Google's scripts."""
+    return max(1, round(seq * 0.15))
+
+
+def bench_config(args: argparse.Namespace) -> BertConfig:
+    """The benchmarked model: the preset at VOCAB with the run's dropout and activation."""
+    return BertConfig.preset(
+        args.model_size,
+        VOCAB,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
+        hidden_act=args.hidden_act,
+        max_position_embeddings=max(512, args.seq_len),
+    )
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -333,15 +350,8 @@ def main() -> None:
         return autocast_to(precision_of[mark_of(side)], device)
 
     seq, batch = args.seq_len, args.batch_size
-    p = max(1, round(seq * 0.15))
-    c = BertConfig.preset(
-        args.model_size,
-        VOCAB,
-        hidden_dropout_prob=args.dropout,
-        attention_probs_dropout_prob=args.dropout,
-        hidden_act=args.hidden_act,
-        max_position_embeddings=max(512, seq),
-    )
+    p = predictions(seq)
+    c = bench_config(args)
     d = Dist(0, 1, 0, device)
     rng = np.random.default_rng(0)
 
