@@ -70,10 +70,10 @@ class Kernel:
     calls: list[dict[str, int]] = field(default_factory=list)  # each call's xnumel, r0_numel...
 
     @property
-    def gb(self) -> float:
-        """Inductor's count of the bytes one call moves, in GB."""
+    def gb(self) -> float | None:
+        """Inductor's count of the bytes one call moves, in GB (None where it made none)."""
         found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", self.source)
-        return float(found.group(1)) if found else float("nan")
+        return float(found.group(1)) if found else None
 
     @property
     def signature(self) -> dict[str, str]:
@@ -301,9 +301,12 @@ def main() -> None:
     args = ap.parse_args()
 
     kernels, tokens = run_step(args)
+    uncounted = [k.name for k in kernels if k.gb is None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in kernels:
+            if k.gb is None:
+                continue
             per_element = instructions_per_element(k, Path(tmp))
             gb = k.gb * len(k.calls)
             elements = sum(k.elements(ints) for ints in k.calls)
@@ -325,6 +328,8 @@ def main() -> None:
         f"{total['memory_ms']:.2f} ms at {args.bandwidth_gbps:,.0f} GB/s; floor with "
         f"instructions {total['floor_ms']:.2f} ms (+{excess:.2f} ms where instructions bound)"
     )
+    if uncounted:
+        print(f"left out, inductor counted no bytes for them: {', '.join(uncounted)}")
     print(f"{'floor ms':>9} {'memory':>7} {'instr':>7} {'GB':>7} {'SASS/el':>7} calls  kernel")
     for r in rows[: args.top]:
         per_element = r["instructions_per_element"]
@@ -339,7 +344,7 @@ def main() -> None:
         "layout": args.layout, "dropout": args.dropout, "draws": args.draws,
         "hidden_act": args.hidden_act, "whole_graph": args.whole_graph,
         "tokens": tokens, "torch": torch.__version__, "bandwidth_gbps": args.bandwidth_gbps,
-        "issue_tops": args.issue_tops, "gb": round(total["gb"], 3),
+        "issue_tops": args.issue_tops, "gb": round(total["gb"], 3), "uncounted": uncounted,
         "memory_ms": round(total["memory_ms"], 3), "floor_ms": round(total["floor_ms"], 3),
         "kernels": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                     for r in rows],

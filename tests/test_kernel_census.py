@@ -60,6 +60,7 @@ def test_a_call_is_read_against_the_kernels_signature(census) -> None:
     census.Capture(k).run(ids, x, mask, 1, 29976, 768, stream=0)
     assert k.calls == [{"xnumel": 29976, "r0_numel": 768}]
     assert census.Kernel.elements(k.calls[0]) == 29976 * 768
+    assert census.Kernel("x", SOURCE.replace("'kernel_num_gb'", "'other'")).gb is None
 
 
 def test_the_floor_is_the_slower_of_bytes_and_instructions(census) -> None:
