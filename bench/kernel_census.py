@@ -29,7 +29,9 @@ counted here, nor the matmuls', nor the optimizer's. For each kernel call of one
 An estimate, not a measurement: on the GPU inductor autotunes among several configs, sizes its
 split reductions by the SM count, and a static count ignores that some instructions issue at
 half or quarter rate (IMAD.HI, MUFU) and that a kernel of a few microseconds loses its launch
-and tail. Written against torch 2.13's inductor (three of its internals are patched here).
+and tail. Written against torch 2.13's inductor (three of its internals are patched here); under
+2.11 (the device machine's) it runs too, but mix-order reductions stay out (2.11 checks for a
+CUDA device inline).
 Last line: one JSON object.
 """
 
@@ -132,9 +134,12 @@ def captured_kernels() -> Iterator[list[Kernel]]:
         (inductor, "cpu_backend", "triton"),
         (inductor, "benchmark_kernel", True),  # kernel_num_gb in each kernel's metadata
         (triton_utils, "triton_hash_with_backend", lambda: "census"),
-        (scheduler, "_is_gpu_triton_backend", lambda a, b: True),  # mix-order reductions
         (AsyncCompile, "triton", capture),
     ]
+    if hasattr(scheduler, "_is_gpu_triton_backend"):  # torch 2.12 on: mix-order reductions
+        patches.append((scheduler, "_is_gpu_triton_backend", lambda a, b: True))
+    else:
+        print("kernel_census: this torch's inductor keeps mix-order reductions to CUDA; left out")
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         for obj, name, value in patches:
