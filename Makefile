@@ -67,10 +67,10 @@ bench-data: $(VENV)/.installed $(REF)/.installed
 
 bench-train: $(VENV)/.installed
 	$(BIN)/python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
+	$(BIN)/python bench/train_throughput.py --model-size small --seq-len 128 --batch-size 32 --device cpu
 
 bench-census: $(CENSUS)/.installed
 	$(CENSUS)/bin/python bench/kernel_census.py
-	$(BIN)/python bench/train_throughput.py --model-size small --seq-len 128 --batch-size 32 --device cpu
 
 clean:
 	rm -rf $(VENV) $(REF) $(HF4) $(CENSUS) demo-output .pytest_cache

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import importlib.util
 import json
 import re
@@ -77,7 +78,7 @@ class Kernel:
         found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", self.source)
         return float(found.group(1)) if found else None
 
-    @property
+    @functools.cached_property
     def signature(self) -> dict[str, str]:
         """The kernel's parameters and their Triton types, from inductor's triton_meta."""
         found = re.search(r"'signature': (\{[^}]*\})", self.source)
