@@ -31,25 +31,27 @@ $(HF4)/.installed:
 	$(HF4)/bin/pip install -q flair==0.15.1 'transformers>=4.40,<5'
 	touch $@
 
-# Triton beside the CPU build of torch, for bench/kernel_census.py only (no GPU needed).
+# Triton beside the CPU build of torch (no GPU needed): bench/kernel_census.py, and the tests
+# of bertforge's Triton kernels (tests/kernels, under Triton's interpreter).
 $(CENSUS)/.installed: pyproject.toml
 	$(PY) -m venv $(CENSUS)
 	$(CENSUS)/bin/pip install -q --upgrade pip
 	$(CENSUS)/bin/pip install -q torch==2.13.0 triton==3.9.0
-	$(CENSUS)/bin/pip install -q -e .
+	$(CENSUS)/bin/pip install -q -e . 'pytest>=7'
 	touch $@
 
 demo: $(VENV)/.installed
 	$(BIN)/bertforge demo --output demo-output
 
-# The three environments install side by side (about 130 s on 2 cores, against 210 s in turn).
+# The four environments install side by side.
 envs:
-	$(MAKE) -j3 $(VENV)/.installed $(REF)/.installed $(HF4)/.installed
+	$(MAKE) -j4 $(VENV)/.installed $(REF)/.installed $(HF4)/.installed $(CENSUS)/.installed
 
 test: envs
 	$(BIN)/ruff check src tests bench
 	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python \
-	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python $(BIN)/python -m pytest -q
+	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python \
+	BERTFORGE_TRITON_PYTHON=$(abspath $(CENSUS))/bin/python $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench

@@ -4,8 +4,11 @@
 #   bash bench/gpu_round.sh STAGE [extra bench/train_throughput.py flags]
 #
 # Stages, in the order to run them:
-#   tests     tests/test_cuda.py, test_ops.py and test_model.py on the GPU;
-#             bench/optimizer_update.py
+#   tests     tests/test_cuda.py, test_ops.py, test_model.py and tests/kernels (the fused
+#             Triton kernels against float64 torch) on the GPU; bench/optimizer_update.py
+#   fusednorm packed, no peer, with and without --fused-norm (kernels.py: each layer's bias +
+#             dropout + residual + LayerNorm one Triton kernel each way), interleaved, each
+#             with a profile: whether it beats inductor's fusion (then the trainer's default)
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   bandwidth packed, no peer, every layer in one graph: inductor times each of its own
 #             (Triton) kernels once and counts the bytes it moves; bench/kernel_bandwidth.py
@@ -42,14 +45,16 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): base128 (with --profile 3), regions, cppwrap, graphs,
-# tests, bandwidth, elementwise, malloc, autotune; it prints how long each took. The headline
-# first, then the three that may win time outright (regions: every layer in one graph,
-# whose LayerNorm backward moves 7% fewer bytes by bench/kernel_census.py, a default to
-# switch at once; cppwrap, which needs that whole graph too, and graphs: the packed step's 6%
-# host gap), then the CUDA tests, bandwidth (what custom kernels could win),
-# elementwise (what random numbers and GELU's arithmetic cost: bench/kernel_census.py puts it
-# at about 2 ms of the step), malloc and autotune (never finished in time). On an
+# all within SECONDS (default 540): base128 (with --profile 3), fusednorm, tests, regions,
+# cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each took.
+# The headline first, then the fused Triton kernels (fusednorm: their speed; tests: their
+# numbers on the GPU, only ever checked under Triton's CPU interpreter before), then the
+# three that may win time outright (regions: every layer in one graph, whose LayerNorm
+# backward moves 7% fewer bytes by bench/kernel_census.py, a default to switch at once;
+# cppwrap, which needs that whole graph too, and graphs: the packed step's 6% host gap),
+# bandwidth (what custom kernels could win), elementwise (what random numbers and GELU's
+# arithmetic cost: bench/kernel_census.py puts it at about 2 ms of the step), malloc and
+# autotune (never finished in time). On an
 # H200 (2026-12-04) tests took about 110 s, base128 + large + base512 about 300 s together;
 # autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
@@ -64,8 +69,8 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in base128:150 regions:150 cppwrap:150 graphs:180 tests:170 bandwidth:150 \
-    elementwise:180 malloc:150 autotune:600; do
+  for spec in base128:150 fusednorm:150 tests:170 regions:150 cppwrap:150 graphs:180 \
+    bandwidth:150 elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -79,7 +84,8 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | base128 | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions \
+  tests | base128 | fusednorm | bandwidth | graphs | cppwrap | autotune | tuning | eager \
+    | regions \
     | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
@@ -98,9 +104,13 @@ base=(--model-size base --seq-len 128 --batch-size 256)
   case "$stage" in
     tests)
       "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda.py \
-        tests/test_ops.py tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
+        tests/test_ops.py tests/test_model.py tests/kernels "$@" \
+        || echo "pytest: failures above (rc $?)"
       "$py" bench/optimizer_update.py --model-size base ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
+    fusednorm)
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm both --profile 1 \
+        "$@" ;;
     bandwidth)
       # every layer in one graph: a nested region's wrapper would restart the tally; no
       # benchmark harness: with an output file inductor would run each graph once more at

@@ -55,6 +55,7 @@ import torch
 from common import sass_opcodes
 from train_throughput import VOCAB, bench_config, predictions, synthetic_shard
 
+from bertforge import kernels as kernels_module
 from bertforge import model as bert_model
 from bertforge import train
 from bertforge.batches import Order, PretrainingData, step_rows
@@ -64,6 +65,11 @@ from bertforge.train import Objective, model_batch, objective_args
 
 POINTWISE = {"XBLOCK": 1024}, 4
 PERSISTENT_ROWS, PERSISTENT_WARPS = 8, 8
+# bertforge's own kernels (kernels.py): the rows x hidden tensors each reads and writes
+FUSED_NORM = {
+    "_forward_kernel": ("h_ptr", "res_ptr", "y_ptr", "zhat_ptr"),
+    "_backward_kernel": ("dy_ptr", "zhat_ptr", "dres_ptr", "dh_ptr"),
+}
 
 
 @dataclass
@@ -78,6 +84,35 @@ class Kernel:
         found = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", self.source)
         return float(found.group(1)) if found else None
 
+    @property
+    def fused_norm(self) -> bool:
+        """One of bertforge's own Triton kernels (`kernels.fused_norm`), which inductor calls as
+        written and counts no bytes for."""
+        return self.name in FUSED_NORM
+
+    @functools.cached_property
+    def constants(self) -> dict[str, Any]:
+        """The constexpr values inductor compiled a user-defined kernel with."""
+        found = re.search(r"'constants': (\{[^}]*\})", self.source)
+        return ast.literal_eval(found.group(1)) if found else {}
+
+    def total_gb(self) -> float | None:
+        """The bytes all calls of one step move, in GB: inductor's count per call times the
+        calls, or for bertforge's kernels the rows x hidden tensors each reads and writes (and
+        the per-row and per-program fp32 vectors)."""
+        if not self.fused_norm:
+            return None if self.gb is None else self.gb * len(self.calls)
+        sizes = {"bf16": 2, "fp16": 2, "fp32": 4}
+        per_element = sum(sizes[self.signature[name].lstrip("*")] for name in FUSED_NORM[self.name])
+        n = self.constants["n"]
+        total = 0
+        for call in self.calls:
+            t = call["t"]
+            total += t * n * per_element + 4 * t  # and the reciprocal deviations, fp32
+            if self.name == "_backward_kernel":  # one row of partial sums per program, x 3
+                total += call["programs"] * 3 * n * 4
+        return total / 1e9
+
     @functools.cached_property
     def signature(self) -> dict[str, str]:
         """The kernel's parameters and their Triton types, from inductor's triton_meta."""
@@ -91,14 +126,21 @@ class Kernel:
         return self.name.split("_")[1]
 
     def note_call(self, args: tuple[Any, ...]) -> None:
+        if self.fused_norm:  # its runtime parameters, then the grid (programs, 1, 1)
+            runtime = [name for name, kind in self.signature.items() if kind != "constexpr"]
+            t, programs = args[runtime.index("t")], args[len(runtime)]
+            self.calls.append({"t": t, "programs": programs})
+            return
         # the wrapper passes every parameter but the block sizes (inductor's configs set those)
         names = [name for name in self.signature if not name.endswith("BLOCK")]
         numels = {n: a for n, a in zip(names, args, strict=False) if n.endswith("numel")}
         self.calls.append(numels)
 
-    @staticmethod
-    def elements(numels: dict[str, int]) -> int:
-        """Elements a call works on: the product of its ranges (x, y; r0 of a reduction)."""
+    def elements(self, numels: dict[str, int]) -> int:
+        """Elements a call works on: the product of its ranges (x, y; r0 of a reduction);
+        rows x hidden for bertforge's kernels."""
+        if self.fused_norm:
+            return numels["t"] * self.constants["n"]
         return int(np.prod(list(numels.values())))
 
 
@@ -117,8 +159,19 @@ class Capture:
         return lambda *args, **kwargs: None
 
 
+class ToolchainOnly:
+    """Stands for Triton's CUDA driver where no GPU is: the sm_90 target to compile for, so that
+    inductor can read from a user-defined kernel's TTIR which tensors it writes (without it,
+    inductor assumes every tensor argument is written and copies each before the call)."""
+
+    def get_current_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
 @contextlib.contextmanager
-def captured_kernels() -> Iterator[list[Kernel]]:
+def captured_kernels(fused_norm: bool = False) -> Iterator[list[Kernel]]:
     """Inductor generating Triton kernels for a CPU, each captured instead of compiled."""
     import torch._inductor.config as inductor
     import torch._inductor.scheduler as scheduler
@@ -141,6 +194,10 @@ def captured_kernels() -> Iterator[list[Kernel]]:
         patches.append((scheduler, "_is_gpu_triton_backend", lambda a, b: True))
     else:
         print("kernel_census: this torch's inductor keeps mix-order reductions to CUDA; left out")
+    if fused_norm:  # user-defined kernels: inductor reads from their TTIR what they write
+        from triton.runtime import driver
+
+        patches.append((driver, "_active", ToolchainOnly()))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         for obj, name, value in patches:
@@ -208,6 +265,10 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     p = predictions(seq)
     model = BertForPretraining(bench_config(args))
     model.compile_regions = not args.whole_graph
+    if args.fused_norm:
+        kernels_module.usable = lambda x: True
+        for layer in model.layers:
+            layer.fused_norm = True
     for m in model.modules():
         if isinstance(m, Dropout):
             m.bits = args.draws  # False: torch's dropout, the CUDA default (ops.compiled_draws)
@@ -218,7 +279,7 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
         spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
         rows = step_rows(data, Order(len(data), 1), spec, 1, 0, batch)
     cpu = torch.device("cpu")
-    with captured_kernels() as kernels:
+    with captured_kernels(args.fused_norm) as kernels:
         step = train.compile_step(Objective(model))
         b, lengths, layout = model_batch(rows, cpu, packed)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -251,6 +312,8 @@ def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
     from triton.backends.compiler import GPUTarget
 
     signature = kernel.signature
+    if kernel.fused_norm:
+        return fused_norm_instructions(kernel, workdir)
     if kernel.kind == "poi":
         constexprs, warps = POINTWISE
         per_thread = constexprs["XBLOCK"] / (warps * 32)
@@ -270,6 +333,27 @@ def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
     )
+    return len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread
+
+
+def fused_norm_instructions(kernel: Kernel, workdir: Path) -> float:
+    """Static sm_90 SASS instructions per element of bertforge's kernel, compiled from
+    bertforge.kernels with the constants and warps it runs with: over the rows x hidden
+    elements of one tile (the backward's loop body and its set-up counted once, as for one
+    tile: an overestimate by the set-up's share)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kernels = kernels_module
+    fn = getattr(kernels, kernel.name)
+    constants = kernel.constants
+    signature = {name: kernel.signature[name] for name in fn.arg_names}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+    warps = kernels.BACKWARD_WARPS if kernel.name == "_backward_kernel" else kernels.FORWARD_WARPS
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+    )
+    per_thread = constants["rows_per"] * constants["n"] / (warps * 32)
     return len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread
 
 
@@ -301,20 +385,26 @@ def main() -> None:
         help="every layer traced into the step's graph (the trainer compiles one layer as a "
         "nested region reused by all)",
     )
+    ap.add_argument(
+        "--fused-norm",
+        action="store_true",
+        help="each layer's bias + dropout + residual + LayerNorm as bertforge's Triton kernels "
+        "(kernels.py, the trainer's --fused-norm) instead of inductor's fusion",
+    )
     ap.add_argument("--bandwidth-gbps", type=float, default=4800.0, help="H200: 4,800 GB/s")
     ap.add_argument("--issue-tops", type=float, default=33.4, help="T instructions/s (H200: 33.4)")
     ap.add_argument("--top", type=int, default=16, help="kernels listed")
     args = ap.parse_args()
 
     kernels, tokens = run_step(args)
-    uncounted = [k.name for k in kernels if k.gb is None]
+    uncounted = [k.name for k in kernels if k.total_gb() is None]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in kernels:
-            if k.gb is None:
+            gb = k.total_gb()
+            if gb is None:
                 continue
             per_element = instructions_per_element(k, Path(tmp))
-            gb = k.gb * len(k.calls)
             elements = sum(k.elements(ints) for ints in k.calls)
             instructions = None if per_element is None else per_element * elements
             est = floor_ms(gb, instructions, args.bandwidth_gbps, args.issue_tops)

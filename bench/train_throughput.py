@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertforge import kernels
 from bertforge.batches import IGNORE, Order, Prefetcher, PretrainingData, step_rows, to_tensors
 from bertforge.config import TrainConfig
 from bertforge.distributed import Dist
@@ -264,6 +265,14 @@ def main() -> None:
         "torch's on CUDA)",
     )
     ap.add_argument(
+        "--fused-norm",
+        choices=["no", "yes", "both"],
+        default="no",
+        help="bertforge's sides with each layer's bias + dropout + residual + LayerNorm as one "
+        "Triton kernel each way (kernels.py, the trainer's --fused-norm; '+fusednorm' in the "
+        "name; CUDA with Triton); both: with and without, interleaved",
+    )
+    ap.add_argument(
         "--malloc",
         choices=["auto", "tuned", "default"],
         default="auto",
@@ -317,14 +326,18 @@ def main() -> None:
     kinds.sort(key=lambda kind: kind != "padded")
     if args.compile == "no" and args.graphs != "no":
         ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
+    if args.fused_norm != "no" and not (args.device == "cuda" and kernels.available()):
+        ap.error("--fused-norm: the fused kernels run on CUDA with Triton only")
+    fuseds = {"no": [""], "yes": ["+fusednorm"], "both": ["", "+fusednorm"]}[args.fused_norm]
     regions = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
     cuda_graphs = {"no": [""], "yes": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
     ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
     drops = {"auto": [""], "bits": ["+bits"], "torch": ["+torchdrop"]}
     drops["both"] = drops["bits"] + drops["torch"]
     compiled_of = {  # side name -> whether its step is compiled
-        kind + (region + graphs + drop if way == "compiled" else way): way == "compiled"
+        kind + (region + graphs + drop if way == "compiled" else way) + fused: way == "compiled"
         for kind in kinds
+        for fused in fuseds
         for way in ways
         for region in (regions if way == "compiled" else [""])
         for graphs in (cuda_graphs if way == "compiled" else [""])
@@ -374,13 +387,15 @@ def main() -> None:
         """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
         regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
-        compiled), on its own model (same init) and optimizer: it reads nothing back unless
-        the optimizer cannot skip a bad step on the device (then `update` does, as in the
-        trainer)."""
+        compiled; "+fusednorm": kernels.fused_norm in every layer), on its own model (same
+        init) and optimizer: it reads nothing back unless the optimizer cannot skip a bad step
+        on the device (then `update` does, as in the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
         model.compile_regions = "+whole" not in variant
+        for layer in model.layers:
+            layer.fused_norm = "+fusednorm" in variant
         bits = True if "+bits" in variant else False if "+torchdrop" in variant else None
         for module in model.modules():
             if isinstance(module, Dropout):

@@ -59,7 +59,7 @@ def test_a_call_is_read_against_the_kernels_signature(census) -> None:
     # the wrapper passes every parameter but XBLOCK, the specialized seed offset included
     census.Capture(k).run(ids, x, mask, 1, 29976, 768, stream=0)
     assert k.calls == [{"xnumel": 29976, "r0_numel": 768}]
-    assert census.Kernel.elements(k.calls[0]) == 29976 * 768
+    assert k.elements(k.calls[0]) == 29976 * 768
     assert census.Kernel("x", SOURCE.replace("'kernel_num_gb'", "'other'")).gb is None
 
 

@@ -350,6 +350,12 @@ class TrainConfig:
     a new oneDNN kernel per matrix shape), so over a long run padded batches were the faster,
     1.08-1.20x for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16
     (bench/RESULTS.md). --no-packed pads every batch."""
+    fused_norm: bool = False
+    """Each layer's output bias, dropout, residual add and LayerNorm as one Triton kernel each
+    way (CUDA with Triton only): one random draw per four elements instead of one each, no mask
+    stored, LayerNorm's and the bias's gradients in one pass. Off by default until a GPU run
+    has measured it against inductor's own fusion (bench/train_throughput.py --fused-norm).
+    Dropout draws differ from the unfused path's; the model and its weights are the same."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

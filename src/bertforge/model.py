@@ -10,7 +10,9 @@ GELU, learned absolute positions), but the code is shaped for speed:
 - a batch can be given "packed" (built by the loader on the host): every real token of the
   batch in one row, no padding at all, attention per sequence via `cu_seqlens` (flash varlen
   attention with dropout on CUDA; elsewhere a pad/attend/unpad fallback that computes the
-  same thing).
+  same thing);
+- on request (`Layer.fused_norm`, the trainer's --fused-norm), each sublayer's output bias,
+  dropout, residual add and LayerNorm are one Triton kernel each way (`kernels.fused_norm`).
 
 The weights map to `transformers.BertForPreTraining` through the explicit table in
 `hf_key_table` (q/k/v are split, the vocab padding is cut), checked numerically in the tests.
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertforge import ops
+from bertforge import kernels, ops
 from bertforge.errors import UserError
 
 VOCAB_MULTIPLE = 64
@@ -285,6 +287,12 @@ class Dropout(nn.Dropout):
 
 
 class Layer(nn.Module):
+    """One post-LayerNorm encoder layer. `fused_norm` True: the output bias, dropout, residual
+    add and LayerNorm of both sublayers run as `kernels.fused_norm` where it can run (CUDA with
+    Triton); the plain modules otherwise. Same weights either way."""
+
+    fused_norm: bool = False
+
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
         h = c.hidden_size
@@ -303,9 +311,18 @@ class Layer(nn.Module):
         # x: (B, S, H) padded or (T, H) packed; heads split the last dim into (nh, hs)
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
         a = attend(q, k, v, layout, self.attention_dropout if self.training else 0.0)
-        x = self.attn_norm(x + self.dropout(self.attn_out(a.flatten(-2))))
-        y = self.ffn_out(self.act(self.ffn_in(x)))
-        return self.ffn_norm(x + self.dropout(y))
+        x = self.add_norm(self.attn_out, a.flatten(-2), x, self.attn_norm)
+        return self.add_norm(self.ffn_out, self.act(self.ffn_in(x)), x, self.ffn_norm)
+
+    def add_norm(
+        self, out: nn.Linear, a: torch.Tensor, x: torch.Tensor, norm: LayerNorm
+    ) -> torch.Tensor:
+        """norm(x + dropout(out(a))): a sublayer's output projection and residual."""
+        if self.fused_norm and kernels.usable(x):
+            p = self.dropout.p if self.training else 0.0
+            h = F.linear(a, out.weight)  # the bias is added in the kernel
+            return kernels.fused_norm(h, out.bias, x, norm.weight, norm.bias, p, norm.eps)
+        return norm(x + self.dropout(out(a)))
 
 
 def run_layer(layer: Layer, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:

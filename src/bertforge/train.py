@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch._dynamo.exc import TorchDynamoException
 from torch.nn.parallel import DistributedDataParallel
 
-from bertforge import distributed, ops
+from bertforge import distributed, kernels, ops
 from bertforge.batches import (
     IGNORE,
     Order,
@@ -110,6 +110,7 @@ RESUMABLE = {
     "device",
     "max_bad_steps",
     "packed",
+    "fused_norm",  # the same model and weights, other dropout draws
     "peak_tflops",
 }
 EVAL_KEYS = (
@@ -221,6 +222,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         precision, bert.hidden_size // bert.num_attention_heads
     )
     packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
+    if cfg.fused_norm:
+        check_fused_norm(d.device)
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -265,6 +268,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     # ---- model, optimizer, state
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
+    for layer in model.layers:
+        layer.fused_norm = cfg.fused_norm
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:
@@ -1280,6 +1285,17 @@ def quiet_inductor_notes() -> None:
     masked-LM loss over the vocabulary) runs without online softmax: it is about inductor's
     own code generation, and nothing a user of bertforge can act on."""
     warnings.filterwarnings("ignore", r"\s*Online softmax is disabled", UserWarning)
+
+
+def check_fused_norm(device: torch.device) -> None:
+    """--fused-norm where `kernels.fused_norm` cannot run: one clear error, before anything is
+    written."""
+    if device.type != "cuda" or not kernels.available():
+        where = "Triton is not installed" if device.type == "cuda" else f"training is on {device}"
+        raise UserError(
+            f"--fused-norm needs a CUDA device with Triton ({where}); leave the flag out to "
+            "train with torch's own LayerNorm and dropout."
+        )
 
 
 # Longest max_seq_length at which a GPU trains on packed batches by default: on an H200 they

@@ -1,0 +1,490 @@
+"""A fused Triton kernel pair for the CUDA train step: bias + dropout + residual + LayerNorm.
+
+Written here because this block is where inductor's kernels for BERT's step are furthest from
+what the block must move (bench/kernel_census.py, bench/RESULTS.md "Session 25"): for
+`LayerNorm(residual + dropout(h + bias))`, in BERT-base's packed step on an H200, inductor
+draws one Philox call per element in the forward (about 100 instructions an element), takes
+three kernels for LayerNorm's backward inside the per-layer compile region, and reduces the
+bias gradient in looped column reductions of its own. Here:
+
+- forward, one kernel: reads h (the matmul's output without its bias) and the residual, writes
+  the output and the normalized values (for the backward) and a reciprocal deviation per row.
+  Dropout draws one Philox call (128 bits) per four elements (`tl.rand4x`): the hidden row is
+  cut into four quarters and the call at quarter position j decides element j of each quarter.
+  Nothing of the mask is stored; the backward draws it again from the same seed.
+- backward, one persistent kernel: reads the incoming gradient and the normalized values,
+  writes the gradients of the residual and of h, and sums the gradients of LayerNorm's weight
+  and bias and of the matmul's bias over the rows it handles (one row of partial sums per
+  program, added up by one small reduction after it). 8 bytes an element each way in bf16.
+
+Statistics, the normalized values and the partial sums are fp32 inside the kernels; the
+residual sum is never rounded before it is normalized (the unfused bf16 path rounds it). The
+drop probability is the float p itself (kept where a uniform draw in (0, 1] is above p), and
+kept values are scaled by 1 / (1 - p), as F.dropout does.
+
+The pair is a torch.library `triton_op` with its autograd registered, so torch.compile traces
+the kernels into its graph (no graph break) and autograd saves what the backward needs. It
+runs where Triton runs: on CUDA, and on a CPU under Triton's interpreter (TRITON_INTERPRET=1,
+for the tests). `available()` says whether this torch can use it at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch ships without Triton
+    triton = None
+
+# rows of a tile: the forward's programs each take ROWS rows, the backward's loop over such
+# tiles; hidden sizes to 2048 keep a tile's four quarters within a CTA's registers
+ROWS = 4
+# backward programs per streaming multiprocessor: enough to hide latency, few enough that the
+# partial sums (3 x hidden fp32 per program) stay a small fraction of the gradients' bytes
+PROGRAMS_PER_SM = 4
+# warps of a program: the forward's tile is 4 x 4 x 256 lanes (hidden 768), 32 a thread; the
+# backward also keeps twelve tiles of column sums
+FORWARD_WARPS, BACKWARD_WARPS = 4, 8
+
+
+def available() -> bool:
+    """Whether the fused kernels can run here: Triton imports and torch has triton_op."""
+    return triton is not None and hasattr(torch.library, "triton_op")
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (on CPU tensors): TRITON_INTERPRET=1."""
+    return triton is not None and bool(triton.knobs.runtime.interpret)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether `fused_norm` can run on `x`: on CUDA, or on a CPU under the interpreter."""
+    return available() and (x.is_cuda or (x.device.type == "cpu" and interpreted()))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _columns(k, n, quarter, block_q: tl.constexpr):
+        """The columns of quarter k of a row, and which of them exist."""
+        j = tl.arange(0, block_q)[None, :]
+        cols = k * quarter + j
+        return cols, (j < quarter) & (cols < n)
+
+    @triton.jit
+    def _forward_load(
+        h_ptr,
+        res_ptr,
+        bias_ptr,
+        rows,
+        row_ok,
+        k,
+        n,
+        quarter,
+        draw,
+        p,
+        scale,
+        block_q: tl.constexpr,
+        dropout: tl.constexpr,
+    ):
+        """z = residual + dropout(h + bias) for quarter k of a tile, 0 where it does not exist."""
+        cols, col_ok = _columns(k, n, quarter, block_q)
+        ok = row_ok & col_ok
+        at = rows * n + cols
+        u = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        u += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if dropout:
+            u = tl.where(draw > p, u * scale, 0.0)
+        z = u + tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        return tl.where(ok, z, 0.0), ok
+
+    @triton.jit
+    def _forward_store(
+        y_ptr,
+        zhat_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        row_ok,
+        k,
+        n,
+        quarter,
+        centered,
+        rstd,
+        block_q: tl.constexpr,
+    ):
+        cols, col_ok = _columns(k, n, quarter, block_q)
+        zhat = centered * rstd
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        at = rows * n + cols
+        ok = row_ok & col_ok
+        tl.store(y_ptr + at, (zhat * w + b).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(zhat_ptr + at, zhat.to(zhat_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _forward_kernel(
+        h_ptr,
+        bias_ptr,
+        res_ptr,
+        w_ptr,
+        b_ptr,
+        seed_ptr,
+        y_ptr,
+        zhat_ptr,
+        rstd_ptr,
+        t,
+        n: tl.constexpr,
+        quarter: tl.constexpr,
+        p: tl.constexpr,
+        scale: tl.constexpr,
+        eps: tl.constexpr,
+        block_q: tl.constexpr,
+        rows_per: tl.constexpr,
+        dropout: tl.constexpr,
+    ):
+        row = tl.program_id(0) * rows_per + tl.arange(0, rows_per)
+        rows = row.to(tl.int64)[:, None]
+        row_ok = rows < t
+        if dropout:  # one Philox call for element j of each of the row's four quarters
+            calls = rows * quarter + tl.arange(0, block_q)[None, :]
+            d0, d1, d2, d3 = tl.rand4x(tl.load(seed_ptr), calls)
+        else:
+            d0, d1, d2, d3 = 1.0, 1.0, 1.0, 1.0
+        z0, ok0 = _forward_load(
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 0, n, quarter, d0, p, scale, block_q, dropout
+        )
+        z1, ok1 = _forward_load(
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 1, n, quarter, d1, p, scale, block_q, dropout
+        )
+        z2, ok2 = _forward_load(
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 2, n, quarter, d2, p, scale, block_q, dropout
+        )
+        z3, ok3 = _forward_load(
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 3, n, quarter, d3, p, scale, block_q, dropout
+        )
+        # the quarters are added lane by lane first: one reduction across threads per row
+        mean = tl.sum(z0 + z1 + z2 + z3, 1)[:, None] / n
+        c0 = tl.where(ok0, z0 - mean, 0.0)
+        c1 = tl.where(ok1, z1 - mean, 0.0)
+        c2 = tl.where(ok2, z2 - mean, 0.0)
+        c3 = tl.where(ok3, z3 - mean, 0.0)
+        var = tl.sum(c0 * c0 + c1 * c1 + c2 * c2 + c3 * c3, 1)
+        rstd = 1.0 / tl.sqrt(var / n + eps)
+        tl.store(rstd_ptr + row, rstd, mask=row < t)
+        rstd = rstd[:, None]
+        _forward_store(
+            y_ptr, zhat_ptr, w_ptr, b_ptr, rows, row_ok, 0, n, quarter, c0, rstd, block_q
+        )
+        _forward_store(
+            y_ptr, zhat_ptr, w_ptr, b_ptr, rows, row_ok, 1, n, quarter, c1, rstd, block_q
+        )
+        _forward_store(
+            y_ptr, zhat_ptr, w_ptr, b_ptr, rows, row_ok, 2, n, quarter, c2, rstd, block_q
+        )
+        _forward_store(
+            y_ptr, zhat_ptr, w_ptr, b_ptr, rows, row_ok, 3, n, quarter, c3, rstd, block_q
+        )
+
+    @triton.jit
+    def _backward_load(dy_ptr, zhat_ptr, w_ptr, rows, row_ok, k, n, quarter, block_q: tl.constexpr):
+        """dy, the normalized values and dy * weight for quarter k of a tile (0 outside)."""
+        cols, col_ok = _columns(k, n, quarter, block_q)
+        ok = row_ok & col_ok
+        at = rows * n + cols
+        dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        zhat = tl.load(zhat_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        return dy, zhat, dy * w, ok
+
+    @triton.jit
+    def _backward_store(
+        dres_ptr,
+        dh_ptr,
+        rows,
+        k,
+        n,
+        quarter,
+        g,
+        zhat,
+        ok,
+        mean_g,
+        mean_gz,
+        rstd,
+        draw,
+        p,
+        scale,
+        block_q: tl.constexpr,
+        dropout: tl.constexpr,
+    ):
+        """Writes the residual's and h's gradients for quarter k; returns h's (for the bias)."""
+        cols, _ = _columns(k, n, quarter, block_q)
+        dz = tl.where(ok, rstd * (g - mean_g - zhat * mean_gz), 0.0)
+        dh = dz
+        if dropout:
+            dh = tl.where(draw > p, dz * scale, 0.0)
+        at = rows * n + cols
+        tl.store(dres_ptr + at, dz.to(dres_ptr.dtype.element_ty), mask=ok)
+        tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=ok)
+        return dh
+
+    @triton.jit
+    def _backward_sums(partial_ptr, program, k, n, quarter, dw, db, dbias, block_q: tl.constexpr):
+        cols, col_ok = _columns(k, n, quarter, block_q)
+        at = program * 3 * n + cols
+        tl.store(partial_ptr + at, tl.sum(dw, 0)[None, :], mask=col_ok)
+        tl.store(partial_ptr + n + at, tl.sum(db, 0)[None, :], mask=col_ok)
+        tl.store(partial_ptr + 2 * n + at, tl.sum(dbias, 0)[None, :], mask=col_ok)
+
+    @triton.jit
+    def _backward_kernel(
+        dy_ptr,
+        zhat_ptr,
+        rstd_ptr,
+        w_ptr,
+        seed_ptr,
+        dres_ptr,
+        dh_ptr,
+        partial_ptr,
+        t,
+        n: tl.constexpr,
+        quarter: tl.constexpr,
+        p: tl.constexpr,
+        scale: tl.constexpr,
+        block_q: tl.constexpr,
+        rows_per: tl.constexpr,
+        dropout: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        programs = tl.num_programs(0)
+        w0 = tl.zeros((rows_per, block_q), tl.float32)
+        w1 = tl.zeros((rows_per, block_q), tl.float32)
+        w2 = tl.zeros((rows_per, block_q), tl.float32)
+        w3 = tl.zeros((rows_per, block_q), tl.float32)
+        b0 = tl.zeros((rows_per, block_q), tl.float32)
+        b1 = tl.zeros((rows_per, block_q), tl.float32)
+        b2 = tl.zeros((rows_per, block_q), tl.float32)
+        b3 = tl.zeros((rows_per, block_q), tl.float32)
+        h0 = tl.zeros((rows_per, block_q), tl.float32)
+        h1 = tl.zeros((rows_per, block_q), tl.float32)
+        h2 = tl.zeros((rows_per, block_q), tl.float32)
+        h3 = tl.zeros((rows_per, block_q), tl.float32)
+        for start in range(program * rows_per, t, programs * rows_per):
+            rows = start + tl.arange(0, rows_per)[:, None]
+            row_ok = rows < t
+            rows = rows.to(tl.int64)
+            if dropout:  # the forward's draws, again
+                calls = rows * quarter + tl.arange(0, block_q)[None, :]
+                d0, d1, d2, d3 = tl.rand4x(tl.load(seed_ptr), calls)
+            else:
+                d0, d1, d2, d3 = 1.0, 1.0, 1.0, 1.0
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            dy0, z0, g0, ok0 = _backward_load(
+                dy_ptr, zhat_ptr, w_ptr, rows, row_ok, 0, n, quarter, block_q
+            )
+            dy1, z1, g1, ok1 = _backward_load(
+                dy_ptr, zhat_ptr, w_ptr, rows, row_ok, 1, n, quarter, block_q
+            )
+            dy2, z2, g2, ok2 = _backward_load(
+                dy_ptr, zhat_ptr, w_ptr, rows, row_ok, 2, n, quarter, block_q
+            )
+            dy3, z3, g3, ok3 = _backward_load(
+                dy_ptr, zhat_ptr, w_ptr, rows, row_ok, 3, n, quarter, block_q
+            )
+            mean_g = tl.sum(g0 + g1 + g2 + g3, 1)[:, None] / n
+            mean_gz = tl.sum(g0 * z0 + g1 * z1 + g2 * z2 + g3 * z3, 1)[:, None] / n
+            h0 += _backward_store(
+                dres_ptr,
+                dh_ptr,
+                rows,
+                0,
+                n,
+                quarter,
+                g0,
+                z0,
+                ok0,
+                mean_g,
+                mean_gz,
+                rstd,
+                d0,
+                p,
+                scale,
+                block_q,
+                dropout,
+            )
+            h1 += _backward_store(
+                dres_ptr,
+                dh_ptr,
+                rows,
+                1,
+                n,
+                quarter,
+                g1,
+                z1,
+                ok1,
+                mean_g,
+                mean_gz,
+                rstd,
+                d1,
+                p,
+                scale,
+                block_q,
+                dropout,
+            )
+            h2 += _backward_store(
+                dres_ptr,
+                dh_ptr,
+                rows,
+                2,
+                n,
+                quarter,
+                g2,
+                z2,
+                ok2,
+                mean_g,
+                mean_gz,
+                rstd,
+                d2,
+                p,
+                scale,
+                block_q,
+                dropout,
+            )
+            h3 += _backward_store(
+                dres_ptr,
+                dh_ptr,
+                rows,
+                3,
+                n,
+                quarter,
+                g3,
+                z3,
+                ok3,
+                mean_g,
+                mean_gz,
+                rstd,
+                d3,
+                p,
+                scale,
+                block_q,
+                dropout,
+            )
+            w0 += dy0 * z0
+            w1 += dy1 * z1
+            w2 += dy2 * z2
+            w3 += dy3 * z3
+            b0 += dy0
+            b1 += dy1
+            b2 += dy2
+            b3 += dy3
+        _backward_sums(partial_ptr, program, 0, n, quarter, w0, b0, h0, block_q)
+        _backward_sums(partial_ptr, program, 1, n, quarter, w1, b1, h1, block_q)
+        _backward_sums(partial_ptr, program, 2, n, quarter, w2, b2, h2, block_q)
+        _backward_sums(partial_ptr, program, 3, n, quarter, w3, b3, h3, block_q)
+
+    def _shape(x: torch.Tensor) -> tuple[int, int, int]:
+        """Rows, hidden size, quarter length and its power-of-2 block for a [T, N] tensor."""
+        n = x.shape[-1]
+        quarter = triton.cdiv(n, 4)
+        return n, quarter, triton.next_power_of_2(quarter)
+
+    def _programs(x: torch.Tensor, tiles: int) -> int:
+        if x.is_cuda:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            return torch.sym_min(tiles, sms * PROGRAMS_PER_SM)
+        return torch.sym_min(tiles, 4)
+
+    @torch.library.triton_op("bertforge::fused_norm_forward", mutates_args=())
+    def _fused_forward(
+        h: torch.Tensor,
+        bias: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        seed: torch.Tensor,
+        p: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = h.shape[0]
+        n, quarter, block_q = _shape(h)
+        y, zhat = torch.empty_like(h), torch.empty_like(h)
+        rstd = torch.empty(t, dtype=torch.float32, device=h.device)
+        grid = (triton.cdiv(t, ROWS),)
+        torch.library.wrap_triton(_forward_kernel)[grid](
+            h, bias, residual, weight, ln_bias, seed, y, zhat, rstd, t, n, quarter, p,
+            1.0 / (1.0 - p), eps, block_q=block_q, rows_per=ROWS, dropout=p > 0,
+            num_warps=FORWARD_WARPS,
+        )  # fmt: skip
+        return y, zhat, rstd
+
+    @torch.library.triton_op("bertforge::fused_norm_backward", mutates_args=())
+    def _fused_backward(
+        dy: torch.Tensor,
+        zhat: torch.Tensor,
+        rstd: torch.Tensor,
+        weight: torch.Tensor,
+        seed: torch.Tensor,
+        p: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = dy.shape[0]
+        n, quarter, block_q = _shape(dy)
+        dres, dh = torch.empty_like(dy), torch.empty_like(dy)
+        programs = _programs(dy, triton.cdiv(t, ROWS))
+        partial = torch.empty(programs, 3, n, dtype=torch.float32, device=dy.device)
+        torch.library.wrap_triton(_backward_kernel)[(programs,)](
+            dy, zhat, rstd, weight, seed, dres, dh, partial, t, n, quarter, p, 1.0 / (1.0 - p),
+            block_q=block_q, rows_per=ROWS, dropout=p > 0, num_warps=BACKWARD_WARPS,
+        )  # fmt: skip
+        # the gradients of LayerNorm's weight and bias and of h's bias, [3, N]
+        return dres, dh, partial.sum(0)
+
+    def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        _, bias, residual, weight, ln_bias, seed, p, _ = inputs
+        _, zhat, rstd = output
+        ctx.save_for_backward(zhat, rstd, weight, seed)
+        ctx.p = p
+        ctx.dtypes = (bias.dtype, residual.dtype, weight.dtype, ln_bias.dtype)
+
+    def _gradients(ctx, dy, _zhat, _rstd):  # type: ignore[no-untyped-def]
+        zhat, rstd, weight, seed = ctx.saved_tensors
+        dres, dh, (dw, dlb, dbias) = _fused_backward(
+            dy.contiguous(), zhat, rstd, weight, seed, ctx.p
+        )
+        bias_t, res_t, w_t, lb_t = ctx.dtypes
+        return dh, dbias.to(bias_t), dres.to(res_t), dw.to(w_t), dlb.to(lb_t), None, None, None
+
+    _fused_forward.register_autograd(_gradients, setup_context=_setup)
+
+
+def fused_norm(
+    h: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    p: float,
+    eps: float,
+) -> torch.Tensor:
+    """layer_norm(residual + dropout(h + bias, p), weight, ln_bias, eps) over the last dim, in
+    h's dtype (see the module docstring), with one kernel each way. h and residual: [..., N],
+    the same shape; bias, weight, ln_bias: [N]. p = 0 for no dropout (evaluation)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"fused_norm: dropout probability {p} is not in [0, 1)")
+    n = h.shape[-1]
+    if p > 0:  # torch's generator: seeding and checkpointed RNG state cover the draws
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
+    else:
+        seed = torch.zeros(1, dtype=torch.int64, device=h.device)
+    y, _, _ = _fused_forward(
+        h.reshape(-1, n).contiguous(),
+        bias,
+        residual.reshape(-1, n).contiguous(),
+        weight,
+        ln_bias,
+        seed,
+        float(p),
+        float(eps),
+    )
+    return y.view(h.shape)

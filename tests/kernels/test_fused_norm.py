@@ -1,0 +1,229 @@
+"""`kernels.fused_norm` against float64 torch: values, every gradient, the dropout draws, the
+model's layer, and the graphs torch.compile's autograd traces from it.
+
+Needs Triton. On CUDA every test runs on the GPU. On a CPU the numeric tests run under
+Triton's interpreter (TRITON_INTERPRET=1) and the tracing test without it (the interpreter
+cannot be traced); tests/test_kernels.py runs this file both ways in the Triton environment
+that `make test` builds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from bertforge import kernels  # noqa: E402
+from bertforge.model import BertConfig, Layer  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+numeric = pytest.mark.skipif(
+    not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+
+
+def inputs(t: int, n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """h, bias, residual, weight, ln_bias (leaves with gradients) and an output gradient."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0, dt: torch.dtype = torch.float32) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dt)
+
+    # a residual stream with a mean far from 0, as BERT's often has: LayerNorm then subtracts
+    # a large mean, which a rounded sum would show
+    leaves = [
+        rand(t, n, dt=dtype),
+        rand(n, scale=0.5),
+        (torch.randn(t, n, generator=g) * 2 + 3).to(DEVICE, dtype),
+        1 + rand(n, scale=0.2),
+        rand(n, scale=0.2),
+    ]
+    return [x.requires_grad_() for x in leaves] + [rand(t, n, dt=dtype)]
+
+
+def reference(
+    leaves: list[torch.Tensor], dy: torch.Tensor, keep: torch.Tensor, p: float, eps: float
+):
+    """The block in float64 with the given keep mask: output and the five gradients."""
+    h, bias, res, w, lb = (x.detach().double().requires_grad_() for x in leaves)
+    u = torch.where(keep, (h + bias) / (1 - p), 0)
+    y = F.layer_norm(res + u, (h.shape[-1],), w, lb, eps)
+    y.backward(dy.double())
+    return y.detach(), [x.grad for x in (h, bias, res, w, lb)]
+
+
+def run(leaves: list[torch.Tensor], dy: torch.Tensor, p: float, eps: float):
+    y = kernels.fused_norm(*leaves, p, eps)
+    y.backward(dy)
+    grads = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    return y.detach(), grads
+
+
+@numeric
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("n", [96, 30, 13])  # quarters of 24, of 8 (blocks of 8), of 4 (last: 1)
+def test_matches_float64_layer_norm_with_the_same_mask(n, p, dtype):
+    t, eps = 37, 1e-12  # rows not a multiple of the tile's; BERT's epsilon
+    *leaves, dy = inputs(t, n, dtype)
+    y, grads = run(leaves, dy, p, eps)
+    # the backward draws the mask again: where h's gradient is 0 it dropped the element (dy is
+    # random, so dz is never 0). The forward must have dropped the same ones for y to match.
+    keep = grads[0] != 0
+    if p == 0:
+        assert keep.all()
+    else:
+        assert 0.6 < keep.float().mean() < 0.99
+    y_ref, ref = reference(leaves, dy, keep, p, eps)
+    assert y.dtype == dtype and y.shape == dy.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    else:  # computed in fp32, rounded once to bf16 (the interpreter truncates: one ulp)
+        ulps = 2**-7 if kernels.interpreted() else 2**-8
+        assert ((y.double() - y_ref).abs() <= y_ref.abs() * ulps + 1e-6).all()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    names = ["h", "bias", "residual", "weight", "ln_bias"]
+    for name, leaf, got, want in zip(names, leaves, grads, ref, strict=True):
+        assert got.dtype == leaf.dtype, name
+        scale = want.abs().max().item()
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * scale, f"{name}: {err} > {tol} x {scale}"
+
+
+@numeric
+def test_draws_follow_torch_seed_and_differ_per_quarter():
+    t, n, p = 128, 64, 0.25
+    *leaves, dy = inputs(t, n, torch.float32, seed=1)
+
+    def mask(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return run(leaves, dy, p, 1e-12)[1][0] != 0
+
+    a, b, c = mask(5), mask(5), mask(6)
+    assert torch.equal(a, b)  # torch's generator seeds the draws: reproducible
+    assert not torch.equal(a, c)
+    rate = 1 - a.float().mean().item()
+    assert abs(rate - p) < 4 * (p * (1 - p) / a.numel()) ** 0.5
+    # one Philox call decides element j of each quarter: its four outputs must differ
+    q = n // 4
+    quarters = [a[:, k * q : (k + 1) * q] for k in range(4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.equal(quarters[i], quarters[j])
+    # and the rows differ (the call index includes the row)
+    assert not torch.equal(a[0], a[1])
+
+
+@numeric
+def test_without_dropout_equals_layer_norm_and_takes_no_random_numbers():
+    *leaves, _ = inputs(16, 48, torch.float32, seed=2)
+    torch.manual_seed(0)
+    y = kernels.fused_norm(*leaves, 0.0, 1e-5)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # the generator did not move
+    h, bias, res, w, lb = leaves
+    torch.testing.assert_close(y, F.layer_norm(res + h + bias, (48,), w, lb, 1e-5))
+
+
+def test_rejects_a_drop_probability_of_one():
+    *leaves, _ = inputs(4, 8, torch.float32)
+    with pytest.raises(ValueError, match=r"dropout probability 1.0 is not in \[0, 1\)"):
+        kernels.fused_norm(*leaves, 1.0, 1e-12)
+
+
+@numeric
+def test_layer_fused_matches_the_plain_layer():
+    """The model's layer with fused_norm: the same outputs and weight gradients as without,
+    dropout off (its draws differ by design), padded [B, S, H] input."""
+    c = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    layer = Layer(c).to(DEVICE).eval()
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    dy = torch.randn(2, 5, 32, device=DEVICE)
+    outs = []
+    for fused in (False, True):
+        layer.fused_norm = fused
+        layer.zero_grad()
+        y = layer(x, None)
+        y.backward(dy)
+        outs.append((y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}))
+    (y0, g0), (y1, g1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.skipif(kernels.interpreted(), reason="the interpreter's kernels cannot be traced")
+def test_compile_traces_both_kernels_and_the_backward_reuses_the_forward_seed():
+    """What torch.compile's autograd makes of the op (AOT autograd over fake tensors, as
+    inductor sees it): the forward kernel in the forward graph, the backward kernel in the
+    backward graph, and the backward's seed is the one the forward drew, saved, not a new
+    draw."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs = []
+
+    def keep(gm, _):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm
+
+    f = aot_function(
+        lambda *a: kernels.fused_norm(*a, 0.1, 1e-12), fw_compiler=keep, bw_compiler=keep
+    )
+    with FakeTensorMode():
+        *leaves, dy = inputs(64, 96, torch.bfloat16)
+        f(*leaves).backward(dy)
+    forward, backward = graphs
+
+    def launches(gm):  # type: ignore[no-untyped-def]
+        return [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+
+    (fw,) = launches(forward)
+    (bw,) = launches(backward)
+    assert kernel_side_table.get_kernel(fw.kwargs["kernel_idx"]).fn.__name__ == "_forward_kernel"
+    assert kernel_side_table.get_kernel(bw.kwargs["kernel_idx"]).fn.__name__ == "_backward_kernel"
+    seed = bw.kwargs["kwargs"]["seed_ptr"]
+    assert seed.op == "placeholder"  # saved by the forward
+    assert "randint" in str(fw.kwargs["kwargs"]["seed_ptr"].target)
+
+
+@pytest.mark.skipif(kernels.interpreted(), reason="compiled kernels, not interpreted ones")
+@pytest.mark.parametrize(("dtype", "p"), [("bf16", 0.1), ("fp32", 0.0)])
+def test_kernels_compile_for_an_h100(dtype, p):
+    """Both kernels through Triton's whole CUDA pipeline for sm_90 (ptxas included; no GPU
+    needed): what the interpreter never checks (it once passed a tile shape the compiler
+    refused)."""
+    from triton.backends.compiler import GPUTarget
+
+    n = 768
+    quarter = n // 4
+    shared = {"n": n, "quarter": quarter, "p": p, "scale": 1 / (1 - p), "block_q": 256,
+              "rows_per": kernels.ROWS, "dropout": p > 0}  # fmt: skip
+    half = f"*{dtype}"
+    forward = {"h_ptr": half, "bias_ptr": "*fp32", "res_ptr": half, "w_ptr": "*fp32",
+               "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": half, "zhat_ptr": half,
+               "rstd_ptr": "*fp32", "t": "i32"}  # fmt: skip
+    backward = {"dy_ptr": half, "zhat_ptr": half, "rstd_ptr": "*fp32", "w_ptr": "*fp32",
+                "seed_ptr": "*i64", "dres_ptr": half, "dh_ptr": half, "partial_ptr": "*fp32",
+                "t": "i32"}  # fmt: skip
+    for fn, signature, constants, warps in (
+        (kernels._forward_kernel, forward, {**shared, "eps": 1e-12}, kernels.FORWARD_WARPS),
+        (kernels._backward_kernel, backward, shared, kernels.BACKWARD_WARPS),
+    ):
+        signature = {**signature, **{name: "constexpr" for name in constants}}
+        assert set(signature) == set(fn.arg_names)
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+        )
+        assert compiled.asm["cubin"], fn.arg_names

@@ -1,0 +1,87 @@
+"""The Triton kernels (`bertforge.kernels`): tests/kernels/ run in the Triton environment that
+`make test` builds (BERTFORGE_TRITON_PYTHON: torch's CPU build with Triton), once under
+Triton's interpreter (the kernels' numbers on CPU tensors) and once without it (what
+torch.compile traces). Here, in the main environment, what happens without Triton."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertforge import kernels
+from bertforge.cli import main
+from bertforge.errors import UserError
+from bertforge.model import BertConfig, Layer
+from bertforge.train import check_fused_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+TRITON_PYTHON = os.environ.get("BERTFORGE_TRITON_PYTHON")
+
+
+def counts(output: str) -> dict[str, int]:
+    """pytest's summary line as {"passed": n, "skipped": m, ...}."""
+    return {
+        kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", output)
+    }
+
+
+@pytest.mark.skipif(
+    not TRITON_PYTHON, reason="needs BERTFORGE_TRITON_PYTHON (make test sets it up)"
+)
+@pytest.mark.parametrize("interpret", [True, False], ids=["interpreted", "traced"])
+def test_kernel_tests_pass_in_the_triton_environment(interpret):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run(
+        [TRITON_PYTHON, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/kernels"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = counts(done.stdout.splitlines()[-1])
+    assert summary.get("passed", 0) >= (8 if interpret else 3), summary
+    # every test left out is left out for the mode it is not run in, none for a missing piece
+    skips = re.findall(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$", done.stdout, re.M)
+    assert sum(int(n) for n, _ in skips) == summary.get("skipped", 0), done.stdout[-2000:]
+    expected = "interpret" if interpret else "needs CUDA or TRITON_INTERPRET=1"
+    assert all(expected in reason for _, reason in skips), skips
+
+
+@pytest.mark.skipif(kernels.available(), reason="Triton is installed here")
+def test_without_triton_the_layer_keeps_its_plain_path():
+    assert not kernels.usable(torch.zeros(1))
+    c = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    layer = Layer(c).eval()
+    x = torch.randn(2, 5, 32)
+    plain = layer(x, None)
+    layer.fused_norm = True
+    torch.testing.assert_close(layer(x, None), plain, rtol=0, atol=0)
+
+
+def test_fused_norm_flag_needs_cuda_with_triton():
+    with pytest.raises(UserError, match="--fused-norm needs a CUDA device with Triton"):
+        check_fused_norm(torch.device("cpu"))
+
+
+def test_train_with_fused_norm_on_a_cpu_stops_before_writing(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    out = tmp_path / "run"
+    rc = main(
+        ["train", "--data", str(train_data), "--output", str(out), "--bert-config",
+         str(tiny_bert_config), "--num-train-steps", "2", "--no-progress", "--fused-norm"]
+    )  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--fused-norm needs a CUDA device with Triton (training is on cpu)" in err
+    assert not out.exists()
