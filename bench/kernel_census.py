@@ -65,6 +65,7 @@ from bertforge.train import Objective, model_batch, objective_args
 
 POINTWISE = {"XBLOCK": 1024}, 4
 PERSISTENT_ROWS, PERSISTENT_WARPS = 8, 8
+H200_SMS = 132  # the backward's programs on the GPU (kernels._programs)
 # bertforge's own kernels (kernels.py): the rows x hidden tensors each reads and writes
 FUSED_NORM = {
     "_forward_kernel": ("h_ptr", "res_ptr", "y_ptr", "zhat_ptr"),
@@ -110,7 +111,8 @@ class Kernel:
             t = call["t"]
             total += t * n * per_element + 4 * t  # and the reciprocal deviations, fp32
             if self.name == "_backward_kernel":  # one row of partial sums per program, x 3
-                total += call["programs"] * 3 * n * 4
+                programs = min(-(-t // 2), H200_SMS * kernels_module.PROGRAMS_PER_SM)
+                total += programs * 3 * n * 4
         return total / 1e9
 
     @functools.cached_property
@@ -126,10 +128,9 @@ class Kernel:
         return self.name.split("_")[1]
 
     def note_call(self, args: tuple[Any, ...]) -> None:
-        if self.fused_norm:  # its runtime parameters, then the grid (programs, 1, 1)
+        if self.fused_norm:  # its runtime parameters first (then what its grid is made of)
             runtime = [name for name, kind in self.signature.items() if kind != "constexpr"]
-            t, programs = args[runtime.index("t")], args[len(runtime)]
-            self.calls.append({"t": t, "programs": programs})
+            self.calls.append({"t": args[runtime.index("t")]})
             return
         # the wrapper passes every parameter but the block sizes (inductor's configs set those)
         names = [name for name in self.signature if not name.endswith("BLOCK")]
@@ -338,23 +339,25 @@ def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
 
 def fused_norm_instructions(kernel: Kernel, workdir: Path) -> float:
     """Static sm_90 SASS instructions per element of bertforge's kernel, compiled from
-    bertforge.kernels with the constants and warps it runs with: over the rows x hidden
-    elements of one tile (the backward's loop body and its set-up counted once, as for one
-    tile: an overestimate by the set-up's share)."""
+    bertforge.kernels with the constants it runs with, over the rows x hidden elements of one
+    tile (the backward's loop body and its set-up counted once, as for one tile: an
+    overestimate by the set-up's share); the fewest among the configurations its autotuner
+    times on the GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    kernels = kernels_module
-    fn = getattr(kernels, kernel.name)
-    constants = kernel.constants
-    signature = {name: kernel.signature[name] for name in fn.arg_names}
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-    warps = kernels.BACKWARD_WARPS if kernel.name == "_backward_kernel" else kernels.FORWARD_WARPS
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
-    )
-    per_thread = constants["rows_per"] * constants["n"] / (warps * 32)
-    return len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread
+    tuner = getattr(kernels_module, kernel.name)
+    signature = {name: kernel.signature[name] for name in tuner.fn.arg_names}
+    counts = []
+    for config in tuner.configs:
+        constants = {**kernel.constants, **config.kwargs}
+        source = triton.compiler.ASTSource(fn=tuner.fn, signature=signature, constexprs=constants)
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+        )
+        per_thread = constants["rows_per"] * constants["n"] / (config.num_warps * 32)
+        counts.append(len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread)
+    return min(counts)
 
 
 def floor_ms(gb: float, instructions: float | None, gbps: float, tops: float) -> dict[str, Any]:

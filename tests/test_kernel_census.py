@@ -63,6 +63,41 @@ def test_a_call_is_read_against_the_kernels_signature(census) -> None:
     assert census.Kernel("x", SOURCE.replace("'kernel_num_gb'", "'other'")).gb is None
 
 
+# bertforge's own backward kernel as inductor captures it (trimmed): runtime parameters, then
+# the symbol its precomputed grid is made of
+FUSED_SOURCE = """
+@triton_heuristics.user_autotune(
+    configs=[{'rows_per': 2, 'num_warps': 4, 'num_stages': 3}],
+    inductor_meta={'grid_type': 'PrecomputedGrid', 'kernel_name': '_backward_kernel_0'},
+    triton_meta={'signature': {'dy_ptr': '*bf16', 'zhat_ptr': '*bf16', 'rstd_ptr': '*fp32', \
+'w_ptr': '*fp32', 'seed_ptr': '*i64', 'dres_ptr': '*bf16', 'dh_ptr': '*bf16', \
+'partial_ptr': '*fp32', 't': 'i32', 'n': 'constexpr', 'quarter': 'constexpr', 'drop': \
+'constexpr', 'scale': 'constexpr', 'block_q': 'constexpr', 'rows_per': 'constexpr', \
+'dropout': 'constexpr'}, 'device': DeviceProperties(type='cpu', index=None), 'constants': \
+{'n': 768, 'quarter': 192, 'drop': 3277, 'scale': 1.1111186463666882, 'block_q': 256, \
+'dropout': True}},
+    custom_kernel=True,
+)
+@triton.jit
+def _backward_kernel(dy_ptr, zhat_ptr, rstd_ptr, w_ptr, seed_ptr, dres_ptr, dh_ptr, partial_ptr, \
+t, n: tl.constexpr, quarter: tl.constexpr, drop: tl.constexpr, scale: tl.constexpr, \
+block_q: tl.constexpr, rows_per: tl.constexpr, dropout: tl.constexpr):
+    pass
+"""
+
+
+def test_bertforges_own_kernels_are_counted_by_their_tensors(census) -> None:
+    k = census.Kernel("_backward_kernel", FUSED_SOURCE)
+    assert k.fused_norm and k.gb is None  # inductor counts nothing for a user-defined kernel
+    x = torch.zeros(1)
+    census.Capture(k).run(x, x, x, x, x, x, x, x, 29976, 29976, stream=0)
+    assert k.calls == [{"t": 29976}]
+    assert k.elements(k.calls[0]) == 29976 * 768
+    # dy, zhat, dres, dh in bf16; rstd fp32; 528 programs' partial sums (132 SMs x 4), x 3 fp32
+    expected = 29976 * 768 * 8 + 29976 * 4 + 528 * 3 * 768 * 4
+    assert k.total_gb() == pytest.approx(expected / 1e9)
+
+
 def test_the_floor_is_the_slower_of_bytes_and_instructions(census) -> None:
     # 4.8 GB at 4,800 GB/s: 1 ms; 16.7e9 instructions at 33.4 T/s: 0.5 ms
     est = census.floor_ms(4.8, 16.7e9, 4800.0, 33.4)

@@ -9,18 +9,22 @@ bias gradient in looped column reductions of its own. Here:
 
 - forward, one kernel: reads h (the matmul's output without its bias) and the residual, writes
   the output and the normalized values (for the backward) and a reciprocal deviation per row.
-  Dropout draws one Philox call (128 bits) per four elements (`tl.rand4x`): the hidden row is
-  cut into four quarters and the call at quarter position j decides element j of each quarter.
-  Nothing of the mask is stored; the backward draws it again from the same seed.
+  Nothing of the dropout mask is stored: the backward draws it again from the same seed.
 - backward, one persistent kernel: reads the incoming gradient and the normalized values,
   writes the gradients of the residual and of h, and sums the gradients of LayerNorm's weight
   and bias and of the matmul's bias over the rows it handles (one row of partial sums per
   program, added up by one small reduction after it). 8 bytes an element each way in bf16.
+- dropout's random numbers: one Philox call (128 bits, `tl.randint4x`) per eight elements, 15
+  bits an element, as bertforge's dropout on a CPU (`ops.dropout`): the hidden row is cut into
+  four quarters, and the call for a pair of rows at quarter position j decides element j of
+  each quarter of both rows. The drop probability is p rounded to a multiple of 1/32768
+  (`ops.drop_levels`; 0.1 becomes 0.1000061) and kept values are scaled by 1 / (1 - that)
+  (`ops.keep_scale`), so the expected value is the input's. Inductor's own dropout draws a
+  Philox call per element (32 of its 128 bits): about half of the ~100 instructions an element
+  of its dropout + LayerNorm kernels (bench/kernel_census.py).
 
 Statistics, the normalized values and the partial sums are fp32 inside the kernels; the
-residual sum is never rounded before it is normalized (the unfused bf16 path rounds it). The
-drop probability is the float p itself (kept where a uniform draw in (0, 1] is above p), and
-kept values are scaled by 1 / (1 - p), as F.dropout does.
+residual sum is never rounded before it is normalized (the unfused bf16 path rounds it).
 
 The pair is a torch.library `triton_op` with its autograd registered, so torch.compile traces
 the kernels into its graph (no graph break) and autograd saves what the backward needs. It
@@ -32,21 +36,25 @@ from __future__ import annotations
 
 import torch
 
+from bertforge import ops
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the CPU build of torch ships without Triton
     triton = None
 
-# rows of a tile: the forward's programs each take ROWS rows, the backward's loop over such
-# tiles; hidden sizes to 2048 keep a tile's four quarters within a CTA's registers
-ROWS = 4
+# (rows of a tile, warps of a program): the configurations Triton's autotuner times on the
+# GPU, once per hidden size (at compile time under torch.compile). Rows are even (a Philox call
+# serves a pair of rows). Compiled for sm_90 at hidden 768 (bench/RESULTS.md, session 26):
+# forward 57-67 instructions an element, 40-74 registers; the backward keeps twelve tiles of
+# column sums besides its working set, 80-160 registers, fewer instructions with fewer warps
+# and more rows (4 rows on 4 warps spills: left out).
+FORWARD_CONFIGS = ((4, 4), (4, 8), (2, 4))
+BACKWARD_CONFIGS = ((2, 4), (2, 8), (4, 8))
 # backward programs per streaming multiprocessor: enough to hide latency, few enough that the
 # partial sums (3 x hidden fp32 per program) stay a small fraction of the gradients' bytes
 PROGRAMS_PER_SM = 4
-# warps of a program: the forward's tile is 4 x 4 x 256 lanes (hidden 768), 32 a thread; the
-# backward also keeps twelve tiles of column sums
-FORWARD_WARPS, BACKWARD_WARPS = 4, 8
 
 
 def available() -> bool:
@@ -66,12 +74,41 @@ def usable(x: torch.Tensor) -> bool:
 
 if triton is not None:
 
+    def _configs(pairs: tuple[tuple[int, int], ...]) -> list[triton.Config]:
+        """Triton configs; the first alone under the interpreter, which cannot time them."""
+        pairs = pairs[:1] if interpreted() else pairs
+        return [triton.Config({"rows_per": rows}, num_warps=warps) for rows, warps in pairs]
+
     @triton.jit
     def _columns(k, n, quarter, block_q: tl.constexpr):
         """The columns of quarter k of a row, and which of them exist."""
         j = tl.arange(0, block_q)[None, :]
         cols = k * quarter + j
         return cols, (j < quarter) & (cols < n)
+
+    @triton.jit
+    def _split(r, drop: tl.constexpr, block_q: tl.constexpr, rows_per: tl.constexpr):
+        """[rows_per / 2, block_q] 32-bit draws as [rows_per, block_q] keep decisions: a draw's
+        low 15 bits decide for the first row of its pair, bits 16-30 for the second."""
+        lo = (r & 0x7FFF).to(tl.int32)
+        hi = ((r >> 16) & 0x7FFF).to(tl.int32)
+        pairs = tl.permute(tl.join(lo, hi), (0, 2, 1))  # [pair, row of the pair, column]
+        return tl.reshape(pairs, (rows_per, block_q)) >= drop
+
+    @triton.jit
+    def _keep(seed_ptr, first_row, quarter, drop: tl.constexpr, block_q: tl.constexpr,
+              rows_per: tl.constexpr):  # fmt: skip
+        """Which elements of a tile of rows (from first_row, even) dropout keeps, one mask per
+        quarter of the row: one Philox call (four 32-bit draws) decides column j of all four
+        quarters of two rows."""
+        pair = (first_row // 2 + tl.arange(0, rows_per // 2)).to(tl.int64)[:, None]
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), pair * quarter + tl.arange(0, block_q))
+        return (
+            _split(r0, drop, block_q, rows_per),
+            _split(r1, drop, block_q, rows_per),
+            _split(r2, drop, block_q, rows_per),
+            _split(r3, drop, block_q, rows_per),
+        )
 
     @triton.jit
     def _forward_load(
@@ -83,8 +120,7 @@ if triton is not None:
         k,
         n,
         quarter,
-        draw,
-        p,
+        keep,
         scale,
         block_q: tl.constexpr,
         dropout: tl.constexpr,
@@ -96,7 +132,7 @@ if triton is not None:
         u = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
         u += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if dropout:
-            u = tl.where(draw > p, u * scale, 0.0)
+            u = tl.where(keep, u * scale, 0.0)
         z = u + tl.load(res_ptr + at, mask=ok, other=0.0).to(tl.float32)
         return tl.where(ok, z, 0.0), ok
 
@@ -124,6 +160,7 @@ if triton is not None:
         tl.store(y_ptr + at, (zhat * w + b).to(y_ptr.dtype.element_ty), mask=ok)
         tl.store(zhat_ptr + at, zhat.to(zhat_ptr.dtype.element_ty), mask=ok)
 
+    @triton.autotune(configs=_configs(FORWARD_CONFIGS), key=["n"])
     @triton.jit
     def _forward_kernel(
         h_ptr,
@@ -138,7 +175,7 @@ if triton is not None:
         t,
         n: tl.constexpr,
         quarter: tl.constexpr,
-        p: tl.constexpr,
+        drop: tl.constexpr,
         scale: tl.constexpr,
         eps: tl.constexpr,
         block_q: tl.constexpr,
@@ -148,22 +185,22 @@ if triton is not None:
         row = tl.program_id(0) * rows_per + tl.arange(0, rows_per)
         rows = row.to(tl.int64)[:, None]
         row_ok = rows < t
-        if dropout:  # one Philox call for element j of each of the row's four quarters
-            calls = rows * quarter + tl.arange(0, block_q)[None, :]
-            d0, d1, d2, d3 = tl.rand4x(tl.load(seed_ptr), calls)
+        if dropout:
+            k0, k1, k2, k3 = _keep(seed_ptr, tl.program_id(0) * rows_per, quarter, drop, block_q,
+                                   rows_per)  # fmt: skip
         else:
-            d0, d1, d2, d3 = 1.0, 1.0, 1.0, 1.0
+            k0, k1, k2, k3 = True, True, True, True
         z0, ok0 = _forward_load(
-            h_ptr, res_ptr, bias_ptr, rows, row_ok, 0, n, quarter, d0, p, scale, block_q, dropout
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 0, n, quarter, k0, scale, block_q, dropout
         )
         z1, ok1 = _forward_load(
-            h_ptr, res_ptr, bias_ptr, rows, row_ok, 1, n, quarter, d1, p, scale, block_q, dropout
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 1, n, quarter, k1, scale, block_q, dropout
         )
         z2, ok2 = _forward_load(
-            h_ptr, res_ptr, bias_ptr, rows, row_ok, 2, n, quarter, d2, p, scale, block_q, dropout
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 2, n, quarter, k2, scale, block_q, dropout
         )
         z3, ok3 = _forward_load(
-            h_ptr, res_ptr, bias_ptr, rows, row_ok, 3, n, quarter, d3, p, scale, block_q, dropout
+            h_ptr, res_ptr, bias_ptr, rows, row_ok, 3, n, quarter, k3, scale, block_q, dropout
         )
         # the quarters are added lane by lane first: one reduction across threads per row
         mean = tl.sum(z0 + z1 + z2 + z3, 1)[:, None] / n
@@ -213,8 +250,7 @@ if triton is not None:
         mean_g,
         mean_gz,
         rstd,
-        draw,
-        p,
+        keep,
         scale,
         block_q: tl.constexpr,
         dropout: tl.constexpr,
@@ -224,7 +260,7 @@ if triton is not None:
         dz = tl.where(ok, rstd * (g - mean_g - zhat * mean_gz), 0.0)
         dh = dz
         if dropout:
-            dh = tl.where(draw > p, dz * scale, 0.0)
+            dh = tl.where(keep, dz * scale, 0.0)
         at = rows * n + cols
         tl.store(dres_ptr + at, dz.to(dres_ptr.dtype.element_ty), mask=ok)
         tl.store(dh_ptr + at, dh.to(dh_ptr.dtype.element_ty), mask=ok)
@@ -238,6 +274,7 @@ if triton is not None:
         tl.store(partial_ptr + n + at, tl.sum(db, 0)[None, :], mask=col_ok)
         tl.store(partial_ptr + 2 * n + at, tl.sum(dbias, 0)[None, :], mask=col_ok)
 
+    @triton.autotune(configs=_configs(BACKWARD_CONFIGS), key=["n"])
     @triton.jit
     def _backward_kernel(
         dy_ptr,
@@ -251,7 +288,7 @@ if triton is not None:
         t,
         n: tl.constexpr,
         quarter: tl.constexpr,
-        p: tl.constexpr,
+        drop: tl.constexpr,
         scale: tl.constexpr,
         block_q: tl.constexpr,
         rows_per: tl.constexpr,
@@ -276,10 +313,9 @@ if triton is not None:
             row_ok = rows < t
             rows = rows.to(tl.int64)
             if dropout:  # the forward's draws, again
-                calls = rows * quarter + tl.arange(0, block_q)[None, :]
-                d0, d1, d2, d3 = tl.rand4x(tl.load(seed_ptr), calls)
+                k0, k1, k2, k3 = _keep(seed_ptr, start, quarter, drop, block_q, rows_per)
             else:
-                d0, d1, d2, d3 = 1.0, 1.0, 1.0, 1.0
+                k0, k1, k2, k3 = True, True, True, True
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
             dy0, z0, g0, ok0 = _backward_load(
                 dy_ptr, zhat_ptr, w_ptr, rows, row_ok, 0, n, quarter, block_q
@@ -308,8 +344,7 @@ if triton is not None:
                 mean_g,
                 mean_gz,
                 rstd,
-                d0,
-                p,
+                k0,
                 scale,
                 block_q,
                 dropout,
@@ -327,8 +362,7 @@ if triton is not None:
                 mean_g,
                 mean_gz,
                 rstd,
-                d1,
-                p,
+                k1,
                 scale,
                 block_q,
                 dropout,
@@ -346,8 +380,7 @@ if triton is not None:
                 mean_g,
                 mean_gz,
                 rstd,
-                d2,
-                p,
+                k2,
                 scale,
                 block_q,
                 dropout,
@@ -365,8 +398,7 @@ if triton is not None:
                 mean_g,
                 mean_gz,
                 rstd,
-                d3,
-                p,
+                k3,
                 scale,
                 block_q,
                 dropout,
@@ -411,11 +443,14 @@ if triton is not None:
         n, quarter, block_q = _shape(h)
         y, zhat = torch.empty_like(h), torch.empty_like(h)
         rstd = torch.empty(t, dtype=torch.float32, device=h.device)
-        grid = (triton.cdiv(t, ROWS),)
+
+        def grid(meta: dict[str, int]) -> tuple[int]:
+            return (triton.cdiv(t, meta["rows_per"]),)
+
         torch.library.wrap_triton(_forward_kernel)[grid](
-            h, bias, residual, weight, ln_bias, seed, y, zhat, rstd, t, n, quarter, p,
-            1.0 / (1.0 - p), eps, block_q=block_q, rows_per=ROWS, dropout=p > 0,
-            num_warps=FORWARD_WARPS,
+            h, bias, residual, weight, ln_bias, seed, y, zhat, rstd, t, n, quarter,
+            ops.drop_levels(p), ops.keep_scale(p), eps, block_q=block_q,
+            dropout=ops.drop_levels(p) > 0,
         )  # fmt: skip
         return y, zhat, rstd
 
@@ -431,11 +466,11 @@ if triton is not None:
         t = dy.shape[0]
         n, quarter, block_q = _shape(dy)
         dres, dh = torch.empty_like(dy), torch.empty_like(dy)
-        programs = _programs(dy, triton.cdiv(t, ROWS))
+        programs = _programs(dy, triton.cdiv(t, 2))  # at most one a tile of the fewest rows
         partial = torch.empty(programs, 3, n, dtype=torch.float32, device=dy.device)
         torch.library.wrap_triton(_backward_kernel)[(programs,)](
-            dy, zhat, rstd, weight, seed, dres, dh, partial, t, n, quarter, p, 1.0 / (1.0 - p),
-            block_q=block_q, rows_per=ROWS, dropout=p > 0, num_warps=BACKWARD_WARPS,
+            dy, zhat, rstd, weight, seed, dres, dh, partial, t, n, quarter, ops.drop_levels(p),
+            ops.keep_scale(p), block_q=block_q, dropout=ops.drop_levels(p) > 0,
         )  # fmt: skip
         # the gradients of LayerNorm's weight and bias and of h's bias, [3, N]
         return dres, dh, partial.sum(0)
@@ -470,7 +505,7 @@ def fused_norm(
     """layer_norm(residual + dropout(h + bias, p), weight, ln_bias, eps) over the last dim, in
     h's dtype (see the module docstring), with one kernel each way. h and residual: [..., N],
     the same shape; bias, weight, ln_bias: [N]. p = 0 for no dropout (evaluation)."""
-    if not 0 <= p < 1:
+    if not 0 <= p < 1 or ops.drop_levels(p) == ops.LEVELS:
         raise ValueError(f"fused_norm: dropout probability {p} is not in [0, 1)")
     n = h.shape[-1]
     if p > 0:  # torch's generator: seeding and checkpointed RNG state cover the draws

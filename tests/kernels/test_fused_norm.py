@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from bertforge import kernels  # noqa: E402
+from bertforge import kernels, ops  # noqa: E402
 from bertforge.model import BertConfig, Layer  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -22,6 +22,20 @@ DEVICE = "cuda" if CUDA else "cpu"
 numeric = pytest.mark.skipif(
     not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"
 )
+
+
+@pytest.fixture(params=range(len(kernels.FORWARD_CONFIGS)))
+def config(request, monkeypatch):
+    """Each autotuned configuration, the forward's and the backward's in turn (rows of a tile
+    2 or 4 each way, mixed): the kernels must agree whatever tiles each one takes."""
+    i = request.param
+    for fn, pairs in (
+        (kernels._forward_kernel, kernels.FORWARD_CONFIGS),
+        (kernels._backward_kernel, kernels.BACKWARD_CONFIGS),
+    ):
+        rows, warps = pairs[i]
+        monkeypatch.setattr(fn, "configs", [triton.Config({"rows_per": rows}, num_warps=warps)])
+    return i
 
 
 def inputs(t: int, n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -48,7 +62,7 @@ def reference(
 ):
     """The block in float64 with the given keep mask: output and the five gradients."""
     h, bias, res, w, lb = (x.detach().double().requires_grad_() for x in leaves)
-    u = torch.where(keep, (h + bias) / (1 - p), 0)
+    u = torch.where(keep, (h + bias) * ops.keep_scale(p), 0) if p else h + bias
     y = F.layer_norm(res + u, (h.shape[-1],), w, lb, eps)
     y.backward(dy.double())
     return y.detach(), [x.grad for x in (h, bias, res, w, lb)]
@@ -67,7 +81,7 @@ def run(leaves: list[torch.Tensor], dy: torch.Tensor, p: float, eps: float):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("n", [96, 30, 13])  # quarters of 24, of 8 (blocks of 8), of 4 (last: 1)
-def test_matches_float64_layer_norm_with_the_same_mask(n, p, dtype):
+def test_matches_float64_layer_norm_with_the_same_mask(n, p, dtype, config):
     t, eps = 37, 1e-12  # rows not a multiple of the tile's; BERT's epsilon
     *leaves, dy = inputs(t, n, dtype)
     y, grads = run(leaves, dy, p, eps)
@@ -95,7 +109,7 @@ def test_matches_float64_layer_norm_with_the_same_mask(n, p, dtype):
 
 
 @numeric
-def test_draws_follow_torch_seed_and_differ_per_quarter():
+def test_draws_follow_torch_seed_and_differ_per_quarter(config):
     t, n, p = 128, 64, 0.25
     *leaves, dy = inputs(t, n, torch.float32, seed=1)
 
@@ -207,8 +221,8 @@ def test_kernels_compile_for_an_h100(dtype, p):
 
     n = 768
     quarter = n // 4
-    shared = {"n": n, "quarter": quarter, "p": p, "scale": 1 / (1 - p), "block_q": 256,
-              "rows_per": kernels.ROWS, "dropout": p > 0}  # fmt: skip
+    shared = {"n": n, "quarter": quarter, "drop": ops.drop_levels(p),
+              "scale": ops.keep_scale(p), "block_q": 256, "dropout": p > 0}  # fmt: skip
     half = f"*{dtype}"
     forward = {"h_ptr": half, "bias_ptr": "*fp32", "res_ptr": half, "w_ptr": "*fp32",
                "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": half, "zhat_ptr": half,
@@ -216,14 +230,16 @@ def test_kernels_compile_for_an_h100(dtype, p):
     backward = {"dy_ptr": half, "zhat_ptr": half, "rstd_ptr": "*fp32", "w_ptr": "*fp32",
                 "seed_ptr": "*i64", "dres_ptr": half, "dh_ptr": half, "partial_ptr": "*fp32",
                 "t": "i32"}  # fmt: skip
-    for fn, signature, constants, warps in (
-        (kernels._forward_kernel, forward, {**shared, "eps": 1e-12}, kernels.FORWARD_WARPS),
-        (kernels._backward_kernel, backward, shared, kernels.BACKWARD_WARPS),
+    for tuner, signature, constants in (
+        (kernels._forward_kernel, forward, {**shared, "eps": 1e-12}),
+        (kernels._backward_kernel, backward, shared),
     ):
-        signature = {**signature, **{name: "constexpr" for name in constants}}
-        assert set(signature) == set(fn.arg_names)
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
-        )
-        assert compiled.asm["cubin"], fn.arg_names
+        for config in tuner.configs:
+            fixed = {**constants, **config.kwargs}
+            signature = {**signature, **{name: "constexpr" for name in fixed}}
+            assert set(signature) == set(tuner.fn.arg_names)
+            source = triton.compiler.ASTSource(fn=tuner.fn, signature=signature, constexprs=fixed)
+            compiled = triton.compile(
+                source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+            )
+            assert compiled.asm["cubin"], (tuner.fn.arg_names, config)
