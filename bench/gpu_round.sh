@@ -6,9 +6,10 @@
 # Stages, in the order to run them:
 #   tests     tests/test_cuda.py, test_ops.py, test_model.py and tests/kernels (the fused
 #             Triton kernels against float64 torch) on the GPU; bench/optimizer_update.py
-#   fusednorm packed, no peer, with and without --fused-norm (kernels.py: each layer's bias +
-#             dropout + residual + LayerNorm one Triton kernel each way), interleaved, each
-#             with a profile: whether it beats inductor's fusion (then the trainer's default)
+#   fused     packed, no peer, bertforge's Triton kernels (kernels.py) against inductor's
+#             fusion: --fused-norm (each layer's bias + dropout + residual + LayerNorm) and
+#             --fused-gelu (the feed-forward's bias + GELU), each with and without (4 sides),
+#             interleaved, each with a profile: what wins becomes the trainer's default
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   bandwidth packed, no peer, every layer in one graph: inductor times each of its own
 #             (Triton) kernels once and counts the bytes it moves; bench/kernel_bandwidth.py
@@ -45,9 +46,9 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): base128 (with --profile 3), fusednorm, tests, regions,
+# all within SECONDS (default 540): base128 (with --profile 3), fused, tests, regions,
 # cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each took.
-# The headline first, then the fused Triton kernels (fusednorm: their speed; tests: their
+# The headline first, then the fused Triton kernels (fused: their speed; tests: their
 # numbers on the GPU, only ever checked under Triton's CPU interpreter before), then the
 # three that may win time outright (regions: every layer in one graph, whose LayerNorm
 # backward moves 7% fewer bytes by bench/kernel_census.py, a default to switch at once;
@@ -69,7 +70,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in base128:150 fusednorm:150 tests:170 regions:150 cppwrap:150 graphs:180 \
+  for spec in base128:150 fused:240 tests:170 regions:150 cppwrap:150 graphs:180 \
     bandwidth:150 elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
@@ -84,7 +85,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | base128 | fusednorm | bandwidth | graphs | cppwrap | autotune | tuning | eager \
+  tests | base128 | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
     | regions \
     | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
@@ -108,9 +109,9 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         || echo "pytest: failures above (rc $?)"
       "$py" bench/optimizer_update.py --model-size base ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
-    fusednorm)
-      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm both --profile 1 \
-        "$@" ;;
+    fused)
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm both \
+        --fused-gelu both --profile 1 "$@" ;;
     bandwidth)
       # every layer in one graph: a nested region's wrapper would restart the tally; no
       # benchmark harness: with an output file inductor would run each graph once more at

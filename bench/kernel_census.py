@@ -65,11 +65,28 @@ from bertforge.train import Objective, model_batch, objective_args
 
 POINTWISE = {"XBLOCK": 1024}, 4
 PERSISTENT_ROWS, PERSISTENT_WARPS = 8, 8
-H200_SMS = 132  # the backward's programs on the GPU (kernels._programs)
-# bertforge's own kernels (kernels.py): the rows x hidden tensors each reads and writes
-FUSED_NORM = {
-    "_forward_kernel": ("h_ptr", "res_ptr", "y_ptr", "zhat_ptr"),
-    "_backward_kernel": ("dy_ptr", "zhat_ptr", "dres_ptr", "dh_ptr"),
+H200_SMS = 132  # a persistent kernel's programs on the GPU (kernels._programs)
+
+
+@dataclass(frozen=True)
+class Own:
+    """One of bertforge's Triton kernels (kernels.py), which inductor calls as written and
+    counts no bytes for: the [T, width] tensors it reads and writes; the constants naming a
+    row's width and a tile's; fp32 bytes a row besides; rows of fp32 partial column sums each
+    program writes (a persistent backward) or 0."""
+
+    tensors: tuple[str, ...]
+    width: str
+    tile: str
+    row_bytes: int = 0
+    partial_rows: int = 0
+
+
+OWN = {
+    "_forward_kernel": Own(("h_ptr", "res_ptr", "y_ptr", "zhat_ptr"), "n", "n", 4),
+    "_backward_kernel": Own(("dy_ptr", "zhat_ptr", "dres_ptr", "dh_ptr"), "n", "n", 4, 3),
+    "_gelu_forward_kernel": Own(("h_ptr", "y_ptr"), "f", "columns"),
+    "_gelu_backward_kernel": Own(("dy_ptr", "h_ptr", "du_ptr"), "f", "columns", 0, 1),
 }
 
 
@@ -86,10 +103,9 @@ class Kernel:
         return float(found.group(1)) if found else None
 
     @property
-    def fused_norm(self) -> bool:
-        """One of bertforge's own Triton kernels (`kernels.fused_norm`), which inductor calls as
-        written and counts no bytes for."""
-        return self.name in FUSED_NORM
+    def own(self) -> Own | None:
+        """What bertforge's own kernel this is (None: one of inductor's)."""
+        return OWN.get(self.name)
 
     @functools.cached_property
     def constants(self) -> dict[str, Any]:
@@ -99,20 +115,21 @@ class Kernel:
 
     def total_gb(self) -> float | None:
         """The bytes all calls of one step move, in GB: inductor's count per call times the
-        calls, or for bertforge's kernels the rows x hidden tensors each reads and writes (and
-        the per-row and per-program fp32 vectors)."""
-        if not self.fused_norm:
+        calls, or for bertforge's kernels the [T, width] tensors each reads and writes, the
+        per-row vectors and the partial sums of the programs it would run on an H200."""
+        own = self.own
+        if own is None:
             return None if self.gb is None else self.gb * len(self.calls)
         sizes = {"bf16": 2, "fp16": 2, "fp32": 4}
-        per_element = sum(sizes[self.signature[name].lstrip("*")] for name in FUSED_NORM[self.name])
-        n = self.constants["n"]
+        per_element = sum(sizes[self.signature[name].lstrip("*")] for name in own.tensors)
+        width, tile = self.constants[own.width], self.constants[own.tile]
+        blocks = -(-width // tile)
+        programs = max(1, H200_SMS * kernels_module.PROGRAMS_PER_SM // blocks)
         total = 0
         for call in self.calls:
             t = call["t"]
-            total += t * n * per_element + 4 * t  # and the reciprocal deviations, fp32
-            if self.name == "_backward_kernel":  # one row of partial sums per program, x 3
-                programs = min(-(-t // 2), H200_SMS * kernels_module.PROGRAMS_PER_SM)
-                total += programs * 3 * n * 4
+            total += t * (width * per_element + own.row_bytes)
+            total += min(-(-t // 2), programs) * own.partial_rows * width * 4
         return total / 1e9
 
     @functools.cached_property
@@ -128,7 +145,7 @@ class Kernel:
         return self.name.split("_")[1]
 
     def note_call(self, args: tuple[Any, ...]) -> None:
-        if self.fused_norm:  # its runtime parameters first (then what its grid is made of)
+        if self.own:  # its runtime parameters first (then what its grid is made of)
             runtime = [name for name, kind in self.signature.items() if kind != "constexpr"]
             self.calls.append({"t": args[runtime.index("t")]})
             return
@@ -139,9 +156,9 @@ class Kernel:
 
     def elements(self, numels: dict[str, int]) -> int:
         """Elements a call works on: the product of its ranges (x, y; r0 of a reduction);
-        rows x hidden for bertforge's kernels."""
-        if self.fused_norm:
-            return numels["t"] * self.constants["n"]
+        rows x width for bertforge's kernels."""
+        if self.own:
+            return numels["t"] * self.constants[self.own.width]
         return int(np.prod(list(numels.values())))
 
 
@@ -172,7 +189,7 @@ class ToolchainOnly:
 
 
 @contextlib.contextmanager
-def captured_kernels(fused_norm: bool = False) -> Iterator[list[Kernel]]:
+def captured_kernels(own: bool = False) -> Iterator[list[Kernel]]:
     """Inductor generating Triton kernels for a CPU, each captured instead of compiled."""
     import torch._inductor.config as inductor
     import torch._inductor.scheduler as scheduler
@@ -195,7 +212,7 @@ def captured_kernels(fused_norm: bool = False) -> Iterator[list[Kernel]]:
         patches.append((scheduler, "_is_gpu_triton_backend", lambda a, b: True))
     else:
         print("kernel_census: this torch's inductor keeps mix-order reductions to CUDA; left out")
-    if fused_norm:  # user-defined kernels: inductor reads from their TTIR what they write
+    if own:  # user-defined kernels: inductor reads from their TTIR what they write
         from triton.runtime import driver
 
         patches.append((driver, "_active", ToolchainOnly()))
@@ -266,10 +283,10 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     p = predictions(seq)
     model = BertForPretraining(bench_config(args))
     model.compile_regions = not args.whole_graph
-    if args.fused_norm:
+    if args.fused_norm or args.fused_gelu:
         kernels_module.usable = lambda x: True
         for layer in model.layers:
-            layer.fused_norm = True
+            layer.fused_norm, layer.fused_gelu = args.fused_norm, args.fused_gelu
     for m in model.modules():
         if isinstance(m, Dropout):
             m.bits = args.draws  # False: torch's dropout, the CUDA default (ops.compiled_draws)
@@ -280,7 +297,7 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
         spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
         rows = step_rows(data, Order(len(data), 1), spec, 1, 0, batch)
     cpu = torch.device("cpu")
-    with captured_kernels(args.fused_norm) as kernels:
+    with captured_kernels(args.fused_norm or args.fused_gelu) as kernels:
         step = train.compile_step(Objective(model))
         b, lengths, layout = model_batch(rows, cpu, packed)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -313,8 +330,8 @@ def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
     from triton.backends.compiler import GPUTarget
 
     signature = kernel.signature
-    if kernel.fused_norm:
-        return fused_norm_instructions(kernel, workdir)
+    if kernel.own:
+        return own_instructions(kernel, workdir)
     if kernel.kind == "poi":
         constexprs, warps = POINTWISE
         per_thread = constexprs["XBLOCK"] / (warps * 32)
@@ -337,7 +354,7 @@ def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
     return len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread
 
 
-def fused_norm_instructions(kernel: Kernel, workdir: Path) -> float:
+def own_instructions(kernel: Kernel, workdir: Path) -> float:
     """Static sm_90 SASS instructions per element of bertforge's kernel, compiled from
     bertforge.kernels with the constants it runs with, over the rows x hidden elements of one
     tile (the backward's loop body and its set-up counted once, as for one tile: an
@@ -355,7 +372,8 @@ def fused_norm_instructions(kernel: Kernel, workdir: Path) -> float:
         compiled = triton.compile(
             source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
         )
-        per_thread = constants["rows_per"] * constants["n"] / (config.num_warps * 32)
+        tile = constants[kernel.own.tile]  # type: ignore[union-attr]
+        per_thread = constants["rows_per"] * tile / (config.num_warps * 32)
         counts.append(len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread)
     return min(counts)
 
@@ -394,6 +412,11 @@ def main() -> None:
         help="each layer's bias + dropout + residual + LayerNorm as bertforge's Triton kernels "
         "(kernels.py, the trainer's --fused-norm) instead of inductor's fusion",
     )
+    ap.add_argument(
+        "--fused-gelu",
+        action="store_true",
+        help="the feed-forward's bias + GELU as bertforge's Triton kernels (--fused-gelu)",
+    )
     ap.add_argument("--bandwidth-gbps", type=float, default=4800.0, help="H200: 4,800 GB/s")
     ap.add_argument("--issue-tops", type=float, default=33.4, help="T instructions/s (H200: 33.4)")
     ap.add_argument("--top", type=int, default=16, help="kernels listed")
@@ -419,8 +442,10 @@ def main() -> None:
     print(
         f"{args.model_size}, seq {args.seq_len}, batch {args.batch_size}, {args.layout} "
         f"({tokens:,} tokens), dropout {args.dropout}{' (15-bit draws)' if args.draws else ''}, "
-        f"{args.hidden_act}{', whole graph' if args.whole_graph else ''}: {len(rows)} kernels, "
-        f"{sum(r['calls'] for r in rows)} calls a step"
+        f"{args.hidden_act}{', whole graph' if args.whole_graph else ''}"
+        f"{', --fused-norm' if args.fused_norm else ''}"
+        f"{', --fused-gelu' if args.fused_gelu else ''}"
+        f": {len(rows)} kernels, {sum(r['calls'] for r in rows)} calls a step"
     )
     print(
         f"bytes {total['gb']:.2f} GB ({total['gb'] * 1e6 / tokens:.0f} KB a token): "
@@ -442,6 +467,7 @@ def main() -> None:
         "model_size": args.model_size, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "layout": args.layout, "dropout": args.dropout, "draws": args.draws,
         "hidden_act": args.hidden_act, "whole_graph": args.whole_graph,
+        "fused_norm": args.fused_norm, "fused_gelu": args.fused_gelu,
         "tokens": tokens, "torch": torch.__version__, "bandwidth_gbps": args.bandwidth_gbps,
         "issue_tops": args.issue_tops, "gb": round(total["gb"], 3), "uncounted": uncounted,
         "memory_ms": round(total["memory_ms"], 3), "floor_ms": round(total["floor_ms"], 3),

@@ -273,6 +273,14 @@ def main() -> None:
         "name; CUDA with Triton); both: with and without, interleaved",
     )
     ap.add_argument(
+        "--fused-gelu",
+        choices=["no", "yes", "both"],
+        default="no",
+        help="bertforge's sides with each layer's feed-forward bias + GELU as one Triton kernel "
+        "each way (kernels.bias_gelu, the trainer's --fused-gelu; '+fusedgelu' in the name; "
+        "CUDA with Triton); both: with and without, interleaved",
+    )
+    ap.add_argument(
         "--malloc",
         choices=["auto", "tuned", "default"],
         default="auto",
@@ -326,9 +334,12 @@ def main() -> None:
     kinds.sort(key=lambda kind: kind != "padded")
     if args.compile == "no" and args.graphs != "no":
         ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
-    if args.fused_norm != "no" and not (args.device == "cuda" and kernels.available()):
-        ap.error("--fused-norm: the fused kernels run on CUDA with Triton only")
-    fuseds = {"no": [""], "yes": ["+fusednorm"], "both": ["", "+fusednorm"]}[args.fused_norm]
+    for flag, value in (("--fused-norm", args.fused_norm), ("--fused-gelu", args.fused_gelu)):
+        if value != "no" and not (args.device == "cuda" and kernels.available()):
+            ap.error(f"{flag}: the fused kernels run on CUDA with Triton only")
+    norms = {"no": [""], "yes": ["+fusednorm"], "both": ["", "+fusednorm"]}[args.fused_norm]
+    gelus = {"no": [""], "yes": ["+fusedgelu"], "both": ["", "+fusedgelu"]}[args.fused_gelu]
+    fuseds = [norm + gelu for norm in norms for gelu in gelus]
     regions = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
     cuda_graphs = {"no": [""], "yes": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
     ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
@@ -387,15 +398,17 @@ def main() -> None:
         """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
         regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
-        compiled; "+fusednorm": kernels.fused_norm in every layer), on its own model (same
-        init) and optimizer: it reads nothing back unless the optimizer cannot skip a bad step
-        on the device (then `update` does, as in the trainer)."""
+        compiled; "+fusednorm" / "+fusedgelu": kernels.fused_norm / bias_gelu in every
+        layer), on its own model (same init) and optimizer: it reads nothing back unless the
+        optimizer cannot skip a bad step on the device (then `update` does, as in the
+        trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
         model.compile_regions = "+whole" not in variant
         for layer in model.layers:
             layer.fused_norm = "+fusednorm" in variant
+            layer.fused_gelu = "+fusedgelu" in variant
         bits = True if "+bits" in variant else False if "+torchdrop" in variant else None
         for module in model.modules():
             if isinstance(module, Dropout):

@@ -17,7 +17,7 @@ from bertforge import kernels
 from bertforge.cli import main
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, Layer
-from bertforge.train import check_fused_norm
+from bertforge.train import check_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_PYTHON = os.environ.get("BERTFORGE_TRITON_PYTHON")
@@ -64,13 +64,14 @@ def test_without_triton_the_layer_keeps_its_plain_path():
     layer = Layer(c).eval()
     x = torch.randn(2, 5, 32)
     plain = layer(x, None)
-    layer.fused_norm = True
+    layer.fused_norm = layer.fused_gelu = True
     torch.testing.assert_close(layer(x, None), plain, rtol=0, atol=0)
 
 
-def test_fused_norm_flag_needs_cuda_with_triton():
-    with pytest.raises(UserError, match="--fused-norm needs a CUDA device with Triton"):
-        check_fused_norm(torch.device("cpu"))
+def test_fused_flags_need_cuda_with_triton():
+    for flag in ("--fused-norm", "--fused-gelu"):
+        with pytest.raises(UserError, match=f"{flag} needs a CUDA device with Triton"):
+            check_fused(flag, torch.device("cpu"))
 
 
 def test_train_with_fused_norm_on_a_cpu_stops_before_writing(

@@ -356,6 +356,11 @@ class TrainConfig:
     stored, LayerNorm's and the bias's gradients in one pass. Off by default until a GPU run
     has measured it against inductor's own fusion (bench/train_throughput.py --fused-norm).
     Dropout draws differ from the unfused path's; the model and its weights are the same."""
+    fused_gelu: bool = False
+    """Each layer's feed-forward bias + GELU (erf form) as one Triton kernel each way (CUDA with
+    Triton only): a branch-free erf (absolute error under 5e-7) where inductor's kernels are
+    bound by libdevice's instructions, and the bias's gradient summed in the same pass. Off by
+    default until a GPU run has measured it (bench/train_throughput.py --fused-gelu)."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

@@ -12,7 +12,8 @@ GELU, learned absolute positions), but the code is shaped for speed:
   attention with dropout on CUDA; elsewhere a pad/attend/unpad fallback that computes the
   same thing);
 - on request (`Layer.fused_norm`, the trainer's --fused-norm), each sublayer's output bias,
-  dropout, residual add and LayerNorm are one Triton kernel each way (`kernels.fused_norm`).
+  dropout, residual add and LayerNorm are one Triton kernel each way (`kernels.fused_norm`);
+  likewise the feed-forward's bias + GELU (`Layer.fused_gelu`, --fused-gelu).
 
 The weights map to `transformers.BertForPreTraining` through the explicit table in
 `hf_key_table` (q/k/v are split, the vocab padding is cut), checked numerically in the tests.
@@ -289,9 +290,11 @@ class Dropout(nn.Dropout):
 class Layer(nn.Module):
     """One post-LayerNorm encoder layer. `fused_norm` True: the output bias, dropout, residual
     add and LayerNorm of both sublayers run as `kernels.fused_norm` where it can run (CUDA with
-    Triton); the plain modules otherwise. Same weights either way."""
+    Triton); `fused_gelu` True: the feed-forward's bias and GELU (the erf form) as
+    `kernels.bias_gelu`; the plain modules otherwise. Same weights either way."""
 
     fused_norm: bool = False
+    fused_gelu: bool = False
 
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
@@ -306,13 +309,20 @@ class Layer(nn.Module):
         self.ffn_norm = LayerNorm(h, eps=c.layer_norm_eps)
         self.dropout = Dropout(c.hidden_dropout_prob)
         self.act = ACTIVATIONS[c.hidden_act]
+        self.hidden_act = c.hidden_act
 
     def forward(self, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
         # x: (B, S, H) padded or (T, H) packed; heads split the last dim into (nh, hs)
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
         a = attend(q, k, v, layout, self.attention_dropout if self.training else 0.0)
         x = self.add_norm(self.attn_out, a.flatten(-2), x, self.attn_norm)
-        return self.add_norm(self.ffn_out, self.act(self.ffn_in(x)), x, self.ffn_norm)
+        return self.add_norm(self.ffn_out, self.feed_forward_in(x), x, self.ffn_norm)
+
+    def feed_forward_in(self, x: torch.Tensor) -> torch.Tensor:
+        """act(ffn_in(x))."""
+        if self.fused_gelu and self.hidden_act == "gelu" and kernels.usable(x):
+            return kernels.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias)
+        return self.act(self.ffn_in(x))
 
     def add_norm(
         self, out: nn.Linear, a: torch.Tensor, x: torch.Tensor, norm: LayerNorm
@@ -360,6 +370,7 @@ class BertForPretraining(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(c.padded_vocab_size))
         self.nsp = nn.Linear(h, 2)
         self.act = ACTIVATIONS[c.hidden_act]
+        self.hidden_act = c.hidden_act
         self.apply(self._init)
         with torch.no_grad():  # padding rows: never looked up, never predicted
             self.word_embeddings.weight[c.vocab_size :].zero_()

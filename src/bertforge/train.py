@@ -111,6 +111,7 @@ RESUMABLE = {
     "max_bad_steps",
     "packed",
     "fused_norm",  # the same model and weights, other dropout draws
+    "fused_gelu",
     "peak_tflops",
 }
 EVAL_KEYS = (
@@ -222,8 +223,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         precision, bert.hidden_size // bert.num_attention_heads
     )
     packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
-    if cfg.fused_norm:
-        check_fused_norm(d.device)
+    for flag, on in (("--fused-norm", cfg.fused_norm), ("--fused-gelu", cfg.fused_gelu)):
+        if on:
+            check_fused(flag, d.device)
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -269,7 +271,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
     for layer in model.layers:
-        layer.fused_norm = cfg.fused_norm
+        layer.fused_norm, layer.fused_gelu = cfg.fused_norm, cfg.fused_gelu
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:
@@ -1287,14 +1289,14 @@ def quiet_inductor_notes() -> None:
     warnings.filterwarnings("ignore", r"\s*Online softmax is disabled", UserWarning)
 
 
-def check_fused_norm(device: torch.device) -> None:
-    """--fused-norm where `kernels.fused_norm` cannot run: one clear error, before anything is
-    written."""
+def check_fused(flag: str, device: torch.device) -> None:
+    """--fused-norm / --fused-gelu where bertforge's Triton kernels cannot run: one clear
+    error, before anything is written."""
     if device.type != "cuda" or not kernels.available():
         where = "Triton is not installed" if device.type == "cuda" else f"training is on {device}"
         raise UserError(
-            f"--fused-norm needs a CUDA device with Triton ({where}); leave the flag out to "
-            "train with torch's own LayerNorm and dropout."
+            f"{flag} needs a CUDA device with Triton ({where}); leave the flag out to train "
+            "with torch's own kernels."
         )
 
 

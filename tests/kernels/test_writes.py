@@ -1,0 +1,69 @@
+"""What inductor reads from bertforge's kernels' TTIR about the tensors each one writes.
+
+Inductor copies every tensor a user-defined kernel may write before the call, so a kernel it
+misreads as writing its inputs costs a copy of them each step (a helper that loaded through
+the pointers it was given once made the bias + GELU kernels look as if they wrote h and the
+bias). The analysis needs Triton's CUDA target, not a GPU: a stand-in driver gives it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from bertforge import kernels, ops  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    kernels.interpreted(), reason="the TTIR of compiled kernels, not interpreted ones"
+)
+
+
+class SM90:
+    """Triton's active driver where no GPU is: only the target to compile for."""
+
+    def get_current_target(self):  # type: ignore[no-untyped-def]
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def written(kernel, **kwargs) -> set[str]:  # type: ignore[no-untyped-def]
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    from triton.runtime import driver
+
+    saved = driver._active
+    driver._active = SM90()
+    try:
+        accesses = identify_accessed_tensors(kernel, kwargs, {})
+    finally:
+        driver._active = saved
+    return {dep.name for dep in accesses.read_writes.writes}
+
+
+def tensor(dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.empty(2, dtype=dtype)
+
+
+def test_each_kernel_writes_only_its_outputs():
+    f32, seed = torch.float32, torch.empty(1, dtype=torch.int64)
+    norm = {"n": 768, "quarter": 192, "drop": ops.drop_levels(0.1),
+            "scale": ops.keep_scale(0.1), "block_q": 256, "dropout": True}  # fmt: skip
+    assert written(
+        kernels._forward_kernel, h_ptr=tensor(), bias_ptr=tensor(f32), res_ptr=tensor(),
+        w_ptr=tensor(f32), b_ptr=tensor(f32), seed_ptr=seed, y_ptr=tensor(), zhat_ptr=tensor(),
+        rstd_ptr=tensor(f32), t=64, eps=1e-12, **norm,
+    ) == {"y_ptr", "zhat_ptr", "rstd_ptr"}  # fmt: skip
+    assert written(
+        kernels._backward_kernel, dy_ptr=tensor(), zhat_ptr=tensor(), rstd_ptr=tensor(f32),
+        w_ptr=tensor(f32), seed_ptr=seed, dres_ptr=tensor(), dh_ptr=tensor(),
+        partial_ptr=tensor(f32), t=64, **norm,
+    ) == {"dres_ptr", "dh_ptr", "partial_ptr"}  # fmt: skip
+    gelu = {"t": 64, "f": 3072, "columns": kernels.GELU_COLUMNS}
+    assert written(
+        kernels._gelu_forward_kernel, h_ptr=tensor(), bias_ptr=tensor(f32), y_ptr=tensor(), **gelu
+    ) == {"y_ptr"}
+    assert written(
+        kernels._gelu_backward_kernel, dy_ptr=tensor(), h_ptr=tensor(), bias_ptr=tensor(f32),
+        du_ptr=tensor(), partial_ptr=tensor(f32), **gelu,
+    ) == {"du_ptr", "partial_ptr"}  # fmt: skip
