@@ -34,6 +34,8 @@ for the tests). `available()` says whether this torch can use it at all.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from bertforge import ops
@@ -77,6 +79,8 @@ def usable(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    # Triton 3.9's fdiv can divide approximately; 3.6's (torch 2.11's) cannot be asked to
+    APPROX_DIVISION = tl.constexpr("approx" in inspect.signature(tl.math.fdiv).parameters)
 
     def _configs(pairs: tuple[tuple[int, int], ...]) -> list[triton.Config]:
         """Triton configs; the first alone under the interpreter, which cannot time them."""
@@ -425,7 +429,10 @@ if triton is not None:
         """erf(s) = sign(s) (1 - q e) with e = exp(-s^2) (Abramowitz and Stegun 7.1.26, absolute
         error under 1.5e-7; in fp32 under 5e-7, from rounding 1 - q e near 0): returns q and
         e, so a caller that needs exp(-s^2) too has it."""
-        t = tl.math.fdiv(1.0, 1.0 + 0.3275911 * tl.abs(s), approx=True)  # 2 ulp
+        if APPROX_DIVISION:  # div.approx.f32: 2 ulp, a reciprocal and a multiply
+            t = tl.math.fdiv(1.0, 1.0 + 0.3275911 * tl.abs(s), approx=True)
+        else:
+            t = 1.0 / (1.0 + 0.3275911 * tl.abs(s))
         q = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
             + t * 1.061405429))))  # fmt: skip
         return q, tl.exp(-s * s)
