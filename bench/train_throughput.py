@@ -188,6 +188,16 @@ def set_inductor(key: str, value: Any) -> None:
     setattr(target, name, value)
 
 
+def variant_flag(ap: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A flag that measures bertforge's sides without (no), with (yes) or both ways."""
+    ap.add_argument(flag, choices=["no", "yes", "both"], default="no", help=help)
+
+
+def with_without(choice: str, suffix: str) -> list[str]:
+    """The side-name suffixes a variant_flag's choice measures."""
+    return {"no": [""], "yes": [suffix], "both": ["", suffix]}[choice]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="mini")
@@ -231,11 +241,10 @@ def main() -> None:
         help="bertforge's batch layouts to measure, interleaved: padded, packed or padded,packed "
         "(each its own model and optimizer; the fastest is the headline figure)",
     )
-    ap.add_argument(
+    variant_flag(
+        ap,
         "--whole-graph",
-        choices=["no", "yes", "both"],
-        default="no",
-        help="with --compile: trace every layer into the step's graph instead of compiling one "
+        "with --compile: trace every layer into the step's graph instead of compiling one "
         "layer as a nested region reused by all (the model's default); both measures each "
         "layout both ways ('+whole' in its name)",
     )
@@ -247,11 +256,10 @@ def main() -> None:
         help="set torch._inductor.config.KEY (a Python literal) for this run, e.g. "
         "coordinate_descent_tuning=True; repeatable",
     )
-    ap.add_argument(
+    variant_flag(
+        ap,
         "--graphs",
-        choices=["no", "yes", "both"],
-        default="no",
-        help="CUDA graphs (torch.compile mode reduce-overhead; packed batches rounded up to "
+        "CUDA graphs (torch.compile mode reduce-overhead; packed batches rounded up to "
         "a multiple of seq x batch/64 tokens by filler, so a few shapes are recorded); both: "
         "with and without ('+graphs' in the name), interleaved",
     )
@@ -264,19 +272,17 @@ def main() -> None:
         "'+torchdrop'), both, interleaved, or auto: the model's default (the draws on a CPU, "
         "torch's on CUDA)",
     )
-    ap.add_argument(
+    variant_flag(
+        ap,
         "--fused-norm",
-        choices=["no", "yes", "both"],
-        default="no",
-        help="bertforge's sides with each layer's bias + dropout + residual + LayerNorm as one "
+        "bertforge's sides with each layer's bias + dropout + residual + LayerNorm as one "
         "Triton kernel each way (kernels.py, the trainer's --fused-norm; '+fusednorm' in the "
         "name; CUDA with Triton); both: with and without, interleaved",
     )
-    ap.add_argument(
+    variant_flag(
+        ap,
         "--fused-gelu",
-        choices=["no", "yes", "both"],
-        default="no",
-        help="bertforge's sides with each layer's feed-forward bias + GELU as one Triton kernel "
+        "bertforge's sides with each layer's feed-forward bias + GELU as one Triton kernel "
         "each way (kernels.bias_gelu, the trainer's --fused-gelu; '+fusedgelu' in the name; "
         "CUDA with Triton); both: with and without, interleaved",
     )
@@ -337,11 +343,13 @@ def main() -> None:
     for flag, value in (("--fused-norm", args.fused_norm), ("--fused-gelu", args.fused_gelu)):
         if value != "no" and not (args.device == "cuda" and kernels.available()):
             ap.error(f"{flag}: the fused kernels run on CUDA with Triton only")
-    norms = {"no": [""], "yes": ["+fusednorm"], "both": ["", "+fusednorm"]}[args.fused_norm]
-    gelus = {"no": [""], "yes": ["+fusedgelu"], "both": ["", "+fusedgelu"]}[args.fused_gelu]
-    fuseds = [norm + gelu for norm in norms for gelu in gelus]
-    regions = {"no": [""], "yes": ["+whole"], "both": ["", "+whole"]}[args.whole_graph]
-    cuda_graphs = {"no": [""], "yes": ["+graphs"], "both": ["", "+graphs"]}[args.graphs]
+    fuseds = [
+        norm + gelu
+        for norm in with_without(args.fused_norm, "+fusednorm")
+        for gelu in with_without(args.fused_gelu, "+fusedgelu")
+    ]
+    regions = with_without(args.whole_graph, "+whole")
+    cuda_graphs = with_without(args.graphs, "+graphs")
     ways = {"no": [""], "yes": ["compiled"], "both": ["compiled", "+eager"]}[args.compile]
     drops = {"auto": [""], "bits": ["+bits"], "torch": ["+torchdrop"]}
     drops["both"] = drops["bits"] + drops["torch"]
@@ -546,6 +554,8 @@ def main() -> None:
         "inductor": args.inductor,
         "whole_graph": args.whole_graph,
         "graphs": args.graphs,
+        "fused_norm": args.fused_norm,
+        "fused_gelu": args.fused_gelu,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,
         "hidden_act": args.hidden_act,

@@ -11,26 +11,29 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from bertforge import kernels  # noqa: E402
-from bertforge.model import BertConfig, Layer  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-numeric = pytest.mark.skipif(
-    not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"
+from tests.kernels.common import (  # noqa: E402
+    DEVICE,
+    compile_for_sm90,
+    compiled,
+    kernel_name,
+    launches,
+    layer_with_and_without,
+    numeric,
+    pin_configs,
+    traced,
 )
 
 
 @pytest.fixture(params=range(len(kernels.GELU_FORWARD_CONFIGS)))
 def config(request, monkeypatch):
     """Each autotuned configuration of the two kernels (rows of a tile, warps)."""
-    i = request.param
-    for fn, pairs in (
+    pin_configs(
+        monkeypatch,
+        request.param,
         (kernels._gelu_forward_kernel, kernels.GELU_FORWARD_CONFIGS),
         (kernels._gelu_backward_kernel, kernels.GELU_BACKWARD_CONFIGS),
-    ):
-        rows, warps = pairs[i]
-        monkeypatch.setattr(fn, "configs", [triton.Config({"rows_per": rows}, num_warps=warps)])
-    return i
+    )
+    return request.param
 
 
 @numeric
@@ -73,73 +76,36 @@ def test_erf_is_within_its_bound_over_the_whole_range():
 
 @numeric
 def test_layer_fused_gelu_matches_the_plain_layer():
-    c = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    layer = Layer(c).to(DEVICE).eval()
-    x = torch.randn(2, 5, 32, device=DEVICE)
-    dy = torch.randn(2, 5, 32, device=DEVICE)
-    outs = []
-    for fused in (False, True):
-        layer.fused_gelu = fused
-        layer.zero_grad()
-        y = layer(x, None)
-        y.backward(dy)
-        outs.append((y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}))
-    (y0, g0), (y1, g1) = outs
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+    layer_with_and_without("fused_gelu")
 
 
-@pytest.mark.skipif(kernels.interpreted(), reason="the interpreter's kernels cannot be traced")
+@traced
 def test_compile_traces_both_kernels():
-    from torch._functorch.aot_autograd import aot_function
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    graphs = []
-
-    def keep(gm, _):  # type: ignore[no-untyped-def]
-        graphs.append(gm)
-        return gm
-
-    f = aot_function(kernels.bias_gelu, fw_compiler=keep, bw_compiler=keep)
-    with FakeTensorMode():
-        h = torch.randn(64, 3072, dtype=torch.bfloat16, requires_grad=True)
-        bias = torch.randn(3072, requires_grad=True)
-        f(h, bias).backward(torch.randn(64, 3072, dtype=torch.bfloat16))
-    names = [
-        [
-            kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
-            for n in gm.graph.nodes
-            if "triton_kernel_wrapper" in str(n.target)
+    def make() -> list[torch.Tensor]:
+        return [
+            torch.randn(64, 3072, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(3072, requires_grad=True),
+            torch.randn(64, 3072, dtype=torch.bfloat16),
         ]
-        for gm in graphs
+
+    graphs = launches(kernels.bias_gelu, make)
+    assert [[kernel_name(n) for n in g] for g in graphs] == [
+        ["_gelu_forward_kernel"],
+        ["_gelu_backward_kernel"],
     ]
-    assert names == [["_gelu_forward_kernel"], ["_gelu_backward_kernel"]]
 
 
-@pytest.mark.skipif(kernels.interpreted(), reason="compiled kernels, not interpreted ones")
+@compiled
 def test_kernels_compile_for_an_h100():
-    from triton.backends.compiler import GPUTarget
-
     constants = {"f": 3072, "columns": kernels.GELU_COLUMNS}
-    forward = {"h_ptr": "*bf16", "bias_ptr": "*fp32", "y_ptr": "*bf16", "t": "i32"}
-    backward = {"dy_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*fp32", "du_ptr": "*bf16",
-                "partial_ptr": "*fp32", "t": "i32"}  # fmt: skip
-    for tuner, signature in (
-        (kernels._gelu_forward_kernel, forward),
-        (kernels._gelu_backward_kernel, backward),
-    ):
-        for config in tuner.configs:
-            fixed = {**constants, **config.kwargs}
-            full = {**signature, **{name: "constexpr" for name in fixed}}
-            assert set(full) == set(tuner.fn.arg_names)
-            source = triton.compiler.ASTSource(fn=tuner.fn, signature=full, constexprs=fixed)
-            compiled = triton.compile(
-                source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
-            )
-            assert compiled.asm["cubin"], (tuner.fn.arg_names, config)
+    compile_for_sm90(
+        kernels._gelu_forward_kernel,
+        {"h_ptr": "*bf16", "bias_ptr": "*fp32", "y_ptr": "*bf16", "t": "i32"},
+        constants,
+    )
+    compile_for_sm90(
+        kernels._gelu_backward_kernel,
+        {"dy_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*fp32", "du_ptr": "*bf16",
+         "partial_ptr": "*fp32", "t": "i32"},
+        constants,
+    )  # fmt: skip

@@ -15,12 +15,16 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 from bertforge import kernels, ops  # noqa: E402
-from bertforge.model import BertConfig, Layer  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-numeric = pytest.mark.skipif(
-    not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"
+from tests.kernels.common import (  # noqa: E402
+    DEVICE,
+    compile_for_sm90,
+    compiled,
+    kernel_name,
+    launches,
+    layer_with_and_without,
+    numeric,
+    pin_configs,
+    traced,
 )
 
 
@@ -28,14 +32,13 @@ numeric = pytest.mark.skipif(
 def config(request, monkeypatch):
     """Each autotuned configuration, the forward's and the backward's in turn (rows of a tile
     2 or 4 each way, mixed): the kernels must agree whatever tiles each one takes."""
-    i = request.param
-    for fn, pairs in (
+    pin_configs(
+        monkeypatch,
+        request.param,
         (kernels._forward_kernel, kernels.FORWARD_CONFIGS),
         (kernels._backward_kernel, kernels.BACKWARD_CONFIGS),
-    ):
-        rows, warps = pairs[i]
-        monkeypatch.setattr(fn, "configs", [triton.Config({"rows_per": rows}, num_warps=warps)])
-    return i
+    )
+    return request.param
 
 
 def inputs(t: int, n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -153,93 +156,43 @@ def test_rejects_a_drop_probability_of_one():
 @numeric
 def test_layer_fused_matches_the_plain_layer():
     """The model's layer with fused_norm: the same outputs and weight gradients as without,
-    dropout off (its draws differ by design), padded [B, S, H] input."""
-    c = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    layer = Layer(c).to(DEVICE).eval()
-    x = torch.randn(2, 5, 32, device=DEVICE)
-    dy = torch.randn(2, 5, 32, device=DEVICE)
-    outs = []
-    for fused in (False, True):
-        layer.fused_norm = fused
-        layer.zero_grad()
-        y = layer(x, None)
-        y.backward(dy)
-        outs.append((y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}))
-    (y0, g0), (y1, g1) = outs
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+    dropout off (its draws differ by design)."""
+    layer_with_and_without("fused_norm")
 
 
-@pytest.mark.skipif(kernels.interpreted(), reason="the interpreter's kernels cannot be traced")
+@traced
 def test_compile_traces_both_kernels_and_the_backward_reuses_the_forward_seed():
     """What torch.compile's autograd makes of the op (AOT autograd over fake tensors, as
     inductor sees it): the forward kernel in the forward graph, the backward kernel in the
     backward graph, and the backward's seed is the one the forward drew, saved, not a new
     draw."""
-    from torch._functorch.aot_autograd import aot_function
-    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    graphs = []
-
-    def keep(gm, _):  # type: ignore[no-untyped-def]
-        graphs.append(gm)
-        return gm
-
-    f = aot_function(
-        lambda *a: kernels.fused_norm(*a, 0.1, 1e-12), fw_compiler=keep, bw_compiler=keep
+    (fw,), (bw,) = launches(
+        lambda *a: kernels.fused_norm(*a, 0.1, 1e-12), lambda: inputs(64, 96, torch.bfloat16)
     )
-    with FakeTensorMode():
-        *leaves, dy = inputs(64, 96, torch.bfloat16)
-        f(*leaves).backward(dy)
-    forward, backward = graphs
-
-    def launches(gm):  # type: ignore[no-untyped-def]
-        return [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-
-    (fw,) = launches(forward)
-    (bw,) = launches(backward)
-    assert kernel_side_table.get_kernel(fw.kwargs["kernel_idx"]).fn.__name__ == "_forward_kernel"
-    assert kernel_side_table.get_kernel(bw.kwargs["kernel_idx"]).fn.__name__ == "_backward_kernel"
-    seed = bw.kwargs["kwargs"]["seed_ptr"]
-    assert seed.op == "placeholder"  # saved by the forward
+    assert (kernel_name(fw), kernel_name(bw)) == ("_forward_kernel", "_backward_kernel")
+    assert bw.kwargs["kwargs"]["seed_ptr"].op == "placeholder"  # saved by the forward
     assert "randint" in str(fw.kwargs["kwargs"]["seed_ptr"].target)
 
 
-@pytest.mark.skipif(kernels.interpreted(), reason="compiled kernels, not interpreted ones")
+@compiled
 @pytest.mark.parametrize(("dtype", "p"), [("bf16", 0.1), ("fp32", 0.0)])
 def test_kernels_compile_for_an_h100(dtype, p):
-    """Both kernels through Triton's whole CUDA pipeline for sm_90 (ptxas included; no GPU
-    needed): what the interpreter never checks (it once passed a tile shape the compiler
-    refused)."""
-    from triton.backends.compiler import GPUTarget
-
-    n = 768
-    quarter = n // 4
-    shared = {"n": n, "quarter": quarter, "drop": ops.drop_levels(p),
+    """Both kernels, every configuration, through Triton's CUDA pipeline for sm_90: what the
+    interpreter never checks (it once passed a tile shape the compiler refused)."""
+    shared = {"n": 768, "quarter": 192, "drop": ops.drop_levels(p),
               "scale": ops.keep_scale(p), "block_q": 256, "dropout": p > 0}  # fmt: skip
     half = f"*{dtype}"
-    forward = {"h_ptr": half, "bias_ptr": "*fp32", "res_ptr": half, "w_ptr": "*fp32",
-               "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": half, "zhat_ptr": half,
-               "rstd_ptr": "*fp32", "t": "i32"}  # fmt: skip
-    backward = {"dy_ptr": half, "zhat_ptr": half, "rstd_ptr": "*fp32", "w_ptr": "*fp32",
-                "seed_ptr": "*i64", "dres_ptr": half, "dh_ptr": half, "partial_ptr": "*fp32",
-                "t": "i32"}  # fmt: skip
-    for tuner, signature, constants in (
-        (kernels._forward_kernel, forward, {**shared, "eps": 1e-12}),
-        (kernels._backward_kernel, backward, shared),
-    ):
-        for config in tuner.configs:
-            fixed = {**constants, **config.kwargs}
-            signature = {**signature, **{name: "constexpr" for name in fixed}}
-            assert set(signature) == set(tuner.fn.arg_names)
-            source = triton.compiler.ASTSource(fn=tuner.fn, signature=signature, constexprs=fixed)
-            compiled = triton.compile(
-                source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
-            )
-            assert compiled.asm["cubin"], (tuner.fn.arg_names, config)
+    compile_for_sm90(
+        kernels._forward_kernel,
+        {"h_ptr": half, "bias_ptr": "*fp32", "res_ptr": half, "w_ptr": "*fp32",
+         "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": half, "zhat_ptr": half,
+         "rstd_ptr": "*fp32", "t": "i32"},
+        {**shared, "eps": 1e-12},
+    )  # fmt: skip
+    compile_for_sm90(
+        kernels._backward_kernel,
+        {"dy_ptr": half, "zhat_ptr": half, "rstd_ptr": "*fp32", "w_ptr": "*fp32",
+         "seed_ptr": "*i64", "dres_ptr": half, "dh_ptr": half, "partial_ptr": "*fp32",
+         "t": "i32"},
+        shared,
+    )  # fmt: skip

@@ -29,16 +29,18 @@ class SM90:
 
 
 def written(kernel, **kwargs) -> set[str]:  # type: ignore[no-untyped-def]
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
     from triton.runtime import driver
 
     saved = driver._active
     driver._active = SM90()
     try:
-        accesses = identify_accessed_tensors(kernel, kwargs, {})
+        if hasattr(wrap, "identify_accessed_tensors"):  # torch 2.13
+            accesses = wrap.identify_accessed_tensors(kernel, kwargs, {})
+            return {dep.name for dep in accesses.read_writes.writes}
+        return set(wrap.identify_mutated_tensors(kernel, kwargs, {}))  # torch 2.11
     finally:
         driver._active = saved
-    return {dep.name for dep in accesses.read_writes.writes}
 
 
 def tensor(dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""What the tests of bertforge's Triton kernels share: where the numbers run, each autotuned
+configuration in turn, the model's layer with and without a kernel, the graphs AOT autograd
+traces, and compiling for sm_90. Imported after `pytest.importorskip("triton")`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import triton
+
+from bertforge import kernels
+from bertforge.model import BertConfig, Layer
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# the kernels' numbers: on CUDA, or on a CPU under Triton's interpreter
+numeric = pytest.mark.skipif(
+    not (CUDA or kernels.interpreted()), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+traced = pytest.mark.skipif(
+    kernels.interpreted(), reason="the interpreter's kernels cannot be traced"
+)
+compiled = pytest.mark.skipif(
+    kernels.interpreted(), reason="compiled kernels, not interpreted ones"
+)
+
+
+def pin_configs(monkeypatch: pytest.MonkeyPatch, i: int, *tuners: tuple[Any, Any]) -> None:
+    """Each (autotuned kernel, its (rows, warps) pairs) runs its i-th configuration only."""
+    for tuner, pairs in tuners:
+        rows, warps = pairs[i]
+        config = triton.Config({"rows_per": rows}, num_warps=warps)
+        monkeypatch.setattr(tuner, "configs", [config])
+
+
+def layer_with_and_without(flag: str) -> None:
+    """The model's layer with `flag` (fused_norm, fused_gelu) on and off, dropout off: the same
+    output and weight gradients, padded [B, S, H] input."""
+    c = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    layer = Layer(c).to(DEVICE).eval()
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    dy = torch.randn(2, 5, 32, device=DEVICE)
+    outs = []
+    for fused in (False, True):
+        setattr(layer, flag, fused)
+        layer.zero_grad()
+        y = layer(x, None)
+        y.backward(dy)
+        outs.append((y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}))
+    (y0, g0), (y1, g1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def launches(fn: Callable[..., torch.Tensor], make: Callable[[], list[torch.Tensor]]) -> list:
+    """The Triton launches in the forward and backward graphs AOT autograd traces from `fn`,
+    as torch.compile hands them to inductor: `make()` gives fn's inputs and then the output's
+    gradient, made on fake tensors."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs = []
+
+    def keep(gm, _):  # type: ignore[no-untyped-def]
+        graphs.append(gm)
+        return gm
+
+    f = aot_function(fn, fw_compiler=keep, bw_compiler=keep)
+    with FakeTensorMode():
+        *inputs, dy = make()
+        f(*inputs).backward(dy)
+    return [
+        [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)] for gm in graphs
+    ]
+
+
+def kernel_name(launch: Any) -> str:
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    return kernel_side_table.get_kernel(launch.kwargs["kernel_idx"]).fn.__name__
+
+
+def compile_for_sm90(tuner: Any, signature: dict[str, str], constants: dict[str, Any]) -> None:
+    """Every configuration of an autotuned kernel through Triton's whole CUDA pipeline for
+    sm_90 (ptxas included; no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+
+    for config in tuner.configs:
+        fixed = {**constants, **config.kwargs}
+        full = {**signature, **{name: "constexpr" for name in fixed}}
+        assert set(full) == set(tuner.fn.arg_names)
+        source = triton.compiler.ASTSource(fn=tuner.fn, signature=full, constexprs=fixed)
+        done = triton.compile(
+            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
+        )
+        assert done.asm["cubin"], (tuner.fn.arg_names, config)
