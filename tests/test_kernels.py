@@ -5,6 +5,7 @@ torch.compile traces). Here, in the main environment, what happens without Trito
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -85,4 +86,21 @@ def test_train_with_fused_norm_on_a_cpu_stops_before_writing(
     assert rc == 2
     err = capsys.readouterr().err
     assert "--fused-norm needs a CUDA device with Triton (training is on cpu)" in err
+    assert not out.exists()
+
+
+def test_fused_gelu_is_refused_for_another_activation(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    config = json.loads(tiny_bert_config.read_text())
+    (tmp_path / "bert_config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
+    out = tmp_path / "run"
+    rc = main(
+        ["train", "--data", str(train_data), "--output", str(out), "--bert-config",
+         str(tmp_path / "bert_config.json"), "--num-train-steps", "2", "--no-progress",
+         "--fused-gelu"]
+    )  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--fused-gelu computes GELU's erf form" in err and "hidden_act is gelu_new" in err
     assert not out.exists()

@@ -352,15 +352,17 @@ class TrainConfig:
     (bench/RESULTS.md). --no-packed pads every batch."""
     fused_norm: bool = False
     """Each layer's output bias, dropout, residual add and LayerNorm as one Triton kernel each
-    way (CUDA with Triton only): one random draw per four elements instead of one each, no mask
-    stored, LayerNorm's and the bias's gradients in one pass. Off by default until a GPU run
-    has measured it against inductor's own fusion (bench/train_throughput.py --fused-norm).
+    way (CUDA with Triton only): one Philox call per eight dropout decisions instead of one per
+    element, no mask stored, LayerNorm's and the bias's gradients in one pass. Off by default
+    until a GPU run has measured it against inductor's own fusion (bench/train_throughput.py
+    --fused-norm).
     Dropout draws differ from the unfused path's; the model and its weights are the same."""
     fused_gelu: bool = False
     """Each layer's feed-forward bias + GELU (erf form) as one Triton kernel each way (CUDA with
     Triton only): a branch-free erf (absolute error under 5e-7) where inductor's kernels are
     bound by libdevice's instructions, and the bias's gradient summed in the same pass. Off by
-    default until a GPU run has measured it (bench/train_throughput.py --fused-gelu)."""
+    default until a GPU run has measured it (bench/train_throughput.py --fused-gelu). For
+    models whose hidden_act is gelu."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

@@ -370,7 +370,6 @@ class BertForPretraining(nn.Module):
         self.mlm_bias = nn.Parameter(torch.zeros(c.padded_vocab_size))
         self.nsp = nn.Linear(h, 2)
         self.act = ACTIVATIONS[c.hidden_act]
-        self.hidden_act = c.hidden_act
         self.apply(self._init)
         with torch.no_grad():  # padding rows: never looked up, never predicted
             self.word_embeddings.weight[c.vocab_size :].zero_()

@@ -223,6 +223,11 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         precision, bert.hidden_size // bert.num_attention_heads
     )
     packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
+    if cfg.fused_gelu and bert.hidden_act != "gelu":
+        raise UserError(
+            f"--fused-gelu computes GELU's erf form (hidden_act gelu); this model's hidden_act "
+            f"is {bert.hidden_act}: leave the flag out."
+        )
     for flag, on in (("--fused-norm", cfg.fused_norm), ("--fused-gelu", cfg.fused_gelu)):
         if on:
             check_fused(flag, d.device)
