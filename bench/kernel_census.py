@@ -80,11 +80,12 @@ class Own:
     tile: str
     row_bytes: int = 0
     partial_rows: int = 0
+    mask_bits: int = 0  # bits an element of a stored dropout mask
 
 
 OWN = {
-    "_forward_kernel": Own(("h_ptr", "res_ptr", "y_ptr", "zhat_ptr"), "n", "n", 4),
-    "_backward_kernel": Own(("dy_ptr", "zhat_ptr", "dres_ptr", "dh_ptr"), "n", "n", 4, 3),
+    "_forward_kernel": Own(("h_ptr", "res_ptr", "y_ptr", "zhat_ptr"), "n", "n", 4, 0, 1),
+    "_backward_kernel": Own(("dy_ptr", "zhat_ptr", "dres_ptr", "dh_ptr"), "n", "n", 4, 3, 1),
     "_gelu_forward_kernel": Own(("h_ptr", "y_ptr"), "f", "columns"),
     "_gelu_backward_kernel": Own(("dy_ptr", "h_ptr", "du_ptr"), "f", "columns", 0, 1),
 }
@@ -128,7 +129,7 @@ class Kernel:
         total = 0
         for call in self.calls:
             t = call["t"]
-            total += t * (width * per_element + own.row_bytes)
+            total += t * (width * per_element + own.row_bytes + width * own.mask_bits / 8)
             total += min(-(-t // 2), programs) * own.partial_rows * width * 4
         return total / 1e9
 

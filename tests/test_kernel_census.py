@@ -70,7 +70,7 @@ FUSED_SOURCE = """
     configs=[{'rows_per': 2, 'num_warps': 4, 'num_stages': 3}],
     inductor_meta={'grid_type': 'PrecomputedGrid', 'kernel_name': '_backward_kernel_0'},
     triton_meta={'signature': {'dy_ptr': '*bf16', 'zhat_ptr': '*bf16', 'rstd_ptr': '*fp32', \
-'w_ptr': '*fp32', 'seed_ptr': '*i64', 'dres_ptr': '*bf16', 'dh_ptr': '*bf16', \
+'w_ptr': '*fp32', 'mask_ptr': '*u8', 'dres_ptr': '*bf16', 'dh_ptr': '*bf16', \
 'partial_ptr': '*fp32', 't': 'i32', 'n': 'constexpr', 'quarter': 'constexpr', 'drop': \
 'constexpr', 'scale': 'constexpr', 'block_q': 'constexpr', 'rows_per': 'constexpr', \
 'dropout': 'constexpr'}, 'device': DeviceProperties(type='cpu', index=None), 'constants': \
@@ -79,7 +79,7 @@ FUSED_SOURCE = """
     custom_kernel=True,
 )
 @triton.jit
-def _backward_kernel(dy_ptr, zhat_ptr, rstd_ptr, w_ptr, seed_ptr, dres_ptr, dh_ptr, partial_ptr, \
+def _backward_kernel(dy_ptr, zhat_ptr, rstd_ptr, w_ptr, mask_ptr, dres_ptr, dh_ptr, partial_ptr, \
 t, n: tl.constexpr, quarter: tl.constexpr, drop: tl.constexpr, scale: tl.constexpr, \
 block_q: tl.constexpr, rows_per: tl.constexpr, dropout: tl.constexpr):
     pass
@@ -93,8 +93,9 @@ def test_bertforges_own_kernels_are_counted_by_their_tensors(census) -> None:
     census.Capture(k).run(x, x, x, x, x, x, x, x, 29976, 29976, stream=0)
     assert k.calls == [{"t": 29976}]
     assert k.elements(k.calls[0]) == 29976 * 768
-    # dy, zhat, dres, dh in bf16; rstd fp32; 528 programs' partial sums (132 SMs x 4), x 3 fp32
-    expected = 29976 * 768 * 8 + 29976 * 4 + 528 * 3 * 768 * 4
+    # dy, zhat, dres, dh in bf16; rstd fp32; the mask's bit an element; 528 programs' partial
+    # sums (132 SMs x 4), x 3 fp32
+    expected = 29976 * 768 * 8 + 29976 * 4 + 29976 * 768 / 8 + 528 * 3 * 768 * 4
     assert k.total_gb() == pytest.approx(expected / 1e9)
 
 

@@ -353,7 +353,7 @@ class TrainConfig:
     fused_norm: bool = False
     """Each layer's output bias, dropout, residual add and LayerNorm as one Triton kernel each
     way (CUDA with Triton only): one Philox call per eight dropout decisions instead of one per
-    element, no mask stored, LayerNorm's and the bias's gradients in one pass. Off by default
+    element, the mask kept as bits, LayerNorm's and the bias's gradients in one pass. Off by default
     until a GPU run has measured it against inductor's own fusion (bench/train_throughput.py
     --fused-norm).
     Dropout draws differ from the unfused path's; the model and its weights are the same."""

@@ -8,12 +8,14 @@ three kernels for LayerNorm's backward inside the per-layer compile region, and 
 bias gradient in looped column reductions of its own. Here:
 
 - forward, one kernel: reads h (the matmul's output without its bias) and the residual, writes
-  the output and the normalized values (for the backward) and a reciprocal deviation per row.
-  Nothing of the dropout mask is stored: the backward draws it again from the same seed.
-- backward, one persistent kernel: reads the incoming gradient and the normalized values,
-  writes the gradients of the residual and of h, and sums the gradients of LayerNorm's weight
-  and bias and of the matmul's bias over the rows it handles (one row of partial sums per
-  program, added up by one small reduction after it). 8 bytes an element each way in bf16.
+  the output and the normalized values (for the backward), a reciprocal deviation per row and
+  the dropout mask as bits (one byte per Philox call: an eighth of a byte an element).
+- backward, one persistent kernel: reads the incoming gradient, the normalized values and the
+  mask bits, writes the gradients of the residual and of h, and sums the gradients of
+  LayerNorm's weight and bias and of the matmul's bias over the rows it handles (one row of
+  partial sums per program, added up by one small reduction after it). 8 bytes an element
+  each way in bf16, and the mask's eighth. Storing the mask costs far less than drawing it
+  again: 16 Philox instructions an element against 1/8 byte (sm_90, bench/RESULTS.md).
 - dropout's random numbers: one Philox call (128 bits, `tl.randint4x`) per eight elements, 15
   bits an element, as bertforge's dropout on a CPU (`ops.dropout`): the hidden row is cut into
   four quarters, and the call for a pair of rows at quarter position j decides element j of
@@ -49,11 +51,12 @@ except ImportError:  # the CPU build of torch ships without Triton
 # (rows of a tile, warps of a program): the configurations Triton's autotuner times on the
 # GPU, once per hidden size (at compile time under torch.compile). Rows are even (a Philox call
 # serves a pair of rows). Compiled for sm_90 at hidden 768 (bench/RESULTS.md, session 26):
-# forward 57-67 instructions an element, 40-74 registers; the backward keeps twelve tiles of
-# column sums besides its working set, 80-160 registers, fewer instructions with fewer warps
-# and more rows (4 rows on 4 warps spills: left out).
+# forward 64-73 instructions an element, 44-84 registers; the backward keeps twelve tiles of
+# column sums besides its working set: 2 rows take 52-70 instructions and 78-175 registers
+# (fewer warps, fewer instructions, more registers), 4 rows use a stack on 8 warps and 253
+# registers on 4 (left out).
 FORWARD_CONFIGS = ((4, 4), (4, 8), (2, 4))
-BACKWARD_CONFIGS = ((2, 4), (2, 8), (4, 8))
+BACKWARD_CONFIGS = ((2, 4), (2, 8), (2, 2))
 # bias + GELU: (rows of a tile, warps), a tile being rows x GELU_COLUMNS of the feed-forward
 GELU_FORWARD_CONFIGS = ((4, 4), (8, 8), (2, 4))
 GELU_BACKWARD_CONFIGS = ((4, 4), (8, 8), (2, 4))
@@ -95,28 +98,37 @@ if triton is not None:
         return cols, (j < quarter) & (cols < n)
 
     @triton.jit
-    def _split(r, drop: tl.constexpr, block_q: tl.constexpr, rows_per: tl.constexpr):
-        """[rows_per / 2, block_q] 32-bit draws as [rows_per, block_q] keep decisions: a draw's
-        low 15 bits decide for the first row of its pair, bits 16-30 for the second."""
-        lo = (r & 0x7FFF).to(tl.int32)
-        hi = ((r >> 16) & 0x7FFF).to(tl.int32)
-        pairs = tl.permute(tl.join(lo, hi), (0, 2, 1))  # [pair, row of the pair, column]
-        return tl.reshape(pairs, (rows_per, block_q)) >= drop
+    def _pair_offsets(first_row, t, quarter, block_q: tl.constexpr, rows_per: tl.constexpr):
+        """For a tile of rows from first_row (even): the index of each (pair of rows, column of a
+        quarter), which is both the Philox call's counter and the mask byte's offset, and which
+        of them exist."""
+        pair = (first_row // 2 + tl.arange(0, rows_per // 2)).to(tl.int64)[:, None]
+        j = tl.arange(0, block_q)[None, :]
+        return pair * quarter + j, (2 * pair < t) & (j < quarter)
 
     @triton.jit
-    def _keep(seed_ptr, first_row, quarter, drop: tl.constexpr, block_q: tl.constexpr,
-              rows_per: tl.constexpr):  # fmt: skip
-        """Which elements of a tile of rows (from first_row, even) dropout keeps, one mask per
-        quarter of the row: one Philox call (four 32-bit draws) decides column j of all four
-        quarters of two rows."""
-        pair = (first_row // 2 + tl.arange(0, rows_per // 2)).to(tl.int64)[:, None]
-        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), pair * quarter + tl.arange(0, block_q))
-        return (
-            _split(r0, drop, block_q, rows_per),
-            _split(r1, drop, block_q, rows_per),
-            _split(r2, drop, block_q, rows_per),
-            _split(r3, drop, block_q, rows_per),
-        )
+    def _bits(r, drop: tl.constexpr, k: tl.constexpr):
+        """Quarter k's two keep decisions from a 32-bit draw, as bits k and 4 + k: its low 15
+        bits decide for the first row of the pair, bits 16-30 for the second."""
+        first = ((r & 0x7FFF) >= drop).to(tl.int32)
+        second = (((r >> 16) & 0x7FFF) >= drop).to(tl.int32)
+        return (first << k) | (second << (4 + k))
+
+    @triton.jit
+    def _decide(r, drop: tl.constexpr, block_q: tl.constexpr, rows_per: tl.constexpr):
+        """The same decisions as _bits, straight from the draws, [rows_per, block_q]."""
+        first = (r & 0x7FFF).to(tl.int32)
+        second = ((r >> 16) & 0x7FFF).to(tl.int32)
+        rows = tl.permute(tl.join(first, second), (0, 2, 1))  # [pair, row of the pair, column]
+        return tl.reshape(rows, (rows_per, block_q)) >= drop
+
+    @triton.jit
+    def _unpack(bits, k: tl.constexpr, block_q: tl.constexpr, rows_per: tl.constexpr):
+        """Quarter k's keep decisions for a tile, [rows_per, block_q], from its [pairs, block_q]
+        mask bytes."""
+        first, second = (bits >> k) & 1, (bits >> (4 + k)) & 1
+        rows = tl.permute(tl.join(first, second), (0, 2, 1))  # [pair, row of the pair, column]
+        return tl.reshape(rows, (rows_per, block_q)) != 0
 
     @triton.jit
     def _forward_load(
@@ -180,6 +192,7 @@ if triton is not None:
         y_ptr,
         zhat_ptr,
         rstd_ptr,
+        mask_ptr,
         t,
         n: tl.constexpr,
         quarter: tl.constexpr,
@@ -193,9 +206,15 @@ if triton is not None:
         row = tl.program_id(0) * rows_per + tl.arange(0, rows_per)
         rows = row.to(tl.int64)[:, None]
         row_ok = rows < t
-        if dropout:
-            k0, k1, k2, k3 = _keep(seed_ptr, tl.program_id(0) * rows_per, quarter, drop, block_q,
-                                   rows_per)  # fmt: skip
+        if dropout:  # one Philox call for a pair of rows at column j of the four quarters
+            at, ok = _pair_offsets(tl.program_id(0) * rows_per, t, quarter, block_q, rows_per)
+            r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), at)
+            bits = _bits(r0, drop, 0) | _bits(r1, drop, 1) | _bits(r2, drop, 2) | _bits(r3, drop, 3)
+            tl.store(mask_ptr + at, bits.to(tl.uint8), mask=ok)  # for the backward: 1 bit each
+            k0 = _decide(r0, drop, block_q, rows_per)
+            k1 = _decide(r1, drop, block_q, rows_per)
+            k2 = _decide(r2, drop, block_q, rows_per)
+            k3 = _decide(r3, drop, block_q, rows_per)
         else:
             k0, k1, k2, k3 = True, True, True, True
         z0, ok0 = _forward_load(
@@ -289,7 +308,7 @@ if triton is not None:
         zhat_ptr,
         rstd_ptr,
         w_ptr,
-        seed_ptr,
+        mask_ptr,
         dres_ptr,
         dh_ptr,
         partial_ptr,
@@ -320,8 +339,13 @@ if triton is not None:
             rows = start + tl.arange(0, rows_per)[:, None]
             row_ok = rows < t
             rows = rows.to(tl.int64)
-            if dropout:  # the forward's draws, again
-                k0, k1, k2, k3 = _keep(seed_ptr, start, quarter, drop, block_q, rows_per)
+            if dropout:  # the forward's decisions, from its mask bytes
+                at, ok = _pair_offsets(start, t, quarter, block_q, rows_per)
+                bits = tl.load(mask_ptr + at, mask=ok, other=0).to(tl.int32)
+                k0 = _unpack(bits, 0, block_q, rows_per)
+                k1 = _unpack(bits, 1, block_q, rows_per)
+                k2 = _unpack(bits, 2, block_q, rows_per)
+                k3 = _unpack(bits, 3, block_q, rows_per)
             else:
                 k0, k1, k2, k3 = True, True, True, True
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -554,21 +578,25 @@ if triton is not None:
         seed: torch.Tensor,
         p: float,
         eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         t = h.shape[0]
         n, quarter, block_q = _shape(h)
         y, zhat = torch.empty_like(h), torch.empty_like(h)
         rstd = torch.empty(t, dtype=torch.float32, device=h.device)
+        dropout = ops.drop_levels(p) > 0
+        # the keep decisions, a byte for each pair of rows and column of a quarter (none
+        # without dropout)
+        pairs = triton.cdiv(t, 2) if dropout else 0
+        mask = torch.empty(pairs, quarter, dtype=torch.uint8, device=h.device)
 
         def grid(meta: dict[str, int]) -> tuple[int]:
             return (triton.cdiv(t, meta["rows_per"]),)
 
         torch.library.wrap_triton(_forward_kernel)[grid](
-            h, bias, residual, weight, ln_bias, seed, y, zhat, rstd, t, n, quarter,
-            ops.drop_levels(p), ops.keep_scale(p), eps, block_q=block_q,
-            dropout=ops.drop_levels(p) > 0,
+            h, bias, residual, weight, ln_bias, seed, y, zhat, rstd, mask, t, n, quarter,
+            ops.drop_levels(p), ops.keep_scale(p), eps, block_q=block_q, dropout=dropout,
         )  # fmt: skip
-        return y, zhat, rstd
+        return y, zhat, rstd, mask
 
     @torch.library.triton_op("bertforge::fused_norm_backward", mutates_args=())
     def _fused_backward(
@@ -576,7 +604,7 @@ if triton is not None:
         zhat: torch.Tensor,
         rstd: torch.Tensor,
         weight: torch.Tensor,
-        seed: torch.Tensor,
+        mask: torch.Tensor,
         p: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = dy.shape[0]
@@ -585,23 +613,23 @@ if triton is not None:
         programs = _programs(dy, triton.cdiv(t, 2))  # at most one a tile of the fewest rows
         partial = torch.empty(programs, 3, n, dtype=torch.float32, device=dy.device)
         torch.library.wrap_triton(_backward_kernel)[(programs,)](
-            dy, zhat, rstd, weight, seed, dres, dh, partial, t, n, quarter, ops.drop_levels(p),
+            dy, zhat, rstd, weight, mask, dres, dh, partial, t, n, quarter, ops.drop_levels(p),
             ops.keep_scale(p), block_q=block_q, dropout=ops.drop_levels(p) > 0,
         )  # fmt: skip
         # the gradients of LayerNorm's weight and bias and of h's bias, [3, N]
         return dres, dh, partial.sum(0)
 
     def _setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        _, bias, residual, weight, ln_bias, seed, p, _ = inputs
-        _, zhat, rstd = output
-        ctx.save_for_backward(zhat, rstd, weight, seed)
+        _, bias, residual, weight, ln_bias, _, p, _ = inputs
+        _, zhat, rstd, mask = output
+        ctx.save_for_backward(zhat, rstd, weight, mask)
         ctx.p = p
         ctx.dtypes = (bias.dtype, residual.dtype, weight.dtype, ln_bias.dtype)
 
-    def _gradients(ctx, dy, _zhat, _rstd):  # type: ignore[no-untyped-def]
-        zhat, rstd, weight, seed = ctx.saved_tensors
+    def _gradients(ctx, dy, _zhat, _rstd, _mask):  # type: ignore[no-untyped-def]
+        zhat, rstd, weight, mask = ctx.saved_tensors
         dres, dh, (dw, dlb, dbias) = _fused_backward(
-            dy.contiguous(), zhat, rstd, weight, seed, ctx.p
+            dy.contiguous(), zhat, rstd, weight, mask, ctx.p
         )
         bias_t, res_t, w_t, lb_t = ctx.dtypes
         return dh, dbias.to(bias_t), dres.to(res_t), dw.to(w_t), dlb.to(lb_t), None, None, None
@@ -628,7 +656,7 @@ def fused_norm(
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
     else:
         seed = torch.zeros(1, dtype=torch.int64, device=h.device)
-    y, _, _ = _fused_forward(
+    y, _, _, _ = _fused_forward(
         h.reshape(-1, n).contiguous(),
         bias,
         residual.reshape(-1, n).contiguous(),

@@ -163,15 +163,16 @@ def test_layer_fused_matches_the_plain_layer():
 @traced
 def test_compile_traces_both_kernels_and_the_backward_reuses_the_forward_seed():
     """What torch.compile's autograd makes of the op (AOT autograd over fake tensors, as
-    inductor sees it): the forward kernel in the forward graph, the backward kernel in the
-    backward graph, and the backward's seed is the one the forward drew, saved, not a new
-    draw."""
+    inductor sees it): the forward kernel in the forward graph, drawing from a seed drawn
+    there; the backward kernel in the backward graph, reading the mask the forward wrote and
+    autograd saved."""
     (fw,), (bw,) = launches(
         lambda *a: kernels.fused_norm(*a, 0.1, 1e-12), lambda: inputs(64, 96, torch.bfloat16)
     )
     assert (kernel_name(fw), kernel_name(bw)) == ("_forward_kernel", "_backward_kernel")
-    assert bw.kwargs["kwargs"]["seed_ptr"].op == "placeholder"  # saved by the forward
     assert "randint" in str(fw.kwargs["kwargs"]["seed_ptr"].target)
+    assert bw.kwargs["kwargs"]["mask_ptr"].op == "placeholder"  # saved by the forward
+    assert "seed_ptr" not in bw.kwargs["kwargs"]
 
 
 @compiled
@@ -186,13 +187,13 @@ def test_kernels_compile_for_an_h100(dtype, p):
         kernels._forward_kernel,
         {"h_ptr": half, "bias_ptr": "*fp32", "res_ptr": half, "w_ptr": "*fp32",
          "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": half, "zhat_ptr": half,
-         "rstd_ptr": "*fp32", "t": "i32"},
+         "rstd_ptr": "*fp32", "mask_ptr": "*u8", "t": "i32"},
         {**shared, "eps": 1e-12},
     )  # fmt: skip
     compile_for_sm90(
         kernels._backward_kernel,
         {"dy_ptr": half, "zhat_ptr": half, "rstd_ptr": "*fp32", "w_ptr": "*fp32",
-         "seed_ptr": "*i64", "dres_ptr": half, "dh_ptr": half, "partial_ptr": "*fp32",
+         "mask_ptr": "*u8", "dres_ptr": half, "dh_ptr": half, "partial_ptr": "*fp32",
          "t": "i32"},
         shared,
     )  # fmt: skip
