@@ -28,12 +28,20 @@ compiled = pytest.mark.skipif(
 )
 
 
-def pin_configs(monkeypatch: pytest.MonkeyPatch, i: int, *tuners: tuple[Any, Any]) -> None:
-    """Each (autotuned kernel, its (rows, warps) pairs) runs its i-th configuration only."""
-    for tuner, pairs in tuners:
-        rows, warps = pairs[i]
-        config = triton.Config({"rows_per": rows}, num_warps=warps)
-        monkeypatch.setattr(tuner, "configs", [config])
+def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
+    """A fixture that runs a test once per autotuned configuration: the i-th run pins each
+    (autotuned kernel, its (rows, warps) pairs) to its i-th pair, so a forward and a backward
+    taking different tiles are checked together."""
+
+    @pytest.fixture(params=range(len(tuners[0][1])))
+    def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+        for tuner, pairs in tuners:
+            rows, warps = pairs[request.param]
+            pinned = triton.Config({"rows_per": rows}, num_warps=warps)
+            monkeypatch.setattr(tuner, "configs", [pinned])
+        return request.param
+
+    return config
 
 
 def layer_with_and_without(flag: str) -> None:

@@ -15,25 +15,18 @@ from tests.kernels.common import (  # noqa: E402
     DEVICE,
     compile_for_sm90,
     compiled,
+    configs_in_turn,
     kernel_name,
     launches,
     layer_with_and_without,
     numeric,
-    pin_configs,
     traced,
 )
 
-
-@pytest.fixture(params=range(len(kernels.GELU_FORWARD_CONFIGS)))
-def config(request, monkeypatch):
-    """Each autotuned configuration of the two kernels (rows of a tile, warps)."""
-    pin_configs(
-        monkeypatch,
-        request.param,
-        (kernels._gelu_forward_kernel, kernels.GELU_FORWARD_CONFIGS),
-        (kernels._gelu_backward_kernel, kernels.GELU_BACKWARD_CONFIGS),
-    )
-    return request.param
+config = configs_in_turn(
+    (kernels._gelu_forward_kernel, kernels.GELU_FORWARD_CONFIGS),
+    (kernels._gelu_backward_kernel, kernels.GELU_BACKWARD_CONFIGS),
+)
 
 
 @numeric

@@ -19,26 +19,20 @@ from tests.kernels.common import (  # noqa: E402
     DEVICE,
     compile_for_sm90,
     compiled,
+    configs_in_turn,
     kernel_name,
     launches,
     layer_with_and_without,
     numeric,
-    pin_configs,
     traced,
 )
 
-
-@pytest.fixture(params=range(len(kernels.FORWARD_CONFIGS)))
-def config(request, monkeypatch):
-    """Each autotuned configuration, the forward's and the backward's in turn (rows of a tile
-    2 or 4 each way, mixed): the kernels must agree whatever tiles each one takes."""
-    pin_configs(
-        monkeypatch,
-        request.param,
-        (kernels._forward_kernel, kernels.FORWARD_CONFIGS),
-        (kernels._backward_kernel, kernels.BACKWARD_CONFIGS),
-    )
-    return request.param
+# each configuration in turn, rows of a tile 2 or 4 each way, mixed: the kernels must agree
+# whatever tiles each one takes
+config = configs_in_turn(
+    (kernels._forward_kernel, kernels.FORWARD_CONFIGS),
+    (kernels._backward_kernel, kernels.BACKWARD_CONFIGS),
+)
 
 
 def inputs(t: int, n: int, dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
