@@ -1,11 +1,13 @@
-"""A fused Triton kernel pair for the CUDA train step: bias + dropout + residual + LayerNorm.
+"""bertforge's Triton kernels for the CUDA train step: two pairs (forward, backward), for
+bias + dropout + residual + LayerNorm (`fused_norm`) and for bias + GELU (`bias_gelu`, whose
+own docstring says why).
 
-Written here because this block is where inductor's kernels for BERT's step are furthest from
-what the block must move (bench/kernel_census.py, bench/RESULTS.md "Session 25"): for
-`LayerNorm(residual + dropout(h + bias))`, in BERT-base's packed step on an H200, inductor
-draws one Philox call per element in the forward (about 100 instructions an element), takes
-three kernels for LayerNorm's backward inside the per-layer compile region, and reduces the
-bias gradient in looped column reductions of its own. Here:
+Written here because these blocks are where inductor's kernels for BERT's step are furthest
+from what they must move (bench/kernel_census.py, bench/RESULTS.md "Session 25" and "Session
+26"): for `LayerNorm(residual + dropout(h + bias))`, in BERT-base's packed step on an H200,
+inductor draws one Philox call per element in the forward (about 100 instructions an
+element), takes three kernels for LayerNorm's backward inside the per-layer compile region,
+and reduces the bias gradient in looped column reductions of its own. Here:
 
 - forward, one kernel: reads h (the matmul's output without its bias) and the residual, writes
   the output and the normalized values (for the backward), a reciprocal deviation per row and
@@ -28,9 +30,9 @@ bias gradient in looped column reductions of its own. Here:
 Statistics, the normalized values and the partial sums are fp32 inside the kernels; the
 residual sum is never rounded before it is normalized (the unfused bf16 path rounds it).
 
-The pair is a torch.library `triton_op` with its autograd registered, so torch.compile traces
-the kernels into its graph (no graph break) and autograd saves what the backward needs. It
-runs where Triton runs: on CUDA, and on a CPU under Triton's interpreter (TRITON_INTERPRET=1,
+Each pair is a torch.library `triton_op` with its autograd registered, so torch.compile traces
+the kernels into its graph (no graph break) and autograd saves what the backward needs. They
+run where Triton runs: on CUDA, and on a CPU under Triton's interpreter (TRITON_INTERPRET=1,
 for the tests). `available()` says whether this torch can use it at all.
 """
 
@@ -77,7 +79,7 @@ def interpreted() -> bool:
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether `fused_norm` can run on `x`: on CUDA, or on a CPU under the interpreter."""
+    """Whether the kernels can run on `x`: on CUDA, or on a CPU under the interpreter."""
     return available() and (x.is_cuda or (x.device.type == "cpu" and interpreted()))
 
 
