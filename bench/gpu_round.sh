@@ -55,9 +55,8 @@
 # cppwrap, which needs that whole graph too, and graphs: the packed step's 6% host gap),
 # bandwidth (what custom kernels could win), elementwise (what random numbers and GELU's
 # arithmetic cost: bench/kernel_census.py puts it at about 2 ms of the step), malloc and
-# autotune (never finished in time). On an
-# H200 (2026-12-04) tests took about 110 s, base128 + large + base512 about 300 s together;
-# autotune did not finish in 130 s.
+# autotune (never finished in time). On an H200 (2026-12-04) tests took about 110 s, base128 +
+# large + base512 about 300 s together; autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
 #
 # The device machine has torch (CUDA) and transformers; anything else bertforge or the tests
@@ -86,8 +85,7 @@ if [ "$stage" = all ]; then
 fi
 case "$stage" in
   tests | base128 | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
-    | regions \
-    | profile | elementwise | malloc | base512 | large | smoke) ;;
+    | regions | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
