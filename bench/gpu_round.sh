@@ -4,8 +4,10 @@
 #   bash bench/gpu_round.sh STAGE [extra bench/train_throughput.py flags]
 #
 # Stages, in the order to run them:
-#   tests     tests/test_cuda.py, test_ops.py, test_model.py and tests/kernels (the fused
-#             Triton kernels against float64 torch) on the GPU; bench/optimizer_update.py
+#   tests     tests/test_cuda.py, test_ops.py and test_model.py on the GPU;
+#             bench/optimizer_update.py
+#   kernels   tests/kernels on the GPU: bertforge's Triton kernels against float64 torch, every
+#             autotuned configuration (about a hundred kernel compiles), the first time on CUDA
 #   fused     packed, no peer, bertforge's Triton kernels (kernels.py) against inductor's
 #             fusion: --fused-norm (each layer's bias + dropout + residual + LayerNorm) and
 #             --fused-gelu (the feed-forward's bias + GELU), each with and without (4 sides),
@@ -46,13 +48,13 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): base128 (with --profile 3), fused, tests, regions,
-# cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each took.
-# The headline first, then the fused Triton kernels (fused: their speed; tests: their
-# numbers on the GPU, only ever checked under Triton's CPU interpreter before), then the
-# three that may win time outright (regions: every layer in one graph, whose LayerNorm
-# backward moves 7% fewer bytes by bench/kernel_census.py, a default to switch at once;
-# cppwrap, which needs that whole graph too, and graphs: the packed step's 6% host gap),
+# all within SECONDS (default 540): base128 (with --profile 3), fused, kernels, tests,
+# regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each
+# took. The headline first, then the fused Triton kernels (fused: their speed; kernels: their
+# numbers on the GPU, only ever checked under Triton's CPU interpreter before), the CUDA
+# tests, then the three that may win time outright (regions: every layer in one graph, whose
+# LayerNorm backward moves 7% fewer bytes by bench/kernel_census.py, a default to switch at
+# once; cppwrap, which needs that whole graph too, and graphs: the packed step's 6% host gap),
 # bandwidth (what custom kernels could win), elementwise (what random numbers and GELU's
 # arithmetic cost: bench/kernel_census.py puts it at about 2 ms of the step), malloc and
 # autotune (never finished in time). On an H200 (2026-12-04) tests took about 110 s, base128 +
@@ -69,7 +71,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in base128:150 fused:240 tests:170 regions:150 cppwrap:150 graphs:180 \
+  for spec in base128:150 fused:240 kernels:150 tests:170 regions:150 cppwrap:150 graphs:180 \
     bandwidth:150 elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
@@ -84,7 +86,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | base128 | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
+  tests | kernels | base128 | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
     | regions | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
@@ -103,9 +105,11 @@ base=(--model-size base --seq-len 128 --batch-size 256)
   case "$stage" in
     tests)
       "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda.py \
-        tests/test_ops.py tests/test_model.py tests/kernels "$@" \
-        || echo "pytest: failures above (rc $?)"
+        tests/test_ops.py tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
       "$py" bench/optimizer_update.py --model-size base ;;
+    kernels)
+      "$py" -m pytest -q -rfEs --durations 5 --tb=short -p no:cacheprovider tests/kernels "$@" \
+        || echo "pytest: failures above (rc $?)" ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     fused)
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm both \

@@ -155,7 +155,7 @@ def test_layer_fused_matches_the_plain_layer():
 
 
 @traced
-def test_compile_traces_both_kernels_and_the_backward_reuses_the_forward_seed():
+def test_compile_traces_both_kernels_and_the_backward_reads_the_forwards_mask():
     """What torch.compile's autograd makes of the op (AOT autograd over fake tensors, as
     inductor sees it): the forward kernel in the forward graph, drawing from a seed drawn
     there; the backward kernel in the backward graph, reading the mask the forward wrote and
