@@ -71,7 +71,7 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in base128:150 fused:240 kernels:150 tests:170 regions:150 cppwrap:150 graphs:180 \
+  for spec in base128:150 fused:300 kernels:90 tests:170 regions:150 cppwrap:150 graphs:180 \
     bandwidth:150 elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
