@@ -71,16 +71,16 @@ FUSED_SOURCE = """
     inductor_meta={'grid_type': 'PrecomputedGrid', 'kernel_name': '_backward_kernel_0'},
     triton_meta={'signature': {'dy_ptr': '*bf16', 'zhat_ptr': '*bf16', 'rstd_ptr': '*fp32', \
 'w_ptr': '*fp32', 'mask_ptr': '*u8', 'dres_ptr': '*bf16', 'dh_ptr': '*bf16', \
-'partial_ptr': '*fp32', 't': 'i32', 'n': 'constexpr', 'quarter': 'constexpr', 'drop': \
-'constexpr', 'scale': 'constexpr', 'block_q': 'constexpr', 'rows_per': 'constexpr', \
+'partial_ptr': '*fp32', 't': 'i32', 'n': 'constexpr', 'quarter': 'constexpr', \
+'scale': 'constexpr', 'block_q': 'constexpr', 'rows_per': 'constexpr', \
 'dropout': 'constexpr'}, 'device': DeviceProperties(type='cpu', index=None), 'constants': \
-{'n': 768, 'quarter': 192, 'drop': 3277, 'scale': 1.1111186463666882, 'block_q': 256, \
+{'n': 768, 'quarter': 192, 'scale': 1.1111186463666882, 'block_q': 256, \
 'dropout': True}},
     custom_kernel=True,
 )
 @triton.jit
 def _backward_kernel(dy_ptr, zhat_ptr, rstd_ptr, w_ptr, mask_ptr, dres_ptr, dh_ptr, partial_ptr, \
-t, n: tl.constexpr, quarter: tl.constexpr, drop: tl.constexpr, scale: tl.constexpr, \
+t, n: tl.constexpr, quarter: tl.constexpr, scale: tl.constexpr, \
 block_q: tl.constexpr, rows_per: tl.constexpr, dropout: tl.constexpr):
     pass
 """

@@ -117,14 +117,6 @@ if triton is not None:
         return (first << k) | (second << (4 + k))
 
     @triton.jit
-    def _decide(r, drop: tl.constexpr, block_q: tl.constexpr, rows_per: tl.constexpr):
-        """The same decisions as _bits, straight from the draws, [rows_per, block_q]."""
-        first = (r & 0x7FFF).to(tl.int32)
-        second = ((r >> 16) & 0x7FFF).to(tl.int32)
-        rows = tl.permute(tl.join(first, second), (0, 2, 1))  # [pair, row of the pair, column]
-        return tl.reshape(rows, (rows_per, block_q)) >= drop
-
-    @triton.jit
     def _unpack(bits, k: tl.constexpr, block_q: tl.constexpr, rows_per: tl.constexpr):
         """Quarter k's keep decisions for a tile, [rows_per, block_q], from its [pairs, block_q]
         mask bytes."""
@@ -213,10 +205,10 @@ if triton is not None:
             r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), at)
             bits = _bits(r0, drop, 0) | _bits(r1, drop, 1) | _bits(r2, drop, 2) | _bits(r3, drop, 3)
             tl.store(mask_ptr + at, bits.to(tl.uint8), mask=ok)  # for the backward: 1 bit each
-            k0 = _decide(r0, drop, block_q, rows_per)
-            k1 = _decide(r1, drop, block_q, rows_per)
-            k2 = _decide(r2, drop, block_q, rows_per)
-            k3 = _decide(r3, drop, block_q, rows_per)
+            k0 = _unpack(bits, 0, block_q, rows_per)  # the decisions the backward will read
+            k1 = _unpack(bits, 1, block_q, rows_per)
+            k2 = _unpack(bits, 2, block_q, rows_per)
+            k3 = _unpack(bits, 3, block_q, rows_per)
         else:
             k0, k1, k2, k3 = True, True, True, True
         z0, ok0 = _forward_load(
@@ -317,7 +309,6 @@ if triton is not None:
         t,
         n: tl.constexpr,
         quarter: tl.constexpr,
-        drop: tl.constexpr,
         scale: tl.constexpr,
         block_q: tl.constexpr,
         rows_per: tl.constexpr,
@@ -556,7 +547,7 @@ if triton is not None:
     _gelu_forward.register_autograd(_gelu_gradients, setup_context=_gelu_setup)
 
     def _shape(x: torch.Tensor) -> tuple[int, int, int]:
-        """Rows, hidden size, quarter length and its power-of-2 block for a [T, N] tensor."""
+        """The hidden size, a quarter's length and its power-of-2 block for a [T, N] tensor."""
         n = x.shape[-1]
         quarter = triton.cdiv(n, 4)
         return n, quarter, triton.next_power_of_2(quarter)
@@ -615,8 +606,8 @@ if triton is not None:
         programs = _programs(dy, triton.cdiv(t, 2))  # at most one a tile of the fewest rows
         partial = torch.empty(programs, 3, n, dtype=torch.float32, device=dy.device)
         torch.library.wrap_triton(_backward_kernel)[(programs,)](
-            dy, zhat, rstd, weight, mask, dres, dh, partial, t, n, quarter, ops.drop_levels(p),
-            ops.keep_scale(p), block_q=block_q, dropout=ops.drop_levels(p) > 0,
+            dy, zhat, rstd, weight, mask, dres, dh, partial, t, n, quarter, ops.keep_scale(p),
+            block_q=block_q, dropout=ops.drop_levels(p) > 0,
         )  # fmt: skip
         # the gradients of LayerNorm's weight and bias and of h's bias, [3, N]
         return dres, dh, partial.sum(0)
@@ -676,8 +667,7 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     backward also sums the bias's gradient. h: [..., F], bias: [F]. erf is Abramowitz and
     Stegun's 7.1.26 (absolute error under 5e-7 in fp32, against libdevice's few ulp; far below
     bf16's 4e-3; branch-free, one exp shared with the backward's density) where inductor
-    calls libdevice's: on sm_90, inductor's bias + GELU
-    kernels take 41.8 and 58.4 instructions an element (bench/kernel_census.py), more than
-    their bytes allow."""
+    calls libdevice's: on sm_90, inductor's bias + GELU kernels take 41.8 and 58.4
+    instructions an element (bench/kernel_census.py), more than their bytes allow."""
     f = h.shape[-1]
     return _gelu_forward(h.reshape(-1, f).contiguous(), bias).view(h.shape)

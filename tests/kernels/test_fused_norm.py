@@ -174,15 +174,15 @@ def test_compile_traces_both_kernels_and_the_backward_reads_the_forwards_mask():
 def test_kernels_compile_for_an_h100(dtype, p):
     """Both kernels, every configuration, through Triton's CUDA pipeline for sm_90: what the
     interpreter never checks (it once passed a tile shape the compiler refused)."""
-    shared = {"n": 768, "quarter": 192, "drop": ops.drop_levels(p),
-              "scale": ops.keep_scale(p), "block_q": 256, "dropout": p > 0}  # fmt: skip
+    shared = {"n": 768, "quarter": 192, "scale": ops.keep_scale(p), "block_q": 256,
+              "dropout": p > 0}  # fmt: skip
     half = f"*{dtype}"
     compile_for_sm90(
         kernels._forward_kernel,
         {"h_ptr": half, "bias_ptr": "*fp32", "res_ptr": half, "w_ptr": "*fp32",
          "b_ptr": "*fp32", "seed_ptr": "*i64", "y_ptr": half, "zhat_ptr": half,
          "rstd_ptr": "*fp32", "mask_ptr": "*u8", "t": "i32"},
-        {**shared, "eps": 1e-12},
+        {**shared, "drop": ops.drop_levels(p), "eps": 1e-12},
     )  # fmt: skip
     compile_for_sm90(
         kernels._backward_kernel,

@@ -49,12 +49,13 @@ def tensor(dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 
 def test_each_kernel_writes_only_its_outputs():
     f32, u8, seed = torch.float32, torch.uint8, torch.empty(1, dtype=torch.int64)
-    norm = {"n": 768, "quarter": 192, "drop": ops.drop_levels(0.1),
-            "scale": ops.keep_scale(0.1), "block_q": 256, "dropout": True}  # fmt: skip
+    norm = {"n": 768, "quarter": 192, "scale": ops.keep_scale(0.1), "block_q": 256,
+            "dropout": True}  # fmt: skip
     assert written(
         kernels._forward_kernel, h_ptr=tensor(), bias_ptr=tensor(f32), res_ptr=tensor(),
         w_ptr=tensor(f32), b_ptr=tensor(f32), seed_ptr=seed, y_ptr=tensor(), zhat_ptr=tensor(),
-        rstd_ptr=tensor(f32), mask_ptr=tensor(u8), t=64, eps=1e-12, **norm,
+        rstd_ptr=tensor(f32), mask_ptr=tensor(u8), t=64, drop=ops.drop_levels(0.1), eps=1e-12,
+        **norm,
     ) == {"y_ptr", "zhat_ptr", "rstd_ptr", "mask_ptr"}  # fmt: skip
     assert written(
         kernels._backward_kernel, dy_ptr=tensor(), zhat_ptr=tensor(), rstd_ptr=tensor(f32),
