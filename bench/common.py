@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 
@@ -125,13 +126,21 @@ def pretrain_general(args: argparse.Namespace, work: Path) -> None:
               "--eval-every", str(args.base_steps), QUIET)  # fmt: skip
 
 
-def sass_opcodes(cubin: bytes, workdir: Path) -> list[str]:
-    """A compiled kernel's SASS opcodes, with cuobjdump from Triton's wheel: every instruction
-    but the NOPs, branches and the exit (what a thread issues on its straight path)."""
+def sm90_sass(
+    fn: Any, signature: dict[str, str], constexprs: dict[str, Any], warps: int, workdir: Path
+) -> list[str]:
+    """A Triton kernel compiled for sm_90 (H100, H200; no GPU needed), as its SASS opcodes read
+    with cuobjdump from Triton's wheel: every instruction but the NOPs, branches and the exit
+    (what a thread issues on its straight path)."""
     import triton
+    from triton.backends.compiler import GPUTarget
 
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+    )
     path = workdir / "kernel.cubin"
-    path.write_bytes(cubin)
+    path.write_bytes(compiled.asm["cubin"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     text = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True).stdout
     ops = []

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import triton
 import triton.language as tl
-from common import sass_opcodes
-from triton.backends.compiler import GPUTarget
+from common import sm90_sass
 
 BLOCK = 1024
 WARPS = 4
@@ -74,9 +73,7 @@ def sass(fn: object, signature: str, workdir: Path) -> list[str]:
     """The kernel's SASS opcodes for sm_90, without NOPs, branches and the exit."""
     sig = dict(pair.split(":") for pair in signature.split())
     sig["BLOCK"] = "constexpr"
-    source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={"BLOCK": BLOCK})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
-    return sass_opcodes(kernel.asm["cubin"], workdir)
+    return sm90_sass(fn, sig, {"BLOCK": BLOCK}, WARPS, workdir)
 
 
 def main() -> None:

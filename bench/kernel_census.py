@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import sass_opcodes
+from common import sm90_sass
 from train_throughput import VOCAB, bench_config, predictions, synthetic_shard
 
 from bertforge import kernels as kernels_module
@@ -328,7 +328,6 @@ def kernel_function(kernel: Kernel, workdir: Path) -> Any:
 def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
     """Static sm_90 SASS instructions over elements per thread; None for a looped reduction."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
     signature = kernel.signature
     if kernel.own:
@@ -346,13 +345,8 @@ def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
     constexprs = {
         name: constexprs.get(name, 1) for name, kind in signature.items() if kind == "constexpr"
     }
-    source = triton.compiler.ASTSource(
-        fn=kernel_function(kernel, workdir), signature=signature, constexprs=constexprs
-    )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
-    )
-    return len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread
+    fn = kernel_function(kernel, workdir)
+    return len(sm90_sass(fn, signature, constexprs, warps, workdir)) / per_thread
 
 
 def own_instructions(kernel: Kernel, workdir: Path) -> float:
@@ -361,21 +355,14 @@ def own_instructions(kernel: Kernel, workdir: Path) -> float:
     tile (the backward's loop body and its set-up counted once, as for one tile: an
     overestimate by the set-up's share); the fewest among the configurations its autotuner
     times on the GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     tuner = getattr(kernels_module, kernel.name)
     signature = {name: kernel.signature[name] for name in tuner.fn.arg_names}
     counts = []
     for config in tuner.configs:
         constants = {**kernel.constants, **config.kwargs}
-        source = triton.compiler.ASTSource(fn=tuner.fn, signature=signature, constexprs=constants)
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
-        )
+        opcodes = sm90_sass(tuner.fn, signature, constants, config.num_warps, workdir)
         tile = constants[kernel.own.tile]  # type: ignore[union-attr]
-        per_thread = constants["rows_per"] * tile / (config.num_warps * 32)
-        counts.append(len(sass_opcodes(compiled.asm["cubin"], workdir)) / per_thread)
+        counts.append(len(opcodes) / (constants["rows_per"] * tile / (config.num_warps * 32)))
     return min(counts)
 
 
