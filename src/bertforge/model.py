@@ -309,7 +309,6 @@ class Layer(nn.Module):
         self.ffn_norm = LayerNorm(h, eps=c.layer_norm_eps)
         self.dropout = Dropout(c.hidden_dropout_prob)
         self.act = ACTIVATIONS[c.hidden_act]
-        self.hidden_act = c.hidden_act
 
     def forward(self, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
         # x: (B, S, H) padded or (T, H) packed; heads split the last dim into (nh, hs)
@@ -320,7 +319,8 @@ class Layer(nn.Module):
 
     def feed_forward_in(self, x: torch.Tensor) -> torch.Tensor:
         """act(ffn_in(x))."""
-        if self.fused_gelu and self.hidden_act == "gelu" and kernels.usable(x):
+        # the kernels compute the erf form, hidden_act "gelu"'s F.gelu
+        if self.fused_gelu and self.act is ACTIVATIONS["gelu"] and kernels.usable(x):
             return kernels.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias)
         return self.act(self.ffn_in(x))
 
