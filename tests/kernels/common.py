@@ -44,9 +44,18 @@ def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
     return config
 
 
-def layer_with_and_without(flag: str) -> None:
+def layer_with_and_without(flag: str, entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's layer with `flag` (fused_norm, fused_gelu) on and off, dropout off: the same
-    output and weight gradients, padded [B, S, H] input."""
+    output and weight gradients, padded [B, S, H] input; and with it on, the layer did call
+    `kernels.<entry>` (two layers that both took the plain path would agree too)."""
+    calls = []
+    real = getattr(kernels, entry)
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, entry, counted)
     c = BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64,
@@ -62,6 +71,7 @@ def layer_with_and_without(flag: str) -> None:
         y = layer(x, None)
         y.backward(dy)
         outs.append((y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}))
+        assert bool(calls) == fused, (flag, fused, len(calls))
     (y0, g0), (y1, g1) = outs
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     for k in g0:

@@ -68,8 +68,8 @@ def test_erf_is_within_its_bound_over_the_whole_range():
 
 
 @numeric
-def test_layer_fused_gelu_matches_the_plain_layer():
-    layer_with_and_without("fused_gelu")
+def test_layer_fused_gelu_matches_the_plain_layer(monkeypatch):
+    layer_with_and_without("fused_gelu", "bias_gelu", monkeypatch)
 
 
 @traced

@@ -148,10 +148,10 @@ def test_rejects_a_drop_probability_of_one():
 
 
 @numeric
-def test_layer_fused_matches_the_plain_layer():
+def test_layer_fused_matches_the_plain_layer(monkeypatch):
     """The model's layer with fused_norm: the same outputs and weight gradients as without,
     dropout off (its draws differ by design)."""
-    layer_with_and_without("fused_norm")
+    layer_with_and_without("fused_norm", "fused_norm", monkeypatch)
 
 
 @traced
