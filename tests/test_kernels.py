@@ -19,6 +19,7 @@ from bertforge.cli import main
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, Layer
 from bertforge.train import check_fused
+from tests.test_train import args as train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_PYTHON = os.environ.get("BERTFORGE_TRITON_PYTHON")
@@ -80,9 +81,8 @@ def test_train_with_fused_norm_on_a_cpu_stops_before_writing(
 ):
     out = tmp_path / "run"
     rc = main(
-        ["train", "--data", str(train_data), "--output", str(out), "--bert-config",
-         str(tiny_bert_config), "--num-train-steps", "2", "--no-progress", "--fused-norm"]
-    )  # fmt: skip
+        train_args(train_data, out, tiny_bert_config, "--num-train-steps", "2", "--fused-norm")
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "--fused-norm needs a CUDA device with Triton (training is on cpu)" in err
@@ -95,11 +95,8 @@ def test_fused_gelu_is_refused_for_another_activation(
     config = json.loads(tiny_bert_config.read_text())
     (tmp_path / "bert_config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
     out = tmp_path / "run"
-    rc = main(
-        ["train", "--data", str(train_data), "--output", str(out), "--bert-config",
-         str(tmp_path / "bert_config.json"), "--num-train-steps", "2", "--no-progress",
-         "--fused-gelu"]
-    )  # fmt: skip
+    bert = tmp_path / "bert_config.json"
+    rc = main(train_args(train_data, out, bert, "--num-train-steps", "2", "--fused-gelu"))
     assert rc == 2
     err = capsys.readouterr().err
     assert "--fused-gelu computes GELU's erf form" in err and "hidden_act is gelu_new" in err
