@@ -286,6 +286,13 @@ def main() -> None:
         "each way (kernels.bias_gelu, the trainer's --fused-gelu; '+fusedgelu' in the name; "
         "CUDA with Triton); both: with and without, interleaved",
     )
+    variant_flag(
+        ap,
+        "--flat-optimizer",
+        "bertforge's sides with the trainer's --flat-optimizer (optim.FlatAdamW: one buffer "
+        "per parameter group, gradients accumulated into it; '+flat' in the name); both: with "
+        "and without, interleaved",
+    )
     ap.add_argument(
         "--malloc",
         choices=["auto", "tuned", "default"],
@@ -344,9 +351,10 @@ def main() -> None:
         if value != "no" and not (args.device == "cuda" and kernels.available()):
             ap.error(f"{flag}: the fused kernels run on CUDA with Triton only")
     fuseds = [
-        norm + gelu
+        norm + gelu + flat
         for norm in with_without(args.fused_norm, "+fusednorm")
         for gelu in with_without(args.fused_gelu, "+fusedgelu")
+        for flat in with_without(args.flat_optimizer, "+flat")
     ]
     regions = with_without(args.whole_graph, "+whole")
     cuda_graphs = with_without(args.graphs, "+graphs")
@@ -407,9 +415,9 @@ def main() -> None:
         regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
         compiled; "+fusednorm" / "+fusedgelu": kernels.fused_norm / bias_gelu in every
-        layer), on its own model (same init) and optimizer: it reads nothing back unless the
-        optimizer cannot skip a bad step on the device (then `update` does, as in the
-        trainer)."""
+        layer; "+flat": optim.FlatAdamW), on its own model (same init) and optimizer: it
+        reads nothing back unless the optimizer cannot skip a bad step on the device (then
+        `update` does, as in the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
@@ -421,7 +429,10 @@ def main() -> None:
         for module in model.modules():
             if isinstance(module, Dropout):
                 module.bits = bits
-        opt = make_optimizer(TrainConfig(data="-", output="-", learning_rate=1e-4), model)
+        flat = "+flat" in variant
+        opt = make_optimizer(
+            TrainConfig(data="-", output="-", learning_rate=1e-4, flat_optimizer=flat), model
+        )
         precision = precision_of[mark_of(layout)]
         autocast = autocast_of(layout)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
@@ -556,6 +567,7 @@ def main() -> None:
         "graphs": args.graphs,
         "fused_norm": args.fused_norm,
         "fused_gelu": args.fused_gelu,
+        "flat_optimizer": args.flat_optimizer,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,
         "hidden_act": args.hidden_act,

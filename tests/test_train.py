@@ -198,17 +198,18 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_finishes(
 
 
 def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
-    """Micro-batches of 5 and packed batches (no padding) train as the plain padded run (the
-    CPU default) does."""
+    """Micro-batches of 5, packed batches (no padding), and the flat optimizer with gradients
+    accumulated in its buffer train as the plain padded run (the CPU default) does."""
     runs = {
         "one": [],
         "four": ["--micro-batch-size", "5"],
         "packed": ["--packed"],
+        "flat": ["--flat-optimizer", "--micro-batch-size", "5"],
     }
     for name, extra in runs.items():
         steps = ["--num-train-steps", "4", "--eval-every", "2", "--eval-batch-size", "8"]
         main(args(train_data, tmp_path / name, tiny_bert_config, *steps, *extra))
-    for name in ("four", "packed"):
+    for name in ("four", "packed", "flat"):
         for evals in (False, True):
             got, want = metrics(tmp_path / name, evals), metrics(tmp_path / "one", evals)
             assert len(got) == len(want) > 0
@@ -217,7 +218,36 @@ def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data
                     assert a[key] == pytest.approx(b[key], abs=1e-5), (name, evals, key)
     assert metrics(tmp_path / "four")[0]["micro_batch_size"] == 5
     layout = {n: json.loads((tmp_path / n / "manifest.json").read_text())["packed"] for n in runs}
-    assert layout == {"one": False, "four": False, "packed": True}
+    assert layout == {"one": False, "four": False, "packed": True, "flat": False}
+
+
+def test_the_flat_optimizer_resumes_either_way(tmp_path, train_data, tiny_bert_config, capsys):
+    """Checkpoints hold AdamW's state dict with and without --flat-optimizer: a run resumed
+    with the flag switched goes on as the run that never stopped."""
+    steps = ["--num-train-steps", "4", "--save-checkpoints-steps", "2", "--no-do-eval"]
+    for name, flag in (("plain", []), ("flat", ["--flat-optimizer"])):
+        assert main(args(train_data, tmp_path / name, tiny_bert_config, *steps, *flag)) == 0
+    capsys.readouterr()
+    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "flat"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    flags = {"plain": [], "flat": ["--flat-optimizer"]}
+    for first, then in (("plain", "flat"), ("flat", "plain")):
+        out = tmp_path / f"{first}-then-{then}"
+        assert main(args(train_data, out, tiny_bert_config, *steps, *flags[first])) == 0
+        (out / "checkpoints" / "ckpt-00000004.pt").unlink()  # as if it had stopped at 3
+        # Not started over (that needs --overwrite): resumed from step 2 with the other flag.
+        assert main(args(train_data, out, tiny_bert_config, *steps, *flags[then])) == 0
+        got, want = metrics(out), metrics(tmp_path / "plain")
+        assert [r["step"] for r in got] == [1, 2, 3, 4]
+        for a, b in zip(want, got, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), first
+    for other in (["--optimizer", "lamb"], ["--google-adam"]):
+        out = tmp_path / "refused"
+        assert (
+            main(args(train_data, out, tiny_bert_config, *steps, "--flat-optimizer", *other)) == 2
+        )
+        assert f"it does not apply to {other[0]}" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_out_of_memory_halves_the_micro_batch(
@@ -689,26 +719,35 @@ def test_google_tfrecords_and_other_optimizers(
     assert json.loads((out / "manifest.json").read_text())["data"]["static_masking"] is True
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_gradients_are_clipped_to_the_global_norm(fused):
+@pytest.mark.parametrize("kind", ["fused", "host", "flat"])
+def test_gradients_are_clipped_to_the_global_norm(kind):
     """update() clips as Google's clip_by_global_norm (and torch's clip_grad_norm_): folded
-    into fused AdamW's grad_scale when the optimizer skips bad steps on the device, divided on
-    the host otherwise. Gradient norms 40, 0.3, 12 against max 1.0: clipping changes Adam's
-    moments, so a step that did not clip would differ."""
+    into fused AdamW's grad_scale when the optimizer skips bad steps on the device (also
+    FlatAdamW's, the norm over its gradient buffers), divided on the host otherwise. Gradient
+    norms 40, 0.3, 12 against max 1.0: clipping changes Adam's moments, so a step that did not
+    clip would differ."""
+    from bertforge.optim import FlatAdamW
     from bertforge.train import SUMS, Ledger, update
 
     def run(clip: str) -> tuple[list[torch.Tensor], list[float]]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
-        opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=clip == "update" and fused)
+        on_device = clip == "update" and kind != "host"
+        if clip == "update" and kind == "flat":
+            opt = FlatAdamW(model.parameters(), lr=0.1, eps=1e-8, weight_decay=0.01)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=on_device)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        ledger = Ledger(device_skip=clip == "update" and fused, skipped=0)
+        ledger = Ledger(device_skip=on_device, skipped=0)
         norms = []
         for target in (40.0, 0.3, 12.0):
             grads = [torch.randn_like(p) for p in model.parameters()]
             total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
             for p, g in zip(model.parameters(), grads, strict=True):
-                p.grad = g * (target / total)
+                if isinstance(opt, FlatAdamW):
+                    p.grad.copy_(g * (target / total))
+                else:
+                    p.grad = g * (target / total)
             if clip == "update":
                 _, norm = update(model, opt, scaler, torch.zeros(len(SUMS)), 1.0, ledger)
             else:
@@ -1060,14 +1099,19 @@ def test_a_google_run_continues_where_it_stopped(
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
-    """torchrun with 2 gloo processes, padded, packed and compiled (DDP around the compiled
-    step, its layers one nested region): same per-step losses as 1 process, same global
-    batch."""
+    """torchrun with 2 gloo processes, padded, packed, compiled (DDP around the compiled
+    step, its layers one nested region) and with the flat optimizer (DDP writing into its
+    gradient buffer): same per-step losses as 1 process, same global batch."""
     one = tmp_path / "one"
     steps = ("--num-train-steps", "4", "--no-do-eval")
     main(args(train_data, one, tiny_bert_config, *steps))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    variants = (("two", ("--no-packed",)), ("two-packed", ()), ("two-compiled", ("--compile",)))
+    variants = (
+        ("two", ("--no-packed",)),
+        ("two-packed", ()),
+        ("two-compiled", ("--compile",)),
+        ("two-flat", ("--flat-optimizer", "--micro-batch-size", "4", "--compile")),
+    )
     for name, extra in variants:
         two = tmp_path / name
         cmd = [

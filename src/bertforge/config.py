@@ -319,6 +319,12 @@ class TrainConfig:
     """adamw, or lamb for very large batches."""
     google_adam: bool = False
     """AdamW exactly as Google's AdamWeightDecayOptimizer: no bias correction."""
+    flat_optimizer: bool = False
+    """AdamW over one buffer per parameter group (weights, gradients and moments laid end to
+    end): the update is one fused call per group instead of one per tensor, and gradients
+    accumulate in place. The same updates and checkpoints as without it. Off by default until
+    a GPU run has measured it (bench/optimizer_update.py, bench/train_throughput.py
+    --flat-optimizer). AdamW only (not --optimizer lamb or --google-adam)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not on LayerNorm and biases)."""
     adam_epsilon: float = 1e-6

@@ -7,11 +7,18 @@ AdamW is torch's (fused on CUDA). Written here because torch has no equivalent:
 - `Lamb` (You et al. 2019): Adam's update with decay, scaled per tensor by the trust ratio
   |w| / |update|, which keeps large-batch training stable.
 Both use torch's multi-tensor (_foreach) kernels.
+- `FlatAdamW`: torch's fused AdamW with every parameter, gradient and moment of a group laid
+  end to end in one buffer, so that an update is one fused call per group over one tensor
+  instead of one per parameter (torch's multi-tensor launcher splits each tensor into 64k
+  chunks and caps the blocks of a launch; two hundred tensors of very different sizes leave
+  launches half full, and the host groups the tensors anew every step). Its state and state
+  dict are AdamW's, tensor for tensor, so checkpoints pass between the two.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +44,176 @@ def learning_rate(step: int, base: float, warmup: int, total: int) -> float:
     if warmup > 0 and step < warmup:
         return base * step / warmup
     return base * max(0.0, 1.0 - step / total)
+
+
+@dataclass
+class Flat:
+    """One parameter group end to end: weights, gradients and both moments, each parameter at
+    a multiple of FlatAdamW.ALIGN elements (the gaps zero), and the parameters' step counts."""
+
+    data: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    steps: torch.Tensor  # one per parameter: AdamW's state keeps a step count each
+    starts: list[int]  # each parameter's first element in the buffers
+    grads: list[torch.Tensor]  # the parameters' .grad, views of `grad`
+    uniform: bool = True  # every step count the same: one call over the whole group
+
+    def view(self, buffer: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
+        return buffer[self.starts[i] : self.starts[i] + like.numel()].view_as(like)
+
+
+def own_storage(view: torch.Tensor) -> torch.Tensor:
+    """The elements of `view` (contiguous) as a tensor with a storage of its own over the same
+    memory, which it does not own (keep the buffer alive beside it). torch.compile's nested
+    regions refuse inputs that share a storage, even where they never overlap, so parameters
+    that were plain views of one buffer could not be compiled layer by layer."""
+    size = view.numel() * view.element_size()
+    storage = torch._C._construct_storage_from_data_pointer(view.data_ptr(), view.device, size)
+    out = torch.empty(0, dtype=view.dtype, device=view.device)
+    return out.set_(storage, 0, view.shape, view.stride())  # type: ignore[call-overload]
+
+
+class FlatAdamW(torch.optim.AdamW):
+    """torch's fused AdamW over one buffer per parameter group (module docstring).
+
+    Building it moves each parameter's values into its group's buffer (`p.data` is then its
+    place there, with a storage of its own: `own_storage`) and gives each parameter a gradient
+    that is a view of the group's gradient buffer, which backward accumulates into in place;
+    `zero_grad` zeroes the buffer and keeps the views (`set_to_none` is ignored: a gradient
+    set to None would fall out of the buffer). Each parameter's state (step, exp_avg,
+    exp_avg_sq) is a view of the group's, so `state_dict` and `load_state_dict` are AdamW's.
+    Parameters whose step counts differ (moments taken over for some parameters only) are
+    updated one tensor each, as AdamW does."""
+
+    ALIGN = 64  # elements: every parameter starts 256 bytes into the buffer in fp32
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        self.flat = [self._lay_out(group["params"]) for group in self.param_groups]
+
+    def _lay_out(self, params: list[torch.Tensor]) -> Flat:
+        first = params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in params):
+            raise ValueError("FlatAdamW: a parameter group's tensors must share dtype and device")
+        starts = [0]
+        for p in params:
+            starts.append(starts[-1] + -(-p.numel() // self.ALIGN) * self.ALIGN)
+        total = starts.pop()
+        data, grad, exp_avg, exp_avg_sq = (
+            torch.zeros(total, dtype=first.dtype, device=first.device) for _ in range(4)
+        )
+        steps = torch.zeros(len(params), dtype=torch.float32, device=first.device)
+        f = Flat(data, grad, exp_avg, exp_avg_sq, steps, starts, [])
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                f.view(data, i, p).copy_(p)
+                p.data = own_storage(f.view(data, i, p))
+                p.flat_buffer = data  # type: ignore[attr-defined]  # keeps the memory alive
+                if p.grad is not None:
+                    f.view(grad, i, p).copy_(p.grad)
+                f.grads.append(f.view(grad, i, p))
+                p.grad = f.grads[-1]
+                self.adopt(f, i, p, {})
+        return f
+
+    def adopt(self, f: Flat, i: int, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Copy `state` (AdamW's for p; empty: a fresh start) into p's place in the buffers and
+        make p's state the views of it."""
+        own = {
+            "step": f.steps[i],
+            "exp_avg": f.view(f.exp_avg, i, p),
+            "exp_avg_sq": f.view(f.exp_avg_sq, i, p),
+        }
+        for key, mine in own.items():
+            if key in state:
+                mine.copy_(state[key])
+            else:
+                mine.zero_()
+        self.state[p] = own
+
+    def set_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Give one parameter AdamW's state (moments and a step count taken over)."""
+        for group, f in zip(self.param_groups, self.flat, strict=True):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    with torch.no_grad():
+                        self.adopt(f, i, p, state)
+                    f.uniform = bool((f.steps == f.steps[0]).all())
+                    return
+        raise KeyError("FlatAdamW.set_state: not one of this optimizer's parameters")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """AdamW's state dict (this class's or torch.optim.AdamW's) copied into the buffers."""
+        super().load_state_dict(state_dict)
+        loaded = dict(self.state)
+        with torch.no_grad():
+            for group, f in zip(self.param_groups, self.flat, strict=True):
+                for i, p in enumerate(group["params"]):
+                    self.adopt(f, i, p, loaded.get(p, {}))
+                f.uniform = bool((f.steps == f.steps[0]).all())
+
+    def flat_grads(self) -> list[torch.Tensor]:
+        """The gradient buffers, one per group (the gaps are zero: norms over them are the
+        parameters' norms)."""
+        return [f.grad for f in self.flat]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group, f in zip(self.param_groups, self.flat, strict=True):
+            f.grad.zero_()
+            for p, g in zip(group["params"], f.grads, strict=True):
+                if p.grad is not g:
+                    p.grad = g
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """AdamW's update; reads `grad_scale` and `found_inf` set on the optimizer as torch's
+        fused AdamW does (GradScaler's protocol: the gradients are divided by grad_scale, and
+        nothing moves where found_inf is 1)."""
+        if closure is not None:
+            raise ValueError("FlatAdamW.step takes no closure")
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group, f in zip(self.param_groups, self.flat, strict=True):
+            params = group["params"]
+            if any(p.grad is not g for p, g in zip(params, f.grads, strict=True)):
+                raise RuntimeError(
+                    "FlatAdamW: a parameter's .grad was replaced; set gradients to zero with "
+                    "the optimizer's zero_grad, which keeps them in its buffer"
+                )
+            beta1, beta2 = group["betas"]
+            if f.uniform:
+                tensors = [[f.data], [f.grad], [f.exp_avg], [f.exp_avg_sq]]
+                steps = [f.steps[0]]
+            else:
+                tensors = [params, f.grads]
+                tensors += [[self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq")]
+                steps = [self.state[p]["step"] for p in params]
+            f.steps.add_(1)
+            torch._fused_adamw_(
+                *tensors,
+                [],
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+            if found_inf is not None:
+                f.steps.sub_(found_inf)
 
 
 class _Moments(torch.optim.Optimizer):
@@ -136,4 +313,8 @@ def set_moments(
         if isinstance(optimizer, torch.optim.AdamW):  # torch keeps the step as a tensor
             fused = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
             count = torch.tensor(float(step), device=p.device if fused else "cpu")
-        optimizer.state[p] = {"step": count, "exp_avg": m, "exp_avg_sq": v}
+        state = {"step": count, "exp_avg": m, "exp_avg_sq": v}
+        if isinstance(optimizer, FlatAdamW):
+            optimizer.set_state(p, state)
+        else:
+            optimizer.state[p] = state

@@ -87,7 +87,14 @@ from bertforge.model import (
     flash_varlen_fits,
     load_weights,
 )
-from bertforge.optim import GoogleAdamW, Lamb, learning_rate, param_groups, set_moments
+from bertforge.optim import (
+    FlatAdamW,
+    GoogleAdamW,
+    Lamb,
+    learning_rate,
+    param_groups,
+    set_moments,
+)
 from bertforge.tokenization import Vocab, check_init_vocab, load_vocab, read_vocab_txt
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -112,6 +119,7 @@ RESUMABLE = {
     "packed",
     "fused_norm",  # the same model and weights, other dropout draws
     "fused_gelu",
+    "flat_optimizer",  # the same updates, and AdamW's state dict either way
     "peak_tflops",
 }
 EVAL_KEYS = (
@@ -231,6 +239,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     for flag, on in (("--fused-norm", cfg.fused_norm), ("--fused-gelu", cfg.fused_gelu)):
         if on:
             check_fused(flag, d.device)
+    if cfg.flat_optimizer and (cfg.optimizer != "adamw" or cfg.google_adam):
+        other = "--google-adam" if cfg.google_adam else f"--optimizer {cfg.optimizer}"
+        raise UserError(
+            f"--flat-optimizer lays out torch's AdamW; it does not apply to {other}: leave "
+            "one of the two out."
+        )
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -635,7 +649,10 @@ def update(
     if not ledger.device_skip and bool(bad):  # bool(): the host path reads the device here
         return bad, norm
     scaler.unscale_(optimizer)  # a no-op unless fp16 loss scaling (never with device_skip)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if isinstance(optimizer, FlatAdamW):
+        grads = optimizer.flat_grads()
+    else:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
         scale = (norm / max_grad_norm).clamp(min=1.0)
@@ -1220,6 +1237,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         return Lamb(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
     if cfg.google_adam:
         return GoogleAdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
+    if cfg.flat_optimizer:
+        return FlatAdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
     return torch.optim.AdamW(
         groups,
         lr=cfg.learning_rate,
