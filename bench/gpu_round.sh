@@ -4,8 +4,10 @@
 #   bash bench/gpu_round.sh STAGE [extra bench/train_throughput.py flags]
 #
 # Stages, in the order to run them:
-#   tests     tests/test_cuda.py, test_ops.py and test_model.py on the GPU;
-#             bench/optimizer_update.py
+#   tests     tests/test_cuda.py, test_ops.py, test_model.py and test_optim.py on the GPU
+#   optimizer bench/optimizer_update.py (BERT-base's update: per-tensor fused AdamW,
+#             FlatAdamW with bertforge's Triton kernel and with torch's over its buffers),
+#             then base128 packed, no peer, with and without --flat-optimizer, interleaved
 #   kernels   tests/kernels on the GPU: bertforge's Triton kernels against float64 torch, every
 #             autotuned configuration (about a hundred kernel compiles), the first time on CUDA
 #   fused     packed, no peer, bertforge's Triton kernels (kernels.py) against inductor's
@@ -48,9 +50,10 @@
 #   bash bench/gpu_round.sh all [SECONDS]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): base128 (with --profile 3), fused, kernels, tests,
-# regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each
-# took. The headline first, then the fused Triton kernels (fused: their speed; kernels: their
+# all within SECONDS (default 540): base128 (with --profile 3), optimizer, fused, kernels,
+# tests, regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long
+# each took. The headline first, then the flat optimizer (the profile's 2.6 ms of optimizer
+# against 0.7 ms of bytes), the fused Triton kernels (fused: their speed; kernels: their
 # numbers on the GPU, only ever checked under Triton's CPU interpreter before), the CUDA
 # tests, then the three that may win time outright (regions: every layer in one graph, whose
 # LayerNorm backward moves 7% fewer bytes by bench/kernel_census.py, a default to switch at
@@ -71,8 +74,8 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in base128:150 fused:300 kernels:90 tests:170 regions:150 cppwrap:150 graphs:180 \
-    bandwidth:150 elementwise:180 malloc:150 autotune:600; do
+  for spec in base128:150 optimizer:120 fused:300 kernels:90 tests:170 regions:150 \
+    cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
@@ -86,7 +89,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | kernels | base128 | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
+  tests | optimizer | kernels | base128 | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
     | regions | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
@@ -105,8 +108,11 @@ base=(--model-size base --seq-len 128 --batch-size 256)
   case "$stage" in
     tests)
       "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda.py \
-        tests/test_ops.py tests/test_model.py "$@" || echo "pytest: failures above (rc $?)"
-      "$py" bench/optimizer_update.py --model-size base ;;
+        tests/test_ops.py tests/test_model.py tests/test_optim.py "$@" \
+        || echo "pytest: failures above (rc $?)" ;;
+    optimizer)
+      "$py" bench/optimizer_update.py --model-size base
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --flat-optimizer both "$@" ;;
     kernels)
       "$py" -m pytest -q -rfEs --durations 5 --tb=short -p no:cacheprovider tests/kernels "$@" \
         || echo "pytest: failures above (rc $?)" ;;

@@ -6,10 +6,12 @@ against the usual clip_grad_norm_ followed by the same fused step, interleaved i
 
 Prints one line per round and, last, one JSON object: milliseconds per update of each and
 the ratio. Both update the same model's weights from the same gradients. Also timed: the same
-update with `--flat-optimizer`'s FlatAdamW (norm and fused AdamW over one buffer per parameter
-group instead of one tensor per parameter); and the bytes an update must move (per parameter:
-the gradient read for the norm, then parameter, gradient and both moments read and parameter
-and moments written, 32 bytes in fp32) over its time, against the device's memory bandwidth.
+update with `--flat-optimizer`'s FlatAdamW (norm and AdamW over one buffer per parameter group
+instead of one tensor per parameter: "flat", with bertforge's Triton kernel where it runs, and
+there "flat_torch", with torch's fused kernel over the same buffers); and the bytes an update
+must move (per parameter: the gradient read for the norm, then parameter, gradient and both
+moments read and parameter and moments written, 32 bytes in fp32) over its time, against the
+device's memory bandwidth.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bertforge import kernels
 from bertforge.model import BertConfig, BertForPretraining
 from bertforge.optim import FlatAdamW, param_groups
 from bertforge.train import SUMS, Ledger, update
@@ -54,13 +58,17 @@ def main() -> None:
     def ours() -> None:
         update(model, opt, scaler, sums, 1.0, ledger)
 
-    flat_model = copy.deepcopy(model)
-    flat_opt = FlatAdamW(param_groups(flat_model, 0.01), lr=1e-4, eps=1e-6)
-    for p, q in zip(model.parameters(), flat_model.parameters(), strict=True):
-        q.grad.copy_(p.grad)
+    def flat_side(triton: bool) -> Callable[[], None]:
+        """FlatAdamW's update of a copy of the model, with bertforge's Triton kernel or torch's
+        fused one over the buffers."""
+        flat_model = copy.deepcopy(model)
+        flat_opt = FlatAdamW(param_groups(flat_model, 0.01), lr=1e-4, eps=1e-6)
+        flat_opt.triton = triton
+        for p, q in zip(model.parameters(), flat_model.parameters(), strict=True):
+            q.grad.copy_(p.grad)
+        return lambda: update(flat_model, flat_opt, scaler, sums, 1.0, ledger)
 
-    def flat() -> None:
-        update(flat_model, flat_opt, scaler, sums, 1.0, ledger)
+    sides = {"bertforge": ours}
 
     def usual() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -78,19 +86,21 @@ def main() -> None:
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / args.steps * 1e3
 
-    timed(ours), timed(usual), timed(flat)  # warm-up: optimizer state, kernels
-    results: dict[str, list[float]] = {"bertforge": [], "usual": [], "flat": []}
+    sides["usual"] = usual
+    sides["flat"] = flat_side(triton=True)
+    if kernels.usable(sums):  # the Triton kernel runs here: torch's over the buffers as well
+        sides["flat_torch"] = flat_side(triton=False)
+    for step in sides.values():  # warm-up: optimizer state, kernels
+        timed(step)
+    results: dict[str, list[float]] = {side: [] for side in sides}
     for r in range(args.rounds):
-        results["bertforge"].append(timed(ours))
-        results["usual"].append(timed(usual))
-        results["flat"].append(timed(flat))
-        print(f"round {r}: bertforge {results['bertforge'][-1]:.2f} ms, "
-              f"clip_grad_norm_ + step {results['usual'][-1]:.2f} ms, "
-              f"FlatAdamW {results['flat'][-1]:.2f} ms")  # fmt: skip
+        for side, step in sides.items():
+            results[side].append(timed(step))
+        print(f"round {r}: " + ", ".join(f"{s} {v[-1]:.2f} ms" for s, v in results.items()))
     best = {k: min(v) for k, v in results.items()}
     gb = 32 * sum(p.numel() for p in model.parameters()) / 1e9
-    print(f"an update moves {gb:.2f} GB: bertforge {gb / best['bertforge'] * 1e3:.0f} GB/s, "
-          f"FlatAdamW {gb / best['flat'] * 1e3:.0f} GB/s")  # fmt: skip
+    print(f"an update moves {gb:.2f} GB: "
+          + ", ".join(f"{s} {gb / ms * 1e3:.0f} GB/s" for s, ms in best.items()))  # fmt: skip
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(json.dumps({
         "model_size": args.model_size,
@@ -99,6 +109,7 @@ def main() -> None:
         "usual_ms": round(best["usual"], 3),
         "ratio": round(best["usual"] / best["bertforge"], 3),
         "flat_ms": round(best["flat"], 3),
+        "flat_torch_ms": round(best["flat_torch"], 3) if "flat_torch" in best else None,
         "gb_per_update": round(gb, 3),
         "device": f"{name}, torch {torch.__version__}",
     }))  # fmt: skip

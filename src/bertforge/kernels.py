@@ -1,6 +1,7 @@
 """bertforge's Triton kernels for the CUDA train step: two pairs (forward, backward), for
 bias + dropout + residual + LayerNorm (`fused_norm`) and for bias + GELU (`bias_gelu`, whose
-own docstring says why).
+own docstring says why); and AdamW's update of a flat buffer (`adamw_`, for optim.FlatAdamW:
+torch's fused kernel caps the blocks of a launch, its docstring says more).
 
 Written here because these blocks are where inductor's kernels for BERT's step are furthest
 from what they must move (bench/kernel_census.py, bench/RESULTS.md "Session 25" and "Session
@@ -39,6 +40,7 @@ for the tests). `available()` says whether this torch can use it at all.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -63,6 +65,9 @@ BACKWARD_CONFIGS = ((2, 4), (2, 8), (2, 2))
 GELU_FORWARD_CONFIGS = ((4, 4), (8, 8), (2, 4))
 GELU_BACKWARD_CONFIGS = ((4, 4), (8, 8), (2, 4))
 GELU_COLUMNS = 1024
+# AdamW over a flat buffer: elements a program, warps a program (16 fp32 an element's thread)
+ADAMW_BLOCK = 4096
+ADAMW_WARPS = 8
 # backward programs per streaming multiprocessor: enough to hide latency, few enough that the
 # partial sums (3 x hidden fp32 per program) stay a small fraction of the gradients' bytes
 PROGRAMS_PER_SM = 4
@@ -503,6 +508,37 @@ if triton is not None:
         cols = column * columns + tl.arange(0, columns)
         tl.store(partial_ptr + program * f + cols, tl.sum(total, 0), mask=cols < f)
 
+    @triton.jit
+    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, inf_ptr, n, lr, decay,
+                      beta1, rest1, beta2, rest2, log_beta1, log_beta2, eps,
+                      has_scale: tl.constexpr, has_inf: tl.constexpr,
+                      block: tl.constexpr):  # fmt: skip
+        """rest1, rest2: 1 - beta1, 1 - beta2 (each rounded from fp64: 1 - 0.999 in fp32 would
+        be 1.3e-5 off); decay: lr x weight_decay. The bias corrections 1 - beta^step in fp64
+        (for 0.999 at step 1 fp32 keeps four digits of them)."""
+        at = tl.program_id(0).to(tl.int64) * block + tl.arange(0, block)
+        if has_inf:  # a bad step: no element is read or written
+            n = tl.where(tl.load(inf_ptr) == 0, n, 0)
+        ok = at < n
+        step = tl.load(step_ptr).to(tl.float64)
+        correction1 = 1.0 - tl.exp(step * tl.cast(log_beta1, tl.float64))
+        correction2 = 1.0 - tl.exp(step * tl.cast(log_beta2, tl.float64))
+        step_size = (tl.cast(lr, tl.float64) / correction1).to(tl.float32)
+        root2 = tl.sqrt(correction2).to(tl.float32)
+        g = tl.load(g_ptr + at, mask=ok, other=0.0)
+        if has_scale:
+            g = g / tl.load(scale_ptr)
+        p = tl.load(p_ptr + at, mask=ok, other=0.0)
+        m = tl.load(m_ptr + at, mask=ok, other=0.0)
+        v = tl.load(v_ptr + at, mask=ok, other=0.0)
+        p = p - decay * p
+        m = beta1 * m + rest1 * g
+        v = beta2 * v + rest2 * g * g
+        p = p - step_size * m / (tl.sqrt(v) / root2 + eps)
+        tl.store(p_ptr + at, p, mask=ok)
+        tl.store(m_ptr + at, m, mask=ok)
+        tl.store(v_ptr + at, v, mask=ok)
+
     def _gelu_columns(f: int) -> int:
         return min(GELU_COLUMNS, triton.next_power_of_2(f))
 
@@ -628,6 +664,58 @@ if triton is not None:
         return dh, dbias.to(bias_t), dres.to(res_t), dw.to(w_t), dlb.to(lb_t), None, None, None
 
     _fused_forward.register_autograd(_gradients, setup_context=_setup)
+
+
+def adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """torch's fused AdamW update (`torch._fused_adamw_`, its formulas) of one flat fp32 buffer
+    in place, one program per ADAMW_BLOCK elements over the whole buffer: torch's multi-tensor
+    launcher runs at most 320 blocks of 64k elements a launch. `step`: the step count (a
+    1-element tensor, already counting this step); `grad_scale`: the gradients are divided by
+    it as they are read (left as they were in memory, where torch's kernel writes them back
+    divided); `found_inf`: nothing moves where it is nonzero. The elements in fp32 (torch's
+    kernel computes in fp64 with its fp64 scalars): within a few ulp of it."""
+    n = param.numel()
+    if not all(t.is_contiguous() and t.numel() == n for t in (grad, exp_avg, exp_avg_sq)):
+        raise ValueError("adamw_: param, grad and moments must be contiguous, of one size")
+    beta1, beta2 = betas
+    none = step  # a stand-in pointer where a scale or flag is not given (never read)
+    grid = (triton.cdiv(n, ADAMW_BLOCK),)
+    _adamw_kernel[grid](
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        none if grad_scale is None else grad_scale,
+        none if found_inf is None else found_inf,
+        n,
+        lr,
+        lr * weight_decay,
+        beta1,
+        1 - beta1,
+        beta2,
+        1 - beta2,
+        math.log(beta1),
+        math.log(beta2),
+        eps,
+        grad_scale is not None,
+        found_inf is not None,
+        ADAMW_BLOCK,
+        num_warps=ADAMW_WARPS,
+    )
 
 
 def fused_norm(

@@ -5,14 +5,15 @@ AdamW is torch's (fused on CUDA). Written here because torch has no equivalent:
   decay added to the update before the learning rate), for runs that must follow Google's
   recipe step for step;
 - `Lamb` (You et al. 2019): Adam's update with decay, scaled per tensor by the trust ratio
-  |w| / |update|, which keeps large-batch training stable.
-Both use torch's multi-tensor (_foreach) kernels.
-- `FlatAdamW`: torch's fused AdamW with every parameter, gradient and moment of a group laid
-  end to end in one buffer, so that an update is one fused call per group over one tensor
-  instead of one per parameter (torch's multi-tensor launcher splits each tensor into 64k
-  chunks and caps the blocks of a launch; two hundred tensors of very different sizes leave
-  launches half full, and the host groups the tensors anew every step). Its state and state
-  dict are AdamW's, tensor for tensor, so checkpoints pass between the two.
+  |w| / |update|, which keeps large-batch training stable;
+  both with torch's multi-tensor (_foreach) kernels;
+- `FlatAdamW` (--flat-optimizer): AdamW with every parameter, gradient and moment of a group
+  laid end to end in one buffer, so that an update is one call per group over one tensor
+  instead of one per parameter: on CUDA bertforge's Triton kernel (`kernels.adamw_`, one
+  launch over the whole buffer), elsewhere torch's fused kernel. torch's multi-tensor
+  launcher splits each tensor into 64k-element chunks and runs at most 320 of them a launch,
+  and its host side groups the two hundred tensors anew every step. The state and state dict
+  are AdamW's, tensor for tensor, so checkpoints pass between the two.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bertforge import kernels
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -88,6 +91,7 @@ class FlatAdamW(torch.optim.AdamW):
     updated one tensor each, as AdamW does."""
 
     ALIGN = 64  # elements: every parameter starts 256 bytes into the buffer in fp32
+    triton = True  # on CUDA with Triton, kernels.adamw_ (one launch a group); else torch's
 
     def __init__(
         self,
@@ -190,6 +194,24 @@ class FlatAdamW(torch.optim.AdamW):
                     "the optimizer's zero_grad, which keeps them in its buffer"
                 )
             beta1, beta2 = group["betas"]
+            if f.uniform and self.triton and kernels.usable(f.data):
+                f.steps.add_(1)
+                kernels.adamw_(
+                    f.data,
+                    f.grad,
+                    f.exp_avg,
+                    f.exp_avg_sq,
+                    f.steps,  # its first element: every parameter's count
+                    lr=group["lr"],
+                    betas=(beta1, beta2),
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    grad_scale=grad_scale,
+                    found_inf=found_inf,
+                )
+                if found_inf is not None:
+                    f.steps.sub_(found_inf)
+                continue
             if f.uniform:
                 tensors = [[f.data], [f.grad], [f.exp_avg], [f.exp_avg_sq]]
                 steps = [f.steps[0]]

@@ -109,14 +109,20 @@ def kernel_name(launch: Any) -> str:
 def compile_for_sm90(tuner: Any, signature: dict[str, str], constants: dict[str, Any]) -> None:
     """Every configuration of an autotuned kernel through Triton's whole CUDA pipeline for
     sm_90 (ptxas included; no GPU needed)."""
+    for config in tuner.configs:
+        compile_one_for_sm90(tuner.fn, signature, {**constants, **config.kwargs}, config.num_warps)
+
+
+def compile_one_for_sm90(
+    fn: Any, signature: dict[str, str], constants: dict[str, Any], num_warps: int
+) -> None:
+    """A JIT kernel through Triton's CUDA pipeline for sm_90, its constexprs `constants`."""
     from triton.backends.compiler import GPUTarget
 
-    for config in tuner.configs:
-        fixed = {**constants, **config.kwargs}
-        full = {**signature, **{name: "constexpr" for name in fixed}}
-        assert set(full) == set(tuner.fn.arg_names)
-        source = triton.compiler.ASTSource(fn=tuner.fn, signature=full, constexprs=fixed)
-        done = triton.compile(
-            source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps}
-        )
-        assert done.asm["cubin"], (tuner.fn.arg_names, config)
+    full = {**signature, **{name: "constexpr" for name in constants}}
+    assert set(full) == set(fn.arg_names)
+    source = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constants)
+    done = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
+    )
+    assert done.asm["cubin"], (fn.arg_names, constants)
