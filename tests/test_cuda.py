@@ -16,6 +16,7 @@ from bertforge.cli import main
 from bertforge.config import TrainConfig
 from bertforge.distributed import Dist
 from bertforge.model import BertConfig, BertForPretraining
+from bertforge.optim import FlatAdamW, param_groups
 from bertforge.train import (
     Objective,
     fit_micro_batch,
@@ -80,13 +81,22 @@ def cpu_windows(tmp_path_factory, train_data):
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--no-packed"], ["--compile"], ["--no-packed", "--compile"], ["--precision", "fp16"]],
+    [
+        [],
+        ["--no-packed"],
+        ["--compile"],
+        ["--no-packed", "--compile"],
+        ["--precision", "fp16"],
+        ["--compile", "--flat-optimizer"],
+        ["--precision", "fp16", "--flat-optimizer"],
+    ],
 )
 def test_train_on_cuda(tmp_path, train_data, cpu_windows, extra):
     """Each CUDA path (packed, the default at this length, and padded; compiled; fp16 with
-    loss scaling) learns as the fp32 CPU run of the same data, masks and seed does: its loss
-    over the last 30 steps within 0.15 of the CPU run's (three seeds spread by 0.08; a path
-    that stops learning stays near the first window's loss, about 1 higher)."""
+    loss scaling; the flat optimizer, its update bertforge's Triton kernel or, without Triton,
+    torch's) learns as the fp32 CPU run of the same data, masks and seed does: its loss over
+    the last 30 steps within 0.15 of the CPU run's (three seeds spread by 0.08; a path that
+    stops learning stays near the first window's loss, about 1 higher)."""
     out = tmp_path / "run"
     m = train_mini(train_data, out, *extra)
     losses = [round(r["loss"], 3) for r in m]
@@ -163,28 +173,33 @@ def packed_rows(n: int, seed: int) -> Rows:
                 g.integers(5, 1000, positions.shape))  # fmt: skip
 
 
-def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients():
+@pytest.mark.parametrize("flat", [False, True], ids=["one-batch", "flat-two-micro-batches"])
+def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients(flat):
     """What `bench/train_throughput.py --graphs` measures: the compiled step under CUDA graphs
     (mode reduce-overhead), packed batches rounded up by filler to a few token counts, gives
-    the plain compiled step's losses and gradients (dropout off; bf16)."""
+    the plain compiled step's losses and gradients (dropout off; bf16). flat: two
+    micro-batches a step accumulated into FlatAdamW's gradient buffer, in place, where
+    pytorch#169545 saw a replay overwrite a gradient that a graph's output had become."""
     device = torch.device("cuda")
     c = BertConfig.preset("mini", 1000, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     model = BertForPretraining(c).to(device)
+    opt = FlatAdamW(param_groups(model, 0.01), lr=1e-3) if flat else None
     results = []
     for graphs in (False, True):
         counters.clear()
         forward = torch.compile(Objective(model), mode="reduce-overhead" if graphs else None)
         for seed in range(4):  # warm-up, recording and replays over two token counts
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            rows = packed_rows(16, seed % 2)
-            b, lengths, layout = model_batch(rows, device, True, False, 512 if graphs else 0)
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                mlm, nsp, _ = forward(*objective_args(b, lengths, layout))
-            (mlm + nsp).backward()
-            loss = float(mlm + nsp)
+            (opt or model).zero_grad(set_to_none=True)
+            for micro in range(2 if flat else 1):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                rows = packed_rows(16, (seed + micro) % 2)
+                b, lengths, layout = model_batch(rows, device, True, False, 512 if graphs else 0)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    mlm, nsp, _ = forward(*objective_args(b, lengths, layout))
+                (mlm + nsp).backward()
+                loss = float(mlm + nsp)
         results.append((loss, {n: p.grad.float().clone() for n, p in model.named_parameters()}))
     assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs did run
     (want, want_grads), (got, grads) = results

@@ -197,3 +197,27 @@ def test_parameters_outlive_the_optimizer():
     for p, v in zip(model.parameters(), values, strict=True):
         assert torch.equal(p.detach(), v)
     assert reuse
+
+
+def test_grad_scaler_steps_it_as_adamw():
+    """fp16 loss scaling (GradScaler: unscale, skip a step whose gradients overflowed, step)
+    moves FlatAdamW as it moves torch's fused AdamW."""
+    plain, opt, flat, flat_opt = pair()
+    plain.eval(), flat.eval()  # no dropout: both models compute the same gradients
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    for step in range(4):
+        for model, o, scaler in zip((plain, flat), (opt, flat_opt), scalers, strict=True):
+            o.zero_grad(set_to_none=True)
+            gen = torch.Generator().manual_seed(step)
+            ids = torch.randint(0, 99, (2, 9), generator=gen)
+            positions = torch.randint(0, 9, (2, 3), generator=gen)
+            mlm, nsp = model(ids, torch.zeros_like(ids), None, positions)
+            scaler.scale(mlm.square().mean() + nsp.square().mean()).backward()
+            if step == 1:  # an overflow: the step is skipped and the scale halved
+                next(model.parameters()).grad.view(-1)[0] = float("inf")
+            scaler.unscale_(o)
+            scaler.step(o)
+            scaler.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**9
+    assert float(flat_opt.state_dict()["state"][0]["step"]) == 3
+    assert_same(plain, flat, opt, flat_opt)
