@@ -19,8 +19,9 @@
 #             (Triton) kernels once and counts the bytes it moves; bench/kernel_bandwidth.py
 #             prints how far they are from the memory bandwidth ($OUT/bandwidth.txt: the raw
 #             file), which is what custom kernels could win on the fused elementwise time
-#   graphs    padded and packed, with and without CUDA graphs (packed rounded up by filler),
-#             interleaved, no peer: whether graphs close the packed step's 6% host gap
+#   graphs    packed, with and without CUDA graphs (rounded up by filler), both with the flat
+#             optimizer (the trainer's --cuda-graphs needs it), interleaved, no peer: whether
+#             graphs close the packed step's 6% host gap
 #   cppwrap   base128 packed with inductor's C++ wrapper (kernels launched from C++, not
 #             Python; every layer traced into the graph, as it lacks nested regions), with the
 #             peer: the other way to cut the host's time per step
@@ -130,7 +131,9 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         --inductor "profile_bandwidth_output='$out/bandwidth.txt'" "$@" \
         || echo "bench: exit $? (after the first step its figures are not a measurement)"
       "$py" bench/kernel_bandwidth.py "$out/bandwidth.txt" ;;
-    graphs) "${bench[@]}" "${base[@]}" --layouts padded,packed --graphs both --skip-peer "$@" ;;
+    graphs)
+      "${bench[@]}" "${base[@]}" --layouts packed --graphs both --flat-optimizer yes --skip-peer \
+        "$@" ;;
     cppwrap)
       # the C++ wrapper has no nested compile regions (invoke_subgraph): the whole graph
       "${bench[@]}" "${base[@]}" --layouts packed --whole-graph yes --inductor cpp_wrapper=True \

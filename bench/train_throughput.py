@@ -445,14 +445,9 @@ def main() -> None:
         forward = torch.compile(objective, mode=mode) if compiled else objective
         ledger = Ledger(device_skip(opt, scaler), 0)
         packed = layout.startswith("packed")
-        # at batch 256 and seq 128 a bucket of 512 tokens: filler averages half of one, about
-        # 1% of a step's 29,800 real tokens
-        bucket = seq * min(seq, max(1, batch // 64)) if graphs and packed else 0
         own = stats[layout]
 
         def step(measure: bool) -> None:
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
             t0 = time.perf_counter()
             _, rows = next(prefetch)
             t1 = time.perf_counter()
@@ -468,7 +463,7 @@ def main() -> None:
                 scaler,
                 packed,
                 compiled,
-                bucket,
+                graphs,
             )
             update(model, opt, scaler, sums, 1.0, ledger)
             opt.zero_grad(set_to_none=True)

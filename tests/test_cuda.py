@@ -89,14 +89,17 @@ def cpu_windows(tmp_path_factory, train_data):
         ["--precision", "fp16"],
         ["--compile", "--flat-optimizer"],
         ["--precision", "fp16", "--flat-optimizer"],
+        ["--cuda-graphs", "--flat-optimizer"],
+        ["--cuda-graphs", "--flat-optimizer", "--micro-batch-size", "8", "--no-packed"],
     ],
 )
 def test_train_on_cuda(tmp_path, train_data, cpu_windows, extra):
     """Each CUDA path (packed, the default at this length, and padded; compiled; fp16 with
     loss scaling; the flat optimizer, its update bertforge's Triton kernel or, without Triton,
-    torch's) learns as the fp32 CPU run of the same data, masks and seed does: its loss over
-    the last 30 steps within 0.15 of the CPU run's (three seeds spread by 0.08; a path that
-    stops learning stays near the first window's loss, about 1 higher)."""
+    torch's; CUDA graphs, packed and in padded micro-batches) learns as the fp32 CPU run of
+    the same data, masks and seed does: its loss over the last 30 steps within 0.15 of the CPU
+    run's (three seeds spread by 0.08; a path that stops learning stays near the first
+    window's loss, about 1 higher)."""
     out = tmp_path / "run"
     m = train_mini(train_data, out, *extra)
     losses = [round(r["loss"], 3) for r in m]

@@ -609,6 +609,56 @@ def test_resume_with_other_settings_is_refused(tmp_path, train_data, tiny_bert_c
     assert "no manifest.json" in capsys.readouterr().err
 
 
+def test_cuda_graphs_plumbing_on_a_cpu(tmp_path, train_data, tiny_bert_config, monkeypatch):
+    """--cuda-graphs as the trainer runs it (reduce-overhead compile, a replay begun per
+    micro-batch, packed micro-batches rounded up by filler, gradients into FlatAdamW's
+    buffer) with its CUDA check lifted: on a CPU inductor runs the graphs' kernels without
+    recording them, so this checks everything around them: the same losses as the plain run."""
+    steps = ["--num-train-steps", "3", "--no-do-eval", "--packed", "--micro-batch-size", "5"]
+    main(args(train_data, tmp_path / "plain", tiny_bert_config, *steps))
+    began, buckets = [], []
+    real_batch = train_module.model_batch
+
+    def model_batch(rows, device, packed, trim=True, bucket=0):
+        buckets.append(bucket)
+        return real_batch(rows, device, packed, trim, bucket)
+
+    monkeypatch.setattr(train_module, "check_graphs", lambda cfg, device: None)
+    monkeypatch.setattr(train_module, "model_batch", model_batch)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: began.append(1))
+    graphs = tmp_path / "graphs"
+    extra = ["--cuda-graphs", "--flat-optimizer"]
+    assert main(args(train_data, graphs, tiny_bert_config, *steps, *extra)) == 0
+    assert len(began) == len(buckets) == 3 * 4  # 16 instances in micro-batches of 5
+    assert set(buckets) == {train_module.graph_bucket(64, 5)} == {64}
+    manifest = json.loads((graphs / "manifest.json").read_text())
+    assert manifest["compiled"] is True and manifest["config"]["cuda_graphs"] is True
+    for a, b in zip(metrics(tmp_path / "plain"), metrics(graphs), strict=True):
+        for key in LOSSES:
+            assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run(tmp_path, train_data, tiny_bert_config,
+                                                       capsys):  # fmt: skip
+    out = tmp_path / "run"
+    extra = ["--num-train-steps", "2", "--cuda-graphs", "--flat-optimizer"]
+    assert main(args(train_data, out, tiny_bert_config, *extra)) == 2
+    assert "--cuda-graphs replays the step's GPU kernels; training is on cpu" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+    cuda = torch.device("cuda")
+    for settings, message in (
+        ({"compile": False}, "does not go with --no-compile"),
+        ({"flat_optimizer": False}, "needs --flat-optimizer"),
+    ):
+        cfg = TrainConfig(data="d", output="o", cuda_graphs=True, **{"flat_optimizer": True,
+                          **settings})  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            train_module.check_graphs(cfg, cuda)
+    train_module.check_graphs(TrainConfig(data="d", output="o", flat_optimizer=True), cuda)
+
+
 @pytest.fixture(scope="module")
 def google_tfrecords(tmp_path_factory, kjv_corpus, kjv_vocab) -> Path:
     out = tmp_path_factory.mktemp("tf")

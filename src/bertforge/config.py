@@ -325,6 +325,13 @@ class TrainConfig:
     accumulate in place. The same updates and checkpoints as without it. Off by default until
     a GPU run has measured it (bench/optimizer_update.py, bench/train_throughput.py
     --flat-optimizer). AdamW only (not --optimizer lamb or --google-adam)."""
+    cuda_graphs: bool = False
+    """Replay the compiled step's kernels as CUDA graphs (torch.compile's reduce-overhead
+    mode), so the GPU does not wait for Python to launch them. Packed batches are rounded up
+    by filler sequences to a few token counts (one graph each; about 1% more tokens, exact).
+    CUDA only; implies --compile; needs --flat-optimizer (gradients added into its buffer,
+    which a replay does not overwrite). Off by default until a GPU run has measured it
+    (bench/train_throughput.py --graphs)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not on LayerNorm and biases)."""
     adam_epsilon: float = 1e-6

@@ -79,7 +79,7 @@ def own_storage(view: torch.Tensor) -> torch.Tensor:
 
 
 class FlatAdamW(torch.optim.AdamW):
-    """torch's fused AdamW over one buffer per parameter group (module docstring).
+    """AdamW over one buffer per parameter group (module docstring).
 
     Building it moves each parameter's values into its group's buffer (`p.data` is then its
     place there, with a storage of its own: `own_storage`) and gives each parameter a gradient
@@ -194,47 +194,23 @@ class FlatAdamW(torch.optim.AdamW):
                     "the optimizer's zero_grad, which keeps them in its buffer"
                 )
             beta1, beta2 = group["betas"]
+            settings = {"lr": group["lr"], "weight_decay": group["weight_decay"]}
+            settings.update(eps=group["eps"], grad_scale=grad_scale, found_inf=found_inf)
+            f.steps.add_(1)  # the kernels read the counts with this step in
             if f.uniform and self.triton and kernels.usable(f.data):
-                f.steps.add_(1)
-                kernels.adamw_(
-                    f.data,
-                    f.grad,
-                    f.exp_avg,
-                    f.exp_avg_sq,
-                    f.steps,  # its first element: every parameter's count
-                    lr=group["lr"],
-                    betas=(beta1, beta2),
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    grad_scale=grad_scale,
-                    found_inf=found_inf,
-                )
-                if found_inf is not None:
-                    f.steps.sub_(found_inf)
-                continue
-            if f.uniform:
-                tensors = [[f.data], [f.grad], [f.exp_avg], [f.exp_avg_sq]]
-                steps = [f.steps[0]]
+                kernels.adamw_(f.data, f.grad, f.exp_avg, f.exp_avg_sq, f.steps,
+                               betas=(beta1, beta2), **settings)  # fmt: skip
+            elif f.uniform:
+                torch._fused_adamw_([f.data], [f.grad], [f.exp_avg], [f.exp_avg_sq], [],
+                                    [f.steps[0]], beta1=beta1, beta2=beta2, amsgrad=False,
+                                    maximize=False, **settings)  # fmt: skip
             else:
-                tensors = [params, f.grads]
-                tensors += [[self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq")]
+                moments = [[self.state[p][k] for p in params] for k in ("exp_avg", "exp_avg_sq")]
                 steps = [self.state[p]["step"] for p in params]
-            f.steps.add_(1)
-            torch._fused_adamw_(
-                *tensors,
-                [],
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                amsgrad=False,
-                maximize=False,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-            )
-            if found_inf is not None:
+                torch._fused_adamw_(params, f.grads, *moments, [], steps, beta1=beta1,
+                                    beta2=beta2, amsgrad=False, maximize=False,
+                                    **settings)  # fmt: skip
+            if found_inf is not None:  # a skipped step is not counted
                 f.steps.sub_(found_inf)
 
 

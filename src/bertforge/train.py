@@ -120,6 +120,7 @@ RESUMABLE = {
     "fused_norm",  # the same model and weights, other dropout draws
     "fused_gelu",
     "flat_optimizer",  # the same updates, and AdamW's state dict either way
+    "cuda_graphs",  # the same step, replayed
     "peak_tflops",
 }
 EVAL_KEYS = (
@@ -239,6 +240,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     for flag, on in (("--fused-norm", cfg.fused_norm), ("--fused-gelu", cfg.fused_gelu)):
         if on:
             check_fused(flag, d.device)
+    if cfg.cuda_graphs:
+        check_graphs(cfg, d.device)
     if cfg.flat_optimizer and (cfg.optimizer != "adamw" or cfg.google_adam):
         other = "--google-adam" if cfg.google_adam else f"--optimizer {cfg.optimizer}"
         raise UserError(
@@ -328,8 +331,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         else None
     )
     eager = ddp or objective
-    compiled = use_compile(cfg, d.device, cfg.num_train_steps - step)
-    forward = compile_step(eager) if compiled else eager
+    graphs = cfg.cuda_graphs
+    compiled = graphs or use_compile(cfg, d.device, cfg.num_train_steps - step)
+    mode = "reduce-overhead" if graphs else None
+    forward = compile_step(eager, mode=mode) if compiled else eager
     autocast = autocast_to(precision, d.device)
 
     def evaluate_now() -> dict[str, float]:
@@ -373,7 +378,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             f"{info.max_seq_length} tokens; batch {cfg.train_batch_size} ({d.world} "
             f"process(es) x micro-batch {micro}); {precision_name(precision)} on "
             f"{d.device.type}{', packed batches' if packed else ''}"
-            f"{', compiled (the first step waits for it)' if compiled else ''}",
+            f"{', compiled (the first step waits for it)' if compiled else ''}"
+            f"{', CUDA graphs' if graphs else ''}",
             file=sys.stderr,
         )
 
@@ -381,14 +387,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
         def trial(n: int) -> None:
             rows = trial_rows(n, info.max_seq_length, info.max_predictions_per_seq)
-            step_args = (autocast, scaler, packed, compiled)
+            step_args = (autocast, scaler, packed, compiled, graphs)
             trial_step(forward, ddp, model, optimizer, rows, d, step_args)
 
         try:
             micro = fit_micro_batch(micro, d, trial)
         except TorchDynamoException as e:  # as in the loop: an automatic compile goes eager
             print(compile_failure(e, cfg, d, step), file=sys.stderr)
-            forward, compiled = eager, False
+            forward, compiled, graphs = eager, False, False
             micro = fit_micro_batch(micro, d, trial)
 
     # ---- the loop
@@ -429,6 +435,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                             scaler,
                             packed,
                             compiled,
+                            graphs,
                         )
                         break
                     except torch.OutOfMemoryError:
@@ -441,7 +448,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                     # The automatic compile failed (no compiler, an old GPU, a torch bug):
                     # drop the step's partial gradients and redo it uncompiled.
                     optimizer.zero_grad(set_to_none=True)
-                    forward, compiled = eager, False
+                    forward, compiled, graphs = eager, False, False
                     print(failed, file=sys.stderr)
                 sums[SUMS.index("stop")] = float(stop.requested)
                 distributed.all_reduce_sum(sums, d)
@@ -603,18 +610,23 @@ def forward_backward(
     scaler: Any,
     packed: bool,
     static_shapes: bool,
-    bucket: int = 0,
+    graphs: bool = False,
 ) -> torch.Tensor:
     """Gradients of this process's share of the step, micro-batch by micro-batch; the sums.
 
     `forward` is an Objective (or its DDP / compiled wrapper). Nothing here waits for the
-    device: the counts come from the host arrays. bucket: see `model_batch`."""
+    device: the counts come from the host arrays. graphs: `forward` replays CUDA graphs
+    (torch.compile's reduce-overhead mode): each micro-batch starts a new replay, and packed
+    batches are rounded up by filler to a multiple of `graph_bucket` tokens."""
     masked, instances = totals
     n = len(rows.lengths)
     sums = torch.zeros(len(SUMS), device=d.device)
     starts = list(range(0, n, micro))
+    bucket = graph_bucket(rows.input_ids.shape[1], micro) if graphs and packed else 0
     for i, start in enumerate(starts):
         part = slice_rows(rows, start, start + micro)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         b, lengths, layout = model_batch(part, d.device, packed, not static_shapes, bucket)
         sync = ddp is None or i == len(starts) - 1
         with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
@@ -670,6 +682,14 @@ def update(
         scaler.step(optimizer)
         scaler.update()
     return bad, norm
+
+
+def graph_bucket(seq: int, micro: int) -> int:
+    """Under CUDA graphs, the multiple of tokens a packed micro-batch is rounded up to (each
+    token count is a graph of its own): seq x micro / 64, at least seq, at most seq x seq
+    (`batches.filler_lengths`); 512 for BERT-base's 256 x 128, where the filler averages
+    half of it, about 1% of the batch's tokens."""
+    return seq * min(seq, max(1, micro // 64))
 
 
 def step_is_bad(sums: torch.Tensor) -> torch.Tensor:
@@ -1311,6 +1331,26 @@ def quiet_inductor_notes() -> None:
     masked-LM loss over the vocabulary) runs without online softmax: it is about inductor's
     own code generation, and nothing a user of bertforge can act on."""
     warnings.filterwarnings("ignore", r"\s*Online softmax is disabled", UserWarning)
+
+
+def check_graphs(cfg: TrainConfig, device: torch.device) -> None:
+    """--cuda-graphs where it cannot be: one clear error, before anything is written."""
+    if device.type != "cuda":
+        raise UserError(
+            f"--cuda-graphs replays the step's GPU kernels; training is on {device}: leave the "
+            "flag out."
+        )
+    if cfg.compile is False:
+        raise UserError(
+            "--cuda-graphs is a torch.compile mode (reduce-overhead): it does not go with "
+            "--no-compile; leave one of the two out."
+        )
+    if not cfg.flat_optimizer:
+        raise UserError(
+            "--cuda-graphs needs --flat-optimizer: a replay reuses the memory of the last one's "
+            "outputs, gradients included, which must be added into a buffer of their own "
+            "(pytorch/pytorch#169545)."
+        )
 
 
 def check_fused(flag: str, device: torch.device) -> None:
