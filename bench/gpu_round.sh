@@ -15,6 +15,8 @@
 #             --fused-gelu (the feed-forward's bias + GELU), each with and without (4 sides),
 #             interleaved, each with a profile: what wins becomes the trainer's default
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
+#   best      base128 packed with everything built since (--fused-norm, --fused-gelu,
+#             --flat-optimizer), with and without CUDA graphs (--cuda-graphs), against the peer
 #   bandwidth packed, no peer, every layer in one graph: inductor times each of its own
 #             (Triton) kernels once and counts the bytes it moves; bench/kernel_bandwidth.py
 #             prints how far they are from the memory bandwidth ($OUT/bandwidth.txt: the raw
@@ -48,13 +50,15 @@
 #   large     BERT-large, seq 128, batch 128
 #   smoke     BERT-mini, a few steps: checks this script anywhere (CPU too)
 #
-#   bash bench/gpu_round.sh all [SECONDS]
+#   bash bench/gpu_round.sh all [SECONDS [FIRST]]
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
-# all within SECONDS (default 540): base128 (with --profile 3), optimizer, fused, kernels,
-# tests, regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long
-# each took. The headline first, then the flat optimizer (the profile's 2.6 ms of optimizer
-# against 0.7 ms of bytes), the fused Triton kernels (fused: their speed; kernels: their
+# all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
+# the first stopped): base128 (with --profile 3), best, kernels, optimizer, fused, tests,
+# regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each
+# took. The headline first, then everything together (best), the Triton kernels' numbers on
+# CUDA (kernels), the flat optimizer (the profile's 2.6 ms of optimizer against 0.7 ms of
+# bytes), the fused Triton kernels one by one (fused: their speed; kernels: their
 # numbers on the GPU, only ever checked under Triton's CPU interpreter before), the CUDA
 # tests, then the three that may win time outright (regions: every layer in one graph, whose
 # LayerNorm backward moves 7% fewer bytes by bench/kernel_census.py, a default to switch at
@@ -75,9 +79,13 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  for spec in base128:150 optimizer:120 fused:300 kernels:90 tests:170 regions:150 \
+  first=${2:-base128}
+  started=
+  for spec in base128:150 best:200 kernels:90 optimizer:120 fused:300 tests:170 regions:150 \
     cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
+    [ "$name" = "$first" ] && started=1
+    [ -n "$started" ] || continue
     if [ "$left" -lt 45 ]; then echo "== $name: skipped, $left s left"; continue; fi
     [ "$cap" -lt "$left" ] || cap=$left
     extra=()
@@ -87,10 +95,11 @@ if [ "$stage" = all ]; then
     timeout -k 5 "$cap" bash "$0" "$name" "${extra[@]}" || echo "== $name: exit $?"
     echo "== $name took $((SECONDS - start)) s"
   done
+  [ -n "$started" ] || { echo "all: no stage $first in the list" >&2; exit 2; }
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | kernels | base128 | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
+  tests | optimizer | kernels | base128 | best | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
     | regions | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
@@ -118,6 +127,9 @@ base=(--model-size base --seq-len 128 --batch-size 256)
       "$py" -m pytest -q -rfEs --durations 5 --tb=short -p no:cacheprovider tests/kernels "$@" \
         || echo "pytest: failures above (rc $?)" ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
+    best)
+      "${bench[@]}" "${base[@]}" --layouts packed --fused-norm yes --fused-gelu yes \
+        --flat-optimizer yes --graphs both --profile 1 "$@" ;;
     fused)
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm both \
         --fused-gelu both --profile 1 "$@" ;;
