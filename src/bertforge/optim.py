@@ -93,15 +93,9 @@ class FlatAdamW(torch.optim.AdamW):
     ALIGN = 64  # elements: every parameter starts 256 bytes into the buffer in fp32
     triton = True  # on CUDA with Triton, kernels.adamw_ (one launch a group); else torch's
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-    ) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+    def __init__(self, params: Iterable[Any], lr: float, **adamw: Any) -> None:
+        """adamw: torch.optim.AdamW's betas, eps, weight_decay (its fused kernel's settings)."""
+        super().__init__(params, lr=lr, fused=True, **adamw)
         self.flat = [self._lay_out(group["params"]) for group in self.param_groups]
 
     def _lay_out(self, params: list[torch.Tensor]) -> Flat:
