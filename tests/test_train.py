@@ -449,8 +449,9 @@ def test_a_failed_automatic_compile_stops_a_run_of_several_processes():
     assert "failed at step 7 (RuntimeError: ptxas: unsupported GPU (simulated))" in warning
     with pytest.raises(UserError, match=r"step 7 in process 1 \(RuntimeError: ptxas.*--no-compile"):
         train_module.compile_failure(failed, cfg, Dist(1, 2, 1, torch.device("cpu")), 7)
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
-        train_module.compile_failure(failed, dataclasses.replace(cfg, compile=True), one, 7)
+    for asked in ({"compile": True}, {"cuda_graphs": True}):  # the user's flag: torch's error
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+            train_module.compile_failure(failed, dataclasses.replace(cfg, **asked), one, 7)
 
 
 def test_nan_steps_are_skipped_then_stop_the_run(

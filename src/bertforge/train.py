@@ -1279,10 +1279,10 @@ def root_cause(e: BaseException) -> str:
 
 def compile_failure(e: TorchDynamoException, cfg: TrainConfig, d: Dist, step: int) -> str:
     """The warning for an automatic torch.compile that failed, before the step is redone
-    uncompiled. Raises where that cannot be: --compile was asked for (torch's own error), or
+    uncompiled. Raises where that cannot be: --compile or --cuda-graphs was asked for, or
     the run has several processes (the others may already wait in the step's gradient
     all-reduce, which this one would no longer match: they would hang)."""
-    if cfg.compile is not None:
+    if cfg.compile is not None or cfg.cuda_graphs:  # asked for: torch's own error
         raise e
     cause = root_cause(e)
     if d.world > 1:
