@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bertforge import kernels
 
@@ -65,6 +66,10 @@ class Flat:
 
     def view(self, buffer: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
         return buffer[self.starts[i] : self.starts[i] + like.numel()].view_as(like)
+
+
+# Each FlatAdamW parameter's buffer, kept alive by the parameter (its storage does not own it)
+_BUFFER_OF: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def own_storage(view: torch.Tensor) -> torch.Tensor:
@@ -115,7 +120,7 @@ class FlatAdamW(torch.optim.AdamW):
             for i, p in enumerate(params):
                 f.view(data, i, p).copy_(p)
                 p.data = own_storage(f.view(data, i, p))
-                p.flat_buffer = data  # type: ignore[attr-defined]  # keeps the memory alive
+                _BUFFER_OF[p] = data  # the memory lives as long as the parameter
                 if p.grad is not None:
                     f.view(grad, i, p).copy_(p.grad)
                 f.grads.append(f.view(grad, i, p))
