@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import itertools
 import json
 import tempfile
@@ -88,8 +89,9 @@ def predictions(seq: int) -> int:
 
 
 def bench_config(args: argparse.Namespace) -> BertConfig:
-    """The benchmarked model: the preset at VOCAB with the run's dropout and activation."""
-    return BertConfig.preset(
+    """The benchmarked model: the preset at VOCAB with the run's dropout and activation (with
+    --host, its layers and tensors at hidden 8)."""
+    config = BertConfig.preset(
         args.model_size,
         VOCAB,
         hidden_dropout_prob=args.dropout,
@@ -97,6 +99,11 @@ def bench_config(args: argparse.Namespace) -> BertConfig:
         hidden_act=args.hidden_act,
         max_position_embeddings=max(512, args.seq_len),
     )
+    if args.host:
+        config = dataclasses.replace(
+            config, hidden_size=8, num_attention_heads=2, intermediate_size=16
+        )
+    return config
 
 
 def sync(device: torch.device) -> None:
@@ -201,6 +208,13 @@ def with_without(choice: str, suffix: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="mini")
+    ap.add_argument(
+        "--host",
+        action="store_true",
+        help="the model size's layers and tensors at hidden 8 (2 heads, feed-forward 16): the "
+        "step's arithmetic shrinks to little, what is left is mostly the host's work (Python, "
+        "launches, the loader); for comparing what sides cost the host",
+    )
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -551,6 +565,7 @@ def main() -> None:
     peer_tps = tps.get(peer)
     result = {
         "model_size": args.model_size,
+        "host": args.host,
         "seq_len": seq,
         "batch_size": batch,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
