@@ -234,8 +234,9 @@ def test_the_flat_optimizer_resumes_either_way(tmp_path, train_data, tiny_bert_c
     for first, then in (("plain", "flat"), ("flat", "plain")):
         out = tmp_path / f"{first}-then-{then}"
         assert main(args(train_data, out, tiny_bert_config, *steps, *flags[first])) == 0
-        (out / "checkpoints" / "ckpt-00000004.pt").unlink()  # as if it had stopped at 3
-        # Not started over (that needs --overwrite): resumed from step 2 with the other flag.
+        # As if stopped before step 4's checkpoint: the rerun resumes from step 2's (not
+        # started over, which needs --overwrite), with the other flag.
+        (out / "checkpoints" / "ckpt-00000004.pt").unlink()
         assert main(args(train_data, out, tiny_bert_config, *steps, *flags[then])) == 0
         got, want = metrics(out), metrics(tmp_path / "plain")
         assert [r["step"] for r in got] == [1, 2, 3, 4]
@@ -649,15 +650,14 @@ def test_cuda_graphs_are_refused_where_they_cannot_run(tmp_path, train_data, tin
     )
     assert not out.exists()
     cuda = torch.device("cuda")
+    cfg = TrainConfig(data="d", output="o", cuda_graphs=True, flat_optimizer=True)
+    train_module.check_graphs(cfg, cuda)  # what can run
     for settings, message in (
         ({"compile": False}, "does not go with --no-compile"),
         ({"flat_optimizer": False}, "needs --flat-optimizer"),
     ):
-        cfg = TrainConfig(data="d", output="o", cuda_graphs=True, **{"flat_optimizer": True,
-                          **settings})  # fmt: skip
         with pytest.raises(UserError, match=message):
-            train_module.check_graphs(cfg, cuda)
-    train_module.check_graphs(TrainConfig(data="d", output="o", flat_optimizer=True), cuda)
+            train_module.check_graphs(dataclasses.replace(cfg, **settings), cuda)
 
 
 @pytest.fixture(scope="module")
