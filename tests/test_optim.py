@@ -221,3 +221,17 @@ def test_grad_scaler_steps_it_as_adamw():
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**9
     assert float(flat_opt.state_dict()["state"][0]["step"]) == 3
     assert_same(plain, flat, opt, flat_opt)
+
+
+def test_an_empty_group_is_left_alone():
+    """A group without parameters (a model without biases, say) builds, steps and loads."""
+    model = torch.nn.Linear(4, 3, bias=False)
+    opt = FlatAdamW(param_groups(model, 0.1), lr=1e-2)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 0]
+    model(torch.randn(2, 4)).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(model.weight.detach(), before)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.zero_grad()
+    opt.step()

@@ -67,6 +67,10 @@ class Flat:
     def view(self, buffer: torch.Tensor, i: int, like: torch.Tensor) -> torch.Tensor:
         return buffer[self.starts[i] : self.starts[i] + like.numel()].view_as(like)
 
+    def recount(self) -> None:
+        """Whether the step counts agree, after some were set (reads them from the device)."""
+        self.uniform = not len(self.steps) or bool((self.steps == self.steps[0]).all())
+
 
 # Each FlatAdamW parameter's buffer, kept alive by the parameter (its storage does not own it)
 _BUFFER_OF: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -104,6 +108,9 @@ class FlatAdamW(torch.optim.AdamW):
         self.flat = [self._lay_out(group["params"]) for group in self.param_groups]
 
     def _lay_out(self, params: list[torch.Tensor]) -> Flat:
+        if not params:  # an empty group: nothing to lay out or update
+            nothing = torch.zeros(0)
+            return Flat(nothing, nothing, nothing, nothing, nothing, [], [])
         first = params[0]
         if any(p.dtype != first.dtype or p.device != first.device for p in params):
             raise ValueError("FlatAdamW: a parameter group's tensors must share dtype and device")
@@ -150,7 +157,7 @@ class FlatAdamW(torch.optim.AdamW):
                 if q is p:
                     with torch.no_grad():
                         self.adopt(f, i, p, state)
-                    f.uniform = bool((f.steps == f.steps[0]).all())
+                    f.recount()
                     return
         raise KeyError("FlatAdamW.set_state: not one of this optimizer's parameters")
 
@@ -162,7 +169,7 @@ class FlatAdamW(torch.optim.AdamW):
             for group, f in zip(self.param_groups, self.flat, strict=True):
                 for i, p in enumerate(group["params"]):
                     self.adopt(f, i, p, loaded.get(p, {}))
-                f.uniform = bool((f.steps == f.steps[0]).all())
+                f.recount()
 
     def flat_grads(self) -> list[torch.Tensor]:
         """The gradient buffers, one per group (the gaps are zero: norms over them are the
@@ -187,6 +194,8 @@ class FlatAdamW(torch.optim.AdamW):
         found_inf = getattr(self, "found_inf", None)
         for group, f in zip(self.param_groups, self.flat, strict=True):
             params = group["params"]
+            if not params:
+                continue
             if any(p.grad is not g for p, g in zip(params, f.grads, strict=True)):
                 raise RuntimeError(
                     "FlatAdamW: a parameter's .grad was replaced; set gradients to zero with "
