@@ -74,6 +74,7 @@
 # import is carried as wheels in .whl/ (pip download --only-binary=:all: --python-version 3.12
 # -d .whl pytest crc32c ...) and installed here into /tmp/site. The log of each stage goes to
 # $OUT/STAGE.log (bench/work/gpu/ when OUT is not set); its last line is the bench's JSON.
+# `python bench/gpu_summary.py FOLDER` puts the figures of the logs in one table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}

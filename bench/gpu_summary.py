@@ -1,0 +1,108 @@
+"""The figures of a GPU round's logs in one table: `bash bench/gpu_round.sh` writes a log per
+stage (STAGE.log, the bench's JSON its last line per run); this reads them back.
+
+    python bench/gpu_summary.py DIR_OR_LOG ...
+
+For every `bench/train_throughput.py` run: a Markdown row per side (tokens/s, ms a step,
+against the peer, MFU, peak memory, warm-up, and with --profile the device time by kind of
+kernel); for `bench/optimizer_update.py`: ms an update per side; for pytest: its summary line,
+and the failures it listed. Also the stage times `all` printed. Nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+PYTEST = re.compile(r"^=*\s*(?:\d+ (?:passed|failed|skipped|errors?|deselected)[, ]*)+.*$")
+STAGE_TIME = re.compile(r"^== \S+?(?: took \d+ s|: skipped, .*|: exit \d+)$")
+
+
+def shares(side: dict[str, Any]) -> str:
+    """'matmul 45%, elementwise 29%, ...' of a profiled side's device time."""
+    got = side.get("device_time_shares") or {}
+    return ", ".join(f"{kind} {share:.0%}" for kind, share in got.items())
+
+
+def throughput_rows(run: dict[str, Any], stage: str) -> list[str]:
+    rows = []
+    for name, side in run["layouts"].items():
+        ratio = f"{side['ratio']:.2f}x" if side.get("ratio") else "-"
+        mfu = f"{side['mfu']:.1%}" if side.get("mfu") is not None else "-"
+        memory = side.get("peak_memory_gib")
+        rows.append(
+            f"| {stage} | {run['model_size']} {run['seq_len']} x {run['batch_size']} | {name} "
+            f"| {side['tokens_per_s']:,.0f} | {side['step_ms']:.1f} | {ratio} | {mfu} "
+            f"| {memory if memory is not None else '-'} | {side['warmup_s']:.0f} "
+            f"| {shares(side)} |"
+        )
+    if run.get("peer_tokens_per_s"):
+        peer_mfu = f"{run['peer_mfu']:.1%}" if run.get("peer_mfu") is not None else "-"
+        rows.append(
+            f"| {stage} | {run['model_size']} {run['seq_len']} x {run['batch_size']} | peer "
+            f"| {run['peer_tokens_per_s']:,.0f} | {run['peer_step_ms']:.1f} | - | {peer_mfu} "
+            f"| {(run.get('peak_memory_gib') or {}).get('peer', '-')} | - | |"
+        )
+    return rows
+
+
+def optimizer_line(run: dict[str, Any], stage: str) -> str:
+    sides = {k.removesuffix("_ms"): v for k, v in run.items() if k.endswith("_ms") and v}
+    what = ", ".join(f"{side} {ms:.2f} ms" for side, ms in sides.items())
+    return f"{stage}: {run['model_size']} update ({run['gb_per_update']} GB): {what}"
+
+
+def summarize(log: Path) -> tuple[list[str], list[str]]:
+    """(table rows, other lines) of one stage's log."""
+    stage = log.stem
+    rows: list[str] = []
+    lines: list[str] = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        text = line.strip()
+        if text.startswith("{") and text.endswith("}"):
+            try:
+                run = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if "layouts" in run:
+                rows += throughput_rows(run, stage)
+            elif "gb_per_update" in run:
+                lines.append(optimizer_line(run, stage))
+        elif PYTEST.match(text) or text.startswith(("FAILED ", "ERROR ")):
+            lines.append(f"{stage}: {text.strip('= ')}")
+        elif STAGE_TIME.match(text):
+            lines.append(text)
+    return rows, lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", type=Path, help="stage logs, or folders of them")
+    args = ap.parse_args()
+    logs = [
+        log
+        for path in args.paths
+        for log in (sorted(path.glob("*.log")) if path.is_dir() else [path])
+    ]
+    if not logs:
+        ap.error(f"no .log files in {', '.join(map(str, args.paths))}")
+    rows: list[str] = []
+    lines: list[str] = []
+    for log in logs:
+        got_rows, got_lines = summarize(log)
+        rows += got_rows
+        lines += got_lines
+    if rows:
+        print("| stage | model, seq x batch | side | tokens/s | ms/step | vs peer | MFU "
+              "| peak GiB | warm-up s | device time |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+    if lines:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""bench/gpu_summary.py reads what a GPU round's stages write: here the two benches it reads
+run on this CPU at a tiny size (so a change of their output fails this test, not a GPU round),
+with the lines pytest and `gpu_round.sh all` add."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(*argv: str) -> str:
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_a_rounds_logs_in_one_table(tmp_path):
+    throughput = run(str(BENCH / "train_throughput.py"), "--model-size", "tiny", "--seq-len",
+                     "32", "--batch-size", "4", "--steps", "1", "--block", "1", "--warmup", "1",
+                     "--layouts", "padded,packed", "--device", "cpu", "--precision", "fp32",
+                     "--profile", "1")  # fmt: skip
+    (tmp_path / "base128.log").write_text(throughput + "== base128 took 41 s\n")
+    update = run(str(BENCH / "optimizer_update.py"), "--model-size", "tiny", "--host",
+                 "--rounds", "1", "--steps", "1")  # fmt: skip
+    tests = "FAILED tests/test_cuda.py::test_x - AssertionError\n= 1 failed, 20 passed in 99.1s =\n"
+    (tmp_path / "tests.log").write_text(update + tests + "== tests: exit 124\n")
+    (tmp_path / "notes.txt").write_text("not a log")
+    out = run(str(BENCH / "gpu_summary.py"), str(tmp_path))
+    rows = [line for line in out.splitlines() if line.startswith("| base128 |")]
+    got = json.loads(throughput.strip().splitlines()[-1])
+    sides = [row.split(" | ")[2] for row in rows]
+    assert sides == ["padded", "packed", "peer"]
+    padded = got["layouts"]["padded"]
+    assert f"| {padded['tokens_per_s']:,.0f} | {padded['step_ms']:.1f} |" in rows[0]
+    assert "matmul" in rows[0] or "other" in rows[0]  # the profile's kinds of kernel
+    opt = json.loads(update.strip().splitlines()[-1])
+    assert f"tests: tiny update ({opt['gb_per_update']} GB): bertforge " in out
+    assert f"flat {opt['flat_ms']:.2f} ms" in out
+    for line in (
+        "== base128 took 41 s",
+        "== tests: exit 124",
+        "tests: 1 failed, 20 passed in 99.1s",
+        "tests: FAILED tests/test_cuda.py::test_x - AssertionError",
+    ):
+        assert line in out.splitlines(), (line, out)
