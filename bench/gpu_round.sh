@@ -10,6 +10,9 @@
 #             then base128 packed, no peer, with and without --flat-optimizer, interleaved
 #   kernels   tests/kernels on the GPU: bertforge's Triton kernels against float64 torch, every
 #             autotuned configuration (about a hundred kernel compiles), the first time on CUDA
+#   loader    base128 packed, no peer, the batches made by the trainer's worker process and by
+#             a thread (--loader both), interleaved; then bench/loader_contention.py (a
+#             host-bound CPU step with batches made beside it) on this machine's host
 #   fused     packed, no peer, bertforge's Triton kernels (kernels.py) against inductor's
 #             fusion: --fused-norm (each layer's bias + dropout + residual + LayerNorm) and
 #             --fused-gelu (the feed-forward's bias + GELU), each with and without (4 sides),
@@ -54,7 +57,7 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): base128 (with --profile 3), best, kernels, optimizer, fused, tests,
+# the first stopped): base128 (with --profile 3), best, kernels, optimizer, loader, fused, tests,
 # regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each
 # took. The headline first, then everything together (best), the Triton kernels' numbers on
 # CUDA (kernels), the flat optimizer (the profile's 2.6 ms of optimizer against 0.7 ms of
@@ -83,8 +86,8 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-base128}
   started=
-  for spec in base128:150 best:200 kernels:90 optimizer:120 fused:300 tests:240 regions:150 \
-    cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 autotune:600; do
+  for spec in base128:150 best:200 kernels:90 optimizer:120 loader:150 fused:300 tests:240 \
+    regions:150 cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     [ "$name" = "$first" ] && started=1
     [ -n "$started" ] || continue
@@ -101,7 +104,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | kernels | base128 | best | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
+  tests | optimizer | loader | kernels | base128 | best | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
     | regions | profile | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
@@ -122,6 +125,9 @@ base=(--model-size base --seq-len 128 --batch-size 256)
       "$py" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_cuda.py \
         tests/test_ops.py tests/test_model.py tests/test_optim.py "$@" \
         || echo "pytest: failures above (rc $?)" ;;
+    loader)
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --loader both "$@"
+      "$py" bench/loader_contention.py --model-size base --batch-size 256 ;;
     optimizer)
       "$py" bench/optimizer_update.py --model-size base
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --flat-optimizer both "$@" ;;

@@ -5,8 +5,9 @@ stage (STAGE.log, the bench's JSON its last line per run); this reads them back.
 
 For every `bench/train_throughput.py` run: a Markdown row per side (tokens/s, ms a step,
 against the peer, MFU, peak memory, warm-up, and with --profile the device time by kind of
-kernel); for `bench/optimizer_update.py`: ms an update per side; for pytest: its summary line,
-and the failures it listed. Also the stage times `all` printed. Nothing is measured here.
+kernel); for `bench/optimizer_update.py`: ms an update per side; for
+`bench/loader_contention.py`: ms a step per loader; for pytest: its summary line, and the
+failures it listed. Also the stage times `all` printed. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
                 rows += throughput_rows(run, stage)
             elif "gb_per_update" in run:
                 lines.append(optimizer_line(run, stage))
+            elif "thread_over_precomputed_ms" in run:
+                steps = ", ".join(f"{k} {v:.2f}" for k, v in run["ms_per_step"].items())
+                lines.append(f"{stage}: a host-bound step with batches of {run['batch_size']} "
+                             f"made beside it, ms: {steps}")  # fmt: skip
         elif PYTEST.match(text) or text.startswith(("FAILED ", "ERROR ")):
             lines.append(f"{stage}: {text.strip('= ')}")
         elif STAGE_TIME.match(text):

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from bertforge import kernels
-from bertforge.batches import IGNORE, Order, Prefetcher, PretrainingData, step_rows, to_tensors
+from bertforge.batches import IGNORE, Order, PretrainingData, prefetcher, step_rows, to_tensors
 from bertforge.config import TrainConfig
 from bertforge.distributed import Dist
 from bertforge.malloc import keep_freed_memory
@@ -300,6 +300,14 @@ def main() -> None:
         "each way (kernels.bias_gelu, the trainer's --fused-gelu; '+fusedgelu' in the name; "
         "CUDA with Triton); both: with and without, interleaved",
     )
+    ap.add_argument(
+        "--loader",
+        choices=["process", "thread", "both"],
+        default="process",
+        help="where bertforge's sides' batches are made: the trainer's worker process (its "
+        "default on Linux), a thread of the benchmark's ('+thread' in the name; sharing its "
+        "GIL), or both, interleaved",
+    )
     variant_flag(
         ap,
         "--flat-optimizer",
@@ -364,11 +372,13 @@ def main() -> None:
     for flag, value in (("--fused-norm", args.fused_norm), ("--fused-gelu", args.fused_gelu)):
         if value != "no" and not (args.device == "cuda" and kernels.available()):
             ap.error(f"{flag}: the fused kernels run on CUDA with Triton only")
+    loaders = {"process": [""], "thread": ["+thread"], "both": ["", "+thread"]}[args.loader]
     fuseds = [
-        norm + gelu + flat
+        norm + gelu + flat + loader
         for norm in with_without(args.fused_norm, "+fusednorm")
         for gelu in with_without(args.fused_gelu, "+fusedgelu")
         for flat in with_without(args.flat_optimizer, "+flat")
+        for loader in loaders
     ]
     regions = with_without(args.whole_graph, "+whole")
     cuda_graphs = with_without(args.graphs, "+graphs")
@@ -416,9 +426,16 @@ def main() -> None:
     spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
     order = Order(len(data), 1)
     total_steps = (args.warmup + args.steps + args.block) * len(layouts)
-    prefetch = iter(
-        Prefetcher(lambda s: step_rows(data, order, spec, 1, s, batch), 0, 10 * total_steps)
-    )
+    made = {  # "" the worker process, "+thread" a thread: the sides' streams of batches
+        loader: prefetcher(
+            lambda s: step_rows(data, order, spec, 1, s, batch),
+            0,
+            10 * total_steps,
+            process=loader == "",
+        )
+        for loader in loaders
+    }
+    feeds = {loader: iter(stream) for loader, stream in made.items()}
     sides = [*layouts, *peers]
     stats = {
         side: {"time": 0.0, "tokens": 0, "steps": 0, "wait": 0.0, "masked": 0} for side in sides
@@ -429,9 +446,9 @@ def main() -> None:
         regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
         compiled; "+fusednorm" / "+fusedgelu": kernels.fused_norm / bias_gelu in every
-        layer; "+flat": optim.FlatAdamW), on its own model (same init) and optimizer: it
-        reads nothing back unless the optimizer cannot skip a bad step on the device (then
-        `update` does, as in the trainer)."""
+        layer; "+flat": optim.FlatAdamW; "+thread": batches from a thread), on its own
+        model (same init) and optimizer: it reads nothing back unless the optimizer cannot
+        skip a bad step on the device (then `update` does, as in the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
@@ -444,6 +461,7 @@ def main() -> None:
             if isinstance(module, Dropout):
                 module.bits = bits
         flat = "+flat" in variant
+        feed = feeds["+thread" if "+thread" in variant else ""]
         opt = make_optimizer(
             TrainConfig(data="-", output="-", learning_rate=1e-4, flat_optimizer=flat), model
         )
@@ -463,7 +481,7 @@ def main() -> None:
 
         def step(measure: bool) -> None:
             t0 = time.perf_counter()
-            _, rows = next(prefetch)
+            _, rows = next(feed)
             t1 = time.perf_counter()
             masked = int((rows.labels != IGNORE).sum())
             sums = forward_backward(
@@ -526,6 +544,8 @@ def main() -> None:
         layout: profile(steps[layout], args.profile, device, args.profile_table)
         for layout in (layouts if args.profile else [])
     }
+    for stream in made.values():
+        stream.close()
     tmp.cleanup()
 
     meters = {
@@ -578,6 +598,7 @@ def main() -> None:
         "fused_norm": args.fused_norm,
         "fused_gelu": args.fused_gelu,
         "flat_optimizer": args.flat_optimizer,
+        "loader": args.loader,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,
         "hidden_act": args.hidden_act,

@@ -25,8 +25,10 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     (tmp_path / "base128.log").write_text(throughput + "== base128 took 41 s\n")
     update = run(str(BENCH / "optimizer_update.py"), "--model-size", "tiny", "--host",
                  "--rounds", "1", "--steps", "1")  # fmt: skip
+    loader = run(str(BENCH / "loader_contention.py"), "--model-size", "tiny", "--batch-size",
+                 "16", "--steps", "3", "--rounds", "1", "--no-compile")  # fmt: skip
     tests = "FAILED tests/test_cuda.py::test_x - AssertionError\n= 1 failed, 20 passed in 99.1s =\n"
-    (tmp_path / "tests.log").write_text(update + tests + "== tests: exit 124\n")
+    (tmp_path / "tests.log").write_text(update + loader + tests + "== tests: exit 124\n")
     (tmp_path / "notes.txt").write_text("not a log")
     out = run(str(BENCH / "gpu_summary.py"), str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| base128 |")]
@@ -39,6 +41,10 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     opt = json.loads(update.strip().splitlines()[-1])
     assert f"tests: tiny update ({opt['gb_per_update']} GB): bertforge " in out
     assert f"flat {opt['flat_ms']:.2f} ms" in out
+    step = json.loads(loader.strip().splitlines()[-1])["ms_per_step"]
+    assert (f"tests: a host-bound step with batches of 16 made beside it, ms: precomputed "
+            f"{step['precomputed']:.2f}, thread {step['thread']:.2f}, process "
+            f"{step['process']:.2f}") in out.splitlines()  # fmt: skip
     for line in (
         "== base128 took 41 s",
         "== tests: exit 124",

@@ -198,18 +198,20 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_finishes(
 
 
 def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
-    """Micro-batches of 5, packed batches (no padding), and the flat optimizer with gradients
-    accumulated in its buffer train as the plain padded run (the CPU default) does."""
+    """Micro-batches of 5, packed batches (no padding), the flat optimizer with gradients
+    accumulated in its buffer, and batches made in a thread instead of the worker process
+    train as the plain padded run (the CPU default) does."""
     runs = {
         "one": [],
         "four": ["--micro-batch-size", "5"],
         "packed": ["--packed"],
         "flat": ["--flat-optimizer", "--micro-batch-size", "5"],
+        "thread": ["--loader", "thread"],
     }
     for name, extra in runs.items():
         steps = ["--num-train-steps", "4", "--eval-every", "2", "--eval-batch-size", "8"]
         main(args(train_data, tmp_path / name, tiny_bert_config, *steps, *extra))
-    for name in ("four", "packed", "flat"):
+    for name in ("four", "packed", "flat", "thread"):
         for evals in (False, True):
             got, want = metrics(tmp_path / name, evals), metrics(tmp_path / "one", evals)
             assert len(got) == len(want) > 0
@@ -218,7 +220,7 @@ def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data
                     assert a[key] == pytest.approx(b[key], abs=1e-5), (name, evals, key)
     assert metrics(tmp_path / "four")[0]["micro_batch_size"] == 5
     layout = {n: json.loads((tmp_path / n / "manifest.json").read_text())["packed"] for n in runs}
-    assert layout == {"one": False, "four": False, "packed": True, "flat": False}
+    assert layout == {"one": False, "four": False, "packed": True, "flat": False, "thread": False}
 
 
 def test_the_flat_optimizer_resumes_either_way(tmp_path, train_data, tiny_bert_config, capsys):

@@ -10,7 +10,11 @@ but one) and is never trained on.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
+import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +60,9 @@ class Rows:
     next_sentence: np.ndarray  # [n]
     positions: np.ndarray | None  # [n, P]
     labels: np.ndarray | None  # [n, P], IGNORE in unused slots
+
+
+ROW_FIELDS = tuple(Rows.__dataclass_fields__)
 
 
 class PretrainingData:
@@ -372,6 +379,141 @@ class Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class ProcessPrefetcher:
+    """Prefetcher's interface, the batches made in a forked worker process instead of a thread.
+
+    A thread shares the trainer's GIL: on a GPU the main thread's Python (launching kernels,
+    autograd, the optimizer) is the slower side of a step, and each time it lets go of the GIL
+    the loader thread can take it and hold the main thread up (`bench/loader_contention.py`:
+    a host-bound step 2.4 ms slower while a thread made BERT-base's batches, 0.65 ms while
+    this worker did, on 2 cores). The worker
+    writes each batch into a ring of `depth` slots of shared memory; the main thread reads it
+    in place and gives the slot back when it asks for the next batch, so a batch must not be
+    used after that (the trainer's steps copy theirs to the device, or finish with it, first).
+    The first batch is made here, in the parent, and fixes the slots' layout.
+
+    fork: the worker inherits `make` and the data it reads (memory-mapped shards, parsed
+    TFRecords) without pickling, as torch's DataLoader workers do; it touches no GPU. It
+    ignores Ctrl-C and SIGTERM (the trainer decides when to stop; `close` kills it) and dies
+    with its parent (workers.py); an error in it is raised here."""
+
+    def __init__(self, make: Any, start: int, stop: int, depth: int = 3) -> None:
+        import mmap
+        import multiprocessing
+
+        self._stop_step = stop
+        self._first = (start, make(start)) if start < stop else None
+        self._layout: list[tuple[str, int, tuple[int, ...], np.dtype] | None] = []
+        size = 0
+        if self._first is not None:
+            for name in ROW_FIELDS:
+                a = getattr(self._first[1], name)
+                if a is None:
+                    self._layout.append(None)
+                    continue
+                self._layout.append((name, size, a.shape, a.dtype))
+                size += -(-a.nbytes // 64) * 64
+        self._slot = max(size, 64)
+        self._ring = mmap.mmap(-1, depth * self._slot)  # shared with the forked worker
+        ctx = multiprocessing.get_context("fork")
+        self._free_r, self._free_w = ctx.Pipe(duplex=False)
+        self._ready_r, self._ready_w = ctx.Pipe(duplex=False)
+        self._worker = ctx.Process(
+            target=self._fill, args=(make, start + 1, stop, os.getpid()), daemon=True
+        )
+        # The worker starts with Ctrl-C and SIGTERM blocked, until it has set them aside: one
+        # sent to the process group as it starts would otherwise end it (here they wait the
+        # few lines to this process's own handlers).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._worker.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        self._ready_w.close()  # the worker's end
+        self._free_r.close()
+        for slot in range(depth):
+            self._free_w.send(slot)
+
+    def _views(self, slot: int) -> dict[str, np.ndarray]:
+        base = slot * self._slot
+        return {
+            name: np.ndarray(shape, dtype, buffer=self._ring, offset=base + offset)
+            for name, offset, shape, dtype in filter(None, self._layout)
+        }
+
+    def _fill(self, make: Any, start: int, stop: int, parent: int) -> None:
+        from bertforge import workers
+
+        workers.ignore_ctrl_c()
+        # SIGTERM too (a batch system's stop reaches the whole process group): the trainer
+        # finishes its step and saves, and with several processes it may need a few more
+        # batches before they agree to stop; close() kills the worker, the kernel does if the
+        # trainer dies first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # pending ones: ignored
+        workers.die_with_parent(parent)
+        self._ready_r.close()
+        self._free_w.close()
+        try:
+            for step in range(start, stop):
+                slot = self._free_r.recv()
+                rows = make(step)
+                views = self._views(slot)
+                for name, spec in zip(ROW_FIELDS, self._layout, strict=True):
+                    a = getattr(rows, name)
+                    if (a is None) != (spec is None) or (a is not None and a.shape != spec[2]):
+                        raise RuntimeError(f"batch of step {step}: {name} changed shape")
+                    if a is not None:
+                        views[name][...] = a
+                self._ready_w.send((step, slot))
+            self._ready_w.send((None, None))
+        except EOFError:  # the parent closed its end: stopping
+            pass
+        except BaseException as e:
+            try:
+                self._ready_w.send((None, e))
+            except Exception:  # an exception that does not pickle
+                self._ready_w.send((None, RuntimeError(f"{type(e).__name__}: {e}")))
+        finally:
+            os._exit(0)
+
+    def __iter__(self) -> Iterator[tuple[int, Rows]]:
+        if self._first is None:
+            return
+        yield self._first
+        while True:
+            try:
+                step, item = self._ready_r.recv()
+            except EOFError:
+                raise RuntimeError("the batch loader's worker process died") from None
+            if step is None:
+                if item is None:
+                    return
+                raise item
+            views = self._views(item)
+            yield step, Rows(**{name: views.get(name) for name in ROW_FIELDS})
+            with contextlib.suppress(BrokenPipeError):  # the worker may have made its last
+                self._free_w.send(item)  # asked for the next batch: done with this one
+
+    def close(self) -> None:
+        if self._worker.is_alive():
+            self._worker.kill()
+        self._worker.join(timeout=5)
+        for end in (self._free_w, self._ready_r):
+            end.close()
+
+
+def prefetcher(make: Any, start: int, stop: int, process: bool = True) -> Any:
+    """The batches of steps start..stop-1 made ahead: in a worker process where fork is
+    (Linux), else (or with process False) in a thread."""
+    if process and sys.platform.startswith("linux"):
+        return ProcessPrefetcher(make, start, stop)
+    return Prefetcher(make, start, stop)
 
 
 def vocab_dir(info: DataInfo, given: str | None) -> Path | None:

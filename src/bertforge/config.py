@@ -325,6 +325,12 @@ class TrainConfig:
     accumulate in place. The same updates and checkpoints as without it. Off by default until
     a GPU run has measured it (bench/optimizer_update.py, bench/train_throughput.py
     --flat-optimizer). AdamW only (not --optimizer lamb or --google-adam)."""
+    loader: Literal["process", "thread"] = "process"
+    """Where the batches of the next steps are made: a worker process (Linux; elsewhere a
+    thread), whose Python does not share the trainer's GIL (a step whose host is its slower
+    side, as a GPU step's is, ran 2.4 ms slower with a thread making BERT-base's batches
+    beside it, 0.65 ms with the process, on 2 CPU cores: bench/loader_contention.py), or a
+    thread of the trainer's. The same batches either way."""
     cuda_graphs: bool = False
     """Replay the compiled step's kernels as CUDA graphs (torch.compile's reduce-overhead
     mode), so the GPU does not wait for Python to launch them. Packed batches are rounded up

@@ -41,11 +41,11 @@ from bertforge import distributed, kernels, ops
 from bertforge.batches import (
     IGNORE,
     Order,
-    Prefetcher,
     PretrainingData,
     Rows,
     Split,
     eval_rows,
+    prefetcher,
     slice_rows,
     step_rows,
     to_tensors,
@@ -121,6 +121,7 @@ RESUMABLE = {
     "fused_gelu",
     "flat_optimizer",  # the same updates, and AdamW's state dict either way
     "cuda_graphs",  # the same step, replayed
+    "loader",  # the same batches
     "peak_tflops",
 }
 EVAL_KEYS = (
@@ -404,10 +405,11 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         stop = StopRequest()
         order = Order(split.num_train, cfg.random_seed)
         share = (d.rank * local_batch, (d.rank + 1) * local_batch)  # of each step's batch
-        prefetch = Prefetcher(
+        prefetch = prefetcher(
             lambda s: step_rows(data, order, spec, cfg.random_seed, s, cfg.train_batch_size, share),
             step,
             cfg.num_train_steps,
+            process=cfg.loader == "process",
         )
         log = Window(
             time.perf_counter(),
