@@ -95,6 +95,21 @@ def test_an_error_in_the_worker_is_raised_in_the_trainer():
     assert seen == [0, 1, 2, 3, 4]
 
 
+def test_nothing_runs_before_the_first_batch_is_asked_for():
+    """As with the thread: building the loader makes nothing (an error in the first batch is
+    raised where the batches are iterated), and closing an unused one is fine."""
+
+    def make(step: int) -> Rows:
+        raise UserError("no such shard")
+
+    loader = ProcessPrefetcher(make, 0, 10)
+    assert loader._worker is None
+    with pytest.raises(UserError, match="no such shard"):
+        next(iter(loader))
+    loader.close()
+    ProcessPrefetcher(made, 0, 10).close()
+
+
 def test_a_batch_of_another_shape_is_an_error():
     def make(step: int) -> Rows:
         rows = made(step)
@@ -107,15 +122,22 @@ def test_a_batch_of_another_shape_is_an_error():
 
 
 def test_the_worker_ignores_the_trainers_signals_and_stops_with_close():
-    """Sent at once, while the worker starts, and again once it runs."""
-    loader = ProcessPrefetcher(made, 0, 1000)
-    worker = loader._worker
+    """Sent while the worker starts (held up here before its first instruction), and again
+    once it runs."""
+
+    class SlowStart(ProcessPrefetcher):
+        def _fill(self, *args):  # type: ignore[no-untyped-def]
+            time.sleep(0.5)
+            super()._fill(*args)
+
+    loader = SlowStart(made, 0, 1000)
     it = iter(loader)
     for step in range(3):
-        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a batch system's stop: the
-            os.kill(worker.pid, sig)  # trainer decides, the worker goes on
         got, rows = next(it)
         assert got == step and same(rows, made(step))
+        worker = loader._worker
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a batch system's stop: the
+            os.kill(worker.pid, sig)  # trainer decides, the worker goes on
     time.sleep(0.2)
     assert worker.is_alive()
     loader.close()

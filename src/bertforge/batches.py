@@ -395,7 +395,8 @@ class ProcessPrefetcher:
     writes each batch into a ring of `depth` slots of shared memory; the main thread reads it
     in place and gives the slot back when it asks for the next batch, so a batch must not be
     used after that (the trainer's steps copy theirs to the device, or finish with it, first).
-    The first batch is made here, in the parent, and fixes the slots' layout.
+    Nothing runs before the first batch is asked for; that one is made here, in the parent,
+    and fixes the slots' layout.
 
     fork: the worker inherits `make` and the data it reads (memory-mapped shards, parsed
     TFRecords) without pickling, as torch's DataLoader workers do; it touches no GPU. It
@@ -403,29 +404,31 @@ class ProcessPrefetcher:
     with its parent (workers.py); an error in it is raised here."""
 
     def __init__(self, make: Any, start: int, stop: int, depth: int = 3) -> None:
+        self._make, self._start, self._stop, self._depth = make, start, stop, depth
+        self._worker: Any = None  # started by the first batch asked for, as the thread is
+
+    def _begin(self) -> Rows:
+        """The first batch, made here; then the slots it lays out and the worker for the rest."""
         import mmap
         import multiprocessing
 
-        self._stop_step = stop
-        self._first = (start, make(start)) if start < stop else None
+        first = self._make(self._start)
         self._layout: list[tuple[str, int, tuple[int, ...], np.dtype] | None] = []
         size = 0
-        if self._first is not None:
-            for name in ROW_FIELDS:
-                a = getattr(self._first[1], name)
-                if a is None:
-                    self._layout.append(None)
-                    continue
-                self._layout.append((name, size, a.shape, a.dtype))
-                size += -(-a.nbytes // 64) * 64
+        for name in ROW_FIELDS:
+            a = getattr(first, name)
+            if a is None:
+                self._layout.append(None)
+                continue
+            self._layout.append((name, size, a.shape, a.dtype))
+            size += -(-a.nbytes // 64) * 64
         self._slot = max(size, 64)
-        self._ring = mmap.mmap(-1, depth * self._slot)  # shared with the forked worker
+        self._ring = mmap.mmap(-1, self._depth * self._slot)  # shared with the forked worker
         ctx = multiprocessing.get_context("fork")
         self._free_r, self._free_w = ctx.Pipe(duplex=False)
         self._ready_r, self._ready_w = ctx.Pipe(duplex=False)
-        self._worker = ctx.Process(
-            target=self._fill, args=(make, start + 1, stop, os.getpid()), daemon=True
-        )
+        args = (self._make, self._start + 1, self._stop, os.getpid())
+        self._worker = ctx.Process(target=self._fill, args=args, daemon=True)
         # The worker starts with Ctrl-C and SIGTERM blocked, until it has set them aside: one
         # sent to the process group as it starts would otherwise end it (here they wait the
         # few lines to this process's own handlers).
@@ -436,8 +439,9 @@ class ProcessPrefetcher:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self._ready_w.close()  # the worker's end
         self._free_r.close()
-        for slot in range(depth):
+        for slot in range(self._depth):
             self._free_w.send(slot)
+        return first
 
     def _views(self, slot: int) -> dict[str, np.ndarray]:
         base = slot * self._slot
@@ -483,9 +487,9 @@ class ProcessPrefetcher:
             os._exit(0)
 
     def __iter__(self) -> Iterator[tuple[int, Rows]]:
-        if self._first is None:
+        if self._start >= self._stop:
             return
-        yield self._first
+        yield self._start, self._begin()
         while True:
             try:
                 step, item = self._ready_r.recv()
@@ -501,6 +505,8 @@ class ProcessPrefetcher:
                 self._free_w.send(item)  # asked for the next batch: done with this one
 
     def close(self) -> None:
+        if self._worker is None:
+            return
         if self._worker.is_alive():
             self._worker.kill()
         self._worker.join(timeout=5)
