@@ -391,10 +391,10 @@ class ProcessPrefetcher:
     autograd, the optimizer) is the slower side of a step, and each time it lets go of the GIL
     the loader thread can take it and hold the main thread up (`bench/loader_contention.py`:
     a host-bound step 2.4 ms slower while a thread made BERT-base's batches, 0.65 ms while
-    this worker did, on 2 cores). The worker
-    writes each batch into a ring of `depth` slots of shared memory; the main thread reads it
-    in place and gives the slot back when it asks for the next batch, so a batch must not be
-    used after that (the trainer's steps copy theirs to the device, or finish with it, first).
+    this worker did, on 2 cores). The worker writes each batch into a ring of `depth` slots
+    of shared memory; the main thread reads it in place and gives the slot back when it asks
+    for the next batch, so a batch must not be used after that (the trainer's steps copy
+    theirs to the device, or finish with it, first).
     Nothing runs before the first batch is asked for; that one is made here, in the parent,
     and fixes the slots' layout.
 
