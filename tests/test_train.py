@@ -154,7 +154,9 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(
             "100000",
         ),
     ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # Its own process group, as a terminal's job: Ctrl-C and a batch system's SIGTERM reach
+    # every process of it, the batch loader's worker too.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while (
         not (out / "metrics.jsonl").exists() or len(metrics(out)) < 3
@@ -163,10 +165,12 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes(
     # A second run into the same directory (a job started twice) is refused, naming the first.
     assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "5")) == 2
     assert f"being written by another bertforge (train, pid {proc.pid} " in capsys.readouterr().err
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert "checkpoint saved" in err
+    with pytest.raises(ProcessLookupError):  # the worker went with the trainer
+        os.killpg(proc.pid, 0)
     (ckpt,) = list_checkpoints(out)
     step = int(ckpt.stem.split("-")[1])
     assert step == metrics(out)[-1]["step"] >= 3

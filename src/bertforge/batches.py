@@ -10,6 +10,7 @@ but one) and is never trained on.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
@@ -382,6 +383,15 @@ class Prefetcher:
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# Workers not closed yet: killed at exit, where multiprocessing would otherwise wait for them
+# (it sends its daemons SIGTERM, which they ignore, and joins them)
+_LIVE_WORKERS: set[Any] = set()
+
+
+def _kill_live_workers() -> None:
+    for worker in list(_LIVE_WORKERS):
+        if worker.is_alive():
+            worker.kill()
 
 
 class ProcessPrefetcher:
@@ -437,6 +447,10 @@ class ProcessPrefetcher:
             self._worker.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if not _LIVE_WORKERS:  # registered after multiprocessing's own exit hook: runs first
+            atexit.unregister(_kill_live_workers)
+            atexit.register(_kill_live_workers)
+        _LIVE_WORKERS.add(self._worker)
         self._ready_w.close()  # the worker's end
         self._free_r.close()
         for slot in range(self._depth):
@@ -510,6 +524,7 @@ class ProcessPrefetcher:
         if self._worker.is_alive():
             self._worker.kill()
         self._worker.join(timeout=5)
+        _LIVE_WORKERS.discard(self._worker)
         for end in (self._free_w, self._ready_r):
             end.close()
 
