@@ -14,29 +14,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from train_throughput import VOCAB, predictions, synthetic_shard
+from train_throughput import VOCAB, host_sized, synthetic_data
 
 from bertforge.batches import (
     IGNORE,
-    Order,
     Prefetcher,
-    PretrainingData,
     ProcessPrefetcher,
     slice_rows,
     step_rows,
 )
 from bertforge.config import TrainConfig
 from bertforge.distributed import Dist
-from bertforge.masking import MaskSpec
 from bertforge.model import BertConfig, BertForPretraining
 from bertforge.train import (
     Ledger,
@@ -65,24 +60,16 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(1)
-    config = dataclasses.replace(
-        BertConfig.preset(args.model_size, VOCAB),
-        hidden_size=8,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=max(512, args.seq_len),
+    preset = BertConfig.preset(
+        args.model_size, VOCAB, max_position_embeddings=max(512, args.seq_len)
     )
+    config = host_sized(preset)
     model = BertForPretraining(config)
     optimizer = make_optimizer(TrainConfig(data="-", output="-", flat_optimizer=True), model)
     d = Dist(0, 1, 0, torch.device("cpu"))
     seq, batch, micro = args.seq_len, args.batch_size, args.micro
     tmp = tempfile.TemporaryDirectory()
-    shard = Path(tmp.name) / "shard-00000.bin"
-    p = predictions(seq)
-    synthetic_shard(shard, max(4096, batch * 8), seq, p, np.random.default_rng(0))
-    data = PretrainingData(str(shard))
-    spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
-    order = Order(len(data), 1)
+    data, spec, order = synthetic_data(Path(tmp.name), seq, batch)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ledger = Ledger(device_skip(optimizer, scaler), 0)
     forward = compile_step(Objective(model)) if args.compile else Objective(model)

@@ -88,6 +88,23 @@ def predictions(seq: int) -> int:
     return max(1, round(seq * 0.15))
 
 
+def synthetic_data(folder: Path, seq: int, batch: int) -> tuple[PretrainingData, MaskSpec, Order]:
+    """A shard of random instances in `folder` (8 batches, at least 4,096 instances), read as
+    the trainer reads data, with dynamic masks over VOCAB and the order of seed 1."""
+    shard = folder / "shard-00000.bin"
+    p = predictions(seq)
+    synthetic_shard(shard, max(4096, batch * 8), seq, p, np.random.default_rng(0))
+    data = PretrainingData(str(shard))
+    spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
+    return data, spec, Order(len(data), 1)
+
+
+def host_sized(config: BertConfig) -> BertConfig:
+    """The model's layers and tensors at hidden 8 (2 heads, feed-forward 16): a step or an
+    update of it is mostly the host's work (Python, dispatch, launches)."""
+    return dataclasses.replace(config, hidden_size=8, num_attention_heads=2, intermediate_size=16)
+
+
 def bench_config(args: argparse.Namespace) -> BertConfig:
     """The benchmarked model: the preset at VOCAB with the run's dropout and activation (with
     --host, its layers and tensors at hidden 8)."""
@@ -99,11 +116,7 @@ def bench_config(args: argparse.Namespace) -> BertConfig:
         hidden_act=args.hidden_act,
         max_position_embeddings=max(512, args.seq_len),
     )
-    if args.host:
-        config = dataclasses.replace(
-            config, hidden_size=8, num_attention_heads=2, intermediate_size=16
-        )
-    return config
+    return host_sized(config) if args.host else config
 
 
 def sync(device: torch.device) -> None:
@@ -414,17 +427,11 @@ def main() -> None:
         return autocast_to(precision_of[mark_of(side)], device)
 
     seq, batch = args.seq_len, args.batch_size
-    p = predictions(seq)
     c = bench_config(args)
     d = Dist(0, 1, 0, device)
-    rng = np.random.default_rng(0)
 
     tmp = tempfile.TemporaryDirectory()
-    shard = Path(tmp.name) / "shard-00000.bin"
-    synthetic_shard(shard, max(4096, batch * 8), seq, p, rng)
-    data = PretrainingData(str(shard))
-    spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
-    order = Order(len(data), 1)
+    data, spec, order = synthetic_data(Path(tmp.name), seq, batch)
     total_steps = (args.warmup + args.steps + args.block) * len(layouts)
     made = {  # "" the worker process, "+thread" a thread: the sides' streams of batches
         loader: prefetcher(
