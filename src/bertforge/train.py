@@ -332,7 +332,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         else None
     )
     eager = ddp or objective
-    graphs = cfg.cuda_graphs
+    graphs = cfg.cuda_graphs  # never dropped: a failed compile under it stops the run
     compiled = graphs or use_compile(cfg, d.device, cfg.num_train_steps - step)
     mode = "reduce-overhead" if graphs else None
     forward = compile_step(eager, mode=mode) if compiled else eager
@@ -395,7 +395,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             micro = fit_micro_batch(micro, d, trial)
         except TorchDynamoException as e:  # as in the loop: an automatic compile goes eager
             print(compile_failure(e, cfg, d, step), file=sys.stderr)
-            forward, compiled, graphs = eager, False, False
+            forward, compiled = eager, False
             micro = fit_micro_batch(micro, d, trial)
 
     # ---- the loop
@@ -450,7 +450,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                     # The automatic compile failed (no compiler, an old GPU, a torch bug):
                     # drop the step's partial gradients and redo it uncompiled.
                     optimizer.zero_grad(set_to_none=True)
-                    forward, compiled, graphs = eager, False, False
+                    forward, compiled = eager, False
                     print(failed, file=sys.stderr)
                 sums[SUMS.index("stop")] = float(stop.requested)
                 distributed.all_reduce_sum(sums, d)
