@@ -19,7 +19,11 @@
 #             interleaved, each with a profile: what wins becomes the trainer's default
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   best      base128 packed with everything built since (--fused-norm, --fused-gelu,
-#             --flat-optimizer), with and without CUDA graphs (--cuda-graphs), against the peer
+#             --flat-optimizer, --split-qkv), with and without CUDA graphs (--cuda-graphs),
+#             against the peer
+#   qkv       base128 packed, no peer, the fused kernels and the flat optimizer on, with and
+#             without --split-qkv (q, k, v as three matmuls; their gradients not concatenated:
+#             3.3 GB a step fewer by bench/kernel_census.py), interleaved, with a profile
 #   bandwidth packed, no peer, every layer in one graph: inductor times each of its own
 #             (Triton) kernels once and counts the bytes it moves; bench/kernel_bandwidth.py
 #             prints how far they are from the memory bandwidth ($OUT/bandwidth.txt: the raw
@@ -57,9 +61,10 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): base128 (with --profile 3), best, kernels, optimizer, loader, fused, tests,
-# regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long each
-# took. The headline first, then everything together (best), the Triton kernels' numbers on
+# the first stopped): base128 (with --profile 3), best, qkv, kernels, optimizer, loader, fused,
+# tests, regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long
+# each took. The headline first, then everything together (best), the split q/k/v matmuls
+# against the one (qkv), the Triton kernels' numbers on
 # CUDA (kernels), the flat optimizer (the profile's 2.6 ms of optimizer against 0.7 ms of
 # bytes), the fused Triton kernels one by one (fused: their speed; kernels: their
 # numbers on the GPU, only ever checked under Triton's CPU interpreter before), the CUDA
@@ -86,8 +91,9 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-base128}
   started=
-  for spec in base128:150 best:200 kernels:90 optimizer:120 loader:150 fused:300 tests:240 \
-    regions:150 cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 autotune:600; do
+  for spec in base128:150 best:200 qkv:120 kernels:90 optimizer:120 loader:150 fused:300 \
+    tests:240 regions:150 cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 \
+    autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     [ "$name" = "$first" ] && started=1
     [ -n "$started" ] || continue
@@ -104,8 +110,9 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | loader | kernels | base128 | best | fused | bandwidth | graphs | cppwrap | autotune | tuning | eager \
-    | regions | profile | elementwise | malloc | base512 | large | smoke) ;;
+  tests | optimizer | loader | kernels | base128 | best | qkv | fused | bandwidth | graphs \
+    | cppwrap | autotune | tuning | eager | regions | profile | elementwise | malloc | base512 \
+    | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
@@ -137,7 +144,10 @@ base=(--model-size base --seq-len 128 --batch-size 256)
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     best)
       "${bench[@]}" "${base[@]}" --layouts packed --fused-norm yes --fused-gelu yes \
-        --flat-optimizer yes --graphs both --profile 1 "$@" ;;
+        --flat-optimizer yes --split-qkv yes --graphs both --profile 1 "$@" ;;
+    qkv)
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm yes --fused-gelu yes \
+        --flat-optimizer yes --split-qkv both --profile 1 "$@" ;;
     fused)
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm both \
         --fused-gelu both --profile 1 "$@" ;;

@@ -286,8 +286,9 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     model.compile_regions = not args.whole_graph
     if args.fused_norm or args.fused_gelu:
         kernels_module.usable = lambda x: True
-        for layer in model.layers:
-            layer.fused_norm, layer.fused_gelu = args.fused_norm, args.fused_gelu
+    for layer in model.layers:
+        layer.fused_norm, layer.fused_gelu = args.fused_norm, args.fused_gelu
+        layer.split_qkv = args.split_qkv
     for m in model.modules():
         if isinstance(m, Dropout):
             m.bits = args.draws  # False: torch's dropout, the CUDA default (ops.compiled_draws)
@@ -405,6 +406,12 @@ def main() -> None:
         action="store_true",
         help="the feed-forward's bias + GELU as bertforge's Triton kernels (--fused-gelu)",
     )
+    ap.add_argument(
+        "--split-qkv",
+        action="store_true",
+        help="q, k and v as three matmuls on the qkv weight's blocks (the trainer's "
+        "--split-qkv): their gradients are not concatenated",
+    )
     ap.add_argument("--bandwidth-gbps", type=float, default=4800.0, help="H200: 4,800 GB/s")
     ap.add_argument("--issue-tops", type=float, default=33.4, help="T instructions/s (H200: 33.4)")
     ap.add_argument("--top", type=int, default=16, help="kernels listed")
@@ -433,6 +440,7 @@ def main() -> None:
         f"{args.hidden_act}{', whole graph' if args.whole_graph else ''}"
         f"{', --fused-norm' if args.fused_norm else ''}"
         f"{', --fused-gelu' if args.fused_gelu else ''}"
+        f"{', --split-qkv' if args.split_qkv else ''}"
         f": {len(rows)} kernels, {sum(r['calls'] for r in rows)} calls a step"
     )
     print(
@@ -455,7 +463,7 @@ def main() -> None:
         "model_size": args.model_size, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "layout": args.layout, "dropout": args.dropout, "draws": args.draws,
         "hidden_act": args.hidden_act, "whole_graph": args.whole_graph,
-        "fused_norm": args.fused_norm, "fused_gelu": args.fused_gelu,
+        "fused_norm": args.fused_norm, "fused_gelu": args.fused_gelu, "split_qkv": args.split_qkv,
         "tokens": tokens, "torch": torch.__version__, "bandwidth_gbps": args.bandwidth_gbps,
         "issue_tops": args.issue_tops, "gb": round(total["gb"], 3), "uncounted": uncounted,
         "memory_ms": round(total["memory_ms"], 3), "floor_ms": round(total["floor_ms"], 3),

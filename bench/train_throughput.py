@@ -105,9 +105,9 @@ def host_sized(config: BertConfig) -> BertConfig:
     return dataclasses.replace(config, hidden_size=8, num_attention_heads=2, intermediate_size=16)
 
 
-def bench_config(args: argparse.Namespace) -> BertConfig:
+def bench_config(args: argparse.Namespace, host: bool = False) -> BertConfig:
     """The benchmarked model: the preset at VOCAB with the run's dropout and activation (with
-    --host, its layers and tensors at hidden 8)."""
+    `host`, --host, its layers and tensors at hidden 8)."""
     config = BertConfig.preset(
         args.model_size,
         VOCAB,
@@ -116,7 +116,7 @@ def bench_config(args: argparse.Namespace) -> BertConfig:
         hidden_act=args.hidden_act,
         max_position_embeddings=max(512, args.seq_len),
     )
-    return host_sized(config) if args.host else config
+    return host_sized(config) if host else config
 
 
 def sync(device: torch.device) -> None:
@@ -313,6 +313,13 @@ def main() -> None:
         "each way (kernels.bias_gelu, the trainer's --fused-gelu; '+fusedgelu' in the name; "
         "CUDA with Triton); both: with and without, interleaved",
     )
+    variant_flag(
+        ap,
+        "--split-qkv",
+        "bertforge's sides with q, k and v as three matmuls on each layer's qkv weight (the "
+        "trainer's --split-qkv: their gradients are not concatenated for the backward; "
+        "'+splitqkv' in the name); both: with and without, interleaved",
+    )
     ap.add_argument(
         "--loader",
         choices=["process", "thread", "both"],
@@ -387,10 +394,11 @@ def main() -> None:
             ap.error(f"{flag}: the fused kernels run on CUDA with Triton only")
     loaders = {"process": [""], "thread": ["+thread"], "both": ["", "+thread"]}[args.loader]
     fuseds = [
-        norm + gelu + flat + loader
+        norm + gelu + flat + qkv + loader
         for norm in with_without(args.fused_norm, "+fusednorm")
         for gelu in with_without(args.fused_gelu, "+fusedgelu")
         for flat in with_without(args.flat_optimizer, "+flat")
+        for qkv in with_without(args.split_qkv, "+splitqkv")
         for loader in loaders
     ]
     regions = with_without(args.whole_graph, "+whole")
@@ -427,7 +435,7 @@ def main() -> None:
         return autocast_to(precision_of[mark_of(side)], device)
 
     seq, batch = args.seq_len, args.batch_size
-    c = bench_config(args)
+    c = bench_config(args, args.host)
     d = Dist(0, 1, 0, device)
 
     tmp = tempfile.TemporaryDirectory()
@@ -453,7 +461,8 @@ def main() -> None:
         regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
         compiled; "+fusednorm" / "+fusedgelu": kernels.fused_norm / bias_gelu in every
-        layer; "+flat": optim.FlatAdamW; "+thread": batches from a thread), on its own
+        layer; "+flat": optim.FlatAdamW; "+splitqkv": Layer.split_qkv; "+thread": batches
+        from a thread), on its own
         model (same init) and optimizer: it reads nothing back unless the optimizer cannot
         skip a bad step on the device (then `update` does, as in the trainer)."""
         torch.manual_seed(0)
@@ -463,6 +472,7 @@ def main() -> None:
         for layer in model.layers:
             layer.fused_norm = "+fusednorm" in variant
             layer.fused_gelu = "+fusedgelu" in variant
+            layer.split_qkv = "+splitqkv" in variant
         bits = True if "+bits" in variant else False if "+torchdrop" in variant else None
         for module in model.modules():
             if isinstance(module, Dropout):
@@ -605,6 +615,7 @@ def main() -> None:
         "fused_norm": args.fused_norm,
         "fused_gelu": args.fused_gelu,
         "flat_optimizer": args.flat_optimizer,
+        "split_qkv": args.split_qkv,
         "loader": args.loader,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,

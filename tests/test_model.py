@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 
 from bertforge.batches import IGNORE, Rows, filler_lengths
 from bertforge.errors import UserError
@@ -355,6 +357,47 @@ def test_layers_compile_as_one_nested_region(packed):
         for name, g in want_grads.items():
             torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
     assert not torch.allclose(results[True, True][0][0], eager[0][0])  # dropout was on
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_split_qkv_gives_the_same_losses_and_gradients(packed):
+    """q, k and v as three matmuls on the qkv weight's blocks (--split-qkv): the losses and
+    every gradient of the one matmul, eager and compiled (the layers one nested region),
+    with dropout on (same seed); compiled, the q/k/v gradients are not concatenated."""
+    c = tiny_config(num_hidden_layers=2)
+    rows = rows_of(*batch(c))
+    torch.manual_seed(0)
+    model = BertForPretraining(c)
+    results = {}
+    for split in (False, True):
+        for layer in model.layers:
+            layer.split_qkv = split
+        torch.manual_seed(1)
+        results[split, "eager"] = sums_and_grads(model, rows, packed)
+        torch._dynamo.reset()
+        backward = []
+
+        def keep(gm, inputs, backward=backward):
+            backward.append(gm)
+            return make_boxed_func(gm.forward)
+
+        torch.manual_seed(1)
+        aot = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep)
+        forward = torch.compile(Objective(model), backend=aot)
+        results[split, "compiled"] = sums_and_grads(model, rows, packed, forward=forward)
+        (gm,) = backward
+        joins = [  # concatenations in the backward as large as the q/k/v activations
+            n for m in gm.modules() if isinstance(m, torch.fx.GraphModule)
+            for n in m.graph.nodes
+            if n.target in (torch.ops.aten.cat.default, torch.ops.aten.stack.default)
+            and n.meta["val"].numel() >= int(rows.lengths.sum()) * 3 * c.hidden_size
+        ]  # fmt: skip
+        assert len(joins) == (0 if split else 1), (split, joins)
+    for way in ("eager", "compiled"):
+        (want, want_grads), (got, grads) = results[False, way], results[True, way]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=(way, name))
 
 
 def test_half_residual_stream_under_autocast():

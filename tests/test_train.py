@@ -26,7 +26,7 @@ from bertforge.config import DataConfig, TrainConfig
 from bertforge.data import create_data
 from bertforge.distributed import Dist
 from bertforge.errors import UserError
-from bertforge.model import BertConfig, BertForPretraining, from_hf, to_hf
+from bertforge.model import BertConfig, BertForPretraining, Layer, from_hf, to_hf
 from bertforge.optim import GoogleAdamW, learning_rate
 from bertforge.tokenization import wordpiece_tokenizer
 from bertforge.train import train
@@ -201,21 +201,33 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_finishes(
     assert [p.name for p in list_checkpoints(out)][-1] == "ckpt-00000006.pt"
 
 
-def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data, tiny_bert_config):
+def test_micro_batches_and_packing_do_not_change_the_losses(
+    tmp_path, train_data, tiny_bert_config, monkeypatch
+):
     """Micro-batches of 5, packed batches (no padding), the flat optimizer with gradients
-    accumulated in its buffer, and batches made in a thread instead of the worker process
-    train as the plain padded run (the CPU default) does."""
+    accumulated in its buffer, q/k/v as three matmuls, and batches made in a thread instead
+    of the worker process train as the plain padded run (the CPU default) does."""
+    projected = {}  # run: the layers' split_qkv at each q/k/v projection
+    project = Layer.project_qkv
+
+    def spy(layer, x):
+        projected.setdefault(name, set()).add(layer.split_qkv)
+        return project(layer, x)
+
+    monkeypatch.setattr(Layer, "project_qkv", spy)
     runs = {
         "one": [],
         "four": ["--micro-batch-size", "5"],
         "packed": ["--packed"],
         "flat": ["--flat-optimizer", "--micro-batch-size", "5"],
+        "split": ["--split-qkv"],
         "thread": ["--loader", "thread"],
     }
     for name, extra in runs.items():
         steps = ["--num-train-steps", "4", "--eval-every", "2", "--eval-batch-size", "8"]
         main(args(train_data, tmp_path / name, tiny_bert_config, *steps, *extra))
-    for name in ("four", "packed", "flat", "thread"):
+    assert projected == {name: {name == "split"} for name in runs}
+    for name in ("four", "packed", "flat", "split", "thread"):
         for evals in (False, True):
             got, want = metrics(tmp_path / name, evals), metrics(tmp_path / "one", evals)
             assert len(got) == len(want) > 0
@@ -224,7 +236,9 @@ def test_micro_batches_and_packing_do_not_change_the_losses(tmp_path, train_data
                     assert a[key] == pytest.approx(b[key], abs=1e-5), (name, evals, key)
     assert metrics(tmp_path / "four")[0]["micro_batch_size"] == 5
     layout = {n: json.loads((tmp_path / n / "manifest.json").read_text())["packed"] for n in runs}
-    assert layout == {"one": False, "four": False, "packed": True, "flat": False, "thread": False}
+    assert layout == {
+        "one": False, "four": False, "packed": True, "flat": False, "split": False, "thread": False
+    }  # fmt: skip
 
 
 def test_the_flat_optimizer_resumes_either_way(tmp_path, train_data, tiny_bert_config, capsys):

@@ -382,6 +382,13 @@ class TrainConfig:
     bound by libdevice's instructions, and the bias's gradient summed in the same pass. Off by
     default until a GPU run has measured it (bench/train_throughput.py --fused-gelu). For
     models whose hidden_act is gelu."""
+    split_qkv: bool = False
+    """q, k and v as three matmuls on the row blocks of each layer's qkv weight instead of
+    one: their three gradients from the attention's backward then go into three matmuls as
+    they are, where one matmul needed them concatenated first (a copy of 3.3 GB a step for
+    BERT-base seq 128 batch 256, bench/kernel_census.py --split-qkv). The same weights and
+    numbers. Off by default until a GPU run has measured it (bench/train_throughput.py
+    --split-qkv)."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

@@ -13,7 +13,9 @@ GELU, learned absolute positions), but the code is shaped for speed:
   same thing);
 - on request (`Layer.fused_norm`, the trainer's --fused-norm), each sublayer's output bias,
   dropout, residual add and LayerNorm are one Triton kernel each way (`kernels.fused_norm`);
-  likewise the feed-forward's bias + GELU (`Layer.fused_gelu`, --fused-gelu).
+  likewise the feed-forward's bias + GELU (`Layer.fused_gelu`, --fused-gelu);
+- on request (`Layer.split_qkv`, --split-qkv), q, k and v are three matmuls on the blocks of
+  the one qkv weight, so their gradients need not be concatenated for the backward.
 
 The weights map to `transformers.BertForPreTraining` through the explicit table in
 `hf_key_table` (q/k/v are split, the vocab padding is cut), checked numerically in the tests.
@@ -291,10 +293,12 @@ class Layer(nn.Module):
     """One post-LayerNorm encoder layer. `fused_norm` True: the output bias, dropout, residual
     add and LayerNorm of both sublayers run as `kernels.fused_norm` where it can run (CUDA with
     Triton); `fused_gelu` True: the feed-forward's bias and GELU (the erf form) as
-    `kernels.bias_gelu`; the plain modules otherwise. Same weights either way."""
+    `kernels.bias_gelu`; `split_qkv` True: q, k, v from three matmuls on the qkv weight's
+    blocks (`project_qkv`); the plain modules otherwise. Same weights either way."""
 
     fused_norm: bool = False
     fused_gelu: bool = False
+    split_qkv: bool = False
 
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
@@ -312,10 +316,18 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
         # x: (B, S, H) padded or (T, H) packed; heads split the last dim into (nh, hs)
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        q, k, v = self.project_qkv(x)
         a = attend(q, k, v, layout, self.attention_dropout if self.training else 0.0)
         x = self.add_norm(self.attn_out, a.flatten(-2), x, self.attn_norm)
         return self.add_norm(self.ffn_out, self.feed_forward_in(x), x, self.ffn_norm)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v [..., nh, hs]: one matmul, or with `split_qkv` one per row block of the
+        same weight, whose backward needs no concatenation of the three gradients."""
+        if not self.split_qkv:
+            return self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        blocks = zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), strict=True)
+        return tuple(F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)) for w, b in blocks)
 
     def feed_forward_in(self, x: torch.Tensor) -> torch.Tensor:
         """act(ffn_in(x))."""

@@ -119,6 +119,7 @@ RESUMABLE = {
     "packed",
     "fused_norm",  # the same model and weights, other dropout draws
     "fused_gelu",
+    "split_qkv",  # the same weights and numbers
     "flat_optimizer",  # the same updates, and AdamW's state dict either way
     "cuda_graphs",  # the same step, replayed
     "loader",  # the same batches
@@ -295,6 +296,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     model = BertForPretraining(bert).to(d.device)
     for layer in model.layers:
         layer.fused_norm, layer.fused_gelu = cfg.fused_norm, cfg.fused_gelu
+        layer.split_qkv = cfg.split_qkv
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:

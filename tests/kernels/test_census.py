@@ -1,0 +1,43 @@
+"""bench/kernel_census.py end to end (it needs Triton, so it runs here): one compiled BERT-tiny
+step's kernels counted, with bertforge's Triton kernels and q/k/v split (--split-qkv), whose
+backward then concatenates no gradients (one copy a layer without it: inductor's `cat`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from bertforge import kernels  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(
+    kernels.interpreted(), reason="counts compiled kernels, not interpreted ones"
+)
+
+
+def census(*flags: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "bench/kernel_census.py", "--model-size", "tiny", "--seq-len", "32",
+         "--batch-size", "8", *flags],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_census_counts_a_step_with_the_fused_kernels_and_q_k_v_split() -> None:
+    got = census("--fused-norm", "--fused-gelu", "--split-qkv")
+    assert (got["model_size"], got["split_qkv"], got["fused_norm"]) == ("tiny", True, True)
+    names = [k["name"] for k in got["kernels"]]
+    own = {"_forward_kernel", "_backward_kernel", "_gelu_forward_kernel", "_gelu_backward_kernel"}
+    assert own <= set(names)
+    assert not [name for name in names if "cat" in name.split("_")], names
+    assert 0 < got["memory_ms"] <= got["floor_ms"]
+    assert got["gb"] == pytest.approx(sum(k["gb"] for k in got["kernels"]), rel=0.01)
