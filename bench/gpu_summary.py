@@ -5,9 +5,10 @@ stage (STAGE.log, the bench's JSON its last line per run); this reads them back.
 
 For every `bench/train_throughput.py` run: a Markdown row per side (tokens/s, ms a step,
 against the peer, MFU, peak memory, warm-up, and with --profile the device time by kind of
-kernel); for `bench/optimizer_update.py`: ms an update per side; for
-`bench/loader_contention.py`: ms a step per loader; for pytest: its summary line, and the
-failures it listed. Also the stage times `all` printed. Nothing is measured here.
+kernel, and a line of the host's waits for the device and the ops that made them); for
+`bench/optimizer_update.py`: ms an update per side; for `bench/loader_contention.py`: ms a
+step per loader; for pytest: its summary line, and the failures it listed. Also the stage
+times `all` printed. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def throughput_rows(run: dict[str, Any], stage: str) -> list[str]:
     return rows
 
 
+def wait_lines(run: dict[str, Any], stage: str) -> list[str]:
+    """'STAGE SIDE: the host waited: aten::item < aten::X 2x (0.010 ms), ...' per profiled
+    side whose step made the host wait for the device (a wait is named with its op)."""
+    lines = []
+    for name, side in run["layouts"].items():
+        waits = [
+            f"{call} {count:g}x ({ms:.3f} ms)"
+            for call, (count, ms) in (side.get("host_calls") or {}).items()
+            if " < " in call or "synchronize" in call.lower()
+        ]
+        if waits:
+            lines.append(f"{stage} {name}: the host waited a step: {', '.join(waits)}")
+    return lines
+
+
 def optimizer_line(run: dict[str, Any], stage: str) -> str:
     sides = {k.removesuffix("_ms"): v for k, v in run.items() if k.endswith("_ms") and v}
     what = ", ".join(f"{side} {ms:.2f} ms" for side, ms in sides.items())
@@ -70,6 +86,7 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
                 continue
             if "layouts" in run:
                 rows += throughput_rows(run, stage)
+                lines += wait_lines(run, stage)
             elif "gb_per_update" in run:
                 lines.append(optimizer_line(run, stage))
             elif "thread_over_precomputed_ms" in run:

@@ -135,18 +135,34 @@ KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
 
 # Host calls that can hold the host back (a wait for the device, a pageable copy, a fresh
 # allocation) or that launch work, matched in lower case; counted per step by `host_calls`.
-HOST_CALLS = ("synchronize", "aten::item", "aten::_local_scalar_dense", "cudamemcpy",
-              "cudahostalloc", "cudamalloc", "cudafree", "launchkernel")  # fmt: skip
+# The waits (WAITS) are named with the op that made them.
+WAITS = ("synchronize", "aten::item", "aten::_local_scalar_dense", "cudamemcpy")
+HOST_CALLS = (*WAITS, "cudahostalloc", "cudamalloc", "cudafree", "launchkernel")
 
 
 def host_calls(events: Any, n: int) -> dict[str, list[float]]:
-    """{call: [calls per step, host ms per step]} of the HOST_CALLS among a profile's events:
-    where the host's time goes when the device waits for it."""
+    """{call: [calls per step, host ms per step]} of the HOST_CALLS among a profile's events
+    (each event, not averages): where the host's time goes when the device waits for it. A
+    wait is named with the op that made it, the nearest enclosing event that is not a wait
+    ("aten::item < aten::_fused_adamw_"): what to remove for the host to run ahead."""
     calls: dict[str, list[float]] = {}
+
+    def matches(e: Any, names: tuple[str, ...]) -> bool:
+        return any(x in e.name.lower() for x in names)
+
     for e in events:
-        if e.device_type.name == "CPU" and any(x in e.key.lower() for x in HOST_CALLS):
-            calls[e.key] = [e.count / n, round(e.self_cpu_time_total / n / 1000, 3)]
-    return dict(sorted(calls.items(), key=lambda kv: -kv[1][1]))
+        if e.device_type.name != "CPU" or not matches(e, HOST_CALLS):
+            continue
+        key = e.name
+        if matches(e, WAITS):
+            parent = e.cpu_parent
+            while parent is not None and matches(parent, WAITS):
+                parent = parent.cpu_parent
+            key = e.name if parent is None else f"{e.name} < {parent.name}"
+        count, ms = calls.get(key, [0.0, 0.0])
+        calls[key] = [count + 1 / n, ms + e.self_cpu_time_total / n / 1000]
+    rounded = {k: [round(c, 2), round(ms, 3)] for k, (c, ms) in calls.items()}
+    return dict(sorted(rounded.items(), key=lambda kv: -kv[1][1]))
 
 
 def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[str, Any]:
@@ -181,7 +197,7 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
         share = own(e) / total
         print(f"  {share:6.1%} {e.count // n:4d}x  {e.key[:100]}")
     averages = prof.key_averages()
-    host = host_calls(averages, n)
+    host = host_calls(prof.events(), n)
     host_ms = sum(e.self_cpu_time_total for e in averages if e.device_type.name == "CPU")
     print(f"host time per step: {host_ms / n / 1000:.2f} ms; launches and blocking calls:")
     for name, (count, ms) in host.items():

@@ -38,6 +38,15 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     padded = got["layouts"]["padded"]
     assert f"| {padded['tokens_per_s']:,.0f} | {padded['step_ms']:.1f} |" in rows[0]
     assert "matmul" in rows[0] or "other" in rows[0]  # the profile's kinds of kernel
+    # the host's waits named with the op that made them (torch's fused AdamW on a CPU reads
+    # each tensor's step count back)
+    waits = got["layouts"]["packed"]["host_calls"]
+    assert "aten::item < aten::_fused_adamw_" in waits, waits
+    assert any(
+        line.startswith("base128 packed: the host waited a step: ")
+        and "< aten::_fused_adamw_" in line
+        for line in out.splitlines()
+    ), out
     opt = json.loads(update.strip().splitlines()[-1])
     assert f"tests: tiny update ({opt['gb_per_update']} GB): bertforge " in out
     assert f"flat {opt['flat_ms']:.2f} ms" in out

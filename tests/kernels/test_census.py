@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from bertforge import kernels  # noqa: E402
+from bertforge import kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 
