@@ -645,12 +645,20 @@ def test_cuda_graphs_plumbing_on_a_cpu(tmp_path, train_data, tiny_bert_config, m
         buckets.append(bucket)
         return real_batch(rows, device, packed, trim, bucket)
 
+    flats = []
+
+    class Flat(train_module.FlatAdamW):
+        def __init__(self, *a, **k):
+            flats.append(1)
+            super().__init__(*a, **k)
+
     monkeypatch.setattr(train_module, "check_graphs", lambda cfg, device: None)
     monkeypatch.setattr(train_module, "model_batch", model_batch)
+    monkeypatch.setattr(train_module, "FlatAdamW", Flat)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: began.append(1))
     graphs = tmp_path / "graphs"
-    extra = ["--cuda-graphs", "--flat-optimizer"]
-    assert main(args(train_data, graphs, tiny_bert_config, *steps, *extra)) == 0
+    assert main(args(train_data, graphs, tiny_bert_config, *steps, "--cuda-graphs")) == 0
+    assert flats == [1]  # --cuda-graphs brings the flat optimizer it needs
     assert len(began) == len(buckets) == 3 * 4  # 16 instances in micro-batches of 5
     assert set(buckets) == {train_module.graph_bucket(64, 5)} == {64}
     manifest = json.loads((graphs / "manifest.json").read_text())
@@ -661,23 +669,35 @@ def test_cuda_graphs_plumbing_on_a_cpu(tmp_path, train_data, tiny_bert_config, m
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_run(tmp_path, train_data, tiny_bert_config,
-                                                       capsys):  # fmt: skip
+                                                       capsys, monkeypatch):  # fmt: skip
     out = tmp_path / "run"
-    extra = ["--num-train-steps", "2", "--cuda-graphs", "--flat-optimizer"]
+    extra = ["--num-train-steps", "2", "--cuda-graphs"]
     assert main(args(train_data, out, tiny_bert_config, *extra)) == 2
     assert "--cuda-graphs replays the step's GPU kernels; training is on cpu" in (
         capsys.readouterr().err
     )
     assert not out.exists()
     cuda = torch.device("cuda")
-    cfg = TrainConfig(data="d", output="o", cuda_graphs=True, flat_optimizer=True)
-    train_module.check_graphs(cfg, cuda)  # what can run
+    cfg = TrainConfig(data="d", output="o", cuda_graphs=True)
+    for can in (cfg, dataclasses.replace(cfg, flat_optimizer=True)):  # what can run
+        train_module.check_graphs(can, cuda)
+        assert train_module.use_flat(can)
+    assert not train_module.use_flat(dataclasses.replace(cfg, cuda_graphs=False))
     for settings, message in (
         ({"compile": False}, "does not go with --no-compile"),
-        ({"flat_optimizer": False}, "needs --flat-optimizer"),
+        ({"flat_optimizer": False}, "needs the flat optimizer.*leave --no-flat-optimizer out"),
     ):
         with pytest.raises(UserError, match=message):
             train_module.check_graphs(dataclasses.replace(cfg, **settings), cuda)
+    # the flat optimizer that --cuda-graphs brings is AdamW's: lamb is refused, naming both
+    monkeypatch.setattr(train_module, "check_graphs", lambda cfg, device: None)
+    assert main(args(train_data, out, tiny_bert_config, *extra, "--optimizer", "lamb")) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--cuda-graphs lays out torch's AdamW (--flat-optimizer); it does not apply to "
+        "--optimizer lamb" in err
+    ), err
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

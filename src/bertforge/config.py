@@ -319,12 +319,13 @@ class TrainConfig:
     """adamw, or lamb for very large batches."""
     google_adam: bool = False
     """AdamW exactly as Google's AdamWeightDecayOptimizer: no bias correction."""
-    flat_optimizer: bool = False
+    flat_optimizer: bool | None = None
     """AdamW over one buffer per parameter group (weights, gradients and moments laid end to
     end): the update is one fused call per group instead of one per tensor, and gradients
-    accumulate in place. The same updates and checkpoints as without it. Off by default until
-    a GPU run has measured it (bench/optimizer_update.py, bench/train_throughput.py
-    --flat-optimizer). AdamW only (not --optimizer lamb or --google-adam)."""
+    accumulate in place. The same updates and checkpoints as without it. Default: on with
+    --cuda-graphs (which needs it), otherwise off until a GPU run has measured it
+    (bench/optimizer_update.py, bench/train_throughput.py --flat-optimizer). AdamW only (not
+    --optimizer lamb or --google-adam)."""
     loader: Literal["process", "thread"] = "process"
     """Where the batches of the next steps are made: a worker process (Linux; elsewhere a
     thread), whose Python does not share the trainer's GIL (a step whose host is its slower
@@ -335,9 +336,9 @@ class TrainConfig:
     """Replay the compiled step's kernels as CUDA graphs (torch.compile's reduce-overhead
     mode), so the GPU does not wait for Python to launch them. Packed batches are rounded up
     by filler sequences to a few token counts (one graph each; about 1% more tokens, exact).
-    CUDA only; implies --compile; needs --flat-optimizer (gradients added into its buffer,
-    which a replay does not overwrite). Off by default until a GPU run has measured it
-    (bench/train_throughput.py --graphs)."""
+    CUDA only; implies --compile and --flat-optimizer (gradients added into its buffer,
+    which a replay does not overwrite; --no-flat-optimizer is refused). Off by default until
+    a GPU run has measured it (bench/train_throughput.py --graphs)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not on LayerNorm and biases)."""
     adam_epsilon: float = 1e-6

@@ -244,11 +244,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             check_fused(flag, d.device)
     if cfg.cuda_graphs:
         check_graphs(cfg, d.device)
-    if cfg.flat_optimizer and (cfg.optimizer != "adamw" or cfg.google_adam):
+    if use_flat(cfg) and (cfg.optimizer != "adamw" or cfg.google_adam):
         other = "--google-adam" if cfg.google_adam else f"--optimizer {cfg.optimizer}"
+        flag = "--flat-optimizer" if cfg.flat_optimizer else "--cuda-graphs"
         raise UserError(
-            f"--flat-optimizer lays out torch's AdamW; it does not apply to {other}: leave "
-            "one of the two out."
+            f"{flag} lays out torch's AdamW (--flat-optimizer); it does not apply to {other}: "
+            "leave one of the two out."
         )
     if cfg.train_batch_size % d.world:
         raise UserError(
@@ -1261,7 +1262,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
         return Lamb(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
     if cfg.google_adam:
         return GoogleAdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
-    if cfg.flat_optimizer:
+    if use_flat(cfg):
         return FlatAdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon)
     return torch.optim.AdamW(
         groups,
@@ -1349,12 +1350,17 @@ def check_graphs(cfg: TrainConfig, device: torch.device) -> None:
             "--cuda-graphs is a torch.compile mode (reduce-overhead): it does not go with "
             "--no-compile; leave one of the two out."
         )
-    if not cfg.flat_optimizer:
+    if cfg.flat_optimizer is False:
         raise UserError(
-            "--cuda-graphs needs --flat-optimizer: a replay reuses the memory of the last one's "
-            "outputs, gradients included, which must be added into a buffer of their own "
-            "(pytorch/pytorch#169545)."
+            "--cuda-graphs needs the flat optimizer: a replay reuses the memory of the last "
+            "one's outputs, gradients included, which must be added into a buffer of their own "
+            "(pytorch/pytorch#169545); leave --no-flat-optimizer out."
         )
+
+
+def use_flat(cfg: TrainConfig) -> bool:
+    """--flat-optimizer / --no-flat-optimizer, or by default with --cuda-graphs only."""
+    return cfg.flat_optimizer if cfg.flat_optimizer is not None else cfg.cuda_graphs
 
 
 def check_fused(flag: str, device: torch.device) -> None:
