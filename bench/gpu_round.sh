@@ -18,9 +18,10 @@
 #             --fused-gelu (the feed-forward's bias + GELU), each with and without (4 sides),
 #             interleaved, each with a profile: what wins becomes the trainer's default
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
-#   best      base128 packed with everything built since (--fused-norm, --fused-gelu,
-#             --flat-optimizer, --split-qkv), with and without CUDA graphs (--cuda-graphs),
-#             against the peer
+#   best      base128 packed: the plain compiled step (the trainer's GPU default), the same
+#             with everything built since (--fused-norm, --fused-gelu, --flat-optimizer,
+#             --split-qkv), and that with CUDA graphs (--cuda-graphs), interleaved, against
+#             the peer, each with a profile (bench/train_throughput.py --sides)
 #   qkv       base128 packed, no peer, the fused kernels and the flat optimizer on, with and
 #             without --split-qkv (q, k, v as three matmuls; their gradients not concatenated:
 #             3.3 GB a step fewer by bench/kernel_census.py), interleaved, with a profile
@@ -61,21 +62,20 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): base128 (with --profile 3), best, qkv, kernels, optimizer, loader, fused,
-# tests, regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints how long
-# each took. The headline first, then everything together (best), the split q/k/v matmuls
-# against the one (qkv), the Triton kernels' numbers on
-# CUDA (kernels), the flat optimizer (the profile's 2.6 ms of optimizer against 0.7 ms of
-# bytes), the fused Triton kernels one by one (fused: their speed; kernels: their
-# numbers on the GPU, only ever checked under Triton's CPU interpreter before), the CUDA
-# tests, then the three that may win time outright (regions: every layer in one graph, whose
-# LayerNorm backward moves 7% fewer bytes by bench/kernel_census.py, a default to switch at
-# once; cppwrap, which needs that whole graph too, and graphs: the packed step's 6% host gap),
-# bandwidth (what custom kernels could win), elementwise (what random numbers and GELU's
-# arithmetic cost: bench/kernel_census.py puts it at about 2 ms of the step), malloc and
-# autotune (never finished in time). On an H200 (2026-12-04) tests took about 110 s (before
-# the flat-optimizer and CUDA-graph train runs were added: allow about 200 s now), base128 +
-# large + base512 about 300 s together; autotune did not finish in 130 s.
+# the first stopped): best, fused, qkv, kernels, optimizer, loader, tests, base128 (with
+# --profile 3), regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints
+# how long each took. The headline first: the plain step, everything together and everything
+# with graphs against the peer (best); then each option alone: the fused Triton kernels
+# (fused), the split q/k/v matmuls (qkv), the Triton kernels' numbers on CUDA, only ever
+# checked under Triton's CPU interpreter before (kernels), the flat optimizer (the profile's
+# 2.6 ms of optimizer against 0.7 ms of bytes), the loader's worker process; the CUDA tests;
+# the padded and packed plain steps against the peer (base128, session 19's headline); then
+# the ones that may win time outright (regions: every layer in one graph; cppwrap, which needs
+# that whole graph too; graphs alone), bandwidth (what custom kernels could win), elementwise
+# (what random numbers and GELU's arithmetic cost), malloc and autotune (never finished in
+# time). On an H200 (2026-12-04) tests took about 110 s (before the flat-optimizer, CUDA-graph
+# and all-options train runs were added: allow about 240 s now), base128 + large + base512
+# about 300 s together; autotune did not finish in 130 s.
 # (large and base512 were measured on the H200 in that round; they are not in `all`.)
 #
 # The device machine has torch (CUDA) and transformers; anything else bertforge or the tests
@@ -89,10 +89,10 @@ stage=${1:?usage: bash bench/gpu_round.sh STAGE [flags] | all [SECONDS]}
 shift
 if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
-  first=${2:-base128}
+  first=${2:-best}
   started=
-  for spec in base128:150 best:200 qkv:120 kernels:90 optimizer:120 loader:150 fused:300 \
-    tests:240 regions:150 cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 \
+  for spec in best:240 fused:300 qkv:120 kernels:90 optimizer:120 loader:150 tests:240 \
+    base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 \
     autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     [ "$name" = "$first" ] && started=1
@@ -143,8 +143,8 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         || echo "pytest: failures above (rc $?)" ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     best)
-      "${bench[@]}" "${base[@]}" --layouts packed --fused-norm yes --fused-gelu yes \
-        --flat-optimizer yes --split-qkv yes --graphs both --profile 1 "$@" ;;
+      all=packed+fusednorm+fusedgelu+flat+splitqkv
+      "${bench[@]}" "${base[@]}" --sides "packed,$all,$all+graphs" --profile 1 "$@" ;;
     qkv)
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm yes --fused-gelu yes \
         --flat-optimizer yes --split-qkv both --profile 1 "$@" ;;

@@ -34,6 +34,7 @@ import ast
 import dataclasses
 import itertools
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -103,6 +104,48 @@ def host_sized(config: BertConfig) -> BertConfig:
     """The model's layers and tensors at hidden 8 (2 heads, feed-forward 16): a step or an
     update of it is mostly the host's work (Python, dispatch, launches)."""
     return dataclasses.replace(config, hidden_size=8, num_attention_heads=2, intermediate_size=16)
+
+
+# What a side's name may add to its layout (padded, packed): see make_ours and the flags.
+SUFFIXES = ("+whole", "+graphs", "+bits", "+torchdrop", "+eager", "+fusednorm", "+fusedgelu",
+            "+flat", "+splitqkv", "+thread")  # fmt: skip
+
+
+def named_sides(
+    ap: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[dict[str, bool], list[str]]:
+    """--sides: {side: compiled} and the loaders they read ("" the worker, "+thread"), each
+    name checked (a layout, then known suffixes, each at most once; the fused kernels on CUDA
+    with Triton; graphs compiled); padded sides first, as the flags' product orders them."""
+    flags = ("--layouts", "--whole-graph", "--graphs", "--compiled-dropout", "--fused-norm",
+             "--fused-gelu", "--flat-optimizer", "--split-qkv", "--loader")  # fmt: skip
+    dests = {f: f[2:].replace("-", "_") for f in flags}
+    given = [f for f, d in dests.items() if getattr(args, d) != ap.get_default(d)]
+    if given:
+        ap.error(f"--sides names every side in full; leave {', '.join(given)} out")
+    names = [n.strip() for n in args.sides.split(",") if n.strip()]
+    if not names or len(set(names)) < len(names):
+        ap.error(f"--sides: {args.sides!r}; name each side once, comma-separated")
+    compiled_of = {}
+    for name in sorted(names, key=lambda n: not n.startswith("padded")):
+        layout = next((k for k in ("padded", "packed") if name.startswith(k)), None)
+        rest = re.findall(r"\+[a-z]+", name[len(layout or "") :])
+        if layout is None or "".join(rest) != name[len(layout) :] or len(set(rest)) < len(rest):
+            ap.error(f"--sides: {name!r}; a side is padded or packed and then any of "
+                     f"{' '.join(SUFFIXES)}, each once")  # fmt: skip
+        if unknown := [x for x in rest if x not in SUFFIXES]:
+            ap.error(f"--sides: {name!r}: {', '.join(unknown)} is not one of {' '.join(SUFFIXES)}")
+        compiled = args.compile != "no" and "+eager" not in rest
+        if {"+fusednorm", "+fusedgelu"} & set(rest) and not (
+            args.device == "cuda" and kernels.available()
+        ):
+            ap.error(f"--sides: {name!r}: the fused kernels run on CUDA with Triton only")
+        if not compiled and {"+graphs", "+whole", "+bits", "+torchdrop"} & set(rest):
+            ap.error(f"--sides: {name!r}: graphs, +whole and the dropout choice are for "
+                     "compiled sides (--compile)")  # fmt: skip
+        compiled_of[name] = compiled
+    loaders = sorted({"+thread" if "+thread" in name else "" for name in names})
+    return compiled_of, loaders
 
 
 def bench_config(args: argparse.Namespace, host: bool = False) -> BertConfig:
@@ -234,7 +277,8 @@ def with_without(choice: str, suffix: str) -> list[str]:
     return {"no": [""], "yes": [suffix], "both": ["", suffix]}[choice]
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line (checked further in `main` and `named_sides`)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="mini")
     ap.add_argument(
@@ -337,6 +381,14 @@ def main() -> None:
         "'+splitqkv' in the name); both: with and without, interleaved",
     )
     ap.add_argument(
+        "--sides",
+        default=None,
+        help="bertforge's sides by name, comma-separated, instead of every combination of the "
+        "variant flags: a layout (padded, packed) and any of " + " ".join(SUFFIXES) + " (e.g. "
+        "packed,packed+fusednorm+fusedgelu+flat+splitqkv+graphs: the plain step and every "
+        "option together, interleaved; the variant flags are then left at no)",
+    )
+    ap.add_argument(
         "--loader",
         choices=["process", "thread", "both"],
         default="process",
@@ -378,6 +430,11 @@ def main() -> None:
         default=None,
         help="the device's peak TFLOP/s for MFU where bertforge's table does not know it",
     )
+    return ap
+
+
+def main() -> None:
+    ap = arguments()
     args = ap.parse_args()
     for setting in args.inductor:
         key, _, value = setting.partition("=")
@@ -431,6 +488,8 @@ def main() -> None:
         for graphs in (cuda_graphs if way == "compiled" else [""])
         for drop in (drops[args.compiled_dropout] if way == "compiled" else [""])
     }
+    if args.sides is not None:
+        compiled_of, loaders = named_sides(ap, args)
     device = torch.device(args.device)
     malloc = args.malloc
     if malloc == "auto":
@@ -633,6 +692,7 @@ def main() -> None:
         "flat_optimizer": args.flat_optimizer,
         "split_qkv": args.split_qkv,
         "loader": args.loader,
+        "sides": args.sides,
         "dropout": args.dropout,
         "compiled_dropout": args.compiled_dropout,
         "hidden_act": args.hidden_act,
@@ -653,7 +713,7 @@ def main() -> None:
         else None,
         "padding_share": round(1 - st["tokens"] / (st["steps"] * batch * seq), 4),
         # with --graphs: how often inductor ran a graph without CUDA graphs (0: they all ran)
-        "cudagraph_skips": cudagraph_skips() if args.graphs != "no" else None,
+        "cudagraph_skips": cudagraph_skips() if any("+graphs" in x for x in layouts) else None,
         "layouts": per_layout,
     }
     for layout, r in per_layout.items():

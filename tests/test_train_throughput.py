@@ -1,0 +1,78 @@
+"""bench/train_throughput.py's `--sides`: bertforge's sides named one by one (the GPU round's
+headline compares the plain step with every option together), each name checked before
+anything runs. (The bench itself runs in tests/test_gpu_summary.py.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "train_throughput", BENCH / "train_throughput.py"
+        )
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def sides(bench, *argv: str):
+    ap = bench.arguments()
+    return bench.named_sides(ap, ap.parse_args(list(argv)))
+
+
+def test_named_sides_are_compiled_as_named_and_padded_first(bench) -> None:
+    got, loaders = sides(
+        bench, "--compile", "--sides", "packed,packed+flat+splitqkv+thread,padded+eager"
+    )
+    assert got == {"padded+eager": False, "packed": True, "packed+flat+splitqkv+thread": True}
+    assert loaders == ["", "+thread"]
+    got, loaders = sides(bench, "--sides", "packed+splitqkv")  # not compiled without --compile
+    assert (got, loaders) == ({"packed+splitqkv": False}, [""])
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--sides", "packd"], "'packd'; a side is padded or packed and then any of +whole"),
+        (["--sides", "packed+flat+flat"], "'packed+flat+flat'; a side is padded or packed"),
+        (["--sides", "packed+foo"], "'packed+foo': +foo is not one of +whole"),
+        (["--sides", "packed,packed"], "name each side once"),
+        (["--sides", "packed+graphs"], "graphs, +whole and the dropout choice are for compiled"),
+        (["--sides", "packed+fusednorm", "--device", "cpu"], "run on CUDA with Triton only"),
+        (["--sides", "packed", "--split-qkv", "yes", "--loader", "thread", "--layouts", "packed"],
+         "names every side in full; leave --layouts, --split-qkv, --loader out"),
+    ],
+)  # fmt: skip
+def test_a_side_that_cannot_be_is_refused_naming_it(bench, argv, says, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        sides(bench, *argv)
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+
+
+def test_named_sides_are_measured(bench) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "train_throughput.py"), "--model-size", "tiny", "--seq-len",
+         "32", "--batch-size", "4", "--steps", "1", "--block", "1", "--warmup", "1", "--device",
+         "cpu", "--precision", "fp32", "--skip-peer", "--sides", "packed,packed+flat+splitqkv"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["sides"] == "packed,packed+flat+splitqkv"
+    assert list(got["layouts"]) == ["packed", "packed+flat+splitqkv"]
+    assert all(side["tokens_per_s"] > 0 for side in got["layouts"].values())
