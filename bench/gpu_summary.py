@@ -5,7 +5,8 @@ stage (STAGE.log, the bench's JSON its last line per run); this reads them back.
 
 For every `bench/train_throughput.py` run: a Markdown row per side (tokens/s, ms a step,
 against the peer, MFU, peak memory, warm-up, and with --profile the device time by kind of
-kernel, and a line of the host's waits for the device and the ops that made them); for
+kernel, and a line of the host's waits for the device and the ops that made them; a side
+that failed, with its error; a run cut short, with its figures so far); for
 `bench/optimizer_update.py`: ms an update per side; for `bench/loader_contention.py`: ms a
 step per loader; for pytest: its summary line, and the failures it listed. Also the stage
 times `all` printed. Nothing is measured here.
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 PYTEST = re.compile(r"^=*\s*(?:\d+ (?:passed|failed|skipped|errors?|deselected)[, ]*)+.*$")
+ROUND = re.compile(r"^round \d+: tokens/s so far: ")
 STAGE_TIME = re.compile(r"^== \S+?(?: took \d+ s|: skipped, .*|: exit \d+)$")
 
 
@@ -77,13 +79,20 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
     stage = log.stem
     rows: list[str] = []
     lines: list[str] = []
+    so_far = None  # a throughput run's last "round N: tokens/s so far" before its JSON
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         text = line.strip()
-        if text.startswith("{") and text.endswith("}"):
+        if ROUND.match(text):
+            so_far = text
+        elif text.startswith("{") and text.endswith("}"):
             try:
                 run = json.loads(text)
             except json.JSONDecodeError:
                 continue
+            if "layouts" in run or "failed" in run:
+                so_far = None
+            for side, why in (run.get("failed") or {}).items():  # a throughput side
+                lines.append(f"{stage} {side}: failed, left out: {why}")
             if "layouts" in run:
                 rows += throughput_rows(run, stage)
                 lines += wait_lines(run, stage)
@@ -97,6 +106,8 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
             lines.append(f"{stage}: {text.strip('= ')}")
         elif STAGE_TIME.match(text):
             lines.append(text)
+    if so_far:
+        lines.append(f"{stage}: cut short, {so_far}")
     return rows, lines
 
 

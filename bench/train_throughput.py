@@ -62,6 +62,7 @@ from bertforge.train import (
     make_optimizer,
     quiet_inductor_notes,
     resolve_precision,
+    root_cause,
     update,
 )
 
@@ -606,12 +607,31 @@ def main() -> None:
         )
 
     warmup = dict.fromkeys(sides, 0.0)  # includes torch.compile's compile time
+    failed: dict[str, str] = {}  # side: why it stopped (the others go on)
+
+    def run(side: str, what: Any) -> None:
+        """what(), or the side dropped with its error printed: one side that cannot run (a
+        compile or CUDA-graph failure, out of memory) leaves the others' figures."""
+        try:
+            what()
+        except Exception as e:  # any failure of one side
+            failed[side] = root_cause(e)
+            print(f"side {side} failed, left out: {failed[side]}", flush=True)
+            sides.remove(side)
+            (layouts if side in layouts else peers).remove(side)
+            del steps[side]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def warm(side: str) -> None:
+        t0 = time.perf_counter()
+        steps[side](False)
+        sync(device)
+        warmup[side] += time.perf_counter() - t0
+
     for _ in range(args.warmup):
-        for side in sides:
-            t0 = time.perf_counter()
-            steps[side](False)
-            sync(device)
-            warmup[side] += time.perf_counter() - t0
+        for side in list(sides):
+            run(side, lambda side=side: warm(side))
     # Peak memory is what was allocated during a side's blocks (all models stay resident).
     mem = dict.fromkeys(sides, 0.0)
 
@@ -629,13 +649,25 @@ def main() -> None:
         if device.type == "cuda":
             mem[side] = max(mem[side], torch.cuda.max_memory_allocated(device) / 2**30)
 
-    while min(stats[side]["steps"] for side in layouts) < args.steps:
-        for side in sides:
-            block(side)
-    breakdown = {
-        layout: profile(steps[layout], args.profile, device, args.profile_table)
-        for layout in (layouts if args.profile else [])
-    }
+    rounds = 0
+    while layouts and min(stats[side]["steps"] for side in layouts) < args.steps:
+        for side in list(sides):
+            run(side, lambda side=side: block(side))
+        rounds += 1
+        so_far = ", ".join(  # what a run cut short still leaves in its log
+            f"{side} {stats[side]['tokens'] / stats[side]['time']:,.0f}"
+            for side in sides
+            if stats[side]["time"]
+        )
+        print(f"round {rounds}: tokens/s so far: {so_far}", flush=True)
+    breakdown: dict[str, Any] = {}
+    for layout in list(layouts) if args.profile else []:
+        run(
+            layout,
+            lambda layout=layout: breakdown.__setitem__(
+                layout, profile(steps[layout], args.profile, device, args.profile_table)
+            ),
+        )
     for stream in made.values():
         stream.close()
     tmp.cleanup()
@@ -652,6 +684,9 @@ def main() -> None:
             return None
         return round(meter.mfu(tokens_per_s, st["masked"] / max(st["tokens"], 1)), 4)
 
+    if not layouts:
+        print(json.dumps({"model_size": args.model_size, "failed": failed}))
+        raise SystemExit("every bertforge side failed: " + "; ".join(failed))
     tps = {
         side: stats[side]["tokens"] / stats[side]["time"] for side in sides if stats[side]["steps"]
     }
@@ -715,6 +750,7 @@ def main() -> None:
         # with --graphs: how often inductor ran a graph without CUDA graphs (0: they all ran)
         "cudagraph_skips": cudagraph_skips() if any("+graphs" in x for x in layouts) else None,
         "layouts": per_layout,
+        "failed": failed,
     }
     for layout, r in per_layout.items():
         print(

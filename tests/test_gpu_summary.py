@@ -30,6 +30,10 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     tests = "FAILED tests/test_cuda.py::test_x - AssertionError\n= 1 failed, 20 passed in 99.1s =\n"
     (tmp_path / "tests.log").write_text(update + loader + tests + "== tests: exit 124\n")
     (tmp_path / "notes.txt").write_text("not a log")
+    cut = throughput.strip().splitlines()[:-1]  # a stage killed before the bench's JSON
+    (tmp_path / "best.log").write_text("\n".join(cut) + "\n== best: exit 124\n")
+    every_side_failed = {"model_size": "base", "failed": {"packed+graphs": "RuntimeError: x"}}
+    (tmp_path / "qkv.log").write_text(json.dumps(every_side_failed) + "\n")
     out = run(str(BENCH / "gpu_summary.py"), str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| base128 |")]
     got = json.loads(throughput.strip().splitlines()[-1])
@@ -54,7 +58,11 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     assert (f"tests: a host-bound step with batches of 16 made beside it, ms: precomputed "
             f"{step['precomputed']:.2f}, thread {step['thread']:.2f}, process "
             f"{step['process']:.2f}") in out.splitlines()  # fmt: skip
+    last_round = [line for line in cut if line.startswith("round ")][-1]
+    assert last_round.startswith("round 1: tokens/s so far: padded ")
     for line in (
+        f"best: cut short, {last_round}",
+        "qkv packed+graphs: failed, left out: RuntimeError: x",
         "== base128 took 41 s",
         "== tests: exit 124",
         "tests: 1 failed, 20 passed in 99.1s",

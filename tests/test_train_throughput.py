@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bertforge.model import Layer
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -76,3 +78,30 @@ def test_named_sides_are_measured(bench) -> None:
     assert got["sides"] == "packed,packed+flat+splitqkv"
     assert list(got["layouts"]) == ["packed", "packed+flat+splitqkv"]
     assert all(side["tokens_per_s"] > 0 for side in got["layouts"].values())
+
+
+def test_a_side_that_fails_is_left_out_and_the_others_measured(bench, monkeypatch, capsys):
+    """One side that cannot run (here its q/k/v projection raises, as a compile, CUDA-graph
+    or memory failure would) is named with its error; the other sides' figures stand, and
+    each round prints the figures so far (what a run cut short leaves in its log)."""
+    project = Layer.project_qkv
+
+    def broken_when_split(layer, x):
+        if layer.split_qkv:
+            raise RuntimeError("no kernel image is available\nsecond line")
+        return project(layer, x)
+
+    monkeypatch.setattr(Layer, "project_qkv", broken_when_split)
+    argv = ["train_throughput.py", "--model-size", "tiny", "--seq-len", "32", "--batch-size",
+            "4", "--steps", "2", "--block", "1", "--warmup", "1", "--device", "cpu",
+            "--precision", "fp32", "--sides", "padded,padded+splitqkv"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = capsys.readouterr().out.splitlines()
+    got = json.loads(out[-1])
+    assert list(got["layouts"]) == ["padded"] and got["peer_tokens_per_s"] > 0
+    assert got["failed"] == {"padded+splitqkv": "RuntimeError: no kernel image is available"}
+    assert "side padded+splitqkv failed, left out: RuntimeError: no kernel image" in out[0]
+    assert [line.split(":")[0] for line in out if line.startswith("round ")] == [
+        "round 1", "round 2"
+    ]  # fmt: skip
