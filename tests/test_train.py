@@ -1192,7 +1192,8 @@ def test_a_google_run_continues_where_it_stopped(
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
     """torchrun with 2 gloo processes, padded, packed, compiled (DDP around the compiled
     step, its layers one nested region) and with the flat optimizer (DDP writing into its
-    gradient buffer): same per-step losses as 1 process, same global batch."""
+    gradient buffer) and q/k/v split (one parameter used in three matmuls): same per-step
+    losses as 1 process, same global batch."""
     one = tmp_path / "one"
     steps = ("--num-train-steps", "4", "--no-do-eval")
     main(args(train_data, one, tiny_bert_config, *steps))
@@ -1201,7 +1202,7 @@ def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
         ("two", ("--no-packed",)),
         ("two-packed", ()),
         ("two-compiled", ("--compile",)),
-        ("two-flat", ("--flat-optimizer", "--micro-batch-size", "4", "--compile")),
+        ("two-flat", ("--flat-optimizer", "--micro-batch-size", "4", "--compile", "--split-qkv")),
     )
     for name, extra in variants:
         two = tmp_path / name
