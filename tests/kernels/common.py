@@ -44,10 +44,13 @@ def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
     return config
 
 
-def layer_with_and_without(flag: str, entry: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def layer_with_and_without(
+    flag: str, entry: str, monkeypatch: pytest.MonkeyPatch, also: tuple[str, ...] = ()
+) -> None:
     """The model's layer with `flag` (fused_norm, fused_gelu) on and off, dropout off: the same
     output and weight gradients, padded [B, S, H] input; and with it on, the layer did call
-    `kernels.<entry>` (two layers that both took the plain path would agree too)."""
+    `kernels.<entry>` (two layers that both took the plain path would agree too). `also`:
+    other layer flags (split_qkv, ...) on together with `flag`."""
     calls = []
     real = getattr(kernels, entry)
 
@@ -66,7 +69,8 @@ def layer_with_and_without(flag: str, entry: str, monkeypatch: pytest.MonkeyPatc
     dy = torch.randn(2, 5, 32, device=DEVICE)
     outs = []
     for fused in (False, True):
-        setattr(layer, flag, fused)
+        for name in (flag, *also):
+            setattr(layer, name, fused)
         layer.zero_grad()
         y = layer(x, None)
         y.backward(dy)

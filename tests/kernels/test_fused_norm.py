@@ -154,6 +154,12 @@ def test_layer_fused_matches_the_plain_layer(monkeypatch):
     layer_with_and_without("fused_norm", "fused_norm", monkeypatch)
 
 
+@numeric
+def test_layer_with_every_option_matches_the_plain_layer(monkeypatch):
+    """Both fused kernels and q/k/v split (--split-qkv) together: the plain layer's numbers."""
+    layer_with_and_without("fused_norm", "fused_norm", monkeypatch, ("fused_gelu", "split_qkv"))
+
+
 @traced
 def test_compile_traces_both_kernels_and_the_backward_reads_the_forwards_mask():
     """What torch.compile's autograd makes of the op (AOT autograd over fake tensors, as
