@@ -211,3 +211,39 @@ def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients(flat):
     assert got == pytest.approx(want, rel=1e-2)
     for name, g in want_grads.items():
         torch.testing.assert_close(grads[name], g, atol=2e-2, rtol=5e-2, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["inductor", "fused-kernels"])
+def test_dropout_draws_anew_at_every_graph_replay(fused):
+    """Under CUDA graphs (mode reduce-overhead) a replay draws new dropout masks, as the step
+    without graphs does: the same batch's loss differs from replay to replay with dropout on
+    (the attention's, inductor's or `kernels.fused_norm`'s seed) and is the same with it off,
+    so a graph that froze its random numbers would fail here (the train tests would still
+    see a model learn)."""
+    from bertforge import kernels
+
+    if fused and not kernels.available():
+        pytest.skip("needs Triton")
+    device = torch.device("cuda")
+    losses = {}
+    for p in (0.1, 0.0):
+        c = BertConfig.preset("mini", 1000, hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+        torch.manual_seed(0)
+        model = BertForPretraining(c).to(device)
+        for layer in model.layers:
+            layer.fused_norm = layer.fused_gelu = fused
+        counters.clear()
+        forward = torch.compile(Objective(model), mode="reduce-overhead")
+        rows = packed_rows(16, 0)
+        got = []
+        for _ in range(5):  # warm-up, recording, replays
+            torch.compiler.cudagraph_mark_step_begin()
+            b, lengths, layout = model_batch(rows, device, True, False, 512)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                mlm, nsp, _ = forward(*objective_args(b, lengths, layout))
+            (mlm + nsp).backward()
+            got.append(float(mlm + nsp))
+        assert counters["inductor"]["cudagraph_skips"] == 0
+        losses[p] = got[2:]
+    assert len(set(losses[0.1])) == 3, losses  # every replay its own masks
+    assert len(set(losses[0.0])) == 1, losses
