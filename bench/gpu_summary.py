@@ -8,8 +8,8 @@ against the peer, MFU, peak memory, warm-up, and with --profile the device time 
 kernel, and a line of the host's waits for the device and the ops that made them; a side
 that failed, with its error; a run cut short, with its figures so far); for
 `bench/optimizer_update.py`: ms an update per side; for `bench/loader_contention.py`: ms a
-step per loader; for pytest: its summary line, and the failures it listed. Also the stage
-times `all` printed. Nothing is measured here.
+step per loader; for pytest: its summary line, and the failures it listed; a bench's refusal
+of its command line. Also the stage times `all` printed. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 PYTEST = re.compile(r"^=*\s*(?:\d+ (?:passed|failed|skipped|errors?|deselected)[, ]*)+.*$")
+USAGE = re.compile(r"^\S+\.py: error: ")  # a bench refused its command line
 ROUND = re.compile(r"^round \d+: tokens/s so far: ")
 STAGE_TIME = re.compile(r"^== \S+?(?: took \d+ s|: skipped, .*|: exit \d+)$")
 
@@ -102,7 +103,7 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
                 steps = ", ".join(f"{k} {v:.2f}" for k, v in run["ms_per_step"].items())
                 lines.append(f"{stage}: a host-bound step with batches of {run['batch_size']} "
                              f"made beside it, ms: {steps}")  # fmt: skip
-        elif PYTEST.match(text) or text.startswith(("FAILED ", "ERROR ")):
+        elif PYTEST.match(text) or text.startswith(("FAILED ", "ERROR ")) or USAGE.match(text):
             lines.append(f"{stage}: {text.strip('= ')}")
         elif STAGE_TIME.match(text):
             lines.append(text)

@@ -33,7 +33,8 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     cut = throughput.strip().splitlines()[:-1]  # a stage killed before the bench's JSON
     (tmp_path / "best.log").write_text("\n".join(cut) + "\n== best: exit 124\n")
     every_side_failed = {"model_size": "base", "failed": {"packed+graphs": "RuntimeError: x"}}
-    (tmp_path / "qkv.log").write_text(json.dumps(every_side_failed) + "\n")
+    refused = "train_throughput.py: error: --sides: 'packd'; a side is padded or packed"
+    (tmp_path / "qkv.log").write_text(json.dumps(every_side_failed) + f"\n{refused}\n")
     out = run(str(BENCH / "gpu_summary.py"), str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| base128 |")]
     got = json.loads(throughput.strip().splitlines()[-1])
@@ -63,6 +64,7 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     for line in (
         f"best: cut short, {last_round}",
         "qkv packed+graphs: failed, left out: RuntimeError: x",
+        f"qkv: {refused}",
         "== base128 took 41 s",
         "== tests: exit 124",
         "tests: 1 failed, 20 passed in 99.1s",
