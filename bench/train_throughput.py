@@ -116,8 +116,9 @@ def named_sides(
     ap: argparse.ArgumentParser, args: argparse.Namespace
 ) -> tuple[dict[str, bool], list[str]]:
     """--sides: {side: compiled} and the loaders they read ("" the worker, "+thread"), each
-    name checked (a layout, then known suffixes, each at most once; the fused kernels on CUDA
-    with Triton; graphs compiled); padded sides first, as the flags' product orders them."""
+    name checked (a layout, then known suffixes, each at most once; graphs compiled; the
+    machine, as for every side: `check_sides`); padded sides first, as the flags' product
+    orders them."""
     flags = ("--layouts", "--whole-graph", "--graphs", "--compiled-dropout", "--fused-norm",
              "--fused-gelu", "--flat-optimizer", "--split-qkv", "--loader")  # fmt: skip
     dests = {f: f[2:].replace("-", "_") for f in flags}
@@ -137,16 +138,21 @@ def named_sides(
         if unknown := [x for x in rest if x not in SUFFIXES]:
             ap.error(f"--sides: {name!r}: {', '.join(unknown)} is not one of {' '.join(SUFFIXES)}")
         compiled = args.compile != "no" and "+eager" not in rest
-        if {"+fusednorm", "+fusedgelu"} & set(rest) and not (
-            args.device == "cuda" and kernels.available()
-        ):
-            ap.error(f"--sides: {name!r}: the fused kernels run on CUDA with Triton only")
         if not compiled and {"+graphs", "+whole", "+bits", "+torchdrop"} & set(rest):
             ap.error(f"--sides: {name!r}: graphs, +whole and the dropout choice are for "
                      "compiled sides (--compile)")  # fmt: skip
         compiled_of[name] = compiled
     loaders = sorted({"+thread" if "+thread" in name else "" for name in names})
     return compiled_of, loaders
+
+
+def check_sides(ap: argparse.ArgumentParser, args: argparse.Namespace, sides: list[str]) -> None:
+    """What bertforge's sides, named by the variant flags or by --sides, need of the machine:
+    the fused Triton kernels run on CUDA with Triton only."""
+    fused = [side for side in sides if "+fusednorm" in side or "+fusedgelu" in side]
+    if fused and not (args.device == "cuda" and kernels.available()):
+        ap.error(f"{', '.join(fused)}: the fused kernels (--fused-norm, --fused-gelu, "
+                 "+fusednorm, +fusedgelu) run on CUDA with Triton only")  # fmt: skip
 
 
 def bench_config(args: argparse.Namespace, host: bool = False) -> BertConfig:
@@ -463,9 +469,6 @@ def main() -> None:
     kinds.sort(key=lambda kind: kind != "padded")
     if args.compile == "no" and args.graphs != "no":
         ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
-    for flag, value in (("--fused-norm", args.fused_norm), ("--fused-gelu", args.fused_gelu)):
-        if value != "no" and not (args.device == "cuda" and kernels.available()):
-            ap.error(f"{flag}: the fused kernels run on CUDA with Triton only")
     loaders = {"process": [""], "thread": ["+thread"], "both": ["", "+thread"]}[args.loader]
     fuseds = [
         norm + gelu + flat + qkv + loader
@@ -491,6 +494,7 @@ def main() -> None:
     }
     if args.sides is not None:
         compiled_of, loaders = named_sides(ap, args)
+    check_sides(ap, args, list(compiled_of))
     device = torch.device(args.device)
     malloc = args.malloc
     if malloc == "auto":
@@ -538,9 +542,9 @@ def main() -> None:
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
         compiled; "+fusednorm" / "+fusedgelu": kernels.fused_norm / bias_gelu in every
         layer; "+flat": optim.FlatAdamW; "+splitqkv": Layer.split_qkv; "+thread": batches
-        from a thread), on its own
-        model (same init) and optimizer: it reads nothing back unless the optimizer cannot
-        skip a bad step on the device (then `update` does, as in the trainer)."""
+        from a thread), on its own model (same init) and optimizer: it reads nothing back
+        unless the optimizer cannot skip a bad step on the device (then `update` does, as in
+        the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]

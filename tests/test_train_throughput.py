@@ -33,8 +33,12 @@ def bench():
 
 
 def sides(bench, *argv: str):
+    """named_sides, then check_sides on them, as main does."""
     ap = bench.arguments()
-    return bench.named_sides(ap, ap.parse_args(list(argv)))
+    args = ap.parse_args(list(argv))
+    named, loaders = bench.named_sides(ap, args)
+    bench.check_sides(ap, args, list(named))
+    return named, loaders
 
 
 def test_named_sides_are_compiled_as_named_and_padded_first(bench) -> None:
