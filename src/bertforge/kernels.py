@@ -68,6 +68,15 @@ GELU_COLUMNS = 1024
 # AdamW over a flat buffer: elements a program, warps a program (16 fp32 an element's thread)
 ADAMW_BLOCK = 4096
 ADAMW_WARPS = 8
+# attention of a packed batch whose sequences fit one tile (`attention`): (query rows a block,
+# warps) for the forward and the backward's dq, (keys a block, warps) for its dk and dv.
+# Compiled for sm_90 at head 64, 128 keys, bf16 (cuobjdump -res-usage): 145-226 registers and
+# no stack; 64 rows on 4 warps, and 128 rows, spill (bench/RESULTS.md, session 29)
+ATTENTION_FORWARD_CONFIGS = ((64, 8), (32, 8), (32, 4))
+ATTENTION_QUERY_CONFIGS = ((64, 8), (32, 8), (32, 4))
+ATTENTION_KEY_CONFIGS = ((64, 8), (32, 8), (32, 4))
+ATTENTION_MAX_LEN = 128
+ATTENTION_HEADS = (16, 32, 64, 128)  # head sizes: a power of 2, at least tl.dot's 16
 # backward programs per streaming multiprocessor: enough to hide latency, few enough that the
 # partial sums (3 x hidden fp32 per program) stay a small fraction of the gradients' bytes
 PROGRAMS_PER_SM = 4
@@ -92,10 +101,10 @@ if triton is not None:
     # Triton 3.9's fdiv can divide approximately; 3.6's (torch 2.11's) cannot be asked to
     APPROX_DIVISION = tl.constexpr("approx" in inspect.signature(tl.math.fdiv).parameters)
 
-    def _configs(pairs: tuple[tuple[int, int], ...]) -> list[triton.Config]:
+    def _configs(pairs: tuple[tuple[int, int], ...], name: str = "rows_per") -> list[triton.Config]:
         """Triton configs; the first alone under the interpreter, which cannot time them."""
         pairs = pairs[:1] if interpreted() else pairs
-        return [triton.Config({"rows_per": rows}, num_warps=warps) for rows, warps in pairs]
+        return [triton.Config({name: rows}, num_warps=warps) for rows, warps in pairs]
 
     @triton.jit
     def _columns(k, n, quarter, block_q: tl.constexpr):
@@ -539,6 +548,198 @@ if triton is not None:
         tl.store(m_ptr + at, m, mask=ok)
         tl.store(v_ptr + at, v, mask=ok)
 
+    # Triton's interpreter multiplies bf16 as the integers that hold it (3.9): its products
+    # in fp32 there, which holds bf16 values and their products exactly, as the GPU does
+    DOT_IN_FP32 = tl.constexpr(interpreted())
+
+    @triton.jit
+    def _dot(a, b, precision: tl.constexpr):
+        """a @ b with fp32 accumulation; precision: fp32's ("ieee" or "tf32")."""
+        if DOT_IN_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=precision)
+
+    @triton.jit
+    def _attention_keep(seed, program, first_row, first_key, drop: tl.constexpr,
+                        rows: tl.constexpr, keys: tl.constexpr, block_n: tl.constexpr):  # fmt: skip
+        """The keep decisions of a [rows, keys] block of a (sequence, head)'s probabilities,
+        from query row first_row and key first_key (a multiple of 8): one Philox call (128
+        bits) decides eight keys of a row, 15 bits each, the call for row i and keys 8c..8c+7
+        counting (program x block_n + i) x block_n / 8 + c, so every block of keys draws its
+        own decisions and the forward and the backward agree however they cut the scores."""
+        group: tl.constexpr = keys // 8
+        row = (first_row + tl.arange(0, rows)).to(tl.int64)[:, None]
+        call = first_key // 8 + tl.arange(0, group)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(
+            seed, (program.to(tl.int64) * block_n + row) * (block_n // 8) + call
+        )
+        k0 = tl.join((r0 & 0x7FFF) >= drop, ((r0 >> 16) & 0x7FFF) >= drop)  # [rows, group, 2]
+        k1 = tl.join((r1 & 0x7FFF) >= drop, ((r1 >> 16) & 0x7FFF) >= drop)
+        k2 = tl.join((r2 & 0x7FFF) >= drop, ((r2 >> 16) & 0x7FFF) >= drop)
+        k3 = tl.join((r3 & 0x7FFF) >= drop, ((r3 >> 16) & 0x7FFF) >= drop)
+        keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # [rows, group, 2, 2, 2]
+        return tl.reshape(keep, (rows, keys))  # key 8c + j from call c
+
+    @triton.jit
+    def _attention_tile(ptr, token_stride, first, rows, ok, head: tl.constexpr):
+        """rows [n] of a sequence from token `first` of a [T, heads, head] view whose head
+        starts at ptr: [n, head], 0 where not ok."""
+        at = (first + rows).to(tl.int64)[:, None] * token_stride + tl.arange(0, head)[None, :]
+        return tl.load(ptr + at, mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _attention_rows(ptr, first, rows, ok, h, heads, head: tl.constexpr):
+        """Offsets of rows [n] of head h in a contiguous [T, heads, head] or, with head 1, in
+        a [T, heads] tensor, and their mask."""
+        at = (first + rows).to(tl.int64)[:, None] * (heads * head) + h * head
+        return ptr + at + tl.arange(0, head)[None, :], ok[:, None]
+
+    @triton.autotune(configs=_configs(ATTENTION_FORWARD_CONFIGS, "block_m"),
+                     key=["head", "block_n", "dropout"])  # fmt: skip
+    @triton.jit
+    def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, seed_ptr, o_ptr, lse_ptr,
+                                  q_stride, k_stride, v_stride, heads, scale, drop: tl.constexpr,
+                                  keep_scale, head: tl.constexpr, block_n: tl.constexpr,
+                                  dropout: tl.constexpr, precision: tl.constexpr,
+                                  block_m: tl.constexpr):  # fmt: skip
+        """One program per (sequence, head, block of block_m query rows) against all the
+        sequence's keys at once (at most block_n of them: softmax with no running maximum).
+        lse: the log (base 2) of each row's softmax denominator, for the backward."""
+        seq, h, m = tl.program_id(0), tl.program_id(1), tl.program_id(2) * block_m
+        first = tl.load(cu_ptr + seq)
+        length = tl.load(cu_ptr + seq + 1) - first
+        if m < length:
+            keys = tl.arange(0, block_n)
+            key_ok = keys < length
+            rows = m + tl.arange(0, block_m)
+            row_ok = rows < length
+            q = _attention_tile(q_ptr + h * head, q_stride, first, rows, row_ok, head)
+            k = _attention_tile(k_ptr + h * head, k_stride, first, keys, key_ok, head)
+            s = _dot(q, tl.trans(k), precision) * scale  # log2 units
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            top = tl.max(s, 1)
+            p = tl.exp2(s - top[:, None])
+            total = tl.sum(p, 1)
+            p = p / total[:, None]
+            if dropout:
+                keep = _attention_keep(
+                    tl.load(seed_ptr), seq * heads + h, m, 0, drop, block_m, block_n, block_n
+                )
+                p = tl.where(keep, p * keep_scale, 0.0)
+            v = _attention_tile(v_ptr + h * head, v_stride, first, keys, key_ok, head)
+            o = _dot(p.to(v.dtype), v, precision)
+            at, ok = _attention_rows(o_ptr, first, rows, row_ok, h, heads, head)
+            tl.store(at, o.to(o_ptr.dtype.element_ty), mask=ok)
+            at, ok = _attention_rows(lse_ptr, first, rows, row_ok, h, heads, 1)
+            tl.store(at, (top + tl.log2(total))[:, None], mask=ok)
+
+    @triton.jit
+    def _attention_scores_grad(q, k, v, do, lse, delta, seed, program, m, n, length, scale,
+                               drop: tl.constexpr, keep_scale, block_m: tl.constexpr,
+                               block_k: tl.constexpr, block_n: tl.constexpr,
+                               dropout: tl.constexpr, precision: tl.constexpr):  # fmt: skip
+        """For query rows m.. and keys n.. of a (sequence, head): the probabilities as dropout
+        left them ([block_m, block_k], fp32) and the gradient of the scores (before their
+        scale, in q's dtype)."""
+        s = _dot(q, tl.trans(k), precision) * scale
+        key_ok = (n + tl.arange(0, block_k)) < length
+        p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), precision)
+        if dropout:
+            keep = _attention_keep(seed, program, m, n, drop, block_m, block_k, block_n)
+            kept = tl.where(keep, p * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        else:
+            kept = p
+        return kept, (p * (dp - delta[:, None])).to(q.dtype)
+
+    @triton.autotune(configs=_configs(ATTENTION_QUERY_CONFIGS, "block_m"),
+                     key=["head", "block_n", "dropout"])  # fmt: skip
+    @triton.jit
+    def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, cu_ptr, seed_ptr,
+                             dq_ptr, delta_ptr, q_stride, k_stride, v_stride, heads, scale,
+                             softmax_scale, drop: tl.constexpr, keep_scale, head: tl.constexpr,
+                             block_n: tl.constexpr, dropout: tl.constexpr,
+                             precision: tl.constexpr, block_m: tl.constexpr):  # fmt: skip
+        """The backward's first half: one program per (sequence, head, block of query rows)
+        against the sequence's keys in blocks of block_m. Writes dq and, for the second half,
+        delta = sum over keys of p x dp, which is each row's sum of do x o."""
+        seq, h, m = tl.program_id(0), tl.program_id(1), tl.program_id(2) * block_m
+        first = tl.load(cu_ptr + seq)
+        length = tl.load(cu_ptr + seq + 1) - first
+        if m < length:
+            rows = m + tl.arange(0, block_m)
+            row_ok = rows < length
+            q = _attention_tile(q_ptr + h * head, q_stride, first, rows, row_ok, head)
+            at, ok = _attention_rows(do_ptr, first, rows, row_ok, h, heads, head)
+            do = tl.load(at, mask=ok, other=0.0)
+            o = tl.load(_attention_rows(o_ptr, first, rows, row_ok, h, heads, head)[0], mask=ok,
+                        other=0.0)  # fmt: skip
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            stats, one = _attention_rows(lse_ptr, first, rows, row_ok, h, heads, 1)
+            lse = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_m,))
+            tl.store(_attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)[0],
+                     delta[:, None], mask=one)  # fmt: skip
+            seed = tl.load(seed_ptr)
+            dq = tl.zeros((block_m, head), tl.float32)
+            for n in tl.static_range(0, block_n, block_m):
+                if n < length:
+                    keys = n + tl.arange(0, block_m)
+                    key_ok = keys < length
+                    k = _attention_tile(k_ptr + h * head, k_stride, first, keys, key_ok, head)
+                    v = _attention_tile(v_ptr + h * head, v_stride, first, keys, key_ok, head)
+                    _, ds = _attention_scores_grad(
+                        q, k, v, do, lse, delta, seed, seq * heads + h, m, n, length, scale,
+                        drop, keep_scale, block_m, block_m, block_n, dropout, precision,
+                    )  # fmt: skip
+                    dq += _dot(ds, k, precision)
+            at, ok = _attention_rows(dq_ptr, first, rows, row_ok, h, heads, head)
+            tl.store(at, (dq * softmax_scale).to(dq_ptr.dtype.element_ty), mask=ok)
+
+    @triton.autotune(configs=_configs(ATTENTION_KEY_CONFIGS, "block_k"),
+                     key=["head", "block_n", "dropout"])  # fmt: skip
+    @triton.jit
+    def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr,
+                               seed_ptr, dk_ptr, dv_ptr, q_stride, k_stride, v_stride, heads,
+                               scale, softmax_scale, drop: tl.constexpr, keep_scale,
+                               head: tl.constexpr, block_n: tl.constexpr, dropout: tl.constexpr,
+                               precision: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
+        """The backward's second half: one program per (sequence, head, block of block_k keys)
+        against the sequence's query rows in blocks of block_k; dk and dv summed in registers
+        and written once (no atomics)."""
+        seq, h, n = tl.program_id(0), tl.program_id(1), tl.program_id(2) * block_k
+        first = tl.load(cu_ptr + seq)
+        length = tl.load(cu_ptr + seq + 1) - first
+        if n < length:
+            keys = n + tl.arange(0, block_k)
+            key_ok = keys < length
+            k = _attention_tile(k_ptr + h * head, k_stride, first, keys, key_ok, head)
+            v = _attention_tile(v_ptr + h * head, v_stride, first, keys, key_ok, head)
+            seed = tl.load(seed_ptr)
+            dk = tl.zeros((block_k, head), tl.float32)
+            dv = tl.zeros((block_k, head), tl.float32)
+            for m in tl.static_range(0, block_n, block_k):
+                if m < length:
+                    rows = m + tl.arange(0, block_k)
+                    row_ok = rows < length
+                    q = _attention_tile(q_ptr + h * head, q_stride, first, rows, row_ok, head)
+                    at, ok = _attention_rows(do_ptr, first, rows, row_ok, h, heads, head)
+                    do = tl.load(at, mask=ok, other=0.0)
+                    stats, one = _attention_rows(lse_ptr, first, rows, row_ok, h, heads, 1)
+                    lse = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_k,))
+                    stats = _attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)[0]
+                    delta = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_k,))
+                    kept, ds = _attention_scores_grad(
+                        q, k, v, do, lse, delta, seed, seq * heads + h, m, n, length, scale,
+                        drop, keep_scale, block_k, block_k, block_n, dropout, precision,
+                    )  # fmt: skip
+                    dv += _dot(tl.trans(kept.to(do.dtype)), do, precision)
+                    dk += _dot(tl.trans(ds), q, precision)
+            at, ok = _attention_rows(dk_ptr, first, keys, key_ok, h, heads, head)
+            tl.store(at, (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=ok)
+            at, ok = _attention_rows(dv_ptr, first, keys, key_ok, h, heads, head)
+            tl.store(at, dv.to(dv_ptr.dtype.element_ty), mask=ok)
+
     def _gelu_columns(f: int) -> int:
         return min(GELU_COLUMNS, triton.next_power_of_2(f))
 
@@ -665,6 +866,89 @@ if triton is not None:
 
     _fused_forward.register_autograd(_gradients, setup_context=_setup)
 
+    def _attention_args(q: torch.Tensor, max_len: int, p: float) -> dict[str, object]:
+        """The attention kernels' scalar arguments."""
+        head = q.shape[-1]
+        return dict(
+            scale=math.log2(math.e) / math.sqrt(head),  # the scores in log2 units, for exp2
+            drop=ops.drop_levels(p),
+            keep_scale=ops.keep_scale(p),
+            head=head,
+            block_n=max(16, triton.next_power_of_2(max_len)),
+            dropout=ops.drop_levels(p) > 0,
+            precision="ieee" if q.dtype == torch.float32 else "tf32",  # fp32: no tf32 rounding
+        )
+
+    def _attention_grid(cu_seqlens: torch.Tensor, heads: int, block_n: int, block: str):  # type: ignore[no-untyped-def]
+        """(sequences, heads, blocks of a sequence's block_n rows or keys) for a config."""
+
+        def grid(meta: dict[str, int]) -> tuple[int, int, int]:
+            return (cu_seqlens.shape[0] - 1, heads, triton.cdiv(block_n, meta[block]))
+
+        return grid
+
+    @torch.library.triton_op("bertforge::attention_forward", mutates_args=())
+    def _attention_forward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        seed: torch.Tensor,
+        max_len: int,
+        p: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t, heads, head = q.shape
+        o = torch.empty(t, heads, head, dtype=q.dtype, device=q.device)
+        lse = torch.empty(t, heads, dtype=torch.float32, device=q.device)
+        args = _attention_args(q, max_len, p)
+        torch.library.wrap_triton(_attention_forward_kernel)[
+            _attention_grid(cu_seqlens, heads, args["block_n"], "block_m")
+        ](q, k, v, cu_seqlens, seed, o, lse, q.stride(0), k.stride(0), v.stride(0), heads, **args)
+        return o, lse
+
+    @torch.library.triton_op("bertforge::attention_backward", mutates_args=())
+    def _attention_backward(
+        do: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        o: torch.Tensor,
+        lse: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        seed: torch.Tensor,
+        max_len: int,
+        p: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t, heads, head = q.shape
+        dq, dk, dv = (
+            torch.empty(t, heads, head, dtype=x.dtype, device=x.device) for x in (q, k, v)
+        )
+        delta = torch.empty_like(lse)  # each row's sum of do x o, from the first kernel
+        args = _attention_args(q, max_len, p) | {"softmax_scale": 1 / math.sqrt(head)}
+        strides = (q.stride(0), k.stride(0), v.stride(0), heads)
+        torch.library.wrap_triton(_attention_dq_kernel)[
+            _attention_grid(cu_seqlens, heads, args["block_n"], "block_m")
+        ](q, k, v, o, do, lse, cu_seqlens, seed, dq, delta, *strides, **args)
+        torch.library.wrap_triton(_attention_dkdv_kernel)[
+            _attention_grid(cu_seqlens, heads, args["block_n"], "block_k")
+        ](q, k, v, do, lse, delta, cu_seqlens, seed, dk, dv, *strides, **args)
+        return dq, dk, dv
+
+    def _attention_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        q, k, v, cu_seqlens, seed, max_len, p = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, seed)
+        ctx.max_len, ctx.p = max_len, p
+
+    def _attention_gradients(ctx, do, _lse):  # type: ignore[no-untyped-def]
+        q, k, v, o, lse, cu_seqlens, seed = ctx.saved_tensors
+        dq, dk, dv = _attention_backward(
+            do.contiguous(), q, k, v, o, lse, cu_seqlens, seed, ctx.max_len, ctx.p
+        )
+        return dq, dk, dv, None, None, None, None
+
+    _attention_forward.register_autograd(_attention_gradients, setup_context=_attention_setup)
+
 
 def adamw_(
     param: torch.Tensor,
@@ -759,3 +1043,57 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     instructions an element (bench/kernel_census.py), more than their bytes allow."""
     f = h.shape[-1]
     return _gelu_forward(h.reshape(-1, f).contiguous(), bias).view(h.shape)
+
+
+def attention_fits(q: torch.Tensor, max_len: int) -> bool:
+    """Whether `attention` takes q [T, heads, head] of a packed batch whose sequences are at
+    most max_len long: the head size one of ATTENTION_HEADS, every sequence within one tile
+    (ATTENTION_MAX_LEN), a float dtype."""
+    return (
+        q.shape[-1] in ATTENTION_HEADS
+        and max_len <= ATTENTION_MAX_LEN
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
+def _heads_view(x: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head] with its heads side by side in memory (a view of the qkv projection's
+    output is); a copy otherwise."""
+    head = x.shape[-1]
+    return x if x.stride(-1) == 1 and x.stride(-2) == head else x.contiguous()
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    p: float,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head)) with dropout p, times v, within each sequence of a packed
+    batch: q, k, v [T, heads, head] (views of one qkv projection are read in place),
+    cu_seqlens [B+1] int32 where each sequence starts, max_len a bound on their lengths (at
+    most ATTENTION_MAX_LEN: `attention_fits`). Returns [T, heads, head] in q's dtype.
+
+    Why bertforge's own: at BERT's lengths a sequence's keys and values fit one program, so
+    the softmax needs no running maximum, the backward no atomics and no separate pass for
+    its row sums, and every program is one (sequence, head): on the H200 flash varlen took
+    5.6 ms of BERT-base's packed step (seq 128) where its bytes need about 1.5 ms
+    (bench/RESULTS.md, session 29). Dropout decides from 15 bits of a Philox draw, eight
+    decisions a call (`ops.drop_levels`: p rounded to a multiple of 1/32768), drawn again in
+    the backward from the same seed; scores and softmax in fp32, the probabilities rounded
+    to q's dtype for their product with v, as flash attention does."""
+    if not 0 <= p < 1 or ops.drop_levels(p) == ops.LEVELS:
+        raise ValueError(f"attention: dropout probability {p} is not in [0, 1)")
+    if not attention_fits(q, max_len):
+        raise ValueError(f"attention: q {tuple(q.shape)} {q.dtype} with sequences up to "
+                         f"{max_len} long does not fit (attention_fits)")  # fmt: skip
+    if p > 0:  # torch's generator, as fused_norm's seed
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+    else:
+        seed = torch.zeros(1, dtype=torch.int64, device=q.device)
+    o, _ = _attention_forward(
+        _heads_view(q), _heads_view(k), _heads_view(v), cu_seqlens, seed, int(max_len), float(p)
+    )
+    return o

@@ -15,7 +15,9 @@ GELU, learned absolute positions), but the code is shaped for speed:
   dropout, residual add and LayerNorm are one Triton kernel each way (`kernels.fused_norm`);
   likewise the feed-forward's bias + GELU (`Layer.fused_gelu`, --fused-gelu);
 - on request (`Layer.split_qkv`, --split-qkv), q, k and v are three matmuls on the blocks of
-  the one qkv weight, so their gradients need not be concatenated for the backward.
+  the one qkv weight, so their gradients need not be concatenated for the backward;
+- on request (`Layer.fused_attention`, --fused-attention), a packed batch's attention is
+  bertforge's Triton kernel for sequences of up to 128 tokens (`kernels.attention`).
 
 The weights map to `transformers.BertForPreTraining` through the explicit table in
 `hf_key_table` (q/k/v are split, the vocab padding is cut), checked numerically in the tests.
@@ -227,11 +229,15 @@ def attend(
     v: torch.Tensor,
     layout: torch.Tensor | Packed | None,
     dropout: float,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Attention of q, k, v given as [B, S, nh, hs] (padded) or [T, nh, hs] (packed).
 
-    layout: None (no padding), a [B, 1, 1, S] bool key mask, or a Packed batch."""
+    layout: None (no padding), a [B, 1, 1, S] bool key mask, or a Packed batch. fused: a
+    packed batch's attention as `kernels.attention` where it runs and fits."""
     if isinstance(layout, Packed):
+        if fused and kernels.usable(q) and kernels.attention_fits(q, layout.max_len):
+            return kernels.attention(q, k, v, layout.cu_seqlens, layout.max_len, dropout)
         if layout.flash and flash_varlen_fits(q.dtype, q.shape[-1]):
             return flash_varlen(q, k, v, layout, dropout)
         # Elsewhere (CPU, fp32): scatter into a padded batch, attend with a key mask, gather.
@@ -294,11 +300,14 @@ class Layer(nn.Module):
     add and LayerNorm of both sublayers run as `kernels.fused_norm` where it can run (CUDA with
     Triton); `fused_gelu` True: the feed-forward's bias and GELU (the erf form) as
     `kernels.bias_gelu`; `split_qkv` True: q, k, v from three matmuls on the qkv weight's
-    blocks (`project_qkv`); the plain modules otherwise. Same weights either way."""
+    blocks (`project_qkv`); `fused_attention` True: a packed batch's attention as
+    `kernels.attention` (sequences up to 128 tokens); the plain modules otherwise. Same
+    weights either way."""
 
     fused_norm: bool = False
     fused_gelu: bool = False
     split_qkv: bool = False
+    fused_attention: bool = False
 
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
@@ -317,7 +326,8 @@ class Layer(nn.Module):
     def forward(self, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
         # x: (B, S, H) padded or (T, H) packed; heads split the last dim into (nh, hs)
         q, k, v = self.project_qkv(x)
-        a = attend(q, k, v, layout, self.attention_dropout if self.training else 0.0)
+        p = self.attention_dropout if self.training else 0.0
+        a = attend(q, k, v, layout, p, self.fused_attention)
         x = self.add_norm(self.attn_out, a.flatten(-2), x, self.attn_norm)
         return self.add_norm(self.ffn_out, self.feed_forward_in(x), x, self.ffn_norm)
 

@@ -4,7 +4,9 @@ traces, and compiling for sm_90. Imported after `pytest.importorskip("triton")`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -30,14 +32,15 @@ compiled = pytest.mark.skipif(
 
 def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
     """A fixture that runs a test once per autotuned configuration: the i-th run pins each
-    (autotuned kernel, its (rows, warps) pairs) to its i-th pair, so a forward and a backward
-    taking different tiles are checked together."""
+    (autotuned kernel, its (rows, warps) pairs[, the rows' parameter, rows_per if not given])
+    to its i-th pair, so a forward and a backward taking different tiles are checked
+    together."""
 
     @pytest.fixture(params=range(len(tuners[0][1])))
     def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
-        for tuner, pairs in tuners:
+        for tuner, pairs, *name in tuners:
             rows, warps = pairs[request.param]
-            pinned = triton.Config({"rows_per": rows}, num_warps=warps)
+            pinned = triton.Config({name[0] if name else "rows_per": rows}, num_warps=warps)
             monkeypatch.setattr(tuner, "configs", [pinned])
         return request.param
 
@@ -110,16 +113,35 @@ def kernel_name(launch: Any) -> str:
     return kernel_side_table.get_kernel(launch.kwargs["kernel_idx"]).fn.__name__
 
 
-def compile_for_sm90(tuner: Any, signature: dict[str, str], constants: dict[str, Any]) -> None:
+def compile_for_sm90(tuner: Any, signature: dict[str, str], constants: dict[str, Any]) -> list:
     """Every configuration of an autotuned kernel through Triton's whole CUDA pipeline for
-    sm_90 (ptxas included; no GPU needed)."""
-    for config in tuner.configs:
-        compile_one_for_sm90(tuner.fn, signature, {**constants, **config.kwargs}, config.num_warps)
+    sm_90 (ptxas included; no GPU needed): the compiled kernels."""
+    return [
+        compile_one_for_sm90(tuner.fn, signature, {**constants, **c.kwargs}, c.num_warps)
+        for c in tuner.configs
+    ]
+
+
+def stack_bytes(kernel: Any) -> int:
+    """The per-thread stack a compiled kernel's cubin declares (cuobjdump -res-usage, from
+    Triton's wheel): registers spilled, where it is not 0."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run(
+            [str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    return sum(int(n) for n in re.findall(r"STACK:(\d+)", usage))
 
 
 def compile_one_for_sm90(
     fn: Any, signature: dict[str, str], constants: dict[str, Any], num_warps: int
-) -> None:
+) -> Any:
     """A JIT kernel through Triton's CUDA pipeline for sm_90, its constexprs `constants`."""
     from triton.backends.compiler import GPUTarget
 
@@ -130,3 +152,27 @@ def compile_one_for_sm90(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
     )
     assert done.asm["cubin"], (fn.arg_names, constants)
+    return done
+
+
+class SM90:
+    """Triton's active driver where no GPU is: only the target to compile for."""
+
+    def get_current_target(self):  # type: ignore[no-untyped-def]
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+@contextlib.contextmanager
+def sm90_driver() -> Iterator[None]:
+    """SM90 as Triton's active driver: what torch needs to read from a kernel's TTIR which
+    tensors it writes (without it, torch takes every tensor argument as written)."""
+    from triton.runtime import driver
+
+    saved = driver._active
+    driver._active = SM90()
+    try:
+        yield
+    finally:
+        driver._active = saved

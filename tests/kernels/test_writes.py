@@ -13,34 +13,21 @@ import torch
 triton = pytest.importorskip("triton")
 
 from bertforge import kernels, ops  # noqa: E402
+from tests.kernels.common import sm90_driver  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     kernels.interpreted(), reason="the TTIR of compiled kernels, not interpreted ones"
 )
 
 
-class SM90:
-    """Triton's active driver where no GPU is: only the target to compile for."""
-
-    def get_current_target(self):  # type: ignore[no-untyped-def]
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-
 def written(kernel, **kwargs) -> set[str]:  # type: ignore[no-untyped-def]
     import torch._higher_order_ops.triton_kernel_wrap as wrap
-    from triton.runtime import driver
 
-    saved = driver._active
-    driver._active = SM90()
-    try:
+    with sm90_driver():
         if hasattr(wrap, "identify_accessed_tensors"):  # torch 2.13
             accesses = wrap.identify_accessed_tensors(kernel, kwargs, {})
             return {dep.name for dep in accesses.read_writes.writes}
         return set(wrap.identify_mutated_tensors(kernel, kwargs, {}))  # torch 2.11
-    finally:
-        driver._active = saved
 
 
 def tensor(dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -70,3 +57,21 @@ def test_each_kernel_writes_only_its_outputs():
         kernels._gelu_backward_kernel, dy_ptr=tensor(), h_ptr=tensor(), bias_ptr=tensor(f32),
         du_ptr=tensor(), partial_ptr=tensor(f32), **gelu,
     ) == {"du_ptr", "partial_ptr"}  # fmt: skip
+
+
+def test_the_attention_kernels_write_only_their_outputs():
+    """Not q, k and v: inductor would copy the whole qkv projection before each call."""
+    f32 = torch.float32
+    scalars = {"q_stride": 192, "k_stride": 192, "v_stride": 192, "heads": 1, "scale": 0.18,
+               "drop": ops.drop_levels(0.1), "keep_scale": ops.keep_scale(0.1), "head": 64,
+               "block_n": 128, "dropout": True, "precision": "tf32",
+               "cu_ptr": tensor(torch.int32), "seed_ptr": torch.empty(1, dtype=torch.int64),
+               "q_ptr": tensor(), "k_ptr": tensor(), "v_ptr": tensor(),
+               "lse_ptr": tensor(f32)}  # fmt: skip
+    forward = written(kernels._attention_forward_kernel, o_ptr=tensor(), **scalars)
+    assert forward == {"o_ptr", "lse_ptr"}
+    backward = {**scalars, "do_ptr": tensor(), "delta_ptr": tensor(f32), "softmax_scale": 0.125}
+    dq = written(kernels._attention_dq_kernel, o_ptr=tensor(), dq_ptr=tensor(), **backward)
+    assert dq == {"dq_ptr", "delta_ptr"}
+    dkdv = written(kernels._attention_dkdv_kernel, dk_ptr=tensor(), dv_ptr=tensor(), **backward)
+    assert dkdv == {"dk_ptr", "dv_ptr"}
