@@ -19,9 +19,14 @@
 #             interleaved, each with a profile: what wins becomes the trainer's default
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   best      base128 packed: the plain compiled step (the trainer's GPU default), the same
-#             with everything built since (--fused-norm, --fused-gelu, --flat-optimizer,
-#             --split-qkv), and that with CUDA graphs (--cuda-graphs), interleaved, against
-#             the peer, each with a profile (bench/train_throughput.py --sides)
+#             with everything built since (--fused-norm, --fused-gelu, --fused-attention,
+#             --flat-optimizer, --split-qkv), and that with CUDA graphs (--cuda-graphs),
+#             interleaved, against the peer, each with a profile (bench/train_throughput.py
+#             --sides)
+#   attention bench/attention_kernel.py (one layer's attention, BERT-base, batch 256, seq 128:
+#             bertforge's Triton kernels against flash varlen, forward and forward + backward),
+#             then base128 packed, no peer, with and without --fused-attention, interleaved,
+#             with a profile
 #   qkv       base128 packed, no peer, the fused kernels and the flat optimizer on, with and
 #             without --split-qkv (q, k, v as three matmuls; their gradients not concatenated:
 #             3.3 GB a step fewer by bench/kernel_census.py), interleaved, with a profile
@@ -62,11 +67,11 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): best, fused, qkv, kernels, optimizer, loader, tests, base128 (with
+# the first stopped): best, attention, fused, qkv, kernels, optimizer, loader, tests, base128 (with
 # --profile 3), regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it prints
 # how long each took. The headline first: the plain step, everything together and everything
-# with graphs against the peer (best); then each option alone: the fused Triton kernels
-# (fused), the split q/k/v matmuls (qkv), the Triton kernels' numbers on CUDA, only ever
+# with graphs against the peer (best); then each option alone: the attention kernels against
+# flash varlen (attention), the fused Triton kernels (fused), the split q/k/v matmuls (qkv), the Triton kernels' numbers on CUDA, only ever
 # checked under Triton's CPU interpreter before (kernels), the flat optimizer (the profile's
 # 2.6 ms of optimizer against 0.7 ms of bytes), the loader's worker process; the CUDA tests;
 # the padded and packed plain steps against the peer (base128, session 19's headline); then
@@ -91,7 +96,7 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-best}
   started=
-  for spec in best:240 fused:300 qkv:120 kernels:90 optimizer:120 loader:150 tests:300 \
+  for spec in best:240 attention:150 fused:300 qkv:120 kernels:90 optimizer:120 loader:150 tests:300 \
     base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 \
     autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
@@ -110,7 +115,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | loader | kernels | base128 | best | qkv | fused | bandwidth | graphs \
+  tests | optimizer | loader | kernels | base128 | best | attention | qkv | fused | bandwidth | graphs \
     | cppwrap | autotune | tuning | eager | regions | profile | elementwise | malloc | base512 \
     | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
@@ -143,8 +148,13 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         || echo "pytest: failures above (rc $?)" ;;
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     best)
-      all=packed+fusednorm+fusedgelu+flat+splitqkv
+      all=packed+fusednorm+fusedgelu+fusedattn+flat+splitqkv
       "${bench[@]}" "${base[@]}" --sides "packed,$all,$all+graphs" --profile 1 "$@" ;;
+    attention)
+      "$py" bench/attention_kernel.py --model-size base --batch-size 256 --seq-len 128 \
+        --peak-gbps 4800
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-attention both \
+        --profile 1 "$@" ;;
     qkv)
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm yes --fused-gelu yes \
         --flat-optimizer yes --split-qkv both --profile 1 "$@" ;;

@@ -7,7 +7,8 @@ For every `bench/train_throughput.py` run: a Markdown row per side (tokens/s, ms
 against the peer, MFU, peak memory, warm-up, and with --profile the device time by kind of
 kernel, and a line of the host's waits for the device and the ops that made them; a side
 that failed, with its error; a run cut short, with its figures so far); for
-`bench/optimizer_update.py`: ms an update per side; for `bench/loader_contention.py`: ms a
+`bench/optimizer_update.py`: ms an update per side; for `bench/attention_kernel.py`: ms of
+each side's attention; for `bench/loader_contention.py`: ms a
 step per loader; for pytest: its summary line, and the failures it listed; a bench's refusal
 of its command line. Also the stage times `all` printed. Nothing is measured here.
 """
@@ -75,6 +76,18 @@ def optimizer_line(run: dict[str, Any], stage: str) -> str:
     return f"{stage}: {run['model_size']} update ({run['gb_per_update']} GB): {what}"
 
 
+def attention_line(run: dict[str, Any], stage: str) -> str:
+    """bench/attention_kernel.py's figures: ms of each side, forward and forward + backward."""
+    return (
+        f"{stage}: one layer's attention, {run['model_size']} {run['seq_len']} x "
+        f"{run['batch_size']} ({run['tokens']:,} tokens, dropout {run['dropout']}): forward "
+        f"ours {run['ours_fwd_ms']:.3f} ms, {run['theirs']} {run['theirs_fwd_ms']:.3f} ms "
+        f"({run['ratio_fwd']:.2f}x); forward + backward ours {run['ours_fwd_bwd_ms']:.3f} ms, "
+        f"theirs {run['theirs_fwd_bwd_ms']:.3f} ms ({run['ratio_fwd_bwd']:.2f}x); largest "
+        f"difference without dropout {run['max_abs_diff_without_dropout']:.2g}"
+    )
+
+
 def summarize(log: Path) -> tuple[list[str], list[str]]:
     """(table rows, other lines) of one stage's log."""
     stage = log.stem
@@ -97,6 +110,8 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
             if "layouts" in run:
                 rows += throughput_rows(run, stage)
                 lines += wait_lines(run, stage)
+            elif "ratio_fwd_bwd" in run:
+                lines.append(attention_line(run, stage))
             elif "gb_per_update" in run:
                 lines.append(optimizer_line(run, stage))
             elif "thread_over_precomputed_ms" in run:

@@ -109,7 +109,7 @@ def host_sized(config: BertConfig) -> BertConfig:
 
 # What a side's name may add to its layout (padded, packed): see make_ours and the flags.
 SUFFIXES = ("+whole", "+graphs", "+bits", "+torchdrop", "+eager", "+fusednorm", "+fusedgelu",
-            "+flat", "+splitqkv", "+thread")  # fmt: skip
+            "+fusedattn", "+flat", "+splitqkv", "+thread")  # fmt: skip
 
 
 def named_sides(
@@ -120,7 +120,8 @@ def named_sides(
     machine, as for every side: `check_sides`); padded sides first, as the flags' product
     orders them."""
     flags = ("--layouts", "--whole-graph", "--graphs", "--compiled-dropout", "--fused-norm",
-             "--fused-gelu", "--flat-optimizer", "--split-qkv", "--loader")  # fmt: skip
+             "--fused-gelu", "--fused-attention", "--flat-optimizer", "--split-qkv",
+             "--loader")  # fmt: skip
     dests = {f: f[2:].replace("-", "_") for f in flags}
     given = [f for f, d in dests.items() if getattr(args, d) != ap.get_default(d)]
     if given:
@@ -147,12 +148,21 @@ def named_sides(
 
 
 def check_sides(ap: argparse.ArgumentParser, args: argparse.Namespace, sides: list[str]) -> None:
-    """What bertforge's sides, named by the variant flags or by --sides, need of the machine:
-    the fused Triton kernels run on CUDA with Triton only."""
-    fused = [side for side in sides if "+fusednorm" in side or "+fusedgelu" in side]
+    """What bertforge's sides, named by the variant flags or by --sides, need of the machine
+    and the batch: the fused Triton kernels run on CUDA with Triton only, and the attention
+    kernel takes packed batches of sequences up to kernels.ATTENTION_MAX_LEN tokens."""
+    fused = [side for side in sides if re.search(r"\+fused(norm|gelu|attn)", side)]
     if fused and not (args.device == "cuda" and kernels.available()):
         ap.error(f"{', '.join(fused)}: the fused kernels (--fused-norm, --fused-gelu, "
-                 "+fusednorm, +fusedgelu) run on CUDA with Triton only")  # fmt: skip
+                 "--fused-attention, +fusednorm, +fusedgelu, +fusedattn) run on CUDA with "
+                 "Triton only")  # fmt: skip
+    attention = [side for side in sides if "+fusedattn" in side]
+    if [s for s in attention if not s.startswith("packed")] or (
+        attention and args.seq_len > kernels.ATTENTION_MAX_LEN
+    ):
+        ap.error(f"{', '.join(attention)}: the attention kernel (--fused-attention, "
+                 f"+fusedattn) takes packed sides of up to {kernels.ATTENTION_MAX_LEN} tokens "
+                 f"(--seq-len {args.seq_len})")  # fmt: skip
 
 
 def bench_config(args: argparse.Namespace, host: bool = False) -> BertConfig:
@@ -382,6 +392,13 @@ def arguments() -> argparse.ArgumentParser:
     )
     variant_flag(
         ap,
+        "--fused-attention",
+        "bertforge's packed sides with attention as its Triton kernels (kernels.attention, the "
+        "trainer's --fused-attention; '+fusedattn' in the name; CUDA with Triton, seq up to "
+        "128) in place of flash varlen; both: with and without, interleaved",
+    )
+    variant_flag(
+        ap,
         "--split-qkv",
         "bertforge's sides with q, k and v as three matmuls on each layer's qkv weight (the "
         "trainer's --split-qkv: their gradients are not concatenated for the backward; "
@@ -471,9 +488,10 @@ def main() -> None:
         ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
     loaders = {"process": [""], "thread": ["+thread"], "both": ["", "+thread"]}[args.loader]
     fuseds = [
-        norm + gelu + flat + qkv + loader
+        norm + gelu + attn + flat + qkv + loader
         for norm in with_without(args.fused_norm, "+fusednorm")
         for gelu in with_without(args.fused_gelu, "+fusedgelu")
+        for attn in with_without(args.fused_attention, "+fusedattn")
         for flat in with_without(args.flat_optimizer, "+flat")
         for qkv in with_without(args.split_qkv, "+splitqkv")
         for loader in loaders
@@ -540,11 +558,11 @@ def main() -> None:
         """The trainer's step for one layout ("padded" or "packed"; "+whole": no compile
         regions; "+graphs": CUDA graphs, packed batches rounded up by filler; "+bits" /
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
-        compiled; "+fusednorm" / "+fusedgelu": kernels.fused_norm / bias_gelu in every
-        layer; "+flat": optim.FlatAdamW; "+splitqkv": Layer.split_qkv; "+thread": batches
-        from a thread), on its own model (same init) and optimizer: it reads nothing back
-        unless the optimizer cannot skip a bad step on the device (then `update` does, as in
-        the trainer)."""
+        compiled; "+fusednorm" / "+fusedgelu" / "+fusedattn": kernels.fused_norm / bias_gelu /
+        attention in every layer; "+flat": optim.FlatAdamW; "+splitqkv": Layer.split_qkv;
+        "+thread": batches from a thread), on its own model (same init) and optimizer: it
+        reads nothing back unless the optimizer cannot skip a bad step on the device (then
+        `update` does, as in the trainer)."""
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
@@ -553,6 +571,7 @@ def main() -> None:
             layer.fused_norm = "+fusednorm" in variant
             layer.fused_gelu = "+fusedgelu" in variant
             layer.split_qkv = "+splitqkv" in variant
+            layer.fused_attention = "+fusedattn" in variant
         bits = True if "+bits" in variant else False if "+torchdrop" in variant else None
         for module in model.modules():
             if isinstance(module, Dropout):
@@ -728,6 +747,7 @@ def main() -> None:
         "graphs": args.graphs,
         "fused_norm": args.fused_norm,
         "fused_gelu": args.fused_gelu,
+        "fused_attention": args.fused_attention,
         "flat_optimizer": args.flat_optimizer,
         "split_qkv": args.split_qkv,
         "loader": args.loader,

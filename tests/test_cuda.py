@@ -38,11 +38,19 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["flash", "fused-attention"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_packed_matches_padded_on_cuda(dtype):
-    """The loader's packed batch through flash varlen attention gives the padded logits."""
+def test_packed_matches_padded_on_cuda(dtype, fused):
+    """The loader's packed batch through flash varlen attention, or `kernels.attention`, gives
+    the padded logits."""
+    from bertforge import kernels
+
+    if fused and not kernels.available():
+        pytest.skip("needs Triton")
     c = BertConfig.preset("mini", 1000)
     model = BertForPretraining(c).cuda().eval()
+    for layer in model.layers:
+        layer.fused_attention = fused
     g = np.random.default_rng(0)
     lengths = np.array([128, 100, 64, 9, 128, 77, 120, 33])
     ids = g.integers(5, 1000, (8, 128))
@@ -91,17 +99,24 @@ def cpu_windows(tmp_path_factory, train_data):
         ["--precision", "fp16", "--flat-optimizer"],
         ["--cuda-graphs"],  # with the flat optimizer it brings
         ["--cuda-graphs", "--flat-optimizer", "--micro-batch-size", "8", "--no-packed"],
-        ["--compile", "--split-qkv", "--fused-norm", "--fused-gelu", "--flat-optimizer"],
+        [
+            "--compile",
+            "--split-qkv",
+            "--fused-norm",
+            "--fused-gelu",
+            "--fused-attention",
+            "--flat-optimizer",
+        ],
     ],
 )
 def test_train_on_cuda(tmp_path, train_data, cpu_windows, extra):
     """Each CUDA path (packed, the default at this length, and padded; compiled; fp16 with
     loss scaling; the flat optimizer, its update bertforge's Triton kernel or, without Triton,
     torch's; CUDA graphs, packed and in padded micro-batches; every speed option together:
-    q/k/v split, bertforge's Triton kernels, the flat optimizer) learns as the fp32 CPU run of
-    the same data, masks and seed does: its loss over the last 30 steps within 0.15 of the CPU
-    run's (three seeds spread by 0.08; a path that stops learning stays near the first
-    window's loss, about 1 higher)."""
+    q/k/v split, bertforge's Triton kernels, attention's included, the flat optimizer) learns
+    as the fp32 CPU run of the same data, masks and seed does: its loss over the last 30
+    steps within 0.15 of the CPU run's (three seeds spread by 0.08; a path that stops
+    learning stays near the first window's loss, about 1 higher)."""
     out = tmp_path / "run"
     m = train_mini(train_data, out, *extra)
     losses = [round(r["loss"], 3) for r in m]
@@ -217,9 +232,9 @@ def test_cuda_graphs_with_filler_give_the_compiled_steps_gradients(flat):
 def test_dropout_draws_anew_at_every_graph_replay(fused):
     """Under CUDA graphs (mode reduce-overhead) a replay draws new dropout masks, as the step
     without graphs does: the same batch's loss differs from replay to replay with dropout on
-    (the attention's, inductor's or `kernels.fused_norm`'s seed) and is the same with it off,
-    so a graph that froze its random numbers would fail here (the train tests would still
-    see a model learn)."""
+    (inductor's and flash attention's, or `kernels.fused_norm`'s and `kernels.attention`'s
+    seeds) and is the same with it off, so a graph that froze its random numbers would fail
+    here (the train tests would still see a model learn)."""
     from bertforge import kernels
 
     if fused and not kernels.available():
@@ -231,7 +246,7 @@ def test_dropout_draws_anew_at_every_graph_replay(fused):
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
         for layer in model.layers:
-            layer.fused_norm = layer.fused_gelu = fused
+            layer.fused_norm = layer.fused_gelu = layer.fused_attention = fused
         counters.clear()
         forward = torch.compile(Objective(model), mode="reduce-overhead")
         rows = packed_rows(16, 0)

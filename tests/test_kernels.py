@@ -18,7 +18,7 @@ from bertforge import kernels
 from bertforge.cli import main
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, Layer
-from bertforge.train import check_fused
+from bertforge.train import check_fused, check_fused_attention
 from tests.test_train import args as train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,9 +71,25 @@ def test_without_triton_the_layer_keeps_its_plain_path():
 
 
 def test_fused_flags_need_cuda_with_triton():
-    for flag in ("--fused-norm", "--fused-gelu"):
+    for flag in ("--fused-norm", "--fused-gelu", "--fused-attention"):
         with pytest.raises(UserError, match=f"{flag} needs a CUDA device with Triton"):
             check_fused(flag, torch.device("cpu"))
+
+
+def test_fused_attention_is_refused_where_its_kernels_would_not_run():
+    """Packed batches of sequences up to 128 tokens, head sizes 16-128, or one error naming
+    what is not so (a run that silently kept flash attention would be timed as if it had)."""
+    base = BertConfig(vocab_size=64, hidden_size=128, num_attention_heads=2)  # head 64
+    check_fused_attention(base, 128, packed=True)
+    odd = BertConfig(vocab_size=64, hidden_size=96, num_attention_heads=2)  # head 48
+    for bert, seq, packed, why in (
+        (base, 128, False, "--no-packed pads them"),
+        (base, 512, True, "the data's max_seq_length is 512"),
+        (odd, 128, True, "this model's head size is 48"),
+    ):
+        with pytest.raises(UserError, match="--fused-attention takes packed batches") as e:
+            check_fused_attention(bert, seq, packed)
+        assert why in str(e.value) and "16/32/64/128" in str(e.value)
 
 
 def test_train_with_fused_norm_on_a_cpu_stops_before_writing(

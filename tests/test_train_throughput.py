@@ -71,6 +71,36 @@ def test_a_side_that_cannot_be_is_refused_naming_it(bench, argv, says, capsys) -
     assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--sides", "packed+fusedattn", "--device", "cpu"], "run on CUDA with Triton only"),
+        (["--sides", "packed,padded+fusedattn", "--device", "cuda"],
+         "padded+fusedattn: the attention kernel (--fused-attention, +fusedattn) takes packed "
+         "sides of up to 128 tokens"),
+        (["--sides", "packed+fusedattn", "--device", "cuda", "--seq-len", "512"],
+         "packed+fusedattn: the attention kernel"),
+        (["--fused-attention", "both", "--device", "cuda"],  # every layout by default
+         "padded+fusedattn: the attention kernel"),
+    ],
+)  # fmt: skip
+def test_the_attention_kernel_is_refused_where_it_would_not_run(
+    bench, argv, says, capsys, monkeypatch
+) -> None:
+    """On CUDA with Triton (stood in for here), only for packed sides of up to 128 tokens: a
+    side that silently kept flash attention would be reported as the kernel's."""
+    if "cuda" in argv:
+        monkeypatch.setattr(bench.kernels, "available", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        if "--sides" in argv:
+            sides(bench, *argv)
+        else:  # the variant flag's sides, as main makes them
+            monkeypatch.setattr(sys, "argv", ["train_throughput.py", *argv])
+            bench.main()
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 def test_named_sides_are_measured(bench) -> None:
     done = subprocess.run(
         [sys.executable, str(BENCH / "train_throughput.py"), "--model-size", "tiny", "--seq-len",

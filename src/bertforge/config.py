@@ -390,6 +390,14 @@ class TrainConfig:
     BERT-base seq 128 batch 256, bench/kernel_census.py --split-qkv). The same weights and
     numbers. Off by default until a GPU run has measured it (bench/train_throughput.py
     --split-qkv)."""
+    fused_attention: bool = False
+    """A packed batch's attention as bertforge's Triton kernels (CUDA with Triton, packed
+    batches, max_seq_length up to 128, head size 16/32/64/128): a sequence's keys fit one
+    program, so the softmax needs no running maximum and the backward no atomics; dropout
+    decides from one Philox call per eight probabilities. Off by default until a GPU run has
+    measured it against flash varlen attention (bench/attention_kernel.py,
+    bench/train_throughput.py --fused-attention). Dropout draws differ from flash's; the model
+    and its weights are the same."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

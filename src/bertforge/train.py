@@ -120,6 +120,7 @@ RESUMABLE = {
     "fused_norm",  # the same model and weights, other dropout draws
     "fused_gelu",
     "split_qkv",  # the same weights and numbers
+    "fused_attention",  # the same model and weights, other dropout draws
     "flat_optimizer",  # the same updates, and AdamW's state dict either way
     "cuda_graphs",  # the same step, replayed
     "loader",  # the same batches
@@ -239,9 +240,15 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             f"--fused-gelu computes GELU's erf form (hidden_act gelu); this model's hidden_act "
             f"is {bert.hidden_act}: leave the flag out."
         )
-    for flag, on in (("--fused-norm", cfg.fused_norm), ("--fused-gelu", cfg.fused_gelu)):
+    for flag, on in (
+        ("--fused-norm", cfg.fused_norm),
+        ("--fused-gelu", cfg.fused_gelu),
+        ("--fused-attention", cfg.fused_attention),
+    ):
         if on:
             check_fused(flag, d.device)
+    if cfg.fused_attention:
+        check_fused_attention(bert, info.max_seq_length, packed)
     if cfg.cuda_graphs:
         check_graphs(cfg, d.device)
     if use_flat(cfg) and (cfg.optimizer != "adamw" or cfg.google_adam):
@@ -297,7 +304,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     model = BertForPretraining(bert).to(d.device)
     for layer in model.layers:
         layer.fused_norm, layer.fused_gelu = cfg.fused_norm, cfg.fused_gelu
-        layer.split_qkv = cfg.split_qkv
+        layer.split_qkv, layer.fused_attention = cfg.split_qkv, cfg.fused_attention
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:
@@ -1364,14 +1371,35 @@ def use_flat(cfg: TrainConfig) -> bool:
 
 
 def check_fused(flag: str, device: torch.device) -> None:
-    """--fused-norm / --fused-gelu where bertforge's Triton kernels cannot run: one clear
-    error, before anything is written."""
+    """--fused-norm / --fused-gelu / --fused-attention where bertforge's Triton kernels cannot
+    run: one clear error, before anything is written."""
     if device.type != "cuda" or not kernels.available():
         where = "Triton is not installed" if device.type == "cuda" else f"training is on {device}"
         raise UserError(
             f"{flag} needs a CUDA device with Triton ({where}); leave the flag out to train "
             "with torch's own kernels."
         )
+
+
+def check_fused_attention(bert: BertConfig, max_seq_length: int, packed: bool) -> None:
+    """--fused-attention where its kernels would not run (they take packed batches of
+    sequences up to kernels.ATTENTION_MAX_LEN tokens, head sizes kernels.ATTENTION_HEADS): one
+    clear error, rather than a run that silently keeps flash attention."""
+    head = bert.hidden_size // bert.num_attention_heads
+    if not packed:
+        why = "--no-packed pads them"
+    elif max_seq_length > kernels.ATTENTION_MAX_LEN:
+        why = f"the data's max_seq_length is {max_seq_length}"
+    elif head not in kernels.ATTENTION_HEADS:
+        why = f"this model's head size is {head}"
+    else:
+        return
+    sizes = "/".join(map(str, kernels.ATTENTION_HEADS))
+    raise UserError(
+        f"--fused-attention takes packed batches of sequences up to "
+        f"{kernels.ATTENTION_MAX_LEN} tokens and head sizes {sizes}, but {why}: leave the "
+        "flag out to keep flash attention."
+    )
 
 
 # Longest max_seq_length at which a GPU trains on packed batches by default: on an H200 they

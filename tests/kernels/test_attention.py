@@ -257,3 +257,33 @@ def test_kernels_compile_for_an_h100_without_spilling(dtype, p):
         for done in compile_for_sm90(tuner, signature, constants):
             if dtype == "bf16":
                 assert stack_bytes(done) == 0, (tuner.fn.__name__, done.metadata.num_warps)
+
+
+@numeric
+def test_the_attention_bench_runs_and_its_sides_agree():
+    """bench/attention_kernel.py (the GPU round's `attention` stage) at BERT-tiny's shapes: both
+    sides timed, the same numbers without dropout."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "bench/attention_kernel.py", "--model-size", "tiny", "--batch-size",
+         "4", "--seq-len", "32", "--rounds", "1", "--steps", "1", "--device", DEVICE],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["max_abs_diff_without_dropout"] < 1e-2  # bf16 on CUDA, fp32 here
+    assert got["ours_fwd_bwd_ms"] > 0 and got["theirs_fwd_bwd_ms"] > 0 and got["tokens"] > 4
+    sys.path.insert(0, str(root / "bench"))
+    try:  # what bench/gpu_summary.py reads of it
+        from gpu_summary import attention_line
+
+        assert attention_line(got, "attention").startswith("attention: one layer's attention")
+    finally:
+        sys.path.remove(str(root / "bench"))
