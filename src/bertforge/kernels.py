@@ -1,7 +1,9 @@
 """bertforge's Triton kernels for the CUDA train step: two pairs (forward, backward), for
 bias + dropout + residual + LayerNorm (`fused_norm`) and for bias + GELU (`bias_gelu`, whose
-own docstring says why); and AdamW's update of a flat buffer (`adamw_`, for optim.FlatAdamW:
-torch's fused kernel caps the blocks of a launch, its docstring says more).
+own docstring says why); attention of a packed batch whose sequences fit one tile
+(`attention`, one kernel forward, two backward; its docstring says why); and AdamW's update of
+a flat buffer (`adamw_`, for optim.FlatAdamW: torch's fused kernel caps the blocks of a
+launch, its docstring says more).
 
 Written here because these blocks are where inductor's kernels for BERT's step are furthest
 from what they must move (bench/kernel_census.py, bench/RESULTS.md "Session 25" and "Session
@@ -560,25 +562,43 @@ if triton is not None:
         return tl.dot(a, b, input_precision=precision)
 
     @triton.jit
-    def _attention_keep(seed, program, first_row, first_key, drop: tl.constexpr,
-                        rows: tl.constexpr, keys: tl.constexpr, block_n: tl.constexpr):  # fmt: skip
-        """The keep decisions of a [rows, keys] block of a (sequence, head)'s probabilities,
-        from query row first_row and key first_key (a multiple of 8): one Philox call (128
-        bits) decides eight keys of a row, 15 bits each, the call for row i and keys 8c..8c+7
-        counting (program x block_n + i) x block_n / 8 + c, so every block of keys draws its
-        own decisions and the forward and the backward agree however they cut the scores."""
-        group: tl.constexpr = keys // 8
-        row = (first_row + tl.arange(0, rows)).to(tl.int64)[:, None]
-        call = first_key // 8 + tl.arange(0, group)[None, :]
-        r0, r1, r2, r3 = tl.randint4x(
-            seed, (program.to(tl.int64) * block_n + row) * (block_n // 8) + call
-        )
-        k0 = tl.join((r0 & 0x7FFF) >= drop, ((r0 >> 16) & 0x7FFF) >= drop)  # [rows, group, 2]
-        k1 = tl.join((r1 & 0x7FFF) >= drop, ((r1 >> 16) & 0x7FFF) >= drop)
-        k2 = tl.join((r2 & 0x7FFF) >= drop, ((r2 >> 16) & 0x7FFF) >= drop)
-        k3 = tl.join((r3 & 0x7FFF) >= drop, ((r3 >> 16) & 0x7FFF) >= drop)
-        keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # [rows, group, 2, 2, 2]
-        return tl.reshape(keep, (rows, keys))  # key 8c + j from call c
+    def _keep_offsets(program, first_row, first_key, length, rows: tl.constexpr,
+                      keys: tl.constexpr, block_n: tl.constexpr):  # fmt: skip
+        """For a [rows, keys] block of a (sequence, head)'s probabilities from query row
+        first_row and key first_key (a multiple of 8): the index of each (row, eight keys),
+        [rows, keys / 8], which is both the Philox call's counter and the mask byte's offset,
+        (program x block_n + row) x block_n / 8 + key / 8; and which of them exist (row and
+        keys in the sequence)."""
+        row = first_row + tl.arange(0, rows)[:, None]
+        call = first_key // 8 + tl.arange(0, keys // 8)[None, :]
+        at = (program.to(tl.int64) * block_n + row.to(tl.int64)) * (block_n // 8) + call
+        return at, (row < length) & (call * 8 < length)
+
+    @triton.jit
+    def _two_bits(r, drop: tl.constexpr):
+        """Two keep decisions from a 32-bit draw: bit 0 from its low 15 bits, bit 1 from bits
+        16-30."""
+        low = ((r & 0x7FFF) >= drop).to(tl.int32)
+        return low | ((((r >> 16) & 0x7FFF) >= drop).to(tl.int32) << 1)
+
+    @triton.jit
+    def _keep_bits(seed, at, drop: tl.constexpr):
+        """One Philox call (128 bits) per offset: eight keep decisions, 15 bits each, as the
+        bits of a byte (bits 2w and 2w + 1 from word w)."""
+        r0, r1, r2, r3 = tl.randint4x(seed, at)
+        low = _two_bits(r0, drop) | (_two_bits(r1, drop) << 2)
+        return low | (_two_bits(r2, drop) << 4) | (_two_bits(r3, drop) << 6)
+
+    @triton.jit
+    def _keep_mask(bits, rows: tl.constexpr, keys: tl.constexpr):
+        """[rows, keys / 8] bytes of keep decisions as a [rows, keys] mask: key 8c + j is bit j
+        of byte c."""
+        k0 = tl.join(bits & 1, bits & 2)  # [rows, keys / 8, 2]
+        k1 = tl.join(bits & 4, bits & 8)
+        k2 = tl.join(bits & 16, bits & 32)
+        k3 = tl.join(bits & 64, bits & 128)
+        keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # [rows, keys / 8, 2, 2, 2]: bit 4a+2b+h
+        return tl.reshape(keep, (rows, keys)) != 0
 
     @triton.jit
     def _attention_tile(ptr, token_stride, first, rows, ok, head: tl.constexpr):
@@ -597,7 +617,7 @@ if triton is not None:
     @triton.autotune(configs=_configs(ATTENTION_FORWARD_CONFIGS, "block_m"),
                      key=["head", "block_n", "dropout"])  # fmt: skip
     @triton.jit
-    def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, seed_ptr, o_ptr, lse_ptr,
+    def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, cu_ptr, seed_ptr, o_ptr, lse_ptr, mask_ptr,
                                   q_stride, k_stride, v_stride, heads, scale, drop: tl.constexpr,
                                   keep_scale, head: tl.constexpr, block_n: tl.constexpr,
                                   dropout: tl.constexpr, precision: tl.constexpr,
@@ -622,10 +642,10 @@ if triton is not None:
             total = tl.sum(p, 1)
             p = p / total[:, None]
             if dropout:
-                keep = _attention_keep(
-                    tl.load(seed_ptr), seq * heads + h, m, 0, drop, block_m, block_n, block_n
-                )
-                p = tl.where(keep, p * keep_scale, 0.0)
+                at, ok = _keep_offsets(seq * heads + h, m, 0, length, block_m, block_n, block_n)
+                bits = _keep_bits(tl.load(seed_ptr), at, drop)
+                tl.store(mask_ptr + at, bits.to(tl.uint8), mask=ok)  # for the backward
+                p = tl.where(_keep_mask(bits, block_m, block_n), p * keep_scale, 0.0)
             v = _attention_tile(v_ptr + h * head, v_stride, first, keys, key_ok, head)
             o = _dot(p.to(v.dtype), v, precision)
             at, ok = _attention_rows(o_ptr, first, rows, row_ok, h, heads, head)
@@ -634,7 +654,7 @@ if triton is not None:
             tl.store(at, (top + tl.log2(total))[:, None], mask=ok)
 
     @triton.jit
-    def _attention_scores_grad(q, k, v, do, lse, delta, seed, program, m, n, length, scale,
+    def _attention_scores_grad(q, k, v, do, lse, delta, mask_ptr, program, m, n, length, scale,
                                drop: tl.constexpr, keep_scale, block_m: tl.constexpr,
                                block_k: tl.constexpr, block_n: tl.constexpr,
                                dropout: tl.constexpr, precision: tl.constexpr):  # fmt: skip
@@ -646,7 +666,9 @@ if triton is not None:
         p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), precision)
         if dropout:
-            keep = _attention_keep(seed, program, m, n, drop, block_m, block_k, block_n)
+            at, ok = _keep_offsets(program, m, n, length, block_m, block_k, block_n)
+            keep = _keep_mask(tl.load(mask_ptr + at, mask=ok, other=0).to(tl.int32), block_m,
+                              block_k)  # fmt: skip
             kept = tl.where(keep, p * keep_scale, 0.0)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         else:
@@ -656,7 +678,7 @@ if triton is not None:
     @triton.autotune(configs=_configs(ATTENTION_QUERY_CONFIGS, "block_m"),
                      key=["head", "block_n", "dropout"])  # fmt: skip
     @triton.jit
-    def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, cu_ptr, seed_ptr,
+    def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, cu_ptr, mask_ptr,
                              dq_ptr, delta_ptr, q_stride, k_stride, v_stride, heads, scale,
                              softmax_scale, drop: tl.constexpr, keep_scale, head: tl.constexpr,
                              block_n: tl.constexpr, dropout: tl.constexpr,
@@ -680,7 +702,6 @@ if triton is not None:
             lse = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_m,))
             tl.store(_attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)[0],
                      delta[:, None], mask=one)  # fmt: skip
-            seed = tl.load(seed_ptr)
             dq = tl.zeros((block_m, head), tl.float32)
             for n in tl.static_range(0, block_n, block_m):
                 if n < length:
@@ -689,7 +710,7 @@ if triton is not None:
                     k = _attention_tile(k_ptr + h * head, k_stride, first, keys, key_ok, head)
                     v = _attention_tile(v_ptr + h * head, v_stride, first, keys, key_ok, head)
                     _, ds = _attention_scores_grad(
-                        q, k, v, do, lse, delta, seed, seq * heads + h, m, n, length, scale,
+                        q, k, v, do, lse, delta, mask_ptr, seq * heads + h, m, n, length, scale,
                         drop, keep_scale, block_m, block_m, block_n, dropout, precision,
                     )  # fmt: skip
                     dq += _dot(ds, k, precision)
@@ -700,7 +721,7 @@ if triton is not None:
                      key=["head", "block_n", "dropout"])  # fmt: skip
     @triton.jit
     def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr,
-                               seed_ptr, dk_ptr, dv_ptr, q_stride, k_stride, v_stride, heads,
+                               mask_ptr, dk_ptr, dv_ptr, q_stride, k_stride, v_stride, heads,
                                scale, softmax_scale, drop: tl.constexpr, keep_scale,
                                head: tl.constexpr, block_n: tl.constexpr, dropout: tl.constexpr,
                                precision: tl.constexpr, block_k: tl.constexpr):  # fmt: skip
@@ -715,7 +736,6 @@ if triton is not None:
             key_ok = keys < length
             k = _attention_tile(k_ptr + h * head, k_stride, first, keys, key_ok, head)
             v = _attention_tile(v_ptr + h * head, v_stride, first, keys, key_ok, head)
-            seed = tl.load(seed_ptr)
             dk = tl.zeros((block_k, head), tl.float32)
             dv = tl.zeros((block_k, head), tl.float32)
             for m in tl.static_range(0, block_n, block_k):
@@ -730,7 +750,7 @@ if triton is not None:
                     stats = _attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)[0]
                     delta = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_k,))
                     kept, ds = _attention_scores_grad(
-                        q, k, v, do, lse, delta, seed, seq * heads + h, m, n, length, scale,
+                        q, k, v, do, lse, delta, mask_ptr, seq * heads + h, m, n, length, scale,
                         drop, keep_scale, block_k, block_k, block_n, dropout, precision,
                     )  # fmt: skip
                     dv += _dot(tl.trans(kept.to(do.dtype)), do, precision)
@@ -896,15 +916,21 @@ if triton is not None:
         seed: torch.Tensor,
         max_len: int,
         p: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, heads, head = q.shape
         o = torch.empty(t, heads, head, dtype=q.dtype, device=q.device)
         lse = torch.empty(t, heads, dtype=torch.float32, device=q.device)
         args = _attention_args(q, max_len, p)
+        # the keep decisions, a byte for each (sequence, head, row, eight keys); none without
+        # dropout
+        block_n = args["block_n"]
+        rows = (cu_seqlens.shape[0] - 1) * heads * block_n if args["dropout"] else 0
+        mask = torch.empty(rows, block_n // 8, dtype=torch.uint8, device=q.device)
         torch.library.wrap_triton(_attention_forward_kernel)[
-            _attention_grid(cu_seqlens, heads, args["block_n"], "block_m")
-        ](q, k, v, cu_seqlens, seed, o, lse, q.stride(0), k.stride(0), v.stride(0), heads, **args)
-        return o, lse
+            _attention_grid(cu_seqlens, heads, block_n, "block_m")
+        ](q, k, v, cu_seqlens, seed, o, lse, mask, q.stride(0), k.stride(0), v.stride(0), heads,
+          **args)  # fmt: skip
+        return o, lse, mask
 
     @torch.library.triton_op("bertforge::attention_backward", mutates_args=())
     def _attention_backward(
@@ -915,7 +941,7 @@ if triton is not None:
         o: torch.Tensor,
         lse: torch.Tensor,
         cu_seqlens: torch.Tensor,
-        seed: torch.Tensor,
+        mask: torch.Tensor,
         max_len: int,
         p: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -928,22 +954,22 @@ if triton is not None:
         strides = (q.stride(0), k.stride(0), v.stride(0), heads)
         torch.library.wrap_triton(_attention_dq_kernel)[
             _attention_grid(cu_seqlens, heads, args["block_n"], "block_m")
-        ](q, k, v, o, do, lse, cu_seqlens, seed, dq, delta, *strides, **args)
+        ](q, k, v, o, do, lse, cu_seqlens, mask, dq, delta, *strides, **args)
         torch.library.wrap_triton(_attention_dkdv_kernel)[
             _attention_grid(cu_seqlens, heads, args["block_n"], "block_k")
-        ](q, k, v, do, lse, delta, cu_seqlens, seed, dk, dv, *strides, **args)
+        ](q, k, v, do, lse, delta, cu_seqlens, mask, dk, dv, *strides, **args)
         return dq, dk, dv
 
     def _attention_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        q, k, v, cu_seqlens, seed, max_len, p = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, seed)
+        q, k, v, cu_seqlens, _, max_len, p = inputs
+        o, lse, mask = output
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, mask)
         ctx.max_len, ctx.p = max_len, p
 
-    def _attention_gradients(ctx, do, _lse):  # type: ignore[no-untyped-def]
-        q, k, v, o, lse, cu_seqlens, seed = ctx.saved_tensors
+    def _attention_gradients(ctx, do, _lse, _mask):  # type: ignore[no-untyped-def]
+        q, k, v, o, lse, cu_seqlens, mask = ctx.saved_tensors
         dq, dk, dv = _attention_backward(
-            do.contiguous(), q, k, v, o, lse, cu_seqlens, seed, ctx.max_len, ctx.p
+            do.contiguous(), q, k, v, o, lse, cu_seqlens, mask, ctx.max_len, ctx.p
         )
         return dq, dk, dv, None, None, None, None
 
@@ -1076,14 +1102,17 @@ def attention(
     cu_seqlens [B+1] int32 where each sequence starts, max_len a bound on their lengths (at
     most ATTENTION_MAX_LEN: `attention_fits`). Returns [T, heads, head] in q's dtype.
 
-    Why bertforge's own: at BERT's lengths a sequence's keys and values fit one program, so
-    the softmax needs no running maximum, the backward no atomics and no separate pass for
-    its row sums, and every program is one (sequence, head): on the H200 flash varlen took
-    5.6 ms of BERT-base's packed step (seq 128) where its bytes need about 1.5 ms
-    (bench/RESULTS.md, session 29). Dropout decides from 15 bits of a Philox draw, eight
-    decisions a call (`ops.drop_levels`: p rounded to a multiple of 1/32768), drawn again in
-    the backward from the same seed; scores and softmax in fp32, the probabilities rounded
-    to q's dtype for their product with v, as flash attention does."""
+    Why bertforge's own: at BERT's lengths all of a sequence's keys fit one tile, so the
+    forward's softmax needs no running maximum, and the backward is two kernels that each
+    write their gradients once (dq by blocks of query rows, which also writes each row's sum
+    of do x o; dk and dv by blocks of keys): no atomics, no fp32 accumulation buffer. On the
+    H200 flash varlen took 5.6 ms of BERT-base's packed step (seq 128), where its bytes need
+    about 1.5 ms (bench/RESULTS.md, session 29). Dropout decides from 15 bits of a Philox
+    draw, eight decisions a call (`ops.drop_levels`: p rounded to a multiple of 1/32768); the
+    forward keeps them as bits, a byte per row and eight keys, which both backward kernels
+    read instead of drawing them again (for sm_90 a third fewer instructions in them). Scores
+    and softmax in fp32, the probabilities rounded to q's dtype for their product with v, as
+    flash attention does."""
     if not 0 <= p < 1 or ops.drop_levels(p) == ops.LEVELS:
         raise ValueError(f"attention: dropout probability {p} is not in [0, 1)")
     if not attention_fits(q, max_len):
@@ -1093,7 +1122,7 @@ def attention(
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
     else:
         seed = torch.zeros(1, dtype=torch.int64, device=q.device)
-    o, _ = _attention_forward(
+    o, _, _ = _attention_forward(
         _heads_view(q), _heads_view(k), _heads_view(v), cu_seqlens, seed, int(max_len), float(p)
     )
     return o

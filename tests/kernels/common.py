@@ -113,11 +113,15 @@ def kernel_name(launch: Any) -> str:
     return kernel_side_table.get_kernel(launch.kwargs["kernel_idx"]).fn.__name__
 
 
-def compile_for_sm90(tuner: Any, signature: dict[str, str], constants: dict[str, Any]) -> list:
+def compile_for_sm90(
+    tuner: Any, signature: dict[str, str], constants: dict[str, Any], aligned: bool = False
+) -> list:
     """Every configuration of an autotuned kernel through Triton's whole CUDA pipeline for
-    sm_90 (ptxas included; no GPU needed): the compiled kernels."""
+    sm_90 (ptxas included; no GPU needed): the compiled kernels. aligned: every pointer and
+    every *_stride argument a multiple of 16, as Triton specializes a launch whose values are
+    (torch's allocations and BERT's strides are), so loads can be vectorized."""
     return [
-        compile_one_for_sm90(tuner.fn, signature, {**constants, **c.kwargs}, c.num_warps)
+        compile_one_for_sm90(tuner.fn, signature, {**constants, **c.kwargs}, c.num_warps, aligned)
         for c in tuner.configs
     ]
 
@@ -140,14 +144,23 @@ def stack_bytes(kernel: Any) -> int:
 
 
 def compile_one_for_sm90(
-    fn: Any, signature: dict[str, str], constants: dict[str, Any], num_warps: int
+    fn: Any,
+    signature: dict[str, str],
+    constants: dict[str, Any],
+    num_warps: int,
+    aligned: bool = False,
 ) -> Any:
     """A JIT kernel through Triton's CUDA pipeline for sm_90, its constexprs `constants`."""
     from triton.backends.compiler import GPUTarget
 
     full = {**signature, **{name: "constexpr" for name in constants}}
     assert set(full) == set(fn.arg_names)
-    source = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constants)
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if aligned and name in signature and name.endswith(("_ptr", "_stride"))
+    }
+    source = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constants, attrs=attrs)
     done = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
     )

@@ -205,7 +205,7 @@ def test_layer_with_fused_attention_matches_the_plain_packed_layer(monkeypatch):
 def test_compile_traces_the_forward_and_both_backward_kernels():
     """AOT autograd over fake tensors, as inductor sees it: the forward kernel in the forward
     graph, drawing from a seed drawn there; dq's kernel, then dk and dv's, in the backward,
-    reading the forward's lse and the seed autograd saved (no draw of their own)."""
+    reading the forward's lse and dropout mask, which autograd saved (no draw of their own)."""
 
     def make() -> list[torch.Tensor]:
         t = sum(LENGTHS)
@@ -227,7 +227,8 @@ def test_compile_traces_the_forward_and_both_backward_kernels():
 
     for launch in (dq, dkdv):
         args = launch.kwargs["kwargs"]
-        assert source(args["seed_ptr"]).op == "placeholder"  # saved, not drawn again
+        assert "seed_ptr" not in args
+        assert source(args["mask_ptr"]).op == "placeholder"  # saved by the forward
         assert source(args["lse_ptr"]).op == "placeholder"
     assert dkdv.kwargs["kwargs"]["delta_ptr"].args[0] is dq  # delta as dq's kernel wrote it
 
@@ -236,13 +237,14 @@ def test_compile_traces_the_forward_and_both_backward_kernels():
 @pytest.mark.parametrize(("dtype", "p"), [("bf16", 0.1), ("bf16", 0.0), ("fp32", 0.1)])
 def test_kernels_compile_for_an_h100_without_spilling(dtype, p):
     """The three kernels, every configuration, through Triton's CUDA pipeline for sm_90 at
-    BERT's head size and 128 keys; in bf16 (the training dtype) none spills registers to the
-    stack: with the keys, values and both key gradients of a whole sequence in one program
-    every configuration did (bench/RESULTS.md, session 29)."""
+    BERT's head size and 128 keys, aligned as the model's tensors are; in bf16 (the training
+    dtype) none spills registers to the stack: with the keys, values and both key gradients
+    of a whole sequence in one program every configuration did (bench/RESULTS.md, session
+    29)."""
     half, f32 = f"*{dtype}", "*fp32"
     scalars = {"q_stride": "i32", "k_stride": "i32", "v_stride": "i32", "heads": "i32",
-               "scale": "fp32", "keep_scale": "fp32", "cu_ptr": "*i32", "seed_ptr": "*i64",
-               "lse_ptr": f32}  # fmt: skip
+               "scale": "fp32", "keep_scale": "fp32", "cu_ptr": "*i32", "lse_ptr": f32,
+               "mask_ptr": "*u8"}  # fmt: skip
     constants = {"drop": ops.drop_levels(p), "head": 64, "block_n": 128, "dropout": p > 0,
                  "precision": "ieee" if dtype == "fp32" else "tf32"}  # fmt: skip
     tensors = {
@@ -252,9 +254,11 @@ def test_kernels_compile_for_an_h100_without_spilling(dtype, p):
     }
     for tuner, names in tensors.items():
         signature = {**scalars, **{f"{n}_ptr": half for n in names}}
-        if tuner is not kernels._attention_forward_kernel:
+        if tuner is kernels._attention_forward_kernel:
+            signature["seed_ptr"] = "*i64"
+        else:
             signature |= {"delta_ptr": f32, "softmax_scale": "fp32"}
-        for done in compile_for_sm90(tuner, signature, constants):
+        for done in compile_for_sm90(tuner, signature, constants, aligned=True):
             if dtype == "bf16":
                 assert stack_bytes(done) == 0, (tuner.fn.__name__, done.metadata.num_warps)
 

@@ -68,9 +68,14 @@ def test_the_attention_kernels_write_only_their_outputs():
                "cu_ptr": tensor(torch.int32), "seed_ptr": torch.empty(1, dtype=torch.int64),
                "q_ptr": tensor(), "k_ptr": tensor(), "v_ptr": tensor(),
                "lse_ptr": tensor(f32)}  # fmt: skip
-    forward = written(kernels._attention_forward_kernel, o_ptr=tensor(), **scalars)
-    assert forward == {"o_ptr", "lse_ptr"}
-    backward = {**scalars, "do_ptr": tensor(), "delta_ptr": tensor(f32), "softmax_scale": 0.125}
+    forward = written(
+        kernels._attention_forward_kernel, o_ptr=tensor(), mask_ptr=tensor(torch.uint8),
+        **scalars,
+    )  # fmt: skip
+    assert forward == {"o_ptr", "lse_ptr", "mask_ptr"}
+    del scalars["seed_ptr"]
+    backward = {**scalars, "do_ptr": tensor(), "delta_ptr": tensor(f32), "softmax_scale": 0.125,
+                "mask_ptr": tensor(torch.uint8)}  # fmt: skip
     dq = written(kernels._attention_dq_kernel, o_ptr=tensor(), dq_ptr=tensor(), **backward)
     assert dq == {"dq_ptr", "delta_ptr"}
     dkdv = written(kernels._attention_dkdv_kernel, dk_ptr=tensor(), dv_ptr=tensor(), **backward)
