@@ -14,6 +14,16 @@ attention FLOPs (4 x T x seq-ish products, counted per sequence) as TFLOP/s, and
 forward and backward must move (q, k, v, o, do read and dq, dk, dv written, and the forward's
 writes) at the device's bandwidth where `--peak-gbps` gives it. On a CPU it runs under
 Triton's interpreter (TRITON_INTERPRET=1) for a check of the script, not a measurement.
+
+    python bench/attention_kernel.py --count
+
+counts instead, with no GPU (Triton installed, not interpreting): each kernel compiled for
+sm_90 in each autotuned configuration, aligned as launches are, its SASS instructions a
+program (every block of its static loops counted: an upper bound for short sequences) times
+the programs the batch launches, at an H200's issue rate (132 SMs x 128 lanes x 1.98 GHz =
+33.4 T instructions/s, bench/kernel_census.py's), against the bytes at --peak-gbps; for the
+whole model's layers. A count, not a measurement: the matrix units, the memory latency and
+the occupancy are not in it.
 """
 
 from __future__ import annotations
@@ -21,8 +31,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +50,71 @@ def lengths_of(batch: int, seq: int, rng: np.random.Generator) -> list[int]:
     return [int(rng.integers(2, seq + 1)) if s else seq for s in short]
 
 
+def signature(fn) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """A kernel's tensor and scalar arguments' types for a bf16 step (constexprs left out)."""
+    kinds = {"cu_ptr": "*i32", "seed_ptr": "*i64", "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+             "mask_ptr": "*u8", "scale": "fp32", "softmax_scale": "fp32",
+             "keep_scale": "fp32", "heads": "i32"}  # fmt: skip
+    return {
+        name: kinds.get(name, "i32" if name.endswith("_stride") else "*bf16")
+        for name in fn.arg_names
+        if name.endswith(("_ptr", "_stride")) or name in kinds
+    }
+
+
+def count(args: argparse.Namespace) -> dict[str, object]:
+    """Each kernel's configuration with the fewest instructions for the batch, its floor by
+    instructions, and the whole step's by instructions and by bytes (the module docstring)."""
+    from common import sm90_sass  # bench/common.py, beside this file
+
+    c = BertConfig.preset(args.model_size, 64)
+    heads, layers = c.num_attention_heads, c.num_hidden_layers
+    lengths = lengths_of(args.batch_size, args.seq_len, np.random.default_rng(0))
+    block_n = max(16, 1 << (args.seq_len - 1).bit_length())
+    constants = {"drop": round(args.dropout * 32768), "head": c.hidden_size // heads,
+                 "block_n": block_n, "dropout": args.dropout > 0, "precision": "tf32"}  # fmt: skip
+    tuners = {
+        "forward": (kernels._attention_forward_kernel, "block_m"),
+        "dq": (kernels._attention_dq_kernel, "block_m"),
+        "dk_dv": (kernels._attention_dkdv_kernel, "block_k"),
+    }
+    got: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (tuner, block) in tuners.items():
+            for config in tuner.configs:
+                given = constants | config.kwargs
+                types = signature(tuner.fn) | dict.fromkeys(given, "constexpr")
+                opcodes = sm90_sass(
+                    tuner.fn, types, given, config.num_warps, Path(tmp), aligned=True
+                )
+                rows = config.kwargs[block]
+                programs = heads * sum(math.ceil(n / rows) for n in lengths)
+                lanes = len(opcodes) * config.num_warps * 32 * programs * layers
+                ms = lanes / (args.issue_tops * 1e12) * 1e3
+                if name not in got or ms < got[name]["instructions_ms"]:
+                    got[name] = {"block": rows, "warps": config.num_warps,
+                                 "instructions_a_program": len(opcodes), "programs": programs,
+                                 "instructions_ms": round(ms, 3)}  # fmt: skip
+    t = sum(lengths)
+    # a step's bytes (every layer): the forward and backward's tensors (see `moved` in main)
+    # and the dropout bits, written once and read by both backward kernels
+    moved = (12 * t * c.hidden_size * 2 + 4 * 4 * t * heads) * layers
+    if args.dropout > 0:
+        moved += 3 * t * heads * block_n // 8 * layers
+    return {
+        "count": "sm_90",
+        "model_size": args.model_size,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "tokens": t,
+        "dropout": args.dropout,
+        "kernels": got,
+        "instructions_ms_a_step": round(sum(k["instructions_ms"] for k in got.values()), 3),
+        "gb_a_step": round(moved / 1e9, 3),
+        "memory_ms_a_step": round(moved / (args.peak_gbps or 4800) / 1e6, 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-size", default="base")
@@ -47,7 +125,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20, help="calls per side per round")
     ap.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth, GB/s")
+    ap.add_argument("--count", action="store_true", help="count for sm_90 instead (no GPU)")
+    ap.add_argument("--issue-tops", type=float, default=33.4, help="T instructions/s (H200)")
     args = ap.parse_args()
+    if args.count:
+        print(json.dumps(count(args)))
+        return
     device = torch.device(args.device)
     if not kernels.usable(torch.empty(0, device=device)):
         ap.error(f"kernels.attention does not run on {device} here (CUDA with Triton, or a CPU "

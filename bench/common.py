@@ -127,15 +127,28 @@ def pretrain_general(args: argparse.Namespace, work: Path) -> None:
 
 
 def sm90_sass(
-    fn: Any, signature: dict[str, str], constexprs: dict[str, Any], warps: int, workdir: Path
+    fn: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    warps: int,
+    workdir: Path,
+    aligned: bool = False,
 ) -> list[str]:
     """A Triton kernel compiled for sm_90 (H100, H200; no GPU needed), as its SASS opcodes read
     with cuobjdump from Triton's wheel: every instruction but the NOPs, branches and the exit
-    (what a thread issues on its straight path)."""
+    (what a thread issues on its straight path). aligned: its pointers and *_stride arguments
+    multiples of 16, as Triton specializes a launch whose values are."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if aligned and name in signature and name.endswith(("_ptr", "_stride"))
+    }
+    source = triton.compiler.ASTSource(
+        fn=fn, signature=signature, constexprs=constexprs, attrs=attrs
+    )
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
     )

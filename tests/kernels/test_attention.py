@@ -291,3 +291,32 @@ def test_the_attention_bench_runs_and_its_sides_agree():
         assert attention_line(got, "attention").startswith("attention: one layer's attention")
     finally:
         sys.path.remove(str(root / "bench"))
+
+
+@compiled
+def test_the_attention_count_compiles_every_kernel_for_sm90():
+    """bench/attention_kernel.py --count (no GPU): each kernel's instructions for sm_90, with
+    dropout more than without (the draws, the bits), and the bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    got = {}
+    for p in ("0.1", "0"):
+        done = subprocess.run(
+            [sys.executable, "bench/attention_kernel.py", "--count", "--model-size", "mini",
+             "--batch-size", "16", "--dropout", p],
+            cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        got[p] = json.loads(done.stdout.splitlines()[-1])
+    assert set(got["0.1"]["kernels"]) == {"forward", "dq", "dk_dv"}
+    for name, kernel in got["0.1"]["kernels"].items():
+        assert (
+            kernel["instructions_a_program"] > got["0"]["kernels"][name]["instructions_a_program"]
+        )
+    assert got["0.1"]["gb_a_step"] > got["0"]["gb_a_step"] > 0
