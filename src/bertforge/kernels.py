@@ -593,10 +593,11 @@ if triton is not None:
     def _keep_mask(bits, rows: tl.constexpr, keys: tl.constexpr):
         """[rows, keys / 8] bytes of keep decisions as a [rows, keys] mask: key 8c + j is bit j
         of byte c."""
+        bits = bits.to(tl.int8)  # a quarter of int32's bytes through the shuffles below
         k0 = tl.join(bits & 1, bits & 2)  # [rows, keys / 8, 2]
         k1 = tl.join(bits & 4, bits & 8)
         k2 = tl.join(bits & 16, bits & 32)
-        k3 = tl.join(bits & 64, bits & 128)
+        k3 = tl.join(bits & 64, bits & -128)
         keep = tl.join(tl.join(k0, k1), tl.join(k2, k3))  # [rows, keys / 8, 2, 2, 2]: bit 4a+2b+h
         return tl.reshape(keep, (rows, keys)) != 0
 
@@ -667,8 +668,7 @@ if triton is not None:
         dp = _dot(do, tl.trans(v), precision)
         if dropout:
             at, ok = _keep_offsets(program, m, n, length, block_m, block_k, block_n)
-            keep = _keep_mask(tl.load(mask_ptr + at, mask=ok, other=0).to(tl.int32), block_m,
-                              block_k)  # fmt: skip
+            keep = _keep_mask(tl.load(mask_ptr + at, mask=ok, other=0), block_m, block_k)
             kept = tl.where(keep, p * keep_scale, 0.0)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         else:
