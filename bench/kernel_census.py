@@ -284,11 +284,12 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     p = predictions(seq)
     model = BertForPretraining(bench_config(args))
     model.compile_regions = not args.whole_graph
-    if args.fused_norm or args.fused_gelu:
+    own = args.fused_norm or args.fused_gelu or args.fused_attention
+    if own:
         kernels_module.usable = lambda x: True
     for layer in model.layers:
         layer.fused_norm, layer.fused_gelu = args.fused_norm, args.fused_gelu
-        layer.split_qkv = args.split_qkv
+        layer.split_qkv, layer.fused_attention = args.split_qkv, args.fused_attention
     for m in model.modules():
         if isinstance(m, Dropout):
             m.bits = args.draws  # False: torch's dropout, the CUDA default (ops.compiled_draws)
@@ -299,7 +300,7 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
         spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
         rows = step_rows(data, Order(len(data), 1), spec, 1, 0, batch)
     cpu = torch.device("cpu")
-    with captured_kernels(args.fused_norm or args.fused_gelu) as kernels:
+    with captured_kernels(own) as kernels:
         step = train.compile_step(Objective(model))
         b, lengths, layout = model_batch(rows, cpu, packed)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -412,6 +413,13 @@ def main() -> None:
         help="q, k and v as three matmuls on the qkv weight's blocks (the trainer's "
         "--split-qkv): their gradients are not concatenated",
     )
+    ap.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="packed attention as bertforge's Triton kernels (--fused-attention): traced and "
+        "generated into the step as inductor does on a GPU, listed, not counted (bench/"
+        "attention_kernel.py --count counts them)",
+    )
     ap.add_argument("--bandwidth-gbps", type=float, default=4800.0, help="H200: 4,800 GB/s")
     ap.add_argument("--issue-tops", type=float, default=33.4, help="T instructions/s (H200: 33.4)")
     ap.add_argument("--top", type=int, default=16, help="kernels listed")
@@ -441,6 +449,7 @@ def main() -> None:
         f"{', --fused-norm' if args.fused_norm else ''}"
         f"{', --fused-gelu' if args.fused_gelu else ''}"
         f"{', --split-qkv' if args.split_qkv else ''}"
+        f"{', --fused-attention' if args.fused_attention else ''}"
         f": {len(rows)} kernels, {sum(r['calls'] for r in rows)} calls a step"
     )
     print(
@@ -464,6 +473,7 @@ def main() -> None:
         "layout": args.layout, "dropout": args.dropout, "draws": args.draws,
         "hidden_act": args.hidden_act, "whole_graph": args.whole_graph,
         "fused_norm": args.fused_norm, "fused_gelu": args.fused_gelu, "split_qkv": args.split_qkv,
+        "fused_attention": args.fused_attention,
         "tokens": tokens, "torch": torch.__version__, "bandwidth_gbps": args.bandwidth_gbps,
         "issue_tops": args.issue_tops, "gb": round(total["gb"], 3), "uncounted": uncounted,
         "memory_ms": round(total["memory_ms"], 3), "floor_ms": round(total["floor_ms"], 3),
