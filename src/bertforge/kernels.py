@@ -615,6 +615,16 @@ if triton is not None:
         at = (first + rows).to(tl.int64)[:, None] * (heads * head) + h * head
         return ptr + at + tl.arange(0, head)[None, :], ok[:, None]
 
+    @triton.jit
+    def _attention_queries(q_ptr, do_ptr, lse_ptr, q_stride, first, rows, ok, h, heads,
+                           head: tl.constexpr):  # fmt: skip
+        """A block of query rows' q, output gradient and log-sum-exp (0 where not ok)."""
+        q = _attention_tile(q_ptr + h * head, q_stride, first, rows, ok, head)
+        at, ok2 = _attention_rows(do_ptr, first, rows, ok, h, heads, head)
+        do = tl.load(at, mask=ok2, other=0.0)
+        at, one = _attention_rows(lse_ptr, first, rows, ok, h, heads, 1)
+        return q, do, tl.sum(tl.load(at, mask=one, other=0.0), 1)  # [rows, 1] -> [rows]
+
     @triton.autotune(configs=_configs(ATTENTION_FORWARD_CONFIGS, "block_m"),
                      key=["head", "block_n", "dropout"])  # fmt: skip
     @triton.jit
@@ -692,16 +702,12 @@ if triton is not None:
         if m < length:
             rows = m + tl.arange(0, block_m)
             row_ok = rows < length
-            q = _attention_tile(q_ptr + h * head, q_stride, first, rows, row_ok, head)
-            at, ok = _attention_rows(do_ptr, first, rows, row_ok, h, heads, head)
-            do = tl.load(at, mask=ok, other=0.0)
-            o = tl.load(_attention_rows(o_ptr, first, rows, row_ok, h, heads, head)[0], mask=ok,
-                        other=0.0)  # fmt: skip
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            stats, one = _attention_rows(lse_ptr, first, rows, row_ok, h, heads, 1)
-            lse = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_m,))
-            tl.store(_attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)[0],
-                     delta[:, None], mask=one)  # fmt: skip
+            q, do, lse = _attention_queries(q_ptr, do_ptr, lse_ptr, q_stride, first, rows,
+                                            row_ok, h, heads, head)  # fmt: skip
+            at, ok = _attention_rows(o_ptr, first, rows, row_ok, h, heads, head)
+            delta = tl.sum(do.to(tl.float32) * tl.load(at, mask=ok, other=0.0).to(tl.float32), 1)
+            at, one = _attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)
+            tl.store(at, delta[:, None], mask=one)
             dq = tl.zeros((block_m, head), tl.float32)
             for n in tl.static_range(0, block_n, block_m):
                 if n < length:
@@ -742,13 +748,10 @@ if triton is not None:
                 if m < length:
                     rows = m + tl.arange(0, block_k)
                     row_ok = rows < length
-                    q = _attention_tile(q_ptr + h * head, q_stride, first, rows, row_ok, head)
-                    at, ok = _attention_rows(do_ptr, first, rows, row_ok, h, heads, head)
-                    do = tl.load(at, mask=ok, other=0.0)
-                    stats, one = _attention_rows(lse_ptr, first, rows, row_ok, h, heads, 1)
-                    lse = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_k,))
-                    stats = _attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)[0]
-                    delta = tl.reshape(tl.load(stats, mask=one, other=0.0), (block_k,))
+                    q, do, lse = _attention_queries(q_ptr, do_ptr, lse_ptr, q_stride, first,
+                                                    rows, row_ok, h, heads, head)  # fmt: skip
+                    at, one = _attention_rows(delta_ptr, first, rows, row_ok, h, heads, 1)
+                    delta = tl.sum(tl.load(at, mask=one, other=0.0), 1)
                     kept, ds = _attention_scores_grad(
                         q, k, v, do, lse, delta, mask_ptr, seq * heads + h, m, n, length, scale,
                         drop, keep_scale, block_k, block_k, block_n, dropout, precision,

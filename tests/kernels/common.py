@@ -14,7 +14,7 @@ import torch
 import triton
 
 from bertforge import kernels
-from bertforge.model import BertConfig, Layer
+from bertforge.model import BertConfig, Layer, Packed
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -48,12 +48,17 @@ def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
 
 
 def layer_with_and_without(
-    flag: str, entry: str, monkeypatch: pytest.MonkeyPatch, also: tuple[str, ...] = ()
+    flag: str,
+    entry: str,
+    monkeypatch: pytest.MonkeyPatch,
+    also: tuple[str, ...] = (),
+    packed: bool = False,
 ) -> None:
-    """The model's layer with `flag` (fused_norm, fused_gelu) on and off, dropout off: the same
-    output and weight gradients, padded [B, S, H] input; and with it on, the layer did call
-    `kernels.<entry>` (two layers that both took the plain path would agree too). `also`:
-    other layer flags (split_qkv, ...) on together with `flag`."""
+    """The model's layer with `flag` (fused_norm, fused_gelu, fused_attention) on and off,
+    dropout off: the same output and weight gradients, padded [B, S, H] input (`packed`: the
+    same sequences packed, [T, H]); and with it on, the layer did call `kernels.<entry>` (two
+    layers that both took the plain path would agree too). `also`: other layer flags
+    (split_qkv, ...) on together with `flag`."""
     calls = []
     real = getattr(kernels, entry)
 
@@ -70,12 +75,18 @@ def layer_with_and_without(
     layer = Layer(c).to(DEVICE).eval()
     x = torch.randn(2, 5, 32, device=DEVICE)
     dy = torch.randn(2, 5, 32, device=DEVICE)
+    layout = None
+    if packed:  # two sequences of 5 and 3 tokens, padded to 5: packed, 8 tokens
+        x, dy = x.view(10, 32)[:8], dy.view(10, 32)[:8]
+        cu = torch.tensor([0, 5, 8], dtype=torch.int32, device=DEVICE)
+        positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=DEVICE)
+        layout = Packed(cu, positions, 5)
     outs = []
     for fused in (False, True):
         for name in (flag, *also):
             setattr(layer, name, fused)
         layer.zero_grad()
-        y = layer(x, None)
+        y = layer(x, layout)
         y.backward(dy)
         outs.append((y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}))
         assert bool(calls) == fused, (flag, fused, len(calls))

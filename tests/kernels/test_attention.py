@@ -15,7 +15,6 @@ import torch
 triton = pytest.importorskip("triton")
 
 from bertforge import kernels, ops  # noqa: E402
-from bertforge.model import BertConfig, Layer, Packed  # noqa: E402
 from tests.kernels.common import (  # noqa: E402
     DEVICE,
     compile_for_sm90,
@@ -23,6 +22,7 @@ from tests.kernels.common import (  # noqa: E402
     configs_in_turn,
     kernel_name,
     launches,
+    layer_with_and_without,
     numeric,
     sm90_driver,
     stack_bytes,
@@ -164,41 +164,15 @@ def test_refuses_what_it_does_not_fit():
     assert kernels.attention_fits(x, 128) and not kernels.attention_fits(odd, 128)
 
 
-def packed_layer_outputs(fused: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    c = BertConfig(
-        vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    layer = Layer(c).to(DEVICE).eval()
-    layer.fused_attention = fused
-    lengths = [9, 16, 3]
-    position_ids = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
-    layout = Packed(cu_seqlens(lengths).to(DEVICE), position_ids, 16)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(sum(lengths), 64, generator=g).to(DEVICE)
-    y = layer(x, layout)
-    y.backward(torch.randn(y.shape, generator=g).to(DEVICE))
-    return y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}
+@numeric
+def test_layer_with_fused_attention_matches_the_plain_packed_layer(monkeypatch):
+    layer_with_and_without("fused_attention", "attention", monkeypatch, packed=True)
 
 
 @numeric
-def test_layer_with_fused_attention_matches_the_plain_packed_layer(monkeypatch):
-    calls = []
-    real = kernels.attention
-
-    def counted(*args):  # type: ignore[no-untyped-def]
-        calls.append(args[4])
-        return real(*args)
-
-    monkeypatch.setattr(kernels, "attention", counted)
-    y0, g0 = packed_layer_outputs(False)
-    assert not calls
-    y1, g1 = packed_layer_outputs(True)
-    assert calls == [16]  # max_len from the layout
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-5, msg=name)
+def test_layer_with_every_option_matches_the_plain_packed_layer(monkeypatch):
+    also = ("fused_norm", "fused_gelu", "split_qkv")
+    layer_with_and_without("fused_attention", "attention", monkeypatch, also, packed=True)
 
 
 @traced
