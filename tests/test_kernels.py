@@ -84,7 +84,7 @@ def test_fused_attention_is_refused_where_its_kernels_would_not_run():
     odd = BertConfig(vocab_size=64, hidden_size=96, num_attention_heads=2)  # head 48
     for bert, seq, packed, why in (
         (base, 128, False, "--no-packed pads them"),
-        (base, 512, True, "the data's max_seq_length is 512"),
+        (base, 512, False, "the data's max_seq_length is 512"),  # then padded by default
         (odd, 128, True, "this model's head size is 48"),
     ):
         with pytest.raises(UserError, match="--fused-attention takes packed batches") as e:

@@ -408,6 +408,10 @@ def test_batches_are_packed_by_default_on_a_gpu_up_to_seq_128_and_padded_on_a_cp
     assert train_module.use_packed(cfg(), cuda, 128, True)
     assert not train_module.use_packed(cfg(), cuda, 129, True)
     assert not train_module.use_packed(cfg(), cuda, 128, False)  # e.g. a T4, or fp32
+    # bertforge's attention kernels take packed fp32 batches, and any GPU Triton runs on
+    assert train_module.use_packed(cfg(fused_attention=True), cuda, 128, False)
+    assert not train_module.use_packed(cfg(fused_attention=True), cuda, 129, False)
+    assert not train_module.use_packed(cfg(fused_attention=True, packed=False), cuda, 128, True)
     assert not train_module.use_packed(cfg(packed=False), cpu, 64, False)
     assert train_module.use_packed(cfg(packed=True), cuda, 512, False)
     fits = train_module.flash_varlen_fits

@@ -392,7 +392,8 @@ class TrainConfig:
     --split-qkv)."""
     fused_attention: bool = False
     """A packed batch's attention as bertforge's Triton kernels (CUDA with Triton, packed
-    batches, max_seq_length up to 128, head size 16/32/64/128): a sequence's keys fit one
+    batches, max_seq_length up to 128, head size 16/32/64/128; with it a GPU packs batches by
+    default, in fp32 too, where flash varlen would not run): a sequence's keys fit one
     program, so the softmax needs no running maximum and the backward no atomics; dropout
     decides from one Philox call per eight probabilities. Off by default until a GPU run has
     measured it against flash varlen attention (bench/attention_kernel.py,

@@ -1386,12 +1386,12 @@ def check_fused_attention(bert: BertConfig, max_seq_length: int, packed: bool) -
     sequences up to kernels.ATTENTION_MAX_LEN tokens, head sizes kernels.ATTENTION_HEADS): one
     clear error, rather than a run that silently keeps flash attention."""
     head = bert.hidden_size // bert.num_attention_heads
-    if not packed:
-        why = "--no-packed pads them"
-    elif max_seq_length > kernels.ATTENTION_MAX_LEN:
+    if max_seq_length > kernels.ATTENTION_MAX_LEN:
         why = f"the data's max_seq_length is {max_seq_length}"
     elif head not in kernels.ATTENTION_HEADS:
         why = f"this model's head size is {head}"
+    elif not packed:  # on CUDA up to 128 tokens the flag packs them unless told not to
+        why = "--no-packed pads them"
     else:
         return
     sizes = "/".join(map(str, kernels.ATTENTION_HEADS))
@@ -1416,16 +1416,18 @@ def use_packed(
 ) -> bool:
     """--packed / --no-packed, or by default on a GPU up to PACKED_MAX_SEQ_ON_GPU where the
     flash varlen kernel runs (`varlen`: compute capability 8.0 or newer, bf16/fp16, a head
-    size it takes). Elsewhere packed attention scatters each layer's tokens into a padded
-    batch and back: on a GPU without the kernel, and on a CPU, where moreover every step's
-    token count is a new shape: fresh pages for the step's tensors (thousands of page faults
-    a step) and, in bf16, a new oneDNN matmul kernel per shape (its cache of 1,024 overflows).
+    size it takes) or --fused-attention asks for bertforge's kernels (fp32 too). Elsewhere
+    packed attention scatters each layer's tokens into a padded batch and back: on a GPU
+    without the kernel, and on a CPU, where moreover every step's token count is a new shape:
+    fresh pages for the step's tensors (thousands of page faults a step) and, in bf16, a new
+    oneDNN matmul kernel per shape (its cache of 1,024 overflows).
     Measured over 40-100 warm-up steps (bench/RESULTS.md, session 24), padded batches were
     1.08-1.20x faster for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16
     (session 13's runs, 3 warm-up steps each, had packed up to 9% ahead in fp32)."""
     if cfg.packed is not None:
         return cfg.packed
-    return device.type == "cuda" and varlen and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
+    attention = varlen or cfg.fused_attention
+    return device.type == "cuda" and attention and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
 
 
 def cpu_has_amx() -> bool:
