@@ -651,14 +651,16 @@ if triton is not None:
             top = tl.max(s, 1)
             p = tl.exp2(s - top[:, None])
             total = tl.sum(p, 1)
-            p = p / total[:, None]
+            # the softmax's division and dropout's scale on o's rows, not on every probability
+            row_scale = 1.0 / total
             if dropout:
                 at, ok = _keep_offsets(seq * heads + h, m, 0, length, block_m, block_n, block_n)
                 bits = _keep_bits(tl.load(seed_ptr), at, drop)
                 tl.store(mask_ptr + at, bits.to(tl.uint8), mask=ok)  # for the backward
-                p = tl.where(_keep_mask(bits, block_m, block_n), p * keep_scale, 0.0)
+                p = tl.where(_keep_mask(bits, block_m, block_n), p, 0.0)
+                row_scale = row_scale * keep_scale
             v = _attention_tile(v_ptr + h * head, v_stride, first, keys, key_ok, head)
-            o = _dot(p.to(v.dtype), v, precision)
+            o = _dot(p.to(v.dtype), v, precision) * row_scale[:, None]
             at, ok = _attention_rows(o_ptr, first, rows, row_ok, h, heads, head)
             tl.store(at, o.to(o_ptr.dtype.element_ty), mask=ok)
             at, ok = _attention_rows(lse_ptr, first, rows, row_ok, h, heads, 1)
@@ -669,9 +671,9 @@ if triton is not None:
                                drop: tl.constexpr, keep_scale, block_m: tl.constexpr,
                                block_k: tl.constexpr, block_n: tl.constexpr,
                                dropout: tl.constexpr, precision: tl.constexpr):  # fmt: skip
-        """For query rows m.. and keys n.. of a (sequence, head): the probabilities as dropout
-        left them ([block_m, block_k], fp32) and the gradient of the scores (before their
-        scale, in q's dtype)."""
+        """For query rows m.. and keys n.. of a (sequence, head): the probabilities dropout
+        kept ([block_m, block_k], fp32, not yet scaled by keep_scale) and the gradient of the
+        scores (before their scale, in q's dtype)."""
         s = _dot(q, tl.trans(k), precision) * scale
         key_ok = (n + tl.arange(0, block_k)) < length
         p = tl.where(key_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
@@ -679,7 +681,7 @@ if triton is not None:
         if dropout:
             at, ok = _keep_offsets(program, m, n, length, block_m, block_k, block_n)
             keep = _keep_mask(tl.load(mask_ptr + at, mask=ok, other=0), block_m, block_k)
-            kept = tl.where(keep, p * keep_scale, 0.0)
+            kept = tl.where(keep, p, 0.0)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         else:
             kept = p
@@ -761,6 +763,8 @@ if triton is not None:
             at, ok = _attention_rows(dk_ptr, first, keys, key_ok, h, heads, head)
             tl.store(at, (dk * softmax_scale).to(dk_ptr.dtype.element_ty), mask=ok)
             at, ok = _attention_rows(dv_ptr, first, keys, key_ok, h, heads, head)
+            if dropout:  # the kept probabilities' scale, once a gradient
+                dv = dv * keep_scale
             tl.store(at, dv.to(dv_ptr.dtype.element_ty), mask=ok)
 
     def _gelu_columns(f: int) -> int:
