@@ -117,3 +117,30 @@ def test_fused_gelu_is_refused_for_another_activation(
     err = capsys.readouterr().err
     assert "--fused-gelu computes GELU's erf form" in err and "hidden_act is gelu_new" in err
     assert not out.exists()
+
+
+def test_train_sets_fused_attention_on_every_layer(
+    tmp_path, train_data, tiny_bert_config, monkeypatch
+):
+    """The trainer hands --fused-attention to every layer's attention (on a CUDA machine;
+    stood in for here by letting the flag pass the device check: without Triton the layer
+    then keeps its plain packed path)."""
+    import bertforge.model as model_module
+    import bertforge.train as train_module
+
+    monkeypatch.setattr(train_module, "check_fused", lambda flag, device: None)
+    fused = []
+    attend = model_module.attend
+
+    def spy(q, k, v, layout, dropout, fused_attention=False):  # type: ignore[no-untyped-def]
+        if isinstance(layout, model_module.Packed):
+            fused.append(fused_attention)
+        return attend(q, k, v, layout, dropout, fused_attention)
+
+    monkeypatch.setattr(model_module, "attend", spy)
+    out = tmp_path / "run"
+    argv = train_args(train_data, out, tiny_bert_config, "--num-train-steps", "2", "--packed")
+    assert main([*argv, "--fused-attention"]) == 0
+    assert fused and set(fused) == {True}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["fused_attention"] is True and manifest["packed"] is True

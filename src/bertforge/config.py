@@ -395,7 +395,9 @@ class TrainConfig:
     batches, max_seq_length up to 128, head size 16/32/64/128; with it a GPU packs batches by
     default, in fp32 too, where flash varlen would not run): a sequence's keys fit one
     program, so the softmax needs no running maximum and the backward no atomics; dropout
-    decides from one Philox call per eight probabilities. Off by default until a GPU run has
+    decides from one Philox call per eight probabilities and keeps its decisions for the
+    backward as bits (an eighth of a byte per probability: 75 MB a step for BERT-base at
+    batch 256, seq 128). Off by default until a GPU run has
     measured it against flash varlen attention (bench/attention_kernel.py,
     bench/train_throughput.py --fused-attention). Dropout draws differ from flash's; the model
     and its weights are the same."""
