@@ -397,10 +397,9 @@ class TrainConfig:
     program, so the softmax needs no running maximum and the backward no atomics; dropout
     decides from one Philox call per eight probabilities and keeps its decisions for the
     backward as bits (an eighth of a byte per probability: 75 MB a step for BERT-base at
-    batch 256, seq 128). Off by default until a GPU run has
-    measured it against flash varlen attention (bench/attention_kernel.py,
-    bench/train_throughput.py --fused-attention). Dropout draws differ from flash's; the model
-    and its weights are the same."""
+    batch 256, seq 128). Off by default until a GPU run has measured it against flash varlen
+    attention (bench/attention_kernel.py, bench/train_throughput.py --fused-attention).
+    Dropout draws differ from flash's; the model and its weights are the same."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

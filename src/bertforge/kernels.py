@@ -72,8 +72,9 @@ ADAMW_BLOCK = 4096
 ADAMW_WARPS = 8
 # attention of a packed batch whose sequences fit one tile (`attention`): (query rows a block,
 # warps) for the forward and the backward's dq, (keys a block, warps) for its dk and dv.
-# Compiled for sm_90 at head 64, 128 keys, bf16 (cuobjdump -res-usage): 145-226 registers and
-# no stack; 64 rows on 4 warps, and 128 rows, spill (bench/RESULTS.md, session 29)
+# Compiled for sm_90 at head 64, 128 keys, bf16, aligned as launched (cuobjdump -res-usage):
+# 69-164 registers and no stack; 128 rows, and 64 on 4 warps, spilled in a first build
+# (bench/RESULTS.md, session 29)
 ATTENTION_FORWARD_CONFIGS = ((64, 8), (32, 8), (32, 4))
 ATTENTION_QUERY_CONFIGS = ((64, 8), (32, 8), (32, 4))
 ATTENTION_KEY_CONFIGS = ((64, 8), (32, 8), (32, 4))
