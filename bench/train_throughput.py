@@ -185,12 +185,19 @@ def sync(device: torch.device) -> None:
 
 
 KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
-    ("attention", ("fmha", "flash", "attention", "attn")),
+    ("attention", ("fmha", "flash", "attention", "attn")),  # bertforge's _attention_* too
     ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "mm_", "_mm", "matmul")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel")),
-    ("compiled fused", ("triton_",)),
+    # inductor's kernels, and bertforge's elementwise ones (kernels.fused_norm, bias_gelu)
+    ("compiled fused", ("triton_", "_forward_kernel", "_backward_kernel")),
     ("copy/cast", ("copy", "cast", "fill", "memcpy", "memset")),
 )
+
+
+def kernel_kind(name: str) -> str:
+    """A profiled kernel's kind (KERNEL_KINDS), "other" where none matches."""
+    name = name.lower()
+    return next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
 
 
 # Host calls that can hold the host back (a wait for the device, a pageable copy, a fresh
@@ -244,8 +251,7 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
 
     times: dict[str, float] = {}
     for e in events:
-        name = e.key.lower()
-        kind = next((k for k, subs in KERNEL_KINDS if any(x in name for x in subs)), "other")
+        kind = kernel_kind(e.key)
         times[kind] = times.get(kind, 0.0) + own(e)
     total = sum(times.values()) or 1.0
     text = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=100)

@@ -139,3 +139,21 @@ def test_a_side_that_fails_is_left_out_and_the_others_measured(bench, monkeypatc
     assert [line.split(":")[0] for line in out if line.startswith("round ")] == [
         "round 1", "round 2"
     ]  # fmt: skip
+
+
+def test_profiled_kernels_are_sorted_by_kind(bench) -> None:
+    """bertforge's own kernels land with what they replace: attention's with flash's, the
+    elementwise ones with inductor's fused kernels, the update with the optimizer's."""
+    kinds = {
+        "_attention_forward_kernel": "attention",
+        "_attention_dkdv_kernel": "attention",
+        "pytorch_flash::flash_bwd_kernel<...>": "attention",
+        "_forward_kernel": "compiled fused",
+        "_gelu_backward_kernel": "compiled fused",
+        "triton_poi_fused_add_0": "compiled fused",
+        "_adamw_kernel": "optimizer",
+        "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN": "matmul",
+        "Memcpy HtoD (Pinned -> Device)": "copy/cast",
+        "void at::native::vectorized_elementwise_kernel<4, ...>": "other",
+    }
+    assert {name: bench.kernel_kind(name) for name in kinds} == kinds
