@@ -9,7 +9,9 @@ q, k and v are views of one [T, 3, heads, head] projection, as the model hands t
 sequences' lengths are drawn as the data stage makes them (BERT's short_seq_prob 0.1: one
 sequence in ten a random length from 2 to seq, the others full; about 5% padding at 128, where
 the benchmarks' data had 9%). Prints per round the milliseconds of each side's forward and of
-its forward + backward for one layer, and last one JSON object: the medians, the ratio, the
+its forward + backward for one layer, and the same of the model's padded attention on the same
+sequences padded to seq ("padded": SDPA with a key mask, cuDNN's kernel on an H100 or H200,
+which the padded step takes), and last one JSON object: the medians, the ratios, the
 attention FLOPs (4 x T x seq-ish products, counted per sequence) as TFLOP/s, and the bytes the
 forward and backward must move (q, k, v, o, do read and dq, dk, dv written, and the forward's
 writes) at the device's bandwidth where `--peak-gbps` gives it. On a CPU it runs under
@@ -147,40 +149,60 @@ def main() -> None:
     do = torch.randn(t, heads, head, device=device, dtype=dtype)
     p = args.dropout
 
+    # the same sequences padded to seq, as the model's padded batches are: [B, S, 3, heads,
+    # head] with a key mask (SDPA: cuDNN's attention on an H100 or H200)
+    index = layout.padded_index()
+    padded = qkv.new_zeros(args.batch_size * args.seq_len, 3, heads, head)
+    padded[index] = qkv.detach()
+    padded = padded.view(args.batch_size, args.seq_len, 3, heads, head).requires_grad_()
+    valid = torch.zeros(args.batch_size * args.seq_len, dtype=torch.bool, device=device)
+    valid[index] = True
+    mask = valid.view(args.batch_size, 1, 1, args.seq_len)
+    padded_do = do.new_zeros(args.batch_size * args.seq_len, heads, head)
+    padded_do[index] = do
+    padded_do = padded_do.view(args.batch_size, args.seq_len, heads, head)
+
     def theirs() -> torch.Tensor:
         return attend(*qkv.unbind(1), layout, p)
 
     def ours() -> torch.Tensor:
         return kernels.attention(*qkv.unbind(1), cu, args.seq_len, p)
 
+    def padded_side() -> torch.Tensor:
+        return attend(*padded.unbind(2), mask, p)
+
     with torch.no_grad():  # the same numbers without dropout (a wrong kernel is no benchmark)
         q, k, v = qkv.unbind(1)
         diff = attend(q, k, v, layout, 0.0) - kernels.attention(q, k, v, cu, args.seq_len, 0.0)
         diff = float(diff.abs().max())  # fmt: skip
 
-    def timed(fn, backward: bool) -> float:  # type: ignore[no-untyped-def]
+    def timed(fn, leaf, grad, backward: bool) -> float:  # type: ignore[no-untyped-def]
         """ms per call over args.steps calls."""
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         sync()
         start = time.perf_counter()
         for _ in range(args.steps):
             if backward:
-                fn().backward(do)
-                qkv.grad = None
+                fn().backward(grad)
+                leaf.grad = None
             else:
                 with torch.no_grad():
                     fn()
         sync()
         return (time.perf_counter() - start) * 1e3 / args.steps
 
-    sides = {"theirs": theirs, "ours": ours}
-    for fn in sides.values():  # warm-up: compiles, autotunes
-        timed(fn, True)
+    sides = {
+        "theirs": (theirs, qkv, do),
+        "ours": (ours, qkv, do),
+        "padded": (padded_side, padded, padded_do),
+    }
+    for side in sides.values():  # warm-up: compiles, autotunes
+        timed(*side, True)
     times: dict[str, list[float]] = {f"{s}_{w}": [] for s in sides for w in ("fwd", "fwd_bwd")}
     for r in range(args.rounds):
-        for name, fn in sides.items():
-            times[f"{name}_fwd"].append(timed(fn, False))
-            times[f"{name}_fwd_bwd"].append(timed(fn, True))
+        for name, side in sides.items():
+            times[f"{name}_fwd"].append(timed(*side, False))
+            times[f"{name}_fwd_bwd"].append(timed(*side, True))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f} ms" for k, v in times.items()))
     ms = {k: statistics.median(v) for k, v in times.items()}
     # products: q k^T and p v forward; the backward recomputes q k^T (twice in ours: one
@@ -206,6 +228,7 @@ def main() -> None:
         **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
         "ratio_fwd": round(ms["theirs_fwd"] / ms["ours_fwd"], 3),
         "ratio_fwd_bwd": round(ms["theirs_fwd_bwd"] / ms["ours_fwd_bwd"], 3),
+        "padded_ratio_fwd_bwd": round(ms["padded_fwd_bwd"] / ms["ours_fwd_bwd"], 3),
         **{f"ours_{w}_tflops": round(f / ms[f"ours_{w}"] / 1e9, 2) for w, f in flops.items()},
         **{f"{w}_gb": round(b / 1e9, 4) for w, b in moved.items()},
     }

@@ -24,7 +24,8 @@
 #             interleaved, against the peer, each with a profile (bench/train_throughput.py
 #             --sides)
 #   attention bench/attention_kernel.py (one layer's attention, BERT-base, batch 256, seq 128:
-#             bertforge's Triton kernels against flash varlen, forward and forward + backward),
+#             bertforge's Triton kernels against flash varlen and the padded step's SDPA,
+#             forward and forward + backward),
 #             then base128 packed, no peer, with and without --fused-attention, interleaved,
 #             with a profile
 #   qkv       base128 packed, no peer, the fused kernels and the flat optimizer on, with and

@@ -77,13 +77,15 @@ def optimizer_line(run: dict[str, Any], stage: str) -> str:
 
 
 def attention_line(run: dict[str, Any], stage: str) -> str:
-    """bench/attention_kernel.py's figures: ms of each side, forward and forward + backward."""
+    """bench/attention_kernel.py's figures: ms of each side, forward and forward + backward
+    (and the padded attention's forward + backward)."""
     return (
         f"{stage}: one layer's attention, {run['model_size']} {run['seq_len']} x "
         f"{run['batch_size']} ({run['tokens']:,} tokens, dropout {run['dropout']}): forward "
         f"ours {run['ours_fwd_ms']:.3f} ms, {run['theirs']} {run['theirs_fwd_ms']:.3f} ms "
         f"({run['ratio_fwd']:.2f}x); forward + backward ours {run['ours_fwd_bwd_ms']:.3f} ms, "
-        f"theirs {run['theirs_fwd_bwd_ms']:.3f} ms ({run['ratio_fwd_bwd']:.2f}x); largest "
+        f"theirs {run['theirs_fwd_bwd_ms']:.3f} ms ({run['ratio_fwd_bwd']:.2f}x), padded "
+        f"{run['padded_fwd_bwd_ms']:.3f} ms ({run['padded_ratio_fwd_bwd']:.2f}x); largest "
         f"difference without dropout {run['max_abs_diff_without_dropout']:.2g}"
     )
 

@@ -40,7 +40,8 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     attention = {"model_size": "base", "seq_len": 128, "batch_size": 256, "tokens": 31234,
                  "dropout": 0.1, "theirs": "flash varlen", "ours_fwd_ms": 0.21,
                  "theirs_fwd_ms": 0.3, "ratio_fwd": 1.43, "ours_fwd_bwd_ms": 0.8,
-                 "theirs_fwd_bwd_ms": 1.0, "ratio_fwd_bwd": 1.25,
+                 "theirs_fwd_bwd_ms": 1.0, "ratio_fwd_bwd": 1.25, "padded_fwd_bwd_ms": 0.9,
+                 "padded_ratio_fwd_bwd": 1.125,
                  "max_abs_diff_without_dropout": 0.0078}  # fmt: skip
     (tmp_path / "attention.log").write_text(json.dumps(attention) + "\n")
     out = run(str(BENCH / "gpu_summary.py"), str(tmp_path))
@@ -74,7 +75,7 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "qkv packed+graphs: failed, left out: RuntimeError: x",
         "attention: one layer's attention, base 128 x 256 (31,234 tokens, dropout 0.1): forward "
         "ours 0.210 ms, flash varlen 0.300 ms (1.43x); forward + backward ours 0.800 ms, theirs "
-        "1.000 ms (1.25x); largest difference without dropout 0.0078",
+        "1.000 ms (1.25x), padded 0.900 ms (1.12x); largest difference without dropout 0.0078",
         f"qkv: {refused}",
         "== base128 took 41 s",
         "== tests: exit 124",
