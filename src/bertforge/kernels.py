@@ -1036,6 +1036,17 @@ def adamw_(
     )
 
 
+def _dropout_seed(p: float, device: torch.device, caller: str) -> torch.Tensor:
+    """The seed a kernel's dropout draws from, [1] int64 on `device`: from torch's generator,
+    so seeding and checkpointed RNG state cover the draws (0, and no draw, for p = 0); p
+    outside [0, 1) as rounded by `ops.drop_levels` refused, naming `caller`."""
+    if not 0 <= p < 1 or ops.drop_levels(p) == ops.LEVELS:
+        raise ValueError(f"{caller}: dropout probability {p} is not in [0, 1)")
+    if p > 0:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def fused_norm(
     h: torch.Tensor,
     bias: torch.Tensor,
@@ -1048,13 +1059,8 @@ def fused_norm(
     """layer_norm(residual + dropout(h + bias, p), weight, ln_bias, eps) over the last dim, in
     h's dtype (see the module docstring), with one kernel each way. h and residual: [..., N],
     the same shape; bias, weight, ln_bias: [N]. p = 0 for no dropout (evaluation)."""
-    if not 0 <= p < 1 or ops.drop_levels(p) == ops.LEVELS:
-        raise ValueError(f"fused_norm: dropout probability {p} is not in [0, 1)")
+    seed = _dropout_seed(p, h.device, "fused_norm")
     n = h.shape[-1]
-    if p > 0:  # torch's generator: seeding and checkpointed RNG state cover the draws
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=h.device)
-    else:
-        seed = torch.zeros(1, dtype=torch.int64, device=h.device)
     y, _, _, _ = _fused_forward(
         h.reshape(-1, n).contiguous(),
         bias,
@@ -1118,18 +1124,14 @@ def attention(
     about 1.5 ms (bench/RESULTS.md, session 29). Dropout decides from 15 bits of a Philox
     draw, eight decisions a call (`ops.drop_levels`: p rounded to a multiple of 1/32768); the
     forward keeps them as bits, a byte per row and eight keys, which both backward kernels
-    read instead of drawing them again (for sm_90 a third fewer instructions in them). Scores
+    read instead of drawing them again (counted for sm_90: the backward's instructions a
+    sixth fewer, the whole's 7%, bench/RESULTS.md). Scores
     and softmax in fp32, the probabilities rounded to q's dtype for their product with v, as
     flash attention does."""
-    if not 0 <= p < 1 or ops.drop_levels(p) == ops.LEVELS:
-        raise ValueError(f"attention: dropout probability {p} is not in [0, 1)")
     if not attention_fits(q, max_len):
         raise ValueError(f"attention: q {tuple(q.shape)} {q.dtype} with sequences up to "
                          f"{max_len} long does not fit (attention_fits)")  # fmt: skip
-    if p > 0:  # torch's generator, as fused_norm's seed
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    else:
-        seed = torch.zeros(1, dtype=torch.int64, device=q.device)
+    seed = _dropout_seed(p, q.device, "attention")
     o, _, _ = _attention_forward(
         _heads_view(q), _heads_view(k), _heads_view(v), cu_seqlens, seed, int(max_len), float(p)
     )
