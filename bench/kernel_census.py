@@ -287,9 +287,7 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     own = args.fused_norm or args.fused_gelu or args.fused_attention
     if own:
         kernels_module.usable = lambda x: True
-    for layer in model.layers:
-        layer.fused_norm, layer.fused_gelu = args.fused_norm, args.fused_gelu
-        layer.split_qkv, layer.fused_attention = args.split_qkv, args.fused_attention
+    model.set_layer_options(**{name: getattr(args, name) for name in bert_model.LAYER_OPTIONS})
     for m in model.modules():
         if isinstance(m, Dropout):
             m.bits = args.draws  # False: torch's dropout, the CUDA default (ops.compiled_draws)

@@ -112,6 +112,11 @@ SUFFIXES = ("+whole", "+graphs", "+bits", "+torchdrop", "+eager", "+fusednorm", 
             "+fusedattn", "+flat", "+splitqkv", "+thread")  # fmt: skip
 
 
+# The side-name suffix of each layer option (model.LAYER_OPTIONS)
+LAYER_SUFFIXES = {"fused_norm": "+fusednorm", "fused_gelu": "+fusedgelu",
+                  "split_qkv": "+splitqkv", "fused_attention": "+fusedattn"}  # fmt: skip
+
+
 def named_sides(
     ap: argparse.ArgumentParser, args: argparse.Namespace
 ) -> tuple[dict[str, bool], list[str]]:
@@ -573,11 +578,7 @@ def main() -> None:
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
         model.compile_regions = "+whole" not in variant
-        for layer in model.layers:
-            layer.fused_norm = "+fusednorm" in variant
-            layer.fused_gelu = "+fusedgelu" in variant
-            layer.split_qkv = "+splitqkv" in variant
-            layer.fused_attention = "+fusedattn" in variant
+        model.set_layer_options(**{name: s in variant for name, s in LAYER_SUFFIXES.items()})
         bits = True if "+bits" in variant else False if "+torchdrop" in variant else None
         for module in model.modules():
             if isinstance(module, Dropout):

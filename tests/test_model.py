@@ -359,6 +359,15 @@ def test_layers_compile_as_one_nested_region(packed):
     assert not torch.allclose(results[True, True][0][0], eager[0][0])  # dropout was on
 
 
+def test_layer_options_are_set_on_every_layer_and_unknown_ones_refused():
+    model = BertForPretraining(BertConfig.preset("tiny", 64))
+    model.set_layer_options(split_qkv=True, fused_attention=True)
+    assert all(layer.split_qkv and layer.fused_attention for layer in model.layers)
+    assert not any(layer.fused_norm or layer.fused_gelu for layer in model.layers)
+    with pytest.raises(TypeError, match="fused_softmax is not a layer option"):
+        model.set_layer_options(fused_softmax=True)
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_split_qkv_gives_the_same_losses_and_gradients(packed):
     """q, k and v as three matmuls on the qkv weight's blocks (--split-qkv): the losses and

@@ -157,3 +157,10 @@ def test_profiled_kernels_are_sorted_by_kind(bench) -> None:
         "void at::native::vectorized_elementwise_kernel<4, ...>": "other",
     }
     assert {name: bench.kernel_kind(name) for name in kinds} == kinds
+
+
+def test_every_layer_option_has_a_side_suffix(bench) -> None:
+    from bertforge.model import LAYER_OPTIONS
+
+    assert set(bench.LAYER_SUFFIXES) == set(LAYER_OPTIONS)
+    assert set(bench.LAYER_SUFFIXES.values()) <= set(bench.SUFFIXES)

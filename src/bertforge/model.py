@@ -369,6 +369,11 @@ _region = getattr(torch.compiler, "nested_compile_region", None)
 layer_region = _region(run_layer) if _region is not None else run_layer
 
 
+# Layer's speed options, each a flag of TrainConfig's of the same name: the same weights and
+# model either way (`BertForPretraining.set_layer_options`)
+LAYER_OPTIONS = ("fused_norm", "fused_gelu", "split_qkv", "fused_attention")
+
+
 class BertForPretraining(nn.Module):
     """Encoder + pooler + MLM head (decoder tied to the word embeddings) + NSP head.
 
@@ -395,6 +400,14 @@ class BertForPretraining(nn.Module):
         self.apply(self._init)
         with torch.no_grad():  # padding rows: never looked up, never predicted
             self.word_embeddings.weight[c.vocab_size :].zero_()
+
+    def set_layer_options(self, **options: bool) -> None:
+        """Set Layer's speed options (LAYER_OPTIONS) on every layer."""
+        if unknown := sorted(set(options) - set(LAYER_OPTIONS)):
+            raise TypeError(f"set_layer_options: {', '.join(unknown)} is not a layer option")
+        for layer in self.layers:
+            for name, on in options.items():
+                setattr(layer, name, on)
 
     def _init(self, m: nn.Module) -> None:
         # Google's initializer: truncated normal (2 std) for weights, zeros for biases.

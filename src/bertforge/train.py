@@ -80,6 +80,7 @@ from bertforge.fileio import (
 from bertforge.instances import InstanceParams, VocabIds
 from bertforge.masking import MaskSpec
 from bertforge.model import (
+    LAYER_OPTIONS,
     BertConfig,
     BertForPretraining,
     Packed,
@@ -302,9 +303,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     # ---- model, optimizer, state
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
-    for layer in model.layers:
-        layer.fused_norm, layer.fused_gelu = cfg.fused_norm, cfg.fused_gelu
-        layer.split_qkv, layer.fused_attention = cfg.split_qkv, cfg.fused_attention
+    model.set_layer_options(**{name: getattr(cfg, name) for name in LAYER_OPTIONS})
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:
