@@ -152,15 +152,8 @@ def main() -> None:
     # the same sequences padded to seq, as the model's padded batches are: [B, S, 3, heads,
     # head] with a key mask (SDPA: cuDNN's attention on an H100 or H200)
     index = layout.padded_index()
-    padded = qkv.new_zeros(args.batch_size * args.seq_len, 3, heads, head)
-    padded[index] = qkv.detach()
-    padded = padded.view(args.batch_size, args.seq_len, 3, heads, head).requires_grad_()
-    valid = torch.zeros(args.batch_size * args.seq_len, dtype=torch.bool, device=device)
-    valid[index] = True
-    mask = valid.view(args.batch_size, 1, 1, args.seq_len)
-    padded_do = do.new_zeros(args.batch_size * args.seq_len, heads, head)
-    padded_do[index] = do
-    padded_do = padded_do.view(args.batch_size, args.seq_len, heads, head)
+    padded = layout.pad(qkv.detach(), index).requires_grad_()
+    mask, padded_do = layout.key_mask(index), layout.pad(do, index)
 
     def theirs() -> torch.Tensor:
         return attend(*qkv.unbind(1), layout, p)

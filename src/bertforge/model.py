@@ -193,6 +193,22 @@ class Packed:
         sequence = torch.searchsorted(self.cu_seqlens[1:].long(), tokens, right=True)
         return sequence * self.max_len + self.position_ids
 
+    def pad(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [T, ...] as the padded batch [B, max_len, ...] (zeros in the padding); index:
+        `padded_index()`."""
+        b, s = self.cu_seqlens.shape[0] - 1, self.max_len
+        out = x.new_zeros(b * s, *x.shape[1:])
+        out[index] = x
+        return out.view(b, s, *x.shape[1:])
+
+    def key_mask(self, index: torch.Tensor) -> torch.Tensor:
+        """The padded batch's [B, 1, 1, max_len] bool key mask, True at real tokens; index:
+        `padded_index()`."""
+        b, s = self.cu_seqlens.shape[0] - 1, self.max_len
+        valid = torch.zeros(b * s, dtype=torch.bool, device=index.device)
+        valid[index] = True
+        return valid.view(b, 1, 1, s)
+
 
 @functools.cache
 def flash_varlen_available(device: torch.device) -> bool:
@@ -242,16 +258,8 @@ def attend(
             return flash_varlen(q, k, v, layout, dropout)
         # Elsewhere (CPU, fp32): scatter into a padded batch, attend with a key mask, gather.
         index = layout.padded_index()
-        b, s = layout.cu_seqlens.shape[0] - 1, layout.max_len
-
-        def pad(x: torch.Tensor) -> torch.Tensor:
-            out = x.new_zeros(b * s, *x.shape[1:])
-            out[index] = x
-            return out.view(b, s, *x.shape[1:])
-
-        valid = torch.zeros(b * s, dtype=torch.bool, device=q.device)
-        valid[index] = True
-        out = attend(pad(q), pad(k), pad(v), valid.view(b, 1, 1, s), dropout)
+        padded = (layout.pad(x, index) for x in (q, k, v))
+        out = attend(*padded, layout.key_mask(index), dropout)
         return out.flatten(0, 1)[index]
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, nh, hs) -> (B, nh, S, hs)
     if ops.attention_faster(q, dropout):
