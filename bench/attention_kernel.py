@@ -64,6 +64,17 @@ def signature(fn) -> dict[str, str]:  # type: ignore[no-untyped-def]
     }
 
 
+def bytes_moved(t: int, heads: int, head: int, size: int, block_n: int, dropout: bool):  # type: ignore[no-untyped-def]
+    """{"fwd", "fwd_bwd": bytes one layer's attention must move} for t tokens: forward q, k, v
+    read, o and lse written; backward q, k, v, o, do, lse read, the row sums written and read,
+    dq, dk, dv written; with dropout the bits (a byte per row and eight keys of a sequence's
+    block_n), written once and read by both backward kernels. size: bytes an element."""
+    rows = t * heads * head * size  # one [T, heads, head] tensor
+    bits = t * heads * block_n // 8 if dropout else 0
+    return {"fwd": 4 * rows + 4 * t * heads + bits,
+            "fwd_bwd": 12 * rows + 4 * 4 * t * heads + 3 * bits}  # fmt: skip
+
+
 def count(args: argparse.Namespace) -> dict[str, object]:
     """Each kernel's configuration with the fewest instructions for the batch, its floor by
     instructions, and the whole step's by instructions and by bytes (the module docstring)."""
@@ -72,9 +83,11 @@ def count(args: argparse.Namespace) -> dict[str, object]:
     c = BertConfig.preset(args.model_size, 64)
     heads, layers = c.num_attention_heads, c.num_hidden_layers
     lengths = lengths_of(args.batch_size, args.seq_len, np.random.default_rng(0))
-    block_n = max(16, 1 << (args.seq_len - 1).bit_length())
-    constants = {"drop": round(args.dropout * 32768), "head": c.hidden_size // heads,
-                 "block_n": block_n, "dropout": args.dropout > 0, "precision": "tf32"}  # fmt: skip
+    head = c.hidden_size // heads
+    # the constexprs the op launches a bf16 step's kernels with
+    q = torch.empty(0, heads, head, dtype=torch.bfloat16)
+    given = kernels._attention_args(q, args.seq_len, args.dropout)
+    constants = {k: given[k] for k in ("drop", "head", "block_n", "dropout", "precision")}
     tuners = {
         "forward": (kernels._attention_forward_kernel, "block_m"),
         "dq": (kernels._attention_dq_kernel, "block_m"),
@@ -98,11 +111,8 @@ def count(args: argparse.Namespace) -> dict[str, object]:
                                  "instructions_a_program": len(opcodes), "programs": programs,
                                  "instructions_ms": round(ms, 3)}  # fmt: skip
     t = sum(lengths)
-    # a step's bytes (every layer): the forward and backward's tensors (see `moved` in main)
-    # and the dropout bits, written once and read by both backward kernels
-    moved = (12 * t * c.hidden_size * 2 + 4 * 4 * t * heads) * layers
-    if args.dropout > 0:
-        moved += 3 * t * heads * block_n // 8 * layers
+    moved = bytes_moved(t, heads, head, 2, constants["block_n"], constants["dropout"])
+    moved = moved["fwd_bwd"] * layers  # a step's
     return {
         "count": "sm_90",
         "model_size": args.model_size,
@@ -203,11 +213,8 @@ def main() -> None:
     per_pair = 2 * head * heads  # multiply-adds of one (query, key) pair per product, x2 FLOPs
     pairs = sum(n * n for n in lengths)
     flops = {"fwd": 2 * per_pair * pairs, "fwd_bwd": 7 * per_pair * pairs}
-    size = torch.finfo(dtype).bits // 8
-    rows = t * heads * head * size  # one [T, heads, head] tensor
-    # forward: q, k, v read, o and lse written; backward: q, k, v, o, do, lse read, delta
-    # written and read, dq, dk, dv written
-    moved = {"fwd": 4 * rows + 4 * t * heads, "fwd_bwd": 12 * rows + 4 * 4 * t * heads}
+    block_n = kernels._attention_args(qkv[:, 0], args.seq_len, p)["block_n"]
+    moved = bytes_moved(t, heads, head, torch.finfo(dtype).bits // 8, block_n, p > 0)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "theirs": "flash varlen" if layout.flash else "pad, attend, unpad",
