@@ -126,18 +126,28 @@ def pretrain_general(args: argparse.Namespace, work: Path) -> None:
               "--eval-every", str(args.base_steps), QUIET)  # fmt: skip
 
 
-def sm90_sass(
+class ToolchainOnly:
+    """Stands for Triton's CUDA driver where no GPU is: the sm_90 target to compile for, so that
+    torch can read from a user-defined kernel's TTIR which tensors it writes (without it, it
+    takes every tensor argument as written: inductor copies each before the call)."""
+
+    def get_current_target(self) -> Any:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def sm90_compile(
     fn: Any,
     signature: dict[str, str],
     constexprs: dict[str, Any],
     warps: int,
-    workdir: Path,
     aligned: bool = False,
-) -> list[str]:
-    """A Triton kernel compiled for sm_90 (H100, H200; no GPU needed), as its SASS opcodes read
-    with cuobjdump from Triton's wheel: every instruction but the NOPs, branches and the exit
-    (what a thread issues on its straight path). aligned: its pointers and *_stride arguments
-    multiples of 16, as Triton specializes a launch whose values are."""
+) -> Any:
+    """A Triton kernel through Triton's whole CUDA pipeline for sm_90 (H100, H200; ptxas
+    included, no GPU needed): the compiled kernel. signature: every argument's type,
+    "constexpr" for constexprs' values. aligned: its pointers and *_stride arguments multiples
+    of 16, as Triton specializes a launch whose values are (its loads then vectorized)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -149,15 +159,34 @@ def sm90_sass(
     source = triton.compiler.ASTSource(
         fn=fn, signature=signature, constexprs=constexprs, attrs=attrs
     )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
-    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def cuobjdump(cubin: bytes, flag: str, workdir: Path) -> str:
+    """What cuobjdump from Triton's wheel prints for a cubin with `flag` (-sass, -res-usage)."""
+    import triton
+
     path = workdir / "kernel.cubin"
-    path.write_bytes(compiled.asm["cubin"])
+    path.write_bytes(cubin)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    text = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True).stdout
+    done = subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def sm90_sass(
+    fn: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    warps: int,
+    workdir: Path,
+    aligned: bool = False,
+) -> list[str]:
+    """A Triton kernel compiled for sm_90 (`sm90_compile`), as its SASS opcodes: every
+    instruction but the NOPs, branches and the exit (what a thread issues on its straight
+    path)."""
+    compiled = sm90_compile(fn, signature, constexprs, warps, aligned)
     ops = []
-    for line in text.splitlines():
+    for line in cuobjdump(compiled.asm["cubin"], "-sass", workdir).splitlines():
         found = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
         if found and found.group(2).split(".")[0] not in ("NOP", "BRA", "EXIT"):
             ops.append(found.group(2))

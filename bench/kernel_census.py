@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import sm90_sass
+from common import ToolchainOnly, sm90_sass
 from train_throughput import VOCAB, bench_config, predictions, synthetic_shard
 
 from bertforge import kernels as kernels_module
@@ -176,17 +176,6 @@ class Capture:
         if name.startswith("__"):
             raise AttributeError(name)
         return lambda *args, **kwargs: None
-
-
-class ToolchainOnly:
-    """Stands for Triton's CUDA driver where no GPU is: the sm_90 target to compile for, so that
-    inductor can read from a user-defined kernel's TTIR which tensors it writes (without it,
-    inductor assumes every tensor argument is written and copies each before the call)."""
-
-    def get_current_target(self) -> Any:
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
 
 
 @contextlib.contextmanager

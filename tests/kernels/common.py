@@ -5,8 +5,10 @@ traces, and compiling for sm_90. Imported after `pytest.importorskip("triton")`.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,19 @@ import triton
 from bertforge import kernels
 from bertforge.model import BertConfig, Layer, Packed
 
+
+def _bench_common() -> Any:
+    """bench/common.py (the benchmarks' helpers: compiling for sm_90, cuobjdump, the stand-in
+    driver), loaded by path: bench/ is not a package."""
+    path = Path(__file__).resolve().parents[2] / "bench" / "common.py"
+    spec = importlib.util.spec_from_file_location("bench_common", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _bench_common()
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # the kernels' numbers: on CUDA, or on a CPU under Triton's interpreter
@@ -138,20 +153,15 @@ def compile_for_sm90(
 
 
 def stack_bytes(kernel: Any) -> int:
-    """The per-thread stack a compiled kernel's cubin declares (cuobjdump -res-usage, from
-    Triton's wheel): registers spilled, where it is not 0."""
-    import subprocess
+    """The per-thread stack a compiled kernel's cubin declares (cuobjdump -res-usage):
+    registers spilled, where it is not 0."""
     import tempfile
-    from pathlib import Path
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run(
-            [str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    return sum(int(n) for n in re.findall(r"STACK:(\d+)", usage))
+    with tempfile.TemporaryDirectory() as tmp:
+        usage = BENCH.cuobjdump(kernel.asm["cubin"], "-res-usage", Path(tmp))
+    stacks = re.findall(r"STACK:(\d+)", usage)
+    assert stacks, usage
+    return sum(int(n) for n in stacks)
 
 
 def compile_one_for_sm90(
@@ -161,41 +171,24 @@ def compile_one_for_sm90(
     num_warps: int,
     aligned: bool = False,
 ) -> Any:
-    """A JIT kernel through Triton's CUDA pipeline for sm_90, its constexprs `constants`."""
-    from triton.backends.compiler import GPUTarget
-
+    """A JIT kernel through Triton's CUDA pipeline for sm_90 (bench/common.py's
+    `sm90_compile`), its constexprs `constants`."""
     full = {**signature, **{name: "constexpr" for name in constants}}
     assert set(full) == set(fn.arg_names)
-    attrs = {
-        (i,): [["tt.divisibility", 16]]
-        for i, name in enumerate(fn.arg_names)
-        if aligned and name in signature and name.endswith(("_ptr", "_stride"))
-    }
-    source = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constants, attrs=attrs)
-    done = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}
-    )
+    done = BENCH.sm90_compile(fn, full, constants, num_warps, aligned)
     assert done.asm["cubin"], (fn.arg_names, constants)
     return done
 
 
-class SM90:
-    """Triton's active driver where no GPU is: only the target to compile for."""
-
-    def get_current_target(self):  # type: ignore[no-untyped-def]
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-
 @contextlib.contextmanager
 def sm90_driver() -> Iterator[None]:
-    """SM90 as Triton's active driver: what torch needs to read from a kernel's TTIR which
-    tensors it writes (without it, torch takes every tensor argument as written)."""
+    """bench/common.py's ToolchainOnly as Triton's active driver: what torch needs to read from
+    a kernel's TTIR which tensors it writes (without it, torch takes every tensor argument as
+    written)."""
     from triton.runtime import driver
 
     saved = driver._active
-    driver._active = SM90()
+    driver._active = BENCH.ToolchainOnly()
     try:
         yield
     finally:
