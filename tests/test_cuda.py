@@ -49,8 +49,7 @@ def test_packed_matches_padded_on_cuda(dtype, fused):
         pytest.skip("needs Triton")
     c = BertConfig.preset("mini", 1000)
     model = BertForPretraining(c).cuda().eval()
-    for layer in model.layers:
-        layer.fused_attention = fused
+    model.set_layer_options(fused_attention=fused)
     g = np.random.default_rng(0)
     lengths = np.array([128, 100, 64, 9, 128, 77, 120, 33])
     ids = g.integers(5, 1000, (8, 128))
@@ -249,8 +248,7 @@ def test_dropout_draws_anew_at_every_graph_replay(fused):
         c = BertConfig.preset("mini", 1000, hidden_dropout_prob=p, attention_probs_dropout_prob=p)
         torch.manual_seed(0)
         model = BertForPretraining(c).to(device)
-        for layer in model.layers:
-            layer.fused_norm = layer.fused_gelu = layer.fused_attention = fused
+        model.set_layer_options(fused_norm=fused, fused_gelu=fused, fused_attention=fused)
         counters.clear()
         forward = torch.compile(Objective(model), mode="reduce-overhead")
         rows = packed_rows(16, 0)

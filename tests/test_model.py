@@ -379,8 +379,7 @@ def test_split_qkv_gives_the_same_losses_and_gradients(packed):
     model = BertForPretraining(c)
     results = {}
     for split in (False, True):
-        for layer in model.layers:
-            layer.split_qkv = split
+        model.set_layer_options(split_qkv=split)
         torch.manual_seed(1)
         results[split, "eager"] = sums_and_grads(model, rows, packed)
         torch._dynamo.reset()
