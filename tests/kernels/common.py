@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,19 +22,33 @@ import triton
 from bertforge import kernels
 from bertforge.model import BertConfig, Layer, Packed
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def _bench_common() -> Any:
-    """bench/common.py (the benchmarks' helpers: compiling for sm_90, cuobjdump, the stand-in
-    driver), loaded by path: bench/ is not a package."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "common.py"
-    spec = importlib.util.spec_from_file_location("bench_common", path)
+
+def bench_module(name: str) -> Any:
+    """bench/NAME.py, loaded by path (bench/ is not a package); one that imports no other
+    bench module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-BENCH = _bench_common()
+def run_bench(script: str, *argv: str) -> dict[str, Any]:
+    """bench/SCRIPT.py run with argv as a command, in the repository: the JSON of its last
+    line."""
+    done = subprocess.run(
+        [sys.executable, f"bench/{script}.py", *argv],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+# the benchmarks' helpers: compiling for sm_90, cuobjdump, the stand-in driver
+BENCH = bench_module("common")
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # the kernels' numbers: on CUDA, or on a CPU under Triton's interpreter

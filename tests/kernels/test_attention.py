@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 from bertforge import kernels, ops  # noqa: E402
 from tests.kernels.common import (  # noqa: E402
     DEVICE,
+    bench_module,
     compile_for_sm90,
     compiled,
     configs_in_turn,
@@ -24,6 +25,7 @@ from tests.kernels.common import (  # noqa: E402
     launches,
     layer_with_and_without,
     numeric,
+    run_bench,
     sm90_driver,
     stack_bytes,
     traced,
@@ -241,53 +243,20 @@ def test_kernels_compile_for_an_h100_without_spilling(dtype, p):
 def test_the_attention_bench_runs_and_its_sides_agree():
     """bench/attention_kernel.py (the GPU round's `attention` stage) at BERT-tiny's shapes: both
     sides timed, the same numbers without dropout."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "bench/attention_kernel.py", "--model-size", "tiny", "--batch-size",
-         "4", "--seq-len", "32", "--rounds", "1", "--steps", "1", "--device", DEVICE],
-        cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.splitlines()[-1])
+    argv = ["--model-size", "tiny", "--batch-size", "4", "--seq-len", "32", "--rounds", "1"]
+    got = run_bench("attention_kernel", *argv, "--steps", "1", "--device", DEVICE)
     assert got["max_abs_diff_without_dropout"] < 1e-2  # bf16 on CUDA, fp32 here
     assert got["ours_fwd_bwd_ms"] > 0 and got["theirs_fwd_bwd_ms"] > 0 and got["tokens"] > 4
-    sys.path.insert(0, str(root / "bench"))
-    try:  # what bench/gpu_summary.py reads of it
-        from gpu_summary import attention_line
-
-        assert attention_line(got, "attention").startswith("attention: one layer's attention")
-    finally:
-        sys.path.remove(str(root / "bench"))
+    line = bench_module("gpu_summary").attention_line(got, "attention")  # what it reads of it
+    assert line.startswith("attention: one layer's attention")
 
 
 @compiled
 def test_the_attention_count_compiles_every_kernel_for_sm90():
     """bench/attention_kernel.py --count (no GPU): each kernel's instructions for sm_90, with
     dropout more than without (the draws, the bits), and the bytes."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    got = {}
-    for p in ("0.1", "0"):
-        done = subprocess.run(
-            [sys.executable, "bench/attention_kernel.py", "--count", "--model-size", "mini",
-             "--batch-size", "16", "--dropout", p],
-            cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True,
-            text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        got[p] = json.loads(done.stdout.splitlines()[-1])
+    argv = ["--count", "--model-size", "mini", "--batch-size", "16", "--dropout"]
+    got = {p: run_bench("attention_kernel", *argv, p) for p in ("0.1", "0")}
     assert set(got["0.1"]["kernels"]) == {"forward", "dq", "dk_dv"}
     for name, kernel in got["0.1"]["kernels"].items():
         assert (

@@ -6,18 +6,12 @@ as not counted."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
 from bertforge import kernels
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.common import run_bench
 
 pytestmark = pytest.mark.skipif(
     kernels.interpreted(), reason="counts compiled kernels, not interpreted ones"
@@ -25,13 +19,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def census(*flags: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, "bench/kernel_census.py", "--model-size", "tiny", "--seq-len", "32",
-         "--batch-size", "8", *flags],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return run_bench("kernel_census", "--model-size", "tiny", "--seq-len", "32", "--batch-size",
+                     "8", *flags)  # fmt: skip
 
 
 def test_the_census_counts_a_step_with_the_fused_kernels_and_q_k_v_split() -> None:
