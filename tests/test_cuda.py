@@ -114,10 +114,10 @@ def test_train_on_cuda(tmp_path, train_data, cpu_windows, extra):
     loss scaling; the flat optimizer, its update bertforge's Triton kernel or, without Triton,
     torch's; CUDA graphs, packed and in padded micro-batches; every speed option together:
     q/k/v split, bertforge's Triton kernels, attention's included, the flat optimizer;
-    bertforge's attention in fp32, where flash varlen does not run) learns
-    as the fp32 CPU run of the same data, masks and seed does: its loss over the last 30
-    steps within 0.15 of the CPU run's (three seeds spread by 0.08; a path that stops
-    learning stays near the first window's loss, about 1 higher)."""
+    bertforge's attention in fp32, where flash varlen does not run) learns as the fp32 CPU
+    run of the same data, masks and seed does: its loss over the last 30 steps within 0.15
+    of the CPU run's (three seeds spread by 0.08; a path that stops learning stays near the
+    first window's loss, about 1 higher)."""
     out = tmp_path / "run"
     m = train_mini(train_data, out, *extra)
     losses = [round(r["loss"], 3) for r in m]
