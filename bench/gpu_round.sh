@@ -27,6 +27,9 @@
 #             bertforge's Triton kernels against flash varlen and the padded step's SDPA,
 #             forward and forward + backward), then base128 packed, no peer, with and without
 #             --fused-attention, interleaved, with a profile
+#   prune     base128 packed, no peer, the last layer at the heads' rows only (the default,
+#             BertForPretraining.prune_last_layer: 6% of the model FLOPs skipped) and at every
+#             row (--full-last-layer both), interleaved, with a profile
 #   qkv       base128 packed, no peer, the fused kernels and the flat optimizer on, with and
 #             without --split-qkv (q, k, v as three matmuls; their gradients not concatenated:
 #             3.3 GB a step fewer by bench/kernel_census.py), interleaved, with a profile
@@ -67,11 +70,12 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): best, attention, fused, qkv, kernels, optimizer, loader, tests, base128
+# the first stopped): best, attention, prune, fused, qkv, kernels, optimizer, loader, tests, base128
 # (with --profile 3), regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it
 # prints how long each took. The headline first: the plain step, everything together and
 # everything with graphs against the peer (best); then each option alone: the attention
-# kernels against flash varlen (attention), the fused Triton kernels (fused), the split q/k/v
+# kernels against flash varlen (attention), the pruned last layer against the whole one
+# (prune), the fused Triton kernels (fused), the split q/k/v
 # matmuls (qkv), the Triton kernels' numbers on CUDA, only ever checked under Triton's CPU
 # interpreter before (kernels), the flat optimizer (the profile's
 # 2.6 ms of optimizer against 0.7 ms of bytes), the loader's worker process; the CUDA tests;
@@ -97,9 +101,9 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-best}
   started=
-  for spec in best:240 attention:150 fused:300 qkv:120 kernels:90 optimizer:120 loader:150 \
-    tests:300 base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 elementwise:180 \
-    malloc:150 autotune:600; do
+  for spec in best:240 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
+    loader:150 tests:300 base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 \
+    elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     [ "$name" = "$first" ] && started=1
     [ -n "$started" ] || continue
@@ -116,7 +120,8 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | loader | kernels | base128 | best | attention | qkv | fused | bandwidth \
+  tests | optimizer | loader | kernels | base128 | best | attention | prune | qkv | fused \
+    | bandwidth \
     | graphs | cppwrap | autotune | tuning | eager | regions | profile | elementwise | malloc \
     | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
@@ -155,6 +160,9 @@ base=(--model-size base --seq-len 128 --batch-size 256)
       "$py" bench/attention_kernel.py --model-size base --batch-size 256 --seq-len 128 \
         --peak-gbps 4800 || echo "attention_kernel: exit $? (the step's comparison follows)"
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-attention both \
+        --profile 1 "$@" ;;
+    prune)
+      "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --full-last-layer both \
         --profile 1 "$@" ;;
     qkv)
       "${bench[@]}" "${base[@]}" --layouts packed --skip-peer --fused-norm yes --fused-gelu yes \

@@ -4,13 +4,14 @@ stage (STAGE.log, the bench's JSON its last line per run); this reads them back.
     python bench/gpu_summary.py DIR_OR_LOG ...
 
 For every `bench/train_throughput.py` run: a Markdown row per side (tokens/s, ms a step,
-against the peer, MFU, peak memory, warm-up, and with --profile the device time by kind of
-kernel, and a line of the host's waits for the device and the ops that made them; a side
-that failed, with its error; a run cut short, with its figures so far); for
-`bench/optimizer_update.py`: ms an update per side; for `bench/attention_kernel.py`: ms of
-each side's attention; for `bench/loader_contention.py`: ms a
-step per loader; for pytest: its summary line, and the failures it listed; a bench's refusal
-of its command line. Also the stage times `all` printed. Nothing is measured here.
+against the peer, MFU and, where the last layer is pruned, the share of the FLOPs the step
+does, peak memory, warm-up, and with --profile the device time by kind of kernel, and a line
+of the host's waits for the device and the ops that made them; a side that failed, with its
+error; a run cut short, with its figures so far); for `bench/optimizer_update.py`: ms an
+update per side; for `bench/attention_kernel.py`: ms of each side's attention; for
+`bench/loader_contention.py`: ms a step per loader; for pytest: its summary line, and the
+failures it listed; a bench's refusal of its command line. Also the stage times `all`
+printed. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def throughput_rows(run: dict[str, Any], stage: str) -> list[str]:
     for name, side in run["layouts"].items():
         ratio = f"{side['ratio']:.2f}x" if side.get("ratio") else "-"
         mfu = f"{side['mfu']:.1%}" if side.get("mfu") is not None else "-"
+        done = side.get("mfu_executed")
+        if done is not None and done != side["mfu"]:  # the pruned last layer's skipped FLOPs
+            mfu += f" ({done:.1%} of FLOPs done)"
         memory = side.get("peak_memory_gib")
         rows.append(
             f"| {stage} | {run['model_size']} {run['seq_len']} x {run['batch_size']} | {name} "

@@ -273,6 +273,7 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     p = predictions(seq)
     model = BertForPretraining(bench_config(args))
     model.compile_regions = not args.whole_graph
+    model.prune_last_layer = not args.full_last_layer
     own = args.fused_norm or args.fused_gelu or args.fused_attention
     if own:
         kernels_module.usable = lambda x: True
@@ -407,6 +408,12 @@ def main() -> None:
         "generated into the step as inductor does on a GPU, listed, not counted (bench/"
         "attention_kernel.py --count counts them)",
     )
+    ap.add_argument(
+        "--full-last-layer",
+        action="store_true",
+        help="the last layer computes every token's row (the trainer's --no-prune-last-layer) "
+        "instead of the rows the heads read",
+    )
     ap.add_argument("--bandwidth-gbps", type=float, default=4800.0, help="H200: 4,800 GB/s")
     ap.add_argument("--issue-tops", type=float, default=33.4, help="T instructions/s (H200: 33.4)")
     ap.add_argument("--top", type=int, default=16, help="kernels listed")
@@ -437,6 +444,7 @@ def main() -> None:
         f"{', --fused-gelu' if args.fused_gelu else ''}"
         f"{', --split-qkv' if args.split_qkv else ''}"
         f"{', --fused-attention' if args.fused_attention else ''}"
+        f"{', --full-last-layer' if args.full_last_layer else ''}"
         f": {len(rows)} kernels, {sum(r['calls'] for r in rows)} calls a step"
     )
     print(
@@ -460,7 +468,7 @@ def main() -> None:
         "layout": args.layout, "dropout": args.dropout, "draws": args.draws,
         "hidden_act": args.hidden_act, "whole_graph": args.whole_graph,
         "fused_norm": args.fused_norm, "fused_gelu": args.fused_gelu, "split_qkv": args.split_qkv,
-        "fused_attention": args.fused_attention,
+        "fused_attention": args.fused_attention, "full_last_layer": args.full_last_layer,
         "tokens": tokens, "torch": torch.__version__, "bandwidth_gbps": args.bandwidth_gbps,
         "issue_tops": args.issue_tops, "gb": round(total["gb"], 3), "uncounted": uncounted,
         "memory_ms": round(total["memory_ms"], 3), "floor_ms": round(total["floor_ms"], 3),

@@ -14,7 +14,10 @@ Tokens are real tokens (padding excluded). Instance lengths follow the data stag
 near max length, 10% short (Google's short_seq_prob). MFU uses training FLOPs per token =
 6 x non-embedding parameters + 12 x layers x hidden x seq + the MLM head at masked positions
 (`BertConfig.training_flops_per_token`, the figure `bertforge train` logs as MFU), against the
-device's dense bf16/fp16 peak (`train.PEAK_HALF_FLOPS`: 989 TFLOP/s for an H100 SXM).
+device's dense bf16/fp16 peak (`train.PEAK_HALF_FLOPS`: 989 TFLOP/s for an H100 SXM). That
+counts every token's rows in the last layer, which bertforge's step computes at the rows the
+heads read only (`BertForPretraining.prune_last_layer`; '+fulllast' computes them all):
+mfu_executed leaves out the FLOPs it skips (`BertConfig.pruned_flops_per_token`).
 
     python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
     python bench/train_throughput.py --model-size base --batch-size 256 --compile \
@@ -109,7 +112,7 @@ def host_sized(config: BertConfig) -> BertConfig:
 
 # What a side's name may add to its layout (padded, packed): see make_ours and the flags.
 SUFFIXES = ("+whole", "+graphs", "+bits", "+torchdrop", "+eager", "+fusednorm", "+fusedgelu",
-            "+fusedattn", "+flat", "+splitqkv", "+thread")  # fmt: skip
+            "+fusedattn", "+flat", "+splitqkv", "+fulllast", "+thread")  # fmt: skip
 
 
 # The side-name suffix of each layer option (model.LAYER_OPTIONS)
@@ -126,7 +129,7 @@ def named_sides(
     orders them."""
     flags = ("--layouts", "--whole-graph", "--graphs", "--compiled-dropout", "--fused-norm",
              "--fused-gelu", "--fused-attention", "--flat-optimizer", "--split-qkv",
-             "--loader")  # fmt: skip
+             "--full-last-layer", "--loader")  # fmt: skip
     dests = {f: f[2:].replace("-", "_") for f in flags}
     given = [f for f, d in dests.items() if getattr(args, d) != ap.get_default(d)]
     if given:
@@ -415,6 +418,14 @@ def arguments() -> argparse.ArgumentParser:
         "trainer's --split-qkv: their gradients are not concatenated for the backward; "
         "'+splitqkv' in the name); both: with and without, interleaved",
     )
+    variant_flag(
+        ap,
+        "--full-last-layer",
+        "bertforge's sides with the last layer computing every token's row (the trainer's "
+        "--no-prune-last-layer; '+fulllast' in the name) instead of only the rows the heads "
+        "read (each sequence's first token and masked positions: the default); both: with "
+        "and without, interleaved",
+    )
     ap.add_argument(
         "--sides",
         default=None,
@@ -499,12 +510,13 @@ def main() -> None:
         ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
     loaders = {"process": [""], "thread": ["+thread"], "both": ["", "+thread"]}[args.loader]
     fuseds = [
-        norm + gelu + attn + flat + qkv + loader
+        norm + gelu + attn + flat + qkv + last + loader
         for norm in with_without(args.fused_norm, "+fusednorm")
         for gelu in with_without(args.fused_gelu, "+fusedgelu")
         for attn in with_without(args.fused_attention, "+fusedattn")
         for flat in with_without(args.flat_optimizer, "+flat")
         for qkv in with_without(args.split_qkv, "+splitqkv")
+        for last in with_without(args.full_last_layer, "+fulllast")
         for loader in loaders
     ]
     regions = with_without(args.whole_graph, "+whole")
@@ -571,6 +583,7 @@ def main() -> None:
         "+torchdrop": the 15-bit draws / torch's dropout under torch.compile; "+eager": not
         compiled; "+fusednorm" / "+fusedgelu" / "+fusedattn": kernels.fused_norm / bias_gelu /
         attention in every layer; "+flat": optim.FlatAdamW; "+splitqkv": Layer.split_qkv;
+        "+fulllast": the last layer computes every row (BertForPretraining.prune_last_layer);
         "+thread": batches from a thread), on its own model (same init) and optimizer: it
         reads nothing back unless the optimizer cannot skip a bad step on the device (then
         `update` does, as in the trainer)."""
@@ -578,6 +591,7 @@ def main() -> None:
         model = BertForPretraining(c).to(device)
         variant = layout.split("@")[0]
         model.compile_regions = "+whole" not in variant
+        model.prune_last_layer = "+fulllast" not in variant
         model.set_layer_options(**{name: s in variant for name, s in LAYER_SUFFIXES.items()})
         bits = True if "+bits" in variant else False if "+torchdrop" in variant else None
         for module in model.modules():
@@ -707,12 +721,23 @@ def main() -> None:
         for mark, dtype in precision_of.items()
     }
 
-    def mfu(tokens_per_s: float, st: dict[str, Any], side: str) -> float | None:
-        """MFU at a side's speed, with the masked share of `st`'s tokens (as train logs it)."""
+    def mfu(
+        tokens_per_s: float, st: dict[str, Any], side: str, executed: bool = False
+    ) -> float | None:
+        """MFU at a side's speed, with the masked share of `st`'s tokens (as train logs it);
+        `executed`: of the FLOPs the side's step does, without those its pruned last layer
+        skips (`BertConfig.pruned_flops_per_token`)."""
         meter = meters[mark_of(side)]
         if meter is None:
             return None
-        return round(meter.mfu(tokens_per_s, st["masked"] / max(st["tokens"], 1)), 4)
+        masked = st["masked"] / max(st["tokens"], 1)
+        value = meter.mfu(tokens_per_s, masked)
+        if executed and "+fulllast" not in side:
+            read = st["steps"] * batch * (1 + predictions(seq)) / max(st["tokens"], 1)
+            value *= 1 - c.pruned_flops_per_token(seq, read) / c.training_flops_per_token(
+                seq, masked
+            )
+        return round(value, 4)
 
     if not layouts:
         print(json.dumps({"model_size": args.model_size, "failed": failed}))
@@ -730,6 +755,7 @@ def main() -> None:
             "ratio": round(tps[layout] / peer_tps, 3) if peer_tps else None,
             "step_ms": round(1000 * st["time"] / st["steps"], 2),
             "mfu": mfu(tps[layout], st, layout),
+            "mfu_executed": mfu(tps[layout], st, layout, executed=True),
             "data_wait_share": round(st["wait"] / st["time"], 4),
             "peak_memory_gib": round(mem[layout], 2) if device.type == "cuda" else None,
             "warmup_s": round(warmup[layout], 1),
@@ -757,6 +783,7 @@ def main() -> None:
         "fused_attention": args.fused_attention,
         "flat_optimizer": args.flat_optimizer,
         "split_qkv": args.split_qkv,
+        "full_last_layer": args.full_last_layer,
         "loader": args.loader,
         "sides": args.sides,
         "dropout": args.dropout,
@@ -773,6 +800,7 @@ def main() -> None:
         ),
         "data_wait_share": head["data_wait_share"],
         "mfu": head["mfu"],
+        "mfu_executed": head["mfu_executed"],
         "peer_mfu": mfu(peer_tps, st, peer) if peer_tps else None,
         "peak_memory_gib": {"ours": head["peak_memory_gib"], "peer": mem.get(peer)}
         if device.type == "cuda"

@@ -42,7 +42,8 @@ def metrics(out):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_packed_matches_padded_on_cuda(dtype, fused):
     """The loader's packed batch through flash varlen attention, or `kernels.attention`, gives
-    the padded logits."""
+    the padded logits, with the last layer pruned (the default: SDPA's padded attention of
+    the heads' rows) and whole."""
     from bertforge import kernels
 
     if fused and not kernels.available():
@@ -59,12 +60,15 @@ def test_packed_matches_padded_on_cuda(dtype, fused):
                 positions, np.ones_like(positions))  # fmt: skip
     outs = []
     for packed in (False, True):
-        b, lengths_arg, layout = model_batch(rows, torch.device("cuda"), packed)
-        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-            outs.append(model(b["input_ids"], b["token_type_ids"], lengths_arg, b["positions"],
-                              layout))  # fmt: skip
-    for x, y in zip(*outs, strict=True):
-        torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05)
+        for prune in (False, True):
+            model.prune_last_layer = prune
+            b, lengths_arg, layout = model_batch(rows, torch.device("cuda"), packed)
+            with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+                outs.append(model(b["input_ids"], b["token_type_ids"], lengths_arg,
+                                  b["positions"], layout))  # fmt: skip
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other, strict=True):
+            torch.testing.assert_close(x.float(), y.float(), atol=0.05, rtol=0.05)
 
 
 def train_mini(data, out, *extra):

@@ -319,9 +319,10 @@ def test_a_compiled_step_forgets_the_shapes_of_earlier_runs():
 @pytest.mark.parametrize("packed", [False, True])
 def test_layers_compile_as_one_nested_region(packed):
     """Under torch.compile the layers are one nested compile region: the step's graph calls
-    one subgraph once per layer (compiled once, not once per layer), and the losses and
-    gradients are eager's (no dropout) and the whole graph's (with dropout, same seed).
-    compile_regions False traces every layer into the graph."""
+    one subgraph once per layer but the last, which computes the heads' rows only
+    (`prune_last_layer`), and the losses and gradients are eager's (no dropout) and the whole
+    graph's (with dropout, same seed). compile_regions False traces every layer into the
+    graph."""
     c = tiny_config(num_hidden_layers=3)
     ids, types, lengths, positions = batch(c)
     rows = rows_of(ids, types, lengths, positions)
@@ -346,7 +347,8 @@ def test_layers_compile_as_one_nested_region(packed):
         subgraphs = [n for n, _ in graphs[0].named_children() if n.startswith("subgraph")]
         calls = graphs[0].code.count("invoke_subgraph(")
         assert len(graphs) == 1
-        assert (len(subgraphs), calls) == ((1, 3) if regions else (0, 0))
+        # the pruned last layer (prune_last_layer) is traced into the step's graph
+        assert (len(subgraphs), calls) == ((1, 2) if regions else (0, 0))
     model.eval()
     eager = sums_and_grads(model, rows, packed)
     for (sums, grads), (want_sums, want_grads) in (
@@ -357,6 +359,57 @@ def test_layers_compile_as_one_nested_region(packed):
         for name, g in want_grads.items():
             torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
     assert not torch.allclose(results[True, True][0][0], eager[0][0])  # dropout was on
+
+
+@pytest.mark.parametrize("layout", ["padded", "padded-full-width", "packed", "packed-filler"])
+def test_the_pruned_last_layer_gives_the_whole_layers_losses_and_gradients(layout):
+    """prune_last_layer (the default): the last layer computes only the rows the heads read,
+    each sequence's first token and masked positions (an unused slot's position 0 reads the
+    first token twice), each query against all of its sequence's keys. Its rows are the whole
+    layer's at those rows, and the losses and every gradient are the whole layer's, eager and
+    compiled."""
+    c = tiny_config(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids, types, lengths, positions = batch(c)
+    positions[1, -1] = 0  # as the data marks an unused slot
+    rows = rows_of(ids, types, lengths, positions)
+    packed, trim = layout.startswith("packed"), layout != "padded-full-width"
+    bucket = 32 if layout == "packed-filler" else 0
+    torch.manual_seed(0)
+    model = BertForPretraining(c)
+    assert model.prune_last_layer
+    seen = []
+    model.layers[-1].ffn_in.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    results = {}
+    for prune in (False, True):
+        model.prune_last_layer = prune
+        results[prune, "eager"] = sums_and_grads(model, rows, packed, trim, bucket=bucket)
+        torch._dynamo.reset()
+        forward = torch.compile(Objective(model), backend="aot_eager")
+        results[prune, "compiled"] = sums_and_grads(model, rows, packed, trim, forward, bucket)
+    # the eager steps' feed-forward input in the last layer: every token's row, or 1 + 4 rows
+    # of each of the 3 sequences
+    tokens = int(lengths.sum()) + (30 if bucket else 0) if packed else ids.numel() // 3
+    assert seen[0][:-1] == ((tokens,) if packed else (3, tokens))
+    assert (3, 5) in [shape[:-1] for shape in seen[1:]]
+    for way in ("eager", "compiled"):
+        (want, want_grads), (got, grads) = results[False, way], results[True, way]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=(way, name))
+
+    b, _, layout_arg = model_batch(rows, torch.device("cpu"), packed, trim, bucket)
+    if packed:
+        starts, mask = layout_arg.starts(3), layout_arg
+    else:
+        s = b["input_ids"].shape[1]
+        starts = torch.arange(3) * s
+        mask = (torch.arange(s)[None, :] < lengths[:, None]).view(3, 1, 1, s)
+    read = starts[:, None] + F.pad(b["positions"], (1, 0))
+    x = torch.randn(*b["input_ids"].shape, c.hidden_size)
+    layer = model.layers[-1]
+    with torch.no_grad():
+        whole = layer(x, mask).reshape(-1, c.hidden_size)[read]
+        torch.testing.assert_close(layer(x, mask, read), whole, atol=1e-5, rtol=1e-5)
 
 
 def test_layer_options_are_set_on_every_layer_and_unknown_ones_refused():
@@ -430,9 +483,11 @@ def test_half_residual_stream_under_autocast():
 
 def test_training_flops_per_token_counts_the_steps_matmuls():
     """MFU's FLOPs per token (training_flops_per_token) against torch's FLOP counter over a
-    real forward and backward: what it leaves out or counts as parameters that do no matmul
-    (biases, LayerNorm, pooler, NSP) is all it differs by, under 1% here, and each term is
-    needed (without the attention term or the masked-LM head it would miss by 10% or more)."""
+    real forward and backward of the whole model (--no-prune-last-layer): what it leaves out
+    or counts as parameters that do no matmul (biases, LayerNorm, pooler, NSP) is all it
+    differs by, under 1% here, and each term is needed (without the attention term or the
+    masked-LM head it would miss by 10% or more). With the last layer pruned (the default)
+    the step does less by pruned_flops_per_token, within the same 1%."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -444,17 +499,23 @@ def test_training_flops_per_token_counts_the_steps_matmuls():
     ids = torch.randint(1, c.vocab_size, (b, s), generator=g)
     positions = torch.stack([torch.randperm(s, generator=g)[:p] for _ in range(b)])
     labels = torch.randint(0, c.vocab_size, (b, p), generator=g)
-    # The math backend runs attention as matmuls the counter sees on any device.
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        mlm, nsp = model(ids, torch.zeros_like(ids), None, positions)
-        loss = F.cross_entropy(mlm.flatten(0, 1), labels.flatten()) + nsp.sum()
-        loss.backward()
-    counted = counter.get_total_flops()
+    counted = {}
+    for prune in (False, True):
+        model.prune_last_layer = prune
+        # The math backend runs attention as matmuls the counter sees on any device.
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            mlm, nsp = model(ids, torch.zeros_like(ids), None, positions)
+            loss = F.cross_entropy(mlm.flatten(0, 1), labels.flatten()) + nsp.sum()
+            loss.backward()
+        counted[prune] = counter.get_total_flops()
     estimate = c.training_flops_per_token(s, p / s) * b * s
-    assert 0 < (estimate - counted) / counted < 0.01, (estimate, counted)
+    assert 0 < (estimate - counted[False]) / counted[False] < 0.01, (estimate, counted)
     h, layers = c.hidden_size, c.num_hidden_layers
     for term in (12 * layers * h * s * b * s, 6 * (h * h + h * c.vocab_size) * b * p):
-        assert (counted - (estimate - term)) / counted > 0.1
+        assert (counted[False] - (estimate - term)) / counted[False] > 0.1
+    skipped = c.pruned_flops_per_token(s, (1 + p) / s) * b * s
+    assert skipped > 0.1 * counted[False]  # 2 layers: a third of the step
+    assert 0 < (estimate - skipped - counted[True]) / counted[True] < 0.01, (skipped, counted)
 
 
 def test_bert_config_json_and_errors(tmp_path):

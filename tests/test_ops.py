@@ -159,6 +159,24 @@ def test_attention_is_sdpa_and_drops_the_probabilities():
     torch.testing.assert_close(compiled(q, k, v, mask, 0.0), sdpa, atol=1e-6, rtol=1e-5)
 
 
+def test_attention_of_fewer_queries_than_keys():
+    """The pruned last layer's attention: Q queries a sequence against its S keys, as SDPA
+    computes it, and with dropout the probabilities [Q, S] dropped as keep_mask draws them."""
+    g = torch.Generator().manual_seed(1)
+    b, nh, rows, s, hs = 3, 2, 4, 9, 8
+    q = torch.randn(b, nh, rows, hs, generator=g)
+    k, v = (torch.randn(b, nh, s, hs, generator=g) for _ in range(2))
+    mask = (torch.arange(s)[None, :] < torch.tensor([9, 4, 1])[:, None]).view(b, 1, 1, s)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ops.attention(q, k, v, mask, 0.0), sdpa, atol=1e-6, rtol=1e-5)
+    torch.manual_seed(3)
+    out = ops.attention(q, k, v, mask, 0.2)
+    torch.manual_seed(3)
+    keep = ops.keep_mask((b, nh, rows, s), 0.2, torch.device("cpu"))
+    probs = torch.softmax(scores_masked(q, k, mask), -1) * keep * (32768 / (32768 - 6554))
+    torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=1e-5)
+
+
 def reference_loss(logits, labels, vocab):
     x = logits[:, :vocab]
     loss = F.cross_entropy(x.float(), labels, ignore_index=IGNORE, reduction="sum")

@@ -205,16 +205,33 @@ def test_micro_batches_and_packing_do_not_change_the_losses(
     tmp_path, train_data, tiny_bert_config, monkeypatch
 ):
     """Micro-batches of 5, packed batches (no padding), the flat optimizer with gradients
-    accumulated in its buffer, q/k/v as three matmuls, and batches made in a thread instead
-    of the worker process train as the plain padded run (the CPU default) does."""
+    accumulated in its buffer, q/k/v as three matmuls, batches made in a thread instead of
+    the worker process, and the last layer computing every row instead of the heads' rows
+    only train as the plain padded run (the CPU default) does."""
     projected = {}  # run: the layers' split_qkv at each q/k/v projection
     project = Layer.project_qkv
+    pruned = {}  # run: how the training steps' last layers were called (rows given or not)
+    forward = Layer.forward
 
     def spy(layer, x):
         projected.setdefault(name, set()).add(layer.split_qkv)
         return project(layer, x)
 
+    def spy_forward(layer, x, layout, rows=None):
+        if layer.training and layer is layer_of[name]:
+            pruned.setdefault(name, set()).add(rows is not None)
+        return forward(layer, x, layout, rows)
+
+    layer_of = {}
+    init = BertForPretraining.__init__
+
+    def keep_last(model, c):
+        init(model, c)
+        layer_of[name] = model.layers[-1]
+
     monkeypatch.setattr(Layer, "project_qkv", spy)
+    monkeypatch.setattr(Layer, "forward", spy_forward)
+    monkeypatch.setattr(BertForPretraining, "__init__", keep_last)
     runs = {
         "one": [],
         "four": ["--micro-batch-size", "5"],
@@ -222,12 +239,14 @@ def test_micro_batches_and_packing_do_not_change_the_losses(
         "flat": ["--flat-optimizer", "--micro-batch-size", "5"],
         "split": ["--split-qkv"],
         "thread": ["--loader", "thread"],
+        "full": ["--no-prune-last-layer"],
     }
     for name, extra in runs.items():
         steps = ["--num-train-steps", "4", "--eval-every", "2", "--eval-batch-size", "8"]
         main(args(train_data, tmp_path / name, tiny_bert_config, *steps, *extra))
     assert projected == {name: {name == "split"} for name in runs}
-    for name in ("four", "packed", "flat", "split", "thread"):
+    assert pruned == {name: {name != "full"} for name in runs}
+    for name in ("four", "packed", "flat", "split", "thread", "full"):
         for evals in (False, True):
             got, want = metrics(tmp_path / name, evals), metrics(tmp_path / "one", evals)
             assert len(got) == len(want) > 0
@@ -237,7 +256,8 @@ def test_micro_batches_and_packing_do_not_change_the_losses(
     assert metrics(tmp_path / "four")[0]["micro_batch_size"] == 5
     layout = {n: json.loads((tmp_path / n / "manifest.json").read_text())["packed"] for n in runs}
     assert layout == {
-        "one": False, "four": False, "packed": True, "flat": False, "split": False, "thread": False
+        "one": False, "four": False, "packed": True, "flat": False, "split": False, "thread": False,
+        "full": False,
     }  # fmt: skip
 
 

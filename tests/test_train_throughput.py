@@ -102,16 +102,27 @@ def test_the_attention_kernel_is_refused_where_it_would_not_run(
 
 
 def test_named_sides_are_measured(bench) -> None:
+    """Each named side runs; MFU (here of a made-up 1 TFLOP/s peak) counts the model's FLOPs,
+    mfu_executed those the side's step does: fewer with the last layer pruned (the default),
+    by `BertConfig.pruned_flops_per_token`, the same with every row computed ('+fulllast')."""
+    named = "packed,packed+flat+splitqkv,packed+fulllast"
     done = subprocess.run(
         [sys.executable, str(BENCH / "train_throughput.py"), "--model-size", "tiny", "--seq-len",
          "32", "--batch-size", "4", "--steps", "1", "--block", "1", "--warmup", "1", "--device",
-         "cpu", "--precision", "fp32", "--skip-peer", "--sides", "packed,packed+flat+splitqkv"],
+         "cpu", "--precision", "fp32", "--skip-peer", "--peak-tflops", "1", "--sides", named],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     got = json.loads(done.stdout.splitlines()[-1])
-    assert got["sides"] == "packed,packed+flat+splitqkv"
-    assert list(got["layouts"]) == ["packed", "packed+flat+splitqkv"]
+    assert got["sides"] == named
+    assert list(got["layouts"]) == named.split(",")
     assert all(side["tokens_per_s"] > 0 for side in got["layouts"].values())
+    full = got["layouts"]["packed+fulllast"]
+    assert full["mfu"] == full["mfu_executed"] > 0
+    pruned = got["layouts"]["packed"]
+    # tiny (2 layers, hidden 128) at seq 32, 5 masked slots: the last layer at 6 of about 30
+    # rows a sequence skips about a seventh of the model's FLOPs (the MLM head over 30,522
+    # words is most of them)
+    assert 0.8 < pruned["mfu_executed"] / pruned["mfu"] < 0.92
 
 
 def test_a_side_that_fails_is_left_out_and_the_others_measured(bench, monkeypatch, capsys):

@@ -4,7 +4,9 @@ Written here because the model is the product: the layer math is BERT's (post-La
 GELU, learned absolute positions), but the code is shaped for speed:
 - q, k and v are one matmul (`qkv`), attention is torch's scaled_dot_product_attention;
 - the masked-LM head runs only at the masked positions (Google's gather), never over the
-  whole sequence;
+  whole sequence, and in pretraining the last layer computes only the rows the heads read,
+  each sequence's first token and masked positions (`prune_last_layer`, the default; their
+  queries still attend to every key): the same logits for about a sixth of its work;
 - the word embedding matrix (tied to the MLM decoder) has its rows padded to a multiple of 64
   for aligned matmuls; the padding rows are never predicted and are cut off on export;
 - a batch can be given "packed" (built by the loader on the host): every real token of the
@@ -159,6 +161,16 @@ class BertConfig:
         head = 6 * (h * h + h * self.vocab_size) * masked_per_token
         attention = 12 * self.num_hidden_layers * h * seq_len
         return 6 * self.non_embedding_parameters() + attention + head
+
+    def pruned_flops_per_token(self, seq_len: int, read_per_token: float) -> float:
+        """The training FLOPs per real token that `BertForPretraining.prune_last_layer` skips,
+        counted as `training_flops_per_token` counts them: the last layer's q, output and
+        feed-forward matmuls and its attention at the rows no head reads, 1 - read_per_token
+        of them (read_per_token: each sequence's first token and masked positions, per
+        token)."""
+        h, i = self.hidden_size, self.intermediate_size
+        per_row = 6 * (2 * h * h + 2 * h * i) + 12 * h * seq_len
+        return (1 - read_per_token) * per_row
 
 
 # ----------------------------------------------------------------------------- layout
@@ -331,13 +343,45 @@ class Layer(nn.Module):
         self.dropout = Dropout(c.hidden_dropout_prob)
         self.act = ACTIVATIONS[c.hidden_act]
 
-    def forward(self, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
-        # x: (B, S, H) padded or (T, H) packed; heads split the last dim into (nh, hs)
-        q, k, v = self.project_qkv(x)
+    def forward(
+        self,
+        x: torch.Tensor,
+        layout: torch.Tensor | Packed | None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The layer's output (B, S, H) padded or (T, H) packed; with `rows` (B, Q) only the
+        output at those token rows, (B, Q, H) (`rows_qkv`)."""
+        # heads split the last dim into (nh, hs)
         p = self.attention_dropout if self.training else 0.0
-        a = attend(q, k, v, layout, p, self.fused_attention)
+        if rows is None:
+            q, k, v = self.project_qkv(x)
+            a = attend(q, k, v, layout, p, self.fused_attention)
+        else:
+            x, q, k, v, layout = self.rows_qkv(x, layout, rows)
+            a = attend(q, k, v, layout, p)
         x = self.add_norm(self.attn_out, a.flatten(-2), x, self.attn_norm)
         return self.add_norm(self.ffn_out, self.feed_forward_in(x), x, self.ffn_norm)
+
+    def rows_qkv(
+        self, x: torch.Tensor, layout: torch.Tensor | Packed | None, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the layer needs for its output at `rows` only: rows (B, Q) indexes the tokens
+        of x as one list (b x S + position padded, T packed), Q of sequence b's tokens in
+        row b. Returns those tokens' inputs (B, Q, H) and queries (B, Q, nh, hs), every
+        token's keys and values (B, S, nh, hs) padded, and their key mask (B, 1, 1, S) or
+        None. Each query still attends to all of its sequence's keys, so the rows come out as
+        the whole layer computes them."""
+        h = x.shape[-1]
+        picked = x.reshape(-1, h)[rows.flatten()].view(*rows.shape, h)
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(picked, w[:h], b[:h]).unflatten(-1, (self.num_heads, -1))
+        kv = F.linear(x, w[h:], b[h:]).unflatten(-1, (2, self.num_heads, -1))
+        if isinstance(layout, Packed):  # filler sequences (graphs' buckets) come after row B
+            index = layout.padded_index()
+            kv = layout.pad(kv, index)[: rows.shape[0]]
+            layout = layout.key_mask(index)[: rows.shape[0]]
+        k, v = kv.unbind(-3)
+        return picked, q, k, v, layout
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v [..., nh, hs]: one matmul, or with `split_qkv` one per row block of the
@@ -386,7 +430,12 @@ class BertForPretraining(nn.Module):
     """Encoder + pooler + MLM head (decoder tied to the word embeddings) + NSP head.
 
     compile_regions: under torch.compile, compile one layer and reuse it for all (the
-    default; False traces every layer into the step's graph)."""
+    default; False traces every layer into the step's graph). prune_last_layer: in
+    `pretraining_logits` the last layer computes only the rows the heads read, each
+    sequence's first token and masked positions (the default; False computes every row and
+    gathers those): the same logits, for about a sixth of the last layer's work at seq 128."""
+
+    prune_last_layer: bool = True
 
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
@@ -431,8 +480,11 @@ class BertForPretraining(nn.Module):
         token_type_ids: torch.Tensor,
         lengths: torch.Tensor | None,
         packed: Packed | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, S, H), or (T, H) when packed.
+        """Hidden states (B, S, H), or (T, H) when packed; with `rows` (B, Q), the token rows
+        that are read (`Layer.rows_qkv`), only those rows, (B, Q, H): the last layer then
+        computes no other.
 
         Padded input (B, S): lengths None means no padding at all; given, padded keys are
         masked (the caller decides on the host whether a batch has padding, so this never
@@ -449,8 +501,11 @@ class BertForPretraining(nn.Module):
             if lengths is not None:
                 layout = (positions[None, :] < lengths[:, None]).view(b, 1, 1, s)
         run = layer_region if self.compile_regions else run_layer
-        for layer in self.layers:
+        last = len(self.layers) - 1 if rows is not None else len(self.layers)
+        for layer in self.layers[:last]:
             x = run(layer, x, layout)
+        if rows is not None:
+            x = self.layers[last](x, layout, rows)
         return x
 
     def embed(
@@ -498,16 +553,19 @@ class BertForPretraining(nn.Module):
         """`forward`'s logits as the decoder writes them: MLM (B x P, padded_vocab_size), the
         columns from vocab_size on the vocabulary's padding (no token: a loss skips them,
         which saves a copy of the logits without them and its backward), NSP (B, 2)."""
-        x = self.encode(input_ids, token_type_ids, lengths, packed)
+        b = masked_positions.shape[0]
         if packed is not None:
-            starts = packed.starts(masked_positions.shape[0])
-            first = x[starts]
+            starts = packed.starts(b)
         else:
-            s = input_ids.shape[1]
-            starts = torch.arange(input_ids.shape[0], device=x.device) * s
-            first = x[:, 0]
-            x = x.flatten(0, 1)
-        gathered = x[(starts[:, None] + masked_positions).flatten()]
+            starts = torch.arange(b, device=input_ids.device) * input_ids.shape[1]
+        # the rows the heads read: each sequence's first token (NSP) and its masked positions
+        read = starts[:, None] + F.pad(masked_positions, (1, 0))
+        if self.prune_last_layer:
+            x = self.encode(input_ids, token_type_ids, lengths, packed, read)
+        else:
+            x = self.encode(input_ids, token_type_ids, lengths, packed)
+            x = x.reshape(-1, x.shape[-1])[read.flatten()].view(*read.shape, -1)
+        first, gathered = x[:, 0], x[:, 1:].flatten(0, 1)
         pooled = torch.tanh(self.pooler(first))
         t = self.mlm_norm(self.act(self.mlm_transform(gathered)))
         return F.linear(t, self.word_embeddings.weight, self.mlm_bias), self.nsp(pooled)

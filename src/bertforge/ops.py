@@ -137,20 +137,23 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs) with masked keys at -inf) with dropout p, times v.
 
-    q, k, v: [B, nh, S, hs]; mask: None or a [B, 1, 1, S] bool, True for keys to attend to.
+    q: [B, nh, Q, hs]; k, v: [B, nh, S, hs] (Q = S but for the last layer's rows,
+    `Layer.forward`'s queries); mask: None or a [B, 1, 1, S] bool, True for keys to attend to.
     Every query needs at least one key to attend to (a sequence is never empty). The mask
     and the scale enter the first product (baddbmm's bias and alpha) instead of taking passes
     of their own over the scores: 10-25% faster than masked_fill on this CPU."""
-    b, nh, s, hs = q.shape
-    q, k, v = (t.reshape(b * nh, s, hs) for t in (q, k, v))
+    b, nh, rows, hs = q.shape
+    s = k.shape[2]
+    q = q.reshape(b * nh, rows, hs)
+    k, v = (t.reshape(b * nh, s, hs) for t in (k, v))
     if mask is None:
         bias = q.new_zeros(1, 1, 1)
     else:  # [B x nh, 1, S]: 0 for a key to attend to, -inf for padding
         bias = q.new_zeros(b, 1, 1, s).masked_fill_(~mask, float("-inf"))
         bias = bias.expand(b, nh, 1, s).reshape(b * nh, 1, s)
-    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=1 / math.sqrt(hs))  # [B x nh, S, S]
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=1 / math.sqrt(hs))  # [B x nh, Q, S]
     probs = dropout(torch.softmax(scores, -1), p, True)
-    return torch.bmm(probs, v).view(b, nh, s, hs)
+    return torch.bmm(probs, v).view(b, nh, rows, hs)
 
 
 def chunk_rows(vocab: int) -> int:

@@ -122,6 +122,7 @@ RESUMABLE = {
     "fused_gelu",
     "split_qkv",  # the same weights and numbers
     "fused_attention",  # the same model and weights, other dropout draws
+    "prune_last_layer",  # the same logits
     "flat_optimizer",  # the same updates, and AdamW's state dict either way
     "cuda_graphs",  # the same step, replayed
     "loader",  # the same batches
@@ -304,6 +305,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
     model.set_layer_options(**{name: getattr(cfg, name) for name in LAYER_OPTIONS})
+    model.prune_last_layer = cfg.prune_last_layer
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:
