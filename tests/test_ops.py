@@ -136,10 +136,15 @@ def scores_masked(q, k, mask):
     return scores.masked_fill(~mask, float("-inf"))
 
 
-def test_attention_is_sdpa_and_drops_the_probabilities():
+@pytest.mark.parametrize("rows", [9, 4], ids=["every-query", "fewer-queries"])
+def test_attention_is_sdpa_and_drops_the_probabilities(rows):
+    """ops.attention against SDPA, with and without a key mask, eager and compiled, and with
+    dropout the probabilities dropped as keep_mask draws them; for every query of the 9 keys,
+    and for 4 queries (the pruned last layer's rows, `Layer.rows_qkv`)."""
     g = torch.Generator().manual_seed(0)
     b, nh, s, hs = 3, 2, 9, 8
-    q, k, v = (torch.randn(b, nh, s, hs, generator=g) for _ in range(3))
+    q = torch.randn(b, nh, rows, hs, generator=g)
+    k, v = (torch.randn(b, nh, s, hs, generator=g) for _ in range(2))
     mask = (torch.arange(s)[None, :] < torch.tensor([9, 4, 1])[:, None]).view(b, 1, 1, s)
     without = ops.attention(q, k, v, mask, 0.0)
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -147,7 +152,7 @@ def test_attention_is_sdpa_and_drops_the_probabilities():
     torch.manual_seed(3)
     out = ops.attention(q, k, v, mask, 0.2)
     torch.manual_seed(3)
-    keep = ops.keep_mask((b, nh, s, s), 0.2, torch.device("cpu"))
+    keep = ops.keep_mask((b, nh, rows, s), 0.2, torch.device("cpu"))
     probs = torch.softmax(scores_masked(q, k, mask), -1) * keep * (32768 / (32768 - 6554))
     torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=1e-5)
     # no mask: every key attended to
@@ -157,24 +162,6 @@ def test_attention_is_sdpa_and_drops_the_probabilities():
     # compiled (as a CPU model with dropout runs it under torch.compile)
     compiled = torch.compile(ops.attention, fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, mask, 0.0), sdpa, atol=1e-6, rtol=1e-5)
-
-
-def test_attention_of_fewer_queries_than_keys():
-    """The pruned last layer's attention: Q queries a sequence against its S keys, as SDPA
-    computes it, and with dropout the probabilities [Q, S] dropped as keep_mask draws them."""
-    g = torch.Generator().manual_seed(1)
-    b, nh, rows, s, hs = 3, 2, 4, 9, 8
-    q = torch.randn(b, nh, rows, hs, generator=g)
-    k, v = (torch.randn(b, nh, s, hs, generator=g) for _ in range(2))
-    mask = (torch.arange(s)[None, :] < torch.tensor([9, 4, 1])[:, None]).view(b, 1, 1, s)
-    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(ops.attention(q, k, v, mask, 0.0), sdpa, atol=1e-6, rtol=1e-5)
-    torch.manual_seed(3)
-    out = ops.attention(q, k, v, mask, 0.2)
-    torch.manual_seed(3)
-    keep = ops.keep_mask((b, nh, rows, s), 0.2, torch.device("cpu"))
-    probs = torch.softmax(scores_masked(q, k, mask), -1) * keep * (32768 / (32768 - 6554))
-    torch.testing.assert_close(out, probs @ v, atol=1e-6, rtol=1e-5)
 
 
 def reference_loss(logits, labels, vocab):
