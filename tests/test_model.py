@@ -412,6 +412,17 @@ def test_the_pruned_last_layer_gives_the_whole_layers_losses_and_gradients(layou
         torch.testing.assert_close(layer(x, mask, read), whole, atol=1e-5, rtol=1e-5)
 
 
+def test_a_model_without_layers_has_no_last_layer_to_prune():
+    c = tiny_config(num_hidden_layers=0)
+    model = BertForPretraining(c).eval()
+    ids, types, lengths, positions = batch(c)
+    with torch.no_grad():
+        pruned = model(ids, types, lengths, positions)
+        model.prune_last_layer = False
+        for x, y in zip(pruned, model(ids, types, lengths, positions), strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_layer_options_are_set_on_every_layer_and_unknown_ones_refused():
     model = BertForPretraining(BertConfig.preset("tiny", 64))
     model.set_layer_options(split_qkv=True, fused_attention=True)

@@ -6,7 +6,7 @@ GELU, learned absolute positions), but the code is shaped for speed:
 - the masked-LM head runs only at the masked positions (Google's gather), never over the
   whole sequence, and in pretraining the last layer computes only the rows the heads read,
   each sequence's first token and masked positions (`prune_last_layer`, the default; their
-  queries still attend to every key): the same logits for about a sixth of its work;
+  queries still attend to every key): the same logits for 30% of its work at seq 128;
 - the word embedding matrix (tied to the MLM decoder) has its rows padded to a multiple of 64
   for aligned matmuls; the padding rows are never predicted and are cut off on export;
 - a batch can be given "packed" (built by the loader on the host): every real token of the
@@ -433,7 +433,8 @@ class BertForPretraining(nn.Module):
     default; False traces every layer into the step's graph). prune_last_layer: in
     `pretraining_logits` the last layer computes only the rows the heads read, each
     sequence's first token and masked positions (the default; False computes every row and
-    gathers those): the same logits, for about a sixth of the last layer's work at seq 128."""
+    gathers those): the same logits, for 30% of the last layer's work at BERT-base's seq 128
+    (its keys and values are still every token's)."""
 
     prune_last_layer: bool = True
 
@@ -560,7 +561,7 @@ class BertForPretraining(nn.Module):
             starts = torch.arange(b, device=input_ids.device) * input_ids.shape[1]
         # the rows the heads read: each sequence's first token (NSP) and its masked positions
         read = starts[:, None] + F.pad(masked_positions, (1, 0))
-        if self.prune_last_layer:
+        if self.prune_last_layer and len(self.layers):
             x = self.encode(input_ids, token_type_ids, lengths, packed, read)
         else:
             x = self.encode(input_ids, token_type_ids, lengths, packed)
