@@ -86,12 +86,14 @@ def layer_with_and_without(
     monkeypatch: pytest.MonkeyPatch,
     also: tuple[str, ...] = (),
     packed: bool = False,
+    rows: bool = False,
 ) -> None:
     """The model's layer with `flag` (fused_norm, fused_gelu, fused_attention) on and off,
     dropout off: the same output and weight gradients, padded [B, S, H] input (`packed`: the
     same sequences packed, [T, H]); and with it on, the layer did call `kernels.<entry>` (two
     layers that both took the plain path would agree too). `also`: other layer flags
-    (split_qkv, ...) on together with `flag`."""
+    (split_qkv, ...) on together with `flag`. `rows`: the output at three rows of each
+    sequence only, [B, 3, H] (the pruned last layer, `Layer.rows_qkv`)."""
     calls = []
     real = getattr(kernels, entry)
 
@@ -114,12 +116,19 @@ def layer_with_and_without(
         cu = torch.tensor([0, 5, 8], dtype=torch.int32, device=DEVICE)
         positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=DEVICE)
         layout = Packed(cu, positions, 5)
+    else:  # the second sequence's last two tokens are padding
+        layout = (torch.arange(5, device=DEVICE) < torch.tensor([[5], [3]], device=DEVICE))
+        layout = layout.view(2, 1, 1, 5)
+    picked = None
+    if rows:  # positions 0, 2, 2 and 0, 1, 2 of the two sequences (which start at 0 and 5)
+        picked = torch.tensor([[0, 2, 2], [5, 6, 7]], device=DEVICE)
+        dy = torch.randn(2, 3, 32, device=DEVICE)
     outs = []
     for fused in (False, True):
         for name in (flag, *also):
             setattr(layer, name, fused)
         layer.zero_grad()
-        y = layer(x, layout)
+        y = layer(x, layout, picked)
         y.backward(dy)
         outs.append((y.detach(), {k: v.grad.clone() for k, v in layer.named_parameters()}))
         assert bool(calls) == fused, (flag, fused, len(calls))

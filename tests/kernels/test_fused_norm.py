@@ -160,6 +160,15 @@ def test_layer_with_every_option_matches_the_plain_layer(monkeypatch):
     layer_with_and_without("fused_norm", "fused_norm", monkeypatch, ("fused_gelu", "split_qkv"))
 
 
+@numeric
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_the_pruned_last_layer_with_both_kernels_matches_the_plain_one(monkeypatch, packed):
+    """The last layer at the heads' rows only (prune_last_layer, the default) hands both
+    kernels [B, Q, H] rows: the plain layer's numbers there."""
+    also = ("fused_gelu", "split_qkv")
+    layer_with_and_without("fused_norm", "fused_norm", monkeypatch, also, packed, rows=True)
+
+
 @traced
 def test_compile_traces_both_kernels_and_the_backward_reads_the_forwards_mask():
     """What torch.compile's autograd makes of the op (AOT autograd over fake tensors, as
