@@ -117,7 +117,7 @@ def layer_with_and_without(
         positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=DEVICE)
         layout = Packed(cu, positions, 5)
     else:  # the second sequence's last two tokens are padding
-        layout = (torch.arange(5, device=DEVICE) < torch.tensor([[5], [3]], device=DEVICE))
+        layout = torch.arange(5, device=DEVICE) < torch.tensor([[5], [3]], device=DEVICE)
         layout = layout.view(2, 1, 1, 5)
     picked = None
     if rows:  # positions 0, 2, 2 and 0, 1, 2 of the two sequences (which start at 0 and 5)
