@@ -372,7 +372,7 @@ class Layer(nn.Module):
         None. Each query still attends to all of its sequence's keys, so the rows come out as
         the whole layer computes them."""
         h = x.shape[-1]
-        picked = x.reshape(-1, h)[rows.flatten()].view(*rows.shape, h)
+        picked = take_rows(x, rows)
         w, b = self.qkv.weight, self.qkv.bias
         q = F.linear(picked, w[:h], b[:h]).unflatten(-1, (self.num_heads, -1))
         kv = F.linear(x, w[h:], b[h:]).unflatten(-1, (2, self.num_heads, -1))
@@ -409,6 +409,13 @@ class Layer(nn.Module):
         return norm(x + self.dropout(out(a)))
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The token rows of x ((B, S, H) padded or (T, H) packed) at `rows` (B, Q), indices into
+    its tokens as one list (b x S + position padded), as (B, Q, H)."""
+    h = x.shape[-1]
+    return x.reshape(-1, h)[rows.flatten()].view(*rows.shape, h)
+
+
 def run_layer(layer: Layer, x: torch.Tensor, layout: torch.Tensor | Packed | None) -> torch.Tensor:
     return layer(x, layout)
 
@@ -430,11 +437,11 @@ class BertForPretraining(nn.Module):
     """Encoder + pooler + MLM head (decoder tied to the word embeddings) + NSP head.
 
     compile_regions: under torch.compile, compile one layer and reuse it for all (the
-    default; False traces every layer into the step's graph). prune_last_layer: in
-    `pretraining_logits` the last layer computes only the rows the heads read, each
-    sequence's first token and masked positions (the default; False computes every row and
-    gathers those): the same logits, for 30% of the last layer's work at BERT-base's seq 128
-    (its keys and values are still every token's)."""
+    default; False traces every layer into the step's graph). prune_last_layer: where only
+    some rows are read (`encode`'s rows; in `pretraining_logits` the heads' rows, each
+    sequence's first token and masked positions) the last layer computes only those (the
+    default; False computes every row and gathers those): the same logits, for 30% of the
+    last layer's work at BERT-base's seq 128 (its keys and values are still every token's)."""
 
     prune_last_layer: bool = True
 
@@ -484,8 +491,8 @@ class BertForPretraining(nn.Module):
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states (B, S, H), or (T, H) when packed; with `rows` (B, Q), the token rows
-        that are read (`Layer.rows_qkv`), only those rows, (B, Q, H): the last layer then
-        computes no other.
+        that are read (`take_rows`), only those rows, (B, Q, H): with `prune_last_layer` the
+        last layer computes no other (`Layer.rows_qkv`).
 
         Padded input (B, S): lengths None means no padding at all; given, padded keys are
         masked (the caller decides on the host whether a batch has padding, so this never
@@ -502,12 +509,12 @@ class BertForPretraining(nn.Module):
             if lengths is not None:
                 layout = (positions[None, :] < lengths[:, None]).view(b, 1, 1, s)
         run = layer_region if self.compile_regions else run_layer
-        last = len(self.layers) - 1 if rows is not None else len(self.layers)
-        for layer in self.layers[:last]:
+        prune = rows is not None and self.prune_last_layer and len(self.layers) > 0
+        for layer in self.layers[:-1] if prune else self.layers:
             x = run(layer, x, layout)
-        if rows is not None:
-            x = self.layers[last](x, layout, rows)
-        return x
+        if prune:
+            return self.layers[-1](x, layout, rows)
+        return x if rows is None else take_rows(x, rows)
 
     def embed(
         self, ids: torch.Tensor, types: torch.Tensor, positions: torch.Tensor
@@ -561,11 +568,7 @@ class BertForPretraining(nn.Module):
             starts = torch.arange(b, device=input_ids.device) * input_ids.shape[1]
         # the rows the heads read: each sequence's first token (NSP) and its masked positions
         read = starts[:, None] + F.pad(masked_positions, (1, 0))
-        if self.prune_last_layer and len(self.layers):
-            x = self.encode(input_ids, token_type_ids, lengths, packed, read)
-        else:
-            x = self.encode(input_ids, token_type_ids, lengths, packed)
-            x = x.reshape(-1, x.shape[-1])[read.flatten()].view(*read.shape, -1)
+        x = self.encode(input_ids, token_type_ids, lengths, packed, read)
         first, gathered = x[:, 0], x[:, 1:].flatten(0, 1)
         pooled = torch.tanh(self.pooler(first))
         t = self.mlm_norm(self.act(self.mlm_transform(gathered)))
