@@ -32,28 +32,53 @@ def counts(output: str) -> dict[str, int]:
     }
 
 
-@pytest.mark.skipif(
-    not TRITON_PYTHON, reason="needs BERTFORGE_TRITON_PYTHON (make test sets it up)"
-)
-@pytest.mark.parametrize("interpret", [True, False], ids=["interpreted", "traced"])
-def test_kernel_tests_pass_in_the_triton_environment(interpret):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    done = subprocess.run(
-        [TRITON_PYTHON, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/kernels"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    summary = counts(done.stdout.splitlines()[-1])
+MODES = {"interpreted": True, "traced": False}
+
+
+@pytest.fixture(scope="module")
+def kernel_runs(tmp_path_factory):
+    """Both modes' pytest runs, started together (each is mostly one thread: on two cores the
+    pair takes about as long as the slower one alone), as {mode: (process, its output files)}."""
+    if not TRITON_PYTHON:
+        pytest.skip("needs BERTFORGE_TRITON_PYTHON (make test sets it up)")
+    folder = tmp_path_factory.mktemp("kernels")
+    runs = {}
+    for mode, interpret in MODES.items():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+        out, err = folder / f"{mode}.out", folder / f"{mode}.err"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            command = [TRITON_PYTHON, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+            runs[mode] = (
+                subprocess.Popen(
+                    [*command, "tests/kernels"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=stdout,
+                    stderr=stderr,
+                ),
+                (out, err),
+            )
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kernel_tests_pass_in_the_triton_environment(kernel_runs, mode):
+    interpret = MODES[mode]
+    process, (out, err) = kernel_runs[mode]
+    returncode = process.wait(timeout=600)
+    output = out.read_text()
+    assert returncode == 0, output[-4000:] + err.read_text()[-2000:]
+    summary = counts(output.splitlines()[-1])
     assert summary.get("passed", 0) >= (8 if interpret else 3), summary
     # every test left out is left out for the mode it is not run in, none for a missing piece
-    skips = re.findall(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$", done.stdout, re.M)
-    assert sum(int(n) for n, _ in skips) == summary.get("skipped", 0), done.stdout[-2000:]
+    skips = re.findall(r"^SKIPPED \[(\d+)\] [^:]+:\d+: (.*)$", output, re.M)
+    assert sum(int(n) for n, _ in skips) == summary.get("skipped", 0), output[-2000:]
     expected = "interpret" if interpret else "needs CUDA or TRITON_INTERPRET=1"
     assert all(expected in reason for _, reason in skips), skips
 
