@@ -47,11 +47,13 @@ demo: $(VENV)/.installed
 envs:
 	$(MAKE) -j4 $(VENV)/.installed $(REF)/.installed $(HF4)/.installed $(CENSUS)/.installed
 
+# Two pytest workers, each taking whole files (a file's tests share its fixtures and ports).
 test: envs
 	$(BIN)/ruff check src tests bench
 	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python \
 	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python \
-	BERTFORGE_TRITON_PYTHON=$(abspath $(CENSUS))/bin/python $(BIN)/python -m pytest -q
+	BERTFORGE_TRITON_PYTHON=$(abspath $(CENSUS))/bin/python $(BIN)/python -m pytest -q \
+		-n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
