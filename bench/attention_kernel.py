@@ -14,7 +14,8 @@ sequences padded to seq ("padded": SDPA with a key mask, cuDNN's kernel on an H1
 which the padded step takes), and last one JSON object: the medians, the ratios, the
 attention FLOPs (4 x T x seq-ish products, counted per sequence) as TFLOP/s, and the bytes the
 forward and backward must move (q, k, v, o, do read and dq, dk, dv written, and the forward's
-writes) at the device's bandwidth where `--peak-gbps` gives it. On a CPU it runs under
+writes) at the device's bandwidth (`--peak-gbps`, by default the datasheet's for a known GPU,
+bench/common.py's PEAK_GBPS). On a CPU it runs under
 Triton's interpreter (TRITON_INTERPRET=1) for a check of the script, not a measurement.
 
     python bench/attention_kernel.py --count
@@ -23,7 +24,8 @@ counts instead, with no GPU (Triton installed, not interpreting): each kernel co
 sm_90 in each autotuned configuration, aligned as launches are, its SASS instructions a
 program (every block of its static loops counted: an upper bound for short sequences) times
 the programs the batch launches, at an H200's issue rate (132 SMs x 128 lanes x 1.98 GHz =
-33.4 T instructions/s, bench/kernel_census.py's), against the bytes at --peak-gbps; for the
+33.4 T instructions/s, bench/kernel_census.py's), against the bytes at --peak-gbps (an H200's
+4,800 by default); for the
 whole model's layers. A count, not a measurement: the matrix units, the memory latency and
 the occupancy are not in it.
 """
@@ -78,7 +80,7 @@ def bytes_moved(t: int, heads: int, head: int, size: int, block_n: int, dropout:
 def count(args: argparse.Namespace) -> dict[str, object]:
     """Each kernel's configuration with the fewest instructions for the batch, its floor by
     instructions, and the whole step's by instructions and by bytes (the module docstring)."""
-    from common import sm90_sass  # bench/common.py, beside this file
+    from common import DEFAULT_GBPS, sm90_sass  # bench/common.py, beside this file
 
     c = BertConfig.preset(args.model_size, 64)
     heads, layers = c.num_attention_heads, c.num_hidden_layers
@@ -123,7 +125,7 @@ def count(args: argparse.Namespace) -> dict[str, object]:
         "kernels": got,
         "instructions_ms_a_step": round(sum(k["instructions_ms"] for k in got.values()), 3),
         "gb_a_step": round(moved / 1e9, 3),
-        "memory_ms_a_step": round(moved / (args.peak_gbps or 4800) / 1e6, 3),
+        "memory_ms_a_step": round(moved / (args.peak_gbps or DEFAULT_GBPS) / 1e6, 3),
     }
 
 
@@ -136,7 +138,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20, help="calls per side per round")
-    ap.add_argument("--peak-gbps", type=float, default=None, help="memory bandwidth, GB/s")
+    ap.add_argument(
+        "--peak-gbps",
+        type=float,
+        default=None,
+        help="memory bandwidth, GB/s (default: a known GPU's, from its name; with --count an "
+        "H200's)",
+    )
     ap.add_argument("--count", action="store_true", help="count for sm_90 instead (no GPU)")
     ap.add_argument("--issue-tops", type=float, default=33.4, help="T instructions/s (H200)")
     args = ap.parse_args()
@@ -144,6 +152,10 @@ def main() -> None:
         print(json.dumps(count(args)))
         return
     device = torch.device(args.device)
+    if args.peak_gbps is None and device.type == "cuda":
+        from common import peak_gbps  # bench/common.py, beside this file
+
+        args.peak_gbps = peak_gbps(torch.cuda.get_device_name(device))
     if not kernels.usable(torch.empty(0, device=device)):
         ap.error(f"kernels.attention does not run on {device} here (CUDA with Triton, or a CPU "
                  "under TRITON_INTERPRET=1)")  # fmt: skip
@@ -217,6 +229,7 @@ def main() -> None:
     moved = bytes_moved(t, heads, head, torch.finfo(dtype).bits // 8, block_n, p > 0)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "peak_gbps": args.peak_gbps,
         "theirs": "flash varlen" if layout.flash else "pad, attend, unpad",
         "model_size": args.model_size,
         "batch_size": args.batch_size,

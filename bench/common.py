@@ -1,5 +1,5 @@
 """What the benchmarks share: running a command while measuring it, running bertforge in
-process, the English corpus, and reading a GPU kernel's SASS."""
+process, the English corpus, reading a GPU kernel's SASS, and a GPU's memory bandwidth."""
 
 from __future__ import annotations
 
@@ -135,6 +135,29 @@ class ToolchainOnly:
         from triton.backends.compiler import GPUTarget
 
         return GPUTarget("cuda", 90, 32)
+
+
+# Memory bandwidth (GB/s, the datasheets') of the GPUs the benchmarks' byte floors are
+# counted for: the first entry whose name a device's name contains (torch's names: "NVIDIA
+# H100 80GB HBM3" is the SXM card, "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", ...).
+PEAK_GBPS = (
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H100", 3350.0),
+    ("H200", 4800.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+)
+# what the census and the counts assume without a device: an H200's (the GPU of the rounds
+# so far)
+DEFAULT_GBPS = 4800.0
+
+
+def peak_gbps(device_name: str) -> float | None:
+    """The memory bandwidth of a GPU by its name (`torch.cuda.get_device_name()`), or None
+    for one not in PEAK_GBPS."""
+    return next((gbps for part, gbps in PEAK_GBPS if part in device_name), None)
 
 
 def sm90_compile(

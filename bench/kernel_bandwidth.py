@@ -4,7 +4,7 @@ bandwidth, from inductor's bandwidth profile.
     python bench/train_throughput.py --compile --model-size base --batch-size 256 \
         --layouts packed --skip-peer --steps 1 --block 1 --warmup 1 \
         --inductor profile_bandwidth=True --inductor "profile_bandwidth_output='bw.txt'"
-    python bench/kernel_bandwidth.py bw.txt --peak-gbps 4800
+    python bench/kernel_bandwidth.py bw.txt   # --peak-gbps: this machine's GPU's by default
 
 With `profile_bandwidth` inductor times every kernel it generated once, on its first call, and
 writes per graph (forward, backward) one line per call: time, bytes the kernel must move
@@ -93,11 +93,29 @@ def summarize(
     }
 
 
+def local_gbps() -> float:
+    """The memory bandwidth of this machine's GPU (the one inductor's profile was written on),
+    or an H200's where there is none or it is not in the table."""
+    from common import DEFAULT_GBPS, peak_gbps  # bench/common.py, beside this file
+
+    try:
+        import torch
+    except ImportError:
+        return DEFAULT_GBPS
+    if not torch.cuda.is_available():
+        return DEFAULT_GBPS
+    return peak_gbps(torch.cuda.get_device_name()) or DEFAULT_GBPS
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("profile", type=Path, help="inductor's profile_bandwidth_output file")
     ap.add_argument(
-        "--peak-gbps", type=float, default=4800.0, help="the GPU's memory bandwidth (H200: 4800)"
+        "--peak-gbps",
+        type=float,
+        default=None,
+        help="the GPU's memory bandwidth, GB/s (default: this machine's GPU's where it is in "
+        "bench/common.py's PEAK_GBPS, else an H200's, 4800)",
     )
     ap.add_argument(
         "--attainable",
@@ -108,6 +126,8 @@ def main() -> None:
     ap.add_argument("--graphs", type=int, default=2, help="graphs to sum: the first step's two")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
+    if args.peak_gbps is None:
+        args.peak_gbps = local_gbps()
     graphs = read_profile(args.profile)[: args.graphs]
     s = summarize(graphs, args.peak_gbps * args.attainable, args.top)
     print(
@@ -121,7 +141,7 @@ def main() -> None:
             f"{r['calls']:5d} {r['ms']:8.3f} {r['gb']:7.3f} {r['gbps'] or 0:7.0f} "
             f"{r['ms_lost']:8.3f}  {r['kernel'][:90]}"
         )
-    print(json.dumps(s))
+    print(json.dumps({**s, "peak_gbps": args.peak_gbps}))
 
 
 if __name__ == "__main__":

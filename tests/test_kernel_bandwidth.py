@@ -4,12 +4,18 @@ torch's own writer (`end_graph`), so a change of its format fails this test, not
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from torch._inductor.runtime import triton_heuristics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_bandwidth.py"
+sys.path.insert(0, str(SCRIPT.parent))  # bench/common.py
+
+from common import DEFAULT_GBPS, peak_gbps  # noqa: E402
 
 
 def load_script():
@@ -62,3 +68,33 @@ def test_a_file_without_kernels_says_how_to_make_one(tmp_path: Path) -> None:
         kb.read_profile(path)
     with pytest.raises(SystemExit, match=r"no such file.*profile_bandwidth=True"):
         kb.read_profile(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize(
+    "name, gbps",
+    [
+        ("NVIDIA H100 80GB HBM3", 3350.0),  # the SXM card, as torch names it
+        ("NVIDIA H100 PCIe", 2000.0),
+        ("NVIDIA H100 NVL", 3900.0),
+        ("NVIDIA H200", 4800.0),
+        ("NVIDIA A100-SXM4-80GB", 2039.0),
+        ("NVIDIA A100-SXM4-40GB", 1555.0),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_a_gpus_bandwidth_by_its_name(name: str, gbps: float | None) -> None:
+    assert peak_gbps(name) == gbps
+
+
+def test_without_a_gpu_the_floor_is_an_h200s_unless_given(tmp_path: Path) -> None:
+    """The bytes' floor: at --peak-gbps, else this machine's GPU's (none here: an H200's)."""
+    path = tmp_path / "bw.txt"
+    write_graph(path, [(0.5, 1.0, "triton_poi_fused_gelu_1")])
+    write_graph(path, [(0.5, 1.0, "triton_poi_fused_gelu_2")])
+    given = ["--peak-gbps", "2000", "--attainable", "1"]
+    for extra, gbps, limit in (([], DEFAULT_GBPS, 0.85 * DEFAULT_GBPS), (given, 2000, 2000)):
+        done = subprocess.run([sys.executable, str(SCRIPT), str(path), *extra],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        s = json.loads(done.stdout.splitlines()[-1])
+        assert (s["peak_gbps"], s["limit_gbps"]) == (gbps, pytest.approx(limit))
+        assert s["ms_at_limit"] == pytest.approx(2.0 / limit * 1e3, abs=0.01)  # 2 GB
