@@ -153,9 +153,9 @@ def main() -> None:
         return
     device = torch.device(args.device)
     if args.peak_gbps is None and device.type == "cuda":
-        from common import peak_gbps  # bench/common.py, beside this file
+        from common import cuda_gbps  # bench/common.py, beside this file
 
-        args.peak_gbps = peak_gbps(torch.cuda.get_device_name(device))
+        args.peak_gbps = cuda_gbps(device)
     if not kernels.usable(torch.empty(0, device=device)):
         ap.error(f"kernels.attention does not run on {device} here (CUDA with Triton, or a CPU "
                  "under TRITON_INTERPRET=1)")  # fmt: skip

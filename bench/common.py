@@ -160,6 +160,16 @@ def peak_gbps(device_name: str) -> float | None:
     return next((gbps for part, gbps in PEAK_GBPS if part in device_name), None)
 
 
+def cuda_gbps(device: Any = None) -> float | None:
+    """The memory bandwidth of this machine's CUDA device (torch's current one by default),
+    or None without CUDA or for a GPU not in PEAK_GBPS."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return peak_gbps(torch.cuda.get_device_name(device))
+
+
 def sm90_compile(
     fn: Any,
     signature: dict[str, str],

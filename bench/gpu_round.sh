@@ -121,9 +121,8 @@ if [ "$stage" = all ]; then
 fi
 case "$stage" in
   tests | optimizer | loader | kernels | base128 | best | attention | prune | qkv | fused \
-    | bandwidth \
-    | graphs | cppwrap | autotune | tuning | eager | regions | profile | elementwise | malloc \
-    | base512 | large | smoke) ;;
+    | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions | profile \
+    | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}

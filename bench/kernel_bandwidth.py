@@ -93,20 +93,6 @@ def summarize(
     }
 
 
-def local_gbps() -> float:
-    """The memory bandwidth of this machine's GPU (the one inductor's profile was written on),
-    or an H200's where there is none or it is not in the table."""
-    from common import DEFAULT_GBPS, peak_gbps  # bench/common.py, beside this file
-
-    try:
-        import torch
-    except ImportError:
-        return DEFAULT_GBPS
-    if not torch.cuda.is_available():
-        return DEFAULT_GBPS
-    return peak_gbps(torch.cuda.get_device_name()) or DEFAULT_GBPS
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("profile", type=Path, help="inductor's profile_bandwidth_output file")
@@ -126,8 +112,10 @@ def main() -> None:
     ap.add_argument("--graphs", type=int, default=2, help="graphs to sum: the first step's two")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    if args.peak_gbps is None:
-        args.peak_gbps = local_gbps()
+    if args.peak_gbps is None:  # the GPU inductor's profile was written on, as a rule
+        from common import DEFAULT_GBPS, cuda_gbps  # bench/common.py, beside this file
+
+        args.peak_gbps = cuda_gbps() or DEFAULT_GBPS
     graphs = read_profile(args.profile)[: args.graphs]
     s = summarize(graphs, args.peak_gbps * args.attainable, args.top)
     print(

@@ -13,17 +13,18 @@ import pytest
 from torch._inductor.runtime import triton_heuristics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_bandwidth.py"
-sys.path.insert(0, str(SCRIPT.parent))  # bench/common.py
-
-from common import DEFAULT_GBPS, peak_gbps  # noqa: E402
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("kernel_bandwidth", SCRIPT)
+def load_script(name: str = "kernel_bandwidth"):
+    """bench/NAME.py, loaded by path (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", SCRIPT.parent / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+COMMON = load_script("common")  # bench/common.py: the GPUs' bandwidths
 
 
 def write_graph(path: Path, calls: list[tuple[float, float, str]]) -> None:
@@ -83,7 +84,7 @@ def test_a_file_without_kernels_says_how_to_make_one(tmp_path: Path) -> None:
     ],
 )
 def test_a_gpus_bandwidth_by_its_name(name: str, gbps: float | None) -> None:
-    assert peak_gbps(name) == gbps
+    assert COMMON.peak_gbps(name) == gbps
 
 
 def test_without_a_gpu_the_floor_is_an_h200s_unless_given(tmp_path: Path) -> None:
@@ -92,7 +93,10 @@ def test_without_a_gpu_the_floor_is_an_h200s_unless_given(tmp_path: Path) -> Non
     write_graph(path, [(0.5, 1.0, "triton_poi_fused_gelu_1")])
     write_graph(path, [(0.5, 1.0, "triton_poi_fused_gelu_2")])
     given = ["--peak-gbps", "2000", "--attainable", "1"]
-    for extra, gbps, limit in (([], DEFAULT_GBPS, 0.85 * DEFAULT_GBPS), (given, 2000, 2000)):
+    for extra, gbps, limit in (
+        ([], COMMON.DEFAULT_GBPS, 0.85 * COMMON.DEFAULT_GBPS),
+        (given, 2000, 2000),
+    ):
         done = subprocess.run([sys.executable, str(SCRIPT), str(path), *extra],
                               capture_output=True, text=True, check=True)  # fmt: skip
         s = json.loads(done.stdout.splitlines()[-1])
