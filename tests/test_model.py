@@ -543,3 +543,43 @@ def test_bert_config_json_and_errors(tmp_path):
         tiny_config(hidden_act="swish")
     with pytest.raises(UserError, match="rows but the vocabulary"):
         from_hf(dict(to_hf(BertForPretraining(c).state_dict(), c)), tiny_config(), "ckpt")
+
+
+ALLOCATIONS = ("full.default", "zeros.default", "new_zeros.default", "empty.memory_format")
+
+
+def test_packed_padding_allocates_no_size_computed_in_the_graph():
+    """With a dynamic batch size (filler after the instances, micro-batches of different
+    sizes), the packed step's forward graphs, the layers' nested region among them, allocate
+    no tensor of a size computed in the graph: torch 2.11's inductor (the GPU machine's) fails
+    to lower one once the region sees that size too ("cannot sympify ShapeAsConstantBuffer"),
+    which `Packed.zeros` and the CPU attention's mask avoid by taking shapes from tensors."""
+    from functorch.compile import make_boxed_func
+
+    c = tiny_config()
+    model = BertForPretraining(c)
+    targets, computed, graphs = set(), [], []
+
+    def forward_graph(gm, inputs):
+        graphs.append(gm)
+        for module in gm.modules():
+            for node in module.graph.nodes:
+                targets.add(str(node.target))
+                if node.op == "call_function" and str(node.target).endswith(ALLOCATIONS):
+                    shape = node.args[1] if "new_" in str(node.target) else node.args[0]
+                    if not all(isinstance(d, int) for d in shape):
+                        computed.append((str(node.target), shape))
+        return run(gm, inputs)
+
+    def run(gm, inputs):
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=forward_graph, bw_compiler=run)
+    forward = torch.compile(Objective(model), backend=backend)
+    for b in (3, 2):  # the second batch size compiles a graph with a dynamic one
+        ids, types, lengths, positions = batch(c, b=b)
+        sums_and_grads(model, rows_of(ids, types, lengths, positions), True, False, forward, 32)
+    assert len(graphs) == 2
+    assert not computed, computed
+    assert {"aten.zeros_like.default", "aten.index_put.default"} <= targets  # padding traced

@@ -208,18 +208,25 @@ class Packed:
     def pad(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """x [T, ...] as the padded batch [B, max_len, ...] (zeros in the padding); index:
         `padded_index()`."""
-        b, s = self.cu_seqlens.shape[0] - 1, self.max_len
-        out = x.new_zeros(b * s, *x.shape[1:])
-        out[index] = x
-        return out.view(b, s, *x.shape[1:])
+        out = self.zeros(x.dtype, x.shape[1:])
+        out.flatten(0, 1)[index] = x
+        return out
+
+    def zeros(self, dtype: torch.dtype, rest: tuple[int, ...]) -> torch.Tensor:
+        """Zeros [B, max_len, *rest], B = cu_seqlens' length - 1: its shape's, not a size
+        computed from it (under torch.compile with a dynamic batch size, torch 2.11's inductor
+        fails on zeros of a size computed in the step's graph once the layers' nested region
+        sees that size too: "cannot sympify ShapeAsConstantBuffer")."""
+        column = torch.zeros_like(self.cu_seqlens[1:], dtype=dtype)
+        ones = (1,) * (1 + len(rest))
+        return column.view(-1, *ones).expand(-1, self.max_len, *rest).contiguous()
 
     def key_mask(self, index: torch.Tensor) -> torch.Tensor:
         """The padded batch's [B, 1, 1, max_len] bool key mask, True at real tokens; index:
         `padded_index()`."""
-        b, s = self.cu_seqlens.shape[0] - 1, self.max_len
-        valid = torch.zeros(b * s, dtype=torch.bool, device=index.device)
-        valid[index] = True
-        return valid.view(b, 1, 1, s)
+        valid = self.zeros(torch.bool, ())
+        valid.flatten()[index] = True
+        return valid[:, None, None, :]
 
 
 @functools.cache

@@ -149,7 +149,7 @@ def attention(
     if mask is None:
         bias = q.new_zeros(1, 1, 1)
     else:  # [B x nh, 1, S]: 0 for a key to attend to, -inf for padding
-        bias = q.new_zeros(b, 1, 1, s).masked_fill_(~mask, float("-inf"))
+        bias = torch.zeros_like(mask, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         bias = bias.expand(b, nh, 1, s).reshape(b * nh, 1, s)
     scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=1 / math.sqrt(hs))  # [B x nh, Q, S]
     probs = dropout(torch.softmax(scores, -1), p, True)

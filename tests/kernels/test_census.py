@@ -36,4 +36,6 @@ def test_the_census_counts_a_step_with_the_fused_kernels_and_q_k_v_split() -> No
     assert own <= set(names)
     assert not [name for name in names if "cat" in name.split("_")], names
     assert 0 < got["memory_ms"] <= got["floor_ms"]
-    assert got["gb"] == pytest.approx(sum(k["gb"] for k in got["kernels"]), rel=0.01)
+    # the total is rounded to 3 decimals, each kernel's GB to 4
+    rounding = 5e-4 + 5e-5 * len(got["kernels"])
+    assert got["gb"] == pytest.approx(sum(k["gb"] for k in got["kernels"]), abs=rounding)
