@@ -554,8 +554,6 @@ def test_packed_padding_allocates_no_size_computed_in_the_graph():
     no tensor of a size computed in the graph: torch 2.11's inductor (the GPU machine's) fails
     to lower one once the region sees that size too ("cannot sympify ShapeAsConstantBuffer"),
     which `Packed.zeros` and the CPU attention's mask avoid by taking shapes from tensors."""
-    from functorch.compile import make_boxed_func
-
     c = tiny_config()
     model = BertForPretraining(c)
     targets, computed, graphs = set(), [], []
