@@ -1,9 +1,11 @@
-"""Shared helpers: tiny corpora written on the fly; the bundled demo corpus; a full disk."""
+"""Shared helpers: tiny corpora written on the fly; the bundled demo corpus; a full disk; the
+benchmark scripts as modules."""
 
 from __future__ import annotations
 
 import errno
 import gzip
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,18 @@ import pytest
 
 from bertforge import fileio
 from bertforge.cli import demo_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str) -> Any:
+    """bench/NAME.py, loaded by path (bench/ is not a package); one that imports no other
+    bench module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session", autouse=True)

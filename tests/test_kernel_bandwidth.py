@@ -3,7 +3,6 @@ torch's own writer (`end_graph`), so a change of its format fails this test, not
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,19 +11,10 @@ from pathlib import Path
 import pytest
 from torch._inductor.runtime import triton_heuristics
 
+from tests.conftest import bench_module
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_bandwidth.py"
-
-
-def load_script(name: str = "kernel_bandwidth"):
-    """bench/NAME.py, loaded by path (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", SCRIPT.parent / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-COMMON = load_script("common")  # bench/common.py: the GPUs' bandwidths
+COMMON = bench_module("common")  # bench/common.py: the GPUs' bandwidths
 
 
 def write_graph(path: Path, calls: list[tuple[float, float, str]]) -> None:
@@ -36,7 +26,7 @@ def write_graph(path: Path, calls: list[tuple[float, float, str]]) -> None:
 
 
 def test_reads_inductors_profile_and_ranks_time_lost(tmp_path: Path) -> None:
-    kb = load_script()
+    kb = bench_module("kernel_bandwidth")
     path = tmp_path / "bw.txt"
     layer_norm, gelu, rand = (
         "triton_per_fused_native_layer_norm_0",
@@ -62,7 +52,7 @@ def test_reads_inductors_profile_and_ranks_time_lost(tmp_path: Path) -> None:
 
 
 def test_a_file_without_kernels_says_how_to_make_one(tmp_path: Path) -> None:
-    kb = load_script()
+    kb = bench_module("kernel_bandwidth")
     path = tmp_path / "bw.txt"
     path.write_text("SUMMARY\n")
     with pytest.raises(SystemExit, match=r"no 'TRITON.*profile_bandwidth=True"):

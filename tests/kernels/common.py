@@ -5,7 +5,6 @@ traces, and compiling for sm_90. Imported after `pytest.importorskip("triton")`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -21,18 +20,9 @@ import triton
 
 from bertforge import kernels
 from bertforge.model import BertConfig, Layer, Packed
+from tests.conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def bench_module(name: str) -> Any:
-    """bench/NAME.py, loaded by path (bench/ is not a package); one that imports no other
-    bench module."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_bench(script: str, *argv: str) -> dict[str, Any]:
