@@ -176,23 +176,30 @@ def sm90_compile(
     constexprs: dict[str, Any],
     warps: int,
     aligned: bool = False,
+    stages: int = 3,
+    divisible: tuple[str, ...] = (),
 ) -> Any:
     """A Triton kernel through Triton's whole CUDA pipeline for sm_90 (H100, H200; ptxas
     included, no GPU needed): the compiled kernel. signature: every argument's type,
     "constexpr" for constexprs' values. aligned: its pointers and *_stride arguments multiples
-    of 16, as Triton specializes a launch whose values are (its loads then vectorized)."""
+    of 16, as Triton specializes a launch whose values are (its loads then vectorized).
+    stages: the software pipeline's (Triton's num_stages; 3 is its default). divisible: other
+    integer arguments a multiple of 16 (with aligned), as a launch's sizes may be."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
-        if aligned and name in signature and name.endswith(("_ptr", "_stride"))
+        if aligned
+        and name in signature
+        and (name.endswith(("_ptr", "_stride")) or name in divisible)
     }
     source = triton.compiler.ASTSource(
         fn=fn, signature=signature, constexprs=constexprs, attrs=attrs
     )
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    options = {"num_warps": warps, "num_stages": stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def cuobjdump(cubin: bytes, flag: str, workdir: Path) -> str:

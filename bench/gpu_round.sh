@@ -20,9 +20,14 @@
 #   base128   BERT-base, seq 128, batch 256, padded and packed against the peer (the headline)
 #   best      base128 packed: the plain compiled step (the trainer's GPU default), the same
 #             with everything built since (--fused-norm, --fused-gelu, --fused-attention,
-#             --flat-optimizer, --split-qkv), and that with CUDA graphs (--cuda-graphs),
-#             interleaved, against the peer, each with a profile (bench/train_throughput.py
-#             --sides)
+#             --flat-optimizer, --split-qkv), that with --fused-ffn for --fused-gelu, and that
+#             with CUDA graphs (--cuda-graphs), interleaved, against the peer, each with a
+#             profile (bench/train_throughput.py --sides)
+#   ffn       bench/feed_forward.py (one layer's feed-forward, BERT-base, 29,976 tokens:
+#             GELU in Triton matmuls' epilogues against cuBLAS with the bias + GELU kernels and
+#             the plain compiled layer; the Triton product alone against cuBLAS's, TFLOP/s),
+#             then base128 packed, no peer, --fused-norm with --fused-gelu and with
+#             --fused-ffn, interleaved, with a profile
 #   attention bench/attention_kernel.py (one layer's attention, BERT-base, batch 256, seq 128:
 #             bertforge's Triton kernels against flash varlen and the padded step's SDPA,
 #             forward and forward + backward), then base128 packed, no peer, with and without
@@ -70,10 +75,11 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): best, attention, prune, fused, qkv, kernels, optimizer, loader, tests, base128
-# (with --profile 3), regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune; it
-# prints how long each took. The headline first: the plain step, everything together and
-# everything with graphs against the peer (best); then each option alone: the attention
+# the first stopped): best, ffn, attention, prune, fused, qkv, kernels, optimizer, loader, tests,
+# base128 (with --profile 3), regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune;
+# it prints how long each took. The headline first: the plain step, everything together and
+# everything with graphs against the peer (best); then each option alone: GELU in the matmuls'
+# epilogues (ffn), the attention
 # kernels against flash varlen (attention), the pruned last layer against the whole one
 # (prune), the fused Triton kernels (fused), the split q/k/v
 # matmuls (qkv), the Triton kernels' numbers on CUDA, only ever checked under Triton's CPU
@@ -101,7 +107,7 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-best}
   started=
-  for spec in best:240 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
+  for spec in best:270 ffn:150 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
     loader:150 tests:300 base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 \
     elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
@@ -120,7 +126,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | loader | kernels | base128 | best | attention | prune | qkv | fused \
+  tests | optimizer | loader | kernels | base128 | best | ffn | attention | prune | qkv | fused \
     | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions | profile \
     | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
@@ -154,7 +160,13 @@ base=(--model-size base --seq-len 128 --batch-size 256)
     base128) "${bench[@]}" "${base[@]}" --layouts padded,packed "$@" ;;
     best)
       all=packed+fusednorm+fusedgelu+fusedattn+flat+splitqkv
-      "${bench[@]}" "${base[@]}" --sides "packed,$all,$all+graphs" --profile 1 "$@" ;;
+      ffn=packed+fusednorm+fusedffn+fusedattn+flat+splitqkv
+      "${bench[@]}" "${base[@]}" --sides "packed,$all,$ffn,$all+graphs" --profile 1 "$@" ;;
+    ffn)
+      "$py" bench/feed_forward.py --model-size base --tokens 29976 \
+        || echo "feed_forward: exit $? (the step's comparison follows)"
+      "${bench[@]}" "${base[@]}" --skip-peer \
+        --sides packed+fusednorm+fusedgelu,packed+fusednorm+fusedffn --profile 1 "$@" ;;
     attention)
       "$py" bench/attention_kernel.py --model-size base --batch-size 256 --seq-len 128 \
         || echo "attention_kernel: exit $? (the step's comparison follows)"

@@ -9,6 +9,7 @@ does, peak memory, warm-up, and with --profile the device time by kind of kernel
 of the host's waits for the device and the ops that made them; a side that failed, with its
 error; a run cut short, with its figures so far); for `bench/optimizer_update.py`: ms an
 update per side; for `bench/attention_kernel.py`: ms of each side's attention; for
+`bench/feed_forward.py`: ms of each side's feed-forward and the product's TFLOP/s; for
 `bench/loader_contention.py`: ms a step per loader; for pytest: its summary line, and the
 failures it listed; a bench's refusal of its command line. Also the stage times `all`
 printed. Nothing is measured here.
@@ -94,6 +95,19 @@ def attention_line(run: dict[str, Any], stage: str) -> str:
     )
 
 
+def feed_forward_line(run: dict[str, Any], stage: str) -> str:
+    """bench/feed_forward.py's figures: ms of each side's forward + backward, and the
+    forward's product alone, Triton's against cuBLAS's."""
+    return (
+        f"{stage}: one layer's feed-forward, {run['model_size']} ({run['tokens']:,} tokens): "
+        f"forward + backward --fused-ffn {run['fusedffn_fwd_bwd_ms']:.3f} ms, --fused-gelu "
+        f"{run['fusedgelu_fwd_bwd_ms']:.3f} ms ({run['ratio_fwd_bwd_vs_fusedgelu']:.2f}x), "
+        f"plain {run['plain_fwd_bwd_ms']:.3f} ms ({run['ratio_fwd_bwd_vs_plain']:.2f}x); the "
+        f"product alone Triton {run['product_triton_tflops']} TFLOP/s, cuBLAS "
+        f"{run['product_cublas_tflops']} TFLOP/s; largest difference {run['max_abs_diff']:.2g}"
+    )
+
+
 def summarize(log: Path) -> tuple[list[str], list[str]]:
     """(table rows, other lines) of one stage's log."""
     stage = log.stem
@@ -118,6 +132,8 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
                 lines += wait_lines(run, stage)
             elif "ratio_fwd_bwd" in run:
                 lines.append(attention_line(run, stage))
+            elif "ratio_fwd_bwd_vs_fusedgelu" in run:
+                lines.append(feed_forward_line(run, stage))
             elif "gb_per_update" in run:
                 lines.append(optimizer_line(run, stage))
             elif "thread_over_precomputed_ms" in run:

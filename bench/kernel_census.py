@@ -71,9 +71,13 @@ H200_SMS = 132  # a persistent kernel's programs on the GPU (kernels._programs)
 @dataclass(frozen=True)
 class Own:
     """One of bertforge's Triton kernels (kernels.py), which inductor calls as written and
-    counts no bytes for: the [T, width] tensors it reads and writes; the constants naming a
-    row's width and a tile's; fp32 bytes a row besides; rows of fp32 partial column sums each
-    program writes (a persistent backward) or 0."""
+    counts no bytes for: the [T, width] tensors it reads and writes; the parameters naming a
+    row's width and a tile's (constants, or the width a runtime argument); fp32 bytes a row
+    besides; rows of fp32 partial column sums each program writes (a persistent backward) or
+    0; the runtime argument giving T. A matmul (`kernels.feed_forward`'s): `tensors` are what
+    its epilogue reads and writes beyond a plain matmul's input and output (whose bytes the
+    census leaves to the matmuls, as it does cuBLAS's), its partial sums a row per
+    FFN_BLOCK_M rows, and its instructions are not counted (its time is the product's)."""
 
     tensors: tuple[str, ...]
     width: str
@@ -81,6 +85,8 @@ class Own:
     row_bytes: int = 0
     partial_rows: int = 0
     mask_bits: int = 0  # bits an element of a stored dropout mask
+    rows: str = "t"
+    matmul: bool = False
 
 
 OWN = {
@@ -88,6 +94,9 @@ OWN = {
     "_backward_kernel": Own(("dy_ptr", "zhat_ptr", "dres_ptr", "dh_ptr"), "n", "n", 4, 3, 1),
     "_gelu_forward_kernel": Own(("h_ptr", "y_ptr"), "f", "columns"),
     "_gelu_backward_kernel": Own(("dy_ptr", "h_ptr", "du_ptr"), "f", "columns", 0, 1),
+    # GELU's output written beside the product; the product at GELU's input read beside it
+    "_ffn_forward_kernel": Own(("y_ptr",), "n", "block_n", rows="m", matmul=True),
+    "_ffn_backward_kernel": Own(("h_ptr",), "n", "block_n", 0, 1, rows="m", matmul=True),
 }
 
 
@@ -123,15 +132,22 @@ class Kernel:
             return None if self.gb is None else self.gb * len(self.calls)
         sizes = {"bf16": 2, "fp16": 2, "fp32": 4}
         per_element = sum(sizes[self.signature[name].lstrip("*")] for name in own.tensors)
-        width, tile = self.constants[own.width], self.constants[own.tile]
-        blocks = -(-width // tile)
-        programs = max(1, H200_SMS * kernels_module.PROGRAMS_PER_SM // blocks)
         total = 0
         for call in self.calls:
-            t = call["t"]
+            t, width = call[own.rows], self.width(call)
             total += t * (width * per_element + own.row_bytes + width * own.mask_bits / 8)
-            total += min(-(-t // 2), programs) * own.partial_rows * width * 4
+            if own.matmul:
+                programs = -(-t // kernels_module.FFN_BLOCK_M)
+            else:
+                blocks = -(-width // self.constants[own.tile])
+                programs = min(-(-t // 2), H200_SMS * kernels_module.PROGRAMS_PER_SM // blocks)
+            total += max(1, programs) * own.partial_rows * width * 4
         return total / 1e9
+
+    def width(self, call: dict[str, int]) -> int:
+        """A row's width for bertforge's kernel: a constant, or the call's argument."""
+        assert self.own is not None
+        return self.constants.get(self.own.width) or call[self.own.width]
 
     @functools.cached_property
     def signature(self) -> dict[str, str]:
@@ -148,7 +164,8 @@ class Kernel:
     def note_call(self, args: tuple[Any, ...]) -> None:
         if self.own:  # its runtime parameters first (then what its grid is made of)
             runtime = [name for name, kind in self.signature.items() if kind != "constexpr"]
-            self.calls.append({"t": args[runtime.index("t")]})
+            named = dict(zip(runtime, args, strict=False))
+            self.calls.append({n: named[n] for n in (self.own.rows, self.own.width) if n in named})
             return
         # the wrapper passes every parameter but the block sizes (inductor's configs set those)
         names = [name for name in self.signature if not name.endswith("BLOCK")]
@@ -159,7 +176,7 @@ class Kernel:
         """Elements a call works on: the product of its ranges (x, y; r0 of a reduction);
         rows x width for bertforge's kernels."""
         if self.own:
-            return numels["t"] * self.constants[self.own.width]
+            return numels[self.own.rows] * self.width(numels)
         return int(np.prod(list(numels.values())))
 
 
@@ -274,7 +291,7 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     model = BertForPretraining(bench_config(args))
     model.compile_regions = not args.whole_graph
     model.prune_last_layer = not args.full_last_layer
-    own = args.fused_norm or args.fused_gelu or args.fused_attention
+    own = args.fused_norm or args.fused_gelu or args.fused_ffn or args.fused_attention
     if own:
         kernels_module.usable = lambda x: True
     model.set_layer_options(**{name: getattr(args, name) for name in bert_model.LAYER_OPTIONS})
@@ -321,7 +338,7 @@ def instructions_per_element(kernel: Kernel, workdir: Path) -> float | None:
 
     signature = kernel.signature
     if kernel.own:
-        return own_instructions(kernel, workdir)
+        return None if kernel.own.matmul else own_instructions(kernel, workdir)
     if kernel.kind == "poi":
         constexprs, warps = POINTWISE
         per_thread = constexprs["XBLOCK"] / (warps * 32)
@@ -396,6 +413,12 @@ def main() -> None:
         help="the feed-forward's bias + GELU as bertforge's Triton kernels (--fused-gelu)",
     )
     ap.add_argument(
+        "--fused-ffn",
+        action="store_true",
+        help="the feed-forward's GELU in the epilogues of bertforge's Triton matmuls "
+        "(--fused-ffn): their bytes beyond a plain matmul's counted",
+    )
+    ap.add_argument(
         "--split-qkv",
         action="store_true",
         help="q, k and v as three matmuls on the qkv weight's blocks (the trainer's "
@@ -442,6 +465,7 @@ def main() -> None:
         f"{args.hidden_act}{', whole graph' if args.whole_graph else ''}"
         f"{', --fused-norm' if args.fused_norm else ''}"
         f"{', --fused-gelu' if args.fused_gelu else ''}"
+        f"{', --fused-ffn' if args.fused_ffn else ''}"
         f"{', --split-qkv' if args.split_qkv else ''}"
         f"{', --fused-attention' if args.fused_attention else ''}"
         f"{', --full-last-layer' if args.full_last_layer else ''}"
@@ -467,7 +491,8 @@ def main() -> None:
         "model_size": args.model_size, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "layout": args.layout, "dropout": args.dropout, "draws": args.draws,
         "hidden_act": args.hidden_act, "whole_graph": args.whole_graph,
-        "fused_norm": args.fused_norm, "fused_gelu": args.fused_gelu, "split_qkv": args.split_qkv,
+        "fused_norm": args.fused_norm, "fused_gelu": args.fused_gelu, "fused_ffn": args.fused_ffn,
+        "split_qkv": args.split_qkv,
         "fused_attention": args.fused_attention, "full_last_layer": args.full_last_layer,
         "tokens": tokens, "torch": torch.__version__, "bandwidth_gbps": args.bandwidth_gbps,
         "issue_tops": args.issue_tops, "gb": round(total["gb"], 3), "uncounted": uncounted,

@@ -112,12 +112,13 @@ def host_sized(config: BertConfig) -> BertConfig:
 
 # What a side's name may add to its layout (padded, packed): see make_ours and the flags.
 SUFFIXES = ("+whole", "+graphs", "+bits", "+torchdrop", "+eager", "+fusednorm", "+fusedgelu",
-            "+fusedattn", "+flat", "+splitqkv", "+fulllast", "+thread")  # fmt: skip
+            "+fusedffn", "+fusedattn", "+flat", "+splitqkv", "+fulllast", "+thread")  # fmt: skip
 
 
 # The side-name suffix of each layer option (model.LAYER_OPTIONS)
 LAYER_SUFFIXES = {"fused_norm": "+fusednorm", "fused_gelu": "+fusedgelu",
-                  "split_qkv": "+splitqkv", "fused_attention": "+fusedattn"}  # fmt: skip
+                  "fused_ffn": "+fusedffn", "split_qkv": "+splitqkv",
+                  "fused_attention": "+fusedattn"}  # fmt: skip
 
 
 def named_sides(
@@ -128,7 +129,7 @@ def named_sides(
     machine, as for every side: `check_sides`); padded sides first, as the flags' product
     orders them."""
     flags = ("--layouts", "--whole-graph", "--graphs", "--compiled-dropout", "--fused-norm",
-             "--fused-gelu", "--fused-attention", "--flat-optimizer", "--split-qkv",
+             "--fused-gelu", "--fused-ffn", "--fused-attention", "--flat-optimizer", "--split-qkv",
              "--full-last-layer", "--loader")  # fmt: skip
     dests = {f: f[2:].replace("-", "_") for f in flags}
     given = [f for f, d in dests.items() if getattr(args, d) != ap.get_default(d)]
@@ -159,11 +160,11 @@ def check_sides(ap: argparse.ArgumentParser, args: argparse.Namespace, sides: li
     """What bertforge's sides, named by the variant flags or by --sides, need of the machine
     and the batch: the fused Triton kernels run on CUDA with Triton only, and the attention
     kernel takes packed batches of sequences up to kernels.ATTENTION_MAX_LEN tokens."""
-    fused = [side for side in sides if re.search(r"\+fused(norm|gelu|attn)", side)]
+    fused = [side for side in sides if re.search(r"\+fused(norm|gelu|ffn|attn)", side)]
     if fused and not (args.device == "cuda" and kernels.available()):
         ap.error(f"{', '.join(fused)}: the fused kernels (--fused-norm, --fused-gelu, "
-                 "--fused-attention, +fusednorm, +fusedgelu, +fusedattn) run on CUDA with "
-                 "Triton only")  # fmt: skip
+                 "--fused-ffn, --fused-attention, +fusednorm, +fusedgelu, +fusedffn, "
+                 "+fusedattn) run on CUDA with Triton only")  # fmt: skip
     attention = [side for side in sides if "+fusedattn" in side]
     if [s for s in attention if not s.startswith("packed")] or (
         attention and args.seq_len > kernels.ATTENTION_MAX_LEN
@@ -406,6 +407,13 @@ def arguments() -> argparse.ArgumentParser:
     )
     variant_flag(
         ap,
+        "--fused-ffn",
+        "bertforge's sides with each layer's feed-forward GELU in the epilogues of Triton "
+        "matmuls (kernels.feed_forward, the trainer's --fused-ffn; '+fusedffn' in the name; "
+        "CUDA with Triton); both: with and without, interleaved",
+    )
+    variant_flag(
+        ap,
         "--fused-attention",
         "bertforge's packed sides with attention as its Triton kernels (kernels.attention, the "
         "trainer's --fused-attention; '+fusedattn' in the name; CUDA with Triton, seq up to "
@@ -510,9 +518,10 @@ def main() -> None:
         ap.error("--graphs: CUDA graphs come with --compile (mode reduce-overhead)")
     loaders = {"process": [""], "thread": ["+thread"], "both": ["", "+thread"]}[args.loader]
     fuseds = [
-        norm + gelu + attn + flat + qkv + last + loader
+        norm + gelu + ffn + attn + flat + qkv + last + loader
         for norm in with_without(args.fused_norm, "+fusednorm")
         for gelu in with_without(args.fused_gelu, "+fusedgelu")
+        for ffn in with_without(args.fused_ffn, "+fusedffn")
         for attn in with_without(args.fused_attention, "+fusedattn")
         for flat in with_without(args.flat_optimizer, "+flat")
         for qkv in with_without(args.split_qkv, "+splitqkv")
@@ -780,6 +789,7 @@ def main() -> None:
         "graphs": args.graphs,
         "fused_norm": args.fused_norm,
         "fused_gelu": args.fused_gelu,
+        "fused_ffn": args.fused_ffn,
         "fused_attention": args.fused_attention,
         "flat_optimizer": args.flat_optimizer,
         "split_qkv": args.split_qkv,

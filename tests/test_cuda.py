@@ -110,6 +110,7 @@ def cpu_windows(tmp_path_factory, train_data):
             "--fused-attention",
             "--flat-optimizer",
         ],
+        ["--compile", "--fused-norm", "--fused-ffn", "--fused-attention"],
         ["--precision", "fp32", "--fused-attention"],  # packed, where flash varlen is not
     ],
 )
@@ -117,8 +118,9 @@ def test_train_on_cuda(tmp_path, train_data, cpu_windows, extra):
     """Each CUDA path (packed, the default at this length, and padded; compiled; fp16 with
     loss scaling; the flat optimizer, its update bertforge's Triton kernel or, without Triton,
     torch's; CUDA graphs, packed and in padded micro-batches; every speed option together:
-    q/k/v split, bertforge's Triton kernels, attention's included, the flat optimizer;
-    bertforge's attention in fp32, where flash varlen does not run) learns as the fp32 CPU
+    q/k/v split, bertforge's Triton kernels, attention's included, the flat optimizer; the
+    feed-forward's GELU in Triton matmuls' epilogues; bertforge's attention in fp32, where
+    flash varlen does not run) learns as the fp32 CPU
     run of the same data, masks and seed does: its loss over the last 30 steps within 0.15
     of the CPU run's (three seeds spread by 0.08; a path that stops learning stays near the
     first window's loss, about 1 higher)."""

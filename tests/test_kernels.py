@@ -18,7 +18,7 @@ from bertforge import kernels
 from bertforge.cli import main
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, Layer
-from bertforge.train import check_fused, check_fused_attention
+from bertforge.train import check_fused, check_fused_attention, check_fused_ffn
 from tests.test_train import args as train_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,14 +91,24 @@ def test_without_triton_the_layer_keeps_its_plain_path():
     layer = Layer(c).eval()
     x = torch.randn(2, 5, 32)
     plain = layer(x, None)
-    layer.fused_norm = layer.fused_gelu = True
+    layer.fused_norm = layer.fused_gelu = layer.fused_ffn = True
     torch.testing.assert_close(layer(x, None), plain, rtol=0, atol=0)
 
 
 def test_fused_flags_need_cuda_with_triton():
-    for flag in ("--fused-norm", "--fused-gelu", "--fused-attention"):
+    for flag in ("--fused-norm", "--fused-gelu", "--fused-ffn", "--fused-attention"):
         with pytest.raises(UserError, match=f"{flag} needs a CUDA device with Triton"):
             check_fused(flag, torch.device("cpu"))
+
+
+def test_fused_ffn_is_refused_for_a_hidden_size_its_kernels_do_not_take():
+    check_fused_ffn(BertConfig(vocab_size=64, hidden_size=128, num_attention_heads=2))
+    odd = BertConfig(vocab_size=64, hidden_size=96, num_attention_heads=2)
+    with pytest.raises(
+        UserError,
+        match="--fused-ffn takes hidden sizes that are a multiple of 64; this model's is 96",
+    ):
+        check_fused_ffn(odd)
 
 
 def test_fused_attention_is_refused_where_its_kernels_would_not_run():
@@ -130,17 +140,18 @@ def test_train_with_fused_norm_on_a_cpu_stops_before_writing(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag", ["--fused-gelu", "--fused-ffn"])
 def test_fused_gelu_is_refused_for_another_activation(
-    tmp_path, train_data, tiny_bert_config, capsys
+    tmp_path, train_data, tiny_bert_config, capsys, flag
 ):
     config = json.loads(tiny_bert_config.read_text())
     (tmp_path / "bert_config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
     out = tmp_path / "run"
     bert = tmp_path / "bert_config.json"
-    rc = main(train_args(train_data, out, bert, "--num-train-steps", "2", "--fused-gelu"))
+    rc = main(train_args(train_data, out, bert, "--num-train-steps", "2", flag))
     assert rc == 2
     err = capsys.readouterr().err
-    assert "--fused-gelu computes GELU's erf form" in err and "hidden_act is gelu_new" in err
+    assert f"{flag} computes GELU's erf form" in err and "hidden_act is gelu_new" in err
     assert not out.exists()
 
 

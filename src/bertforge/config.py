@@ -383,6 +383,16 @@ class TrainConfig:
     bound by libdevice's instructions, and the bias's gradient summed in the same pass. Off by
     default until a GPU run has measured it (bench/train_throughput.py --fused-gelu). For
     models whose hidden_act is gelu."""
+    fused_ffn: bool = False
+    """Each layer's feed-forward with GELU (erf form) in the epilogues of two Triton matmuls
+    (CUDA with Triton only; hidden sizes a multiple of 64): the product into GELU writes both
+    itself and GELU of it with the bias, and in the backward the product of the output's
+    gradient with ffn_out's weight comes out as the gradient at GELU's input, with the bias's
+    gradient summed. Three of the five passes over the [tokens, intermediate] tensors that
+    GELU costs with --fused-gelu go (6.6 GB a step for BERT-base at seq 128, batch 256); the
+    other matmuls stay cuBLAS's. Off by default until a GPU run has measured it against
+    cuBLAS with --fused-gelu (bench/train_throughput.py --fused-ffn). Takes over from
+    --fused-gelu. For models whose hidden_act is gelu."""
     split_qkv: bool = False
     """q, k and v as three matmuls on the row blocks of each layer's qkv weight instead of
     one: their three gradients from the attention's backward then go into three matmuls as

@@ -1,6 +1,8 @@
 """bertforge's Triton kernels for the CUDA train step: two pairs (forward, backward), for
 bias + dropout + residual + LayerNorm (`fused_norm`) and for bias + GELU (`bias_gelu`, whose
-own docstring says why); attention of a packed batch whose sequences fit one tile
+own docstring says why); the feed-forward's two matmuls with GELU in their epilogues
+(`feed_forward`, one kernel each way beside cuBLAS's matmuls; its docstring says why);
+attention of a packed batch whose sequences fit one tile
 (`attention`, one kernel forward, two backward; its docstring says why); and AdamW's update of
 a flat buffer (`adamw_`, for optim.FlatAdamW: torch's fused kernel caps the blocks of a
 launch, its docstring says more).
@@ -67,6 +69,18 @@ BACKWARD_CONFIGS = ((2, 4), (2, 8), (2, 2))
 GELU_FORWARD_CONFIGS = ((4, 4), (8, 8), (2, 4))
 GELU_BACKWARD_CONFIGS = ((4, 4), (8, 8), (2, 4))
 GELU_COLUMNS = 1024
+# the feed-forward's matmuls with GELU in their epilogues (`feed_forward`): (columns of a tile,
+# warps, pipeline stages), a tile being FFN_BLOCK_M rows x columns, FFN_BLOCK_K deep at a step.
+# Rows are fixed: the backward writes one row of the bias's partial sums per block of rows, into
+# a buffer sized before the autotuner picks. Tiles among Triton's tutorial's for bf16 on sm_90
+# (wgmma); compiled for sm_90 at BERT-base's sizes without spills (tests/kernels/
+# test_feed_forward.py): 128 x 256 on 8 warps and 128 x 128 on 4, 128 accumulators a thread,
+# spilled in the epilogue's GELU (64-368 bytes a thread) and are left out
+FFN_FORWARD_CONFIGS = ((128, 8, 4), (128, 8, 3), (64, 4, 4), (64, 4, 3))
+FFN_BACKWARD_CONFIGS = ((128, 8, 4), (128, 8, 3), (64, 4, 4), (64, 4, 3))
+FFN_BLOCK_M = 128
+FFN_BLOCK_K = 64  # the hidden size must be a multiple: the product's loop has no masks
+FFN_GROUP_M = 8  # row blocks whose programs run side by side on the same columns (L2 reuse)
 # AdamW over a flat buffer: elements a program, warps a program (16 fp32 an element's thread)
 ADAMW_BLOCK = 4096
 ADAMW_WARPS = 8
@@ -104,10 +118,18 @@ if triton is not None:
     # Triton 3.9's fdiv can divide approximately; 3.6's (torch 2.11's) cannot be asked to
     APPROX_DIVISION = tl.constexpr("approx" in inspect.signature(tl.math.fdiv).parameters)
 
-    def _configs(pairs: tuple[tuple[int, int], ...], name: str = "rows_per") -> list[triton.Config]:
-        """Triton configs; the first alone under the interpreter, which cannot time them."""
+    # Triton's interpreter multiplies bf16 as the integers that hold it (3.9): its products
+    # in fp32 there, which holds bf16 values and their products exactly, as the GPU does
+    DOT_IN_FP32 = tl.constexpr(interpreted())
+
+    def _configs(pairs: tuple[tuple[int, ...], ...], name: str = "rows_per") -> list[triton.Config]:
+        """Triton configs from (`name`'s value, warps[, pipeline stages]); the first alone
+        under the interpreter, which cannot time them."""
         pairs = pairs[:1] if interpreted() else pairs
-        return [triton.Config({name: rows}, num_warps=warps) for rows, warps in pairs]
+        return [
+            triton.Config({name: value}, num_warps=warps, num_stages=[*stages, 3][0])
+            for value, warps, *stages in pairs
+        ]
 
     @triton.jit
     def _columns(k, n, quarter, block_q: tl.constexpr):
@@ -480,6 +502,12 @@ if triton is not None:
         return 0.5 + 0.5 * tl.where(s < 0, -erf, erf), e
 
     @triton.jit
+    def _gelu_slope(u):
+        """GELU's derivative at u: d/du u Phi(u) = Phi(u) + u phi(u)."""
+        cdf, e = _phi(u)
+        return cdf + u * e * 0.3989422804014327
+
+    @triton.jit
     def _gelu_offsets(start, column, t, f: tl.constexpr, rows_per: tl.constexpr,
                       columns: tl.constexpr):  # fmt: skip
         """A tile's element offsets in a [t, f] tensor, its columns, which of them exist."""
@@ -512,13 +540,93 @@ if triton is not None:
             at, cols, ok = _gelu_offsets(start, column, t, f, rows_per, columns)
             u = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
             u += tl.load(bias_ptr + cols, mask=cols < f, other=0.0).to(tl.float32)
-            cdf, e = _phi(u)
             dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            du = dy * (cdf + u * e * 0.3989422804014327)  # d/du u Phi(u) = Phi(u) + u phi(u)
+            du = dy * _gelu_slope(u)
             tl.store(du_ptr + at, du.to(du_ptr.dtype.element_ty), mask=ok)
             total += du
         cols = column * columns + tl.arange(0, columns)
         tl.store(partial_ptr + program * f + cols, tl.sum(total, 0), mask=cols < f)
+
+    @triton.jit
+    def _ffn_offsets(m, n, a_stride, b_stride_k, b_stride_n, block_m: tl.constexpr,
+                     block_n: tl.constexpr, block_k: tl.constexpr,
+                     group_m: tl.constexpr):  # fmt: skip
+        """For this program's tile of a [m, k] @ b [k, n] (a's rows a_stride apart, b's
+        strides given): its block of rows, its rows and columns, and the offsets of a's
+        [block_m, block_k] and b's [block_k, block_n] first slices. The programs take the tiles
+        a group of group_m blocks of rows at a time, down each column of tiles, so the programs
+        running together share b's columns in L2 (Triton's tutorial's order). Rows and columns
+        past the ends read rows and columns that exist (modulo m and n; their results are never
+        stored), so the loop over k, a multiple of block_k, needs no masks. (The kernels load
+        in their own bodies: torch reads a helper's loads through pointers it is given as
+        writes, and inductor would copy those tensors before each call.)"""
+        pid = tl.program_id(0)
+        tiles_n = tl.cdiv(n, block_n)
+        in_group = group_m * tiles_n
+        first = (pid // in_group) * group_m
+        size = tl.minimum(tl.cdiv(m, block_m) - first, group_m)
+        block = first + (pid % in_group) % size
+        rows = block * block_m + tl.arange(0, block_m)
+        cols = ((pid % in_group) // size) * block_n + tl.arange(0, block_n)
+        ks = tl.arange(0, block_k)
+        a_at = (rows % m).to(tl.int64)[:, None] * a_stride + ks[None, :]
+        b_at = ks[:, None] * b_stride_k + (cols % n)[None, :] * b_stride_n
+        return block, rows, cols, a_at, b_at
+
+    @triton.jit
+    def _ffn_dot(a, b, acc, precision: tl.constexpr):
+        """acc + a @ b in fp32; precision: fp32 inputs' ("ieee", as torch's matmuls by
+        default)."""
+        if DOT_IN_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=precision)
+
+    @triton.jit
+    def _ffn_tile(rows, cols, m, n):
+        """A tile's element offsets in a [m, n] tensor and which of them exist."""
+        at = rows.to(tl.int64)[:, None] * n + cols[None, :]
+        return at, (rows[:, None] < m) & (cols[None, :] < n)
+
+    @triton.autotune(configs=_configs(FFN_FORWARD_CONFIGS, "block_n"), key=["n", "k"])
+    @triton.jit
+    def _ffn_forward_kernel(x_ptr, w_ptr, bias_ptr, h_ptr, y_ptr, m, n, k,
+                            block_m: tl.constexpr, block_k: tl.constexpr,
+                            group_m: tl.constexpr, precision: tl.constexpr,
+                            block_n: tl.constexpr):  # fmt: skip
+        """h = x @ w^T (x [m, k], ffn_in's weight w [n, k]) and y = gelu(h + bias), [m, n]
+        each, from one fp32 product."""
+        _, rows, cols, a_at, b_at = _ffn_offsets(m, n, k, 1, k, block_m, block_n, block_k, group_m)
+        acc = tl.zeros((block_m, block_n), tl.float32)
+        for i in range(0, k, block_k):  # offsets from the index: no pointers carried through
+            acc = _ffn_dot(tl.load(x_ptr + a_at + i), tl.load(w_ptr + b_at + i), acc, precision)
+        at, ok = _ffn_tile(rows, cols, m, n)
+        tl.store(h_ptr + at, acc.to(h_ptr.dtype.element_ty), mask=ok)
+        u = acc + tl.load(bias_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+        cdf, _ = _phi(u)
+        tl.store(y_ptr + at, (u * cdf).to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.autotune(configs=_configs(FFN_BACKWARD_CONFIGS, "block_n"), key=["n", "k"])
+    @triton.jit
+    def _ffn_backward_kernel(dz_ptr, w_ptr, h_ptr, bias_ptr, du_ptr, partial_ptr, m, n, k,
+                             block_m: tl.constexpr, block_k: tl.constexpr,
+                             group_m: tl.constexpr, precision: tl.constexpr,
+                             block_n: tl.constexpr):  # fmt: skip
+        """du = (dz @ w) x GELU'(h + bias) (dz [m, k], ffn_out's weight w [k, n]; h as the
+        forward wrote it), and the column sums of du over the tile's rows in fp32 (the bias's
+        gradient), one row of partial sums per block of rows."""
+        block, rows, cols, a_at, b_at = _ffn_offsets(
+            m, n, k, n, 1, block_m, block_n, block_k, group_m
+        )
+        acc = tl.zeros((block_m, block_n), tl.float32)
+        for i in range(0, k, block_k):
+            acc = _ffn_dot(tl.load(dz_ptr + a_at + i), tl.load(w_ptr + b_at + i * n), acc,
+                           precision)  # fmt: skip
+        at, ok = _ffn_tile(rows, cols, m, n)
+        u = tl.load(h_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        u += tl.load(bias_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
+        du = tl.where(ok, acc * _gelu_slope(u), 0.0)
+        tl.store(du_ptr + at, du.to(du_ptr.dtype.element_ty), mask=ok)
+        tl.store(partial_ptr + block * n + cols, tl.sum(du, 0), mask=cols < n)
 
     @triton.jit
     def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, inf_ptr, n, lr, decay,
@@ -550,10 +658,6 @@ if triton is not None:
         tl.store(p_ptr + at, p, mask=ok)
         tl.store(m_ptr + at, m, mask=ok)
         tl.store(v_ptr + at, v, mask=ok)
-
-    # Triton's interpreter multiplies bf16 as the integers that hold it (3.9): its products
-    # in fp32 there, which holds bf16 values and their products exactly, as the GPU does
-    DOT_IN_FP32 = tl.constexpr(interpreted())
 
     @triton.jit
     def _dot(a, b, precision: tl.constexpr):
@@ -810,6 +914,64 @@ if triton is not None:
         return du, dbias.to(bias.dtype)
 
     _gelu_forward.register_autograd(_gelu_gradients, setup_context=_gelu_setup)
+
+    def _ffn_grid(m: int, n: int):  # type: ignore[no-untyped-def]
+        def grid(meta: dict[str, int]) -> tuple[int]:
+            return (triton.cdiv(m, FFN_BLOCK_M) * triton.cdiv(n, meta["block_n"]),)
+
+        return grid
+
+    def _ffn_blocks(x: torch.Tensor) -> dict[str, object]:
+        """The feed-forward kernels' fixed tile sizes and their product's precision."""
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: ignored for bf16
+        return dict(
+            block_m=FFN_BLOCK_M, block_k=FFN_BLOCK_K, group_m=FFN_GROUP_M, precision=precision
+        )
+
+    @torch.library.triton_op("bertforge::feed_forward_forward", mutates_args=())
+    def _ffn_forward(
+        x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, k = x.shape
+        n = w_in.shape[0]
+        h, y = (torch.empty(m, n, dtype=x.dtype, device=x.device) for _ in range(2))
+        torch.library.wrap_triton(_ffn_forward_kernel)[_ffn_grid(m, n)](
+            x, w_in, b_in, h, y, m, n, k, **_ffn_blocks(x)
+        )
+        return torch.mm(y, w_out.t()), h, y
+
+    @torch.library.triton_op("bertforge::feed_forward_backward", mutates_args=())
+    def _ffn_backward(
+        dz: torch.Tensor,
+        x: torch.Tensor,
+        w_in: torch.Tensor,
+        b_in: torch.Tensor,
+        w_out: torch.Tensor,
+        h: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, k = dz.shape
+        n = h.shape[1]
+        du = torch.empty_like(h)
+        partial = torch.empty(triton.cdiv(m, FFN_BLOCK_M), n, dtype=torch.float32, device=dz.device)
+        torch.library.wrap_triton(_ffn_backward_kernel)[_ffn_grid(m, n)](
+            dz, w_out, h, b_in, du, partial, m, n, k, **_ffn_blocks(dz)
+        )
+        # x's, w_in's, b_in's and w_out's gradients
+        return torch.mm(du, w_in), torch.mm(du.t(), x), partial.sum(0), torch.mm(dz.t(), y)
+
+    def _ffn_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        x, w_in, b_in, w_out = inputs
+        _, h, y = output
+        ctx.save_for_backward(x, w_in, b_in, w_out, h, y)
+        ctx.set_materialize_grads(False)  # h's and y's (unused): None, not zeros
+
+    def _ffn_gradients(ctx, dz, _h, _y):  # type: ignore[no-untyped-def]
+        x, w_in, b_in, w_out, h, y = ctx.saved_tensors
+        dx, dw_in, db_in, dw_out = _ffn_backward(dz.contiguous(), x, w_in, b_in, w_out, h, y)
+        return dx, dw_in, db_in.to(b_in.dtype), dw_out
+
+    _ffn_forward.register_autograd(_ffn_gradients, setup_context=_ffn_setup)
 
     def _shape(x: torch.Tensor) -> tuple[int, int, int]:
         """The hidden size, a quarter's length and its power-of-2 block for a [T, N] tensor."""
@@ -1083,6 +1245,34 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     instructions an element (bench/kernel_census.py), more than their bytes allow."""
     f = h.shape[-1]
     return _gelu_forward(h.reshape(-1, f).contiguous(), bias).view(h.shape)
+
+
+def feed_forward_fits(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """Whether `feed_forward` takes x [..., K] with ffn_in's weight [N, K]: K a multiple of
+    FFN_BLOCK_K (every BERT size is; the same for ffn_out's rows, w_out [K, N]), where the
+    kernels run."""
+    return usable(x) and w_in.shape[1] % FFN_BLOCK_K == 0 and w_out.shape[0] % FFN_BLOCK_K == 0
+
+
+def feed_forward(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor
+) -> torch.Tensor:
+    """gelu(x @ w_in^T + b_in) @ w_out^T (the erf form; BERT's feed-forward without its
+    output bias), with GELU in the matmuls' epilogues: one Triton kernel takes ffn_in's
+    product and writes both the product and GELU of it with the bias; in the backward, one
+    takes the product of the output's gradient with w_out and writes the gradient at GELU's
+    input (GELU' of the saved product), with the bias's partial sums. The other matmuls are
+    torch's (cuBLAS). Against the matmuls with `bias_gelu` between them, the kernels do not
+    read the product back for GELU, nor write and read back the gradient of GELU's output:
+    three of the five passes over a [tokens, N] tensor that GELU costs each layer
+    (bench/RESULTS.md, session 33). x: [..., K], w_in: [N, K], b_in: [N], w_out: [K', N]
+    (see `feed_forward_fits`). Under autocast the matmuls take its dtype, as F.linear does;
+    the bias stays as it is (read in fp32)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
+    z, _, _ = _ffn_forward(x.reshape(-1, x.shape[-1]).contiguous(), w_in, b_in, w_out)
+    return z.view(*x.shape[:-1], z.shape[-1])
 
 
 def attention_fits(q: torch.Tensor, max_len: int) -> bool:

@@ -15,7 +15,8 @@ GELU, learned absolute positions), but the code is shaped for speed:
   same thing);
 - on request (`Layer.fused_norm`, the trainer's --fused-norm), each sublayer's output bias,
   dropout, residual add and LayerNorm are one Triton kernel each way (`kernels.fused_norm`);
-  likewise the feed-forward's bias + GELU (`Layer.fused_gelu`, --fused-gelu);
+  likewise the feed-forward's bias + GELU (`Layer.fused_gelu`, --fused-gelu); or (`Layer.fused_ffn`,
+  --fused-ffn) the feed-forward's GELU in the epilogues of Triton matmuls (`kernels.feed_forward`);
 - on request (`Layer.split_qkv`, --split-qkv), q, k and v are three matmuls on the blocks of
   the one qkv weight, so their gradients need not be concatenated for the backward;
 - on request (`Layer.fused_attention`, --fused-attention), a packed batch's attention is
@@ -326,13 +327,15 @@ class Layer(nn.Module):
     """One post-LayerNorm encoder layer. `fused_norm` True: the output bias, dropout, residual
     add and LayerNorm of both sublayers run as `kernels.fused_norm` where it can run (CUDA with
     Triton); `fused_gelu` True: the feed-forward's bias and GELU (the erf form) as
-    `kernels.bias_gelu`; `split_qkv` True: q, k, v from three matmuls on the qkv weight's
-    blocks (`project_qkv`); `fused_attention` True: a packed batch's attention as
-    `kernels.attention` (sequences up to 128 tokens); the plain modules otherwise. Same
-    weights either way."""
+    `kernels.bias_gelu`; `fused_ffn` True: the feed-forward as `kernels.feed_forward`, GELU
+    in its matmuls' epilogues (before `fused_gelu`); `split_qkv` True: q, k, v from three
+    matmuls on the qkv weight's blocks (`project_qkv`); `fused_attention` True: a packed
+    batch's attention as `kernels.attention` (sequences up to 128 tokens); the plain modules
+    otherwise. Same weights either way."""
 
     fused_norm: bool = False
     fused_gelu: bool = False
+    fused_ffn: bool = False
     split_qkv: bool = False
     fused_attention: bool = False
 
@@ -367,6 +370,10 @@ class Layer(nn.Module):
             x, q, k, v, layout = self.rows_qkv(x, layout, rows)
             a = attend(q, k, v, layout, p)
         x = self.add_norm(self.attn_out, a.flatten(-2), x, self.attn_norm)
+        if self.fuses_feed_forward(x):
+            w_in, b_in, w_out = self.ffn_in.weight, self.ffn_in.bias, self.ffn_out.weight
+            h = kernels.feed_forward(x, w_in, b_in, w_out)
+            return self.add_norm(self.ffn_out, None, x, self.ffn_norm, h)
         return self.add_norm(self.ffn_out, self.feed_forward_in(x), x, self.ffn_norm)
 
     def rows_qkv(
@@ -398,6 +405,15 @@ class Layer(nn.Module):
         blocks = zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), strict=True)
         return tuple(F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)) for w, b in blocks)
 
+    def fuses_feed_forward(self, x: torch.Tensor) -> bool:
+        """Whether the feed-forward runs as `kernels.feed_forward` (`fused_ffn`, where its
+        kernels take x and the weights; the erf form of GELU, hidden_act "gelu")."""
+        return (
+            self.fused_ffn
+            and self.act is ACTIVATIONS["gelu"]
+            and kernels.feed_forward_fits(x, self.ffn_in.weight, self.ffn_out.weight)
+        )
+
     def feed_forward_in(self, x: torch.Tensor) -> torch.Tensor:
         """act(ffn_in(x))."""
         # the kernels compute the erf form, hidden_act "gelu"'s F.gelu
@@ -406,14 +422,20 @@ class Layer(nn.Module):
         return self.act(self.ffn_in(x))
 
     def add_norm(
-        self, out: nn.Linear, a: torch.Tensor, x: torch.Tensor, norm: LayerNorm
+        self,
+        out: nn.Linear,
+        a: torch.Tensor | None,
+        x: torch.Tensor,
+        norm: LayerNorm,
+        h: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """norm(x + dropout(out(a))): a sublayer's output projection and residual."""
+        """norm(x + dropout(out(a))): a sublayer's output projection and residual. h: a @
+        out.weight^T where the caller has it (a is then not read)."""
         if self.fused_norm and kernels.usable(x):
             p = self.dropout.p if self.training else 0.0
-            h = F.linear(a, out.weight)  # the bias is added in the kernel
+            h = F.linear(a, out.weight) if h is None else h  # the bias is added in the kernel
             return kernels.fused_norm(h, out.bias, x, norm.weight, norm.bias, p, norm.eps)
-        return norm(x + self.dropout(out(a)))
+        return norm(x + self.dropout(out(a) if h is None else h + out.bias))
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -437,7 +459,7 @@ layer_region = _region(run_layer) if _region is not None else run_layer
 
 # Layer's speed options, each a flag of TrainConfig's of the same name: the same weights and
 # model either way (`BertForPretraining.set_layer_options`)
-LAYER_OPTIONS = ("fused_norm", "fused_gelu", "split_qkv", "fused_attention")
+LAYER_OPTIONS = ("fused_norm", "fused_gelu", "fused_ffn", "split_qkv", "fused_attention")
 
 
 class BertForPretraining(nn.Module):

@@ -120,6 +120,7 @@ RESUMABLE = {
     "packed",
     "fused_norm",  # the same model and weights, other dropout draws
     "fused_gelu",
+    "fused_ffn",
     "split_qkv",  # the same weights and numbers
     "fused_attention",  # the same model and weights, other dropout draws
     "prune_last_layer",  # the same logits
@@ -237,18 +238,22 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         precision, bert.hidden_size // bert.num_attention_heads
     )
     packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
-    if cfg.fused_gelu and bert.hidden_act != "gelu":
-        raise UserError(
-            f"--fused-gelu computes GELU's erf form (hidden_act gelu); this model's hidden_act "
-            f"is {bert.hidden_act}: leave the flag out."
-        )
+    for flag, on in (("--fused-gelu", cfg.fused_gelu), ("--fused-ffn", cfg.fused_ffn)):
+        if on and bert.hidden_act != "gelu":
+            raise UserError(
+                f"{flag} computes GELU's erf form (hidden_act gelu); this model's hidden_act "
+                f"is {bert.hidden_act}: leave the flag out."
+            )
     for flag, on in (
         ("--fused-norm", cfg.fused_norm),
         ("--fused-gelu", cfg.fused_gelu),
+        ("--fused-ffn", cfg.fused_ffn),
         ("--fused-attention", cfg.fused_attention),
     ):
         if on:
             check_fused(flag, d.device)
+    if cfg.fused_ffn:
+        check_fused_ffn(bert)
     if cfg.fused_attention:
         check_fused_attention(bert, info.max_seq_length, packed)
     if cfg.cuda_graphs:
@@ -1372,13 +1377,23 @@ def use_flat(cfg: TrainConfig) -> bool:
 
 
 def check_fused(flag: str, device: torch.device) -> None:
-    """--fused-norm / --fused-gelu / --fused-attention where bertforge's Triton kernels cannot
-    run: one clear error, before anything is written."""
+    """--fused-norm / --fused-gelu / --fused-ffn / --fused-attention where bertforge's Triton
+    kernels cannot run: one clear error, before anything is written."""
     if device.type != "cuda" or not kernels.available():
         where = "Triton is not installed" if device.type == "cuda" else f"training is on {device}"
         raise UserError(
             f"{flag} needs a CUDA device with Triton ({where}); leave the flag out to train "
             "with torch's own kernels."
+        )
+
+
+def check_fused_ffn(bert: BertConfig) -> None:
+    """--fused-ffn for a hidden size its kernels do not take (a multiple of
+    kernels.FFN_BLOCK_K): one clear error, rather than a run that silently keeps cuBLAS."""
+    if bert.hidden_size % kernels.FFN_BLOCK_K:
+        raise UserError(
+            f"--fused-ffn takes hidden sizes that are a multiple of {kernels.FFN_BLOCK_K}; this "
+            f"model's is {bert.hidden_size}: leave the flag out."
         )
 
 

@@ -55,15 +55,17 @@ compiled = pytest.mark.skipif(
 
 def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
     """A fixture that runs a test once per autotuned configuration: the i-th run pins each
-    (autotuned kernel, its (rows, warps) pairs[, the rows' parameter, rows_per if not given])
-    to its i-th pair, so a forward and a backward taking different tiles are checked
-    together."""
+    (autotuned kernel, its (rows, warps[, stages]) tuples[, the rows' parameter, rows_per if
+    not given]) to its i-th tuple, so a forward and a backward taking different tiles are
+    checked together."""
 
     @pytest.fixture(params=range(len(tuners[0][1])))
     def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
         for tuner, pairs, *name in tuners:
-            rows, warps = pairs[request.param]
-            pinned = triton.Config({name[0] if name else "rows_per": rows}, num_warps=warps)
+            rows, warps, *stages = pairs[request.param]
+            pinned = triton.Config(
+                {name[0] if name else "rows_per": rows}, num_warps=warps, num_stages=[*stages, 3][0]
+            )
             monkeypatch.setattr(tuner, "configs", [pinned])
         return request.param
 
@@ -77,13 +79,15 @@ def layer_with_and_without(
     also: tuple[str, ...] = (),
     packed: bool = False,
     rows: bool = False,
+    hidden: int = 32,
 ) -> None:
     """The model's layer with `flag` (fused_norm, fused_gelu, fused_attention) on and off,
     dropout off: the same output and weight gradients, padded [B, S, H] input (`packed`: the
     same sequences packed, [T, H]); and with it on, the layer did call `kernels.<entry>` (two
     layers that both took the plain path would agree too). `also`: other layer flags
     (split_qkv, ...) on together with `flag`. `rows`: the output at three rows of each
-    sequence only, [B, 3, H] (the pruned last layer, `Layer.rows_qkv`)."""
+    sequence only, [B, 3, H] (the pruned last layer, `Layer.rows_qkv`). hidden: the layer's
+    size (intermediate twice that, 2 heads)."""
     calls = []
     real = getattr(kernels, entry)
 
@@ -93,16 +97,16 @@ def layer_with_and_without(
 
     monkeypatch.setattr(kernels, entry, counted)
     c = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64,
+        vocab_size=64, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=2 * hidden,
     )  # fmt: skip
     torch.manual_seed(0)
     layer = Layer(c).to(DEVICE).eval()
-    x = torch.randn(2, 5, 32, device=DEVICE)
-    dy = torch.randn(2, 5, 32, device=DEVICE)
+    x = torch.randn(2, 5, hidden, device=DEVICE)
+    dy = torch.randn(2, 5, hidden, device=DEVICE)
     layout = None
     if packed:  # two sequences of 5 and 3 tokens, padded to 5: packed, 8 tokens
-        x, dy = x.view(10, 32)[:8], dy.view(10, 32)[:8]
+        x, dy = x.view(10, hidden)[:8], dy.view(10, hidden)[:8]
         cu = torch.tensor([0, 5, 8], dtype=torch.int32, device=DEVICE)
         positions = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=DEVICE)
         layout = Packed(cu, positions, 5)
@@ -112,7 +116,7 @@ def layer_with_and_without(
     picked = None
     if rows:  # positions 0, 2, 2 and 0, 1, 2 of the two sequences (which start at 0 and 5)
         picked = torch.tensor([[0, 2, 2], [5, 6, 7]], device=DEVICE)
-        dy = torch.randn(2, 3, 32, device=DEVICE)
+        dy = torch.randn(2, 3, hidden, device=DEVICE)
     outs = []
     for fused in (False, True):
         for name in (flag, *also):
@@ -157,16 +161,22 @@ def kernel_name(launch: Any) -> str:
 
 
 def compile_for_sm90(
-    tuner: Any, signature: dict[str, str], constants: dict[str, Any], aligned: bool = False
+    tuner: Any,
+    signature: dict[str, str],
+    constants: dict[str, Any],
+    aligned: bool = False,
+    divisible: tuple[str, ...] = (),
 ) -> list:
     """Every configuration of an autotuned kernel through Triton's whole CUDA pipeline for
     sm_90 (ptxas included; no GPU needed): the compiled kernels. aligned: every pointer and
     every *_stride argument a multiple of 16, as Triton specializes a launch whose values are
-    (torch's allocations and BERT's strides are), so loads can be vectorized."""
-    return [
-        compile_one_for_sm90(tuner.fn, signature, {**constants, **c.kwargs}, c.num_warps, aligned)
-        for c in tuner.configs
-    ]
+    (torch's allocations and BERT's strides are), so loads can be vectorized; and so are the
+    integer arguments named in `divisible` (BERT's sizes)."""
+    done = []
+    for c in tuner.configs:
+        options = (c.num_warps, aligned, c.num_stages, divisible)
+        done.append(compile_one_for_sm90(tuner.fn, signature, {**constants, **c.kwargs}, *options))
+    return done
 
 
 def stack_bytes(kernel: Any) -> int:
@@ -187,12 +197,14 @@ def compile_one_for_sm90(
     constants: dict[str, Any],
     num_warps: int,
     aligned: bool = False,
+    num_stages: int = 3,
+    divisible: tuple[str, ...] = (),
 ) -> Any:
     """A JIT kernel through Triton's CUDA pipeline for sm_90 (bench/common.py's
     `sm90_compile`), its constexprs `constants`."""
     full = {**signature, **{name: "constexpr" for name in constants}}
     assert set(full) == set(fn.arg_names)
-    done = BENCH.sm90_compile(fn, full, constants, num_warps, aligned)
+    done = BENCH.sm90_compile(fn, full, constants, num_warps, aligned, num_stages, divisible)
     assert done.asm["cubin"], (fn.arg_names, constants)
     return done
 

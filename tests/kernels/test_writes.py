@@ -80,3 +80,21 @@ def test_the_attention_kernels_write_only_their_outputs():
     assert dq == {"dq_ptr", "delta_ptr"}
     dkdv = written(kernels._attention_dkdv_kernel, dk_ptr=tensor(), dv_ptr=tensor(), **backward)
     assert dkdv == {"dk_ptr", "dv_ptr"}
+
+
+def test_the_feed_forward_kernels_write_only_their_outputs():
+    """Not x, the weights or h: inductor would copy them before each call."""
+    f32 = torch.float32
+    sizes = {"m": 64, "n": 3072, "k": 768, "block_m": kernels.FFN_BLOCK_M,
+             "block_k": kernels.FFN_BLOCK_K, "group_m": kernels.FFN_GROUP_M,
+             "precision": "tf32", "block_n": 128}  # fmt: skip
+    forward = written(
+        kernels._ffn_forward_kernel.fn, x_ptr=tensor(), w_ptr=tensor(), bias_ptr=tensor(f32),
+        h_ptr=tensor(), y_ptr=tensor(), **sizes,
+    )  # fmt: skip
+    assert forward == {"h_ptr", "y_ptr"}
+    backward = written(
+        kernels._ffn_backward_kernel.fn, dz_ptr=tensor(), w_ptr=tensor(), h_ptr=tensor(),
+        bias_ptr=tensor(f32), du_ptr=tensor(), partial_ptr=tensor(f32), **sizes,
+    )  # fmt: skip
+    assert backward == {"du_ptr", "partial_ptr"}
