@@ -120,3 +120,38 @@ def test_inductor_is_left_as_it_was(census) -> None:
         assert inductor.cpu_backend == "triton"
         raise RuntimeError("a failed step")
     assert (inductor.cpu_backend, inductor.benchmark_kernel, AsyncCompile.triton) == before
+
+
+# bertforge's feed-forward backward matmul (kernels.feed_forward) as inductor captures it
+# (trimmed): its sizes are runtime arguments, its column block an autotuned config
+FFN_SOURCE = """
+@triton_heuristics.user_autotune(
+    configs=[{'block_n': 128, 'num_warps': 8, 'num_stages': 4}],
+    inductor_meta={'grid_type': 'PrecomputedGrid', 'kernel_name': '_ffn_backward_kernel_0'},
+    triton_meta={'signature': {'dz_ptr': '*bf16', 'w_ptr': '*bf16', 'h_ptr': '*bf16', \
+'bias_ptr': '*fp32', 'du_ptr': '*bf16', 'partial_ptr': '*fp32', 'm': 'i32', 'n': 'i32', \
+'k': 'i32', 'block_m': 'constexpr', 'block_k': 'constexpr', 'group_m': 'constexpr', \
+'precision': 'constexpr', 'block_n': 'constexpr'}, 'device': DeviceProperties(type='cpu', \
+index=None), 'constants': {'block_m': 128, 'block_k': 64, 'group_m': 8, 'precision': 'tf32'}},
+    custom_kernel=True,
+)
+@triton.jit
+def _ffn_backward_kernel(dz_ptr, w_ptr, h_ptr, bias_ptr, du_ptr, partial_ptr, m, n, k, \
+block_m: tl.constexpr, block_k: tl.constexpr, group_m: tl.constexpr, precision: tl.constexpr, \
+block_n: tl.constexpr):
+    pass
+"""
+
+
+def test_the_feed_forward_matmul_is_counted_by_its_epilogues_bytes(census) -> None:
+    """What its epilogue reads beyond a plain matmul's operands and output (h, GELU's input),
+    and the bias's partial sums, a row per 128 rows (its instructions are not counted:
+    tests/kernels/test_census.py)."""
+    k = census.Kernel("_ffn_backward_kernel", FFN_SOURCE)
+    assert k.own and k.own.matmul and k.gb is None
+    x = torch.zeros(1)
+    census.Capture(k).run(x, x, x, x, x, x, 29976, 3072, 768, 5616, stream=0)
+    assert k.calls == [{"m": 29976, "n": 3072}]
+    assert k.elements(k.calls[0]) == 29976 * 3072
+    expected = 29976 * 3072 * 2 + -(-29976 // 128) * 3072 * 4
+    assert k.total_gb() == pytest.approx(expected / 1e9)

@@ -2,7 +2,8 @@
 step's kernels counted, with bertforge's Triton kernels and q/k/v split (--split-qkv), whose
 backward then concatenates no gradients (one copy a layer without it: inductor's `cat`); the
 attention kernels (--fused-attention) generated into the compiled step as on a GPU, listed
-as not counted."""
+as not counted; the same step with the feed-forward's GELU in the matmuls' epilogues
+(--fused-ffn) for the bias + GELU kernels."""
 
 from __future__ import annotations
 
@@ -18,13 +19,23 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# BERT-tiny at seq 128, batch 64: each kernel's GB, rounded to 4 decimals, is not 0
+SIZES = ("--model-size", "tiny", "--seq-len", "128", "--batch-size", "64")
+FLAGS = ("--fused-norm", "--split-qkv", "--fused-attention")
+
+
 def census(*flags: str) -> dict:
-    return run_bench("kernel_census", "--model-size", "tiny", "--seq-len", "32", "--batch-size",
-                     "8", *flags)  # fmt: skip
+    return run_bench("kernel_census", *SIZES, *FLAGS, *flags)
 
 
-def test_the_census_counts_a_step_with_the_fused_kernels_and_q_k_v_split() -> None:
-    got = census("--fused-norm", "--fused-gelu", "--split-qkv", "--fused-attention")
+@pytest.fixture(scope="module")
+def with_gelu() -> dict:
+    """The census of a step with bertforge's kernels, the bias + GELU ones included."""
+    return census("--fused-gelu")
+
+
+def test_the_census_counts_a_step_with_the_fused_kernels_and_q_k_v_split(with_gelu) -> None:
+    got = with_gelu
     assert (got["model_size"], got["split_qkv"], got["fused_norm"]) == ("tiny", True, True)
     assert got["uncounted"] == [
         "_attention_forward_kernel",
@@ -39,3 +50,27 @@ def test_the_census_counts_a_step_with_the_fused_kernels_and_q_k_v_split() -> No
     # the total is rounded to 3 decimals, each kernel's GB to 4
     rounding = 5e-4 + 5e-5 * len(got["kernels"])
     assert got["gb"] == pytest.approx(sum(k["gb"] for k in got["kernels"]), abs=rounding)
+
+
+def test_the_census_counts_the_feed_forward_matmuls_epilogues(with_gelu) -> None:
+    """--fused-ffn: the matmuls with GELU in their epilogues counted by the bytes they move
+    beyond a plain matmul's (GELU's output written, its input read back in the backward),
+    their instructions not (the product's time is the matmuls'): two fifths of the bytes of
+    the bias + GELU kernels, which move five passes over the same tensors where these move
+    two, and nothing else in the step changes."""
+    got = census("--fused-ffn")
+    assert got["fused_ffn"] and not with_gelu["fused_ffn"]
+
+    def own(run: dict, prefix: str) -> list[dict]:  # the layers' and the pruned last layer's
+        return [k for k in run["kernels"] if k["name"].startswith(prefix)]
+
+    ffn, gelu = own(got, "_ffn_"), own(with_gelu, "_gelu_")
+    assert {k["name"] for k in ffn} == {"_ffn_forward_kernel", "_ffn_backward_kernel"}
+    assert all(k["instructions_per_element"] is None and k["gb"] > 0 for k in ffn)
+    assert not own(got, "_gelu_") and not own(with_gelu, "_ffn_")
+    ffn_gb, gelu_gb = (sum(k["gb"] for k in kernels) for kernels in (ffn, gelu))
+    # two passes in five; the partial sums differ (a row per 128 rows here, per program there)
+    assert ffn_gb / gelu_gb == pytest.approx(2 / 5, abs=0.03)
+    # and every other kernel the same: the step's bytes differ by exactly those
+    rounding = 5e-4 + 5e-5 * (len(got["kernels"]) + len(with_gelu["kernels"]))
+    assert got["gb"] == pytest.approx(with_gelu["gb"] - gelu_gb + ffn_gb, abs=rounding)
