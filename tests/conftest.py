@@ -3,10 +3,13 @@ benchmark scripts as modules."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,24 @@ def bench_module(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def bench_script(name: str) -> Iterator[Any]:
+    """bench/NAME.py as the module NAME, for a script that imports other bench modules (bench/
+    on sys.path meanwhile) or whose dataclasses look their module up (in sys.modules
+    meanwhile)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)
+        sys.path.remove(str(ROOT / "bench"))
 
 
 @pytest.fixture(scope="session", autouse=True)

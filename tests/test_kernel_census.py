@@ -5,14 +5,10 @@ what this estimates.)"""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.conftest import bench_script
 
 # A persistent reduction as inductor writes it (trimmed): its triton_meta signature, where a
 # parameter it specialized (load_seed_offset) is a constexpr that the wrapper still passes.
@@ -34,17 +30,8 @@ r0_numel, XBLOCK : tl.constexpr):
 
 @pytest.fixture(scope="module")
 def census():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("kernel_census", BENCH / "kernel_census.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["kernel_census"] = module  # its dataclass looks itself up there
-        spec.loader.exec_module(module)
+    with bench_script("kernel_census") as module:
         yield module
-    finally:
-        sys.modules.pop("kernel_census", None)
-        sys.path.remove(str(BENCH))
 
 
 def test_a_call_is_read_against_the_kernels_signature(census) -> None:

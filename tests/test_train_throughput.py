@@ -4,7 +4,6 @@ anything runs. (The bench itself runs in tests/test_gpu_summary.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,23 +12,15 @@ from pathlib import Path
 import pytest
 
 from bertforge.model import Layer
+from tests.conftest import bench_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "train_throughput", BENCH / "train_throughput.py"
-        )
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with bench_script("train_throughput") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def sides(bench, *argv: str):
