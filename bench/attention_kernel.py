@@ -151,17 +151,11 @@ def main() -> None:
     if args.count:
         print(json.dumps(count(args)))
         return
-    device = torch.device(args.device)
-    if args.peak_gbps is None and device.type == "cuda":
-        from common import cuda_gbps  # bench/common.py, beside this file
+    from common import kernel_device  # bench/common.py, beside this file
 
-        args.peak_gbps = cuda_gbps(device)
-    if not kernels.usable(torch.empty(0, device=device)):
-        ap.error(f"kernels.attention does not run on {device} here (CUDA with Triton, or a CPU "
-                 "under TRITON_INTERPRET=1)")  # fmt: skip
+    device, dtype = kernel_device(ap, args, "attention")
     c = BertConfig.preset(args.model_size, 64)
     heads, head = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = lengths_of(args.batch_size, args.seq_len, np.random.default_rng(0))
     t = sum(lengths)
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)

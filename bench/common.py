@@ -160,6 +160,24 @@ def peak_gbps(device_name: str) -> float | None:
     return next((gbps for part, gbps in PEAK_GBPS if part in device_name), None)
 
 
+def kernel_device(ap: argparse.ArgumentParser, args: argparse.Namespace, entry: str) -> Any:
+    """A kernel benchmark's device (args.device) and dtype: bf16 on CUDA, fp32 on a CPU under
+    Triton's interpreter (a check of the script there); args.peak_gbps filled in with a known
+    GPU's bandwidth where not given; refused (naming kernels.ENTRY) where bertforge's Triton
+    kernels do not run."""
+    import torch
+
+    from bertforge import kernels
+
+    device = torch.device(args.device)
+    if args.peak_gbps is None and device.type == "cuda":
+        args.peak_gbps = cuda_gbps(device)
+    if not kernels.usable(torch.empty(0, device=device)):
+        ap.error(f"kernels.{entry} does not run on {device} here (CUDA with Triton, or a CPU "
+                 "under TRITON_INTERPRET=1)")  # fmt: skip
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def cuda_gbps(device: Any = None) -> float | None:
     """The memory bandwidth of this machine's CUDA device (torch's current one by default),
     or None without CUDA or for a GPU not in PEAK_GBPS."""

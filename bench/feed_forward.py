@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import kernel_device  # bench/common.py, beside this file
 
 from bertforge import kernels
 from bertforge.model import BertConfig
@@ -45,17 +46,9 @@ def main() -> None:
         "known GPU's, from its name)",
     )  # fmt: skip
     args = ap.parse_args()
-    device = torch.device(args.device)
-    if args.peak_gbps is None and device.type == "cuda":
-        from common import cuda_gbps  # bench/common.py, beside this file
-
-        args.peak_gbps = cuda_gbps(device)
-    if not kernels.usable(torch.empty(0, device=device)):
-        ap.error(f"kernels.feed_forward does not run on {device} here (CUDA with Triton, or a "
-                 "CPU under TRITON_INTERPRET=1)")  # fmt: skip
+    device, dtype = kernel_device(ap, args, "feed_forward")
     c = BertConfig.preset(args.model_size, 64)
     k, n, t = c.hidden_size, c.intermediate_size, args.tokens
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
 
     def made(*shape: int, scale: float = 1.0) -> torch.Tensor:
