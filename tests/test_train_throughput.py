@@ -51,13 +51,20 @@ def test_named_sides_are_compiled_as_named_and_padded_first(bench) -> None:
         (["--sides", "packed,packed"], "name each side once"),
         (["--sides", "packed+graphs"], "graphs, +whole and the dropout choice are for compiled"),
         (["--sides", "packed+fusednorm", "--device", "cpu"], "run on CUDA with Triton only"),
+        (["--sides", "packed+fusednorm+fusedffn", "--device", "cpu"],
+         "packed+fusednorm+fusedffn: the fused kernels"),
+        (["--fused-ffn", "both", "--device", "cpu"], "padded+fusedffn: the fused kernels"),
         (["--sides", "packed", "--split-qkv", "yes", "--loader", "thread", "--layouts", "packed"],
          "names every side in full; leave --layouts, --split-qkv, --loader out"),
     ],
 )  # fmt: skip
-def test_a_side_that_cannot_be_is_refused_naming_it(bench, argv, says, capsys) -> None:
+def test_a_side_that_cannot_be_is_refused_naming_it(bench, argv, says, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
-        sides(bench, *argv)
+        if "--sides" in argv:
+            sides(bench, *argv)
+        else:  # the variant flag's sides, as main makes them
+            monkeypatch.setattr(sys, "argv", ["train_throughput.py", *argv])
+            bench.main()
     assert e.value.code == 2
     assert says in capsys.readouterr().err
 
