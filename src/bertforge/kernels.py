@@ -1271,7 +1271,8 @@ def feed_forward(
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_in, w_out = x.to(dtype), w_in.to(dtype), w_out.to(dtype)
-    z, _, _ = _ffn_forward(x.reshape(-1, x.shape[-1]).contiguous(), w_in, b_in, w_out)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # the kernels take row-major operands
+    z, _, _ = _ffn_forward(rows, w_in.contiguous(), b_in, w_out.contiguous())
     return z.view(*x.shape[:-1], z.shape[-1])
 
 
