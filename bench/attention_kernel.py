@@ -38,7 +38,6 @@ import json
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +150,7 @@ def main() -> None:
     if args.count:
         print(json.dumps(count(args)))
         return
-    from common import kernel_device  # bench/common.py, beside this file
+    from common import kernel_device, ms_per_call  # bench/common.py, beside this file
 
     device, dtype = kernel_device(ap, args, "attention")
     c = BertConfig.preset(args.model_size, 64)
@@ -187,18 +186,7 @@ def main() -> None:
 
     def timed(fn, leaf, grad, backward: bool) -> float:  # type: ignore[no-untyped-def]
         """ms per call over args.steps calls."""
-        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            if backward:
-                fn().backward(grad)
-                leaf.grad = None
-            else:
-                with torch.no_grad():
-                    fn()
-        sync()
-        return (time.perf_counter() - start) * 1e3 / args.steps
+        return ms_per_call(fn, args.steps, device, grad if backward else None, [leaf])
 
     sides = {
         "theirs": (theirs, qkv, do),

@@ -178,6 +178,27 @@ def kernel_device(ap: argparse.ArgumentParser, args: argparse.Namespace, entry: 
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def ms_per_call(fn: Any, steps: int, device: Any, grad: Any = None, leaves: Any = ()) -> float:
+    """Milliseconds a call of fn takes over `steps` calls on `device`, synchronized around
+    them: its forward alone under no_grad, or with `grad` its forward and backward (fn()'s
+    output's gradient), the `leaves`' gradients dropped after each."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        if grad is not None:
+            fn().backward(grad)
+            for leaf in leaves:
+                leaf.grad = None
+        else:
+            with torch.no_grad():
+                fn()
+    sync()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 def cuda_gbps(device: Any = None) -> float | None:
     """The memory bandwidth of this machine's CUDA device (torch's current one by default),
     or None without CUDA or for a GPU not in PEAK_GBPS."""

@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import kernel_device  # bench/common.py, beside this file
+from common import kernel_device, ms_per_call  # bench/common.py, beside this file
 
 from bertforge import kernels
 from bertforge.model import BertConfig
@@ -76,22 +75,9 @@ def main() -> None:
         want = plain_layer(*leaves).float()
         diff = max(float((side().float() - want).abs().max()) for side in (bias_gelu, fused))
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-
     def timed(fn: Callable[[], torch.Tensor], backward: bool) -> float:
         """ms per call over args.steps calls."""
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            if backward:
-                fn().backward(dz)
-                for leaf in leaves:
-                    leaf.grad = None
-            else:
-                with torch.no_grad():
-                    fn()
-        sync()
-        return (time.perf_counter() - start) * 1e3 / args.steps
+        return ms_per_call(fn, args.steps, device, dz if backward else None, leaves)
 
     # the forward's first product alone: the Triton kernel (h and GELU of it written) against
     # cuBLAS's (h with the bias)
