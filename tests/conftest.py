@@ -21,13 +21,18 @@ from bertforge.cli import demo_corpus
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench_file(name: str, module_name: str) -> tuple[Any, Any]:
+    """bench/NAME.py as a module called module_name, not yet run, and its loader."""
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    return importlib.util.module_from_spec(spec), spec.loader
+
+
 def bench_module(name: str) -> Any:
     """bench/NAME.py, loaded by path (bench/ is not a package); one that imports no other
     bench module."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module, loader = _bench_file(name, f"bench_{name}")
+    loader.exec_module(module)
     return module
 
 
@@ -38,11 +43,9 @@ def bench_script(name: str) -> Iterator[Any]:
     meanwhile)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
+        module, loader = _bench_file(name, name)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
         yield module
     finally:
         sys.modules.pop(name, None)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from torch._inductor.runtime import triton_heuristics
 
-from tests.conftest import bench_module
+from tests.conftest import ROOT, bench_module
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_bandwidth.py"
+SCRIPT = ROOT / "bench" / "kernel_bandwidth.py"
 COMMON = bench_module("common")  # bench/common.py: the GPUs' bandwidths
 
 

@@ -16,13 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-import triton
 
 from bertforge import kernels
 from bertforge.model import BertConfig, Layer, Packed
-from tests.conftest import bench_module
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, bench_module
 
 
 def run_bench(script: str, *argv: str) -> dict[str, Any]:
@@ -62,11 +59,8 @@ def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
     @pytest.fixture(params=range(len(tuners[0][1])))
     def config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
         for tuner, pairs, *name in tuners:
-            rows, warps, *stages = pairs[request.param]
-            pinned = triton.Config(
-                {name[0] if name else "rows_per": rows}, num_warps=warps, num_stages=[*stages, 3][0]
-            )
-            monkeypatch.setattr(tuner, "configs", [pinned])
+            pinned = kernels._configs((pairs[request.param],), *name)
+            monkeypatch.setattr(tuner, "configs", pinned)
         return request.param
 
     return config
