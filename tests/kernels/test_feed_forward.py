@@ -61,6 +61,14 @@ def run(fn, tensors):  # type: ignore[no-untyped-def]
     return [z.detach(), *(a.grad for a in args)]
 
 
+def as_close_as(got, base, want, factor: float) -> None:  # type: ignore[no-untyped-def]
+    """Each of `run`'s five results (got) no further from float64's (want) than the plain
+    path's (base), within `factor` and 1e-3 of the largest value."""
+    for name, a, b, c in zip(("z", "dx", "dw_in", "db_in", "dw_out"), got, base, want, strict=True):
+        ours, theirs = (a.double() - c).abs().max(), (b.double() - c).abs().max()
+        assert ours <= factor * theirs + 1e-3 * c.abs().max(), (name, ours, theirs)
+
+
 # rows off the row blocks and columns off every column block (each config's tile wraps), one
 # and two steps of the product's loop, a [B, S, K] input
 SHAPES = [((300,), 64, 160), ((3, 37), 128, 96)]
@@ -97,10 +105,7 @@ def test_bf16_is_as_close_to_float64_as_the_plain_bf16_path(shape, k, n, config)
     base = run(plain, tensors)
     want = run(plain, [t.double() for t in tensors])
     assert [t.dtype for t in got] == [torch.bfloat16] * 3 + [torch.float32, torch.bfloat16]
-    factor = 3 if kernels.interpreted() else 1.5
-    for name, a, b, c in zip(("z", "dx", "dw_in", "db_in", "dw_out"), got, base, want, strict=True):
-        ours, theirs = (a.double() - c).abs().max(), (b.double() - c).abs().max()
-        assert ours <= factor * theirs + 1e-3 * c.abs().max(), (name, ours, theirs)
+    as_close_as(got, base, want, 3 if kernels.interpreted() else 1.5)
 
 
 @numeric
@@ -114,9 +119,7 @@ def test_autocast_takes_the_matmuls_to_its_dtype():
         base = run(plain, tensors)
     want = run(plain, [t.double() for t in tensors])
     assert [t.dtype for t in got] == [torch.bfloat16] + [torch.float32] * 4
-    for name, a, b, c in zip(("z", "dx", "dw_in", "db_in", "dw_out"), got, base, want, strict=True):
-        ours, theirs = (a.double() - c).abs().max(), (b.double() - c).abs().max()
-        assert ours <= 3 * theirs + 1e-3 * c.abs().max(), (name, ours, theirs)
+    as_close_as(got, base, want, 3)
 
 
 @numeric
