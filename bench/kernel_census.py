@@ -286,8 +286,6 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     """One compiled training step's kernels, and its real tokens."""
     packed = args.layout == "packed"
     attention_as_on_cuda(packed)
-    seq, batch = args.seq_len, args.batch_size
-    p = predictions(seq)
     model = BertForPretraining(bench_config(args))
     model.compile_regions = not args.whole_graph
     model.prune_last_layer = not args.full_last_layer
@@ -298,20 +296,34 @@ def run_step(args: argparse.Namespace) -> tuple[list[Kernel], int]:
     for m in model.modules():
         if isinstance(m, Dropout):
             m.bits = args.draws  # False: torch's dropout, the CUDA default (ops.compiled_draws)
+    (rows,) = synthetic_rows(args.seq_len, (args.batch_size,))
+    with captured_kernels(own) as kernels:
+        compiled_steps(model, [rows], packed)
+    return [k for k in kernels if k.calls], int(rows.lengths.sum())
+
+
+def synthetic_rows(seq: int, batches: tuple[int, ...]) -> list[Any]:
+    """One step's rows for each batch size, from synthetic pretraining data at seq (masked as
+    the data stage masks)."""
+    p = predictions(seq)
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "shard-00000.bin"
-        synthetic_shard(shard, batch, seq, p, np.random.default_rng(0))
+        synthetic_shard(shard, max(batches), seq, p, np.random.default_rng(0))
         data = PretrainingData(str(shard))
         spec = MaskSpec(0.15, p, False, VOCAB, 103, np.zeros(VOCAB, dtype=bool))
-        rows = step_rows(data, Order(len(data), 1), spec, 1, 0, batch)
-    cpu = torch.device("cpu")
-    with captured_kernels(own) as kernels:
-        step = train.compile_step(Objective(model))
-        b, lengths, layout = model_batch(rows, cpu, packed)
+        return [step_rows(data, Order(len(data), 1), spec, 1, 0, batch) for batch in batches]
+
+
+def compiled_steps(model: BertForPretraining, batches: list[Any], packed: bool) -> None:
+    """The model's training step compiled as the trainer compiles it on CUDA (bf16 autocast),
+    forward and backward on each batch's rows in turn: a new batch size recompiles it, with
+    dynamic sizes."""
+    step = train.compile_step(Objective(model))
+    for rows in batches:
+        b, lengths, layout = model_batch(rows, torch.device("cpu"), packed)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mlm, nsp, _ = step(*objective_args(b, lengths, layout))
         (mlm + nsp).backward()
-    return [k for k in kernels if k.calls], int(rows.lengths.sum())
 
 
 def kernel_function(kernel: Kernel, workdir: Path) -> Any:

@@ -7,11 +7,7 @@ as not counted; the same step with the feed-forward's GELU in the matmuls' epilo
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
-import torch
 
 pytest.importorskip("triton")
 
@@ -87,34 +83,17 @@ def test_a_packed_step_with_every_kernel_compiles_for_new_batch_sizes() -> None:
     uneven micro-batches and evaluation batches do), where the kernels' grids and the
     backward's partial sums are sizes computed in the graph (session 32: such a size failed to
     lower under torch 2.11). The kernels are captured, not run."""
-    import numpy as np
-
-    from bertforge import train
-    from bertforge.batches import Order, PretrainingData, step_rows
-    from bertforge.masking import MaskSpec
     from bertforge.model import BertConfig, BertForPretraining
     from tests.conftest import bench_script
 
     with bench_script("kernel_census") as census, pytest.MonkeyPatch.context() as patch:
         patch.setattr(kernels, "usable", lambda x: True)
         census.attention_as_on_cuda(True)
-        vocab, seq = census.VOCAB, 64
-        model = BertForPretraining(BertConfig.preset("tiny", vocab))
+        model = BertForPretraining(BertConfig.preset("tiny", census.VOCAB))
         model.set_layer_options(fused_norm=True, fused_ffn=True, split_qkv=True,
                                 fused_attention=True)  # fmt: skip
-        p = census.predictions(seq)
-        shard = Path(tempfile.mkdtemp()) / "shard-00000.bin"
-        census.synthetic_shard(shard, 32, seq, p, np.random.default_rng(0))
-        data = PretrainingData(str(shard))
-        spec = MaskSpec(0.15, p, False, vocab, 103, np.zeros(vocab, dtype=bool))
         with census.captured_kernels(True) as captured:
-            step = train.compile_step(train.Objective(model))
-            for batch in (8, 6, 5):
-                rows = step_rows(data, Order(len(data), 1), spec, 1, 0, batch)
-                b, lengths, layout = train.model_batch(rows, torch.device("cpu"), True)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    mlm, nsp, _ = step(*train.objective_args(b, lengths, layout))
-                (mlm + nsp).backward()
+            census.compiled_steps(model, census.synthetic_rows(64, (8, 6, 5)), True)
         names = {k.name for k in captured if k.calls}
         assert {"_ffn_forward_kernel", "_ffn_backward_kernel", "_forward_kernel",
                 "_attention_forward_kernel"} <= names  # fmt: skip
