@@ -389,10 +389,10 @@ class TrainConfig:
     itself and GELU of it with the bias, and in the backward the product of the output's
     gradient with ffn_out's weight comes out as the gradient at GELU's input, with the bias's
     gradient summed. Three of the five passes over the [tokens, intermediate] tensors that
-    GELU costs with --fused-gelu go (6.6 GB a step for BERT-base at seq 128, batch 256); the
-    other matmuls stay cuBLAS's. Off by default until a GPU run has measured it against
-    cuBLAS with --fused-gelu (bench/train_throughput.py --fused-ffn). Takes over from
-    --fused-gelu. For models whose hidden_act is gelu."""
+    GELU costs with --fused-gelu go (6.2 GB a step for BERT-base at seq 128, batch 256, by
+    bench/kernel_census.py); the other matmuls stay cuBLAS's. Off by default until a GPU run
+    has measured it against cuBLAS with --fused-gelu (bench/train_throughput.py --fused-ffn).
+    Takes over from --fused-gelu. For models whose hidden_act is gelu."""
     split_qkv: bool = False
     """q, k and v as three matmuls on the row blocks of each layer's qkv weight instead of
     one: their three gradients from the attention's backward then go into three matmuls as
