@@ -24,6 +24,11 @@
 #             --flat-optimizer, --split-qkv), that with --fused-ffn for --fused-gelu, and that
 #             with CUDA graphs (--cuda-graphs), interleaved, against the peer, each with a
 #             profile (bench/train_throughput.py --sides)
+#   tune      the trainer's own --tune (bertforge/tune.py) on BERT-base, seq 128, batch 256,
+#             compiled: each speed option timed in a trial process of its own, on top of the
+#             best so far, the choice, then 40 steps trained with it (the log's tokens/s and
+#             MFU are the product's). Data from the demo corpus (its vocabulary, fewer words
+#             than BERT-base's 30,522: a smaller masked-LM head), made once in /tmp/tune
 #   ffn       bench/feed_forward.py (one layer's feed-forward, BERT-base, 29,976 tokens:
 #             GELU in Triton matmuls' epilogues against cuBLAS with the bias + GELU kernels and
 #             the plain compiled layer; the Triton product alone against cuBLAS's, TFLOP/s),
@@ -76,7 +81,7 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): best, ffn, attention, prune, fused, qkv, kernels, optimizer, loader, tests,
+# the first stopped): best, tune, ffn, attention, prune, fused, qkv, kernels, optimizer, loader, tests,
 # base128 (with --profile 3), regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune;
 # it prints how long each took. The headline first: the plain step, everything together and
 # everything with graphs against the peer (best); then each option alone: GELU in the matmuls'
@@ -108,7 +113,7 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-best}
   started=
-  for spec in best:270 ffn:150 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
+  for spec in best:270 tune:420 ffn:150 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
     loader:150 tests:300 base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 \
     elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
@@ -127,7 +132,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | loader | kernels | base128 | best | ffn | attention | prune | qkv | fused \
+  tests | optimizer | loader | kernels | base128 | best | tune | ffn | attention | prune | qkv | fused \
     | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions | profile \
     | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
@@ -166,6 +171,19 @@ base=(--model-size base --seq-len 128 --batch-size 256)
       all=packed+fusednorm+fusedgelu+fusedattn+flat+splitqkv
       ffn=packed+fusednorm+fusedffn+fusedattn+flat+splitqkv
       "${bench[@]}" "${base[@]}" --sides "packed,$all,$ffn,$all+graphs" --profile 1 "$@" ;;
+    tune)
+      cli=("$py" -m bertforge.cli)
+      demo=src/bertforge/demo/kjv.txt.gz
+      if [ ! -e /tmp/tune/data/manifest.json ]; then
+        "${cli[@]}" vocab --input "$demo" --output /tmp/tune/vocab --vocab-size 30522 \
+          --lowercase --no-progress
+        "${cli[@]}" data --input "$demo" --vocab /tmp/tune/vocab --output /tmp/tune/data \
+          --max-seq-length 128 --max-predictions-per-seq 20 --no-progress
+      fi
+      BERTFORGE_CACHE=$out/cache "${cli[@]}" train --data /tmp/tune/data --output /tmp/tune/run \
+        --overwrite --model-size base --train-batch-size 256 --num-train-steps 40 \
+        --log-every 10 --eval-records 0 --compile --tune "$@"
+      cp /tmp/tune/run/tune.json "$out/tune.json" ;;
     ffn)
       "$py" bench/feed_forward.py --model-size base --tokens 29976 \
         || echo "feed_forward: exit $? (the step's comparison follows)"

@@ -10,9 +10,10 @@ of the host's waits for the device and the ops that made them; a side that faile
 error; a run cut short, with its figures so far); for `bench/optimizer_update.py`: ms an
 update per side; for `bench/attention_kernel.py`: ms of each side's attention; for
 `bench/feed_forward.py`: ms of each side's feed-forward and the product's TFLOP/s; for
-`bench/loader_contention.py`: ms a step per loader; for pytest: its summary line, and the
-failures it listed; a bench's refusal of its command line. Also the stage times `all`
-printed. Nothing is measured here.
+`bench/loader_contention.py`: ms a step per loader; for `bertforge train --tune`: each
+trial's line and the choice, and the run's last progress line (tokens/s, MFU); for pytest:
+its summary line, and the failures it listed; a bench's refusal of its command line. Also
+the stage times `all` printed. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PYTEST = re.compile(r"^=*\s*(?:\d+ (?:passed|failed|skipped|errors?|deselected)[
 USAGE = re.compile(r"^\S+\.py: error: ")  # a bench refused its command line
 ROUND = re.compile(r"^round \d+: tokens/s so far: ")
 STAGE_TIME = re.compile(r"^== \S+?(?: took \d+ s|: skipped, .*|: exit \d+)$")
+TRAIN_STEP = re.compile(r"^step \d+/\d+ \| ")  # `bertforge train`'s progress line
 
 
 def shares(side: dict[str, Any]) -> str:
@@ -114,6 +116,7 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
     rows: list[str] = []
     lines: list[str] = []
     so_far = None  # a throughput run's last "round N: tokens/s so far" before its JSON
+    trained = None  # `bertforge train`'s last progress line
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
         text = line.strip()
         if ROUND.match(text):
@@ -144,6 +147,12 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
             lines.append(f"{stage}: {text.strip('= ')}")
         elif STAGE_TIME.match(text):
             lines.append(text)
+        elif text.startswith("tune: "):  # train --tune: each trial, and the choice
+            lines.append(f"{stage}: --tune: {text.removeprefix('tune: ')}")
+        elif TRAIN_STEP.match(text):
+            trained = text
+    if trained:
+        lines.append(f"{stage}: trained, last: {trained}")
     if so_far:
         lines.append(f"{stage}: cut short, {so_far}")
     return rows, lines

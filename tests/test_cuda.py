@@ -140,6 +140,32 @@ def test_train_on_cuda(tmp_path, train_data, cpu_windows, extra):
     assert all(0 < x < 1 for x in mfu) if known else mfu == [None] * len(m), mfu
 
 
+def test_tune_on_cuda(tmp_path, train_data, cpu_windows, monkeypatch):
+    """--tune on the GPU, uncompiled (test_train_on_cuda runs the options compiled): every
+    option it can ask about runs in its trial (bertforge's Triton kernels among them, where
+    Triton is installed) and gives the default step's gradients without dropout; the run
+    then learns with the choice as the CPU run does."""
+    from bertforge import kernels, tune
+
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tune, "WARMUP_STEPS", 2)
+    monkeypatch.setattr(tune, "TIMED_STEPS", 2)
+    out = tmp_path / "run"
+    m = train_mini(train_data, out, "--tune", "--no-compile")
+    report = json.loads((out / "tune.json").read_text())
+    for trial in report["trials"]:
+        assert "error" not in trial, trial
+    asked = {name for trial in report["trials"] for name in trial["options"]}
+    expected = {"split_qkv", "flat_optimizer"}
+    if kernels.available():
+        expected |= {"fused_attention", "fused_ffn", "fused_gelu", "fused_norm"}
+    assert expected <= asked, asked
+    assert abs(late_loss(m) - late_loss(cpu_windows)) < 0.15
+    manifest = json.loads((out / "manifest.json").read_text())
+    for name, on in report["choice"].items():
+        assert manifest["config"][name] is on
+
+
 def test_out_of_memory_halves_the_micro_batch(tmp_path, train_data, capsys):
     # BERT-large at 4096 x 64 tokens needs far more than a GPU's memory for activations.
     out = tmp_path / "oom"

@@ -44,6 +44,23 @@ def test_a_rounds_logs_in_one_table(tmp_path):
                  "padded_ratio_fwd_bwd": 1.125,
                  "max_abs_diff_without_dropout": 0.0078}  # fmt: skip
     (tmp_path / "attention.log").write_text(json.dumps(attention) + "\n")
+    # the tune stage: `bertforge train --tune`'s trial lines (tune.trial_line) and progress
+    from bertforge import tune
+
+    trials = [
+        {"options": {}, "seconds": 0.0501},
+        {"options": {"fused_norm": True}, "seconds": 0.0452},
+        {"options": {"split_qkv": True}, "error": "out of memory"},
+    ]
+    tuned = [
+        tune.trial_line(trials[0], None),
+        tune.trial_line(trials[1], 0.0501),
+        tune.trial_line(trials[2], 0.0452),
+        "train: starting: 12 layers",
+        "step 10/40 | loss 9.9 | 1,000 tok/s",
+        "step 20/40 | loss 9.5 | 2,000 tok/s | MFU 50.1%",
+    ]
+    (tmp_path / "tune.log").write_text("\n".join(tuned) + "\n")
     out = run(str(BENCH / "gpu_summary.py"), str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| base128 |")]
     got = json.loads(throughput.strip().splitlines()[-1])
@@ -84,5 +101,9 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "== tests: exit 124",
         "tests: 1 failed, 20 passed in 99.1s",
         "tests: FAILED tests/test_cuda.py::test_x - AssertionError",
+        "tune: --tune: the defaults: 50.1 ms a step",
+        "tune: --tune: +fused_norm: 45.2 ms a step, 1.11x the best so far",
+        "tune: --tune: +split_qkv: failed (out of memory)",
+        "tune: trained, last: step 20/40 | loss 9.5 | 2,000 tok/s | MFU 50.1%",
     ):
         assert line in out.splitlines(), (line, out)

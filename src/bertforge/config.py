@@ -323,7 +323,7 @@ class TrainConfig:
     """AdamW over one buffer per parameter group (weights, gradients and moments laid end to
     end): the update is one fused call per group instead of one per tensor, and gradients
     accumulate in place. The same updates and checkpoints as without it. Default: on with
-    --cuda-graphs (which needs it), otherwise off until a GPU run has measured it
+    --cuda-graphs (which needs it), otherwise off unless --tune measures it faster
     (bench/optimizer_update.py, bench/train_throughput.py --flat-optimizer). AdamW only (not
     --optimizer lamb or --google-adam)."""
     loader: Literal["process", "thread"] = "process"
@@ -332,13 +332,13 @@ class TrainConfig:
     side, as a GPU step's is, ran 2.4 ms slower with a thread making BERT-base's batches
     beside it, 0.65 ms with the process, on 2 CPU cores: bench/loader_contention.py), or a
     thread of the trainer's. The same batches either way."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     """Replay the compiled step's kernels as CUDA graphs (torch.compile's reduce-overhead
     mode), so the GPU does not wait for Python to launch them. Packed batches are rounded up
     by filler sequences to a few token counts (one graph each; about 1% more tokens, exact).
     CUDA only; implies --compile and --flat-optimizer (gradients added into its buffer,
-    which a replay does not overwrite; --no-flat-optimizer is refused). Off by default until
-    a GPU run has measured it (bench/train_throughput.py --graphs)."""
+    which a replay does not overwrite; --no-flat-optimizer is refused). Default: off, unless
+    --tune measures it faster on this GPU (bench/train_throughput.py --graphs)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not on LayerNorm and biases)."""
     adam_epsilon: float = 1e-6
@@ -370,45 +370,45 @@ class TrainConfig:
     a new oneDNN kernel per matrix shape), so over a long run padded batches were the faster,
     1.08-1.20x for BERT-mini and BERT-small in fp32, 1.5-2.0x for BERT-mini in bf16
     (bench/RESULTS.md). --no-packed pads every batch."""
-    fused_norm: bool = False
+    fused_norm: bool | None = None
     """Each layer's output bias, dropout, residual add and LayerNorm as one Triton kernel each
     way (CUDA with Triton only): one Philox call per eight dropout decisions instead of one per
-    element, the mask kept as bits, LayerNorm's and the bias's gradients in one pass. Off by default
-    until a GPU run has measured it against inductor's own fusion (bench/train_throughput.py
-    --fused-norm).
+    element, the mask kept as bits, LayerNorm's and the bias's gradients in one pass. Default: off,
+    unless --tune measures it faster than inductor's own fusion on this GPU
+    (bench/train_throughput.py --fused-norm).
     Dropout draws differ from the unfused path's; the model and its weights are the same."""
-    fused_gelu: bool = False
+    fused_gelu: bool | None = None
     """Each layer's feed-forward bias + GELU (erf form) as one Triton kernel each way (CUDA with
     Triton only): a branch-free erf (absolute error under 5e-7) where inductor's kernels are
-    bound by libdevice's instructions, and the bias's gradient summed in the same pass. Off by
-    default until a GPU run has measured it (bench/train_throughput.py --fused-gelu). For
-    models whose hidden_act is gelu."""
-    fused_ffn: bool = False
+    bound by libdevice's instructions, and the bias's gradient summed in the same pass.
+    Default: off, unless --tune measures it faster on this GPU (bench/train_throughput.py
+    --fused-gelu). For models whose hidden_act is gelu."""
+    fused_ffn: bool | None = None
     """Each layer's feed-forward with GELU (erf form) in the epilogues of two Triton matmuls
     (CUDA with Triton only; hidden sizes a multiple of 64): the product into GELU writes both
     itself and GELU of it with the bias, and in the backward the product of the output's
     gradient with ffn_out's weight comes out as the gradient at GELU's input, with the bias's
     gradient summed. Three of the five passes over the [tokens, intermediate] tensors that
     GELU costs with --fused-gelu go (6.2 GB a step for BERT-base at seq 128, batch 256, by
-    bench/kernel_census.py); the other matmuls stay cuBLAS's. Off by default until a GPU run
-    has measured it against cuBLAS with --fused-gelu (bench/train_throughput.py --fused-ffn).
+    bench/kernel_census.py); the other matmuls stay cuBLAS's. Default: off, unless --tune measures
+    it faster on this GPU (bench/train_throughput.py --fused-ffn).
     Takes over from --fused-gelu. For models whose hidden_act is gelu."""
-    split_qkv: bool = False
+    split_qkv: bool | None = None
     """q, k and v as three matmuls on the row blocks of each layer's qkv weight instead of
     one: their three gradients from the attention's backward then go into three matmuls as
     they are, where one matmul needed them concatenated first (a copy of 3.3 GB a step for
     BERT-base seq 128 batch 256, bench/kernel_census.py --split-qkv). The same weights and
-    numbers. Off by default until a GPU run has measured it (bench/train_throughput.py
+    numbers. Default: off, unless --tune measures it faster (bench/train_throughput.py
     --split-qkv)."""
-    fused_attention: bool = False
+    fused_attention: bool | None = None
     """A packed batch's attention as bertforge's Triton kernels (CUDA with Triton, packed
     batches, max_seq_length up to 128, head size 16/32/64/128; with it a GPU packs batches by
     default, in fp32 too, where flash varlen would not run): a sequence's keys fit one
     program, so the softmax needs no running maximum and the backward no atomics; dropout
     decides from one Philox call per eight probabilities and keeps its decisions for the
     backward as bits (an eighth of a byte per probability: 75 MB a step for BERT-base at
-    batch 256, seq 128). Off by default until a GPU run has measured it against flash varlen
-    attention (bench/attention_kernel.py, bench/train_throughput.py --fused-attention).
+    batch 256, seq 128). Default: off, unless --tune measures it faster than flash varlen attention
+    on this GPU (bench/attention_kernel.py, bench/train_throughput.py --fused-attention).
     Dropout draws differ from flash's; the model and its weights are the same."""
     prune_last_layer: bool = True
     """The last layer computes only the rows the pretraining heads read: each instance's first
@@ -420,6 +420,18 @@ class TrainConfig:
     `BertConfig.pruned_flops_per_token`). MFU (in the log and bench/train_throughput.py) still
     counts the whole model's FLOPs, as its definition does. --no-prune-last-layer computes
     every row."""
+    tune: bool | None = None
+    """Before the first step, time the speed options left unset (--compile, --packed,
+    --fused-attention, --fused-ffn or --fused-gelu, --fused-norm, --split-qkv,
+    --flat-optimizer, --cuda-graphs) on this device with this model and batch, and train
+    with the fastest: one option at a time on top of the best so far, kept if its step is
+    at least 2% faster. Each trial runs in a process of its own (a failed kernel, compile or
+    out-of-memory costs that trial only) and first checks its gradients against the default
+    step's; an option set on the command line is not tried. Takes a few minutes on a GPU
+    (each trial compiles); the choice is kept in a cache per device, model, batch and library
+    versions (~/.cache/bertforge/tune, or $BERTFORGE_CACHE/tune), so a rerun or resume
+    starts at once, and reported in OUTPUT/tune.json. Default: on a GPU for runs of 100,000
+    steps or more (--num-train-steps; a resumed one too, which finds the choice cached)."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3

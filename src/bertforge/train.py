@@ -97,6 +97,7 @@ from bertforge.optim import (
     set_moments,
 )
 from bertforge.tokenization import Vocab, check_init_vocab, load_vocab, read_vocab_txt
+from bertforge.tune import use_tune
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Settings that may change when a run is resumed; any other change is refused.
@@ -127,6 +128,7 @@ RESUMABLE = {
     "flat_optimizer",  # the same updates, and AdamW's state dict either way
     "cuda_graphs",  # the same step, replayed
     "loader",  # the same batches
+    "tune",  # chooses among the options above
     "peak_tflops",
 }
 EVAL_KEYS = (
@@ -238,33 +240,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         precision, bert.hidden_size // bert.num_attention_heads
     )
     packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
-    for flag, on in (("--fused-gelu", cfg.fused_gelu), ("--fused-ffn", cfg.fused_ffn)):
-        if on and bert.hidden_act != "gelu":
-            raise UserError(
-                f"{flag} computes GELU's erf form (hidden_act gelu); this model's hidden_act "
-                f"is {bert.hidden_act}: leave the flag out."
-            )
-    for flag, on in (
-        ("--fused-norm", cfg.fused_norm),
-        ("--fused-gelu", cfg.fused_gelu),
-        ("--fused-ffn", cfg.fused_ffn),
-        ("--fused-attention", cfg.fused_attention),
-    ):
-        if on:
-            check_fused(flag, d.device)
-    if cfg.fused_ffn:
-        check_fused_ffn(bert)
-    if cfg.fused_attention:
-        check_fused_attention(bert, info.max_seq_length, packed)
-    if cfg.cuda_graphs:
-        check_graphs(cfg, d.device)
-    if use_flat(cfg) and (cfg.optimizer != "adamw" or cfg.google_adam):
-        other = "--google-adam" if cfg.google_adam else f"--optimizer {cfg.optimizer}"
-        flag = "--flat-optimizer" if cfg.flat_optimizer else "--cuda-graphs"
-        raise UserError(
-            f"{flag} lays out torch's AdamW (--flat-optimizer); it does not apply to {other}: "
-            "leave one of the two out."
-        )
+    check_options(cfg, bert, d.device, info.max_seq_length, packed)
     if cfg.train_batch_size % d.world:
         raise UserError(
             f"--train-batch-size {cfg.train_batch_size} must be a multiple of the "
@@ -306,10 +282,20 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             file=sys.stderr,
         )
 
+    # ---- the speed options, measured on this device (--tune)
+    first = state["step"] if state else 0
+    if cfg.do_train and first < cfg.num_train_steps and use_tune(cfg, d.device):
+        micro = min(cfg.micro_batch_size or (state or {}).get("micro_batch_size", local_batch),
+                    local_batch)  # fmt: skip
+        batches = (data, split, spec, local_batch, micro, first)
+        cfg = tuned(cfg, bert, d, batches, varlen, out)
+        packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
+        check_options(cfg, bert, d.device, info.max_seq_length, packed)
+
     # ---- model, optimizer, state
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
     model = BertForPretraining(bert).to(d.device)
-    model.set_layer_options(**{name: getattr(cfg, name) for name in LAYER_OPTIONS})
+    model.set_layer_options(**{name: bool(getattr(cfg, name)) for name in LAYER_OPTIONS})
     model.prune_last_layer = cfg.prune_last_layer
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
@@ -1349,6 +1335,75 @@ def quiet_inductor_notes() -> None:
     masked-LM loss over the vocabulary) runs without online softmax: it is about inductor's
     own code generation, and nothing a user of bertforge can act on."""
     warnings.filterwarnings("ignore", r"\s*Online softmax is disabled", UserWarning)
+
+
+def tuned(
+    cfg: TrainConfig,
+    bert: BertConfig,
+    d: Dist,
+    batches: tuple[PretrainingData, Split, MaskSpec | None, int, int, int],
+    varlen: bool,
+    out: Path,
+) -> TrainConfig:
+    """`cfg` with --tune's choice (tune.py), measured by process 0 on the first batches of
+    its share (`batches`: data, split, mask spec, local batch, micro-batch, first step) while
+    the others wait; the same choice on every process."""
+    from bertforge.tune import tune
+
+    data, split, spec, local_batch, micro, first = batches
+    group = distributed.waiting_group(d)
+    word = None
+    if d.main:
+        order = Order(split.num_train, cfg.random_seed)
+        rows = [
+            step_rows(data, order, spec, cfg.random_seed, s, cfg.train_batch_size, (0, local_batch))
+            for s in range(first, min(first + 3, cfg.num_train_steps))
+        ]
+        try:
+            choice = tune(cfg, bert, d.device, rows, micro, cfg.num_train_steps - first, varlen,
+                          out, cfg.progress)  # fmt: skip
+        except BaseException:
+            distributed.broadcast_word("failed", d, group)
+            raise
+        word = json.dumps(choice)
+    word = distributed.broadcast_word(word, d, group)
+    if word == "failed":
+        raise UserError("--tune failed in process 0 (its error says why); rerun with --no-tune.")
+    return dataclasses.replace(cfg, **json.loads(word))
+
+
+def check_options(
+    cfg: TrainConfig, bert: BertConfig, device: torch.device, max_seq_length: int, packed: bool
+) -> None:
+    """The speed options asked for (or chosen by --tune) where they cannot run: one clear
+    error each, before anything is written."""
+    for flag, on in (("--fused-gelu", cfg.fused_gelu), ("--fused-ffn", cfg.fused_ffn)):
+        if on and bert.hidden_act != "gelu":
+            raise UserError(
+                f"{flag} computes GELU's erf form (hidden_act gelu); this model's hidden_act "
+                f"is {bert.hidden_act}: leave the flag out."
+            )
+    for flag, on in (
+        ("--fused-norm", cfg.fused_norm),
+        ("--fused-gelu", cfg.fused_gelu),
+        ("--fused-ffn", cfg.fused_ffn),
+        ("--fused-attention", cfg.fused_attention),
+    ):
+        if on:
+            check_fused(flag, device)
+    if cfg.fused_ffn:
+        check_fused_ffn(bert)
+    if cfg.fused_attention:
+        check_fused_attention(bert, max_seq_length, packed)
+    if cfg.cuda_graphs:
+        check_graphs(cfg, device)
+    if use_flat(cfg) and (cfg.optimizer != "adamw" or cfg.google_adam):
+        other = "--google-adam" if cfg.google_adam else f"--optimizer {cfg.optimizer}"
+        flag = "--flat-optimizer" if cfg.flat_optimizer else "--cuda-graphs"
+        raise UserError(
+            f"{flag} lays out torch's AdamW (--flat-optimizer); it does not apply to {other}: "
+            "leave one of the two out."
+        )
 
 
 def check_graphs(cfg: TrainConfig, device: torch.device) -> None:

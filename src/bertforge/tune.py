@@ -1,0 +1,562 @@
+"""`train --tune`: the step's speed options, measured on the device that trains.
+
+Which options make a step fastest (compiling, packed batches, bertforge's Triton kernels, the
+flat optimizer, CUDA graphs) depends on the device, the model's shape, the batch and the
+versions of torch and Triton: on an H200 packed batches measured faster at seq 128 and
+slower at 512; on a CPU compiling was faster in fp32 and slower in bf16. So rather than ship
+one guess, the trainer can time them where it trains, before the first step.
+
+The search is greedy: the step as the defaults make it first, then one question at a time
+(compile? packed? which attention, which feed-forward, ...), each answer tried on top of the
+best so far and kept if its step is at least `MARGIN` faster. Options the user set are not
+asked about. Each trial runs in a spawned process of its own, so a Triton compile error, an
+out-of-memory or a CUDA error that poisons its process costs that trial only, and every
+trial compiles from a fresh start as training will. A trial first checks its gradients on a
+small batch without dropout, uncompiled, against the default step's (`gradients_agree`):
+a kernel that is fast and wrong is not chosen. Then it times whole steps (forward, backward,
+update) on the run's first batches, after warm-up steps that compile and record.
+
+The choice is kept in a cache file named by a hash of what it depends on (`tune_key`), so a
+rerun or a resume does not measure again, and reported in OUTPUT/tune.json with every
+trial's time. Written here rather than taken from torch's autotuners: those choose among
+kernels for one operation, not among ways to build the whole step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bertforge import __version__, kernels
+from bertforge.batches import IGNORE, Rows, slice_rows
+from bertforge.config import TrainConfig
+from bertforge.distributed import Dist
+from bertforge.errors import UserError
+from bertforge.fileio import write_json
+from bertforge.model import LAYER_OPTIONS, BertConfig, BertForPretraining
+
+# The options a trial can set, in the order the questions are asked.
+TUNABLE = (
+    "compile",
+    "packed",
+    "fused_attention",
+    "fused_ffn",
+    "fused_gelu",
+    "fused_norm",
+    "split_qkv",
+    "flat_optimizer",
+    "cuda_graphs",
+)
+# A change is kept when its step takes at most (1 - MARGIN) of the best step so far: an option
+# that does not measurably help stays off (equal times within noise keep the simpler step).
+MARGIN = 0.02
+# Steps a run must have left for --tune to be on by default on a GPU: the trials take a few
+# minutes (each compiles), a small share of a run this long.
+AUTO_TUNE_STEPS = 100_000
+WARMUP_STEPS = 5  # compiling, the packed batch's recompile with a dynamic size, graph records
+TIMED_STEPS = 4  # a block's: the device synchronizes only at its ends, as training seldom does
+BLOCKS = 3
+TRIAL_TIMEOUT_S = 900
+CHECK_ROWS = 8
+# Largest relative difference of a parameter's gradient norm from the default step's, in the
+# trial's check (no dropout, uncompiled): rounding differs between kernels, a wrong kernel
+# differs by far more.
+CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2, "fp16": 3e-2}
+
+Options = dict[str, bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """What a trial process needs: the run's settings, the model, the batches to time."""
+
+    cfg: TrainConfig  # every TUNABLE field a bool
+    bert: dict[str, Any]
+    device: str
+    batches: list[Rows]  # this process's share of the first steps' batches
+    micro: int
+    warmup: int
+    steps: int  # a block's
+    blocks: int
+
+
+def use_tune(cfg: TrainConfig, device: torch.device) -> bool:
+    """--tune / --no-tune, or by default on CUDA for a run of AUTO_TUNE_STEPS or more (in
+    all: a resumed run takes the cached choice again, however few steps it has left)."""
+    if cfg.tune is not None:
+        return cfg.tune
+    return device.type == "cuda" and cfg.num_train_steps >= AUTO_TUNE_STEPS
+
+
+def resolved(
+    cfg: TrainConfig, device: torch.device, steps_left: int, seq: int, varlen: bool
+) -> Options:
+    """The options training takes from `cfg` without tuning (the defaults resolved)."""
+    from bertforge.train import use_compile, use_flat, use_packed
+
+    options = {name: bool(getattr(cfg, name)) for name in TUNABLE}
+    options["compile"] = use_compile(cfg, device, steps_left) or bool(cfg.cuda_graphs)
+    options["packed"] = use_packed(cfg, device, seq, varlen)
+    options["flat_optimizer"] = use_flat(cfg)
+    return options
+
+
+def questions(cfg: TrainConfig, device: torch.device, base: Options) -> list[list[Options]]:
+    """The alternatives to try, question by question, for the options the user left unset.
+    Which of them can run in this run is `problem`'s to say, once the earlier answers are in."""
+    unset = {name for name in TUNABLE if getattr(cfg, name) is None}
+    asked: list[list[Options]] = []
+    for name in ("compile", "packed"):
+        if name in unset:
+            asked.append([{name: not base[name]}])
+    triton = device.type == "cuda" and kernels.available()
+    if triton and "fused_attention" in unset and cfg.packed is not False:
+        asked.append([{"fused_attention": True, "packed": True}])
+    if triton:
+        feed_forward = [{name: True} for name in ("fused_ffn", "fused_gelu") if name in unset]
+        if feed_forward and not cfg.fused_ffn and not cfg.fused_gelu:
+            asked.append(feed_forward)
+        if "fused_norm" in unset:
+            asked.append([{"fused_norm": True}])
+    if "split_qkv" in unset:
+        asked.append([{"split_qkv": True}])
+    adamw = cfg.optimizer == "adamw" and not cfg.google_adam
+    if adamw and "flat_optimizer" in unset and not base["flat_optimizer"]:
+        asked.append([{"flat_optimizer": True}])
+    graphs = cfg.compile is not False and cfg.flat_optimizer is not False
+    if device.type == "cuda" and adamw and "cuda_graphs" in unset and graphs:
+        asked.append([{"cuda_graphs": True, "compile": True, "flat_optimizer": True}])
+    return asked
+
+
+def problem(
+    options: Options, cfg: TrainConfig, bert: BertConfig, device: torch.device, seq: int
+) -> str | None:
+    """Why these options cannot run in this run (train.check_options's error), or None."""
+    from bertforge.train import check_options
+
+    trial = dataclasses.replace(cfg, **options)
+    if options["fused_ffn"] and options["fused_gelu"]:
+        return "--fused-ffn takes over from --fused-gelu"
+    try:
+        check_options(trial, bert, device, seq, options["packed"])
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def choose(
+    base: Options,
+    asked: Sequence[Sequence[Options]],
+    measure: Callable[[Options], dict[str, Any]],
+    blocked: Callable[[Options], str | None],
+    note: Callable[[str], None] = lambda line: None,
+) -> tuple[Options, list[dict[str, Any]]]:
+    """Greedy: measure `base`, then each alternative of each question on top of the best so
+    far, keeping the fastest that beats it by MARGIN and whose gradients agree with base's.
+    `measure(options)` -> {"seconds": per step, "gradients": [...]} or {"error": why}.
+    Returns the choice and the trials (options, result, kept)."""
+    trials: list[dict[str, Any]] = []
+    first = measure(base)
+    trials.append({"options": {}, **first, "kept": "error" not in first})
+    note(trial_line(trials[-1], None))
+    if "error" in first:
+        return base, trials
+    best, best_s, reference = base, first["seconds"], first["gradients"]
+    for alternatives in asked:
+        winner = None
+        for change in alternatives:
+            options = {**best, **change}
+            if options == best:
+                continue
+            why = blocked(options)
+            if why is not None:
+                continue
+            result = measure(options)
+            if "error" not in result:
+                mismatch = gradients_agree(result["gradients"], reference, result["tolerance"])
+                if mismatch is not None:
+                    result = {
+                        **result,
+                        "error": f"gradients differ from the default step's: {mismatch}",
+                    }
+            trial = {"options": changed(options, base), **result, "kept": False}
+            trials.append(trial)
+            fast = "error" not in result and result["seconds"] <= best_s * (1 - MARGIN)
+            if fast and (winner is None or result["seconds"] < winner[1]["seconds"]):
+                winner = (options, result, trial)
+            note(trial_line(trial, best_s))
+        if winner is not None:
+            best, best_s = winner[0], winner[1]["seconds"]
+            winner[2]["kept"] = True
+    return best, trials
+
+
+def changed(options: Options, base: Options) -> Options:
+    return {k: v for k, v in options.items() if base.get(k) != v}
+
+
+def describe(options: Options) -> str:
+    """'+fused_norm -packed' for a change from the defaults; 'the defaults' for none."""
+    return " ".join(f"{'+' if on else '-'}{k}" for k, on in options.items()) or "the defaults"
+
+
+def trial_line(trial: dict[str, Any], best_s: float | None) -> str:
+    what = describe(trial["options"])
+    if "error" in trial:
+        return f"tune: {what}: failed ({trial['error']})"
+    ms = f"{1000 * trial['seconds']:.1f} ms a step"
+    if best_s is None:
+        return f"tune: {what}: {ms}"
+    return f"tune: {what}: {ms}, {best_s / trial['seconds']:.2f}x the best so far"
+
+
+def gradients_agree(got: Sequence[float], want: Sequence[float], tolerance: float) -> str | None:
+    """None when every parameter's gradient norm (and, last, the loss) is within `tolerance`
+    of want's, relative to it (or to a thousandth of the largest, for near-zero ones); else
+    which differs most, and by how much."""
+    a, b = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if a.shape != b.shape:
+        return f"{len(a)} values against {len(b)}"
+    if not np.isfinite(a).all():
+        return "not finite"
+    scale = np.maximum(np.abs(b), 1e-3 * np.abs(b).max(initial=0) + 1e-12)
+    error = np.abs(a - b) / scale
+    worst = int(error.argmax()) if len(error) else 0
+    if len(error) and error[worst] > tolerance:
+        what = "the loss" if worst == len(a) - 1 else f"parameter {worst}'s gradient norm"
+        return f"{what} {a[worst]:.6g} against {b[worst]:.6g}"
+    return None
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BERTFORGE_CACHE")
+    if root:
+        return Path(root) / "tune"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "bertforge" / "tune"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm{major}{minor})"
+    model = platform.processor() or platform.machine()
+    with_name = Path("/proc/cpuinfo")
+    if with_name.exists():
+        for line in with_name.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def tune_key(
+    cfg: TrainConfig,
+    bert: BertConfig,
+    device: torch.device,
+    batch: Rows,
+    micro: int,
+    steps_left: int,
+    seq: int,
+    varlen: bool,
+) -> dict[str, Any]:
+    """What the choice depends on: the device, the versions, the model, the batch (and how
+    full its sequences are, which decides what packing saves), the step's settings and the
+    options the user fixed."""
+    fill = float(batch.lengths.sum()) / (len(batch.lengths) * batch.input_ids.shape[1])
+    return {
+        "device": device_name(device),
+        "bertforge": __version__,
+        "torch": torch.__version__,
+        "triton": kernels.triton.__version__ if kernels.triton is not None else None,
+        "bert_config": bert.to_dict(),
+        "max_seq_length": seq,
+        "max_predictions_per_seq": batch.positions.shape[1] if batch.positions is not None else 0,
+        "batch": len(batch.lengths),
+        "micro_batch_size": micro,
+        "fill": round(fill * 20) / 20,
+        "precision": cfg.precision,
+        "optimizer": [cfg.optimizer, cfg.google_adam, cfg.max_grad_norm > 0],
+        "prune_last_layer": cfg.prune_last_layer,
+        "defaults": resolved(cfg, device, steps_left, seq, varlen),
+        "fixed": {name: getattr(cfg, name) for name in TUNABLE if getattr(cfg, name) is not None},
+    }
+
+
+def cache_file(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"{digest}.json"
+
+
+def cached(key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached record for `key`, or None (also when the file is unreadable or another key's:
+    then it is measured again and overwritten)."""
+    path = cache_file(key)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key or "choice" not in record:
+        return None
+    return record
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def tune(
+    cfg: TrainConfig,
+    bert: BertConfig,
+    device: torch.device,
+    batches: list[Rows],
+    micro: int,
+    steps_left: int,
+    varlen: bool,
+    out: Path,
+    progress: bool,
+    measure: Callable[[Trial, Options], dict[str, Any]] | None = None,
+) -> Options:
+    """The options to train with (a change from `cfg`'s resolved defaults: only the fields that
+    differ), measured or from the cache; writes OUTPUT/tune.json."""
+    seq = batches[0].input_ids.shape[1]
+    base = resolved(cfg, device, steps_left, seq, varlen)
+    key = tune_key(cfg, bert, device, batches[0], micro, steps_left, seq, varlen)
+    path = cache_file(key)
+
+    def note(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr)
+
+    record = cached(key)
+    if record is not None:
+        note(
+            f"tune: {describe(record['choice'])}, as measured on {record['when']} ({path}; "
+            "delete it to measure again)"
+        )
+    else:
+        asked = questions(cfg, device, base)
+        fixed = {name: base[name] for name in TUNABLE}
+        trial = Trial(
+            dataclasses.replace(cfg, **fixed),
+            bert.to_dict(),
+            str(device),
+            batches,
+            micro,
+            WARMUP_STEPS,
+            TIMED_STEPS,
+            BLOCKS,
+        )
+        count = 1 + sum(len(a) for a in asked)
+        note(
+            f"tune: timing up to {count} ways to run the step on {key['device']}, each in a "
+            "process of its own (minutes: most compile); the choice is cached in "
+            f"{path}"
+        )
+        run = measure or run_trial
+        choice, trials = choose(
+            base,
+            asked,
+            lambda options: run(trial, options),
+            lambda options: problem(options, cfg, bert, device, seq),
+            note,
+        )
+        first = trials[0]
+        best = min((t["seconds"] for t in trials if t["kept"]), default=None)
+        record = {
+            "key": key,
+            "when": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "choice": changed(choice, base),
+            "speedup": round(first["seconds"] / best, 4) if "error" not in first and best else None,
+            "trials": trials,
+        }
+        if "error" in first:
+            note(
+                f"tune: the default step failed in its trial ({first['error']}); training "
+                "with the defaults"
+            )
+        else:
+            try:
+                write_json(path, record)
+            except OSError as e:
+                print(f"bertforge: warning: --tune could not cache its choice in {path} ({e}); "
+                      "the next run measures again. Set BERTFORGE_CACHE to a writable "
+                      "directory to keep it.", file=sys.stderr)  # fmt: skip
+            note(
+                f"tune: training with {describe(record['choice'])}: {record['speedup']:.2f}x "
+                "the default step"
+            )
+    write_json(out / "tune.json", {**record, "cache": str(path)})
+    return record["choice"]
+
+
+def run_trial(
+    trial: Trial,
+    options: Options,
+    target: Callable[..., None] | None = None,
+    timeout: float = TRIAL_TIMEOUT_S,
+) -> dict[str, Any]:
+    """`measure` in a spawned process: its result, or {"error": why} when it raised, died or
+    took longer than `timeout` seconds. Its output goes to a log file, whose last lines an
+    error quotes."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="bertforge-tune-") as tmp:
+        result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+        child = context.Process(
+            target=target or trial_main, args=(trial, options, str(result), str(log))
+        )
+        child.start()
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            return {"error": f"took longer than {timeout:.0f} s"}
+        if result.exists():
+            return dict(json.loads(result.read_text()))
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        why = f"its process exited with code {child.exitcode}"
+        return {"error": why + (": " + " | ".join(tail) if tail else "")}
+
+
+def trial_main(trial: Trial, options: Options, result: str, log: str) -> None:
+    """A trial process: output to `log`, the result (or the error) as JSON to `result`."""
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        outcome = measure(trial, options)
+    except torch.OutOfMemoryError:
+        outcome = {"error": "out of memory"}
+    except Exception as e:  # any failure rules the trial out, with its cause
+        from bertforge.train import root_cause
+
+        traceback.print_exc()
+        outcome = {"error": root_cause(e)}
+    write_json(result, outcome)
+
+
+def measure(trial: Trial, options: Options) -> dict[str, Any]:
+    """In the trial's process: the gradient check, then seconds per whole step (forward,
+    backward, update) after `trial.warmup` steps: the median of `trial.blocks` blocks of
+    `trial.steps` steps each, the device synchronized at a block's ends only (a step's host
+    work overlaps the device's, as in training)."""
+    from bertforge.train import (
+        Ledger,
+        Objective,
+        autocast_to,
+        compile_step,
+        device_skip,
+        forward_backward,
+        make_optimizer,
+        precision_name,
+        resolve_precision,
+        update,
+    )
+
+    cfg = dataclasses.replace(trial.cfg, **options)
+    device = torch.device(trial.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    d = Dist(0, 1, 0, device)
+    bert = BertConfig.from_dict(trial.bert, "tune")
+    dtype = resolve_precision(cfg.precision, device)
+    autocast = autocast_to(dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    packed = options["packed"]
+    gradients = check_gradients(cfg, bert, d, autocast, packed, trial.batches[0])
+
+    torch.manual_seed(cfg.random_seed)
+    model = build(cfg, bert, device)
+    optimizer = make_optimizer(cfg, model)
+    ledger = Ledger(device_skip(optimizer, scaler), 0)
+    forward: Any = Objective(model)
+    if options["compile"]:
+        forward = compile_step(forward, mode="reduce-overhead" if options["cuda_graphs"] else None)
+
+    def step(i: int) -> None:
+        rows = trial.batches[i % len(trial.batches)]
+        n = len(rows.lengths)
+        masked = int((rows.labels != IGNORE).sum())  # type: ignore[operator]
+        layout = (packed, options["compile"], options["cuda_graphs"])
+        sums = forward_backward(
+            forward, None, rows, trial.micro, (masked, n), d, autocast, scaler, *layout
+        )
+        update(model, optimizer, scaler, sums, cfg.max_grad_norm, ledger)
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for i in range(trial.warmup):
+        step(i)
+    synchronize(device)
+    warm = time.perf_counter()
+    blocks = []  # the median block's time: one slow block (another process's burst) is ignored
+    for b in range(trial.blocks):
+        begin = time.perf_counter()
+        for i in range(b * trial.steps, (b + 1) * trial.steps):
+            step(trial.warmup + i)
+        synchronize(device)
+        blocks.append((time.perf_counter() - begin) / trial.steps)
+    seconds = float(np.median(blocks))
+    tokens = np.mean([int(rows.lengths.sum()) for rows in trial.batches])
+    return {
+        "seconds": seconds,
+        "tokens_per_s": round(float(tokens) / seconds, 1),
+        "blocks": [round(t, 6) for t in blocks],
+        "warmup_s": round(warm - start, 2),
+        "gradients": gradients,
+        "tolerance": CHECK_TOLERANCE[precision_name(dtype)],
+    }
+
+
+def build(cfg: TrainConfig, bert: BertConfig, device: torch.device) -> BertForPretraining:
+    model = BertForPretraining(bert).to(device)
+    model.set_layer_options(**{name: bool(getattr(cfg, name)) for name in LAYER_OPTIONS})
+    model.prune_last_layer = cfg.prune_last_layer
+    return model
+
+
+def check_gradients(
+    cfg: TrainConfig, bert: BertConfig, d: Dist, autocast: Any, packed: bool, batch: Rows
+) -> list[float]:
+    """Each parameter's gradient norm, then the loss, of one uncompiled forward and backward
+    on the batch's first CHECK_ROWS rows without dropout: the same for every trial of a run
+    but for rounding, unless a kernel is wrong."""
+    from bertforge.train import Objective, model_batch, objective_args
+
+    still = dataclasses.replace(bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(cfg.random_seed)
+    model = build(cfg, still, d.device)
+    rows = slice_rows(batch, 0, min(CHECK_ROWS, len(batch.lengths)))
+    b, lengths, layout = model_batch(rows, d.device, packed)
+    with autocast:
+        mlm, nsp, _ = Objective(model)(*objective_args(b, lengths, layout))
+    masked = max(int((rows.labels != IGNORE).sum()), 1)  # type: ignore[operator]
+    loss = mlm / masked + nsp / len(rows.lengths)
+    loss.backward()
+    norms = [
+        float(p.grad.float().norm()) if p.grad is not None else 0.0 for p in model.parameters()
+    ]
+    return [*norms, float(loss)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

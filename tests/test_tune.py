@@ -1,0 +1,243 @@
+"""`train --tune` (tune.py): the greedy search, the questions asked, the gradient check, the
+trial processes (errors, deaths, timeouts), the cache, and a whole tuned run on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bertforge import tune
+from bertforge.cli import main
+from bertforge.config import TrainConfig
+from bertforge.train import train
+from tests.test_train import metrics
+
+CPU = torch.device("cpu")
+BASE = {name: False for name in tune.TUNABLE}
+
+
+def timed(table: dict[frozenset, float], gradients: list[float] | None = None):
+    """A stand-in `measure`: seconds per step from `table` (keyed by the options on), 1.0 when
+    not in it; the calls it got, in order."""
+    calls: list[dict] = []
+
+    def measure(options: dict) -> dict:
+        calls.append(options)
+        on = frozenset(k for k, v in options.items() if v)
+        return {"seconds": table.get(on, 1.0), "gradients": gradients or [1.0, 2.0],
+                "tolerance": 1e-3}  # fmt: skip
+
+    return measure, calls
+
+
+def never(options: dict) -> None:
+    return None
+
+
+def test_choose_keeps_what_is_faster_by_the_margin_and_builds_on_it():
+    asked = [[{"packed": True}], [{"fused_ffn": True}, {"fused_gelu": True}], [{"split_qkv": True}]]
+    table = {
+        frozenset({"packed"}): 0.9,
+        frozenset({"packed", "fused_ffn"}): 0.85,
+        frozenset({"packed", "fused_gelu"}): 0.8,  # the faster of the question's two answers
+        frozenset({"packed", "fused_gelu", "split_qkv"}): 0.79,  # under 2% better: not kept
+    }
+    measure, calls = timed(table)
+    choice, trials = tune.choose(BASE, asked, measure, never)
+    assert {k for k, v in choice.items() if v} == {"packed", "fused_gelu"}
+    assert len(calls) == 5 and calls[0] == BASE
+    assert [t["kept"] for t in trials] == [True, True, False, True, False]
+    assert trials[3]["options"] == {"packed": True, "fused_gelu": True}  # the change from BASE
+
+
+def test_choose_skips_what_cannot_run_and_what_fails_or_computes_otherwise():
+    asked = [[{"packed": True}], [{"fused_norm": True}], [{"split_qkv": True}]]
+
+    def measure(options: dict) -> dict:
+        if options["fused_norm"]:
+            return {"error": "out of memory"}
+        grads = [1.0, 2.5, 3.0] if options["split_qkv"] else [1.0, 2.0, 3.0]  # a wrong kernel
+        return {"seconds": 0.5 if options["split_qkv"] else 1.0, "gradients": grads,
+                "tolerance": 1e-3}  # fmt: skip
+
+    def blocked(options: dict) -> str | None:
+        return "needs CUDA" if options["packed"] else None
+
+    choice, trials = tune.choose(BASE, asked, measure, blocked)
+    assert choice == BASE
+    assert [t["options"] for t in trials] == [{}, {"fused_norm": True}, {"split_qkv": True}]
+    assert trials[1]["error"] == "out of memory"
+    assert "gradient norm 2.5 against 2" in trials[2]["error"] and not trials[2]["kept"]
+
+
+def test_choose_gives_the_defaults_when_the_default_step_fails():
+    asked = [[{"packed": True}]]
+    choice, trials = tune.choose(BASE, asked, lambda o: {"error": "boom"}, never)
+    assert choice == BASE and len(trials) == 1 and not trials[0]["kept"]
+
+
+def test_gradients_agree():
+    assert tune.gradients_agree([1.0, 2.0, 0.0], [1.0, 2.0005, 1e-9], 1e-3) is None
+    assert "parameter 1" in tune.gradients_agree([1.0, 2.1, 3.0], [1.0, 2.0, 3.0], 1e-3)
+    assert "the loss" in tune.gradients_agree([1.0, 2.0, 3.1], [1.0, 2.0, 3.0], 1e-3)
+    assert tune.gradients_agree([1.0, float("nan")], [1.0, 2.0], 1.0) == "not finite"
+    assert "2 values against 3" in tune.gradients_agree([1.0, 2.0], [1.0, 2.0, 3.0], 1.0)
+
+
+def test_questions_leave_out_what_the_user_set_and_what_the_device_cannot_run():
+    cfg = TrainConfig(data="d", output="o")
+    asked = tune.questions(cfg, CPU, BASE)
+    names = [sorted({k for change in q for k in change}) for q in asked]
+    assert names == [["compile"], ["packed"], ["split_qkv"], ["flat_optimizer"]]  # no Triton
+    fixed = TrainConfig(data="d", output="o", compile=False, split_qkv=True, optimizer="lamb")
+    names = [sorted({k for c in q for k in c}) for q in tune.questions(fixed, CPU, BASE)]
+    assert names == [["packed"]]
+
+
+def test_questions_on_cuda_with_triton(monkeypatch):
+    monkeypatch.setattr(tune.kernels, "available", lambda: True)
+    cuda = torch.device("cuda")
+    base = {**BASE, "compile": True, "packed": True}
+    asked = tune.questions(TrainConfig(data="d", output="o"), cuda, base)
+    assert asked == [
+        [{"compile": False}],
+        [{"packed": False}],
+        [{"fused_attention": True, "packed": True}],
+        [{"fused_ffn": True}, {"fused_gelu": True}],
+        [{"fused_norm": True}],
+        [{"split_qkv": True}],
+        [{"flat_optimizer": True}],
+        [{"cuda_graphs": True, "compile": True, "flat_optimizer": True}],
+    ]
+    # --fused-gelu asked for: no feed-forward question; --no-compile: no CUDA graphs
+    cfg = TrainConfig(data="d", output="o", fused_gelu=True, compile=False)
+    asked = tune.questions(cfg, cuda, base)
+    assert [{"fused_ffn": True}] not in asked and not any("cuda_graphs" in q[0] for q in asked)
+
+
+def crash(trial, options, result, log):
+    os._exit(7)
+
+
+def hang(trial, options, result, log):
+    time.sleep(60)
+
+
+def test_a_trial_that_dies_or_hangs_costs_that_trial_only():
+    got = tune.run_trial(None, {}, target=crash)  # type: ignore[arg-type]
+    assert got == {"error": "its process exited with code 7"}
+    start = time.perf_counter()
+    got = tune.run_trial(None, {}, target=hang, timeout=3)  # type: ignore[arg-type]
+    assert got == {"error": "took longer than 3 s"} and time.perf_counter() - start < 30
+
+
+def test_a_trial_that_raises_reports_its_cause():
+    bad = tune.Trial(TrainConfig(data="d", output="o"), {"hidden_size": 0}, "cpu", [], 1, 1, 1, 1)
+    got = tune.run_trial(bad, dict(BASE))
+    assert set(got) == {"error"} and "not a BERT config" in got["error"], got
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "tune"
+
+
+def tuned_run(data: Path, bert: Path, out: Path, **extra) -> TrainConfig:
+    return TrainConfig(data=str(data), output=str(out), bert_config=str(bert), train_batch_size=8,
+                       num_train_steps=2, log_every=1, save_checkpoints_steps=2,
+                       eval_records=0, progress=False, tune=True, **extra)  # fmt: skip
+
+
+def test_a_tuned_run_on_the_cpu(tmp_path, cache, train_data, tiny_bert_config, monkeypatch):
+    """Every trial in its own process, the choice in the manifest, tune.json and the cache; a
+    second run takes the cache's choice without measuring."""
+    monkeypatch.setattr(tune, "WARMUP_STEPS", 1)
+    monkeypatch.setattr(tune, "TIMED_STEPS", 1)
+    cfg = tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False)
+    train(cfg)
+    report = json.loads((tmp_path / "run" / "tune.json").read_text())
+    tried = [t["options"] for t in report["trials"]]
+    # one question at a time, on top of what was kept (which depends on the timings)
+    assert tried[0] == {} and [list(t)[-1] for t in tried[1:]] == [
+        "packed", "split_qkv", "flat_optimizer"]  # fmt: skip
+    assert all(t[name] for t in tried[1:] for name in t)
+    for trial in report["trials"]:
+        assert "error" not in trial, trial
+        assert trial["seconds"] == pytest.approx(sorted(trial["blocks"])[1], abs=1e-6)
+        assert len(trial["blocks"]) == 3
+        assert trial["seconds"] > 0 and trial["tokens_per_s"] > 0 and len(trial["gradients"]) > 10
+    # every trial's gradients agree with the default step's (the check passed for each)
+    assert report["key"]["fixed"] == {"compile": False}
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    for name, on in report["choice"].items():
+        assert manifest["config"][name] is on
+    assert list(cache.iterdir()) == [Path(report["cache"])]
+
+    def no_trials(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(tune, "run_trial", no_trials)
+    train(tuned_run(train_data, tiny_bert_config, tmp_path / "again", compile=False))
+    again = json.loads((tmp_path / "again" / "tune.json").read_text())
+    assert again["choice"] == report["choice"] and again["when"] == report["when"]
+
+
+def test_two_processes_take_process_0s_choice(tmp_path, cache, train_data, tiny_bert_config):
+    """torchrun with 2 gloo processes and --tune: process 0 measures (its trials spawned
+    beside both), the other waits; both train with the choice, the same losses as one process
+    run with the choice's flags."""
+    base = ["--data", str(train_data), "--bert-config", str(tiny_bert_config), "--no-progress",
+            "--train-batch-size", "16", "--num-train-steps", "3", "--log-every", "1",
+            "--no-do-eval", "--precision", "fp32", "--no-compile"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29519", "-m", "bertforge.cli", "train", *base, "--output",
+           str(two), "--tune"]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, timeout=600)
+    report = json.loads((two / "tune.json").read_text())
+    assert report["key"]["micro_batch_size"] == 8 and len(report["trials"]) == 4
+    flags = [f"--{'' if on else 'no-'}{name.replace('_', '-')}"
+             for name, on in report["choice"].items()]  # fmt: skip
+    one = tmp_path / "one"
+    assert main(["train", *base, "--output", str(one), *flags]) == 0
+    for x, y in zip(metrics(one), metrics(two), strict=True):
+        for k in ("loss", "masked_lm_loss", "next_sentence_loss"):
+            assert x[k] == pytest.approx(y[k], abs=1e-5), k
+    assert json.loads((two / "manifest.json").read_text())["processes"] == 2
+
+
+def test_tune_is_on_by_default_for_long_gpu_runs_only():
+    cuda = torch.device("cuda")
+    long = TrainConfig(data="d", output="o", num_train_steps=tune.AUTO_TUNE_STEPS)
+    assert tune.use_tune(long, cuda) and not tune.use_tune(long, CPU)
+    short = TrainConfig(data="d", output="o", num_train_steps=tune.AUTO_TUNE_STEPS - 1)
+    assert not tune.use_tune(short, cuda)
+    assert tune.use_tune(TrainConfig(data="d", output="o", tune=True), CPU)
+    assert not tune.use_tune(TrainConfig(data="d", output="o", tune=False,
+                                         num_train_steps=10**6), cuda)  # fmt: skip
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
+):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache's folder would go")
+    monkeypatch.setenv("BERTFORGE_CACHE", str(blocker))
+    measure, _ = timed({frozenset({"split_qkv"}): 0.5})
+    monkeypatch.setattr(tune, "run_trial", lambda trial, options: measure(options))
+    train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False))
+    err = capsys.readouterr().err
+    assert f"--tune could not cache its choice in {blocker}" in err and "BERTFORGE_CACHE" in err
+    report = json.loads((tmp_path / "run" / "tune.json").read_text())
+    assert report["choice"] == {"split_qkv": True}
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["split_qkv"]
+    assert blocker.read_text().startswith("a file")
