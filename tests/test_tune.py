@@ -52,9 +52,23 @@ def test_choose_keeps_what_is_faster_by_the_margin_and_builds_on_it():
     measure, calls = timed(table)
     choice, trials = tune.choose(BASE, asked, measure, never)
     assert {k for k, v in choice.items() if v} == {"packed", "fused_gelu"}
-    assert len(calls) == 5 and calls[0] == BASE
-    assert [t["kept"] for t in trials] == [True, True, False, True, False]
+    assert len(calls) == 7 and calls[0] == calls[5] == BASE and calls[6] == choice
+    assert [t["kept"] for t in trials] == [True, True, False, True, False, True, True]
     assert trials[3]["options"] == {"packed": True, "fused_gelu": True}  # the change from BASE
+    assert [t.get("again", False) for t in trials] == [False] * 5 + [True] * 2
+
+
+def test_a_choice_that_does_not_hold_when_measured_again_is_dropped():
+    seconds = iter([1.0, 0.8, 1.0, 1.0])  # the defaults, +packed, then again: no faster
+
+    def measure(options: dict) -> dict:
+        return {"seconds": next(seconds), "gradients": [1.0], "tolerance": 1e-3}
+
+    notes: list[str] = []
+    choice, trials = tune.choose(BASE, [[{"packed": True}]], measure, never, notes.append)
+    assert choice == BASE and not trials[-1]["kept"] and not trials[-2]["kept"]
+    assert notes[-1].startswith("tune: measured again, the choice was not faster")
+    assert notes[-2] == "tune: again, +packed: 1000.0 ms a step, 1.00x the defaults"
 
 
 def test_choose_skips_what_cannot_run_and_what_fails_or_computes_otherwise():
@@ -164,11 +178,18 @@ def test_a_tuned_run_on_the_cpu(tmp_path, cache, train_data, tiny_bert_config, m
     cfg = tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False)
     train(cfg)
     report = json.loads((tmp_path / "run" / "tune.json").read_text())
-    tried = [t["options"] for t in report["trials"]]
+    tried = [t["options"] for t in report["trials"] if not t.get("again")]
     # one question at a time, on top of what was kept (which depends on the timings)
     assert tried[0] == {} and [list(t)[-1] for t in tried[1:]] == [
         "packed", "split_qkv", "flat_optimizer"]  # fmt: skip
     assert all(t[name] for t in tried[1:] for name in t)
+    again = [t for t in report["trials"] if t.get("again")]  # after a change was kept
+    if report["choice"]:
+        assert [t["options"] for t in again] == [{}, report["choice"]]
+        assert report["speedup"] == round(again[0]["seconds"] / again[1]["seconds"], 4)
+    else:  # none kept, or the one kept did not hold when timed again
+        assert report["speedup"] == 1.0
+        assert not again or (again[0]["options"] == {} and not again[1]["kept"])
     for trial in report["trials"]:
         assert "error" not in trial, trial
         assert trial["seconds"] == pytest.approx(sorted(trial["blocks"])[1], abs=1e-6)
@@ -241,3 +262,10 @@ def test_a_cache_that_cannot_be_written_costs_a_warning(
     assert report["choice"] == {"split_qkv": True}
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["split_qkv"]
     assert blocker.read_text().startswith("a file")
+
+
+def test_a_change_must_beat_the_best_in_every_block():
+    assert tune.beats({"seconds": 0.9, "blocks": [0.85, 0.9, 0.95]}, 1.0)
+    assert not tune.beats({"seconds": 0.9, "blocks": [0.85, 0.9, 1.05]}, 1.0)  # one slow block
+    assert not tune.beats({"seconds": 0.99, "blocks": [0.99, 0.99, 0.99]}, 1.0)  # under MARGIN
+    assert tune.beats({"seconds": 0.9}, 1.0)

@@ -425,13 +425,15 @@ class TrainConfig:
     --fused-attention, --fused-ffn or --fused-gelu, --fused-norm, --split-qkv,
     --flat-optimizer, --cuda-graphs) on this device with this model and batch, and train
     with the fastest: one option at a time on top of the best so far, kept if its step is
-    at least 2% faster. Each trial runs in a process of its own (a failed kernel, compile or
-    out-of-memory costs that trial only) and first checks its gradients against the default
-    step's; an option set on the command line is not tried. Takes a few minutes on a GPU
-    (each trial compiles); the choice is kept in a cache per device, model, batch and library
-    versions (~/.cache/bertforge/tune, or $BERTFORGE_CACHE/tune), so a rerun or resume
-    starts at once, and reported in OUTPUT/tune.json. Default: on a GPU for runs of 100,000
-    steps or more (--num-train-steps; a resumed one too, which finds the choice cached)."""
+    at least 2% faster (in the median of three blocks of steps, and in its slowest), and
+    the choice kept if it is still faster when it and the defaults are timed again. Each
+    trial runs in a process of its own (a failed kernel, compile or out-of-memory costs that
+    trial only) and first checks its gradients against the default step's; an option set on
+    the command line is not tried. Takes a few minutes on a GPU (most trials compile); the
+    choice is kept in a cache per device, model, batch and library versions
+    (~/.cache/bertforge/tune, or $BERTFORGE_CACHE/tune), so a rerun or resume starts at
+    once, and reported in OUTPUT/tune.json. Default: on a GPU for runs of 100,000 steps or
+    more (--num-train-steps; a resumed one too, which finds the choice cached)."""
     save_checkpoints_steps: int = 1000
     """Save a checkpoint every N steps (and at the end, and on Ctrl-C)."""
     keep_checkpoints: int = 3
