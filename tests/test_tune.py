@@ -136,19 +136,20 @@ def test_questions_on_cuda_with_triton(monkeypatch):
     assert [{"fused_ffn": True}] not in asked and not any("cuda_graphs" in q[0] for q in asked)
 
 
-def crash(trial, options, result, log):
+def crash(trial, options, result):
+    print("about to crash", flush=True)
     os._exit(7)
 
 
-def hang(trial, options, result, log):
+def hang(trial, options, result):
     time.sleep(60)
 
 
 def test_a_trial_that_dies_or_hangs_costs_that_trial_only():
-    got = tune.run_trial(None, {}, target=crash)  # type: ignore[arg-type]
-    assert got == {"error": "its process exited with code 7"}
+    got = tune.run_trial(None, {}, target="tests.test_tune:crash")  # type: ignore[arg-type]
+    assert got == {"error": "its process exited with code 7: about to crash"}
     start = time.perf_counter()
-    got = tune.run_trial(None, {}, target=hang, timeout=3)  # type: ignore[arg-type]
+    got = tune.run_trial(None, {}, target="tests.test_tune:hang", timeout=3)  # type: ignore[arg-type]
     assert got == {"error": "took longer than 3 s"} and time.perf_counter() - start < 30
 
 

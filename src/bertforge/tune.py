@@ -27,10 +27,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import json
-import multiprocessing
 import os
+import pickle
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -442,36 +444,36 @@ def tune(
 def run_trial(
     trial: Trial,
     options: Options,
-    target: Callable[..., None] | None = None,
+    target: str = "bertforge.tune:trial_main",
     timeout: float = TRIAL_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """`measure` in a spawned process: its result, or {"error": why} when it raised, died or
-    took longer than `timeout` seconds. Its output goes to a log file, whose last lines an
-    error quotes."""
-    context = multiprocessing.get_context("spawn")
+    """`measure` in a process of its own (`python -m bertforge.tune`, which imports nothing of
+    the caller's main module, as multiprocessing's spawn would): its result, or
+    {"error": why} when it raised, died or took longer than `timeout` seconds. Its output
+    goes to a log file, whose last lines an error quotes. `target`: module:function run
+    there with (trial, options, result path)."""
     with tempfile.TemporaryDirectory(prefix="bertforge-tune-") as tmp:
-        result, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        child = context.Process(
-            target=target or trial_main, args=(trial, options, str(result), str(log))
-        )
-        child.start()
-        child.join(timeout)
-        if child.is_alive():
+        job, result, log = (Path(tmp) / name for name in ("job.pkl", "result.json", "log.txt"))
+        with open(job, "wb") as f:
+            pickle.dump((trial, options), f)
+        with open(log, "wb") as out:
+            argv = [sys.executable, "-m", "bertforge.tune", target, str(job), str(result)]
+            child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            code = child.wait(timeout)
+        except subprocess.TimeoutExpired:
             child.kill()
-            child.join()
+            child.wait()
             return {"error": f"took longer than {timeout:.0f} s"}
         if result.exists():
             return dict(json.loads(result.read_text()))
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-        why = f"its process exited with code {child.exitcode}"
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        why = f"its process exited with code {code}"
         return {"error": why + (": " + " | ".join(tail) if tail else "")}
 
 
-def trial_main(trial: Trial, options: Options, result: str, log: str) -> None:
-    """A trial process: output to `log`, the result (or the error) as JSON to `result`."""
-    with open(log, "w") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
+def trial_main(trial: Trial, options: Options, result: str) -> None:
+    """A trial process's work: the result (or the error) as JSON to `result`."""
     try:
         outcome = measure(trial, options)
     except torch.OutOfMemoryError:
@@ -594,3 +596,10 @@ def check_gradients(
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":  # a trial process (run_trial): TARGET JOB RESULT
+    module, function = sys.argv[1].split(":")
+    with open(sys.argv[2], "rb") as f:
+        job = pickle.load(f)
+    getattr(importlib.import_module(module), function)(*job, sys.argv[3])
