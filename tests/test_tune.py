@@ -271,3 +271,22 @@ def test_a_change_must_beat_the_best_in_every_block():
     assert not tune.beats({"seconds": 0.9, "blocks": [0.85, 0.9, 1.05]}, 1.0)  # one slow block
     assert not tune.beats({"seconds": 0.99, "blocks": [0.99, 0.99, 0.99]}, 1.0)  # under MARGIN
     assert tune.beats({"seconds": 0.9}, 1.0)
+
+
+def test_a_trial_does_not_import_the_callers_main_module(tmp_path):
+    """A script without a __main__ guard can train with --tune: the trial process does not run
+    it again (multiprocessing's spawn would, and fail)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from bertforge import tune\n"
+        "print('the script ran', flush=True)\n"
+        "print(tune.run_trial(None, {}, target='tests.test_tune:crash'))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, cwd=root, check=True)  # fmt: skip
+    assert done.stdout.splitlines() == [
+        "the script ran",
+        "{'error': 'its process exited with code 7: about to crash'}",
+    ]
