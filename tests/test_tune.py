@@ -166,9 +166,10 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def tuned_run(data: Path, bert: Path, out: Path, **extra) -> TrainConfig:
-    return TrainConfig(data=str(data), output=str(out), bert_config=str(bert), train_batch_size=8,
-                       num_train_steps=2, log_every=1, save_checkpoints_steps=2,
-                       eval_records=0, progress=False, tune=True, **extra)  # fmt: skip
+    settings = {"train_batch_size": 8, "num_train_steps": 2, "log_every": 1,
+                "save_checkpoints_steps": 2, "eval_records": 0, "progress": False}  # fmt: skip
+    return TrainConfig(data=str(data), output=str(out), bert_config=str(bert), tune=True,
+                       **{**settings, **extra})  # fmt: skip
 
 
 def test_a_tuned_run_on_the_cpu(tmp_path, cache, train_data, tiny_bert_config, monkeypatch):
@@ -257,11 +258,12 @@ def test_a_cache_that_cannot_be_written_costs_a_warning(
     monkeypatch.setenv("BERTFORGE_CACHE", str(blocker))
     measure, _ = timed({frozenset({"split_qkv"}): 0.5})
     monkeypatch.setattr(tune, "run_trial", lambda trial, options: measure(options))
-    train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False))
+    train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False, progress=True))
     err = capsys.readouterr().err
     assert f"--tune could not cache its choice in {blocker}" in err and "BERTFORGE_CACHE" in err
     report = json.loads((tmp_path / "run" / "tune.json").read_text())
     assert report["choice"] == {"split_qkv": True}
+    assert "on cpu, with --split-qkv\n" in err  # the first progress line
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["split_qkv"]
     assert blocker.read_text().startswith("a file")
 

@@ -382,7 +382,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             f"process(es) x micro-batch {micro}); {precision_name(precision)} on "
             f"{d.device.type}{', packed batches' if packed else ''}"
             f"{', compiled (the first step waits for it)' if compiled else ''}"
-            f"{', CUDA graphs' if graphs else ''}",
+            f"{', CUDA graphs' if graphs else ''}{speed_flags(cfg)}",
             file=sys.stderr,
         )
 
@@ -1404,6 +1404,14 @@ def check_options(
             f"{flag} lays out torch's AdamW (--flat-optimizer); it does not apply to {other}: "
             "leave one of the two out."
         )
+
+
+def speed_flags(cfg: TrainConfig) -> str:
+    """', with --fused-norm --split-qkv ...': the layer options and the flat optimizer a run
+    trains with (asked for or chosen by --tune), for its first progress line."""
+    on = [name for name in LAYER_OPTIONS if getattr(cfg, name)]
+    on += ["flat_optimizer"] if use_flat(cfg) else []
+    return ", with " + " ".join("--" + name.replace("_", "-") for name in on) if on else ""
 
 
 def check_graphs(cfg: TrainConfig, device: torch.device) -> None:

@@ -8,10 +8,12 @@ one guess, the trainer can time them where it trains, before the first step.
 
 The search is greedy: the step as the defaults make it first, then one question at a time
 (compile? packed? which attention, which feed-forward, ...), each answer tried on top of the
-best so far and kept if its step is at least `MARGIN` faster. Options the user set are not
-asked about. Each trial runs in a spawned process of its own, so a Triton compile error, an
-out-of-memory or a CUDA error that poisons its process costs that trial only, and every
-trial compiles from a fresh start as training will. A trial first checks its gradients on a
+best so far and kept if it `beats` the best beyond the noise of the timing; at the end the
+defaults and the choice are timed again, back to back, and the choice stands only if it
+still wins. Options the user set are not asked about. Each trial runs in a process of its
+own (`run_trial`), so a Triton compile error, an out-of-memory or a CUDA error that poisons
+its process costs that trial only, and every trial compiles from a fresh start as training
+will. A trial first checks its gradients on a
 small batch without dropout, uncompiled, against the default step's (`gradients_agree`):
 a kernel that is fast and wrong is not chosen. Then it times whole steps (forward, backward,
 update) on the run's first batches, after warm-up steps that compile and record.
@@ -70,8 +72,8 @@ TUNABLE = (
 # one of its timed blocks beat that best step (`beats`): an option that does not measurably
 # help stays off (equal times within noise keep the simpler step).
 MARGIN = 0.02
-# Steps a run must have left for --tune to be on by default on a GPU: the trials take a few
-# minutes (each compiles), a small share of a run this long.
+# Steps a run must have (--num-train-steps) for --tune to be on by default on a GPU: the
+# trials take minutes (most compile), a small share of a run this long.
 AUTO_TUNE_STEPS = 100_000
 WARMUP_STEPS = 5  # compiling, the packed batch's recompile with a dynamic size, graph records
 TIMED_STEPS = 4  # a block's: the device synchronizes only at its ends, as training seldom does
