@@ -8,6 +8,7 @@ import errno
 import gzip
 import importlib.util
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,15 @@ from bertforge import fileio
 from bertforge.cli import demo_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(path: Path, text: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`text` written to `path` and run as a Python script from the repository's root, with
+    the root importable (tests' helpers: `from tests.test_x import ...`)."""
+    path.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)  # fmt: skip
 
 
 def _bench_file(name: str, module_name: str) -> tuple[Any, Any]:

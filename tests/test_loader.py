@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +21,7 @@ from bertforge.batches import (
 )
 from bertforge.errors import UserError
 from bertforge.masking import MaskSpec
+from tests.conftest import run_script
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker is forked")
 
@@ -164,16 +162,12 @@ def test_a_dead_worker_is_an_error_not_a_hang():
 def test_a_loader_left_open_does_not_hold_up_the_exit(tmp_path):
     """multiprocessing joins its daemon processes at exit after a SIGTERM, which the worker
     ignores: a loader nobody closed must not leave the interpreter waiting for it."""
-    script = tmp_path / "leave.py"
-    script.write_text(
+    done = run_script(
+        tmp_path / "leave.py",
         "from bertforge.batches import ProcessPrefetcher\n"
         "from tests.test_loader import made\n"
         "batches = iter(ProcessPrefetcher(made, 0, 1000))\n"
         "next(batches), next(batches)\n"
-        "print('leaving')\n"
+        "print('leaving')\n",
     )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True,
-                          text=True, timeout=60, env=env)  # fmt: skip
     assert done.returncode == 0 and done.stdout == "leaving\n", done.stderr

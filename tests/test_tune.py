@@ -17,6 +17,7 @@ from bertforge import tune
 from bertforge.cli import main
 from bertforge.config import TrainConfig
 from bertforge.train import train
+from tests.conftest import run_script
 from tests.test_train import metrics
 
 CPU = torch.device("cpu")
@@ -278,16 +279,13 @@ def test_a_change_must_beat_the_best_in_every_block():
 def test_a_trial_does_not_import_the_callers_main_module(tmp_path):
     """A script without a __main__ guard can train with --tune: the trial process does not run
     it again (multiprocessing's spawn would, and fail)."""
-    script = tmp_path / "unguarded.py"
-    script.write_text(
+    done = run_script(
+        tmp_path / "unguarded.py",
         "from bertforge import tune\n"
         "print('the script ran', flush=True)\n"
-        "print(tune.run_trial(None, {}, target='tests.test_tune:crash'))\n"
+        "print(tune.run_trial(None, {}, target='tests.test_tune:crash'))\n",
     )
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, cwd=root, check=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "the script ran",
         "{'error': 'its process exited with code 7: about to crash'}",
