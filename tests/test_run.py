@@ -426,21 +426,28 @@ def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypa
     assert out.count("[MASK] 1:") == len(cli.DEMO_PROMPTS)
 
 
-def test_a_toml_file_drives_the_run(tmp_path, kjv_corpus):
+def test_a_toml_file_drives_the_run(tmp_path, kjv_corpus, monkeypatch):
+    monkeypatch.setenv("BERTFORGE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "from-toml"
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         f'[run]\noutput = "{out}"\n\n[vocab]\nvocab_size = 1500\ndo_lower_case = false\n\n'
         "[data]\nmax_seq_length = 64\nmax_predictions_per_seq = 10\nworkers = 1\n\n"
         '[train]\nmodel_size = "tiny"\ntrain_batch_size = 8\nnum_train_steps = 3\n'
-        'eval_records = 20\npacked = true\n\n[export]\nformat = "google"\n'
+        "eval_records = 20\npacked = true\nsplit_qkv = true\ncompile = false\ntune = true\n\n"
+        '[export]\nformat = "google"\n'
     )
     # Flags override the file: 4 steps, not 3.
     assert main(["run", str(kjv_corpus), "--config", str(recipe), "--num-train-steps", "4",
                  "--no-progress"]) == 0  # fmt: skip
     assert json.loads((out / "train" / "manifest.json").read_text())["counts"]["steps"] == 4
     assert (out / "model" / "bert_config.json").is_file()  # [export] format = "google"
-    assert ", packed batches\n" in (out / "report.md").read_text()  # [train] packed = true
+    report = (out / "report.md").read_text()
+    assert ", packed batches\n" in report  # [train] packed = true
+    # [train] split_qkv = true, tune = true: only the flat optimizer asked about
+    tuned = json.loads((out / "train" / "tune.json").read_text())
+    assert {k for t in tuned["trials"] for k in t["options"]} <= {"flat_optimizer"}
+    assert "- speed options: --split-qkv" in report and ", chosen by --tune (" in report
     assert (
         json.loads((out / "vocab" / "manifest.json").read_text())["config"]["do_lower_case"]
         is False

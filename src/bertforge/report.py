@@ -14,8 +14,11 @@ from typing import Any
 
 from bertforge.data import line_warning
 from bertforge.fileio import atomic_open, read_jsonl, read_manifest, write_text
+from bertforge.tune import TUNABLE
 
 PLOTS = "plots"
+# the options the report names beside "compiled" and "packed batches"
+SPEED_OPTIONS = tuple(k for k in TUNABLE if k not in ("compile", "packed"))
 
 
 @dataclass
@@ -125,6 +128,16 @@ def plot(out: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]]) ->
     return written
 
 
+def tune_record(path: Path) -> dict[str, Any] | None:
+    """train --tune's record (tune.json), or None without one (or with one unreadable: the
+    report leaves it out rather than fail)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
 
@@ -210,6 +223,13 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         if speed
         else "- throughput: –",
     ]
+    options = [f"--{k.replace('_', '-')}" for k in SPEED_OPTIONS if tcfg.get(k)]
+    tuned = tune_record(out / dirs["train"] / "tune.json")
+    if options or tuned:
+        chosen = ""
+        if tuned:
+            chosen = f", chosen by --tune ({tuned.get('speedup', 1.0):.2f}x the default step)"
+        lines.append(f"- speed options: {' '.join(options) or 'the defaults'}{chosen}")
     if tcfg.get("init_checkpoint"):
         lines.append(
             f"- continued from {tcfg['init_checkpoint']}"
