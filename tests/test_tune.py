@@ -167,9 +167,9 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def tuned_run(data: Path, bert: Path, out: Path, **extra) -> TrainConfig:
-    settings = {"train_batch_size": 8, "num_train_steps": 2, "log_every": 1,
+    settings = {"train_batch_size": 8, "num_train_steps": 2, "log_every": 1, "tune": True,
                 "save_checkpoints_steps": 2, "eval_records": 0, "progress": False}  # fmt: skip
-    return TrainConfig(data=str(data), output=str(out), bert_config=str(bert), tune=True,
+    return TrainConfig(data=str(data), output=str(out), bert_config=str(bert),
                        **{**settings, **extra})  # fmt: skip
 
 
@@ -267,6 +267,9 @@ def test_a_cache_that_cannot_be_written_costs_a_warning(
     assert "on cpu, with --split-qkv\n" in err  # the first progress line
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["split_qkv"]
     assert blocker.read_text().startswith("a file")
+    # a fresh start in the same output without --tune leaves no record of the old choice
+    train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", tune=False, overwrite=True))
+    assert not (tmp_path / "run" / "tune.json").exists()
 
 
 def test_a_change_must_beat_the_best_in_every_block():

@@ -1251,7 +1251,7 @@ def clear_run(out: Path) -> None:
     if writer is not None:
         writer.close()
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
-    for name in ("metrics.jsonl", "eval_results.txt", "manifest.json"):
+    for name in ("metrics.jsonl", "eval_results.txt", "manifest.json", "tune.json"):
         (out / name).unlink(missing_ok=True)
 
 
