@@ -143,6 +143,8 @@ def crash(trial, options, result):
 
 
 def hang(trial, options, result):
+    if "TUNE_TEST_PID" in os.environ:
+        Path(os.environ["TUNE_TEST_PID"]).write_text(str(os.getpid()))
     time.sleep(60)
 
 
@@ -293,3 +295,27 @@ def test_a_trial_does_not_import_the_callers_main_module(tmp_path):
         "the script ran",
         "{'error': 'its process exited with code 7: about to crash'}",
     ]
+
+
+def test_an_interrupted_tuning_leaves_no_trial_running(tmp_path):
+    """Ctrl-C while a trial runs: the trial process is killed with the one waiting for it."""
+    pid_file = tmp_path / "pid"
+    done = run_script(
+        tmp_path / "interrupted.py",
+        "import os, signal, threading, time\n"
+        "from pathlib import Path\n"
+        "from bertforge import tune\n"
+        f"os.environ['TUNE_TEST_PID'] = {str(pid_file)!r}\n"
+        "def interrupt():\n"
+        f"    while not Path({str(pid_file)!r}).exists():\n"
+        "        time.sleep(0.1)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "threading.Thread(target=interrupt, daemon=True).start()\n"
+        "try:\n"
+        "    tune.run_trial(None, {}, target='tests.test_tune:hang')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n",
+    )
+    assert done.stdout == "interrupted\n", done.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)

@@ -464,9 +464,11 @@ def run_trial(
         try:
             code = child.wait(timeout)
         except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
             return {"error": f"took longer than {timeout:.0f} s"}
+        finally:  # timed out, or this process interrupted (Ctrl-C): the trial goes too
+            if child.poll() is None:
+                child.kill()
+                child.wait()
         if result.exists():
             return dict(json.loads(result.read_text()))
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
