@@ -319,3 +319,15 @@ def test_an_interrupted_tuning_leaves_no_trial_running(tmp_path):
     assert done.stdout == "interrupted\n", done.stderr
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
+
+
+def test_nothing_to_time_when_every_option_is_set(tmp_path, cache, train_data, tiny_bert_config,
+                                                  monkeypatch, capsys):  # fmt: skip
+    def no_trials(*a, **k):
+        raise AssertionError("measured")
+
+    monkeypatch.setattr(tune, "run_trial", no_trials)
+    fixed = {"compile": False, "packed": False, "split_qkv": False, "flat_optimizer": False}
+    train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", progress=True, **fixed))
+    assert "tune: every speed option this device runs is set" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "tune.json").exists() and not cache.exists()

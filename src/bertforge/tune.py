@@ -380,6 +380,10 @@ def tune(
         if progress:
             print(line, file=sys.stderr)
 
+    if not questions(cfg, device, base):
+        note("tune: every speed option this device runs is set on the command line: nothing to "
+             "time")  # fmt: skip
+        return {}
     record = cached(key)
     if record is not None:
         note(
