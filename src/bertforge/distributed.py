@@ -45,14 +45,20 @@ def setup(device: str) -> Dist:
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device: {device!r} is not one of auto, cpu, cuda.")
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    use_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def use_device(dev: torch.device) -> None:
+    """Set this process up to train on `dev` (a training process, or a --tune trial's): the
+    current CUDA device, or on a CPU the thread cap and malloc's keeping of freed memory."""
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     else:
         cap_torch_threads()
         keep_freed_memory()  # a CPU step's tensors: reused, not faulted in anew (malloc.py)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
 
 
 def waiting_group(d: Dist) -> Any:

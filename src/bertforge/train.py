@@ -282,11 +282,13 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             file=sys.stderr,
         )
 
+    # the micro-batch: asked for, else a resumed run's (halved after out-of-memory), else all
+    micro = min(cfg.micro_batch_size or (state["micro_batch_size"] if state else local_batch),
+                local_batch)  # fmt: skip
+
     # ---- the speed options, measured on this device (--tune)
     first = state["step"] if state else 0
     if cfg.do_train and first < cfg.num_train_steps and use_tune(cfg, d.device):
-        micro = min(cfg.micro_batch_size or (state or {}).get("micro_batch_size", local_batch),
-                    local_batch)  # fmt: skip
         batches = (data, split, spec, local_batch, micro, first)
         cfg = tuned(cfg, bert, d, batches, varlen, out)
         packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
@@ -294,9 +296,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
 
     # ---- model, optimizer, state
     torch.manual_seed(cfg.random_seed)  # the same initial weights on every rank
-    model = BertForPretraining(bert).to(d.device)
-    model.set_layer_options(**{name: bool(getattr(cfg, name)) for name in LAYER_OPTIONS})
-    model.prune_last_layer = cfg.prune_last_layer
+    model = build_model(cfg, bert, d.device)
     # How the checkpoint's embeddings became this vocabulary's (kept in checkpoints, reported).
     embeddings: dict[str, int] | None = state.get("embeddings") if state else None
     if init is not None and state is None:
@@ -310,15 +310,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     optimizer = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(d.device.type, enabled=precision == torch.float16)
     step = 0
-    micro = min(cfg.micro_batch_size or local_batch, local_batch)
     skipped = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
         skipped = state["skipped_steps"]
-        if cfg.micro_batch_size is None:
-            micro = min(state["micro_batch_size"], local_batch)
         restore_rng(state["rng"], d, cfg.random_seed, step)
     else:
         torch.manual_seed(cfg.random_seed + 1_000_003 * d.rank)  # dropout differs per rank
@@ -335,7 +332,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     )
     eager = ddp or objective
     graphs = cfg.cuda_graphs  # never dropped: a failed compile under it stops the run
-    compiled = graphs or use_compile(cfg, d.device, cfg.num_train_steps - step)
+    compiled = use_compile(cfg, d.device, cfg.num_train_steps - step)
     mode = "reduce-overhead" if graphs else None
     forward = compile_step(eager, mode=mode) if compiled else eager
     autocast = autocast_to(precision, d.device)
@@ -1310,8 +1307,10 @@ AUTO_COMPILE_STEPS = 10_000
 
 
 def use_compile(cfg: TrainConfig, device: torch.device, steps_left: int) -> bool:
-    """--compile / --no-compile, or by default: on CUDA for a run of AUTO_COMPILE_STEPS or
-    more."""
+    """--compile / --no-compile, or by default: with --cuda-graphs (a compile mode), and on
+    CUDA for a run of AUTO_COMPILE_STEPS or more."""
+    if cfg.cuda_graphs:  # check_graphs refuses it with --no-compile
+        return True
     if cfg.compile is not None:
         return cfg.compile
     return device.type == "cuda" and steps_left >= AUTO_COMPILE_STEPS
@@ -1404,6 +1403,15 @@ def check_options(
             f"{flag} lays out torch's AdamW (--flat-optimizer); it does not apply to {other}: "
             "leave one of the two out."
         )
+
+
+def build_model(cfg: TrainConfig, bert: BertConfig, device: torch.device) -> BertForPretraining:
+    """The model on `device` with the run's layer options (LAYER_OPTIONS) and pruned last
+    layer; its weights from torch's generator as it stands."""
+    model = BertForPretraining(bert).to(device)
+    model.set_layer_options(**{name: bool(getattr(cfg, name)) for name in LAYER_OPTIONS})
+    model.prune_last_layer = cfg.prune_last_layer
+    return model
 
 
 def speed_flags(cfg: TrainConfig) -> str:

@@ -47,14 +47,12 @@ import numpy as np
 import torch
 
 from bertforge import __version__, kernels
-from bertforge.batches import IGNORE, Rows, slice_rows
+from bertforge.batches import Rows, slice_rows
 from bertforge.config import TrainConfig
-from bertforge.distributed import Dist
+from bertforge.distributed import Dist, use_device
 from bertforge.errors import UserError
 from bertforge.fileio import write_json
-from bertforge.malloc import keep_freed_memory
-from bertforge.model import LAYER_OPTIONS, BertConfig, BertForPretraining
-from bertforge.workers import cap_torch_threads
+from bertforge.model import BertConfig
 
 # The options a trial can set, in the order the questions are asked.
 TUNABLE = (
@@ -117,7 +115,7 @@ def resolved(
     from bertforge.train import use_compile, use_flat, use_packed
 
     options = {name: bool(getattr(cfg, name)) for name in TUNABLE}
-    options["compile"] = use_compile(cfg, device, steps_left) or bool(cfg.cuda_graphs)
+    options["compile"] = use_compile(cfg, device, steps_left)
     options["packed"] = use_packed(cfg, device, seq, varlen)
     options["flat_optimizer"] = use_flat(cfg)
     return options
@@ -304,18 +302,12 @@ def device_name(device: torch.device) -> str:
 
 
 def tune_key(
-    cfg: TrainConfig,
-    bert: BertConfig,
-    device: torch.device,
-    batch: Rows,
-    micro: int,
-    steps_left: int,
-    seq: int,
-    varlen: bool,
-) -> dict[str, Any]:
+    cfg: TrainConfig, bert: BertConfig, device: torch.device, batch: Rows, micro: int,
+    base: Options,
+) -> dict[str, Any]:  # fmt: skip
     """What the choice depends on: the device, the versions, the model, the batch (and how
-    full its sequences are, which decides what packing saves), the step's settings and the
-    options the user fixed."""
+    full its sequences are, which decides what packing saves), the step's settings, the
+    defaults (`base`, `resolved`) and the options the user fixed."""
     fill = float(batch.lengths.sum()) / (len(batch.lengths) * batch.input_ids.shape[1])
     return {
         "device": device_name(device),
@@ -323,7 +315,7 @@ def tune_key(
         "torch": torch.__version__,
         "triton": kernels.triton.__version__ if kernels.triton is not None else None,
         "bert_config": bert.to_dict(),
-        "max_seq_length": seq,
+        "max_seq_length": batch.input_ids.shape[1],
         "max_predictions_per_seq": batch.positions.shape[1] if batch.positions is not None else 0,
         "batch": len(batch.lengths),
         "micro_batch_size": micro,
@@ -331,7 +323,7 @@ def tune_key(
         "precision": cfg.precision,
         "optimizer": [cfg.optimizer, cfg.google_adam, cfg.max_grad_norm > 0],
         "prune_last_layer": cfg.prune_last_layer,
-        "defaults": resolved(cfg, device, steps_left, seq, varlen),
+        "defaults": base,
         "fixed": {name: getattr(cfg, name) for name in TUNABLE if getattr(cfg, name) is not None},
     }
 
@@ -341,10 +333,9 @@ def cache_file(key: dict[str, Any]) -> Path:
     return cache_dir() / f"{digest}.json"
 
 
-def cached(key: dict[str, Any]) -> dict[str, Any] | None:
-    """The cached record for `key`, or None (also when the file is unreadable or another key's:
-    then it is measured again and overwritten)."""
-    path = cache_file(key)
+def cached(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The record cached in `path` (`cache_file(key)`), or None (also when the file is
+    unreadable or another key's: then it is measured again and overwritten)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -373,28 +364,27 @@ def tune(
     differ), measured or from the cache; writes OUTPUT/tune.json."""
     seq = batches[0].input_ids.shape[1]
     base = resolved(cfg, device, steps_left, seq, varlen)
-    key = tune_key(cfg, bert, device, batches[0], micro, steps_left, seq, varlen)
+    key = tune_key(cfg, bert, device, batches[0], micro, base)
     path = cache_file(key)
+    asked = questions(cfg, device, base)
 
     def note(line: str) -> None:
         if progress:
             print(line, file=sys.stderr)
 
-    if not questions(cfg, device, base):
+    if not asked:
         note("tune: every speed option this device runs is set on the command line: nothing to "
              "time")  # fmt: skip
         return {}
-    record = cached(key)
+    record = cached(path, key)
     if record is not None:
         note(
             f"tune: {describe(record['choice'])}, as measured on {record['when']} ({path}; "
             "delete it to measure again)"
         )
     else:
-        asked = questions(cfg, device, base)
-        fixed = {name: base[name] for name in TUNABLE}
         trial = Trial(
-            dataclasses.replace(cfg, **fixed),
+            dataclasses.replace(cfg, **base),
             bert.to_dict(),
             str(device),
             batches,
@@ -503,22 +493,20 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
         Ledger,
         Objective,
         autocast_to,
+        build_model,
         compile_step,
         device_skip,
         forward_backward,
         make_optimizer,
         precision_name,
         resolve_precision,
+        step_masked,
         update,
     )
 
     cfg = dataclasses.replace(trial.cfg, **options)
     device = torch.device(trial.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:  # as distributed.setup sets up a training process on a CPU
-        cap_torch_threads()
-        keep_freed_memory()
+    use_device(device)  # as a training process is set up
     d = Dist(0, 1, 0, device)
     bert = BertConfig.from_dict(trial.bert, "tune")
     dtype = resolve_precision(cfg.precision, device)
@@ -528,7 +516,7 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
     gradients = check_gradients(cfg, bert, d, autocast, packed, trial.batches[0])
 
     torch.manual_seed(cfg.random_seed)
-    model = build(cfg, bert, device)
+    model = build_model(cfg, bert, device)
     optimizer = make_optimizer(cfg, model)
     ledger = Ledger(device_skip(optimizer, scaler), 0)
     forward: Any = Objective(model)
@@ -537,11 +525,10 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
 
     def step(i: int) -> None:
         rows = trial.batches[i % len(trial.batches)]
-        n = len(rows.lengths)
-        masked = int((rows.labels != IGNORE).sum())  # type: ignore[operator]
+        totals = (step_masked(rows, d), len(rows.lengths))
         layout = (packed, options["compile"], options["cuda_graphs"])
         sums = forward_backward(
-            forward, None, rows, trial.micro, (masked, n), d, autocast, scaler, *layout
+            forward, None, rows, trial.micro, totals, d, autocast, scaler, *layout
         )
         update(model, optimizer, scaler, sums, cfg.max_grad_norm, ledger)
         optimizer.zero_grad(set_to_none=True)
@@ -570,31 +557,24 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
     }
 
 
-def build(cfg: TrainConfig, bert: BertConfig, device: torch.device) -> BertForPretraining:
-    model = BertForPretraining(bert).to(device)
-    model.set_layer_options(**{name: bool(getattr(cfg, name)) for name in LAYER_OPTIONS})
-    model.prune_last_layer = cfg.prune_last_layer
-    return model
-
-
 def check_gradients(
     cfg: TrainConfig, bert: BertConfig, d: Dist, autocast: Any, packed: bool, batch: Rows
 ) -> list[float]:
     """Each parameter's gradient norm, then the loss, of one uncompiled forward and backward
-    on the batch's first CHECK_ROWS rows without dropout: the same for every trial of a run
-    but for rounding, unless a kernel is wrong."""
-    from bertforge.train import Objective, model_batch, objective_args
+    (the trainer's `forward_backward`) on the batch's first CHECK_ROWS rows without dropout:
+    the same for every trial of a run but for rounding, unless a kernel is wrong."""
+    from bertforge.train import SUMS, Objective, build_model, forward_backward, step_masked
 
     still = dataclasses.replace(bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(cfg.random_seed)
-    model = build(cfg, still, d.device)
+    model = build_model(cfg, still, d.device)
     rows = slice_rows(batch, 0, min(CHECK_ROWS, len(batch.lengths)))
-    b, lengths, layout = model_batch(rows, d.device, packed)
-    with autocast:
-        mlm, nsp, _ = Objective(model)(*objective_args(b, lengths, layout))
-    masked = max(int((rows.labels != IGNORE).sum()), 1)  # type: ignore[operator]
-    loss = mlm / masked + nsp / len(rows.lengths)
-    loss.backward()
+    n, masked = len(rows.lengths), step_masked(rows, d)
+    unscaled = torch.amp.GradScaler(d.device.type, enabled=False)
+    sums = forward_backward(Objective(model), None, rows, n, (masked, n), d, autocast, unscaled,
+                            packed, False)  # fmt: skip
+    loss = sums[SUMS.index("masked_lm_loss")] / max(int(masked), 1)
+    loss += sums[SUMS.index("next_sentence_loss")] / n
     norms = [
         float(p.grad.float().norm()) if p.grad is not None else 0.0 for p in model.parameters()
     ]
