@@ -185,6 +185,9 @@ def stack_bytes(kernel: Any) -> int:
     return sum(int(n) for n in stacks)
 
 
+H100_SHARED_BYTES = 227 * 1024  # per block, opted in (sm_90's largest)
+
+
 def compile_one_for_sm90(
     fn: Any,
     signature: dict[str, str],
@@ -200,6 +203,9 @@ def compile_one_for_sm90(
     assert set(full) == set(fn.arg_names)
     done = BENCH.sm90_compile(fn, full, constants, num_warps, aligned, num_stages, divisible)
     assert done.asm["cubin"], (fn.arg_names, constants)
+    # what Triton checks only at launch, on the GPU (OutOfResources): the shared memory a
+    # block may have on an H100
+    assert done.metadata.shared <= H100_SHARED_BYTES, (fn.__name__, constants, num_stages)
     return done
 
 
