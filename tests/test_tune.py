@@ -215,6 +215,9 @@ def test_questions_on_cuda_with_triton(monkeypatch):
     cfg = TrainConfig(data="d", output="o", fused_gelu=True, compile=False)
     asked = tune.questions(cfg, cuda, base)
     assert [{"fused_ffn": True}] not in asked and not any("cuda_graphs" in q[0] for q in asked)
+    # several processes: no CUDA graphs (a trial cannot time DDP's all-reduce in a replay)
+    asked = tune.questions(TrainConfig(data="d", output="o"), cuda, base, processes=2)
+    assert not any("cuda_graphs" in q[0] for q in asked) and [{"fused_norm": True}] in asked
 
 
 def crash(trial, options, result):
@@ -313,7 +316,7 @@ def test_two_processes_take_process_0s_choice(tmp_path, cache, train_data, tiny_
            str(two), "--tune"]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, timeout=600)
     report = json.loads((two / "tune.json").read_text())
-    assert report["key"]["micro_batch_size"] == 8
+    assert report["key"]["micro_batch_size"] == 8 and report["key"]["processes"] == 2
     assert len([t for t in report["trials"] if not t.get("again")]) == 4
     flags = [f"--{'' if on else 'no-'}{name.replace('_', '-')}"
              for name, on in report["choice"].items()]  # fmt: skip

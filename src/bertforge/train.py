@@ -1359,8 +1359,8 @@ def tuned(
             for s in range(first, min(first + 3, cfg.num_train_steps))
         ]
         try:
-            choice = tune(cfg, bert, d.device, rows, micro, cfg.num_train_steps - first, varlen,
-                          out, cfg.progress)  # fmt: skip
+            choice = tune(cfg, bert, d.device, rows, micro, d.world, cfg.num_train_steps - first,
+                          varlen, out, cfg.progress)  # fmt: skip
         except BaseException:
             distributed.broadcast_word("failed", d, group)
             raise

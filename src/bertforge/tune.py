@@ -131,9 +131,14 @@ def resolved(
     return options
 
 
-def questions(cfg: TrainConfig, device: torch.device, base: Options) -> list[list[Options]]:
+def questions(
+    cfg: TrainConfig, device: torch.device, base: Options, processes: int = 1
+) -> list[list[Options]]:
     """The alternatives to try, question by question, for the options the user left unset.
-    Which of them can run in this run is `problem`'s to say, once the earlier answers are in."""
+    Which of them can run in this run is `problem`'s to say, once the earlier answers are in.
+    With several processes CUDA graphs are not asked about: a trial is one process, and cannot
+    time (or check) DDP's all-reduce in a replayed step, where torch has had crashes and
+    slowdowns (pytorch/pytorch#128218, #139207)."""
     unset = {name for name in TUNABLE if getattr(cfg, name) is None}
     asked: list[list[Options]] = []
     for name in ("compile", "packed"):
@@ -153,7 +158,7 @@ def questions(cfg: TrainConfig, device: torch.device, base: Options) -> list[lis
     adamw = cfg.optimizer == "adamw" and not cfg.google_adam
     if adamw and "flat_optimizer" in unset and not base["flat_optimizer"]:
         asked.append([{"flat_optimizer": True}])
-    graphs = cfg.compile is not False and cfg.flat_optimizer is not False
+    graphs = cfg.compile is not False and cfg.flat_optimizer is not False and processes == 1
     if device.type == "cuda" and adamw and "cuda_graphs" in unset and graphs:
         asked.append([{"cuda_graphs": True, "compile": True, "flat_optimizer": True}])
     return asked
@@ -372,7 +377,7 @@ def device_name(device: torch.device) -> str:
 
 def tune_key(
     cfg: TrainConfig, bert: BertConfig, device: torch.device, batch: Rows, micro: int,
-    base: Options,
+    processes: int, base: Options,
 ) -> dict[str, Any]:  # fmt: skip
     """What the choice depends on: the device, the versions, the model, the batch (and how
     full its sequences are, which decides what packing saves), the step's settings, the
@@ -388,6 +393,7 @@ def tune_key(
         "max_predictions_per_seq": batch.positions.shape[1] if batch.positions is not None else 0,
         "batch": len(batch.lengths),
         "micro_batch_size": micro,
+        "processes": processes,
         "fill": round(fill * 20) / 20,
         "precision": cfg.precision,
         "optimizer": [cfg.optimizer, cfg.google_adam, cfg.max_grad_norm > 0],
@@ -423,6 +429,7 @@ def tune(
     device: torch.device,
     batches: list[Rows],
     micro: int,
+    processes: int,
     steps_left: int,
     varlen: bool,
     out: Path,
@@ -430,17 +437,23 @@ def tune(
     measure: Callable[[Trial, Options], dict[str, Any]] | None = None,
 ) -> Options:
     """The options to train with (a change from `cfg`'s resolved defaults: only the fields that
-    differ), measured or from the cache; writes OUTPUT/tune.json."""
+    differ), measured or from the cache, for a run of `processes` processes (one of which
+    measures); writes OUTPUT/tune.json."""
     seq = batches[0].input_ids.shape[1]
     base = resolved(cfg, device, steps_left, seq, varlen)
-    key = tune_key(cfg, bert, device, batches[0], micro, base)
+    key = tune_key(cfg, bert, device, batches[0], micro, processes, base)
     path = cache_file(key)
-    asked = questions(cfg, device, base)
+    asked = questions(cfg, device, base, processes)
 
     def note(line: str) -> None:
         if progress:
             print(line, file=sys.stderr)
 
+    if processes > 1 and device.type == "cuda" and cfg.cuda_graphs is None:
+        note(
+            f"tune: CUDA graphs are not tried with {processes} processes (a trial is one and "
+            "cannot time DDP's all-reduce in a replay); --cuda-graphs turns them on"
+        )
     if not asked:
         note("tune: every speed option this device runs is set on the command line: nothing to "
              "time")  # fmt: skip
