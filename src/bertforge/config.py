@@ -337,8 +337,9 @@ class TrainConfig:
     mode), so the GPU does not wait for Python to launch them. Packed batches are rounded up
     by filler sequences to a few token counts (one graph each; about 1% more tokens, exact).
     CUDA only; implies --compile and --flat-optimizer (gradients added into its buffer,
-    which a replay does not overwrite; --no-flat-optimizer is refused). Default: off, unless
-    --tune measures it faster on this GPU (bench/train_throughput.py --graphs)."""
+    which a replay does not overwrite; --no-flat-optimizer is refused). Not yet run with
+    several GPUs (DDP around a replay). Default: off, unless --tune measures it faster on
+    this GPU, in a run of one process (bench/train_throughput.py --graphs)."""
     weight_decay: float = 0.01
     """Decoupled weight decay (not on LayerNorm and biases)."""
     adam_epsilon: float = 1e-6
