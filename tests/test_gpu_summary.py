@@ -49,8 +49,13 @@ def test_a_rounds_logs_in_one_table(tmp_path):
 
     trials = [
         {"options": {}, "seconds": 0.0501},
-        {"options": {"fused_norm": True}, "seconds": 0.0452, "check": {"difference": 0.0123}},
-        {"options": {"split_qkv": True}, "error": "out of memory"},
+        {
+            "options": {"fused_norm": True},
+            "seconds": 0.0452,
+            "check": {"difference": 0.0123},
+            "trial_s": 41.3,
+        },
+        {"options": {"split_qkv": True}, "error": "out of memory", "trial_s": 12.0},
     ]
     tuned = [
         tune.trial_line(trials[0], None),
@@ -102,8 +107,9 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "tests: 1 failed, 20 passed in 99.1s",
         "tests: FAILED tests/test_cuda.py::test_x - AssertionError",
         "tune: --tune: the defaults: 50.1 ms a step",
-        "tune: --tune: +fused_norm: 45.2 ms a step, 1.11x the best so far (gradients within 1.2%)",
-        "tune: --tune: +split_qkv: failed (out of memory)",
+        "tune: --tune: +fused_norm: 45.2 ms a step, 1.11x the best so far (gradients within "
+        "1.2%; its process took 41 s)",
+        "tune: --tune: +split_qkv: failed (out of memory); its process took 12 s",
         "tune: trained, last: step 20/40 | loss 9.5 | 2,000 tok/s | MFU 50.1%",
     ):
         assert line in out.splitlines(), (line, out)

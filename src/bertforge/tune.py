@@ -274,18 +274,22 @@ def describe(options: Options) -> str:
 
 
 def trial_line(trial: dict[str, Any], best_s: float | None) -> str:
+    """One trial's line: its step time against the best so far, how far its gradients are from
+    the default step's, and how long its process took (compiling, mostly), or its error."""
     what = ("again, " if trial.get("again") else "") + describe(trial["options"])
+    took = f"its process took {trial['trial_s']:.0f} s" if "trial_s" in trial else ""
     if "error" in trial:
-        return f"tune: {what}: failed ({trial['error']})"
-    ms = f"{1000 * trial['seconds']:.1f} ms a step"
-    if best_s is None:
-        return f"tune: {what}: {ms}"
-    than = "the defaults" if trial.get("again") else "the best so far"
-    line = f"tune: {what}: {ms}, {best_s / trial['seconds']:.2f}x {than}"
+        return f"tune: {what}: failed ({trial['error']})" + (f"; {took}" if took else "")
+    notes = []
     if "check" in trial:  # how far its gradients are from the default step's
         moved = trial["check"]["difference"]
-        line += f" (gradients within {100 * moved:.2g}%)" if moved else " (the same gradients)"
-    return line
+        notes.append(f"gradients within {100 * moved:.2g}%" if moved else "the same gradients")
+    notes += [took] if took else []
+    line = f"tune: {what}: {1000 * trial['seconds']:.1f} ms a step"
+    if best_s is not None:
+        than = "the defaults" if trial.get("again") else "the best so far"
+        line += f", {best_s / trial['seconds']:.2f}x {than}"
+    return line + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def gradients_agree(
@@ -531,7 +535,13 @@ def run_trial(
     the caller's main module, as multiprocessing's spawn would): its result, or
     {"error": why} when it raised, died or took longer than `timeout` seconds. Its output
     goes to a log file, whose last lines an error quotes. `target`: module:function run
-    there with (trial, options, result path)."""
+    there with (trial, options, result path). "trial_s": how long the process took."""
+    start = time.perf_counter()
+    outcome = _run_trial(trial, options, target, timeout)
+    return {**outcome, "trial_s": round(time.perf_counter() - start, 1)}
+
+
+def _run_trial(trial: Trial, options: Options, target: str, timeout: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bertforge-tune-") as tmp:
         job, result, log = (Path(tmp) / name for name in ("job.pkl", "result.json", "log.txt"))
         with open(job, "wb") as f:
