@@ -342,6 +342,63 @@ def test_tune_is_on_by_default_for_long_gpu_runs_only():
                                          num_train_steps=10**6), cuda)  # fmt: skip
 
 
+def test_out_of_memory_in_the_default_trial_halves_the_micro_batch(tmp_path, cache, capsys):
+    """The default step out of memory at the run's micro-batch (a long GPU run whose batch does
+    not fit): tune times at half, and half again, as the trainer will halve it; still out of
+    memory at 1, it trains with the defaults."""
+    from bertforge.model import BertConfig
+    from bertforge.train import trial_rows
+
+    sizes = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 128}  # fmt: skip
+    bert = BertConfig.from_dict(sizes, "t")
+    cfg = TrainConfig(data="d", output="o", tune=True)
+    for start, fits in ((8, 2), (4, 0)):
+        seen: list[int] = []
+
+        def measure(trial, options, fits=fits, seen=seen):
+            seen.append(trial.micro)
+            if trial.micro > fits:
+                return {"error": "CUDA out of memory. Tried to allocate 2.00 GiB"}
+            return {"seconds": 1.0, "gradients": gradients([1.0]), "tolerance": TOLERANCE}
+
+        out = tmp_path / str(start)
+        out.mkdir()
+        rows = [trial_rows(8, 32, 5)]
+        choice, micro = tune.tune(cfg, bert, CPU, rows, start, 1, 1000, False, out, True, measure)
+        assert choice == {} and micro == (fits or start)  # training starts where it fitted
+        report = json.loads((out / "tune.json").read_text())
+        assert report["key"]["micro_batch_size"] == start  # what the run asks for: its cache key
+        err = capsys.readouterr().err
+        if fits:
+            assert seen[:3] == [8, 4, 2] and set(seen[2:]) == {2}
+            assert report["micro_batch_size"] == 2 and "error" not in report["trials"][0]
+            assert "tune: the default step ran out of memory at micro-batch 8; timing (and " in err
+            assert "at micro-batch 4; timing (and then training) at 2" in err
+        else:
+            assert seen == [4, 2, 1] and "out of memory" in report["trials"][0]["error"]
+            assert "the default step failed in its trial (CUDA out of memory" in err
+
+
+def test_training_starts_at_the_micro_batch_the_trials_fitted(
+    tmp_path, cache, train_data, tiny_bert_config, monkeypatch
+):
+    """The default trial out of memory at the run's micro-batch (8) and not at 4: the run
+    trains at 4 from its first step, with no out-of-memory of its own to recover from."""
+    seen = []
+
+    def run_trial(trial, options):
+        seen.append(trial.micro)
+        if trial.micro > 4:
+            return {"error": "out of memory"}
+        return {"seconds": 1.0, "gradients": gradients([1.0]), "tolerance": TOLERANCE}
+
+    monkeypatch.setattr(tune, "run_trial", run_trial)
+    train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False))
+    assert seen[:2] == [8, 4] and set(seen[1:]) == {4}
+    assert [r["micro_batch_size"] for r in metrics(tmp_path / "run")] == [4, 4]
+
+
 def test_a_cache_that_cannot_be_written_costs_a_warning(
     tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
 ):

@@ -290,7 +290,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     first = state["step"] if state else 0
     if cfg.do_train and first < cfg.num_train_steps and use_tune(cfg, d.device):
         batches = (data, split, spec, local_batch, micro, first)
-        cfg = tuned(cfg, bert, d, batches, varlen, out)
+        cfg, micro = tuned(cfg, bert, d, batches, varlen, out)
         packed = use_packed(cfg, d.device, info.max_seq_length, varlen)
         check_options(cfg, bert, d.device, info.max_seq_length, packed)
 
@@ -1343,10 +1343,11 @@ def tuned(
     batches: tuple[PretrainingData, Split, MaskSpec | None, int, int, int],
     varlen: bool,
     out: Path,
-) -> TrainConfig:
+) -> tuple[TrainConfig, int]:
     """`cfg` with --tune's choice (tune.py), measured by process 0 on the first batches of
     its share (`batches`: data, split, mask spec, local batch, micro-batch, first step) while
-    the others wait; the same choice on every process."""
+    the others wait, and the micro-batch to start at (halved where the default step ran out
+    of memory in its trial); the same on every process."""
     from bertforge.tune import tune
 
     data, split, spec, local_batch, micro, first = batches
@@ -1359,16 +1360,17 @@ def tuned(
             for s in range(first, min(first + 3, cfg.num_train_steps))
         ]
         try:
-            choice = tune(cfg, bert, d.device, rows, micro, d.world, cfg.num_train_steps - first,
-                          varlen, out, cfg.progress)  # fmt: skip
+            choice, fits = tune(cfg, bert, d.device, rows, micro, d.world,
+                                cfg.num_train_steps - first, varlen, out, cfg.progress)  # fmt: skip
         except BaseException:
             distributed.broadcast_word("failed", d, group)
             raise
-        word = json.dumps(choice)
+        word = json.dumps({"choice": choice, "micro_batch_size": fits})
     word = distributed.broadcast_word(word, d, group)
     if word == "failed":
         raise UserError("--tune failed in process 0 (its error says why); rerun with --no-tune.")
-    return dataclasses.replace(cfg, **json.loads(word))
+    told = json.loads(word)
+    return dataclasses.replace(cfg, **told["choice"]), told["micro_batch_size"]
 
 
 def check_options(

@@ -439,11 +439,13 @@ def tune(
     out: Path,
     progress: bool,
     measure: Callable[[Trial, Options], dict[str, Any]] | None = None,
-) -> Options:
+) -> tuple[Options, int]:
     """The options to train with (a change from `cfg`'s resolved defaults: only the fields that
     differ), measured or from the cache, for a run of `processes` processes (one of which
-    measures); writes OUTPUT/tune.json."""
-    seq = batches[0].input_ids.shape[1]
+    measures), and the micro-batch to start at; writes OUTPUT/tune.json. Where the default
+    step runs out of memory at `micro`, the trials run at half, and half again, and training
+    starts there (it would halve its micro-batch at its first step)."""
+    seq, start = batches[0].input_ids.shape[1], micro
     base = resolved(cfg, device, steps_left, seq, varlen)
     key = tune_key(cfg, bert, device, batches[0], micro, processes, base)
     path = cache_file(key)
@@ -461,7 +463,7 @@ def tune(
     if not asked:
         note("tune: every speed option this device runs is set on the command line: nothing to "
              "time")  # fmt: skip
-        return {}
+        return {}, micro
     record = cached(path, key)
     if record is not None:
         note(
@@ -469,16 +471,6 @@ def tune(
             "delete it to measure again)"
         )
     else:
-        trial = Trial(
-            dataclasses.replace(cfg, **base),
-            bert.to_dict(),
-            str(device),
-            batches,
-            micro,
-            WARMUP_STEPS,
-            TIMED_STEPS,
-            BLOCKS,
-        )
         count = 1 + sum(len(a) for a in asked)
         note(
             f"tune: timing up to {count} ways to run the step on {key['device']}, each in a "
@@ -486,14 +478,33 @@ def tune(
             f"{path}"
         )
         run = measure or run_trial
-        choice, trials = choose(
-            base,
-            asked,
-            lambda options: run(trial, options),
-            lambda options: problem(options, cfg, bert, device, seq),
-            note,
-        )
-        first = trials[0]
+        while True:
+            trial = Trial(
+                dataclasses.replace(cfg, **base),
+                bert.to_dict(),
+                str(device),
+                batches,
+                micro,
+                WARMUP_STEPS,
+                TIMED_STEPS,
+                BLOCKS,
+            )
+            choice, trials = choose(
+                base,
+                asked,
+                lambda options, trial=trial: run(trial, options),
+                lambda options: problem(options, cfg, bert, device, seq),
+                note,
+            )
+            first = trials[0]
+            if micro == 1 or "out of memory" not in first.get("error", "").lower():
+                break
+            # as the trainer does at its first step (`halve_micro_batch`, `fit_micro_batch`)
+            note(
+                f"tune: the default step ran out of memory at micro-batch {micro}; timing (and "
+                f"then training) at {micro // 2}"
+            )
+            micro //= 2
         chosen = choice != base
         record = {
             "key": key,
@@ -503,6 +514,7 @@ def tune(
             "speedup": round(defaults_seconds(trials) / trials[-1]["seconds"], 4)
             if chosen
             else 1.0,
+            "micro_batch_size": micro,  # measured at: the key's, or less after out-of-memory
             "trials": trials,
         }
         if "error" in first:
@@ -522,7 +534,10 @@ def tune(
                 "the default step"
             )
     write_json(out / "tune.json", {**record, "cache": str(path)})
-    return record["choice"]
+    fits = record.get("micro_batch_size", start)
+    if "error" in record["trials"][0]:  # not even the defaults ran: the trainer will say why
+        fits = start
+    return record["choice"], min(start, fits)
 
 
 def run_trial(
