@@ -397,6 +397,12 @@ def test_training_starts_at_the_micro_batch_the_trials_fitted(
     train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False))
     assert seen[:2] == [8, 4] and set(seen[1:]) == {4}
     assert [r["micro_batch_size"] for r in metrics(tmp_path / "run")] == [4, 4]
+    # resumed (its checkpoints hold micro-batch 4), it finds the choice in the cache
+    seen.clear()
+    train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False,
+                    num_train_steps=4))  # fmt: skip
+    assert seen == [] and [r["micro_batch_size"] for r in metrics(tmp_path / "run")] == [4] * 4
+    assert len(list(cache.iterdir())) == 2  # the choice under the run's micro-batch and 4
 
 
 def test_a_cache_that_cannot_be_written_costs_a_warning(

@@ -525,6 +525,9 @@ def tune(
         else:
             try:
                 write_json(path, record)
+                if micro != start:  # a resumed run starts at the micro-batch trained with
+                    fitted = {**key, "micro_batch_size": micro}
+                    write_json(cache_file(fitted), {**record, "key": fitted})
             except OSError as e:
                 print(f"bertforge: warning: --tune could not cache its choice in {path} ({e}); "
                       "the next run measures again. Set BERTFORGE_CACHE to a writable "
