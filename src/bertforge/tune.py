@@ -194,8 +194,13 @@ def choose(
     `measure(options)` -> {"seconds": per step, "gradients": [...]} or {"error": why}.
     Returns the choice and the trials (options, result, kept; "again" for the last two)."""
     trials: list[dict[str, Any]] = []
-    first = measure(base)
-    reference = first.pop("gradients", None)
+
+    def timed(options: Options) -> tuple[dict[str, Any], Any]:
+        """A trial's result, and its gradients' signature apart: compared, not recorded."""
+        result = dict(measure(options))
+        return result, result.pop("gradients", None)
+
+    first, reference = timed(base)
     trials.append({"options": {}, **first, "kept": "error" not in first})
     note(trial_line(trials[-1], None))
     if "error" in first:
@@ -210,13 +215,12 @@ def choose(
             why = blocked(options)
             if why is not None:
                 continue
-            result = measure(options)
+            result, gradients = timed(options)
             if "error" not in result:
-                check = gradients_agree(result["gradients"], reference, result["tolerance"])
-                result = {**result, "check": check}
+                check = gradients_agree(gradients, reference, result["tolerance"])
+                result["check"] = check
                 if "error" in check:
                     result["error"] = f"gradients differ from the default step's: {check['error']}"
-            result.pop("gradients", None)  # compared: too long to keep in the record
             trial = {"options": changed(options, base), **result, "kept": False}
             trials.append(trial)
             fast = "error" not in result and beats(result, best_s)
@@ -232,17 +236,16 @@ def choose(
     # trial's moment does not hold. The choice must beat the faster of the defaults' two
     # timings: noise (another process, a page fault) only ever adds time, so one slow timing of
     # the defaults cannot make the choice.
-    again = {"options": {}, **measure(base), "kept": False, "again": True}
-    again.pop("gradients", None)
+    again = {"options": {}, **timed(base)[0], "kept": False, "again": True}
     trials.append(again)
     note(trial_line(again, None))
-    then = {"options": changed(best, base), **measure(best), "kept": False, "again": True}
-    then.pop("gradients", None)
+    then = {"options": changed(best, base), **timed(best)[0], "kept": False, "again": True}
     trials.append(then)
     if "error" in again:
         return base, trials
-    note(trial_line(then, defaults_seconds(trials)))
-    if "error" in then or not beats(then, defaults_seconds(trials)):
+    defaults_s = defaults_seconds(trials)
+    note(trial_line(then, defaults_s))
+    if "error" in then or not beats(then, defaults_s):
         note("tune: measured again, the choice was not faster than the defaults: training with "
              "the defaults")  # fmt: skip
         return base, trials
@@ -537,10 +540,9 @@ def tune(
                 "the default step"
             )
     write_json(out / "tune.json", {**record, "cache": str(path)})
-    fits = record.get("micro_batch_size", start)
     if "error" in record["trials"][0]:  # not even the defaults ran: the trainer will say why
-        fits = start
-    return record["choice"], min(start, fits)
+        return record["choice"], start
+    return record["choice"], record.get("micro_batch_size", start)  # at most the key's
 
 
 def run_trial(
