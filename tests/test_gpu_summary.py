@@ -48,7 +48,11 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     from bertforge import tune
 
     trials = [
-        {"options": {}, "seconds": 0.0501},
+        {
+            "options": {},
+            "seconds": 0.0501,
+            "check": {"difference": 0.101, "difference_in": "nsp.weight"},
+        },
         {
             "options": {"fused_norm": True},
             "seconds": 0.0452,
@@ -106,9 +110,10 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "== tests: exit 124",
         "tests: 1 failed, 20 passed in 99.1s",
         "tests: FAILED tests/test_cuda.py::test_x - AssertionError",
-        "tune: --tune: the defaults: 50.1 ms a step",
+        "tune: --tune: the defaults: 50.1 ms a step (gradients within 10% of fp32's, the most in "
+        "nsp.weight)",
         "tune: --tune: +fused_norm: 45.2 ms a step, 1.11x the best so far (gradients within "
-        "1.2%; its process took 41 s)",
+        "1.2% of fp32's; its process took 41 s)",
         "tune: --tune: +split_qkv: failed (out of memory); its process took 12 s",
         "tune: trained, last: step 20/40 | loss 9.5 | 2,000 tok/s | MFU 50.1%",
     ):

@@ -14,11 +14,13 @@ still wins. Options the user set are not asked about. Each trial runs in a proce
 own (`run_trial`), so a Triton compile error, an out-of-memory or a CUDA error that poisons
 its process costs that trial only, and every trial compiles from a fresh start as training
 will. A trial first checks its gradients on a small batch without dropout, uncompiled,
-against the default step's (`gradients_agree`): each parameter's gradient norm, and how far
-the whole gradient moved, estimated from its projections on fixed random sign vectors
-(`signature`), so a kernel that is fast and wrong (a gradient scaled, transposed, of the
-wrong tokens, or missing) is not chosen. Then it times whole steps (forward, backward,
-update) on the run's first batches, after warm-up steps that compile and record.
+against the default step's computed in fp32 (`gradients_agree`): each parameter's gradient
+norm, and how far the whole gradient moved, estimated from its projections on fixed random
+sign vectors (`signature`). A trial may be as far from them as the default step at the run's
+precision is, give or take (bf16's rounding moves some gradients by 10%, a kernel that rounds
+elsewhere about as far), but not as far as a kernel that is fast and wrong (a gradient
+scaled, transposed, of the wrong tokens, or missing). Then it times whole steps (forward,
+backward, update) on the run's first batches, after warm-up steps that compile and record.
 
 The choice is kept in a cache file named by a hash of what it depends on (`tune_key`), so a
 rerun or a resume does not measure again, and reported in OUTPUT/tune.json with every
@@ -80,16 +82,22 @@ TIMED_STEPS = 4  # a block's: the device synchronizes only at its ends, as train
 BLOCKS = 3
 TRIAL_TIMEOUT_S = 900
 CHECK_ROWS = 8
-# The trial's check (no dropout, uncompiled) against the default step's gradients, relative to
-# each parameter's gradient norm: "norm", the largest difference of the norm (and of the
-# loss); "difference", of the gradient itself (`signature`'s estimate of |g - g_default|).
-# Rounding differs between kernels; a wrong kernel differs by far more (a permuted gradient
-# by about 1.4, one of the wrong sign by 2). On this CPU in bf16, three matmuls for q, k and
-# v (--split-qkv) moved BERT-base's gradients by at most 1.8% and their norms by 0.7%.
-CHECK_TOLERANCE = {
+# The trial's check (no dropout, uncompiled) measures how far a trial's gradients are from the
+# default step's in fp32 (in an fp32 run, from the default step's own), relative to each
+# parameter's gradient norm: "norm", the difference of the norm (and of the loss);
+# "difference", of the gradient itself (`signature`'s estimate of |g - g_exact|). A trial
+# passes where each is at most ROUNDING times the default step's own (0 in fp32) plus the
+# floor here. In bf16 the default step's own reaches 10% in a LayerNorm bias of BERT-mini and
+# BERT-small on random tokens (26% in the next-sentence head's weight on the demo corpus),
+# and --fused-norm, which rounds elsewhere, differs from it by as much while nearer fp32; the
+# other options differ from it by 1-2%, and no option's gradient is further from fp32 than
+# 1.5 times the default's plus 0.5% (bench/RESULTS.md "Session 36"). A wrong kernel is far
+# further: a permuted gradient by about 1.4 of its norm, one of the wrong sign by 2.
+ROUNDING = 1.5
+CHECK_FLOOR = {
     "fp32": {"norm": 1e-3, "difference": 1e-3},
-    "bf16": {"norm": 3e-2, "difference": 0.1},
-    "fp16": {"norm": 3e-2, "difference": 0.1},
+    "bf16": {"norm": 2e-2, "difference": 2e-2},
+    "fp16": {"norm": 2e-2, "difference": 2e-2},
 }
 PROJECTIONS = 8  # random sign vectors per parameter, in `signature`
 
@@ -188,19 +196,27 @@ def choose(
     note: Callable[[str], None] = lambda line: None,
 ) -> tuple[Options, list[dict[str, Any]]]:
     """Greedy: measure `base`, then each alternative of each question on top of the best so
-    far, keeping the fastest that `beats` it and whose gradients agree with base's; then
-    base and the choice again, back to back, the choice kept only if it still beats base
-    (the faster of base's two timings: `defaults_seconds`).
-    `measure(options)` -> {"seconds": per step, "gradients": [...]} or {"error": why}.
+    far, keeping the fastest that `beats` it and whose gradients are near enough the default
+    step's in fp32 (`gradients_agree`); then base and the choice again, back to back, the
+    choice kept only if it still beats base (the faster of base's two timings:
+    `defaults_seconds`). `measure(options)` -> {"seconds": per step, "gradients": its
+    `signature`, "exact": base's in fp32 (base's trial, where the run's precision is not
+    fp32), "floor": CHECK_FLOOR's} or {"error": why}.
     Returns the choice and the trials (options, result, kept; "again" for the last two)."""
     trials: list[dict[str, Any]] = []
 
-    def timed(options: Options) -> tuple[dict[str, Any], Any]:
-        """A trial's result, and its gradients' signature apart: compared, not recorded."""
+    def timed(options: Options) -> tuple[dict[str, Any], Any, Any]:
+        """A trial's result, and apart its gradients' `signature` and (the default step's
+        only, but in fp32) the fp32 step's: compared, not recorded."""
         result = dict(measure(options))
-        return result, result.pop("gradients", None)
+        gradients = result.pop("gradients", None)
+        return result, gradients, result.pop("exact", None) or gradients
 
-    first, reference = timed(base)
+    first, reference, exact = timed(base)
+    if "error" not in first:  # the default step's own distance from fp32's: bf16's rounding
+        first["check"] = gradients_agree(reference, reference, exact, first["floor"])
+        if "error" in first["check"]:
+            first["error"] = f"its gradients are {first['check']['error']}"
     trials.append({"options": {}, **first, "kept": "error" not in first})
     note(trial_line(trials[-1], None))
     if "error" in first:
@@ -215,12 +231,12 @@ def choose(
             why = blocked(options)
             if why is not None:
                 continue
-            result, gradients = timed(options)
+            result, gradients, _ = timed(options)
             if "error" not in result:
-                check = gradients_agree(gradients, reference, result["tolerance"])
+                check = gradients_agree(gradients, reference, exact, result["floor"])
                 result["check"] = check
                 if "error" in check:
-                    result["error"] = f"gradients differ from the default step's: {check['error']}"
+                    result["error"] = f"gradients too far: {check['error']}"
             trial = {"options": changed(options, base), **result, "kept": False}
             trials.append(trial)
             fast = "error" not in result and beats(result, best_s)
@@ -278,15 +294,21 @@ def describe(options: Options) -> str:
 
 def trial_line(trial: dict[str, Any], best_s: float | None) -> str:
     """One trial's line: its step time against the best so far, how far its gradients are from
-    the default step's, and how long its process took (compiling, mostly), or its error."""
+    the default step's in fp32 (the default step's own too: its precision's rounding), and how
+    long its process took (compiling, mostly), or its error."""
     what = ("again, " if trial.get("again") else "") + describe(trial["options"])
     took = f"its process took {trial['trial_s']:.0f} s" if "trial_s" in trial else ""
     if "error" in trial:
         return f"tune: {what}: failed ({trial['error']})" + (f"; {took}" if took else "")
     notes = []
-    if "check" in trial:  # how far its gradients are from the default step's
+    if "check" in trial:  # how far its gradients are from the default step's in fp32
         moved = trial["check"]["difference"]
-        notes.append(f"gradients within {100 * moved:.2g}%" if moved else "the same gradients")
+        if moved:
+            where = trial["check"].get("difference_in")
+            notes.append(f"gradients within {100 * moved:.2g}% of fp32's"
+                         + (f", the most in {where}" if where else ""))  # fmt: skip
+        elif trial["options"]:  # the default step of an fp32 run is fp32's
+            notes.append("the same gradients")
     notes += [took] if took else []
     line = f"tune: {what}: {1000 * trial['seconds']:.1f} ms a step"
     if best_s is not None:
@@ -295,26 +317,39 @@ def trial_line(trial: dict[str, Any], best_s: float | None) -> str:
     return line + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def gradients_agree(
-    got: dict[str, Any], want: dict[str, Any], tolerance: dict[str, float]
-) -> dict[str, Any]:
-    """How far `got`'s gradients (a `signature`) are from `want`'s, relative to each
-    parameter's gradient norm (to a thousandth of the largest, for near-zero ones): the
-    largest difference of a norm, of a whole gradient (`signature`'s estimate) and of the
-    loss, each with where; "error" when one is over `tolerance` (CHECK_TOLERANCE's), or the
-    two are not of the same parameters."""
-    if got["names"] != want["names"]:
-        return {"error": f"{len(got['names'])} parameters against {len(want['names'])}"}
-    norm, norm_want = np.asarray(got["norms"]), np.asarray(want["norms"])
-    ours, theirs = np.asarray(got["projections"]), np.asarray(want["projections"])
-    if not (np.isfinite(norm).all() and np.isfinite(ours).all() and np.isfinite(got["loss"])):
-        return {"error": "not finite"}
-    scale = np.maximum(norm_want, 1e-3 * norm_want.max(initial=0) + 1e-12)
+def distances(got: dict[str, Any], exact: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, float]:
+    """How far `got`'s gradients (a `signature`) are from `exact`'s, relative to each
+    parameter's gradient norm in `exact` (to a thousandth of the largest, for near-zero ones):
+    the whole gradient's (estimated from the projections), its norm's, and the loss's."""
+    norm, exact_norm = np.asarray(got["norms"]), np.asarray(exact["norms"])
+    scale = np.maximum(exact_norm, 1e-3 * exact_norm.max(initial=0) + 1e-12)
     # a sign vector's projection of the gradients' difference has that difference's norm as
     # its root mean square
+    ours, theirs = np.asarray(got["projections"]), np.asarray(exact["projections"])
     moved = np.sqrt(np.mean((ours - theirs) ** 2, axis=1)) / scale
-    stretched = np.abs(norm - norm_want) / scale
-    loss = abs(got["loss"] - want["loss"]) / max(abs(want["loss"]), 1e-12)
+    loss = abs(got["loss"] - exact["loss"]) / max(abs(exact["loss"]), 1e-12)
+    return moved, np.abs(norm - exact_norm) / scale, loss
+
+
+def gradients_agree(
+    got: dict[str, Any], default: dict[str, Any], exact: dict[str, Any], floor: dict[str, float]
+) -> dict[str, Any]:
+    """How far `got`'s gradients are from `exact`'s (`signature`s: the default step's in fp32),
+    and whether they are near enough: each parameter's gradient and gradient norm, and the
+    loss, within ROUNDING times `default`'s distance from them (the default step's at the
+    run's precision; 0 in an fp32 run, where it is `exact`) plus `floor` (CHECK_FLOOR's).
+    The largest distance of a gradient ("difference") and of a norm, each with where, and of
+    the loss; "error" when one is over its limit, they are not finite, or the two are not of
+    the same parameters."""
+    if got["names"] != exact["names"]:
+        return {"error": f"{len(got['names'])} parameters against {len(exact['names'])}"}
+    moved, stretched, loss = distances(got, exact)
+    if not (np.isfinite(moved).all() and np.isfinite(stretched).all() and np.isfinite(loss)):
+        return {"error": "not finite"}
+    own_moved, own_stretched, own_loss = distances(default, exact)
+    moved_limit = ROUNDING * own_moved + floor["difference"]
+    stretched_limit = ROUNDING * own_stretched + floor["norm"]
+    loss_limit = ROUNDING * own_loss + floor["norm"]
     worst, longest = int(moved.argmax()), int(stretched.argmax())
     check = {
         "difference": round(float(moved[worst]), 6),
@@ -323,14 +358,21 @@ def gradients_agree(
         "norm_in": got["names"][longest],
         "loss": round(float(loss), 6),
     }
-    if loss > tolerance["norm"]:
-        why = f"the loss {got['loss']:.6g} against {want['loss']:.6g}"
-    elif check["norm"] > tolerance["norm"]:
-        why = (f"{check['norm_in']}'s gradient norm {norm[longest]:.6g} against "
-               f"{norm_want[longest]:.6g}")  # fmt: skip
-    elif check["difference"] > tolerance["difference"]:
-        why = (f"{check['difference_in']}'s gradient differs by about "
-               f"{100 * check['difference']:.3g}% of its norm")  # fmt: skip
+    over = np.flatnonzero(moved > moved_limit)
+    long = np.flatnonzero(stretched > stretched_limit)
+    if loss > loss_limit:
+        why = (f"the loss {got['loss']:.6g} against the default step's {exact['loss']:.6g} in "
+               f"fp32 (at most {100 * loss_limit:.2g}% off passes)")  # fmt: skip
+    elif len(long):
+        i = int(long[np.argmax(stretched[long] - stretched_limit[long])])
+        why = (f"{got['names'][i]}'s gradient norm {got['norms'][i]:.6g} against the default "
+               f"step's {exact['norms'][i]:.6g} in fp32 (at most {100 * stretched_limit[i]:.2g}% "
+               "off passes)")  # fmt: skip
+    elif len(over):
+        i = int(over[np.argmax(moved[over] - moved_limit[over])])
+        why = (f"{got['names'][i]}'s gradient differs from the default step's in fp32 by about "
+               f"{100 * moved[i]:.3g}% of its norm (at most {100 * moved_limit[i]:.2g}% "
+               "passes)")  # fmt: skip
     else:
         return check
     return {**check, "error": why}
@@ -628,6 +670,11 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     packed = options["packed"]
     gradients = check_gradients(cfg, bert, d, autocast, packed, trial.batches[0])
+    default = all(options[name] == getattr(trial.cfg, name) for name in TUNABLE)
+    exact = None  # the default step's in fp32, what every trial's gradients are checked against
+    if default and dtype != torch.float32:
+        fp32 = autocast_to(torch.float32, device)
+        exact = check_gradients(cfg, bert, d, fp32, packed, trial.batches[0])
 
     torch.manual_seed(cfg.random_seed)
     model = build_model(cfg, bert, device)
@@ -667,7 +714,8 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
         "blocks": [round(t, 6) for t in blocks],
         "warmup_s": round(warm - start, 2),
         "gradients": gradients,
-        "tolerance": CHECK_TOLERANCE[precision_name(dtype)],
+        **({"exact": exact} if exact is not None else {}),
+        "floor": CHECK_FLOOR[precision_name(dtype)],
     }
 
 
