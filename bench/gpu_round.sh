@@ -31,6 +31,10 @@
 #             tokens/s and MFU are the product's). Data from the demo corpus, made once in
 #             /tmp/tune: a 30,522-line vocabulary (13,141 pieces, the rest [unused] slots, so
 #             BERT-base's masked-LM head) and seq-128 instances
+#   check     bench/tune_check.py on BERT-base, seq 128, bf16: how far each option's gradients
+#             (bertforge's Triton kernels among them) are from the default step's in fp32, and
+#             the default step's own (bf16's rounding), with each one's margin under --tune's
+#             rule (on this CPU, under Triton's interpreter: bench/RESULTS.md "Session 36")
 #   ffn       bench/feed_forward.py (one layer's feed-forward, BERT-base, 29,976 tokens:
 #             GELU in Triton matmuls' epilogues against cuBLAS with the bias + GELU kernels and
 #             the plain compiled layer; the Triton product alone against cuBLAS's, TFLOP/s),
@@ -83,7 +87,7 @@
 #
 # runs the stages that matter most in one device call, in this order, each under a cap and
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
-# the first stopped): best, tune, ffn, attention, prune, fused, qkv, kernels, optimizer, loader, tests,
+# the first stopped): best, tune, check, ffn, attention, prune, fused, qkv, kernels, optimizer, loader, tests,
 # base128 (with --profile 3), regions, cppwrap, graphs, bandwidth, elementwise, malloc, autotune;
 # it prints how long each took. The headline first: the plain step, everything together and
 # everything with graphs against the peer (best); then each option alone: GELU in the matmuls'
@@ -115,7 +119,7 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-best}
   started=
-  for spec in best:270 tune:420 ffn:150 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
+  for spec in best:270 tune:420 check:90 ffn:150 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
     loader:150 tests:300 base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 \
     elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
@@ -134,7 +138,7 @@ if [ "$stage" = all ]; then
   exit 0
 fi
 case "$stage" in
-  tests | optimizer | loader | kernels | base128 | best | tune | ffn | attention | prune | qkv | fused \
+  tests | optimizer | loader | kernels | base128 | best | tune | check | ffn | attention | prune | qkv | fused \
     | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions | profile \
     | elementwise | malloc | base512 | large | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
@@ -186,6 +190,7 @@ base=(--model-size base --seq-len 128 --batch-size 256)
         --overwrite --model-size base --train-batch-size 256 --num-train-steps 40 \
         --log-every 10 --eval-records 0 --compile --packed --tune "$@"
       cp /tmp/tune/run/tune.json "$out/tune.json" ;;
+    check) "$py" bench/tune_check.py --model-size base --seq-len 128 --precision bf16 "$@" ;;
     ffn)
       "$py" bench/feed_forward.py --model-size base --tokens 29976 \
         || echo "feed_forward: exit $? (the step's comparison follows)"

@@ -10,7 +10,8 @@ of the host's waits for the device and the ops that made them; a side that faile
 error; a run cut short, with its figures so far); for `bench/optimizer_update.py`: ms an
 update per side; for `bench/attention_kernel.py`: ms of each side's attention; for
 `bench/feed_forward.py`: ms of each side's feed-forward and the product's TFLOP/s; for
-`bench/loader_contention.py`: ms a step per loader; for `bertforge train --tune`: each
+`bench/loader_contention.py`: ms a step per loader; for `bench/tune_check.py`: each option's
+gradients against the default step's in fp32, and its margin; for `bertforge train --tune`: each
 trial's line and the choice, and the run's last progress line (tokens/s, MFU); for pytest:
 its summary line, and the failures it listed; a bench's refusal of its command line. Also
 the stage times `all` printed. Nothing is measured here.
@@ -110,6 +111,21 @@ def feed_forward_line(run: dict[str, Any], stage: str) -> str:
     )
 
 
+def check_lines(run: dict[str, Any], stage: str) -> list[str]:
+    """bench/tune_check.py's figures: per option, how far its gradients are from the default
+    step's in fp32, the default step's own, and its margin under --tune's rule."""
+    lines = []
+    for r in run["results"]:
+        verdict = "passes" if r["margin"] <= 0 else "FAILS"
+        lines.append(
+            f"{stage}: {run['model_size']} {run['precision']}, {r['layout']} {r['option']}: "
+            f"{100 * r['from_fp32']:.2f}% from fp32 (the default step "
+            f"{100 * r['default_from_fp32']:.2f}%), {100 * r['from_default']:.2f}% from the "
+            f"default step, margin {100 * r['margin']:+.2f}%: {verdict}"
+        )
+    return lines
+
+
 def summarize(log: Path) -> tuple[list[str], list[str]]:
     """(table rows, other lines) of one stage's log."""
     stage = log.stem
@@ -139,6 +155,8 @@ def summarize(log: Path) -> tuple[list[str], list[str]]:
                 lines.append(feed_forward_line(run, stage))
             elif "gb_per_update" in run:
                 lines.append(optimizer_line(run, stage))
+            elif "rounding" in run:
+                lines += check_lines(run, stage)
             elif "thread_over_precomputed_ms" in run:
                 steps = ", ".join(f"{k} {v:.2f}" for k, v in run["ms_per_step"].items())
                 lines.append(f"{stage}: a host-bound step with batches of {run['batch_size']} "

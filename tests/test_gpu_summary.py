@@ -70,6 +70,16 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "step 20/40 | loss 9.5 | 2,000 tok/s | MFU 50.1%",
     ]
     (tmp_path / "tune.log").write_text("\n".join(tuned) + "\n")
+    # the check stage: bench/tune_check.py's JSON (the keys test_tune_check.py sees it write)
+    results = [
+        {"layout": "padded", "option": "fused_norm", "from_fp32": 0.094,
+         "default_from_fp32": 0.109, "from_default": 0.114, "margin": -0.015},
+        {"layout": "packed", "option": "fused_ffn", "from_fp32": 0.3,
+         "default_from_fp32": 0.1, "from_default": 0.25, "margin": 0.13},
+    ]  # fmt: skip
+    check = {"model_size": "base", "seq_len": 128, "precision": "bf16", "rounding": 1.5,
+             "results": results}  # fmt: skip
+    (tmp_path / "check.log").write_text("base, seq 128\n" + json.dumps(check) + "\n")
     out = run(str(BENCH / "gpu_summary.py"), str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| base128 |")]
     got = json.loads(throughput.strip().splitlines()[-1])
@@ -115,6 +125,10 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "tune: --tune: +fused_norm: 45.2 ms a step, 1.11x the best so far (gradients within "
         "1.2% of fp32's; its process took 41 s)",
         "tune: --tune: +split_qkv: failed (out of memory); its process took 12 s",
+        "check: base bf16, padded fused_norm: 9.40% from fp32 (the default step 10.90%), 11.40% "
+        "from the default step, margin -1.50%: passes",
+        "check: base bf16, packed fused_ffn: 30.00% from fp32 (the default step 10.00%), 25.00% "
+        "from the default step, margin +13.00%: FAILS",
         "tune: trained, last: step 20/40 | loss 9.5 | 2,000 tok/s | MFU 50.1%",
     ):
         assert line in out.splitlines(), (line, out)
