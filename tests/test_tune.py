@@ -466,6 +466,26 @@ def test_out_of_memory_in_the_default_trial_halves_the_micro_batch(tmp_path, cac
             assert "the default step failed in its trial (CUDA out of memory" in err
 
 
+def test_a_choice_made_under_another_check_rule_is_measured_again(cache, monkeypatch):
+    """The check's rule is in the cache key: a choice cached before it changed (one that may
+    have ruled out a good kernel) is not taken."""
+    from bertforge.model import BertConfig
+    from bertforge.train import trial_rows
+
+    sizes = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 128}  # fmt: skip
+    args = (TrainConfig(data="d", output="o"), BertConfig.from_dict(sizes, "t"), CPU,
+            trial_rows(8, 32, 5), 8, 1, BASE)  # fmt: skip
+    key = tune.tune_key(*args)
+    assert key["check"] == {"against": "fp32", "rounding": 1.5, "floor": tune.CHECK_FLOOR}
+    assert tune.cache_file(tune.tune_key(*args)) == tune.cache_file(key)
+    monkeypatch.setattr(tune, "ROUNDING", 2.0)
+    assert tune.cache_file(tune.tune_key(*args)) != tune.cache_file(key)
+    monkeypatch.setattr(tune, "ROUNDING", 1.5)
+    monkeypatch.setitem(tune.CHECK_FLOOR, "bf16", {"norm": 0.03, "difference": 0.1})
+    assert tune.cache_file(tune.tune_key(*args)) != tune.cache_file(key)
+
+
 def test_training_starts_at_the_micro_batch_the_trials_fitted(
     tmp_path, cache, train_data, tiny_bert_config, monkeypatch
 ):

@@ -431,7 +431,8 @@ def tune_key(
 ) -> dict[str, Any]:  # fmt: skip
     """What the choice depends on: the device, the versions, the model, the batch (and how
     full its sequences are, which decides what packing saves), the step's settings, the
-    defaults (`base`, `resolved`) and the options the user fixed."""
+    defaults (`base`, `resolved`), the options the user fixed, and the gradient check's rule
+    (a choice made under another, which may have ruled out a good kernel, is made again)."""
     fill = float(batch.lengths.sum()) / (len(batch.lengths) * batch.input_ids.shape[1])
     return {
         "device": device_name(device),
@@ -450,6 +451,11 @@ def tune_key(
         "prune_last_layer": cfg.prune_last_layer,
         "defaults": base,
         "fixed": {name: getattr(cfg, name) for name in TUNABLE if getattr(cfg, name) is not None},
+        "check": {
+            "against": "fp32",
+            "rounding": ROUNDING,
+            "floor": {name: dict(floor) for name, floor in CHECK_FLOOR.items()},
+        },
     }
 
 
