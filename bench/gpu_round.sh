@@ -34,7 +34,8 @@
 #   check     bench/tune_check.py on BERT-base, seq 128, bf16: how far each option's gradients
 #             (bertforge's Triton kernels among them) are from the default step's in fp32, and
 #             the default step's own (bf16's rounding), with each one's margin under --tune's
-#             rule (on this CPU, under Triton's interpreter: bench/RESULTS.md "Session 36")
+#             rule (on this CPU, under Triton's interpreter: bench/RESULTS.md "Session 36"); its
+#             lines print as each option finishes, so a stage cut short keeps what it did
 #   ffn       bench/feed_forward.py (one layer's feed-forward, BERT-base, 29,976 tokens:
 #             GELU in Triton matmuls' epilogues against cuBLAS with the bias + GELU kernels and
 #             the plain compiled layer; the Triton product alone against cuBLAS's, TFLOP/s),
@@ -119,7 +120,7 @@ if [ "$stage" = all ]; then
   end=$((SECONDS + ${1:-540}))
   first=${2:-best}
   started=
-  for spec in best:270 tune:420 check:90 ffn:150 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
+  for spec in best:270 tune:420 check:120 ffn:150 attention:150 prune:120 fused:300 qkv:120 kernels:90 optimizer:120 \
     loader:150 tests:300 base128:150 regions:150 cppwrap:150 graphs:180 bandwidth:150 \
     elementwise:180 malloc:150 autotune:600; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))

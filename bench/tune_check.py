@@ -78,7 +78,8 @@ def main() -> None:
         "split_qkv", *(TRITON_OPTIONS if triton else ())]  # fmt: skip
     base = TrainConfig(data="-", output="-")
     print(f"{args.model_size}, seq {args.seq_len}, {tune.CHECK_ROWS} rows, {args.precision} on "
-          f"{device}; torch {torch.__version__}; Triton's kernels: {triton}")  # fmt: skip
+          f"{device}; torch {torch.__version__}; Triton's kernels: {triton}",
+          flush=True)  # fmt: skip
 
     def signature(at: torch.dtype, packed: bool, **on: bool) -> dict[str, Any]:
         cfg = dataclasses.replace(base, **on)
@@ -91,7 +92,7 @@ def main() -> None:
         own = tune.distances(default, exact)[0]
         print(f"{'packed' if packed else 'padded'}: the default step, {100 * own.max():.2f}% from "
               f"fp32 (in {exact['names'][int(own.argmax())]}); per parameter, median "
-              f"{100 * np.median(own):.2f}%")  # fmt: skip
+              f"{100 * np.median(own):.2f}%", flush=True)  # fmt: skip
     # (option, its layout, the options on, the layout of the default step it is checked against)
     tried = [("packed", True, {}, False)]
     for packed in (False, True):
@@ -118,7 +119,8 @@ def main() -> None:
         print(f"  {row['layout']} {name:16s} {100 * row['from_fp32']:6.2f}% from fp32 (the "
               f"default step {100 * row['default_from_fp32']:.2f}%), "
               f"{100 * row['from_default']:6.2f}% from the default step; margin "
-              f"{100 * row['margin']:+.2f}%: {verdict} ({row['seconds']} s)")  # fmt: skip
+              f"{100 * row['margin']:+.2f}%: {verdict} ({row['seconds']} s)",
+              flush=True)  # fmt: skip
     print(json.dumps({"model_size": args.model_size, "seq_len": args.seq_len,
                       "precision": args.precision, "device": str(device), "triton": triton,
                       "rounding": tune.ROUNDING, "floor": tune.CHECK_FLOOR[args.precision],

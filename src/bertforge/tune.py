@@ -207,8 +207,9 @@ def choose(
     trials: list[dict[str, Any]] = []
 
     def timed(options: Options) -> tuple[dict[str, Any], Any, Any]:
-        """A trial's result, and apart its gradients' `signature` and (the default step's
-        only, but in fp32) the fp32 step's: compared, not recorded."""
+        """A trial's result, with two `signature`s split off (compared, not recorded): its
+        gradients', and the default step's in fp32 ("exact", which only the default trial
+        brings; in an fp32 run, where there is none, its own gradients are that)."""
         result = dict(measure(options))
         gradients = result.pop("gradients", None)
         return result, gradients, result.pop("exact", None) or gradients
