@@ -1325,6 +1325,24 @@ def test_data_smaller_than_a_batch_is_warned_about(tmp_path, train_data, tiny_be
     assert "has 5 training instances, fewer than one batch (--train-batch-size 16)" in err
 
 
+def test_a_held_out_set_of_most_of_the_data_is_warned_about(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    """A fixed --eval-records (configs/demo.toml's 500) on a small corpus: over a tenth of the
+    records held out is said, with how many training sees; a tenth is not."""
+    total = len(PretrainingData(str(train_data)))
+    steps = ("--num-train-steps", "1", "--max-eval-steps", "1")
+    tenth = ("--eval-records", str(total // 10))
+    assert main(args(train_data, tmp_path / "a", tiny_bert_config, *steps, *tenth)) == 0
+    assert "warning" not in capsys.readouterr().err
+    most = ("--eval-records", str(total - 20))
+    assert main(args(train_data, tmp_path / "b", tiny_bert_config, *steps, *most)) == 0
+    err = capsys.readouterr().err
+    share = round(100 * (total - 20) / total)
+    assert (f"bertforge: warning: --eval-records {total - 20:,} holds out {share}% of the "
+            f"{total:,} records of {train_data}, so training sees 20; lower it") in err  # fmt: skip
+
+
 def test_train_result(tmp_path, train_data, tiny_bert_config):
     cfg = TrainConfig(
         data=str(train_data),

@@ -228,6 +228,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             "shards that training memory-maps.",
             file=sys.stderr,
         )
+    if cfg.do_train and eval_n > len(data) // 10 and d.main:  # a small corpus, a fixed count
+        print(
+            f"bertforge: warning: --eval-records {eval_n:,} holds out "
+            f"{100 * eval_n / len(data):.0f}% of the {len(data):,} records of {cfg.data}, so "
+            f"training sees {split.num_train:,}; lower it to train on more (left out, the "
+            "held-out set is 1% of the records).",
+            file=sys.stderr,
+        )
     if cfg.do_train and split.num_train < cfg.train_batch_size and d.main:
         print(
             f"bertforge: warning: {cfg.data} has {split.num_train:,} training instances, fewer "
