@@ -46,16 +46,12 @@ TRITON_OPTIONS = ("fused_norm", "fused_gelu", "fused_ffn", "fused_attention")
 
 
 def margin(got: dict[str, Any], default: dict[str, Any], exact: dict[str, Any], name: str) -> float:
-    """The largest of (distance - limit) over parameters and measures, as `gradients_agree`
-    draws the limits: ROUNDING x the default step's distance + the precision's floor."""
-    floor = tune.CHECK_FLOOR[name]
+    """The largest of (distance - limit) over parameters and measures, with the limits
+    `gradients_agree` checks (`tune.limits`, the precision's floor)."""
     moved, stretched, loss = tune.distances(got, exact)
-    own_moved, own_stretched, own_loss = tune.distances(default, exact)
-    return float(max(
-        np.max(moved - (tune.ROUNDING * own_moved + floor["difference"])),
-        np.max(stretched - (tune.ROUNDING * own_stretched + floor["norm"])),
-        loss - (tune.ROUNDING * own_loss + floor["norm"]),
-    ))  # fmt: skip
+    moved_limit, stretched_limit, loss_limit = tune.limits(default, exact, tune.CHECK_FLOOR[name])
+    return float(max(np.max(moved - moved_limit), np.max(stretched - stretched_limit),
+                     loss - loss_limit))  # fmt: skip
 
 
 def main() -> None:

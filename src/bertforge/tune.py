@@ -333,13 +333,23 @@ def distances(got: dict[str, Any], exact: dict[str, Any]) -> tuple[np.ndarray, n
     return moved, np.abs(norm - exact_norm) / scale, loss
 
 
+def limits(
+    default: dict[str, Any], exact: dict[str, Any], floor: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """How far from `exact` a trial's gradients may be (`distances`' three measures): ROUNDING
+    times the default step's own distance from them plus `floor` (CHECK_FLOOR's)."""
+    own_moved, own_stretched, own_loss = distances(default, exact)
+    return (ROUNDING * own_moved + floor["difference"], ROUNDING * own_stretched + floor["norm"],
+            ROUNDING * own_loss + floor["norm"])  # fmt: skip
+
+
 def gradients_agree(
     got: dict[str, Any], default: dict[str, Any], exact: dict[str, Any], floor: dict[str, float]
 ) -> dict[str, Any]:
     """How far `got`'s gradients are from `exact`'s (`signature`s: the default step's in fp32),
     and whether they are near enough: each parameter's gradient and gradient norm, and the
-    loss, within ROUNDING times `default`'s distance from them (the default step's at the
-    run's precision; 0 in an fp32 run, where it is `exact`) plus `floor` (CHECK_FLOOR's).
+    loss, within `limits` (from `default`'s own distance: the default step's at the run's
+    precision; 0 in an fp32 run, where it is `exact`).
     The largest distance of a gradient ("difference") and of a norm, each with where, and of
     the loss; "error" when one is over its limit, they are not finite, or the two are not of
     the same parameters."""
@@ -348,10 +358,7 @@ def gradients_agree(
     moved, stretched, loss = distances(got, exact)
     if not (np.isfinite(moved).all() and np.isfinite(stretched).all() and np.isfinite(loss)):
         return {"error": "not finite"}
-    own_moved, own_stretched, own_loss = distances(default, exact)
-    moved_limit = ROUNDING * own_moved + floor["difference"]
-    stretched_limit = ROUNDING * own_stretched + floor["norm"]
-    loss_limit = ROUNDING * own_loss + floor["norm"]
+    moved_limit, stretched_limit, loss_limit = limits(default, exact, floor)
     worst, longest = int(moved.argmax()), int(stretched.argmax())
     check = {
         "difference": round(float(moved[worst]), 6),
