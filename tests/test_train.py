@@ -655,6 +655,29 @@ def test_resume_with_other_settings_is_refused(tmp_path, train_data, tiny_bert_c
     assert "no manifest.json" in capsys.readouterr().err
 
 
+def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    """--num-train-steps may change on resume; the schedule then decays to the new total from
+    the resumed step, so the learning rate jumps there (from 0 here): the run says so, with the
+    figures it then logs."""
+    out = tmp_path / "run"
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "2")) == 0
+    assert "--num-train-steps" not in capsys.readouterr().err
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "4")) == 0
+    err = capsys.readouterr().err
+    assert (
+        "bertforge: note: --num-train-steps 2 -> 4: the learning rate follows the new schedule "
+        "from step 2 on, so it goes from 0 to 5e-05 there"
+    ) in err
+    # each step logs the rate it took: the schedule's at the step before it
+    assert [(r["step"], r["learning_rate"]) for r in metrics(out)] == [
+        (1, 1e-4), (2, 1e-4 * (1 - 1 / 2)), (3, 1e-4 * (1 - 2 / 4)), (4, 1e-4 * (1 - 3 / 4))
+    ]  # fmt: skip
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "4")) == 0
+    assert "note: --num-train-steps" not in capsys.readouterr().err  # the same schedule
+
+
 def test_cuda_graphs_plumbing_on_a_cpu(tmp_path, train_data, tiny_bert_config, monkeypatch):
     """--cuda-graphs as the trainer runs it (reduce-overhead compile, a replay begun per
     micro-batch, packed micro-batches rounded up by filler, gradients into FlatAdamW's

@@ -264,6 +264,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     if resume is not None:
         state = load_checkpoint(resume)
         check_same_run(state, cfg, bert, resume)
+        note_new_schedule(state, cfg, d.main)
     if (
         state is None
         and init is not None
@@ -1143,6 +1144,24 @@ def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, pa
             f"{path} belongs to a run with other settings ({detail}); resume with the "
             "same settings, or start over with --overwrite or another --output."
         )
+
+
+def note_new_schedule(state: dict[str, Any], cfg: TrainConfig, notes: bool) -> None:
+    """A resumed run with another --num-train-steps follows the new schedule from its step on
+    (as run_pretraining.py does): the learning rate jumps there; say by how much."""
+    total, step = state["config"].get("num_train_steps"), state["step"]
+    if not notes or total in (None, cfg.num_train_steps) or step >= cfg.num_train_steps:
+        return
+    old = dataclasses.replace(cfg, num_train_steps=total)
+    before = learning_rate(step, cfg.learning_rate, old.warmup_steps, total)
+    after = learning_rate(step, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps)
+    print(
+        f"bertforge: note: --num-train-steps {total:,} -> {cfg.num_train_steps:,}: the learning "
+        f"rate follows the new schedule from step {step:,} on, so it goes from {before:.3g} to "
+        f"{after:.3g} there (the schedule decays to 0 at the last step, as run_pretraining.py's "
+        "does). To lengthen a run without the jump, give the total you mean from the start.",
+        file=sys.stderr,
+    )
 
 
 def note_google_run(init: InitWeights) -> None:
