@@ -1180,6 +1180,34 @@ def google_run_checkpoint(pt: Path, prefix: Path, cfg: TrainConfig) -> None:
     (prefix.parent / "checkpoint").write_text(f'model_checkpoint_path: "{prefix.name}"\n')
 
 
+def test_a_checkpoint_of_other_names_is_refused_naming_what_it_holds(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    """--init-checkpoint with a TF checkpoint that is not Google's BERT: a TensorFlow 2 one
+    (object paths) is told apart, with what to do; any other says which variables it holds."""
+    from bertforge.tfcheckpoint import write_checkpoint
+
+    for name, names, expected in (
+        ("tf2", ["_CHECKPOINTABLE_OBJECT_GRAPH",
+                 "encoder/layer_with_weights-0/embeddings/.ATTRIBUTES/VARIABLE_VALUE"],
+         "--init-checkpoint: {p}: a TensorFlow 2 checkpoint (object paths such as "
+         "encoder/layer_with_weights-0/embeddings/.ATTRIBUTES/VARIABLE_VALUE), not one of "
+         "Google's BERT checkpoints (names such as bert/embeddings/word_embeddings"),
+        ("other", ["a", "b", "c", "d"],
+         "--init-checkpoint: {p}: no bert/embeddings/word_embeddings; not a BERT checkpoint "
+         "(its variables: a, b, c, ...)."),
+    ):  # fmt: skip
+        prefix = tmp_path / name / "model.ckpt"
+        prefix.parent.mkdir()
+        write_checkpoint(prefix, {n: np.zeros(2, dtype=np.float32) for n in names})
+        shutil.copy(tiny_bert_config, prefix.parent / "bert_config.json")
+        argv = args(train_data, tmp_path / f"out-{name}", tiny_bert_config)
+        assert main([*argv, "--init-checkpoint", str(prefix), "--num-train-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert expected.format(p=prefix) in err, err
+        assert not (tmp_path / f"out-{name}").exists()
+
+
 @pytest.mark.parametrize("google_adam", [True, False])
 def test_a_google_run_continues_where_it_stopped(
     tmp_path, train_data, tiny_bert_config, capsys, google_adam

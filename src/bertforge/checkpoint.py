@@ -168,7 +168,10 @@ def read_init_checkpoint(
         c = BertConfig.from_json(bert_config)
     else:
         c = _config_in(directory, f"{flag}: {prefix}", flag)
-    hf = {k: torch.from_numpy(v) for k, v in google_weights(prefix).items()}
+    try:
+        hf = {k: torch.from_numpy(v) for k, v in google_weights(prefix).items()}
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
     return InitWeights(from_hf(hf, c, str(prefix)), c, vocab_file, "google", prefix)
 
 

@@ -378,9 +378,29 @@ def google_weights(path: str | Path, slot: str = "") -> dict[str, np.ndarray]:
         kernel = name[: len(name) - len(slot)].endswith("/kernel")
         out[hf] = np.ascontiguousarray(arr.T) if kernel else arr
     if "bert.embeddings.word_embeddings.weight" not in out:
-        what = f"bert/embeddings/word_embeddings{slot}"
-        raise UserError(f"{path}: no {what}; not a BERT checkpoint{' of a run' if slot else ''}.")
+        raise UserError(not_google_bert(path, slot))
     return out
+
+
+def not_google_bert(path: str | Path, slot: str) -> str:
+    """Why a checkpoint without bert/embeddings/word_embeddings cannot be read, with the names
+    it holds instead (a TensorFlow 2 checkpoint's object paths are told apart)."""
+    what = f"bert/embeddings/word_embeddings{slot}"
+    names = sorted(read_index(resolve_prefix(path)))
+    if any(name.endswith("/.ATTRIBUTES/VARIABLE_VALUE") for name in names):
+        example = next(n for n in names if n.endswith("/.ATTRIBUTES/VARIABLE_VALUE"))
+        return (
+            f"{path}: a TensorFlow 2 checkpoint (object paths such as {example}), not one of "
+            f"Google's BERT checkpoints (names such as {what}, as run_pretraining.py writes and "
+            "Google's released models have). Convert it to a transformers model directory "
+            "(transformers 4.x's convert_bert_original_tf2_checkpoint_to_pytorch does, for "
+            "TF Model Garden BERT) and give that directory instead."
+        )
+    found = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "nothing"
+    return (
+        f"{path}: no {what}; not a BERT checkpoint{' of a run' if slot else ''} (its variables: "
+        f"{found})."
+    )
 
 
 def global_step(path: str | Path) -> int | None:
