@@ -45,13 +45,22 @@ from bertforge.train import autocast_to
 TRITON_OPTIONS = ("fused_norm", "fused_gelu", "fused_ffn", "fused_attention")
 
 
-def margin(got: dict[str, Any], default: dict[str, Any], exact: dict[str, Any], name: str) -> float:
+def margin(
+    got: dict[str, Any], default: dict[str, Any], exact: dict[str, Any], name: str
+) -> tuple[float, str, float, float]:
     """The largest of (distance - limit) over parameters and measures, with the limits
-    `gradients_agree` checks (`tune.limits`, the precision's floor)."""
+    `gradients_agree` checks (`tune.limits`, the precision's floor): the margin, where it is
+    (a parameter's gradient or its norm, or the loss), and that distance and limit."""
     moved, stretched, loss = tune.distances(got, exact)
     moved_limit, stretched_limit, loss_limit = tune.limits(default, exact, tune.CHECK_FLOOR[name])
-    return float(max(np.max(moved - moved_limit), np.max(stretched - stretched_limit),
-                     loss - loss_limit))  # fmt: skip
+    names = exact["names"]
+    candidates = [(float(loss - loss_limit), "the loss", float(loss), float(loss_limit))]
+    for what, distance, limit in (("gradient", moved, moved_limit),
+                                  ("gradient norm", stretched, stretched_limit)):  # fmt: skip
+        i = int(np.argmax(distance - limit))
+        candidates.append((float(distance[i] - limit[i]), f"{names[i]}'s {what}",
+                           float(distance[i]), float(limit[i])))  # fmt: skip
+    return max(candidates)
 
 
 def main() -> None:
@@ -107,15 +116,18 @@ def main() -> None:
             "where": got["names"][int(moved.argmax())],
             "default_from_fp32": round(float(tune.distances(default, exact)[0].max()), 5),
             "from_default": round(float(tune.distances(got, default)[0].max()), 5),
-            "margin": round(margin(got, default, exact, args.precision), 5),
             "seconds": round(time.perf_counter() - start, 1),
         }
+        value, at, distance, limit = margin(got, default, exact, args.precision)
+        row |= {"margin": round(value, 5), "margin_at": at,
+                "margin_distance": round(distance, 5), "margin_limit": round(limit, 5)}  # fmt: skip
         results.append(row)
         verdict = "passes" if row["margin"] <= 0 else "FAILS"
         print(f"  {row['layout']} {name:16s} {100 * row['from_fp32']:6.2f}% from fp32 (the "
               f"default step {100 * row['default_from_fp32']:.2f}%), "
               f"{100 * row['from_default']:6.2f}% from the default step; margin "
-              f"{100 * row['margin']:+.2f}%: {verdict} ({row['seconds']} s)",
+              f"{100 * row['margin']:+.2f}%, in {at} ({100 * distance:.2f}% against "
+              f"{100 * limit:.2f}%): {verdict} ({row['seconds']} s)",
               flush=True)  # fmt: skip
     print(json.dumps({"model_size": args.model_size, "seq_len": args.seq_len,
                       "precision": args.precision, "device": str(device), "triton": triton,

@@ -75,7 +75,9 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         {"layout": "padded", "option": "fused_norm", "from_fp32": 0.094,
          "default_from_fp32": 0.109, "from_default": 0.114, "margin": -0.015},
         {"layout": "packed", "option": "fused_ffn", "from_fp32": 0.3,
-         "default_from_fp32": 0.1, "from_default": 0.25, "margin": 0.13},
+         "default_from_fp32": 0.1, "from_default": 0.25, "margin": 0.13,
+         "margin_at": "layers.0.ffn.out.weight's gradient", "margin_distance": 0.3,
+         "margin_limit": 0.17},
     ]  # fmt: skip
     check = {"model_size": "base", "seq_len": 128, "precision": "bf16", "rounding": 1.5,
              "results": results}  # fmt: skip
@@ -128,7 +130,8 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "check: base bf16, padded fused_norm: 9.40% from fp32 (the default step 10.90%), 11.40% "
         "from the default step, margin -1.50%: passes",
         "check: base bf16, packed fused_ffn: 30.00% from fp32 (the default step 10.00%), 25.00% "
-        "from the default step, margin +13.00%: FAILS",
+        "from the default step, margin +13.00% in layers.0.ffn.out.weight's gradient (30.00% "
+        "against 17.00%): FAILS",
         "tune: trained, last: step 20/40 | loss 9.5 | 2,000 tok/s | MFU 50.1%",
     ):
         assert line in out.splitlines(), (line, out)

@@ -23,4 +23,7 @@ def test_each_option_against_the_default_step_in_fp32():
         assert 0 < r["default_from_fp32"] < 0.5 and r["margin"] < 0, r
         assert abs(r["from_fp32"] - r["default_from_fp32"]) < 0.05, r
         assert r["from_default"] < 0.1, r
+        # where the margin is: a distance and its limit (a gradient's, a norm's or the loss's)
+        assert abs(r["margin"] - (r["margin_distance"] - r["margin_limit"])) < 2e-5, r
+        assert r["margin_at"] == "the loss" or r["margin_at"].endswith(("gradient", "norm")), r
     assert report["floor"] == {"norm": 0.02, "difference": 0.02} and report["rounding"] == 1.5
