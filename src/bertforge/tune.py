@@ -90,7 +90,7 @@ CHECK_ROWS = 8
 # floor here. In bf16 the default step's own reaches 9% in a LayerNorm bias of BERT-mini and
 # -base and 13% in BERT-large's, on random tokens (19% in the next-sentence head's weight on
 # the demo corpus), and --fused-norm, which rounds elsewhere, differs from it by as much while
-# nearer fp32; the other options differ from it by 1-3.5%, and every option stays 1.2% or more
+# nearer fp32; the other options differ from it by 1-3.5%, and every option stays 1.1% or more
 # inside its limits (on a CPU, the Triton kernels under the interpreter: bench/tune_check.py,
 # bench/RESULTS.md "Session 37"). A wrong kernel is far further: a permuted gradient by about
 # 1.4 of its norm, one of the wrong sign by 2.
