@@ -117,13 +117,12 @@ def check_lines(run: dict[str, Any], stage: str) -> list[str]:
     lines = []
     for r in run["results"]:
         verdict = "passes" if r["margin"] <= 0 else "FAILS"
-        at = (f" in {r['margin_at']} ({100 * r['margin_distance']:.2f}% against "
-              f"{100 * r['margin_limit']:.2f}%)" if "margin_at" in r else "")  # fmt: skip
         lines.append(
             f"{stage}: {run['model_size']} {run['precision']}, {r['layout']} {r['option']}: "
             f"{100 * r['from_fp32']:.2f}% from fp32 (the default step "
             f"{100 * r['default_from_fp32']:.2f}%), {100 * r['from_default']:.2f}% from the "
-            f"default step, margin {100 * r['margin']:+.2f}%{at}: {verdict}"
+            f"default step, margin {100 * r['margin']:+.2f}% in {r['margin_at']} "
+            f"({100 * r['margin_distance']:.2f}% against {100 * r['margin_limit']:.2f}%): {verdict}"
         )
     return lines
 

@@ -73,7 +73,9 @@ def test_a_rounds_logs_in_one_table(tmp_path):
     # the check stage: bench/tune_check.py's JSON (the keys test_tune_check.py sees it write)
     results = [
         {"layout": "padded", "option": "fused_norm", "from_fp32": 0.094,
-         "default_from_fp32": 0.109, "from_default": 0.114, "margin": -0.015},
+         "default_from_fp32": 0.109, "from_default": 0.114, "margin": -0.015,
+         "margin_at": "layers.0.ffn_out.bias's gradient norm", "margin_distance": 0.005,
+         "margin_limit": 0.02},
         {"layout": "packed", "option": "fused_ffn", "from_fp32": 0.3,
          "default_from_fp32": 0.1, "from_default": 0.25, "margin": 0.13,
          "margin_at": "layers.0.ffn.out.weight's gradient", "margin_distance": 0.3,
@@ -131,7 +133,8 @@ def test_a_rounds_logs_in_one_table(tmp_path):
         "1.2% of fp32's; its process took 41 s)",
         "tune: --tune: +split_qkv: failed (out of memory); its process took 12 s",
         "check: base bf16, padded fused_norm: 9.40% from fp32 (the default step 10.90%), 11.40% "
-        "from the default step, margin -1.50%: passes",
+        "from the default step, margin -1.50% in layers.0.ffn_out.bias's gradient norm (0.50% "
+        "against 2.00%): passes",
         "check: base bf16, packed fused_ffn: 30.00% from fp32 (the default step 10.00%), 25.00% "
         "from the default step, margin +13.00% in layers.0.ffn.out.weight's gradient (30.00% "
         "against 17.00%): FAILS",
