@@ -387,10 +387,10 @@ def not_google_bert(path: str | Path, slot: str) -> str:
     it holds instead (a TensorFlow 2 checkpoint's object paths are told apart)."""
     what = f"bert/embeddings/word_embeddings{slot}"
     names = sorted(read_index(resolve_prefix(path)))
-    if any(name.endswith("/.ATTRIBUTES/VARIABLE_VALUE") for name in names):
-        example = next(n for n in names if n.endswith("/.ATTRIBUTES/VARIABLE_VALUE"))
+    objects = [name for name in names if name.endswith("/.ATTRIBUTES/VARIABLE_VALUE")]
+    if objects:
         return (
-            f"{path}: a TensorFlow 2 checkpoint (object paths such as {example}), not one of "
+            f"{path}: a TensorFlow 2 checkpoint (object paths such as {objects[0]}), not one of "
             f"Google's BERT checkpoints (names such as {what}, as run_pretraining.py writes and "
             "Google's released models have). Convert it to a transformers model directory "
             "(transformers 4.x's convert_bert_original_tf2_checkpoint_to_pytorch does, for "
