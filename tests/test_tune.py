@@ -561,6 +561,27 @@ def test_a_trial_does_not_import_the_callers_main_module(tmp_path):
     ]
 
 
+def test_a_trial_does_not_import_from_the_working_directory(tmp_path):
+    """A random.py or json.py where `bertforge train` runs (a user's scratch scripts) does not
+    stand in for the standard library's in the trial processes (`python -m` would put the
+    working directory first on their sys.path): they import what the caller imports."""
+    work, scripts = tmp_path / "work", tmp_path / "scripts"
+    work.mkdir()
+    scripts.mkdir()
+    for name in ("json", "random"):  # json: what a `python -c` program might import first
+        (work / f"{name}.py").write_text(f"raise SystemExit('the working directory {name}.py')\n")
+    script = scripts / "caller.py"  # its own directory first on sys.path, as a console script's
+    script.write_text(
+        "from bertforge import tune\n"
+        "print(tune.run_trial(None, {}, target='tests.test_tune:crash')['error'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    done = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True,
+                          text=True, timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "its process exited with code 7: about to crash\n"
+
+
 def test_an_interrupted_tuning_leaves_no_trial_running(tmp_path):
     """Ctrl-C while a trial runs: the trial process is killed with the one waiting for it."""
     pid_file = tmp_path / "pid"

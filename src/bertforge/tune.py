@@ -608,14 +608,26 @@ def tune(
     return record["choice"], record.get("micro_batch_size", start)  # at most the key's
 
 
+def trial_boot(paths: list[str]) -> str:
+    """A trial process's program (`python -c`): `paths` as its sys.path, then `trial_process`.
+    `python -m` or `-c` alone put the working directory first, where a user's random.py or
+    json.py would stand in for the standard library's and every trial would fail; the caller's
+    own path is what its imports resolved against (multiprocessing's spawn passes it on too).
+    Nothing is imported before it is set (sys is built in)."""
+    return (
+        f"import sys; sys.path[:] = {paths!r}; "
+        "from bertforge.tune import trial_process; trial_process(*sys.argv[1:])"
+    )
+
+
 def run_trial(
     trial: Trial,
     options: Options,
     target: str = "bertforge.tune:trial_main",
     timeout: float = TRIAL_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """`measure` in a process of its own (`python -m bertforge.tune`, which imports nothing of
-    the caller's main module, as multiprocessing's spawn would): its result, or
+    """`measure` in a process of its own (`trial_boot`, which imports nothing of the caller's
+    main module, as multiprocessing's spawn would): its result, or
     {"error": why} when it raised, died or took longer than `timeout` seconds. Its output
     goes to a log file, whose last lines an error quotes. `target`: module:function run
     there with (trial, options, result path). "trial_s": how long the process took."""
@@ -630,7 +642,7 @@ def _run_trial(trial: Trial, options: Options, target: str, timeout: float) -> d
         with open(job, "wb") as f:
             pickle.dump((trial, options), f)
         with open(log, "wb") as out:
-            argv = [sys.executable, "-m", "bertforge.tune", target, str(job), str(result)]
+            argv = [sys.executable, "-c", trial_boot(sys.path), target, str(job), str(result)]
             child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         try:
             code = child.wait(timeout)
@@ -766,8 +778,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-if __name__ == "__main__":  # a trial process (run_trial): TARGET JOB RESULT
-    module, function = sys.argv[1].split(":")
-    with open(sys.argv[2], "rb") as f:
-        job = pickle.load(f)
-    getattr(importlib.import_module(module), function)(*job, sys.argv[3])
+def trial_process(target: str, job: str, result: str) -> None:
+    """A trial process (`run_trial`): `target` (module:function) with the pickled job's
+    (trial, options) and the result file's path."""
+    module, function = target.split(":")
+    with open(job, "rb") as f:
+        trial, options = pickle.load(f)
+    getattr(importlib.import_module(module), function)(trial, options, result)
