@@ -37,14 +37,15 @@ def gradients(norms: list[float], loss: float = 3.0, sketch=None) -> dict:
 
 def timed(table: dict[frozenset, float]):
     """A stand-in `measure`: seconds per step from `table` (keyed by the options on), 1.0 when
-    not in it; the calls it got, in order."""
-    calls: list[dict] = []
+    not in it, gradients when asked to check them; the calls it got, in order (options and
+    whether to check)."""
+    calls: list[tuple[dict, bool]] = []
 
-    def measure(options: dict) -> dict:
-        calls.append(options)
+    def measure(options: dict, check: bool) -> dict:
+        calls.append((options, check))
         on = frozenset(k for k, v in options.items() if v)
-        return {"seconds": table.get(on, 1.0), "gradients": gradients([1.0, 2.0]),
-                "floor": FLOOR}  # fmt: skip
+        checked = {"gradients": gradients([1.0, 2.0])} if check else {}
+        return {"seconds": table.get(on, 1.0), **checked, "floor": FLOOR}
 
     return measure, calls
 
@@ -64,7 +65,9 @@ def test_choose_keeps_what_is_faster_by_the_margin_and_builds_on_it():
     measure, calls = timed(table)
     choice, trials = tune.choose(BASE, asked, measure, never)
     assert {k for k, v in choice.items() if v} == {"packed", "fused_gelu"}
-    assert len(calls) == 7 and calls[0] == calls[5] == BASE and calls[6] == choice
+    assert len(calls) == 7 and calls[0] == (BASE, True) and calls[6] == (choice, False)
+    assert calls[5] == (BASE, False)  # timed again: its gradients were checked the first time
+    assert [check for _, check in calls] == [True] * 5 + [False] * 2
     assert [t["kept"] for t in trials] == [True, True, False, True, False, True, True]
     assert trials[3]["options"] == {"packed": True, "fused_gelu": True}  # the change from BASE
     assert [t.get("again", False) for t in trials] == [False] * 5 + [True] * 2
@@ -73,7 +76,7 @@ def test_choose_keeps_what_is_faster_by_the_margin_and_builds_on_it():
 def test_a_choice_that_does_not_hold_when_measured_again_is_dropped():
     seconds = iter([1.0, 0.8, 1.0, 1.0])  # the defaults, +packed, then again: no faster
 
-    def measure(options: dict) -> dict:
+    def measure(options: dict, check: bool) -> dict:
         return {"seconds": next(seconds), "gradients": gradients([1.0]), "floor": FLOOR}
 
     notes: list[str] = []
@@ -89,7 +92,7 @@ def test_the_choice_must_beat_the_faster_of_the_defaults_two_timings(then, kept)
     with their first (1.0), and the speedup is over that."""
     seconds = iter([1.0, 0.8, 1.5, then])  # the defaults, +packed, then again: both
 
-    def measure(options: dict) -> dict:
+    def measure(options: dict, check: bool) -> dict:
         return {"seconds": next(seconds), "gradients": gradients([1.0]), "floor": FLOOR}
 
     notes: list[str] = []
@@ -105,7 +108,7 @@ def test_the_choice_must_beat_the_faster_of_the_defaults_two_timings(then, kept)
 def test_choose_skips_what_cannot_run_and_what_fails_or_computes_otherwise():
     asked = [[{"packed": True}], [{"fused_norm": True}], [{"split_qkv": True}]]
 
-    def measure(options: dict) -> dict:
+    def measure(options: dict, check: bool) -> dict:
         if options["fused_norm"]:
             return {"error": "out of memory"}
         grads = [1.0, 2.5, 3.0] if options["split_qkv"] else [1.0, 2.0, 3.0]  # a wrong kernel
@@ -129,7 +132,7 @@ def test_choose_skips_what_cannot_run_and_what_fails_or_computes_otherwise():
 
 def test_choose_gives_the_defaults_when_the_default_step_fails():
     asked = [[{"packed": True}]]
-    choice, trials = tune.choose(BASE, asked, lambda o: {"error": "boom"}, never)
+    choice, trials = tune.choose(BASE, asked, lambda o, check: {"error": "boom"}, never)
     assert choice == BASE and len(trials) == 1 and not trials[0]["kept"]
 
 
@@ -202,7 +205,7 @@ def test_choose_checks_every_trial_against_the_default_steps_fp32_gradients():
         frozenset({"fused_norm", "split_qkv"}): sketched([2.5]),  # 25%: over 17%
     }
 
-    def measure(options: dict) -> dict:
+    def measure(options: dict, check: bool) -> dict:
         on = frozenset(k for k, v in options.items() if v)
         extra = {"exact": exact} if not on else {}
         floor = tune.CHECK_FLOOR["bf16"]
@@ -227,7 +230,7 @@ def test_a_default_step_whose_gradients_are_not_finite_fails_its_trial():
     which no trial could be held to: its trial fails, and training takes the defaults."""
     exact = gradients([1.0, 2.0])
 
-    def measure(options: dict) -> dict:
+    def measure(options: dict, check: bool) -> dict:
         nan = gradients([1.0, float("nan")])
         floor = tune.CHECK_FLOOR["bf16"]
         return {"seconds": 1.0, "exact": exact, "gradients": nan, "floor": floor}
@@ -309,6 +312,28 @@ def hang(trial, options, result):
     if "TUNE_TEST_PID" in os.environ:
         Path(os.environ["TUNE_TEST_PID"]).write_text(str(os.getpid()))
     time.sleep(60)
+
+
+def test_a_second_timing_does_not_check_the_gradients_again(monkeypatch):
+    """`measure` in this process: the default step's trial brings its gradients' signature
+    and, in bf16, fp32's; timed again (check=False), neither is computed."""
+    import dataclasses
+
+    from bertforge.train import trial_rows
+
+    sizes = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 128}  # fmt: skip
+    cfg = TrainConfig(data="d", output="o", precision="bf16", **BASE)
+    trial = tune.Trial(cfg, sizes, "cpu", [trial_rows(4, 16, 3)], 4, 1, 1, 1)
+    calls = []
+    check = tune.check_gradients
+    monkeypatch.setattr(tune, "check_gradients", lambda *a: calls.append(a) or check(*a))
+    first = tune.measure(trial, dict(BASE))
+    assert first["gradients"]["names"] and first["exact"]["names"] and len(calls) == 2
+    calls.clear()
+    again = tune.measure(dataclasses.replace(trial, check=False), dict(BASE))
+    assert calls == [] and "gradients" not in again and "exact" not in again
+    assert again["seconds"] > 0
 
 
 def test_a_trial_that_dies_or_hangs_costs_that_trial_only():
@@ -524,7 +549,7 @@ def test_a_cache_that_cannot_be_written_costs_a_warning(
     blocker.write_text("a file where the cache's folder would go")
     monkeypatch.setenv("BERTFORGE_CACHE", str(blocker))
     measure, _ = timed({frozenset({"split_qkv"}): 0.5})
-    monkeypatch.setattr(tune, "run_trial", lambda trial, options: measure(options))
+    monkeypatch.setattr(tune, "run_trial", lambda trial, options: measure(options, trial.check))
     train(tuned_run(train_data, tiny_bert_config, tmp_path / "run", compile=False, progress=True))
     err = capsys.readouterr().err
     assert f"--tune could not cache its choice in {blocker}" in err and "BERTFORGE_CACHE" in err

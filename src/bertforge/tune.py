@@ -117,6 +117,7 @@ class Trial:
     warmup: int
     steps: int  # a block's
     blocks: int
+    check: bool = True  # the gradient check (`check_gradients`) too; not on a second timing
 
 
 def use_tune(cfg: TrainConfig, device: torch.device) -> bool:
@@ -192,7 +193,7 @@ def problem(
 def choose(
     base: Options,
     asked: Sequence[Sequence[Options]],
-    measure: Callable[[Options], dict[str, Any]],
+    measure: Callable[[Options, bool], dict[str, Any]],
     blocked: Callable[[Options], str | None],
     note: Callable[[str], None] = lambda line: None,
 ) -> tuple[Options, list[dict[str, Any]]]:
@@ -200,17 +201,18 @@ def choose(
     far, keeping the fastest that `beats` it and whose gradients are near enough the default
     step's in fp32 (`gradients_agree`); then base and the choice again, back to back, the
     choice kept only if it still beats base (the faster of base's two timings:
-    `defaults_seconds`). `measure(options)` -> {"seconds": per step, "gradients": its
+    `defaults_seconds`). `measure(options, check)` -> {"seconds": per step, "gradients": its
     `signature`, "exact": base's in fp32 (base's trial, where the run's precision is not
-    fp32), "floor": CHECK_FLOOR's} or {"error": why}.
+    fp32), "floor": CHECK_FLOOR's} or {"error": why}; without check (the second timings,
+    whose gradients were checked in the first), no "gradients" or "exact".
     Returns the choice and the trials (options, result, kept; "again" for the last two)."""
     trials: list[dict[str, Any]] = []
 
-    def timed(options: Options) -> tuple[dict[str, Any], Any, Any]:
+    def timed(options: Options, check: bool = True) -> tuple[dict[str, Any], Any, Any]:
         """A trial's result, with two `signature`s split off (compared, not recorded): its
         gradients', and the default step's in fp32 ("exact", which only the default trial
         brings; in an fp32 run, where there is none, its own gradients are that)."""
-        result = dict(measure(options))
+        result = dict(measure(options, check))
         gradients = result.pop("gradients", None)
         return result, gradients, result.pop("exact", None) or gradients
 
@@ -254,10 +256,11 @@ def choose(
     # trial's moment does not hold. The choice must beat the faster of the defaults' two
     # timings: noise (another process, a page fault) only ever adds time, so one slow timing of
     # the defaults cannot make the choice.
-    again = {"options": {}, **timed(base)[0], "kept": False, "again": True}
+    again = {"options": {}, **timed(base, check=False)[0], "kept": False, "again": True}
     trials.append(again)
     note(trial_line(again, None))
-    then = {"options": changed(best, base), **timed(best)[0], "kept": False, "again": True}
+    then = {"options": changed(best, base), **timed(best, check=False)[0], "kept": False,
+            "again": True}  # fmt: skip
     trials.append(then)
     if "error" in again:
         return base, trials
@@ -558,7 +561,9 @@ def tune(
             choice, trials = choose(
                 base,
                 asked,
-                lambda options, trial=trial: run(trial, options),
+                lambda options, check, trial=trial: run(
+                    dataclasses.replace(trial, check=check), options
+                ),
                 lambda options: problem(options, cfg, bert, device, seq),
                 note,
             )
@@ -674,10 +679,10 @@ def trial_main(trial: Trial, options: Options, result: str) -> None:
 
 
 def measure(trial: Trial, options: Options) -> dict[str, Any]:
-    """In the trial's process: the gradient check, then seconds per whole step (forward,
-    backward, update) after `trial.warmup` steps: the median of `trial.blocks` blocks of
-    `trial.steps` steps each, the device synchronized at a block's ends only (a step's host
-    work overlaps the device's, as in training)."""
+    """In the trial's process: the gradient check (if `trial.check`), then seconds per whole
+    step (forward, backward, update) after `trial.warmup` steps: the median of `trial.blocks`
+    blocks of `trial.steps` steps each, the device synchronized at a block's ends only (a
+    step's host work overlaps the device's, as in training)."""
     from bertforge.train import (
         Ledger,
         Objective,
@@ -702,10 +707,12 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
     autocast = autocast_to(dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     packed = options["packed"]
-    gradients = check_gradients(cfg, bert, d, autocast, packed, trial.batches[0])
+    gradients = None
+    if trial.check:
+        gradients = check_gradients(cfg, bert, d, autocast, packed, trial.batches[0])
     default = all(options[name] == getattr(trial.cfg, name) for name in TUNABLE)
     exact = None  # the default step's in fp32, what every trial's gradients are checked against
-    if default and dtype != torch.float32:
+    if trial.check and default and dtype != torch.float32:
         fp32 = autocast_to(torch.float32, device)
         exact = check_gradients(cfg, bert, d, fp32, packed, trial.batches[0])
 
@@ -746,7 +753,7 @@ def measure(trial: Trial, options: Options) -> dict[str, Any]:
         "tokens_per_s": round(float(tokens) / seconds, 1),
         "blocks": [round(t, 6) for t in blocks],
         "warmup_s": round(warm - start, 2),
-        "gradients": gradients,
+        **({"gradients": gradients} if gradients is not None else {}),
         **({"exact": exact} if exact is not None else {}),
         "floor": CHECK_FLOOR[precision_name(dtype)],
     }
