@@ -101,6 +101,21 @@ def test_fused_flags_need_cuda_with_triton():
             check_fused(flag, torch.device("cpu"))
 
 
+def test_an_older_triton_than_the_kernels_take_is_left_unused(monkeypatch):
+    """torch 2.4's Triton 3.0 lacks what the kernels use: they are not used (bertforge imports
+    and trains with torch's kernels), and a --fused-* flag's error says why."""
+    assert kernels.release("3.0.0") < kernels.MIN_TRITON <= kernels.release("3.6.0+git1a2b")
+    assert kernels.release("3.10.1") > kernels.MIN_TRITON
+    monkeypatch.setattr(kernels, "OLD_TRITON", "3.0.0")
+    assert not kernels.available()
+    with pytest.raises(UserError) as e:
+        check_fused("--fused-norm", torch.device("cuda"))
+    assert str(e.value) == (
+        "--fused-norm needs a CUDA device with Triton (Triton 3.0.0 is older than 3.6, the "
+        "oldest bertforge's kernels take); leave the flag out to train with torch's own kernels."
+    )
+
+
 def test_fused_ffn_is_refused_for_a_hidden_size_its_kernels_do_not_take():
     check_fused_ffn(BertConfig(vocab_size=64, hidden_size=128, num_attention_heads=2))
     odd = BertConfig(vocab_size=64, hidden_size=96, num_attention_heads=2)

@@ -38,7 +38,8 @@ residual sum is never rounded before it is normalized (the unfused bf16 path rou
 Each pair is a torch.library `triton_op` with its autograd registered, so torch.compile traces
 the kernels into its graph (no graph break) and autograd saves what the backward needs. They
 run where Triton runs: on CUDA, and on a CPU under Triton's interpreter (TRITON_INTERPRET=1,
-for the tests). `available()` says whether this torch can use it at all.
+for the tests). `available()` says whether this torch can use it at all (`missing()`: why
+not).
 """
 
 from __future__ import annotations
@@ -50,11 +51,24 @@ import torch
 
 from bertforge import ops
 
+# The oldest Triton the kernels are tested under (torch 2.11's); older ones lack APIs they use
+# (triton.knobs: Triton 3.0, torch 2.4's, fails at import), so they are not used there.
+MIN_TRITON = (3, 6)
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the CPU build of torch ships without Triton
     triton = None
+
+
+def release(version: str) -> tuple[int, ...]:
+    """A version's major and minor numbers: "3.6.0+git1a2b" -> (3, 6)."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+OLD_TRITON = None  # the version of a Triton older than MIN_TRITON, left unused
+if triton is not None and release(triton.__version__) < MIN_TRITON:
+    OLD_TRITON, triton = triton.__version__, None
 
 # (rows of a tile, warps of a program): the configurations Triton's autotuner times on the
 # GPU, once per hidden size (at compile time under torch.compile). Rows are even (a Philox call
@@ -101,7 +115,19 @@ PROGRAMS_PER_SM = 4
 
 def available() -> bool:
     """Whether the fused kernels can run here: Triton imports and torch has triton_op."""
-    return triton is not None and hasattr(torch.library, "triton_op")
+    return missing() is None
+
+
+def missing() -> str | None:
+    """Why the kernels cannot run with this torch, or None if they can."""
+    if OLD_TRITON is not None:
+        oldest = ".".join(map(str, MIN_TRITON))
+        return f"Triton {OLD_TRITON} is older than {oldest}, the oldest bertforge's kernels take"
+    if triton is None:
+        return "Triton is not installed"
+    if not hasattr(torch.library, "triton_op"):
+        return f"torch {torch.__version__} lacks torch.library.triton_op (2.6 or later has it)"
+    return None
 
 
 def interpreted() -> bool:

@@ -1480,7 +1480,7 @@ def check_fused(flag: str, device: torch.device) -> None:
     """--fused-norm / --fused-gelu / --fused-ffn / --fused-attention where bertforge's Triton
     kernels cannot run: one clear error, before anything is written."""
     if device.type != "cuda" or not kernels.available():
-        where = "Triton is not installed" if device.type == "cuda" else f"training is on {device}"
+        where = kernels.missing() if device.type == "cuda" else f"training is on {device}"
         raise UserError(
             f"{flag} needs a CUDA device with Triton ({where}); leave the flag out to train "
             "with torch's own kernels."
