@@ -101,9 +101,10 @@ def test_fused_flags_need_cuda_with_triton():
             check_fused(flag, torch.device("cpu"))
 
 
-def test_an_older_triton_than_the_kernels_take_is_left_unused(monkeypatch):
-    """torch 2.4's Triton 3.0 lacks what the kernels use: they are not used (bertforge imports
-    and trains with torch's kernels), and a --fused-* flag's error says why."""
+def test_an_older_triton_or_torch_than_the_kernels_take_leaves_them_unused(monkeypatch):
+    """torch 2.4's Triton 3.0 lacks what the kernels use, and torch 2.10 fails to compile them:
+    they are not used (bertforge imports and trains with torch's kernels), and a --fused-*
+    flag's error says why."""
     assert kernels.release("3.0.0") < kernels.MIN_TRITON <= kernels.release("3.6.0+git1a2b")
     assert kernels.release("3.10.1") > kernels.MIN_TRITON
     monkeypatch.setattr(kernels, "OLD_TRITON", "3.0.0")
@@ -114,6 +115,16 @@ def test_an_older_triton_than_the_kernels_take_is_left_unused(monkeypatch):
         "--fused-norm needs a CUDA device with Triton (Triton 3.0.0 is older than 3.6, the "
         "oldest bertforge's kernels take); leave the flag out to train with torch's own kernels."
     )
+    # torch 2.10's Triton is new enough, but its AOT autograd fails on the kernels' graphs
+    monkeypatch.setattr(kernels, "OLD_TRITON", None)
+    monkeypatch.setattr(kernels, "triton", object())  # installed, as on a GPU machine
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
+    assert (
+        kernels.missing()
+        == "torch 2.10.0+cu128 is older than 2.11, the oldest they are tested with"
+    )
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert kernels.missing() is None and kernels.available()
 
 
 def test_fused_ffn_is_refused_for_a_hidden_size_its_kernels_do_not_take():

@@ -51,9 +51,11 @@ import torch
 
 from bertforge import ops
 
-# The oldest Triton the kernels are tested under (torch 2.11's); older ones lack APIs they use
-# (triton.knobs: Triton 3.0, torch 2.4's, fails at import), so they are not used there.
+# The oldest Triton and torch the kernels are tested with (torch 2.11 and its Triton); older
+# ones lack what they use (Triton 3.0, torch 2.4's, has no triton.knobs and fails at import;
+# torch 2.10's AOT autograd fails to partition their graphs), so they are not used there.
 MIN_TRITON = (3, 6)
+MIN_TORCH = (2, 11)
 try:
     import triton
     import triton.language as tl
@@ -114,7 +116,7 @@ PROGRAMS_PER_SM = 4
 
 
 def available() -> bool:
-    """Whether the fused kernels can run here: Triton imports and torch has triton_op."""
+    """Whether the fused kernels can run here: Triton and torch recent enough (`missing`)."""
     return missing() is None
 
 
@@ -125,8 +127,9 @@ def missing() -> str | None:
         return f"Triton {OLD_TRITON} is older than {oldest}, the oldest bertforge's kernels take"
     if triton is None:
         return "Triton is not installed"
-    if not hasattr(torch.library, "triton_op"):
-        return f"torch {torch.__version__} lacks torch.library.triton_op (2.6 or later has it)"
+    if release(torch.__version__) < MIN_TORCH:
+        oldest = ".".join(map(str, MIN_TORCH))
+        return f"torch {torch.__version__} is older than {oldest}, the oldest they are tested with"
     return None
 
 

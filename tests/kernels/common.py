@@ -132,9 +132,10 @@ def layer_with_and_without(
 
 def launches(fn: Callable[..., torch.Tensor], make: Callable[[], list[torch.Tensor]]) -> list:
     """The Triton launches in the forward and backward graphs AOT autograd traces from `fn`,
-    as torch.compile hands them to inductor: `make()` gives fn's inputs and then the output's
-    gradient, made on fake tensors."""
+    as torch.compile hands them to inductor (split by inductor's min-cut partition): `make()`
+    gives fn's inputs and then the output's gradient, made on fake tensors."""
     from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     graphs = []
@@ -143,7 +144,8 @@ def launches(fn: Callable[..., torch.Tensor], make: Callable[[], list[torch.Tens
         graphs.append(gm)
         return gm
 
-    f = aot_function(fn, fw_compiler=keep, bw_compiler=keep)
+    f = aot_function(fn, fw_compiler=keep, bw_compiler=keep,
+                     partition_fn=min_cut_rematerialization_partition)  # fmt: skip
     with FakeTensorMode():
         *inputs, dy = make()
         f(*inputs).backward(dy)
