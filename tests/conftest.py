@@ -8,6 +8,7 @@ import errno
 import gzip
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +30,28 @@ def run_script(path: Path, text: str, timeout: float = 60) -> subprocess.Complet
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env)  # fmt: skip
+
+
+def run_group(
+    cmd: list[str], timeout: float, check: bool = False, capture_output: bool = False, **kw: Any
+) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own, killed whole on a timeout or an interrupt:
+    torchrun's workers and inductor's compile workers too, which subprocess.run's kill of the
+    launcher leaves running (under torch 2.4 a hung two-process test's workers kept running
+    for the rest of the suite)."""
+    if capture_output:
+        kw.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with subprocess.Popen(cmd, start_new_session=True, **kw) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except BaseException:  # the timeout, or Ctrl-C (the group is out of the terminal's)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    done = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
 
 
 def _bench_file(name: str, module_name: str) -> tuple[Any, Any]:

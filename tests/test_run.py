@@ -16,6 +16,7 @@ from bertforge.config import RunConfig, read_toml
 from bertforge.errors import UserError
 from bertforge.report import write_report
 from bertforge.run import DIRS, print_summary, run_flags, run_pipeline, stage_configs
+from tests.conftest import run_group
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [
@@ -199,7 +200,7 @@ def test_run_under_torchrun(tmp_path, kjv_corpus):
                "--master-port", "29521", "-m", "bertforge.cli", "run", str(corpus),
                "--output", str(out), *FAST, *steps]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+        return run_group(cmd, env=env, timeout=300, capture_output=True, text=True)
 
     done = torchrun(kjv_corpus, two)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -30,7 +30,7 @@ from bertforge.model import BertConfig, BertForPretraining, Layer, from_hf, to_h
 from bertforge.optim import GoogleAdamW, learning_rate
 from bertforge.tokenization import wordpiece_tokenizer
 from bertforge.train import train
-from tests.conftest import FullDisk
+from tests.conftest import FullDisk, run_group
 
 LOSSES = ("loss", "masked_lm_loss", "next_sentence_loss", "masked_lm_accuracy")
 # For bertforge in a subprocess: fp32 as in this process (conftest.fp32_on_every_cpu).
@@ -1293,7 +1293,7 @@ def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
             "bertforge.cli",
             *args(train_data, two, tiny_bert_config, *steps, *extra, *FP32),
         ]
-        subprocess.run(cmd, check=True, env=env, timeout=300)
+        run_group(cmd, check=True, env=env, timeout=300)
         a, b = metrics(one), metrics(two)
         assert len(a) == len(b) == 4
         for x, y in zip(a, b, strict=True):
@@ -1322,7 +1322,7 @@ def test_two_processes_agree_on_a_micro_batch_that_fits_before_the_first_step(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", "29518", str(helper), *args(train_data, out, tiny_bert_config,
                *steps, *extra, *FP32)]  # fmt: skip
-        return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+        return run_group(cmd, env=env, timeout=300, capture_output=True, text=True)
 
     done = torchrun(tmp_path / "two", 2)
     assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ from bertforge import tune
 from bertforge.cli import main
 from bertforge.config import TrainConfig
 from bertforge.train import train
-from tests.conftest import run_script
+from tests.conftest import run_group, run_script
 from tests.test_train import metrics
 
 CPU = torch.device("cpu")
@@ -429,7 +429,7 @@ def test_two_processes_take_process_0s_choice(tmp_path, cache, train_data, tiny_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", "29519", "-m", "bertforge.cli", "train", *base, "--output",
            str(two), "--tune"]  # fmt: skip
-    subprocess.run(cmd, check=True, env=env, timeout=600)
+    run_group(cmd, check=True, env=env, timeout=600)
     report = json.loads((two / "tune.json").read_text())
     assert report["key"]["micro_batch_size"] == 8 and report["key"]["processes"] == 2
     assert len([t for t in report["trials"] if not t.get("again")]) == 4
