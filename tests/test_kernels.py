@@ -119,11 +119,13 @@ def test_an_older_triton_or_torch_than_the_kernels_take_leaves_them_unused(monke
     monkeypatch.setattr(kernels, "OLD_TRITON", None)
     monkeypatch.setattr(kernels, "triton", object())  # installed, as on a GPU machine
     monkeypatch.setattr(torch, "__version__", "2.10.0+cu128")
+    monkeypatch.setattr(kernels, "TORCH_RELEASE", (2, 10))
     assert (
         kernels.missing()
         == "torch 2.10.0+cu128 is older than 2.11, the oldest they are tested with"
     )
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(kernels, "TORCH_RELEASE", (2, 11))
     assert kernels.missing() is None and kernels.available()
 
 

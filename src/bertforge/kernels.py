@@ -68,6 +68,7 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
 
 
+TORCH_RELEASE = release(torch.__version__)  # once: `usable` runs at every fused layer's call
 OLD_TRITON = None  # the version of a Triton older than MIN_TRITON, left unused
 if triton is not None and release(triton.__version__) < MIN_TRITON:
     OLD_TRITON, triton = triton.__version__, None
@@ -127,7 +128,7 @@ def missing() -> str | None:
         return f"Triton {OLD_TRITON} is older than {oldest}, the oldest bertforge's kernels take"
     if triton is None:
         return "Triton is not installed"
-    if release(torch.__version__) < MIN_TORCH:
+    if TORCH_RELEASE < MIN_TORCH:
         oldest = ".".join(map(str, MIN_TORCH))
         return f"torch {torch.__version__} is older than {oldest}, the oldest they are tested with"
     return None
