@@ -5,9 +5,10 @@ REF := .venv-ref
 HF4 := .venv-hf4
 CENSUS := .venv-census
 DEVICE := .venv-device
+FLOOR := .venv-floor
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-device envs lint format bench-vocab bench-data bench-train bench-census clean
+.PHONY: demo test test-device test-floors envs lint format bench-vocab bench-data bench-train bench-census clean
 
 # The CPU build of torch is installed first: a bare `torch` requirement would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -50,6 +51,14 @@ $(DEVICE)/.installed: pyproject.toml
 	$(DEVICE)/bin/pip install -q -e '.[dev]'
 	touch $@
 
+# The lowest release of each dependency that pyproject.toml allows (tests/floors.txt; torch
+# 2.8.0's CUDA build, which runs on a CPU): `make test-floors`. Not part of `make test`.
+$(FLOOR)/.installed: pyproject.toml tests/floors.txt
+	$(PY) -m venv $(FLOOR)
+	$(FLOOR)/bin/pip install -q --upgrade pip
+	$(FLOOR)/bin/pip install -q -r tests/floors.txt -e '.[dev]'
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/bertforge demo --output demo-output
 
@@ -69,6 +78,13 @@ test: envs
 test-device: $(DEVICE)/.installed
 	BERTFORGE_TRITON_PYTHON=$(abspath $(DEVICE))/bin/python $(DEVICE)/bin/python -m pytest -q \
 		-n 2 --dist loadfile --ignore tests/reference --ignore tests/test_compat.py
+
+# The whole suite, the reference (TensorFlow) and flair tests included: they run bertforge here.
+test-floors: $(FLOOR)/.installed envs
+	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python \
+	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python \
+	BERTFORGE_TRITON_PYTHON=$(abspath $(CENSUS))/bin/python $(FLOOR)/bin/python -m pytest -q \
+		-n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
@@ -92,4 +108,4 @@ bench-census: $(CENSUS)/.installed
 	$(CENSUS)/bin/python bench/kernel_census.py
 
 clean:
-	rm -rf $(VENV) $(REF) $(HF4) $(CENSUS) $(DEVICE) demo-output .pytest_cache
+	rm -rf $(VENV) $(REF) $(HF4) $(CENSUS) $(DEVICE) $(FLOOR) demo-output .pytest_cache

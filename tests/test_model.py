@@ -101,7 +101,8 @@ def test_checkpoints_as_published_read_as_transformers_reads_them(tmp_path):
     del legacy["cls.predictions.bias"]  # cls.predictions.decoder.bias holds it
     d = tmp_path / "mbert"
     d.mkdir()
-    save_file(legacy, d / "model.safetensors")
+    # As the Hub's files are: transformers 4.47 refuses one without a format key
+    save_file(legacy, d / "model.safetensors", metadata={"format": "pt"})
     (d / "config.json").write_text(json.dumps({**c.to_dict(), "model_type": "bert"}))
     init = read_init_checkpoint(str(d))
     hf = transformers.BertForPreTraining.from_pretrained(d)
@@ -109,6 +110,8 @@ def test_checkpoints_as_published_read_as_transformers_reads_them(tmp_path):
         torch.testing.assert_close(init.weights[name], want, rtol=0, atol=0)
     assert set(from_hf(hf.state_dict(), c, "hf")) == set(init.weights)
     for name, got in from_hf(hf.state_dict(), c, "hf").items():
+        if name == "mlm_bias" and int(transformers.__version__.split(".")[0]) < 5:
+            continue  # transformers 4 loses a bias stored under its tied name only (4.47 zeros it)
         torch.testing.assert_close(got, init.weights[name], rtol=0, atol=0)
 
     (d / "model.safetensors").unlink()  # a bare encoder, pickled
