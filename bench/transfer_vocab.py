@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from bertforge.checkpoint import read_init_checkpoint, transfer_vocab
 from bertforge.cli import demo_corpus
 from bertforge.model import to_hf
-from bertforge.tokenization import read_vocab_txt
+from bertforge.tokenization import read_vocab_file
 
 
 def random_new_rows(base: Path, vocab: Path, out: Path) -> None:
@@ -39,9 +39,9 @@ def random_new_rows(base: Path, vocab: Path, out: Path) -> None:
     base vocabulary lacks, saved as a Hugging Face directory with the new vocabulary."""
     init = read_init_checkpoint(str(base))
     assert init.vocab_file is not None
-    tokens = read_vocab_txt(vocab / "vocab.txt")
+    tokens = read_vocab_file(vocab / "vocab.txt")
     c = dataclasses.replace(init.config, vocab_size=len(tokens))
-    theirs = read_vocab_txt(init.vocab_file)
+    theirs = read_vocab_file(init.vocab_file)
     weights, t = transfer_vocab(init.weights, tokens, theirs, c.padded_vocab_size)
     new = t.pieces + t.unknown
     std = c.initializer_range

@@ -23,7 +23,7 @@ from bertforge.data import create_data
 from bertforge.datacheck import inspect, read_native, read_tfrecord, verify
 from bertforge.errors import UserError
 from bertforge.shards import open_shard, record_dtype, write_shard
-from bertforge.tokenization import read_vocab_txt
+from bertforge.tokenization import read_vocab_file
 from tests.conftest import write_corpus
 
 
@@ -55,7 +55,7 @@ def test_output_bytes_do_not_depend_on_workers(tmp_path, kjv_corpus, kjv_vocab, 
 
 def test_native_shards_read_with_numpy_alone(tmp_path, kjv_corpus, kjv_vocab):
     out = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "d")).output
-    tokens = read_vocab_txt(kjv_vocab / "vocab.txt")
+    tokens = read_vocab_file(kjv_vocab / "vocab.txt")
     cls_id, sep_id = tokens.index("[CLS]"), tokens.index("[SEP]")
     manifest = json.loads((out / "manifest.json").read_text())
     total = 0

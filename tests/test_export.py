@@ -215,7 +215,7 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         (bare / name).write_bytes((exported_model / name).read_bytes())
-    with pytest.raises(UserError, match=r"no vocab\.txt beside .* --vocab"):
+    with pytest.raises(UserError, match=r"no vocab\.txt or tokenizer\.json beside .* --vocab"):
         export(ExportConfig(checkpoint=str(bare), output=str(tmp_path / "x")))
     # A vocabulary of another size.
     small = tmp_path / "small" / "vocab.txt"

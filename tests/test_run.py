@@ -404,7 +404,10 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     (bare / "bert_model.ckpt.index").write_bytes(b"")
     assert main([*argv[:3], str(tmp_path / "c5"), *argv[4:]]) == 2
     err = capsys.readouterr().err
-    assert f"--init-checkpoint: no vocab.txt beside {bare / 'bert_model.ckpt'}" in err
+    assert (
+        f"--init-checkpoint: no vocab.txt or tokenizer.json beside {bare / 'bert_model.ckpt'}"
+        in err
+    )
     assert "give it with --vocab" in err and not (tmp_path / "c5").exists()
 
 

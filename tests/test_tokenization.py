@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,16 @@ import pytest
 from bertforge.config import VocabConfig
 from bertforge.errors import UserError
 from bertforge.tokenization import (
+    SPECIALS,
     LineEncoder,
     basic_words,
     bert_normalizer,
     bert_pre_tokenizer,
     build_tokenizer,
+    find_vocab_file,
     google_layout,
     load_vocab,
-    read_vocab_txt,
+    read_vocab_file,
 )
 from bertforge.vocab import train_vocab
 from tests.conftest import MIXED_DOCS
@@ -40,13 +43,62 @@ def test_google_layout_ids():
 
 def test_vocab_txt_validation(tmp_path: Path):
     with pytest.raises(UserError, match=r"v\.txt:4: duplicate entry 'a' \(first on line 3\)"):
-        read_vocab_txt(write_vocab(tmp_path / "v.txt", ["[PAD]", "[UNK]", "a", "a"]))
+        read_vocab_file(write_vocab(tmp_path / "v.txt", ["[PAD]", "[UNK]", "a", "a"]))
     with pytest.raises(UserError, match=r"v\.txt:2: empty line"):
-        read_vocab_txt(write_vocab(tmp_path / "v.txt", ["[PAD]", "", "a"]))
+        read_vocab_file(write_vocab(tmp_path / "v.txt", ["[PAD]", "", "a"]))
     with pytest.raises(UserError, match=r"missing special token\(s\) \[CLS\], \[SEP\], \[MASK\]"):
-        read_vocab_txt(write_vocab(tmp_path / "v.txt", ["[PAD]", "[UNK]", "a"]))
+        read_vocab_file(write_vocab(tmp_path / "v.txt", ["[PAD]", "[UNK]", "a"]))
     with pytest.raises(UserError, match="does not exist"):
-        read_vocab_txt(tmp_path / "missing.txt")
+        read_vocab_file(tmp_path / "missing.txt")
+
+
+def test_a_tokenizer_json_alone_is_read_as_the_vocab_txt_it_was_made_from(tmp_path, kjv_vocab):
+    """transformers 5 saves a BERT tokenizer as tokenizer.json without vocab.txt: its WordPiece
+    vocabulary and the casing in tokenizer_config.json are the model's vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    made = transformers.BertTokenizerFast(str(kjv_vocab / "vocab.txt"))
+    made.save_pretrained(hf)
+    (hf / "vocab.txt").unlink(missing_ok=True)  # transformers 4 writes it beside
+    assert find_vocab_file(hf) == hf / "tokenizer.json"
+    assert find_vocab_file(kjv_vocab) == kjv_vocab / "vocab.txt"  # vocab.txt first
+    assert read_vocab_file(hf / "tokenizer.json") == read_vocab_file(kjv_vocab / "vocab.txt")
+    vocab = load_vocab(hf)
+    assert vocab.path == hf / "tokenizer.json" and vocab.do_lower_case
+    text = "In the Beginning GOD created the heaven and the earth, and Nebuchadnezzar's hosts."
+    assert vocab.tokenizer().encode(text).ids == made(text)["input_ids"]
+    with pytest.raises(UserError, match="contradicts"):  # casing as recorded beside it
+        load_vocab(hf / "tokenizer.json", do_lower_case=False)
+
+
+def test_a_tokenizer_json_that_is_not_a_bert_vocabulary_is_refused_naming_why(tmp_path):
+    def model(**kw):
+        vocab = {t: i for i, t in enumerate([*SPECIALS, "a", "##b"])}
+        return {"type": "WordPiece", "continuing_subword_prefix": "##", "vocab": vocab, **kw}
+
+    def read(obj):
+        (tmp_path / "tokenizer.json").write_text(json.dumps(obj), encoding="utf-8")
+        return read_vocab_file(tmp_path / "tokenizer.json")
+
+    assert read({"model": model(), "added_tokens": [{"id": 4, "content": "[MASK]"}]}) == [
+        *SPECIALS, "a", "##b"]  # fmt: skip
+    with pytest.raises(UserError, match=r"tokenizer\.json: a BPE tokenizer, not BERT's WordPiece"):
+        read({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})
+    with pytest.raises(UserError, match="continues words with '@@'"):
+        read({"model": model(continuing_subword_prefix="@@")})
+    with pytest.raises(UserError, match=r"'##b' has id 9, but .* of 7 tokens needs the ids 0 to 6"):
+        read({"model": model(vocab={**model()["vocab"], "##b": 9})})
+    with pytest.raises(
+        UserError, match=r"1 token\(s\) added beyond its WordPiece .*\(ids 7 and on"
+    ):
+        read({"model": model(), "added_tokens": [{"id": 7, "content": "<new>"}]})
+    with pytest.raises(UserError, match=r"tokenizer\.json: id 5: empty token"):
+        read({"model": model(vocab={**{t: i for i, t in enumerate(SPECIALS)}, "": 5})})
+    with pytest.raises(UserError, match=r"missing special token\(s\) \[MASK\]"):
+        read({"model": model(vocab={"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "a": 4})})
+    with pytest.raises(UserError, match=r"not a tokenizer\.json"):
+        (tmp_path / "tokenizer.json").write_text("{", encoding="utf-8")
+        read_vocab_file(tmp_path / "tokenizer.json")
 
 
 def test_bare_vocab_needs_casing_and_manifest_wins(tmp_path: Path, mixed_corpus: Path):

@@ -922,6 +922,54 @@ def test_learning_rate_schedule_is_googles():
     assert TrainConfig(data="d", output="o", num_train_steps=500_000).warmup_steps == 5000
 
 
+def test_init_from_a_model_saved_with_a_tokenizer_json_alone(
+    tmp_path, train_data, kjv_corpus, kjv_vocab, tiny_bert_config, capsys
+):
+    """transformers 5 saves a model's tokenizer as tokenizer.json without vocab.txt: that file
+    is the checkpoint's vocabulary, for continued pretraining and for loading the model."""
+    transformers = pytest.importorskip("transformers")
+    from bertforge.config import RunConfig
+    from bertforge.inference import load_model
+    from bertforge.run import plan
+
+    c = BertConfig.from_json(tiny_bert_config)
+    hf_dir = tmp_path / "hf"
+    transformers.BertForPreTraining(transformers.BertConfig(**c.to_dict())).save_pretrained(hf_dir)
+    transformers.BertTokenizerFast(str(kjv_vocab / "vocab.txt")).save_pretrained(hf_dir)
+    (hf_dir / "vocab.txt").unlink(missing_ok=True)  # transformers 4 writes it beside
+    assert read_init_checkpoint(str(hf_dir)).vocab_file == hf_dir / "tokenizer.json"
+    own = tmp_path / "data"  # made with the checkpoint's vocabulary, as `bertforge run` does
+    create_data(DataConfig(input=(str(kjv_corpus),), vocab=str(hf_dir), output=str(own),
+                           max_seq_length=64, max_predictions_per_seq=10, workers=1,
+                           progress=False))  # fmt: skip
+    cont = ["train", "--init-checkpoint", str(hf_dir), "--train-batch-size", "16",
+            "--num-train-steps", "1", "--no-progress"]  # fmt: skip
+    assert main([*cont, "--data", str(own), "--output", str(tmp_path / "cont")]) == 0
+    kept = (tmp_path / "cont" / "vocab.txt").read_text(encoding="utf-8")
+    assert kept == (kjv_vocab / "vocab.txt").read_text(encoding="utf-8")
+    loaded = load_model(str(hf_dir), "cpu")
+    assert loaded.vocab.path == hf_dir / "tokenizer.json" and loaded.vocab.do_lower_case
+    assert list(loaded.vocab.tokens) == kept.splitlines()
+    model = tmp_path / "model"  # exported with the tokenizer files it was trained with
+    assert main(["export", "--checkpoint", str(tmp_path / "cont"), "--output", str(model)]) == 0
+    text = "And GOD said, Let there be light: and there was light."
+    again = transformers.AutoTokenizer.from_pretrained(model)(text)["input_ids"]
+    assert again == transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+    run, configs = plan(RunConfig(input=("corpus.txt",), output=str(tmp_path / "r")), {},
+                        {"init_checkpoint": str(hf_dir)})  # fmt: skip
+    assert run.vocab == configs["data"].vocab == str(hf_dir)  # `bertforge run`: the data's
+    # a token that is not an [unusedN] slot changed: refused, naming its id in the file
+    spec = json.loads((hf_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    vocab["zzqx"] = vocab.pop(kept.splitlines()[702])
+    (hf_dir / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    capsys.readouterr()
+    assert main([*cont, "--data", str(train_data), "--output", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert f"its vocabulary {hf_dir / 'tokenizer.json'} (1500 tokens)" in err
+    assert "first difference at id 702, not an [unusedN] slot" in err
+
+
 def test_batches_are_a_function_of_seed_and_step(train_data):
     data = PretrainingData(str(train_data))
     split = Split.of(len(data), 15)
@@ -1133,7 +1181,7 @@ def test_transfer_vocab_starts_each_token_from_the_checkpoints_rows(
             torch.testing.assert_close(new[i], old[ids].mean(0))
     (hf_dir / "vocab.txt").unlink()  # nothing to match the rows by: refused
     assert main([*cont, "--output", str(tmp_path / "t2"), "--transfer-vocab"]) == 2
-    assert "--transfer-vocab: no vocab.txt beside" in capsys.readouterr().err
+    assert "--transfer-vocab: no vocab.txt or tokenizer.json beside" in capsys.readouterr().err
 
 
 def test_transfer_vocab_reads_an_uncased_checkpoint_for_a_cased_vocabulary():

@@ -15,7 +15,7 @@ import bertforge.vocab as vocab_module
 from bertforge.cli import main
 from bertforge.config import VocabConfig
 from bertforge.errors import UserError
-from bertforge.tokenization import read_vocab_txt
+from bertforge.tokenization import read_vocab_file
 from bertforge.vocab import (
     convert_sentencepiece_pieces,
     count_texts,
@@ -50,7 +50,7 @@ def test_exact_size_layout_and_hygiene(tmp_path: Path, demo_path: Path, algorith
     out = tmp_path / "v"
     result = train_vocab(cfg(demo_path, out, vocab_size=3000, algorithm=algorithm,
                              sentencepiece_model=model))  # fmt: skip
-    tokens = read_vocab_txt(out / "vocab.txt")
+    tokens = read_vocab_file(out / "vocab.txt")
     check_hygiene(tokens, 3000)
     assert result.padded_unused == 0
     assert {"the", "lord", "god", "##s"} <= set(tokens)
@@ -78,13 +78,13 @@ def test_deterministic_across_processes(tmp_path: Path, mixed_corpus: Path, algo
 
 
 def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
-    cased = read_vocab_txt(train_vocab(cfg(mixed_corpus, tmp_path / "c", vocab_size=900,
+    cased = read_vocab_file(train_vocab(cfg(mixed_corpus, tmp_path / "c", vocab_size=900,
                                            do_lower_case=False)).output / "vocab.txt")  # fmt: skip
     assert {"İ", "Ö", "ç", "ş", "ğ", "ø", "å"} <= set(cased)
-    lower = read_vocab_txt(train_vocab(cfg(mixed_corpus, tmp_path / "l", vocab_size=900))
+    lower = read_vocab_file(train_vocab(cfg(mixed_corpus, tmp_path / "l", vocab_size=900))
                            .output / "vocab.txt")  # fmt: skip
     assert "ç" not in lower and "c" in lower and "İ" not in lower
-    keep = read_vocab_txt(train_vocab(cfg(mixed_corpus, tmp_path / "k", vocab_size=900,
+    keep = read_vocab_file(train_vocab(cfg(mixed_corpus, tmp_path / "k", vocab_size=900,
                                           strip_accents=False)).output / "vocab.txt")  # fmt: skip
     assert {"ç", "ş", "ğ", "ø"} <= set(keep) and "Ö" not in keep
 
@@ -92,7 +92,7 @@ def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
 def test_small_corpus_pads_with_unused(tmp_path: Path):
     corpus = write_corpus(tmp_path / "tiny.txt", [["a b c", "abc abc"]])
     result = train_vocab(cfg(corpus, tmp_path / "v", vocab_size=300))
-    tokens = read_vocab_txt(tmp_path / "v" / "vocab.txt")
+    tokens = read_vocab_file(tmp_path / "v" / "vocab.txt")
     assert len(tokens) == 300 and result.padded_unused > 0 and tokens[-1].startswith("[unused")
     assert any("filled the remaining" in w for w in result.warnings)
 
@@ -104,12 +104,12 @@ def test_vocab_too_small_for_alphabet(tmp_path: Path):
     assert "leaves 196 pieces" in str(e.value) and "fewer than the 400" in str(e.value)
     assert not (tmp_path / "v" / "vocab.txt").exists()
     train_vocab(cfg(corpus, tmp_path / "v", vocab_size=504, overwrite=True))  # the size it names
-    assert len(read_vocab_txt(tmp_path / "v" / "vocab.txt")) == 504
+    assert len(read_vocab_file(tmp_path / "v" / "vocab.txt")) == 504
 
 
 def test_limit_alphabet_keeps_the_most_frequent(tmp_path: Path):
     corpus = write_corpus(tmp_path / "c.txt", [["aaaa bbb cc d"]] * 5)
-    tokens = read_vocab_txt(train_vocab(cfg(corpus, tmp_path / "v", vocab_size=200,
+    tokens = read_vocab_file(train_vocab(cfg(corpus, tmp_path / "v", vocab_size=200,
                                             limit_alphabet=3)).output / "vocab.txt")  # fmt: skip
     assert {"a", "b", "c"} <= set(tokens) and "d" not in tokens
 
@@ -173,7 +173,7 @@ def test_cli_vocab_from_stdin(tmp_path: Path, monkeypatch, capsys):
                  "--cased", "--no-progress"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "vocab: 650 tokens (wordpiece, cased)" in printed and "held-out" in printed
-    assert len(read_vocab_txt(out / "vocab.txt")) == 650
+    assert len(read_vocab_file(out / "vocab.txt")) == 650
     assert not list(out.glob(".stdin-*"))
 
 

@@ -17,7 +17,7 @@ from bertforge.errors import UserError
 from bertforge.tokenization import (
     build_tokenizer,
     load_vocab,
-    read_vocab_txt,
+    read_vocab_file,
     wordpiece_ids,
     wordpiece_tokenizer,
 )
@@ -50,13 +50,27 @@ def expected_words(corpus: Path, tokens: list[str], n: int, min_count: int) -> l
     return [w for _, w in sorted(scored)[:n]]
 
 
+def test_a_models_tokenizer_json_alone_is_extended_as_its_vocab_txt(
+    tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path
+):
+    """A model saved by transformers 5 has tokenizer.json and no vocab.txt."""
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    transformers.BertTokenizerFast(str(kjv_vocab / "vocab.txt")).save_pretrained(hf)
+    (hf / "vocab.txt").unlink(missing_ok=True)  # transformers 4 writes it beside
+    extend_vocab(ecfg(kjv_corpus, hf, tmp_path / "a", max_words=5, heldout_sentences=0))
+    extend_vocab(ecfg(kjv_corpus, kjv_vocab, tmp_path / "b", max_words=5, heldout_sentences=0))
+    a, b = (read_vocab_file(tmp_path / d / "vocab.txt") for d in "ab")
+    assert a == b and a != read_vocab_file(kjv_vocab / "vocab.txt")
+
+
 def test_the_words_that_save_most_pieces_go_over_the_unused_lines(
     tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path
 ):
-    base = read_vocab_txt(kjv_vocab / "vocab.txt")
+    base = read_vocab_file(kjv_vocab / "vocab.txt")
     out = tmp_path / "ext"
     result = extend_vocab(ecfg(kjv_corpus, kjv_vocab, out, max_words=30, heldout_sentences=0))
-    tokens = read_vocab_txt(out / "vocab.txt")
+    tokens = read_vocab_file(out / "vocab.txt")
     assert len(tokens) == len(base)
     changed = [i for i, (a, b) in enumerate(zip(base, tokens, strict=True)) if a != b]
     assert changed == list(range(1, 31))  # [unused0..29], in order; every other line kept
@@ -80,7 +94,7 @@ def test_the_words_that_save_most_pieces_go_over_the_unused_lines(
     assert len(again.added) == 99 and (tmp_path / "q" / "tokenizer.json").is_file()
     assert min(a["count"] for a in again.added) >= 3  # --min-count
     rare = extend_vocab(ecfg(kjv_corpus, kjv_vocab, tmp_path / "r", min_count=10**6))
-    assert rare.added == [] and read_vocab_txt(tmp_path / "r" / "vocab.txt") == base
+    assert rare.added == [] and read_vocab_file(tmp_path / "r" / "vocab.txt") == base
     # the same inputs give the same file
     extend_vocab(ecfg(kjv_corpus, kjv_vocab, tmp_path / "same", max_words=30, heldout_sentences=0))
     assert (tmp_path / "same" / "vocab.txt").read_bytes() == (out / "vocab.txt").read_bytes()
@@ -93,7 +107,7 @@ def test_listed_words_come_first_as_the_tokenizer_normalizes_them(
     words.write_text("# domain terms\nZzyzx\n\nCafé\n  The  \n##quux\nzzyzx\n", encoding="utf-8")
     out = tmp_path / "ext"
     result = extend_vocab(ecfg(kjv_corpus, kjv_vocab, out, words=str(words), max_words=5))
-    tokens = read_vocab_txt(out / "vocab.txt")
+    tokens = read_vocab_file(out / "vocab.txt")
     # lowercased and accents stripped as the uncased tokenizer does; "the" is there already
     assert tokens[1:4] == ["zzyzx", "cafe", "##quux"] and result.already == ["the"]
     assert len(result.added) == 5 and tokens[4:6] == [a["word"] for a in result.added[3:]]
@@ -113,7 +127,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(
 ):
     with pytest.raises(UserError, match="is the directory of --vocab"):
         extend_vocab(ecfg(kjv_corpus, kjv_vocab, kjv_vocab))
-    assert read_vocab_txt(kjv_vocab / "vocab.txt")[1] == "[unused0]"  # untouched
+    assert read_vocab_file(kjv_vocab / "vocab.txt")[1] == "[unused0]"  # untouched
     # a bare vocab.txt (as in Google's checkpoint folders) needs its casing
     google = tmp_path / "google"
     google.mkdir()
@@ -123,7 +137,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(
     extend_vocab(ecfg(kjv_corpus, google / "vocab.txt", tmp_path / "g", do_lower_case=True))
     assert load_vocab(tmp_path / "g").do_lower_case is True
     # no [unusedN] lines: nothing to write over
-    full = [t for t in read_vocab_txt(kjv_vocab / "vocab.txt") if not t.startswith("[unused")]
+    full = [t for t in read_vocab_file(kjv_vocab / "vocab.txt") if not t.startswith("[unused")]
     (google / "vocab.txt").write_text("\n".join(full) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match="has no \\[unusedN\\] lines"):
         extend_vocab(ecfg(kjv_corpus, google, tmp_path / "n", do_lower_case=True))
@@ -148,7 +162,7 @@ def test_cli(tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys):
 
 
 def test_wordpiece_ids_split_as_googles_tokenizer(kjv_vocab: Path):
-    tokens = read_vocab_txt(kjv_vocab / "vocab.txt")
+    tokens = read_vocab_file(kjv_vocab / "vocab.txt")
     vocab = {t: i for i, t in enumerate(tokens)}
     split = wordpiece_tokenizer(vocab)
     words = ["jerusalem", "philistines", "abimelech", "zzyzx", "x", "lovingkindness", "é"]

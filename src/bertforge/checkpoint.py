@@ -6,7 +6,8 @@ and renamed: it holds the model, the optimizer, the loss scaler, every RNG state
 
 `--init-checkpoint` reads weights from a bertforge checkpoint (file or training directory), a
 Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin; names as
-published, see model.published_names) or a Google TF checkpoint (bert_model.ckpt +
+published, see model.published_names; its vocab.txt, or its tokenizer.json where transformers 5
+saved no vocab.txt) or a Google TF checkpoint (bert_model.ckpt +
 bert_config.json + vocab.txt). Optimizer state starts fresh.
 """
 
@@ -24,7 +25,7 @@ import torch
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open
 from bertforge.model import BertConfig, from_hf
-from bertforge.tokenization import bert_normalizer, new_words, wordpiece_ids
+from bertforge.tokenization import bert_normalizer, find_vocab_file, new_words, wordpiece_ids
 
 CHECKPOINTS = "checkpoints"
 FORMAT = "bertforge-checkpoint"
@@ -128,12 +129,13 @@ def checkpoint_source(path: str, flag: str) -> Path:
 
 
 def vocab_beside(source: Path) -> Path | None:
-    """The vocab.txt a checkpoint came with (`checkpoint_source`'s answer): its training
-    directory's for a bertforge checkpoint, else the one in its directory; None if absent."""
+    """The vocabulary file a checkpoint came with (`checkpoint_source`'s answer): its training
+    directory's for a bertforge checkpoint, else the one in its directory (vocab.txt, or a
+    Hugging Face tokenizer.json: `find_vocab_file`); None if absent."""
     if source.is_file() and source.suffix == ".pt":
-        vocab = source.parent.parent / "vocab.txt"
+        vocab = find_vocab_file(source.parent.parent)
     else:
-        vocab = (source if source.is_dir() else source.parent) / "vocab.txt"
+        vocab = find_vocab_file(source if source.is_dir() else source.parent)
     return vocab if vocab.is_file() else None
 
 

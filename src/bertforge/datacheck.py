@@ -39,7 +39,7 @@ from bertforge.shards import (
     segment_ids,
 )
 from bertforge.tfrecord import decode_example, example_lists, read_records, varint_values
-from bertforge.tokenization import load_vocab, read_vocab_txt, vocab_txt
+from bertforge.tokenization import find_vocab_file, load_vocab, read_vocab_file
 from bertforge.workers import finished, process_pool, usable_cpus
 
 
@@ -252,7 +252,7 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
     tokens: list[str] | None = None
     vocab_path = vocab or (manifest and manifest["vocab"]["path"])
     if vocab_path:
-        tokens = read_vocab_txt(vocab_txt(vocab_path))
+        tokens = read_vocab_file(find_vocab_file(vocab_path))
     batches, total = [], 0
     for f in files:
         if total >= max_records:

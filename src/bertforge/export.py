@@ -96,8 +96,9 @@ def export_vocab(cfg: ExportConfig, source: InitWeights) -> Vocab:
     path = cfg.vocab or source.vocab_file
     if path is None:
         raise UserError(
-            f"--checkpoint: no vocab.txt beside {source.path}; give the model's vocabulary "
-            "with --vocab (and --do-lower-case or --no-do-lower-case for a bare vocab.txt)."
+            f"--checkpoint: no vocab.txt or tokenizer.json beside {source.path}; give the "
+            "model's vocabulary with --vocab (and --do-lower-case or --no-do-lower-case for a "
+            "bare vocab.txt)."
         )
     vocab = load_vocab(path, cfg.do_lower_case)
     if vocab.size != source.config.vocab_size:

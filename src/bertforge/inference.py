@@ -50,7 +50,7 @@ def load_model(path: str, device: str = "auto", flag: str = "--model") -> Loaded
     source = read_init_checkpoint(path, flag)
     if source.vocab_file is None:
         raise UserError(
-            f"{flag}: no vocab.txt beside {source.path}; export the model first "
+            f"{flag}: no vocab.txt or tokenizer.json beside {source.path}; export the model first "
             "(bertforge export --checkpoint ... --vocab ...)."
         )
     if recorded_casing(source.vocab_file)[0] is None:

@@ -210,19 +210,20 @@ def plan(
         vocab = vocab_beside(checkpoint_source(init, "--init-checkpoint"))
         if vocab is None:
             raise UserError(
-                f"--init-checkpoint: no vocab.txt beside {init}; continued pretraining keeps the "
-                "checkpoint's vocabulary: give it with --vocab (and --cased or --lowercase)."
+                f"--init-checkpoint: no vocab.txt or tokenizer.json beside {init}; continued "
+                "pretraining keeps the checkpoint's vocabulary: give it with --vocab (and "
+                "--cased or --lowercase)."
             )
         run = dataclasses.replace(run, vocab=str(vocab.parent))
         configs = stage_configs(run, toml, flag_values, config_path)
     elif run.vocab is not None and init and not transfer:  # checked now, not after data
         from bertforge.checkpoint import checkpoint_source, vocab_beside
-        from bertforge.tokenization import check_init_vocab, read_vocab_txt, vocab_txt
+        from bertforge.tokenization import check_init_vocab, find_vocab_file, read_vocab_file
 
         theirs = vocab_beside(checkpoint_source(init, "--init-checkpoint"))
-        ours = vocab_txt(run.vocab)
+        ours = find_vocab_file(run.vocab)
         if theirs is not None:
-            check_init_vocab(read_vocab_txt(ours), ours, theirs)
+            check_init_vocab(read_vocab_file(ours), ours, theirs)
     if run.vocab is not None:
         for flag in run_flags():
             if flag.spec.name in flag_values and {st for st, _ in flag.targets} == {"vocab"}:

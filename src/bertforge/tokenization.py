@@ -15,7 +15,8 @@ stage's time went: it tokenizes each distinct space-separated piece of a corpus 
 BasicTokenizer in bulk with Python's string methods, `basic_words`, then the WordPiece model)
 and gathers ids with numpy; the same ids, several times faster than the fast tokenizer.
 
-This module also reads and validates Google's vocab.txt and writes the files with which
+This module also reads and validates Google's vocab.txt (or the WordPiece vocabulary of a
+Hugging Face tokenizer.json, all that transformers 5 saves) and writes the files with which
 `transformers.AutoTokenizer.from_pretrained(DIR)` loads the tokenizer with the right casing.
 """
 
@@ -48,38 +49,100 @@ def google_layout(pieces: Sequence[str], num_unused: int) -> list[str]:
     return [PAD, *unused, UNK, CLS, SEP, MASK, *pieces]
 
 
-def vocab_txt(path: str | Path) -> Path:
-    """The vocab.txt of a vocabulary given as its directory or as the file itself."""
+def find_vocab_file(path: str | Path) -> Path:
+    """The vocabulary file of a vocabulary given as its directory or as the file itself: the
+    directory's vocab.txt, else its Hugging Face tokenizer.json (transformers 5 saves a BERT
+    tokenizer as that alone, without vocab.txt)."""
     p = Path(path)
-    return p / "vocab.txt" if p.is_dir() else p
+    if not p.is_dir():
+        return p
+    if not (p / "vocab.txt").is_file() and (p / "tokenizer.json").is_file():
+        return p / "tokenizer.json"
+    return p / "vocab.txt"
 
 
-def read_vocab_txt(path: str | Path) -> list[str]:
-    """Read Google's vocab.txt (one token per line, id = line number), validating it."""
+def read_vocab_file(path: str | Path) -> list[str]:
+    """Read a vocabulary, validating it: Google's vocab.txt (one token per line, id = line
+    number), or the WordPiece vocabulary of a Hugging Face tokenizer.json (a `.json` file)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--vocab: {p} does not exist.")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text (byte {e.start}); is this a vocab.txt?") from None
-    tokens = [line.strip() for line in text.split("\n")]
-    if tokens and tokens[-1] == "":
-        tokens.pop()  # the final newline
+    if p.suffix == ".json":
+        tokens, unit = tokenizer_json_tokens(p), "token"
+    else:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: not UTF-8 text (byte {e.start}); is this a vocab.txt?") from None
+        tokens = [line.strip() for line in text.split("\n")]
+        if tokens and tokens[-1] == "":
+            tokens.pop()  # the final newline
+        unit = "line"
+
+    def at(i: int) -> str:  # vocab.txt:LINE, or tokenizer.json: id ID
+        return f"{p}:{i + 1}" if unit == "line" else f"{p}: id {i}"
+
     seen: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         if not tok:
-            raise UserError(f"{p}:{i + 1}: empty line in the vocabulary; remove it.")
+            raise UserError(f"{at(i)}: empty {unit} in the vocabulary; remove it.")
         if tok in seen:
             raise UserError(
-                f"{p}:{i + 1}: duplicate entry {tok!r} (first on line {seen[tok] + 1}); "
-                "each token must appear once."
+                f"{at(i)}: duplicate entry {tok!r} (first on {entry(p, seen[tok])}); each token "
+                "must appear once."
             )
         seen[tok] = i
     missing = [s for s in SPECIALS if s not in seen]
     if missing:
         raise UserError(f"{p}: missing special token(s) {', '.join(missing)}; BERT needs them.")
     return tokens
+
+
+def entry(path: Path, i: int) -> str:
+    """Where token id `i` is in a vocabulary file: its line in a vocab.txt, its id in JSON."""
+    return f"id {i}" if path.suffix == ".json" else f"line {i + 1}"
+
+
+def tokenizer_json_tokens(p: Path) -> list[str]:
+    """The tokens of a Hugging Face tokenizer.json's WordPiece model, in id order. Tokens added
+    beyond it (`add_tokens`) are refused: WordPiece would split them, as transformers does not."""
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(
+            f"{p}: not a tokenizer.json ({e}); give a vocab.txt with --vocab."
+        ) from None
+    model = data.get("model") if isinstance(data, dict) else None
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind != "WordPiece" or not isinstance(model.get("vocab"), dict):
+        raise UserError(
+            f"{p}: a {kind or 'non-WordPiece'} tokenizer, not BERT's WordPiece; give the model's "
+            "vocab.txt with --vocab."
+        )
+    if model.get("continuing_subword_prefix", "##") != "##":
+        raise UserError(
+            f"{p}: its WordPiece continues words with {model['continuing_subword_prefix']!r}, "
+            "not Google's '##'; bertforge reads '##' vocabularies only."
+        )
+    vocab: dict[str, int] = model["vocab"]
+    tokens: list[str | None] = [None] * len(vocab)
+    for tok, i in vocab.items():
+        if not isinstance(i, int) or not 0 <= i < len(tokens) or tokens[i] is not None:
+            raise UserError(
+                f"{p}: {tok!r} has id {i}, but a WordPiece vocabulary of {len(vocab)} tokens "
+                f"needs the ids 0 to {len(vocab) - 1}, each once; the file is damaged."
+            )
+        tokens[i] = tok
+    added = sorted(
+        a.get("id", -1) for a in data.get("added_tokens") or [] if a.get("id", -1) >= len(vocab)
+    )
+    if added:
+        raise UserError(
+            f"{p}: {len(added)} token(s) added beyond its WordPiece vocabulary (ids {added[0]} "
+            f"and on, `added_tokens`); bertforge reads the WordPiece vocabulary alone. Give a "
+            "vocab.txt with --vocab, or a model without added tokens."
+        )
+    return [t for t in tokens if t is not None]
 
 
 def build_tokenizer(
@@ -320,18 +383,19 @@ def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> No
     """Continued pretraining: the data's vocabulary (`tokens`, read from `path`) must be the
     checkpoint's, token for token, except where the checkpoint has an [unusedN] slot: Google
     left those for new words, written over in a copy of vocab.txt (`bertforge vocab extend`)."""
-    theirs = read_vocab_txt(theirs_file)
+    theirs = read_vocab_file(theirs_file)
     diffs = [i for i, (a, b) in enumerate(zip(tokens, theirs, strict=False)) if a != b]
     other = [i for i in diffs if not UNUSED.fullmatch(theirs[i])]
     if other or len(theirs) != len(tokens):
         first = other[0] if other else min(len(theirs), len(tokens))
         raise UserError(
             f"--init-checkpoint: its vocabulary {theirs_file} ({len(theirs)} tokens) is not "
-            f"the data's {path} ({len(tokens)} tokens; first difference at line {first + 1}, "
-            f"not an [unusedN] slot); make the data with --vocab {theirs_file}, or a copy of "
-            "it that writes new words over its [unusedN] lines only (`bertforge vocab extend`); "
-            "or keep this vocabulary with --transfer-vocab (shared tokens keep the checkpoint's "
-            "embeddings, the others start from those of their pieces)."
+            f"the data's {path} ({len(tokens)} tokens; first difference at "
+            f"{entry(theirs_file, first)}, not an [unusedN] slot); make the data with --vocab "
+            f"{theirs_file}, or a copy of it that writes new words over its [unusedN] lines "
+            "only (`bertforge vocab extend`); or keep this vocabulary with --transfer-vocab "
+            "(shared tokens keep the checkpoint's embeddings, the others start from those of "
+            "their pieces)."
         )
 
 
@@ -380,7 +444,7 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
     vocab.txt (casing must then be given). A given casing that contradicts the recorded one is
     an error: that mismatch silently ruins a model."""
     p = Path(path)
-    vocab_file = vocab_txt(p)
+    vocab_file = find_vocab_file(p)
     recorded, strip_accents, source = recorded_casing(p)
     if recorded is not None and do_lower_case is not None and recorded != do_lower_case:
         raise UserError(
@@ -393,7 +457,7 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
             f"--vocab: {vocab_file} has no manifest saying whether it is cased; "
             "pass --do-lower-case or --no-do-lower-case (Google: --do_lower_case=True/False)."
         )
-    tokens = read_vocab_txt(vocab_file)
+    tokens = read_vocab_file(vocab_file)
     return Vocab(vocab_file, tuple(tokens), casing, strip_accents, sha256_file(vocab_file))
 
 

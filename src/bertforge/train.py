@@ -96,7 +96,7 @@ from bertforge.optim import (
     param_groups,
     set_moments,
 )
-from bertforge.tokenization import Vocab, check_init_vocab, load_vocab, read_vocab_txt
+from bertforge.tokenization import Vocab, check_init_vocab, entry, load_vocab, read_vocab_file
 from bertforge.tune import use_tune
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -1189,15 +1189,15 @@ def start_new_words(
     with the counts of those new words (None when there are none)."""
     if init.vocab_file is None:
         return init.weights, None
-    theirs = read_vocab_txt(init.vocab_file)
+    theirs = read_vocab_file(init.vocab_file)
     weights, new = seed_new_words(init.weights, vocab.tokens, theirs)
     if notes and (new.seeded or new.unknown):
         i = (new.seeded or new.unknown)[0]
         print(
             f"bertforge: note: {len(new.seeded) + len(new.unknown)} [unusedN] slot(s) of "
-            f"{init.vocab_file} are new words in {vocab.path} (line {i + 1}: {theirs[i]} -> "
-            f"{vocab.tokens[i]}); {len(new.seeded)} start from the mean of their pieces' "
-            "embeddings in the checkpoint.",
+            f"{init.vocab_file} are new words in {vocab.path} ({entry(init.vocab_file, i)}: "
+            f"{theirs[i]} -> {vocab.tokens[i]}); {len(new.seeded)} start from the mean of their "
+            "pieces' embeddings in the checkpoint.",
             file=sys.stderr,
         )
     if notes and new.unknown:
@@ -1221,7 +1221,7 @@ def start_transferred(
     """--transfer-vocab: the checkpoint's weights for the data's vocabulary (`transfer_vocab`),
     and how many tokens kept their rows, started from their pieces' or from [UNK]."""
     assert init.vocab_file is not None
-    theirs = read_vocab_txt(init.vocab_file)
+    theirs = read_vocab_file(init.vocab_file)
     weights, t = transfer_vocab(init.weights, vocab.tokens, theirs, bert.padded_vocab_size)
     if notes:
         unknown = (
@@ -1677,8 +1677,9 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
         )
     if init is not None and cfg.transfer_vocab and init.vocab_file is None:
         raise UserError(
-            f"--transfer-vocab: no vocab.txt beside {init.path}, so its embeddings cannot be "
-            "matched to the data's tokens; copy the checkpoint's vocab.txt beside it."
+            f"--transfer-vocab: no vocab.txt or tokenizer.json beside {init.path}, so its "
+            "embeddings cannot be matched to the data's tokens; copy the checkpoint's vocab.txt "
+            "beside it."
         )
     if init is not None and init.vocab_file is not None and not cfg.transfer_vocab:
         check_init_vocab(vocab.tokens, vocab.path, init.vocab_file)
@@ -1760,7 +1761,9 @@ def copy_vocab(vocab: Vocab, out: Path) -> None:
     source = vocab.path.parent
     for name in VOCAB_FILES:
         src = vocab.path if name == "vocab.txt" else source / name
-        if src.is_file() and src.resolve() != (out / name).resolve():
+        if name == "vocab.txt" and vocab.path.suffix == ".json":  # read from a tokenizer.json
+            write_text(out / name, "".join(f"{token}\n" for token in vocab.tokens))
+        elif src.is_file() and src.resolve() != (out / name).resolve():
             copy_file(src, out / name)
     if not (out / "tokenizer_config.json").is_file():
         write_json(
