@@ -69,6 +69,20 @@ def test_a_tokenizer_json_alone_is_read_as_the_vocab_txt_it_was_made_from(tmp_pa
     assert vocab.tokenizer().encode(text).ids == made(text)["input_ids"]
     with pytest.raises(UserError, match="contradicts"):  # casing as recorded beside it
         load_vocab(hf / "tokenizer.json", do_lower_case=False)
+    for lower in (True, False):  # without tokenizer_config.json: its normalizer's casing
+        cased = tmp_path / f"lower-{lower}"
+        transformers.BertTokenizerFast(str(kjv_vocab / "vocab.txt"), do_lower_case=lower,
+                                       strip_accents=False).save_pretrained(cased)  # fmt: skip
+        (cased / "vocab.txt").unlink(missing_ok=True)
+        (cased / "tokenizer_config.json").unlink()
+        vocab = load_vocab(cased)
+        assert (vocab.do_lower_case, vocab.strip_accents) == (lower, False)
+        assert (
+            vocab.tokenizer().encode("Élan").ids
+            == made.__class__(
+                str(kjv_vocab / "vocab.txt"), do_lower_case=lower, strip_accents=False
+            )("Élan")["input_ids"]
+        )
 
 
 def test_a_tokenizer_json_that_is_not_a_bert_vocabulary_is_refused_naming_why(tmp_path):

@@ -425,7 +425,8 @@ def wordpiece_ids(token: str, vocab: dict[str, int]) -> list[int] | None:
 
 def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:
     """(do_lower_case, strip_accents, the file saying so) recorded beside a vocabulary: in a
-    `bertforge vocab` manifest (for a directory) or a tokenizer_config.json; Nones if neither."""
+    `bertforge vocab` manifest (for a directory) or a tokenizer_config.json, else in the
+    BertNormalizer of a tokenizer.json read as the vocabulary; Nones if none of them."""
     directory = path if path.is_dir() else path.parent
     manifest = read_manifest(directory) if path.is_dir() else None
     if manifest is not None and manifest.get("stage") == "vocab":
@@ -436,12 +437,20 @@ def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:
         if "do_lower_case" in cfg:
             source = directory / "tokenizer_config.json"
             return bool(cfg["do_lower_case"]), cfg.get("strip_accents"), source
+    tokenizer = find_vocab_file(path)
+    if tokenizer.suffix == ".json" and tokenizer.is_file():
+        try:
+            norm = json.loads(tokenizer.read_text(encoding="utf-8")).get("normalizer") or {}
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            norm = {}  # reading its vocabulary says what is wrong with it
+        if norm.get("type") == "BertNormalizer" and isinstance(norm.get("lowercase"), bool):
+            return norm["lowercase"], norm.get("strip_accents"), tokenizer
     return None, None, None
 
 
 def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
-    """Load a vocab directory (casing from its manifest or tokenizer_config.json) or a bare
-    vocab.txt (casing must then be given). A given casing that contradicts the recorded one is
+    """Load a vocab directory (casing from its manifest, tokenizer_config.json or tokenizer.json:
+    `recorded_casing`) or a bare vocab.txt (casing must then be given). A given casing that contradicts the recorded one is
     an error: that mismatch silently ruins a model."""
     p = Path(path)
     vocab_file = find_vocab_file(p)
