@@ -450,8 +450,8 @@ def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:
 
 def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
     """Load a vocab directory (casing from its manifest, tokenizer_config.json or tokenizer.json:
-    `recorded_casing`) or a bare vocab.txt (casing must then be given). A given casing that contradicts the recorded one is
-    an error: that mismatch silently ruins a model."""
+    `recorded_casing`) or a bare vocab.txt (casing must then be given). A given casing that
+    contradicts the recorded one is an error: that mismatch silently ruins a model."""
     p = Path(path)
     vocab_file = find_vocab_file(p)
     recorded, strip_accents, source = recorded_casing(p)
