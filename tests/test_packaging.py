@@ -1,11 +1,14 @@
 """What pyproject.toml promises: `make test-floors` installs the lowest release of each
-dependency it allows, from tests/floors.txt, so that list must follow pyproject's floors."""
+dependency it allows, from tests/floors.txt, so that list must follow pyproject's floors; and
+the code must run on the oldest Python it allows, which this machine does not have."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -15,6 +18,10 @@ else:
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def floors(lines: list[str]) -> dict[str, Version]:
@@ -33,7 +40,7 @@ def lowest(requirement: Requirement) -> Version | None:
 
 
 def test_the_floor_environment_pins_the_lowest_release_of_each_dependency():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = read_project()
     pinned = floors((ROOT / "tests" / "floors.txt").read_text().splitlines())
     wanted = {}
     for text in project["dependencies"]:
@@ -53,3 +60,18 @@ def test_a_floor_list_is_read_as_pip_reads_its_pins():
     }
     assert lowest(Requirement("torch>=2.8,<3")) == Version("2.8")
     assert lowest(Requirement("tqdm")) is None
+
+
+def test_the_code_needs_no_newer_python_than_requires_python():
+    """Only Python 3.11 runs the suite here, so vermin reads every file for a module,
+    function or syntax newer than requires-python's floor (e.g. itertools.batched, 3.12).
+    A use guarded at run time is marked `# novermin` on its line."""
+    pytest.importorskip("vermin")
+    floor = lowest(Requirement("python" + read_project()["requires-python"]))
+    assert floor is not None
+    target = f"-t={floor.major}.{floor.minor}-"
+    main = "import sys; from vermin import main; sys.exit(main())"
+    found = subprocess.run([sys.executable, "-c", main, "--no-tips", "--eval-annotations",
+                            "--violations", target, "src", "tests", "bench"],
+                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert found.returncode == 0, found.stdout + found.stderr

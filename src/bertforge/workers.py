@@ -175,7 +175,7 @@ def terminate(pool: cf.ProcessPoolExecutor) -> None:
     """Cancel the pool's queued tasks and end its workers now (Python 3.14 has
     `terminate_workers`; before it, the worker table is the private `_processes`)."""
     if hasattr(pool, "terminate_workers"):
-        pool.terminate_workers()
+        pool.terminate_workers()  # novermin: Python 3.14, checked by hasattr
         return
     processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
