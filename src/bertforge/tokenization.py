@@ -133,9 +133,8 @@ def tokenizer_json_tokens(p: Path) -> list[str]:
                 f"needs the ids 0 to {len(vocab) - 1}, each once; the file is damaged."
             )
         tokens[i] = tok
-    added = sorted(
-        a.get("id", -1) for a in data.get("added_tokens") or [] if a.get("id", -1) >= len(vocab)
-    )
+    ids = [a.get("id") for a in data.get("added_tokens") or [] if isinstance(a, dict)]
+    added = sorted(i for i in ids if isinstance(i, int) and i >= len(vocab))
     if added:
         raise UserError(
             f"{p}: {len(added)} token(s) added beyond its WordPiece vocabulary (ids {added[0]} "
