@@ -968,6 +968,11 @@ def test_init_from_a_model_saved_with_a_tokenizer_json_alone(
     err = capsys.readouterr().err
     assert f"its vocabulary {hf_dir / 'tokenizer.json'} (1500 tokens)" in err
     assert "first difference at id 702, not an [unusedN] slot" in err
+    # no vocabulary beside it at all: nothing to check against, and the run says so
+    (hf_dir / "tokenizer.json").unlink()
+    assert main([*cont, "--data", str(train_data), "--output", str(tmp_path / "bare")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: no vocab.txt or tokenizer.json beside {hf_dir}, so nothing checks" in err
 
 
 def test_batches_are_a_function_of_seed_and_step(train_data):

@@ -209,6 +209,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 "weights with --init-checkpoint."
             )
     vocab = resolve_vocab(cfg, data, init)
+    if init is not None and init.vocab_file is None and d.main:
+        print(
+            f"bertforge: warning: no vocab.txt or tokenizer.json beside {init.path}, so "
+            f"nothing checks that the data's vocabulary {vocab.path} is the one the checkpoint "
+            "was trained with (another one would train on the wrong embeddings, with no "
+            "error); copy the checkpoint's vocab.txt beside it to have it checked.",
+            file=sys.stderr,
+        )
     bert = model_config(cfg, vocab, init, info.max_seq_length)
     if cfg.dropout is not None:
         bert = dataclasses.replace(
