@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ from bertforge.cli import main
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, Layer
 from bertforge.train import check_fused, check_fused_attention, check_fused_ffn
+from tests.conftest import ROOT
 from tests.test_train import args as train_args
 
-ROOT = Path(__file__).resolve().parents[1]
 TRITON_PYTHON = os.environ.get("BERTFORGE_TRITON_PYTHON")
 
 
