@@ -7,6 +7,10 @@ CENSUS := .venv-census
 DEVICE := .venv-device
 FLOOR := .venv-floor
 BIN := $(VENV)/bin
+# The environments the suite's reference, flair and Triton tests run their code in.
+SIDE_VENVS := BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python \
+	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python \
+	BERTFORGE_TRITON_PYTHON=$(abspath $(CENSUS))/bin/python
 
 .PHONY: demo test test-device test-floors envs lint format bench-vocab bench-data bench-train bench-census clean
 
@@ -69,10 +73,7 @@ envs:
 # Two pytest workers, each taking whole files (a file's tests share its fixtures and ports).
 test: envs
 	$(BIN)/ruff check src tests bench
-	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python \
-	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python \
-	BERTFORGE_TRITON_PYTHON=$(abspath $(CENSUS))/bin/python $(BIN)/python -m pytest -q \
-		-n 2 --dist loadfile
+	$(SIDE_VENVS) $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The reference (TensorFlow) and flair tests are left out: their environments do not change.
 test-device: $(DEVICE)/.installed
@@ -81,10 +82,7 @@ test-device: $(DEVICE)/.installed
 
 # The whole suite, the reference (TensorFlow) and flair tests included: they run bertforge here.
 test-floors: $(FLOOR)/.installed envs
-	BERTFORGE_REFERENCE_PYTHON=$(abspath $(REF))/bin/python \
-	BERTFORGE_HF4_PYTHON=$(abspath $(HF4))/bin/python \
-	BERTFORGE_TRITON_PYTHON=$(abspath $(CENSUS))/bin/python $(FLOOR)/bin/python -m pytest -q \
-		-n 2 --dist loadfile
+	$(SIDE_VENVS) $(FLOOR)/bin/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests bench
