@@ -1318,21 +1318,24 @@ def test_a_google_run_continues_where_it_stopped(
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
-    """torchrun with 2 gloo processes, padded, packed, compiled (DDP around the compiled
-    step, its layers one nested region) and with the flat optimizer (DDP writing into its
-    gradient buffer) and q/k/v split (one parameter used in three matmuls): same per-step
-    losses as 1 process, same global batch."""
+    """torchrun with 2 gloo processes, padded and packed, eager and compiled (DDP around the
+    compiled step, its layers one nested region), and with the flat optimizer (DDP writing
+    into its gradient buffer) and q/k/v split (one parameter used in three matmuls): same
+    per-step losses as 1 process, same global batch. Each layout is asked for, not left to
+    the default (on a CPU padded, on a GPU packed up to seq 128), and the manifest says which
+    ran: the packed variant once ran padded unnoticed after the CPU default changed."""
     one = tmp_path / "one"
     steps = ("--num-train-steps", "4", "--no-do-eval")
     main(args(train_data, one, tiny_bert_config, *steps))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    variants = (
-        ("two", ("--no-packed",)),
-        ("two-packed", ()),
-        ("two-compiled", ("--compile",)),
-        ("two-flat", ("--flat-optimizer", "--micro-batch-size", "4", "--compile", "--split-qkv")),
+    flat = ("--flat-optimizer", "--micro-batch-size", "4", "--split-qkv")
+    variants = (  # (name, packed, compiled, flags)
+        ("two", False, False, ("--no-packed", "--no-compile")),
+        ("two-packed", True, False, ("--packed", "--no-compile")),
+        ("two-packed-compiled", True, True, ("--packed", "--compile")),
+        ("two-flat", False, True, ("--no-packed", "--compile", *flat)),
     )
-    for name, extra in variants:
+    for name, packed, compiled, extra in variants:
         two = tmp_path / name
         cmd = [
             sys.executable,
@@ -1354,6 +1357,7 @@ def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
                 assert x[k] == pytest.approx(y[k], abs=1e-5), (name, k)
         manifest = json.loads((two / "manifest.json").read_text())
         assert manifest["processes"] == 2
+        assert (manifest["packed"], manifest["compiled"]) == (packed, compiled), name
 
 
 @pytest.mark.slow
