@@ -21,6 +21,7 @@ from bertforge import fileio
 from bertforge.cli import demo_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
 
 
 def run_script(path: Path, text: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -56,7 +57,7 @@ def run_group(
 
 def _bench_file(name: str, module_name: str) -> tuple[Any, Any]:
     """bench/NAME.py as a module called module_name, not yet run, and its loader."""
-    spec = importlib.util.spec_from_file_location(module_name, ROOT / "bench" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     return importlib.util.module_from_spec(spec), spec.loader
 

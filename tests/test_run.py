@@ -16,9 +16,8 @@ from bertforge.config import RunConfig, read_toml
 from bertforge.errors import UserError
 from bertforge.report import write_report
 from bertforge.run import DIRS, print_summary, run_flags, run_pipeline, stage_configs
-from tests.conftest import run_group
+from tests.conftest import ROOT, run_group
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = [
     "--vocab-size",
     "1500",
@@ -288,7 +287,7 @@ def test_run_refuses_a_foreign_directory(tmp_path, kjv_corpus, capsys):
     assert (out / "thesis.tex").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
 def test_recipes_parse_into_stage_configs(recipe, tmp_path):
     toml = read_toml(recipe)
     run = RunConfig(input=("corpus.txt",), output=str(tmp_path / "r"))
@@ -302,12 +301,12 @@ def test_recipes_parse_into_stage_configs(recipe, tmp_path):
     if configs["train"].bert_config:  # a model shape shipped beside the recipes
         from bertforge.model import BertConfig
 
-        bert = BertConfig.from_json(REPO / configs["train"].bert_config)
+        bert = BertConfig.from_json(ROOT / configs["train"].bert_config)
         assert bert.vocab_size == configs["vocab"].vocab_size
 
 
 def test_demo_uses_the_repository_recipe():
-    assert cli.demo_config().read_text() == (REPO / "configs" / "demo.toml").read_text()
+    assert cli.demo_config().read_text() == (ROOT / "configs" / "demo.toml").read_text()
 
 
 def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
@@ -413,7 +412,7 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
 
 def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypatch, capsys):
     recipe = tmp_path / "demo.toml"
-    text = (REPO / "configs" / "demo.toml").read_text()
+    text = (ROOT / "configs" / "demo.toml").read_text()
     for old, new in (("vocab_size = 8000", "vocab_size = 1500"),
                      ("num_train_steps = 1000", "num_train_steps = 4"),
                      ("eval_records = 500", "eval_records = 20")):  # fmt: skip

@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bertforge.model import Layer
-from tests.conftest import bench_script
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.conftest import BENCH, bench_script
 
 
 @pytest.fixture(scope="module")

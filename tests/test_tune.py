@@ -17,7 +17,7 @@ from bertforge import tune
 from bertforge.cli import main
 from bertforge.config import TrainConfig
 from bertforge.train import train
-from tests.conftest import run_group, run_script
+from tests.conftest import ROOT, run_group, run_script
 from tests.test_train import metrics
 
 CPU = torch.device("cpu")
@@ -600,7 +600,7 @@ def test_a_trial_does_not_import_from_the_working_directory(tmp_path):
         "from bertforge import tune\n"
         "print(tune.run_trial(None, {}, target='tests.test_tune:crash')['error'])\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True,
                           text=True, timeout=60, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
