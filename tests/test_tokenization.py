@@ -52,6 +52,23 @@ def test_vocab_txt_validation(tmp_path: Path):
         read_vocab_file(tmp_path / "missing.txt")
 
 
+def test_a_missing_vocabulary_is_named_before_its_casing_is_asked_for(tmp_path: Path):
+    """--vocab that is not there says so, whether or not the casing is given: not that it
+    has no manifest recording its casing, which sends the user after the wrong fix."""
+    for casing in (None, True):
+        with pytest.raises(UserError, match=r"^--vocab: \S*missing does not exist\.$"):
+            load_vocab(tmp_path / "missing", casing)
+        with pytest.raises(UserError, match=r"^--vocab: \S*missing\.txt does not exist\.$"):
+            load_vocab(tmp_path / "missing.txt", casing)
+        with pytest.raises(UserError, match=r"^--vocab: \S*empty holds no vocab\.txt or tokeniz"):
+            (tmp_path / "empty").mkdir(exist_ok=True)
+            load_vocab(tmp_path / "empty", casing)
+    write_vocab(tmp_path / "empty" / "vocab.txt", TOKENS)  # the casing is then what it lacks
+    with pytest.raises(UserError, match="has no manifest saying whether it is cased"):
+        load_vocab(tmp_path / "empty")
+    assert load_vocab(tmp_path / "empty", True).tokens == tuple(TOKENS)
+
+
 def test_a_tokenizer_json_alone_is_read_as_the_vocab_txt_it_was_made_from(tmp_path, kjv_vocab):
     """transformers 5 saves a BERT tokenizer as tokenizer.json without vocab.txt: its WordPiece
     vocabulary and the casing in tokenizer_config.json are the model's vocabulary."""

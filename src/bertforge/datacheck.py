@@ -252,7 +252,7 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
     tokens: list[str] | None = None
     vocab_path = vocab or (manifest and manifest["vocab"]["path"])
     if vocab_path:
-        tokens = read_vocab_file(find_vocab_file(vocab_path))
+        tokens = read_vocab_file(find_vocab_file(vocab_path, "--vocab"))
     batches, total = [], 0
     for f in files:
         if total >= max_records:

@@ -49,16 +49,23 @@ def google_layout(pieces: Sequence[str], num_unused: int) -> list[str]:
     return [PAD, *unused, UNK, CLS, SEP, MASK, *pieces]
 
 
-def find_vocab_file(path: str | Path) -> Path:
+def find_vocab_file(path: str | Path, flag: str | None = None) -> Path:
     """The vocabulary file of a vocabulary given as its directory or as the file itself: the
     directory's vocab.txt, else its Hugging Face tokenizer.json (transformers 5 saves a BERT
-    tokenizer as that alone, without vocab.txt)."""
+    tokenizer as that alone, without vocab.txt). Given the flag that named `path`, a missing
+    file is an error naming it: the path given, or the directory that holds neither file."""
     p = Path(path)
     if not p.is_dir():
-        return p
-    if not (p / "vocab.txt").is_file() and (p / "tokenizer.json").is_file():
-        return p / "tokenizer.json"
-    return p / "vocab.txt"
+        found = p
+    elif not (p / "vocab.txt").is_file() and (p / "tokenizer.json").is_file():
+        found = p / "tokenizer.json"
+    else:
+        found = p / "vocab.txt"
+    if flag is not None and not found.is_file():
+        if p.is_dir():
+            raise UserError(f"{flag}: {p} holds no vocab.txt or tokenizer.json.")
+        raise UserError(f"{flag}: {p} does not exist.")
+    return found
 
 
 def read_vocab_file(path: str | Path) -> list[str]:
@@ -452,7 +459,7 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
     `recorded_casing`) or a bare vocab.txt (casing must then be given). A given casing that
     contradicts the recorded one is an error: that mismatch silently ruins a model."""
     p = Path(path)
-    vocab_file = find_vocab_file(p)
+    vocab_file = find_vocab_file(p, "--vocab")  # before the casing: a missing file says so
     recorded, strip_accents, source = recorded_casing(p)
     if recorded is not None and do_lower_case is not None and recorded != do_lower_case:
         raise UserError(
