@@ -80,7 +80,13 @@ def test_toml_sets_fields_and_flags_override(tmp_path: Path):
 def test_toml_type_and_section_errors(tmp_path: Path):
     f = tmp_path / "c.toml"
     f.write_text('[vocab]\nvocab_size = "big"\n')
-    with pytest.raises(UserError, match="vocab_size must be a int"):
+    with pytest.raises(UserError, match="vocab_size must be an integer, got 'big'"):
+        build_config(VocabConfig, read_toml(f)["vocab"], {})
+    f.write_text('[vocab]\ndo_lower_case = "yes"\n')
+    with pytest.raises(UserError, match="do_lower_case must be true or false, got 'yes'"):
+        build_config(VocabConfig, read_toml(f)["vocab"], {})
+    f.write_text("[vocab]\noutput = 5\n")
+    with pytest.raises(UserError, match="output must be a string, got 5"):
         build_config(VocabConfig, read_toml(f)["vocab"], {})
     f.write_text("[vocabulary]\nx = 1\n")
     with pytest.raises(

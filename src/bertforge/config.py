@@ -882,6 +882,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# What a TOML value of each kind of setting is written as, for the error that names it.
+KIND_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number",
+              "list": "a list of strings", "str": "a string"}  # fmt: skip
+
+
 def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
     """Check and convert a value from TOML (or code) to the field's type."""
     if value is None and spec.optional:
@@ -908,7 +913,9 @@ def coerce(spec: FieldSpec, value: Any, where: str) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        expected = f"one of {', '.join(spec.choices)}" if spec.choices else f"a {spec.kind}"
+        expected = KIND_NAMES.get(spec.kind, spec.kind)
+        if spec.choices:
+            expected = f"one of {', '.join(spec.choices)}"
         raise UserError(f"{where}: {spec.name} must be {expected}, got {value!r}.")
     return value
 
