@@ -811,6 +811,37 @@ def test_converted_tfrecords_train_as_the_tfrecords(
     assert main([*argv, str(out), "--overwrite"]) == 0
 
 
+def test_token_ids_beyond_the_vocabulary_say_which_of_two_causes(
+    tmp_path, google_tfrecords, train_data, kjv_vocab, tiny_bert_config, capsys
+):
+    """Ids beyond --vocab: Google's TFRecords do not name their vocabulary, so another one is
+    the likely cause; native shards whose manifest names this very vocabulary are damaged,
+    and the error says how to check them, not to look for another vocabulary."""
+    small = tmp_path / "small" / "vocab.txt"
+    small.parent.mkdir()
+    small.write_text("".join(t + "\n" for t in (kjv_vocab / "vocab.txt").read_text().split()[:300]))
+    steps = ("--num-train-steps", "1", "--no-do-eval")
+    argv = args(google_tfrecords, tmp_path / "tf", tiny_bert_config, *steps)
+    assert main([*argv, "--vocab", str(small), "--do-lower-case"]) == 2
+    err = capsys.readouterr().err
+    assert "beyond the vocabulary" in err and "(300 tokens)" in err
+    assert err.strip().endswith("the data was made with another vocabulary.")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(train_data, damaged)
+    shard = sorted(damaged.glob("shard-*"))[0]
+    with shard.open("r+b") as f:  # a run of id 0xFFFF halfway into the records
+        f.seek(shard.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    assert main(args(damaged, tmp_path / "out", tiny_bert_config, *steps)) == 2
+    err = capsys.readouterr().err
+    assert "holds token id 65535, beyond the vocabulary" in err and "(1500 tokens)" in err
+    assert f"the shards are damaged: `bertforge data verify {damaged}`" in err
+    assert "another vocabulary" not in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert main(["data", "verify", str(damaged)]) == 2  # which says so
+    assert "does not match its sha256" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "extra",
     [["--google-adam", "--learning_rate=2e-3"], ["--optimizer", "lamb", "--learning_rate=2e-2"]],

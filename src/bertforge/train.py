@@ -1693,9 +1693,15 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
         check_init_vocab(vocab.tokens, vocab.path, init.vocab_file)
     top = data.max_token_id()
     if top >= vocab.size:
+        why = "the data was made with another vocabulary"
+        if info.vocab_sha256 and vocab.sha256 == info.vocab_sha256:  # its manifest names it
+            why = (
+                f"its manifest names this vocabulary, so the shards are damaged: `bertforge "
+                f"data verify {cfg.data}` checks them against their sha256; recreate them"
+            )
         raise UserError(
             f"{cfg.data} holds token id {top}, beyond the vocabulary {vocab.path} "
-            f"({vocab.size} tokens); the data was made with another vocabulary."
+            f"({vocab.size} tokens); {why}."
         )
     return vocab
 
