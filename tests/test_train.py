@@ -28,6 +28,7 @@ from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.model import BertConfig, BertForPretraining, Layer, from_hf, to_hf
 from bertforge.optim import GoogleAdamW, learning_rate
+from bertforge.shards import read_header
 from bertforge.tokenization import wordpiece_tokenizer
 from bertforge.train import train
 from tests.conftest import FullDisk, run_group
@@ -840,6 +841,58 @@ def test_token_ids_beyond_the_vocabulary_say_which_of_two_causes(
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert main(["data", "verify", str(damaged)]) == 2  # which says so
     assert "does not match its sha256" in capsys.readouterr().err
+
+
+def damage(data: Path, out: Path, record: int, **fields: object) -> Path:
+    """A copy of a data directory with fields of one record of its first shard overwritten."""
+    shutil.copytree(data, out)
+    shard = sorted(out.glob("shard-*"))[0]
+    header = read_header(shard)
+    mapped = np.memmap(shard, header.dtype, "r+", header.offset, (header.num_records,))
+    for name, value in fields.items():
+        mapped[name][record] = value
+    mapped.flush()
+    return out
+
+
+def test_records_whose_fields_contradict_each_other_stop_training_naming_the_record(
+    tmp_path, train_data, google_tfrecords, kjv_vocab, tiny_bert_config, capsys
+):
+    """A damaged native shard whose token ids stay inside the vocabulary (a length, the first
+    [SEP], a label, masked positions) trained on silently before, or failed deep in a step:
+    the run stops before it starts, naming the shard, the record and the field, and says how
+    to check and what to do; nothing is written. bertforge's own data passes, both kinds."""
+    assert PretrainingData(str(train_data)).damaged_record() is None
+    static = tmp_path / "static"  # Google's TFRecords converted: static masks stored
+    assert main(["data", "convert", str(google_tfrecords), "--vocab", str(kjv_vocab), "--output",
+                 str(static), "--lowercase"]) == 0  # fmt: skip
+    assert PretrainingData(str(static)).damaged_record() is None
+    seq = PretrainingData(str(train_data)).info.max_seq_length
+    cases = [
+        (train_data, {"length": seq + 1}, f"length {seq + 1}, beyond max_seq_length {seq}"),
+        (train_data, {"length": 1}, "length 1, shorter than [CLS] [SEP]"),
+        (train_data, {"sep_a": 0}, "its first [SEP] at 0, outside the instance"),
+        (train_data, {"length": 20, "sep_a": 20}, "its first [SEP] at 20, outside the instance"),
+        (train_data, {"next_sentence_label": 2}, "next-sentence label 2, not 0 or 1"),
+        (static, {"num_masked": 11}, "11 masked positions, beyond the 10 slots"),
+        (static, {"length": 20, "sep_a": 5, "num_masked": 2,
+                  "masked_lm_positions": [3, 30] + [0] * 8},
+         "masked positions [30] outside the instance"),
+    ]  # fmt: skip
+    for k, (data, fields, what) in enumerate(cases):
+        bad = damage(data, tmp_path / f"bad{k}", 7, **fields)
+        shard = sorted(bad.glob("shard-*"))[0]
+        assert PretrainingData(str(bad)).damaged_record() == f"{shard}: record 7: {what}"
+        if k in (0, len(cases) - 1):  # the command line: one error, nothing written
+            out = tmp_path / f"out{k}"
+            assert main(args(bad, out, tiny_bert_config, "--num-train-steps", "1")) == 2
+            err = capsys.readouterr().err
+            assert err == (
+                f"bertforge: error: {shard}: record 7: {what}; the shard is damaged. `bertforge "
+                f"data verify {bad}` checks the shards against their sha256; recreate the data "
+                "(bertforge data ... --overwrite).\n"
+            )
+            assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize(

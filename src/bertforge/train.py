@@ -1703,6 +1703,14 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"{cfg.data} holds token id {top}, beyond the vocabulary {vocab.path} "
             f"({vocab.size} tokens); {why}."
         )
+    damaged = data.damaged_record()
+    if damaged is not None:
+        check = f"`bertforge data verify {cfg.data}` checks the shards against their sha256; "
+        raise UserError(
+            f"{damaged}; the shard is damaged. "
+            + (check if info.vocab_sha256 else "")
+            + "recreate the data (bertforge data ... --overwrite)."
+        )
     return vocab
 
 
