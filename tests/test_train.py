@@ -893,6 +893,10 @@ def test_records_whose_fields_contradict_each_other_stop_training_naming_the_rec
                 "(bertforge data ... --overwrite).\n"
             )
             assert not out.exists() or not any(out.iterdir())
+    # a stored masked-LM label beyond the vocabulary, the input ids untouched
+    bad = damage(static, tmp_path / "label", 7, num_masked=1, masked_lm_ids=[65535] * 10)
+    assert main(args(bad, tmp_path / "out", tiny_bert_config, "--num-train-steps", "1")) == 2
+    assert "holds token id 65535, beyond the vocabulary" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
