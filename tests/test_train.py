@@ -94,6 +94,33 @@ def test_tiny_model_learns(tmp_path, train_data, tiny_bert_config):
     assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000150.pt", "ckpt-00000300.pt"]
 
 
+def test_a_damaged_last_checkpoint_names_the_one_before(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    """The newest checkpoint cut short (a copy or a disk gone wrong; bertforge's own writes
+    are atomic): resuming stops with one error naming the readable one before it and how to
+    go on from it; doing so resumes there. A lone damaged file gets no such advice."""
+    out = tmp_path / "run"
+    run = args(train_data, out, tiny_bert_config, "--save-checkpoints-steps", "2", "--no-do-eval")
+    assert main([*run, "--num-train-steps", "4"]) == 0
+    last = out / "checkpoints" / "ckpt-00000004.pt"
+    os.truncate(last, last.stat().st_size // 2)
+    assert main([*run, "--num-train-steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bertforge: error: {last}: not a readable bertforge checkpoint (")
+    assert err.endswith(f"); move it out of {last.parent} to go on from ckpt-00000002.pt, the "
+                        "one before.\n")  # fmt: skip
+    assert err.count("\n") == 1 and "miniz" not in err  # torch's first sentence only
+    aside = tmp_path / "aside.pt"
+    last.rename(aside)
+    assert main([*run, "--num-train-steps", "6"]) == 0
+    assert [r["step"] for r in metrics(out)][-4:] == [3, 4, 5, 6]
+    assert main(["export", "--checkpoint", str(aside), "--output", str(tmp_path / "x")]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"bertforge: error: {aside}: not a readable bertforge checkpoint (")
+    assert line.endswith(").")  # no checkpoint before it to name
+
+
 def test_sigkill_and_resume_give_the_same_losses_bit_for_bit(tmp_path, train_data, kjv_vocab):
     # Dropout on (a preset), so the RNG state must be restored too.
     common = [

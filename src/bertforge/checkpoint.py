@@ -80,8 +80,16 @@ class _WriteErrors:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which
-        raise UserError(f"{path}: not a readable bertforge checkpoint ({e}).") from None
+    except Exception as e:  # a truncated or foreign file: say which, and what else there is
+        why = str(e).split(". ")[0].rstrip(".")  # torch's first sentence, not its advice
+        earlier = list_checkpoints(path.parent.parent) if path.parent.name == CHECKPOINTS else []
+        earlier = earlier[: earlier.index(path)] if path in earlier else []
+        advice = (
+            f"; move it out of {path.parent} to go on from {earlier[-1].name}, the one before"
+            if earlier
+            else ""
+        )
+        raise UserError(f"{path}: not a readable bertforge checkpoint ({why}){advice}.") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a bertforge checkpoint.")
     if state["version"] > VERSION:
