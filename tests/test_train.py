@@ -94,6 +94,26 @@ def test_tiny_model_learns(tmp_path, train_data, tiny_bert_config):
     assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000150.pt", "ckpt-00000300.pt"]
 
 
+def test_data_too_small_to_hold_out_says_what_to_do(tmp_path, kjv_vocab, tiny_bert_config,
+                                                    capsys):  # fmt: skip
+    """One record (a one-line corpus): the held-out set would take it, so the run stops with
+    what to do; --no-do-eval trains on it."""
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("In the beginning God created the heaven and the earth.\n")
+    data = tmp_path / "data"
+    made = ["data", "--input", str(corpus), "--vocab", str(kjv_vocab), "--output", str(data)]
+    assert main([*made, "--max-seq-length", "64", "--max-predictions-per-seq", "10"]) == 0
+    run = args(data, tmp_path / "run", tiny_bert_config, "--num-train-steps", "2")
+    capsys.readouterr()
+    assert main(run) == 2
+    assert capsys.readouterr().err == (
+        f"bertforge: error: --data {data} holds 1 record(s), and the held-out set "
+        "(--eval-records 1) takes them all, leaving none to train on; give more text, or "
+        "--no-do-eval to train on every record.\n"
+    )
+    assert main([*run, "--no-do-eval"]) == 0
+
+
 def test_a_damaged_last_checkpoint_names_the_one_before(
     tmp_path, train_data, tiny_bert_config, capsys
 ):

@@ -227,7 +227,11 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     evaluating = eval_n > 0  # --eval-records 0: no held-out set, so no evaluation
     split = Split.of(len(data), eval_n)
     if cfg.do_train and split.num_train < 1:
-        raise UserError(f"--eval-records {eval_n} leaves no training data ({len(data)} records).")
+        raise UserError(
+            f"--data {cfg.data} holds {len(data)} record(s), and the held-out set "
+            f"(--eval-records {eval_n}) takes them all, leaving none to train on; give more "
+            "text, or --no-do-eval to train on every record."
+        )
     tf_bytes = sum(f.stat().st_size for f in data.files) if data.tf_rows is not None else 0
     if tf_bytes > 1 << 30 and d.main:
         print(
