@@ -561,6 +561,31 @@ def test_bert_config_json_and_errors(tmp_path):
         tiny_config(hidden_act="swish")
     with pytest.raises(UserError, match="rows but the vocabulary"):
         from_hf(dict(to_hf(BertForPretraining(c).state_dict(), c)), tiny_config(), "ckpt")
+    # a hand-edited config: one error naming the file, the key and what it must be
+    good = json.loads(p.read_text())
+    for edit, says in [
+        ({"vocab_size": None}, "it has no vocab_size"),
+        ({"hidden_size": "big"}, "hidden_size must be a positive integer, got 'big'"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+        ({"num_attention_heads": True}, "num_attention_heads must be a positive integer, got True"),
+        ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob must be a number, 0 or more and below "
+                                       "1, got 1.5"),
+        ({"layer_norm_eps": -1}, "layer_norm_eps must be a number, 0 or more, got -1"),
+        ({"hidden_act": 3}, "hidden_act must be a string, got 3"),
+    ]:  # fmt: skip
+        config = {k: v for k, v in {**good, **edit}.items() if v is not None}
+        p.write_text(json.dumps(config))
+        with pytest.raises(UserError) as e:
+            BertConfig.from_json(p)
+        assert str(e.value) == f"{p}: not a BERT config: {says}."
+    p.write_text(json.dumps({**good, "num_attention_heads": 3}))  # __post_init__'s, with the file
+    with pytest.raises(UserError, match=rf"^{p}: hidden_size 64 is not a multiple of num_att"):
+        BertConfig.from_json(p)
+    p.write_text(json.dumps({**good, "hidden_size": 64.0}))  # a whole number written as a float
+    assert (
+        BertConfig.from_json(p).hidden_size == 64
+        and type(BertConfig.from_json(p).hidden_size) is int
+    )
 
 
 ALLOCATIONS = ("full.default", "zeros.default", "new_zeros.default", "empty.memory_format")

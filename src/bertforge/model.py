@@ -130,11 +130,29 @@ class BertConfig:
                 f"{source}: position_embedding_type {positions!r}; bertforge's BERT has "
                 "learned absolute positions only ('absolute')."
             )
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in fields}
+        missing = [k for k, f in fields.items() if f.default is f.default_factory is
+                   dataclasses.MISSING and k not in values]  # fmt: skip
+        if missing:
+            raise UserError(f"{source}: not a BERT config: it has no {', '.join(missing)}.")
+        for k, v in values.items():
+            kind = fields[k].type  # the annotation, a string here: "int", "float" or "str"
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if kind == "int" and not (number and float(v).is_integer() and v >= 1):
+                raise UserError(f"{source}: not a BERT config: {k} must be a positive "
+                                f"integer, got {v!r}.")  # fmt: skip
+            top = 1 if k.endswith("_prob") else math.inf  # a dropout probability
+            if kind == "float" and not (number and 0 <= v < top):
+                below = " and below 1" if top == 1 else ""
+                raise UserError(f"{source}: not a BERT config: {k} must be a number, 0 or "
+                                f"more{below}, got {v!r}.")  # fmt: skip
+            if kind == "str" and not isinstance(v, str):
+                raise UserError(f"{source}: not a BERT config: {k} must be a string, got {v!r}.")
         try:
-            return cls(**{k: v for k, v in d.items() if k in names})
-        except TypeError as e:
-            raise UserError(f"{source}: not a BERT config ({e}).") from None
+            return cls(**{k: int(v) if fields[k].type == "int" else v for k, v in values.items()})
+        except UserError as e:  # __post_init__'s, told where the config came from
+            raise UserError(f"{source}: {str(e).removeprefix('bert config: ')}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> BertConfig:
