@@ -29,6 +29,7 @@ from bertforge.errors import UserError
 from bertforge.model import BertConfig, BertForPretraining, Layer, from_hf, to_hf
 from bertforge.optim import GoogleAdamW, learning_rate
 from bertforge.shards import read_header
+from bertforge.tfrecord import decode_example, encode_example, frame, read_records
 from bertforge.tokenization import wordpiece_tokenizer
 from bertforge.train import train
 from tests.conftest import FullDisk, run_group
@@ -908,7 +909,9 @@ def test_records_whose_fields_contradict_each_other_stop_training_naming_the_rec
     """A damaged native shard whose token ids stay inside the vocabulary (a length, the first
     [SEP], a label, masked positions) trained on silently before, or failed deep in a step:
     the run stops before it starts, naming the shard, the record and the field, and says how
-    to check and what to do; nothing is written. bertforge's own data passes, both kinds."""
+    to check and what to do; nothing is written. bertforge's own data passes, both kinds.
+    Rows read from TFRecords are checked for the fields they hold (segment ids, label, masked
+    positions), naming the file and the record in it."""
     assert PretrainingData(str(train_data)).damaged_record() is None
     static = tmp_path / "static"  # Google's TFRecords converted: static masks stored
     assert main(["data", "convert", str(google_tfrecords), "--vocab", str(kjv_vocab), "--output",
@@ -940,6 +943,26 @@ def test_records_whose_fields_contradict_each_other_stop_training_naming_the_rec
                 "(bertforge data ... --overwrite).\n"
             )
             assert not out.exists() or not any(out.iterdir())
+    # Google's TFRecords (written by other tools too): the same, for the fields they hold
+    with google_tfrecords.open("rb") as f:
+        records = list(read_records(f))
+    cases = [  # (field, its entry, the value; None: one past the instance's length)
+        ("segment_ids", 3, 2, "segment ids [2], not 0 or 1"),
+        ("next_sentence_labels", 0, 3, "next-sentence label 3, not 0 or 1"),
+        ("masked_lm_positions", 0, None, "masked positions [{}] outside the instance"),
+    ]
+    for k, (field, entry, value, what) in enumerate(cases):
+        example = decode_example(records[7])
+        beyond = sum(example["input_mask"]) + 1
+        example[field][entry] = beyond if value is None else value
+        tf = tmp_path / f"tf{k}" / "data.tfrecord"
+        tf.parent.mkdir()
+        damaged = [*records[:7], encode_example(example, {"masked_lm_weights"}), *records[8:]]
+        tf.write_bytes(b"".join(frame(r) for r in damaged))
+        assert PretrainingData(str(tf)).damaged_record() == f"{tf}: record 7: " + what.format(
+            beyond
+        )
+    assert PretrainingData(str(google_tfrecords)).damaged_record() is None
     # a stored masked-LM label beyond the vocabulary, the input ids untouched
     bad = damage(static, tmp_path / "label", 7, num_masked=1, masked_lm_ids=[65535] * 10)
     assert main(args(bad, tmp_path / "out", tiny_bert_config, "--num-train-steps", "1")) == 2

@@ -88,6 +88,7 @@ class PretrainingData:
             p_max = header.meta.get("max_predictions_per_seq") if manifest is None else None
         else:
             batches = [read_tfrecord(p) for p in files]
+            self.tf_sizes = [len(b) for b in batches]  # to name a record's file
             rows = [
                 Rows(
                     b.input_ids,
@@ -159,10 +160,18 @@ class PretrainingData:
         silently on garbage, or fail deep in a step with no word of where: a length beyond
         max_seq_length, the first [SEP] outside the instance, a next-sentence label not 0 or
         1, masked positions outside the instance or more of them than max_predictions_per_seq.
-        One vectorized pass over the small fields, `chunk` records at a time. TFRecords
-        carry a checksum per record, checked as they are read, and are not looked at here."""
+        One vectorized pass over the small fields, `chunk` records at a time. TFRecords (a
+        checksum per record, checked as they are read, but written by other tools too): a
+        length below 2, segment ids or a next-sentence label not 0 or 1, a masked position
+        outside the instance."""
         if self.tf_rows is not None:
-            return None
+            what = _tf_contradiction(self.tf_rows)
+            if what is None:
+                return None
+            i, text = what
+            ends = np.cumsum(self.tf_sizes)
+            f = int(np.searchsorted(ends, i, side="right"))
+            return f"{self.files[f]}: record {i - (ends[f] - self.tf_sizes[f])}: {text}"
         for path, records in zip(self.files, self.native, strict=True):
             for start in range(0, len(records), chunk):
                 what = _contradiction(records[start : start + chunk])
@@ -216,7 +225,7 @@ def _contradiction(rec: np.ndarray) -> tuple[int, str] | None:
     reading the token ids."""
     seq = rec["input_ids"].shape[1]
     length, sep_a, label = rec["length"], rec["sep_a"], rec["next_sentence_label"]
-    checks = [
+    checks: list[tuple[np.ndarray, str, Any]] = [
         (length > seq, "length {}, beyond max_seq_length " + str(seq), length),
         (length < 2, "length {}, shorter than [CLS] [SEP]", length),
         ((sep_a < 1) | (sep_a >= length), "its first [SEP] at {}, outside the instance", sep_a),
@@ -225,18 +234,43 @@ def _contradiction(rec: np.ndarray) -> tuple[int, str] | None:
     if "masked_lm_positions" in (rec.dtype.names or ()):
         count, pos = rec["num_masked"], rec["masked_lm_positions"]
         cap = pos.shape[1]
-        outside = (np.arange(cap) < count[:, None]) & ((pos < 1) | (pos >= length[:, None]))
+        outside = (np.arange(cap) < count[:, None]) & (pos >= length[:, None])
         checks += [
             (count > cap, "{} masked positions, beyond the " + str(cap) + " slots", count),
-            (outside.any(axis=1), "masked positions {} outside the instance", outside),
-        ]  # fmt: skip
-    bad = np.logical_or.reduce([mask for mask, _, _ in checks])
+            (outside.any(axis=1), "masked positions {} outside the instance", (outside, pos)),
+        ]
+    return _first_contradiction(checks)
+
+
+def _tf_contradiction(rows: Rows) -> tuple[int, str] | None:
+    """(index, what) of the first row read from TFRecords that would fail a step or train on
+    what is not there: `_contradiction`'s checks for the fields Google's records hold."""
+    assert rows.positions is not None and rows.labels is not None
+    length, types, label = rows.lengths, rows.token_type_ids, rows.next_sentence
+    pos = rows.positions
+    not_01 = (types < 0) | (types > 1)
+    outside = (rows.labels != IGNORE) & ((pos < 0) | (pos >= length[:, None]))
+    return _first_contradiction([
+        (length < 2, "length {}, shorter than [CLS] [SEP]", length),
+        (not_01.any(axis=1), "segment ids {}, not 0 or 1", (not_01, types)),
+        ((label < 0) | (label > 1), "next-sentence label {}, not 0 or 1", label),
+        (outside.any(axis=1), "masked positions {} outside the instance", (outside, pos)),
+    ])  # fmt: skip
+
+
+def _first_contradiction(checks: list[tuple[np.ndarray, str, Any]]) -> tuple[int, str] | None:
+    """Of (rows failing a check, what it says, the field), the first failing row and the
+    first check it fails, the field's value filled in: a row's value, or for (where, values)
+    the row's values where it fails."""
+    bad = np.logical_or.reduce([failing for failing, _, _ in checks])
     if not bad.any():
         return None
     i = int(np.argmax(bad))
-    text, value = next((text, value[i]) for mask, text, value in checks if mask[i])
-    shown = pos[i][value].tolist() if value.ndim else int(value)  # the positions, or the field
-    return i, text.format(shown)
+    text, value = next((text, value) for failing, text, value in checks if failing[i])
+    if isinstance(value, tuple):
+        where, values = value
+        return i, text.format(sorted(set(values[i][where[i]].tolist())))
+    return i, text.format(int(value[i]))
 
 
 def apply_mask(rows: Rows, spec: MaskSpec | None, rng: np.random.Generator | RowRng) -> Rows:
