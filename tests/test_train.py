@@ -962,6 +962,11 @@ def test_records_whose_fields_contradict_each_other_stop_training_naming_the_rec
         assert PretrainingData(str(tf)).damaged_record() == f"{tf}: record 7: " + what.format(
             beyond
         )
+    assert main(args(tf, tmp_path / "out-tf", tiny_bert_config, "--vocab", str(kjv_vocab))) == 2
+    assert capsys.readouterr().err.endswith(
+        "outside the instance; the TFRecords are not valid BERT pretraining data: make them "
+        "again (with Google's create_pretraining_data.py, or bertforge data --format tfrecord).\n"
+    )
     assert PretrainingData(str(google_tfrecords)).damaged_record() is None
     # a stored masked-LM label beyond the vocabulary, the input ids untouched
     bad = damage(static, tmp_path / "label", 7, num_masked=1, masked_lm_ids=[65535] * 10)

@@ -1708,6 +1708,11 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"({vocab.size} tokens); {why}."
         )
     damaged = data.damaged_record()
+    if damaged is not None and data.tf_rows is not None:  # whole by their checksums
+        raise UserError(
+            f"{damaged}; the TFRecords are not valid BERT pretraining data: make them again "
+            "(with Google's create_pretraining_data.py, or bertforge data --format tfrecord)."
+        )
     if damaged is not None:
         check = f"`bertforge data verify {cfg.data}` checks the shards against their sha256; "
         raise UserError(
