@@ -129,6 +129,30 @@ def test_export_files_and_manifest(tmp_path, trained_run):
     )
 
 
+def test_the_export_reads_no_further_than_training_did(tmp_path, trained_run, capsys):
+    """trained_run trained on sequences of 64 pieces and has 128 positions: rows 64-127 are as
+    initialized. The export's model_max_length is 64, so transformers' tokenizer (and flair's
+    windows) stop there, and so do embed and fill-mask; Google's format keeps it beside the
+    checkpoint. A directory whose tokenizer_config.json has transformers' no-limit number
+    reads every position."""
+    out = tmp_path / "model"
+    argv = ["export", "--checkpoint", str(trained_run), "--output", str(out)]
+    assert main([*argv, "--format", "google"]) == 0
+    assert "model_max_length 64: trained on sequences of up to 64 pieces, so its positions " \
+           "64-127 are untrained" in capsys.readouterr().out  # fmt: skip
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 64
+    assert json.loads((out / "manifest.json").read_text())["trained_length"] == 64
+    assert transformers.AutoTokenizer.from_pretrained(out).model_max_length == 64
+    assert load_model(str(out)).max_length == load_model(str(trained_run)).max_length == 64
+    assert read_init_checkpoint(str(out / "bert_model.ckpt")).trained_length == 64
+    assert read_init_checkpoint(str(out)).config.max_position_embeddings == 128
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 10**30}))
+    assert read_init_checkpoint(str(out)).trained_length is None
+    assert load_model(str(out)).max_length == 128
+    assert "model_max_length" not in capsys.readouterr().out
+
+
 def test_continue_from_run_pretrainings_output_directory(
     tmp_path, trained_run, train_data, tiny_bert_config, capsys
 ):

@@ -115,6 +115,19 @@ def test_data_too_small_to_hold_out_says_what_to_do(tmp_path, kjv_vocab, tiny_be
     assert main([*run, "--no-do-eval"]) == 0
 
 
+def test_the_trained_length_is_the_longest_any_run_of_the_model_trained_at():
+    """From scratch: the data's length; from a checkpoint that records its own, the longer of
+    the two; from one that does not (Google's), every position it has."""
+    c = BertConfig(vocab_size=100, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                   max_position_embeddings=512)  # fmt: skip
+    init = train_module.InitWeights({}, c, None, "bertforge", Path("x"), 1, 128)
+    assert train_module.trained_length(None, 128) == 128
+    assert train_module.trained_length(init, 64) == 128
+    assert train_module.trained_length(init, 512) == 512
+    google = dataclasses.replace(init, kind="google", trained_length=None)
+    assert train_module.trained_length(google, 128) == 512
+
+
 def test_a_damaged_last_checkpoint_names_the_one_before(
     tmp_path, train_data, tiny_bert_config, capsys
 ):

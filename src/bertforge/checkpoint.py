@@ -110,6 +110,10 @@ class InitWeights:
     kind: str  # bertforge | huggingface | google
     path: Path  # the file or directory read
     step: int | None = None  # a bertforge checkpoint's training step
+    # The longest sequence its position embeddings were trained on, where recorded: a bertforge
+    # checkpoint's, or a Hugging Face tokenizer_config.json's model_max_length. Rows past it
+    # are as initialized (a run at seq 128 never trains positions 128-511).
+    trained_length: int | None = None
 
 
 def _config_in(directory: Path, source: str, flag: str) -> BertConfig:
@@ -158,12 +162,14 @@ def read_init_checkpoint(
     if p.is_file() and p.suffix == ".pt":
         state = load_checkpoint(p)
         c = BertConfig.from_dict(state["bert_config"], str(p))
-        return InitWeights(state["model"], c, vocab_file, "bertforge", p, state["step"])
+        return InitWeights(state["model"], c, vocab_file, "bertforge", p, state["step"],
+                           state.get("trained_length"))  # fmt: skip
     directory = p if p.is_dir() else p.parent
     if p.is_dir() and (p / "config.json").is_file():
         c = BertConfig.from_json(p / "config.json")
         hf = _read_hf_weights(p)
-        return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface", p)
+        return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface", p, None,
+                           _model_max_length(p, c))  # fmt: skip
     if p.is_dir() and not any(p.glob("*.index")):
         raise UserError(
             f"{flag}: {p} holds no model bertforge reads; give a bertforge training directory "
@@ -182,7 +188,21 @@ def read_init_checkpoint(
         hf = {k: torch.from_numpy(v) for k, v in google_weights(prefix).items()}
     except UserError as e:
         raise UserError(f"{flag}: {e}") from None
-    return InitWeights(from_hf(hf, c, str(prefix)), c, vocab_file, "google", prefix)
+    # a bertforge export in Google's format carries the length in its tokenizer_config.json
+    trained = _model_max_length(directory, c)
+    return InitWeights(from_hf(hf, c, str(prefix)), c, vocab_file, "google", prefix, None, trained)
+
+
+def _model_max_length(directory: Path, config: BertConfig) -> int | None:
+    """A Hugging Face directory's tokenizer_config.json model_max_length, when it is a length
+    the model has positions for (transformers writes a huge number when none was set)."""
+    try:
+        n = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        n = n.get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(n, int) and not isinstance(n, bool)
+    return n if ok and 1 <= n <= config.max_position_embeddings else None
 
 
 @dataclass

@@ -69,8 +69,11 @@ def export(cfg: ExportConfig) -> ExportResult:
     write_json(out / "config.json", hf_config(bert))
     write_safetensors(out / WEIGHTS, dict(to_hf(source.weights, bert)))
     files = ["config.json", WEIGHTS]
+    # model_max_length: the longest sequence the positions were trained on, so transformers'
+    # truncation and flair's windows never reach rows a run at a shorter length left untrained
+    longest = source.trained_length or bert.max_position_embeddings
     files += save_tokenizer_files(
-        out, vocab.tokens, vocab.do_lower_case, vocab.strip_accents, bert.max_position_embeddings
+        out, vocab.tokens, vocab.do_lower_case, vocab.strip_accents, longest
     )
     if cfg.format == "google":
         write_json(out / "bert_config.json", bert.to_dict())
@@ -85,7 +88,7 @@ def export(cfg: ExportConfig) -> ExportResult:
         {**config_to_dict(cfg), "checkpoint": str(source.path.resolve())},
         inputs=[{"checkpoint": str(source.path), "kind": source.kind, "step": source.step}],
         outputs=files,
-        extra={"bert_config": bert.to_dict(), **training},
+        extra={"bert_config": bert.to_dict(), "trained_length": longest, **training},
         libraries=("torch", "safetensors", "tokenizers"),
     )
     finish_output(out)
@@ -182,6 +185,13 @@ def print_summary(result: ExportResult) -> None:
         f"  L{s.config.num_hidden_layers} H{s.config.hidden_size}, {s.config.vocab_size} tokens "
         f"({casing}); load with AutoModel.from_pretrained({str(result.output)!r})"
     )
+    trained, positions = s.trained_length, s.config.max_position_embeddings
+    if trained is not None and trained < positions:
+        print(
+            f"  model_max_length {trained}: trained on sequences of up to {trained} pieces, so "
+            f"its positions {trained}-{positions - 1} are untrained (continue with "
+            f"--init-checkpoint on data of a longer --max-seq-length to use them)"
+        )
     if result.eval:
         print(
             f"  last eval (step {result.eval['step']}): masked LM accuracy "

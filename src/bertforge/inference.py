@@ -33,7 +33,8 @@ class Loaded:
 
     @property
     def max_length(self) -> int:
-        return self.model.config.max_position_embeddings
+        """Pieces the model reads at most: as far as its positions were trained, where known."""
+        return self.source.trained_length or self.model.config.max_position_embeddings
 
 
 def pick_device(name: str) -> torch.device:

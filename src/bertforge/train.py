@@ -384,6 +384,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 "bert_config": bert.to_dict(),
                 "data": {"source": info.source, "records": len(data), "eval_records": eval_n},
                 "embeddings": embeddings,
+                "trained_length": trained_length(init, info.max_seq_length),
             },
             cfg.keep_checkpoints,
         )
@@ -1785,6 +1786,18 @@ def eval_size(cfg: TrainConfig, total: int) -> int:
             )
         return cfg.eval_records
     return min(10_000, max(1, total // 100))
+
+
+def trained_length(init: InitWeights | None, max_seq_length: int) -> int:
+    """The longest sequence the model's position embeddings have been trained on once this
+    run has trained: its data's max_seq_length, or more if the checkpoint it started from was
+    trained on longer. A checkpoint without that record (Google's, another tool's) counts as
+    trained at every position it has, as Google's published models were (at 512). Export
+    writes it as the tokenizer's model_max_length, so transformers and flair never feed the
+    model positions it has not learned; embed and fill-mask read no further."""
+    if init is None:
+        return max_seq_length
+    return max(max_seq_length, init.trained_length or init.config.max_position_embeddings)
 
 
 def copy_vocab(vocab: Vocab, out: Path) -> None:
