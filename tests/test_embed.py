@@ -132,6 +132,20 @@ def test_word_vectors_with_long_lines_cut_at_word_boundaries(tmp_path, exported_
     np.testing.assert_array_equal(np.load(tmp_path / "short.offsets.npy"), offsets)
 
 
+def test_lines_are_read_as_far_as_the_model_was_trained_unless_asked(
+    tmp_path, exported_model, capsys
+):
+    """exported_model trained on 64 pieces and has 128 positions: by default a line is read to
+    64 pieces; --max-length reads further, up to its positions."""
+    src = tmp_path / "long.txt"
+    src.write_text("and the earth was without form " * 40 + "\n")
+    for extra, read in (([], 64), (["--max-length", "100"], 100), (["--max-length", "999"], 128)):
+        out = tmp_path / f"v{read}.npy"
+        argv = ["embed", "--model", str(exported_model), "--input", str(src), "--output", str(out)]
+        assert main([*argv, *extra]) == 0
+        assert f"1 line(s) were longer than {read} pieces" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
 def test_a_full_disk_leaves_no_output_and_the_rerun_finishes(
     tmp_path, exported_model, monkeypatch, suffix

@@ -74,7 +74,10 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                 f"--layers: the model has {num_layers} layers (0 is the embedding layer, "
                 f"{num_layers} or -1 the last); {layer} is out of range."
             )
-    max_length = min(cfg.max_length or loaded.max_length, loaded.max_length)
+    # default: as far as training reached; asked for, up to every position the model has
+    max_length = min(
+        cfg.max_length or loaded.max_length, loaded.model.config.max_position_embeddings
+    )
     hidden = loaded.model.config.hidden_size
     dim = hidden * len(layers) if cfg.combine == "concat" else hidden
 
