@@ -209,6 +209,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 "weights with --init-checkpoint."
             )
     vocab = resolve_vocab(cfg, data, init)
+    check_records(cfg, data)  # after the ids' check: ids beyond the vocabulary say so first
     if init is not None and init.vocab_file is None and d.main:
         print(
             f"bertforge: warning: no vocab.txt or tokenizer.json beside {init.path}, so "
@@ -1708,20 +1709,26 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"{cfg.data} holds token id {top}, beyond the vocabulary {vocab.path} "
             f"({vocab.size} tokens); {why}."
         )
+    return vocab
+
+
+def check_records(cfg: TrainConfig, data: PretrainingData) -> None:
+    """Stop before the first step at a record whose fields contradict each other
+    (`PretrainingData.damaged_record`), naming it and what to do."""
     damaged = data.damaged_record()
-    if damaged is not None and data.tf_rows is not None:  # whole by their checksums
+    if damaged is None:
+        return
+    if data.tf_rows is not None:  # whole by their checksums: written so
         raise UserError(
             f"{damaged}; the TFRecords are not valid BERT pretraining data: make them again "
             "(with Google's create_pretraining_data.py, or bertforge data --format tfrecord)."
         )
-    if damaged is not None:
-        check = f"`bertforge data verify {cfg.data}` checks the shards against their sha256; "
-        raise UserError(
-            f"{damaged}; the shard is damaged. "
-            + (check if info.vocab_sha256 else "")
-            + "recreate the data (bertforge data ... --overwrite)."
-        )
-    return vocab
+    check = f"`bertforge data verify {cfg.data}` checks the shards against their sha256; "
+    raise UserError(
+        f"{damaged}; the shard is damaged. "
+        + (check if data.info.vocab_sha256 else "")
+        + "recreate the data (bertforge data ... --overwrite)."
+    )
 
 
 def model_config(
