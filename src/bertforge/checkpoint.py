@@ -115,6 +115,12 @@ class InitWeights:
     # are as initialized (a run at seq 128 never trains positions 128-511).
     trained_length: int | None = None
 
+    @property
+    def readable_length(self) -> int:
+        """The longest sequence to feed it: its trained_length where recorded, else every
+        position it has (Google's published models were trained at all 512)."""
+        return self.trained_length or self.config.max_position_embeddings
+
 
 def _config_in(directory: Path, source: str, flag: str) -> BertConfig:
     for name in ("bert_config.json", "config.json"):

@@ -71,7 +71,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     files = ["config.json", WEIGHTS]
     # model_max_length: the longest sequence the positions were trained on, so transformers'
     # truncation and flair's windows never reach rows a run at a shorter length left untrained
-    longest = source.trained_length or bert.max_position_embeddings
+    longest = source.readable_length
     files += save_tokenizer_files(
         out, vocab.tokens, vocab.do_lower_case, vocab.strip_accents, longest
     )

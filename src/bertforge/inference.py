@@ -34,7 +34,7 @@ class Loaded:
     @property
     def max_length(self) -> int:
         """Pieces the model reads at most: as far as its positions were trained, where known."""
-        return self.source.trained_length or self.model.config.max_position_embeddings
+        return self.source.readable_length
 
 
 def pick_device(name: str) -> torch.device:

@@ -1804,7 +1804,7 @@ def trained_length(init: InitWeights | None, max_seq_length: int) -> int:
     model positions it has not learned; embed and fill-mask read no further."""
     if init is None:
         return max_seq_length
-    return max(max_seq_length, init.trained_length or init.config.max_position_embeddings)
+    return max(max_seq_length, init.readable_length)
 
 
 def copy_vocab(vocab: Vocab, out: Path) -> None:
