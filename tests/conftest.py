@@ -33,6 +33,15 @@ def run_script(path: Path, text: str, timeout: float = 60) -> subprocess.Complet
                           text=True, timeout=timeout, env=env)  # fmt: skip
 
 
+def vocab_head(vocab: Path, n: int, folder: Path) -> Path:
+    """folder/vocab.txt: the first n tokens of the vocab directory `vocab` (a vocabulary too
+    small for data made with the whole one)."""
+    folder.mkdir()
+    tokens = (vocab / "vocab.txt").read_text().split()[:n]
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in tokens))
+    return folder / "vocab.txt"
+
+
 def run_group(
     cmd: list[str], timeout: float, check: bool = False, capture_output: bool = False, **kw: Any
 ) -> subprocess.CompletedProcess:

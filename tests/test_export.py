@@ -15,7 +15,7 @@ from bertforge.errors import UserError
 from bertforge.export import export
 from bertforge.inference import load_model
 from bertforge.model import to_hf
-from tests.conftest import FullDisk
+from tests.conftest import FullDisk, vocab_head
 
 transformers = pytest.importorskip("transformers")
 
@@ -242,11 +242,7 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
     with pytest.raises(UserError, match=r"no vocab\.txt or tokenizer\.json beside .* --vocab"):
         export(ExportConfig(checkpoint=str(bare), output=str(tmp_path / "x")))
     # A vocabulary of another size.
-    small = tmp_path / "small" / "vocab.txt"
-    small.parent.mkdir()
-    small.write_text(
-        "".join(t + "\n" for t in (exported_model / "vocab.txt").read_text().split()[:800])
-    )
+    small = vocab_head(exported_model, 800, tmp_path / "small")
     with pytest.raises(UserError, match=r"800 tokens but the model .* vocab_size 1500"):
         export(
             ExportConfig(

@@ -32,7 +32,7 @@ from bertforge.shards import read_header
 from bertforge.tfrecord import decode_example, encode_example, frame, read_records
 from bertforge.tokenization import wordpiece_tokenizer
 from bertforge.train import train
-from tests.conftest import FullDisk, run_group
+from tests.conftest import FullDisk, run_group, vocab_head
 
 LOSSES = ("loss", "masked_lm_loss", "next_sentence_loss", "masked_lm_accuracy")
 # For bertforge in a subprocess: fp32 as in this process (conftest.fp32_on_every_cpu).
@@ -861,9 +861,7 @@ def test_converted_tfrecords_train_as_the_tfrecords(
         assert x["loss"] == y["loss"]
 
     # Errors name the file and records; nothing is taken as data without a manifest.
-    small = tmp_path / "small" / "vocab.txt"
-    small.parent.mkdir()
-    small.write_text("".join(t + "\n" for t in (kjv_vocab / "vocab.txt").read_text().split()[:300]))
+    small = vocab_head(kjv_vocab, 300, tmp_path / "small")
     assert main([*argv[:4], str(small), "--output", str(tmp_path / "x"), "--lowercase"]) == 2
     err = capsys.readouterr().err
     assert f"{google_tfrecords}, records 0-" in err and "beyond" in err and "300 tokens" in err
@@ -879,9 +877,7 @@ def test_token_ids_beyond_the_vocabulary_say_which_of_two_causes(
     """Ids beyond --vocab: Google's TFRecords do not name their vocabulary, so another one is
     the likely cause; native shards whose manifest names this very vocabulary are damaged,
     and the error says how to check them, not to look for another vocabulary."""
-    small = tmp_path / "small" / "vocab.txt"
-    small.parent.mkdir()
-    small.write_text("".join(t + "\n" for t in (kjv_vocab / "vocab.txt").read_text().split()[:300]))
+    small = vocab_head(kjv_vocab, 300, tmp_path / "small")
     steps = ("--num-train-steps", "1", "--no-do-eval")
     argv = args(google_tfrecords, tmp_path / "tf", tiny_bert_config, *steps)
     assert main([*argv, "--vocab", str(small), "--do-lower-case"]) == 2
