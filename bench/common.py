@@ -4,6 +4,7 @@ process, the English corpus, reading a GPU kernel's SASS, and a GPU's memory ban
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -241,14 +242,31 @@ def sm90_compile(
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+# cuobjdump's start-up (its disassembler's tables) takes about 0.35 s a cubin whatever its
+# size: most of a step's census, which reads some 80 kernels. What it prints is kept here by
+# the cubin's hash, as Triton keeps its cubins by their source's.
+SASS_CACHE = Path(
+    os.environ.get("BERTFORGE_SASS_CACHE") or Path.home() / ".cache" / "bertforge" / "cuobjdump"
+)
+
+
 def cuobjdump(cubin: bytes, flag: str, workdir: Path) -> str:
-    """What cuobjdump from Triton's wheel prints for a cubin with `flag` (-sass, -res-usage)."""
+    """What cuobjdump from Triton's wheel prints for a cubin with `flag` (-sass, -res-usage);
+    from SASS_CACHE when that cubin was read with that flag and that Triton before."""
     import triton
 
+    key = hashlib.sha256(f"{triton.__version__} {flag} ".encode() + cubin).hexdigest()
+    kept = SASS_CACHE / key[:2] / key
+    if kept.exists():
+        return kept.read_text()
     path = workdir / "kernel.cubin"
     path.write_bytes(cubin)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     done = subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_name(f".{key}.{os.getpid()}.tmp")  # whole or absent, for a reader
+    partial.write_text(done.stdout)
+    partial.replace(kept)
     return done.stdout
 
 

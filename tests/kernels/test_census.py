@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("triton")
 
 from bertforge import kernels
-from tests.kernels.common import run_bench
+from tests.kernels.common import BENCH, run_bench
 
 pytestmark = pytest.mark.skipif(
     kernels.interpreted(), reason="counts compiled kernels, not interpreted ones"
@@ -102,3 +102,36 @@ def test_a_packed_step_with_every_kernel_compiles_for_new_batch_sizes() -> None:
             call["m"] for k in captured if k.name == "_ffn_forward_kernel" for call in k.calls
         }
         assert len(tokens) >= 3, tokens
+
+
+def test_cuobjdump_reads_a_cubin_once_per_flag(tmp_path, monkeypatch) -> None:
+    """What cuobjdump prints is kept by the cubin's hash (its start-up is most of a census's
+    time): the same cubin and flag again is read from the cache, another flag or cubin is not."""
+    monkeypatch.setattr(BENCH, "SASS_CACHE", tmp_path / "cache")
+    signature = {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32",
+                 "step_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "n": "i64",
+                 **dict.fromkeys(["lr", "decay", "beta1", "rest1", "beta2", "rest2", "eps",
+                                  "log_beta1", "log_beta2"], "fp32")}  # fmt: skip
+    cubins = [
+        BENCH.sm90_compile(kernels._adamw_kernel, signature, constants, kernels.ADAMW_WARPS)
+        .asm["cubin"]
+        for constants in ({"has_scale": s, "has_inf": s, "block": kernels.ADAMW_BLOCK}
+                          for s in (True, False))
+    ]  # fmt: skip
+    sass = BENCH.cuobjdump(cubins[0], "-sass", tmp_path)
+    usage = BENCH.cuobjdump(cubins[0], "-res-usage", tmp_path)
+    assert "_adamw_kernel" in sass and "FFMA" in sass and "REG:" in usage
+    runs = []
+    real_run = BENCH.subprocess.run
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        runs.append(args)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(BENCH.subprocess, "run", counted)
+    assert BENCH.cuobjdump(cubins[0], "-sass", tmp_path) == sass
+    assert BENCH.cuobjdump(cubins[0], "-res-usage", tmp_path) == usage
+    assert not runs
+    other = BENCH.cuobjdump(cubins[1], "-sass", tmp_path)
+    assert len(runs) == 1 and other != sass and "_adamw_kernel" in other
+    assert not list((tmp_path / "cache").rglob(".*.tmp"))
