@@ -19,6 +19,11 @@ counts every token's rows in the last layer, which bertforge's step computes at 
 heads read only (`BertForPretraining.prune_last_layer`; '+fulllast' computes them all):
 mfu_executed leaves out the FLOPs it skips (`BertConfig.pruned_flops_per_token`).
 
+Peak memory (GiB): on CUDA, torch's max_memory_allocated during a side's blocks (with every
+side's model resident); on a CPU, which keeps no such count, a side's weights, gradients and
+optimizer state (`resident_bytes`) plus the most that one step allocates beyond them, from
+the allocations torch's profiler records (`step_peak_bytes`).
+
     python bench/train_throughput.py --model-size mini --seq-len 128 --batch-size 32 --device cpu
     python bench/train_throughput.py --model-size base --batch-size 256 --compile \
         --layouts padded,packed
@@ -279,6 +284,71 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
         print(f"  {count:8.1f}x {ms:8.3f} ms  {name[:90]}")
     shares = {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
     return {"device_time_shares": shares, "host_calls": host}
+
+
+def resident_bytes(*holders: Any) -> int:
+    """The bytes of the CPU tensors that modules and optimizers hold between steps: weights,
+    buffers, gradients that stay (FlatAdamW's), optimizer state; memory that several tensors
+    share (views, FlatAdamW's buffers) counted once."""
+    seen: set[int] = set()
+    spans: list[tuple[int, int]] = []
+
+    def take(x: Any, depth: int = 0) -> None:
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu" and id(x) not in seen:
+                seen.add(id(x))
+                storage = x.untyped_storage()
+                spans.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+                take(x.grad, depth)
+        elif depth > 6 or x is None or isinstance(x, (str, int, float, bool)):
+            return
+        elif isinstance(x, torch.nn.Module):
+            for t in itertools.chain(x.parameters(), x.buffers()):
+                take(t, depth + 1)
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                take(k, depth + 1)
+                take(v, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                take(v, depth + 1)
+        elif isinstance(x, torch.optim.Optimizer) or dataclasses.is_dataclass(x):
+            take(vars(x), depth + 1)  # state, param_groups, FlatAdamW's flat buffers
+
+    for holder in holders:
+        take(holder)
+    total, end = 0, 0
+    for start, stop in sorted(spans):
+        total += max(0, stop - max(start, end))
+        end = max(end, stop)
+    return total
+
+
+def step_peak_bytes(step: Any) -> int | None:
+    """The most bytes that one step (not measured) holds at once on the CPU beyond what was
+    allocated before it: its activations, the gradients it makes and whatever else torch's
+    CPU allocator gives it, from the allocations and frees the profiler records (None where
+    this torch does not expose them). Memory freed in the step but allocated before it is not
+    subtracted (the profiler does not know its size), and libraries' own scratch memory
+    (oneDNN's) is not seen: an upper bound on what torch allocates, a lower one on the RSS."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(False)
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    changes = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in results.events()
+        if e.name() == "[memory]" and str(e.device_type()) == "DeviceType.CPU"
+    )
+    held = peak = 0
+    for _, change in changes:
+        held += change
+        peak = max(peak, held)
+    return peak
 
 
 def cudagraph_skips() -> int:
@@ -651,6 +721,7 @@ def main() -> None:
                 own["masked"] += masked
                 own["steps"] += 1
 
+        step.holds = (model, opt)  # type: ignore[attr-defined]
         return step
 
     steps = {layout: make_ours(layout) for layout in layouts}
@@ -685,7 +756,9 @@ def main() -> None:
     for _ in range(args.warmup):
         for side in list(sides):
             run(side, lambda side=side: warm(side))
-    # Peak memory is what was allocated during a side's blocks (all models stay resident).
+    # Peak memory: on CUDA, the most allocated during a side's blocks (every side's model
+    # stays resident, so each figure includes the others'); on a CPU, the side's own
+    # weights, gradients and optimizer state and the most one step allocates beyond them.
     mem = dict.fromkeys(sides, 0.0)
 
     def block(side: str) -> None:
@@ -713,6 +786,11 @@ def main() -> None:
             if stats[side]["time"]
         )
         print(f"round {rounds}: tokens/s so far: {so_far}", flush=True)
+    if device.type == "cpu":  # no allocator statistics: the profiler's record of one step
+        for side in sides:
+            beyond = step_peak_bytes(steps[side])
+            if beyond is not None:
+                mem[side] = (resident_bytes(*steps[side].holds) + beyond) / 2**30
     breakdown: dict[str, Any] = {}
     for layout in list(layouts) if args.profile else []:
         run(
@@ -766,7 +844,7 @@ def main() -> None:
             "mfu": mfu(tps[layout], st, layout),
             "mfu_executed": mfu(tps[layout], st, layout, executed=True),
             "data_wait_share": round(st["wait"] / st["time"], 4),
-            "peak_memory_gib": round(mem[layout], 2) if device.type == "cuda" else None,
+            "peak_memory_gib": round(mem[layout], 3) if mem[layout] else None,
             "warmup_s": round(warmup[layout], 1),
             **(breakdown.get(layout) or {"device_time_shares": None}),
         }
@@ -812,9 +890,10 @@ def main() -> None:
         "mfu": head["mfu"],
         "mfu_executed": head["mfu_executed"],
         "peer_mfu": mfu(peer_tps, st, peer) if peer_tps else None,
-        "peak_memory_gib": {"ours": head["peak_memory_gib"], "peer": mem.get(peer)}
-        if device.type == "cuda"
-        else None,
+        "peak_memory_gib": {
+            "ours": head["peak_memory_gib"],
+            "peer": round(mem[peer], 3) if mem.get(peer) else None,
+        },
         "padding_share": round(1 - st["tokens"] / (st["steps"] * batch * seq), 4),
         # with --graphs: how often inductor ran a graph without CUDA graphs (0: they all ran)
         "cudagraph_skips": cudagraph_skips() if any("+graphs" in x for x in layouts) else None,
@@ -825,11 +904,11 @@ def main() -> None:
         print(
             f"bertforge {layout}: {r['tokens_per_s']:,.0f} tok/s ({r['step_ms']} ms/step), "
             f"ratio {r['ratio']}, mfu {r['mfu']}, data wait {r['data_wait_share']:.2%}, "
-            f"warm-up {r['warmup_s']} s"
+            f"warm-up {r['warmup_s']} s, peak memory {r['peak_memory_gib']} GiB"
         )
     for side in peers:
         if side in tps:
-            print(f"{side}: {tps[side]:,.0f} tok/s")
+            print(f"{side}: {tps[side]:,.0f} tok/s, peak memory {mem.get(side) or 0:.3f} GiB")
     print(json.dumps(result))
 
 
@@ -880,6 +959,7 @@ def make_peer(
             own["tokens"] += tokens
             own["steps"] += 1
 
+    step.holds = (peer, peer_opt)  # type: ignore[attr-defined]
     return step
 
 

@@ -148,6 +148,11 @@ def test_a_side_that_fails_is_left_out_and_the_others_measured(bench, monkeypatc
     assert [line.split(":")[0] for line in out if line.startswith("round ")] == [
         "round 1", "round 2"
     ]  # fmt: skip
+    # peak memory on a CPU: at least the weights, gradients and AdamW's two moments (16 bytes
+    # a parameter in fp32) of BERT-tiny with the bench's 30,522 words, for either side
+    floor = 16 * 4.4e6 / 2**30
+    assert got["layouts"]["padded"]["peak_memory_gib"] == got["peak_memory_gib"]["ours"] > floor
+    assert got["peak_memory_gib"]["peer"] > floor
 
 
 def test_profiled_kernels_are_sorted_by_kind(bench) -> None:
@@ -173,3 +178,53 @@ def test_every_layer_option_has_a_side_suffix(bench) -> None:
 
     assert set(bench.LAYER_SUFFIXES) == set(LAYER_OPTIONS)
     assert set(bench.LAYER_SUFFIXES.values()) <= set(bench.SUFFIXES)
+
+
+def test_a_steps_peak_is_the_most_it_holds_at_once(bench) -> None:
+    """step_peak_bytes: from the allocations and frees the profiler records, the most bytes
+    held at once beyond what was allocated before the step (a tensor from before, freed in
+    it, is not subtracted)."""
+    import torch
+
+    mib = 1 << 20
+    before = torch.empty(8 * mib, dtype=torch.uint8)
+
+    def step(measure: bool) -> None:
+        nonlocal before
+        a = torch.empty(4 * mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a, b
+        before = None
+        c = torch.empty(5 * mib, dtype=torch.uint8)
+        del c
+
+    assert bench.step_peak_bytes(step) == 6 * mib
+
+
+def test_resident_bytes_count_shared_memory_once(bench) -> None:
+    """Weights, gradients and optimizer state: torch's AdamW keeps each tensor apart;
+    FlatAdamW lays weights, gradients and moments out in four buffers, which the parameters,
+    their gradients and their state view (counted once)."""
+    import torch
+
+    from bertforge.optim import FlatAdamW
+
+    def trained(make):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Linear(200, 7))
+        opt = make(model.parameters())
+        model(torch.randn(3, 300)).sum().backward()
+        opt.step()
+        return model, opt
+
+    n = 300 * 200 + 200 + 200 * 7 + 7
+    model, opt = trained(lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    # weights, gradients, two moments in fp32, and a one-element step count per tensor
+    assert bench.resident_bytes(model, opt) == 4 * 4 * n + 4 * 4
+    model.zero_grad(set_to_none=True)
+    assert bench.resident_bytes(model, opt) == 3 * 4 * n + 4 * 4
+    model, opt = trained(lambda ps: FlatAdamW(ps, lr=1e-3))
+    (flat,) = opt.flat
+    buffers = [flat.data, flat.grad, flat.exp_avg, flat.exp_avg_sq]
+    assert flat.data.numel() > n  # each tensor starts at a multiple of 64 elements
+    assert bench.resident_bytes(model, opt) == sum(4 * b.numel() for b in buffers) + 4 * 4
