@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -445,23 +447,33 @@ def test_compile_is_on_by_default_only_for_long_gpu_runs(monkeypatch):
     assert not train_module.use_compile(cfg(), cuda, long - 1)  # e.g. resumed near the end
     assert train_module.use_compile(cfg(compile=True), cpu, 1)
     assert not train_module.use_compile(cfg(compile=False), cuda, long)
-    for amx in (True, False):  # eager measured faster on a CPU, with AMX or without
-        monkeypatch.setattr(train_module, "cpu_has_amx", lambda amx=amx: amx)
+    for bf16 in (True, False):  # eager measured faster on a CPU, in bf16 or fp32
+        monkeypatch.setattr(train_module, "cpu_has_bf16", lambda bf16=bf16: bf16)
         assert not train_module.use_compile(cfg(), cpu, 10 * long)
 
 
 def test_auto_precision_is_bf16_on_a_cpu_that_multiplies_bf16_in_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train_module, "cpu_has_amx", lambda: True)  # AMX
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
     assert train_module.resolve_precision("auto", cpu) == torch.bfloat16
     assert train_module.resolve_precision("fp32", cpu) == torch.float32
-    monkeypatch.setattr(train_module, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
     assert train_module.resolve_precision("auto", cpu) == torch.float32
     assert train_module.resolve_precision("bf16", cpu) == torch.bfloat16
+    # in hardware: Intel's AMX tiles, or AVX512-BF16 (AMD's Zen 4, Intel's Cooper Lake)
+    for amx, avx512_bf16 in itertools.product((True, False), repeat=2):
+        cpu = types.SimpleNamespace(
+            _is_amx_tile_supported=lambda v=amx: v,
+            _is_avx512_bf16_supported=lambda v=avx512_bf16: v,
+        )
+        assert train_module.bf16_in_hardware(cpu) == (amx or avx512_bf16)
+    assert not train_module.bf16_in_hardware(types.SimpleNamespace())  # a torch without probes
+    assert train_module.bf16_in_hardware(torch.cpu) in (True, False)  # torch's own probes run
 
 
 def test_bf16_on_a_cpu_learns_as_fp32_does(tmp_path, train_data, tiny_bert_config):
-    """80 steps in bf16 on the CPU, eager and compiled (what an AMX CPU chooses by default, the
+    """80 steps in bf16 on the CPU, eager and compiled (what a CPU with bf16 in hardware
+    chooses by default, the
     compile for long runs): the loss falls as in fp32, its last 30 steps' loss within 0.03 of
     the fp32 run's (on this data they differ by about 1e-4; a run that stopped learning stays
     about 1 higher)."""

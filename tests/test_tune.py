@@ -394,7 +394,7 @@ def test_a_tuned_run_on_the_cpu(tmp_path, cache, train_data, tiny_bert_config, m
         assert trial["seconds"] > 0 and trial["tokens_per_s"] > 0 and "gradients" not in trial
     # the default step's own distance from its gradients in fp32: bf16's rounding where the
     # trials' processes (not patched as this one is, conftest.py) train in bf16 (a CPU with
-    # AMX), none in fp32 (where it is the fp32 step); each trial's about as far
+    # bf16 in hardware), none in fp32 (where it is the fp32 step); each trial's about as far
     bf16 = report["trials"][0]["floor"] == tune.CHECK_FLOOR["bf16"]
     own = report["trials"][0]["check"]
     assert (own["difference"] > 0) is bf16

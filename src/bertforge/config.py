@@ -348,7 +348,7 @@ class TrainConfig:
     """Clip gradients to this global norm (0: no clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones; on a CPU bf16
-    where it multiplies bf16 in hardware (Intel AMX), else fp32."""
+    where it multiplies bf16 in hardware (Intel's AMX, AVX512-BF16: AMD's Zen 4), else fp32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train (auto: CUDA when available)."""
     peak_tflops: float | None = None

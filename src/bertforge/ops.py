@@ -18,9 +18,10 @@ itself.
   own, one call per four elements, whose 64-bit words the fused kernels read as four int16.
 - `attention`: scaled_dot_product_attention with dropout on a CPU takes its math path, which
   casts bf16 q, k and v to fp32 and draws the Bernoulli mask above. Here the two products run
-  in the input dtype (bf16 on AMX), softmax accumulates in fp32 as torch's kernel does, and
-  the probabilities take `dropout`. Under torch.compile on a CPU too, when there is dropout:
-  SDPA's math path would draw a Philox number per probability.
+  in the input dtype (bf16 where the CPU multiplies it in hardware), softmax accumulates in
+  fp32 as torch's kernel does, and the probabilities take `dropout`. Under torch.compile on a
+  CPU too, when there is dropout: SDPA's math path would draw a Philox number per
+  probability.
 - `masked_lm_loss`: the MLM cross-entropy over the vocabulary, chunked over rows. The plain
   expression casts all [N, vocab] logits to fp32, writes a full fp32 log-softmax, and in the
   backward fills and copies full fp32 gradients several times over. Here each chunk of rows

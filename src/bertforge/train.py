@@ -1340,10 +1340,11 @@ def compile_failure(e: TorchDynamoException, cfg: TrainConfig, d: Dist, step: in
 
 # Steps a run must have left for torch.compile to be on by default on a GPU: on an H100 the
 # compiled BERT-base step is 1.2x faster, so the warm-up compile of under a minute pays back
-# within a few thousand steps. A CPU runs eager unless asked: with bertforge's own ops
-# (ops.py) the eager step of BERT-mini and -small measured 1.06-1.14x faster than the compiled
-# one in bf16 (the CPU default with AMX) on a Xeon; in fp32 compiling measured 1.05-1.5x
-# faster there, but on an AMD EPYC (fp32, before these ops) 4% slower (bench/RESULTS.md).
+# within a few thousand steps. A CPU runs eager unless asked: with bertforge's own ops (ops.py)
+# the eager step of BERT-mini and -small measured 1.06-1.14x faster than the compiled one in
+# bf16 (the default on a CPU with bf16 in hardware) on a Xeon; in fp32 compiling measured
+# 1.05-1.5x faster there, but on an AMD EPYC (fp32, before these ops) 4% slower
+# (bench/RESULTS.md).
 AUTO_COMPILE_STEPS = 10_000
 
 
@@ -1560,18 +1561,26 @@ def use_packed(
     return device.type == "cuda" and attention and max_seq_length <= PACKED_MAX_SEQ_ON_GPU
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles: Xeon 4th
-    generation and later), where bf16 autocast trains BERT-mini and -small 2.1x and 2.5x
-    faster than fp32 (bench/RESULTS.md, session 21). Elsewhere bf16 is emulated, and slower."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent, no AMX
-    return bool(probe is not None and probe())
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (`bf16_in_hardware`)."""
+    return bf16_in_hardware(torch.cpu)
+
+
+def bf16_in_hardware(cpu: Any) -> bool:
+    """Whether torch's CPU probes (`cpu`: torch.cpu) find bf16 matrix products in hardware:
+    Intel's AMX tiles (Xeon 4th generation and later), where bf16 autocast trains BERT-mini
+    and -small 2.1x and 2.5x faster than fp32 (bench/RESULTS.md, session 21), or AVX512-BF16
+    (AMD's Zen 4 and later, Intel's Cooper Lake), where it trained BERT-mini 1.9x and
+    BERT-small 2.0x faster on an AMD EPYC (session 41). Elsewhere bf16 is emulated, and
+    slower. The probes are private: a torch without them trains in fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
-            return torch.bfloat16 if cpu_has_amx() else torch.float32
+            return torch.bfloat16 if cpu_has_bf16() else torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU.")
