@@ -908,7 +908,8 @@ def main() -> None:
         )
     for side in peers:
         if side in tps:
-            print(f"{side}: {tps[side]:,.0f} tok/s, peak memory {mem.get(side) or 0:.3f} GiB")
+            peak = f"{mem[side]:.3f} GiB" if mem.get(side) else None
+            print(f"{side}: {tps[side]:,.0f} tok/s, peak memory {peak}")
     print(json.dumps(result))
 
 
