@@ -53,6 +53,19 @@ compiled = pytest.mark.skipif(
     kernels.interpreted(), reason="compiled kernels, not interpreted ones"
 )
 
+# kernels._adamw_kernel's arguments for compiling it without a launch (BENCH.sm90_compile),
+# and its constants with the loss scale and the found-inf flag and without them
+ADAMW_SIGNATURE = {
+    **dict.fromkeys(["p_ptr", "g_ptr", "m_ptr", "v_ptr", "step_ptr", "scale_ptr"], "*fp32"),
+    "inf_ptr": "*fp32",
+    "n": "i64",
+    **dict.fromkeys(["lr", "decay", "beta1", "rest1", "beta2", "rest2", "eps"], "fp32"),
+    **dict.fromkeys(["log_beta1", "log_beta2"], "fp32"),
+}
+ADAMW_CONSTANTS = [
+    {"has_scale": flag, "has_inf": flag, "block": kernels.ADAMW_BLOCK} for flag in (True, False)
+]
+
 
 def configs_in_turn(*tuners: tuple[Any, Any]) -> Any:
     """A fixture that runs a test once per autotuned configuration: the i-th run pins each

@@ -15,7 +15,14 @@ triton = pytest.importorskip("triton")
 from bertforge import kernels  # noqa: E402
 from bertforge.model import BertConfig, BertForPretraining  # noqa: E402
 from bertforge.optim import FlatAdamW, param_groups  # noqa: E402
-from tests.kernels.common import DEVICE, compile_one_for_sm90, compiled, numeric  # noqa: E402
+from tests.kernels.common import (  # noqa: E402
+    ADAMW_CONSTANTS,
+    ADAMW_SIGNATURE,
+    DEVICE,
+    compile_one_for_sm90,
+    compiled,
+    numeric,
+)
 
 N = 2 * kernels.ADAMW_BLOCK + 77  # a last program with a partial block
 
@@ -98,14 +105,5 @@ def test_flat_adamw_takes_the_kernel(monkeypatch):
 
 @compiled
 def test_compiles_for_sm90():
-    signature = {
-        **dict.fromkeys(["p_ptr", "g_ptr", "m_ptr", "v_ptr", "step_ptr", "scale_ptr"], "*fp32"),
-        "inf_ptr": "*fp32",
-        "n": "i64",
-        **dict.fromkeys(["lr", "decay", "beta1", "rest1", "beta2", "rest2", "eps"], "fp32"),
-        **dict.fromkeys(["log_beta1", "log_beta2"], "fp32"),
-    }
-    for flags in ((True, True), (False, False)):
-        constants = dict(zip(("has_scale", "has_inf"), flags, strict=True))
-        constants["block"] = kernels.ADAMW_BLOCK
-        compile_one_for_sm90(kernels._adamw_kernel, signature, constants, kernels.ADAMW_WARPS)
+    for constants in ADAMW_CONSTANTS:
+        compile_one_for_sm90(kernels._adamw_kernel, ADAMW_SIGNATURE, constants, kernels.ADAMW_WARPS)

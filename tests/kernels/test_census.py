@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("triton")
 
 from bertforge import kernels
-from tests.kernels.common import BENCH, run_bench
+from tests.kernels.common import ADAMW_CONSTANTS, ADAMW_SIGNATURE, BENCH, run_bench
 
 pytestmark = pytest.mark.skipif(
     kernels.interpreted(), reason="counts compiled kernels, not interpreted ones"
@@ -108,16 +108,12 @@ def test_cuobjdump_reads_a_cubin_once_per_flag(tmp_path, monkeypatch) -> None:
     """What cuobjdump prints is kept by the cubin's hash (its start-up is most of a census's
     time): the same cubin and flag again is read from the cache, another flag or cubin is not."""
     monkeypatch.setattr(BENCH, "SASS_CACHE", tmp_path / "cache")
-    signature = {"p_ptr": "*fp32", "g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32",
-                 "step_ptr": "*fp32", "scale_ptr": "*fp32", "inf_ptr": "*fp32", "n": "i64",
-                 **dict.fromkeys(["lr", "decay", "beta1", "rest1", "beta2", "rest2", "eps",
-                                  "log_beta1", "log_beta2"], "fp32")}  # fmt: skip
     cubins = [
-        BENCH.sm90_compile(kernels._adamw_kernel, signature, constants, kernels.ADAMW_WARPS)
-        .asm["cubin"]
-        for constants in ({"has_scale": s, "has_inf": s, "block": kernels.ADAMW_BLOCK}
-                          for s in (True, False))
-    ]  # fmt: skip
+        BENCH.sm90_compile(
+            kernels._adamw_kernel, ADAMW_SIGNATURE, constants, kernels.ADAMW_WARPS
+        ).asm["cubin"]
+        for constants in ADAMW_CONSTANTS
+    ]
     sass = BENCH.cuobjdump(cubins[0], "-sass", tmp_path)
     usage = BENCH.cuobjdump(cubins[0], "-res-usage", tmp_path)
     assert "_adamw_kernel" in sass and "FFMA" in sass and "REG:" in usage
