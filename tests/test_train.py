@@ -473,10 +473,9 @@ def test_auto_precision_is_bf16_on_a_cpu_that_multiplies_bf16_in_hardware(monkey
 
 def test_bf16_on_a_cpu_learns_as_fp32_does(tmp_path, train_data, tiny_bert_config):
     """80 steps in bf16 on the CPU, eager and compiled (what a CPU with bf16 in hardware
-    chooses by default, the
-    compile for long runs): the loss falls as in fp32, its last 30 steps' loss within 0.03 of
-    the fp32 run's (on this data they differ by about 1e-4; a run that stopped learning stays
-    about 1 higher)."""
+    chooses by default, the compile for long runs): the loss falls as in fp32, its last 30
+    steps' loss within 0.03 of the fp32 run's (on this data they differ by about 1e-4; a run
+    that stopped learning stays about 1 higher)."""
     late = {}
     for name, precision, *compiled in (("fp32", "fp32"), ("bf16", "bf16"),
                                        ("compiled", "bf16", "--compile")):  # fmt: skip
