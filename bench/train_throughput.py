@@ -39,12 +39,16 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import re
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +258,7 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=activities) as prof:
+    with without_probe_lines(), torch_profile(activities=activities) as prof:
         for _ in range(n):
             step(False)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -284,6 +288,30 @@ def profile(step: Any, n: int, device: torch.device, table: str | None) -> dict[
         print(f"  {count:8.1f}x {ms:8.3f} ms  {name[:90]}")
     shares = {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
     return {"device_time_shares": shares, "host_calls": host}
+
+
+@contextlib.contextmanager
+def without_probe_lines() -> Iterator[None]:
+    """Run the block with the process's stderr (file descriptor 2) going to a temporary file,
+    then write back all but the "USDT:" lines: kineto's tracing probes, which some torch builds
+    (2.13's CPU wheel) print at every profiler start and stop, from C++, bypassing Python."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as caught:
+            os.dup2(caught.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                caught.seek(0)
+                lines = caught.read().splitlines(keepends=True)
+                kept = b"".join(line for line in lines if not line.startswith(b"USDT:"))
+                while kept:
+                    kept = kept[os.write(2, kept) :]
+    finally:
+        os.close(saved)
 
 
 def resident_bytes(*holders: Any) -> int:
@@ -334,7 +362,10 @@ def step_peak_bytes(step: Any) -> int | None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        without_probe_lines(),
+        torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         step(False)
     results = getattr(prof.profiler, "kineto_results", None)
     if results is None:

@@ -201,6 +201,24 @@ def test_a_steps_peak_is_the_most_it_holds_at_once(bench) -> None:
     assert bench.step_peak_bytes(step) == 6 * mib
 
 
+def test_the_profilers_probe_lines_are_kept_off_stderr(bench, capfd) -> None:
+    """without_probe_lines: what C++ writes to file descriptor 2 inside the block comes back
+    on it afterwards, in order, less the "USDT:" lines; stderr is restored after an error."""
+    import os
+
+    with bench.without_probe_lines():
+        os.write(2, b"USDT:2026-12-06 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a warning\n")
+        os.write(2, b"USDT:2026-12-06 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
+        os.write(2, b"and another")
+    assert capfd.readouterr().err == "a warning\nand another"
+    with pytest.raises(KeyError), bench.without_probe_lines():
+        os.write(2, b"before the error\n")
+        raise KeyError
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "before the error\nafter\n"
+
+
 def test_resident_bytes_count_shared_memory_once(bench) -> None:
     """Weights, gradients and optimizer state: torch's AdamW keeps each tensor apart;
     FlatAdamW lays weights, gradients and moments out in four buffers, which the parameters,
