@@ -6,9 +6,11 @@ import json
 import random
 import subprocess
 import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import bertforge.vocab as vocab_module
@@ -78,15 +80,50 @@ def test_deterministic_across_processes(tmp_path: Path, mixed_corpus: Path, algo
 
 
 def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
-    cased = read_vocab_file(train_vocab(cfg(mixed_corpus, tmp_path / "c", vocab_size=900,
-                                           do_lower_case=False)).output / "vocab.txt")  # fmt: skip
+    result = train_vocab(cfg(mixed_corpus, tmp_path / "c", vocab_size=900, do_lower_case=False))
+    cased = read_vocab_file(result.output / "vocab.txt")
     assert {"İ", "Ö", "ç", "ş", "ğ", "ø", "å"} <= set(cased)
-    lower = read_vocab_file(train_vocab(cfg(mixed_corpus, tmp_path / "l", vocab_size=900))
-                           .output / "vocab.txt")  # fmt: skip
+    assert not any(w.startswith("note: lowercasing") for w in result.warnings)
+    result = train_vocab(cfg(mixed_corpus, tmp_path / "l", vocab_size=900))
+    lower = read_vocab_file(result.output / "vocab.txt")
     assert "ç" not in lower and "c" in lower and "İ" not in lower
-    keep = read_vocab_file(train_vocab(cfg(mixed_corpus, tmp_path / "k", vocab_size=900,
-                                          strip_accents=False)).output / "vocab.txt")  # fmt: skip
+    (note,) = [w for w in result.warnings if w.startswith("note: lowercasing")]
+    assert "--no-strip-accents keeps them" in note
+    result = train_vocab(cfg(mixed_corpus, tmp_path / "k", vocab_size=900, strip_accents=False))
+    keep = read_vocab_file(result.output / "vocab.txt")
     assert {"ç", "ş", "ğ", "ø"} <= set(keep) and "Ö" not in keep
+    assert not any(w.startswith("note: lowercasing") for w in result.warnings)
+
+
+def test_a_note_says_when_default_accent_stripping_changes_many_letters():
+    """Lowercasing strips accents unless told (Google's default): where that changes at
+    least 0.5% of the letters, a note says how many and which (the most frequent first);
+    never where the user chose, or on mostly unaccented text."""
+    from bertforge.vocab import accent_note, count_chars
+
+    def note(text: str, **kw) -> str | None:  # type: ignore[no-untyped-def]
+        counts = np.zeros(0x110000, dtype=np.int64)
+        count_chars([text], counts)
+        return accent_note(counts, VocabConfig(input=("-",), output="o", **kw))
+
+    turkish = "Öğretmen çocuklara şarkı söyledi, İstanbul'da güneşli bir gün. " * 3
+    found = note(turkish)
+    assert found is not None
+    letters = sum(c.isalpha() for c in turkish)
+    changed = sum(c in "ÖöğçşüİÜ" for c in turkish)
+    assert f"changes {changed / letters:.1%} of this corpus's letters" in found
+    assert found.index("ş→s") < found.index("ç→c")  # ş three times a sentence, ç once
+    assert "ö→o" in found and "i̇→i" in found  # Ö lowercases to ö; İ to i + a dot mark
+    assert note(turkish, strip_accents=True) is None  # chosen: no note
+    assert note(turkish, strip_accents=False) is None
+    assert note(turkish, do_lower_case=False) is None
+    english = "The café served a naïve résumé of the quarter's figures to everyone there. "
+    english += "Plain words without any marks in them at all, many of them. " * 40
+    assert note(english) is None  # 4 of about 2,000 letters
+    assert note("é " + "a" * 199) is not None  # 0.5% of the letters: the threshold
+    assert note("é " + "a" * 200) is None
+    decomposed = unicodedata.normalize("NFD", turkish)  # marks as characters of their own
+    assert "combining marks dropped" in (note(decomposed) or "")
 
 
 def test_small_corpus_pads_with_unused(tmp_path: Path):

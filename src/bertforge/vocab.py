@@ -82,6 +82,7 @@ BATCH_LINES = 2000
 HELDOUT_MAX_SHARE = 0.05  # never hold out more than 5% of the documents
 SP_MAX_SENTENCE_BYTES = 1 << 16
 TRAIN_WORDS = 80_000  # distinct words the WordPiece trainer sees
+ACCENT_NOTE_SHARE = 0.005  # of the corpus's letters, changed by stripping accents: a note
 TRAIN_OCCURRENCES = 1_500_000  # word occurrences it is fed, about
 COUNT_CHUNK = 1 << 19  # characters counted at once (small chunks stay in cache: faster)
 
@@ -92,6 +93,7 @@ class Scan:
 
     stats: CorpusStats
     char_counts: np.ndarray  # (0x110000,) counts of normalized code points
+    accents: str | None  # the note when default accent stripping changes many letters
     heldout_docs: set[int]
     heldout: list[str]
     train_sentences: int  # in the corpus, held-out documents excluded
@@ -161,7 +163,7 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
             scan.sample[i : i + BATCH_LINES] for i in range(0, len(scan.sample), BATCH_LINES)
         )
         pieces = train_sentencepiece(batches, alphabet, budget, cfg, out)
-    warnings = [w for w in [scan.stats.report()] if w]
+    warnings = [w for w in [scan.stats.report(), scan.accents] if w]
     padded = budget - len(pieces)
     if padded > 0:
         extra = [f"[unused{cfg.num_unused + i}]" for i in range(padded)]
@@ -260,13 +262,14 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
     heldout_docs = {index for _, index, _ in kept}
     heldout = [s for _, _, doc in sorted(kept, key=lambda x: x[1]) for s in doc]
     normalized = normalize_counts(counts, cfg)
+    accents = accent_note(counts, cfg)
     if whole:
         sample = [s for index, doc in whole if index not in heldout_docs for s in doc]
     else:
         pairs = zip(indices, reservoir, strict=True)
         sample = [s for index, s in pairs if index not in heldout_docs]
     train_sentences = stats.sentences - len(heldout)
-    return Scan(stats, normalized, heldout_docs, heldout, train_sentences, sample)
+    return Scan(stats, normalized, accents, heldout_docs, heldout, train_sentences, sample)
 
 
 def count_chars(lines: list[str], counts: np.ndarray) -> None:
@@ -299,6 +302,40 @@ def normalize_counts(raw: np.ndarray, cfg: VocabConfig) -> np.ndarray:
         for n in line.replace(" ", "") + ("ς" if cfg.do_lower_case and cp == ord("Σ") else ""):
             out[ord(n)] += raw[cp]
     return out
+
+
+def accent_note(raw: np.ndarray, cfg: VocabConfig) -> str | None:
+    """A note when lowercasing's accent stripping, taken by default as in Google's uncased
+    models, takes a mark off at least ACCENT_NOTE_SHARE of the corpus's letters: Turkish
+    ç ş ğ ö ü, Norwegian å, German umlauts, French accents then become their bare letters in
+    the vocabulary and in every later stage, which the model cannot undo. None where the
+    user chose (`--strip-accents` either way, `--cased`) or the marks are rare. A combining
+    mark written on its own (decomposed text) is a letter that loses it."""
+    if not cfg.do_lower_case or cfg.strip_accents is not None:
+        return None
+    present = [
+        cp
+        for cp in np.flatnonzero(raw).tolist()
+        if chr(cp).isalpha() or unicodedata.category(chr(cp)) == "Mn"
+    ]
+    chars = [chr(cp) for cp in present]
+    kept = basic_words(chars, True, False)
+    stripped = basic_words(chars, True, True)
+    lost: Counter[str] = Counter()
+    for cp, k, t in zip(present, kept, stripped, strict=True):
+        if k != t:
+            shown = f"{k}→{t}" if t else "combining marks dropped"
+            lost[shown] += int(raw[cp])
+    letters = int(raw[present].sum())
+    if not letters or lost.total() < ACCENT_NOTE_SHARE * letters:
+        return None
+    examples = ", ".join(shown for shown, _ in lost.most_common(6))
+    return (
+        f"note: lowercasing also strips accents (Google's uncased default), which changes "
+        f"{lost.total() / letters:.1%} of this corpus's letters ({examples}); they stay merged "
+        "in every later stage. --no-strip-accents keeps them (--cased keeps case too); "
+        "--strip-accents keeps this default without the note."
+    )
 
 
 def choose_alphabet(counts: np.ndarray, limit: int) -> list[str]:
