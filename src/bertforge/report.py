@@ -189,6 +189,7 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
             f"- on {vq.get('sentences', 0):,} held-out sentences: [UNK] "
             f"{_pct(vq.get('unk_rate'))}, {vq.get('pieces_per_word', 0):.3f} pieces per word, "
             f"{_pct(vq.get('vocab_used'))} of the vocabulary in use",
+            *(f"- {w}" for w in vocab.get("warnings", [])),
         ]
     else:
         given = data.get("vocab", {})

@@ -192,7 +192,7 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
             "padded_unused": max(0, padded),
         },
         outputs=outputs,
-        extra={"quality": quality.as_dict()},
+        extra={"quality": quality.as_dict(), "warnings": warnings},
     )
     finish_output(out)
     return VocabResult(
