@@ -103,9 +103,10 @@ def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
 
 
 def test_a_note_says_when_default_accent_stripping_changes_many_letters():
-    """Lowercasing strips accents unless told (Google's default): where that changes at
-    least 0.5% of the letters, a note says how many and which (the most frequent first);
-    never where the user chose, or on mostly unaccented text."""
+    """Lowercasing strips accents unless told (Google's default): where that takes marks
+    off, or splits letters (NFD: Korean syllables into jamo), for at least 0.5% of the
+    letters, a note says how many and which (the most frequent first); never where the user
+    chose, or on mostly unaccented text."""
     from bertforge.vocab import accent_note, count_chars
 
     def note(text: str, **kw) -> str | None:  # type: ignore[no-untyped-def]
@@ -118,7 +119,8 @@ def test_a_note_says_when_default_accent_stripping_changes_many_letters():
     assert found is not None
     letters = sum(c.isalpha() for c in turkish)
     changed = sum(c in "ÖöğçşüİÜ" for c in turkish)
-    assert f"changes {changed / letters:.1%} of this corpus's letters" in found
+    assert f"takes the marks off {changed / letters:.1%} of the corpus's letters" in found
+    assert "splits" not in found
     assert found.index("ş→s") < found.index("ç→c")  # ş three times a sentence, ç once
     assert "ö→o" in found and "i̇→i" in found  # Ö lowercases to ö; İ to i + a dot mark
     assert note(turkish, strip_accents=True) is None  # chosen: no note
@@ -131,6 +133,11 @@ def test_a_note_says_when_default_accent_stripping_changes_many_letters():
     assert note("é " + "a" * 200) is None
     decomposed = unicodedata.normalize("NFD", turkish)  # marks as characters of their own
     assert "combining marks dropped" in (note(decomposed) or "")
+    korean = note("한국어 한국 한글 텍스트.")  # NFD splits each syllable into its jamo
+    assert korean is not None and "takes the marks off" not in korean
+    assert "splits 100.0% of the corpus's letters into their parts (" in korean
+    assert "(한→\u1112 \u1161 \u11ab, 국→" in korean  # the most frequent first
+    assert note("한국어 한국 한글 텍스트.", strip_accents=False) is None
 
 
 def test_small_corpus_pads_with_unused(tmp_path: Path):

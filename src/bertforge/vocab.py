@@ -306,10 +306,11 @@ def normalize_counts(raw: np.ndarray, cfg: VocabConfig) -> np.ndarray:
 
 def accent_note(raw: np.ndarray, cfg: VocabConfig) -> str | None:
     """A note when lowercasing's accent stripping, taken by default as in Google's uncased
-    models, takes a mark off at least ACCENT_NOTE_SHARE of the corpus's letters: Turkish
-    ç ş ğ ö ü, Norwegian å, German umlauts, French accents then become their bare letters in
-    the vocabulary and in every later stage, which the model cannot undo. None where the
-    user chose (`--strip-accents` either way, `--cased`) or the marks are rare. A combining
+    models, changes at least ACCENT_NOTE_SHARE of the corpus's letters in either of its two
+    ways: it takes marks off (Turkish ç ş ğ ö ü, Norwegian å, German umlauts, French accents
+    become their bare letters) or splits letters into parts (NFD: Korean syllables into jamo),
+    in the vocabulary and in every later stage, which the model cannot undo. None where the
+    user chose (`--strip-accents` either way, `--cased`) or such letters are rare. A combining
     mark written on its own (decomposed text) is a letter that loses it."""
     if not cfg.do_lower_case or cfg.strip_accents is not None:
         return None
@@ -321,20 +322,37 @@ def accent_note(raw: np.ndarray, cfg: VocabConfig) -> str | None:
     chars = [chr(cp) for cp in present]
     kept = basic_words(chars, True, False)
     stripped = basic_words(chars, True, True)
-    lost: Counter[str] = Counter()
+    merged: Counter[str] = Counter()
+    split: Counter[str] = Counter()
     for cp, k, t in zip(present, kept, stripped, strict=True):
-        if k != t:
-            shown = f"{k}→{t}" if t else "combining marks dropped"
-            lost[shown] += int(raw[cp])
+        if k == t:
+            continue
+        if not t:
+            merged["combining marks dropped"] += int(raw[cp])
+        elif t == unicodedata.normalize("NFD", k):  # nothing taken off: only decomposed
+            split[f"{k}→{' '.join(t)}"] += int(raw[cp])
+        else:
+            merged[f"{k}→{t}"] += int(raw[cp])
     letters = int(raw[present].sum())
-    if not letters or lost.total() < ACCENT_NOTE_SHARE * letters:
+    what = []
+    if letters and merged.total() >= ACCENT_NOTE_SHARE * letters:
+        shown = ", ".join(change for change, _ in merged.most_common(6))
+        what.append(
+            f"takes the marks off {merged.total() / letters:.1%} of the corpus's letters, "
+            f"merging them with the bare ones ({shown})"
+        )
+    if letters and split.total() >= ACCENT_NOTE_SHARE * letters:
+        shown = ", ".join(change for change, _ in split.most_common(3))
+        what.append(
+            f"splits {split.total() / letters:.1%} of the corpus's letters into their parts "
+            f"({shown})"
+        )
+    if not what:
         return None
-    examples = ", ".join(shown for shown, _ in lost.most_common(6))
     return (
-        f"note: lowercasing also strips accents (Google's uncased default), which changes "
-        f"{lost.total() / letters:.1%} of this corpus's letters ({examples}); they stay merged "
-        "in every later stage. --no-strip-accents keeps them (--cased keeps case too); "
-        "--strip-accents keeps this default without the note."
+        f"note: lowercasing also strips accents (Google's uncased default), which "
+        f"{' and '.join(what)}; every later stage keeps that. --no-strip-accents keeps them "
+        "(--cased keeps case too); --strip-accents keeps this default without the note."
     )
 
 
