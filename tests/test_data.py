@@ -268,6 +268,36 @@ def test_a_corpus_of_long_lines_is_warned_about(tmp_path, kjv_corpus, kjv_vocab,
     assert 1.0 < counts["text_ratio"] < 1.5
 
 
+def test_a_masking_cap_below_the_masked_lm_prob_is_warned_about(
+    tmp_path, kjv_corpus, kjv_vocab, capsys
+):
+    """--max-predictions-per-seq under round(max_seq_length x masked_lm_prob) masks the
+    longer instances less than asked (Google's default 20 from max_seq_length 137 on): one
+    warning with the value to give, before the work; report.md repeats it."""
+    from bertforge.data import mask_cap_warning
+
+    assert mask_cap_warning(128, 20, 0.15) is None  # Google's pair: round(19.2) = 19
+    assert mask_cap_warning(136, 20, 0.15) is None  # round(20.4)
+    assert "Give --max-predictions-per-seq 21 " in (mask_cap_warning(137, 20, 0.15) or "")
+    assert "Give --max-predictions-per-seq 77 " in (mask_cap_warning(512, 20, 0.15) or "")
+    assert mask_cap_warning(512, 77, 0.15) is None
+    assert mask_cap_warning(512, 102, 0.2) is None  # round(102.4)
+    assert mask_cap_warning(512, 101, 0.2) is not None
+    out = tmp_path / "d"
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(kjv_vocab), "--output",
+                       str(out), "--max-seq-length", "256", "--max-predictions-per-seq", "10"],
+                      capsys)  # fmt: skip
+    assert rc == 0
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith("warning: --max-predictions-per-seq 10 masks at most 10 of an ")
+    assert "instance's 256 tokens (3.9%)" in warning and "asks for 38" in warning
+    from bertforge.report import write_report
+
+    (tmp_path / "run.json").write_text("{}")
+    write_report(tmp_path, {"vocab": "v", "data": "d", "train": "t", "export": "m"})
+    assert f"- **{warning}**\n" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):
     base = ["--vocab", str(kjv_vocab), "--output", str(tmp_path / "o")]
     empty = write_corpus(tmp_path / "empty.txt", [[" "]])

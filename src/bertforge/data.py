@@ -590,6 +590,26 @@ def line_warning(counts: dict[str, Any], max_seq_length: int) -> str | None:
     )
 
 
+def mask_cap_warning(
+    max_seq_length: int, max_predictions: int, masked_lm_prob: float
+) -> str | None:
+    """A warning when --max-predictions-per-seq caps the masking of full-length instances
+    below --masked-lm-prob (Google's rule: min(cap, round(length x prob)) tokens masked), as
+    Google's default 20 does from max_seq_length 137 on; Google's README says to set it to
+    about max_seq_length x masked_lm_prob by hand, and nothing told when it was not."""
+    wanted = max(1, round(max_seq_length * masked_lm_prob))
+    if max_predictions >= wanted:
+        return None
+    return (
+        f"warning: --max-predictions-per-seq {max_predictions} masks at most {max_predictions} "
+        f"of an instance's {max_seq_length} tokens ({max_predictions / max_seq_length:.1%}), "
+        f"where --masked-lm-prob {masked_lm_prob} asks for {wanted} in a full-length one, so "
+        "the longer instances are masked less than asked. Give --max-predictions-per-seq "
+        f"{wanted} (about max_seq_length x masked_lm_prob, as Google's README says); training "
+        "reads it from the data."
+    )
+
+
 def print_summary(result: DataResult, file: Any = None) -> None:
     file = file or sys.stdout
     m = result.manifest
