@@ -751,6 +751,25 @@ def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(
     assert "note: --num-train-steps" not in capsys.readouterr().err  # the same schedule
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    """--num-warmup-steps at or past --num-train-steps: the rate only rises; the warning gives
+    the rate of the last step, the one the log then shows. Below it, nothing is said."""
+    steps = ["--num-train-steps", "3", "--no-do-eval"]
+    assert main(args(train_data, tmp_path / "a", tiny_bert_config, *steps,
+                     "--num-warmup-steps", "3")) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        "warning: --num-warmup-steps 3 is not below --num-train-steps 3: the learning rate "
+        "rises for the whole run, to 6.67e-05 at its last step (--learning-rate 0.0001)"
+    ) in err
+    assert metrics(tmp_path / "a")[-1]["learning_rate"] == pytest.approx(1e-4 * 2 / 3)
+    assert main(args(train_data, tmp_path / "b", tiny_bert_config, *steps,
+                     "--num-warmup-steps", "2")) == 0  # fmt: skip
+    assert "--num-warmup-steps" not in capsys.readouterr().err
+
+
 def test_cuda_graphs_plumbing_on_a_cpu(tmp_path, train_data, tiny_bert_config, monkeypatch):
     """--cuda-graphs as the trainer runs it (reduce-overhead compile, a replay begun per
     micro-batch, packed micro-batches rounded up by filler, gradients into FlatAdamW's

@@ -278,6 +278,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         state = load_checkpoint(resume)
         check_same_run(state, cfg, bert, resume)
         note_new_schedule(state, cfg, d.main)
+    if d.main and cfg.do_train and cfg.warmup_steps >= cfg.num_train_steps > 0:
+        print(warmup_warning(cfg), file=sys.stderr)
     if (
         state is None
         and init is not None
@@ -1175,6 +1177,19 @@ def note_new_schedule(state: dict[str, Any], cfg: TrainConfig, notes: bool) -> N
         f"{after:.3g} there (the schedule decays to 0 at the last step, as run_pretraining.py's "
         "does). To lengthen a run without the jump, give the total you mean from the start.",
         file=sys.stderr,
+    )
+
+
+def warmup_warning(cfg: TrainConfig) -> str:
+    """--num-warmup-steps at or past --num-train-steps: the learning rate rises all run long
+    and never decays (run_pretraining.py takes it silently)."""
+    top = learning_rate(cfg.num_train_steps - 1, cfg.learning_rate, cfg.warmup_steps,
+                        cfg.num_train_steps)  # fmt: skip
+    return (
+        f"warning: --num-warmup-steps {cfg.warmup_steps:,} is not below --num-train-steps "
+        f"{cfg.num_train_steps:,}: the learning rate rises for the whole run, to {top:.3g} at "
+        f"its last step (--learning-rate {cfg.learning_rate:g}), and never decays. BERT warms "
+        "up over the first 1% of the steps (the default; Google's scripts: 10,000 of 1,000,000)."
     )
 
 
