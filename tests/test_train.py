@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -755,7 +756,8 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(
     tmp_path, train_data, tiny_bert_config, capsys
 ):
     """--num-warmup-steps at or past --num-train-steps: the rate only rises; the warning gives
-    the rate of the last step, the one the log then shows. Below it, nothing is said."""
+    the rate of the last step, the one the log then shows. Below it, nothing is said. The
+    start line (with --progress) gives how many epochs the steps make."""
     steps = ["--num-train-steps", "3", "--no-do-eval"]
     assert main(args(train_data, tmp_path / "a", tiny_bert_config, *steps,
                      "--num-warmup-steps", "3")) == 0  # fmt: skip
@@ -766,8 +768,16 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(
     ) in err
     assert metrics(tmp_path / "a")[-1]["learning_rate"] == pytest.approx(1e-4 * 2 / 3)
     assert main(args(train_data, tmp_path / "b", tiny_bert_config, *steps,
-                     "--num-warmup-steps", "2")) == 0  # fmt: skip
-    assert "--num-warmup-steps" not in capsys.readouterr().err
+                     "--num-warmup-steps", "2", "--progress")) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--num-warmup-steps" not in err
+    # the start line says how many times the run goes over its training instances
+    found = re.search(
+        r"; ([\d,]+) training / .* tokens, 3 steps: ([\d.]+) epochs; batch (\d+)", err
+    )
+    assert found is not None, err
+    train, epochs, batch = int(found[1].replace(",", "")), float(found[2]), int(found[3])
+    assert epochs == round(3 * batch / train, 2) and epochs > 0
 
 
 def test_cuda_graphs_plumbing_on_a_cpu(tmp_path, train_data, tiny_bert_config, monkeypatch):

@@ -396,11 +396,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         what = f"resuming at step {step} from {resume}" if state else "starting"
         if state is None and cfg.resume_google:
             what = f"continuing {init.path} at its step {step}"  # type: ignore[union-attr]
+        epochs = cfg.num_train_steps * cfg.train_batch_size / max(1, split.num_train)
+        shown = f"{epochs:,.0f}" if epochs >= 10 else f"{epochs:.2f}"
+        plan = f", {cfg.num_train_steps:,} steps: {shown} epochs" if cfg.do_train else ""
         print(
             f"train: {what}: {bert.num_hidden_layers} layers, hidden {bert.hidden_size}, vocab "
             f"{bert.vocab_size}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
             f"parameters; {split.num_train:,} training / {eval_n:,} held-out instances of "
-            f"{info.max_seq_length} tokens; batch {cfg.train_batch_size} ({d.world} "
+            f"{info.max_seq_length} tokens{plan}; batch {cfg.train_batch_size} ({d.world} "
             f"process(es) x micro-batch {micro}); {precision_name(precision)} on "
             f"{d.device.type}{', packed batches' if packed else ''}"
             f"{', compiled (the first step waits for it)' if compiled else ''}"
