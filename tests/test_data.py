@@ -298,6 +298,45 @@ def test_a_masking_cap_below_the_masked_lm_prob_is_warned_about(
     assert f"- **{warning}**\n" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
+def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
+    tmp_path, kjv_corpus, kjv_vocab, capsys
+):
+    """The share of the corpus's tokens that became [UNK] goes into the manifest; from 1% on
+    a warning names the vocabulary and its casing. The classic case: an uncased vocab.txt
+    read as cased (every capitalized word is [UNK])."""
+    from bertforge.data import unk_share, unk_warning
+
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(kjv_vocab), "--output",
+                       str(tmp_path / "right")], capsys)  # fmt: skip
+    assert rc == 0 and "[UNK]" not in err
+    counts = json.loads((tmp_path / "right" / "manifest.json").read_text())["counts"]
+    assert counts["unk_share"] == 0.0  # the vocabulary was trained on this corpus
+    bare = tmp_path / "bare" / "vocab.txt"
+    bare.parent.mkdir()
+    bare.write_bytes((kjv_vocab / "vocab.txt").read_bytes())
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(bare), "--no-do-lower-case",
+                       "--output", str(tmp_path / "wrong")], capsys)  # fmt: skip
+    assert rc == 0
+    manifest = json.loads((tmp_path / "wrong" / "manifest.json").read_text())
+    share = manifest["counts"]["unk_share"]
+    assert 0.05 < share < 0.5  # "And", "God", "LORD", ...
+    said = f"warning: {share:.1%} of the corpus's tokens are [UNK]: the vocabulary ({bare}, "
+    assert said + "read as cased)" in err
+    assert unk_warning({"unk_share": 0.0099}, True, "v") is None
+    assert "read as uncased" in (unk_warning({"unk_share": 0.01}, True, "v") or "")
+    assert unk_warning({"unk_share": None}, True, "v") is None  # Google's mode: not counted
+    parts = [{"unk_tokens": 1, "corpus_tokens": 30}, {"unk_tokens": 2, "corpus_tokens": 70}]
+    assert unk_share(parts) == 0.03
+    assert unk_share([*parts, {"corpus_tokens": 5}]) is None  # a part from an older run
+    from bertforge.report import write_report
+
+    (tmp_path / "run.json").write_text("{}")
+    write_report(tmp_path, {"vocab": "v", "data": "wrong", "train": "t", "export": "m"})
+    assert f"of the corpus's tokens are [UNK]: the vocabulary ({bare}" in (
+        tmp_path / "report.md"
+    ).read_text(encoding="utf-8")
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):
     base = ["--vocab", str(kjv_vocab), "--output", str(tmp_path / "o")]
     empty = write_corpus(tmp_path / "empty.txt", [[" "]])

@@ -73,11 +73,12 @@ from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
-from bertforge.tokenization import LineEncoder, Vocab, load_vocab
+from bertforge.tokenization import UNK, LineEncoder, Vocab, load_vocab
 from bertforge.workers import finished, process_pool, usable_cpus
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
+UNK_WARN_SHARE = 0.01  # of the corpus's tokens [UNK]: a warning (a fitting vocabulary: ~0%)
 PARTS = ".parts"
 GOOGLE_FILE = "data.tfrecord"
 # Settings that do not change the output bytes; a resumed run may change them.
@@ -278,6 +279,7 @@ def build_unit(
         "sha256": digest.hexdigest(), "bytes": size, "documents": len(bounds),
         "sentences": sum(len(b) - 1 for b in bounds), "tokens": int(lengths.sum()),
         "corpus_tokens": len(flat),
+        "unk_tokens": int(np.count_nonzero(flat == s.tokens.index(UNK))),
         "random_next": int(arrays.next_sentence.sum()),
         "length_histogram": np.bincount(lengths, minlength=s.params.max_seq_length + 1).tolist(),
         **counts,
@@ -543,6 +545,7 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
         "sentences": sum(p["sentences"] for p in parts),
         "corpus_tokens": sum(p.get("corpus_tokens", 0) for p in parts),
         "text_ratio": text_ratio(parts, cfg.resolved_dupe_factor),
+        "unk_share": unk_share(parts),
         **summarize(
             sum(p["records"] for p in parts), sum(p["tokens"] for p in parts),
             sum(p["random_next"] for p in parts),
@@ -574,6 +577,33 @@ def text_ratio(parts: list[dict[str, Any]], dupe_factor: int) -> float | None:
         return None
     text = sum(p["tokens"] - 3 * p["records"] for p in parts)
     return text / max(1, dupe_factor * sum(p["corpus_tokens"] for p in parts))
+
+
+def unk_share(parts: list[dict[str, Any]]) -> float | None:
+    """The share of the corpus's tokens that are [UNK] (None for Google's mode, or parts
+    written before bertforge counted them)."""
+    if not parts or any("unk_tokens" not in p or "corpus_tokens" not in p for p in parts):
+        return None
+    return sum(p["unk_tokens"] for p in parts) / max(1, sum(p["corpus_tokens"] for p in parts))
+
+
+def unk_warning(
+    counts: dict[str, Any], do_lower_case: bool | None, vocab: str | None
+) -> str | None:
+    """A warning when at least UNK_WARN_SHARE of the corpus's tokens are [UNK]: a vocabulary
+    made for other text, or one read with the wrong casing (an uncased vocabulary read as
+    cased knows no capital letter, so every capitalized word becomes [UNK])."""
+    share = counts.get("unk_share")
+    if share is None or share < UNK_WARN_SHARE:
+        return None
+    casing = "uncased" if do_lower_case else "cased"
+    return (
+        f"warning: {share:.1%} of the corpus's tokens are [UNK]: the vocabulary "
+        f"({vocab}, read as {casing}) lacks their pieces, and the model learns "
+        "nothing of those words. Check that it is read with the casing it was made with "
+        "(--do-lower-case / --no-do-lower-case for a bare vocab.txt), or train one on this "
+        "corpus with `bertforge vocab`."
+    )
 
 
 def line_warning(counts: dict[str, Any], max_seq_length: int) -> str | None:
@@ -627,6 +657,8 @@ def print_summary(result: DataResult, file: Any = None) -> None:
     if result.resumed_units:
         print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
     if warning := line_warning(c, m["config"]["max_seq_length"]):
+        print(warning, file=sys.stderr)
+    if warning := unk_warning(c, m["config"].get("do_lower_case"), m.get("vocab", {}).get("path")):
         print(warning, file=sys.stderr)
     if corpus.get("bad_utf8_lines"):
         print(f"warning: {corpus['bad_utf8_lines']} line(s) had invalid UTF-8 (bytes dropped); "
