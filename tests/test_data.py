@@ -268,6 +268,38 @@ def test_a_corpus_of_long_lines_is_warned_about(tmp_path, kjv_corpus, kjv_vocab,
     assert 1.0 < counts["text_ratio"] < 1.5
 
 
+def test_documents_unlike_googles_are_warned_about(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    """No blank line anywhere (the corpus one document), or one after every line (documents
+    of one sentence, so every pair's next sentence is random): a warning each, in report.md
+    too. The corpus as it should be says nothing (test above)."""
+    from bertforge.data import document_warning
+
+    text = kjv_corpus.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    one = tmp_path / "one.txt"
+    one.write_text("\n".join(lines) + "\n")
+    base = ["--vocab", str(kjv_vocab), "--max-seq-length", "64"]
+    rc, err = run_cli(["--input", str(one), *base, "--output", str(tmp_path / "one")], capsys)
+    assert rc == 0
+    assert f"warning: the corpus is one document of {len(lines):,} sentences (no blank " in err
+    each = tmp_path / "each.txt"
+    each.write_text("\n\n".join(lines[:3000]) + "\n")
+    rc, err = run_cli(["--input", str(each), *base, "--output", str(tmp_path / "each")], capsys)
+    assert rc == 0
+    assert "warning: 100% of the instances pair a random next sentence" in err
+    assert "the documents average 1.0 sentences" in err
+    assert document_warning({"documents": 1, "sentences": 100}) is None  # a small text
+    assert document_warning({"documents": 2, "sentences": 10**6}) is None  # two books
+    share = {"documents": 900, "sentences": 1000, "instances": 900}
+    assert document_warning({**share, "random_next_share": 0.89}) is None
+    assert document_warning({**share, "random_next_share": 0.9}) is not None
+    from bertforge.report import write_report
+
+    (tmp_path / "run.json").write_text("{}")
+    write_report(tmp_path, {"vocab": "v", "data": "one", "train": "t", "export": "m"})
+    assert "- **warning: the corpus is one document of" in (tmp_path / "report.md").read_text()
+
+
 def test_a_masking_cap_below_the_masked_lm_prob_is_warned_about(
     tmp_path, kjv_corpus, kjv_vocab, capsys
 ):

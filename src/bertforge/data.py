@@ -606,6 +606,30 @@ def unk_warning(
     )
 
 
+def document_warning(counts: dict[str, Any]) -> str | None:
+    """A warning when the corpus's documents are not what Google's format means by them: the
+    whole corpus one document (no blank line anywhere), or documents of about one sentence
+    (a blank line after every line), which make next-sentence prediction degenerate."""
+    documents, sentences = counts.get("documents", 0), counts.get("sentences", 0)
+    if documents == 1 and sentences > 100:
+        return (
+            f"warning: the corpus is one document of {sentences:,} sentences (no blank line in "
+            "it). With one document the random next sentences come from the same text, and "
+            "one draw of --short-seq-prob (Google's, per document) shortens every instance or "
+            "none. Google's format puts a blank line between documents (articles, chapters, "
+            "books)."
+        )
+    if counts.get("instances", 0) and counts.get("random_next_share", 0) >= 0.9:
+        return (
+            f"warning: {counts['random_next_share']:.0%} of the instances pair a random next "
+            f"sentence (every instance of a one-sentence document does): the documents "
+            f"average {sentences / max(1, documents):.1f} sentences. bertforge, like Google's "
+            "scripts, expects one sentence per line and a blank line between documents, not "
+            "between sentences."
+        )
+    return None
+
+
 def line_warning(counts: dict[str, Any], max_seq_length: int) -> str | None:
     """A warning when most of the corpus's text was cut away (`text_ratio` below 0.5)."""
     ratio, tokens = counts.get("text_ratio"), counts.get("corpus_tokens")
@@ -659,6 +683,8 @@ def print_summary(result: DataResult, file: Any = None) -> None:
     if warning := line_warning(c, m["config"]["max_seq_length"]):
         print(warning, file=sys.stderr)
     if warning := unk_warning(c, m["config"].get("do_lower_case"), m.get("vocab", {}).get("path")):
+        print(warning, file=sys.stderr)
+    if warning := document_warning(c):
         print(warning, file=sys.stderr)
     if corpus.get("bad_utf8_lines"):
         print(f"warning: {corpus['bad_utf8_lines']} line(s) had invalid UTF-8 (bytes dropped); "
