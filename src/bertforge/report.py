@@ -212,11 +212,8 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         lines.append(f"- **{warning}**")
     if warning := unk_warning(dc, dcfg.get("do_lower_case"), data.get("vocab", {}).get("path")):
         lines.append(f"- **{warning}**")
-    if dcfg and (
-        warning := mask_cap_warning(
-            dcfg["max_seq_length"], dcfg["max_predictions_per_seq"], dcfg["masked_lm_prob"]
-        )
-    ):
+    masking = [dcfg.get(k) for k in ("max_seq_length", "max_predictions_per_seq", "masked_lm_prob")]
+    if None not in masking and (warning := mask_cap_warning(*masking)):
         lines.append(f"- **{warning}**")
     lines += [
         "",
