@@ -73,7 +73,7 @@ from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
-from bertforge.tokenization import UNK, LineEncoder, Vocab, load_vocab
+from bertforge.tokenization import LineEncoder, Vocab, load_vocab
 from bertforge.workers import finished, process_pool, usable_cpus
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
@@ -279,7 +279,7 @@ def build_unit(
         "sha256": digest.hexdigest(), "bytes": size, "documents": len(bounds),
         "sentences": sum(len(b) - 1 for b in bounds), "tokens": int(lengths.sum()),
         "corpus_tokens": len(flat),
-        "unk_tokens": int(np.count_nonzero(flat == s.tokens.index(UNK))),
+        "unk_tokens": int(np.count_nonzero(flat == vocab.unk_id)),
         "random_next": int(arrays.next_sentence.sum()),
         "length_histogram": np.bincount(lengths, minlength=s.params.max_seq_length + 1).tolist(),
         **counts,

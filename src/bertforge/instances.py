@@ -41,12 +41,13 @@ class VocabIds:
     cls_id: int
     sep_id: int
     mask_id: int
+    unk_id: int
     is_continuation: Sequence[bool]  # per id: the piece starts with "##"
 
     @classmethod
     def from_tokens(cls, tokens: Sequence[str]) -> VocabIds:
         index = {t: i for i, t in enumerate(tokens)}
-        return cls(len(tokens), index["[CLS]"], index["[SEP]"], index["[MASK]"],
+        return cls(len(tokens), index["[CLS]"], index["[SEP]"], index["[MASK]"], index["[UNK]"],
                    [t.startswith("##") for t in tokens])  # fmt: skip
 
 
