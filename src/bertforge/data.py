@@ -664,6 +664,18 @@ def mask_cap_warning(
     )
 
 
+def manifest_warnings(m: dict[str, Any]) -> list[str]:
+    """The warnings a finished data stage's manifest gives, from its counts: text cut away,
+    [UNK]s, documents unlike Google's (print_summary prints them; run's report.md lists them)."""
+    c, cfg = m.get("counts", {}), m.get("config", {})
+    found = [
+        line_warning(c, cfg.get("max_seq_length", 0)),
+        unk_warning(c, cfg.get("do_lower_case"), m.get("vocab", {}).get("path")),
+        document_warning(c),
+    ]
+    return [w for w in found if w]
+
+
 def print_summary(result: DataResult, file: Any = None) -> None:
     file = file or sys.stdout
     m = result.manifest
@@ -680,11 +692,7 @@ def print_summary(result: DataResult, file: Any = None) -> None:
     )
     if result.resumed_units:
         print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
-    if warning := line_warning(c, m["config"]["max_seq_length"]):
-        print(warning, file=sys.stderr)
-    if warning := unk_warning(c, m["config"].get("do_lower_case"), m.get("vocab", {}).get("path")):
-        print(warning, file=sys.stderr)
-    if warning := document_warning(c):
+    for warning in manifest_warnings(m):
         print(warning, file=sys.stderr)
     if corpus.get("bad_utf8_lines"):
         print(f"warning: {corpus['bad_utf8_lines']} line(s) had invalid UTF-8 (bytes dropped); "
