@@ -124,6 +124,16 @@ def write_corpus(path: Path, docs: list[list[str]], compress: bool = False) -> P
     return path
 
 
+def report_of(out: Path, **dirs: str) -> str:
+    """The report.md that `bertforge run` writes for the stage directories under `out` (stages
+    not given point at directories that do not exist), from an empty run.json."""
+    from bertforge.report import write_report
+
+    (out / "run.json").write_text("{}")
+    write_report(out, {"vocab": "v", "data": "d", "train": "t", "export": "m", **dirs})
+    return (out / "report.md").read_text(encoding="utf-8")
+
+
 @pytest.fixture
 def mixed_corpus(tmp_path: Path) -> Path:
     return write_corpus(tmp_path / "mixed.txt", MIXED_DOCS * 20)

@@ -24,7 +24,7 @@ from bertforge.datacheck import inspect, read_native, read_tfrecord, verify
 from bertforge.errors import UserError
 from bertforge.shards import open_shard, record_dtype, write_shard
 from bertforge.tokenization import read_vocab_file
-from tests.conftest import write_corpus
+from tests.conftest import report_of, write_corpus
 
 
 def cfg(corpus: Path, vocab: Path, out: Path, **kw) -> DataConfig:
@@ -293,11 +293,7 @@ def test_documents_unlike_googles_are_warned_about(tmp_path, kjv_corpus, kjv_voc
     share = {"documents": 900, "sentences": 1000, "instances": 900}
     assert document_warning({**share, "random_next_share": 0.89}) is None
     assert document_warning({**share, "random_next_share": 0.9}) is not None
-    from bertforge.report import write_report
-
-    (tmp_path / "run.json").write_text("{}")
-    write_report(tmp_path, {"vocab": "v", "data": "one", "train": "t", "export": "m"})
-    assert "- **warning: the corpus is one document of" in (tmp_path / "report.md").read_text()
+    assert "- **warning: the corpus is one document of" in report_of(tmp_path, data="one")
 
 
 def test_a_masking_cap_below_the_masked_lm_prob_is_warned_about(
@@ -323,11 +319,7 @@ def test_a_masking_cap_below_the_masked_lm_prob_is_warned_about(
     (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
     assert warning.startswith("warning: --max-predictions-per-seq 10 masks at most 10 of an ")
     assert "instance's 256 tokens (3.9%)" in warning and "asks for 38" in warning
-    from bertforge.report import write_report
-
-    (tmp_path / "run.json").write_text("{}")
-    write_report(tmp_path, {"vocab": "v", "data": "d", "train": "t", "export": "m"})
-    assert f"- **{warning}**\n" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert f"- **{warning}**\n" in report_of(tmp_path, data="d")
 
 
 def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
@@ -360,13 +352,8 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     parts = [{"unk_tokens": 1, "corpus_tokens": 30}, {"unk_tokens": 2, "corpus_tokens": 70}]
     assert unk_share(parts) == 0.03
     assert unk_share([*parts, {"corpus_tokens": 5}]) is None  # a part from an older run
-    from bertforge.report import write_report
-
-    (tmp_path / "run.json").write_text("{}")
-    write_report(tmp_path, {"vocab": "v", "data": "wrong", "train": "t", "export": "m"})
-    assert f"of the corpus's tokens are [UNK]: the vocabulary ({bare}" in (
-        tmp_path / "report.md"
-    ).read_text(encoding="utf-8")
+    report = report_of(tmp_path, data="wrong")
+    assert f"of the corpus's tokens are [UNK]: the vocabulary ({bare}" in report
 
 
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):

@@ -17,7 +17,6 @@ import bertforge.vocab as vocab_module
 from bertforge.cli import main
 from bertforge.config import VocabConfig
 from bertforge.errors import UserError
-from bertforge.report import write_report
 from bertforge.tokenization import read_vocab_file
 from bertforge.vocab import (
     convert_sentencepiece_pieces,
@@ -26,7 +25,7 @@ from bertforge.vocab import (
     train_vocab,
     trainer_feed,
 )
-from tests.conftest import MIXED_DOCS, FullDisk, write_corpus
+from tests.conftest import MIXED_DOCS, FullDisk, report_of, write_corpus
 
 
 def cfg(corpus: Path, out: Path, **kw) -> VocabConfig:
@@ -92,10 +91,7 @@ def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
     assert "--no-strip-accents keeps them" in note
     manifest = json.loads((result.output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["warnings"] == result.warnings  # for `bertforge run`'s report.md:
-    (tmp_path / "run.json").write_text("{}")
-    dirs = {"vocab": "l", "data": "d", "train": "t", "export": "m"}
-    write_report(tmp_path, dirs)
-    assert f"- {note}\n" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert f"- {note}\n" in report_of(tmp_path, vocab="l")
     result = train_vocab(cfg(mixed_corpus, tmp_path / "k", vocab_size=900, strip_accents=False))
     keep = read_vocab_file(result.output / "vocab.txt")
     assert {"ç", "ş", "ğ", "ø"} <= set(keep) and "Ö" not in keep
