@@ -22,7 +22,7 @@ from bertforge.config import DataConfig
 from bertforge.data import create_data
 from bertforge.datacheck import inspect, read_native, read_tfrecord, verify
 from bertforge.errors import UserError
-from bertforge.shards import open_shard, record_dtype, write_shard
+from bertforge.shards import open_shard, read_header, record_dtype, write_shard
 from bertforge.tokenization import read_vocab_file
 from tests.conftest import report_of, write_corpus
 
@@ -320,6 +320,35 @@ def test_a_masking_cap_below_the_masked_lm_prob_is_warned_about(
     assert warning.startswith("warning: --max-predictions-per-seq 10 masks at most 10 of an ")
     assert "instance's 256 tokens (3.9%)" in warning and "asks for 38" in warning
     assert f"- **{warning}**\n" in report_of(tmp_path, data="d")
+
+
+def test_the_masking_cap_follows_the_length_unless_given(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    """--max-predictions-per-seq left out is Google's 20, raised to round(max_seq_length x
+    masked_lm_prob) where that is more, so it never needs the warning above; given, it is
+    kept; --google-compatible keeps Google's 20 (and warns). The data manifest and the
+    shards hold the value used, and training reads it from there."""
+
+    def cap(**kw):
+        return DataConfig(input=("c",), vocab="v", output="o", **kw).resolved_max_predictions
+
+    assert [cap(max_seq_length=n) for n in (16, 64, 128, 136, 137, 256, 512)] == [
+        13, 20, 20, 20, 21, 38, 77]  # fmt: skip
+    assert cap(max_seq_length=128, masked_lm_prob=0.2) == 26  # round(25.6)
+    assert cap(max_seq_length=512, max_predictions_per_seq=10) == 10
+    assert cap(max_seq_length=512, google_compatible=True) == 20
+    out = tmp_path / "d"
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(kjv_vocab), "--output",
+                       str(out), "--max-seq-length", "256"], capsys)  # fmt: skip
+    assert rc == 0 and "warning" not in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["max_predictions_per_seq"] == 38
+    assert read_header(next(out.glob("shard-*.bin"))).meta["max_predictions_per_seq"] == 38
+    # output made with Google's 20 (an older bertforge's default) is not this run's: the
+    # rerun names the difference
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(kjv_vocab), "--output",
+                       str(out), "--max-seq-length", "256", "--max_predictions_per_seq", "20"],
+                      capsys)  # fmt: skip
+    assert rc != 0 and "--max-predictions-per-seq was 38, now 20" in err
 
 
 def test_a_vocabulary_that_leaves_many_unks_is_warned_about(

@@ -71,7 +71,7 @@ def run_data(cfg: DataConfig) -> None:
     from bertforge.data import create_data, mask_cap_warning, print_summary
 
     if warning := mask_cap_warning(
-        cfg.max_seq_length, cfg.max_predictions_per_seq, cfg.masked_lm_prob
+        cfg.max_seq_length, cfg.resolved_max_predictions, cfg.masked_lm_prob
     ):
         print(warning, file=sys.stderr)  # before the work: a long run can be stopped and fixed
     print_summary(create_data(cfg))

@@ -37,6 +37,7 @@ C = TypeVar("C")
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 NEGATIVE_VALUE = re.compile(r"^-[\d.]")
+GOOGLE_MAX_PREDICTIONS = 20  # create_pretraining_data.py's --max_predictions_per_seq
 
 
 def option(
@@ -191,8 +192,10 @@ class DataConfig(CorpusInput):
     """Casing of a bare vocab.txt; read from the vocab directory's manifest otherwise."""
     max_seq_length: int = 128
     """Tokens per instance, [CLS] and [SEP]s included; the model trains at this length."""
-    max_predictions_per_seq: int = 20
-    """Most masked tokens per instance (Google: about max_seq_length * masked_lm_prob)."""
+    max_predictions_per_seq: int | None = None
+    """Most masked tokens per instance. Default: Google's 20, raised to max_seq_length x
+    masked_lm_prob where that is more (77 at 512), so every instance is masked as asked;
+    with --google-compatible, 20 as Google's script."""
     masked_lm_prob: float = 0.15
     """Share of tokens masked."""
     short_seq_prob: float = 0.1
@@ -230,7 +233,7 @@ class DataConfig(CorpusInput):
         require(self.max_seq_length >= 5, "--max-seq-length",
                 "must be at least 5 ([CLS] a [SEP] b [SEP])")  # fmt: skip
         require(self.max_seq_length <= 65535, "--max-seq-length", "must be at most 65535")
-        require(1 <= self.max_predictions_per_seq <= self.max_seq_length - 3,
+        require(1 <= self.resolved_max_predictions <= self.max_seq_length - 3,
                 "--max-predictions-per-seq",
                 f"must be between 1 and max_seq_length - 3 = {self.max_seq_length - 3} "
                 "(only that many tokens can be masked)")  # fmt: skip
@@ -252,6 +255,19 @@ class DataConfig(CorpusInput):
     def static(self) -> bool:
         """Masks are fixed at data time (TFRecords always; native with --static-masking)."""
         return self.resolved_format == "tfrecord" or self.static_masking
+
+    @property
+    def resolved_max_predictions(self) -> int:
+        """--max-predictions-per-seq as given, else GOOGLE_MAX_PREDICTIONS, raised to what
+        --masked-lm-prob asks of a full-length instance (Google's rule: round(length x prob))
+        outside --google-compatible. Google's README says to set it so by hand, in both
+        scripts; here training reads it from the data."""
+        if self.max_predictions_per_seq is not None:
+            return self.max_predictions_per_seq
+        if self.google_compatible:
+            return GOOGLE_MAX_PREDICTIONS
+        wanted = round(self.max_seq_length * self.masked_lm_prob)
+        return min(max(GOOGLE_MAX_PREDICTIONS, wanted), self.max_seq_length - 3)
 
     @property
     def resolved_dupe_factor(self) -> int:

@@ -443,6 +443,7 @@ def run_settings(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile]) -> 
     """What determines the output bytes: resolved config, vocab and input files."""
     config = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_IN_RUN_ID}
     config.update(format=cfg.resolved_format, dupe_factor=cfg.resolved_dupe_factor,
+                  max_predictions_per_seq=cfg.resolved_max_predictions,
                   do_lower_case=vocab.do_lower_case, static_masking=cfg.static)  # fmt: skip
     return {"stage": "data", "config": config, "vocab_sha256": vocab.sha256,
             "inputs": [i.describe() for i in inputs], "bertforge": __version__}  # fmt: skip
@@ -502,7 +503,7 @@ def create_data(cfg: DataConfig) -> DataResult:
     inputs = resolve_inputs(cfg.input)
     vocab = load_vocab(cfg.vocab, cfg.do_lower_case)
     params = InstanceParams(cfg.max_seq_length, cfg.short_seq_prob, cfg.masked_lm_prob,
-                            cfg.max_predictions_per_seq, cfg.do_whole_word_mask)  # fmt: skip
+                            cfg.resolved_max_predictions, cfg.do_whole_word_mask)  # fmt: skip
     out = prepare_output_dir(cfg.output, "data", cfg.overwrite, "--output")
     run = run_settings(cfg, vocab, inputs)
     run_id = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
