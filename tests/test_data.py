@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import errno
 import gzip
 import json
@@ -357,7 +358,9 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     """The share of the corpus's tokens that became [UNK] goes into the manifest; from 1% on
     a warning names the vocabulary and its casing. The classic case: an uncased vocab.txt
     read as cased (every capitalized word is [UNK])."""
-    from bertforge.data import unk_share, unk_warning
+    import transformers
+
+    from bertforge.data import unk_share, unk_warning, unk_words
 
     rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(kjv_vocab), "--output",
                        str(tmp_path / "right")], capsys)  # fmt: skip
@@ -373,16 +376,29 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     manifest = json.loads((tmp_path / "wrong" / "manifest.json").read_text())
     share = manifest["counts"]["unk_share"]
     assert 0.05 < share < 0.5  # "And", "God", "LORD", ...
-    said = f"warning: {share:.1%} of the corpus's tokens are [UNK]: the vocabulary ({bare}, "
-    assert said + "read as cased)" in err
+    # the words named: the corpus's most frequent [UNK]s as transformers' tokenizer finds them
+    hf = transformers.BertTokenizerFast(str(bare), do_lower_case=False)
+    found: collections.Counter[str] = collections.Counter()
+    for line in kjv_corpus.read_text(encoding="utf-8").splitlines():
+        enc = hf(line, add_special_tokens=False, return_offsets_mapping=True)
+        spans = zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        found.update(line[a:b] for i, (a, b) in spans if i == hf.unk_token_id)
+    top = [w for _, w in sorted((-c, w) for w, c in found.items())[:5]]
+    assert manifest["counts"]["unk_words"] == top and all(w != w.lower() for w in top)
+    named = ", ".join(f'"{w}"' for w in top)
+    said = (f"warning: {share:.1%} of the corpus's tokens are [UNK] (most often {named}): the "
+            f"vocabulary ({bare}, read as cased)")  # fmt: skip
+    assert said in err
     assert unk_warning({"unk_share": 0.0099}, True, "v") is None
     assert "read as uncased" in (unk_warning({"unk_share": 0.01}, True, "v") or "")
     assert unk_warning({"unk_share": None}, True, "v") is None  # Google's mode: not counted
     parts = [{"unk_tokens": 1, "corpus_tokens": 30}, {"unk_tokens": 2, "corpus_tokens": 70}]
     assert unk_share(parts) == 0.03
     assert unk_share([*parts, {"corpus_tokens": 5}]) is None  # a part from an older run
+    kept = [{"unk_examples": [["a", 3], ["b", 2]]}, {}, {"unk_examples": [["b", 2], ["c", 1]]}]
+    assert unk_words(kept) == ["b", "a", "c"]  # summed over the units that kept examples
     report = report_of(tmp_path, data="wrong")
-    assert f"of the corpus's tokens are [UNK]: the vocabulary ({bare}" in report
+    assert f"of the corpus's tokens are [UNK] (most often {named}): the vocabulary" in report
 
 
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):

@@ -22,6 +22,7 @@ Google's rule with numpy's random streams (masking.py). Instance statistics matc
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import hashlib
@@ -73,12 +74,13 @@ from bertforge.masking import MaskSpec, mask_batch
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
-from bertforge.tokenization import LineEncoder, Vocab, load_vocab
+from bertforge.tokenization import LineEncoder, Vocab, basic_words, load_vocab, segment_sums
 from bertforge.workers import finished, process_pool, usable_cpus
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
 UNK_WARN_SHARE = 0.01  # of the corpus's tokens [UNK]: a warning (a fitting vocabulary: ~0%)
+UNK_EXAMPLES = 5  # words that became [UNK], kept per unit and named in the warning
 PARTS = ".parts"
 GOOGLE_FILE = "data.tfrecord"
 # Settings that do not change the output bytes; a resumed run may change them.
@@ -116,6 +118,28 @@ def unit_tokens(
         if len(starts) > 1:  # so is a document left empty
             bounds.append(starts)
     return flat, bounds
+
+
+def unk_examples(lines: Sequence[str], encoder: LineEncoder, unk_id: int) -> list[list[Any]]:
+    """The UNK_EXAMPLES words of `lines` that became [UNK] most often, as [word, count] (most
+    first, then by word), for the [UNK] warning. Each distinct space-separated piece is
+    encoded once more (the encoder's table holds most of them), and the words of the pieces
+    with an [UNK] once each; run only for a unit with many [UNK]s."""
+    pieces = collections.Counter(" ".join(lines).split(" "))
+    distinct = list(pieces)
+    ids, per_piece = encoder.encode(distinct, np.dtype(np.int64))
+    has_unk = segment_sums((ids == unk_id).astype(np.int64), per_piece)
+    bad = [p for p, n in zip(distinct, has_unk.tolist(), strict=True) if n]
+    words: collections.Counter[str] = collections.Counter()
+    split = basic_words(bad, encoder.do_lower_case, encoder.strip_accents)
+    for piece, piece_words in zip(bad, split, strict=True):
+        for w in piece_words.split():
+            words[w] += pieces[piece]
+    names = list(words)
+    ids, per_word = encoder.encode(names, np.dtype(np.int64))
+    unk = segment_sums((ids == unk_id).astype(np.int64), per_word)
+    found = [(-words[w], w) for w, n in zip(names, unk.tolist(), strict=True) if n]
+    return [[w, -c] for c, w in sorted(found)[:UNK_EXAMPLES]]
 
 
 def tokenize_documents(
@@ -273,17 +297,19 @@ def build_unit(
             f.write(piece)
             digest.update(piece)
             size += len(piece)
-    lengths = arrays.lengths
+    lengths, unks = arrays.lengths, int(np.count_nonzero(flat == vocab.unk_id))
     part = {
         "unit": unit, "run_id": s.run_id, "file": name, "records": len(lengths),
         "sha256": digest.hexdigest(), "bytes": size, "documents": len(bounds),
         "sentences": sum(len(b) - 1 for b in bounds), "tokens": int(lengths.sum()),
         "corpus_tokens": len(flat),
-        "unk_tokens": int(np.count_nonzero(flat == vocab.unk_id)),
+        "unk_tokens": unks,
         "random_next": int(arrays.next_sentence.sum()),
         "length_histogram": np.bincount(lengths, minlength=s.params.max_seq_length + 1).tolist(),
         **counts,
     }  # fmt: skip
+    if unks >= UNK_WARN_SHARE * len(flat) > 0:
+        part["unk_examples"] = unk_examples([t for d in docs for t in d], encoder, vocab.unk_id)
     write_json(out / PARTS / f"unit-{unit:05d}.json", part)
     return part
 
@@ -547,6 +573,7 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
         "corpus_tokens": sum(p.get("corpus_tokens", 0) for p in parts),
         "text_ratio": text_ratio(parts, cfg.resolved_dupe_factor),
         "unk_share": unk_share(parts),
+        "unk_words": unk_words(parts),
         **summarize(
             sum(p["records"] for p in parts), sum(p["tokens"] for p in parts),
             sum(p["random_next"] for p in parts),
@@ -588,18 +615,30 @@ def unk_share(parts: list[dict[str, Any]]) -> float | None:
     return sum(p["unk_tokens"] for p in parts) / max(1, sum(p["corpus_tokens"] for p in parts))
 
 
+def unk_words(parts: list[dict[str, Any]]) -> list[str]:
+    """The words that became [UNK] most often in the units with many [UNK]s (their kept
+    examples, summed), UNK_EXAMPLES of them."""
+    total: collections.Counter[str] = collections.Counter()
+    for p in parts:
+        total.update(dict(p.get("unk_examples", [])))
+    return [w for _, w in sorted((-c, w) for w, c in total.items())[:UNK_EXAMPLES]]
+
+
 def unk_warning(
     counts: dict[str, Any], do_lower_case: bool | None, vocab: str | None
 ) -> str | None:
     """A warning when at least UNK_WARN_SHARE of the corpus's tokens are [UNK]: a vocabulary
     made for other text, or one read with the wrong casing (an uncased vocabulary read as
-    cased knows no capital letter, so every capitalized word becomes [UNK])."""
+    cased knows no capital letter, so every capitalized word becomes [UNK]). It names the
+    words that became [UNK] most often, where the manifest has them."""
     share = counts.get("unk_share")
     if share is None or share < UNK_WARN_SHARE:
         return None
     casing = "uncased" if do_lower_case else "cased"
+    words = ", ".join(f'"{w}"' for w in counts.get("unk_words", []))
     return (
-        f"warning: {share:.1%} of the corpus's tokens are [UNK]: the vocabulary "
+        f"warning: {share:.1%} of the corpus's tokens are [UNK]"
+        f"{f' (most often {words})' if words else ''}: the vocabulary "
         f"({vocab}, read as {casing}) lacks their pieces, and the model learns "
         "nothing of those words. Check that it is read with the casing it was made with "
         "(--do-lower-case / --no-do-lower-case for a bare vocab.txt), or train one on this "
