@@ -83,7 +83,8 @@ def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
     result = train_vocab(cfg(mixed_corpus, tmp_path / "c", vocab_size=900, do_lower_case=False))
     cased = read_vocab_file(result.output / "vocab.txt")
     assert {"İ", "Ö", "ç", "ş", "ğ", "ø", "å"} <= set(cased)
-    assert not any(w.startswith("note: lowercasing") for w in result.warnings)
+    assert not any(w.startswith(("note: lowercasing", "note: the corpus looks Turkish"))
+                   for w in result.warnings)  # fmt: skip
     result = train_vocab(cfg(mixed_corpus, tmp_path / "l", vocab_size=900))
     lower = read_vocab_file(result.output / "vocab.txt")
     assert "ç" not in lower and "c" in lower and "İ" not in lower
@@ -91,11 +92,16 @@ def test_casing_and_accents(tmp_path: Path, mixed_corpus: Path):
     assert "--no-strip-accents keeps them" in note
     manifest = json.loads((result.output / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["warnings"] == result.warnings  # for `bertforge run`'s report.md:
-    assert f"- {note}\n" in report_of(tmp_path, vocab="l")
+    (turkish,) = [w for w in result.warnings if w.startswith("note: the corpus looks Turkish")]
+    report = report_of(tmp_path, vocab="l")
+    assert f"- {note}\n" in report and f"- {turkish}\n" in report
     result = train_vocab(cfg(mixed_corpus, tmp_path / "k", vocab_size=900, strip_accents=False))
     keep = read_vocab_file(result.output / "vocab.txt")
     assert {"ç", "ş", "ğ", "ø"} <= set(keep) and "Ö" not in keep
     assert not any(w.startswith("note: lowercasing") for w in result.warnings)
+    (turkish,) = [w for w in result.warnings if w.startswith("note: the corpus looks Turkish")]
+    assert "İ into i and a combining dot" in turkish
+    assert any("\u0307" in t for t in keep)  # the dot of İ's lowercase, in the pieces
 
 
 def test_a_note_says_when_default_accent_stripping_changes_many_letters():
@@ -134,6 +140,44 @@ def test_a_note_says_when_default_accent_stripping_changes_many_letters():
     assert "splits 100.0% of the corpus's letters into their parts (" in korean
     assert "(한→\u1112 \u1161 \u11ab, 국→" in korean  # the most frequent first
     assert note("한국어 한국 한글 텍스트.", strip_accents=False) is None
+
+
+def test_a_note_says_when_lowercasing_meets_turkish_i():
+    """Unicode's lowercasing (Google's and transformers') makes Turkish I into i, not ı, and
+    İ into i with a combining dot: a note where ı and İ are 0.5% of the letters and capital
+    I and İ a tenth of that; none when cased, on English, or on text lowercased by Turkish
+    rules. The vocabulary's manifest records it."""
+    from bertforge.tokenization import basic_words
+    from bertforge.vocab import count_chars, dotless_i_note
+
+    def note(text: str, **kw) -> str | None:  # type: ignore[no-untyped-def]
+        counts = np.zeros(0x110000, dtype=np.int64)
+        count_chars([text], counts)
+        return dotless_i_note(counts, VocabConfig(input=("-",), output="o", **kw))
+
+    turkish = "Işık İstanbul'da yandı. Irmak kıyısında oturdu, Ilgaz dağını izledi. " * 3
+    letters = sum(c.isalpha() for c in turkish)
+    found = note(turkish)
+    assert found is not None
+    share = sum(c in "ıİ" for c in turkish) / letters
+    assert f"(ı and İ are {share:.1%} of its letters)" in found
+    assert "makes its 9 I into i, not ı, and its 3 İ into i: " in found
+    assert '"IŞIK" becomes "isik" and "ışık" "ısık"' in found
+    kept = note(turkish, strip_accents=False) or ""
+    assert "İ into i and a combining dot: " in kept and '"IŞIK" becomes "işik"' in kept
+    # what the note says is what lowercasing does
+    assert basic_words(["IŞIK", "ışık"], True, True) == ["isik", "ısık"]
+    assert basic_words(["IŞIK", "ışık", "İ"], True, False) == ["işik", "ışık", "i\u0307"]
+    assert note(turkish, do_lower_case=False) is None
+    assert note("I said I would go, and I went. " * 20) is None  # English: no ı
+    lowered = turkish.replace("I", "ı").replace("İ", "i").lower()  # Turkish rules
+    assert note(lowered) is None
+    assert note(lowered * 20 + " IBM") is None  # one capital in 3,000 letters
+    assert note("ı" + "a" * 198 + "I") is not None  # the thresholds, exactly: 1 in 200 ı
+    assert note("ı" + "a" * 199 + "I") is None
+    assert note("İ" + "a" * 199) is not None  # İ counts as both
+    assert note("ı" * 10 + "a" * 1989 + "I") is not None  # and 1 in 2,000 capitals
+    assert note("ı" * 11 + "a" * 2188 + "I") is None
 
 
 def test_small_corpus_pads_with_unused(tmp_path: Path):

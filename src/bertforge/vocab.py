@@ -93,7 +93,7 @@ class Scan:
 
     stats: CorpusStats
     char_counts: np.ndarray  # (0x110000,) counts of normalized code points
-    accents: str | None  # the note when default accent stripping changes many letters
+    notes: list[str]  # on casing: accent stripping changes many letters, Turkish I
     heldout_docs: set[int]
     heldout: list[str]
     train_sentences: int  # in the corpus, held-out documents excluded
@@ -163,7 +163,7 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
             scan.sample[i : i + BATCH_LINES] for i in range(0, len(scan.sample), BATCH_LINES)
         )
         pieces = train_sentencepiece(batches, alphabet, budget, cfg, out)
-    warnings = [w for w in [scan.stats.report(), scan.accents] if w]
+    warnings = [w for w in [scan.stats.report(), *scan.notes] if w]
     padded = budget - len(pieces)
     if padded > 0:
         extra = [f"[unused{cfg.num_unused + i}]" for i in range(padded)]
@@ -262,14 +262,14 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
     heldout_docs = {index for _, index, _ in kept}
     heldout = [s for _, _, doc in sorted(kept, key=lambda x: x[1]) for s in doc]
     normalized = normalize_counts(counts, cfg)
-    accents = accent_note(counts, cfg)
+    notes = [n for n in (accent_note(counts, cfg), dotless_i_note(counts, cfg)) if n]
     if whole:
         sample = [s for index, doc in whole if index not in heldout_docs for s in doc]
     else:
         pairs = zip(indices, reservoir, strict=True)
         sample = [s for index, s in pairs if index not in heldout_docs]
     train_sentences = stats.sentences - len(heldout)
-    return Scan(stats, normalized, accents, heldout_docs, heldout, train_sentences, sample)
+    return Scan(stats, normalized, notes, heldout_docs, heldout, train_sentences, sample)
 
 
 def count_chars(lines: list[str], counts: np.ndarray) -> None:
@@ -353,6 +353,37 @@ def accent_note(raw: np.ndarray, cfg: VocabConfig) -> str | None:
         f"note: lowercasing also strips accents (Google's uncased default), which "
         f"{' and '.join(what)}; every later stage keeps that. --no-strip-accents keeps them "
         "(--cased keeps case too); --strip-accents keeps this default without the note."
+    )
+
+
+def dotless_i_note(raw: np.ndarray, cfg: VocabConfig) -> str | None:
+    """A note when lowercasing meets Turkish or Azerbaijani text: dotless ı and dotted İ at
+    least ACCENT_NOTE_SHARE of the letters, and capital I and İ at least a tenth of that.
+    Unicode's lowercasing, which Google's and transformers' tokenizers share, makes I into i
+    where these languages need ı, and İ into i with a combining dot above (plain i where
+    accents are stripped): "IŞIK" and "ışık" become different words, in the vocabulary and
+    in every later stage. A corpus lowercased by Turkish rules beforehand has few capitals
+    left and gets no note."""
+    if not cfg.do_lower_case:
+        return None
+    letters = int(sum(raw[cp] for cp in np.flatnonzero(raw).tolist() if chr(cp).isalpha()))
+    dotless, dotted, capital = int(raw[ord("ı")]), int(raw[ord("İ")]), int(raw[ord("I")])
+    if not letters or dotless + dotted < ACCENT_NOTE_SHARE * letters:
+        return None
+    if capital + dotted < ACCENT_NOTE_SHARE / 10 * letters:
+        return None
+    strips = cfg.strip_accents is not False
+    example = '"IŞIK" becomes "isik" and "ışık" "ısık"' if strips else (
+        '"IŞIK" becomes "işik" and "ışık" stays'
+    )  # fmt: skip
+    return (
+        f"note: the corpus looks Turkish or Azerbaijani (ı and İ are "
+        f"{(dotless + dotted) / letters:.1%} of its letters). Lowercasing, Unicode's as in "
+        f"Google's and transformers' tokenizers, makes its {capital:,} I into i, not ı, and its "
+        f"{dotted:,} İ into {'i' if strips else 'i and a combining dot'}: {example}, so one "
+        "word gets two spellings. Lowercase the corpus with Turkish rules yourself (I→ı, "
+        "İ→i) and every text the model will see, or train --cased, as Turkish models "
+        "usually are."
     )
 
 
