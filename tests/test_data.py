@@ -269,6 +269,56 @@ def test_a_corpus_of_long_lines_is_warned_about(tmp_path, kjv_corpus, kjv_vocab,
     assert 1.0 < counts["text_ratio"] < 1.5
 
 
+def test_split_sentences_keeps_the_text_of_paragraph_lines(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    """A corpus with a paragraph per line loses most of its text (one warning, the fix named;
+    not also the one-sentence-documents warning that follows from it). --split-sentences
+    keeps it: the instances are those of the corpus split by sentences_documents beforehand,
+    in either mode, whatever the workers; the summary says how many lines became how many
+    sentences. Without the option the run settings are those of data made before it."""
+    from bertforge.data import run_settings, sentence_documents
+    from bertforge.tokenization import load_vocab
+
+    docs = [d.split("\n") for d in kjv_corpus.read_text().split("\n\n") if d.strip()]
+    paragraphs = write_corpus(tmp_path / "p.txt", [[" ".join(d)] for d in docs])
+    split = write_corpus(tmp_path / "s.txt", sentence_documents([[" ".join(d)] for d in docs]))
+    base = ["--vocab", str(kjv_vocab), "--max-seq-length", "64", "--unit-mb", "0.05"]
+    rc, err = run_cli(["--input", str(paragraphs), *base, "--output", str(tmp_path / "p")],
+                      capsys)  # fmt: skip
+    assert rc == 0 and err.count("warning:") == 1 and "(--split-sentences does" in err
+    said = []
+    for workers in ("1", "2"):
+        rc = main(["data", "--input", str(paragraphs), *base, "--split-sentences", "--workers",
+                   workers, "--output", str(tmp_path / f"w{workers}")])  # fmt: skip
+        printed = capsys.readouterr()
+        assert rc == 0 and "warning" not in printed.err
+        said += [line for line in printed.out.splitlines() if "split:" in line]
+    rc, err = run_cli(["--input", str(split), *base, "--output", str(tmp_path / "s")], capsys)
+    assert rc == 0
+    manifests = {
+        k: json.loads((tmp_path / k / "manifest.json").read_text()) for k in ("w1", "w2", "s")
+    }
+    sentences = manifests["w1"]["counts"]["sentences"]
+    assert sentences == manifests["s"]["counts"]["sentences"] > 3 * len(docs)
+    assert manifests["w1"]["counts"]["text_ratio"] > 0.9
+    split_line = f"split: {len(docs):,} lines into {sentences:,} sentences (--split-sentences)"
+    assert said == [f"  {split_line}"] * 2  # a line per document
+    assert f"- {split_line}\n" in report_of(tmp_path, data="w1")
+    records = {k: [open_shard(tmp_path / k / s["file"])[1] for s in m["shards"]]
+               for k, m in manifests.items()}  # fmt: skip
+    for k in ("w2", "s"):
+        assert len(records[k]) == len(records["w1"]) > 1
+        assert all((a == b).all() for a, b in zip(records["w1"], records[k], strict=True))
+    google = ["--google-compatible", "--dupe-factor", "2"]
+    run_cli(["--input", str(paragraphs), *base, *google, "--split-sentences", "--output",
+             str(tmp_path / "g1")], capsys)  # fmt: skip
+    run_cli(["--input", str(split), *base, *google, "--output", str(tmp_path / "g2")], capsys)
+    g1, g2 = (tmp_path / g / "data.tfrecord" for g in ("g1", "g2"))
+    assert g1.read_bytes() == g2.read_bytes() and g1.stat().st_size > 0
+    vocab = load_vocab(kjv_vocab)
+    off = run_settings(cfg(paragraphs, kjv_vocab, tmp_path / "x"), vocab, [])
+    assert "split_sentences" not in off["config"]
+
+
 def test_documents_unlike_googles_are_warned_about(tmp_path, kjv_corpus, kjv_vocab, capsys):
     """No blank line anywhere (the corpus one document), or one after every line (documents
     of one sentence, so every pair's next sentence is random): a warning each, in report.md

@@ -207,6 +207,10 @@ class DataConfig(CorpusInput):
     """Seed of everything random; the same seed, corpus and settings give the same bytes."""
     do_whole_word_mask: bool = False
     """Mask all pieces of a word together."""
+    split_sentences: bool = False
+    """Split each line into sentences first, at sentence-ending punctuation before a capital
+    (conservative, language-agnostic rules): for a corpus with a paragraph or a whole document
+    per line, whose instances would otherwise keep only each line's start."""
     format: Literal["native", "tfrecord"] | None = None
     """native (default): memory-mappable shards holding instances before masking (dynamic
     masking in training). tfrecord: Google's tf.train.Example files, static masks."""

@@ -71,6 +71,7 @@ from bertforge.instances import (
     pair_ranges,
 )
 from bertforge.masking import MaskSpec, mask_batch
+from bertforge.sentences import split_sentences
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
@@ -169,6 +170,7 @@ class UnitSettings:
     tokens: tuple[str, ...]
     do_lower_case: bool
     strip_accents: bool | None
+    split_sentences: bool = False
 
 
 @dataclass
@@ -284,6 +286,8 @@ def build_unit(
     spec: MaskSpec, vocab: VocabIds,
 ) -> dict[str, Any]:  # fmt: skip
     """Tokenize, segment, mask and write one unit; returns (and records) its part summary."""
+    if s.split_sentences:
+        docs = sentence_documents(docs)
     flat, bounds = unit_tokens(docs, encoder, id_dtype(spec.vocab_size))
     rng, np_rng = unit_rngs(s.random_seed, unit)
     arrays = unit_instances(flat, bounds, s.params, vocab, s.dupe_factor, rng, np_rng)
@@ -402,11 +406,17 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
 
 
 def google_documents(inputs: Sequence[InputFile], encoder: LineEncoder, stats: CorpusStats,
-                     strict_utf8: bool) -> list[list[list[int]]]:  # fmt: skip
-    """All documents as Google's script reads them: a file's end does not end a document."""
+                     strict_utf8: bool, split: bool = False) -> list[list[list[int]]]:  # fmt: skip
+    """All documents as Google's script reads them: a file's end does not end a document
+    (their lines split into sentences first with `split`)."""
     docs = list(iter_documents(inputs, stats, strict_utf8=strict_utf8,
                                file_is_document_boundary=False))  # fmt: skip
-    return tokenize_documents(docs, encoder)
+    return tokenize_documents(sentence_documents(docs) if split else docs, encoder)
+
+
+def sentence_documents(docs: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The documents with each line split into its sentences (--split-sentences)."""
+    return [[t for line in d for t in split_sentences(line)] for d in docs]
 
 
 def google_instances(
@@ -418,9 +428,10 @@ def google_instances(
     random_seed: int,
     stats: CorpusStats,
     strict_utf8: bool = False,
+    split: bool = False,
 ) -> list[Instance]:
     """Google's create_training_instances, record for record: all in memory, one rng."""
-    documents = google_documents(inputs, encoder, stats, strict_utf8)
+    documents = google_documents(inputs, encoder, stats, strict_utf8, split)
     return create_training_instances(
         documents, params, vocab, dupe_factor, random.Random(random_seed)
     )
@@ -447,7 +458,7 @@ def run_google(cfg: DataConfig, inputs: list[InputFile], vocab: Vocab, params: I
                out: Path, stats: CorpusStats, run_id: str) -> list[dict[str, Any]]:  # fmt: skip
     instances = google_instances(
         inputs, vocab.encoder(), VocabIds.from_tokens(vocab.tokens), params,
-        cfg.resolved_dupe_factor, cfg.random_seed, stats, cfg.strict_utf8,
+        cfg.resolved_dupe_factor, cfg.random_seed, stats, cfg.strict_utf8, cfg.split_sentences,
     )  # fmt: skip
     write_tfrecords(instances, [out / GOOGLE_FILE], params)
     lengths = np.array([len(i.input_ids) for i in instances], dtype=np.int64)
@@ -471,6 +482,8 @@ def run_settings(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile]) -> 
     config.update(format=cfg.resolved_format, dupe_factor=cfg.resolved_dupe_factor,
                   max_predictions_per_seq=cfg.resolved_max_predictions,
                   do_lower_case=vocab.do_lower_case, static_masking=cfg.static)  # fmt: skip
+    if not cfg.split_sentences:  # absent when off: data made before the option is still known
+        del config["split_sentences"]
     return {"stage": "data", "config": config, "vocab_sha256": vocab.sha256,
             "inputs": [i.describe() for i in inputs], "bertforge": __version__}  # fmt: skip
 
@@ -547,7 +560,8 @@ def create_data(cfg: DataConfig) -> DataResult:
     else:
         settings = UnitSettings(params, cfg.resolved_dupe_factor, cfg.random_seed,
                                 cfg.resolved_format, cfg.static, str(out), run_id, vocab.tokens,
-                                vocab.do_lower_case, vocab.strip_accents)  # fmt: skip
+                                vocab.do_lower_case, vocab.strip_accents,
+                                cfg.split_sentences)  # fmt: skip
         parts, resumed = run_units(cfg, inputs, settings, out, stats)
     require_text(stats, cfg.input)
     records = sum(p["records"] for p in parts)
@@ -680,7 +694,8 @@ def line_warning(counts: dict[str, Any], max_seq_length: int) -> str | None:
         f"warning: the instances hold only {ratio * 100:.2g}% as much text as the corpus: its "
         f"lines average {per_line:,.0f} tokens, and an instance keeps at most {max_seq_length} "
         "(the rest is cut away). bertforge, like Google's scripts, expects one sentence per "
-        "line and a blank line between documents: split the text into sentences."
+        "line and a blank line between documents: split the text into sentences "
+        "(--split-sentences does, by punctuation)."
     )
 
 
@@ -708,12 +723,22 @@ def manifest_warnings(m: dict[str, Any]) -> list[str]:
     """The warnings a finished data stage's manifest gives, from its counts: text cut away,
     [UNK]s, documents unlike Google's (print_summary prints them; run's report.md lists them)."""
     c, cfg = m.get("counts", {}), m.get("config", {})
+    lines = line_warning(c, cfg.get("max_seq_length", 0))
     found = [
-        line_warning(c, cfg.get("max_seq_length", 0)),
+        lines,
         unk_warning(c, cfg.get("do_lower_case"), m.get("vocab", {}).get("path")),
-        document_warning(c),
+        None if lines else document_warning(c),  # long lines make one-line documents too
     ]
     return [w for w in found if w]
+
+
+def split_summary(m: dict[str, Any]) -> str | None:
+    """How many lines --split-sentences made how many sentences (None without it)."""
+    if not m.get("config", {}).get("split_sentences"):
+        return None
+    c = m.get("counts", {})
+    lines = c.get("corpus", {}).get("sentences", 0)
+    return f"split: {lines:,} lines into {c.get('sentences', 0):,} sentences (--split-sentences)"
 
 
 def print_summary(result: DataResult, file: Any = None) -> None:
@@ -730,6 +755,8 @@ def print_summary(result: DataResult, file: Any = None) -> None:
         f"{c['padding_share']:.1%}, random next {c['random_next_share']:.1%}",
         file=file,
     )
+    if split := split_summary(m):
+        print(f"  {split}", file=file)
     if result.resumed_units:
         print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
     for warning in manifest_warnings(m):

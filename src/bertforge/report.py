@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bertforge.data import manifest_warnings, mask_cap_warning
+from bertforge.data import manifest_warnings, mask_cap_warning, split_summary
 from bertforge.fileio import atomic_open, read_jsonl, read_manifest, write_text
 from bertforge.tune import TUNABLE
 
@@ -206,6 +206,7 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         f"{dcfg.get('max_predictions_per_seq', '?')} per instance"
         + (", whole words" if dcfg.get("do_whole_word_mask") else ""),
     ]
+    lines += [f"- {split}" for split in [split_summary(data)] if split]
     lines += [f"- **{warning}**" for warning in manifest_warnings(data)]
     masking = [dcfg.get(k) for k in ("max_seq_length", "max_predictions_per_seq", "masked_lm_prob")]
     if None not in masking and (warning := mask_cap_warning(*masking)):
