@@ -53,7 +53,7 @@ def main() -> None:
     at_end = cuts = ends = 0
     for chapter, sentences in zip(chapters, split, strict=True):
         verse_ends = set(itertools.accumulate(len(v) + 1 for v in chapter[:-1]))
-        sentence_ends = set(itertools.accumulate(len(s) + 1 for s in sentences[:-1]))
+        sentence_ends = set(starts(" ".join(chapter), sentences)[1:])
         ends += len(verse_ends)
         cuts += len(sentence_ends)
         at_end += len(verse_ends & sentence_ends)
@@ -93,6 +93,16 @@ def main() -> None:
         **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
     }
     print(json.dumps(summary))
+
+
+def starts(text: str, pieces: list[str]) -> list[int]:
+    """Where each of the pieces, found in order, starts in text."""
+    found, at = [], 0
+    for piece in pieces:
+        at = text.index(piece, at)
+        found.append(at)
+        at += len(piece)
+    return found
 
 
 if __name__ == "__main__":
