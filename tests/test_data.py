@@ -270,8 +270,9 @@ def test_a_corpus_of_long_lines_is_warned_about(tmp_path, kjv_corpus, kjv_vocab,
 
 
 def test_split_sentences_keeps_the_text_of_paragraph_lines(tmp_path, kjv_corpus, kjv_vocab, capsys):
-    """A corpus with a paragraph per line loses most of its text (one warning, the fix named;
-    not also the one-sentence-documents warning that follows from it). --split-sentences
+    """A corpus with a paragraph per line loses most of its text: a warning names the fix (not
+    also the one-sentence-documents warning that follows from it), and where the input holds
+    several units the first shard's says so at once. --split-sentences
     keeps it: the instances are those of the corpus split by sentences_documents beforehand,
     in either mode, whatever the workers; the summary says how many lines became how many
     sentences. Without the option the run settings are those of data made before it."""
@@ -284,6 +285,13 @@ def test_split_sentences_keeps_the_text_of_paragraph_lines(tmp_path, kjv_corpus,
     base = ["--vocab", str(kjv_vocab), "--max-seq-length", "64", "--unit-mb", "0.05"]
     rc, err = run_cli(["--input", str(paragraphs), *base, "--output", str(tmp_path / "p")],
                       capsys)  # fmt: skip
+    early, final = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert rc == 0 and "(--split-sentences does" in final
+    assert early.endswith("(So far, from the first shard; Ctrl-C stops the run.)")
+    assert early.startswith("warning: the instances hold only")  # the same warning, at once
+    # an input of under EARLY_WARNING_UNITS units: only the final warning
+    rc, err = run_cli(["--input", str(paragraphs), *base[:-1], "1", "--output",
+                       str(tmp_path / "p1")], capsys)  # fmt: skip
     assert rc == 0 and err.count("warning:") == 1 and "(--split-sentences does" in err
     said = []
     for workers in ("1", "2"):

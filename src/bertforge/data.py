@@ -49,6 +49,7 @@ from bertforge.corpus import (
     progress_bar,
     require_text,
     resolve_inputs,
+    total_size,
 )
 from bertforge.datacheck import summarize
 from bertforge.errors import UserError
@@ -82,6 +83,7 @@ ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
 UNK_WARN_SHARE = 0.01  # of the corpus's tokens [UNK]: a warning (a fitting vocabulary: ~0%)
 UNK_EXAMPLES = 5  # words that became [UNK], kept per unit and named in the warning
+EARLY_WARNING_UNITS = 4  # inputs of this many units or more: the first shard's warning at once
 PARTS = ".parts"
 GOOGLE_FILE = "data.tfrecord"
 # Settings that do not change the output bytes; a resumed run may change them.
@@ -365,8 +367,19 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
     bar = progress_bar(inputs, cfg.progress, "data")
     progress = Progress(callbacks=[bar.update] if bar else [])
 
+    size = total_size(inputs)
+    checked = size is not None and size < EARLY_WARNING_UNITS * cfg.unit_mb * 1e6
+
     def collect(part: dict[str, Any]) -> None:
+        nonlocal checked
         parts[part["unit"]] = part
+        if not checked:  # a long run: what the first shard shows, while it can be stopped
+            checked = True
+            counts = {k: part[k] for k in ("corpus_tokens", "sentences")}
+            counts["text_ratio"] = text_ratio([part], s.dupe_factor)
+            if warning := line_warning(counts, s.params.max_seq_length):
+                warning += " (So far, from the first shard; Ctrl-C stops the run.)"
+                (bar.write if bar else print)(warning, file=sys.stderr)  # above the bar
         if bar:
             bar.set_postfix(documents=f"{stats.documents:,}",
                             instances=f"{sum(p['records'] for p in parts.values()):,}")  # fmt: skip
