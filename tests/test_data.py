@@ -322,6 +322,9 @@ def test_split_sentences_keeps_the_text_of_paragraph_lines(tmp_path, kjv_corpus,
     run_cli(["--input", str(split), *base, *google, "--output", str(tmp_path / "g2")], capsys)
     g1, g2 = (tmp_path / g / "data.tfrecord" for g in ("g1", "g2"))
     assert g1.read_bytes() == g2.read_bytes() and g1.stat().st_size > 0
+    for g in ("g1", "g2"):  # sentences, not lines, in Google's mode too
+        assert json.loads((tmp_path / g / "manifest.json").read_text())["counts"][
+            "sentences"] == sentences  # fmt: skip
     vocab = load_vocab(kjv_vocab)
     off = run_settings(cfg(paragraphs, kjv_vocab, tmp_path / "x"), vocab, [])
     assert "split_sentences" not in off["config"]

@@ -432,24 +432,6 @@ def sentence_documents(docs: Sequence[Sequence[str]]) -> list[list[str]]:
     return [[t for line in d for t in split_sentences(line)] for d in docs]
 
 
-def google_instances(
-    inputs: Sequence[InputFile],
-    encoder: LineEncoder,
-    vocab: VocabIds,
-    params: InstanceParams,
-    dupe_factor: int,
-    random_seed: int,
-    stats: CorpusStats,
-    strict_utf8: bool = False,
-    split: bool = False,
-) -> list[Instance]:
-    """Google's create_training_instances, record for record: all in memory, one rng."""
-    documents = google_documents(inputs, encoder, stats, strict_utf8, split)
-    return create_training_instances(
-        documents, params, vocab, dupe_factor, random.Random(random_seed)
-    )
-
-
 def write_tfrecords(
     instances: Iterable[Instance], paths: Sequence[Path], params: InstanceParams
 ) -> list[int]:
@@ -469,17 +451,20 @@ def write_tfrecords(
 
 def run_google(cfg: DataConfig, inputs: list[InputFile], vocab: Vocab, params: InstanceParams,
                out: Path, stats: CorpusStats, run_id: str) -> list[dict[str, Any]]:  # fmt: skip
-    instances = google_instances(
-        inputs, vocab.encoder(), VocabIds.from_tokens(vocab.tokens), params,
-        cfg.resolved_dupe_factor, cfg.random_seed, stats, cfg.strict_utf8, cfg.split_sentences,
-    )  # fmt: skip
+    """Google's create_training_instances, record for record: all in memory, one rng."""
+    documents = google_documents(inputs, vocab.encoder(), stats, cfg.strict_utf8,
+                                 cfg.split_sentences)  # fmt: skip
+    rng = random.Random(cfg.random_seed)
+    ids = VocabIds.from_tokens(vocab.tokens)
+    instances = create_training_instances(documents, params, ids, cfg.resolved_dupe_factor, rng)
     write_tfrecords(instances, [out / GOOGLE_FILE], params)
     lengths = np.array([len(i.input_ids) for i in instances], dtype=np.int64)
     path = out / GOOGLE_FILE
     return [{
         "unit": 0, "run_id": run_id, "file": GOOGLE_FILE, "records": len(instances),
         "sha256": sha256_file(path), "bytes": path.stat().st_size,
-        "documents": stats.documents, "sentences": stats.sentences, "tokens": int(lengths.sum()),
+        "documents": stats.documents, "sentences": sum(map(len, documents)),
+        "tokens": int(lengths.sum()),
         "random_next": sum(i.is_random_next for i in instances),
         "masked_tokens": sum(len(i.masked_lm_positions) for i in instances),
         "length_histogram": np.bincount(lengths, minlength=params.max_seq_length + 1).tolist(),
