@@ -305,6 +305,17 @@ def test_recipes_parse_into_stage_configs(recipe, tmp_path):
         assert bert.vocab_size == configs["vocab"].vocab_size
 
 
+@pytest.mark.parametrize("recipe", ["bert-base-from-scratch", "turkish-cased-small"])
+def test_recipes_leave_the_masking_cap_to_the_length(recipe, tmp_path):
+    """A recipe at length 128 run with --max-seq-length 512 masks 15% of a full instance (77),
+    not the 20 a recipe that wrote Google's default down would keep."""
+    path = ROOT / "configs" / f"{recipe}.toml"
+    run = RunConfig(input=("corpus.txt",), output=str(tmp_path / "r"))
+    configs = stage_configs(run, read_toml(path), {"max_seq_length": 512}, str(path))
+    assert configs["data"].max_seq_length == 512
+    assert configs["data"].resolved_max_predictions == 77
+
+
 def test_demo_uses_the_repository_recipe():
     assert cli.demo_config().read_text() == (ROOT / "configs" / "demo.toml").read_text()
 
