@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
 from bertforge.sentences import split_sentences
@@ -44,3 +47,18 @@ def test_split_sentences(line: str, sentences: list[str]) -> None:
     assert split_sentences(line) == sentences
     # nothing lost: the sentences give the line back, up to the whitespace at the cuts
     assert "".join(split_sentences(line)).replace(" ", "") == line.replace(" ", "")
+
+
+def test_random_lines_lose_nothing() -> None:
+    """Lines of ends, quotes, spaces, digits and letters of several scripts, drawn at random:
+    every sentence is non-empty and stripped, and together they hold the line's characters
+    but whitespace, in order."""
+    rng = random.Random(0)
+    alphabet = list("aAbBİıIçÇ  .!?…。！？؟।\"'”’»«()]1234 \t\u00a0東京مرحباXyz.")
+    for _ in range(5000):
+        line = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60))).strip()
+        if not line:
+            continue
+        sentences = split_sentences(line)
+        assert all(s and s == s.strip() for s in sentences), (line, sentences)
+        assert re.sub(r"\s", "", "".join(sentences)) == re.sub(r"\s", "", line)
