@@ -34,6 +34,46 @@ def test_documents_split_on_blank_lines_and_files(tmp_path: Path):
     assert docs == [["s1", "s2"], ["s3", "s4"], ["s5"]]
 
 
+WIKI = """<doc id="1" url="https://tr.wikipedia.org/wiki?curid=1" title="Nisan">
+Nisan
+
+Nisan yılın dördüncü ayıdır. Mart ile Mayıs arasındadır.
+İkinci paragraf burada.
+</doc>
+<doc id="2" revid="5" url="https://tr.wikipedia.org/wiki?curid=2" title="Mayıs">
+Mayıs
+
+Mayıs beşinci aydır.
+</doc>
+"""
+
+
+def test_wikiextractor_output_reads_as_its_articles(tmp_path: Path):
+    """WikiExtractor's <doc> elements are documents: tag lines dropped, the blank line after
+    the title ignored; Google's reading (doc_elements=False) keeps the tags as text."""
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text(WIKI)
+    docs, stats = docs_of([wiki])
+    assert docs == [
+        ["Nisan", "Nisan yılın dördüncü ayıdır. Mart ile Mayıs arasındadır.",
+         "İkinci paragraf burada."],
+        ["Mayıs", "Mayıs beşinci aydır."],
+    ]  # fmt: skip
+    assert (stats.documents, stats.sentences, stats.doc_elements) == (2, 5, 2)
+    assert stats.markup_note() == (
+        "read as WikiExtractor output: 2 <doc> elements, each one document (the tag lines "
+        "dropped, blank lines inside an element ignored)"
+    )
+    lines = WIKI.splitlines()
+    docs, stats = docs_of([wiki], doc_elements=False)
+    assert docs == [lines[0:2], lines[3:8], lines[9:11]] and stats.doc_elements == 0
+    # text after an element, before the next, is a document of its own at the blank line
+    wiki.write_text(WIKI + "stray line\n\n<doc>\nlast\n")
+    docs, stats = docs_of([wiki])
+    assert docs[2:] == [["stray line"], ["last"]] and stats.doc_elements == 3
+    assert CorpusStats().markup_note() is None
+
+
 def test_compressed_inputs_detected_by_magic(tmp_path: Path):
     text = b"one\ntwo\n\nthree\n"
     (tmp_path / "x.gz").write_bytes(gzip.compress(text))

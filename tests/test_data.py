@@ -330,6 +330,32 @@ def test_split_sentences_keeps_the_text_of_paragraph_lines(tmp_path, kjv_corpus,
     assert "split_sentences" not in off["config"]
 
 
+def test_wikiextractor_output_gives_its_articles(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    """A corpus in WikiExtractor's <doc> markup gives the instances of its articles in
+    Google's format (each element a document, the tag lines dropped); the summary says how
+    it was read."""
+    docs = [d.split("\n") for d in kjv_corpus.read_text().split("\n\n") if d.strip()]
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text("".join(
+        f'<doc id="{i}" url="https://en.wikipedia.org/wiki?curid={i}" title="Part {i}">\n'
+        f"Part {i}\n\n" + "\n".join(d) + "\n</doc>\n" for i, d in enumerate(docs)
+    ))  # fmt: skip
+    plain = write_corpus(tmp_path / "plain.txt", [[f"Part {i}", *d] for i, d in enumerate(docs)])
+    for name, corpus in (("w", wiki), ("p", plain)):
+        assert main(["data", "--input", str(corpus), "--vocab", str(kjv_vocab), "--output",
+                     str(tmp_path / name), "--max-seq-length", "64"]) == 0  # fmt: skip
+        printed = capsys.readouterr().out
+        said = f"  read as WikiExtractor output: {len(docs):,} <doc> elements"
+        assert (said in printed) == (name == "w")
+    w, p = (json.loads((tmp_path / k / "manifest.json").read_text()) for k in ("w", "p"))
+    assert w["counts"]["documents"] == w["counts"]["corpus"]["doc_elements"] == len(docs)
+    assert w["counts"]["sentences"] == p["counts"]["sentences"]
+    assert w["counts"]["corpus_tokens"] == p["counts"]["corpus_tokens"]
+    records = [[open_shard(tmp_path / k / s["file"])[1] for s in m["shards"]]
+               for k, m in (("w", w), ("p", p))]  # fmt: skip
+    assert len(records[0]) > 0 and all((a == b).all() for a, b in zip(*records, strict=True))
+
+
 def test_documents_unlike_googles_are_warned_about(tmp_path, kjv_corpus, kjv_vocab, capsys):
     """No blank line anywhere (the corpus one document), or one after every line (documents
     of one sentence, so every pair's next sentence is random): a warning each, in report.md

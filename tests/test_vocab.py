@@ -180,6 +180,24 @@ def test_a_note_says_when_lowercasing_meets_turkish_i():
     assert note("ı" * 11 + "a" * 2188 + "I") is None
 
 
+def test_wikiextractor_markup_stays_out_of_the_vocabulary(tmp_path: Path):
+    """WikiExtractor's <doc ...> lines would make "doc", "url", "https" and "curid" the most
+    frequent words; read as markup they give none of them, and a note says how the corpus
+    was read (in the manifest, for report.md)."""
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text("".join(
+        f'<doc id="{i}" url="https://no.wikipedia.org/wiki?curid={i}" title="T{i}">\nT{i}\n\n'
+        + "\n".join(d) + "\n</doc>\n" for i, d in enumerate(MIXED_DOCS * 40)
+    ))  # fmt: skip
+    result = train_vocab(cfg(wiki, tmp_path / "v", vocab_size=700))
+    tokens = read_vocab_file(result.output / "vocab.txt")
+    assert not {"doc", "url", "https", "curid", "wikipedia"} & set(tokens)
+    assert "note: read as WikiExtractor output: 200 <doc> elements, each one document" in (
+        "\n".join(result.warnings))  # fmt: skip
+    manifest = json.loads((result.output / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["counts"]["doc_elements"] == 200 and manifest["warnings"] == result.warnings
+
+
 def test_small_corpus_pads_with_unused(tmp_path: Path):
     corpus = write_corpus(tmp_path / "tiny.txt", [["a b c", "abc abc"]])
     result = train_vocab(cfg(corpus, tmp_path / "v", vocab_size=300))

@@ -24,6 +24,7 @@ import gzip
 import io
 import lzma
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import BinaryIO
 from bertforge.errors import UserError
 
 STDIN = "-"
+DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <doc id="1" ...>
 SNIFF_BYTES = 8192
 
 # Magic numbers of formats that are certainly not a text corpus.
@@ -86,6 +88,7 @@ class CorpusStats:
     documents: int = 0  # non-empty documents
     bad_lines: int = 0  # lines that had invalid UTF-8 (bytes dropped)
     first_bad: str | None = None  # "file:line" of the first one
+    doc_elements: int = 0  # WikiExtractor's <doc ...> lines read as document starts
 
     def as_dict(self) -> dict:
         return {
@@ -96,7 +99,17 @@ class CorpusStats:
             "documents": self.documents,
             "bad_utf8_lines": self.bad_lines,
             "first_bad_utf8_line": self.first_bad,
+            "doc_elements": self.doc_elements,
         }
+
+    def markup_note(self) -> str | None:
+        """One line saying the corpus was read as WikiExtractor output, or None."""
+        if not self.doc_elements:
+            return None
+        return (
+            f"read as WikiExtractor output: {self.doc_elements:,} <doc> elements, each one "
+            "document (the tag lines dropped, blank lines inside an element ignored)"
+        )
 
     def report(self) -> str | None:
         """One line about invalid UTF-8, or None when there was none."""
@@ -305,6 +318,7 @@ def iter_documents(
     *,
     strict_utf8: bool = False,
     file_is_document_boundary: bool = True,
+    doc_elements: bool = True,
     progress: Progress | None = None,
 ) -> Iterator[list[str]]:
     """Yield documents as lists of non-empty stripped lines.
@@ -312,14 +326,32 @@ def iter_documents(
     A blank line ends a document. Google's script does not end a document at the end of a
     file (the last document of one file runs on into the next); `file_is_document_boundary`
     False reproduces that, True (the default) is what users expect.
+
+    With `doc_elements`, WikiExtractor's output (Google's README's way to a Wikipedia corpus)
+    reads as it means: a `<doc id=... url=... title=...>` line starts a document and
+    `</doc>` ends it, both dropped (their words would otherwise be the corpus's most frequent:
+    "doc", "id", "url", "https", "curid"), and a blank line inside an element (WikiExtractor
+    writes one after the title) does not end it. Google's script reads those lines as text.
     """
     doc: list[str] = []
+    inside = False
     for line, new_file in iter_lines(inputs, stats, strict_utf8=strict_utf8, progress=progress):
-        if (not line or (new_file and file_is_document_boundary)) and doc:
+        if new_file and file_is_document_boundary:
+            inside = False
+        tag = (
+            doc_elements
+            and line.startswith("<")
+            and (line == "</doc>" or DOC_START.fullmatch(line))
+        )
+        ends = tag or (not line and not inside) or (new_file and file_is_document_boundary)
+        if ends and doc:
             stats.documents += 1
             yield doc
             doc = []
-        if line:
+        if tag:
+            inside = line != "</doc>"
+            stats.doc_elements += inside
+        elif line:
             stats.sentences += 1
             doc.append(line)
     if doc:

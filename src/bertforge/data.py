@@ -420,10 +420,11 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
 
 def google_documents(inputs: Sequence[InputFile], encoder: LineEncoder, stats: CorpusStats,
                      strict_utf8: bool, split: bool = False) -> list[list[list[int]]]:  # fmt: skip
-    """All documents as Google's script reads them: a file's end does not end a document
-    (their lines split into sentences first with `split`)."""
+    """All documents as Google's script reads them: a file's end does not end a document, and
+    WikiExtractor's <doc> lines are text (their lines split into sentences first with
+    `split`)."""
     docs = list(iter_documents(inputs, stats, strict_utf8=strict_utf8,
-                               file_is_document_boundary=False))  # fmt: skip
+                               file_is_document_boundary=False, doc_elements=False))  # fmt: skip
     return tokenize_documents(sentence_documents(docs) if split else docs, encoder)
 
 
@@ -755,6 +756,8 @@ def print_summary(result: DataResult, file: Any = None) -> None:
     )
     if split := split_summary(m):
         print(f"  {split}", file=file)
+    if corpus.get("doc_elements"):
+        print(f"  {CorpusStats(doc_elements=corpus['doc_elements']).markup_note()}", file=file)
     if result.resumed_units:
         print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
     for warning in manifest_warnings(m):

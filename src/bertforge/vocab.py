@@ -163,7 +163,8 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
             scan.sample[i : i + BATCH_LINES] for i in range(0, len(scan.sample), BATCH_LINES)
         )
         pieces = train_sentencepiece(batches, alphabet, budget, cfg, out)
-    warnings = [w for w in [scan.stats.report(), *scan.notes] if w]
+    markup = scan.stats.markup_note()
+    warnings = [w for w in [scan.stats.report(), markup and f"note: {markup}.", *scan.notes] if w]
     padded = budget - len(pieces)
     if padded > 0:
         extra = [f"[unused{cfg.num_unused + i}]" for i in range(padded)]
