@@ -486,6 +486,13 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     assert unk_words(kept) == ["b", "a", "c"]  # summed over the units that kept examples
     report = report_of(tmp_path, data="wrong")
     assert f"of the corpus's tokens are [UNK] (most often {named}): the vocabulary" in report
+    # in units of a twentieth of the corpus, the first shard warns before the run goes on
+    rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(bare), "--no-do-lower-case",
+                       "--unit-mb", "0.015", "--output", str(tmp_path / "u")], capsys)  # fmt: skip
+    early, final = [line for line in err.splitlines() if "[UNK]" in line]
+    assert early.startswith("warning: ") and "read as cased" in early and "most often" in early
+    assert early.endswith("(So far, from the first shard; Ctrl-C stops the run.)")
+    assert final.startswith(f"warning: {share:.1%} of the corpus's tokens are [UNK] (most")
 
 
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):

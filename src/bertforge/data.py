@@ -83,7 +83,7 @@ ENCODE_LINES = 1 << 16  # lines per LineEncoder call
 CHUNK = 8192  # instances masked and encoded at a time
 UNK_WARN_SHARE = 0.01  # of the corpus's tokens [UNK]: a warning (a fitting vocabulary: ~0%)
 UNK_EXAMPLES = 5  # words that became [UNK], kept per unit and named in the warning
-EARLY_WARNING_UNITS = 4  # inputs of this many units or more: the first shard's warning at once
+EARLY_WARNING_UNITS = 4  # inputs of this many units or more: the first shard's warnings at once
 PARTS = ".parts"
 GOOGLE_FILE = "data.tfrecord"
 # Settings that do not change the output bytes; a resumed run may change them.
@@ -353,7 +353,7 @@ def iter_units(
 
 
 def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Path,
-              stats: CorpusStats) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
+              stats: CorpusStats, vocab_file: str) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
     """Process every unit not finished before; returns all parts in unit order and how many
     were found finished."""
     parts: dict[int, dict[str, Any]] = {}
@@ -375,10 +375,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
         parts[part["unit"]] = part
         if not checked:  # a long run: what the first shard shows, while it can be stopped
             checked = True
-            counts = {k: part[k] for k in ("corpus_tokens", "sentences")}
-            counts["text_ratio"] = text_ratio([part], s.dupe_factor)
-            if warning := line_warning(counts, s.params.max_seq_length):
-                warning += " (So far, from the first shard; Ctrl-C stops the run.)"
+            for warning in first_shard_warnings(part, s, vocab_file):
                 (bar.write if bar else print)(warning, file=sys.stderr)  # above the bar
         if bar:
             bar.set_postfix(documents=f"{stats.documents:,}",
@@ -561,7 +558,7 @@ def create_data(cfg: DataConfig) -> DataResult:
                                 cfg.resolved_format, cfg.static, str(out), run_id, vocab.tokens,
                                 vocab.do_lower_case, vocab.strip_accents,
                                 cfg.split_sentences)  # fmt: skip
-        parts, resumed = run_units(cfg, inputs, settings, out, stats)
+        parts, resumed = run_units(cfg, inputs, settings, out, stats, str(vocab.path))
     require_text(stats, cfg.input)
     records = sum(p["records"] for p in parts)
     if records == 0:
@@ -729,6 +726,19 @@ def manifest_warnings(m: dict[str, Any]) -> list[str]:
         None if lines else document_warning(c),  # long lines make one-line documents too
     ]
     return [w for w in found if w]
+
+
+def first_shard_warnings(part: dict[str, Any], s: UnitSettings, vocab_file: str) -> list[str]:
+    """The warnings of manifest_warnings that one shard can tell (text cut away, [UNK]s), for
+    a long run to be stopped early; the documents warning is about the whole corpus."""
+    counts = {
+        "corpus_tokens": part["corpus_tokens"], "sentences": part["sentences"],
+        "text_ratio": text_ratio([part], s.dupe_factor), "unk_share": unk_share([part]),
+        "unk_words": unk_words([part]),
+    }  # fmt: skip
+    found = [line_warning(counts, s.params.max_seq_length),
+             unk_warning(counts, s.do_lower_case, vocab_file)]  # fmt: skip
+    return [f"{w} (So far, from the first shard; Ctrl-C stops the run.)" for w in found if w]
 
 
 def split_summary(m: dict[str, Any]) -> str | None:
