@@ -338,11 +338,8 @@ def iter_documents(
     for line, new_file in iter_lines(inputs, stats, strict_utf8=strict_utf8, progress=progress):
         if new_file and file_is_document_boundary:
             inside = False
-        tag = (
-            doc_elements
-            and line.startswith("<")
-            and (line == "</doc>" or DOC_START.fullmatch(line))
-        )
+        tag = doc_elements and line.startswith("<")  # a cheap test first: most lines are text
+        tag = tag and (line == "</doc>" or DOC_START.fullmatch(line) is not None)
         ends = tag or (not line and not inside) or (new_file and file_is_document_boundary)
         if ends and doc:
             stats.documents += 1
