@@ -117,6 +117,39 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     assert tokenizer_config["do_lower_case"] is False
 
 
+def test_an_upgrade_alone_reruns_no_stage(tmp_path, kjv_corpus, capsys):
+    """A run.json written by an older bertforge lacks the options added since: each counts as
+    its default, so the same command keeps every stage. The masking cap is recorded resolved
+    (20 at length 64, what older versions wrote for the default). A setting missing from the
+    record whose value is not the default still reruns the stage."""
+    out = tmp_path / "run"
+    fast = [a for a in FAST if a not in ("--max-predictions-per-seq", "10")]
+    assert main(["run", str(kjv_corpus), "--output", str(out), *fast]) == 0
+    state = json.loads((out / "run.json").read_text())
+    assert state["data"]["config"]["max_predictions_per_seq"] == 20
+    del state["data"]["config"]["split_sentences"]  # new in session 43
+    del state["train"]["config"]["google_adam"]  # left at its default (False)
+    (out / "run.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["run", str(kjv_corpus), "--output", str(out), *fast]) == 0
+    assert capsys.readouterr().err.count("unchanged, kept") == 4
+    state = json.loads((out / "run.json").read_text())
+    assert "google_adam" not in state["train"]["config"]  # kept stages keep their records
+    # more steps: training resumes (the missing key counts as its default there too)
+    assert (
+        main(["run", str(kjv_corpus), "--output", str(out), *fast, "--num-train-steps", "9"]) == 0
+    )
+    assert "train: resuming" in capsys.readouterr().err
+    state = json.loads((out / "run.json").read_text())
+    del state["data"]["config"]["max_seq_length"]  # 64 here, not the default 128
+    (out / "run.json").write_text(json.dumps(state))
+    assert (
+        main(["run", str(kjv_corpus), "--output", str(out), *fast, "--num-train-steps", "9"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert "vocab: unchanged" in err and "data: running" in err and "train: running" in err
+
+
 def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch):
     """Text added to the corpus (same file name) reruns everything; so does a run.json from
     before bertforge recorded the corpus (the stages' manifests say what they read)."""

@@ -26,13 +26,14 @@ import glob
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bertforge.config import (
     STAGES,
+    DataConfig,
     FieldSpec,
     RunConfig,
     add_field_argument,
@@ -246,7 +247,31 @@ class RunResult:
 
 
 def settings_key(cfg: Any) -> dict[str, Any]:
-    return {k: v for k, v in config_to_dict(cfg).items() if k not in COSMETIC}
+    """The settings a stage's record keeps, resolved where a default depends on others (the
+    data stage's masking cap on the length), so a default that came to depend on them does
+    not make a finished stage look changed."""
+    key = {k: v for k, v in config_to_dict(cfg).items() if k not in COSMETIC}
+    if isinstance(cfg, DataConfig):
+        key["max_predictions_per_seq"] = cfg.resolved_max_predictions
+    return key
+
+
+def same_settings(
+    old: Mapping[str, Any], new: Mapping[str, Any], cfg: Any, ignore: Collection[str] = ()
+) -> bool:
+    """old == new (but the keys in `ignore`), where a setting that a record written by an
+    older bertforge lacks counts as its default: a new option left at its default changes
+    nothing, so an upgrade alone does not redo a finished stage or restart a training run."""
+    missing = dataclasses.MISSING
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not missing}
+
+    def was(key: str) -> Any:
+        if key in old:
+            return old[key]
+        value = defaults.get(key, missing)
+        return list(value) if isinstance(value, tuple) else value
+
+    return all(was(k) == v for k, v in new.items() if k not in ignore)
 
 
 def corpus_files(cfg: Any) -> list[dict[str, Any]] | None:
@@ -274,7 +299,7 @@ def decide(
         return "start"
     old, new = record["config"], settings_key(cfg)
     manifest = directory / MANIFEST
-    if old == new:
+    if same_settings(old, new, cfg):
         if record.get("done"):
             if manifest.is_file() and sha256_file(manifest) == record.get("manifest_sha256"):
                 return "skip"
@@ -283,7 +308,7 @@ def decide(
     if stage == "train":
         from bertforge.train import RESUMABLE
 
-        if all(old.get(k) == v for k, v in new.items() if k not in RESUMABLE):
+        if same_settings(old, new, cfg, ignore=RESUMABLE):
             return "resume"
     return "start"
 
