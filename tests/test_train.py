@@ -729,6 +729,19 @@ def test_resume_with_other_settings_is_refused(tmp_path, train_data, tiny_bert_c
     assert "no manifest.json" in capsys.readouterr().err
 
 
+def test_a_checkpoint_of_an_older_bertforge_resumes(tmp_path, train_data, tiny_bert_config):
+    """A checkpoint written before an option existed lacks it in its settings; the option at
+    its default counts as unchanged, so the run resumes after an upgrade."""
+    out = tmp_path / "run"
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "2")) == 0
+    (latest,) = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1:]
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    del state["config"]["google_adam"]  # as if the option came later (default False)
+    torch.save(state, latest)
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "3")) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
 def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(
     tmp_path, train_data, tiny_bert_config, capsys
 ):

@@ -21,7 +21,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -963,6 +963,24 @@ def build_config(
         if spec.required and spec.name not in values:
             raise UserError(f"{spec.flag} is required ({spec.help})")
     return cls(**values)
+
+
+def changed_settings(
+    old: Mapping[str, Any], new: Mapping[str, Any], cls: type, ignore: Collection[str] = ()
+) -> list[str]:
+    """The settings in `new` (config_to_dict of a `cls`) whose value differs from `old`'s, but
+    those in `ignore`. A setting that `old`, written by an older bertforge, lacks counts as the
+    field's default: a new option left at its default changes nothing, so an upgrade alone
+    does not redo a finished stage or refuse to resume a training run."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+
+    def was(key: str) -> Any:
+        if key in old:
+            return old[key]
+        value = defaults.get(key, MISSING)
+        return list(value) if isinstance(value, tuple) else value
+
+    return [k for k, v in new.items() if k not in ignore and was(k) != v]
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import glob
 import json
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from bertforge.config import (
     RunConfig,
     add_field_argument,
     build_config,
+    changed_settings,
     config_to_dict,
     field_specs,
 )
@@ -256,24 +257,6 @@ def settings_key(cfg: Any) -> dict[str, Any]:
     return key
 
 
-def same_settings(
-    old: Mapping[str, Any], new: Mapping[str, Any], cfg: Any, ignore: Collection[str] = ()
-) -> bool:
-    """old == new (but the keys in `ignore`), where a setting that a record written by an
-    older bertforge lacks counts as its default: a new option left at its default changes
-    nothing, so an upgrade alone does not redo a finished stage or restart a training run."""
-    missing = dataclasses.MISSING
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not missing}
-
-    def was(key: str) -> Any:
-        if key in old:
-            return old[key]
-        value = defaults.get(key, missing)
-        return list(value) if isinstance(value, tuple) else value
-
-    return all(was(k) == v for k, v in new.items() if k not in ignore)
-
-
 def corpus_files(cfg: Any) -> list[dict[str, Any]] | None:
     """The corpus files a stage reads, by name and size (what the data stage itself checks
     before resuming), or None for a stage that reads no corpus."""
@@ -299,7 +282,7 @@ def decide(
         return "start"
     old, new = record["config"], settings_key(cfg)
     manifest = directory / MANIFEST
-    if same_settings(old, new, cfg):
+    if not changed_settings(old, new, type(cfg)):
         if record.get("done"):
             if manifest.is_file() and sha256_file(manifest) == record.get("manifest_sha256"):
                 return "skip"
@@ -308,7 +291,7 @@ def decide(
     if stage == "train":
         from bertforge.train import RESUMABLE
 
-        if same_settings(old, new, cfg, ignore=RESUMABLE):
+        if not changed_settings(old, new, type(cfg), ignore=RESUMABLE):
             return "resume"
     return "start"
 

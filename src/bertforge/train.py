@@ -62,7 +62,7 @@ from bertforge.checkpoint import (
     seed_new_words,
     transfer_vocab,
 )
-from bertforge.config import TrainConfig, config_to_dict
+from bertforge.config import TrainConfig, changed_settings, config_to_dict
 from bertforge.data import mask_spec as data_mask_spec
 from bertforge.distributed import Dist
 from bertforge.errors import UserError
@@ -1152,7 +1152,7 @@ def run_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, path: Path) -> None:
     old, new = state["config"], run_settings(cfg)
-    changed = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
+    changed = changed_settings(old, new, TrainConfig, ignore=RESUMABLE)
     if state["bert_config"] != bert.to_dict():
         changed.append("model (--model-size/--bert-config)")
     if changed:
