@@ -92,6 +92,19 @@ def test_directories_globs_sorted(tmp_path: Path):
     (tmp_path / "d" / ".hidden").write_text("h\n")
     docs, _ = docs_of([tmp_path / "d"])
     assert docs == [["b"], ["a"]]  # sorted by path: d/b.txt < d/sub/a.txt
+    # hidden directories, and bertforge's outputs (a directory holding its lock), are not read
+    (tmp_path / "d" / ".git").mkdir()
+    (tmp_path / "d" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "d" / "work" / "vocab").mkdir(parents=True)
+    (tmp_path / "d" / "work" / ".bertforge.lock").write_text("")
+    (tmp_path / "d" / "work" / "run.json").write_text("{}\n")
+    (tmp_path / "d" / "work" / "vocab" / "vocab.txt").write_text("[PAD]\n")
+    docs, _ = docs_of([tmp_path / "d"])
+    assert docs == [["b"], ["a"]]
+    docs, _ = docs_of([tmp_path / "d" / "work"])  # named itself, it is read
+    assert docs == [["{}"], ["[PAD]"]]
+    named = resolve_inputs([str(tmp_path / "d" / "work" / "*" / "*.txt")])  # so is a glob in it
+    assert [Path(f.path).name for f in named] == ["vocab.txt"]
     stats = CorpusStats()
     found = resolve_inputs([str(tmp_path / "d" / "**" / "*.txt")])
     assert [Path(f.path).name for f in found] == ["b.txt", "a.txt"]

@@ -150,6 +150,26 @@ def test_an_upgrade_alone_reruns_no_stage(tmp_path, kjv_corpus, capsys):
     assert "vocab: unchanged" in err and "data: running" in err and "train: running" in err
 
 
+def test_an_output_inside_the_corpus_directory_is_not_read(tmp_path, kjv_corpus, capsys):
+    """`bertforge run corpus/ --output corpus/work`: no stage reads the run's own files (its
+    vocabulary, manifests and shards would be corpus text, or refused as binary), and the
+    same command again keeps every stage."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "kjv.txt").write_bytes(kjv_corpus.read_bytes())
+    out = corpus / "work"
+    state = run_cli(corpus, out)
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    vocab = json.loads((out / "vocab" / "manifest.json").read_text())
+    data = json.loads((out / "data" / "manifest.json").read_text())
+    assert [i["path"] for i in vocab["inputs"]] == [str(corpus / "kjv.txt")] == [
+        i["path"] for i in data["inputs"]]  # fmt: skip
+    assert state["data"]["done"] and data["counts"]["unk_share"] == 0.0
+    run_cli(corpus, out)
+    assert capsys.readouterr().err.count("unchanged, kept") == 4
+
+
 def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch):
     """Text added to the corpus (same file name) reruns everything; so does a run.json from
     before bertforge recorded the corpus (the stages' manifests say what they read)."""

@@ -22,6 +22,7 @@ import bz2
 import glob
 import gzip
 import io
+import itertools
 import lzma
 import os
 import re
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bertforge.errors import UserError
+from bertforge.fileio import LOCK
 
 STDIN = "-"
 DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <doc id="1" ...>
@@ -143,19 +145,52 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
             continue
         p = Path(pattern)
         if p.is_dir():
-            found = sorted(
-                str(f) for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-            )
+            found = corpus_files_under(p)
             if not found:
                 raise UserError(f"{flag}: directory {pattern} contains no files.")
         elif p.is_file():
             found = [pattern]
         else:
             found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+            found = [f for f in found if not in_output_below(Path(f), glob_root(pattern))]
             if not found:
                 raise UserError(f"{flag}: {pattern} does not exist (no file matches).")
         out += [InputFile(f, os.path.getsize(f)) for f in found]
     return out
+
+
+def corpus_files_under(directory: Path) -> list[str]:
+    """The files under a directory, recursively, sorted by path. Hidden files and directories
+    are left out, and so is any bertforge output inside it (a directory holding its lock
+    file): `bertforge run corpus/ --output corpus/work` must not read its own vocabulary,
+    manifests and shards as corpus."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        if LOCK in files and Path(root) != directory:
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, f) for f in files if not f.startswith(".")]
+    return sorted(f for f in found if os.path.isfile(f))
+
+
+def glob_root(pattern: str) -> Path:
+    """The part of a glob pattern before its first wildcard, as a directory."""
+    parts = Path(pattern).parts
+    fixed = list(itertools.takewhile(lambda part: not glob.has_magic(part), parts))
+    return Path(*fixed) if fixed else Path()
+
+
+def in_output_below(path: Path, top: Path) -> bool:
+    """Whether a directory between `top` (excluded) and the file holds a bertforge lock file:
+    a glob such as corpus/**/*.txt must not pick up an output's vocab.txt either."""
+    top = top.resolve()
+    for parent in path.resolve().parents:
+        if parent == top or top not in parent.parents:
+            return False
+        if (parent / LOCK).is_file():
+            return True
+    return False
 
 
 def total_size(inputs: Sequence[InputFile]) -> int | None:
