@@ -376,6 +376,7 @@ def test_documents_unlike_googles_are_warned_about(tmp_path, kjv_corpus, kjv_voc
     assert rc == 0
     assert "warning: 100% of the instances pair a random next sentence" in err
     assert "the documents average 1.0 sentences" in err
+    assert "where each line is a paragraph, --split-sentences splits it." in err
     assert document_warning({"documents": 1, "sentences": 100}) is None  # a small text
     assert document_warning({"documents": 2, "sentences": 10**6}) is None  # two books
     share = {"documents": 900, "sentences": 1000, "instances": 900}

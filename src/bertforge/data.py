@@ -675,7 +675,7 @@ def document_warning(counts: dict[str, Any]) -> str | None:
             f"sentence (every instance of a one-sentence document does): the documents "
             f"average {sentences / max(1, documents):.1f} sentences. bertforge, like Google's "
             "scripts, expects one sentence per line and a blank line between documents, not "
-            "between sentences."
+            "between sentences; where each line is a paragraph, --split-sentences splits it."
         )
     return None
 
