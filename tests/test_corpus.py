@@ -92,23 +92,33 @@ def test_directories_globs_sorted(tmp_path: Path):
     (tmp_path / "d" / ".hidden").write_text("h\n")
     docs, _ = docs_of([tmp_path / "d"])
     assert docs == [["b"], ["a"]]  # sorted by path: d/b.txt < d/sub/a.txt
-    # hidden directories, and bertforge's outputs (a directory holding its lock), are not read
-    (tmp_path / "d" / ".git").mkdir()
-    (tmp_path / "d" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    (tmp_path / "d" / "work" / "vocab").mkdir(parents=True)
-    (tmp_path / "d" / "work" / ".bertforge.lock").write_text("")
-    (tmp_path / "d" / "work" / "run.json").write_text("{}\n")
-    (tmp_path / "d" / "work" / "vocab" / "vocab.txt").write_text("[PAD]\n")
-    docs, _ = docs_of([tmp_path / "d"])
-    assert docs == [["b"], ["a"]]
-    docs, _ = docs_of([tmp_path / "d" / "work"])  # named itself, it is read
-    assert docs == [["{}"], ["[PAD]"]]
-    named = resolve_inputs([str(tmp_path / "d" / "work" / "*" / "*.txt")])  # so is a glob in it
-    assert [Path(f.path).name for f in named] == ["vocab.txt"]
     stats = CorpusStats()
     found = resolve_inputs([str(tmp_path / "d" / "**" / "*.txt")])
     assert [Path(f.path).name for f in found] == ["b.txt", "a.txt"]
     assert list(iter_documents(found, stats)) == [["b"], ["a"]]
+    # hidden directories and bertforge's outputs are not read: a stage at work (its lock), a
+    # finished stage (its manifest), a `bertforge run` directory (its run.json of stages)
+    d = tmp_path / "d"
+    (d / ".git").mkdir()
+    (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    for sub, name, text in [
+        ("work", ".bertforge.lock", ""), ("vocab", "manifest.json", '{"stage": "vocab"}'),
+        ("run", "run.json", '{"vocab": {"config": {}, "done": true}}'),
+    ]:  # fmt: skip
+        (d / sub / "x").mkdir(parents=True)
+        (d / sub / name).write_text(text)
+        (d / sub / "x" / "vocab.txt").write_text("[PAD]\n")
+    (d / "notes").mkdir()  # a manifest.json or run.json of something else is text
+    (d / "notes" / "manifest.json").write_text('{"name": "notes"}')
+    (d / "notes" / "run.json").write_text('{"steps": 3}')
+    docs, _ = docs_of([d])
+    assert docs == [["b"], ['{"name": "notes"}'], ['{"steps": 3}'], ["a"]]
+    found = resolve_inputs([str(d / "**" / "*.txt")])
+    assert [Path(f.path).name for f in found] == ["b.txt", "a.txt"]
+    docs, _ = docs_of([d / "work"])  # named itself, it is read
+    assert docs == [["[PAD]"]]
+    named = resolve_inputs([str(d / "vocab" / "*" / "*.txt")])  # so is a glob in it
+    assert [Path(f.path).name for f in named] == ["vocab.txt"]
 
 
 def test_stdin(monkeypatch):

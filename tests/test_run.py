@@ -168,6 +168,11 @@ def test_an_output_inside_the_corpus_directory_is_not_read(tmp_path, kjv_corpus,
     assert state["data"]["done"] and data["counts"]["unk_share"] == 0.0
     run_cli(corpus, out)
     assert capsys.readouterr().err.count("unchanged, kept") == 4
+    # a stage on its own, after the run (no lock held now): the run's files are still left out
+    assert main(["data", "--input", str(corpus), "--vocab", str(out / "vocab"), "--output",
+                 str(corpus / "data"), "--max-seq-length", "64", "--no-progress"]) == 0  # fmt: skip
+    data = json.loads((corpus / "data" / "manifest.json").read_text())
+    assert [i["path"] for i in data["inputs"]] == [str(corpus / "kjv.txt")]
 
 
 def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch):

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bertforge.errors import UserError
-from bertforge.fileio import LOCK
+from bertforge.fileio import is_output_dir
 
 STDIN = "-"
 DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <doc id="1" ...>
@@ -161,12 +161,12 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
 
 def corpus_files_under(directory: Path) -> list[str]:
     """The files under a directory, recursively, sorted by path. Hidden files and directories
-    are left out, and so is any bertforge output inside it (a directory holding its lock
-    file): `bertforge run corpus/ --output corpus/work` must not read its own vocabulary,
-    manifests and shards as corpus."""
+    are left out, and so is any bertforge output inside it (`fileio.is_output_dir`):
+    `bertforge run corpus/ --output corpus/work` must not read its own vocabulary, manifests
+    and shards as corpus."""
     found = []
     for root, dirs, files in os.walk(directory):
-        if LOCK in files and Path(root) != directory:
+        if Path(root) != directory and is_output_dir(Path(root), files):
             dirs[:] = []
             continue
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -182,13 +182,13 @@ def glob_root(pattern: str) -> Path:
 
 
 def in_output_below(path: Path, top: Path) -> bool:
-    """Whether a directory between `top` (excluded) and the file holds a bertforge lock file:
-    a glob such as corpus/**/*.txt must not pick up an output's vocab.txt either."""
+    """Whether a directory between `top` (excluded) and the file is a bertforge output: a
+    glob such as corpus/**/*.txt must not pick up an output's vocab.txt either."""
     top = top.resolve()
     for parent in path.resolve().parents:
         if parent == top or top not in parent.parents:
             return False
-        if (parent / LOCK).is_file():
+        if is_output_dir(parent, os.listdir(parent)):
             return True
     return False
 

@@ -19,7 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +32,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 RUN_FILE = ".bertforge-run.json"  # an unfinished run's settings (resumable stages)
 LOCK = ".bertforge.lock"  # held while a stage writes into its directory
+RUN_STATE = "run.json"  # a `bertforge run` directory's record of its stages
 F = TypeVar("F", bound=Callable[..., Any])
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -215,6 +216,29 @@ def begin_output(directory: Path, stage: str) -> None:
 def finish_output(directory: Path) -> None:
     """The manifest is written: the directory is complete."""
     (directory / RUN_FILE).unlink(missing_ok=True)
+
+
+def is_output_dir(directory: Path, names: Collection[str]) -> bool:
+    """Whether a directory holding the files `names` is bertforge's: a stage at work (its
+    lock), a stage's output (a manifest.json or an unfinished run's file naming a stage) or
+    a `bertforge run` directory (run.json, a record per stage)."""
+    if LOCK in names:
+        return True
+    for name in (MANIFEST, RUN_FILE, RUN_STATE):
+        if name not in names:
+            continue
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
+            found = json.loads((directory / name).read_text(encoding="utf-8"))
+            if name != RUN_STATE and isinstance(found, dict) and "stage" in found:
+                return True
+            records = found.values() if isinstance(found, dict) else ()
+            if (
+                name == RUN_STATE
+                and records
+                and all(isinstance(r, dict) and "config" in r for r in records)
+            ):
+                return True
+    return False
 
 
 def holds_files(directory: Path) -> bool:

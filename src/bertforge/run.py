@@ -46,6 +46,7 @@ from bertforge.corpus import STDIN, resolve_inputs
 from bertforge.errors import UserError
 from bertforge.fileio import (
     MANIFEST,
+    RUN_STATE,
     holds_files,
     output_lock,
     read_manifest,
@@ -56,7 +57,7 @@ from bertforge.report import Summary, write_report
 
 ORDER = ("vocab", "data", "train", "export")
 DIRS = {"vocab": "vocab", "data": "data", "train": "train", "export": "model"}
-STATE = "run.json"
+STATE = RUN_STATE
 # Set by run itself: the corpus and the paths from one stage to the next.
 WIRED = {
     "vocab": {"input", "output"},
