@@ -154,6 +154,15 @@ def test_cli(tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys):
     assert f"12 new word(s) over the 99 [unusedN] lines of {kjv_vocab / 'vocab.txt'}" in printed
     assert "[unused0] -> " in printed and "... (2 more in manifest.json)" in printed
     assert "pieces/word" in printed and f"--vocab {out}" in printed
+    assert "WikiExtractor" not in capsys.readouterr().err
+    wiki = tmp_path / "wiki_00"  # the corpus as WikiExtractor writes it: a note says so
+    chapters = kjv_corpus.read_text().split("\n\n")
+    wiki.write_text("".join(f'<doc id="{i}" title="{i}">\n{c}\n</doc>\n'
+                            for i, c in enumerate(chapters)))  # fmt: skip
+    wiki_argv = [*argv[:3], str(wiki), *argv[4:7], str(tmp_path / "ext2"), *argv[8:]]
+    assert main(wiki_argv) == 0
+    note = f"note: read as WikiExtractor output: {len(chapters):,} <doc> elements, each one"
+    assert note in capsys.readouterr().err
     assert main([*argv[:-1], "--max-wrds", "3"]) == 2
     assert "Did you mean --max-words" in capsys.readouterr().err
     with pytest.raises(SystemExit):

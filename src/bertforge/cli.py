@@ -211,6 +211,8 @@ def vocab_extend(argv: list[str]) -> None:
     )
     if result.stats.report():
         print(result.stats.report(), file=sys.stderr)
+    if markup := result.stats.markup_note():
+        print(f"note: {markup}.", file=sys.stderr)
 
 
 def demo_config() -> Path:
