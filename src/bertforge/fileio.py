@@ -187,17 +187,11 @@ def read_manifest(directory: str | Path, stage: str | None = None) -> dict[str, 
 def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag: str) -> Path:
     """Create the output dir; refuse one that holds something other than this stage's output."""
     d = Path(directory)  # `output_lock` has refused a file of that name
-    if d.is_dir() and holds_files(d) and not overwrite:
-        owners = set()
-        for marker in (d / MANIFEST, d / RUN_FILE):
-            if marker.is_file():
-                with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
-                    owners.add(json.loads(marker.read_text(encoding="utf-8")).get("stage"))
-        if stage not in owners:
-            raise UserError(
-                f"{flag}: {d} is not empty and is not a bertforge {stage} output; "
-                "choose another directory or pass --overwrite."
-            )
+    if d.is_dir() and holds_files(d) and not overwrite and stage not in output_stages(d):
+        raise UserError(
+            f"{flag}: {d} is not empty and is not a bertforge {stage} output; "
+            "choose another directory or pass --overwrite."
+        )
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -218,27 +212,33 @@ def finish_output(directory: Path) -> None:
     (directory / RUN_FILE).unlink(missing_ok=True)
 
 
+def _json_file(path: Path, names: Collection[str]) -> Any:
+    """The JSON in `path` when its name is among `names` (the directory's files) and it
+    parses, else None."""
+    if path.name not in names:
+        return None
+    with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def output_stages(directory: Path, names: Collection[str] | None = None) -> set[str]:
+    """The stages whose output a directory holds, by its manifest.json and its unfinished
+    run's file (both name their stage). `names`: the directory's files, when known."""
+    names = os.listdir(directory) if names is None else names
+    found = [_json_file(directory / marker, names) for marker in (MANIFEST, RUN_FILE)]
+    return {f["stage"] for f in found if isinstance(f, dict) and isinstance(f.get("stage"), str)}
+
+
 def is_output_dir(directory: Path, names: Collection[str]) -> bool:
     """Whether a directory holding the files `names` is bertforge's: a stage at work (its
-    lock), a stage's output (a manifest.json or an unfinished run's file naming a stage) or
-    a `bertforge run` directory (run.json, a record per stage)."""
-    if LOCK in names:
+    lock), a stage's output (`output_stages`) or a `bertforge run` directory (run.json, a
+    record per stage)."""
+    if LOCK in names or output_stages(directory, names):
         return True
-    for name in (MANIFEST, RUN_FILE, RUN_STATE):
-        if name not in names:
-            continue
-        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, OSError):
-            found = json.loads((directory / name).read_text(encoding="utf-8"))
-            if name != RUN_STATE and isinstance(found, dict) and "stage" in found:
-                return True
-            records = found.values() if isinstance(found, dict) else ()
-            if (
-                name == RUN_STATE
-                and records
-                and all(isinstance(r, dict) and "config" in r for r in records)
-            ):
-                return True
-    return False
+    state = _json_file(directory / RUN_STATE, names)
+    records = state.values() if isinstance(state, dict) else ()
+    return bool(records) and all(isinstance(r, dict) and "config" in r for r in records)
 
 
 def holds_files(directory: Path) -> bool:
