@@ -152,7 +152,7 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
             found = [pattern]
         else:
             found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-            found = [f for f in found if not in_output_below(Path(f), glob_root(pattern))]
+            found = outside_outputs(found, glob_root(pattern))
             if not found:
                 raise UserError(f"{flag}: {pattern} does not exist (no file matches).")
         out += [InputFile(f, os.path.getsize(f)) for f in found]
@@ -181,16 +181,23 @@ def glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path()
 
 
-def in_output_below(path: Path, top: Path) -> bool:
-    """Whether a directory between `top` (excluded) and the file is a bertforge output: a
-    glob such as corpus/**/*.txt must not pick up an output's vocab.txt either."""
+def outside_outputs(files: list[str], top: Path) -> list[str]:
+    """The files with no bertforge output directory between `top` (excluded) and them: a
+    glob such as corpus/**/*.txt must not pick up an output's vocab.txt either. Each
+    directory is looked at once, however many files it holds."""
     top = top.resolve()
-    for parent in path.resolve().parents:
-        if parent == top or top not in parent.parents:
+    output: dict[Path, bool] = {}
+
+    def below_output(directory: Path) -> bool:
+        if directory == top or top not in directory.parents:
             return False
-        if is_output_dir(parent, os.listdir(parent)):
-            return True
-    return False
+        if directory not in output:
+            output[directory] = is_output_dir(directory, os.listdir(directory)) or (
+                below_output(directory.parent)
+            )
+        return output[directory]
+
+    return [f for f in files if not below_output(Path(f).resolve().parent)]
 
 
 def total_size(inputs: Sequence[InputFile]) -> int | None:
