@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from bertforge.corpus import CorpusStats, iter_documents, require_text, resolve_inputs
+from bertforge.corpus import (
+    CorpusStats,
+    iter_documents,
+    markup_note,
+    require_text,
+    resolve_inputs,
+)
 from bertforge.errors import UserError
 
 
@@ -60,7 +66,7 @@ def test_wikiextractor_output_reads_as_its_articles(tmp_path: Path):
         ["Mayıs", "Mayıs beşinci aydır."],
     ]  # fmt: skip
     assert (stats.documents, stats.sentences, stats.doc_elements) == (2, 5, 2)
-    assert stats.markup_note() == (
+    assert markup_note(stats.doc_elements) == (
         "read as WikiExtractor output: 2 <doc> elements, each one document (the tag lines "
         "dropped, blank lines inside an element ignored)"
     )
@@ -71,7 +77,7 @@ def test_wikiextractor_output_reads_as_its_articles(tmp_path: Path):
     wiki.write_text(WIKI + "stray line\n\n<doc>\nlast\n")
     docs, stats = docs_of([wiki])
     assert docs[2:] == [["stray line"], ["last"]] and stats.doc_elements == 3
-    assert CorpusStats().markup_note() is None
+    assert markup_note(CorpusStats().doc_elements) is None
 
 
 def test_compressed_inputs_detected_by_magic(tmp_path: Path):

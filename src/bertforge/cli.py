@@ -175,6 +175,7 @@ def data_tool(argv: list[str]) -> None:
 
 def vocab_extend(argv: list[str]) -> None:
     """`bertforge vocab extend`: new words over a vocabulary's [unusedN] lines."""
+    from bertforge.corpus import markup_note
     from bertforge.vocab import extend_vocab
 
     parser = argparse.ArgumentParser(
@@ -211,7 +212,7 @@ def vocab_extend(argv: list[str]) -> None:
     )
     if result.stats.report():
         print(result.stats.report(), file=sys.stderr)
-    if markup := result.stats.markup_note():
+    if markup := markup_note(result.stats.doc_elements):
         print(f"note: {markup}.", file=sys.stderr)
 
 

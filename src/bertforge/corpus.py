@@ -104,15 +104,6 @@ class CorpusStats:
             "doc_elements": self.doc_elements,
         }
 
-    def markup_note(self) -> str | None:
-        """One line saying the corpus was read as WikiExtractor output, or None."""
-        if not self.doc_elements:
-            return None
-        return (
-            f"read as WikiExtractor output: {self.doc_elements:,} <doc> elements, each one "
-            "document (the tag lines dropped, blank lines inside an element ignored)"
-        )
-
     def report(self) -> str | None:
         """One line about invalid UTF-8, or None when there was none."""
         if not self.bad_lines:
@@ -396,6 +387,17 @@ def iter_documents(
     if doc:
         stats.documents += 1
         yield doc
+
+
+def markup_note(doc_elements: int) -> str | None:
+    """One line saying the corpus was read as WikiExtractor output (`CorpusStats.doc_elements`
+    elements), or None."""
+    if not doc_elements:
+        return None
+    return (
+        f"read as WikiExtractor output: {doc_elements:,} <doc> elements, each one document "
+        "(the tag lines dropped, blank lines inside an element ignored)"
+    )
 
 
 def require_text(stats: CorpusStats, patterns: Sequence[str]) -> None:

@@ -46,6 +46,7 @@ from bertforge.corpus import (
     InputFile,
     Progress,
     iter_documents,
+    markup_note,
     progress_bar,
     require_text,
     resolve_inputs,
@@ -767,7 +768,7 @@ def print_summary(result: DataResult, file: Any = None) -> None:
     if split := split_summary(m):
         print(f"  {split}", file=file)
     if corpus.get("doc_elements"):
-        print(f"  {CorpusStats(doc_elements=corpus['doc_elements']).markup_note()}", file=file)
+        print(f"  {markup_note(corpus['doc_elements'])}", file=file)
     if result.resumed_units:
         print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
     for warning in manifest_warnings(m):

@@ -50,6 +50,7 @@ from bertforge.corpus import (
     InputFile,
     Progress,
     iter_documents,
+    markup_note,
     progress_bar,
     require_text,
     resolve_inputs,
@@ -163,7 +164,7 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
             scan.sample[i : i + BATCH_LINES] for i in range(0, len(scan.sample), BATCH_LINES)
         )
         pieces = train_sentencepiece(batches, alphabet, budget, cfg, out)
-    markup = scan.stats.markup_note()
+    markup = markup_note(scan.stats.doc_elements)
     warnings = [w for w in [scan.stats.report(), markup and f"note: {markup}.", *scan.notes] if w]
     padded = budget - len(pieces)
     if padded > 0:
