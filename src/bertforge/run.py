@@ -57,7 +57,6 @@ from bertforge.report import Summary, write_report
 
 ORDER = ("vocab", "data", "train", "export")
 DIRS = {"vocab": "vocab", "data": "data", "train": "train", "export": "model"}
-STATE = RUN_STATE
 # Set by run itself: the corpus and the paths from one stage to the next.
 WIRED = {
     "vocab": {"input", "output"},
@@ -308,7 +307,7 @@ def _run_pipeline(
     run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
 ) -> RunResult:
     out = Path(run.output)  # `output_lock` has refused a file of that name
-    state_path = out / STATE
+    state_path = out / RUN_STATE
     if out.is_dir() and holds_files(out) and not state_path.is_file() and not run.overwrite:
         raise UserError(
             f"--output: {out} is not empty and is not a bertforge run; choose another "
