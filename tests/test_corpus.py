@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
+import json
 import lzma
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 
 from bertforge.corpus import (
     CorpusStats,
+    corpus_notes,
+    corpus_warnings,
     iter_documents,
-    markup_note,
+    iter_texts,
     require_text,
     resolve_inputs,
 )
@@ -66,10 +69,10 @@ def test_wikiextractor_output_reads_as_its_articles(tmp_path: Path):
         ["Mayıs", "Mayıs beşinci aydır."],
     ]  # fmt: skip
     assert (stats.documents, stats.sentences, stats.doc_elements) == (2, 5, 2)
-    assert markup_note(stats.doc_elements) == (
+    assert corpus_notes(stats.as_dict()) == [
         "read as WikiExtractor output: 2 <doc> elements, each one document (the tag lines "
         "dropped, blank lines inside an element ignored)"
-    )
+    ]
     lines = WIKI.splitlines()
     docs, stats = docs_of([wiki], doc_elements=False)
     assert docs == [lines[0:2], lines[3:8], lines[9:11]] and stats.doc_elements == 0
@@ -77,7 +80,103 @@ def test_wikiextractor_output_reads_as_its_articles(tmp_path: Path):
     wiki.write_text(WIKI + "stray line\n\n<doc>\nlast\n")
     docs, stats = docs_of([wiki])
     assert docs[2:] == [["stray line"], ["last"]] and stats.doc_elements == 3
-    assert markup_note(CorpusStats().doc_elements) is None
+    assert corpus_notes(CorpusStats().as_dict()) == []
+
+
+ARTICLES = [
+    {"id": "1", "title": "Nisan", "text": "Nisan yılın dördüncü ayıdır.\nİkinci satır.\n"},
+    {"id": "2", "title": "Boş", "text": "  \n\n"},
+    {"id": "3", "title": "Mayıs", "text": "Mayıs beşinci aydır.\r\n\n  Son satır.  "},
+]
+
+
+def test_json_lines_read_as_their_records(tmp_path: Path):
+    """A file whose first line is a JSON object with the text field reads as JSON Lines
+    (Hugging Face datasets, OSCAR, WikiExtractor --json): a record is one document, its text's
+    lines its sentences, escapes decoded, and the same as the text file of the same
+    documents. Files of each kind mix; compressed JSON Lines too; Google's reading
+    (text_field None) keeps the JSON as text and counts the file."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("Bir.\nİki.\n")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps(a) for a in ARTICLES) + "\n\n")  # ASCII: \u escapes
+    assert "\\u0131" in jsonl.read_text()
+    docs, stats = docs_of([plain, jsonl])
+    assert docs == [
+        ["Bir.", "İki."],
+        ["Nisan yılın dördüncü ayıdır.", "İkinci satır."],
+        ["Mayıs beşinci aydır.", "Son satır."],
+    ]
+    assert (stats.files, stats.json_files, stats.json_records, stats.json_skipped) == (2, 1, 3, 0)
+    assert (stats.documents, stats.sentences) == (3, 6)
+    assert corpus_notes(stats.as_dict()) == [
+        'read as JSON Lines: 3 records in 1 file(s), the "text" field of each one document'
+    ]
+    assert corpus_warnings(stats.as_dict()) == []
+    text = tmp_path / "same.txt"
+    text.write_text("Bir.\nİki.\n\n" + "\n\n".join("\n".join(d) for d in docs[1:]) + "\n")
+    assert docs_of([text])[0] == docs
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(jsonl.read_bytes()))
+    assert docs_of([tmp_path / "c.jsonl.gz"])[0] == docs[1:]
+    # another field, named
+    jsonl.write_text("".join(json.dumps({"body": a["text"]}) + "\n" for a in ARTICLES))
+    assert docs_of([jsonl], text_field="body")[0] == docs[1:]
+    # Google's reading: the lines as text, and the file counted for a warning
+    docs, stats = docs_of([jsonl], text_field=None, file_is_document_boundary=False)
+    assert docs == [[json.dumps({"body": a["text"]}) for a in ARTICLES]]
+    assert stats.json_as_text == 1 and stats.json_files == 0
+    (warning,) = corpus_warnings(stats.as_dict())
+    assert "1 file(s) are JSON Lines, read as text" in warning and "--google-compatible" in warning
+    # a text file whose lines merely look like JSON, or start with "{", is text
+    other = tmp_path / "braces.txt"
+    other.write_text('{not json}\n[1, 2]\n{"a": 1}\n')
+    assert docs_of([other])[0] == [["{not json}", "[1, 2]", '{"a": 1}']]
+
+
+def test_json_lines_faults_name_the_line(tmp_path: Path):
+    """A record without a string text field is left out and counted (first file:line named);
+    a line that is not a JSON object is an error naming file:line; a first record without the
+    field is an error listing the fields it has and naming --text-field; a lone surrogate
+    escape is dropped and counted as invalid text, or with strict_utf8 an error."""
+    f = tmp_path / "c.jsonl"
+    f.write_text('\n{"text": "a"}\n{"text": null}\n{"id": 3}\n{"text": "x\\ud800y"}\n')
+    docs, stats = docs_of([f])
+    assert docs == [["a"], ["xy"]]
+    assert (stats.json_records, stats.json_skipped, stats.first_skipped) == (4, 2, f"{f}:3")
+    assert (stats.bad_lines, stats.first_bad) == (1, f"{f}:5")
+    bad, skipped = corpus_warnings(stats.as_dict())
+    assert (
+        f'2 JSON Lines record(s) had no string "text" field (read as empty); first at {f}:3'
+        in skipped
+    )
+    assert f"lone surrogate escapes (dropped); first at {f}:5" in bad
+    with pytest.raises(UserError, match=rf"{f}:5: a lone surrogate escape .* --strict-utf8"):
+        docs_of([f], strict_utf8=True)
+    f.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "cut\n')
+    with pytest.raises(UserError, match=rf"{f}:3: not valid JSON \(Unterminated string.*Fix or"):
+        docs_of([f])
+    f.write_text('{"text": "a"}\n["b"]\n')
+    with pytest.raises(UserError, match=rf"{f}:2: a JSON list, not an object"):
+        docs_of([f])
+    f.write_text('\n{"id": 1, "content": "a"}\n')
+    with pytest.raises(
+        UserError,
+        match=rf'{f}:2: .* without a "text" field \(its fields: "id", "content"\); .*--text-field',
+    ):
+        docs_of([f])
+
+
+def test_texts_are_one_per_line_or_record(tmp_path: Path):
+    """`bertforge embed`'s reading: a text per line (blank ones too: one row per line), and per
+    JSON Lines record its lines joined ("" for a record without text: one row per record)."""
+    plain = tmp_path / "a.txt"
+    plain.write_text("x y\n\nz\n")
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text('{"text": "p\\nq"}\n\n{"text": 5}\n{"text": "r"}\n')
+    stats = CorpusStats()
+    texts = list(iter_texts(resolve_inputs([str(plain), str(jsonl)]), stats))
+    assert texts == ["x y", "", "z", "p q", "", "r"]
+    assert (stats.json_records, stats.json_skipped) == (3, 1)
 
 
 def test_compressed_inputs_detected_by_magic(tmp_path: Path):
@@ -115,10 +214,10 @@ def test_directories_globs_sorted(tmp_path: Path):
         (d / sub / name).write_text(text)
         (d / sub / "x" / "vocab.txt").write_text("[PAD]\n")
     (d / "notes").mkdir()  # a manifest.json or run.json of something else is text
-    (d / "notes" / "manifest.json").write_text('{"name": "notes"}')
-    (d / "notes" / "run.json").write_text('{"steps": 3}')
+    (d / "notes" / "manifest.json").write_text('{"name": "notes", "text": "n"}')
+    (d / "notes" / "run.json").write_text('["steps", 3]')
     docs, _ = docs_of([d])
-    assert docs == [["b"], ['{"name": "notes"}'], ['{"steps": 3}'], ["a"]]
+    assert docs == [["b"], ["n"], ['["steps", 3]'], ["a"]]
     found = resolve_inputs([str(d / "**" / "*.txt")])
     assert [Path(f.path).name for f in found] == ["b.txt", "a.txt"]
     docs, _ = docs_of([d / "work"])  # named itself, it is read
@@ -145,7 +244,7 @@ def test_invalid_utf8_dropped_and_counted(tmp_path: Path):
     # A line of nothing but bad bytes decodes to "" and so ends a document, as in Google's.
     assert docs == [["good", "bad"], ["ok"]]
     assert stats.bad_lines == 3 and stats.first_bad == f"{f}:2"
-    assert "3 line(s) had invalid UTF-8" in stats.report()
+    assert "3 line(s) had invalid UTF-8" in corpus_warnings(stats.as_dict())[0]
 
 
 def test_strict_utf8_names_file_line_and_offset(tmp_path: Path):

@@ -356,6 +356,52 @@ def test_wikiextractor_output_gives_its_articles(tmp_path, kjv_corpus, kjv_vocab
     assert len(records[0]) > 0 and all((a == b).all() for a, b in zip(*records, strict=True))
 
 
+def test_json_lines_give_the_instances_of_their_records(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    """A JSON Lines corpus (each record's "text" a document, non-ASCII letters as \\u escapes)
+    gives the records of the same documents in Google's format, a record without text left
+    out with a warning; the summary says how it was read. --text-field enters the run
+    settings only when not "text"; --google-compatible reads JSON as text and says so, and
+    refuses --text-field."""
+    from bertforge.data import run_settings
+    from bertforge.tokenization import load_vocab
+
+    docs = [d.split("\n") for d in kjv_corpus.read_text().split("\n\n") if d.strip()]
+    docs[0][0] += " Çiçek ışık"
+    jsonl = tmp_path / "c.jsonl"
+    records = [{"id": i, "text": "\n".join(d)} for i, d in enumerate(docs)]
+    records.insert(3, {"id": "x", "text": None})
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "\\u00c7" in jsonl.read_text()
+    plain = write_corpus(tmp_path / "plain.txt", docs)
+    for name, corpus in (("j", jsonl), ("p", plain)):
+        assert main(["data", "--input", str(corpus), "--vocab", str(kjv_vocab), "--output",
+                     str(tmp_path / name), "--max-seq-length", "64"]) == 0  # fmt: skip
+        out, err = capsys.readouterr()
+        said = f'  read as JSON Lines: {len(records):,} records in 1 file(s), the "text" field'
+        assert (said in out) == (name == "j")
+        assert ("1 JSON Lines record(s) had no string" in err) == (name == "j")
+    j, p = (json.loads((tmp_path / k / "manifest.json").read_text()) for k in ("j", "p"))
+    assert j["counts"]["documents"] == p["counts"]["documents"] == len(docs)
+    assert j["counts"]["corpus"]["json_records"] == len(records)
+    assert j["counts"]["corpus_tokens"] == p["counts"]["corpus_tokens"]
+    shards = [[open_shard(tmp_path / k / s["file"])[1] for s in m["shards"]]
+              for k, m in (("j", j), ("p", p))]  # fmt: skip
+    assert len(shards[0]) > 0 and all((a == b).all() for a, b in zip(*shards, strict=True))
+    assert "text_field" not in j["config"]
+    vocab = load_vocab(kjv_vocab)
+    named = run_settings(cfg(jsonl, kjv_vocab, tmp_path / "x", text_field="body"), vocab, [])
+    assert named["config"]["text_field"] == "body"
+    # Google's mode reads the JSON as text, as Google's script, and warns
+    assert main(["data", "--input", str(jsonl), "--vocab", str(kjv_vocab), "--output",
+                 str(tmp_path / "g"), "--google-compatible"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "1 file(s) are JSON Lines, read as text as Google's script reads them" in err
+    g = json.loads((tmp_path / "g" / "manifest.json").read_text())
+    assert g["counts"]["corpus"]["json_as_text"] == 1
+    with pytest.raises(UserError, match="--text-field: --google-compatible reads every file"):
+        cfg(jsonl, kjv_vocab, tmp_path / "y", google_compatible=True, text_field="body")
+
+
 def test_documents_unlike_googles_are_warned_about(tmp_path, kjv_corpus, kjv_vocab, capsys):
     """No blank line anywhere (the corpus one document), or one after every line (documents
     of one sentence, so every pair's next sentence is random): a warning each, in report.md

@@ -74,6 +74,30 @@ def test_sentence_vectors(tmp_path, exported_model, hf):
     np.testing.assert_allclose(cls[0], torch.cat([states[-1][0], states[-2][0]]).numpy(), atol=2e-5)
 
 
+def test_json_lines_give_a_vector_per_record(tmp_path, exported_model, capsys):
+    """A JSON Lines input gives one row per record, from its --text-field (its lines joined),
+    the same vectors as the text file of those records; a record without text gives a zero
+    row, and a warning."""
+    import json
+
+    records = [{"t": LINES[0] + "\n" + LINES[3]}, {"t": None}, {"t": LINES[2]}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = tmp_path / "in.txt"
+    text.write_text(f"{LINES[0]} {LINES[3]}\n\n{LINES[2]}\n")
+    for name, path, kw in (("j", src, {"text_field": "t"}), ("p", text, {})):
+        cfg = EmbedConfig(model=str(exported_model), input=str(path),
+                          output=str(tmp_path / f"{name}.npy"), **kw)  # fmt: skip
+        assert embed(cfg).rows == 3
+    j, p = np.load(tmp_path / "j.npy"), np.load(tmp_path / "p.npy")
+    np.testing.assert_array_equal(j, p)
+    assert j[0].any() and not j[1].any()
+    err = capsys.readouterr().err
+    assert "embed: 3 records -> 3 vectors x 64" in err
+    assert '1 JSON Lines record(s) had no string "t" field (read as empty)' in err
+    assert "embed: 3 lines -> 3 vectors x 64" in err
+
+
 def test_word_vectors_with_long_lines_cut_at_word_boundaries(tmp_path, exported_model, hf):
     src = tmp_path / "in.txt"
     src.write_text("\n".join(LINES) + "\n")

@@ -198,6 +198,26 @@ def test_wikiextractor_markup_stays_out_of_the_vocabulary(tmp_path: Path):
     assert manifest["counts"]["doc_elements"] == 200 and manifest["warnings"] == result.warnings
 
 
+def test_json_lines_give_the_vocabulary_of_their_text(tmp_path: Path):
+    """Read as text, JSON Lines (ASCII-escaped, as WikiExtractor --json and json.dumps write
+    them) would put "u0131", "text" and "id" in the vocabulary; read as records (here from
+    --text-field body) they give the vocab.txt of the same documents in Google's format."""
+    docs = MIXED_DOCS * 40
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "body": "\n".join(d)}) + "\n"
+                             for i, d in enumerate(docs)))  # fmt: skip
+    plain = write_corpus(tmp_path / "c.txt", docs)
+    result = train_vocab(cfg(jsonl, tmp_path / "j", vocab_size=700, text_field="body"))
+    train_vocab(cfg(plain, tmp_path / "p", vocab_size=700))
+    tokens = read_vocab_file(result.output / "vocab.txt")
+    assert tokens == read_vocab_file(tmp_path / "p" / "vocab.txt")
+    assert not {"u0131", "body", "id"} & set(tokens) and "ı" in tokens
+    assert "note: read as JSON Lines: 200 records in 1 file(s), the \"body\" field" in (
+        "\n".join(result.warnings))  # fmt: skip
+    with pytest.raises(UserError, match=r'without a "text" field .*"id", "body".*--text-field'):
+        train_vocab(cfg(jsonl, tmp_path / "t", vocab_size=700))
+
+
 def test_small_corpus_pads_with_unused(tmp_path: Path):
     corpus = write_corpus(tmp_path / "tiny.txt", [["a b c", "abc abc"]])
     result = train_vocab(cfg(corpus, tmp_path / "v", vocab_size=300))

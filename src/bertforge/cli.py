@@ -175,7 +175,7 @@ def data_tool(argv: list[str]) -> None:
 
 def vocab_extend(argv: list[str]) -> None:
     """`bertforge vocab extend`: new words over a vocabulary's [unusedN] lines."""
-    from bertforge.corpus import markup_note
+    from bertforge.corpus import corpus_notes, corpus_warnings
     from bertforge.vocab import extend_vocab
 
     parser = argparse.ArgumentParser(
@@ -210,10 +210,9 @@ def vocab_extend(argv: list[str]) -> None:
         f"  next: make the data with --vocab {result.output}, then train with --init-checkpoint "
         "(the new words start from the mean of their pieces' embeddings)."
     )
-    if result.stats.report():
-        print(result.stats.report(), file=sys.stderr)
-    if markup := markup_note(result.stats.doc_elements):
-        print(f"note: {markup}.", file=sys.stderr)
+    stats = result.stats.as_dict()
+    for line in [*corpus_warnings(stats), *(f"note: {n}." for n in corpus_notes(stats))]:
+        print(line, file=sys.stderr)
 
 
 def demo_config() -> Path:

@@ -75,6 +75,10 @@ class CorpusInput:
     strict_utf8: bool = False
     """Stop at the first invalid UTF-8 byte (naming file:line:offset) instead of dropping bad
     bytes and reporting how many lines had them."""
+    text_field: str = "text"
+    """A file whose first line is a JSON object is read as JSON Lines (Hugging Face datasets,
+    OSCAR, WikiExtractor --json): each record is one document, and this field holds its text
+    (its lines are the sentences)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +254,9 @@ class DataConfig(CorpusInput):
         require(self.unit_mb > 0, "--unit-mb", "must be positive")
         require(not (self.google_compatible and self.format == "native"), "--format",
                 "--google-compatible writes Google's TFRecords; drop --format native")  # fmt: skip
+        require(not (self.google_compatible and self.text_field != "text"), "--text-field",
+                "--google-compatible reads every file as text, as Google's script does; drop "
+                "one of the two")  # fmt: skip
 
     @property
     def resolved_format(self) -> str:
@@ -555,7 +562,10 @@ class EmbedConfig:
     """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
     BERT directory."""
     input: str
-    """Text file (or .gz/.bz2/.xz, or - for stdin): one sentence or text per line."""
+    """Text file (or .gz/.bz2/.xz, or - for stdin): one sentence or text per line; or JSON Lines
+    (its first line a JSON object): one text per record, from --text-field."""
+    text_field: str = "text"
+    """The field of a JSON Lines record that holds its text (its lines are joined by spaces)."""
     output: str
     """FILE.npy or FILE.safetensors. Sentence level: one row per input line. Token level: one
     row per word, FILE's `offsets` (safetensors, or FILE.offsets.npy) give each line's first

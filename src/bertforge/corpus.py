@@ -23,14 +23,15 @@ import glob
 import gzip
 import io
 import itertools
+import json
 import lzma
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from bertforge.errors import UserError
 from bertforge.fileio import is_output_dir
@@ -38,6 +39,8 @@ from bertforge.fileio import is_output_dir
 STDIN = "-"
 DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <doc id="1" ...>
 SNIFF_BYTES = 8192
+TEXT_FIELD = "text"  # the text of a JSON Lines record: Hugging Face datasets, OSCAR, WikiExtractor
+SURROGATE = re.compile("[\ud800-\udfff]")  # left by a lone "\\ud800" escape in JSON
 
 # Magic numbers of formats that are certainly not a text corpus.
 BINARY_MAGIC: list[tuple[bytes, str]] = [
@@ -91,6 +94,12 @@ class CorpusStats:
     bad_lines: int = 0  # lines that had invalid UTF-8 (bytes dropped)
     first_bad: str | None = None  # "file:line" of the first one
     doc_elements: int = 0  # WikiExtractor's <doc ...> lines read as document starts
+    json_files: int = 0  # files read as JSON Lines
+    json_field: str | None = None  # the field their text was read from
+    json_records: int = 0  # their records
+    json_skipped: int = 0  # records without a string text field, left out
+    first_skipped: str | None = None  # "file:line" of the first one
+    json_as_text: int = 0  # JSON Lines files read as text (Google's mode)
 
     def as_dict(self) -> dict:
         return {
@@ -102,16 +111,13 @@ class CorpusStats:
             "bad_utf8_lines": self.bad_lines,
             "first_bad_utf8_line": self.first_bad,
             "doc_elements": self.doc_elements,
+            "json_files": self.json_files,
+            "json_field": self.json_field,
+            "json_records": self.json_records,
+            "json_skipped": self.json_skipped,
+            "first_skipped_record": self.first_skipped,
+            "json_as_text": self.json_as_text,
         }
-
-    def report(self) -> str | None:
-        """One line about invalid UTF-8, or None when there was none."""
-        if not self.bad_lines:
-            return None
-        return (
-            f"warning: {self.bad_lines} line(s) had invalid UTF-8 (bytes dropped, as Google's "
-            f"scripts do); first at {self.first_bad}. Use --strict-utf8 to stop on them instead."
-        )
 
 
 @dataclass
@@ -286,8 +292,9 @@ def iter_lines(
     *,
     strict_utf8: bool = False,
     progress: Progress | None = None,
-) -> Iterator[tuple[str, bool]]:
-    """Yield (stripped line, starts_new_file) for every line of every input, in order.
+) -> Iterator[tuple[str, InputFile | None]]:
+    """Yield (stripped line, its input on a file's first line, else None) for every line of
+    every input, in order.
 
     Blocks of lines are decoded at once (the fast path); a block with invalid UTF-8 is
     decoded line by line to drop, count and locate the bad bytes."""
@@ -297,7 +304,7 @@ def iter_lines(
         try:
             head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
             cr_only = b"\r" in head and b"\n" not in head
-            new_file = True
+            new_file: InputFile | None = inp
             lineno = offset = 0
             for block in _blocks(stream, cr_only):
                 if lineno == 0 and block.startswith(b"\xef\xbb\xbf"):
@@ -314,7 +321,7 @@ def iter_lines(
                 offset += len(block)
                 for line in lines:
                     yield line.strip(), new_file
-                    new_file = False
+                    new_file = None
         except (OSError, EOFError, lzma.LZMAError) as e:
             raise UserError(f"{inp.path}: read error ({e}); is the file damaged?") from None
         finally:
@@ -345,6 +352,101 @@ def decode_lines(
     return out
 
 
+def iter_items(
+    inputs: Sequence[InputFile],
+    stats: CorpusStats,
+    *,
+    text_field: str | None = TEXT_FIELD,
+    strict_utf8: bool = False,
+    progress: Progress | None = None,
+) -> Iterator[tuple[str | list[str] | None, InputFile | None]]:
+    """Yield (item, its input on a file's first item, else None). The items of a text file are
+    its stripped lines. A file whose first non-blank line is a JSON object with `text_field`
+    is JSON Lines (`is_json_lines`): its items are its records, each the list of its text's
+    non-blank stripped lines (None where the field is not a string); blank lines are skipped.
+    `text_field` None reads every file as text, as Google's script does."""
+    path, lineno, first, records = "", 0, False, False
+    start: InputFile | None = None
+    for line, new_file in iter_lines(inputs, stats, strict_utf8=strict_utf8, progress=progress):
+        if new_file is not None:
+            path, lineno, first, records, start = new_file.path, 0, True, False, new_file
+        lineno += 1
+        if first and line:
+            first = False
+            records = is_json_lines(line, text_field, f"{path}:{lineno}", stats)
+        if not records:
+            yield line, start
+        elif line:
+            assert text_field is not None
+            yield record_lines(line, text_field, f"{path}:{lineno}", stats, strict_utf8), start
+        else:
+            continue
+        start = None
+
+
+def is_json_lines(line: str, text_field: str | None, where: str, stats: CorpusStats) -> bool:
+    """Whether a file whose first non-blank line (at `where`) is `line` reads as JSON Lines:
+    the line is a JSON object with `text_field` (an object without it is an error naming the
+    fields it has). With `text_field` None (Google's mode) a JSON object is only counted."""
+    if not line.startswith("{"):
+        return False
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    if text_field is None:
+        stats.json_as_text += 1
+        return False
+    if text_field not in record:
+        fields = ", ".join(f'"{k[:40]}"' for k in itertools.islice(record, 12))
+        raise UserError(
+            f'{where}: a JSON Lines record without a "{text_field}" field (its fields: '
+            f"{fields}); name the field that holds the text with --text-field, or leave "
+            "the file out of the input if it is not corpus."
+        )
+    stats.json_files += 1
+    stats.json_field = text_field
+    return True
+
+
+def record_lines(
+    line: str, text_field: str, where: str, stats: CorpusStats, strict: bool
+) -> list[str] | None:
+    """The non-blank stripped lines of one JSON Lines record's text, split at newlines as a
+    file's lines are (None, counted, when the field is absent or not a string). A lone
+    surrogate escape ("\\ud800") is invalid text: dropped and counted like invalid UTF-8."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise UserError(
+            f"{where}: not valid JSON ({e}); the file reads as JSON Lines (its first line is a "
+            "JSON object), so each non-blank line must be one record. Fix or delete the line."
+        ) from None
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{where}: a JSON {type(record).__name__}, not an object; the file reads as JSON "
+            "Lines, so each non-blank line must be one record (an object). Fix or delete it."
+        )
+    stats.json_records += 1
+    text = record.get(text_field)
+    if not isinstance(text, str):
+        stats.json_skipped += 1
+        stats.first_skipped = stats.first_skipped or where
+        return None
+    if not text.isascii() and SURROGATE.search(text):
+        if strict:
+            raise UserError(
+                f"{where}: a lone surrogate escape in the record's text (invalid Unicode); fix "
+                "the record, or drop --strict-utf8 to drop such characters."
+            )
+        text = SURROGATE.sub("", text)
+        stats.bad_lines += 1
+        stats.first_bad = stats.first_bad or where
+    return [s for s in (t.strip() for t in text.split("\n")) if s]
+
+
 def iter_documents(
     inputs: Sequence[InputFile],
     stats: CorpusStats,
@@ -352,6 +454,7 @@ def iter_documents(
     strict_utf8: bool = False,
     file_is_document_boundary: bool = True,
     doc_elements: bool = True,
+    text_field: str | None = TEXT_FIELD,
     progress: Progress | None = None,
 ) -> Iterator[list[str]]:
     """Yield documents as lists of non-empty stripped lines.
@@ -365,15 +468,32 @@ def iter_documents(
     `</doc>` ends it, both dropped (their words would otherwise be the corpus's most frequent:
     "doc", "id", "url", "https", "curid"), and a blank line inside an element (WikiExtractor
     writes one after the title) does not end it. Google's script reads those lines as text.
+
+    Each record of a JSON Lines file (`iter_items`: Hugging Face datasets, OSCAR, WikiExtractor
+    --json) is one document, its `text_field`'s lines its sentences. Read as text, the JSON
+    syntax and field names would be in the data and a non-ASCII letter would be a \\u escape.
     """
     doc: list[str] = []
     inside = False
-    for line, new_file in iter_lines(inputs, stats, strict_utf8=strict_utf8, progress=progress):
-        if new_file and file_is_document_boundary:
+    for item, new_file in iter_items(
+        inputs, stats, text_field=text_field, strict_utf8=strict_utf8, progress=progress
+    ):
+        if not isinstance(item, str):  # a JSON Lines record: a document of its own
+            if doc:
+                stats.documents += 1
+                yield doc
+            doc, inside = [], False
+            if item:
+                stats.sentences += len(item)
+                stats.documents += 1
+                yield item
+            continue
+        line, boundary = item, new_file is not None and file_is_document_boundary
+        if boundary:
             inside = False
         tag = doc_elements and line.startswith("<")  # a cheap test first: most lines are text
         tag = tag and (line == "</doc>" or DOC_START.fullmatch(line) is not None)
-        ends = tag or (not line and not inside) or (new_file and file_is_document_boundary)
+        ends = tag or (not line and not inside) or boundary
         if ends and doc:
             stats.documents += 1
             yield doc
@@ -389,15 +509,60 @@ def iter_documents(
         yield doc
 
 
-def markup_note(doc_elements: int) -> str | None:
-    """One line saying the corpus was read as WikiExtractor output (`CorpusStats.doc_elements`
-    elements), or None."""
-    if not doc_elements:
-        return None
-    return (
-        f"read as WikiExtractor output: {doc_elements:,} <doc> elements, each one document "
-        "(the tag lines dropped, blank lines inside an element ignored)"
-    )
+def iter_texts(
+    inputs: Sequence[InputFile],
+    stats: CorpusStats,
+    *,
+    text_field: str = TEXT_FIELD,
+    progress: Progress | None = None,
+) -> Iterator[str]:
+    """One text per line of a text file, and per record of a JSON Lines file (its lines
+    joined by spaces; "" for a record without the field, so there is one per record)."""
+    for item, _ in iter_items(inputs, stats, text_field=text_field, progress=progress):
+        yield item if isinstance(item, str) else " ".join(item or ())
+
+
+def corpus_notes(corpus: Mapping[str, Any]) -> list[str]:
+    """How the corpus was read, from `CorpusStats.as_dict()` (or a manifest's copy):
+    WikiExtractor's elements and JSON Lines records, where there were any."""
+    notes = []
+    if n := corpus.get("doc_elements"):
+        notes.append(
+            f"read as WikiExtractor output: {n:,} <doc> elements, each one document (the tag "
+            "lines dropped, blank lines inside an element ignored)"
+        )
+    if n := corpus.get("json_files"):
+        notes.append(
+            f"read as JSON Lines: {corpus.get('json_records', 0):,} records in {n:,} file(s), "
+            f'the "{corpus.get("json_field")}" field of each one document'
+        )
+    return notes
+
+
+def corpus_warnings(corpus: Mapping[str, Any]) -> list[str]:
+    """What reading the corpus found wrong, from `CorpusStats.as_dict()`: invalid UTF-8,
+    JSON Lines records without their text, JSON Lines read as text (Google's mode)."""
+    found = []
+    if n := corpus.get("bad_utf8_lines"):
+        what = "invalid UTF-8 (bytes dropped, as Google's scripts do)"
+        if corpus.get("json_files"):
+            what = "invalid UTF-8 or lone surrogate escapes (dropped)"
+        found.append(
+            f"warning: {n:,} line(s) had {what}; first at {corpus.get('first_bad_utf8_line')}. "
+            "Use --strict-utf8 to stop on them instead."
+        )
+    if n := corpus.get("json_skipped"):
+        found.append(
+            f'warning: {n:,} JSON Lines record(s) had no string "{corpus.get("json_field")}" '
+            f"field (read as empty); first at {corpus.get('first_skipped_record')}."
+        )
+    if n := corpus.get("json_as_text"):
+        found.append(
+            f"warning: {n:,} file(s) are JSON Lines, read as text as Google's script reads them: "
+            "their JSON syntax and field names are in the data, and non-ASCII letters may be "
+            "\\u escapes. Drop --google-compatible to read each record's text field."
+        )
+    return found
 
 
 def require_text(stats: CorpusStats, patterns: Sequence[str]) -> None:

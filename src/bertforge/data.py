@@ -45,8 +45,9 @@ from bertforge.corpus import (
     CorpusStats,
     InputFile,
     Progress,
+    corpus_notes,
+    corpus_warnings,
     iter_documents,
-    markup_note,
     progress_bar,
     require_text,
     resolve_inputs,
@@ -337,13 +338,16 @@ def _run_unit(unit: int, docs: list[list[str]]) -> dict[str, Any]:
 
 
 def iter_units(
-    inputs: Sequence[InputFile], stats: CorpusStats, unit_chars: int, strict_utf8: bool,
-    progress: Progress | None,
+    inputs: Sequence[InputFile], stats: CorpusStats, cfg: DataConfig, progress: Progress | None,
 ) -> Iterator[tuple[int, list[list[str]]]]:  # fmt: skip
-    """(unit index, documents) with about unit_chars characters each, cut between documents."""
+    """(unit index, documents) with about --unit-mb of characters each, cut between
+    documents."""
     unit: list[list[str]] = []
     size = index = 0
-    for doc in iter_documents(inputs, stats, strict_utf8=strict_utf8, progress=progress):
+    unit_chars = int(cfg.unit_mb * 1e6)
+    docs = iter_documents(inputs, stats, strict_utf8=cfg.strict_utf8, text_field=cfg.text_field,
+                          progress=progress)  # fmt: skip
+    for doc in docs:
         unit.append(doc)
         size += sum(len(s) + 1 for s in doc)
         if size >= unit_chars:
@@ -382,7 +386,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
             bar.set_postfix(documents=f"{stats.documents:,}",
                             instances=f"{sum(p['records'] for p in parts.values()):,}")  # fmt: skip
 
-    units = iter_units(inputs, stats, int(cfg.unit_mb * 1e6), cfg.strict_utf8, progress)
+    units = iter_units(inputs, stats, cfg, progress)
     total_units = 0
     try:
         if workers == 1:
@@ -422,7 +426,8 @@ def google_documents(inputs: Sequence[InputFile], encoder: LineEncoder, stats: C
     WikiExtractor's <doc> lines are text (their lines split into sentences first with
     `split`)."""
     docs = list(iter_documents(inputs, stats, strict_utf8=strict_utf8,
-                               file_is_document_boundary=False, doc_elements=False))  # fmt: skip
+                               file_is_document_boundary=False, doc_elements=False,
+                               text_field=None))  # fmt: skip
     return tokenize_documents(sentence_documents(docs) if split else docs, encoder)
 
 
@@ -479,8 +484,9 @@ def run_settings(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile]) -> 
     config.update(format=cfg.resolved_format, dupe_factor=cfg.resolved_dupe_factor,
                   max_predictions_per_seq=cfg.resolved_max_predictions,
                   do_lower_case=vocab.do_lower_case, static_masking=cfg.static)  # fmt: skip
-    if not cfg.split_sentences:  # absent when off: data made before the option is still known
-        del config["split_sentences"]
+    for key, default in (("split_sentences", False), ("text_field", "text")):
+        if config[key] == default:  # absent at its default: data made before it is still known
+            del config[key]
     return {"stage": "data", "config": config, "vocab_sha256": vocab.sha256,
             "inputs": [i.describe() for i in inputs], "bertforge": __version__}  # fmt: skip
 
@@ -722,6 +728,7 @@ def manifest_warnings(m: dict[str, Any]) -> list[str]:
     c, cfg = m.get("counts", {}), m.get("config", {})
     lines = line_warning(c, cfg.get("max_seq_length", 0))
     found = [
+        *corpus_warnings(c.get("corpus", {})),
         lines,
         unk_warning(c, cfg.get("do_lower_case"), m.get("vocab", {}).get("path")),
         None if lines else document_warning(c),  # long lines make one-line documents too
@@ -767,12 +774,9 @@ def print_summary(result: DataResult, file: Any = None) -> None:
     )
     if split := split_summary(m):
         print(f"  {split}", file=file)
-    if corpus.get("doc_elements"):
-        print(f"  {markup_note(corpus['doc_elements'])}", file=file)
+    for note in corpus_notes(corpus):
+        print(f"  {note}", file=file)
     if result.resumed_units:
         print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
     for warning in manifest_warnings(m):
         print(warning, file=sys.stderr)
-    if corpus.get("bad_utf8_lines"):
-        print(f"warning: {corpus['bad_utf8_lines']} line(s) had invalid UTF-8 (bytes dropped); "
-              f"first at {corpus['first_bad_utf8_line']}.", file=sys.stderr)  # fmt: skip

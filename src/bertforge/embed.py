@@ -32,7 +32,14 @@ import numpy as np
 import torch
 
 from bertforge.config import EmbedConfig
-from bertforge.corpus import CorpusStats, Progress, iter_lines, progress_bar, resolve_inputs
+from bertforge.corpus import (
+    CorpusStats,
+    Progress,
+    corpus_warnings,
+    iter_texts,
+    progress_bar,
+    resolve_inputs,
+)
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open
 from bertforge.inference import Loaded, load_model
@@ -105,7 +112,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             if token_level:
                 words_file = stack.enter_context(atomic_open(words_path, "w"))
             f.write(b" " * header.size)  # rewritten once the number of rows is known
-            lines = (line for line, _ in iter_lines(inputs, stats, progress=progress))
+            lines = iter_texts(inputs, stats, text_field=cfg.text_field, progress=progress)
             for block in blocks(lines, BLOCK_LINES):
                 vectors, words, cut = embed_block(loaded, block, cfg, layers, max_length, dim)
                 truncated += cut
@@ -130,8 +137,11 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             bar.close()
     result = EmbedResult(out, len(offsets) - 1, rows, dim, truncated)
     if cfg.progress:
-        what = "words" if token_level else "lines"
-        print(f"embed: {result.lines:,} lines -> {rows:,} {what} x {dim} -> {out}", file=sys.stderr)
+        what = "words" if token_level else "vectors"
+        read = f"{result.lines:,} {'records' if stats.json_files else 'lines'}"
+        print(f"embed: {read} -> {rows:,} {what} x {dim} -> {out}", file=sys.stderr)
+        for line in corpus_warnings(stats.as_dict()):
+            print(line, file=sys.stderr)
         if truncated:
             print(
                 f"  {truncated} line(s) were longer than {max_length} pieces; their "

@@ -49,8 +49,9 @@ from bertforge.corpus import (
     CorpusStats,
     InputFile,
     Progress,
+    corpus_notes,
+    corpus_warnings,
     iter_documents,
-    markup_note,
     progress_bar,
     require_text,
     resolve_inputs,
@@ -164,8 +165,9 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
             scan.sample[i : i + BATCH_LINES] for i in range(0, len(scan.sample), BATCH_LINES)
         )
         pieces = train_sentencepiece(batches, alphabet, budget, cfg, out)
-    markup = markup_note(scan.stats.doc_elements)
-    warnings = [w for w in [scan.stats.report(), markup and f"note: {markup}.", *scan.notes] if w]
+    stats = scan.stats.as_dict()
+    notes = [f"note: {note}." for note in corpus_notes(stats)]
+    warnings = [*corpus_warnings(stats), *notes, *scan.notes]
     padded = budget - len(pieces)
     if padded > 0:
         extra = [f"[unused{cfg.num_unused + i}]" for i in range(padded)]
@@ -225,7 +227,13 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
     bar = progress_bar(inputs, cfg.progress, "scan")
     progress = Progress(callbacks=[bar.update] if bar else [])
     for index, doc in enumerate(
-        iter_documents(inputs, stats, strict_utf8=cfg.strict_utf8, progress=progress)
+        iter_documents(
+            inputs,
+            stats,
+            strict_utf8=cfg.strict_utf8,
+            text_field=cfg.text_field,
+            progress=progress,
+        )
     ):
         batch += doc
         if len(batch) >= BATCH_LINES or stats.bytes - counted >= COUNT_CHUNK:
@@ -683,6 +691,7 @@ def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
     scan_cfg = VocabConfig(
         input=cfg.input,
         strict_utf8=cfg.strict_utf8,
+        text_field=cfg.text_field,
         output=cfg.output,
         vocab_size=base.size,
         do_lower_case=base.do_lower_case,
