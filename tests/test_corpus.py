@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import zstandard
 
+from bertforge import corpus
 from bertforge.corpus import (
     CorpusStats,
     corpus_notes,
@@ -107,10 +109,11 @@ def test_json_lines_read_as_their_records(tmp_path: Path):
         ["Nisan yılın dördüncü ayıdır.", "İkinci satır."],
         ["Mayıs beşinci aydır.", "Son satır."],
     ]
-    assert (stats.files, stats.json_files, stats.json_records, stats.json_skipped) == (2, 1, 3, 0)
+    assert (stats.files, stats.json_files, stats.records, stats.records_without_text) == (
+        2, 1, 3, 0)  # fmt: skip
     assert (stats.documents, stats.sentences) == (3, 6)
     assert corpus_notes(stats.as_dict()) == [
-        'read as JSON Lines: 3 records in 1 file(s), the "text" field of each one document'
+        'read as records: 3 from 1 JSON Lines file(s), the "text" field of each one document'
     ]
     assert corpus_warnings(stats.as_dict()) == []
     text = tmp_path / "same.txt"
@@ -142,13 +145,10 @@ def test_json_lines_faults_name_the_line(tmp_path: Path):
     f.write_text('\n{"text": "a"}\n{"text": null}\n{"id": 3}\n{"text": "x\\ud800y"}\n')
     docs, stats = docs_of([f])
     assert docs == [["a"], ["xy"]]
-    assert (stats.json_records, stats.json_skipped, stats.first_skipped) == (4, 2, f"{f}:3")
+    assert (stats.records, stats.records_without_text, stats.first_without_text) == (4, 2, f"{f}:3")
     assert (stats.bad_lines, stats.first_bad) == (1, f"{f}:5")
     bad, skipped = corpus_warnings(stats.as_dict())
-    assert (
-        f'2 JSON Lines record(s) had no string "text" field (read as empty); first at {f}:3'
-        in skipped
-    )
+    assert f'2 record(s) had no string "text" field (read as empty); first at {f}:3' in skipped
     assert f"lone surrogate escapes (dropped); first at {f}:5" in bad
     with pytest.raises(UserError, match=rf"{f}:5: a lone surrogate escape .* --strict-utf8"):
         docs_of([f], strict_utf8=True)
@@ -166,6 +166,56 @@ def test_json_lines_faults_name_the_line(tmp_path: Path):
         docs_of([f])
 
 
+def test_parquet_read_as_its_rows(tmp_path: Path, monkeypatch):
+    """A Parquet file (as the Hugging Face Hub serves datasets) reads as one document per row
+    of its text column, batch after batch and row group after row group, the same as the
+    JSON Lines of those rows; a null is read as empty and counted (named by row); progress
+    comes to the file's size. Errors name the file and say what to do: no such column (its
+    columns listed), a column not of text, a file cut short, no pyarrow, and Google's
+    reading (text only)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [a["text"] for a in ARTICLES] + [None, "Son.\nBitti."] * 3
+    table = pa.table({"id": list(range(len(texts))), "text": texts})
+    f = tmp_path / "c.parquet"
+    pq.write_table(table, f, row_group_size=4)
+    assert pq.ParquetFile(f).num_row_groups == 3
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    monkeypatch.setattr(corpus, "PARQUET_ROWS", 3)  # batches that cross row groups
+    progress = corpus.Progress()
+    stats = CorpusStats()
+    docs = list(iter_documents(resolve_inputs([str(f)]), stats, progress=progress))
+    assert docs == docs_of([jsonl])[0] and len(docs) == 5
+    assert progress.done == f.stat().st_size
+    assert (stats.files, stats.parquet_files, stats.records, stats.records_without_text) == (
+        1, 1, len(texts), 3)  # fmt: skip
+    assert stats.first_without_text == f"{f}: row 4"
+    assert stats.bytes == sum(len(t.encode()) for t in texts if t)
+    assert corpus_notes(stats.as_dict()) == [
+        f'read as records: {len(texts)} from 1 Parquet file(s), the "text" field of each one '
+        "document"
+    ]
+    assert list(iter_texts(resolve_inputs([str(f)]), CorpusStats()))[3:5] == ["", "Son. Bitti."]
+    both = CorpusStats()
+    list(iter_documents(resolve_inputs([str(jsonl), str(f)]), both))
+    assert "from 1 JSON Lines and 1 Parquet file(s)" in corpus_notes(both.as_dict())[0]
+    with pytest.raises(UserError, match=r'without a "body" column \(its columns: "id", "text"\)'):
+        docs_of([f], text_field="body")
+    with pytest.raises(UserError, match='its "id" column holds int64, not text; name the column'):
+        docs_of([f], text_field="id")
+    with pytest.raises(UserError, match="a Parquet file, not a text corpus; Parquet is read by"):
+        docs_of([f], text_field=None)  # Google's mode
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(UserError, match=rf"{cut}: cannot read it as Parquet \(.*damaged or"):
+        docs_of([cut])
+    for name in ("pyarrow", "pyarrow.compute", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    with pytest.raises(UserError, match=r"a Parquet file; reading it needs pyarrow: pip install"):
+        docs_of([f])
+
+
 def test_texts_are_one_per_line_or_record(tmp_path: Path):
     """`bertforge embed`'s reading: a text per line (blank ones too: one row per line), and per
     JSON Lines record its lines joined ("" for a record without text: one row per record)."""
@@ -176,7 +226,7 @@ def test_texts_are_one_per_line_or_record(tmp_path: Path):
     stats = CorpusStats()
     texts = list(iter_texts(resolve_inputs([str(plain), str(jsonl)]), stats))
     assert texts == ["x y", "", "z", "p q", "", "r"]
-    assert (stats.json_records, stats.json_skipped) == (3, 1)
+    assert (stats.records, stats.records_without_text) == (3, 1)
 
 
 def test_compressed_inputs_detected_by_magic(tmp_path: Path):
@@ -185,9 +235,28 @@ def test_compressed_inputs_detected_by_magic(tmp_path: Path):
     (tmp_path / "y.bz2").write_bytes(bz2.compress(text))
     (tmp_path / "z.xz").write_bytes(lzma.compress(text))
     (tmp_path / "noext").write_bytes(gzip.compress(text))
-    for name in ["x.gz", "y.bz2", "z.xz", "noext"]:
+    zstd = zstandard.ZstdCompressor()  # two frames, as `cat a.zst b.zst` makes
+    (tmp_path / "w.zst").write_bytes(zstd.compress(text[:5]) + zstd.compress(text[5:]))
+    for name in ["x.gz", "y.bz2", "z.xz", "noext", "w.zst"]:
         docs, _ = docs_of([tmp_path / name])
         assert docs == [["one", "two"], ["three"]], name
+
+
+def test_compressed_inputs_cut_short_are_errors(tmp_path: Path):
+    """A compressed file cut short (a download stopped) is an error naming it, never the text
+    it has so far: gzip and xz say so themselves; zstandard's stream reader would return the
+    part silently, so ZstdReader checks that the last frame ended."""
+    text = "".join(f"line {i} of a corpus\n" for i in range(20_000)).encode()
+    compressors = {"gzip": gzip.compress, "xz": lzma.compress,
+                   "zstd": zstandard.ZstdCompressor().compress}  # fmt: skip
+    for kind, compress in compressors.items():
+        whole = compress(text)
+        f = tmp_path / f"c.{kind}"
+        f.write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(UserError, match=rf"{f}: (read error|damaged {kind} file) \("):
+            docs_of([f])
+        f.write_bytes(whole)
+        assert sum(map(len, docs_of([f])[0])) == 20_000
 
 
 def test_directories_globs_sorted(tmp_path: Path):

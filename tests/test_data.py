@@ -377,12 +377,12 @@ def test_json_lines_give_the_instances_of_their_records(tmp_path, kjv_corpus, kj
         assert main(["data", "--input", str(corpus), "--vocab", str(kjv_vocab), "--output",
                      str(tmp_path / name), "--max-seq-length", "64"]) == 0  # fmt: skip
         out, err = capsys.readouterr()
-        said = f'  read as JSON Lines: {len(records):,} records in 1 file(s), the "text" field'
+        said = f'  read as records: {len(records):,} from 1 JSON Lines file(s), the "text" field'
         assert (said in out) == (name == "j")
-        assert ("1 JSON Lines record(s) had no string" in err) == (name == "j")
+        assert ('1 record(s) had no string "text" field' in err) == (name == "j")
     j, p = (json.loads((tmp_path / k / "manifest.json").read_text()) for k in ("j", "p"))
     assert j["counts"]["documents"] == p["counts"]["documents"] == len(docs)
-    assert j["counts"]["corpus"]["json_records"] == len(records)
+    assert j["counts"]["corpus"]["records"] == len(records)
     assert j["counts"]["corpus_tokens"] == p["counts"]["corpus_tokens"]
     shards = [[open_shard(tmp_path / k / s["file"])[1] for s in m["shards"]]
               for k, m in (("j", j), ("p", p))]  # fmt: skip

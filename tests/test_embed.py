@@ -94,7 +94,7 @@ def test_json_lines_give_a_vector_per_record(tmp_path, exported_model, capsys):
     assert j[0].any() and not j[1].any()
     err = capsys.readouterr().err
     assert "embed: 3 records -> 3 vectors x 64" in err
-    assert '1 JSON Lines record(s) had no string "t" field (read as empty)' in err
+    assert '1 record(s) had no string "t" field (read as empty)' in err
     assert "embed: 3 lines -> 3 vectors x 64" in err
 
 

@@ -212,7 +212,7 @@ def test_json_lines_give_the_vocabulary_of_their_text(tmp_path: Path):
     tokens = read_vocab_file(result.output / "vocab.txt")
     assert tokens == read_vocab_file(tmp_path / "p" / "vocab.txt")
     assert not {"u0131", "body", "id"} & set(tokens) and "ı" in tokens
-    assert "note: read as JSON Lines: 200 records in 1 file(s), the \"body\" field" in (
+    assert 'note: read as records: 200 from 1 JSON Lines file(s), the "body" field' in (
         "\n".join(result.warnings))  # fmt: skip
     with pytest.raises(UserError, match=r'without a "text" field .*"id", "body".*--text-field'):
         train_vocab(cfg(jsonl, tmp_path / "t", vocab_size=700))

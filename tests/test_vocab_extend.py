@@ -167,7 +167,7 @@ def test_cli(tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys):
     jsonl.write_text("".join(json.dumps({"body": c}) + "\n" for c in chapters))
     json_argv = [*argv[:3], str(jsonl), *argv[4:7], str(tmp_path / "ext3"), *argv[8:]]
     assert main([*json_argv, "--text-field", "body"]) == 0
-    assert f"note: read as JSON Lines: {len(chapters):,} records" in capsys.readouterr().err
+    assert f"note: read as records: {len(chapters):,} from 1 JSON Lines" in capsys.readouterr().err
     assert read_vocab_file(tmp_path / "ext3" / "vocab.txt") == read_vocab_file(out / "vocab.txt")
     assert main([*argv[:-1], "--max-wrds", "3"]) == 2
     assert "Did you mean --max-words" in capsys.readouterr().err

@@ -70,15 +70,17 @@ class CorpusInput:
     """Settings of every stage that reads a raw corpus."""
 
     input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True)
-    """Corpus files, globs, directories (read recursively, sorted), .gz/.bz2/.xz files, or - for
-    stdin. Google's format: one sentence per line, a blank line between documents."""
+    """Corpus files, globs, directories (read recursively, sorted), .gz/.bz2/.xz/.zst files, or -
+    for stdin. Google's format: one sentence per line, a blank line between documents. JSON
+    Lines and Parquet files: one document per record (see --text-field)."""
     strict_utf8: bool = False
     """Stop at the first invalid UTF-8 byte (naming file:line:offset) instead of dropping bad
     bytes and reporting how many lines had them."""
     text_field: str = "text"
-    """A file whose first line is a JSON object is read as JSON Lines (Hugging Face datasets,
-    OSCAR, WikiExtractor --json): each record is one document, and this field holds its text
-    (its lines are the sentences)."""
+    """The field (column) that holds the text of a record. A file whose first line is a JSON
+    object is read as JSON Lines (Hugging Face datasets, OSCAR, WikiExtractor --json), and a
+    Parquet file (pip install 'bertforge[parquet]') by rows: each record is one document, its
+    text's lines the sentences."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -562,8 +564,8 @@ class EmbedConfig:
     """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
     BERT directory."""
     input: str
-    """Text file (or .gz/.bz2/.xz, or - for stdin): one sentence or text per line; or JSON Lines
-    (its first line a JSON object): one text per record, from --text-field."""
+    """Text file (or .gz/.bz2/.xz/.zst, or - for stdin): one sentence or text per line; or JSON
+    Lines (its first line a JSON object) or Parquet: one text per record, from --text-field."""
     text_field: str = "text"
     """The field of a JSON Lines record that holds its text (its lines are joined by spaces)."""
     output: str
@@ -653,7 +655,8 @@ class RunConfig:
     resumes. Under torchrun, process 0 runs the stages and all processes train."""
 
     input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True, positional=True)
-    """The corpus: files, globs, directories, .gz/.bz2/.xz, - for stdin (Google's format)."""
+    """The corpus: files, globs, directories, .gz/.bz2/.xz/.zst, - for stdin (Google's format),
+    JSON Lines or Parquet."""
     output: str = option(aliases=("--output_dir",))
     """Directory of the run: vocab/, data/, train/, model/ (the export), report.md."""
     vocab: str | None = option(None, aliases=("--vocab_file",))

@@ -1,10 +1,15 @@
 """Streaming corpus reader for Google's format, used by every stage.
 
 Google's format is one sentence per line and a blank line between documents. Inputs are
-files, globs, directories (recursively, sorted), gzip/bzip2/xz files (detected by their
+files, globs, directories (recursively, sorted), gzip/bzip2/xz/zstd files (detected by their
 magic bytes, whatever their name) and `-` for stdin, in any mix. Nothing is read whole into
 memory: lines stream from a buffered binary reader, so memory stays flat and a 1 MB line
-costs linear time.
+costs linear time. JSON Lines and Parquet files (the forms corpora are downloaded in today)
+read as one document per record (`iter_items`).
+
+Why a reader of our own: the stages need Google's exact reading (its document boundaries,
+its dropping of bad bytes) with file:line in every error; the parsing itself is the
+standard library's (json, gzip, bz2, lzma), zstandard's and pyarrow's.
 
 Decoding follows Google's `convert_to_unicode(..., errors="ignore")`: invalid UTF-8 bytes are
 dropped (replaced by nothing), which is what makes our data record-identical to Google's; we
@@ -13,7 +18,7 @@ first bad byte an error naming file:line and byte offset. A UTF-8 BOM is strippe
 line; a lone CR inside a line is whitespace (as in Google's tokenizer), and a file that uses
 only CR as its line break (classic Mac) is read as CR-separated lines. NUL and other control
 characters are left for the tokenizer to clean, exactly as Google's tokenizer does. Files
-that are binary (images, archives other than gz/bz2/xz, UTF-16 text) are refused.
+that are binary (images, archives, UTF-16 text) are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from bertforge.fileio import is_output_dir
 STDIN = "-"
 DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <doc id="1" ...>
 SNIFF_BYTES = 8192
+PARQUET_MAGIC = b"PAR1"
+PARQUET_ROWS = 1024  # rows read at a time
 TEXT_FIELD = "text"  # the text of a JSON Lines record: Hugging Face datasets, OSCAR, WikiExtractor
 SURROGATE = re.compile("[\ud800-\udfff]")  # left by a lone "\\ud800" escape in JSON
 
@@ -51,7 +58,7 @@ BINARY_MAGIC: list[tuple[bytes, str]] = [
     (b"%PDF", "a PDF document"),
     (b"\x7fELF", "an executable"),
     (b"7z\xbc\xaf", "a 7z archive"),
-    (b"\x28\xb5\x2f\xfd", "a zstd file"),
+    (PARQUET_MAGIC, "a Parquet file"),
     (b"RIFF", "a RIFF (audio/video/image) file"),
     (b"SQLite format 3", "an SQLite database"),
     (b"\xff\xfe", "UTF-16 text"),
@@ -61,6 +68,7 @@ COMPRESSED_MAGIC: list[tuple[bytes, str]] = [
     (b"\x1f\x8b", "gzip"),
     (b"BZh", "bzip2"),
     (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
 ]
 
 
@@ -68,7 +76,52 @@ DECOMPRESSORS: dict[str, Callable[[BinaryIO], BinaryIO]] = {
     "gzip": lambda f: gzip.GzipFile(fileobj=f),  # type: ignore[return-value]
     "bzip2": lambda f: bz2.BZ2File(f),  # type: ignore[return-value]
     "xz": lambda f: lzma.LZMAFile(f),  # type: ignore[return-value]  # noqa: SIM115
+    "zstd": lambda f: ZstdReader(f),  # type: ignore[return-value]
 }
+
+
+class ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a zstd file: its frames one after another, as `zstd -d` reads
+    them (OSCAR ships .jsonl.zst). zstandard's own stream_reader returns what it has of a
+    file cut short, silently; here, as gzip's and xz's readers do, a file that ends inside a
+    frame is an EOFError, and damage an OSError."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        import zstandard
+
+        self.raw, self.zstd = raw, zstandard
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.started = False  # has the current frame had any input
+        self.out, self.pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        while self.pos == len(self.out):
+            chunk = self.raw.read(1 << 16)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise EOFError("the file ends inside a zstd frame (cut short?)")
+                return 0
+            self.out, self.pos = self._decompress(chunk), 0
+        n = min(len(b), len(self.out) - self.pos)
+        b[:n] = self.out[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        try:
+            while chunk:
+                if self.frame.eof:  # the next frame starts in what the last one left
+                    self.frame = self.zstd.ZstdDecompressor().decompressobj()
+                self.started = True
+                out.append(self.frame.decompress(chunk))
+                chunk = self.frame.unused_data if self.frame.eof else b""
+        except self.zstd.ZstdError as e:
+            raise OSError(f"zstd: {e}") from None
+        return b"".join(out)
 
 
 @dataclass
@@ -95,10 +148,11 @@ class CorpusStats:
     first_bad: str | None = None  # "file:line" of the first one
     doc_elements: int = 0  # WikiExtractor's <doc ...> lines read as document starts
     json_files: int = 0  # files read as JSON Lines
-    json_field: str | None = None  # the field their text was read from
-    json_records: int = 0  # their records
-    json_skipped: int = 0  # records without a string text field, left out
-    first_skipped: str | None = None  # "file:line" of the first one
+    parquet_files: int = 0  # files read as Parquet
+    record_field: str | None = None  # the field (column) their text was read from
+    records: int = 0  # their records (rows)
+    records_without_text: int = 0  # records whose field was missing or not a string
+    first_without_text: str | None = None  # "file:line" (or "file: row N") of the first one
     json_as_text: int = 0  # JSON Lines files read as text (Google's mode)
 
     def as_dict(self) -> dict:
@@ -112,10 +166,11 @@ class CorpusStats:
             "first_bad_utf8_line": self.first_bad,
             "doc_elements": self.doc_elements,
             "json_files": self.json_files,
-            "json_field": self.json_field,
-            "json_records": self.json_records,
-            "json_skipped": self.json_skipped,
-            "first_skipped_record": self.first_skipped,
+            "parquet_files": self.parquet_files,
+            "record_field": self.record_field,
+            "records": self.records,
+            "records_without_text": self.records_without_text,
+            "first_without_text": self.first_without_text,
             "json_as_text": self.json_as_text,
         }
 
@@ -250,11 +305,12 @@ def check_not_binary(path: str, head: bytes) -> None:
         return
     for magic, kind in BINARY_MAGIC:
         if head.startswith(magic):
-            hint = (
-                "convert it to UTF-8 (iconv -f UTF-16)"
-                if "UTF-16" in kind
-                else ("bertforge reads plain UTF-8 text, or text compressed with gzip, bzip2 or xz")
-            )
+            hint = {
+                "UTF-16 text": "convert it to UTF-8 (iconv -f UTF-16)",
+                "a Parquet file": "Parquet is read by its path, uncompressed, and not under "
+                "--google-compatible (Google's script reads text only)",
+            }.get(kind, "bertforge reads UTF-8 text, JSON Lines and Parquet files, plain or "
+                  "compressed with gzip, bzip2, xz or zstd")  # fmt: skip
             raise UserError(f"{path}: this is {kind}, not a text corpus; {hint}.")  # fmt: skip
     if len(head) >= 257 + 5 and head[257:262] == b"ustar":
         raise UserError(f"{path}: this is a tar archive; unpack it and pass the directory.")
@@ -365,23 +421,27 @@ def iter_items(
     is JSON Lines (`is_json_lines`): its items are its records, each the list of its text's
     non-blank stripped lines (None where the field is not a string); blank lines are skipped.
     `text_field` None reads every file as text, as Google's script does."""
-    path, lineno, first, records = "", 0, False, False
-    start: InputFile | None = None
-    for line, new_file in iter_lines(inputs, stats, strict_utf8=strict_utf8, progress=progress):
-        if new_file is not None:
-            path, lineno, first, records, start = new_file.path, 0, True, False, new_file
-        lineno += 1
-        if first and line:
-            first = False
-            records = is_json_lines(line, text_field, f"{path}:{lineno}", stats)
-        if not records:
-            yield line, start
-        elif line:
-            assert text_field is not None
-            yield record_lines(line, text_field, f"{path}:{lineno}", stats, strict_utf8), start
-        else:
+    for inp in inputs:
+        if text_field is not None and is_parquet(inp.path):
+            for row, lines in enumerate(parquet_records(inp, text_field, stats, progress)):
+                yield lines, None if row else inp
             continue
-        start = None
+        lineno, first, records = 0, True, False
+        start: InputFile | None = inp
+        for line, _ in iter_lines([inp], stats, strict_utf8=strict_utf8, progress=progress):
+            lineno += 1
+            where = f"{inp.path}:{lineno}"
+            if first and line:
+                first = False
+                records = is_json_lines(line, text_field, where, stats)
+            if not records:
+                yield line, start
+            elif line:
+                assert text_field is not None
+                yield record_lines(line, text_field, where, stats, strict_utf8), start
+            else:
+                continue
+            start = None
 
 
 def is_json_lines(line: str, text_field: str | None, where: str, stats: CorpusStats) -> bool:
@@ -407,16 +467,15 @@ def is_json_lines(line: str, text_field: str | None, where: str, stats: CorpusSt
             "the file out of the input if it is not corpus."
         )
     stats.json_files += 1
-    stats.json_field = text_field
+    stats.record_field = text_field
     return True
 
 
 def record_lines(
     line: str, text_field: str, where: str, stats: CorpusStats, strict: bool
 ) -> list[str] | None:
-    """The non-blank stripped lines of one JSON Lines record's text, split at newlines as a
-    file's lines are (None, counted, when the field is absent or not a string). A lone
-    surrogate escape ("\\ud800") is invalid text: dropped and counted like invalid UTF-8."""
+    """One JSON Lines record's text as a document (`text_lines`); a line that is not a JSON
+    object is an error naming file:line."""
     try:
         record = json.loads(line)
     except (ValueError, RecursionError) as e:
@@ -429,11 +488,77 @@ def record_lines(
             f"{where}: a JSON {type(record).__name__}, not an object; the file reads as JSON "
             "Lines, so each non-blank line must be one record (an object). Fix or delete it."
         )
-    stats.json_records += 1
-    text = record.get(text_field)
+    return text_lines(record.get(text_field), where, stats, strict)
+
+
+def is_parquet(path: str) -> bool:
+    """Whether a file is Parquet, by its magic number (not on stdin: Parquet is read by path)."""
+    if path == STDIN:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+    except OSError as e:
+        raise UserError(f"{path}: cannot open ({e.strerror}).") from None
+
+
+def parquet_records(
+    inp: InputFile, text_field: str, stats: CorpusStats, progress: Progress | None
+) -> Iterator[list[str] | None]:
+    """The rows of a Parquet file (the Hugging Face Hub serves datasets so: fineweb-2,
+    CulturaX), each as `text_lines` of its `text_field` column, read a batch of rows at a
+    time in flat memory. pyarrow reads them (`pip install 'bertforge[parquet]'`)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(
+            f"{inp.path}: a Parquet file; reading it needs pyarrow: pip install "
+            "'bertforge[parquet]' (or pyarrow)."
+        ) from None
+    fix = "name the column that holds the text with --text-field"
+    try:
+        f = pq.ParquetFile(inp.path)
+        schema = f.schema_arrow
+        if text_field not in schema.names:
+            columns = ", ".join(f'"{name[:40]}"' for name in schema.names[:12])
+            raise UserError(
+                f'{inp.path}: a Parquet file without a "{text_field}" column (its columns: '
+                f"{columns}); {fix}."
+            )
+        kind = schema.field(text_field).type
+        if not any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string)):
+            raise UserError(f'{inp.path}: its "{text_field}" column holds {kind}, not text; {fix}.')
+        stats.files += 1
+        stats.parquet_files += 1
+        stats.record_field = text_field
+        rows, size, done = max(f.metadata.num_rows, 1), inp.size or 0, 0
+        row = 0
+        for batch in f.iter_batches(batch_size=PARQUET_ROWS, columns=[text_field]):
+            column = batch.column(0)
+            stats.bytes += pc.sum(pc.binary_length(column)).as_py() or 0
+            stats.lines += len(column)
+            for text in column.to_pylist():
+                row += 1
+                yield text_lines(text, f"{inp.path}: row {row}", stats, strict=False)
+            if progress is not None:
+                progress.advance(size * row // rows - done)
+                done = size * row // rows
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(
+            f"{inp.path}: cannot read it as Parquet ({e}); is the file damaged or incomplete?"
+        ) from None
+
+
+def text_lines(text: Any, where: str, stats: CorpusStats, strict: bool) -> list[str] | None:
+    """A record's text as a document: its non-blank stripped lines, split at newlines as a
+    file's lines are (None, counted, when it is missing or not a string). A lone surrogate
+    (JSON's "\\ud800") is invalid text: dropped and counted like invalid UTF-8."""
+    stats.records += 1
     if not isinstance(text, str):
-        stats.json_skipped += 1
-        stats.first_skipped = stats.first_skipped or where
+        stats.records_without_text += 1
+        stats.first_without_text = stats.first_without_text or where
         return None
     if not text.isascii() and SURROGATE.search(text):
         if strict:
@@ -531,10 +656,12 @@ def corpus_notes(corpus: Mapping[str, Any]) -> list[str]:
             f"read as WikiExtractor output: {n:,} <doc> elements, each one document (the tag "
             "lines dropped, blank lines inside an element ignored)"
         )
-    if n := corpus.get("json_files"):
+    files = (("JSON Lines", corpus.get("json_files")), ("Parquet", corpus.get("parquet_files")))
+    kinds = [f"{n:,} {kind}" for kind, n in files if n]
+    if kinds:
         notes.append(
-            f"read as JSON Lines: {corpus.get('json_records', 0):,} records in {n:,} file(s), "
-            f'the "{corpus.get("json_field")}" field of each one document'
+            f"read as records: {corpus.get('records', 0):,} from {' and '.join(kinds)} "
+            f'file(s), the "{corpus.get("record_field")}" field of each one document'
         )
     return notes
 
@@ -551,10 +678,10 @@ def corpus_warnings(corpus: Mapping[str, Any]) -> list[str]:
             f"warning: {n:,} line(s) had {what}; first at {corpus.get('first_bad_utf8_line')}. "
             "Use --strict-utf8 to stop on them instead."
         )
-    if n := corpus.get("json_skipped"):
+    if n := corpus.get("records_without_text"):
         found.append(
-            f'warning: {n:,} JSON Lines record(s) had no string "{corpus.get("json_field")}" '
-            f"field (read as empty); first at {corpus.get('first_skipped_record')}."
+            f'warning: {n:,} record(s) had no string "{corpus.get("record_field")}" field '
+            f"(read as empty); first at {corpus.get('first_without_text')}."
         )
     if n := corpus.get("json_as_text"):
         found.append(

@@ -138,7 +138,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     result = EmbedResult(out, len(offsets) - 1, rows, dim, truncated)
     if cfg.progress:
         what = "words" if token_level else "vectors"
-        read = f"{result.lines:,} {'records' if stats.json_files else 'lines'}"
+        read = f"{result.lines:,} {'records' if stats.records else 'lines'}"
         print(f"embed: {read} -> {rows:,} {what} x {dim} -> {out}", file=sys.stderr)
         for line in corpus_warnings(stats.as_dict()):
             print(line, file=sys.stderr)
