@@ -295,6 +295,30 @@ def test_directories_globs_sorted(tmp_path: Path):
     assert [Path(f.path).name for f in named] == ["vocab.txt"]
 
 
+def test_a_file_named_twice_is_an_error(tmp_path: Path):
+    """Read twice, a file's text would be in the data twice: a pattern given twice, a file
+    inside a directory also given, overlapping globs, and a link to a file beside it are
+    errors naming both; distinct files under several patterns are not."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for name in ("a.txt", "sub/b.txt"):
+        (d / name).write_text("x\n")
+    a, b = str(d / "a.txt"), str(d / "sub" / "b.txt")
+    with pytest.raises(UserError, match=rf"--input: {a} is given twice; give it once"):
+        resolve_inputs([a, a])
+    with pytest.raises(UserError, match="- is given twice"):
+        resolve_inputs(["-", "-"])
+    with pytest.raises(UserError, match=rf"{b} is read by both {d} and {b}, so its text"):
+        resolve_inputs([str(d), b])
+    stars, deep = str(d / "*" / "*.txt"), str(d / "**" / "*.txt")
+    with pytest.raises(UserError, match=rf"--input: {b} is read by both .*\*\.txt and "):
+        resolve_inputs([stars, deep])
+    assert [f.path for f in resolve_inputs([a, str(d / "sub")])] == [a, b]
+    (d / "sub" / "c.txt").symlink_to(d / "a.txt")
+    with pytest.raises(UserError, match=r"--corpus: .*a\.txt and .*c\.txt are the same file"):
+        resolve_inputs([str(d)], "--corpus")
+
+
 def test_stdin(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"x\ny\n\nz\n")))
     stats = CorpusStats()

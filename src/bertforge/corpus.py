@@ -189,9 +189,14 @@ class Progress:
 
 
 def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[InputFile]:
-    """Expand files, globs and directories (recursively, sorted) into a list of files."""
+    """Expand files, globs and directories (recursively, sorted) into a list of files. A file
+    that two patterns name (`corpus/*.txt corpus/a.txt`, a directory and a file in it) is an
+    error: read twice, its text would be in the data twice."""
     out: list[InputFile] = []
+    named: dict[str, tuple[str, str]] = {}  # real path -> (pattern, path) that named it first
     for pattern in patterns:
+        if patterns.count(pattern) > 1:
+            raise UserError(f"{flag}: {pattern} is given twice; give it once.")
         if pattern == STDIN:
             out.append(InputFile(STDIN, None))
             continue
@@ -207,7 +212,19 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
             found = outside_outputs(found, glob_root(pattern))
             if not found:
                 raise UserError(f"{flag}: {pattern} does not exist (no file matches).")
-        out += [InputFile(f, os.path.getsize(f)) for f in found]
+        for f in found:
+            by, first = named.setdefault(os.path.realpath(f), (pattern, f))
+            if by != pattern:
+                raise UserError(
+                    f"{flag}: {f} is read by both {by} and {pattern}, so its text would be in "
+                    "the data twice; name each file once."
+                )
+            if first != f:
+                raise UserError(
+                    f"{flag}: {first} and {f} are the same file (a link), both under {pattern}, "
+                    "so its text would be in the data twice; leave one out."
+                )
+            out.append(InputFile(f, os.path.getsize(f)))
     return out
 
 
