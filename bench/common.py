@@ -81,6 +81,22 @@ def corpus_file(work: Path, mb: float) -> Path:
     return path
 
 
+def demo_bench(p: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespace, Path, list[str]]:
+    """A bench on the demo corpus: its arguments (with --work, default bench/work/NAME), the
+    work directory, made, and the corpus's documents (its chapters), each a text of lines (a
+    verse per line)."""
+    import gzip
+
+    from bertforge.cli import demo_corpus
+
+    p.add_argument("--work", default=f"bench/work/{name}")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    text = gzip.decompress(demo_corpus().read_bytes()).decode("utf-8")
+    return args, work, [c for c in text.split("\n\n") if c.strip()]
+
+
 def bertforge(*argv: str) -> None:
     """Run a bertforge command in this process; stop the benchmark if it fails."""
     from bertforge.cli import main

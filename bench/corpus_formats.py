@@ -18,27 +18,21 @@ import argparse
 import gzip
 import json
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
+from common import demo_bench
 
-from bertforge.cli import demo_corpus
 from bertforge.corpus import CorpusStats, iter_documents, resolve_inputs
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="bench/work/corpus_formats")
     p.add_argument("--copies", type=int, default=7)
     p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-
-    text = gzip.decompress(demo_corpus().read_bytes()).decode("utf-8")
-    chapters = [c for c in text.split("\n\n") if c.strip()] * args.copies
+    args, work, chapters = demo_bench(p, "corpus_formats")
+    chapters *= args.copies
     jsonl = "".join(json.dumps({"id": i, "text": c}) + "\n" for i, c in enumerate(chapters))
     forms = {
         "text": (work / "corpus.txt", "\n\n".join(chapters).encode() + b"\n"),

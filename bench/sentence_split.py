@@ -17,29 +17,22 @@ inside a verse is not by itself a mistake). The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import gzip
 import itertools
 import json
 import sys
 import time
-from pathlib import Path
 
-from common import measure
+from common import demo_bench, measure
 
-from bertforge.cli import demo_corpus
 from bertforge.sentences import split_sentences
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="bench/work/sentence_split")
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    text = gzip.decompress(demo_corpus().read_bytes()).decode("utf-8")
-    chapters = [c.split("\n") for c in text.split("\n\n") if c.strip()]
+    args, work, texts = demo_bench(p, "sentence_split")
+    chapters = [c.split("\n") for c in texts]
     verses, lines = work / "verses.txt", work / "lines.txt"
     verses.write_text("\n\n".join("\n".join(c) for c in chapters) + "\n", encoding="utf-8")
     lines.write_text("\n\n".join(" ".join(c) for c in chapters) + "\n", encoding="utf-8")
