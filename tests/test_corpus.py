@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import bz2
 import gzip
 import io
@@ -210,6 +211,17 @@ def test_parquet_read_as_its_rows(tmp_path: Path, monkeypatch):
     cut.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(UserError, match=rf"{cut}: cannot read it as Parquet \(.*damaged or"):
         docs_of([cut])
+    real_import = builtins.__import__
+
+    def numpy_1(name, *args, **kw):  # pyarrow 20 or later beside NumPy 1
+        if name.startswith("pyarrow"):
+            raise ImportError("pyarrow requires NumPy 2.0 or newer, found 1.24.0")
+        return real_import(name, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "__import__", numpy_1)
+        with pytest.raises(UserError, match=r"fails to import here: pyarrow requires NumPy 2"):
+            docs_of([f])
     for name in ("pyarrow", "pyarrow.compute", "pyarrow.parquet"):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     with pytest.raises(UserError, match=r"a Parquet file; reading it needs pyarrow: pip install"):

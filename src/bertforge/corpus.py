@@ -529,11 +529,14 @@ def parquet_records(
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
-    except ImportError:
+    except ModuleNotFoundError:
         raise UserError(
             f"{inp.path}: a Parquet file; reading it needs pyarrow: pip install "
             "'bertforge[parquet]' (or pyarrow)."
         ) from None
+    except ImportError as e:  # installed, but not for this environment (pyarrow 20+: NumPy 2)
+        raise UserError(f"{inp.path}: a Parquet file; pyarrow, which reads it, fails to "
+                        f"import here: {e}") from None  # fmt: skip
     fix = "name the column that holds the text with --text-field"
     try:
         f = pq.ParquetFile(inp.path)
