@@ -194,9 +194,11 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
     error: read twice, its text would be in the data twice."""
     out: list[InputFile] = []
     named: dict[str, tuple[str, str]] = {}  # real path -> (pattern, path) that named it first
+    given: set[str] = set()
     for pattern in patterns:
-        if patterns.count(pattern) > 1:
+        if pattern in given:
             raise UserError(f"{flag}: {pattern} is given twice; give it once.")
+        given.add(pattern)
         if pattern == STDIN:
             out.append(InputFile(STDIN, None))
             continue
@@ -443,22 +445,25 @@ def iter_items(
             for row, lines in enumerate(parquet_records(inp, text_field, stats, progress)):
                 yield lines, None if row else inp
             continue
-        lineno, first, records = 0, True, False
-        start: InputFile | None = inp
-        for line, _ in iter_lines([inp], stats, strict_utf8=strict_utf8, progress=progress):
+        lines = iter_lines([inp], stats, strict_utf8=strict_utf8, progress=progress)
+        lineno = 0
+        for line, start in lines:  # up to the first non-blank line, which tells the format
             lineno += 1
-            where = f"{inp.path}:{lineno}"
-            if first and line:
-                first = False
-                records = is_json_lines(line, text_field, where, stats)
-            if not records:
+            if not line:
                 yield line, start
-            elif line:
-                assert text_field is not None
-                yield record_lines(line, text_field, where, stats, strict_utf8), start
-            else:
                 continue
-            start = None
+            if not is_json_lines(line, text_field, f"{inp.path}:{lineno}", stats):
+                yield line, start
+                yield from lines  # text: the rest as it comes (the fast path)
+                break
+            assert text_field is not None
+            yield record_lines(line, text_field, f"{inp.path}:{lineno}", stats, strict_utf8), start
+            for line, _ in lines:
+                lineno += 1
+                if line:
+                    where = f"{inp.path}:{lineno}"
+                    yield record_lines(line, text_field, where, stats, strict_utf8), None
+            break
 
 
 def is_json_lines(line: str, text_field: str | None, where: str, stats: CorpusStats) -> bool:
