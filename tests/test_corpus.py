@@ -135,6 +135,14 @@ def test_json_lines_read_as_their_records(tmp_path: Path):
     other = tmp_path / "braces.txt"
     other.write_text('{not json}\n[1, 2]\n{"a": 1}\n')
     assert docs_of([other])[0] == [["{not json}", "[1, 2]", '{"a": 1}']]
+    other.write_text("[1] A footnote.\n[Chorus]\n")
+    assert docs_of([other])[0] == [["[1] A footnote.", "[Chorus]"]]
+    # one JSON array, on one line or pretty-printed, is an error (Google's reading: text)
+    for text in (json.dumps(ARTICLES), json.dumps(ARTICLES, indent=2), '["a", "b"]'):
+        other.write_text("\n" + text + "\n")
+        with pytest.raises(UserError, match=rf"{other}:2: the file starts as one JSON array"):
+            docs_of([other])
+        assert docs_of([other], text_field=None)[0]
 
 
 def test_json_lines_faults_name_the_line(tmp_path: Path):
@@ -296,9 +304,9 @@ def test_directories_globs_sorted(tmp_path: Path):
         (d / sub / "x" / "vocab.txt").write_text("[PAD]\n")
     (d / "notes").mkdir()  # a manifest.json or run.json of something else is text
     (d / "notes" / "manifest.json").write_text('{"name": "notes", "text": "n"}')
-    (d / "notes" / "run.json").write_text('["steps", 3]')
+    (d / "notes" / "run.json").write_text("steps: 3")
     docs, _ = docs_of([d])
-    assert docs == [["b"], ["n"], ['["steps", 3]'], ["a"]]
+    assert docs == [["b"], ["n"], ["steps: 3"], ["a"]]
     found = resolve_inputs([str(d / "**" / "*.txt")])
     assert [Path(f.path).name for f in found] == ["b.txt", "a.txt"]
     docs, _ = docs_of([d / "work"])  # named itself, it is read

@@ -469,7 +469,15 @@ def iter_items(
 def is_json_lines(line: str, text_field: str | None, where: str, stats: CorpusStats) -> bool:
     """Whether a file whose first non-blank line (at `where`) is `line` reads as JSON Lines:
     the line is a JSON object with `text_field` (an object without it is an error naming the
-    fields it has). With `text_field` None (Google's mode) a JSON object is only counted."""
+    fields it has). With `text_field` None (Google's mode) a JSON object is only counted. A
+    file that starts as one JSON array (`[{...}, ...]`, pandas' and datasets' to_json without
+    lines=True) is an error: read as text, it would be one long line of JSON syntax."""
+    if text_field is not None and (line == "[" or line.startswith(('[{"', '["'))):
+        raise UserError(
+            f"{where}: the file starts as one JSON array, which bertforge does not read; write "
+            "it as JSON Lines, one record per line (jq -c '.[]' FILE > FILE.jsonl, or "
+            "to_json(..., lines=True))."
+        )
     if not line.startswith("{"):
         return False
     try:
