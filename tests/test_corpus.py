@@ -390,8 +390,12 @@ def test_control_characters_are_kept_for_the_tokenizer(tmp_path: Path):
     [
         (b"\x89PNG\r\n\x1a\n" + bytes(100), "a PNG image"),
         (b"PK\x03\x04" + bytes(100), "a zip archive"),
-        (b"\xff\xfeh\x00i\x00", "UTF-16 text"),
+        (b"\xff\xfeh\x00i\x00", "UTF-16 text, not a text corpus; convert it to UTF-8"),
         (bytes(range(256)) * 8, "looks binary"),
+        (b"\xff\xff\xff\xffp\x00\x00\x00" + bytes(100), r"an Arrow stream, .*ds\.to_parquet\("),
+        (b"ARROW1\x00\x00" + bytes(100), "an Arrow file, .*save_to_disk"),
+        (b"\x28\xb5\x2f\xfd" + bytes(100), "damaged zstd file"),  # not zstd after all
+        (gzip.compress(b"PAR1" + bytes(100)), "a Parquet file, .*read by its path, uncompressed"),
     ],
 )
 def test_binary_files_refused(tmp_path: Path, head: bytes, kind: str):

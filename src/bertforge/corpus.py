@@ -59,11 +59,29 @@ BINARY_MAGIC: list[tuple[bytes, str]] = [
     (b"\x7fELF", "an executable"),
     (b"7z\xbc\xaf", "a 7z archive"),
     (PARQUET_MAGIC, "a Parquet file"),
+    (b"ARROW1", "an Arrow file"),
+    (b"\xff\xff\xff\xff", "an Arrow stream"),  # Hugging Face datasets' cache and save_to_disk
     (b"RIFF", "a RIFF (audio/video/image) file"),
     (b"SQLite format 3", "an SQLite database"),
     (b"\xff\xfe", "UTF-16 text"),
     (b"\xfe\xff", "UTF-16 text"),
 ]
+READABLE = (
+    "bertforge reads UTF-8 text, JSON Lines and Parquet files, plain or compressed with gzip, "
+    "bzip2, xz or zstd"
+)
+ARROW_HINT = (
+    "Hugging Face datasets keep their cache and save_to_disk output so; write the dataset as "
+    'Parquet or JSON Lines (ds.to_parquet("corpus.parquet") or ds.to_json("corpus.jsonl")) and '
+    "pass that"
+)
+BINARY_HINTS = {
+    "UTF-16 text": "convert it to UTF-8 (iconv -f UTF-16)",
+    "a Parquet file": "Parquet is read by its path, uncompressed, and not under "
+    "--google-compatible (Google's script reads text only)",
+    "an Arrow file": ARROW_HINT,
+    "an Arrow stream": ARROW_HINT,
+}
 COMPRESSED_MAGIC: list[tuple[bytes, str]] = [
     (b"\x1f\x8b", "gzip"),
     (b"BZh", "bzip2"),
@@ -324,13 +342,8 @@ def check_not_binary(path: str, head: bytes) -> None:
         return
     for magic, kind in BINARY_MAGIC:
         if head.startswith(magic):
-            hint = {
-                "UTF-16 text": "convert it to UTF-8 (iconv -f UTF-16)",
-                "a Parquet file": "Parquet is read by its path, uncompressed, and not under "
-                "--google-compatible (Google's script reads text only)",
-            }.get(kind, "bertforge reads UTF-8 text, JSON Lines and Parquet files, plain or "
-                  "compressed with gzip, bzip2, xz or zstd")  # fmt: skip
-            raise UserError(f"{path}: this is {kind}, not a text corpus; {hint}.")  # fmt: skip
+            hint = BINARY_HINTS.get(kind, READABLE)
+            raise UserError(f"{path}: this is {kind}, not a text corpus; {hint}.")
     if len(head) >= 257 + 5 and head[257:262] == b"ustar":
         raise UserError(f"{path}: this is a tar archive; unpack it and pass the directory.")
     if not head:
