@@ -114,7 +114,8 @@ def test_json_lines_read_as_their_records(tmp_path: Path):
         2, 1, 3, 0)  # fmt: skip
     assert (stats.documents, stats.sentences) == (3, 6)
     assert corpus_notes(stats.as_dict()) == [
-        'read as records: 3 from 1 JSON Lines file(s), the "text" field of each one document'
+        'read as records: 3 from 1 JSON Lines file(s), the "text" field of each one document; '
+        f"1 other file(s) read as text (the first: {plain})"
     ]
     assert corpus_warnings(stats.as_dict()) == []
     text = tmp_path / "same.txt"

@@ -172,6 +172,8 @@ class CorpusStats:
     records_without_text: int = 0  # records whose field was missing or not a string
     first_without_text: str | None = None  # "file:line" (or "file: row N") of the first one
     json_as_text: int = 0  # JSON Lines files read as text (Google's mode)
+    text_files: int = 0  # files read as text
+    first_text_file: str | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -190,6 +192,8 @@ class CorpusStats:
             "records_without_text": self.records_without_text,
             "first_without_text": self.first_without_text,
             "json_as_text": self.json_as_text,
+            "text_files": self.text_files,
+            "first_text_file": self.first_text_file,
         }
 
 
@@ -466,6 +470,8 @@ def iter_items(
                 yield line, start
                 continue
             if not is_json_lines(line, text_field, f"{inp.path}:{lineno}", stats):
+                stats.text_files += 1
+                stats.first_text_file = stats.first_text_file or inp.path
                 yield line, start
                 yield from lines  # text: the rest as it comes (the fast path)
                 break
@@ -705,10 +711,14 @@ def corpus_notes(corpus: Mapping[str, Any]) -> list[str]:
     files = (("JSON Lines", corpus.get("json_files")), ("Parquet", corpus.get("parquet_files")))
     kinds = [f"{n:,} {kind}" for kind, n in files if n]
     if kinds:
-        notes.append(
+        note = (
             f"read as records: {corpus.get('records', 0):,} from {' and '.join(kinds)} "
             f'file(s), the "{corpus.get("record_field")}" field of each one document'
         )
+        if others := corpus.get("text_files"):  # a dataset card (README.md) among them?
+            note += f"; {others:,} other file(s) read as text (the first: "
+            note += f"{corpus.get('first_text_file')})"
+        notes.append(note)
     return notes
 
 
