@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import builtins
 import bz2
 import gzip
 import io
 import json
 import lzma
+import random
 import sys
 from pathlib import Path
 
@@ -235,6 +237,23 @@ def test_parquet_read_as_its_rows(tmp_path: Path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     with pytest.raises(UserError, match=r"a Parquet file; reading it needs pyarrow: pip install"):
         docs_of([f])
+
+
+def test_parquet_reading_holds_a_batch_not_a_row_group(tmp_path: Path):
+    """A row group can hold gigabytes of text; reading one holds about a page and a batch of
+    rows in Arrow's memory, not its column chunk (pyarrow's default would take about the
+    chunk's compressed size: here some 20 MB of incompressible text)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = random.Random(0)
+    texts = [base64.b64encode(rng.randbytes(1500)).decode() for _ in range(10_000)]
+    f = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({"text": texts}), f, row_group_size=len(texts))
+    assert f.stat().st_size > 15e6
+    peak = 0
+    for _ in iter_documents(resolve_inputs([str(f)]), CorpusStats()):
+        peak = max(peak, pa.total_allocated_bytes())
+    assert 0 < peak < 10e6  # 7.2 MB with pyarrow 26 (its default: 26 MB)
 
 
 def test_texts_are_one_per_line_or_record(tmp_path: Path):

@@ -46,6 +46,7 @@ DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <do
 SNIFF_BYTES = 8192
 PARQUET_MAGIC = b"PAR1"
 PARQUET_ROWS = 1024  # rows read at a time
+PARQUET_BUFFER = 1 << 20  # bytes of a column chunk read at a time
 TEXT_FIELD = "text"  # the text of a JSON Lines record: Hugging Face datasets, OSCAR, WikiExtractor
 SURROGATE = re.compile("[\ud800-\udfff]")  # left by a lone "\\ud800" escape in JSON
 
@@ -556,7 +557,9 @@ def parquet_records(
 ) -> Iterator[list[str] | None]:
     """The rows of a Parquet file (the Hugging Face Hub serves datasets so: fineweb-2,
     CulturaX), each as `text_lines` of its `text_field` column, read a batch of rows at a
-    time in flat memory. pyarrow reads them (`pip install 'bertforge[parquet]'`)."""
+    time in flat memory. pyarrow reads them (`pip install 'bertforge[parquet]'`), through a
+    buffered stream: by default it would hold a row group's whole column chunk, which can be
+    gigabytes (a row group of 248 MB of text took 150 MB of Arrow memory, buffered 12 MB)."""
     try:
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -571,7 +574,7 @@ def parquet_records(
                         f"import here: {e}") from None  # fmt: skip
     fix = "name the column that holds the text with --text-field"
     try:
-        f = pq.ParquetFile(inp.path)
+        f = pq.ParquetFile(inp.path, buffer_size=PARQUET_BUFFER, pre_buffer=False)
         schema = f.schema_arrow
         if text_field not in schema.names:
             columns = ", ".join(f'"{name[:40]}"' for name in schema.names[:12])
