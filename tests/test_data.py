@@ -130,6 +130,47 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path, demo_path, kjv_vo
     assert not list(killed.glob(".*.tmp")) and not (killed / ".parts").exists()
 
 
+def test_an_input_fixed_after_an_error_costs_only_the_units_it_changed(
+    tmp_path, kjv_corpus, kjv_vocab, capsys
+):
+    """A bad line far into a large input stops the run; the user fixes it and runs the same
+    command. The input files have changed, so the run's id has; the units finished before
+    are kept where their text is unchanged (here all but the one where a word was also
+    changed), and the output is byte for byte a fresh run's on the fixed input. Other
+    settings are still refused."""
+    docs = [d for d in kjv_corpus.read_text().split("\n\n") if d.strip()]
+    lines = [json.dumps({"text": d}) for d in docs]
+    bad = len(lines) * 2 // 3
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join([*lines[:bad], '{"text": "cut', *lines[bad:]]) + "\n")
+    out = tmp_path / "d"
+    with pytest.raises(UserError, match=rf"{corpus}:{bad + 1}: not valid JSON"):
+        create_data(cfg(corpus, kjv_vocab, out))
+    finished = sorted((out / ".parts").glob("unit-*.json"))
+    assert len(finished) >= 4
+    unit1 = json.loads(finished[1].read_text())
+    assert unit1["settings_id"] and unit1["text_sha256"]
+    changed = next(i for i in range(len(docs)) if "LORD" in docs[i] and i > 0)
+    lines[changed] = json.dumps({"text": docs[changed].replace("LORD", "Lord", 1)})
+    corpus.write_text("\n".join(lines) + "\n")  # the bad line gone, one word changed
+    capsys.readouterr()
+    again = create_data(cfg(corpus, kjv_vocab, out))
+    assert "the input files changed since the unfinished run" in capsys.readouterr().err
+    assert again.resumed_units == len(finished) - 1  # the changed word's unit is redone
+    fresh = create_data(cfg(corpus, kjv_vocab, tmp_path / "fresh"))
+    assert shard_bytes(out) == shard_bytes(fresh.output) and len(shard_bytes(out)) > 5
+    assert again.manifest["shards"] == fresh.manifest["shards"]
+    # an unfinished run with other settings is still refused, input change or not
+    from bertforge.data import run_settings
+    from bertforge.tokenization import load_vocab
+
+    (out / "manifest.json").unlink()
+    run = run_settings(cfg(corpus, kjv_vocab, out), load_vocab(kjv_vocab), [])
+    (out / ".bertforge-run.json").write_text(json.dumps({**run, "run_id": "x"}))
+    with pytest.raises(UserError, match="--max-seq-length was 64, now 32"):
+        create_data(cfg(corpus, kjv_vocab, out, max_seq_length=32))
+
+
 def test_signals_stop_the_workers_at_once_and_the_rerun_finishes(tmp_path, demo_path, kjv_vocab):
     """Ctrl-C reaches the whole process group. The workers must not print tracebacks, nor
     leave the parent waiting for them at exit (it did, about one Ctrl-C in three with units

@@ -170,7 +170,7 @@ class UnitSettings:
     format: str  # native | tfrecord
     static: bool
     output: str
-    run_id: str
+    settings_id: str  # `settings_id`: the run's settings but its input files
     tokens: tuple[str, ...]
     do_lower_case: bool
     strip_accents: bool | None
@@ -278,7 +278,7 @@ def shard_bytes(
                                   m.positions, m.labels, m.counts,
                                   arrays.next_sentence[sl])  # fmt: skip
     if rec is not None:
-        meta = {"unit": unit, "run_id": s.run_id, "max_seq_length": p.max_seq_length,
+        meta = {"unit": unit, "settings_id": s.settings_id, "max_seq_length": p.max_seq_length,
                 "max_predictions_per_seq": p.max_predictions_per_seq,
                 "vocab_size": spec.vocab_size, "static_masking": s.static}  # fmt: skip
         yield encode_header(rec, meta)
@@ -289,7 +289,10 @@ def build_unit(
     unit: int, docs: Sequence[Sequence[str]], encoder: LineEncoder, s: UnitSettings,
     spec: MaskSpec, vocab: VocabIds,
 ) -> dict[str, Any]:  # fmt: skip
-    """Tokenize, segment, mask and write one unit; returns (and records) its part summary."""
+    """Tokenize, segment, mask and write one unit; returns (and records) its part summary. A
+    unit's output depends on the settings, its index and its documents alone, so a part with
+    the same `settings_id` and `text_sha256` is this unit's output, whatever the run."""
+    text_sha256 = unit_text_sha256(docs)
     if s.split_sentences:
         docs = sentence_documents(docs)
     flat, bounds = unit_tokens(docs, encoder, id_dtype(spec.vocab_size))
@@ -307,7 +310,8 @@ def build_unit(
             size += len(piece)
     lengths, unks = arrays.lengths, int(np.count_nonzero(flat == vocab.unk_id))
     part = {
-        "unit": unit, "run_id": s.run_id, "file": name, "records": len(lengths),
+        "unit": unit, "settings_id": s.settings_id, "text_sha256": text_sha256, "file": name,
+        "records": len(lengths),
         "sha256": digest.hexdigest(), "bytes": size, "documents": len(bounds),
         "sentences": sum(len(b) - 1 for b in bounds), "tokens": int(lengths.sum()),
         "corpus_tokens": len(flat),
@@ -337,6 +341,15 @@ def _run_unit(unit: int, docs: list[list[str]]) -> dict[str, Any]:
     return build_unit(unit, docs, w["encoder"], w["settings"], w["spec"], w["vocab"])
 
 
+def unit_text_sha256(docs: Sequence[Sequence[str]]) -> str:
+    """A unit's documents as read (before --split-sentences), hashed: what tells a unit
+    finished by an earlier run from one whose text has changed since."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(("\n".join(doc) + "\n\n").encode())
+    return digest.hexdigest()
+
+
 def iter_units(
     inputs: Sequence[InputFile], stats: CorpusStats, cfg: DataConfig, progress: Progress | None,
 ) -> Iterator[tuple[int, list[list[str]]]]:  # fmt: skip
@@ -360,14 +373,17 @@ def iter_units(
 def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Path,
               stats: CorpusStats, vocab_file: str) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
     """Process every unit not finished before; returns all parts in unit order and how many
-    were found finished."""
-    parts: dict[int, dict[str, Any]] = {}
+    were found finished. A unit finished before is kept when its text is the same as now
+    (`text_sha256`), so an input fixed after an error (a bad line near the end of a large
+    file) costs only the units it changed."""
+    earlier: dict[int, dict[str, Any]] = {}
     for p in sorted((out / PARTS).glob("unit-*.json")):
-        with contextlib.suppress(json.JSONDecodeError, OSError):
+        with contextlib.suppress(json.JSONDecodeError, OSError, KeyError):
             part = json.loads(p.read_text(encoding="utf-8"))
-            if part.get("run_id") == s.run_id and (out / part["file"]).is_file():
-                parts[part["unit"]] = part
-    resumed = len(parts)
+            if part.get("settings_id") == s.settings_id and (out / part["file"]).is_file():
+                earlier[part["unit"]] = part
+    parts: dict[int, dict[str, Any]] = {}
+    resumed = 0
     workers = cfg.workers or usable_cpus()
     bar = progress_bar(inputs, cfg.progress, "data")
     progress = Progress(callbacks=[bar.update] if bar else [])
@@ -386,6 +402,15 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
             bar.set_postfix(documents=f"{stats.documents:,}",
                             instances=f"{sum(p['records'] for p in parts.values()):,}")  # fmt: skip
 
+    def finished_before(unit: int, docs: list[list[str]]) -> bool:
+        nonlocal resumed
+        part = earlier.pop(unit, None)
+        if part is None or part.get("text_sha256") != unit_text_sha256(docs):
+            return False
+        parts[unit] = part
+        resumed += 1
+        return True
+
     units = iter_units(inputs, stats, cfg, progress)
     total_units = 0
     try:
@@ -393,14 +418,14 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
             _init_worker(s)
             for unit, docs in units:
                 total_units = unit + 1
-                if unit not in parts:
+                if not finished_before(unit, docs):
                     collect(_run_unit(unit, docs))
         else:
             with process_pool(workers, _init_worker, (s,)) as pool:
                 pending: set[cf.Future] = set()
                 for unit, docs in units:
                     total_units = unit + 1
-                    if unit in parts:
+                    if finished_before(unit, docs):
                         continue
                     pending.add(pool.submit(_run_unit, unit, docs))
                     if len(pending) >= 2 * workers:  # bounded read-ahead: flat memory
@@ -512,9 +537,18 @@ def clear_output(out: Path) -> None:
     shutil.rmtree(out / PARTS, ignore_errors=True)
 
 
+def settings_id(run: dict[str, Any]) -> str:
+    """The id of a run's settings (`run_settings`) without its input files: what a unit's
+    output depends on besides its own text."""
+    kept = {k: v for k, v in run.items() if k not in ("inputs", "run_id")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool) -> str:
     """'done' when out already holds this exact output, 'go' otherwise (resuming an unfinished
-    run with the same settings); refuses other settings unless overwrite, which starts over."""
+    run with the same settings), 'changed' for an unfinished run with the same settings on
+    input files that have changed since (its units are kept where their text is the same);
+    refuses other settings unless overwrite, which starts over."""
     if overwrite:
         clear_output(out)
         return "go"
@@ -533,6 +567,8 @@ def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool
         )
     if previous.get("run_id") == run_id:
         return "done" if manifest is not None else "go"
+    if manifest is None and settings_id(previous) == settings_id(run):
+        return "changed"
     raise UserError(
         f"--output: {out} {what} made with other settings ({settings_diff(previous, run)}); "
         "use another directory, repeat the earlier settings to resume, or pass --overwrite."
@@ -549,10 +585,14 @@ def create_data(cfg: DataConfig) -> DataResult:
     out = prepare_output_dir(cfg.output, "data", cfg.overwrite, "--output")
     run = run_settings(cfg, vocab, inputs)
     run_id = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
-    if check_resumable(out, run, run_id, cfg.overwrite) == "done":
+    state = check_resumable(out, run, run_id, cfg.overwrite)
+    if state == "done":
         manifest = read_manifest(out, "data")
         assert manifest is not None
         return DataResult(out, manifest, len(manifest["shards"]))
+    if state == "changed" and not cfg.google_compatible:
+        print(f"data: the input files changed since the unfinished run in {out}; its shards "
+              "are kept where their text is unchanged", file=sys.stderr)  # fmt: skip
     write_json(out / RUN_FILE, {**run, "run_id": run_id})
     for tmp in [*out.glob(".shard-*.tmp"), *out.glob(f"{PARTS}/.unit-*.tmp")]:
         tmp.unlink(missing_ok=True)  # half-written files of a killed run
@@ -562,7 +602,8 @@ def create_data(cfg: DataConfig) -> DataResult:
         parts, resumed = run_google(cfg, inputs, vocab, params, out, stats, run_id), 0
     else:
         settings = UnitSettings(params, cfg.resolved_dupe_factor, cfg.random_seed,
-                                cfg.resolved_format, cfg.static, str(out), run_id, vocab.tokens,
+                                cfg.resolved_format, cfg.static, str(out), settings_id(run),
+                                vocab.tokens,
                                 vocab.do_lower_case, vocab.strip_accents,
                                 cfg.split_sentences)  # fmt: skip
         parts, resumed = run_units(cfg, inputs, settings, out, stats, str(vocab.path))
