@@ -203,6 +203,27 @@ def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch)
     assert "vocab: the corpus changed" in capsys.readouterr().err
 
 
+def test_a_corpus_fixed_after_a_data_error_resumes(tmp_path, kjv_corpus, kjv_vocab, capsys):
+    """With a vocabulary given, a bad line in the corpus stops the run in its data stage; fixed,
+    the same command resumes the data stage, which keeps the shards it finished."""
+    docs = [d for d in kjv_corpus.read_text().split("\n\n") if d.strip()]
+    lines = [json.dumps({"text": d}) for d in docs]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join([*lines, '{"text": "cut']) + "\n")
+    out = tmp_path / "run"
+    argv = ["run", str(corpus), "--output", str(out), "--vocab", str(kjv_vocab), *FAST[2:],
+            "--unit-mb", "0.05"]  # fmt: skip
+    assert main(argv) == 2
+    assert f"{corpus}:{len(lines) + 1}: not valid JSON" in capsys.readouterr().err
+    finished = len(list((out / "data" / ".parts").glob("unit-*.json")))
+    assert finished >= 3
+    corpus.write_text("\n".join(lines) + "\n")
+    assert main(argv) == 0
+    printed, err = capsys.readouterr()
+    assert "run: data: the corpus changed (its files' names or sizes); its shards whose " in err
+    assert f"resumed: {finished} shard(s) were already finished" in printed + err
+
+
 def test_stdin_is_refused_by_run_and_never_taken_as_unchanged(
     tmp_path, kjv_corpus, kjv_vocab, monkeypatch, capsys
 ):

@@ -327,8 +327,12 @@ def _run_pipeline(
         record = state.get(stage)
         corpus = corpus_files(cfg)
         if record and corpus is not None and corpus != recorded_corpus(record, directory, corpus):
-            print(f"run: {stage}: the corpus changed (its files' names or sizes)", file=sys.stderr)
-            record = None
+            changed = f"run: {stage}: the corpus changed (its files' names or sizes)"
+            if stage == "data" and not record.get("done"):  # fixed after an error: `data`
+                print(f"{changed}; its shards whose text is unchanged are kept", file=sys.stderr)
+            else:  # keeps what it can (`run_units`)
+                print(changed, file=sys.stderr)
+                record = None
         action = decide(stage, cfg, record, directory, bool(ran) or run.overwrite)
         if action == "resume" and stage not in RESUMES:
             action = "start"  # quick stages simply run again
