@@ -173,16 +173,23 @@ def start_all(pool: cf.ProcessPoolExecutor, workers: int) -> None:
 
 def terminate(pool: cf.ProcessPoolExecutor) -> None:
     """Cancel the pool's queued tasks and end its workers now (Python 3.14 has
-    `terminate_workers`; before it, the worker table is the private `_processes`)."""
+    `terminate_workers`; before it, the worker table is the private `_processes`). The pool's
+    manager thread is waited for too: left to end while the interpreter exits, it closes its
+    wake-up pipe as `concurrent.futures`' exit hook writes to it, and Python 3.11 prints
+    "Exception ignored ... Bad file descriptor" after bertforge's one line (seen once, on a
+    Ctrl-C, in a test that sends seven)."""
+    manager = getattr(pool, "_executor_manager_thread", None)  # None once shut down
     if hasattr(pool, "terminate_workers"):
         pool.terminate_workers()  # novermin: Python 3.14, checked by hasattr
-        return
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for p in processes:
-        p.terminate()
-    for p in processes:
-        p.join()
+    else:
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.join()
+    if manager is not None:
+        manager.join(timeout=10)
 
 
 def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
