@@ -160,6 +160,14 @@ def test_an_input_fixed_after_an_error_costs_only_the_units_it_changed(
     fresh = create_data(cfg(corpus, kjv_vocab, tmp_path / "fresh"))
     assert shard_bytes(out) == shard_bytes(fresh.output) and len(shard_bytes(out)) > 5
     assert again.manifest["shards"] == fresh.manifest["shards"]
+    # an input cut shorter: the shards of units it no longer has are removed
+    corpus.write_text("\n".join([*lines, '{"text": "cut']) + "\n")
+    with pytest.raises(UserError, match="not valid JSON"):
+        create_data(cfg(corpus, kjv_vocab, tmp_path / "short"))
+    corpus.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    short = create_data(cfg(corpus, kjv_vocab, tmp_path / "short"))
+    fresh = create_data(cfg(corpus, kjv_vocab, tmp_path / "short_fresh"))
+    assert short.resumed_units > 0 and shard_bytes(short.output) == shard_bytes(fresh.output)
     # an unfinished run with other settings is still refused, input change or not
     from bertforge.data import run_settings
     from bertforge.tokenization import load_vocab

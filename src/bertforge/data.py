@@ -615,6 +615,10 @@ def create_data(cfg: DataConfig) -> DataResult:
             f"with {cfg.vocab}; check that the vocabulary fits the corpus."
         )
     manifest = write_data_manifest(cfg, vocab, inputs, out, run, run_id, parts, stats)
+    listed = {p["file"] for p in parts}
+    for stale in [*out.glob("shard-*.bin"), *out.glob("shard-*.tfrecord")]:
+        if stale.name not in listed:  # units of an earlier input that was longer
+            stale.unlink()
     shutil.rmtree(out / PARTS, ignore_errors=True)
     (out / RUN_FILE).unlink(missing_ok=True)
     return DataResult(out, manifest, resumed)
