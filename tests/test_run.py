@@ -222,6 +222,8 @@ def test_a_corpus_fixed_after_a_data_error_resumes(tmp_path, kjv_corpus, kjv_voc
     printed, err = capsys.readouterr()
     assert "run: data: the corpus changed (its files' names or sizes); its shards whose " in err
     assert f"resumed: {finished} shard(s) were already finished" in printed + err
+    report = (out / "report.md").read_text()  # no vocab section: the data section says it
+    assert f"- note: read as records: {len(lines):,} from 1 JSON Lines file(s)" in report
 
 
 def test_stdin_is_refused_by_run_and_never_taken_as_unchanged(

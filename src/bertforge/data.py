@@ -170,7 +170,7 @@ class UnitSettings:
     format: str  # native | tfrecord
     static: bool
     output: str
-    settings_id: str  # `settings_id`: the run's settings but its input files
+    settings_id: str  # the run's settings without its input files (`settings_id`)
     tokens: tuple[str, ...]
     do_lower_case: bool
     strip_accents: bool | None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bertforge.corpus import corpus_notes
 from bertforge.data import manifest_warnings, mask_cap_warning, split_summary
 from bertforge.fileio import atomic_open, read_jsonl, read_manifest, write_text
 from bertforge.tune import TUNABLE
@@ -207,6 +208,8 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
         + (", whole words" if dcfg.get("do_whole_word_mask") else ""),
     ]
     lines += [f"- {split}" for split in [split_summary(data)] if split]
+    if not vocab:  # how the corpus was read, said under the vocabulary when the run made one
+        lines += [f"- note: {note}" for note in corpus_notes(dc.get("corpus", {}))]
     lines += [f"- **{warning}**" for warning in manifest_warnings(data)]
     masking = [dcfg.get(k) for k in ("max_seq_length", "max_predictions_per_seq", "masked_lm_prob")]
     if None not in masking and (warning := mask_cap_warning(*masking)):
