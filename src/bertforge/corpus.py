@@ -457,7 +457,8 @@ def iter_items(
     its stripped lines. A file whose first non-blank line is a JSON object with `text_field`
     is JSON Lines (`is_json_lines`): its items are its records, each the list of its text's
     non-blank stripped lines (None where the field is not a string); blank lines are skipped.
-    `text_field` None reads every file as text, as Google's script does."""
+    A Parquet file's items are its rows, alike (`parquet_records`). `text_field` None reads
+    every file as text, as Google's script does (and so refuses Parquet as binary)."""
     for inp in inputs:
         if text_field is not None and is_parquet(inp.path):
             for row, lines in enumerate(parquet_records(inp, text_field, stats, progress)):
