@@ -34,7 +34,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -68,8 +68,8 @@ BINARY_MAGIC: list[tuple[bytes, str]] = [
     (b"\xfe\xff", "UTF-16 text"),
 ]
 READABLE = (
-    "bertforge reads UTF-8 text, JSON Lines and Parquet files, plain or compressed with gzip, "
-    "bzip2, xz or zstd"
+    "bertforge reads UTF-8 text and JSON Lines, plain or compressed with gzip, bzip2, xz or "
+    "zstd, and Parquet files"
 )
 ARROW_HINT = (
     "Hugging Face datasets keep their cache and save_to_disk output so; write the dataset as "
@@ -177,25 +177,10 @@ class CorpusStats:
     first_text_file: str | None = None
 
     def as_dict(self) -> dict:
-        return {
-            "files": self.files,
-            "bytes": self.bytes,
-            "lines": self.lines,
-            "sentences": self.sentences,
-            "documents": self.documents,
-            "bad_utf8_lines": self.bad_lines,
-            "first_bad_utf8_line": self.first_bad,
-            "doc_elements": self.doc_elements,
-            "json_files": self.json_files,
-            "parquet_files": self.parquet_files,
-            "record_field": self.record_field,
-            "records": self.records,
-            "records_without_text": self.records_without_text,
-            "first_without_text": self.first_without_text,
-            "json_as_text": self.json_as_text,
-            "text_files": self.text_files,
-            "first_text_file": self.first_text_file,
-        }
+        """Every field, as manifests keep them (two under the names they have always had)."""
+        d = asdict(self)
+        d["bad_utf8_lines"], d["first_bad_utf8_line"] = d.pop("bad_lines"), d.pop("first_bad")
+        return d
 
 
 @dataclass
@@ -599,8 +584,9 @@ def parquet_records(
                 row += 1
                 yield text_lines(text, f"{inp.path}: row {row}", stats, strict=False)
             if progress is not None:
-                progress.advance(size * row // rows - done)
-                done = size * row // rows
+                now = size * row // rows
+                progress.advance(now - done)
+                done = now
     except (OSError, pa.ArrowException) as e:
         raise UserError(
             f"{inp.path}: cannot read it as Parquet ({e}); is the file damaged or incomplete?"

@@ -32,7 +32,7 @@ import random
 import shutil
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -509,8 +509,9 @@ def run_settings(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile]) -> 
     config.update(format=cfg.resolved_format, dupe_factor=cfg.resolved_dupe_factor,
                   max_predictions_per_seq=cfg.resolved_max_predictions,
                   do_lower_case=vocab.do_lower_case, static_masking=cfg.static)  # fmt: skip
-    for key, default in (("split_sentences", False), ("text_field", "text")):
-        if config[key] == default:  # absent at its default: data made before it is still known
+    defaults = {f.name: f.default for f in fields(DataConfig)}
+    for key in ("split_sentences", "text_field"):
+        if config[key] == defaults[key]:  # absent at its default: data made before it is known
             del config[key]
     return {"stage": "data", "config": config, "vocab_sha256": vocab.sha256,
             "inputs": [i.describe() for i in inputs], "bertforge": __version__}  # fmt: skip
@@ -529,19 +530,27 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(changes) or "settings differ"
 
 
+def shard_files(out: Path) -> list[Path]:
+    """The default mode's shards in a data directory, native or TFRecord."""
+    return [*out.glob("shard-*.bin"), *out.glob("shard-*.tfrecord")]
+
+
 def clear_output(out: Path) -> None:
     """Remove what an earlier data run left (for --overwrite)."""
-    for p in [*out.glob("shard-*.bin"), *out.glob("shard-*.tfrecord"), out / GOOGLE_FILE,
-              out / MANIFEST, out / RUN_FILE]:  # fmt: skip
+    for p in [*shard_files(out), out / GOOGLE_FILE, out / MANIFEST, out / RUN_FILE]:
         p.unlink(missing_ok=True)
     shutil.rmtree(out / PARTS, ignore_errors=True)
+
+
+def run_digest(settings: dict[str, Any]) -> str:
+    """A short id of settings (`run_settings`, or part of them)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def settings_id(run: dict[str, Any]) -> str:
     """The id of a run's settings (`run_settings`) without its input files: what a unit's
     output depends on besides its own text."""
-    kept = {k: v for k, v in run.items() if k not in ("inputs", "run_id")}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+    return run_digest({k: v for k, v in run.items() if k not in ("inputs", "run_id")})
 
 
 def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool) -> str:
@@ -584,7 +593,7 @@ def create_data(cfg: DataConfig) -> DataResult:
                             cfg.resolved_max_predictions, cfg.do_whole_word_mask)  # fmt: skip
     out = prepare_output_dir(cfg.output, "data", cfg.overwrite, "--output")
     run = run_settings(cfg, vocab, inputs)
-    run_id = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+    run_id = run_digest(run)
     state = check_resumable(out, run, run_id, cfg.overwrite)
     if state == "done":
         manifest = read_manifest(out, "data")
@@ -616,7 +625,7 @@ def create_data(cfg: DataConfig) -> DataResult:
         )
     manifest = write_data_manifest(cfg, vocab, inputs, out, run, run_id, parts, stats)
     listed = {p["file"] for p in parts}
-    for stale in [*out.glob("shard-*.bin"), *out.glob("shard-*.tfrecord")]:
+    for stale in shard_files(out):
         if stale.name not in listed:  # units of an earlier input that was longer
             stale.unlink()
     shutil.rmtree(out / PARTS, ignore_errors=True)

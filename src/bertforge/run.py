@@ -328,9 +328,10 @@ def _run_pipeline(
         corpus = corpus_files(cfg)
         if record and corpus is not None and corpus != recorded_corpus(record, directory, corpus):
             changed = f"run: {stage}: the corpus changed (its files' names or sizes)"
-            if stage == "data" and not record.get("done"):  # fixed after an error: `data`
+            if stage == "data" and not record.get("done"):  # fixed after an error: resumed,
+                # the data stage keeps what it can (`data.run_units`)
                 print(f"{changed}; its shards whose text is unchanged are kept", file=sys.stderr)
-            else:  # keeps what it can (`run_units`)
+            else:
                 print(changed, file=sys.stderr)
                 record = None
         action = decide(stage, cfg, record, directory, bool(ran) or run.overwrite)
