@@ -124,6 +124,17 @@ def write_corpus(path: Path, docs: list[list[str]], compress: bool = False) -> P
     return path
 
 
+def write_arrow(path: Path, table: Any, rows: int, form: str = "stream") -> None:
+    """An Arrow stream (as Hugging Face datasets' cache and save_to_disk hold) or file of
+    `table`, in batches of `rows` rows."""
+    pa = pytest.importorskip("pyarrow")
+    with pa.OSFile(str(path), "wb") as sink:
+        new = pa.ipc.new_stream if form == "stream" else pa.ipc.new_file
+        with new(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=rows):
+                writer.write_batch(batch)
+
+
 def report_of(out: Path, **dirs: str) -> str:
     """The report.md that `bertforge run` writes for the stage directories under `out` (stages
     not given point at directories that do not exist), from an empty run.json."""

@@ -27,6 +27,7 @@ from bertforge.corpus import (
     resolve_inputs,
 )
 from bertforge.errors import UserError
+from tests.conftest import write_arrow
 
 
 def docs_of(paths, **kw) -> tuple[list[list[str]], CorpusStats]:
@@ -182,9 +183,9 @@ def test_parquet_read_as_its_rows(tmp_path: Path, monkeypatch):
     """A Parquet file (as the Hugging Face Hub serves datasets) reads as one document per row
     of its text column, batch after batch and row group after row group, the same as the
     JSON Lines of those rows; a null is read as empty and counted (named by row); progress
-    comes to the file's size. Errors name the file and say what to do: no such column (its
-    columns listed), a column not of text, a file cut short, no pyarrow, and Google's
-    reading (text only)."""
+    comes to the file's size; a column of pandas' categories reads as its strings. Errors
+    name the file and say what to do: no such column (its columns listed), a column not of
+    text, a file cut short, no pyarrow, and Google's reading (text only)."""
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     texts = [a["text"] for a in ARTICLES] + [None, "Son.\nBitti."] * 3
@@ -194,7 +195,7 @@ def test_parquet_read_as_its_rows(tmp_path: Path, monkeypatch):
     assert pq.ParquetFile(f).num_row_groups == 3
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    monkeypatch.setattr(corpus, "PARQUET_ROWS", 3)  # batches that cross row groups
+    monkeypatch.setattr(corpus, "TABLE_ROWS", 3)  # batches that cross row groups
     progress = corpus.Progress()
     stats = CorpusStats()
     docs = list(iter_documents(resolve_inputs([str(f)]), stats, progress=progress))
@@ -209,6 +210,10 @@ def test_parquet_read_as_its_rows(tmp_path: Path, monkeypatch):
         "document"
     ]
     assert list(iter_texts(resolve_inputs([str(f)]), CorpusStats()))[3:5] == ["", "Son. Bitti."]
+    categories = tmp_path / "categories.parquet"  # pandas' categories, read back as such
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), categories)
+    assert pa.types.is_dictionary(pq.read_schema(categories).field("text").type)
+    assert docs_of([categories])[0] == docs
     both = CorpusStats()
     list(iter_documents(resolve_inputs([str(jsonl), str(f)]), both))
     assert "from 1 JSON Lines and 1 Parquet file(s)" in corpus_notes(both.as_dict())[0]
@@ -254,6 +259,94 @@ def test_parquet_reading_holds_a_batch_not_a_row_group(tmp_path: Path):
     for _ in iter_documents(resolve_inputs([str(f)]), CorpusStats()):
         peak = max(peak, pa.total_allocated_bytes())
     assert 0 < peak < 10e6  # 7.2 MB with pyarrow 26 (its default: 26 MB)
+
+
+def test_arrow_read_as_its_rows(tmp_path: Path, monkeypatch):
+    """An Arrow stream (Hugging Face datasets' cache and save_to_disk) or Arrow file reads as
+    one document per row of its text column, batch after batch, the same as the JSON Lines
+    of those rows: its text as string, large_string or pandas' categories; a null is read as
+    empty and counted (named by row); progress comes to the file's size. Errors name the file
+    and say what to do: no such column (its columns listed), a column not of text, a file cut
+    inside a batch or between two (pyarrow alone would read that as whole), no pyarrow, and
+    Google's reading (text only)."""
+    pa = pytest.importorskip("pyarrow")
+    texts = [a["text"] for a in ARTICLES] + [None, "Son.\nBitti."] * 3
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    expected = docs_of([jsonl])[0]
+    monkeypatch.setattr(corpus, "TABLE_ROWS", 3)  # a batch read in parts
+    columns = {
+        "string": pa.array(texts),
+        "large_string": pa.array(texts, pa.large_string()),
+        "categories": pa.array(texts).dictionary_encode(),
+    }
+    for form in ("stream", "file"):
+        for name, column in columns.items():
+            f = tmp_path / f"{form}-{name}.arrow"
+            write_arrow(f, pa.table({"id": range(len(texts)), "text": column}), 4, form)
+            progress, stats = corpus.Progress(), CorpusStats()
+            docs = list(iter_documents(resolve_inputs([str(f)]), stats, progress=progress))
+            assert docs == expected, (form, name)
+            assert progress.done == f.stat().st_size
+            assert (stats.files, stats.arrow_files, stats.records) == (1, 1, len(texts))
+            assert (stats.records_without_text, stats.first_without_text) == (3, f"{f}: row 4")
+            assert stats.bytes == sum(len(t.encode()) for t in texts if t)
+    assert corpus_notes(stats.as_dict()) == [
+        f'read as records: {len(texts)} from 1 Arrow file(s), the "text" field of each one document'
+    ]
+    f = tmp_path / "stream-string.arrow"
+    assert list(iter_texts(resolve_inputs([str(f)]), CorpusStats()))[3:5] == ["", "Son. Bitti."]
+    with pytest.raises(UserError, match=r'an Arrow file without a "body" column \(its columns: '
+                       r'"id", "text"\); name the column'):  # fmt: skip
+        docs_of([f], text_field="body")
+    with pytest.raises(UserError, match='its "id" column holds int64, not text; name the column'):
+        docs_of([f], text_field="id")
+    with pytest.raises(UserError, match="an Arrow file, not a text corpus; Arrow is read by its"):
+        docs_of([f], text_field=None)  # Google's mode
+    whole = f.read_bytes()
+    batch_ends = [len(whole) - 8]  # a stream cut between two batches: find where one ends
+    cut = tmp_path / "cut.arrow"
+    for end in range(len(whole) - 9, 0, -1):
+        cut.write_bytes(whole[:end])
+        try:
+            rows = sum(b.num_rows for b in pa.ipc.open_stream(pa.OSFile(str(cut))))
+        except (OSError, pa.ArrowException):
+            continue
+        if 0 < rows < len(texts):  # pyarrow reads the cut file without a word
+            batch_ends.append(end)
+            break
+    assert len(batch_ends) == 2
+    for end in (*batch_ends, len(whole) - 20):
+        cut.write_bytes(whole[:end])
+        with pytest.raises(UserError, match=rf"{cut}: cannot read it as Arrow \(.*damaged or"):
+            docs_of([cut])
+    for name in ("pyarrow", "pyarrow.compute"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    with pytest.raises(UserError, match=r"an Arrow file; reading it needs pyarrow: pip install"):
+        docs_of([f])
+
+
+def test_datasets_metadata_beside_arrow_files_left_out(tmp_path: Path):
+    """A folder of Hugging Face datasets' save_to_disk (data-*.arrow, state.json,
+    dataset_info.json; a dictionary's dataset_dict.json above its splits) reads as its rows
+    alone, given as the folder or by a glob; the same file names elsewhere, or named
+    themselves, are read."""
+    pa = pytest.importorskip("pyarrow")
+    saved = tmp_path / "saved"
+    for split in ("train", "test"):
+        (saved / split).mkdir(parents=True)
+        write_arrow(saved / split / "data-00000-of-00001.arrow", pa.table({"text": [split]}), 1)
+        (saved / split / "state.json").write_text('{\n  "_split": "train"\n}\n')
+        (saved / split / "dataset_info.json").write_text('{"builder_name": "json"}\n')
+    (saved / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    assert docs_of([saved])[0] == [["test"], ["train"]]
+    assert docs_of([f"{saved}/**"])[0] == [["test"], ["train"]]
+    assert docs_of([saved / "train"])[0] == [["train"]]
+    assert docs_of([saved / "train" / "state.json"])[0] == [["{", '"_split": "train"', "}"]]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "state.json").write_text("a sentence\n")
+    assert docs_of([other])[0] == [["a sentence"]]
 
 
 def test_texts_are_one_per_line_or_record(tmp_path: Path):
@@ -412,14 +505,13 @@ def test_control_characters_are_kept_for_the_tokenizer(tmp_path: Path):
         (b"PK\x03\x04" + bytes(100), "a zip archive"),
         (b"\xff\xfeh\x00i\x00", "UTF-16 text, not a text corpus; convert it to UTF-8"),
         (bytes(range(256)) * 8, "looks binary"),
-        (b"\xff\xff\xff\xffp\x00\x00\x00" + bytes(100), r"an Arrow stream, .*ds\.to_parquet\("),
-        (b"ARROW1\x00\x00" + bytes(100), "an Arrow file, .*save_to_disk"),
+        (gzip.compress(b"\xff\xff\xff\xffp" + bytes(100), mtime=0), "an Arrow file, .*by its"),
         (b"\x28\xb5\x2f\xfd" + bytes(100), "damaged zstd file"),  # not zstd after all
         (gzip.compress(b"PAR1" + bytes(100), mtime=0), "a Parquet file, .*by its path"),
     ],
     # named, not by their bytes: a name must be the same in every pytest-xdist worker (gzip's
     # header holds the time, which made two workers collect two names for one test)
-    ids=["png", "zip", "utf16", "noise", "arrow-stream", "arrow-file", "zstd", "parquet-gz"],
+    ids=["png", "zip", "utf16", "noise", "arrow-gz", "zstd", "parquet-gz"],
 )
 def test_binary_files_refused(tmp_path: Path, head: bytes, kind: str):
     f = tmp_path / "file.txt"

@@ -25,7 +25,7 @@ from bertforge.datacheck import inspect, read_native, read_tfrecord, verify
 from bertforge.errors import UserError
 from bertforge.shards import open_shard, read_header, record_dtype, write_shard
 from bertforge.tokenization import read_vocab_file
-from tests.conftest import report_of, write_corpus
+from tests.conftest import report_of, write_arrow, write_corpus
 
 
 def cfg(corpus: Path, vocab: Path, out: Path, **kw) -> DataConfig:
@@ -449,6 +449,40 @@ def test_json_lines_give_the_instances_of_their_records(tmp_path, kjv_corpus, kj
     assert g["counts"]["corpus"]["json_as_text"] == 1
     with pytest.raises(UserError, match="--text-field: --google-compatible reads every file"):
         cfg(jsonl, kjv_vocab, tmp_path / "y", google_compatible=True, text_field="body")
+
+
+def test_a_datasets_folder_gives_the_instances_of_its_rows(tmp_path, kjv_corpus, kjv_vocab):
+    """Hugging Face datasets' save_to_disk folder (Arrow streams of 1,000-row batches, two
+    shards, and its JSON metadata) gives the same shards as the JSON Lines of its rows, with
+    two workers; the manifest counts the Arrow files and their records."""
+    pa = pytest.importorskip("pyarrow")
+    docs = [d.split("\n") for d in kjv_corpus.read_text().split("\n\n") if d.strip()]
+    texts = ["\n".join(d) for d in docs]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    half = len(texts) // 2
+    for i, part in enumerate((texts[:half], texts[half:])):
+        table = pa.table({"id": range(len(part)), "text": part})
+        write_arrow(saved / f"data-0000{i}-of-00002.arrow", table, 1000)
+    (saved / "state.json").write_text('{\n  "_split": "train"\n}\n')
+    (saved / "dataset_info.json").write_text('{"builder_name": "json", "citation": ""}\n')
+    for name, corpus in (("j", jsonl), ("a", saved)):
+        assert main(["data", "--input", str(corpus), "--vocab", str(kjv_vocab), "--output",
+                     str(tmp_path / name), "--unit-mb", "0.2", "--workers", "2"]) == 0  # fmt: skip
+    j, a = (json.loads((tmp_path / k / "manifest.json").read_text()) for k in ("j", "a"))
+    assert (a["counts"]["corpus"]["arrow_files"], a["counts"]["corpus"]["records"]) == (
+        2,
+        len(texts),
+    )
+    assert a["counts"]["corpus"]["text_files"] == 0
+    assert j["counts"]["documents"] == a["counts"]["documents"] == len(docs)
+    assert len(a["shards"]) == len(j["shards"]) > 1
+    for x, y in zip(j["shards"], a["shards"], strict=True):
+        assert (tmp_path / "j" / x["file"]).read_bytes() == (
+            tmp_path / "a" / y["file"]
+        ).read_bytes()
 
 
 def test_documents_unlike_googles_are_warned_about(tmp_path, kjv_corpus, kjv_vocab, capsys):

@@ -72,15 +72,16 @@ class CorpusInput:
     input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True)
     """Corpus files, globs, directories (read recursively, sorted), .gz/.bz2/.xz/.zst files, or -
     for stdin. Google's format: one sentence per line, a blank line between documents. JSON
-    Lines and Parquet files: one document per record (see --text-field)."""
+    Lines, Parquet and Arrow files: one document per record (see --text-field)."""
     strict_utf8: bool = False
     """Stop at the first invalid UTF-8 byte (naming file:line:offset) instead of dropping bad
     bytes and reporting how many lines had them."""
     text_field: str = "text"
     """The field (column) that holds the text of a record. A file whose first line is a JSON
     object is read as JSON Lines (Hugging Face datasets, OSCAR, WikiExtractor --json), and a
-    Parquet file (pip install 'bertforge[parquet]') by rows: each record is one document, its
-    text's lines the sentences."""
+    Parquet or Arrow file (the Hub's; datasets' save_to_disk and cache) by rows, with pyarrow
+    (pip install 'bertforge[parquet]'): each record is one document, its text's lines the
+    sentences."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -565,9 +566,10 @@ class EmbedConfig:
     BERT directory."""
     input: str
     """Text file (or .gz/.bz2/.xz/.zst, or - for stdin): one sentence or text per line; or JSON
-    Lines (its first line a JSON object) or Parquet: one text per record, from --text-field."""
+    Lines (its first line a JSON object), Parquet or Arrow: one text per record, from
+    --text-field."""
     text_field: str = "text"
-    """The field of a JSON Lines record that holds its text (its lines are joined by spaces)."""
+    """The field (column) of a record that holds its text (its lines are joined by spaces)."""
     output: str
     """FILE.npy or FILE.safetensors. Sentence level: one row per input line. Token level: one
     row per word, FILE's `offsets` (safetensors, or FILE.offsets.npy) give each line's first
@@ -656,7 +658,7 @@ class RunConfig:
 
     input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True, positional=True)
     """The corpus: files, globs, directories, .gz/.bz2/.xz/.zst, - for stdin (Google's format),
-    JSON Lines or Parquet."""
+    JSON Lines, Parquet or Arrow."""
     output: str = option(aliases=("--output_dir",))
     """Directory of the run: vocab/, data/, train/, model/ (the export), report.md."""
     vocab: str | None = option(None, aliases=("--vocab_file",))

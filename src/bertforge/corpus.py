@@ -45,8 +45,13 @@ STDIN = "-"
 DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <doc id="1" ...>
 SNIFF_BYTES = 8192
 PARQUET_MAGIC = b"PAR1"
-PARQUET_ROWS = 1024  # rows read at a time
 PARQUET_BUFFER = 1 << 20  # bytes of a column chunk read at a time
+ARROW_FILE_MAGIC = b"ARROW1"
+ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"  # a message's continuation marker: UTF-8 has no 0xff
+ARROW_STREAM_END = ARROW_STREAM_MAGIC + bytes(4)
+RECORD_FILES = [("JSON Lines", "json"), ("Parquet", "parquet"), ("Arrow", "arrow")]
+DATASETS_METADATA = {"state.json", "dataset_info.json", "dataset_dict.json"}
+TABLE_ROWS = 1024  # rows of a Parquet or Arrow file read at a time
 TEXT_FIELD = "text"  # the text of a JSON Lines record: Hugging Face datasets, OSCAR, WikiExtractor
 SURROGATE = re.compile("[\ud800-\udfff]")  # left by a lone "\\ud800" escape in JSON
 
@@ -60,8 +65,8 @@ BINARY_MAGIC: list[tuple[bytes, str]] = [
     (b"\x7fELF", "an executable"),
     (b"7z\xbc\xaf", "a 7z archive"),
     (PARQUET_MAGIC, "a Parquet file"),
-    (b"ARROW1", "an Arrow file"),
-    (b"\xff\xff\xff\xff", "an Arrow stream"),  # Hugging Face datasets' cache and save_to_disk
+    (ARROW_FILE_MAGIC, "an Arrow file"),
+    (ARROW_STREAM_MAGIC, "an Arrow file"),  # Hugging Face datasets' cache and save_to_disk
     (b"RIFF", "a RIFF (audio/video/image) file"),
     (b"SQLite format 3", "an SQLite database"),
     (b"\xff\xfe", "UTF-16 text"),
@@ -69,19 +74,16 @@ BINARY_MAGIC: list[tuple[bytes, str]] = [
 ]
 READABLE = (
     "bertforge reads UTF-8 text and JSON Lines, plain or compressed with gzip, bzip2, xz or "
-    "zstd, and Parquet files"
+    "zstd, and Parquet and Arrow files"
 )
-ARROW_HINT = (
-    "Hugging Face datasets keep their cache and save_to_disk output so; write the dataset as "
-    'Parquet or JSON Lines (ds.to_parquet("corpus.parquet") or ds.to_json("corpus.jsonl")) and '
-    "pass that"
+BY_PATH = (
+    "{} is read by its path, uncompressed, and not under --google-compatible (Google's "
+    "script reads text only)"
 )
 BINARY_HINTS = {
     "UTF-16 text": "convert it to UTF-8 (iconv -f UTF-16)",
-    "a Parquet file": "Parquet is read by its path, uncompressed, and not under "
-    "--google-compatible (Google's script reads text only)",
-    "an Arrow file": ARROW_HINT,
-    "an Arrow stream": ARROW_HINT,
+    "a Parquet file": BY_PATH.format("Parquet"),
+    "an Arrow file": BY_PATH.format("Arrow"),
 }
 COMPRESSED_MAGIC: list[tuple[bytes, str]] = [
     (b"\x1f\x8b", "gzip"),
@@ -168,6 +170,7 @@ class CorpusStats:
     doc_elements: int = 0  # WikiExtractor's <doc ...> lines read as document starts
     json_files: int = 0  # files read as JSON Lines
     parquet_files: int = 0  # files read as Parquet
+    arrow_files: int = 0  # files read as Arrow (Hugging Face datasets' own)
     record_field: str | None = None  # the field (column) their text was read from
     records: int = 0  # their records (rows)
     records_without_text: int = 0  # records whose field was missing or not a string
@@ -212,14 +215,14 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
             continue
         p = Path(pattern)
         if p.is_dir():
-            found = corpus_files_under(p)
+            found = without_datasets_metadata(corpus_files_under(p))
             if not found:
                 raise UserError(f"{flag}: directory {pattern} contains no files.")
         elif p.is_file():
             found = [pattern]
         else:
             found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
-            found = outside_outputs(found, glob_root(pattern))
+            found = without_datasets_metadata(outside_outputs(found, glob_root(pattern)))
             if not found:
                 raise UserError(f"{flag}: {pattern} does not exist (no file matches).")
         for f in found:
@@ -251,6 +254,29 @@ def corpus_files_under(directory: Path) -> list[str]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found += [os.path.join(root, f) for f in files if not f.startswith(".")]
     return sorted(f for f in found if os.path.isfile(f))
+
+
+def without_datasets_metadata(files: list[str]) -> list[str]:
+    """The files less Hugging Face datasets' metadata: `save_to_disk` writes state.json and
+    dataset_info.json beside a dataset's .arrow files (and its cache, dataset_info.json), and
+    a dataset dictionary's dataset_dict.json above its splits. Read as corpus, their JSON would
+    be text, or a record without a text field. Left out where they are datasets' (a .arrow
+    file or dataset_dict.json beside them), of a directory or glob; a file named is read."""
+    holds: dict[str, bool] = {}
+
+    def is_dataset_dir(directory: str) -> bool:
+        if directory not in holds:
+            names = os.listdir(directory or ".")
+            holds[directory] = "dataset_dict.json" in names or any(
+                name.endswith(".arrow") for name in names
+            )
+        return holds[directory]
+
+    return [
+        f
+        for f in files
+        if os.path.basename(f) not in DATASETS_METADATA or not is_dataset_dir(os.path.dirname(f))
+    ]
 
 
 def glob_root(pattern: str) -> Path:
@@ -442,11 +468,11 @@ def iter_items(
     its stripped lines. A file whose first non-blank line is a JSON object with `text_field`
     is JSON Lines (`is_json_lines`): its items are its records, each the list of its text's
     non-blank stripped lines (None where the field is not a string); blank lines are skipped.
-    A Parquet file's items are its rows, alike (`parquet_records`). `text_field` None reads
-    every file as text, as Google's script does (and so refuses Parquet as binary)."""
+    A Parquet or Arrow file's items are its rows, alike (`table_records`). `text_field` None
+    reads every file as text, as Google's script does (and so refuses those as binary)."""
     for inp in inputs:
-        if text_field is not None and is_parquet(inp.path):
-            for row, lines in enumerate(parquet_records(inp, text_field, stats, progress)):
+        if text_field is not None and (kind := table_kind(inp.path)):
+            for row, lines in enumerate(table_records(inp, kind, text_field, stats, progress)):
                 yield lines, None if row else inp
             continue
         lines = iter_lines([inp], stats, strict_utf8=strict_utf8, progress=progress)
@@ -527,70 +553,150 @@ def record_lines(
     return text_lines(record.get(text_field), where, stats, strict)
 
 
-def is_parquet(path: str) -> bool:
-    """Whether a file is Parquet, by its magic number (not on stdin: Parquet is read by path)."""
+def table_kind(path: str) -> str | None:
+    """The form of a Parquet or Arrow file ("Parquet", "Arrow"), by its magic number; None for
+    any other file, and for stdin (both forms are read by path)."""
     if path == STDIN:
-        return False
+        return None
     try:
         with open(path, "rb") as f:
-            return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+            head = f.read(len(ARROW_FILE_MAGIC))
     except OSError as e:
         raise UserError(f"{path}: cannot open ({e.strerror}).") from None
+    if head.startswith(PARQUET_MAGIC):
+        return "Parquet"
+    if head.startswith((ARROW_FILE_MAGIC, ARROW_STREAM_MAGIC)):
+        return "Arrow"
+    return None
 
 
-def parquet_records(
-    inp: InputFile, text_field: str, stats: CorpusStats, progress: Progress | None
+def table_records(
+    inp: InputFile, kind: str, text_field: str, stats: CorpusStats, progress: Progress | None
 ) -> Iterator[list[str] | None]:
-    """The rows of a Parquet file (the Hugging Face Hub serves datasets so: fineweb-2,
-    CulturaX), each as `text_lines` of its `text_field` column, read a batch of rows at a
-    time in flat memory. pyarrow reads them (`pip install 'bertforge[parquet]'`), through a
-    buffered stream: by default it would hold a row group's whole column chunk, which can be
-    gigabytes (a row group of 248 MB of text took 150 MB of Arrow memory, buffered 12 MB)."""
+    """The rows of a Parquet or Arrow file (`table_kind`), each as `text_lines` of its
+    `text_field` column, read a few rows at a time in flat memory by pyarrow (`pip install
+    'bertforge[parquet]'`); a string column of pandas' categories is decoded as it comes."""
+    a_file = f"{'an' if kind == 'Arrow' else 'a'} {kind} file"
     try:
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
     except ModuleNotFoundError:
         raise UserError(
-            f"{inp.path}: a Parquet file; reading it needs pyarrow: pip install "
-            "'bertforge[parquet]' (or pyarrow)."
+            f"{inp.path}: {a_file}; reading it needs pyarrow: pip install 'bertforge[parquet]' "
+            "(or pyarrow)."
         ) from None
     except ImportError as e:  # installed, but not for this environment (pyarrow 20+: NumPy 2)
-        raise UserError(f"{inp.path}: a Parquet file; pyarrow, which reads it, fails to "
-                        f"import here: {e}") from None  # fmt: skip
+        raise UserError(f"{inp.path}: {a_file}; pyarrow, which reads it, fails to import "
+                        f"here: {e}") from None  # fmt: skip
     fix = "name the column that holds the text with --text-field"
     try:
-        f = pq.ParquetFile(inp.path, buffer_size=PARQUET_BUFFER, pre_buffer=False)
-        schema = f.schema_arrow
+        schema, batches = (open_parquet if kind == "Parquet" else open_arrow)(inp.path)
         if text_field not in schema.names:
             columns = ", ".join(f'"{name[:40]}"' for name in schema.names[:12])
             raise UserError(
-                f'{inp.path}: a Parquet file without a "{text_field}" column (its columns: '
+                f'{inp.path}: {a_file} without a "{text_field}" column (its columns: '
                 f"{columns}); {fix}."
             )
-        kind = schema.field(text_field).type
-        if not any(test(kind) for test in (pa.types.is_string, pa.types.is_large_string)):
-            raise UserError(f'{inp.path}: its "{text_field}" column holds {kind}, not text; {fix}.')
+        declared = text_type = schema.field(text_field).type
+        if pa.types.is_dictionary(declared):
+            text_type = declared.value_type
+        if not is_string_type(pa, text_type):
+            raise UserError(f'{inp.path}: its "{text_field}" column holds {declared}, not text; '
+                            f"{fix}.")  # fmt: skip
         stats.files += 1
-        stats.parquet_files += 1
+        stats.parquet_files += kind == "Parquet"
+        stats.arrow_files += kind == "Arrow"
         stats.record_field = text_field
-        rows, size, done = max(f.metadata.num_rows, 1), inp.size or 0, 0
-        row = 0
-        for batch in f.iter_batches(batch_size=PARQUET_ROWS, columns=[text_field]):
-            column = batch.column(0)
-            stats.bytes += pc.sum(pc.binary_length(column)).as_py() or 0
-            stats.lines += len(column)
-            for text in column.to_pylist():
-                row += 1
-                yield text_lines(text, f"{inp.path}: row {row}", stats, strict=False)
+        row = done = 0
+        for column, share in batches(text_field):
+            for start in range(0, len(column), TABLE_ROWS):
+                rows = column.slice(start, TABLE_ROWS)
+                if rows.type != text_type:
+                    rows = rows.cast(text_type)
+                stats.bytes += pc.sum(pc.binary_length(rows)).as_py() or 0
+                stats.lines += len(rows)
+                for text in rows.to_pylist():
+                    row += 1
+                    yield text_lines(text, f"{inp.path}: row {row}", stats, strict=False)
             if progress is not None:
-                now = size * row // rows
+                now = int((inp.size or 0) * share)
                 progress.advance(now - done)
                 done = now
+        if progress is not None:  # the file's end: a stream's end-of-stream marker
+            progress.advance((inp.size or 0) - done)
     except (OSError, pa.ArrowException) as e:
         raise UserError(
-            f"{inp.path}: cannot read it as Parquet ({e}); is the file damaged or incomplete?"
+            f"{inp.path}: cannot read it as {kind} ({e}); is the file damaged or incomplete?"
         ) from None
+
+
+def is_string_type(pa: Any, arrow_type: Any) -> bool:
+    """string, large_string, or string_view (pyarrow 16 and later)."""
+    tests = [pa.types.is_string, pa.types.is_large_string]
+    tests += [t for t in [getattr(pa.types, "is_string_view", None)] if t]
+    return any(test(arrow_type) for test in tests)
+
+
+TableBatches = Callable[[str], Iterator[tuple[Any, float]]]
+
+
+def open_parquet(path: str) -> tuple[Any, TableBatches]:
+    """A Parquet file's schema, and a column's batches, each with the share of the file's rows
+    read by its end. The Hugging Face Hub serves datasets so (fineweb-2, CulturaX). Read
+    through a buffered stream: by default pyarrow would hold a row group's whole column chunk,
+    which can be gigabytes (a row group of 248 MB of text took 150 MB of Arrow memory,
+    buffered 12 MB)."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path, buffer_size=PARQUET_BUFFER, pre_buffer=False)
+    rows = max(f.metadata.num_rows, 1)
+
+    def batches(column: str) -> Iterator[tuple[Any, float]]:
+        read = 0
+        for batch in f.iter_batches(batch_size=TABLE_ROWS, columns=[column]):
+            read += batch.num_rows
+            yield batch.column(0), read / rows
+
+    return f.schema_arrow, batches
+
+
+def open_arrow(path: str) -> tuple[Any, TableBatches]:
+    """An Arrow IPC file's or stream's schema, and a column's batches, each with the share of
+    the file read by its end. Hugging Face datasets keep their cache and `save_to_disk` output
+    as Arrow streams, in batches of 1,000 rows. A batch is read whole (all its columns) and let
+    go before the next: not memory-mapped, as datasets reads them, since the mapped pages
+    would count in the process's memory as it went, and a file cut while mapped would crash
+    the process rather than raise. A stream must end with Arrow's end-of-stream marker:
+    pyarrow reads one cut short between two batches as whole."""
+    import pyarrow as pa
+
+    source = pa.OSFile(path)
+    size = max(source.size(), 1)
+    if source.read(len(ARROW_FILE_MAGIC)) == ARROW_FILE_MAGIC:
+        source.seek(0)
+        file = pa.ipc.open_file(source)
+        count = file.num_record_batches
+
+        def file_batches(column: str) -> Iterator[tuple[Any, float]]:
+            index = file.schema.get_field_index(column)
+            with source:
+                for i in range(count):
+                    yield file.get_batch(i).column(index), (i + 1) / count
+
+        return file.schema, file_batches
+    source.seek(0)
+    stream = pa.ipc.open_stream(source)
+
+    def stream_batches(column: str) -> Iterator[tuple[Any, float]]:
+        index = stream.schema.get_field_index(column)
+        with source:
+            for batch in stream:
+                yield batch.column(index), source.tell() / size
+            source.seek(max(size - len(ARROW_STREAM_END), 0))
+            if source.read() != ARROW_STREAM_END:
+                raise OSError("the stream ends without Arrow's end-of-stream marker; cut short?")
+
+    return stream.schema, stream_batches
 
 
 def text_lines(text: Any, where: str, stats: CorpusStats, strict: bool) -> list[str] | None:
@@ -698,7 +804,7 @@ def corpus_notes(corpus: Mapping[str, Any]) -> list[str]:
             f"read as WikiExtractor output: {n:,} <doc> elements, each one document (the tag "
             "lines dropped, blank lines inside an element ignored)"
         )
-    files = (("JSON Lines", corpus.get("json_files")), ("Parquet", corpus.get("parquet_files")))
+    files = [(kind, corpus.get(f"{key}_files")) for kind, key in RECORD_FILES]
     kinds = [f"{n:,} {kind}" for kind, n in files if n]
     if kinds:
         note = (
