@@ -2,7 +2,8 @@
 
 The demo corpus (King James Bible, 4.1 MB) is repeated --copies times and written as
 Google's text format, JSON Lines (ASCII-escaped, as json.dumps writes it), JSON Lines
-compressed with gzip and with zstd, and Parquet (pyarrow's default, snappy): one record per
+compressed with gzip and with zstd, Parquet (pyarrow's default, snappy), and an Arrow stream
+in batches of 1,000 rows (as Hugging Face datasets' save_to_disk writes it): one record per
 chapter. Each is read whole with `corpus.iter_documents`, the reading every stage does,
 best of --repeats; printed are the size on disk, the text read, the documents and sentences
 (which must be the same in every form) and MB/s of text. Tokenizing, the next step, runs at
@@ -43,8 +44,14 @@ def main() -> None:
     for path, data in forms.values():
         path.write_bytes(data)
     parquet = work / "corpus.parquet"
-    pq.write_table(pa.table({"id": list(range(len(chapters))), "text": chapters}), parquet)
-    paths = {name: path for name, (path, _) in forms.items()} | {"parquet": parquet}
+    table = pa.table({"id": list(range(len(chapters))), "text": chapters})
+    pq.write_table(table, parquet)
+    arrow = work / "data-00000-of-00001.arrow"
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=1000):
+            writer.write_batch(batch)
+    paths = {name: path for name, (path, _) in forms.items()}
+    paths |= {"parquet": parquet, "arrow": arrow}
 
     rows = {}
     print(f"{'form':10s} {'on disk':>9s} {'read':>9s} {'documents':>10s} {'sentences':>10s}"
