@@ -103,3 +103,19 @@ def test_cli_unknown_flag_lists_valid_names(capsys):
     err = capsys.readouterr().err
     assert "unknown argument '--vocab-sise'" in err and "Did you mean --vocab-size" in err
     assert "--min-frequency" in err and err.count("\n") == 1
+
+
+def test_the_cli_and_the_corpus_stages_do_not_import_torch():
+    """torch takes 1 to 2 s to import: `bertforge --help`, and `vocab` and `data`, which do
+    not use it, must not pay that (report.py once took a constant from tune.py, and every
+    command started 2 s late)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from bertforge.cli import build_parser; build_parser(); "
+        "import bertforge.vocab, bertforge.data, bertforge.datacheck, bertforge.run; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

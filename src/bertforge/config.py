@@ -290,6 +290,21 @@ class DataConfig(CorpusInput):
         return 10 if self.static else 1
 
 
+# TrainConfig's speed options that `train --tune` times and chooses (tune.py), and the report
+# names; each None ("auto") until chosen.
+TUNABLE = (
+    "compile",
+    "packed",
+    "fused_attention",
+    "fused_ffn",
+    "fused_gelu",
+    "fused_norm",
+    "split_qkv",
+    "flat_optimizer",
+    "cuda_graphs",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """`bertforge train`: pretrain BERT (masked LM + next sentence) on `bertforge data` output

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bertforge.config import TUNABLE
 from bertforge.corpus import corpus_notes
 from bertforge.data import manifest_warnings, mask_cap_warning, split_summary
 from bertforge.fileio import atomic_open, read_jsonl, read_manifest, write_text
-from bertforge.tune import TUNABLE
 
 PLOTS = "plots"
 # the options the report names beside "compiled" and "packed batches"

@@ -52,24 +52,13 @@ import torch
 
 from bertforge import __version__, kernels
 from bertforge.batches import Rows, slice_rows
-from bertforge.config import TrainConfig
+from bertforge.config import TUNABLE, TrainConfig
 from bertforge.distributed import Dist, use_device
 from bertforge.errors import UserError
 from bertforge.fileio import write_json
 from bertforge.model import BertConfig
 
 # The options a trial can set, in the order the questions are asked.
-TUNABLE = (
-    "compile",
-    "packed",
-    "fused_attention",
-    "fused_ffn",
-    "fused_gelu",
-    "fused_norm",
-    "split_qkv",
-    "flat_optimizer",
-    "cuda_graphs",
-)
 # A change is kept when its step takes at most (1 - MARGIN) of the best step so far and every
 # one of its timed blocks beat that best step (`beats`): an option that does not measurably
 # help stays off (equal times within noise keep the simpler step).
