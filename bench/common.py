@@ -67,14 +67,16 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, f
     return wall, single, max(peak[0], single)
 
 
-def corpus_file(work: Path, mb: float) -> Path:
-    """Build the English corpus in a child process: a forked child's peak RSS counts the
-    parent's pages, so the benchmark process itself must stay small."""
-    path = work / f"english_{mb:g}mb.txt"
+def corpus_file(work: Path, mb: float, corpus: str = "english") -> Path:
+    """Build a benchmark corpus (`corpora.py`: english, 27 MB, repeated to reach `mb`; or
+    turkish, 7.6 MB) in a child process: a forked child's peak RSS counts the parent's
+    pages, so the benchmark process itself must stay small."""
+    path = work / f"{corpus}_{mb:g}mb.txt"
+    once = {"english": 27, "turkish": 7.6}[corpus]  # MB of text, about
     if not path.exists():
         subprocess.run(
-            [sys.executable, str(HERE / "corpora.py"), "english", "--output", str(path),
-             "--work", str(work / "debs"), "--repeat", str(int(mb // 27) + 1),
+            [sys.executable, str(HERE / "corpora.py"), corpus, "--output", str(path),
+             "--work", str(work / "debs"), "--repeat", str(int(mb // once) + 1),
              "--max-mb", str(mb)],
             check=True,
         )  # fmt: skip

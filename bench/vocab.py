@@ -9,9 +9,13 @@ by 20% within minutes); the table gives their medians. Peak RSS covers all proce
 `--large-mb 1000` adds a run on a ~1 GB corpus to show time and memory stay bounded.
 `--accented` adds alternating pairs on the same corpus with c, g, I written ç, ğ, İ (every line
 then has non-ASCII letters, as Turkish text does), bertforge cased and uncased.
+`--corpus turkish` runs it all on Turkish text instead (`corpora.py turkish`: 7.6 MB of
+Debian's Turkish manual pages and LibreOffice's Turkish help; `--mb 7.5` reads it once);
+`--cased` trains every vocabulary cased (as SentencePiece always is, and as Turkish models
+usually are).
 
     python bench/vocab.py [--mb 30] [--vocab-size 30000] [--repeats 3] [--large-mb 1000]
-        [--accented]
+        [--accented] [--corpus english|turkish] [--cased]
 """
 
 from __future__ import annotations
@@ -57,9 +61,12 @@ def main() -> None:
         "--repeats", type=int, default=3, help="alternating SentencePiece/bertforge pairs"
     )
     ap.add_argument("--accented", action="store_true", help="also time accented text")
+    ap.add_argument("--corpus", choices=["english", "turkish"], default="english")
+    ap.add_argument("--cased", action="store_true", help="cased vocabularies (bertforge, HF)")
     ap.add_argument("--work", type=Path, default=HERE / "work")
     args = ap.parse_args()
-    corpus = corpus_file(args.work, args.mb)
+    corpus = corpus_file(args.work, args.mb, args.corpus)
+    cased = ["--cased"] if args.cased else []
     out = args.work / "vocab_out"
     v = args.vocab_size
     spm = (
@@ -69,14 +76,19 @@ def main() -> None:
     ).replace("import sentencepiece", "import os, sentencepiece")
     hf = (
         "import sys; from tokenizers import BertWordPieceTokenizer as B; "
-        "B(lowercase=True).train([sys.argv[1]], vocab_size=int(sys.argv[2]), show_progress=False)"
+        f"B(lowercase={not args.cased}).train([sys.argv[1]], vocab_size=int(sys.argv[2]), "
+        "show_progress=False)"
     )
     sp = (
         "SentencePiece BPE (spm.train)",
         [sys.executable, "-c", spm, str(corpus), str(args.work / "spm"), str(v)],
         None,
     )
-    default = ("bertforge vocab (default)", bertforge(corpus, out / "default", v), out / "default")
+    default = (
+        f"bertforge vocab ({'--cased' if cased else 'default'})",
+        bertforge(corpus, out / "default", v, *cased),
+        out / "default",
+    )
     runs: list[tuple[str, list[str], Path | None]] = [
         ("HF BertWordPieceTokenizer.train", [sys.executable, "-c", hf, str(corpus), str(v)], None),
     ]
@@ -85,23 +97,23 @@ def main() -> None:
         runs.append(
             (
                 f"bertforge vocab --max-sentences {name}",
-                bertforge(corpus, out / f"s{n}", v, "--max-sentences", str(n)),
+                bertforge(corpus, out / f"s{n}", v, "--max-sentences", str(n), *cased),
                 out / f"s{n}",
             )
         )
     runs.append(
         (
             "bertforge vocab --algorithm sentencepiece",
-            bertforge(corpus, out / "sp", v, "--algorithm", "sentencepiece"),
+            bertforge(corpus, out / "sp", v, "--algorithm", "sentencepiece", *cased),
             out / "sp",
         )
     )
     if args.large_mb:
-        large = corpus_file(args.work, args.large_mb)
+        large = corpus_file(args.work, args.large_mb, args.corpus)
         runs.append(
             (
                 f"bertforge vocab (default), {args.large_mb:g} MB corpus",
-                bertforge(large, out / "large", v),
+                bertforge(large, out / "large", v, *cased),
                 out / "large",
             )
         )
