@@ -12,9 +12,14 @@ same corpus, vocab and flags (max_seq_length 128, max_predictions_per_seq 20, du
 - bertforge's default (native shards, dynamic masking, dupe_factor 1);
 - bertforge's default on a 10x larger corpus (peak memory must not grow).
 
+`--corpus turkish` runs it on Turkish text instead (`corpora.py turkish`, 7.6 MB: `--mb 7.5
+--large-mb 0`), whose words are more varied than English's; `--cased` trains and uses a cased
+vocabulary (Google's script told do_lower_case False), as Turkish models usually are.
+
 Each run is its own process; peak RSS is summed over the process tree (workers included).
 
     python bench/data_creation.py [--mb 30] [--large-mb 300] [--reference-python PYTHON]
+        [--corpus english|turkish] [--cased]
 """
 
 from __future__ import annotations
@@ -66,19 +71,22 @@ def main() -> None:
     ap.add_argument("--large-mb", type=float, default=300)
     ap.add_argument("--reference-python", default=str(ROOT / ".venv-ref" / "bin" / "python"))
     ap.add_argument("--work", type=Path, default=HERE / "work")
+    ap.add_argument("--corpus", choices=["english", "turkish"], default="english")
+    ap.add_argument("--cased", action="store_true")
     args = ap.parse_args()
     work: Path = args.work
-    corpus = corpus_file(work, args.mb)
-    vocab = work / "data_vocab"
+    corpus = corpus_file(work, args.mb, args.corpus)
+    name = "" if args.corpus == "english" else f"_{args.corpus}"
+    vocab = work / f"data_vocab{name}{'_cased' if args.cased else ''}"
     if not (vocab / "manifest.json").exists():
         measure([sys.executable, "-m", "bertforge.cli", "vocab", "--input", str(corpus),
                  "--output", str(vocab), "--vocab-size", "30522", "--overwrite",
-                 "--no-progress"])  # fmt: skip
+                 "--no-progress", *(["--cased"] if args.cased else [])])  # fmt: skip
     out = work / "data_out"
     out.mkdir(parents=True, exist_ok=True)
     job = out / "google_job.json"
     job.write_text(json.dumps({"tasks": [{"create": {
-        "vocab": str(vocab / "vocab.txt"), "do_lower_case": True, "input": str(corpus),
+        "vocab": str(vocab / "vocab.txt"), "do_lower_case": not args.cased, "input": str(corpus),
         "output": str(out / "google.tfrecord"), **FLAGS}}]}))  # fmt: skip
     like = ["--format", "tfrecord", "--dupe-factor", "5", "--max-seq-length", "128",
             "--max-predictions-per-seq", "20", "--random-seed", "12345"]  # fmt: skip
@@ -102,7 +110,7 @@ def main() -> None:
          bertforge_data(corpus, vocab, out / "native"), None, args.mb),
     ]  # fmt: skip
     if args.large_mb:
-        large = corpus_file(work, args.large_mb)
+        large = corpus_file(work, args.large_mb, args.corpus)
         runs.append((f"bertforge default (native), {args.large_mb:g} MB corpus",
                      bertforge_data(large, vocab, out / "native_large"), None,
                      args.large_mb))  # fmt: skip
