@@ -124,6 +124,44 @@ def test_checkpoints_as_published_read_as_transformers_reads_them(tmp_path):
         torch.testing.assert_close(got, ours.state_dict()[name], rtol=0, atol=0)
 
 
+def test_a_model_built_for_its_weights_holds_them_and_inits_the_rest_only():
+    """`model_with_weights` (embed's and fill-mask's loading) skips the random init the weights
+    overwrite: with every weight given, the model equals one built and loaded the plain way;
+    with a bare encoder's (no heads), the encoder is the weights' and each head is as a new
+    model's: LayerNorm ones and zeros, biases zero, weights drawn within Google's two
+    standard deviations, never the uninitialized memory the meta device leaves."""
+    from bertforge.model import load_weights, model_with_weights
+
+    c = tiny_config()
+    source = BertForPretraining(c)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.normal_()
+    weights = {k: v.clone() for k, v in source.state_dict().items()}
+    plain = BertForPretraining(c)
+    load_weights(plain, weights, "w")
+    built = model_with_weights(c, weights, "w")
+    for name, want in plain.state_dict().items():
+        torch.testing.assert_close(built.state_dict()[name], want, rtol=0, atol=0)
+    encoder = {k: v for k, v in weights.items() if not k.startswith(("mlm_", "nsp."))}
+    torch.manual_seed(0)
+    bare = model_with_weights(c, encoder, "w").state_dict()
+    for name, want in encoder.items():
+        torch.testing.assert_close(bare[name], want, rtol=0, atol=0)
+    heads = sorted(set(weights) - set(encoder))
+    assert heads == ["mlm_bias", "mlm_norm.bias", "mlm_norm.weight", "mlm_transform.bias",
+                     "mlm_transform.weight", "nsp.bias", "nsp.weight"]  # fmt: skip
+    for name in heads:
+        t = bare[name]
+        if name == "mlm_norm.weight":
+            assert (t == 1).all()
+        elif name.endswith("bias"):
+            assert (t == 0).all(), name
+        else:
+            bound = 2 * c.initializer_range
+            assert t.abs().max() <= bound and t.std() > bound / 4, name
+
+
 def test_sharded_and_damaged_hugging_face_checkpoints(tmp_path):
     from bertforge.checkpoint import read_init_checkpoint
 

@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer
 from bertforge.checkpoint import InitWeights, read_init_checkpoint
 from bertforge.config import FillMaskConfig
 from bertforge.errors import UserError
-from bertforge.model import BertForPretraining, load_weights
+from bertforge.model import BertForPretraining, model_with_weights
 from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab, recorded_casing
 from bertforge.workers import cap_torch_threads
 
@@ -66,8 +66,7 @@ def load_model(path: str, device: str = "auto", flag: str = "--model") -> Loaded
         raise UserError(
             f"{flag}: {vocab.path} has {vocab.size} tokens, the model {source.config.vocab_size}."
         )
-    model = BertForPretraining(source.config)
-    load_weights(model, source.weights, str(source.path))
+    model = model_with_weights(source.config, source.weights, str(source.path))
     dev = pick_device(device)
     model.to(dev).eval()
     tokenizer = vocab.tokenizer()

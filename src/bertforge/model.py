@@ -751,3 +751,32 @@ def load_weights(
     with torch.no_grad():
         for name, t in weights.items():
             state[name].copy_(t)
+
+
+def model_with_weights(
+    config: BertConfig, weights: Mapping[str, torch.Tensor], source: str
+) -> BertForPretraining:
+    """A model holding `weights` (checked as `load_weights` checks them), built without first
+    initializing what they overwrite: on the meta device, then given memory. Only a module
+    that the weights do not wholly cover is initialized, as a new model's is (a Hugging Face
+    BertModel has no pretraining heads). For `embed` and `fill-mask`: BERT-base's random
+    initialization took 3.1 s of its 3.5 s load on 2 CPU cores."""
+    with torch.device("meta"):
+        model = BertForPretraining(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            names = [
+                f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)
+            ]
+            if all(name in weights for name in names):
+                continue
+            if module is model:  # its own tensor: the masked-LM bias
+                model.mlm_bias.zero_()
+            else:
+                module.reset_parameters()  # type: ignore[operator]
+                model._init(module)
+                if module is model.word_embeddings:  # padding rows, as in __init__
+                    module.weight[config.vocab_size :].zero_()
+    load_weights(model, weights, source)
+    return model
