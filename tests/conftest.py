@@ -97,12 +97,12 @@ def bench_script(name: str) -> Iterator[Any]:
 
 @pytest.fixture(scope="session", autouse=True)
 def fp32_on_every_cpu() -> Any:
-    """Tests compare losses closely (to 1e-5): in this process they train as on a CPU without
-    bf16 in hardware (`train.cpu_has_bf16`), in fp32 where `--precision auto` would choose
-    bf16. Tests of that choice patch it themselves; a subprocess whose losses are compared
-    with this process's is given --precision fp32."""
+    """Tests compare losses (to 1e-5) and vectors closely: in this process they train and
+    embed as on a CPU without bf16 in hardware (`hardware.cpu_has_bf16`), in fp32 where
+    `--precision auto` would choose bf16. Tests of that choice patch it themselves; a
+    subprocess whose losses are compared with this process's is given --precision fp32."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("bertforge.train.cpu_has_bf16", lambda: False)
+        patch.setattr("bertforge.hardware.cpu_has_bf16", lambda: False)
         yield
 
 

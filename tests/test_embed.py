@@ -74,6 +74,41 @@ def test_sentence_vectors(tmp_path, exported_model, hf):
     np.testing.assert_allclose(cls[0], torch.cat([states[-1][0], states[-2][0]]).numpy(), atol=2e-5)
 
 
+def test_auto_precision_is_bf16_on_a_cpu_that_multiplies_bf16_in_hardware(
+    tmp_path, exported_model, monkeypatch, capsys
+):
+    """On such a CPU `--precision auto` embeds in bf16 (2x faster there: bench/embed.py): the
+    vectors within bf16's rounding of fp32's, the precision in the summary and in the file's
+    metadata; `--precision fp32` gives fp32's exactly, and fp16 on a CPU is an error."""
+    from safetensors import safe_open
+
+    from bertforge import hardware
+
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(LINES) + "\n")
+
+    def vectors(name: str, **kw) -> np.ndarray:
+        out = tmp_path / f"{name}.safetensors"
+        embed(EmbedConfig(model=str(exported_model), input=str(src), output=str(out),
+                          overwrite=True, **kw))  # fmt: skip
+        with safe_open(out, "np") as f:
+            assert f.metadata()["precision"] == kw.get("precision", name)
+            return f.get_tensor("embeddings")
+
+    fp32 = vectors("fp32", precision="fp32")
+    assert "(fp32 on cpu)" in capsys.readouterr().err
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
+    bf16 = vectors("bf16")
+    assert "(bf16 on cpu)" in capsys.readouterr().err
+    np.testing.assert_array_equal(vectors("fp32", precision="fp32"), fp32)
+    rows = [0, 2, 3]  # the blank line's vector is zero in both
+    a, b = fp32[rows], bf16[rows]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert not np.array_equal(a, b) and cosine.min() > 0.999
+    with pytest.raises(UserError, match="--precision fp16 needs a CUDA GPU"):
+        vectors("fp16", precision="fp16")
+
+
 def test_json_lines_give_a_vector_per_record(tmp_path, exported_model, capsys):
     """A JSON Lines input gives one row per record, from its --text-field (its lines joined),
     the same vectors as the text file of those records; a record without text gives a zero

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from bertforge import hardware
 from bertforge import train as train_module
 from bertforge.batches import Order, PretrainingData, Split, step_rows
 from bertforge.checkpoint import list_checkpoints, read_init_checkpoint
@@ -449,27 +450,27 @@ def test_compile_is_on_by_default_only_for_long_gpu_runs(monkeypatch):
     assert train_module.use_compile(cfg(compile=True), cpu, 1)
     assert not train_module.use_compile(cfg(compile=False), cuda, long)
     for bf16 in (True, False):  # eager measured faster on a CPU, in bf16 or fp32
-        monkeypatch.setattr(train_module, "cpu_has_bf16", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(hardware, "cpu_has_bf16", lambda bf16=bf16: bf16)
         assert not train_module.use_compile(cfg(), cpu, 10 * long)
 
 
 def test_auto_precision_is_bf16_on_a_cpu_that_multiplies_bf16_in_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
-    assert train_module.resolve_precision("auto", cpu) == torch.bfloat16
-    assert train_module.resolve_precision("fp32", cpu) == torch.float32
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
-    assert train_module.resolve_precision("auto", cpu) == torch.float32
-    assert train_module.resolve_precision("bf16", cpu) == torch.bfloat16
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
+    assert hardware.resolve_precision("auto", cpu) == torch.bfloat16
+    assert hardware.resolve_precision("fp32", cpu) == torch.float32
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    assert hardware.resolve_precision("auto", cpu) == torch.float32
+    assert hardware.resolve_precision("bf16", cpu) == torch.bfloat16
     # in hardware: Intel's AMX tiles, or AVX512-BF16 (AMD's Zen 4, Intel's Cooper Lake)
     for amx, avx512_bf16 in itertools.product((True, False), repeat=2):
         cpu = types.SimpleNamespace(
             _is_amx_tile_supported=lambda v=amx: v,
             _is_avx512_bf16_supported=lambda v=avx512_bf16: v,
         )
-        assert train_module.bf16_in_hardware(cpu) == (amx or avx512_bf16)
-    assert not train_module.bf16_in_hardware(types.SimpleNamespace())  # a torch without probes
-    assert train_module.bf16_in_hardware(torch.cpu) in (True, False)  # torch's own probes run
+        assert hardware.bf16_in_hardware(cpu) == (amx or avx512_bf16)
+    assert not hardware.bf16_in_hardware(types.SimpleNamespace())  # a torch without probes
+    assert hardware.bf16_in_hardware(torch.cpu) in (True, False)  # torch's own probes run
 
 
 def test_bf16_on_a_cpu_learns_as_fp32_does(tmp_path, train_data, tiny_bert_config):

@@ -42,6 +42,7 @@ from bertforge.corpus import (
 )
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open
+from bertforge.hardware import autocast_to, precision_name, resolve_precision
 from bertforge.inference import Loaded, load_model
 from bertforge.tokenization import CLS, SEP
 
@@ -73,6 +74,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     if not out.parent.is_dir():
         raise UserError(f"--output: directory {out.parent} does not exist.")
     loaded = load_model(cfg.model, cfg.device)
+    dtype = resolve_precision(cfg.precision, loaded.device)
     num_layers = loaded.model.config.num_hidden_layers
     layers = cfg.layer_indices()
     for layer in layers:
@@ -102,6 +104,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         "layers": cfg.layers,
         "combine": cfg.combine,
         "pooling": cfg.resolved_pooling,
+        "precision": precision_name(dtype),
     }
     header = NpyHeader() if out.suffix == ".npy" else SafetensorsHeader(metadata, token_level)
     try:
@@ -113,6 +116,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                 words_file = stack.enter_context(atomic_open(words_path, "w"))
             f.write(b" " * header.size)  # rewritten once the number of rows is known
             lines = iter_texts(inputs, stats, text_field=cfg.text_field, progress=progress)
+            stack.enter_context(autocast_to(dtype, loaded.device))
             for block in blocks(lines, BLOCK_LINES):
                 vectors, words, cut = embed_block(loaded, block, cfg, layers, max_length, dim)
                 truncated += cut
@@ -139,7 +143,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     if cfg.progress:
         what = "words" if token_level else "vectors"
         read = f"{result.lines:,} {'records' if stats.records else 'lines'}"
-        print(f"embed: {read} -> {rows:,} {what} x {dim} -> {out}", file=sys.stderr)
+        print(f"embed: {read} -> {rows:,} {what} x {dim} -> {out} ({precision_name(dtype)} on "
+              f"{loaded.device.type})", file=sys.stderr)  # fmt: skip
         for line in corpus_warnings(stats.as_dict()):
             print(line, file=sys.stderr)
         if truncated:
