@@ -296,3 +296,24 @@ def test_dropout_draws_anew_at_every_graph_replay(fused):
         losses[p] = got[2:]
     assert len(set(losses[0.1])) == 3, losses  # every replay its own masks
     assert len(set(losses[0.0])) == 1, losses
+
+
+def test_embed_on_cuda_in_bf16_is_within_its_rounding_of_fp32(tmp_path, exported_model, capsys):
+    """`embed --device cuda`: `--precision auto` is bf16 (fp16 on a GPU without it), the
+    summary says so, and its vectors are within that rounding of fp32's on the same GPU."""
+    from bertforge.config import EmbedConfig
+    from bertforge.embed import embed
+
+    src = tmp_path / "in.txt"
+    src.write_text("In the beginning God created the heaven and the earth.\nJesus wept.\n")
+    vectors = {}
+    for precision in ("fp32", "auto"):
+        out = tmp_path / f"{precision}.npy"
+        embed(EmbedConfig(model=str(exported_model), input=str(src), output=str(out),
+                          device="cuda", precision=precision))  # fmt: skip
+        vectors[precision] = np.load(out)
+    half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert f"({half} on cuda)" in capsys.readouterr().err
+    a, b = vectors["fp32"], vectors["auto"]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert not np.array_equal(a, b) and cosine.min() > 0.999

@@ -4,7 +4,9 @@ Streaming: lines are read, embedded and appended to the output's temporary file 
 after a header of reserved size, so memory stays flat however long the input and the rows
 are written once; at the end the header is filled in and the file renamed into place (an
 interrupted run leaves no half-written output). Within a block, lines
-are sorted by length before batching so little compute goes to padding.
+are sorted by length before batching so little compute goes to padding. The model runs under
+`--precision` (`hardware.resolve_precision`: bf16 where the processor has it), and the
+vectors are written in float32.
 
 The two output formats are written here rather than through numpy/safetensors' savers
 because both of those need the whole array in memory; the formats themselves are tiny and
