@@ -85,6 +85,9 @@
 #             the peer
 #   large     BERT-large, seq 128, batch 128: padded, packed, and packed with everything built
 #             since the H200 round (as in best), against the peer
+#   embed     bench/embed.py on the GPU: BERT-base sentence vectors of 20,000 verses, bertforge
+#             embed (fp32, and auto: bf16) against the usual transformers loop, with the
+#             vectors' distance (not issue 6's; last in `all`)
 #   smoke     BERT-mini, a few steps: checks this script anywhere (CPU too)
 #
 #   bash bench/gpu_round.sh all [SECONDS [FIRST]]
@@ -93,7 +96,7 @@
 # all within SECONDS (default 540), from stage FIRST on if given (a second call goes on where
 # the first stopped): best, large, base512, tune, check, ffn, attention, prune, fused, qkv,
 # kernels, optimizer, loader, tests, base128 (with --profile 3), regions, cppwrap, graphs,
-# bandwidth, elementwise, malloc, autotune; it prints how long each took. The headline first:
+# bandwidth, elementwise, malloc, autotune, embed; it prints how long each took. The headline first:
 # the plain step, everything together and everything with graphs against the peer (best); the
 # two other sizes the issue asks for, plain and with everything (large, base512); then the
 # trainer's own choice (tune); then each option alone: GELU in the matmuls'
@@ -127,7 +130,7 @@ if [ "$stage" = all ]; then
   started=
   for spec in best:270 large:150 base512:120 tune:420 check:120 ffn:150 attention:150 prune:120 \
     fused:300 qkv:120 kernels:90 optimizer:120 loader:150 tests:300 base128:150 regions:150 \
-    cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 autotune:600; do
+    cppwrap:150 graphs:180 bandwidth:150 elementwise:180 malloc:150 autotune:600 embed:150; do
     name=${spec%%:*} cap=${spec##*:} left=$((end - SECONDS))
     [ "$name" = "$first" ] && started=1
     [ -n "$started" ] || continue
@@ -146,7 +149,7 @@ fi
 case "$stage" in
   tests | optimizer | loader | kernels | base128 | best | tune | check | ffn | attention | prune | qkv | fused \
     | bandwidth | graphs | cppwrap | autotune | tuning | eager | regions | profile \
-    | elementwise | malloc | base512 | large | smoke) ;;
+    | elementwise | malloc | base512 | large | embed | smoke) ;;
   *) echo "unknown stage $stage (the stages are listed at the top of $0)" >&2; exit 2 ;;
 esac
 out=${OUT:-bench/work/gpu}
@@ -259,6 +262,7 @@ all512=padded+fusednorm+fusedgelu+flat+splitqkv
       --sides "padded,packed,$all512" "$@" ;;
     large) "${bench[@]}" --model-size large --seq-len 128 --batch-size 128 \
       --sides "padded,packed,$all" --steps 16 "$@" ;;
+    embed) "$py" bench/embed.py --model-size base --lines 20000 --repeats 1 --device cuda "$@" ;;
     smoke)
       "${bench[@]}" --model-size mini --batch-size 8 --steps 4 --block 2 --warmup 1 \
         --layouts padded,packed "$@" ;;
