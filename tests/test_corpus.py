@@ -326,6 +326,36 @@ def test_arrow_read_as_its_rows(tmp_path: Path, monkeypatch):
         docs_of([f])
 
 
+def test_invalid_utf8_in_a_table_is_dropped_and_counted_and_damage_is_an_error(tmp_path: Path):
+    """Arrow does not check that a string column holds UTF-8: a row with invalid bytes (a tool
+    wrote bytes into it, or the file is damaged) has them dropped and counted as a text
+    file's line does, the row named (--strict-utf8: an error); offsets out of order are the
+    error of a damaged file. Before, each raised a traceback (UnicodeDecodeError, and
+    SystemError "Negative size passed to PyUnicode_New")."""
+    import struct
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    raw = pa.array([b"ok", b"bad\xff byte", None, b"fine"], pa.binary())
+    table = pa.table({"text": pa.Array.from_buffers(pa.string(), 4, raw.buffers(), null_count=1)})
+    arrow, parquet = tmp_path / "u.arrow", tmp_path / "u.parquet"
+    write_arrow(arrow, table, 4)
+    pq.write_table(table, parquet)
+    for f in (arrow, parquet):
+        docs, stats = docs_of([f])
+        assert docs == [["ok"], ["bad byte"], ["fine"]]
+        assert (stats.bad_lines, stats.first_bad) == (1, f"{f}: row 2")
+        with pytest.raises(UserError, match=rf"{f}: row 2: invalid UTF-8 at byte 3 .*--strict"):
+            docs_of([f], strict_utf8=True)
+    write_arrow(arrow, pa.table({"text": ["abc", "defgh"]}), 2)
+    whole = arrow.read_bytes()
+    offsets = struct.pack("<3i", 0, 3, 8)
+    assert whole.count(offsets) == 1
+    arrow.write_bytes(whole.replace(offsets, struct.pack("<3i", 0, 7, 2)))
+    with pytest.raises(UserError, match=rf"{arrow}: cannot read it as Arrow \(.*offset.*damaged"):
+        docs_of([arrow])
+
+
 def test_datasets_metadata_beside_arrow_files_left_out(tmp_path: Path):
     """A folder of Hugging Face datasets' save_to_disk (data-*.arrow, state.json,
     dataset_info.json; a dictionary's dataset_dict.json above its splits) reads as its rows

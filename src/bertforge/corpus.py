@@ -472,7 +472,8 @@ def iter_items(
     reads every file as text, as Google's script does (and so refuses those as binary)."""
     for inp in inputs:
         if text_field is not None and (kind := table_kind(inp.path)):
-            for row, lines in enumerate(table_records(inp, kind, text_field, stats, progress)):
+            rows = table_records(inp, kind, text_field, stats, progress, strict_utf8)
+            for row, lines in enumerate(rows):
                 yield lines, None if row else inp
             continue
         lines = iter_lines([inp], stats, strict_utf8=strict_utf8, progress=progress)
@@ -571,7 +572,12 @@ def table_kind(path: str) -> str | None:
 
 
 def table_records(
-    inp: InputFile, kind: str, text_field: str, stats: CorpusStats, progress: Progress | None
+    inp: InputFile,
+    kind: str,
+    text_field: str,
+    stats: CorpusStats,
+    progress: Progress | None,
+    strict_utf8: bool = False,
 ) -> Iterator[list[str] | None]:
     """The rows of a Parquet or Arrow file (`table_kind`), each as `text_lines` of its
     `text_field` column, read a few rows at a time in flat memory by pyarrow (`pip install
@@ -613,11 +619,12 @@ def table_records(
                 rows = column.slice(start, TABLE_ROWS)
                 if rows.type != text_type:
                     rows = rows.cast(text_type)
+                texts = utf8_texts(rows, pa, inp.path, row + 1, stats, strict_utf8)
                 stats.bytes += pc.sum(pc.binary_length(rows)).as_py() or 0
                 stats.lines += len(rows)
-                for text in rows.to_pylist():
+                for text in texts:
                     row += 1
-                    yield text_lines(text, f"{inp.path}: row {row}", stats, strict=False)
+                    yield text_lines(text, f"{inp.path}: row {row}", stats, strict_utf8)
             if progress is not None:
                 now = int((inp.size or 0) * share)
                 progress.advance(now - done)
@@ -628,6 +635,38 @@ def table_records(
         raise UserError(
             f"{inp.path}: cannot read it as {kind} ({e}); is the file damaged or incomplete?"
         ) from None
+
+
+def utf8_texts(
+    rows: Any, pa: Any, path: str, first: int, stats: CorpusStats, strict: bool
+) -> list[str | None]:
+    """A batch of a string column as Python strings. Arrow does not check on reading that a
+    string column holds UTF-8 (a damaged file does not, nor one a tool wrote bytes into), so
+    the batch is checked whole first: a row with invalid UTF-8 has its bad bytes dropped and
+    is counted, as a text file's line is (with `strict`, an error naming the row); damage
+    beyond that (offsets out of range) is the ArrowInvalid of a damaged file."""
+    try:
+        rows.validate(full=True)
+        return rows.to_pylist()  # type: ignore[no-any-return]
+    except pa.ArrowInvalid:
+        pass
+    raw = rows.cast(pa.large_binary() if pa.types.is_large_string(rows.type) else pa.binary())
+    raw.validate(full=True)
+    out: list[str | None] = []
+    for i, data in enumerate(raw.to_pylist()):
+        try:
+            out.append(None if data is None else data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            where = f"{path}: row {first + i}"
+            if strict:
+                raise UserError(
+                    f"{where}: invalid UTF-8 at byte {e.start} of its text; fix the file, or "
+                    "drop --strict-utf8 to drop bad bytes."
+                ) from None
+            out.append(data.decode("utf-8", errors="ignore"))
+            stats.bad_lines += 1
+            stats.first_bad = stats.first_bad or where
+    return out
 
 
 def is_string_type(pa: Any, arrow_type: Any) -> bool:
