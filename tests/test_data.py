@@ -405,6 +405,22 @@ def test_wikiextractor_output_gives_its_articles(tmp_path, kjv_corpus, kjv_vocab
     assert len(records[0]) > 0 and all((a == b).all() for a, b in zip(*records, strict=True))
 
 
+def test_a_damaged_record_of_an_unfinished_run_is_an_error(tmp_path, kjv_corpus, kjv_vocab):
+    """An output directory whose unfinished run's record (.bertforge-run.json) is damaged is
+    not taken for a data output: one error saying to pass --overwrite, the directory left as
+    it is; --overwrite then makes the data."""
+    from bertforge.fileio import RUN_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RUN_FILE).write_bytes(b'{"inputs": [\xff')
+    with pytest.raises(UserError, match=rf"{out} is not empty and is not a bertforge data"):
+        create_data(cfg(kjv_corpus, kjv_vocab, out))
+    assert (out / RUN_FILE).read_bytes() == b'{"inputs": [\xff'
+    made = create_data(cfg(kjv_corpus, kjv_vocab, out, overwrite=True))
+    assert made.manifest["counts"]["instances"] > 0 and not (out / RUN_FILE).exists()
+
+
 def test_json_lines_give_the_instances_of_their_records(tmp_path, kjv_corpus, kjv_vocab, capsys):
     """A JSON Lines corpus (each record's "text" a document, non-ASCII letters as \\u escapes)
     gives the records of the same documents in Google's format, a record without text left

@@ -109,6 +109,21 @@ def test_auto_precision_is_bf16_on_a_cpu_that_multiplies_bf16_in_hardware(
         vectors("fp16", precision="fp16")
 
 
+def test_a_damaged_model_file_is_an_error_naming_it(tmp_path, exported_model):
+    """A model directory whose config.json holds bytes that are not UTF-8, or whose
+    tokenizer_config.json (which says the casing) is cut short, is one error naming the file;
+    before, a traceback (UnicodeDecodeError, JSONDecodeError)."""
+    import shutil
+
+    for name, damage in (("config.json", lambda b: b[:10] + b"\xff" + b[11:]),
+                         ("tokenizer_config.json", lambda b: b[: len(b) // 2])):  # fmt: skip
+        model = tmp_path / name
+        shutil.copytree(exported_model, model)
+        (model / name).write_bytes(damage((model / name).read_bytes()))
+        with pytest.raises(UserError, match=rf"{model / name}: (cannot read|damaged)"):
+            load_model(str(model), "cpu")
+
+
 def test_json_lines_give_a_vector_per_record(tmp_path, exported_model, capsys):
     """A JSON Lines input gives one row per record, from its --text-field (its lines joined),
     the same vectors as the text file of those records; a record without text gives a zero

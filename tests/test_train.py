@@ -1487,6 +1487,37 @@ def test_a_checkpoint_of_other_names_is_refused_naming_what_it_holds(
         assert not (tmp_path / f"out-{name}").exists()
 
 
+def test_a_damaged_tf_checkpoint_index_is_an_error_naming_it(tmp_path):
+    """Every block of a TF checkpoint's index that is read is checked against its crc32c
+    (TensorFlow writes one, as `write_checkpoint` does): a flipped byte anywhere in them, or a
+    cut, is one error naming the index; before, a flip raised whatever the parser met
+    (UnicodeDecodeError, IndexError, struct.error, "protobuf wire type 7") or read a wrong
+    shape."""
+    from bertforge.tfcheckpoint import read_checkpoint, write_checkpoint
+    from bertforge.tfrecord import _read_varint
+
+    prefix = tmp_path / "model.ckpt"
+    names = [f"bert/encoder/layer_{i}/output/dense/kernel" for i in range(20)]
+    write_checkpoint(prefix, {n: np.zeros((2, 3), dtype=np.float32) for n in names})
+    index = prefix.with_name("model.ckpt.index")
+    whole = index.read_bytes()
+    assert sorted(read_checkpoint(prefix)) == sorted(names)
+    footer = whole[-48:]  # its first handle: the metaindex block, which nothing reads
+    meta_offset, pos = _read_varint(footer, 0)
+    meta_size, _ = _read_varint(footer, pos)
+    read = set(range(len(whole) - 48)) - set(range(meta_offset, meta_offset + meta_size + 5))
+    assert len(read) > 1000
+    for at in sorted(read):  # every byte of the blocks read
+        damaged = bytearray(whole)
+        damaged[at] ^= 0x10
+        index.write_bytes(bytes(damaged))
+        with pytest.raises(UserError, match=rf"{index}: the checkpoint index is damaged \("):
+            read_checkpoint(prefix)
+    index.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=rf"{index}: not a TensorFlow checkpoint index"):
+        read_checkpoint(prefix)
+
+
 @pytest.mark.parametrize("google_adam", [True, False])
 def test_a_google_run_continues_where_it_stopped(
     tmp_path, train_data, tiny_bert_config, capsys, google_adam

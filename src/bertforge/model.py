@@ -158,7 +158,7 @@ class BertConfig:
     def from_json(cls, path: str | Path) -> BertConfig:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # JSON's errors and UnicodeDecodeError are ValueErrors
             raise UserError(f"{path}: cannot read a bert_config.json ({e}).") from None
         return cls.from_dict(d, str(path))
 

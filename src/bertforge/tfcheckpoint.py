@@ -100,10 +100,16 @@ def _entry(value: bytes) -> Entry:
 
 
 def _block(data: bytes, handle: bytes, path: Path) -> list[tuple[bytes, bytes]]:
+    """The entries of the table block `handle` points at, after its trailer's checks: the
+    compression byte (0: none) and the masked crc32c of the block and that byte."""
     offset, pos = _varint(handle, 0)
     size, _ = _varint(handle, pos)
-    block = data[offset : offset + size]
-    if data[offset + size] != 0:
+    block, trailer = data[offset : offset + size], data[offset + size : offset + size + 5]
+    if len(block) != size or len(trailer) != 5:
+        raise ValueError("a block runs past the end of the file")
+    if masked_crc(block + trailer[:1]) != struct.unpack("<I", trailer[1:])[0]:
+        raise ValueError("a block fails its checksum")
+    if trailer[0] != 0:
         raise UserError(f"{path}: compressed index blocks are not supported.")
     (num_restarts,) = struct.unpack_from("<I", block, len(block) - 4)
     end = len(block) - 4 - 4 * num_restarts
@@ -177,13 +183,18 @@ def read_index(prefix: Path) -> dict[str, Entry]:
     if len(data) < FOOTER_BYTES or struct.unpack_from("<Q", data, len(data) - 8)[0] != TABLE_MAGIC:
         raise UserError(f"{index}: not a TensorFlow checkpoint index (bad footer).")
     footer = data[-FOOTER_BYTES:]
-    _, pos = _varint(footer, 0)  # metaindex handle: offset, size (unused)
-    _, pos = _varint(footer, pos)
     entries: dict[str, Entry] = {}
-    for _, handle in _block(data, footer[pos:], index):
-        for key, value in _block(data, handle, index):
-            if key:  # "" is the bundle header
-                entries[key.decode("utf-8")] = _entry(value)
+    try:
+        _, pos = _varint(footer, 0)  # metaindex handle: offset, size (unused)
+        _, pos = _varint(footer, pos)
+        for _, handle in _block(data, footer[pos:], index):
+            for key, value in _block(data, handle, index):
+                if key:  # "" is the bundle header
+                    entries[key.decode("utf-8")] = _entry(value)
+    except (ValueError, IndexError, struct.error) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(
+            f"{index}: the checkpoint index is damaged ({e}); download or copy it again."
+        ) from None
     return entries
 
 
@@ -234,6 +245,11 @@ def read_checkpoint(
                 arr = bits.view(np.float32)
             else:
                 arr = np.frombuffer(bytearray(raw), dtype=DTYPES[e.dtype])  # writable
+            if arr.size != int(np.prod(e.shape)):
+                raise UserError(
+                    f"{prefix}: variable {name} holds {arr.size} values, its shape "
+                    f"{list(e.shape)} {int(np.prod(e.shape))}; the index is damaged."
+                )
             out[name] = arr.reshape(e.shape)
     return out
 

@@ -438,10 +438,17 @@ def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:
     if manifest is not None and manifest.get("stage") == "vocab":
         cfg = manifest["config"]
         return cfg["do_lower_case"], cfg.get("strip_accents"), directory / "manifest.json"
-    if (directory / "tokenizer_config.json").is_file():
-        cfg = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-        if "do_lower_case" in cfg:
-            source = directory / "tokenizer_config.json"
+    source = directory / "tokenizer_config.json"
+    if source.is_file():
+        try:
+            cfg = json.loads(source.read_text(encoding="utf-8"))
+        except ValueError as e:  # JSON's errors and UnicodeDecodeError
+            raise UserError(
+                f"{source}: damaged ({e}); it says whether the vocabulary is cased: restore it "
+                "(export the model again), or delete it and give --do-lower-case or "
+                "--no-do-lower-case."
+            ) from None
+        if isinstance(cfg, dict) and "do_lower_case" in cfg:
             return bool(cfg["do_lower_case"]), cfg.get("strip_accents"), source
     tokenizer = find_vocab_file(path)
     if tokenizer.suffix == ".json" and tokenizer.is_file():

@@ -117,6 +117,12 @@ def test_damaged_checkpoint_is_reported(google_checkpoint, tmp_path):
     data.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="fails its checksum"):
         read_checkpoint(bad / "bert_model.ckpt")
+    index = bad / "bert_model.ckpt.index"  # TensorFlow's own block checksums are checked
+    raw = bytearray(index.read_bytes())
+    raw[20] ^= 0x01  # inside the first block (its keys)
+    index.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"index is damaged \(a block fails its checksum\)"):
+        read_checkpoint(bad / "bert_model.ckpt")
     with pytest.raises(UserError, match="not a TensorFlow checkpoint index"):
         (bad / "x.index").write_bytes(b"nonsense" * 10)
         read_checkpoint(bad / "x")
