@@ -96,6 +96,9 @@ def test_toml_type_and_section_errors(tmp_path: Path):
     f.write_text("[vocab\n")
     with pytest.raises(UserError, match="not valid TOML"):
         read_toml(f)
+    f.write_bytes(b"[vocab]\n# caf\xe9, written as Latin-1\nvocab_size = 8000\n")
+    with pytest.raises(UserError, match=rf"{f}: not valid TOML \('utf-8' codec can't decode"):
+        read_toml(f)
 
 
 def test_cli_unknown_flag_lists_valid_names(capsys):

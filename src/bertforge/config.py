@@ -926,7 +926,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     try:
         with p.open("rb") as f:
             data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8
         raise UserError(f"{p}: not valid TOML ({e}).") from None
     for key, value in data.items():
         if key not in (*STAGES, "run") or not isinstance(value, dict):
