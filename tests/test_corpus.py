@@ -360,7 +360,8 @@ def test_datasets_metadata_beside_arrow_files_left_out(tmp_path: Path):
     """A folder of Hugging Face datasets' save_to_disk (data-*.arrow, state.json,
     dataset_info.json; a dictionary's dataset_dict.json above its splits) reads as its rows
     alone, given as the folder or by a glob; the same file names elsewhere, or named
-    themselves, are read."""
+    themselves, are read. A datasets cache folder's map() results (cache-*.arrow) are read
+    with a warning: they often hold the text again."""
     pa = pytest.importorskip("pyarrow")
     saved = tmp_path / "saved"
     for split in ("train", "test"):
@@ -377,6 +378,17 @@ def test_datasets_metadata_beside_arrow_files_left_out(tmp_path: Path):
     other.mkdir()
     (other / "state.json").write_text("a sentence\n")
     assert docs_of([other])[0] == [["a sentence"]]
+    cache = tmp_path / "cache"  # a datasets cache: the split's file and a map()'s result
+    cache.mkdir()
+    write_arrow(cache / "json-train.arrow", pa.table({"text": ["t"]}), 1)
+    write_arrow(cache / "cache-0123456789abcdef.arrow", pa.table({"text": ["t"]}), 1)
+    (cache / "dataset_info.json").write_text('{"builder_name": "json"}\n')
+    docs, stats = docs_of([cache])
+    assert docs == [["t"], ["t"]]
+    (warning,) = corpus_warnings(stats.as_dict())
+    assert warning.startswith("warning: 1 Arrow file(s) are Hugging Face datasets' map() results")
+    assert str(cache / "cache-0123456789abcdef.arrow") in warning
+    assert corpus_warnings(docs_of([cache / "json-train.arrow"])[1].as_dict()) == []
 
 
 def test_texts_are_one_per_line_or_record(tmp_path: Path):

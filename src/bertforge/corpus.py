@@ -51,6 +51,7 @@ ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"  # a message's continuation marker: UTF
 ARROW_STREAM_END = ARROW_STREAM_MAGIC + bytes(4)
 RECORD_FILES = [("JSON Lines", "json"), ("Parquet", "parquet"), ("Arrow", "arrow")]
 DATASETS_METADATA = {"state.json", "dataset_info.json", "dataset_dict.json"}
+DATASETS_CACHE = re.compile(r"cache-[0-9a-f]{16}(_\d{5}_of_\d{5})?\.arrow")  # a map()'s result
 TABLE_ROWS = 1024  # rows of a Parquet or Arrow file read at a time
 TEXT_FIELD = "text"  # the text of a JSON Lines record: Hugging Face datasets, OSCAR, WikiExtractor
 SURROGATE = re.compile("[\ud800-\udfff]")  # left by a lone "\\ud800" escape in JSON
@@ -176,6 +177,8 @@ class CorpusStats:
     records_without_text: int = 0  # records whose field was missing or not a string
     first_without_text: str | None = None  # "file:line" (or "file: row N") of the first one
     json_as_text: int = 0  # JSON Lines files read as text (Google's mode)
+    arrow_caches: int = 0  # Arrow files named as datasets names a map()'s result: cache-*.arrow
+    first_arrow_cache: str | None = None
     text_files: int = 0  # files read as text
     first_text_file: str | None = None
 
@@ -612,6 +615,9 @@ def table_records(
         stats.files += 1
         stats.parquet_files += kind == "Parquet"
         stats.arrow_files += kind == "Arrow"
+        if kind == "Arrow" and DATASETS_CACHE.fullmatch(os.path.basename(inp.path)):
+            stats.arrow_caches += 1
+            stats.first_arrow_cache = stats.first_arrow_cache or inp.path
         stats.record_field = text_field
         row = done = 0
         for column, share in batches(text_field):
@@ -873,6 +879,13 @@ def corpus_warnings(corpus: Mapping[str, Any]) -> list[str]:
         found.append(
             f'warning: {n:,} record(s) had no string "{corpus.get("record_field")}" field '
             f"(read as empty); first at {corpus.get('first_without_text')}."
+        )
+    if n := corpus.get("arrow_caches"):
+        found.append(
+            f"warning: {n:,} Arrow file(s) are Hugging Face datasets' map() results "
+            f"(cache-*.arrow, the first: {corpus.get('first_arrow_cache')}), read as corpus "
+            "too; they often hold the dataset's text again. Name the dataset's own files "
+            "(e.g. .../NAME-train*.arrow) to read its text once."
         )
     if n := corpus.get("json_as_text"):
         found.append(
