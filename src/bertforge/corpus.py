@@ -677,9 +677,13 @@ def utf8_texts(
 
 def is_string_type(pa: Any, arrow_type: Any) -> bool:
     """string, large_string, or string_view (pyarrow 16 and later)."""
-    tests = [pa.types.is_string, pa.types.is_large_string]
-    tests += [t for t in [getattr(pa.types, "is_string_view", None)] if t]
-    return any(test(arrow_type) for test in tests)
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)
+    types = pa.types
+    return (
+        types.is_string(arrow_type)
+        or types.is_large_string(arrow_type)
+        or is_string_view(arrow_type)
+    )
 
 
 TableBatches = Callable[[str], Iterator[tuple[Any, float]]]

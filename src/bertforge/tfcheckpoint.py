@@ -245,10 +245,10 @@ def read_checkpoint(
                 arr = bits.view(np.float32)
             else:
                 arr = np.frombuffer(bytearray(raw), dtype=DTYPES[e.dtype])  # writable
-            if arr.size != int(np.prod(e.shape)):
+            if arr.size != (expected := int(np.prod(e.shape))):
                 raise UserError(
                     f"{prefix}: variable {name} holds {arr.size} values, its shape "
-                    f"{list(e.shape)} {int(np.prod(e.shape))}; the index is damaged."
+                    f"{list(e.shape)} {expected}; the index is damaged."
                 )
             out[name] = arr.reshape(e.shape)
     return out
