@@ -21,6 +21,7 @@ from bertforge.batches import (
 )
 from bertforge.errors import UserError
 from bertforge.masking import MaskSpec
+from bertforge.shards import FILES_HEADROOM, open_shard, record_dtype, write_shard
 from tests.conftest import run_script
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker is forked")
@@ -62,6 +63,101 @@ def test_the_batches_of_each_step_in_order(kind):
     empty = kind(made, 5, 5)
     assert list(empty) == []
     empty.close()
+
+
+def test_the_order_is_numpys_permutation_per_epoch_held_in_half_the_memory():
+    """Order keeps each epoch's permutation as int32, and it is exactly numpy's int64
+    permutation from (seed, 0, epoch): runs and checkpoints from before it see the same order."""
+    order = Order(1000, 7)
+    for epoch in range(4):
+        perm = order.permutation(epoch)
+        assert perm.dtype == np.int32
+        assert np.array_equal(perm, np.random.default_rng([7, 0, epoch]).permutation(1000))
+    step = order.indices(62, 16)  # positions 992..1007: the end of epoch 0, the start of 1
+    first, second = order.permutation(0), order.permutation(1)
+    assert np.array_equal(step, np.concatenate([first[992:], second[:8]]))
+    assert len(order._cache) == 3  # at most three epochs held
+
+
+def mapped(files: list[str]) -> list[str]:
+    """Which of `files` this process has memory-mapped (Linux's /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return [line.split()[-1] for line in f if line.split()[-1] in files]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's maps")
+def test_shards_are_read_by_position_not_mapped(train_data, tmp_path):
+    """The start-up passes and reads of rows map none of the shards (so training's resident
+    memory does not grow toward the size of the data as it reads it), and the rows read are
+    the records a memory map of the shard holds, in the order asked for, across shards."""
+    header, records = open_shard(train_data / "shard-00000.bin")
+    for k, part in enumerate(np.array_split(np.asarray(records), 3)):
+        with open(tmp_path / f"shard-{k}.bin", "wb") as f:
+            write_shard(f, part, {**header.meta, "num_records": len(part)})
+    del records
+    data = PretrainingData(str(tmp_path / "shard-*.bin"))
+    files = [str(p) for p in data.files]
+    assert data.native is not None and len(files) == 3
+    top = data.max_token_id()
+    assert data.damaged_record() is None
+    index = np.array([len(data) - 1, 0, 5, int(data.native.starts[1]), len(data) // 2, 5])
+    rows = data.rows(index)
+    assert mapped(files) == []
+    assert 1000 < top < 1500
+    expected = []
+    for i in index.tolist():
+        k = int(np.searchsorted(data.native.starts, i, side="right")) - 1
+        _, records = open_shard(files[k])
+        expected.append(records[i - int(data.native.starts[k])])
+    assert mapped(files) != []  # the control: a memory map shows
+    assert np.array_equal(rows.input_ids, np.stack([r["input_ids"] for r in expected]))
+    assert np.array_equal(rows.lengths, [r["length"] for r in expected])
+    assert np.array_equal(rows.sep_a, [r["sep_a"] for r in expected])
+    assert np.array_equal(rows.next_sentence, [r["next_sentence_label"] for r in expected])
+
+
+def test_more_shards_than_the_limit_on_open_files(tmp_path):
+    """More shards than `ulimit -n` allows open files (1,024 by default on many Linux
+    systems; a 6 GB corpus makes 1,500 shards): the soft limit is raised to hold them all.
+    Where the hard limit is too low even for that, the shards are opened as rows are read,
+    at most `held` at once, with a warning; the rows are the same either way."""
+    dtype = record_dtype(1000, 16, 3, static_masking=False)
+    meta = {"max_seq_length": 16, "max_predictions_per_seq": 3, "static_masking": False,
+            "vocab_size": 1000, "num_records": 4}  # fmt: skip
+    for k in range(80):
+        records = np.zeros(4, dtype=dtype)
+        records["length"], records["sep_a"] = 3 + np.arange(4) + k % 5, 1
+        with open(tmp_path / f"shard-{k:03d}.bin", "wb") as f:
+            write_shard(f, records, meta)
+    script = f"""
+import resource, sys
+import numpy as np
+from bertforge.batches import PretrainingData
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 300 if sys.argv[1:] == ["low"] else hard))
+data = PretrainingData({str(tmp_path / "shard-*.bin")!r})
+index = np.random.default_rng(0).permutation(np.repeat(np.arange(320), 3))
+assert data.max_token_id() == 0 and data.damaged_record() is None
+print(data.native.held, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+      ",".join(map(str, data.rows(index).lengths)))
+print(data.native.limit_note())
+"""
+    full = run_script(tmp_path / "open.py", script)
+    assert full.returncode == 0, full.stderr
+    held, soft, lengths = full.stdout.split("\n")[0].split()
+    assert (int(held), int(soft)) == (80, 80 + FILES_HEADROOM)
+    assert full.stdout.split("\n")[1] == "None"
+    low = run_script(tmp_path / "low.py", script.replace("sys.argv[1:]", '["low"]'))
+    assert low.returncode == 0, low.stderr
+    held, soft, low_lengths = low.stdout.split("\n")[0].split()
+    assert (int(held), int(soft), low_lengths) == (300 - FILES_HEADROOM, 300, lengths)
+    assert len(set(lengths.split(","))) == 8  # rows of every kind, read in a random order
+    assert low.stdout.split("\n")[1] == (
+        "bertforge: warning: 80 shards, but this process may hold only 44 open (its limit on "
+        "open files is 300, hard limit 300); rows are read reopening shards as they come, "
+        f"slower. Raise the `nofile` limit to {80 + FILES_HEADROOM} (/etc/security/limits.conf, "
+        "LimitNOFILE= for a systemd service, --ulimit nofile= for docker) to hold them all."
+    )
 
 
 def test_real_batches_with_dynamic_masks(train_data):

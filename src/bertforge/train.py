@@ -194,6 +194,8 @@ def claim_output(cfg: TrainConfig, d: Dist) -> Iterator[None]:
 def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     # ---- what we train on, with what, into what; all checked against each other
     data = PretrainingData(cfg.data)
+    if d.main and data.native is not None and (note := data.native.limit_note()):
+        print(note, file=sys.stderr)
     info = data.info
     check_data_flags(cfg, data)
     init = None
