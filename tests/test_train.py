@@ -885,8 +885,8 @@ def google_tfrecords(tmp_path_factory, kjv_corpus, kjv_vocab) -> Path:
 def test_converted_tfrecords_train_as_the_tfrecords(
     tmp_path, google_tfrecords, kjv_vocab, tiny_bert_config, capsys, monkeypatch
 ):
-    """`bertforge data convert`: Google's TFRecords -> native shards (memory-mapped, streamed
-    in chunks): the same instances with the same masks, hence the same training losses."""
+    """`bertforge data convert`: Google's TFRecords -> native shards (streamed in chunks): the
+    same instances with the same masks, hence the same training losses."""
     from bertforge import datacheck
 
     monkeypatch.setattr(datacheck, "SHARD_RECORDS", 200)  # several shards, chunks across them

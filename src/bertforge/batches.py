@@ -499,7 +499,7 @@ class ProcessPrefetcher:
     Nothing runs before the first batch is asked for; that one is made here, in the parent,
     and fixes the slots' layout.
 
-    fork: the worker inherits `make` and the data it reads (memory-mapped shards, parsed
+    fork: the worker inherits `make` and the data it reads (open shards, parsed
     TFRecords) without pickling, as torch's DataLoader workers do; it touches no GPU. It
     ignores Ctrl-C and SIGTERM (the trainer decides when to stop; `close` kills it) and dies
     with its parent (workers.py); an error in it is raised here."""

@@ -128,7 +128,7 @@ def data_tool(argv: list[str]) -> None:
     i.add_argument("--max-records", type=int, default=100_000,
                    help="statistics over at most this many records (100000)")  # fmt: skip
     c = sub.add_parser(
-        "convert", help="Google's TFRecords -> native shards that train memory-maps (streaming)"
+        "convert", help="Google's TFRecords -> native shards for train (streaming)"
     )
     c.add_argument("input", help="TFRecord files (globs, comma lists)")
     c.add_argument(

@@ -2,7 +2,7 @@
 
 Instances are read into one common form (`Batch`) from native shards and from TFRecords
 (Google's or ours), so inspection, statistics and tests treat both formats alike. `convert`
-turns Google's TFRecords into native shards, streaming: train memory-maps native shards but
+turns Google's TFRecords into native shards, streaming: train reads native shards as it goes but
 parses TFRecords into memory (about 2.5 KB per instance of length 128), which does not scale
 to the TFRecords of a large corpus.
 """
@@ -351,7 +351,7 @@ def _convert_chunk(raw: list[bytes], path: str, first: int, vocab_size: int,
 def convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | None = None,
             overwrite: bool = False, workers: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Google's TFRecords (files, globs, comma lists) -> a native data directory with their
-    static masks, which train memory-maps. Streams: memory stays bounded whatever the size.
+    static masks, which train reads as it goes. Streams: memory stays bounded whatever the size.
     Every record is checked (shape, token ids within the vocabulary, segment layout); the
     manifest is written last, so an interrupted conversion is never taken as data. Records
     are decoded by `workers` processes (default: every usable CPU), a bounded window at a time."""

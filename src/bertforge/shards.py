@@ -1,4 +1,4 @@
-"""bertforge's native shard format: fixed-size records a trainer memory-maps with numpy alone.
+"""bertforge's native shard format: fixed-size records, memory-mappable with numpy alone.
 
 Written here because it is the product's own format. A shard is
 

@@ -241,7 +241,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         print(
             f"bertforge: warning: {tf_bytes / 1e9:.1f} GB of TFRecords are read into memory at "
             "every start (in every process); `bertforge data convert` turns them once into "
-            "shards that training memory-maps.",
+            "shards that training reads as it goes.",
             file=sys.stderr,
         )
     if cfg.do_train and eval_n > len(data) // 10 and d.main:  # a small corpus, a fixed count
