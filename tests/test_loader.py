@@ -119,12 +119,13 @@ def test_shards_are_read_by_position_not_mapped(train_data, tmp_path):
 def test_more_shards_than_the_limit_on_open_files(tmp_path):
     """More shards than `ulimit -n` allows open files (1,024 by default on many Linux
     systems; a 6 GB corpus makes 1,500 shards): the soft limit is raised to hold them all.
-    Where the hard limit is too low even for that, the shards are opened as rows are read,
-    at most `held` at once, with a warning; the rows are the same either way."""
+    Where the hard limit is too low even for that (300, for 400 shards), the shards are opened
+    as rows are read, at most `held` at once (a shard left open would run out of files),
+    with a warning; the rows are the same either way."""
     dtype = record_dtype(1000, 16, 3, static_masking=False)
     meta = {"max_seq_length": 16, "max_predictions_per_seq": 3, "static_masking": False,
             "vocab_size": 1000, "num_records": 4}  # fmt: skip
-    for k in range(80):
+    for k in range(400):
         records = np.zeros(4, dtype=dtype)
         records["length"], records["sep_a"] = 3 + np.arange(4) + k % 5, 1
         with open(tmp_path / f"shard-{k:03d}.bin", "wb") as f:
@@ -136,7 +137,7 @@ from bertforge.batches import PretrainingData
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 300 if sys.argv[1:] == ["low"] else hard))
 data = PretrainingData({str(tmp_path / "shard-*.bin")!r})
-index = np.random.default_rng(0).permutation(np.repeat(np.arange(320), 3))
+index = np.random.default_rng(0).permutation(np.repeat(np.arange(1600), 3))
 assert data.max_token_id() == 0 and data.damaged_record() is None
 print(data.native.held, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
       ",".join(map(str, data.rows(index).lengths)))
@@ -145,7 +146,7 @@ print(data.native.limit_note())
     full = run_script(tmp_path / "open.py", script)
     assert full.returncode == 0, full.stderr
     held, soft, lengths = full.stdout.split("\n")[0].split()
-    assert (int(held), int(soft)) == (80, 80 + FILES_HEADROOM)
+    assert (int(held), int(soft)) == (400, 400 + FILES_HEADROOM)
     assert full.stdout.split("\n")[1] == "None"
     low = run_script(tmp_path / "low.py", script.replace("sys.argv[1:]", '["low"]'))
     assert low.returncode == 0, low.stderr
@@ -153,9 +154,9 @@ print(data.native.limit_note())
     assert (int(held), int(soft), low_lengths) == (300 - FILES_HEADROOM, 300, lengths)
     assert len(set(lengths.split(","))) == 8  # rows of every kind, read in a random order
     assert low.stdout.split("\n")[1] == (
-        "bertforge: warning: 80 shards, but this process may hold only 44 open (its limit on "
+        "bertforge: warning: 400 shards, but this process may hold only 44 open (its limit on "
         "open files is 300, hard limit 300); rows are read reopening shards as they come, "
-        f"slower. Raise the `nofile` limit to {80 + FILES_HEADROOM} (/etc/security/limits.conf, "
+        f"slower. Raise the `nofile` limit to {400 + FILES_HEADROOM} (/etc/security/limits.conf, "
         "LimitNOFILE= for a systemd service, --ulimit nofile= for docker) to hold them all."
     )
 
