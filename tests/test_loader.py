@@ -116,6 +116,22 @@ def test_shards_are_read_by_position_not_mapped(train_data, tmp_path):
     assert np.array_equal(rows.next_sentence, [r["next_sentence_label"] for r in expected])
 
 
+def test_a_shard_cut_short_while_training_reads_it(train_data, tmp_path):
+    """A shard truncated after training opened it (rewritten under a running job): reading
+    its rows is one error naming it, not a short batch."""
+    shard = tmp_path / "shard-00000.bin"
+    shard.write_bytes((train_data / "shard-00000.bin").read_bytes())
+    data = PretrainingData(str(shard))
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 1000)
+    assert len(data.rows(np.arange(4)).lengths) == 4  # the rows before the cut still read
+    with pytest.raises(UserError, match=rf"{shard}: {size - 1000} bytes now, cut short"):
+        data.rows(np.array([0, len(data) - 1]))
+    with pytest.raises(UserError, match="cut short"):
+        data.max_token_id()
+
+
 def test_more_shards_than_the_limit_on_open_files(tmp_path):
     """More shards than `ulimit -n` allows open files (1,024 by default on many Linux
     systems; a 6 GB corpus makes 1,500 shards): the soft limit is raised to hold them all.

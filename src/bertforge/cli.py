@@ -127,9 +127,7 @@ def data_tool(argv: list[str]) -> None:
     i.add_argument("--vocab", help="vocab.txt or directory (default: the data's own vocab)")
     i.add_argument("--max-records", type=int, default=100_000,
                    help="statistics over at most this many records (100000)")  # fmt: skip
-    c = sub.add_parser(
-        "convert", help="Google's TFRecords -> native shards for train (streaming)"
-    )
+    c = sub.add_parser("convert", help="Google's TFRecords -> native shards for train (streaming)")
     c.add_argument("input", help="TFRecord files (globs, comma lists)")
     c.add_argument(
         "--vocab", required=True, help="the vocab.txt (or directory) they were made with"

@@ -162,7 +162,7 @@ class ShardSet:
     `bertforge data` writes a shard per 4 MB of corpus, so there are thousands to hold open:
     the limit on open files is raised as far as this process may (`allow_open_files`), and
     where even that is short of them all, the shards are opened as rows are read and the
-    least recently read closed, `held` open at most (slower: `limit_note` says how much)."""
+    least recently read closed, `held` open at most (slower; `limit_note` is the warning)."""
 
     def __init__(self, paths: Sequence[str | Path]) -> None:
         self.paths = [str(p) for p in paths]
@@ -188,9 +188,6 @@ class ShardSet:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
-
-    def close(self) -> None:
-        self._closer()
 
     def limit_note(self) -> str | None:
         """A warning when not every shard can be held open, else None."""
