@@ -12,9 +12,9 @@ whole output against on the chunk's.
 The corpus is built here (never shipped): the English benchmark corpus (GCIDE + King James
 text, 27 MB) repeated to `--gb`, each repetition with its documents in another order and 2% of
 its words replaced by new compounds of two corpus words ("lightfirmament"), so that its
-vocabulary keeps growing as a real corpus's does (some 30 new words per 1,000, most of them
-seen once, as a web corpus's rare words are) and the tokenizer's cache of distinct pieces
-does not see only repeats.
+vocabulary keeps growing as a real corpus's does (about 20 words in 1,000 are new, nearly
+all of them seen once) and the tokenizer's cache of distinct pieces does not see only
+repeats.
 
     python bench/large_corpus.py [--gb 6] [--chunk-mb 30] [--reference-python PYTHON]
         [--work bench/work/large] [--keep]
