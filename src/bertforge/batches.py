@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import queue
 import signal
@@ -143,17 +144,8 @@ class PretrainingData:
         return int(self.offsets[-1])
 
     def max_token_id(self) -> int:
-        if self.tf_rows is not None:
-            t = self.tf_rows
-            labels = t.labels.max(initial=0) if t.labels is not None else 0
-            return int(max(t.input_ids.max(initial=0), labels))
-        assert self.native is not None
-        top = 0
-        for _, _, block in self.native.blocks():
-            for name in ("input_ids", "masked_lm_ids"):
-                if name in (block.dtype.names or ()):
-                    top = max(top, int(block[name].max(initial=0)))
-        return top
+        """The largest token id of the data (masked-LM labels included)."""
+        return self._scan[0]
 
     def damaged_record(self) -> str | None:
         """The first native record whose fields contradict each other, as "FILE: record N:
@@ -161,25 +153,38 @@ class PretrainingData:
         silently on garbage, or fail deep in a step with no word of where: a length beyond
         max_seq_length, the first [SEP] outside the instance, a next-sentence label not 0 or
         1, masked positions outside the instance or more of them than max_predictions_per_seq.
-        One vectorized pass over the small fields, a block of records at a time. TFRecords (a
-        checksum per record, checked as they are read, but written by other tools too): a
-        length below 2, segment ids or a next-sentence label not 0 or 1, a masked position
-        outside the instance."""
+        TFRecords (a checksum per record, checked as they are read, but written by other
+        tools too): a length below 2, segment ids or a next-sentence label not 0 or 1, a
+        masked position outside the instance."""
+        return self._scan[1]
+
+    @functools.cached_property
+    def _scan(self) -> tuple[int, str | None]:
+        """(max_token_id, damaged_record) from one pass over native shards, a block of
+        records at a time. It reads the whole data, from disk where the page cache does not
+        hold it: 6 GB of shards on this machine took 6.9 s from disk and 1.0-1.1 s from the
+        page cache, where a pass for each took 6.8 s and 1.4 s (the second pass read from the
+        cache; on data larger than the page cache it would read the disk again)."""
         if self.tf_rows is not None:
-            what = _tf_contradiction(self.tf_rows)
+            t = self.tf_rows
+            labels = t.labels.max(initial=0) if t.labels is not None else 0
+            top = int(max(t.input_ids.max(initial=0), labels))
+            what = _tf_contradiction(t)
             if what is None:
-                return None
+                return top, None
             i, text = what
             ends = np.cumsum(self.tf_sizes)
             f = int(np.searchsorted(ends, i, side="right"))
-            return f"{self.files[f]}: record {i - (ends[f] - self.tf_sizes[f])}: {text}"
+            return top, f"{self.files[f]}: record {i - (ends[f] - self.tf_sizes[f])}: {text}"
         assert self.native is not None
+        top, damaged = 0, None
         for path, start, block in self.native.blocks():
-            what = _contradiction(block)
-            if what is not None:
-                i, text = what
-                return f"{path}: record {start + i}: {text}"
-        return None
+            for name in ("input_ids", "masked_lm_ids"):
+                if name in (block.dtype.names or ()):
+                    top = max(top, int(block[name].max(initial=0)))
+            if damaged is None and (what := _contradiction(block)) is not None:
+                damaged = f"{path}: record {start + what[0]}: {what[1]}"
+        return top, damaged
 
     def rows(self, index: np.ndarray) -> Rows:
         """The instances at global indices `index`, in that order."""
