@@ -2,9 +2,9 @@
 
 Instances are read into one common form (`Batch`) from native shards and from TFRecords
 (Google's or ours), so inspection, statistics and tests treat both formats alike. `convert`
-turns Google's TFRecords into native shards, streaming: train reads native shards as it goes but
-parses TFRecords into memory (about 2.5 KB per instance of length 128), which does not scale
-to the TFRecords of a large corpus.
+turns Google's TFRecords into native shards, streaming: train reads native shards as it goes
+but parses TFRecords into memory (about 2.5 KB per instance of length 128), which does not
+scale to the TFRecords of a large corpus.
 """
 
 from __future__ import annotations
