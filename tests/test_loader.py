@@ -132,6 +132,21 @@ def test_a_shard_cut_short_while_training_reads_it(train_data, tmp_path):
         data.max_token_id()
 
 
+def test_shards_of_another_record_layout_in_one_data_set(tmp_path):
+    """Shards made with another max_seq_length (or masking, or vocabulary width) beside each
+    other: one error naming the odd shard, before any record is read."""
+    for k, seq in enumerate((16, 16, 32)):
+        records = np.zeros(4, dtype=record_dtype(1000, seq, 3, static_masking=False))
+        records["length"], records["sep_a"] = 6, 2
+        meta = {"max_seq_length": seq, "max_predictions_per_seq": 3, "static_masking": False,
+                "vocab_size": 1000, "num_records": 4}  # fmt: skip
+        with open(tmp_path / f"shard-{k}.bin", "wb") as f:
+            write_shard(f, records, meta)
+    odd = rf"{tmp_path / 'shard-2.bin'}: its records are not those of "
+    with pytest.raises(UserError, match=odd + rf"{tmp_path / 'shard-0.bin'} \(another max_seq"):
+        PretrainingData(str(tmp_path / "shard-*.bin"))
+
+
 def test_more_shards_than_the_limit_on_open_files(tmp_path):
     """More shards than `ulimit -n` allows open files (1,024 by default on many Linux
     systems; a 6 GB corpus makes 1,500 shards): the soft limit is raised to hold them all.
