@@ -21,7 +21,7 @@ from bertforge.batches import (
 )
 from bertforge.errors import UserError
 from bertforge.masking import MaskSpec
-from bertforge.shards import FILES_HEADROOM, open_shard, record_dtype, write_shard
+from bertforge.shards import FILES_HEADROOM, ShardSet, open_shard, record_dtype, write_shard
 from tests.conftest import run_script
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker is forked")
@@ -114,6 +114,45 @@ def test_shards_are_read_by_position_not_mapped(train_data, tmp_path):
     assert np.array_equal(rows.lengths, [r["length"] for r in expected])
     assert np.array_equal(rows.sep_a, [r["sep_a"] for r in expected])
     assert np.array_equal(rows.next_sentence, [r["next_sentence_label"] for r in expected])
+
+
+def test_a_resumed_run_reuses_the_start_up_check_while_the_shards_are_unchanged(
+    train_data, tmp_path, monkeypatch
+):
+    """The start-up pass (largest token id, damaged records) reads the whole data; its result
+    is kept (`save_scan`) and taken again (`reuse_scan`) while every shard has the same path,
+    size, mtime and inode, so a resumed run does not read it all again. A changed shard, a
+    stale or damaged file, or another data set make it read them."""
+    shard = tmp_path / "data" / "shard-00000.bin"
+    shard.parent.mkdir()
+    shard.write_bytes((train_data / "shard-00000.bin").read_bytes())
+    kept = tmp_path / "data_check.json"
+    first = PretrainingData(str(shard))
+    assert not first.reuse_scan(kept)  # none yet
+    top = first.max_token_id()
+    first.save_scan(kept)
+
+    def no_pass(self):
+        raise AssertionError("read the shards again")
+
+    again = PretrainingData(str(shard))
+    monkeypatch.setattr(ShardSet, "blocks", no_pass)
+    assert again.reuse_scan(kept)
+    assert again.max_token_id() == top and again.damaged_record() is None
+    monkeypatch.undo()
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1))
+    changed = PretrainingData(str(shard))
+    assert not changed.reuse_scan(kept) and changed.max_token_id() == top
+    kept.write_text("{not json")
+    assert not PretrainingData(str(shard)).reuse_scan(kept)
+    first.save_scan(kept)  # first read the shard before its mtime changed: stale now
+    assert not PretrainingData(str(shard)).reuse_scan(kept)
+    changed.save_scan(kept)
+    assert PretrainingData(str(shard)).reuse_scan(kept)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shard-00000.bin").write_bytes(shard.read_bytes())
+    assert not PretrainingData(str(other / "shard-00000.bin")).reuse_scan(kept)
 
 
 def test_a_shard_cut_short_while_training_reads_it(train_data, tmp_path):

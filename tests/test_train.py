@@ -766,6 +766,27 @@ def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(
     assert "note: --num-train-steps" not in capsys.readouterr().err  # the same schedule
 
 
+def test_a_resumed_run_does_not_read_the_whole_data_again(
+    tmp_path, train_data, tiny_bert_config, monkeypatch
+):
+    """The start-up check of the data (largest token id, damaged records: a pass over all of
+    it) is kept in the output (data_check.json); a resumed run takes it from there while the
+    shards are unchanged instead of reading them all again."""
+    from bertforge.shards import ShardSet
+
+    out = tmp_path / "run"
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "2")) == 0
+    kept = json.loads((out / "data_check.json").read_text())
+    assert kept["max_token_id"] == PretrainingData(str(train_data)).max_token_id()
+
+    def no_pass(self):
+        raise AssertionError("read the whole data again")
+
+    monkeypatch.setattr(ShardSet, "blocks", no_pass)
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "3")) == 0
+    assert metrics(out)[-1]["step"] == 3
+
+
 def test_a_warmup_as_long_as_the_run_is_warned_about(
     tmp_path, train_data, tiny_bert_config, capsys
 ):

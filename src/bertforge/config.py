@@ -315,7 +315,8 @@ class TrainConfig:
     --input_file)."""
     output: str = option(aliases=("--output_dir",))
     """Directory for checkpoints, metrics.jsonl, eval_results.txt, bert_config.json, the vocab
-    files and manifest.json. A directory with checkpoints is resumed from its latest."""
+    files, data_check.json and manifest.json. A directory with checkpoints is resumed from its
+    latest."""
     model_size: Literal["tiny", "mini", "small", "medium", "base", "large"] | None = None
     """Google's sizes: tiny L2/H128, mini L4/H256, small L4/H512, medium L8/H512, base L12/H768,
     large L24/H1024 (default base, or the --init-checkpoint's size)."""

@@ -101,6 +101,7 @@ from bertforge.tokenization import Vocab, check_init_vocab, entry, load_vocab, r
 from bertforge.tune import use_tune
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DATA_SCAN_FILE = "data_check.json"  # the start-up pass over the data, kept for a resumed run
 # Settings that may change when a run is resumed; any other change is refused.
 RESUMABLE = {
     "num_train_steps",
@@ -196,6 +197,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     data = PretrainingData(cfg.data)
     if d.main and data.native is not None and (note := data.native.limit_note()):
         print(note, file=sys.stderr)
+    data.reuse_scan(Path(cfg.output) / DATA_SCAN_FILE)  # a resumed run's check, if still true
     info = data.info
     check_data_flags(cfg, data)
     init = None
@@ -298,6 +300,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if state is None:
             clear_run(out)
         write_json(out / RUN_FILE, {"stage": "train", "config": run_settings(cfg)})
+        data.save_scan(out / DATA_SCAN_FILE)
         write_json(out / "bert_config.json", bert.to_dict())
         copy_vocab(vocab, out)
         truncate_metrics(out / "metrics.jsonl", state["step"] if state else 0)
