@@ -182,6 +182,11 @@ class CorpusStats:
     text_files: int = 0  # files read as text
     first_text_file: str | None = None
 
+    def bad_line(self, where: str) -> None:
+        """Count a line (or record) whose invalid text was dropped; `where` is "file:line"."""
+        self.bad_lines += 1
+        self.first_bad = self.first_bad or where
+
     def as_dict(self) -> dict:
         """Every field, as manifests keep them (two under the names they have always had)."""
         d = asdict(self)
@@ -445,18 +450,23 @@ def decode_lines(
         try:
             out.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
-            if strict:
-                raise UserError(
-                    f"{path}:{i}: invalid UTF-8 at byte {offset + e.start} of the file "
-                    f"(byte {e.start} of the line); fix the file, or drop --strict-utf8 to "
-                    "drop bad bytes."
-                ) from None
-            out.append(raw.decode("utf-8", errors="ignore"))
-            stats.bad_lines += 1
-            if stats.first_bad is None:
-                stats.first_bad = f"{path}:{i}"
+            at = f"byte {offset + e.start} of the file (byte {e.start} of the line)"
+            out.append(drop_invalid(raw, f"{path}:{i}", at, stats, strict))
         offset += len(raw) + 1
     return out
+
+
+def drop_invalid(raw: bytes, where: str, at: str, stats: CorpusStats, strict: bool) -> str:
+    """A line's (or row's) bytes that are not valid UTF-8, as text without the bad bytes (as
+    Google's script reads them), the line counted; with `strict`, an error naming `where`
+    and the first bad byte (`at`)."""
+    if strict:
+        raise UserError(
+            f"{where}: invalid UTF-8 at {at}; fix the file, or drop --strict-utf8 to drop bad "
+            "bytes."
+        ) from None  # called while handling the UnicodeDecodeError: this error alone
+    stats.bad_line(where)
+    return raw.decode("utf-8", errors="ignore")
 
 
 def iter_items(
@@ -659,19 +669,12 @@ def utf8_texts(
     raw = rows.cast(pa.large_binary() if pa.types.is_large_string(rows.type) else pa.binary())
     raw.validate(full=True)
     out: list[str | None] = []
-    for i, data in enumerate(raw.to_pylist()):
+    for i, data in enumerate(raw.to_pylist(), first):
         try:
             out.append(None if data is None else data.decode("utf-8"))
         except UnicodeDecodeError as e:
-            where = f"{path}: row {first + i}"
-            if strict:
-                raise UserError(
-                    f"{where}: invalid UTF-8 at byte {e.start} of its text; fix the file, or "
-                    "drop --strict-utf8 to drop bad bytes."
-                ) from None
-            out.append(data.decode("utf-8", errors="ignore"))
-            stats.bad_lines += 1
-            stats.first_bad = stats.first_bad or where
+            out.append(drop_invalid(data, f"{path}: row {i}", f"byte {e.start} of its text",
+                                    stats, strict))  # fmt: skip
     return out
 
 
@@ -764,8 +767,7 @@ def text_lines(text: Any, where: str, stats: CorpusStats, strict: bool) -> list[
                 "the record, or drop --strict-utf8 to drop such characters."
             )
         text = SURROGATE.sub("", text)
-        stats.bad_lines += 1
-        stats.first_bad = stats.first_bad or where
+        stats.bad_line(where)
     return [s for s in (t.strip() for t in text.split("\n")) if s]
 
 
