@@ -119,7 +119,6 @@ class PretrainingData:
             static = True
             p_max = self.tf_rows.positions.shape[1]
         self.offsets = np.cumsum([0, *sizes])
-        self._scanned: list[list[Any]] | None = None  # shards_key() when _scan was made
         n = int(self.offsets[-1])
         if n == 0:
             raise UserError(f"--data: {path} holds no records.")
@@ -149,30 +148,20 @@ class PretrainingData:
 
     def max_token_id(self) -> int:
         """The largest token id of the data (masked-LM labels included)."""
-        return self._scan[0]
-
-    def shards_key(self) -> list[list[Any]] | None:
-        """What identifies the native shards as they are on disk (path, size, mtime, inode of
-        each), or None for TFRecords."""
-        if self.native is None:
-            return None
-        key = []
-        for path in self.native.paths:
-            s = os.stat(path)
-            key.append([os.path.abspath(path), s.st_size, s.st_mtime_ns, s.st_ino])
-        return key
+        return self._scan[1]
 
     def reuse_scan(self, path: Path) -> bool:
         """Take the start-up pass's result (`_scan`) from `path` (`save_scan`) if it was made
         on these shards as they are now, so that a resumed run does not read the whole data
         again (6 GB: 6.9 s from this machine's disk; 100 GB on network storage, minutes).
         Whether it did; an unreadable or stale file is passed over."""
+        if self.native is None:
+            return False
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved["version"] != SCAN_VERSION or saved["shards"] != self.shards_key():
+            if saved["version"] != SCAN_VERSION or saved["shards"] != self.native.stat_key():
                 return False
-            self.__dict__["_scan"] = (int(saved["max_token_id"]), None)
-            self._scanned = saved["shards"]
+            self.__dict__["_scan"] = (saved["shards"], int(saved["max_token_id"]), None)
             return True
         except (OSError, ValueError, KeyError, TypeError):
             return False
@@ -180,10 +169,9 @@ class PretrainingData:
     def save_scan(self, path: Path) -> None:
         """Write the start-up pass's result for `reuse_scan`: only for native shards found
         whole (a damaged record stops the run anyway)."""
-        top, damaged = self._scan
-        if self._scanned is not None and damaged is None:
-            write_json(path, {"version": SCAN_VERSION, "shards": self._scanned,
-                              "max_token_id": top})  # fmt: skip
+        key, top, damaged = self._scan
+        if key is not None and damaged is None:
+            write_json(path, {"version": SCAN_VERSION, "shards": key, "max_token_id": top})
 
     def damaged_record(self) -> str | None:
         """The first native record whose fields contradict each other, as "FILE: record N:
@@ -194,28 +182,29 @@ class PretrainingData:
         TFRecords (a checksum per record, checked as they are read, but written by other
         tools too): a length below 2, segment ids or a next-sentence label not 0 or 1, a
         masked position outside the instance."""
-        return self._scan[1]
+        return self._scan[2]
 
     @functools.cached_property
-    def _scan(self) -> tuple[int, str | None]:
-        """(max_token_id, damaged_record) from one pass over native shards, a block of
-        records at a time. It reads the whole data, from disk where the page cache does not
-        hold it: 6 GB of shards on this machine took 6.9 s from disk and 1.0-1.1 s from the
-        page cache, where a pass for each took 6.8 s and 1.4 s (the second pass read from the
-        cache; on data larger than the page cache it would read the disk again)."""
+    def _scan(self) -> tuple[list[list[Any]] | None, int, str | None]:
+        """(the shards' `stat_key` as they were read, or None for TFRecords; max_token_id;
+        damaged_record) from one pass over native shards, a block of records at a time. It
+        reads the whole data, from disk where the page cache does not hold it: 6 GB of shards
+        on this machine took 6.9 s from disk and 1.0-1.1 s from the page cache, where a pass
+        for each took 6.8 s and 1.4 s (the second pass read from the cache; on data larger
+        than the page cache it would read the disk again)."""
         if self.tf_rows is not None:
             t = self.tf_rows
             labels = t.labels.max(initial=0) if t.labels is not None else 0
             top = int(max(t.input_ids.max(initial=0), labels))
             what = _tf_contradiction(t)
             if what is None:
-                return top, None
+                return None, top, None
             i, text = what
             ends = np.cumsum(self.tf_sizes)
             f = int(np.searchsorted(ends, i, side="right"))
-            return top, f"{self.files[f]}: record {i - (ends[f] - self.tf_sizes[f])}: {text}"
+            return None, top, f"{self.files[f]}: record {i - (ends[f] - self.tf_sizes[f])}: {text}"
         assert self.native is not None
-        self._scanned = self.shards_key()  # the shards as they were when read
+        key = self.native.stat_key()  # before the pass: the shards as they were read
         top, damaged = 0, None
         for path, start, block in self.native.blocks():
             for name in ("input_ids", "masked_lm_ids"):
@@ -223,7 +212,7 @@ class PretrainingData:
                     top = max(top, int(block[name].max(initial=0)))
             if damaged is None and (what := _contradiction(block)) is not None:
                 damaged = f"{path}: record {start + what[0]}: {what[1]}"
-        return top, damaged
+        return key, top, damaged
 
     def rows(self, index: np.ndarray) -> Rows:
         """The instances at global indices `index`, in that order."""

@@ -189,6 +189,14 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def stat_key(self) -> list[list[Any]]:
+        """The shards as they are on disk now: absolute path, size, mtime and inode of each."""
+        key = []
+        for path in self.paths:
+            s = os.stat(path)
+            key.append([os.path.abspath(path), s.st_size, s.st_mtime_ns, s.st_ino])
+        return key
+
     def limit_note(self) -> str | None:
         """A warning when not every shard can be held open, else None."""
         if self.held == len(self.paths):
