@@ -22,7 +22,7 @@ from bertforge.batches import (
 from bertforge.errors import UserError
 from bertforge.masking import MaskSpec
 from bertforge.shards import FILES_HEADROOM, ShardSet, open_shard, record_dtype, write_shard
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_group, run_script
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker is forked")
 
@@ -132,7 +132,7 @@ def test_a_resumed_run_reuses_the_start_up_check_while_the_shards_are_unchanged(
     top = first.max_token_id()
     first.save_scan(kept)
 
-    def no_pass(self):
+    def no_pass(self, k):
         raise AssertionError("read the shards again")
 
     again = PretrainingData(str(shard))
@@ -338,3 +338,112 @@ def test_a_loader_left_open_does_not_hold_up_the_exit(tmp_path):
         "print('leaving')\n",
     )
     assert done.returncode == 0 and done.stdout == "leaving\n", done.stderr
+
+
+def six_shards(folder, top_in: int = 5, damaged_in: tuple[int, ...] = (4, 1)) -> None:
+    """Six small valid shards in `folder`; token id 999 only in shard `top_in`, and a
+    next-sentence label of 2 (a damaged record) at record 2 of each shard in `damaged_in`."""
+    folder.mkdir()
+    dtype = record_dtype(1000, 16, 3, static_masking=False)
+    meta = {"max_seq_length": 16, "max_predictions_per_seq": 3, "static_masking": False,
+            "vocab_size": 1000, "num_records": 4}  # fmt: skip
+    for k in range(6):
+        records = np.zeros(4, dtype=dtype)
+        records["length"], records["sep_a"] = 5, 1
+        records["input_ids"][:, :5] = 10 + k
+        if k == top_in:
+            records["input_ids"][3, 2] = 999
+        if k in damaged_in:
+            records["next_sentence_label"][2] = 2
+        with open(folder / f"shard-{k}.bin", "wb") as f:
+            write_shard(f, records, meta)
+
+
+def test_the_start_up_pass_reads_shards_in_threads_and_names_the_first_damaged_one(
+    tmp_path, monkeypatch
+):
+    """The start-up pass reads several shards at once (`scan_part`'s threads), and still
+    reports the largest id of them all and the damaged record of the first shard in order,
+    whichever thread finds one first."""
+    import threading
+
+    six_shards(tmp_path / "data")
+    data = PretrainingData(str(tmp_path / "data" / "shard-*.bin"))
+    together = threading.Barrier(3, timeout=10)  # broken unless 3 shards are read at once
+    blocks = ShardSet.blocks
+    seen: set[int] = set()
+
+    def side_by_side(self, k):
+        if threading.get_ident() not in seen:
+            seen.add(threading.get_ident())
+            together.wait()
+        return blocks(self, k)
+
+    monkeypatch.setattr(ShardSet, "blocks", side_by_side)
+    top, damaged = data.scan_part(range(6), threads=3)
+    first = tmp_path / "data" / "shard-1.bin"
+    assert (top, damaged) == (999, (1, f"{first}: record 2: next-sentence label 2, not 0 or 1"))
+    assert len(seen) == 3
+    monkeypatch.undo()
+    assert data.max_token_id() == 999
+    assert data.damaged_record() == f"{first}: record 2: next-sentence label 2, not 0 or 1"
+    assert data.scan_part([4, 5], threads=2) == (999, (4, damaged[1].replace("-1", "-4")))
+
+
+SHARED_CHECK = """
+import os, sys
+from bertforge import distributed, train
+from bertforge.batches import PretrainingData
+from bertforge.errors import UserError
+from bertforge.shards import ShardSet
+
+d = distributed.setup("cpu")
+data = PretrainingData(sys.argv[1])
+if sys.argv[2] == "cut":  # shard 3 cut short after both processes opened the data
+    distributed.barrier(d)
+    if d.main:
+        os.truncate(data.files[3], os.path.getsize(data.files[3]) - 10)
+    distributed.barrier(d)
+blocks, read = ShardSet.blocks, []
+ShardSet.blocks = lambda self, k: (read.append(k), blocks(self, k))[1]
+try:
+    train.share_data_check(data, d, reused=sys.argv[2] == "reused")
+    shared = list(read)
+    line = f"{d.rank} {shared} {data.max_token_id()} {data.damaged_record()}"
+except UserError as e:
+    line = f"{d.rank} error: {e}"
+os.write(1, (line + "\\n").encode())  # one write: the two processes' lines do not mix
+distributed.shutdown(d)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_processes_share_the_start_up_pass(tmp_path):
+    """torchrun with 2 gloo processes: each reads every other shard, and both learn the
+    largest id (in shard 5, read by process 1) and the first damaged record (shard 1's, read
+    by process 1; shard 4's, read by process 0, comes later). When both took a resumed run's
+    result, neither reads in the shared pass. A shard cut short under process 1's part stops
+    both with its error; neither waits for the other."""
+    import sys
+
+    six_shards(tmp_path / "data")
+    (tmp_path / "check.py").write_text(SHARED_CHECK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(how: str) -> list[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29521", str(tmp_path / "check.py"),
+               str(tmp_path / "data" / "shard-*.bin"), how]  # fmt: skip
+        done = run_group(cmd, timeout=120, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return sorted(line for line in done.stdout.splitlines() if line[:2] in ("0 ", "1 "))
+
+    first = tmp_path / "data" / "shard-1.bin"
+    damaged = f"{first}: record 2: next-sentence label 2, not 0 or 1"
+    assert torchrun("fresh") == [f"0 [0, 2, 4] 999 {damaged}", f"1 [1, 3, 5] 999 {damaged}"]
+    assert torchrun("reused") == [f"0 [] 999 {damaged}", f"1 [] 999 {damaged}"]
+    lines = torchrun("cut")
+    assert [line[:9] for line in lines] == ["0 error: ", "1 error: "]
+    cut = tmp_path / "data" / "shard-3.bin"
+    size = cut.stat().st_size  # 10 bytes short now
+    assert lines[0][9:] == lines[1][9:] and lines[0][9:].startswith(f"{cut}: {size} bytes now")

@@ -779,7 +779,7 @@ def test_a_resumed_run_does_not_read_the_whole_data_again(
     kept = json.loads((out / "data_check.json").read_text())
     assert kept["max_token_id"] == PretrainingData(str(train_data)).max_token_id()
 
-    def no_pass(self):
+    def no_pass(self, k):
         raise AssertionError("read the whole data again")
 
     monkeypatch.setattr(ShardSet, "blocks", no_pass)

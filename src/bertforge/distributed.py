@@ -51,6 +51,11 @@ def setup(device: str) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
+def local_processes() -> int:
+    """How many of the job's processes run on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def use_device(dev: torch.device) -> None:
     """Set this process up to train on `dev` (a training process, or a --tune trial's): the
     current CUDA device, or on a CPU the thread cap and malloc's keeping of freed memory."""

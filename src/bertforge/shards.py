@@ -45,6 +45,7 @@ VERSION = 1
 ALIGN = 64
 FILES_HEADROOM = 256  # open files left for everything else when shards are held open
 MIN_HELD = 16  # shards held open however low the limit
+BLOCK_BYTES = 8 << 20  # what a start-up pass reads at a time, per thread
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -228,17 +229,23 @@ class ShardSet:
             self._cut_short(shard)
         return np.frombuffer(data, dtype=self.dtype)
 
-    def blocks(self, size: int = 1 << 16) -> Iterator[tuple[str, int, np.ndarray]]:
-        """Every shard's records in order, `size` at a time: (shard path, first record, block)."""
+    def blocks(self, k: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Shard k's records in order, about BLOCK_BYTES at a time: (first record, block).
+        Threads may read different shards at once (`PretrainingData.scan_part`)."""
         item = self.dtype.itemsize
-        for k, (path, header) in enumerate(zip(self.paths, self.headers, strict=True)):
-            for start in range(0, header.num_records, size):
-                count = min(size, header.num_records - start)
+        size = max(1, BLOCK_BYTES // item)
+        header = self.headers[k]
+        for start in range(0, header.num_records, size):
+            count = min(size, header.num_records - start)
+            at = header.offset + start * item
+            if self._all is not None:
+                data = os.pread(int(self._all[k]), count * item, at)
+            else:
                 with self._lock:
-                    data = self._read(k, count * item, header.offset + start * item)
-                if len(data) != count * item:
-                    self._cut_short(np.array([k]))
-                yield path, start, np.frombuffer(data, dtype=self.dtype)
+                    data = self._read(k, count * item, at)
+            if len(data) != count * item:
+                self._cut_short(np.array([k]))
+            yield start, np.frombuffer(data, dtype=self.dtype)
 
     def _read(self, k: int, size: int, at: int) -> bytes:
         """`size` bytes of shard k from `at`, opening it (and closing the least recently read

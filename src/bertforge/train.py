@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,9 +43,11 @@ from bertforge.batches import (
     Order,
     PretrainingData,
     Rows,
+    ScanPart,
     Split,
     eval_rows,
     prefetcher,
+    scan_threads,
     slice_rows,
     step_rows,
     to_tensors,
@@ -197,7 +199,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     data = PretrainingData(cfg.data)
     if d.main and data.native is not None and (note := data.native.limit_note()):
         print(note, file=sys.stderr)
-    data.reuse_scan(Path(cfg.output) / DATA_SCAN_FILE)  # a resumed run's check, if still true
+    reused = data.reuse_scan(Path(cfg.output) / DATA_SCAN_FILE)  # a resumed run's, if true
+    share_data_check(data, d, reused)
     info = data.info
     check_data_flags(cfg, data)
     init = None
@@ -1706,6 +1709,28 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"({vocab.size} tokens); {why}."
         )
     return vocab
+
+
+def share_data_check(data: PretrainingData, d: Dist, reused: bool) -> None:
+    """Under torchrun, the start-up pass over native shards (the largest token id, damaged
+    records) shared between the processes: each reads every world-th shard and all learn the
+    whole result, so 8 processes on a node read the data once between them, not 8 times each.
+    Skipped when every process took a resumed run's result (`reuse_scan`). A shard cut short
+    stops every process with its error (none waits for the others forever)."""
+    if d.world == 1 or data.native is None or all(distributed.gather_objects(reused, d)):
+        return
+    key = data.native.stat_key()  # before the pass: the shards as they were read
+    threads = scan_threads(distributed.local_processes())
+    mine: object
+    try:
+        mine = data.scan_part(range(d.rank, len(data.files), d.world), threads)
+    except UserError as e:
+        mine = str(e)
+    parts = distributed.gather_objects(mine, d)
+    for part in parts:
+        if isinstance(part, str):
+            raise UserError(part)
+    data.take_scan(key, cast(list[ScanPart], parts))
 
 
 def check_records(cfg: TrainConfig, data: PretrainingData) -> None:
