@@ -46,7 +46,7 @@ ScanPart = tuple[int, tuple[int, str] | None]
 def scan_threads(processes: int = 1) -> int:
     """Threads for the start-up pass of one of `processes` on this machine: two per usable
     CPU, to keep the disk busy while numpy checks a block (6 GB from this 2-core machine's
-    disk: 1 thread 3.6-4.0 s, 2 threads 2.9-3.2 s, 4 threads 2.7 s), at most
+    disk, timed by hand: 1 thread 3.6-4.0 s, 2 threads 2.9-3.2 s, 4 threads 2.7 s), at most
     MAX_SCAN_THREADS, shared among the processes."""
     return max(1, min(MAX_SCAN_THREADS, 2 * usable_cpus()) // processes)
 
@@ -203,9 +203,9 @@ class PretrainingData:
         """(the shards' `stat_key` as they were read, or None for TFRecords; max_token_id;
         damaged_record) from one pass over the data. Native shards are read in threads
         (`scan_part`), from disk where the page cache does not hold them: 6 GB of shards on
-        this 2-core machine took 2.7 s from disk and 0.4-0.5 s from the page cache, where one
-        thread took 3.6-4.0 s and 0.9 s. Under torchrun the processes share the pass
-        (`train.share_data_check`)."""
+        this 2-core machine took 3.2-4.2 s from disk and 0.57-0.67 s from the page cache,
+        where one thread took 3.9-6.3 s and 0.78-0.93 s (`bench/data_check.py`). Under
+        torchrun the processes share the pass (`train.share_data_check`)."""
         if self.tf_rows is not None:
             t = self.tf_rows
             labels = t.labels.max(initial=0) if t.labels is not None else 0
