@@ -1058,6 +1058,39 @@ def test_records_whose_fields_contradict_each_other_stop_training_naming_the_rec
     assert "holds token id 65535, beyond the vocabulary" in capsys.readouterr().err
 
 
+def test_shard_files_named_one_by_one(
+    tmp_path, train_data, google_tfrecords, kjv_vocab, tiny_bert_config, capsys
+):
+    """--data as a glob of native shards: those with dynamic masks need their directory's
+    manifest (the masking settings are there), so the glob is one error pointing to it, where
+    an assertion's traceback came before; nothing is written. Shards with stored masks train
+    from a glob with --vocab, and without it are told to give it (not that they are Google's
+    TFRecords, as the message said before)."""
+    out = tmp_path / "run"
+    shards = str(train_data / "shard-*.bin")
+    assert main(args(Path(shards), out, tiny_bert_config, "--num-train-steps", "1")) == 2
+    assert capsys.readouterr().err == (
+        f"bertforge: error: --data {shards}: these shards are masked as training reads them, "
+        "with the settings (masked_lm_prob, whole-word masking) that their data directory's "
+        "manifest.json holds, and shard files named one by one leave it out; give the "
+        f"directory: --data {train_data}.\n"
+    )
+    assert not out.exists()
+    static = tmp_path / "static"  # Google's TFRecords converted: static masks stored
+    assert main(["data", "convert", str(google_tfrecords), "--vocab", str(kjv_vocab), "--output",
+                 str(static), "--lowercase"]) == 0  # fmt: skip
+    files = Path(str(static / "shard-*.bin"))
+    assert main(args(files, out, tiny_bert_config, "--num-train-steps", "1")) == 2
+    assert capsys.readouterr().err == (
+        f"bertforge: error: {files}: shard files do not name their vocabulary; give --vocab "
+        f"(the vocab.txt the data was made with), or --data {static} (its manifest.json "
+        "names it).\n"
+    )
+    vocab = ("--vocab", str(kjv_vocab), "--no-do-eval")
+    assert main(args(files, out, tiny_bert_config, "--num-train-steps", "2", *vocab)) == 0
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
 @pytest.mark.parametrize(
     "extra",
     [["--google-adam", "--learning_rate=2e-3"], ["--optimizer", "lamb", "--learning_rate=2e-2"]],

@@ -199,10 +199,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     data = PretrainingData(cfg.data)
     if d.main and data.native is not None and (note := data.native.limit_note()):
         print(note, file=sys.stderr)
-    reused = data.reuse_scan(Path(cfg.output) / DATA_SCAN_FILE)  # a resumed run's, if true
-    share_data_check(data, d, reused)
     info = data.info
     check_data_flags(cfg, data)
+    reused = data.reuse_scan(Path(cfg.output) / DATA_SCAN_FILE)  # a resumed run's, if true
+    share_data_check(data, d, reused)
     init = None
     if cfg.init_checkpoint:
         init = read_init_checkpoint(cfg.init_checkpoint, bert_config=cfg.bert_config)
@@ -1656,6 +1656,25 @@ def check_data_flags(cfg: TrainConfig, data: PretrainingData) -> None:
                 f"{flag} {given} does not match the data in {cfg.data}, which was made "
                 f"with {actual}; drop the flag or remake the data."
             )
+    if data.native is not None and not info.static_masking and info.masked_lm_prob is None:
+        folder = data_folder(data)
+        raise UserError(
+            f"--data {cfg.data}: these shards are masked as training reads them, with the "
+            "settings (masked_lm_prob, whole-word masking) that their data directory's "
+            "manifest.json holds, and shard files named one by one leave it out; give the "
+            f"directory: --data {folder or 'DIR'}."
+        )
+
+
+def data_folder(data: PretrainingData) -> Path | None:
+    """The one folder holding every file of --data given by name or glob, if it is a
+    `bertforge data` output (a manifest.json that names the vocabulary and the settings)."""
+    folders = {f.parent for f in data.files}
+    if len(folders) == 1:
+        with contextlib.suppress(UserError):
+            if read_manifest(folder := folders.pop(), "data") is not None:
+                return folder
+    return None
 
 
 def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | None) -> Vocab:
@@ -1669,16 +1688,12 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
     if path is None and init is not None:
         path = init.vocab_file
     if path is None:
-        hint = "."
-        folders = {f.parent for f in data.files}
-        if len(folders) == 1:  # files of a `bertforge data --format tfrecord` output?
-            folder = folders.pop()
-            with contextlib.suppress(UserError):
-                if read_manifest(folder, "data") is not None:
-                    hint = f", or --data {folder} (its manifest.json names it)."
+        folder = data_folder(data)  # files of a `bertforge data` output?
+        hint = f", or --data {folder} (its manifest.json names it)." if folder else "."
+        what = "Google's TFRecords do not" if data.native is None else "shard files do not"
         raise UserError(
-            f"{cfg.data}: Google's TFRecords do not name their vocabulary; give "
-            f"--vocab (the vocab.txt the data was made with){hint}"
+            f"{cfg.data}: {what} name their vocabulary; give --vocab (the vocab.txt the data "
+            f"was made with){hint}"
         )
     vocab = load_vocab(
         path, cfg.do_lower_case if cfg.do_lower_case is not None else info.do_lower_case
