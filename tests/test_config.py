@@ -52,6 +52,39 @@ def test_flags_and_google_aliases():
     assert parse_vocab(["--input", "a", "b", "--output", "o"]).input == ("a", "b")
 
 
+def test_inputs_before_between_and_after_the_flags(monkeypatch, capsys):
+    """A corpus is given as positional arguments, --input, or both, anywhere on the line, in
+    the order given, except that positional inputs after a flag come after all of --input's;
+    `vocab` and `data` take it positional as `run` does. Before, `--input b --output o a` read
+    only a (the positional list replaced the flag's), and an input after a flag (`a --output
+    o c`) was refused as an unexpected argument."""
+    from bertforge import cli
+
+    seen = []
+    for name in ("vocab", "data", "fill-mask"):
+        monkeypatch.setitem(cli.RUNNERS, name, seen.append)
+    monkeypatch.setattr(cli, "run_pipeline_command", lambda run, *_: seen.append(run))
+    monkeypatch.setattr(cli, "vocab_extend", lambda argv: seen.append(argv))
+    data = ("--vocab", "v", "--output", "o")
+    for argv, want in (
+        (["vocab", "a", "--output", "o"], ("a",)),
+        (["vocab", "--input", "b", "--output", "o", "a"], ("b", "a")),
+        (["vocab", "a", "--input", "b", "--output", "o"], ("a", "b")),
+        (["vocab", "a", "--output", "o", "c", "d"], ("a", "c", "d")),
+        (["data", "a", *data, "-", "c"], ("a", "-", "c")),
+        (["data", "a", *data, "c", "--input", "b,d"], ("a", "b", "d", "c")),  # after a flag: last
+        (["run", "a", "--output", "o", "c", "--vocab-size", "500", "d"], ("a", "c", "d")),
+    ):
+        assert cli.main(argv) == 0, argv
+        assert seen.pop().input == want, argv
+    assert cli.main(["fill-mask", "x [MASK]", "--model", "m", "y [MASK]"]) == 0
+    assert seen.pop().text == ("x [MASK]", "y [MASK]")
+    assert cli.main(["vocab", "a", "--output", "o", "c", "--bogus"]) == 2
+    assert "unknown argument '--bogus'" in capsys.readouterr().err
+    assert cli.main(["export", "x", "--output", "o"]) == 2  # no positional: refused
+    assert "unexpected argument 'x'; this command takes flags only" in capsys.readouterr().err
+
+
 def test_bad_bool_value_is_an_error():
     with pytest.raises(UserError, match="--do_lower_case: expected true or false"):
         parse_vocab(["--input", "a", "--output", "o", "--do_lower_case=maybe"])

@@ -32,6 +32,7 @@ from bertforge.config import (
     VocabExtendConfig,
     add_config_arguments,
     build_config,
+    fold_positionals,
     normalize_argv,
     read_toml,
     unknown_flags_error,
@@ -181,6 +182,7 @@ def vocab_extend(argv: list[str]) -> None:
     )
     add_config_arguments(parser, VocabExtendConfig)
     args, unknown = parser.parse_known_args(normalize_argv(argv, [VocabExtendConfig]))
+    unknown = fold_positionals(args, unknown, VocabExtendConfig)
     if unknown:
         raise unknown_flags_error(unknown, parser)
     result = extend_vocab(build_config(VocabExtendConfig, {}, vars(args), source="flags"))
@@ -356,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        classes = {**STAGES, **TOOLS, "run": RunConfig}
+        unknown = fold_positionals(args, unknown, classes.get(args.command))
         if unknown:
             raise unknown_flags_error(unknown, subparsers[args.command])
         dispatch(args)

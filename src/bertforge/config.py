@@ -69,7 +69,7 @@ def option(
 class CorpusInput:
     """Settings of every stage that reads a raw corpus."""
 
-    input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True)
+    input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True, positional=True)
     """Corpus files, globs, directories (read recursively, sorted), .gz/.bz2/.xz/.zst files, or -
     for stdin. Google's format: one sentence per line, a blank line between documents. JSON
     Lines, Parquet and Arrow files: one document per record (see --text-field)."""
@@ -846,9 +846,9 @@ def add_field_argument(parser: argparse.ArgumentParser, spec: FieldSpec, note: s
         )  # fmt: skip
     elif spec.kind == "list":
         if spec.metadata.get("positional"):
-            parser.add_argument(
-                spec.name, nargs="*", default=argparse.SUPPRESS, help=help_text,
-                metavar=spec.name.upper(),
+            parser.add_argument(  # extend: `a --input b` and `--input b a` both read a and b
+                spec.name, nargs="*", action="extend", default=argparse.SUPPRESS,
+                help=help_text, metavar=spec.name.upper(),
             )  # fmt: skip
         parser.add_argument(
             *spec.names(), dest=spec.name, nargs="+", action="extend",
@@ -900,6 +900,18 @@ def normalize_argv(argv: Sequence[str], classes: Sequence[type]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def fold_positionals(args: argparse.Namespace, unknown: list[str], cls: type | None) -> list[str]:
+    """What argparse left over, less the command's inputs given after a flag (`run a.txt
+    --output o b.txt`: argparse takes only the first run of positional arguments and leaves
+    b.txt unknown). Such leftovers are added to the command's positional field, in order."""
+    specs = field_specs(cls) if cls is not None else []
+    name = next((s.name for s in specs if s.metadata.get("positional")), None)
+    if name is None or any(u.startswith("-") and u != "-" for u in unknown):
+        return unknown
+    setattr(args, name, [*getattr(args, name, []), *unknown])
+    return []
 
 
 def unknown_flags_error(unknown: Sequence[str], parser: argparse.ArgumentParser) -> UserError:
