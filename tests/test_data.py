@@ -8,6 +8,8 @@ import gzip
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -266,6 +268,37 @@ def test_verify_finds_damage(tmp_path, kjv_corpus, kjv_vocab):
     with pytest.raises(UserError, match=r"2 of \d+ shard\(s\) fail.*shard-00001.tfrecord does not"
                        r" match its sha256.*shard-00002.tfrecord has \d+ bytes"):  # fmt: skip
         verify(str(out))
+
+
+def test_a_data_directory_without_a_manifest_is_named_for_what_it_holds(train_data, tmp_path):
+    """--data DIR with no manifest.json: bertforge's own unfinished output is told to rerun
+    the data command; a folder of another tool's files (Google's TFRecords) is told to give
+    them by glob, which works, where it was told to rerun a data command it never ran; an
+    empty folder is called empty."""
+    from bertforge.datacheck import data_files
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(train_data, unfinished)
+    (unfinished / "manifest.json").unlink()
+    google = tmp_path / "google"
+    google.mkdir()
+    for k in range(2):  # any bytes: only the first file's first 8 are read
+        (google / f"tf_examples.tfrecord{k}").write_bytes(b"\x00" * 64)
+    (tmp_path / "empty").mkdir()
+    for folder, says in (
+        (unfinished, "no manifest.json, so not a finished `bertforge data` output (rerun the "
+                     "same data command to finish it)."),
+        (google, "no manifest.json, so not a `bertforge data` output; give TFRecord files "
+                 f"(Google's create_pretraining_data.py) by name or glob: '{google}/*'."),
+        (tmp_path / "empty", "an empty directory, not the output of `bertforge data`."),
+    ):  # fmt: skip
+        with pytest.raises(UserError) as e:
+            data_files(str(folder))
+        assert str(e.value) == f"{folder}: {says}"
+    (google / "tf_examples.tfrecord1").unlink()
+    with pytest.raises(UserError, match=re.escape(f"glob: '{google}/*.tfrecord0'.")):
+        data_files(str(google))
+    assert data_files(f"{google}/*.tfrecord0") == ([google / "tf_examples.tfrecord0"], None)
 
 
 def test_inspect_native_and_google_tfrecords(tmp_path, kjv_corpus, kjv_vocab, capsys):

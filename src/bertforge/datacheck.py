@@ -170,8 +170,7 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
     if p.is_dir():
         manifest = read_manifest(p, "data")
         if manifest is None:
-            raise UserError(f"{p}: no manifest.json, so not a finished `bertforge data` output "
-                            "(rerun the same data command to finish it).")  # fmt: skip
+            raise UserError(no_manifest(p))
         return [p / s["file"] for s in manifest["shards"]], manifest
     files: list[Path] = []
     for part in path.split(","):
@@ -181,6 +180,28 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
     if not files or missing:
         raise UserError(f"{path}: no such data file(s): {', '.join(missing) or path}.")
     return files, None
+
+
+def no_manifest(folder: Path) -> str:
+    """What a directory without a data manifest is, and what to do: an unfinished `bertforge
+    data` output (its .parts/ folder, or native shards), or files of another tool, Google's
+    TFRecords most likely, which are given by name or glob (no manifest lists them)."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name[:1] != ".")
+    ours = (folder / ".parts").is_dir()
+    if not ours and not files:
+        return f"{folder}: an empty directory, not the output of `bertforge data`."
+    if not ours:
+        with open(files[0], "rb") as f:
+            ours = f.read(8) == MAGIC
+    if ours:
+        return (f"{folder}: no manifest.json, so not a finished `bertforge data` output (rerun "
+                "the same data command to finish it).")  # fmt: skip
+    suffixes = {f.suffix for f in files}
+    pattern = folder / f"*{suffixes.pop()}" if len(suffixes) == 1 else folder / "*"
+    return (
+        f"{folder}: no manifest.json, so not a `bertforge data` output; give TFRecord "
+        f"files (Google's create_pretraining_data.py) by name or glob: '{pattern}'."
+    )
 
 
 def read_any(path: Path, limit: int | None = None) -> Batch:
