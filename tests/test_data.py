@@ -274,7 +274,7 @@ def test_a_data_directory_without_a_manifest_is_named_for_what_it_holds(train_da
     """--data DIR with no manifest.json: bertforge's own unfinished output is told to rerun
     the data command; a folder of another tool's files (Google's TFRecords) is told to give
     them by glob, which works, where it was told to rerun a data command it never ran; an
-    empty folder is called empty."""
+    empty folder is called empty, one of folders alone is told to give the data's own."""
     from bertforge.datacheck import data_files
 
     unfinished = tmp_path / "unfinished"
@@ -285,12 +285,15 @@ def test_a_data_directory_without_a_manifest_is_named_for_what_it_holds(train_da
     for k in range(2):  # any bytes: only the first file's first 8 are read
         (google / f"tf_examples.tfrecord{k}").write_bytes(b"\x00" * 64)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "outer" / "inner").mkdir(parents=True)
     for folder, says in (
         (unfinished, "no manifest.json, so not a finished `bertforge data` output (rerun the "
                      "same data command to finish it)."),
         (google, "no manifest.json, so not a `bertforge data` output; give TFRecord files "
                  f"(Google's create_pretraining_data.py) by name or glob: '{google}/*'."),
         (tmp_path / "empty", "an empty directory, not the output of `bertforge data`."),
+        (tmp_path / "outer", "no manifest.json, so not a `bertforge data` output (it holds "
+                             "folders only; give the data directory itself)."),
     ):  # fmt: skip
         with pytest.raises(UserError) as e:
             data_files(str(folder))

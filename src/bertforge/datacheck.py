@@ -184,18 +184,23 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
 
 def no_manifest(folder: Path) -> str:
     """What a directory without a data manifest is, and what to do: an unfinished `bertforge
-    data` output (its .parts/ folder, or native shards), or files of another tool, Google's
-    TFRecords most likely, which are given by name or glob (no manifest lists them)."""
-    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name[:1] != ".")
+    data` output (its .parts/ folder, or native shards), files of another tool (Google's
+    TFRecords most likely, which are given by name or glob: no manifest lists them), folders
+    alone, or nothing."""
+    entries = [e for e in folder.iterdir() if e.name[:1] != "."]
+    files = sorted(e for e in entries if e.is_file())
     ours = (folder / ".parts").is_dir()
-    if not ours and not files:
-        return f"{folder}: an empty directory, not the output of `bertforge data`."
-    if not ours:
+    if files and not ours:
         with open(files[0], "rb") as f:
             ours = f.read(8) == MAGIC
     if ours:
         return (f"{folder}: no manifest.json, so not a finished `bertforge data` output (rerun "
                 "the same data command to finish it).")  # fmt: skip
+    if not entries:
+        return f"{folder}: an empty directory, not the output of `bertforge data`."
+    if not files:
+        return (f"{folder}: no manifest.json, so not a `bertforge data` output (it holds "
+                "folders only; give the data directory itself).")  # fmt: skip
     suffixes = {f.suffix for f in files}
     pattern = folder / f"*{suffixes.pop()}" if len(suffixes) == 1 else folder / "*"
     return (
