@@ -1058,6 +1058,29 @@ def test_records_whose_fields_contradict_each_other_stop_training_naming_the_rec
     assert "holds token id 65535, beyond the vocabulary" in capsys.readouterr().err
 
 
+def test_an_output_over_another_stages_output_is_refused_even_with_overwrite(
+    tmp_path, train_data, tiny_bert_config, capsys
+):
+    """--output DATA --overwrite: training wrote its manifest.json over the data's, and the
+    data could no longer be read. Another stage's output is refused, --overwrite or not, and
+    left as it was; the same holds for `bertforge run`."""
+    data = tmp_path / "data"
+    shutil.copytree(train_data, data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    extra = ("--num-train-steps", "1", "--overwrite")
+    assert main(args(data, data, tiny_bert_config, *extra)) == 2
+    assert capsys.readouterr().err == (
+        f"bertforge: error: --output: {data} holds a bertforge data output, which a train "
+        "output written there would damage; choose another directory (--overwrite replaces "
+        "only an earlier train output).\n"
+    )
+    assert (
+        main(["run", str(train_data / "manifest.json"), "--output", str(data), "--overwrite"]) == 2
+    )
+    assert f"{data} holds a bertforge data output, which a run output" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+
+
 def test_shard_files_named_one_by_one(
     tmp_path, train_data, google_tfrecords, kjv_vocab, tiny_bert_config, capsys
 ):

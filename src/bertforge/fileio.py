@@ -187,13 +187,28 @@ def read_manifest(directory: str | Path, stage: str | None = None) -> dict[str, 
 def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag: str) -> Path:
     """Create the output dir; refuse one that holds something other than this stage's output."""
     d = Path(directory)  # `output_lock` has refused a file of that name
-    if d.is_dir() and holds_files(d) and not overwrite and stage not in output_stages(d):
-        raise UserError(
-            f"{flag}: {d} is not empty and is not a bertforge {stage} output; "
-            "choose another directory or pass --overwrite."
-        )
+    if d.is_dir() and holds_files(d):
+        refuse_other_stage(d, stage, flag)
+        if not overwrite and stage not in output_stages(d):
+            raise UserError(
+                f"{flag}: {d} is not empty and is not a bertforge {stage} output; "
+                "choose another directory or pass --overwrite."
+            )
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def refuse_other_stage(d: Path, stage: str, flag: str) -> None:
+    """Refuse, --overwrite or not, a directory that holds another stage's output: writing
+    there would replace its manifest.json (`train --output DATA --overwrite` made the data
+    unreadable), and it is often the very input this stage reads."""
+    others = sorted(output_stages(d) - {stage})
+    if others:
+        raise UserError(
+            f"{flag}: {d} holds a bertforge {' and '.join(others)} output, which a {stage} "
+            "output written there would damage; choose another directory (--overwrite "
+            f"replaces only an earlier {stage} output)."
+        )
 
 
 def begin_output(directory: Path, stage: str) -> None:

@@ -50,6 +50,7 @@ from bertforge.fileio import (
     holds_files,
     output_lock,
     read_manifest,
+    refuse_other_stage,
     sha256_file,
     write_json,
 )
@@ -308,6 +309,8 @@ def _run_pipeline(
 ) -> RunResult:
     out = Path(run.output)  # `output_lock` has refused a file of that name
     state_path = out / RUN_STATE
+    if out.is_dir() and holds_files(out):
+        refuse_other_stage(out, "run", "--output")
     if out.is_dir() and holds_files(out) and not state_path.is_file() and not run.overwrite:
         raise UserError(
             f"--output: {out} is not empty and is not a bertforge run; choose another "
