@@ -432,7 +432,7 @@ def test_torchrun_processes_share_the_start_up_pass(tmp_path):
 
     def torchrun(how: str) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", "29521", str(tmp_path / "check.py"),
+               "--master-port", "29524", str(tmp_path / "check.py"),
                str(tmp_path / "data" / "shard-*.bin"), how]  # fmt: skip
         done = run_group(cmd, timeout=120, capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
