@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bertforge.cli import main
-from bertforge.config import VocabConfig, build_config, field_specs, read_toml
+from bertforge.config import DataConfig, VocabConfig, build_config, field_specs, read_toml
 from bertforge.errors import UserError
 
 
@@ -83,6 +83,32 @@ def test_inputs_before_between_and_after_the_flags(monkeypatch, capsys):
     assert "unknown argument '--bogus'" in capsys.readouterr().err
     assert cli.main(["export", "x", "--output", "o"]) == 2  # no positional: refused
     assert "unexpected argument 'x'; this command takes flags only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ({"masked_lm_prob": 0.0}, "--masked-lm-prob: must be above 0 and below 1 (0.15 in BERT)."),
+        ({"masked_lm_prob": 1.0}, "--masked-lm-prob: must be above 0 and below 1 (0.15 in BERT)."),
+        ({"short_seq_prob": 1.5}, "--short-seq-prob: must be between 0 and 1."),
+        ({"max_seq_length": 4}, "--max-seq-length: must be at least 5 ([CLS] a [SEP] b [SEP])."),
+        ({"max_predictions_per_seq": 0}, "--max-predictions-per-seq: must be between 1 and "
+         "max_seq_length - 3 = 125 (only that many tokens can be masked)."),
+        ({"dupe_factor": 0}, "--dupe-factor: must be at least 1."),
+        ({"google_compatible": True, "workers": 2}, "--workers: --google-compatible runs in "
+         "one process, as Google's script does; drop one of the two."),
+        ({"google_compatible": True, "unit_mb": 8.0}, "--unit-mb: --google-compatible reads "
+         "the corpus as one unit (one shuffle over all of it), as Google's script does; drop "
+         "one of the two."),
+    ],
+)  # fmt: skip
+def test_data_settings_out_of_range_name_the_flag_and_the_range(setting, says):
+    """Each data setting out of range is one error naming the flag and what it may be (0 was
+    refused as "must be between 0 and 1" for --masked-lm-prob, which reads as allowed), and
+    so is a flag --google-compatible would leave unused (it was ignored without a word)."""
+    with pytest.raises(UserError) as e:
+        DataConfig(input=("a",), vocab="v", output="o", **setting)
+    assert str(e.value) == says
 
 
 def test_bad_bool_value_is_an_error():

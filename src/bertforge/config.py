@@ -248,7 +248,11 @@ class DataConfig(CorpusInput):
                 "--max-predictions-per-seq",
                 f"must be between 1 and max_seq_length - 3 = {self.max_seq_length - 3} "
                 "(only that many tokens can be masked)")  # fmt: skip
-        require(0 < self.masked_lm_prob < 1, "--masked-lm-prob", "must be between 0 and 1")
+        require(
+            0 < self.masked_lm_prob < 1,
+            "--masked-lm-prob",
+            "must be above 0 and below 1 (0.15 in BERT)",
+        )
         require(0 <= self.short_seq_prob <= 1, "--short-seq-prob", "must be between 0 and 1")
         require(self.dupe_factor is None or self.dupe_factor >= 1, "--dupe-factor",
                 "must be at least 1")  # fmt: skip
@@ -257,6 +261,12 @@ class DataConfig(CorpusInput):
         require(self.unit_mb > 0, "--unit-mb", "must be positive")
         require(not (self.google_compatible and self.format == "native"), "--format",
                 "--google-compatible writes Google's TFRecords; drop --format native")  # fmt: skip
+        require(not (self.google_compatible and self.workers > 1), "--workers",
+                "--google-compatible runs in one process, as Google's script does; drop one "
+                "of the two")  # fmt: skip
+        require(not (self.google_compatible and self.unit_mb != 4.0), "--unit-mb",
+                "--google-compatible reads the corpus as one unit (one shuffle over all of "
+                "it), as Google's script does; drop one of the two")  # fmt: skip
         require(not (self.google_compatible and self.text_field != "text"), "--text-field",
                 "--google-compatible reads every file as text, as Google's script does; drop "
                 "one of the two")  # fmt: skip
