@@ -305,6 +305,21 @@ def test_a_data_directory_without_a_manifest_is_named_for_what_it_holds(train_da
     assert data_files(f"{google}/*.tfrecord0") == ([google / "tf_examples.tfrecord0"], None)
 
 
+def test_the_data_tools_numbers_out_of_range_name_the_flag(train_data, tmp_path, capsys):
+    """`data inspect --max-records 0` stopped with numpy's ValueError, and `data convert
+    --workers -1` with the process pool's; each is one error naming the flag now."""
+    for argv, says in (
+        (["inspect", str(train_data), "--max-records", "0"], "--max-records: must be 1 or more."),
+        (["inspect", str(train_data), "-n", "-1"], "-n: must be 0 or more."),
+        (["convert", str(train_data / "x.tfrecord"), "--vocab", "v", "--output",
+          str(tmp_path / "c"), "--workers", "-1"],
+         "--workers: must be 0 or more (0: every usable CPU)."),
+    ):  # fmt: skip
+        assert main(["data", *argv]) == 2
+        assert capsys.readouterr().err == f"bertforge: error: {says}\n"
+    assert not (tmp_path / "c").exists()
+
+
 def test_inspect_native_and_google_tfrecords(tmp_path, kjv_corpus, kjv_vocab, capsys):
     out = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "d")).output
     stats = inspect(str(out), n=2)

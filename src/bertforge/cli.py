@@ -158,6 +158,14 @@ def data_tool(argv: list[str]) -> None:
         help="processes decoding records (default: every CPU this process may use)",
     )
     args = parser.parse_args(argv)
+    for flag, value, least in (
+        ("-n", getattr(args, "n", 0), 0),
+        ("--max-records", getattr(args, "max_records", 1), 1),
+        ("--workers", getattr(args, "workers", None) or 0, 0),
+    ):
+        if value < least:
+            raise UserError(f"{flag}: must be {least} or more" + (
+                " (0: every usable CPU)." if flag == "--workers" else "."))  # fmt: skip
     if args.tool == "convert":
         m = datacheck.convert(
             args.input, args.vocab, args.output, args.lower, args.overwrite, args.workers
