@@ -111,6 +111,26 @@ def test_data_settings_out_of_range_name_the_flag_and_the_range(setting, says):
     assert str(e.value) == says
 
 
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ({"weight_decay": -0.01}, "--weight-decay: must be 0 or more (0.01 in BERT)."),
+        ({"adam_epsilon": 0.0}, "--adam-epsilon: must be positive (1e-6 in BERT; 0 divides by "
+         "zero for a weight whose gradients are all 0)."),
+        ({"max_grad_norm": -1.0}, "--max-grad-norm: must be 0 (no clipping) or more."),
+    ],
+)  # fmt: skip
+def test_optimizer_settings_out_of_range_name_the_flag(setting, says):
+    """A negative weight decay, a zero epsilon or a negative clipping norm trained without a
+    word (the epsilon into NaN weights for rows that get no gradient)."""
+    from bertforge.config import TrainConfig
+
+    with pytest.raises(UserError) as e:
+        TrainConfig(data="d", output="o", **setting)
+    assert str(e.value) == says
+    TrainConfig(data="d", output="o", weight_decay=0.0, max_grad_norm=0.0)  # both allowed
+
+
 def test_bad_bool_value_is_an_error():
     with pytest.raises(UserError, match="--do_lower_case: expected true or false"):
         parse_vocab(["--input", "a", "--output", "o", "--do_lower_case=maybe"])

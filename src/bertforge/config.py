@@ -536,6 +536,10 @@ class TrainConfig:
         require(self.do_train or self.eval_records != 0, "--eval-records",
                 "0 leaves nothing to evaluate, and --no-do-train nothing to train")  # fmt: skip
         require(self.learning_rate > 0, "--learning-rate", "must be positive")
+        require(self.weight_decay >= 0, "--weight-decay", "must be 0 or more (0.01 in BERT)")
+        require(self.adam_epsilon > 0, "--adam-epsilon", "must be positive (1e-6 in BERT; "
+                "0 divides by zero for a weight whose gradients are all 0)")  # fmt: skip
+        require(self.max_grad_norm >= 0, "--max-grad-norm", "must be 0 (no clipping) or more")
         require(self.peak_tflops is None or self.peak_tflops > 0, "--peak-tflops",
                 "must be positive (the peak in TFLOP/s, e.g. 989 for an H100 SXM)")  # fmt: skip
         require(self.dropout is None or 0 <= self.dropout < 1, "--dropout",
