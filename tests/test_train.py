@@ -767,24 +767,34 @@ def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(
 
 
 def test_a_resumed_run_does_not_read_the_whole_data_again(
-    tmp_path, train_data, tiny_bert_config, monkeypatch
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
 ):
     """The start-up check of the data (largest token id, damaged records: a pass over all of
     it) is kept in the output (data_check.json); a resumed run takes it from there while the
-    shards are unchanged instead of reading them all again."""
+    shards are unchanged instead of reading them all again. With --progress, a check of more
+    than ANNOUNCED_CHECK_BYTES (here lowered to 0) is announced before it reads; a resumed
+    run's, which does not read, is not."""
     from bertforge.shards import ShardSet
 
+    monkeypatch.setattr(train_module, "ANNOUNCED_CHECK_BYTES", 0)
     out = tmp_path / "run"
-    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "2")) == 0
+    two = args(train_data, out, tiny_bert_config, "--num-train-steps", "2", "--progress")
+    assert main(two) == 0
+    data = PretrainingData(str(train_data))
+    size = len(data) * data.native.dtype.itemsize
+    announced = (f"train: checking every record of {train_data} ({size / 1e9:.1f} GB, "
+                 f"{len(data.files)} shards) before the first step\n")  # fmt: skip
+    assert announced in capsys.readouterr().err
     kept = json.loads((out / "data_check.json").read_text())
-    assert kept["max_token_id"] == PretrainingData(str(train_data)).max_token_id()
+    assert kept["max_token_id"] == data.max_token_id()
 
     def no_pass(self, k):
         raise AssertionError("read the whole data again")
 
     monkeypatch.setattr(ShardSet, "blocks", no_pass)
-    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "3")) == 0
+    assert main([*two[:-3], "--num-train-steps", "3", "--progress"]) == 0
     assert metrics(out)[-1]["step"] == 3
+    assert "train: checking every record" not in capsys.readouterr().err
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_about(

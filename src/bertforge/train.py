@@ -103,6 +103,7 @@ from bertforge.tokenization import Vocab, check_init_vocab, entry, load_vocab, r
 from bertforge.tune import use_tune
 
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+ANNOUNCED_CHECK_BYTES = 1 << 30  # a start-up check of more data is announced first
 DATA_SCAN_FILE = "data_check.json"  # the start-up pass over the data, kept for a resumed run
 # Settings that may change when a run is resumed; any other change is refused.
 RESUMABLE = {
@@ -202,6 +203,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     info = data.info
     check_data_flags(cfg, data)
     reused = data.reuse_scan(Path(cfg.output) / DATA_SCAN_FILE)  # a resumed run's, if true
+    if d.main and cfg.progress and not reused and (line := check_announcement(cfg, data)):
+        print(line, file=sys.stderr)
     share_data_check(data, d, reused)
     init = None
     if cfg.init_checkpoint:
@@ -1724,6 +1727,19 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"({vocab.size} tokens); {why}."
         )
     return vocab
+
+
+def check_announcement(cfg: TrainConfig, data: PretrainingData) -> str | None:
+    """A line saying that the start-up check reads the data, for native shards of over
+    ANNOUNCED_CHECK_BYTES: from slow storage it takes seconds to minutes (6 GB, 3-4 s from
+    this machine's disk), with nothing else on screen yet."""
+    if data.native is None:
+        return None
+    size = len(data) * data.native.dtype.itemsize
+    if size <= ANNOUNCED_CHECK_BYTES:
+        return None
+    return (f"train: checking every record of {cfg.data} ({size / 1e9:.1f} GB, "
+            f"{len(data.files):,} shards) before the first step")  # fmt: skip
 
 
 def share_data_check(data: PretrainingData, d: Dist, reused: bool) -> None:
