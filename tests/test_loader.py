@@ -390,6 +390,25 @@ def test_the_start_up_pass_reads_shards_in_threads_and_names_the_first_damaged_o
     assert data.scan_part([4, 5], threads=2) == (999, (4, damaged[1].replace("-1", "-4")))
 
 
+def test_the_start_up_pass_stops_at_an_error_or_ctrl_c(tmp_path, monkeypatch):
+    """A shard's error (or Ctrl-C) during the start-up pass stops it there: the shards not
+    begun are not read (`Executor.map` cancels them as its results stop being taken; all
+    futures submitted and then awaited would read every shard first, minutes on a large
+    data set while Ctrl-C seemed to do nothing)."""
+    six_shards(tmp_path / "data")
+    data = PretrainingData(str(tmp_path / "data" / "shard-*.bin"))
+    read = []
+
+    def interrupted(self, k):
+        read.append(k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShardSet, "blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.scan_part(range(6), threads=1)
+    assert read == [0]
+
+
 SHARED_CHECK = """
 import os, sys
 from bertforge import distributed, train
