@@ -158,14 +158,12 @@ def data_tool(argv: list[str]) -> None:
         help="processes decoding records (default: every CPU this process may use)",
     )
     args = parser.parse_args(argv)
-    for flag, value, least in (
-        ("-n", getattr(args, "n", 0), 0),
-        ("--max-records", getattr(args, "max_records", 1), 1),
-        ("--workers", getattr(args, "workers", None) or 0, 0),
-    ):
-        if value < least:
-            raise UserError(f"{flag}: must be {least} or more" + (
-                " (0: every usable CPU)." if flag == "--workers" else "."))  # fmt: skip
+    if args.tool == "inspect" and args.n < 0:
+        raise UserError("-n: must be 0 or more.")
+    if args.tool == "inspect" and args.max_records < 1:
+        raise UserError("--max-records: must be 1 or more.")
+    if args.tool == "convert" and (args.workers or 0) < 0:
+        raise UserError("--workers: must be 0 or more (0: every usable CPU).")
     if args.tool == "convert":
         m = datacheck.convert(
             args.input, args.vocab, args.output, args.lower, args.overwrite, args.workers
