@@ -52,12 +52,13 @@ def test_flags_and_google_aliases():
     assert parse_vocab(["--input", "a", "b", "--output", "o"]).input == ("a", "b")
 
 
-def test_inputs_before_between_and_after_the_flags(monkeypatch, capsys):
+def test_inputs_before_between_and_after_the_flags(monkeypatch, capsys, tmp_path):
     """A corpus is given as positional arguments, --input, or both, anywhere on the line, in
     the order given, except that positional inputs after a flag come after all of --input's;
     `vocab` and `data` take it positional as `run` does. Before, `--input b --output o a` read
     only a (the positional list replaced the flag's), and an input after a flag (`a --output
-    o c`) was refused as an unexpected argument."""
+    o c`) was refused as an unexpected argument. With no input on the line, a --config
+    file's is used (the first version of the folding emptied it)."""
     from bertforge import cli
 
     seen = []
@@ -79,6 +80,14 @@ def test_inputs_before_between_and_after_the_flags(monkeypatch, capsys):
         assert seen.pop().input == want, argv
     assert cli.main(["fill-mask", "x [MASK]", "--model", "m", "y [MASK]"]) == 0
     assert seen.pop().text == ("x [MASK]", "y [MASK]")
+    toml = tmp_path / "c.toml"  # no input on the line: the file's is kept, not emptied
+    toml.write_text('[run]\ninput = ["t"]\n[vocab]\ninput = ["t"]\noutput = "o"\n')
+    assert cli.main(["vocab", "--config", str(toml)]) == 0
+    assert seen.pop().input == ("t",)
+    assert cli.main(["run", "--config", str(toml), "--output", "o"]) == 0
+    assert seen.pop().input == ("t",)
+    assert cli.main(["vocab", "a", "--config", str(toml)]) == 0  # the line over the file
+    assert seen.pop().input == ("a",)
     assert cli.main(["vocab", "a", "--output", "o", "c", "--bogus"]) == 2
     assert "unknown argument '--bogus'" in capsys.readouterr().err
     assert cli.main(["export", "x", "--output", "o"]) == 2  # no positional: refused

@@ -922,8 +922,8 @@ def fold_positionals(args: argparse.Namespace, unknown: list[str], cls: type | N
     b.txt unknown). Such leftovers are added to the command's positional field, in order."""
     specs = field_specs(cls) if cls is not None else []
     name = next((s.name for s in specs if s.metadata.get("positional")), None)
-    if name is None or any(u.startswith("-") and u != "-" for u in unknown):
-        return unknown
+    if not unknown or name is None or any(u.startswith("-") and u != "-" for u in unknown):
+        return unknown  # (nothing left over: the field untouched, so a TOML file can set it)
     setattr(args, name, [*getattr(args, name, []), *unknown])
     return []
 
