@@ -32,7 +32,7 @@ from bertforge.datacheck import data_files, read_tfrecord
 from bertforge.errors import UserError
 from bertforge.fileio import write_json
 from bertforge.masking import MaskSpec, RowRng, mask_batch
-from bertforge.shards import MAGIC, ShardSet, segment_ids
+from bertforge.shards import ShardSet, is_shard, segment_ids
 from bertforge.workers import usable_cpus
 
 IGNORE = -100  # label of an unused prediction slot
@@ -95,9 +95,7 @@ class PretrainingData:
         self.files = files
         self.native: ShardSet | None = None
         self.tf_rows: Rows | None = None
-        with open(files[0], "rb") as f:
-            native = f.read(8) == MAGIC
-        if native:
+        if is_shard(files[0]):
             self.native = ShardSet(files)
             sizes = self.native.sizes.tolist()
             seq = self.native.dtype["input_ids"].shape[0]

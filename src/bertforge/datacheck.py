@@ -30,9 +30,9 @@ from bertforge.fileio import (
     write_manifest,
 )
 from bertforge.shards import (
-    MAGIC,
     VERSION,
     encode_header,
+    is_shard,
     open_shard,
     read_header,
     record_dtype,
@@ -189,11 +189,7 @@ def no_manifest(folder: Path) -> str:
     alone, or nothing."""
     entries = [e for e in folder.iterdir() if e.name[:1] != "."]
     files = sorted(e for e in entries if e.is_file())
-    ours = (folder / ".parts").is_dir()
-    if files and not ours:
-        with open(files[0], "rb") as f:
-            ours = f.read(8) == MAGIC
-    if ours:
+    if (folder / ".parts").is_dir() or (files and is_shard(files[0])):
         return (f"{folder}: no manifest.json, so not a finished `bertforge data` output (rerun "
                 "the same data command to finish it).")  # fmt: skip
     if not entries:
@@ -210,9 +206,7 @@ def no_manifest(folder: Path) -> str:
 
 
 def read_any(path: Path, limit: int | None = None) -> Batch:
-    with open(path, "rb") as f:
-        magic = f.read(8)
-    return read_native(path, limit) if magic == MAGIC else read_tfrecord(path, limit)
+    return read_native(path, limit) if is_shard(path) else read_tfrecord(path, limit)
 
 
 def verify(directory: str) -> dict[str, Any]:

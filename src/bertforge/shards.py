@@ -48,6 +48,12 @@ MIN_HELD = 16  # shards held open however low the limit
 BLOCK_BYTES = 8 << 20  # what a start-up pass reads at a time, per thread
 
 
+def is_shard(path: str | Path) -> bool:
+    """Whether the file starts as a native shard does (its magic), not as a TFRecord."""
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
