@@ -38,6 +38,7 @@ TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 NEGATIVE_VALUE = re.compile(r"^-[\d.]")
 GOOGLE_MAX_PREDICTIONS = 20  # create_pretraining_data.py's --max_predictions_per_seq
+UNIT_MB = 4.0  # `bertforge data`'s default work unit (MB of text; a shard per unit)
 
 
 def option(
@@ -230,7 +231,7 @@ class DataConfig(CorpusInput):
     workers: int = 0
     """Worker processes (0: one per CPU this process may use: its affinity mask, capped by a
     cgroup CPU quota). The output does not depend on it."""
-    unit_mb: float = 4.0
+    unit_mb: float = UNIT_MB
     """Size of a work unit (MB of text, cut at document boundaries); one shard per unit.
     Random next segments and the shuffle stay within a unit."""
     overwrite: bool = False
@@ -264,7 +265,7 @@ class DataConfig(CorpusInput):
         require(not (self.google_compatible and self.workers > 1), "--workers",
                 "--google-compatible runs in one process, as Google's script does; drop one "
                 "of the two")  # fmt: skip
-        require(not (self.google_compatible and self.unit_mb != 4.0), "--unit-mb",
+        require(not (self.google_compatible and self.unit_mb != UNIT_MB), "--unit-mb",
                 "--google-compatible reads the corpus as one unit (one shuffle over all of "
                 "it), as Google's script does; drop one of the two")  # fmt: skip
         require(not (self.google_compatible and self.text_field != "text"), "--text-field",

@@ -309,13 +309,13 @@ def _run_pipeline(
 ) -> RunResult:
     out = Path(run.output)  # `output_lock` has refused a file of that name
     state_path = out / RUN_STATE
-    if out.is_dir() and holds_files(out):
+    if out.is_dir() and holds_files(out):  # as `prepare_output_dir`, with the run's record
         refuse_other_stage(out, "run", "--output")
-    if out.is_dir() and holds_files(out) and not state_path.is_file() and not run.overwrite:
-        raise UserError(
-            f"--output: {out} is not empty and is not a bertforge run; choose another "
-            "directory or pass --overwrite."
-        )
+        if not state_path.is_file() and not run.overwrite:
+            raise UserError(
+                f"--output: {out} is not empty and is not a bertforge run; choose another "
+                "directory or pass --overwrite."
+            )
     out.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = read_state(state_path) if not run.overwrite else {}
     ran: list[str] = []
