@@ -500,6 +500,32 @@ def test_stdin(monkeypatch):
     assert list(iter_documents(resolve_inputs(["-"]), stats)) == [["x", "y"], ["z"]]
 
 
+def feed_fifo(path: Path, data: bytes) -> None:
+    """A named pipe at `path` that a thread fills with `data` once a reader opens it."""
+    import os
+    import threading
+
+    os.mkfifo(path)
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+
+    threading.Thread(target=write, daemon=True).start()
+
+
+def test_pipes_are_read_as_they_come(tmp_path: Path):
+    """A pipe (`<(zcat a.gz)` is /dev/fd/63; a named FIFO) is read once, as stdin is: no size,
+    its compression told by peeking at its first bytes. Before, it was "does not exist"."""
+    fifo = tmp_path / "corpus.fifo"
+    feed_fifo(fifo, gzip.compress(b"x\ny\n\nz\n"))
+    (inp,) = resolve_inputs([str(fifo)])
+    assert inp.size is None and corpus.total_size([inp]) is None
+    assert corpus.table_kind(inp.path) is None  # would have read its first bytes apart
+    assert list(iter_documents([inp], CorpusStats())) == [["x", "y"], ["z"]]
+    assert not corpus.is_stream(str(tmp_path)) and corpus.is_stream("-")
+
+
 def test_missing_input_is_named(tmp_path: Path):
     with pytest.raises(UserError, match=r"--input: .*nope\.txt does not exist"):
         resolve_inputs([str(tmp_path / "nope.txt")])

@@ -255,6 +255,24 @@ def test_stdin_is_refused_by_run_and_never_taken_as_unchanged(
     assert (out / "manifest.json").read_bytes() == manifest  # nothing touched
     assert data("--overwrite") == 0
 
+    # a pipe likewise, whose path (/dev/fd/63 under bash) says nothing of what comes through it
+    from tests.test_corpus import feed_fifo
+
+    fifo = tmp_path / "corpus.fifo"
+    feed_fifo(fifo, kjv_corpus.read_bytes())
+    assert main(["run", str(fifo), "--output", str(tmp_path / "r"), *FAST]) == 2
+    assert f"CORPUS {fifo}: bertforge run cannot read the corpus from a pipe" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "r").exists()
+    argv = ["data", str(fifo), "--vocab", str(kjv_vocab), "--output", str(tmp_path / "p")]
+    assert main([*argv, "--max-seq-length", "64", "--workers", "1", "--no-progress"]) == 0
+    assert (tmp_path / "p" / "manifest.json").is_file()
+    assert main([*argv, "--max-seq-length", "64", "--no-progress"]) == 2
+    assert f"a pipe ({fifo}) cannot be checked against what it was made from" in (
+        capsys.readouterr().err
+    )
+
 
 def test_under_torchrun_only_train_and_run_run(tmp_path, kjv_corpus, monkeypatch, capsys):
     """Each torchrun process would run a stage and write the same files: refused."""

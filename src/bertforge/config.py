@@ -71,9 +71,9 @@ class CorpusInput:
     """Settings of every stage that reads a raw corpus."""
 
     input: tuple[str, ...] = option(aliases=("--input_file",), split_commas=True, positional=True)
-    """Corpus files, globs, directories (read recursively, sorted), .gz/.bz2/.xz/.zst files, or -
-    for stdin. Google's format: one sentence per line, a blank line between documents. JSON
-    Lines, Parquet and Arrow files: one document per record (see --text-field)."""
+    """Corpus files, globs, directories (read recursively, sorted), .gz/.bz2/.xz/.zst files, -
+    for stdin, or a pipe. Google's format: one sentence per line, a blank line between
+    documents. JSON Lines, Parquet and Arrow files: one document per record (see --text-field)."""
     strict_utf8: bool = False
     """Stop at the first invalid UTF-8 byte (naming file:line:offset) instead of dropping bad
     bytes and reporting how many lines had them."""
@@ -596,7 +596,7 @@ class EmbedConfig:
     """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
     BERT directory."""
     input: str
-    """Text file (or .gz/.bz2/.xz/.zst, or - for stdin): one sentence or text per line; or JSON
+    """Text file (or .gz/.bz2/.xz/.zst, - for stdin, a pipe): one sentence or text per line; or JSON
     Lines (its first line a JSON object), Parquet or Arrow: one text per record, from
     --text-field."""
     text_field: str = "text"

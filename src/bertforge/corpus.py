@@ -2,7 +2,8 @@
 
 Google's format is one sentence per line and a blank line between documents. Inputs are
 files, globs, directories (recursively, sorted), gzip/bzip2/xz/zstd files (detected by their
-magic bytes, whatever their name) and `-` for stdin, in any mix. Nothing is read whole into
+magic bytes, whatever their name), `-` for stdin and pipes (`<(zcat a.gz b.gz)`, a named
+FIFO), in any mix. Nothing is read whole into
 memory: lines stream from a buffered binary reader, so memory stays flat and a 1 MB line
 costs linear time. JSON Lines and Parquet files (the forms corpora are downloaded in today)
 read as one document per record (`iter_items`).
@@ -32,6 +33,7 @@ import json
 import lzma
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -148,7 +150,8 @@ class ZstdReader(io.RawIOBase):
 
 @dataclass
 class InputFile:
-    """One resolved input: a path (or '-') and its size on disk (None for stdin)."""
+    """One resolved input: a path (or '-') and its size on disk (None for stdin or a pipe,
+    which can be read only once: `is_stream`)."""
 
     path: str
     size: int | None
@@ -228,6 +231,9 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
                 raise UserError(f"{flag}: directory {pattern} contains no files.")
         elif p.is_file():
             found = [pattern]
+        elif is_stream(pattern):
+            out.append(InputFile(pattern, None))
+            continue
         else:
             found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
             found = without_datasets_metadata(outside_outputs(found, glob_root(pattern)))
@@ -313,8 +319,21 @@ def outside_outputs(files: list[str], top: Path) -> list[str]:
     return [f for f in files if not below_output(Path(f).resolve().parent)]
 
 
+def is_stream(path: str) -> bool:
+    """Whether an input is read as it comes, once, with no size: stdin, or a path that is a
+    pipe or a character device (`<(zcat a.gz)` is /dev/fd/63; /dev/stdin). Its first bytes
+    are peeked at, never read apart (`table_kind` opens other files twice)."""
+    if path == STDIN:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
 def total_size(inputs: Sequence[InputFile]) -> int | None:
-    """Total bytes on disk, or None when an input is stdin."""
+    """Total bytes on disk, or None when an input is stdin or a pipe."""
     if any(f.size is None for f in inputs):
         return None
     return sum(f.size or 0 for f in inputs)
@@ -569,8 +588,9 @@ def record_lines(
 
 def table_kind(path: str) -> str | None:
     """The form of a Parquet or Arrow file ("Parquet", "Arrow"), by its magic number; None for
-    any other file, and for stdin (both forms are read by path)."""
-    if path == STDIN:
+    any other file, and for stdin or a pipe (both forms are read by path, and a stream's
+    first bytes cannot be read twice)."""
+    if is_stream(path):
         return None
     try:
         with open(path, "rb") as f:

@@ -568,9 +568,10 @@ def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool
     if previous is None:
         return "go"
     what = "holds data" if manifest is not None else "holds an unfinished run"
-    if any(i["path"] == STDIN for i in run["inputs"]):
+    if streams := [i["path"] for i in run["inputs"] if i["bytes"] is None]:
+        what_in = "standard input" if streams[0] == STDIN else f"a pipe ({streams[0]})"
         raise UserError(
-            f"--output: {out} {what}; standard input cannot be checked against what it was "
+            f"--output: {out} {what}; {what_in} cannot be checked against what it was "
             "made from, so it is neither kept nor resumed: pass --overwrite to make the data "
             "again, or use another directory."
         )

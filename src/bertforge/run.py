@@ -42,7 +42,7 @@ from bertforge.config import (
     config_to_dict,
     field_specs,
 )
-from bertforge.corpus import STDIN, resolve_inputs
+from bertforge.corpus import STDIN, is_stream, resolve_inputs
 from bertforge.errors import UserError
 from bertforge.fileio import (
     MANIFEST,
@@ -191,11 +191,12 @@ def plan(
     that out after the vocab and data stages (hours on a large corpus). With --transfer-vocab
     the run trains its own vocabulary (or takes --vocab) and train maps the embeddings to it.
     A run whose vocabulary is given refuses flags that only the skipped vocab stage reads."""
-    if STDIN in run.input:
+    if streams := [path for path in run.input if is_stream(path)]:
+        what = "standard input" if streams[0] == STDIN else "a pipe"
         raise UserError(
-            "CORPUS -: bertforge run cannot read the corpus from standard input (it reads the "
-            "corpus in two stages, and tells an unchanged corpus by its files); save it to a "
-            "file first (compressed files are read as they are), or run the stage commands."
+            f"CORPUS {streams[0]}: bertforge run cannot read the corpus from {what} (it reads "
+            "the corpus in two stages, and tells an unchanged corpus by its files); save it to "
+            "a file first (compressed files are read as they are), or run the stage commands."
         )
     configs = stage_configs(run, toml, flag_values, config_path)
     init = configs["train"].init_checkpoint
