@@ -210,14 +210,21 @@ def test_lines_are_read_as_far_as_the_model_was_trained_unless_asked(
     tmp_path, exported_model, capsys
 ):
     """exported_model trained on 64 pieces and has 128 positions: by default a line is read to
-    64 pieces; --max-length reads further, up to its positions."""
+    64 pieces; --max-length reads further, up to its positions, and says so: past the trained
+    length the positions are untrained, past the positions it reads no further."""
     src = tmp_path / "long.txt"
     src.write_text("and the earth was without form " * 40 + "\n")
-    for extra, read in (([], 64), (["--max-length", "100"], 100), (["--max-length", "999"], 128)):
+    untrained = "the model was trained on sequences of up to 64 pieces, so its positions 64-"
+    cases = [([], 64), (["--max-length", "60"], 60), (["--max-length", "100"], 100),
+             (["--max-length", "999"], 128)]  # fmt: skip
+    for extra, read in cases:
         out = tmp_path / f"v{read}.npy"
         argv = ["embed", "--model", str(exported_model), "--input", str(src), "--output", str(out)]
         assert main([*argv, *extra]) == 0
-        assert f"1 line(s) were longer than {read} pieces" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"1 line(s) were longer than {read} pieces" in err
+        assert (f"{untrained}{read - 1} are untrained" in err) == (read > 64)
+        assert ("is more than the model's 128 positions; reading 128" in err) == (read == 128)
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])

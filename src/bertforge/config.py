@@ -620,7 +620,8 @@ class EmbedConfig:
     """Lines per forward pass."""
     max_length: int | None = None
     """Pieces per forward pass, [CLS] and [SEP] included (default: the longest sequence the
-    model was trained on, its tokenizer's model_max_length; given, up to its positions).
+    model was trained on, its tokenizer's model_max_length; given, up to its positions, with
+    a warning past the trained length, whose positions are untrained).
     Longer lines: token level cuts them into several passes at word boundaries; sentence
     level keeps the first pieces (and says how many lines were cut)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

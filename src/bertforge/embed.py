@@ -33,6 +33,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from bertforge.checkpoint import InitWeights
 from bertforge.config import EmbedConfig
 from bertforge.corpus import (
     CorpusStats,
@@ -69,6 +70,26 @@ class EmbedResult:
     truncated_lines: int
 
 
+def embed_length(cfg: EmbedConfig, source: InitWeights) -> int:
+    """Pieces per pass: by default as far as training reached; asked for, up to every position
+    the model has. Asked beyond either, a note says so (once, before the run)."""
+    positions, trained = source.config.max_position_embeddings, source.trained_length
+    if cfg.max_length is None:
+        return source.readable_length
+    length = min(cfg.max_length, positions)
+    if cfg.max_length > positions:
+        print(f"bertforge: note: --max-length {cfg.max_length} is more than the model's "
+              f"{positions} positions; reading {positions} pieces at most.",
+              file=sys.stderr)  # fmt: skip
+    if trained is not None and length > trained:
+        print(f"bertforge: warning: --max-length {cfg.max_length}: the model was trained on "
+              f"sequences of up to {trained} pieces, so its positions {trained}-{length - 1} are "
+              "untrained (as initialized): a line's pieces past the "
+              f"{trained}th are read at positions it never learned (the default, "
+              f"{trained}, stays within them).", file=sys.stderr)  # fmt: skip
+    return length
+
+
 def embed(cfg: EmbedConfig) -> EmbedResult:
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
@@ -85,10 +106,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
                 f"--layers: the model has {num_layers} layers (0 is the embedding layer, "
                 f"{num_layers} or -1 the last); {layer} is out of range."
             )
-    # default: as far as training reached; asked for, up to every position the model has
-    max_length = min(
-        cfg.max_length or loaded.max_length, loaded.model.config.max_position_embeddings
-    )
+    max_length = embed_length(cfg, loaded.source)
     hidden = loaded.model.config.hidden_size
     dim = hidden * len(layers) if cfg.combine == "concat" else hidden
 
