@@ -307,6 +307,28 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
     assert f"bertforge export --checkpoint {ckpt} --do-lower-case" in err
 
 
+def test_invalid_utf8_is_reported_whatever_the_bar_and_stops_with_strict_utf8(
+    tmp_path, exported_model, capsys
+):
+    """A line with invalid UTF-8 keeps its row (its bad bytes dropped) and the warning is
+    printed with --no-progress too (it was printed only with the bar's flag on); the flag it
+    names, --strict-utf8, is embed's too: it stops at the line, leaving the output alone."""
+    src = tmp_path / "in.txt"
+    src.write_bytes(b"a line\nbad \xff byte\nthird\n")
+    out = tmp_path / "v.npy"
+    argv = ["embed", "--model", str(exported_model), "--input", str(src), "--output", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "embed: 3 lines -> 3 vectors" in err
+    dropped = "1 line(s) had invalid UTF-8 (bytes dropped, as Google's scripts do); first at"
+    assert f"{dropped} {src}:2" in err
+    assert "Use --strict-utf8 to stop on them instead" in err
+    kept = out.read_bytes()
+    assert main([*argv, "--overwrite", "--strict-utf8"]) == 2
+    assert f"{src}:2: invalid UTF-8 at byte 11 of the file" in capsys.readouterr().err
+    assert out.read_bytes() == kept and not list(tmp_path.glob(".*tmp"))
+
+
 def test_fill_mask(exported_model, capsys):
     loaded = load_model(str(exported_model), "cpu")
     guesses = fill_mask(loaded, "the [MASK] of the [MASK]", 3)

@@ -601,6 +601,9 @@ class EmbedConfig:
     --text-field."""
     text_field: str = "text"
     """The field (column) of a record that holds its text (its lines are joined by spaces)."""
+    strict_utf8: bool = False
+    """Stop at the first invalid UTF-8 byte (naming file:line:offset) instead of dropping bad
+    bytes (the line keeps its row) and reporting how many lines had them."""
     output: str
     """FILE.npy or FILE.safetensors. Sentence level: one row per input line. Token level: one
     row per word, FILE's `offsets` (safetensors, or FILE.offsets.npy) give each line's first

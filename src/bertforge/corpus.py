@@ -858,11 +858,14 @@ def iter_texts(
     stats: CorpusStats,
     *,
     text_field: str = TEXT_FIELD,
+    strict_utf8: bool = False,
     progress: Progress | None = None,
 ) -> Iterator[str]:
     """One text per line of a text file, and per record of a JSON Lines file (its lines
     joined by spaces; "" for a record without the field, so there is one per record)."""
-    for item, _ in iter_items(inputs, stats, text_field=text_field, progress=progress):
+    items = iter_items(inputs, stats, text_field=text_field, strict_utf8=strict_utf8,
+                       progress=progress)  # fmt: skip
+    for item, _ in items:
         yield item if isinstance(item, str) else " ".join(item or ())
 
 

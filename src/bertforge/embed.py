@@ -135,7 +135,8 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             if token_level:
                 words_file = stack.enter_context(atomic_open(words_path, "w"))
             f.write(b" " * header.size)  # rewritten once the number of rows is known
-            lines = iter_texts(inputs, stats, text_field=cfg.text_field, progress=progress)
+            lines = iter_texts(inputs, stats, text_field=cfg.text_field,
+                               strict_utf8=cfg.strict_utf8, progress=progress)  # fmt: skip
             stack.enter_context(autocast_to(dtype, loaded.device))
             for block in blocks(lines, BLOCK_LINES):
                 vectors, words, cut = embed_block(loaded, block, cfg, layers, max_length, dim)
@@ -160,19 +161,19 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         if bar:
             bar.close()
     result = EmbedResult(out, len(offsets) - 1, rows, dim, truncated)
-    if cfg.progress:
-        what = "words" if token_level else "vectors"
-        read = f"{result.lines:,} {'records' if stats.records else 'lines'}"
-        print(f"embed: {read} -> {rows:,} {what} x {dim} -> {out} ({precision_name(dtype)} on "
-              f"{loaded.device.type})", file=sys.stderr)  # fmt: skip
-        for line in corpus_warnings(stats.as_dict()):
-            print(line, file=sys.stderr)
-        if truncated:
-            print(
-                f"  {truncated} line(s) were longer than {max_length} pieces; their "
-                "vectors use the first pieces only",
-                file=sys.stderr,
-            )
+    # the summary and its warnings whatever --progress says (a bar's flag), as vocab and data do
+    what = "words" if token_level else "vectors"
+    read = f"{result.lines:,} {'records' if stats.records else 'lines'}"
+    print(f"embed: {read} -> {rows:,} {what} x {dim} -> {out} ({precision_name(dtype)} on "
+          f"{loaded.device.type})", file=sys.stderr)  # fmt: skip
+    for line in corpus_warnings(stats.as_dict()):
+        print(line, file=sys.stderr)
+    if truncated:
+        print(
+            f"  {truncated} line(s) were longer than {max_length} pieces; their "
+            "vectors use the first pieces only",
+            file=sys.stderr,
+        )
     return result
 
 
