@@ -764,6 +764,15 @@ def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(
     ]  # fmt: skip
     assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "4")) == 0
     assert "note: --num-train-steps" not in capsys.readouterr().err  # the same schedule
+    # fewer steps than the run has made: nothing to train, and it says so (it said only "done")
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("ckpt-*.pt"))
+    assert main(args(train_data, out, tiny_bert_config, "--num-train-steps", "3")) == 0
+    assert (
+        "bertforge: note: --num-train-steps 3: the run is at step 4 already (its last "
+        "checkpoint), so there is nothing to train and its model stays at that step."
+    ) in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt-*.pt")) == ckpts
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
 def test_a_resumed_run_does_not_read_the_whole_data_again(

@@ -1179,8 +1179,16 @@ def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, pa
 
 def note_new_schedule(state: dict[str, Any], cfg: TrainConfig, notes: bool) -> None:
     """A resumed run with another --num-train-steps follows the new schedule from its step on
-    (as run_pretraining.py does): the learning rate jumps there; say by how much."""
+    (as run_pretraining.py does): the learning rate jumps there; say by how much. One already
+    past the new total has nothing to train: say so, rather than only "done"."""
     total, step = state["config"].get("num_train_steps"), state["step"]
+    if notes and step > cfg.num_train_steps:
+        print(
+            f"bertforge: note: --num-train-steps {cfg.num_train_steps:,}: the run is at step "
+            f"{step:,} already (its last checkpoint), so there is nothing to train and its model "
+            "stays at that step. A shorter run starts over: --overwrite or another --output.",
+            file=sys.stderr,
+        )
     if not notes or total in (None, cfg.num_train_steps) or step >= cfg.num_train_steps:
         return
     old = dataclasses.replace(cfg, num_train_steps=total)
