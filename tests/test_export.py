@@ -233,6 +233,13 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
     assert main(["export", "--checkpoint", str(trained_run), "--output", str(occupied)]) == 2
     assert "not a bertforge export output" in capsys.readouterr().err
     assert (occupied / "notes.txt").read_text() == "mine"  # nothing touched
+    manifest = (trained_run / "manifest.json").read_bytes()
+    argv = ["export", "--checkpoint", str(trained_run), "--output", str(trained_run)]
+    assert main([*argv, "--overwrite"]) == 2  # another stage's output: refused all the same
+    assert f"{trained_run} holds a bertforge train output, which an export output written " in (
+        capsys.readouterr().err
+    )
+    assert (trained_run / "manifest.json").read_bytes() == manifest
 
     # A model without a vocabulary beside it (a copied checkpoint): say to give --vocab.
     bare = tmp_path / "bare"

@@ -204,9 +204,10 @@ def refuse_other_stage(d: Path, stage: str, flag: str) -> None:
     unreadable), and it is often the very input this stage reads."""
     others = sorted(output_stages(d) - {stage})
     if others:
+        article = "an" if stage[0] in "aeiou" else "a"
         raise UserError(
-            f"{flag}: {d} holds a bertforge {' and '.join(others)} output, which a {stage} "
-            "output written there would damage; choose another directory (--overwrite "
+            f"{flag}: {d} holds a bertforge {' and '.join(others)} output, which {article} "
+            f"{stage} output written there would damage; choose another directory (--overwrite "
             f"replaces only an earlier {stage} output)."
         )
 
