@@ -117,8 +117,9 @@ class VocabConfig(CorpusInput):
     memory on large corpora (SentencePiece samples the same way). Their words are counted,
     and the trainer sees the 80,000 most frequent with their proportions."""
     heldout_sentences: int = 5_000
-    """Sentences held out of training (whole documents, spread over the corpus) to measure the
-    [UNK] rate, pieces per word and vocabulary use."""
+    """Sentences held out of training (whole documents, spread over the corpus, at most 5% of
+    them: fewer on a small corpus; the summary gives the number) to measure the [UNK] rate,
+    pieces per word and vocabulary use."""
     seed: int = 12345
     """Seed of the sentence sampling; same corpus + settings + seed give the same vocab.txt."""
     overwrite: bool = False
@@ -166,8 +167,8 @@ class VocabExtendConfig(CorpusInput):
     max_sentences: int = 300_000
     """Count the words of at most this many sentences, sampled evenly over the corpus."""
     heldout_sentences: int = 5_000
-    """Sentences held out of the count (whole documents) on which pieces per word are measured
-    before and after."""
+    """Sentences held out of the count (whole documents, at most 5% of them) on which pieces
+    per word are measured before and after."""
     seed: int = 12345
     """Seed of the sampling; the same corpus, vocabulary and settings give the same vocab.txt."""
     overwrite: bool = False
