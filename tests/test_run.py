@@ -15,7 +15,14 @@ from bertforge.cli import RUNNERS, main
 from bertforge.config import RunConfig, read_toml
 from bertforge.errors import UserError
 from bertforge.report import write_report
-from bertforge.run import DIRS, print_summary, run_flags, run_pipeline, stage_configs
+from bertforge.run import (
+    DIRS,
+    check_stages_agree,
+    print_summary,
+    run_flags,
+    run_pipeline,
+    stage_configs,
+)
 from tests.conftest import ROOT, run_group
 
 FAST = [
@@ -377,6 +384,33 @@ def test_flags_reach_every_stage_that_uses_them(tmp_path):
     assert not any("resume" in f.spec.name and "google" in f.spec.name for f in run_flags())
 
 
+def test_stages_that_share_a_setting_must_agree_before_anything_runs(tmp_path, kjv_corpus, capsys):
+    """A config file may set a shared setting in two sections; a clash stopped the run at the
+    train stage, after vocab and data had run. Now one error first, naming both sections; the
+    data's default masking cap counts, and a run flag (which sets every stage) never clashes."""
+    recipe, out = tmp_path / "r.toml", tmp_path / "r"
+    cases = [
+        ("[data]\nmax_seq_length = 64\n[train]\nmax_seq_length = 128\n",
+         "[data] max_seq_length is 64 but [train] max_seq_length is 128; the stages must agree "
+         "(train reads what data makes); set it once, in [data] or with --max-seq-length, and "
+         "leave it out of [train]."),
+        ("[train]\nmax_predictions_per_seq = 30\n",
+         "[data] max_predictions_per_seq is 20 but [train] max_predictions_per_seq is 30"),
+        ("[vocab]\ndo_lower_case = false\n[data]\ndo_lower_case = true\n",
+         "[vocab] do_lower_case is false but [data] do_lower_case is true; the stages"),
+    ]  # fmt: skip
+    for text, said in cases:
+        recipe.write_text(text)
+        assert main(["run", str(kjv_corpus), "--output", str(out), "--config", str(recipe)]) == 2
+        assert f"bertforge: error: {recipe}: {said}" in capsys.readouterr().err
+        assert not out.exists()
+    recipe.write_text("[data]\nmax_seq_length = 64\n[train]\nmax_seq_length = 64\n")
+    run = RunConfig(input=(str(kjv_corpus),), output=str(out))
+    check_stages_agree(stage_configs(run, read_toml(recipe), {}, str(recipe)), True, None)
+    flags = {"max_seq_length": 256, "do_lower_case": False}
+    check_stages_agree(stage_configs(run, read_toml(recipe), flags, str(recipe)), True, None)
+
+
 def test_run_refuses_a_foreign_directory(tmp_path, kjv_corpus, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -392,6 +426,7 @@ def test_recipes_parse_into_stage_configs(recipe, tmp_path):
     run = RunConfig(input=("corpus.txt",), output=str(tmp_path / "r"))
     configs = stage_configs(run, toml, {}, str(recipe))
     assert set(configs) == {"vocab", "data", "train", "export"}
+    check_stages_agree(configs, True, str(recipe))
     for stage, section in toml.items():
         for key, value in section.items():
             if stage != "run":

@@ -228,6 +228,7 @@ def plan(
         ours = find_vocab_file(run.vocab)
         if theirs is not None:
             check_init_vocab(read_vocab_file(ours), ours, theirs)
+    check_stages_agree(configs, run.vocab is None, config_path)
     if run.vocab is not None:
         for flag in run_flags():
             if flag.spec.name in flag_values and {st for st, _ in flag.targets} == {"vocab"}:
@@ -236,6 +237,34 @@ def plan(
                     f"vocabulary {run.vocab} instead of training one; drop the flag."
                 )
     return run, configs
+
+
+def check_stages_agree(
+    configs: Mapping[str, Any], own_vocab: bool, config_path: str | None
+) -> None:
+    """Settings that several stages hold must agree: train checks the data's length, masks and
+    casing against its own flags, and the data its casing against the vocabulary's. A run
+    flag sets every stage at once; a config file's sections may not, and before, the clash
+    stopped the run at the later stage, after the earlier ones had run (hours on a corpus)."""
+    vocab, data, train = configs["vocab"], configs["data"], configs["train"]
+    shared = [
+        ("max_seq_length", ("data", data.max_seq_length), ("train", train.max_seq_length)),
+        ("max_predictions_per_seq", ("data", data.resolved_max_predictions),
+         ("train", train.max_predictions_per_seq)),
+        ("do_lower_case", ("vocab", vocab.do_lower_case if own_vocab else None),
+         ("data", data.do_lower_case), ("train", train.do_lower_case)),
+    ]  # fmt: skip
+    where = f"{config_path}: " if config_path else ""
+    for name, *holders in shared:
+        given = [(stage, value) for stage, value in holders if value is not None]
+        if len({value for _, value in given}) > 1:
+            said = " but ".join(f"[{stage}] {name} is {json.dumps(v)}" for stage, v in given)
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{where}{said}; the stages must agree ({given[-1][0]} reads what "
+                f"{given[0][0]} makes); set it once, in [{given[0][0]}] or with {flag}, and "
+                f"leave it out of [{given[-1][0]}]."
+            )
 
 
 # ----------------------------------------------------------------------------- pipeline
