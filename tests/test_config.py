@@ -181,6 +181,19 @@ def test_toml_type_and_section_errors(tmp_path: Path):
         UserError, match=r"unknown section \[vocabulary\]; valid sections: \[vocab\]"
     ):
         read_toml(f)
+    # a key above the first section was "unknown section [vocab_size]"
+    f.write_text("vocab_size = 8000\n[train]\nlearning_rate = 1e-4\n")
+    above = r"is outside any section \(keys above the first \[section\] belong to none\)"
+    with pytest.raises(UserError, match=rf"{f}: vocab_size {above}; put it under \[vocab\]:"):
+        read_toml(f)
+    f.write_text("max-seq-length = 64\n")
+    with pytest.raises(
+        UserError, match=r"max-seq-length is .*; put it under \[data\] or \[train\]"
+    ):
+        read_toml(f)
+    f.write_text("frobnicate = 1\n")
+    with pytest.raises(UserError, match="frobnicate is outside any section, and no section takes"):
+        read_toml(f)
     f.write_text("[vocab\n")
     with pytest.raises(UserError, match="not valid TOML"):
         read_toml(f)

@@ -962,7 +962,20 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8
         raise UserError(f"{p}: not valid TOML ({e}).") from None
     for key, value in data.items():
-        if key not in (*STAGES, "run") or not isinstance(value, dict):
+        if not isinstance(value, dict):  # a key above every section
+            sections = {**STAGES, "run": RunConfig}
+            name = key.replace("-", "_")
+            takers = [f"[{s}]" for s, cls in sections.items()
+                      if name in {f.name for f in dataclasses.fields(cls)}]  # fmt: skip
+            if not takers:
+                raise UserError(f"{p}: {key} is outside any section, and no section takes such a "
+                                f"key (each key is a flag of its section's stage).")  # fmt: skip
+            raise UserError(
+                f"{p}: {key} is outside any section (keys above the first [section] belong to "
+                f"none); put it under {' or '.join(takers)}: a section per stage, each key a "
+                "flag of that stage."
+            )
+        if key not in (*STAGES, "run"):
             raise UserError(
                 f"{p}: unknown section [{key}]; valid sections: "
                 + ", ".join(f"[{s}]" for s in (*STAGES, "run"))
