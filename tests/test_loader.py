@@ -387,7 +387,8 @@ def test_the_start_up_pass_reads_shards_in_threads_and_names_the_first_damaged_o
     monkeypatch.undo()
     assert data.max_token_id() == 999
     assert data.damaged_record() == f"{first}: record 2: next-sentence label 2, not 0 or 1"
-    assert data.scan_part([4, 5], threads=2) == (999, (4, damaged[1].replace("shard-1.bin", "shard-4.bin")))
+    fourth = damaged[1].replace("shard-1.bin", "shard-4.bin")
+    assert data.scan_part([4, 5], threads=2) == (999, (4, fourth))
 
 
 def test_the_start_up_pass_stops_at_an_error_or_ctrl_c(tmp_path, monkeypatch):
