@@ -52,6 +52,27 @@ def test_flags_and_google_aliases():
     assert parse_vocab(["--input", "a", "b", "--output", "o"]).input == ("a", "b")
 
 
+def test_cased_and_lowercase_are_every_stages_casing_flags(monkeypatch):
+    """vocab and run took --cased/--lowercase, while data, train and export answered them with
+    "unknown argument" (and their errors told to pass --do-lower-case)."""
+    from bertforge import cli
+
+    seen = []
+    for name in ("vocab", "data", "train", "export"):
+        monkeypatch.setitem(cli.RUNNERS, name, seen.append)
+    need = {"vocab": ["a", "--output", "o"], "data": ["a", "--vocab", "v", "--output", "o"],
+            "train": ["--data", "d", "--output", "o"],
+            "export": ["--checkpoint", "c", "--output", "o"]}  # fmt: skip
+    for stage, argv in need.items():
+        for flag, value in (
+            ("--cased", False),
+            ("--lowercase", True),
+            ("--no-do-lower-case", False),
+        ):
+            assert cli.main([stage, *argv, flag]) == 0, (stage, flag)
+            assert seen.pop().do_lower_case is value, (stage, flag)
+
+
 def test_inputs_before_between_and_after_the_flags(monkeypatch, capsys, tmp_path):
     """A corpus is given as positional arguments, --input, or both, anywhere on the line, in
     the order given, except that positional inputs after a flag come after all of --input's;

@@ -922,6 +922,36 @@ def google_tfrecords(tmp_path_factory, kjv_corpus, kjv_vocab) -> Path:
     return out / "data.tfrecord"
 
 
+def test_records_by_glob_from_a_data_output_are_read_with_its_vocabulary_only(
+    tmp_path, kjv_corpus, kjv_vocab, tiny_bert_config, capsys
+):
+    """TFRecords hold token ids only: read with another vocabulary of the same size they are
+    other words, silently. Given by glob from a `bertforge data` output, whose manifest names
+    the vocabulary, train, data convert and data inspect refuse any other one."""
+    data = tmp_path / "d"
+    assert main(["data", str(kjv_corpus), "--vocab", str(kjv_vocab), "--output", str(data),
+                 "--format", "tfrecord", "--dupe-factor", "1", "--max-seq-length", "64",
+                 "--no-progress"]) == 0  # fmt: skip
+    tokens = (kjv_vocab / "vocab.txt").read_text().split("\n")
+    tokens[200], tokens[201] = tokens[201], tokens[200]  # the same size, other words
+    (tmp_path / "other").mkdir()
+    other = tmp_path / "other" / "vocab.txt"
+    other.write_text("\n".join(tokens))
+    records = str(data / "*.tfrecord")
+    refused = (f"--vocab: {other} is not the vocabulary the records in {data} were made with: "
+               f"its manifest.json names {kjv_vocab / 'vocab.txt'}; give that one")  # fmt: skip
+    for argv in (
+        args(Path(records), tmp_path / "t", tiny_bert_config, "--vocab", str(other), "--lowercase"),
+        ["data", "convert", records, "--vocab", str(other), "--output", str(tmp_path / "c")],
+        ["data", "inspect", records, "--vocab", str(other)],
+    ):
+        assert main([*argv, "--lowercase"] if "convert" in argv else argv) == 2, argv
+        assert refused in capsys.readouterr().err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()
+    right = ["data", "convert", records, "--vocab", str(kjv_vocab), "--output", str(tmp_path / "c")]
+    assert main(right) == 0
+
+
 def test_converted_tfrecords_train_as_the_tfrecords(
     tmp_path, google_tfrecords, kjv_vocab, tiny_bert_config, capsys, monkeypatch
 ):
@@ -954,11 +984,15 @@ def test_converted_tfrecords_train_as_the_tfrecords(
     for x, y in zip(metrics(tmp_path / "tf"), metrics(tmp_path / "native"), strict=True):
         assert x["loss"] == y["loss"]
 
-    # Errors name the file and records; nothing is taken as data without a manifest.
+    # Errors name the file and records; nothing is taken as data without a manifest. (Alone,
+    # as Google's are: beside their data manifest, its vocabulary is checked first.)
     small = vocab_head(kjv_vocab, 300, tmp_path / "small")
-    assert main([*argv[:4], str(small), "--output", str(tmp_path / "x"), "--lowercase"]) == 2
+    (tmp_path / "alone").mkdir()
+    alone = shutil.copy(google_tfrecords, tmp_path / "alone")
+    convert = ["data", "convert", str(alone), "--vocab", str(small), "--output"]
+    assert main([*convert, str(tmp_path / "x"), "--lowercase"]) == 2
     err = capsys.readouterr().err
-    assert f"{google_tfrecords}, records 0-" in err and "beyond" in err and "300 tokens" in err
+    assert f"{alone}, records 0-" in err and "beyond" in err and "300 tokens" in err
     assert not (tmp_path / "x" / "manifest.json").exists()
     assert main([*argv, str(out)]) == 2  # an earlier conversion is kept unless --overwrite
     assert "--overwrite" in capsys.readouterr().err

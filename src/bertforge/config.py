@@ -197,7 +197,7 @@ class DataConfig(CorpusInput):
     --no-do-lower-case)."""
     output: str = option(aliases=("--output_dir",))
     """Directory for the shards and manifest.json."""
-    do_lower_case: bool | None = None
+    do_lower_case: bool | None = option(None, true_flags=("--lowercase",), false_flags=("--cased",))
     """Casing of a bare vocab.txt; read from the vocab directory's manifest otherwise."""
     max_seq_length: int = 128
     """Tokens per instance, [CLS] and [SEP]s included; the model trains at this length."""
@@ -359,7 +359,7 @@ class TrainConfig:
     """Check only: must be the data's (it is read from the data)."""
     max_predictions_per_seq: int | None = None
     """Check only: must be the data's."""
-    do_lower_case: bool | None = None
+    do_lower_case: bool | None = option(None, true_flags=("--lowercase",), false_flags=("--cased",))
     """Check only: must be the data's vocabulary casing."""
     train_batch_size: int = 256
     """Instances per optimizer step, over all processes and accumulation steps."""
@@ -579,7 +579,7 @@ class ExportConfig:
     """Directory for config.json, model.safetensors, the tokenizer files and manifest.json."""
     vocab: str | None = option(None, aliases=("--vocab_file",))
     """The vocabulary (directory or vocab.txt). Default: the one beside the checkpoint."""
-    do_lower_case: bool | None = None
+    do_lower_case: bool | None = option(None, true_flags=("--lowercase",), false_flags=("--cased",))
     """Casing of a bare vocab.txt (a Google checkpoint's); read from bertforge's files otherwise."""
     format: Literal["hf", "google"] = "hf"
     """hf: the Hugging Face files. google: also Google's bert_config.json and bert_model.ckpt

@@ -182,6 +182,37 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
     return files, None
 
 
+def folder_manifest(files: Sequence[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The `bertforge data` output that holds every one of `files` (data given by name or
+    glob, as Google's TFRecords are): its folder and manifest, or None."""
+    folders = {Path(f).parent for f in files}
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    try:
+        manifest = read_manifest(folder, "data")
+    except UserError:  # another stage's output, or a damaged manifest: not this one's
+        return None
+    return None if manifest is None else (folder, manifest)
+
+
+def check_recorded_vocab(files: Sequence[Path], vocab_file: Path, sha256: str) -> None:
+    """Records hold token ids only: read with another vocabulary they are other words, and
+    nothing in them tells. Files given by name or glob from a `bertforge data` output are
+    checked against the vocabulary its manifest names (a directory is checked as it is read)."""
+    found = folder_manifest(files)
+    if found is None:
+        return
+    folder, manifest = found
+    made = manifest.get("vocab") or {}
+    if made.get("sha256") not in (None, sha256):
+        raise UserError(
+            f"--vocab: {vocab_file} is not the vocabulary the records in {folder} were made "
+            f"with: its manifest.json names {made.get('path')}; give that one (the records "
+            "hold token ids, which another vocabulary reads as other words)."
+        )
+
+
 def no_manifest(folder: Path) -> str:
     """What a directory without a data manifest is, and what to do: an unfinished `bertforge
     data` output (its .parts/ folder, or native shards), files of another tool (Google's
@@ -277,7 +308,10 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
     tokens: list[str] | None = None
     vocab_path = vocab or (manifest and manifest["vocab"]["path"])
     if vocab_path:
-        tokens = read_vocab_file(find_vocab_file(vocab_path, "--vocab"))
+        vocab_file = find_vocab_file(vocab_path, "--vocab")
+        if manifest is None:
+            check_recorded_vocab(files, vocab_file, sha256_file(vocab_file))
+        tokens = read_vocab_file(vocab_file)
     batches, total = [], 0
     for f in files:
         if total >= max_records:
@@ -391,6 +425,7 @@ def _convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | No
     if manifest is not None:
         raise UserError(f"{inputs}: already a `bertforge data` directory; train reads it as is.")
     vocab = load_vocab(vocab_path, do_lower_case)
+    check_recorded_vocab(files, vocab.path, vocab.sha256)
     out = prepare_output_dir(output, "data", overwrite, "--output")
     earlier = [*out.glob("manifest.json"), *out.glob("shard-*"), *out.glob("run.json")]
     if earlier and not overwrite:

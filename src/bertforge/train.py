@@ -66,6 +66,7 @@ from bertforge.checkpoint import (
 )
 from bertforge.config import TrainConfig, changed_settings, config_to_dict
 from bertforge.data import mask_spec as data_mask_spec
+from bertforge.datacheck import check_recorded_vocab, folder_manifest
 from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.fileio import (
@@ -74,7 +75,6 @@ from bertforge.fileio import (
     output_lock,
     prepare_output_dir,
     read_jsonl,
-    read_manifest,
     write_json,
     write_manifest,
     write_text,
@@ -1680,12 +1680,8 @@ def check_data_flags(cfg: TrainConfig, data: PretrainingData) -> None:
 def data_folder(data: PretrainingData) -> Path | None:
     """The one folder holding every file of --data given by name or glob, if it is a
     `bertforge data` output (a manifest.json that names the vocabulary and the settings)."""
-    folders = {f.parent for f in data.files}
-    if len(folders) == 1:
-        with contextlib.suppress(UserError):
-            if read_manifest(folder := folders.pop(), "data") is not None:
-                return folder
-    return None
+    found = folder_manifest(data.files)
+    return None if found is None else found[0]
 
 
 def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | None) -> Vocab:
@@ -1714,6 +1710,8 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"--vocab: {vocab.path} is not the vocabulary the data in {cfg.data} was "
             f"made with ({info.vocab_path})."
         )
+    if not info.vocab_sha256:  # files by name or glob: of a `bertforge data` output?
+        check_recorded_vocab(data.files, vocab.path, vocab.sha256)
     if init is not None and cfg.transfer_vocab and init.vocab_file is None:
         raise UserError(
             f"--transfer-vocab: no vocab.txt or tokenizer.json beside {init.path}, so its "
