@@ -540,6 +540,20 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
     assert main([*argv[:3], str(tmp_path / "c4"), *argv[4:], "--vocab-size", "900"]) == 2
     assert "--vocab-size: only the vocab stage reads it" in capsys.readouterr().err
     assert not (tmp_path / "c4").exists()
+    # What train refuses of the checkpoint's shape, from the config beside it: before the data
+    # stage runs (it ran first, and train refused after it).
+    positions = json.loads((trained_run / "bert_config.json").read_text())
+    positions = positions["max_position_embeddings"]
+    for extra, says in (
+        (["--model-size", "mini"], "--model-size mini is not the size of --init-checkpoint (L2 "),
+        (["--max-seq-length", str(positions + 1)],
+         f"--max-seq-length {positions + 1}: the model of --init-checkpoint "
+         f"{trained_run / 'checkpoints'} has {positions} positions; give --max-seq-length "
+         f"{positions} or less."),
+    ):  # fmt: skip
+        assert main([*argv[:3], str(tmp_path / "c4"), *argv[4:], *extra]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "c4").exists()
     # A checkpoint with no vocabulary beside it: say to give --vocab.
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -146,6 +146,21 @@ def checkpoint_source(path: str, flag: str) -> Path:
     return p
 
 
+def config_beside(source: Path) -> BertConfig | None:
+    """A checkpoint's model shape (`checkpoint_source`'s answer) from the JSON beside it,
+    without reading its weights (gigabytes, with Adam's moments): its training directory's
+    bert_config.json for a bertforge checkpoint, else its directory's bert_config.json or
+    config.json. None where there is none (the weights are read for it later)."""
+    if source.is_file() and source.suffix == ".pt":
+        directory = source.parent.parent
+    else:
+        directory = source if source.is_dir() else source.parent
+    for name in ("bert_config.json", "config.json"):
+        if (directory / name).is_file():
+            return BertConfig.from_json(directory / name)
+    return None
+
+
 def vocab_beside(source: Path) -> Path | None:
     """The vocabulary file a checkpoint came with (`checkpoint_source`'s answer): its training
     directory's for a bertforge checkpoint, else the one in its directory (vocab.txt, or a

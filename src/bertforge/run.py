@@ -229,6 +229,8 @@ def plan(
         if theirs is not None:
             check_init_vocab(read_vocab_file(ours), ours, theirs)
     check_stages_agree(configs, run.vocab is None, config_path)
+    if init and not configs["train"].bert_config:
+        check_init_shape(init, configs["train"].model_size, configs["data"].max_seq_length)
     if run.vocab is not None:
         for flag in run_flags():
             if flag.spec.name in flag_values and {st for st, _ in flag.targets} == {"vocab"}:
@@ -237,6 +239,24 @@ def plan(
                     f"vocabulary {run.vocab} instead of training one; drop the flag."
                 )
     return run, configs
+
+
+def check_init_shape(init: str, model_size: str | None, max_seq_length: int) -> None:
+    """What train would refuse of --init-checkpoint's shape, checked before the vocab and data
+    stages run (hours on a corpus), from the config beside it (its weights are not read)."""
+    from bertforge.checkpoint import checkpoint_source, config_beside  # imports torch
+    from bertforge.train import check_model_size
+
+    shape = config_beside(checkpoint_source(init, "--init-checkpoint"))
+    if shape is None:
+        return
+    check_model_size(model_size, shape)
+    if shape.max_position_embeddings < max_seq_length:
+        raise UserError(
+            f"--max-seq-length {max_seq_length}: the model of --init-checkpoint {init} has "
+            f"{shape.max_position_embeddings} positions; give --max-seq-length "
+            f"{shape.max_position_embeddings} or less."
+        )
 
 
 def check_stages_agree(

@@ -1789,6 +1789,18 @@ def check_records(cfg: TrainConfig, data: PretrainingData) -> None:
     )
 
 
+def check_model_size(model_size: str | None, bert: BertConfig) -> None:
+    """--model-size beside --init-checkpoint must name the checkpoint's size."""
+    if not model_size:
+        return
+    want = BertConfig.preset(model_size, bert.vocab_size)
+    if (want.num_hidden_layers, want.hidden_size) != (bert.num_hidden_layers, bert.hidden_size):
+        raise UserError(
+            f"--model-size {model_size} is not the size of --init-checkpoint "
+            f"(L{bert.num_hidden_layers} H{bert.hidden_size}); drop --model-size."
+        )
+
+
 def model_config(
     cfg: TrainConfig, vocab: Vocab, init: InitWeights | None, max_seq_length: int
 ) -> BertConfig:
@@ -1797,17 +1809,7 @@ def model_config(
         source = cfg.bert_config
     elif init is not None:
         bert, source = init.config, f"{init.path}'s config"
-        if cfg.model_size:
-            want = BertConfig.preset(cfg.model_size, bert.vocab_size)
-            if (want.num_hidden_layers, want.hidden_size) != (
-                bert.num_hidden_layers,
-                bert.hidden_size,
-            ):
-                raise UserError(
-                    f"--model-size {cfg.model_size} is not the size of "
-                    f"--init-checkpoint (L{bert.num_hidden_layers} "
-                    f"H{bert.hidden_size}); drop --model-size."
-                )
+        check_model_size(cfg.model_size, bert)
         if cfg.transfer_vocab:
             bert = dataclasses.replace(bert, vocab_size=vocab.size)
     else:
