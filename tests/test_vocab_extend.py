@@ -93,8 +93,13 @@ def test_the_words_that_save_most_pieces_go_over_the_unused_lines(
     assert after["sentences"] > 0 and after["pieces_per_word"] < before["pieces_per_word"]
     assert len(again.added) == 99 and (tmp_path / "q" / "tokenizer.json").is_file()
     assert min(a["count"] for a in again.added) >= 3  # --min-count
-    rare = extend_vocab(ecfg(kjv_corpus, kjv_vocab, tmp_path / "r", min_count=10**6))
+    rare = extend_vocab(
+        ecfg(kjv_corpus, kjv_vocab, tmp_path / "r", min_count=10**6, heldout_sentences=0)
+    )
     assert rare.added == [] and read_vocab_file(tmp_path / "r" / "vocab.txt") == base
+    # ... and says how many words it split were too rare, where it added none or left room
+    assert rare.rarer == len(expected_words(kjv_corpus, base, 10**9, min_count=1)) > 99
+    assert again.rarer == 0  # its room (99 lines) was filled
     # the same inputs give the same file
     extend_vocab(ecfg(kjv_corpus, kjv_vocab, tmp_path / "same", max_words=30, heldout_sentences=0))
     assert (tmp_path / "same" / "vocab.txt").read_bytes() == (out / "vocab.txt").read_bytes()
@@ -153,6 +158,7 @@ def test_cli(tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys):
     printed = capsys.readouterr().out
     assert f"12 new word(s) over the 99 [unusedN] lines of {kjv_vocab / 'vocab.txt'}" in printed
     assert "[unused0] -> " in printed and "... (2 more in manifest.json)" in printed
+    assert "were seen fewer than --min-count" not in printed  # room was left, but not for that
     assert "pieces/word" in printed and f"--vocab {out}" in printed
     assert "WikiExtractor" not in capsys.readouterr().err
     wiki = tmp_path / "wiki_00"  # the corpus as WikiExtractor writes it: a note says so
@@ -169,6 +175,12 @@ def test_cli(tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys):
     assert main([*json_argv, "--text-field", "body"]) == 0
     assert f"note: read as records: {len(chapters):,} from 1 JSON Lines" in capsys.readouterr().err
     assert read_vocab_file(tmp_path / "ext3" / "vocab.txt") == read_vocab_file(out / "vocab.txt")
+    assert main([*argv[:7], str(tmp_path / "ext4"), "--min-count", "100000"]) == 0
+    printed = capsys.readouterr().out
+    assert "0 new word(s) over the 99 [unusedN] lines" in printed
+    assert "other word(s) that the vocabulary splits were seen fewer than --min-count 100000 " in (
+        printed
+    )
     assert main([*argv[:-1], "--max-wrds", "3"]) == 2
     assert "Did you mean --max-words" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -191,7 +191,8 @@ def vocab_extend(argv: list[str]) -> None:
     unknown = fold_positionals(args, unknown, VocabExtendConfig)
     if unknown:
         raise unknown_flags_error(unknown, parser)
-    result = extend_vocab(build_config(VocabExtendConfig, {}, vars(args), source="flags"))
+    cfg = build_config(VocabExtendConfig, {}, vars(args), source="flags")
+    result = extend_vocab(cfg)
     base, before, after = result.base, result.before.as_dict(), result.after.as_dict()
     print(
         f"vocab extend: {len(result.added)} new word(s) over the {result.slots} [unusedN] "
@@ -202,6 +203,10 @@ def vocab_extend(argv: list[str]) -> None:
         print(f"  {a['slot']} -> {a['word']} ({a['count']:,} in the sample, was {pieces})")
     if len(result.added) > 10:
         print(f"  ... ({len(result.added) - 10} more in manifest.json)")
+    if result.rarer:
+        print(f"  note: {result.rarer:,} other word(s) that the vocabulary splits were seen fewer "
+              f"than --min-count {cfg.min_count} times in the sample; lower it to add them "
+              "(a rare word's new embedding gets little training).")  # fmt: skip
     if result.already:
         more = ", ..." if len(result.already) > 5 else ""
         print(f"  --words: {len(result.already)} already in the vocabulary "

@@ -656,6 +656,7 @@ class ExtendResult:
     after: Quality
     sampled_sentences: int
     already: list[str]  # --words entries the vocabulary holds already
+    rarer: int = 0  # with room left: words it splits, seen fewer than --min-count times
 
 
 def extend_vocab(cfg: VocabExtendConfig) -> ExtendResult:
@@ -708,9 +709,10 @@ def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
     require_text(scan.stats, cfg.input)
     counts = count_words(scan.sample, scan_cfg)
     vocab = {t: i for i, t in enumerate(base.tokens)}
-    chosen = listed + frequent_split_words(
+    frequent, rarer = frequent_split_words(
         counts, vocab, room - len(listed), cfg.min_count, set(listed)
     )
+    chosen = listed + frequent
     tokens = list(base.tokens)
     added = []
     for slot, word in zip(slots, chosen, strict=False):
@@ -745,6 +747,7 @@ def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
             "heldout_documents": len(scan.heldout_docs),
             "unused_slots": len(slots),
             "added_words": len(added),
+            "rarer_split_words": rarer,
         },
         outputs=outputs,
         extra={
@@ -755,9 +758,8 @@ def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
         },
     )
     finish_output(out)
-    return ExtendResult(
-        out, base, tokens, added, len(slots), scan.stats, before, after, len(scan.sample), already
-    )
+    return ExtendResult(out, base, tokens, added, len(slots), scan.stats, before, after,
+                        len(scan.sample), already, rarer if len(added) < room else 0)  # fmt: skip
 
 
 def read_word_list(path: Path, base: Vocab) -> tuple[list[str], list[str]]:
@@ -799,22 +801,22 @@ def read_word_list(path: Path, base: Vocab) -> tuple[list[str], list[str]]:
 
 def frequent_split_words(
     counts: Counter[str], vocab: dict[str, int], n: int, min_count: int, exclude: set[str]
-) -> list[str]:
+) -> tuple[list[str], int]:
     """The `n` words of `counts` whose addition saves the most pieces: occurrences x (pieces
-    - 1) under `vocab`, ties by word. Words seen fewer than `min_count` times, words in
-    `vocab` or `exclude`, and words with a character `vocab` lacks ([UNK]) are left out."""
+    - 1) under `vocab`, ties by word; and how many more words `vocab` splits are left out for
+    being seen fewer than `min_count` times (the summary says so when room is left). Words in
+    `vocab` or `exclude`, and words with a character `vocab` lacks ([UNK]), are left out."""
     if n <= 0:
-        return []
+        return [], 0
     words = [
-        w for w, c in counts.items()
-        if c >= min_count and w not in vocab and w not in exclude
-        and len(w) <= MAX_INPUT_CHARS_PER_WORD
+        w for w in counts
+        if w not in vocab and w not in exclude and len(w) <= MAX_INPUT_CHARS_PER_WORD
     ]  # fmt: skip
     encodings = wordpiece_tokenizer(vocab).encode_batch(words, add_special_tokens=False)
     unk = vocab[UNK]
-    saved = [
-        (-(counts[w] * (len(e.ids) - 1)), w)
-        for w, e in zip(words, encodings, strict=True)
-        if len(e.ids) > 1 and unk not in e.ids
+    split = [
+        w for w, e in zip(words, encodings, strict=True) if len(e.ids) > 1 and unk not in e.ids
     ]
-    return [w for _, w in heapq.nsmallest(n, saved)]
+    pieces = {w: len(e.ids) for w, e in zip(words, encodings, strict=True)}
+    saved = [(-(counts[w] * (pieces[w] - 1)), w) for w in split if counts[w] >= min_count]
+    return [w for _, w in heapq.nsmallest(n, saved)], len(split) - len(saved)
