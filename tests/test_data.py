@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import errno
 import gzip
+import io
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import pytest
 
 from bertforge.cli import main
 from bertforge.config import DataConfig
-from bertforge.data import create_data
+from bertforge.data import create_data, print_summary
 from bertforge.datacheck import inspect, read_native, read_tfrecord, verify
 from bertforge.errors import UserError
 from bertforge.shards import open_shard, read_header, record_dtype, write_shard
@@ -239,7 +240,13 @@ def test_finished_output_is_kept_and_other_settings_refused(tmp_path, kjv_corpus
     first = create_data(cfg(kjv_corpus, kjv_vocab, out))
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
     again = create_data(cfg(kjv_corpus, kjv_vocab, out, workers=2))  # workers don't matter
-    assert again.resumed_units == len(mtimes)
+    assert again.resumed_units == len(mtimes) and again.unchanged and not first.unchanged
+    printed = io.StringIO()
+    print_summary(again, printed)
+    assert "  unchanged: made earlier from the same corpus and settings, so nothing was " in (
+        printed.getvalue()
+    )
+    assert "resumed:" not in printed.getvalue()  # it said N shard(s) "were already finished"
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == mtimes
     with pytest.raises(UserError, match=r"--max-seq-length was 64, now 128.*--overwrite"):
         create_data(cfg(kjv_corpus, kjv_vocab, out, max_seq_length=128))

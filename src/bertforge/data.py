@@ -97,6 +97,7 @@ class DataResult:
     output: Path
     manifest: dict[str, Any]
     resumed_units: int  # units found finished from an earlier run
+    unchanged: bool = False  # the whole output was: nothing redone
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -599,7 +600,7 @@ def create_data(cfg: DataConfig) -> DataResult:
     if state == "done":
         manifest = read_manifest(out, "data")
         assert manifest is not None
-        return DataResult(out, manifest, len(manifest["shards"]))
+        return DataResult(out, manifest, len(manifest["shards"]), unchanged=True)
     if state == "changed" and not cfg.google_compatible:
         print(f"data: the input files changed since the unfinished run in {out}; its shards "
               "are kept where their text is unchanged", file=sys.stderr)  # fmt: skip
@@ -831,7 +832,10 @@ def print_summary(result: DataResult, file: Any = None) -> None:
         print(f"  {split}", file=file)
     for note in corpus_notes(corpus):
         print(f"  {note}", file=file)
-    if result.resumed_units:
+    if result.unchanged:
+        print("  unchanged: made earlier from the same corpus and settings, so nothing was redone "
+              "(--overwrite makes it again)", file=file)  # fmt: skip
+    elif result.resumed_units:
         print(f"  resumed: {result.resumed_units} shard(s) were already finished", file=file)
     for warning in manifest_warnings(m):
         print(warning, file=sys.stderr)
