@@ -188,8 +188,9 @@ def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag:
     """Create the output dir; refuse one that holds something other than this stage's output."""
     d = Path(directory)  # `output_lock` has refused a file of that name
     if d.is_dir() and holds_files(d):
-        refuse_other_stage(d, stage, flag)
-        if not overwrite and stage not in output_stages(d):
+        stages = output_stages(d)
+        refuse_other_stage(d, stage, flag, stages)
+        if not overwrite and stage not in stages:
             raise UserError(
                 f"{flag}: {d} is not empty and is not a bertforge {stage} output; "
                 "choose another directory or pass --overwrite."
@@ -198,11 +199,12 @@ def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag:
     return d
 
 
-def refuse_other_stage(d: Path, stage: str, flag: str) -> None:
+def refuse_other_stage(d: Path, stage: str, flag: str, stages: set[str] | None = None) -> None:
     """Refuse, --overwrite or not, a directory that holds another stage's output: writing
     there would replace its manifest.json (`train --output DATA --overwrite` made the data
-    unreadable), and it is often the very input this stage reads."""
-    others = sorted(output_stages(d) - {stage})
+    unreadable), and it is often the very input this stage reads. `stages`: the directory's
+    `output_stages`, when known."""
+    others = sorted((output_stages(d) if stages is None else stages) - {stage})
     if others:
         article = "an" if stage[0] in "aeiou" else "a"
         raise UserError(
