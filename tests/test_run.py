@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,30 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     assert all(f"{s}: running" in err for s in ("vocab", "data", "train", "export"))
     tokenizer_config = json.loads((out / "model" / "tokenizer_config.json").read_text())
     assert tokenizer_config["do_lower_case"] is False
+
+
+def test_a_moved_run_directory_is_the_same_run(tmp_path, kjv_corpus, capsys):
+    """The stages are wired by absolute paths; a run directory moved (another disk, another
+    machine) is the same run: its finished stages are kept and its training resumes. Before,
+    every stage started over, training from step 0 with its checkpoints deleted; and the data,
+    which named its vocabulary by the old path, could not be trained on from the new one."""
+    first, moved = tmp_path / "first", tmp_path / "elsewhere" / "moved"
+    run_cli(kjv_corpus, first)
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    capsys.readouterr()
+    state = run_cli(kjv_corpus, moved, "--num-train-steps", "9")
+    err = capsys.readouterr().err
+    assert "vocab: unchanged" in err and "data: unchanged" in err and "train: resuming" in err
+    assert (
+        f"note: the data was read from {first / 'data'}; the same records are now at "
+        f"{moved / 'data'}, and the run goes on with them."
+    ) in err
+    steps = [json.loads(x)["step"] for x in (moved / "train" / "metrics.jsonl").open()]
+    assert min(steps) <= 6 and max(steps) == 9  # the first 6 steps' records kept: resumed
+    assert state["train"]["config"]["output"] == str(moved / "train")
+    run_cli(kjv_corpus, moved, "--num-train-steps", "9")  # and it is then the run there
+    assert capsys.readouterr().err.count("unchanged, kept") == 4
 
 
 def test_an_upgrade_alone_reruns_no_stage(tmp_path, kjv_corpus, capsys):

@@ -743,6 +743,41 @@ def test_a_checkpoint_of_an_older_bertforge_resumes(tmp_path, train_data, tiny_b
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
 
 
+def test_a_moved_run_resumes_and_other_data_is_refused(
+    tmp_path, kjv_corpus, kjv_vocab, tiny_bert_config, monkeypatch, capsys
+):
+    """A training directory moved elsewhere resumes (its --output, a path, was compared as a
+    setting); data made from a vocabulary named by a relative path keeps a copy of it, so it
+    is trained on from any directory, even after the vocabulary is gone; data with other
+    records at the old path is still another run's."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(kjv_vocab, "v")
+    make = ["data", str(kjv_corpus), "--vocab", "v", "--max-seq-length", "64", "--no-progress"]
+    assert main([*make, "--output", "d"]) == 0
+    manifest = json.loads(Path("d/manifest.json").read_text())
+    assert manifest["vocab"]["path"] == str(tmp_path / "v" / "vocab.txt")  # not "v/vocab.txt"
+    assert Path("d/vocab.txt").read_bytes() == Path("v/vocab.txt").read_bytes()
+    shutil.rmtree("v")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    data, first = tmp_path / "d", tmp_path / "first"
+    assert main(args(data, first, tiny_bert_config, "--num-train-steps", "2")) == 0
+    shutil.move(first, tmp_path / "moved")
+    assert main(args(data, tmp_path / "moved", tiny_bert_config, "--num-train-steps", "3")) == 0
+    assert "the new schedule from step 2 on" in capsys.readouterr().err  # resumed there
+    assert [r["step"] for r in metrics(tmp_path / "moved")] == [1, 2, 3]
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(kjv_vocab, "v")
+    assert main([*make, "--output", "d", "--overwrite", "--random-seed", "7"]) == 0
+    assert main(args(data, tmp_path / "moved", tiny_bert_config, "--num-train-steps", "4")) == 2
+    assert f"belongs to a run with other settings (the records of {data} (made again))" in (
+        capsys.readouterr().err
+    )
+    assert main([*make, "--output", "d2", "--random-seed", "8"]) == 0
+    assert main(args(tmp_path / "d2", tmp_path / "moved", tiny_bert_config)) == 2
+    assert f"other settings (data: '{data}' -> '{tmp_path / 'd2'}')" in capsys.readouterr().err
+
+
 def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(
     tmp_path, train_data, tiny_bert_config, capsys
 ):
@@ -1007,7 +1042,9 @@ def test_token_ids_beyond_the_vocabulary_say_which_of_two_causes(
     and the error says how to check them, not to look for another vocabulary."""
     small = vocab_head(kjv_vocab, 300, tmp_path / "small")
     steps = ("--num-train-steps", "1", "--no-do-eval")
-    argv = args(google_tfrecords, tmp_path / "tf", tiny_bert_config, *steps)
+    (tmp_path / "alone").mkdir()  # as Google's are: beside their data manifest, it names one
+    alone = Path(shutil.copy(google_tfrecords, tmp_path / "alone"))
+    argv = args(alone, tmp_path / "tf", tiny_bert_config, *steps)
     assert main([*argv, "--vocab", str(small), "--do-lower-case"]) == 2
     err = capsys.readouterr().err
     assert "beyond the vocabulary" in err and "(300 tokens)" in err

@@ -14,6 +14,7 @@ import atexit
 import concurrent.futures as cf
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import queue
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertforge.datacheck import data_files, read_tfrecord
+from bertforge.datacheck import data_files, data_vocab, read_tfrecord
 from bertforge.errors import UserError
 from bertforge.fileio import write_json
 from bertforge.masking import MaskSpec, RowRng, mask_batch
@@ -93,6 +94,7 @@ class PretrainingData:
     def __init__(self, path: str) -> None:
         files, manifest = data_files(path)
         self.files = files
+        self.manifest = manifest
         self.native: ShardSet | None = None
         self.tf_rows: Rows | None = None
         if is_shard(files[0]):
@@ -157,6 +159,16 @@ class PretrainingData:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def identity(self) -> str:
+        """What the records are, wherever they are read from (a resumed run may find its data
+        moved): a data directory's shards by name and sha256 (its manifest lists them), files
+        given by name or glob by name and size. Nothing is read."""
+        if self.manifest is not None:
+            key: list[Any] = [[s["file"], s["sha256"]] for s in self.manifest["shards"]]
+        else:
+            key = [[f.name, f.stat().st_size] for f in self.files]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
     def max_token_id(self) -> int:
         """The largest token id of the data (masked-LM labels included)."""
@@ -709,4 +721,10 @@ def vocab_dir(info: DataInfo, given: str | None) -> Path | None:
     """The vocabulary directory or vocab.txt to use: --vocab, else the data's own."""
     if given:
         return Path(given)
-    return Path(info.vocab_path).parent if info.vocab_path else None
+    if info.vocab_path is None:
+        return None
+    folder, recorded = Path(info.source), Path(info.vocab_path)
+    if folder.is_dir():  # a data directory: the copy it keeps, if the named one is gone
+        found = data_vocab(folder, {"vocab": {"path": info.vocab_path}})
+        return recorded.parent if found == recorded else found
+    return recorded.parent

@@ -78,7 +78,14 @@ from bertforge.sentences import split_sentences
 from bertforge.shards import VERSION as SHARD_VERSION
 from bertforge.shards import encode_header, id_dtype, record_dtype
 from bertforge.tfrecord import bert_example, frame, framed_examples
-from bertforge.tokenization import LineEncoder, Vocab, basic_words, load_vocab, segment_sums
+from bertforge.tokenization import (
+    LineEncoder,
+    Vocab,
+    basic_words,
+    copy_vocab,
+    load_vocab,
+    segment_sums,
+)
 from bertforge.workers import finished, process_pool, usable_cpus
 
 ENCODE_LINES = 1 << 16  # lines per LineEncoder call
@@ -625,6 +632,7 @@ def create_data(cfg: DataConfig) -> DataResult:
             f"--input: {', '.join(cfg.input)} gave no instance: no line tokenizes to anything "
             f"with {cfg.vocab}; check that the vocabulary fits the corpus."
         )
+    copy_vocab(vocab, out)  # the records hold token ids only: their words travel with them
     manifest = write_data_manifest(cfg, vocab, inputs, out, run, run_id, parts, stats)
     listed = {p["file"] for p in parts}
     for stale in shard_files(out):
@@ -656,11 +664,11 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
     }  # fmt: skip
     shards = [{k: p[k] for k in ("file", "records", "sha256", "bytes")} for p in parts]
     config = dict(run["config"], vocab=str(vocab.path.parent), vocab_size=vocab.size)
+    named = {"path": str(vocab.path.resolve()), "sha256": vocab.sha256, "size": vocab.size}
     return write_manifest(
         out, "data", config,
         inputs=[i.describe() for i in inputs], counts=counts,
-        extra={"run_id": run_id, "vocab": {"path": str(vocab.path), "sha256": vocab.sha256,
-                                           "size": vocab.size},
+        extra={"run_id": run_id, "vocab": named,
                "shards": shards,
                "format": {"kind": cfg.resolved_format, "static_masking": cfg.static,
                           "shard_version": SHARD_VERSION}},

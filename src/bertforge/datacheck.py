@@ -39,7 +39,7 @@ from bertforge.shards import (
     segment_ids,
 )
 from bertforge.tfrecord import decode_example, example_lists, read_records, varint_values
-from bertforge.tokenization import find_vocab_file, load_vocab, read_vocab_file
+from bertforge.tokenization import copy_vocab, find_vocab_file, load_vocab, read_vocab_file
 from bertforge.workers import finished, process_pool, usable_cpus
 
 
@@ -182,6 +182,16 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
     return files, None
 
 
+def data_vocab(folder: Path, manifest: Mapping[str, Any]) -> Path:
+    """The vocab.txt a data directory's manifest names or, where that is gone (the data moved
+    to another machine, or was made from a relative path in another directory), the copy the
+    directory keeps beside its records (`tokenization.copy_vocab`; data made before it kept
+    one has none). Whichever is read, its sha256 must be the manifest's."""
+    recorded = Path(manifest["vocab"]["path"])
+    own = folder / recorded.name  # vocab.txt, or the tokenizer.json it was read from
+    return own if not recorded.is_file() and own.is_file() else recorded
+
+
 def folder_manifest(files: Sequence[Path]) -> tuple[Path, dict[str, Any]] | None:
     """The `bertforge data` output that holds every one of `files` (data given by name or
     glob, as Google's TFRecords are): its folder and manifest, or None."""
@@ -306,7 +316,7 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
     """Print n instances as tokens (Google's log format), then statistics; returns them."""
     files, manifest = data_files(path)
     tokens: list[str] | None = None
-    vocab_path = vocab or (manifest and manifest["vocab"]["path"])
+    vocab_path = vocab or (manifest and data_vocab(Path(path), manifest))
     if vocab_path:
         vocab_file = find_vocab_file(vocab_path, "--vocab")
         if manifest is None:
@@ -500,10 +510,12 @@ def _convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | No
     counts = {"tokens": totals["tokens"],
               **summarize(instances, totals["tokens"], totals["random_next"], totals["masked"],
                           histogram, shape[0])}  # fmt: skip
+    copy_vocab(vocab, out)  # the records hold token ids only: their words travel with them
     return write_manifest(
         out, "data", config,
         inputs=[{"path": str(f), "bytes": f.stat().st_size} for f in files], counts=counts,
-        extra={"vocab": {"path": str(vocab.path), "sha256": vocab.sha256, "size": vocab.size},
+        extra={"vocab": {"path": str(vocab.path.resolve()), "sha256": vocab.sha256,
+                         "size": vocab.size},
                "shards": shards,
                "format": {"kind": "native", "static_masking": True, "shard_version": VERSION}},
     )  # fmt: skip

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import glob
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -325,13 +326,28 @@ def recorded_corpus(record: dict[str, Any], directory: Path, default: Any) -> An
     return manifest.get("inputs", default) if manifest else default
 
 
+def within_run(key: dict[str, Any]) -> dict[str, Any]:
+    """A stage's settings with the paths inside its run directory written relative to it
+    (`<run>/vocab`): the stages are wired by absolute paths, and a run directory moved or
+    copied (another disk, another machine) is the same run. Before, every stage of a moved
+    run started over, its training from step 0 (its checkpoints deleted)."""
+    top = str(Path(key["output"]).parent) if isinstance(key.get("output"), str) else None
+
+    def inside(value: Any) -> Any:
+        if top is None or not isinstance(value, str):
+            return value
+        return "<run>" + value[len(top) :] if value.startswith(top + os.sep) else value
+
+    return {k: inside(v) for k, v in key.items()}
+
+
 def decide(
     stage: str, cfg: Any, record: dict[str, Any] | None, directory: Path, upstream_ran: bool
 ) -> str:
     """skip, resume or start."""
     if upstream_ran or record is None:
         return "start"
-    old, new = record["config"], settings_key(cfg)
+    old, new = within_run(record["config"]), within_run(settings_key(cfg))
     manifest = directory / MANIFEST
     if not changed_settings(old, new, type(cfg)):
         if record.get("done"):

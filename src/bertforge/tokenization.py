@@ -35,7 +35,14 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from bertforge.errors import UserError
-from bertforge.fileio import atomic_open, read_manifest, sha256_file, write_json
+from bertforge.fileio import (
+    atomic_open,
+    copy_file,
+    read_manifest,
+    sha256_file,
+    write_json,
+    write_text,
+)
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIALS = (PAD, UNK, CLS, SEP, MASK)
@@ -610,3 +617,28 @@ class LineEncoder:
         ids, lengths = self.pieces.gather(slots)
         per_line = np.fromiter(map(str.count, lines, itertools.repeat(" ")), np.int64, len(lines))
         return ids.astype(dtype), segment_sums(lengths, per_line + 1)
+
+
+VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_vocab(vocab: Vocab, out: Path) -> None:
+    """The vocabulary travels with what was made with it (a training run's model, which export
+    and later stages read from there; a data directory's records, which hold token ids only):
+    `VOCAB_FILES` from beside `vocab`, and a tokenizer_config.json saying its casing."""
+    source = vocab.path.parent
+    for name in VOCAB_FILES:
+        src = vocab.path if name == "vocab.txt" else source / name
+        if name == "vocab.txt" and vocab.path.suffix == ".json":  # read from a tokenizer.json
+            write_text(out / name, "".join(f"{token}\n" for token in vocab.tokens))
+        elif src.is_file() and src.resolve() != (out / name).resolve():
+            copy_file(src, out / name)
+    if not (out / "tokenizer_config.json").is_file():
+        write_json(
+            out / "tokenizer_config.json",
+            {
+                "tokenizer_class": "BertTokenizer",
+                "do_lower_case": vocab.do_lower_case,
+                "strip_accents": vocab.strip_accents,
+            },
+        )

@@ -71,7 +71,6 @@ from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.fileio import (
     RUN_FILE,
-    copy_file,
     output_lock,
     prepare_output_dir,
     read_jsonl,
@@ -99,12 +98,21 @@ from bertforge.optim import (
     param_groups,
     set_moments,
 )
-from bertforge.tokenization import Vocab, check_init_vocab, entry, load_vocab, read_vocab_file
+from bertforge.tokenization import (
+    Vocab,
+    check_init_vocab,
+    copy_vocab,
+    entry,
+    load_vocab,
+    read_vocab_file,
+)
 from bertforge.tune import use_tune
 
-VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ANNOUNCED_CHECK_BYTES = 1 << 30  # a start-up check of more data is announced first
 DATA_SCAN_FILE = "data_check.json"  # the start-up pass over the data, kept for a resumed run
+# Paths that may change when a run is resumed: what they name is compared instead (the model's
+# shape; the data, by `PretrainingData.identity`, in `check_same_run`).
+WHERE = {"output", "bert_config", "data"}
 # Settings that may change when a run is resumed; any other change is refused.
 RESUMABLE = {
     "num_train_steps",
@@ -281,13 +289,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     local_batch = cfg.train_batch_size // d.world
 
     out = Path(cfg.output)
+    data_id = data.identity()
     state = None
     resume = Path(cfg.resume) if cfg.resume else None
     if resume is None and not cfg.overwrite and list_checkpoints(out):
         resume = list_checkpoints(out)[-1]
     if resume is not None:
         state = load_checkpoint(resume)
-        check_same_run(state, cfg, bert, resume)
+        check_same_run(state, cfg, bert, resume, data_id, d.main)
         note_new_schedule(state, cfg, d.main)
     if d.main and cfg.do_train and cfg.warmup_steps >= cfg.num_train_steps > 0:
         print(warmup_warning(cfg), file=sys.stderr)
@@ -397,7 +406,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 "skipped_steps": skipped,
                 "config": run_settings(cfg),
                 "bert_config": bert.to_dict(),
-                "data": {"source": info.source, "records": len(data), "eval_records": eval_n},
+                "data": {
+                    "source": info.source,
+                    "records": len(data),
+                    "eval_records": eval_n,
+                    "identity": data_id,
+                },
                 "embeddings": embeddings,
                 "trained_length": trained_length(init, info.max_seq_length),
             },
@@ -1162,9 +1176,24 @@ def run_settings(cfg: TrainConfig) -> dict[str, Any]:
     return settings
 
 
-def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, path: Path) -> None:
+def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, path: Path,
+                   data_identity: str, notes: bool) -> None:  # fmt: skip
+    """Refuse to resume a run with settings it was not trained with (`RESUMABLE` may change).
+    Where things are is not a setting: a run directory moved or copied (another disk, another
+    machine) resumes, as does one whose data moved, when its records are the same
+    (`PretrainingData.identity`), and its model is compared by shape, not by --bert-config's
+    path. Data made again at the same path with other records is another run's (continue from
+    the checkpoint with --init-checkpoint into another --output)."""
     old, new = state["config"], run_settings(cfg)
-    changed = changed_settings(old, new, TrainConfig, ignore=RESUMABLE)
+    changed = changed_settings(old, new, TrainConfig, ignore={*RESUMABLE, *WHERE})
+    moved, was = old.get("data") != new["data"], state.get("data", {}).get("identity")
+    if was is None and moved:  # a checkpoint from before identities: by path, as then
+        changed.append("data")
+    elif was not in (None, data_identity):  # other records, at another path or the same
+        changed.append("data" if moved else f"the records of {new['data']} (made again)")
+    elif moved and notes:
+        print(f"bertforge: note: the data was read from {old.get('data')}; the same records are "
+              f"now at {new['data']}, and the run goes on with them.", file=sys.stderr)  # fmt: skip
     if state["bert_config"] != bert.to_dict():
         changed.append("model (--model-size/--bert-config)")
     if changed:
@@ -1865,26 +1894,6 @@ def trained_length(init: InitWeights | None, max_seq_length: int) -> int:
     if init is None:
         return max_seq_length
     return max(max_seq_length, init.readable_length)
-
-
-def copy_vocab(vocab: Vocab, out: Path) -> None:
-    """The vocabulary travels with the model (export and later stages read it from here)."""
-    source = vocab.path.parent
-    for name in VOCAB_FILES:
-        src = vocab.path if name == "vocab.txt" else source / name
-        if name == "vocab.txt" and vocab.path.suffix == ".json":  # read from a tokenizer.json
-            write_text(out / name, "".join(f"{token}\n" for token in vocab.tokens))
-        elif src.is_file() and src.resolve() != (out / name).resolve():
-            copy_file(src, out / name)
-    if not (out / "tokenizer_config.json").is_file():
-        write_json(
-            out / "tokenizer_config.json",
-            {
-                "tokenizer_class": "BertTokenizer",
-                "do_lower_case": vocab.do_lower_case,
-                "strip_accents": vocab.strip_accents,
-            },
-        )
 
 
 def finish(
