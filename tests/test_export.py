@@ -262,6 +262,11 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
     with pytest.raises(UserError, match=r"--checkpoint: .* does not exist"):
         export(ExportConfig(checkpoint=str(tmp_path / "nothing"), output=str(tmp_path / "x")))
     # A directory holding no model: say what is read; a training run's checkpoints/ is read.
+    (tmp_path / "starting" / "checkpoints").mkdir(parents=True)  # a run before its first save
+    not_yet = r"is a training directory with no checkpoint yet \(training saves one every "
+    for given in ("starting", "starting/checkpoints"):
+        with pytest.raises(UserError, match=rf"{given} {not_yet}"):
+            export(ExportConfig(checkpoint=str(tmp_path / given), output=str(tmp_path / "x")))
     with pytest.raises(UserError, match=r"--checkpoint: .*small holds no model .*\(ckpt-\*\.pt\)"):
         export(ExportConfig(checkpoint=str(small.parent), output=str(tmp_path / "x")))
     export(ExportConfig(checkpoint=str(trained_run / "checkpoints"), output=str(tmp_path / "c")))

@@ -191,6 +191,13 @@ def read_init_checkpoint(
         hf = _read_hf_weights(p)
         return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface", p, None,
                            _model_max_length(p, c))  # fmt: skip
+    training = (p / CHECKPOINTS).is_dir() or p.name == CHECKPOINTS  # with none saved yet
+    if p.is_dir() and not any(p.glob("*.index")) and training:
+        raise UserError(
+            f"{flag}: {p} is a training directory with no checkpoint yet (training saves one "
+            "every --save-checkpoints-steps steps, and when it stops or ends); give it again "
+            "once one is saved."
+        )
     if p.is_dir() and not any(p.glob("*.index")):
         raise UserError(
             f"{flag}: {p} holds no model bertforge reads; give a bertforge training directory "
