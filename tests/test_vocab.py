@@ -142,6 +142,34 @@ def test_a_note_says_when_default_accent_stripping_changes_many_letters():
     assert note("한국어 한국 한글 텍스트.", strip_accents=False) is None
 
 
+def test_a_note_says_when_the_corpus_writes_letters_decomposed(tmp_path, capsys):
+    """Text not in Unicode's composed form (NFC), as macOS writes it, reads as other pieces
+    than the composed text a model mostly sees later: a note where at least 1% of the sampled
+    sentences are so, naming a letter; none where accents are stripped (both forms end alike)."""
+    from bertforge.vocab import nfc_note
+
+    def note(sentences: list[str], **kw) -> str | None:  # type: ignore[no-untyped-def]
+        return nfc_note(sentences, VocabConfig(input=("-",), output="o", **kw))
+
+    norwegian = ["Hun så på månen.", "Vi gikk på tur i går.", "Det er kaldt nå."]
+    nfd = [unicodedata.normalize("NFD", s) for s in norwegian]
+    found = note(nfd, do_lower_case=False)
+    assert found is not None and found.startswith("note: 3 of the 3 sampled sentences are not ")
+    assert '("å" written as "a" + U+030A)' in found
+    assert note(nfd, strip_accents=False) is not None  # lowercased, accents kept
+    assert note(nfd) is None  # lowercasing strips accents: both forms end alike
+    assert note(norwegian, do_lower_case=False) is None
+    plain = ["plain text"] * 99
+    assert note([nfd[0], *plain], do_lower_case=False) is not None  # 1 in 100: the threshold
+    assert note([nfd[0], *plain, "one more"], do_lower_case=False) is None
+    corpus = tmp_path / "nfd.txt"  # the vocab stage says so
+    corpus.write_text("\n".join(nfd * 20) + "\n")
+    out = tmp_path / "v"
+    assert main(["vocab", str(corpus), "--output", str(out), "--cased", "--vocab-size", "200",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "sampled sentences are not in Unicode's composed form, NFC" in capsys.readouterr().err
+
+
 def test_a_note_says_when_lowercasing_meets_turkish_i():
     """Unicode's lowercasing (Google's and transformers') makes Turkish I into i, not ı, and
     İ into i with a combining dot: a note where ı and İ are 0.5% of the letters and capital

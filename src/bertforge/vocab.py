@@ -85,6 +85,7 @@ HELDOUT_MAX_SHARE = 0.05  # never hold out more than 5% of the documents
 SP_MAX_SENTENCE_BYTES = 1 << 16
 TRAIN_WORDS = 80_000  # distinct words the WordPiece trainer sees
 ACCENT_NOTE_SHARE = 0.005  # of the corpus's letters, changed by stripping accents: a note
+NFC_NOTE_SHARE = 0.01  # of the sampled sentences, not in Unicode's composed form: a note
 TRAIN_OCCURRENCES = 1_500_000  # word occurrences it is fed, about
 COUNT_CHUNK = 1 << 19  # characters counted at once (small chunks stay in cache: faster)
 
@@ -272,12 +273,13 @@ def scan_corpus(inputs: Sequence[InputFile], cfg: VocabConfig) -> Scan:
     heldout_docs = {index for _, index, _ in kept}
     heldout = [s for _, _, doc in sorted(kept, key=lambda x: x[1]) for s in doc]
     normalized = normalize_counts(counts, cfg)
-    notes = [n for n in (accent_note(counts, cfg), dotless_i_note(counts, cfg)) if n]
     if whole:
         sample = [s for index, doc in whole if index not in heldout_docs for s in doc]
     else:
         pairs = zip(indices, reservoir, strict=True)
         sample = [s for index, s in pairs if index not in heldout_docs]
+    found = (accent_note(counts, cfg), dotless_i_note(counts, cfg), nfc_note(sample, cfg))
+    notes = [n for n in found if n]
     train_sentences = stats.sentences - len(heldout)
     return Scan(stats, normalized, notes, heldout_docs, heldout, train_sentences, sample)
 
@@ -363,6 +365,38 @@ def accent_note(raw: np.ndarray, cfg: VocabConfig) -> str | None:
         f"note: lowercasing also strips accents (Google's uncased default), which "
         f"{' and '.join(what)}; every later stage keeps that. --no-strip-accents keeps them "
         "(--cased keeps case too); --strip-accents keeps this default without the note."
+    )
+
+
+def nfc_note(sample: Sequence[str], cfg: VocabConfig) -> str | None:
+    """A note when at least NFC_NOTE_SHARE of the sampled sentences are not in Unicode's
+    composed form (NFC): Norwegian å written as a + combining ring, as macOS and some tools
+    write text. BERT's tokenizers do not compose (Google's and transformers' alike), so the
+    vocabulary learns each letter twice over and text written composed, as most is, reads
+    as other pieces. None where accents are stripped (lowercasing's default), which takes
+    both forms apart alike."""
+    if cfg.do_lower_case and cfg.strip_accents is not False:
+        return None
+    off = [s for s in sample if not unicodedata.is_normalized("NFC", s)]
+    if not off or len(off) < NFC_NOTE_SHARE * len(sample):
+        return None
+    example = "letters written as a base letter and combining marks"
+    text = off[0]
+    for i in range(1, len(text)):
+        pair = text[i - 1 : i + 1]
+        if (
+            unicodedata.category(text[i]).startswith("M")
+            and unicodedata.normalize("NFC", pair) != pair
+        ):
+            example = (f'"{unicodedata.normalize("NFC", pair)}" written as "{text[i - 1]}" + '
+                       f"U+{ord(text[i]):04X}")  # fmt: skip
+            break
+    return (
+        f"note: {len(off):,} of the {len(sample):,} sampled sentences are not in Unicode's "
+        f"composed form, NFC ({example}). BERT's tokenizers read a composed and a decomposed "
+        "letter as different text, and most text a model sees later is composed: normalize "
+        'the corpus to NFC first (Python: unicodedata.normalize("NFC", line); or uconv -x '
+        "any-nfc), and the text you give the model alike."
     )
 
 
