@@ -312,6 +312,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subparsers
 
 
+def command_config(command: str) -> type:
+    """The config dataclass of a command (`bertforge demo` has none of its own)."""
+    return {**STAGES, **TOOLS, "run": RunConfig}[command]
+
+
 def dispatch(args: argparse.Namespace) -> None:
     command = args.command
     processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -339,7 +344,7 @@ def dispatch(args: argparse.Namespace) -> None:
     if getattr(args, "config", None):
         file_values = read_toml(args.config).get(command, {})
         source = f"{args.config} [{command}]"
-    cfg = build_config({**STAGES, **TOOLS}[command], file_values, values, source=source)
+    cfg = build_config(command_config(command), file_values, values, source=source)
     RUNNERS[command](cfg)
 
 
@@ -369,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        classes = {**STAGES, **TOOLS, "run": RunConfig}
-        unknown = fold_positionals(args, unknown, classes.get(args.command))
+        cls = command_config(args.command) if args.command != "demo" else None
+        unknown = fold_positionals(args, unknown, cls)
         if unknown:
             raise unknown_flags_error(unknown, subparsers[args.command])
         dispatch(args)
