@@ -248,8 +248,20 @@ def test_finished_output_is_kept_and_other_settings_refused(tmp_path, kjv_corpus
     )
     assert "resumed:" not in printed.getvalue()  # it said N shard(s) "were already finished"
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == mtimes
-    with pytest.raises(UserError, match=r"--max-seq-length was 64, now 128.*--overwrite"):
+    # only what differs is named: the manifest's vocabulary path and size were once reported
+    # as changed ("--vocab was ..., now None; the vocabulary differs")
+    with pytest.raises(UserError, match=r"made with other settings \(--max-seq-length was 64, "
+                       r"now 128\); use another directory, .* or pass --overwrite\.$"):  # fmt: skip
         create_data(cfg(kjv_corpus, kjv_vocab, out, max_seq_length=128))
+    grown = tmp_path / "grown.txt"
+    grown.write_bytes(kjv_corpus.read_bytes() + b"One more line.\n")
+    size = kjv_corpus.stat().st_size
+    with pytest.raises(UserError, match=rf"other settings \(the input files differ \({grown} had "
+                       rf"{size:,} bytes, now {size + 15:,}\)\);"):  # fmt: skip
+        grown.write_bytes(kjv_corpus.read_bytes())
+        create_data(cfg(grown, kjv_vocab, tmp_path / "g"))
+        grown.write_bytes(kjv_corpus.read_bytes() + b"One more line.\n")
+        create_data(cfg(grown, kjv_vocab, tmp_path / "g"))
     assert verify(str(out))["records"] == first.manifest["counts"]["instances"]
     replaced = create_data(cfg(kjv_corpus, kjv_vocab, out, max_seq_length=128, overwrite=True))
     assert replaced.manifest["config"]["max_seq_length"] == 128

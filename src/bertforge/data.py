@@ -525,17 +525,39 @@ def run_settings(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFile]) -> 
             "inputs": [i.describe() for i in inputs], "bertforge": __version__}  # fmt: skip
 
 
+MANIFEST_ONLY = ("vocab", "vocab_size")  # a finished output's manifest adds them to its config
+
+
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """How `new` (`run_settings`) differs from `old`: an unfinished run's settings, or a
+    finished output's manifest (which holds the vocabulary's sha256 under "vocab" and adds its
+    path and size to the config; they were once reported as settings that changed)."""
     changes = []
-    for key in sorted(set(old["config"]) | set(new["config"])):
-        a, b = old["config"].get(key), new["config"].get(key)
+    config = {k: v for k, v in old["config"].items() if k not in MANIFEST_ONLY}
+    for key in sorted(set(config) | set(new["config"])):
+        a, b = config.get(key), new["config"].get(key)
         if a != b:
             changes.append(f"--{key.replace('_', '-')} was {a}, now {b}")
-    if old.get("vocab_sha256") != new["vocab_sha256"]:
+    if old.get("vocab_sha256", (old.get("vocab") or {}).get("sha256")) != new["vocab_sha256"]:
         changes.append("the vocabulary differs")
     if old.get("inputs") != new["inputs"]:
-        changes.append("the input files differ (names or sizes)")
+        changes.append(
+            f"the input files differ ({inputs_diff(old.get('inputs') or [], new['inputs'])})"
+        )
     return "; ".join(changes) or "settings differ"
+
+
+def inputs_diff(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    """The first input file that was added, removed or changed size, as a user can check it."""
+    was = {i["path"]: i["bytes"] for i in old}
+    now = {i["path"]: i["bytes"] for i in new}
+    for path, size in now.items():
+        if path not in was:
+            return f"{path} is new"
+        if was[path] != size:
+            return f"{path} had {was[path]:,} bytes, now {size:,}"
+    gone = [path for path in was if path not in now]
+    return f"{gone[0]} is no longer read" if gone else "their order"
 
 
 def shard_files(out: Path) -> list[Path]:
