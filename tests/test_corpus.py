@@ -526,6 +526,14 @@ def test_pipes_are_read_as_they_come(tmp_path: Path):
     assert not corpus.is_stream(str(tmp_path)) and corpus.is_stream("-")
 
 
+def test_inputs_diff_names_the_first_file_that_changed():
+    a, b = {"path": "a.txt", "bytes": 10}, {"path": "b.txt", "bytes": 20}
+    assert corpus.inputs_diff([a], [a, b]) == "b.txt is new"
+    assert corpus.inputs_diff([a, b], [a]) == "b.txt is no longer read"
+    assert corpus.inputs_diff([a], [{**a, "bytes": 1234}]) == "a.txt had 10 bytes, now 1,234"
+    assert corpus.inputs_diff([a, b], [b, a]) == "their order"
+
+
 def test_missing_input_is_named(tmp_path: Path):
     with pytest.raises(UserError, match=r"--input: .*nope\.txt does not exist"):
         resolve_inputs([str(tmp_path / "nope.txt")])

@@ -214,11 +214,13 @@ def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch)
     corpus.write_bytes(kjv_corpus.read_bytes())
     out = tmp_path / "run"
     run_cli(corpus, out)
+    size = corpus.stat().st_size
     with corpus.open("a") as f:
         f.write("\nAnd it came to pass in those days.\nThen the people went home.\n")
     run_cli(corpus, out)
     err = capsys.readouterr().err
-    assert "vocab: the corpus changed" in err and "data: the corpus changed" in err
+    grown = f"the corpus changed ({corpus} had {size:,} bytes, now {corpus.stat().st_size:,})"
+    assert f"vocab: {grown}" in err and f"data: {grown}" in err
     assert all(f"{s}: running" in err for s in ("vocab", "data", "train", "export"))
     data = json.loads((out / "data" / "manifest.json").read_text())
     assert data["inputs"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}]
@@ -252,7 +254,8 @@ def test_a_corpus_fixed_after_a_data_error_resumes(tmp_path, kjv_corpus, kjv_voc
     corpus.write_text("\n".join(lines) + "\n")
     assert main(argv) == 0
     printed, err = capsys.readouterr()
-    assert "run: data: the corpus changed (its files' names or sizes); its shards whose " in err
+    assert f"run: data: the corpus changed ({corpus} had " in err
+    assert "); its shards whose text is unchanged are kept" in err
     assert f"resumed: {finished} shard(s) were already finished" in printed + err
     report = (out / "report.md").read_text()  # no vocab section: the data section says it
     assert f"- note: read as records: {len(lines):,} from 1 JSON Lines file(s)" in report

@@ -332,6 +332,20 @@ def is_stream(path: str) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
+def inputs_diff(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    """The first input file that was added, removed or changed size (`InputFile.describe` lists),
+    as a user can check it."""
+    was = {i["path"]: i["bytes"] for i in old}
+    now = {i["path"]: i["bytes"] for i in new}
+    for path, size in now.items():
+        if path not in was:
+            return f"{path} is new"
+        if was[path] != size:
+            return f"{path} had {was[path]:,} bytes, now {size:,}"
+    gone = [path for path in was if path not in now]
+    return f"{gone[0]} is no longer read" if gone else "their order"
+
+
 def total_size(inputs: Sequence[InputFile]) -> int | None:
     """Total bytes on disk, or None when an input is stdin or a pipe."""
     if any(f.size is None for f in inputs):

@@ -47,6 +47,7 @@ from bertforge.corpus import (
     Progress,
     corpus_notes,
     corpus_warnings,
+    inputs_diff,
     iter_documents,
     progress_bar,
     require_text,
@@ -545,19 +546,6 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
             f"the input files differ ({inputs_diff(old.get('inputs') or [], new['inputs'])})"
         )
     return "; ".join(changes) or "settings differ"
-
-
-def inputs_diff(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
-    """The first input file that was added, removed or changed size, as a user can check it."""
-    was = {i["path"]: i["bytes"] for i in old}
-    now = {i["path"]: i["bytes"] for i in new}
-    for path, size in now.items():
-        if path not in was:
-            return f"{path} is new"
-        if was[path] != size:
-            return f"{path} had {was[path]:,} bytes, now {size:,}"
-    gone = [path for path in was if path not in now]
-    return f"{gone[0]} is no longer read" if gone else "their order"
 
 
 def shard_files(out: Path) -> list[Path]:

@@ -43,7 +43,7 @@ from bertforge.config import (
     config_to_dict,
     field_specs,
 )
-from bertforge.corpus import STDIN, is_stream, resolve_inputs
+from bertforge.corpus import STDIN, inputs_diff, is_stream, resolve_inputs
 from bertforge.errors import UserError
 from bertforge.fileio import (
     MANIFEST,
@@ -395,8 +395,12 @@ def _run_pipeline(
             continue
         record = state.get(stage)
         corpus = corpus_files(cfg)
-        if record and corpus is not None and corpus != recorded_corpus(record, directory, corpus):
-            changed = f"run: {stage}: the corpus changed (its files' names or sizes)"
+        if (
+            record
+            and corpus is not None
+            and corpus != (was := recorded_corpus(record, directory, corpus))
+        ):
+            changed = f"run: {stage}: the corpus changed ({inputs_diff(was, corpus)})"
             if stage == "data" and not record.get("done"):  # fixed after an error: resumed,
                 # the data stage keeps what it can (`data.run_units`)
                 print(f"{changed}; its shards whose text is unchanged are kept", file=sys.stderr)
