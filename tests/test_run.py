@@ -595,6 +595,14 @@ def test_continued_pretraining_keeps_the_checkpoints_vocabulary(
         in err
     )
     assert "give it with --vocab" in err and not (tmp_path / "c5").exists()
+    # One whose vocab.txt does not say whether it is cased: before anything runs (the data
+    # stage said so, once the run had begun).
+    (bare / "vocab.txt").write_text((trained_run / "vocab.txt").read_text())
+    assert main([*argv[:3], str(tmp_path / "c5"), *argv[4:]]) == 2
+    assert "has no manifest saying whether it is cased; pass --cased or --lowercase" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "c5").exists()
 
 
 def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypatch, capsys):

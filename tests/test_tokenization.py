@@ -134,7 +134,10 @@ def test_a_tokenizer_json_that_is_not_a_bert_vocabulary_is_refused_naming_why(tm
 
 def test_bare_vocab_needs_casing_and_manifest_wins(tmp_path: Path, mixed_corpus: Path):
     bare = write_vocab(tmp_path / "vocab.txt", TOKENS)
-    with pytest.raises(UserError, match="pass --do-lower-case or --no-do-lower-case"):
+    with pytest.raises(
+        UserError,
+        match=r"pass --cased or --lowercase \(--no-do-lower-case or --do-lower-case; Google",
+    ):
         load_vocab(bare)
     assert load_vocab(bare, do_lower_case=False).do_lower_case is False
     d = tmp_path / "v"

@@ -137,7 +137,10 @@ def test_bad_inputs_are_refused_before_anything_is_written(
     google = tmp_path / "google"
     google.mkdir()
     shutil.copy(kjv_vocab / "vocab.txt", google / "vocab.txt")
-    with pytest.raises(UserError, match="pass --do-lower-case or --no-do-lower-case"):
+    with pytest.raises(
+        UserError,
+        match=r"pass --cased or --lowercase \(--no-do-lower-case or --do-lower-case; Google",
+    ):
         extend_vocab(ecfg(kjv_corpus, google, tmp_path / "g"))
     extend_vocab(ecfg(kjv_corpus, google / "vocab.txt", tmp_path / "g", do_lower_case=True))
     assert load_vocab(tmp_path / "g").do_lower_case is True

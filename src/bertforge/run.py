@@ -230,6 +230,10 @@ def plan(
         if theirs is not None:
             check_init_vocab(read_vocab_file(ours), ours, theirs)
     check_stages_agree(configs, run.vocab is None, config_path)
+    if run.vocab is not None:  # its casing known, its files readable: before any stage runs
+        from bertforge.tokenization import load_vocab
+
+        load_vocab(run.vocab, configs["data"].do_lower_case)
     if init and not configs["train"].bert_config:
         check_init_shape(init, configs["train"].model_size, configs["data"].max_seq_length)
     if run.vocab is not None:

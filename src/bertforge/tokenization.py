@@ -477,14 +477,16 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
     recorded, strip_accents, source = recorded_casing(p)
     if recorded is not None and do_lower_case is not None and recorded != do_lower_case:
         raise UserError(
-            f"--do-lower-case={str(do_lower_case).lower()} contradicts {source}, which records "
+            f"{'--lowercase' if do_lower_case else '--cased'} (--do-lower-case="
+            f"{str(do_lower_case).lower()}) contradicts {source}, which records "
             f"do_lower_case={str(recorded).lower()}; drop the flag (it is read from there)."
         )
     casing = recorded if recorded is not None else do_lower_case
     if casing is None:
         raise UserError(
-            f"--vocab: {vocab_file} has no manifest saying whether it is cased; "
-            "pass --do-lower-case or --no-do-lower-case (Google: --do_lower_case=True/False)."
+            f"--vocab: {vocab_file} has no manifest saying whether it is cased; pass --cased "
+            "or --lowercase (--no-do-lower-case or --do-lower-case; Google: "
+            "--do_lower_case=False/True)."
         )
     tokens = read_vocab_file(vocab_file)
     return Vocab(vocab_file, tuple(tokens), casing, strip_accents, sha256_file(vocab_file))
