@@ -84,9 +84,9 @@ def embed_length(cfg: EmbedConfig, source: InitWeights) -> int:
     if trained is not None and length > trained:
         print(f"bertforge: warning: --max-length {cfg.max_length}: the model was trained on "
               f"sequences of up to {trained} pieces, so its positions {trained}-{length - 1} are "
-              "untrained (as initialized): a line's pieces past the "
-              f"{trained}th are read at positions it never learned (the default, "
-              f"{trained}, stays within them).", file=sys.stderr)  # fmt: skip
+              f"untrained (as initialized): a line's pieces from position {trained} on are read "
+              f"at positions it never learned (the default, {trained}, stays within them).",
+              file=sys.stderr)  # fmt: skip
     return length
 
 
