@@ -251,7 +251,17 @@ def test_small_corpus_pads_with_unused(tmp_path: Path):
     result = train_vocab(cfg(corpus, tmp_path / "v", vocab_size=300))
     tokens = read_vocab_file(tmp_path / "v" / "vocab.txt")
     assert len(tokens) == 300 and result.padded_unused > 0 and tokens[-1].startswith("[unused")
-    assert any("filled the remaining" in w for w in result.warnings)
+    (padded,) = [w for w in result.warnings if "filled the remaining" in w]
+    assert "--limit-alphabet" not in padded  # every character has its pieces
+    # Room left while --limit-alphabet left characters out ([UNK]): the warning says so. Each
+    # of 60 CJK characters is a word of its own; 20 of them are kept.
+    corpus = write_corpus(tmp_path / "cjk.txt", [["".join(chr(0x4E00 + i) for i in range(60))]])
+    result = train_vocab(cfg(corpus, tmp_path / "c", vocab_size=300, limit_alphabet=20))
+    (padded,) = [w for w in result.warnings if "filled the remaining" in w]
+    assert padded.endswith(
+        "--limit-alphabet 20 left out 40 rarer characters of the corpus, [UNK] wherever they "
+        "occur: raise it to give them pieces instead."
+    )
 
 
 def test_vocab_too_small_for_alphabet(tmp_path: Path):

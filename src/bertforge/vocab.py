@@ -173,9 +173,15 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
     if padded > 0:
         extra = [f"[unused{cfg.num_unused + i}]" for i in range(padded)]
         pieces = pieces + extra
+        cut = len(token_chars(scan.char_counts)) - len(alphabet)
+        why = (
+            f" --limit-alphabet {cfg.limit_alphabet} left out {cut:,} rarer characters of the "
+            "corpus, [UNK] wherever they occur: raise it to give them pieces instead."
+            if cut > 0 else ""
+        )  # fmt: skip
         warnings.append(
             f"warning: the corpus supports only {budget - padded} pieces; filled the remaining "
-            f"{padded} lines with [unused] slots to keep --vocab-size {cfg.vocab_size}."
+            f"{padded} lines with [unused] slots to keep --vocab-size {cfg.vocab_size}.{why}"
         )
     tokens = google_layout(pieces[:budget], cfg.num_unused)
     assert len(tokens) == cfg.vocab_size, (len(tokens), cfg.vocab_size)
@@ -432,13 +438,17 @@ def dotless_i_note(raw: np.ndarray, cfg: VocabConfig) -> str | None:
 
 
 def choose_alphabet(counts: np.ndarray, limit: int) -> list[str]:
-    """The `limit` most frequent characters (ties by code point), in code point order.
-
-    Whitespace (to Python, which also strips vocab.txt lines) never becomes a token."""
-    present = np.flatnonzero(counts)
-    chars = [int(c) for c in present if chr(int(c)).strip() and not is_unsafe(chr(int(c)))]
+    """The `limit` most frequent characters (ties by code point), in code point order."""
+    chars = token_chars(counts)
     chars.sort(key=lambda c: (-int(counts[c]), c))
     return [chr(c) for c in sorted(chars[:limit])]
+
+
+def token_chars(counts: np.ndarray) -> list[int]:
+    """The code points of `counts` that can be tokens: whitespace (to Python, which also
+    strips vocab.txt lines) and `is_unsafe` characters never are."""
+    present = np.flatnonzero(counts)
+    return [int(c) for c in present if chr(int(c)).strip() and not is_unsafe(chr(int(c)))]
 
 
 def is_unsafe(ch: str) -> bool:
