@@ -766,6 +766,19 @@ def test_a_moved_run_resumes_and_other_data_is_refused(
     assert main(args(data, tmp_path / "moved", tiny_bert_config, "--num-train-steps", "3")) == 0
     assert "the new schedule from step 2 on" in capsys.readouterr().err  # resumed there
     assert [r["step"] for r in metrics(tmp_path / "moved")] == [1, 2, 3]
+    # A vocabulary trained again at the named path: the copy is read; named, it is refused
+    (tmp_path / "v").mkdir()
+    tokens = (kjv_vocab / "vocab.txt").read_text().split("\n")
+    tokens[200], tokens[201] = tokens[201], tokens[200]
+    (tmp_path / "v" / "vocab.txt").write_text("\n".join(tokens))
+    assert main(args(data, tmp_path / "third", tiny_bert_config, "--num-train-steps", "1")) == 0
+    bare = tmp_path / "v" / "vocab.txt"
+    assert main(args(data, tmp_path / "fourth", tiny_bert_config, "--vocab", str(bare),
+                     "--lowercase")) == 2  # fmt: skip
+    assert f"made with ({bare}); leave --vocab out to use it ({data / 'vocab.txt'})." in (
+        capsys.readouterr().err
+    )
+    shutil.rmtree(tmp_path / "v")
     monkeypatch.chdir(tmp_path)
     shutil.copytree(kjv_vocab, "v")
     assert main([*make, "--output", "d", "--overwrite", "--random-seed", "7"]) == 0

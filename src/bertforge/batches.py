@@ -725,6 +725,7 @@ def vocab_dir(info: DataInfo, given: str | None) -> Path | None:
         return None
     folder, recorded = Path(info.source), Path(info.vocab_path)
     if folder.is_dir():  # a data directory: the copy it keeps, if the named one is gone
-        found = data_vocab(folder, {"vocab": {"path": info.vocab_path}})
+        found = data_vocab(folder, {"vocab": {"path": info.vocab_path,
+                                              "sha256": info.vocab_sha256}})  # fmt: skip
         return recorded.parent if found == recorded else found
     return recorded.parent

@@ -183,13 +183,16 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
 
 
 def data_vocab(folder: Path, manifest: Mapping[str, Any]) -> Path:
-    """The vocab.txt a data directory's manifest names or, where that is gone (the data moved
-    to another machine, or was made from a relative path in another directory), the copy the
-    directory keeps beside its records (`tokenization.copy_vocab`; data made before it kept
-    one has none). Whichever is read, its sha256 must be the manifest's."""
-    recorded = Path(manifest["vocab"]["path"])
+    """The vocab.txt a data directory's manifest names or, where that is gone or changed (the
+    data moved to another machine, was made from a relative path in another directory, or the
+    vocabulary was trained again in place), the copy the directory keeps beside its records
+    (`tokenization.copy_vocab`; data made before it kept one has none). Whichever is read,
+    its sha256 must be the manifest's (checked by the reader, who says so otherwise)."""
+    recorded, sha256 = Path(manifest["vocab"]["path"]), manifest["vocab"].get("sha256")
     own = folder / recorded.name  # vocab.txt, or the tokenizer.json it was read from
-    return own if not recorded.is_file() and own.is_file() else recorded
+    if recorded.is_file() and (sha256 is None or sha256_file(recorded) == sha256):
+        return recorded
+    return own if own.is_file() and sha256_file(own) == sha256 else recorded
 
 
 def folder_manifest(files: Sequence[Path]) -> tuple[Path, dict[str, Any]] | None:

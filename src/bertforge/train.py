@@ -1735,9 +1735,11 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
         path, cfg.do_lower_case if cfg.do_lower_case is not None else info.do_lower_case
     )
     if info.vocab_sha256 and vocab.sha256 != info.vocab_sha256:
+        own = vocab_dir(info, None) if cfg.vocab is not None else None  # named, or its copy
         raise UserError(
             f"--vocab: {vocab.path} is not the vocabulary the data in {cfg.data} was "
-            f"made with ({info.vocab_path})."
+            f"made with ({info.vocab_path})"
+            + (f"; leave --vocab out to use it ({own})." if own and own.exists() else ".")
         )
     if not info.vocab_sha256:  # files by name or glob: of a `bertforge data` output?
         check_recorded_vocab(data.files, vocab.path, vocab.sha256)
