@@ -230,6 +230,22 @@ def test_cli_unknown_flag_lists_valid_names(capsys):
     assert "--min-frequency" in err and err.count("\n") == 1
 
 
+def test_python_m_bertforge_is_the_command():
+    """`python -m bertforge` (and so `torchrun -m bertforge`) was "No module named
+    bertforge.__main__"; the README's `-m bertforge.cli` works too."""
+    import subprocess
+    import sys
+
+    for module in ("bertforge", "bertforge.cli"):
+        out = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        assert out.stdout.startswith("bertforge "), module
+    bad = subprocess.run(
+        [sys.executable, "-m", "bertforge", "train"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "bertforge: error:" in bad.stderr
+
+
 def test_the_cli_and_the_corpus_stages_do_not_import_torch():
     """torch takes 1 to 2 s to import: `bertforge --help`, and `vocab` and `data`, which do
     not use it, must not pay that (report.py once took a constant from tune.py, and every
