@@ -148,6 +148,28 @@ def test_bare_vocab_needs_casing_and_manifest_wins(tmp_path: Path, mixed_corpus:
         load_vocab(d, do_lower_case=True)
 
 
+def test_a_copied_vocabulary_says_its_casing_and_leaves_no_earlier_files(tmp_path: Path):
+    """copy_vocab (a data or training directory's own copy): the files beside the vocabulary,
+    and a tokenizer_config.json that records the casing even when a flag gave it; files of an
+    earlier vocabulary copied there (a stage redone with --overwrite) do not survive to give
+    the new one the old casing."""
+    from bertforge.tokenization import copy_vocab
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # an earlier, uncased vocabulary's
+    (out / "tokenizer_config.json").write_text('{"do_lower_case": true}')
+    (tmp_path / "bare").mkdir()
+    bare = write_vocab(tmp_path / "bare" / "vocab.txt", TOKENS)
+    copy_vocab(load_vocab(bare, do_lower_case=False), out)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer_config.json", "vocab.txt"]
+    assert load_vocab(out).do_lower_case is False and load_vocab(out).tokens == tuple(TOKENS)
+    (bare.parent / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    copy_vocab(load_vocab(bare, do_lower_case=True), out)  # one that does not say the casing
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 64 and config["do_lower_case"] is True
+
+
 def test_final_sigma_and_long_words():
     tok = build_tokenizer(TOKENS, do_lower_case=True)
     pieces = tok.encode("ΟΔΟΣ Σ", add_special_tokens=False).tokens

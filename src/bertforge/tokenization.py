@@ -630,17 +630,20 @@ def copy_vocab(vocab: Vocab, out: Path) -> None:
     `VOCAB_FILES` from beside `vocab`, and a tokenizer_config.json saying its casing."""
     source = vocab.path.parent
     for name in VOCAB_FILES:
-        src = vocab.path if name == "vocab.txt" else source / name
+        src, target = (vocab.path if name == "vocab.txt" else source / name), out / name
         if name == "vocab.txt" and vocab.path.suffix == ".json":  # read from a tokenizer.json
-            write_text(out / name, "".join(f"{token}\n" for token in vocab.tokens))
-        elif src.is_file() and src.resolve() != (out / name).resolve():
-            copy_file(src, out / name)
-    if not (out / "tokenizer_config.json").is_file():
-        write_json(
-            out / "tokenizer_config.json",
-            {
-                "tokenizer_class": "BertTokenizer",
-                "do_lower_case": vocab.do_lower_case,
-                "strip_accents": vocab.strip_accents,
-            },
-        )
+            write_text(target, "".join(f"{token}\n" for token in vocab.tokens))
+        elif src.is_file():
+            if src.resolve() != target.resolve():
+                copy_file(src, target)
+        else:  # an earlier vocabulary's, where a stage was redone with another (--overwrite)
+            target.unlink(missing_ok=True)
+    config_path = out / "tokenizer_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or "do_lower_case" not in config:  # a casing given by flag
+        casing = {"do_lower_case": vocab.do_lower_case, "strip_accents": vocab.strip_accents}
+        config = config if isinstance(config, dict) else {"tokenizer_class": "BertTokenizer"}
+        write_json(config_path, {**config, **casing})
