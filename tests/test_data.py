@@ -717,6 +717,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys
     empty = write_corpus(tmp_path / "empty.txt", [[" "]])
     rc, err = run_cli(["--input", str(empty), *base], capsys)
     assert rc == 2 and "contains no text" in err
+    assert not (tmp_path / "o").exists()  # it made the directory: not left behind, empty
     nothing = write_corpus(tmp_path / "ctl.txt", [["\x07\x07", "\x00"], ["\u200b"]])
     rc, err = run_cli(["--input", str(nothing), *base, "--overwrite"], capsys)
     assert rc == 2 and "gave no instance" in err

@@ -297,12 +297,16 @@ def test_binary_and_empty_input_leave_nothing(tmp_path: Path):
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
     with pytest.raises(UserError, match="PNG image"):
         train_vocab(cfg(png, tmp_path / "v1"))
-    assert not (tmp_path / "v1" / "vocab.txt").exists()
+    assert not (tmp_path / "v1").exists()  # not even the directory, which it had made
     empty = tmp_path / "e.txt"
     empty.write_text("\n\n")
     with pytest.raises(UserError, match="contains no text"):
         train_vocab(cfg(empty, tmp_path / "v2"))
-    assert not (tmp_path / "v2" / "manifest.json").exists()
+    assert not (tmp_path / "v2").exists()
+    (tmp_path / "mine").mkdir()  # a directory that was there before is kept
+    with pytest.raises(UserError, match="contains no text"):
+        train_vocab(cfg(empty, tmp_path / "mine"))
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("room", [0, 3000, 9000])  # the disk fills before/at/after vocab.txt

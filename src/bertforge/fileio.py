@@ -314,8 +314,11 @@ def output_lock(directory: str | Path, stage: str, flag: str) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)  # while still held: the next holder checks it locked this file
-            if created:
-                d.rmdir()  # refused before writing anything: leave no empty directory
+            if created:  # refused before writing anything: leave no empty directory (nor one
+                # holding only the mark of a run begun, with nothing of it to resume)
+                if [p.name for p in d.iterdir()] == [RUN_FILE]:
+                    (d / RUN_FILE).unlink()
+                d.rmdir()
         os.close(fd)
 
 
