@@ -287,6 +287,13 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
                 layers="-4",
             )
         )
+    (tmp_path / "parts").mkdir()  # several files would run together: refused
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "parts" / name).write_text("a line\n")
+    with pytest.raises(UserError, match=r"--input: .*parts names 2 files; embed reads one"):
+        embed(EmbedConfig(model=str(exported_model), input=str(tmp_path / "parts"),
+                          output=str(tmp_path / "p.npy")))  # fmt: skip
+    assert not (tmp_path / "p.npy").exists()
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(UserError, match="no lines"):

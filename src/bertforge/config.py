@@ -597,9 +597,9 @@ class EmbedConfig:
     """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
     BERT directory."""
     input: str
-    """Text file (or .gz/.bz2/.xz/.zst, - for stdin, a pipe): one sentence or text per line; or JSON
-    Lines (its first line a JSON object), Parquet or Arrow: one text per record, from
-    --text-field."""
+    """One text file (or .gz/.bz2/.xz/.zst, - for stdin, a pipe): one sentence or text per
+    line; or JSON Lines (its first line a JSON object), Parquet or Arrow: one text per record,
+    from --text-field."""
     text_field: str = "text"
     """The field (column) of a record that holds its text (its lines are joined by spaces)."""
     strict_utf8: bool = False

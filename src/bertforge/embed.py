@@ -111,6 +111,12 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     dim = hidden * len(layers) if cfg.combine == "concat" else hidden
 
     inputs = resolve_inputs([cfg.input], "--input")
+    if len(inputs) > 1:  # the rows follow one file's lines: several would run together
+        raise UserError(
+            f"--input: {cfg.input} names {len(inputs)} files; embed reads one, and its vectors "
+            f"follow its lines (here {inputs[0].path}, {inputs[1].path}, ... would run "
+            "together): embed each file, or join them first (cat ... > all.txt)."
+        )
     stats = CorpusStats()
     bar = progress_bar(inputs, cfg.progress, "embed")
     progress = Progress(callbacks=[bar.update] if bar else [])
