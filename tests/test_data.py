@@ -345,6 +345,14 @@ def test_inspect_native_and_google_tfrecords(tmp_path, kjv_corpus, kjv_vocab, ca
     text = capsys.readouterr().out
     assert text.count("tokens: [CLS] ") == 2 and "dynamic masking" in text
     assert "length histogram" in text and 0.4 < stats["random_next_share"] < 0.7
+    inspect(str(out), n=1, vocab=str(kjv_vocab))  # its own, named: the same
+    assert capsys.readouterr().out.count("tokens: [CLS] ") == 1
+    other = tmp_path / "other" / "vocab.txt"  # another, of the same size: other words
+    other.parent.mkdir()
+    tokens = (kjv_vocab / "vocab.txt").read_text().split("\n")
+    other.write_text("\n".join([*tokens[:200], tokens[201], tokens[200], *tokens[202:]]))
+    with pytest.raises(UserError, match=rf"--vocab: {other} is not the vocabulary the data in "):
+        inspect(str(out), n=1, vocab=str(other))
     tf = create_data(cfg(kjv_corpus, kjv_vocab, tmp_path / "g", google_compatible=True,
                          dupe_factor=1)).output  # fmt: skip
     assert main(["data", "inspect", str(tf / "data.tfrecord"), "-n", "1", "--vocab",

@@ -324,6 +324,11 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
         vocab_file = find_vocab_file(vocab_path, "--vocab")
         if manifest is None:
             check_recorded_vocab(files, vocab_file, sha256_file(vocab_file))
+        elif vocab and sha256_file(vocab_file) != manifest["vocab"]["sha256"]:
+            raise UserError(
+                f"--vocab: {vocab_file} is not the vocabulary the data in {path} was made with "
+                f"({manifest['vocab']['path']}); leave --vocab out to read its own."
+            )
         tokens = read_vocab_file(vocab_file)
     batches, total = [], 0
     for f in files:
