@@ -241,6 +241,19 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
     )
     assert (trained_run / "manifest.json").read_bytes() == manifest
 
+    # A vocabulary of the right size but other words than the one beside the model: refused
+    tokens = (trained_run / "vocab.txt").read_text().split("\n")
+    tokens[200], tokens[201] = tokens[201], tokens[200]
+    (tmp_path / "swapped").mkdir()
+    (tmp_path / "swapped" / "vocab.txt").write_text("\n".join(tokens))
+    with pytest.raises(UserError, match=rf"is not the vocabulary beside the model, .* \(id 200: "
+                       rf"{tokens[200]!r} here, {tokens[201]!r} there\)"):  # fmt: skip
+        export(ExportConfig(checkpoint=str(trained_run), output=str(tmp_path / "sw"),
+                            vocab=str(tmp_path / "swapped"), do_lower_case=True))  # fmt: skip
+    assert not (tmp_path / "sw" / "model.safetensors").exists()
+    export(ExportConfig(checkpoint=str(trained_run), output=str(tmp_path / "sw"),
+                        vocab=str(trained_run)))  # its own, named: taken  # fmt: skip
+
     # A model without a vocabulary beside it (a copied checkpoint): say to give --vocab.
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -39,7 +39,7 @@ from bertforge.fileio import (
 )
 from bertforge.model import BertConfig, to_hf
 from bertforge.tfcheckpoint import google_tensors, write_checkpoint
-from bertforge.tokenization import Vocab, load_vocab, save_tokenizer_files
+from bertforge.tokenization import Vocab, load_vocab, read_vocab_file, save_tokenizer_files
 
 WEIGHTS = "model.safetensors"
 GOOGLE_CHECKPOINT = "bert_model.ckpt"  # --format google: PREFIX.index, PREFIX.data-00000-of-00001
@@ -109,6 +109,18 @@ def export_vocab(cfg: ExportConfig, source: InitWeights) -> Vocab:
             f"--vocab: {vocab.path} has {vocab.size} tokens but the model in {source.path} "
             f"has vocab_size {source.config.vocab_size}; give the vocabulary it was trained with."
         )
+    if cfg.vocab and source.vocab_file is not None:  # one beside it too: the two must agree
+        own = read_vocab_file(source.vocab_file)
+        pairs = zip(own, vocab.tokens, strict=False)
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(own), vocab.size))
+        if first < max(len(own), vocab.size):
+            here = repr(vocab.tokens[first]) if first < vocab.size else "nothing"
+            there = repr(own[first]) if first < len(own) else "nothing"
+            raise UserError(
+                f"--vocab: {vocab.path} is not the vocabulary beside the model, "
+                f"{source.vocab_file} (id {first}: {here} here, {there} there), so the model "
+                "would read its ids as other words; leave --vocab out to use it."
+            )
     return vocab
 
 
