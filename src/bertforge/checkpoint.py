@@ -28,6 +28,7 @@ from bertforge.model import BertConfig, from_hf
 from bertforge.tokenization import bert_normalizer, find_vocab_file, new_words, wordpiece_ids
 
 CHECKPOINTS = "checkpoints"
+CONFIG_FILES = ("bert_config.json", "config.json")  # a model's shape beside it, Google's first
 FORMAT = "bertforge-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -123,9 +124,8 @@ class InitWeights:
 
 
 def _config_in(directory: Path, source: str, flag: str) -> BertConfig:
-    for name in ("bert_config.json", "config.json"):
-        if (directory / name).is_file():
-            return BertConfig.from_json(directory / name)
+    if (found := config_file_in(directory)) is not None:
+        return BertConfig.from_json(found)
     given = " or give it as --bert-config FILE" if flag == "--init-checkpoint" else ""
     raise UserError(
         f"{source}: no bert_config.json or config.json beside it, so the model's size is "
@@ -146,29 +146,33 @@ def checkpoint_source(path: str, flag: str) -> Path:
     return p
 
 
+def source_directory(source: Path) -> Path:
+    """Where the files a checkpoint came with lie (for `checkpoint_source`'s answer): a
+    bertforge checkpoint's training directory, else the directory itself, or the one that
+    holds the file (a Google checkpoint's prefix)."""
+    if source.is_file() and source.suffix == ".pt":
+        return source.parent.parent
+    return source if source.is_dir() else source.parent
+
+
+def config_file_in(directory: Path) -> Path | None:
+    """A model's shape beside it: Google's bert_config.json, else a Hugging Face config.json."""
+    return next((directory / n for n in CONFIG_FILES if (directory / n).is_file()), None)
+
+
 def config_beside(source: Path) -> BertConfig | None:
     """A checkpoint's model shape (`checkpoint_source`'s answer) from the JSON beside it,
-    without reading its weights (gigabytes, with Adam's moments): its training directory's
-    bert_config.json for a bertforge checkpoint, else its directory's bert_config.json or
-    config.json. None where there is none (the weights are read for it later)."""
-    if source.is_file() and source.suffix == ".pt":
-        directory = source.parent.parent
-    else:
-        directory = source if source.is_dir() else source.parent
-    for name in ("bert_config.json", "config.json"):
-        if (directory / name).is_file():
-            return BertConfig.from_json(directory / name)
-    return None
+    without reading its weights (gigabytes, with Adam's moments). None where there is none
+    (the weights are read for it later)."""
+    found = config_file_in(source_directory(source))
+    return None if found is None else BertConfig.from_json(found)
 
 
 def vocab_beside(source: Path) -> Path | None:
     """The vocabulary file a checkpoint came with (`checkpoint_source`'s answer): its training
     directory's for a bertforge checkpoint, else the one in its directory (vocab.txt, or a
     Hugging Face tokenizer.json: `find_vocab_file`); None if absent."""
-    if source.is_file() and source.suffix == ".pt":
-        vocab = find_vocab_file(source.parent.parent)
-    else:
-        vocab = find_vocab_file(source if source.is_dir() else source.parent)
+    vocab = find_vocab_file(source_directory(source))
     return vocab if vocab.is_file() else None
 
 
@@ -185,20 +189,19 @@ def read_init_checkpoint(
         c = BertConfig.from_dict(state["bert_config"], str(p))
         return InitWeights(state["model"], c, vocab_file, "bertforge", p, state["step"],
                            state.get("trained_length"))  # fmt: skip
-    directory = p if p.is_dir() else p.parent
+    directory = source_directory(p)
     if p.is_dir() and (p / "config.json").is_file():
         c = BertConfig.from_json(p / "config.json")
         hf = _read_hf_weights(p)
         return InitWeights(from_hf(hf, c, str(p)), c, vocab_file, "huggingface", p, None,
                            _model_max_length(p, c))  # fmt: skip
-    training = (p / CHECKPOINTS).is_dir() or p.name == CHECKPOINTS  # with none saved yet
-    if p.is_dir() and not any(p.glob("*.index")) and training:
-        raise UserError(
-            f"{flag}: {p} is a training directory with no checkpoint yet (training saves one "
-            "every --save-checkpoints-steps steps, and when it stops or ends); give it again "
-            "once one is saved."
-        )
     if p.is_dir() and not any(p.glob("*.index")):
+        if (p / CHECKPOINTS).is_dir() or p.name == CHECKPOINTS:  # none saved yet
+            raise UserError(
+                f"{flag}: {p} is a training directory with no checkpoint yet (training saves "
+                "one every --save-checkpoints-steps steps, and when it stops or ends); give it "
+                "again once one is saved."
+            )
         raise UserError(
             f"{flag}: {p} holds no model bertforge reads; give a bertforge training directory "
             "(with checkpoints/) or checkpoint file (ckpt-*.pt), a Hugging Face BERT directory "
