@@ -39,7 +39,13 @@ from bertforge.fileio import (
 )
 from bertforge.model import BertConfig, to_hf
 from bertforge.tfcheckpoint import google_tensors, write_checkpoint
-from bertforge.tokenization import Vocab, load_vocab, read_vocab_file, save_tokenizer_files
+from bertforge.tokenization import (
+    Vocab,
+    first_difference,
+    load_vocab,
+    read_vocab_file,
+    save_tokenizer_files,
+)
 
 WEIGHTS = "model.safetensors"
 GOOGLE_CHECKPOINT = "bert_model.ckpt"  # --format google: PREFIX.index, PREFIX.data-00000-of-00001
@@ -111,9 +117,7 @@ def export_vocab(cfg: ExportConfig, source: InitWeights) -> Vocab:
         )
     if cfg.vocab and source.vocab_file is not None:  # one beside it too: the two must agree
         own = read_vocab_file(source.vocab_file)
-        pairs = zip(own, vocab.tokens, strict=False)
-        first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(own), vocab.size))
-        if first < max(len(own), vocab.size):
+        if (first := first_difference(vocab.tokens, own)) is not None:
             here = repr(vocab.tokens[first]) if first < vocab.size else "nothing"
             there = repr(own[first]) if first < len(own) else "nothing"
             raise UserError(

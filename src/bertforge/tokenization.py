@@ -27,7 +27,7 @@ import itertools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,10 +397,7 @@ def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> No
     checkpoint's, token for token, except where the checkpoint has an [unusedN] slot: Google
     left those for new words, written over in a copy of vocab.txt (`bertforge vocab extend`)."""
     theirs = read_vocab_file(theirs_file)
-    diffs = [i for i, (a, b) in enumerate(zip(tokens, theirs, strict=False)) if a != b]
-    other = [i for i in diffs if not UNUSED.fullmatch(theirs[i])]
-    if other or len(theirs) != len(tokens):
-        first = other[0] if other else min(len(theirs), len(tokens))
+    if (first := first_difference(tokens, theirs, UNUSED.fullmatch)) is not None:
         raise UserError(
             f"--init-checkpoint: its vocabulary {theirs_file} ({len(theirs)} tokens) is not "
             f"the data's {path} ({len(tokens)} tokens; first difference at "
@@ -410,6 +407,17 @@ def check_init_vocab(tokens: Sequence[str], path: Path, theirs_file: Path) -> No
             "(shared tokens keep the checkpoint's embeddings, the others start from those of "
             "their pieces)."
         )
+
+
+def first_difference(
+    ours: Sequence[str], theirs: Sequence[str], free: Callable[[str], object] | None = None
+) -> int | None:
+    """The first id at which two vocabularies differ, or the shorter one's end; None where
+    they are the same. A token of `theirs` that `free` accepts (an [unusedN] slot) may differ."""
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
+        if a != b and not (free and free(b)):
+            return i
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
 
 
 def new_words(tokens: Sequence[str], theirs: Sequence[str]) -> list[int]:
