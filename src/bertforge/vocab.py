@@ -858,9 +858,10 @@ def frequent_split_words(
     ]  # fmt: skip
     encodings = wordpiece_tokenizer(vocab).encode_batch(words, add_special_tokens=False)
     unk = vocab[UNK]
-    split = [
-        w for w, e in zip(words, encodings, strict=True) if len(e.ids) > 1 and unk not in e.ids
-    ]
-    pieces = {w: len(e.ids) for w, e in zip(words, encodings, strict=True)}
-    saved = [(-(counts[w] * (pieces[w] - 1)), w) for w in split if counts[w] >= min_count]
-    return [w for _, w in heapq.nsmallest(n, saved)], len(split) - len(saved)
+    pieces = {  # the words `vocab` splits, and into how many pieces
+        w: len(e.ids)
+        for w, e in zip(words, encodings, strict=True)
+        if len(e.ids) > 1 and unk not in e.ids
+    }
+    saved = [(-(counts[w] * (k - 1)), w) for w, k in pieces.items() if counts[w] >= min_count]
+    return [w for _, w in heapq.nsmallest(n, saved)], len(pieces) - len(saved)
