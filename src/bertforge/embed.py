@@ -96,6 +96,13 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         raise UserError(f"--output: {out} exists; pass --overwrite to replace it.")
     if not out.parent.is_dir():
         raise UserError(f"--output: directory {out.parent} does not exist.")
+    inputs = resolve_inputs([cfg.input], "--input")  # before the model: it takes seconds
+    if len(inputs) > 1:  # the rows follow one file's lines: several would run together
+        raise UserError(
+            f"--input: {cfg.input} names {len(inputs)} files; embed reads one, and its vectors "
+            f"follow its lines (here {inputs[0].path}, {inputs[1].path}, ... would run "
+            "together): embed each file, or join them first (cat ... > all.txt)."
+        )
     loaded = load_model(cfg.model, cfg.device)
     dtype = resolve_precision(cfg.precision, loaded.device)
     num_layers = loaded.model.config.num_hidden_layers
@@ -110,13 +117,6 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     hidden = loaded.model.config.hidden_size
     dim = hidden * len(layers) if cfg.combine == "concat" else hidden
 
-    inputs = resolve_inputs([cfg.input], "--input")
-    if len(inputs) > 1:  # the rows follow one file's lines: several would run together
-        raise UserError(
-            f"--input: {cfg.input} names {len(inputs)} files; embed reads one, and its vectors "
-            f"follow its lines (here {inputs[0].path}, {inputs[1].path}, ... would run "
-            "together): embed each file, or join them first (cat ... > all.txt)."
-        )
     stats = CorpusStats()
     bar = progress_bar(inputs, cfg.progress, "embed")
     progress = Progress(callbacks=[bar.update] if bar else [])
