@@ -20,6 +20,7 @@ from typing import Any
 
 from bertforge import __version__
 from bertforge.config import (
+    SECTIONS,
     STAGES,
     TOOLS,
     DataConfig,
@@ -314,7 +315,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def command_config(command: str) -> type:
     """The config dataclass of a command (`bertforge demo` has none of its own)."""
-    return {**STAGES, **TOOLS, "run": RunConfig}[command]
+    return {**SECTIONS, **TOOLS}[command]
 
 
 def dispatch(args: argparse.Namespace) -> None:

@@ -722,6 +722,8 @@ STAGES: dict[str, type] = {
     "train": TrainConfig,
     "export": ExportConfig,
 }
+# A config file's sections: a stage's, and [run] (`bertforge run`'s own settings).
+SECTIONS: dict[str, type] = {**STAGES, "run": RunConfig}
 # Commands with a config that are not pipeline stages (no TOML section of their own).
 TOOLS: dict[str, type] = {"embed": EmbedConfig, "fill-mask": FillMaskConfig}
 
@@ -963,9 +965,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{p}: not valid TOML ({e}).") from None
     for key, value in data.items():
         if not isinstance(value, dict):  # a key above every section
-            sections = {**STAGES, "run": RunConfig}
             name = key.replace("-", "_")
-            takers = [f"[{s}]" for s, cls in sections.items()
+            takers = [f"[{s}]" for s, cls in SECTIONS.items()
                       if name in {f.name for f in dataclasses.fields(cls)}]  # fmt: skip
             if not takers:
                 raise UserError(f"{p}: {key} is outside any section, and no section takes such a "
@@ -975,10 +976,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
                 f"none); put it under {' or '.join(takers)}: a section per stage, each key a "
                 "flag of that stage."
             )
-        if key not in (*STAGES, "run"):
+        if key not in SECTIONS:
             raise UserError(
                 f"{p}: unknown section [{key}]; valid sections: "
-                + ", ".join(f"[{s}]" for s in (*STAGES, "run"))
+                + ", ".join(f"[{s}]" for s in SECTIONS)
                 + "."
             )
     return data
