@@ -95,6 +95,23 @@ def bench_script(name: str) -> Iterator[Any]:
         sys.path.remove(str(ROOT / "bench"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `pytest -n N` (make test: 2 workers) each worker, and each process it starts,
+    computes on its share of the CPUs. Left to torch, each of the 2 workers on a 2-core
+    machine ran 2 threads: the oversubscribed OpenMP threads spun against each other, and a
+    5-second test (test_tiny_model_learns) took 35 seconds beside another. OMP_NUM_THREADS
+    set beforehand (and tests of the default, which remove it) are left alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        from bertforge.workers import usable_cpus
+
+        share = max(1, usable_cpus() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fp32_on_every_cpu() -> Any:
     """Tests compare losses (to 1e-5) and vectors closely: in this process they train and
