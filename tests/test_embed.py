@@ -301,17 +301,29 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
             EmbedConfig(model=str(exported_model), input=str(empty), output=str(tmp_path / "e.npy"))
         )
     assert not (tmp_path / "e.npy").exists() and not list(tmp_path.glob(".*tmp"))
-    # A Google-style checkpoint directory: its vocab.txt does not say whether it is cased.
+    # A Google-style checkpoint directory: its vocab.txt does not say whether it is cased, so
+    # fill-mask and embed take it from --lowercase/--cased (they refused it, and told to
+    # export it first); export names the vocabulary beside the checkpoint under --checkpoint.
     google = tmp_path / "google"
     assert main(["export", "--checkpoint", str(exported_model), "--output", str(google),
                  "--format", "google"]) == 0  # fmt: skip
     for name in ("tokenizer_config.json", "config.json", "model.safetensors"):
         (google / name).unlink()
     ckpt = str(google / "bert_model.ckpt")
+    capsys.readouterr()
+    bare = f"{google / 'vocab.txt'} has no manifest saying whether it is cased; pass --cased"
     assert main(["fill-mask", "--model", ckpt, "The [MASK] ."]) == 2
-    err = capsys.readouterr().err
-    assert f"--model: {google / 'vocab.txt'} does not record whether the model is cased" in err
-    assert f"bertforge export --checkpoint {ckpt} --do-lower-case" in err
+    assert f"--model: {bare}" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "x")]) == 2
+    assert f"--checkpoint: {bare}" in capsys.readouterr().err
+    assert main(["fill-mask", "--model", ckpt, "--lowercase", "The [MASK] ."]) == 0
+    assert main(["fill-mask", "--model", str(exported_model), "The [MASK] ."]) == 0
+    lines = capsys.readouterr().out.splitlines()  # the same model: the same guesses
+    assert len(lines) == 4 and lines[:2] == lines[2:] and "[MASK] 1:" in lines[1], lines
+    vectors = tmp_path / "g.npy"
+    assert main(["embed", "--model", str(google), "--cased", "--input", str(src), "--output",
+                 str(vectors), "--no-progress"]) == 0  # fmt: skip
+    assert np.load(vectors).shape[0] == len(src.read_text().splitlines())
 
 
 def test_invalid_utf8_is_reported_whatever_the_bar_and_stops_with_strict_utf8(

@@ -595,7 +595,7 @@ class EmbedConfig:
 
     model: str
     """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
-    BERT directory."""
+    BERT directory, or a Google TF checkpoint (its bare vocab.txt needs --cased/--lowercase)."""
     input: str
     """One text file (or .gz/.bz2/.xz/.zst, - for stdin, a pipe): one sentence or text per
     line; or JSON Lines (its first line a JSON object), Parquet or Arrow: one text per record,
@@ -630,6 +630,8 @@ class EmbedConfig:
     level keeps the first pieces (and says how many lines were cut)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run the model (auto: CUDA when available)."""
+    do_lower_case: bool | None = option(None, true_flags=("--lowercase",), false_flags=("--cased",))
+    """Casing of a bare vocab.txt (a Google checkpoint's); read from bertforge's files otherwise."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that have it, fp16 on older ones; on a CPU bf16 where it multiplies
     bf16 in hardware (Intel's AMX, AVX512-BF16: AMD's Zen 4), else fp32. bf16 ran 2x faster
@@ -676,11 +678,13 @@ class FillMaskConfig:
     """Texts with [MASK] in them."""
     model: str
     """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
-    BERT directory."""
+    BERT directory, or a Google TF checkpoint (its bare vocab.txt needs --cased/--lowercase)."""
     top_k: int = 5
     """Guesses shown per [MASK]."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run the model (auto: CUDA when available)."""
+    do_lower_case: bool | None = option(None, true_flags=("--lowercase",), false_flags=("--cased",))
+    """Casing of a bare vocab.txt (a Google checkpoint's); read from bertforge's files otherwise."""
 
     def __post_init__(self) -> None:
         require(len(self.text) > 0, "TEXT", "give a text with [MASK] in it")

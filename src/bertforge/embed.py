@@ -103,7 +103,7 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
             f"follow its lines (here {inputs[0].path}, {inputs[1].path}, ... would run "
             "together): embed each file, or join them first (cat ... > all.txt)."
         )
-    loaded = load_model(cfg.model, cfg.device)
+    loaded = load_model(cfg.model, cfg.device, do_lower_case=cfg.do_lower_case)
     dtype = resolve_precision(cfg.precision, loaded.device)
     num_layers = loaded.model.config.num_hidden_layers
     layers = cfg.layer_indices()

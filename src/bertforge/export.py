@@ -109,7 +109,7 @@ def export_vocab(cfg: ExportConfig, source: InitWeights) -> Vocab:
             "model's vocabulary with --vocab (and --do-lower-case or --no-do-lower-case for a "
             "bare vocab.txt)."
         )
-    vocab = load_vocab(path, cfg.do_lower_case)
+    vocab = load_vocab(path, cfg.do_lower_case, "--vocab" if cfg.vocab else "--checkpoint")
     if vocab.size != source.config.vocab_size:
         raise UserError(
             f"--vocab: {vocab.path} has {vocab.size} tokens but the model in {source.path} "

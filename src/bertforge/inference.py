@@ -17,7 +17,7 @@ from bertforge.checkpoint import InitWeights, read_init_checkpoint
 from bertforge.config import FillMaskConfig
 from bertforge.errors import UserError
 from bertforge.model import BertForPretraining, model_with_weights
-from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab, recorded_casing
+from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab
 from bertforge.workers import cap_torch_threads
 
 UNUSED = re.compile(r"^\[unused\d+\]$")
@@ -47,21 +47,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(path: str, device: str = "auto", flag: str = "--model") -> Loaded:
+def load_model(
+    path: str, device: str = "auto", flag: str = "--model", do_lower_case: bool | None = None
+) -> Loaded:
+    """The model at `path` with its vocabulary. `do_lower_case`: the casing of a bare vocab.txt
+    (a Google checkpoint's); a recorded casing it contradicts is an error."""
     source = read_init_checkpoint(path, flag)
     if source.vocab_file is None:
         raise UserError(
             f"{flag}: no vocab.txt or tokenizer.json beside {source.path}; export the model first "
             "(bertforge export --checkpoint ... --vocab ...)."
         )
-    if recorded_casing(source.vocab_file)[0] is None:
-        raise UserError(
-            f"{flag}: {source.vocab_file} does not record whether the model is cased (a Google "
-            f"checkpoint's vocabulary does not); export it once, saying which: bertforge export "
-            f"--checkpoint {path} --do-lower-case (or --no-do-lower-case) --output DIR, then "
-            f"use {flag} DIR."
-        )
-    vocab = load_vocab(source.vocab_file)
+    vocab = load_vocab(source.vocab_file, do_lower_case, flag)
     if vocab.size != source.config.vocab_size:
         raise UserError(
             f"{flag}: {vocab.path} has {vocab.size} tokens, the model {source.config.vocab_size}."
@@ -119,7 +116,7 @@ def filled(text: str, guesses: list[list[Guess]]) -> str:
 
 
 def run_fill_mask(cfg: FillMaskConfig) -> list[list[list[Guess]]]:
-    loaded = load_model(cfg.model, cfg.device)
+    loaded = load_model(cfg.model, cfg.device, do_lower_case=cfg.do_lower_case)
     results = []
     for text in cfg.text:
         guesses = fill_mask(loaded, text, cfg.top_k)

@@ -476,12 +476,13 @@ def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:
     return None, None, None
 
 
-def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
+def load_vocab(path: str | Path, do_lower_case: bool | None = None, flag: str = "--vocab") -> Vocab:
     """Load a vocab directory (casing from its manifest, tokenizer_config.json or tokenizer.json:
     `recorded_casing`) or a bare vocab.txt (casing must then be given). A given casing that
-    contradicts the recorded one is an error: that mismatch silently ruins a model."""
+    contradicts the recorded one is an error: that mismatch silently ruins a model. `flag`
+    names where the vocabulary came from in errors (--checkpoint: the one beside it)."""
     p = Path(path)
-    vocab_file = find_vocab_file(p, "--vocab")  # before the casing: a missing file says so
+    vocab_file = find_vocab_file(p, flag)  # before the casing: a missing file says so
     recorded, strip_accents, source = recorded_casing(p)
     if recorded is not None and do_lower_case is not None and recorded != do_lower_case:
         raise UserError(
@@ -492,7 +493,7 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None) -> Vocab:
     casing = recorded if recorded is not None else do_lower_case
     if casing is None:
         raise UserError(
-            f"--vocab: {vocab_file} has no manifest saying whether it is cased; pass --cased "
+            f"{flag}: {vocab_file} has no manifest saying whether it is cased; pass --cased "
             "or --lowercase (--no-do-lower-case or --do-lower-case; Google: "
             "--do_lower_case=False/True)."
         )
