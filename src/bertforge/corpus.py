@@ -83,8 +83,15 @@ BY_PATH = (
     "{} is read by its path, uncompressed, and not under --google-compatible (Google's "
     "script reads text only)"
 )
+# What to do about a file that is no corpus: in a corpus directory every file is read.
+LEAVE_OUT = (
+    READABLE + "; leave it out of the corpus (move it out of the directory, or give the "
+    "corpus files by name or glob)"
+)
 BINARY_HINTS = {
     "UTF-16 text": "convert it to UTF-8 (iconv -f UTF-16)",
+    "a zip archive": "unpack it and pass the directory",
+    "a 7z archive": "unpack it and pass the directory",
     "a Parquet file": BY_PATH.format("Parquet"),
     "an Arrow file": BY_PATH.format("Arrow"),
 }
@@ -399,7 +406,7 @@ def check_not_binary(path: str, head: bytes) -> None:
         return
     for magic, kind in BINARY_MAGIC:
         if head.startswith(magic):
-            hint = BINARY_HINTS.get(kind, READABLE)
+            hint = BINARY_HINTS.get(kind, LEAVE_OUT)
             raise UserError(f"{path}: this is {kind}, not a text corpus; {hint}.")
     if len(head) >= 257 + 5 and head[257:262] == b"ustar":
         raise UserError(f"{path}: this is a tar archive; unpack it and pass the directory.")
@@ -412,7 +419,7 @@ def check_not_binary(path: str, head: bytes) -> None:
     if too_many_nuls or (len(text) >= 64 and bad > len(text) // 10):
         raise UserError(
             f"{path}: looks binary (NUL bytes or mostly invalid UTF-8 in its first "
-            f"{len(head)} bytes), not a text corpus; pass UTF-8 text files."
+            f"{len(head)} bytes), not a text corpus; {LEAVE_OUT}."
         )
 
 
