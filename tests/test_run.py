@@ -70,6 +70,9 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     assert "masked LM accuracy" in report and "unigram baseline" in report
     assert "fp32 on cpu x 1\n" in report  # a CPU: padded batches, not compiled
     assert f"Corpus: {kjv_corpus.resolve()}  \n" in report
+    for stage, sub in (("vocab", "vocab"), ("export", "model")):  # not "0" for a short stage
+        seconds = state[stage]["seconds"]
+        assert seconds < 10 and f"| {stage} | `{sub}/` | {seconds:.1f} |\n" in report
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     assert (out / "plots" / "accuracy.png").stat().st_size > 1000
     printed = capsys.readouterr()

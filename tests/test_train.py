@@ -116,7 +116,14 @@ def test_data_too_small_to_hold_out_says_what_to_do(tmp_path, kjv_vocab, tiny_be
         "(--eval-records 1) takes them all, leaving none to train on; give more text, or "
         "--no-do-eval to train on every record.\n"
     )
-    assert main([*run, "--no-do-eval"]) == 0
+    assert main([*run, "--no-do-eval"]) == 0  # 2 steps of 16: 32 passes over the record
+    assert "passes over" not in capsys.readouterr().err
+    again = [*run, "--no-do-eval", "--num-train-steps", "7", "--output", str(tmp_path / "more")]
+    assert main(again) == 0
+    assert (
+        f"bertforge: warning: 7 steps of 16 instances are 112 passes over the 1 training "
+        f"instances of {data}: the model will learn them by heart"
+    ) in capsys.readouterr().err
 
 
 def test_the_trained_length_is_the_longest_any_run_of_the_model_trained_at():

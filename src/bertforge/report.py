@@ -173,7 +173,8 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
     ]
     for stage, sub in dirs.items():
         seconds = state.get(stage, {}).get("seconds")
-        lines.append(f"| {stage} | `{sub}/` | {'–' if seconds is None else f'{seconds:.0f}'} |")
+        shown = "–" if seconds is None else f"{seconds:.{1 if seconds < 10 else 0}f}"  # not 0
+        lines.append(f"| {stage} | `{sub}/` | {shown} |")
     corpus = dc.get("corpus", vc)
     lines += [
         "",

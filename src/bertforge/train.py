@@ -300,6 +300,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         note_new_schedule(state, cfg, d.main)
     if d.main and cfg.do_train and cfg.warmup_steps >= cfg.num_train_steps > 0:
         print(warmup_warning(cfg), file=sys.stderr)
+    if d.main and cfg.do_train and state is None and (line := epochs_warning(cfg, split)):
+        print(line, file=sys.stderr)
     if (
         state is None
         and init is not None
@@ -1229,6 +1231,26 @@ def note_new_schedule(state: dict[str, Any], cfg: TrainConfig, notes: bool) -> N
         f"{after:.3g} there (the schedule decays to 0 at the last step, as run_pretraining.py's "
         "does). To lengthen a run without the jump, give the total you mean from the start.",
         file=sys.stderr,
+    )
+
+
+# Passes over the training records past which a fresh run is warned that the model will
+# learn its data by heart: Google's BERT made about 40 over its 3.3 billion words.
+EPOCHS_WARNED = 100
+
+
+def epochs_warning(cfg: TrainConfig, split: Split) -> str | None:
+    """A warning where --num-train-steps of --train-batch-size are more than EPOCHS_WARNED
+    passes over the data (a small corpus, or steps copied from a recipe for a large one).
+    Dynamic masking masks each pass anew, but the sentences stay the same."""
+    epochs = cfg.num_train_steps * cfg.train_batch_size / max(1, split.num_train)
+    if epochs <= EPOCHS_WARNED:
+        return None
+    return (
+        f"bertforge: warning: {cfg.num_train_steps:,} steps of {cfg.train_batch_size:,} "
+        f"instances are {epochs:,.0f} passes over the {split.num_train:,} training instances "
+        f"of {cfg.data}: the model will learn them by heart rather than the language (Google's "
+        "BERT made about 40 passes over its data). Give more text, or fewer --num-train-steps."
     )
 
 
