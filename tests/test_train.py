@@ -716,7 +716,14 @@ def test_resume_with_other_settings_is_refused(tmp_path, train_data, tiny_bert_c
         )
         == 2
     )
-    assert "learning_rate: 0.0001 -> 0.0003" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "(--learning-rate was 0.0001, now 0.0003); resume with the same settings" in err
+    # what it says to do for the new settings from the run's weights
+    ckpt = out / "checkpoints" / "ckpt-00000002.pt"
+    assert f"--init-checkpoint {ckpt} --output OTHER (the optimizer and learning" in err
+    other = args(train_data, tmp_path / "other", tiny_bert_config, "--num-train-steps", "3",
+                 "--learning-rate", "3e-4", "--init-checkpoint", str(ckpt))  # fmt: skip
+    assert main(other) == 0
     assert (
         main(
             args(
@@ -795,7 +802,9 @@ def test_a_moved_run_resumes_and_other_data_is_refused(
     )
     assert main([*make, "--output", "d2", "--random-seed", "8"]) == 0
     assert main(args(tmp_path / "d2", tmp_path / "moved", tiny_bert_config)) == 2
-    assert f"other settings (data: '{data}' -> '{tmp_path / 'd2'}')" in capsys.readouterr().err
+    assert f"other settings (--data was '{data}', now '{tmp_path / 'd2'}')" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_resumed_run_with_more_steps_says_where_its_learning_rate_jumps(

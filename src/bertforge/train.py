@@ -1200,11 +1200,14 @@ def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, pa
         changed.append("model (--model-size/--bert-config)")
     if changed:
         detail = ", ".join(
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in new else k for k in changed
+            f"--{k.replace('_', '-')} was {old.get(k)!r}, now {new.get(k)!r}" if k in new else k
+            for k in changed
         )
         raise UserError(
             f"{path} belongs to a run with other settings ({detail}); resume with the "
-            "same settings, or start over with --overwrite or another --output."
+            "same settings, or start over with --overwrite or another --output. To go on from "
+            f"its weights with the new settings: --init-checkpoint {path} --output OTHER (the "
+            "optimizer and learning-rate schedule start afresh)."
         )
 
 
