@@ -115,13 +115,36 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert min(r["step"] for r in metrics if not r.get("eval")) <= 6  # kept the first 6 steps
 
-    # Another learning rate: training starts over (and export follows).
-    run_cli(kjv_corpus, out, "--num-train-steps", "9", "--learning-rate", "3e-4")
+    # Another learning rate would train from step 0, deleting the checkpoints (days of
+    # training, maybe): refused before anything runs, saying why and what to do. It went
+    # ahead silently before; `bertforge train` itself refuses.
+    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    lr = ("--num-train-steps", "9", "--learning-rate", "3e-4")
+    assert main(["run", str(kjv_corpus), "--output", str(out), *FAST, *lr]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"bertforge: error: --output: this run would start the training in {out / 'train'} "
+        "over from step 0 and delete its checkpoints (the last: ckpt-00000009.pt), because "
+        "--learning-rate was 0.0001, now 0.0003. Nothing was changed."
+    )
+    assert f"--init-checkpoint {out / 'train' / 'checkpoints' / 'ckpt-00000009.pt'} with" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # with the training directory deleted, as it says: training starts over, export follows
+    shutil.rmtree(out / "train")
+    run_cli(kjv_corpus, out, *lr)
     err = capsys.readouterr().err
     assert "data: unchanged" in err and "train: running" in err and "export: running" in err
 
-    # A vocabulary setting: everything from the vocabulary on reruns.
-    run_cli(kjv_corpus, out, "--num-train-steps", "9", "--learning-rate", "3e-4", "--cased")
+    # A vocabulary setting: everything from the vocabulary on would rerun; refused for the
+    # training's sake too, and with --overwrite everything reruns.
+    cased = (*lr, "--cased")
+    assert main(["run", str(kjv_corpus), "--output", str(out), *FAST, *cased]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "delete its checkpoints (the last: ckpt-00000009.pt), because the vocab stage runs "
+        "again (--do-lower-case was True, now False). Nothing was changed."
+    ) in err and "--init-checkpoint" not in err
+    run_cli(kjv_corpus, out, *cased, "--overwrite")
     err = capsys.readouterr().err
     assert all(f"{s}: running" in err for s in ("vocab", "data", "train", "export"))
     tokenizer_config = json.loads((out / "model" / "tokenizer_config.json").read_text())
@@ -178,9 +201,13 @@ def test_an_upgrade_alone_reruns_no_stage(tmp_path, kjv_corpus, capsys):
     state = json.loads((out / "run.json").read_text())
     del state["data"]["config"]["max_seq_length"]  # 64 here, not the default 128
     (out / "run.json").write_text(json.dumps(state))
+    nine = ["run", str(kjv_corpus), "--output", str(out), *fast, "--num-train-steps", "9"]
+    assert main(nine) == 2  # data would run again, and training with it from step 0
     assert (
-        main(["run", str(kjv_corpus), "--output", str(out), *fast, "--num-train-steps", "9"]) == 0
-    )
+        "because the data stage runs again (--max-seq-length was 128, now 64). Nothing was changed."
+    ) in capsys.readouterr().err
+    shutil.rmtree(out / "train")
+    assert main(nine) == 0
     err = capsys.readouterr().err
     assert "vocab: unchanged" in err and "data: running" in err and "train: running" in err
 
@@ -220,10 +247,15 @@ def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch)
     size = corpus.stat().st_size
     with corpus.open("a") as f:
         f.write("\nAnd it came to pass in those days.\nThen the people went home.\n")
-    run_cli(corpus, out)
-    err = capsys.readouterr().err
     grown = f"the corpus changed ({corpus} had {size:,} bytes, now {corpus.stat().st_size:,})"
+    # every stage would run again, training from step 0: refused, its checkpoints kept
+    assert main(["run", str(corpus), "--output", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
     assert f"vocab: {grown}" in err and f"data: {grown}" in err
+    assert f"delete its checkpoints (the last: ckpt-00000006.pt), because {grown}." in err
+    assert (out / "train" / "checkpoints" / "ckpt-00000006.pt").is_file()
+    run_cli(corpus, out, "--overwrite")
+    err = capsys.readouterr().err
     assert all(f"{s}: running" in err for s in ("vocab", "data", "train", "export"))
     data = json.loads((out / "data" / "manifest.json").read_text())
     assert data["inputs"] == [{"path": str(corpus), "bytes": corpus.stat().st_size}]
@@ -236,7 +268,7 @@ def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch)
     assert capsys.readouterr().err.count("unchanged, kept") == 4
     with corpus.open("a") as f:
         f.write("\nOne more line.\n")
-    run_cli(corpus, out)
+    assert main(["run", str(corpus), "--output", str(out), *FAST]) == 2
     assert "vocab: the corpus changed" in capsys.readouterr().err
 
 
@@ -625,6 +657,13 @@ def test_demo_runs_the_pipeline_and_shows_guesses(tmp_path, kjv_corpus, monkeypa
     for prompt in cli.DEMO_PROMPTS:
         assert prompt.split("[MASK]")[0] in out
     assert out.count("[MASK] 1:") == len(cli.DEMO_PROMPTS)
+    # a recipe changed (by an upgrade): the demo's throwaway model is trained again, where
+    # `bertforge run` would refuse to delete its checkpoints
+    assert "learning_rate = 2e-3" in text
+    recipe.write_text(text.replace("learning_rate = 2e-3", "learning_rate = 1e-3"))
+    assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
+    err = capsys.readouterr().err
+    assert "vocab: unchanged" in err and "train: running" in err
 
 
 def test_a_toml_file_drives_the_run(tmp_path, kjv_corpus, monkeypatch):

@@ -244,20 +244,22 @@ def run_demo(output: str) -> None:
 
     print(f"demo: King James Bible ({demo_corpus()}) -> {output}, settings {demo_config()}")
     run = RunConfig(input=(str(demo_corpus()),), output=output)
-    run_pipeline_command(run, str(demo_config()), {})
+    run_pipeline_command(run, str(demo_config()), {}, keep_training=False)
     print("fill-mask with the trained model:")
     fill(FillMaskConfig(text=DEMO_PROMPTS, model=str(Path(output) / "model"), top_k=5))
 
 
-def run_pipeline_command(run: RunConfig, config: str | None, flag_values: dict[str, Any]) -> None:
+def run_pipeline_command(
+    run: RunConfig, config: str | None, flag_values: dict[str, Any], keep_training: bool = True
+) -> None:
     from bertforge.run import plan, run_many, run_pipeline
 
     toml = read_toml(config) if config else {}
     run, configs = plan(run, toml, flag_values, config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        run_many(run, configs, RUNNERS)
+        run_many(run, configs, RUNNERS, keep_training)
     else:
-        run_pipeline(run, configs, RUNNERS)
+        run_pipeline(run, configs, RUNNERS, keep_training)
 
 
 def summary(cls: type) -> str:

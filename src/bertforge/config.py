@@ -1069,6 +1069,20 @@ def changed_settings(
     return [k for k, v in new.items() if k not in ignore and was(k) != v]
 
 
+def describe_changes(
+    old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str], cls: type | None = None
+) -> str:
+    """Settings `keys` as the flags that set them, with both values: "--learning-rate was
+    0.0001, now 0.0003" (what a refusal to keep or resume an output names). A setting `old`
+    lacks (an older bertforge's record) was `cls`'s default, as `changed_settings` takes it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)} if cls else {}
+
+    def was(key: str) -> Any:
+        return old[key] if key in old else defaults.get(key)
+
+    return ", ".join(f"--{k.replace('_', '-')} was {was(k)}, now {new.get(k)}" for k in keys)
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """JSON-ready view of a config (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from bertforge import __version__
-from bertforge.config import DataConfig, config_to_dict
+from bertforge.config import DataConfig, config_to_dict, describe_changes
 from bertforge.corpus import (
     STDIN,
     CorpusStats,
@@ -536,9 +536,8 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     changes = []
     config = {k: v for k, v in old["config"].items() if k not in MANIFEST_ONLY}
     for key in sorted(set(config) | set(new["config"])):
-        a, b = config.get(key), new["config"].get(key)
-        if a != b:
-            changes.append(f"--{key.replace('_', '-')} was {a}, now {b}")
+        if config.get(key) != new["config"].get(key):
+            changes.append(describe_changes(config, new["config"], [key]))
     if old.get("vocab_sha256", (old.get("vocab") or {}).get("sha256")) != new["vocab_sha256"]:
         changes.append("the vocabulary differs")
     if old.get("inputs") != new["inputs"]:

@@ -13,7 +13,9 @@ its own inputs. What run adds:
   skipped when its settings, its corpus, its manifest and everything upstream are unchanged;
   a stage that was cut off resumes (data and train resume by themselves); training also
   resumes when only settings it can resume with changed (--num-train-steps, logging, ...).
-  Anything else starts the stage, and all after it, over.
+  Anything else starts the stage, and all after it, over; but a run that would start a
+  trained model over from step 0, deleting its checkpoints, is refused before any stage runs
+  (`check_training_kept`), as `bertforge train` refuses to resume with other settings.
 - Many processes. Under torchrun, process 0 runs the pipeline; the others wait for it to
   reach training, train with it, and leave export and the report to it (`run_many`).
 """
@@ -41,6 +43,7 @@ from bertforge.config import (
     build_config,
     changed_settings,
     config_to_dict,
+    describe_changes,
     field_specs,
 )
 from bertforge.corpus import STDIN, inputs_diff, is_stream, resolve_inputs
@@ -346,36 +349,114 @@ def within_run(key: dict[str, Any]) -> dict[str, Any]:
 
 
 def decide(
-    stage: str, cfg: Any, record: dict[str, Any] | None, directory: Path, upstream_ran: bool
-) -> str:
-    """skip, resume or start."""
-    if upstream_ran or record is None:
-        return "start"
+    stage: str, cfg: Any, record: dict[str, Any] | None, directory: Path, upstream: str | None
+) -> tuple[str, str]:
+    """skip, resume or start, and why a stage starts over (`upstream`: why the first earlier
+    stage that runs does, None when none runs)."""
+    if upstream is not None:
+        return "start", upstream
+    if record is None:
+        return "start", "run.json has no record of it"
     old, new = within_run(record["config"]), within_run(settings_key(cfg))
     manifest = directory / MANIFEST
-    if not changed_settings(old, new, type(cfg)):
+    changed = changed_settings(old, new, type(cfg))
+    if not changed:
         if record.get("done"):
             if manifest.is_file() and sha256_file(manifest) == record.get("manifest_sha256"):
-                return "skip"
-            return "start"
-        return "resume"
+                return "skip", ""
+            return "start", f"its {MANIFEST} is not the one it wrote"
+        return "resume", ""
     if stage == "train":
         from bertforge.train import RESUMABLE
 
-        if not changed_settings(old, new, type(cfg), ignore=RESUMABLE):
-            return "resume"
-    return "start"
+        changed = changed_settings(old, new, type(cfg), ignore=RESUMABLE)
+        if not changed:
+            return "resume", ""
+    return "start", describe_changes(old, new, changed, type(cfg))
+
+
+def plan_stages(
+    run: RunConfig, configs: dict[str, Any], state: dict[str, Any], out: Path
+) -> dict[str, tuple[str, str, list[dict[str, Any]] | None]]:
+    """Each stage's (action, why it starts over, the corpus files it reads), decided before
+    any stage runs: skip, resume or start (`decide`); a stage after one that runs starts over.
+    A corpus that changed drops the stage's record (its notes printed here)."""
+    plans = {}
+    upstream: str | None = "--overwrite" if run.overwrite else None
+    for stage in ORDER:
+        cfg, directory = configs[stage], out / DIRS[stage]
+        if stage == "vocab" and run.vocab:
+            continue
+        record = state.get(stage)
+        corpus = corpus_files(cfg)
+        if (
+            record
+            and corpus is not None
+            and corpus != (was := recorded_corpus(record, directory, corpus))
+        ):
+            changed = f"the corpus changed ({inputs_diff(was, corpus)})"
+            if stage == "data" and not record.get("done"):  # fixed after an error: resumed,
+                # the data stage keeps what it can (`data.run_units`)
+                print(f"run: data: {changed}; its shards whose text is unchanged are kept",
+                      file=sys.stderr)  # fmt: skip
+            else:
+                print(f"run: {stage}: {changed}", file=sys.stderr)
+                record = None
+                upstream = upstream or changed
+        action, why = decide(stage, cfg, record, directory, upstream)
+        if action == "resume" and stage not in RESUMES:
+            action, why = "start", ""  # quick stages simply run again
+        if action != "skip" and upstream is None:
+            upstream = f"the {stage} stage runs again ({why})" if why else f"{stage} runs again"
+        plans[stage] = (action, why, corpus)
+    return plans
+
+
+def check_training_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, out: Path) -> None:
+    """Refuse, before any stage runs, a run that would start a trained model over: training
+    from step 0 deletes the checkpoints of its directory, which may hold days of training.
+    `bertforge train` refuses to resume with other settings; run must not quietly do more."""
+    from bertforge.checkpoint import list_checkpoints
+
+    action, why, _ = plans["train"]
+    directory = out / DIRS["train"]
+    checkpoints = list_checkpoints(directory) if directory.is_dir() else []
+    if action != "start" or run.overwrite or not checkpoints:
+        return
+    own = why.startswith("--")  # training's own settings, not an earlier stage's
+    raise UserError(
+        f"--output: this run would start the training in {directory} over from step 0 and "
+        f"delete its checkpoints (the last: {checkpoints[-1].name}), because {why}. Nothing was "
+        "changed. To keep them, rerun as they were trained (the same corpus and settings). To "
+        "train anew: "
+        f"delete {directory} (or pass --overwrite: every stage runs again), or give another "
+        "--output."
+        + (
+            f" To go on from their weights with the new settings: --init-checkpoint "
+            f"{checkpoints[-1]} with another --output."
+            if own
+            else ""
+        )
+    )
 
 
 def run_pipeline(
-    run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
+    run: RunConfig,
+    configs: dict[str, Any],
+    runners: Mapping[str, Callable[[Any], None]],
+    keep_training: bool = True,
 ) -> RunResult:
+    """The stages in turn. `keep_training`: refuse to start a trained model over
+    (`check_training_kept`); the demo, whose model is a throwaway, retrains instead."""
     with output_lock(run.output, "run", "--output"):
-        return _run_pipeline(run, configs, runners)
+        return _run_pipeline(run, configs, runners, keep_training)
 
 
 def _run_pipeline(
-    run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
+    run: RunConfig,
+    configs: dict[str, Any],
+    runners: Mapping[str, Callable[[Any], None]],
+    keep_training: bool,
 ) -> RunResult:
     out = Path(run.output)  # `output_lock` has refused a file of that name
     state_path = out / RUN_STATE
@@ -388,6 +469,9 @@ def _run_pipeline(
             )
     out.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = read_state(state_path) if not run.overwrite else {}
+    plans = plan_stages(run, configs, state, out)
+    if keep_training:
+        check_training_kept(plans, run, out)
     ran: list[str] = []
     skipped: list[str] = []
     for stage in ORDER:
@@ -397,23 +481,7 @@ def _run_pipeline(
             print(f"run: vocab: using {run.vocab}", file=sys.stderr)
             state.pop("vocab", None)
             continue
-        record = state.get(stage)
-        corpus = corpus_files(cfg)
-        if (
-            record
-            and corpus is not None
-            and corpus != (was := recorded_corpus(record, directory, corpus))
-        ):
-            changed = f"run: {stage}: the corpus changed ({inputs_diff(was, corpus)})"
-            if stage == "data" and not record.get("done"):  # fixed after an error: resumed,
-                # the data stage keeps what it can (`data.run_units`)
-                print(f"{changed}; its shards whose text is unchanged are kept", file=sys.stderr)
-            else:
-                print(changed, file=sys.stderr)
-                record = None
-        action = decide(stage, cfg, record, directory, bool(ran) or run.overwrite)
-        if action == "resume" and stage not in RESUMES:
-            action = "start"  # quick stages simply run again
+        action, _, corpus = plans[stage]
         if action == "skip":
             skipped.append(stage)
             print(f"run: {stage}: unchanged, kept {directory}", file=sys.stderr)
@@ -438,7 +506,10 @@ def _run_pipeline(
 
 
 def run_many(
-    run: RunConfig, configs: dict[str, Any], runners: Mapping[str, Callable[[Any], None]]
+    run: RunConfig,
+    configs: dict[str, Any],
+    runners: Mapping[str, Callable[[Any], None]],
+    keep_training: bool = True,
 ) -> None:
     """`bertforge run` under torchrun: process 0 runs the pipeline; the others wait (in a
     group that waits for days: making the data can take hours) until it reaches the train
@@ -460,7 +531,7 @@ def run_many(
                 runners["train"](cfg)
 
             try:
-                run_pipeline(run, configs, {**runners, "train": train_together})
+                run_pipeline(run, configs, {**runners, "train": train_together}, keep_training)
             finally:
                 if not told:
                     distributed.broadcast_word("none", d, group)

@@ -64,7 +64,7 @@ from bertforge.checkpoint import (
     seed_new_words,
     transfer_vocab,
 )
-from bertforge.config import TrainConfig, changed_settings, config_to_dict
+from bertforge.config import TrainConfig, changed_settings, config_to_dict, describe_changes
 from bertforge.data import mask_spec as data_mask_spec
 from bertforge.datacheck import check_recorded_vocab, folder_manifest
 from bertforge.distributed import Dist
@@ -1200,8 +1200,7 @@ def check_same_run(state: dict[str, Any], cfg: TrainConfig, bert: BertConfig, pa
         changed.append("model (--model-size/--bert-config)")
     if changed:
         detail = ", ".join(
-            f"--{k.replace('_', '-')} was {old.get(k)!r}, now {new.get(k)!r}" if k in new else k
-            for k in changed
+            describe_changes(old, new, [k], TrainConfig) if k in new else k for k in changed
         )
         raise UserError(
             f"{path} belongs to a run with other settings ({detail}); resume with the "
