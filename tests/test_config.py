@@ -226,8 +226,15 @@ def test_toml_type_and_section_errors(tmp_path: Path):
 def test_cli_unknown_flag_lists_valid_names(capsys):
     assert main(["vocab", "--input", "a", "--output", "o", "--vocab-sise", "5"]) == 2
     err = capsys.readouterr().err
-    assert "unknown argument '--vocab-sise'" in err and "Did you mean --vocab-size" in err
-    assert "--min-frequency" in err and err.count("\n") == 1
+    assert err == (
+        "bertforge: error: unknown argument '--vocab-sise'. Did you mean --vocab-size? "
+        "(`bertforge vocab --help` describes every flag.)\n"
+    )
+    # none close: every flag, by its first spelling only (train's list was 130 long)
+    assert main(["train", "--data", "d", "--output", "o", "--frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bertforge: error: unknown argument '--frobnicate'. Valid flags: ")
+    assert "--learning-rate, " in err and "--learning_rate" not in err and err.count("\n") == 1
 
 
 def test_python_m_bertforge_is_the_command():

@@ -941,17 +941,25 @@ def fold_positionals(args: argparse.Namespace, unknown: list[str], cls: type | N
 
 
 def unknown_flags_error(unknown: Sequence[str], parser: argparse.ArgumentParser) -> UserError:
-    valid = sorted(
-        {s for a in parser._actions for s in a.option_strings if a.help != argparse.SUPPRESS}
-    )
+    """The first unknown argument, with the flags it may have meant (any spelling), or else
+    every flag, each by its first spelling (train has some 65 flags, 130 with their Google
+    and underscore spellings)."""
+    shown = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS]
+    first_of = {s: a.option_strings[0] for a in shown for s in a.option_strings}
+    valid = sorted(a.option_strings[0] for a in shown)
     first = next((u for u in unknown if u.startswith("-")), unknown[0]).split("=")[0]
-    close = difflib.get_close_matches(first, valid, n=3)
-    hint = f" Did you mean {' or '.join(close)}?" if close else ""
-    return UserError(
-        f"unknown argument {first!r}.{hint} Valid flags: {', '.join(valid)}."
-        if first.startswith("-")
-        else f"unexpected argument {first!r}; this command takes flags only ({', '.join(valid)})."
-    )
+    if not first.startswith("-"):
+        return UserError(
+            f"unexpected argument {first!r}; this command takes flags only ({', '.join(valid)})."
+        )
+    matches = difflib.get_close_matches(first, sorted(first_of), n=6, cutoff=0.7)
+    close = list(dict.fromkeys(first_of[m] for m in matches))[:3]  # a flag once, any spelling
+    if close:
+        return UserError(
+            f"unknown argument {first!r}. Did you mean {' or '.join(close)}? "
+            f"(`{parser.prog} --help` describes every flag.)"
+        )
+    return UserError(f"unknown argument {first!r}. Valid flags: {', '.join(valid)}.")
 
 
 # ----------------------------------------------------------------------------- TOML + merge
