@@ -235,6 +235,12 @@ def test_cli_unknown_flag_lists_valid_names(capsys):
     err = capsys.readouterr().err
     assert err.startswith("bertforge: error: unknown argument '--frobnicate'. Valid flags: ")
     assert "--learning-rate, " in err and "--learning_rate" not in err and err.count("\n") == 1
+    # a data tool's unknown flag is named as its own (argparse printed `bertforge data`'s usage)
+    assert main(["data", "inspect", "d", "--count", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "bertforge: error: unknown argument '--count'. Valid flags: --max-records, --vocab, -h, "
+        "-n.\n"
+    )
 
 
 def test_python_m_bertforge_is_the_command():

@@ -158,7 +158,9 @@ def data_tool(argv: list[str]) -> None:
         type=int,
         help="processes decoding records (default: every CPU this process may use)",
     )
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named under the tool's usage, not `bertforge data [-h] {verify,...}`'s
+        raise unknown_flags_error(unknown, {"verify": v, "inspect": i, "convert": c}[args.tool])
     if args.tool == "inspect" and args.n < 0:
         raise UserError("-n: must be 0 or more.")
     if args.tool == "inspect" and args.max_records < 1:
