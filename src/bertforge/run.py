@@ -405,9 +405,9 @@ def plan_stages(
                 upstream = upstream or changed
         action, why = decide(stage, cfg, record, directory, upstream)
         if action == "resume" and stage not in RESUMES:
-            action, why = "start", ""  # quick stages simply run again
+            action, why = "start", "it was cut off"  # quick stages simply run again
         if action != "skip" and upstream is None:
-            upstream = f"the {stage} stage runs again ({why})" if why else f"{stage} runs again"
+            upstream = f"the {stage} stage runs again ({why})"
         plans[stage] = (action, why, corpus)
     return plans
 
@@ -428,9 +428,8 @@ def check_training_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, 
         f"--output: this run would start the training in {directory} over from step 0 and "
         f"delete its checkpoints (the last: {checkpoints[-1].name}), because {why}. Nothing was "
         "changed. To keep them, rerun as they were trained (the same corpus and settings). To "
-        "train anew: "
-        f"delete {directory} (or pass --overwrite: every stage runs again), or give another "
-        "--output."
+        f"train anew: delete {directory} (or pass --overwrite: every stage runs again), or give "
+        "another --output."
         + (
             f" To go on from their weights with the new settings: --init-checkpoint "
             f"{checkpoints[-1]} with another --output."
