@@ -184,6 +184,7 @@ def test_cli(tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys):
     assert "other word(s) that the vocabulary splits were seen fewer than --min-count 100000 " in (
         printed
     )
+    assert "nothing added: " in printed and "next: make the data" not in printed
     assert main([*argv[:-1], "--max-wrds", "3"]) == 2
     assert "Did you mean --max-words" in capsys.readouterr().err
     with pytest.raises(SystemExit):

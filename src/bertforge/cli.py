@@ -220,10 +220,14 @@ def vocab_extend(argv: list[str]) -> None:
             f"{after['pieces_per_word']:.3f} pieces/word, [UNK] {before['unk_rate']:.3%} -> "
             f"{after['unk_rate']:.3%}"
         )
-    print(
-        f"  next: make the data with --vocab {result.output}, then train with --init-checkpoint "
-        "(the new words start from the mean of their pieces' embeddings)."
-    )
+    if result.added:
+        print(
+            f"  next: make the data with --vocab {result.output}, then train with "
+            "--init-checkpoint (the new words start from the mean of their pieces' embeddings)."
+        )
+    else:  # a copy: nothing to make the data with that the checkpoint's own would not do
+        print(f"  nothing added: {result.output} holds the words of {base.path} unchanged, so use "
+              "that one (or lower --min-count, or list --words).")  # fmt: skip
     stats = result.stats.as_dict()
     for line in [*corpus_warnings(stats), *(f"note: {n}." for n in corpus_notes(stats))]:
         print(line, file=sys.stderr)
