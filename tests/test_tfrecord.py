@@ -26,6 +26,20 @@ def test_corruption_is_detected():
         list(read_records(io.BytesIO(bytes(data))))
     with pytest.raises(UserError, match="truncated"):
         list(read_records(io.BytesIO(frame(b"payload")[:-2])))
+    data = bytearray(frame(b"payload") + frame(b"second"))
+    data[len(frame(b"payload")) + 2] ^= 1  # the second record's length
+    with pytest.raises(UserError, match="record 1 has a bad length checksum; corrupt file"):
+        list(read_records(io.BytesIO(bytes(data))))
+
+
+def test_a_file_that_is_no_tfrecord_is_named_so():
+    """`train --data corpus.txt` said "record 0 has a bad length checksum; corrupt file"."""
+    text = io.BytesIO(b"In the beginning God created the heaven and the earth.\n")
+    said = r"^c.txt: not a TFRecord file but text; if it is a corpus, make pretraining data of "
+    with pytest.raises(UserError, match=said + r"it first: bertforge data c.txt --vocab"):
+        list(read_records(text, "c.txt"))
+    with pytest.raises(UserError, match=r"^x.bin: not a TFRecord file \(its first bytes"):
+        list(read_records(io.BytesIO(bytes(range(200, 256))), "x.bin"))
 
 
 def test_example_roundtrip():

@@ -52,6 +52,8 @@ def read_records(f: BinaryIO, name: str = "TFRecord file", check: bool = True) -
             raise UserError(f"{name}: truncated after record {index} (a partial header).")
         (length,) = struct.unpack("<Q", header[:8])
         if check and struct.unpack("<I", header[8:])[0] != masked_crc(header[:8]):
+            if index == 0:  # no TFRecord at all: a corpus given as data, say
+                raise UserError(not_a_tfrecord(name, header))
             raise UserError(f"{name}: record {index} has a bad length checksum; corrupt file.")
         data = f.read(length)
         footer = f.read(4)
@@ -61,6 +63,23 @@ def read_records(f: BinaryIO, name: str = "TFRecord file", check: bool = True) -
             raise UserError(f"{name}: record {index} has a bad data checksum; corrupt file.")
         yield data
         index += 1
+
+
+def not_a_tfrecord(name: str, head: bytes) -> str:
+    """The error for a file whose first bytes are no TFRecord header; for one that reads as
+    text, what to do with a corpus (train was given `--data corpus.txt`: "record 0 has a bad
+    length checksum; corrupt file")."""
+    try:
+        text = head.decode("utf-8").isprintable() or b"\n" in head
+    except UnicodeDecodeError:
+        text = False
+    if text:
+        return (
+            f"{name}: not a TFRecord file but text; if it is a corpus, make pretraining data of "
+            f"it first: bertforge data {name} --vocab VOCAB --output DIR (or bertforge run "
+            f"{name} --output DIR for the whole pipeline)."
+        )
+    return f"{name}: not a TFRecord file (its first bytes are no record header)."
 
 
 def _varint(value: int) -> bytes:
