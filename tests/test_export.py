@@ -282,6 +282,13 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
             export(ExportConfig(checkpoint=str(tmp_path / given), output=str(tmp_path / "x")))
     with pytest.raises(UserError, match=r"--checkpoint: .*small holds no model .*\(ckpt-\*\.pt\)"):
         export(ExportConfig(checkpoint=str(small.parent), output=str(tmp_path / "x")))
+    # A file that is no checkpoint: said so (a corpus was "no bert_config.json beside it"), and
+    # a Hugging Face model's file is sent to its directory.
+    model_file = exported_model / "model.safetensors"
+    for given, says in ((small, r"give a bertforge .*\(ckpt-\*\.pt\)"),
+                        (model_file, f"give {exported_model}, the directory")):  # fmt: skip
+        with pytest.raises(UserError, match=rf"{given} is not a model checkpoint .*; {says}"):
+            export(ExportConfig(checkpoint=str(given), output=str(tmp_path / "x")))
     export(ExportConfig(checkpoint=str(trained_run / "checkpoints"), output=str(tmp_path / "c")))
     again = tmp_path / "again"
     export(ExportConfig(checkpoint=str(trained_run), output=str(again)))

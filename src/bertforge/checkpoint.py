@@ -176,6 +176,22 @@ def vocab_beside(source: Path) -> Path | None:
     return vocab if vocab.is_file() else None
 
 
+# What --init-checkpoint, --checkpoint and --model take, for their errors.
+READABLE = (
+    "a bertforge training directory (with checkpoints/) or checkpoint file (ckpt-*.pt), a "
+    "Hugging Face BERT directory (config.json + model.safetensors), or a Google TF checkpoint "
+    "(bert_model.ckpt + bert_config.json)"
+)
+# A Hugging Face model's files, read from their directory as a whole.
+HF_FILES = {"model.safetensors", "pytorch_model.bin", "config.json", "tf_model.h5"}
+
+
+def is_tf_checkpoint_file(p: Path) -> bool:
+    """PREFIX.index or PREFIX.data-NNNNN-of-NNNNN: a TF checkpoint named by one of its files
+    (PREFIX itself is no file)."""
+    return p.name.endswith(".index") or ".data-" in p.name
+
+
 def read_init_checkpoint(
     path: str, flag: str = "--init-checkpoint", bert_config: str | None = None
 ) -> InitWeights:
@@ -202,12 +218,10 @@ def read_init_checkpoint(
                 "one every --save-checkpoints-steps steps, and when it stops or ends); give it "
                 "again once one is saved."
             )
-        raise UserError(
-            f"{flag}: {p} holds no model bertforge reads; give a bertforge training directory "
-            "(with checkpoints/) or checkpoint file (ckpt-*.pt), a Hugging Face BERT directory "
-            "(config.json + model.safetensors), or a Google TF checkpoint (bert_model.ckpt + "
-            "bert_config.json)."
-        )
+        raise UserError(f"{flag}: {p} holds no model bertforge reads; give {READABLE}.")
+    if p.is_file() and not is_tf_checkpoint_file(p):  # a corpus, a config, a model's file
+        of = f"{p.parent}, the directory it is in" if p.name in HF_FILES else READABLE
+        raise UserError(f"{flag}: {p} is not a model checkpoint bertforge reads; give {of}.")
     from bertforge.tfcheckpoint import google_weights, resolve_prefix
 
     prefix = resolve_prefix(p)
