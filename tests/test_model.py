@@ -213,6 +213,10 @@ def test_a_config_of_another_model_is_refused_naming_it(tmp_path, extra, says):
     p.write_text("[1, 2]")
     with pytest.raises(UserError, match="a JSON object is expected"):
         BertConfig.from_json(p)
+    # a model's directory given for its config: the file in it named ("Is a directory" before)
+    with pytest.raises(UserError, match=rf"^{tmp_path}: a directory, not a bert_config.json; "
+                       rf"give the file, {p}\.$"):  # fmt: skip
+        BertConfig.from_json(tmp_path)
 
 
 def rows_of(ids, types, lengths, positions, seed=0):

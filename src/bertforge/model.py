@@ -156,6 +156,11 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> BertConfig:
+        if Path(path).is_dir():  # a model's directory given for its config
+            inside = [Path(path) / n for n in ("bert_config.json", "config.json")]
+            found = next((str(f) for f in inside if f.is_file()), None)
+            hint = f"give the file, {found}" if found else "give the bert_config.json file"
+            raise UserError(f"{path}: a directory, not a bert_config.json; {hint}.")
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:  # JSON's errors and UnicodeDecodeError are ValueErrors
