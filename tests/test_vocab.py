@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import unicodedata
@@ -290,6 +291,27 @@ def test_output_dir_protection(tmp_path: Path, mixed_corpus: Path):
     assert (foreign / "notes.txt").read_text() == "mine"
     train_vocab(cfg(mixed_corpus, foreign, vocab_size=600, overwrite=True))
     train_vocab(cfg(mixed_corpus, foreign, vocab_size=600))  # its own output: rerun is fine
+
+
+def test_the_corpus_directory_is_no_output(tmp_path: Path, kjv_vocab: Path):
+    """`vocab corpus/ --output corpus/ --overwrite` wrote vocab.txt, tokenizer.json and the
+    manifest among the corpus, which the next run over corpus/ read as text; the data stage's
+    shards likewise. Refused, --overwrite or not, by directory or glob, and nothing written."""
+    from bertforge.config import DataConfig
+    from bertforge.data import create_data
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus / "a.txt", MIXED_DOCS * 20)
+    for given, output in ((corpus, corpus), (corpus / "*.txt", f"{corpus}/")):
+        said = f"--output: {output} is the directory the corpus is read from ({given})"
+        with pytest.raises(UserError, match=re.escape(said)):
+            train_vocab(VocabConfig(input=(str(given),), output=str(output), vocab_size=600,
+                                    overwrite=True, progress=False))  # fmt: skip
+    with pytest.raises(UserError, match="is the directory the corpus is read from"):
+        create_data(DataConfig(input=(str(corpus),), vocab=str(kjv_vocab), output=str(corpus),
+                               overwrite=True, progress=False))  # fmt: skip
+    assert [p.name for p in corpus.iterdir()] == ["a.txt"]
+    train_vocab(cfg(corpus, corpus / "vocab", vocab_size=600))  # below it: left out when read
 
 
 def test_binary_and_empty_input_leave_nothing(tmp_path: Path):

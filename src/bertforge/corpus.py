@@ -262,6 +262,24 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
     return out
 
 
+def check_output_apart(output: str, patterns: Sequence[str]) -> None:
+    """Refuse an output directory that is a directory the corpus is read from (one given, or
+    a glob's root): the stage's files would land among the corpus's and be read as corpus by
+    the next run over it (`corpus_files_under` leaves out outputs below a corpus directory,
+    not the directory itself). `vocab corpus/ --output corpus/ --overwrite` did that."""
+    out = Path(output).resolve()
+    for pattern in patterns:
+        if pattern == STDIN or is_stream(pattern):
+            continue
+        p = Path(pattern)
+        root = p if p.is_dir() else glob_root(pattern) if glob.has_magic(pattern) else None
+        if root is not None and root.resolve() == out:
+            raise UserError(
+                f"--output: {output} is the directory the corpus is read from ({pattern}); its "
+                "files would be read as corpus by the next run over it. Give another directory."
+            )
+
+
 def corpus_files_under(directory: Path) -> list[str]:
     """The files under a directory, recursively, sorted by path. Hidden files and directories
     are left out, and so is any bertforge output inside it (`fileio.is_output_dir`):

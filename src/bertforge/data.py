@@ -45,6 +45,7 @@ from bertforge.corpus import (
     CorpusStats,
     InputFile,
     Progress,
+    check_output_apart,
     corpus_notes,
     corpus_warnings,
     inputs_diff,
@@ -605,6 +606,7 @@ def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool
 @locked_output("data")
 def create_data(cfg: DataConfig) -> DataResult:
     """The data stage: resolve inputs and vocab, (resume and) write shards, then the manifest."""
+    check_output_apart(cfg.output, cfg.input)
     inputs = resolve_inputs(cfg.input)
     vocab = load_vocab(cfg.vocab, cfg.do_lower_case)
     params = InstanceParams(cfg.max_seq_length, cfg.short_seq_prob, cfg.masked_lm_prob,

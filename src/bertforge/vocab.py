@@ -49,6 +49,7 @@ from bertforge.corpus import (
     CorpusStats,
     InputFile,
     Progress,
+    check_output_apart,
     corpus_notes,
     corpus_warnings,
     iter_documents,
@@ -143,6 +144,7 @@ class VocabResult:
 @locked_output("vocab")
 def train_vocab(cfg: VocabConfig) -> VocabResult:
     """Run the vocab stage: read the corpus, train, write vocab + tokenizer files + manifest."""
+    check_output_apart(cfg.output, cfg.input)
     out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
     begin_output(out, "vocab")
     inputs = resolve_inputs(cfg.input)
@@ -746,6 +748,7 @@ def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
         seed=cfg.seed,
         progress=cfg.progress,
     )
+    check_output_apart(cfg.output, cfg.input)
     out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
     begin_output(out, "vocab")
     inputs = resolve_inputs(cfg.input)
