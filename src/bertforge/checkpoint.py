@@ -24,11 +24,10 @@ import torch
 
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open
-from bertforge.model import BertConfig, from_hf
+from bertforge.model import BertConfig, config_file_in, from_hf
 from bertforge.tokenization import bert_normalizer, find_vocab_file, new_words, wordpiece_ids
 
 CHECKPOINTS = "checkpoints"
-CONFIG_FILES = ("bert_config.json", "config.json")  # a model's shape beside it, Google's first
 FORMAT = "bertforge-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -153,11 +152,6 @@ def source_directory(source: Path) -> Path:
     if source.is_file() and source.suffix == ".pt":
         return source.parent.parent
     return source if source.is_dir() else source.parent
-
-
-def config_file_in(directory: Path) -> Path | None:
-    """A model's shape beside it: Google's bert_config.json, else a Hugging Face config.json."""
-    return next((directory / n for n in CONFIG_FILES if (directory / n).is_file()), None)
 
 
 def config_beside(source: Path) -> BertConfig | None:

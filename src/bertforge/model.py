@@ -64,6 +64,14 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+CONFIG_FILES = ("bert_config.json", "config.json")  # a model's shape beside it, Google's first
+
+
+def config_file_in(directory: Path) -> Path | None:
+    """A model's shape beside it: Google's bert_config.json, else a Hugging Face config.json."""
+    return next((directory / n for n in CONFIG_FILES if (directory / n).is_file()), None)
+
+
 @dataclass(frozen=True)
 class BertConfig:
     """The model's shape, in Google's bert_config.json names."""
@@ -157,8 +165,7 @@ class BertConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> BertConfig:
         if Path(path).is_dir():  # a model's directory given for its config
-            inside = [Path(path) / n for n in ("bert_config.json", "config.json")]
-            found = next((str(f) for f in inside if f.is_file()), None)
+            found = config_file_in(Path(path))
             hint = f"give the file, {found}" if found else "give the bert_config.json file"
             raise UserError(f"{path}: a directory, not a bert_config.json; {hint}.")
         try:
