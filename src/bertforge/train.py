@@ -424,7 +424,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         what = f"resuming at step {step} from {resume}" if state else "starting"
         if state is None and cfg.resume_google:
             what = f"continuing {init.path} at its step {step}"  # type: ignore[union-attr]
-        epochs = cfg.num_train_steps * cfg.train_batch_size / max(1, split.num_train)
+        epochs = passes(cfg, split)
         shown = f"{epochs:,.0f}" if epochs >= 10 else f"{epochs:.2f}"
         plan = f", {cfg.num_train_steps:,} steps: {shown} epochs" if cfg.do_train else ""
         print(
@@ -1241,11 +1241,16 @@ def note_new_schedule(state: dict[str, Any], cfg: TrainConfig, notes: bool) -> N
 EPOCHS_WARNED = 100
 
 
+def passes(cfg: TrainConfig, split: Split) -> float:
+    """Epochs: how many times the run's steps read its training records."""
+    return cfg.num_train_steps * cfg.train_batch_size / max(1, split.num_train)
+
+
 def epochs_warning(cfg: TrainConfig, split: Split) -> str | None:
     """A warning where --num-train-steps of --train-batch-size are more than EPOCHS_WARNED
     passes over the data (a small corpus, or steps copied from a recipe for a large one).
     Dynamic masking masks each pass anew, but the sentences stay the same."""
-    epochs = cfg.num_train_steps * cfg.train_batch_size / max(1, split.num_train)
+    epochs = passes(cfg, split)
     if epochs <= EPOCHS_WARNED:
         return None
     return (
