@@ -269,7 +269,7 @@ def check_output_apart(output: str, patterns: Sequence[str]) -> None:
     not the directory itself). `vocab corpus/ --output corpus/ --overwrite` did that."""
     out = Path(output).resolve()
     for pattern in patterns:
-        if pattern == STDIN or is_stream(pattern):
+        if pattern == STDIN:  # a pipe is neither a directory nor a glob: no root
             continue
         p = Path(pattern)
         root = p if p.is_dir() else glob_root(pattern) if glob.has_magic(pattern) else None
