@@ -24,7 +24,12 @@ import torch
 from bertforge import hardware
 from bertforge import train as train_module
 from bertforge.batches import Order, PretrainingData, Split, step_rows
-from bertforge.checkpoint import list_checkpoints, read_init_checkpoint
+from bertforge.checkpoint import (
+    checkpoint_bytes,
+    list_checkpoints,
+    read_init_checkpoint,
+    saves_left,
+)
 from bertforge.cli import main
 from bertforge.config import DataConfig, TrainConfig
 from bertforge.data import create_data
@@ -272,6 +277,45 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_rerun_finishes(
     assert main([*run, "--num-train-steps", "6"]) == 0
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert [p.name for p in list_checkpoints(out)][-1] == "ckpt-00000006.pt"
+
+
+def test_a_disk_without_room_for_the_checkpoints_is_found_before_step_1(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    run = args(train_data, out, tiny_bert_config, "--save-checkpoints-steps", "2",
+               "--num-train-steps", "5", "--keep-checkpoints", "2")  # fmt: skip
+    size = checkpoint_bytes(BertConfig.from_json(tiny_bert_config))
+    free = {"bytes": size - 1}
+    real = shutil.disk_usage
+    monkeypatch.setattr(train_module.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=free["bytes"]))  # fmt: skip
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: its disk has" in err and "one checkpoint of this model takes" in err
+    assert not (out / "metrics.jsonl").exists() and not list_checkpoints(out)
+    # Room for two, not for the three on disk at once (two kept, the next written first).
+    free["bytes"] = 2 * size
+    assert main(run) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and f"need {train_module.size_text(3 * size)} more" in err
+    assert "--keep-checkpoints 2" in err
+    written = list_checkpoints(out)
+    assert [p.name for p in written] == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
+    assert 0 <= size - written[-1].stat().st_size < 1.1 * (1 << 20)  # the estimate covers it
+    # Resumed with room for what is left (one more, then the oldest goes): no warning.
+    free["bytes"] = size
+    assert main([*run[:-4], "--num-train-steps", "6", "--keep-checkpoints", "2"]) == 0
+    assert "disk" not in capsys.readouterr().err
+
+
+def test_the_checkpoints_a_run_still_writes():
+    assert saves_left(0, 10, 5) == 2  # steps 5, 10
+    assert saves_left(0, 11, 5) == 3  # 5, 10 and the last, 11
+    assert saves_left(5, 11, 5) == 2
+    assert saves_left(10, 11, 5) == 1
+    assert saves_left(11, 11, 5) == 0
+    assert saves_left(0, 3, 5) == 1
 
 
 def test_micro_batches_and_packing_do_not_change_the_losses(

@@ -24,7 +24,7 @@ import torch
 
 from bertforge.errors import UserError
 from bertforge.fileio import atomic_open
-from bertforge.model import BertConfig, config_file_in, from_hf
+from bertforge.model import BertConfig, BertForPretraining, config_file_in, from_hf
 from bertforge.tokenization import bert_normalizer, find_vocab_file, new_words, wordpiece_ids
 
 CHECKPOINTS = "checkpoints"
@@ -41,6 +41,23 @@ def list_checkpoints(output: Path) -> list[Path]:
     d = output / CHECKPOINTS
     found = [p for p in d.glob("ckpt-*.pt") if _NAME.match(p.name)] if d.is_dir() else []
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def checkpoint_bytes(bert: BertConfig) -> int:
+    """About the size of one checkpoint of this model: its fp32 weights and buffers and the
+    optimizer's two fp32 moments per weight (every optimizer of `bertforge train` is Adam's
+    kind), counted on the meta device, so without allocating the model, and 1 MB for the
+    names, RNG states and settings. Tied weights count once, as torch.save writes them once."""
+    with torch.device("meta"):
+        model = BertForPretraining(bert)
+    weights = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 3 * 4 * weights + buffers + (1 << 20)
+
+
+def saves_left(step: int, last: int, every: int) -> int:
+    """How many checkpoints a run at `step` still writes: every `every` steps and at `last`."""
+    return max(0, last // every - step // every + (1 if last % every and last > step else 0))
 
 
 def save_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -> Path:

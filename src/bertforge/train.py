@@ -56,11 +56,13 @@ from bertforge.batches import (
 from bertforge.checkpoint import (
     CHECKPOINTS,
     InitWeights,
+    checkpoint_bytes,
     list_checkpoints,
     load_checkpoint,
     read_google_run,
     read_init_checkpoint,
     save_checkpoint,
+    saves_left,
     seed_new_words,
     transfer_vocab,
 )
@@ -312,10 +314,13 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             "start deletes: the weights would be gone with the first crash. Train into "
             f"another --output (e.g. {out.name}-2 beside it)."
         )
+    first = state["step"] if state else 0
     if d.main:
         prepare_output_dir(out, "train", cfg.overwrite and state is None, "--output")
         if state is None:
             clear_run(out)
+        if cfg.do_train and (line := check_disk_space(cfg, bert, out, first)):
+            print(line, file=sys.stderr)
         write_json(out / RUN_FILE, {"stage": "train", "config": run_settings(cfg)})
         data.save_scan(out / DATA_SCAN_FILE)
         write_json(out / "bert_config.json", bert.to_dict())
@@ -334,7 +339,6 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                 local_batch)  # fmt: skip
 
     # ---- the speed options, measured on this device (--tune)
-    first = state["step"] if state else 0
     if cfg.do_train and first < cfg.num_train_steps and use_tune(cfg, d.device):
         batches = (data, split, spec, local_batch, micro, first)
         cfg, micro = tuned(cfg, bert, d, batches, varlen, out)
@@ -1387,6 +1391,38 @@ def clear_run(out: Path) -> None:
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
     for name in ("metrics.jsonl", "eval_results.txt", "manifest.json", "tune.json"):
         (out / name).unlink(missing_ok=True)
+
+
+def size_text(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_disk_space(cfg: TrainConfig, bert: BertConfig, out: Path, step: int) -> str | None:
+    """Before step 1, not at the first checkpoint hours later: refuse a disk without room
+    for one checkpoint, and warn (returned) when the checkpoints the run keeps, and the next
+    one written before the oldest goes, will not fit."""
+    saves = saves_left(step, cfg.num_train_steps, cfg.save_checkpoints_steps)
+    if saves == 0:
+        return None
+    size = checkpoint_bytes(bert)
+    free = shutil.disk_usage(out).free
+    if free < size:
+        raise UserError(
+            f"{out}: its disk has {size_text(free)} free, and one checkpoint of this "
+            f"model takes {size_text(size)} (the weights and the optimizer's state); free some "
+            "space, or choose another --output."
+        )
+    have = len(list_checkpoints(out))
+    need = max(1, min(cfg.keep_checkpoints, have + saves - 1) + 1 - have) * size
+    if free >= need:
+        return None
+    return (
+        f"bertforge: warning: {out}: its disk has {size_text(free)} free, and the "
+        f"run's checkpoints need {size_text(need)} more ({size_text(size)} each; "
+        f"--keep-checkpoints {cfg.keep_checkpoints}, and the next is written before the oldest "
+        "is deleted): training will stop when the disk fills. Free some space, lower "
+        "--keep-checkpoints, or choose another --output."
+    )
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
