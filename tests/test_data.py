@@ -720,6 +720,39 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     assert final.startswith(f"warning: {share:.1%} of the corpus's tokens are [UNK] (most")
 
 
+def test_a_disk_too_small_for_the_shards_is_warned_about_at_the_first(
+    tmp_path, kjv_corpus, kjv_vocab, monkeypatch, capsys
+):
+    """A long run (four units or more) says after its first shard, from that shard's bytes
+    per byte of text, when the shards to come will not fit on the disk."""
+    from bertforge import data as data_module
+    from bertforge.data import space_warning
+
+    free = {"bytes": 0}
+    real = shutil.disk_usage
+    monkeypatch.setattr(data_module.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=free["bytes"]))  # fmt: skip
+    base = ["--input", str(kjv_corpus), "--vocab", str(kjv_vocab), "--unit-mb", "0.015"]
+    rc, err = run_cli([*base, "--output", str(tmp_path / "a")], capsys)
+    (early,) = [line for line in err.splitlines() if "disk" in line]
+    assert rc == 0 and early.startswith(f"warning: {tmp_path / 'a'}: its disk has 0.0 MB free")
+    assert early.endswith("(So far, from the first shard; Ctrl-C stops the run.)")
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    shards = sum(s["bytes"] for s in m["shards"])
+    free["bytes"] = shards  # room for them all
+    rc, err = run_cli([*base, "--output", str(tmp_path / "b")], capsys)
+    assert rc == 0 and "disk" not in err
+    # The estimate: the first shard's bytes per byte of text, times the text still to come.
+    first = {"bytes": 100, "text_bytes": 1000}
+    free["bytes"] = 899
+    assert "about 0.0 MB" in (space_warning(first, tmp_path, 10_000, [first]) or "")
+    free["bytes"] = 900
+    assert space_warning(first, tmp_path, 10_000, [first]) is None
+    assert space_warning(first, tmp_path, 10_000, [first, {"text_bytes": 5000}]) is None
+    assert space_warning(first, tmp_path, None, [first]) is None  # a pipe: size unknown
+    assert space_warning({"bytes": 100}, tmp_path, 10_000, []) is None  # an older part
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):
     base = ["--vocab", str(kjv_vocab), "--output", str(tmp_path / "o")]
     empty = write_corpus(tmp_path / "empty.txt", [[" "]])

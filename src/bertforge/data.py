@@ -65,6 +65,7 @@ from bertforge.fileio import (
     prepare_output_dir,
     read_manifest,
     sha256_file,
+    size_text,
     write_json,
     write_manifest,
 )
@@ -302,7 +303,7 @@ def build_unit(
     """Tokenize, segment, mask and write one unit; returns (and records) its part summary. A
     unit's output depends on the settings, its index and its documents alone, so a part with
     the same `settings_id` and `text_sha256` is this unit's output, whatever the run."""
-    text_sha256 = unit_text_sha256(docs)
+    text_sha256, text_bytes = unit_text_digest(docs)
     if s.split_sentences:
         docs = sentence_documents(docs)
     flat, bounds = unit_tokens(docs, encoder, id_dtype(spec.vocab_size))
@@ -321,6 +322,7 @@ def build_unit(
     lengths, unks = arrays.lengths, int(np.count_nonzero(flat == vocab.unk_id))
     part = {
         "unit": unit, "settings_id": s.settings_id, "text_sha256": text_sha256, "file": name,
+        "text_bytes": text_bytes,
         "records": len(lengths),
         "sha256": digest.hexdigest(), "bytes": size, "documents": len(bounds),
         "sentences": sum(len(b) - 1 for b in bounds), "tokens": int(lengths.sum()),
@@ -351,13 +353,15 @@ def _run_unit(unit: int, docs: list[list[str]]) -> dict[str, Any]:
     return build_unit(unit, docs, w["encoder"], w["settings"], w["spec"], w["vocab"])
 
 
-def unit_text_sha256(docs: Sequence[Sequence[str]]) -> str:
+def unit_text_digest(docs: Sequence[Sequence[str]]) -> tuple[str, int]:
     """A unit's documents as read (before --split-sentences), hashed: what tells a unit
-    finished by an earlier run from one whose text has changed since."""
-    digest = hashlib.sha256()
+    finished by an earlier run from one whose text has changed since; and their UTF-8 bytes."""
+    digest, size = hashlib.sha256(), 0
     for doc in docs:
-        digest.update(("\n".join(doc) + "\n\n").encode())
-    return digest.hexdigest()
+        text = ("\n".join(doc) + "\n\n").encode()
+        digest.update(text)
+        size += len(text)
+    return digest.hexdigest(), size
 
 
 def iter_units(
@@ -406,7 +410,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
         parts[part["unit"]] = part
         if not checked:  # a long run: what the first shard shows, while it can be stopped
             checked = True
-            for warning in first_shard_warnings(part, s, vocab_file):
+            for warning in first_shard_warnings(part, s, vocab_file, size, parts.values()):
                 (bar.write if bar else print)(warning, file=sys.stderr)  # above the bar
         if bar:
             bar.set_postfix(documents=f"{stats.documents:,}",
@@ -415,7 +419,7 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
     def finished_before(unit: int, docs: list[list[str]]) -> bool:
         nonlocal resumed
         part = earlier.pop(unit, None)
-        if part is None or part.get("text_sha256") != unit_text_sha256(docs):
+        if part is None or part.get("text_sha256") != unit_text_digest(docs)[0]:
             return False
         parts[unit] = part
         resumed += 1
@@ -811,17 +815,43 @@ def manifest_warnings(m: dict[str, Any]) -> list[str]:
     return [w for w in found if w]
 
 
-def first_shard_warnings(part: dict[str, Any], s: UnitSettings, vocab_file: str) -> list[str]:
-    """The warnings of manifest_warnings that one shard can tell (text cut away, [UNK]s), for
-    a long run to be stopped early; the documents warning is about the whole corpus."""
+def first_shard_warnings(
+    part: dict[str, Any], s: UnitSettings, vocab_file: str, corpus_bytes: int | None,
+    done: Iterable[dict[str, Any]],
+) -> list[str]:  # fmt: skip
+    """The warnings of manifest_warnings that one shard can tell (text cut away, [UNK]s), and
+    whether the disk holds the shards to come, for a long run to be stopped early; the
+    documents warning is about the whole corpus. `done`: the parts finished so far."""
     counts = {
         "corpus_tokens": part["corpus_tokens"], "sentences": part["sentences"],
         "text_ratio": text_ratio([part], s.dupe_factor), "unk_share": unk_share([part]),
         "unk_words": unk_words([part]),
     }  # fmt: skip
     found = [line_warning(counts, s.params.max_seq_length),
-             unk_warning(counts, s.do_lower_case, vocab_file)]  # fmt: skip
+             unk_warning(counts, s.do_lower_case, vocab_file),
+             space_warning(part, Path(s.output), corpus_bytes, done)]  # fmt: skip
     return [f"{w} (So far, from the first shard; Ctrl-C stops the run.)" for w in found if w]
+
+
+def space_warning(part: dict[str, Any], out: Path, corpus_bytes: int | None,
+                  done: Iterable[dict[str, Any]]) -> str | None:  # fmt: skip
+    """When the shards still to come, at the first shard's bytes per byte of text, will not
+    fit on the output's disk (None where the corpus's size is unknown: a pipe)."""
+    text = part.get("text_bytes")
+    if not corpus_bytes or not text:
+        return None
+    left = corpus_bytes - sum(p.get("text_bytes", 0) for p in done)
+    need = part["bytes"] * left / text
+    free = shutil.disk_usage(out).free
+    if free >= need:
+        return None
+    return (
+        f"warning: {out}: its disk has {size_text(free)} free, and the shards to come will take "
+        f"about {size_text(need)} ({size_text(part['bytes'])} for the first "
+        f"{size_text(text)} of the corpus's {size_text(corpus_bytes)}): the run will stop "
+        "when the disk fills. Free some space or choose another --output (a rerun keeps the "
+        "finished shards)."
+    )
 
 
 def split_summary(m: dict[str, Any]) -> str | None:

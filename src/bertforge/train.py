@@ -76,6 +76,7 @@ from bertforge.fileio import (
     output_lock,
     prepare_output_dir,
     read_jsonl,
+    size_text,
     write_json,
     write_manifest,
     write_text,
@@ -1391,10 +1392,6 @@ def clear_run(out: Path) -> None:
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
     for name in ("metrics.jsonl", "eval_results.txt", "manifest.json", "tune.json"):
         (out / name).unlink(missing_ok=True)
-
-
-def size_text(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def check_disk_space(cfg: TrainConfig, bert: BertConfig, out: Path, step: int) -> str | None:
