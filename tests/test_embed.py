@@ -374,3 +374,17 @@ def test_fill_mask(exported_model, capsys):
     out = capsys.readouterr().out
     assert out.startswith("And God said, Let there be [") and "[MASK] 1:" in out
     assert FillMaskConfig(text=("a [MASK]",), model="m").top_k == 5
+
+
+def test_fill_mask_refuses_a_bare_encoder_which_embed_reads(tmp_path, exported_model, hf, capsys):
+    """transformers' BertModel saves no masked-LM head: fill-mask's guesses would be random."""
+    bare = tmp_path / "bare"
+    hf[1].save_pretrained(bare)
+    hf[0].save_pretrained(bare)
+    assert main(["fill-mask", "--model", str(bare), "The [MASK] ."]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {bare} has no masked-LM head" in err and "--init-checkpoint" in err
+    (text := tmp_path / "in.txt").write_text("\n".join(LINES) + "\n")
+    out = tmp_path / "v.npy"
+    assert main(["embed", "--model", str(bare), "--input", str(text), "--output", str(out)]) == 0
+    assert np.load(out).shape[0] == len(LINES)

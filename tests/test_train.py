@@ -1462,6 +1462,33 @@ def test_batches_are_a_function_of_seed_and_step(train_data):
             assert np.array_equal(getattr(part, name), getattr(a, name)[lo:hi]), name
 
 
+def test_heads_a_checkpoint_lacks_are_named_as_starting_fresh(
+    tmp_path, train_data, kjv_vocab, tiny_bert_config, capsys
+):
+    """A bare encoder (transformers' BertModel) trains from its encoder with fresh heads, and
+    says so; BertForMaskedLM lacks the pooler and the next-sentence head; a whole
+    BertForPreTraining checkpoint lacks nothing, and nothing is said."""
+    transformers = pytest.importorskip("transformers")
+    c = transformers.BertConfig(**BertConfig.from_json(tiny_bert_config).to_dict())
+    kinds = {"bare": transformers.BertModel, "mlm": transformers.BertForMaskedLM,
+             "whole": transformers.BertForPreTraining}  # fmt: skip
+    said = {}
+    for name, kind in kinds.items():
+        kind(c).save_pretrained(tmp_path / name)
+        shutil.copy(kjv_vocab / "vocab.txt", tmp_path / name)
+        run = args(train_data, tmp_path / f"{name}-run", tiny_bert_config, "--num-train-steps",
+                   "1", "--init-checkpoint", str(tmp_path / name))  # fmt: skip
+        run.remove("--bert-config")
+        run.remove(str(tiny_bert_config))
+        assert main(run) == 0
+        said[name] = [x for x in capsys.readouterr().err.splitlines() if "no weights for" in x]
+    (bare,) = said["bare"]
+    assert "no weights for the masked-LM head or the next-sentence head (a bare encoder" in bare
+    (mlm,) = said["mlm"]
+    assert "no weights for the pooler or the next-sentence head: they start from fresh" in mlm
+    assert said["whole"] == []
+
+
 def test_init_from_hugging_face_and_bertforge_checkpoints(
     tmp_path, train_data, kjv_vocab, tiny_bert_config, capsys
 ):

@@ -720,6 +720,26 @@ def published_names(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# The parts beyond the encoder, by what a message calls them: a bare encoder (transformers'
+# BertModel) has only the pooler, BertForMaskedLM only the masked-LM head.
+HEADS: dict[str, tuple[str, ...]] = {
+    "the pooler": ("pooler.weight", "pooler.bias"),
+    "the masked-LM head": (
+        "mlm_transform.weight",
+        "mlm_transform.bias",
+        "mlm_norm.weight",
+        "mlm_norm.bias",
+        "mlm_bias",
+    ),
+    "the next-sentence head": ("nsp.weight", "nsp.bias"),
+}
+
+
+def missing_heads(weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """The HEADS that `weights` (in our names) lack, or hold only in part."""
+    return [what for what, names in HEADS.items() if not all(n in weights for n in names)]
+
+
 def from_hf(hf: Mapping[str, torch.Tensor], c: BertConfig, source: str) -> dict[str, torch.Tensor]:
     """transformers BertForPreTraining (or BertModel, prefix-less) weights in our names.
 

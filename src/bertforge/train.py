@@ -92,6 +92,7 @@ from bertforge.model import (
     flash_varlen_available,
     flash_varlen_fits,
     load_weights,
+    missing_heads,
 )
 from bertforge.optim import (
     FlatAdamW,
@@ -357,6 +358,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         else:
             weights, embeddings = start_new_words(init, vocab, notes=d.main)
         load_weights(model, {k: v.to(d.device) for k, v in weights.items()}, str(init.path))
+        if d.main and (fresh := missing_heads(weights)):
+            bare = " (a bare encoder, as transformers' BertModel saves one)"
+            print(
+                f"bertforge: note: {init.path} has no weights for {' or '.join(fresh)}"
+                f"{bare if 'the masked-LM head' in fresh else ''}: they start from fresh "
+                "weights, which the first steps train (the loss starts high).",
+                file=sys.stderr,
+            )
     if state is not None:
         model.load_state_dict(state["model"])
     optimizer = make_optimizer(cfg, model)
