@@ -549,6 +549,36 @@ def test_invalid_utf8_dropped_and_counted(tmp_path: Path):
     assert "3 line(s) had invalid UTF-8" in corpus_warnings(stats.as_dict())[0]
 
 
+def test_text_in_a_single_byte_encoding_says_to_convert_it(tmp_path: Path):
+    """Latin-1, ISO-8859-9 and Windows-1251 text is refused as such, not as "binary", naming
+    a word and iconv; sparser accents pass the first bytes, and the warning of their many
+    dropped bytes says the same."""
+    samples = {
+        "latin1": ("på være også søster få år gå nå blå grønn\n" * 300, "'på'"),
+        "iso-8859-9": ("Türkçe metin: İstanbul, ağaç, şeker, ıspanak.\n" * 300, "'Türkçe'"),
+        "cp1251": ("Привет мир, как дела?\n" * 300, "'Ïðèâåò'"),
+    }
+    for encoding, (text, word) in samples.items():
+        f = tmp_path / f"{encoding}.txt"
+        f.write_bytes(text.encode(encoding))
+        with pytest.raises(UserError, match="not UTF-8 but text in a single-byte encoding") as e:
+            docs_of([f])
+        assert f"read as Windows-1252: {word});" in str(e.value) and "iconv -f" in str(e.value)
+    noise = tmp_path / "noise.txt"  # control bytes: not text in any encoding
+    noise.write_bytes(bytes(range(1, 256)) * 40)
+    with pytest.raises(UserError, match="looks binary"):
+        docs_of([noise])
+    sparse = tmp_path / "sparse.txt"  # one accent in 20 lines: read, the accents dropped
+    sparse.write_bytes("".join(f"line {i}" + (" café\n" if i % 20 == 0 else "\n")
+                               for i in range(2000)).encode("latin1"))  # fmt: skip
+    (warning,) = corpus_warnings(docs_of([sparse])[1].as_dict())
+    assert "100 line(s) had invalid UTF-8" in warning and "single-byte encoding" in warning
+    few = tmp_path / "few.txt"
+    few.write_bytes(b"ok\n" * 2000 + b"caf\xe9\n" * 10)  # 10 in 2,010 lines: a few bad bytes
+    (warning,) = corpus_warnings(docs_of([few])[1].as_dict())
+    assert "10 line(s) had invalid UTF-8" in warning and "single-byte" not in warning
+
+
 def test_strict_utf8_names_file_line_and_offset(tmp_path: Path):
     f = tmp_path / "bad.txt"
     f.write_bytes(b"good\nba\xffd\n")

@@ -434,11 +434,36 @@ def check_not_binary(path: str, head: bytes) -> None:
     text = head[:-4] if len(head) == SNIFF_BYTES else head
     bad = text.decode("utf-8", errors="replace").count("\ufffd")
     too_many_nuls = head.count(0) >= 4 and head.count(0) > len(head) // 100
+    if not too_many_nuls and bad > len(text) // 10 and (word := eight_bit_word(text)):
+        raise UserError(
+            f"{path}: not UTF-8 but text in a single-byte encoding (its first such word, "
+            f"read as Windows-1252: {word!r}); convert it to UTF-8 first, e.g. `iconv -f "
+            f"WINDOWS-1252 -t UTF-8 {path} > {Path(path).stem}.utf8.txt` (ISO-8859-1 for "
+            "Latin-1, ISO-8859-9 for Turkish, WINDOWS-1251 for Cyrillic), and read that file "
+            "instead of this one."
+        )
     if too_many_nuls or (len(text) >= 64 and bad > len(text) // 10):
         raise UserError(
             f"{path}: looks binary (NUL bytes or mostly invalid UTF-8 in its first "
             f"{len(head)} bytes), not a text corpus; {LEAVE_OUT}."
         )
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+_EIGHT_BIT_WORD = re.compile(r"\w*[^\x00-\x7f]\w*")
+
+
+def eight_bit_word(text: bytes) -> str | None:
+    """Where bytes that are not UTF-8 read as text in a single-byte encoding (Latin-1,
+    Windows-1252, ISO-8859-9, Windows-1251...): no control characters but tabs and line ends,
+    and most bytes above 0x7F letters (as Windows-1252 reads them). Its first word with such
+    a byte, as Windows-1252 reads it; else None."""
+    s = text.decode("cp1252", errors="replace")
+    high = [c for c in s if ord(c) > 0x7F]
+    if not high or _CONTROL.search(s) or sum(c.isalpha() for c in high) < 0.8 * len(high):
+        return None
+    found = _EIGHT_BIT_WORD.search(s)
+    return found.group() if found else None
 
 
 def _blocks(stream: BinaryIO, cr_only: bool) -> Iterator[bytes]:
@@ -939,9 +964,15 @@ def corpus_warnings(corpus: Mapping[str, Any]) -> list[str]:
         what = "invalid UTF-8 (bytes dropped, as Google's scripts do)"
         if corpus.get("json_files"):
             what = "invalid UTF-8 or lone surrogate escapes (dropped)"
+        encoding = (
+            " So many suggest a file in a single-byte encoding (Latin-1, Windows-1252, "
+            "ISO-8859-9...), whose accented letters are lost: convert it to UTF-8 first "
+            "(iconv -f ENCODING -t UTF-8)."
+        )
+        many = n >= 10 and n >= corpus.get("lines", 0) / 100
         found.append(
             f"warning: {n:,} line(s) had {what}; first at {corpus.get('first_bad_utf8_line')}. "
-            "Use --strict-utf8 to stop on them instead."
+            f"Use --strict-utf8 to stop on them instead.{encoding if many else ''}"
         )
     if n := corpus.get("records_without_text"):
         found.append(
