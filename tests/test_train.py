@@ -1839,6 +1839,24 @@ def test_a_google_run_continues_where_it_stopped(
 
 
 @pytest.mark.slow
+def test_processes_that_would_start_apart_are_stopped(tmp_path, monkeypatch):
+    """A machine that does not see --output's checkpoints would start at step 0 while the
+    others resume; one with other data would read other batches: every process stops."""
+    d = Dist(rank=1, world=2, local_rank=1, device=torch.device("cpu"))
+    seen = {}
+    monkeypatch.setattr(train_module.distributed, "gather_objects",
+                        lambda obj, d: [seen["first"], obj])  # fmt: skip
+    seen["first"] = (40, 1000, "node-a")
+    train_module.check_one_start(d, tmp_path, 40, 1000)  # the same start: nothing said
+    with pytest.raises(UserError, match=r"process 1 \(on .*\) would start at step 0, process 0 "
+                       r"\(on node-a\) at step 40: .*a shared file system"):  # fmt: skip
+        train_module.check_one_start(d, tmp_path, 0, 1000)
+    with pytest.raises(UserError, match=r"--data: process 1 .* reads 999 records, process 0"):
+        train_module.check_one_start(d, tmp_path, 40, 999)
+    one = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    train_module.check_one_start(one, tmp_path, 0, 5)  # one process: nothing to compare
+
+
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
     """torchrun with 2 gloo processes, padded and packed, eager and compiled (DDP around the
     compiled step, its layers one nested region), and with the flat optimizer (DDP writing

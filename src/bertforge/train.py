@@ -23,6 +23,7 @@ import math
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -302,6 +303,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         state = load_checkpoint(resume)
         check_same_run(state, cfg, bert, resume, data_id, d.main)
         note_new_schedule(state, cfg, d.main)
+    check_one_start(d, out, state["step"] if state else 0, len(data))
     if d.main and cfg.do_train and cfg.warmup_steps >= cfg.num_train_steps > 0:
         print(warmup_warning(cfg), file=sys.stderr)
     if d.main and cfg.do_train and state is None and (line := epochs_warning(cfg, split)):
@@ -1848,6 +1850,31 @@ def check_announcement(cfg: TrainConfig, data: PretrainingData) -> str | None:
         return None
     return (f"train: checking every record of {cfg.data} ({size / 1e9:.1f} GB, "
             f"{len(data.files):,} shards) before the first step")  # fmt: skip
+
+
+def check_one_start(d: Dist, out: Path, step: int, records: int) -> None:
+    """Under torchrun, every process must start at process 0's step on data of as many
+    records. A machine that does not see --output's checkpoints (no shared file system there)
+    would start at step 0 with a fresh optimizer while the others resume, with no error (DDP
+    copies process 0's weights, nothing else); one reading other data, on other batches."""
+    if d.world == 1:
+        return
+    mine = (step, records, socket.gethostname())
+    starts = cast(list[tuple[int, int, str]], distributed.gather_objects(mine, d))
+    step0, records0, host0 = starts[0]
+    for rank, (other_step, other_records, host) in enumerate(starts):
+        if other_step != step0:
+            raise UserError(
+                f"--output {out}: process {rank} (on {host}) would start at step {other_step}, "
+                f"process 0 (on {host0}) at step {step0}: they do not see the same checkpoints. "
+                "--output must be one directory that every machine sees (a shared file system)."
+            )
+        if other_records != records0:
+            raise UserError(
+                f"--data: process {rank} (on {host}) reads {other_records:,} records, process 0 "
+                f"(on {host0}) {records0:,}: give every machine the same data (a shared file "
+                "system, or identical copies)."
+            )
 
 
 def share_data_check(data: PretrainingData, d: Dist, reused: bool) -> None:
