@@ -436,6 +436,46 @@ def test_out_of_memory_halves_the_micro_batch(
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("error", [
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+    "you tried to allocate 25165824 bytes. Error code 12 (Cannot allocate memory)",
+    "could not create a primitive",  # oneDNN's, out of memory in a matmul's backward
+], ids=["allocator", "onednn"])  # fmt: skip
+def test_out_of_cpu_memory_stops_saying_what_micro_batch_to_rerun_with(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys, error
+):
+    """torch raises the CPU's failed allocations (under ulimit -v or a container's limit) as
+    plain RuntimeErrors, and the process does not recover from them: one clear stop, no
+    traceback, and the rerun it names trains. Other RuntimeErrors are not taken for it."""
+    real = BertForPretraining.pretraining_logits
+
+    def small_memory(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw):
+        if masked_positions.shape[0] > 4:
+            raise RuntimeError(error)
+        return real(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw)
+
+    monkeypatch.setattr(BertForPretraining, "pretraining_logits", small_memory)
+    out = tmp_path / "oom"
+    run = args(train_data, out, tiny_bert_config, "--num-train-steps", "2", "--no-do-eval")
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "bertforge: error: CPU out of memory at step 0 with micro-batch 16: a process does not "
+        "get its memory back after a failed allocation on the CPU; rerun with --micro-batch-size"
+        " 8 (or less: the batch stays --train-batch-size, by gradient accumulation; training "
+        "resumes from the last checkpoint)."
+    )
+    assert main([*run, "--micro-batch-size", "4"]) == 0
+    assert [r["micro_batch_size"] for r in metrics(out)] == [4, 4]
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(BertForPretraining, "pretraining_logits", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main([*run[:-3], "--num-train-steps", "3", "--no-do-eval"])
+
+
 def test_a_trial_step_leaves_no_trace():
     """What a multi-process run tries before its first step: it changes no gradient, optimizer
     state or random number generator, and leaves no gradients when out of memory either."""

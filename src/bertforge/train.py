@@ -511,10 +511,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                             graphs,
                         )
                         break
-                    except torch.OutOfMemoryError:
-                        pass  # leave the except block first, so the failed step's tensors go
                     except TorchDynamoException as e:
                         failed = compile_failure(e, cfg, d, step)
+                    except RuntimeError as e:
+                        if not out_of_memory(e):
+                            raise
+                        if not isinstance(e, torch.OutOfMemoryError):  # the CPU's: no retry
+                            raise UserError(out_of_memory_stop(d, step, micro)) from None
+                        # leave the except block first, so the failed step's tensors go
                     if failed is None:
                         micro = halve_micro_batch(micro, d, optimizer, step)
                         continue
@@ -849,27 +853,57 @@ class Ledger:
         return stop
 
 
+CPU_OUT_OF_MEMORY = (
+    "DefaultCPUAllocator: can't allocate memory",  # torch's own allocations
+    "could not create a primitive",  # oneDNN's (matmuls, layer norms), whose memory ran out
+)
+
+
+def out_of_memory(e: RuntimeError) -> bool:
+    """A GPU's out-of-memory error, or the CPU's: torch raises a failed allocation on the CPU
+    (under a memory limit: ulimit -v, a container's) as a plain RuntimeError. Where the
+    kernel's OOM killer strikes first, the process dies with no error to catch."""
+    return isinstance(e, torch.OutOfMemoryError) or any(m in str(e) for m in CPU_OUT_OF_MEMORY)
+
+
 def halve_micro_batch(micro: int, d: Dist, optimizer: torch.optim.Optimizer, step: int) -> int:
-    """After a CUDA out-of-memory error: drop the step's gradients, halve the micro-batch."""
+    """After an out-of-memory error on a GPU: drop the step's gradients, halve the micro-batch
+    (or, where that cannot help, stop saying what to rerun with)."""
     optimizer.zero_grad(set_to_none=True)
     if d.device.type == "cuda":
         torch.cuda.empty_cache()
     if micro == 1 or d.world > 1:
-        hint = (
-            "even one instance per micro-batch does not fit; use a smaller --model-size or "
-            "shorter sequences"
-            if micro == 1
-            else f"with several processes the micro-batch cannot shrink mid-step; rerun with "
-            f"--micro-batch-size {micro // 2} (training resumes from the last checkpoint)"
-        )
-        raise UserError(f"CUDA out of memory at step {step} with micro-batch {micro}: {hint}.")
+        raise UserError(out_of_memory_stop(d, step, micro))
     print(
-        f"bertforge: CUDA out of memory at step {step} with micro-batch {micro}; retrying the "
-        f"step with micro-batch {micro // 2} (gradient accumulation doubles, the effective "
-        "batch stays the same)",
+        f"bertforge: {memory_of(d)} out of memory at step {step} with micro-batch {micro}; "
+        f"retrying the step with micro-batch {micro // 2} (gradient accumulation doubles, the "
+        "effective batch stays the same)",
         file=sys.stderr,
     )
     return micro // 2
+
+
+def memory_of(d: Dist) -> str:
+    return "CUDA" if d.device.type == "cuda" else d.device.type.upper()
+
+
+def out_of_memory_stop(d: Dist, step: int, micro: int) -> str:
+    """Why a run out of memory stops, and what to rerun with. Out of CPU memory, the process
+    does not recover (under a 2.5 GB limit, retried in the same process, micro-batches of a
+    quarter failed too, where a fresh process trained at a quarter), so it never retries."""
+    if micro == 1:
+        hint = "even one instance per micro-batch does not fit; use a smaller --model-size or"
+        hint += " shorter sequences"
+    else:
+        why = "a process does not get its memory back after a failed allocation on the CPU"
+        if d.world > 1:
+            why = "with several processes the micro-batch cannot shrink mid-step"
+        hint = (
+            f"{why}; rerun with --micro-batch-size {micro // 2} (or less: the batch stays "
+            "--train-batch-size, by gradient accumulation; training resumes from the last "
+            "checkpoint)"
+        )
+    return f"{memory_of(d)} out of memory at step {step} with micro-batch {micro}: {hint}."
 
 
 def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
@@ -884,8 +918,12 @@ def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
         try:
             trial(fits)
             break
-        except torch.OutOfMemoryError:
-            pass  # leave the except block first, so the failed trial's tensors go
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            if not isinstance(e, torch.OutOfMemoryError):  # the CPU's: no retry
+                raise UserError(out_of_memory_stop(d, 0, fits)) from None
+            # leave the except block first, so the failed trial's tensors go
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
         fits //= 2
