@@ -92,6 +92,19 @@ def test_pipeline_runs_then_skips_then_reruns_what_changed(
     assert ", MFU 32.0%\n" in (out / "report.md").read_text()
     print_summary(summary, out)
     assert " tokens/s (MFU 32.0%)\n" in capsys.readouterr().out
+    # A masked LM no better than its unigram baseline (within half a point) is said to have
+    # learned nothing yet, in the report and the summary; above it, nothing is said.
+    evals = [r for r in map(json.loads, lines.splitlines()) if r.get("eval")]
+    for gain, said in ((0.004, True), (0.006, False)):
+        last = evals[-1] | {"masked_lm_accuracy": evals[-1]["masked_lm_unigram_baseline"] + gain}
+        metrics.write_text(lines + json.dumps(last) + "\n")
+        summary = write_report(out, DIRS)
+        print_summary(summary, out)
+        printed_now = capsys.readouterr().out
+        assert ("  note: the masked LM guesses no better than always guessing the most frequent "
+                "token" in printed_now) is said  # fmt: skip
+        report = (out / "report.md").read_text()
+        assert ("\nNote: the masked LM guesses no better" in report) is said
     metrics.write_text(lines)
     write_report(out, DIRS)
 

@@ -143,6 +143,17 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
 
 
+def not_learned_note(accuracy: float | None, baseline: float | None) -> str | None:
+    """Said where the masked LM guesses no better than the best constant guess (within half a
+    point): the accuracy alone does not show that the model has learned nothing yet."""
+    if accuracy is None or baseline is None or accuracy > baseline + 0.005:
+        return None
+    return (
+        "the masked LM guesses no better than always guessing the most frequent token, so it "
+        "has not learned yet; train longer (--num-train-steps) or check the learning rate."
+    )
+
+
 def write_report(out: Path, dirs: dict[str, str]) -> Summary:
     vocab = read_manifest(out / dirs["vocab"]) or {}
     data = read_manifest(out / dirs["data"]) or {}
@@ -258,6 +269,8 @@ def write_report(out: Path, dirs: dict[str, str]) -> Summary:
             f"| next sentence loss | {last['next_sentence_loss']:.4f} |",
             "",
         ]
+        note = not_learned_note(last["masked_lm_accuracy"], last.get("masked_lm_unigram_baseline"))
+        lines += [f"Note: {note}", ""] if note else []
     lines += [f"![{Path(i).stem}]({i})" for i in images]
     files = sorted(exported.get("outputs", {}))
     lines += ["", "## Exported model", "", f"`{model}`: {', '.join(files)}", ""]

@@ -58,7 +58,7 @@ from bertforge.fileio import (
     sha256_file,
     write_json,
 )
-from bertforge.report import Summary, write_report
+from bertforge.report import Summary, not_learned_note, write_report
 
 ORDER = ("vocab", "data", "train", "export")
 DIRS = {"vocab": "vocab", "data": "data", "train": "train", "export": "model"}
@@ -550,6 +550,8 @@ def print_summary(s: Summary, out: Path) -> None:
             f"{s.unigram_baseline or 0:.1%}), next sentence accuracy "
             f"{s.next_sentence_accuracy or 0:.1%} after {s.steps:,} steps"
         )
+        if note := not_learned_note(s.masked_lm_accuracy, s.unigram_baseline):
+            print(f"  note: {note}")
     if s.tokens_per_second:
         mfu = f" (MFU {s.mfu:.1%})" if s.mfu else ""
         print(f"  training throughput {s.tokens_per_second:,.0f} tokens/s{mfu}")
