@@ -725,3 +725,29 @@ def test_report_says_how_the_checkpoints_embeddings_started():
         "1 kept their slots' embeddings)"
     )
     assert embeddings_note(False, None) == ""
+
+
+def test_a_run_directory_given_for_one_of_its_stages_names_the_stage_directory(
+    tmp_path, capsys
+):
+    """`--data work`, `--checkpoint work`, `--vocab work` (the run's directory, not its
+    stage's): the error names the directory meant."""
+    work = tmp_path / "work"
+    for sub in ("vocab", "data", "train", "model"):
+        (work / sub).mkdir(parents=True)
+    (work / "data" / "manifest.json").write_text('{"stage": "data"}')
+    (work / "run.json").write_text("{}")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c\n")
+    for command, said in (
+        (["train", "--data", str(work), "--output", str(tmp_path / "t")],
+         f"its pretraining data is {work / 'data'}: give that."),
+        (["export", "--checkpoint", str(work), "--output", str(tmp_path / "e")],
+         f"its model is {work / 'model'} (the export) and its training directory "
+         f"{work / 'train'}"),
+        (["data", str(corpus), "--vocab", str(work), "--output", str(tmp_path / "d")],
+         f"its vocabulary is {work / 'vocab'}: give that."),
+    ):  # fmt: skip
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{work} is a `bertforge run` directory; " in err and said in err

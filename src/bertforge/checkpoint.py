@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from bertforge.errors import UserError
-from bertforge.fileio import atomic_open
+from bertforge.fileio import RUN_STATE, atomic_open
 from bertforge.model import BertConfig, BertForPretraining, config_file_in, from_hf
 from bertforge.tokenization import bert_normalizer, find_vocab_file, new_words, wordpiece_ids
 
@@ -228,6 +228,11 @@ def read_init_checkpoint(
                 f"{flag}: {p} is a training directory with no checkpoint yet (training saves "
                 "one every --save-checkpoints-steps steps, and when it stops or ends); give it "
                 "again once one is saved."
+            )
+        if (p / RUN_STATE).is_file() and (p / "train").is_dir():
+            raise UserError(
+                f"{flag}: {p} is a `bertforge run` directory; its model is {p / 'model'} (the "
+                f"export) and its training directory {p / 'train'}: give one of those."
             )
         raise UserError(f"{flag}: {p} holds no model bertforge reads; give {READABLE}.")
     if p.is_file() and not is_tf_checkpoint_file(p):  # a corpus, a config, a model's file

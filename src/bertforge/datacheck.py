@@ -22,6 +22,8 @@ import numpy as np
 
 from bertforge.errors import UserError
 from bertforge.fileio import (
+    MANIFEST,
+    RUN_STATE,
     atomic_open,
     output_lock,
     prepare_output_dir,
@@ -233,6 +235,9 @@ def no_manifest(folder: Path) -> str:
     alone, or nothing."""
     entries = [e for e in folder.iterdir() if e.name[:1] != "."]
     files = sorted(e for e in entries if e.is_file())
+    if (folder / RUN_STATE).is_file() and (folder / "data" / MANIFEST).is_file():
+        return (f"{folder} is a `bertforge run` directory; its pretraining data is "
+                f"{folder / 'data'}: give that.")  # fmt: skip
     if (folder / ".parts").is_dir() or (files and is_shard(files[0])):
         return (f"{folder}: no manifest.json, so not a finished `bertforge data` output (rerun "
                 "the same data command to finish it).")  # fmt: skip

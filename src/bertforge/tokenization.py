@@ -36,6 +36,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from bertforge.errors import UserError
 from bertforge.fileio import (
+    RUN_STATE,
     atomic_open,
     copy_file,
     read_manifest,
@@ -69,6 +70,11 @@ def find_vocab_file(path: str | Path, flag: str | None = None) -> Path:
     else:
         found = p / "vocab.txt"
     if flag is not None and not found.is_file():
+        if p.is_dir() and (p / RUN_STATE).is_file() and (p / "vocab").is_dir():
+            raise UserError(
+                f"{flag}: {p} is a `bertforge run` directory; its vocabulary is {p / 'vocab'}: "
+                "give that."
+            )
         if p.is_dir():
             raise UserError(f"{flag}: {p} holds no vocab.txt or tokenizer.json.")
         raise UserError(f"{flag}: {p} does not exist.")
