@@ -727,9 +727,7 @@ def test_report_says_how_the_checkpoints_embeddings_started():
     assert embeddings_note(False, None) == ""
 
 
-def test_a_run_directory_given_for_one_of_its_stages_names_the_stage_directory(
-    tmp_path, capsys
-):
+def test_a_run_directory_given_for_one_of_its_stages_names_the_stage_directory(tmp_path, capsys):
     """`--data work`, `--checkpoint work`, `--vocab work` (the run's directory, not its
     stage's): the error names the directory meant."""
     work = tmp_path / "work"
