@@ -301,6 +301,15 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
             EmbedConfig(model=str(exported_model), input=str(empty), output=str(tmp_path / "e.npy"))
         )
     assert not (tmp_path / "e.npy").exists() and not list(tmp_path.glob(".*tmp"))
+    # An output in directories not there yet: made (as every stage makes its output's); one
+    # through a file: the error says so.
+    nested = tmp_path / "vectors" / "of" / "v.npy"
+    assert main(["embed", "--model", str(exported_model), "--input", str(src), "--output",
+                 str(nested)]) == 0  # fmt: skip
+    assert np.load(nested).shape[0] == 1
+    assert main(["embed", "--model", str(exported_model), "--input", str(src), "--output",
+                 str(src / "v.npy")]) == 1  # fmt: skip
+    assert "a file is where a directory is needed" in capsys.readouterr().err
     # A Google-style checkpoint directory: its vocab.txt does not say whether it is cased, so
     # fill-mask and embed take it from --lowercase/--cased (they refused it, and told to
     # export it first); export names the vocabulary beside the checkpoint under --checkpoint.

@@ -37,14 +37,20 @@ def test_os_errors_name_the_path_and_what_to_do():
         "/x: permission denied; check its permissions and its directory's, or choose another path."
     )
     assert os_error_message(OSError(errno.ENOTDIR, "Not a directory", "/a/b")) == (
-        "/a/b: not a directory."
+        "/a/b: not a directory; a file is where a directory is needed; choose another path."
     )
+    assert os_error_message(FileExistsError(errno.EEXIST, "File exists", "/a")) == (
+        "/a: file exists; a file is where a directory is needed; choose another path."
+    )  # mkdir -p through a file
 
 
 def test_the_command_line_prints_one_line_not_a_traceback(tmp_path, mixed_corpus, capsys):
     out = "/dev/null/vocab"  # a path no one can create, root included
     assert main(["vocab", "--input", str(mixed_corpus), "--output", out]) == 1
-    assert capsys.readouterr().err == f"bertforge: error: {out}: not a directory.\n"
+    assert capsys.readouterr().err == (
+        f"bertforge: error: {out}: not a directory; a file is where a directory is needed; "
+        "choose another path.\n"
+    )
 
 
 def test_a_full_disk_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):

@@ -94,8 +94,6 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise UserError(f"--output: {out} exists; pass --overwrite to replace it.")
-    if not out.parent.is_dir():
-        raise UserError(f"--output: directory {out.parent} does not exist.")
     inputs = resolve_inputs([cfg.input], "--input")  # before the model: it takes seconds
     if len(inputs) > 1:  # the rows follow one file's lines: several would run together
         raise UserError(

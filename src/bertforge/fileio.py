@@ -47,6 +47,9 @@ _ADVICE = {
     errno.EROFS: "write the output to a writable file system",
     errno.EACCES: _PERMISSIONS,
     errno.EPERM: _PERMISSIONS,
+    # mkdir of a path through a file: "file exists" (EEXIST) or "not a directory" (ENOTDIR)
+    errno.EEXIST: "a file is where a directory is needed; choose another path",
+    errno.ENOTDIR: "a file is where a directory is needed; choose another path",
 }
 
 
