@@ -169,6 +169,9 @@ def test_bad_bool_value_is_an_error():
 def test_missing_required_flag_names_it():
     with pytest.raises(UserError, match="--output is required"):
         build_config(VocabConfig, {}, {"input": ["a"]})
+    # an argument as usually given: named as one
+    with pytest.raises(UserError, match=r"^INPUT is required, as an argument \(or --input INPUT\): "):
+        build_config(VocabConfig, {}, {"output": "o"})
 
 
 def test_out_of_range_value_names_flag():

@@ -1055,6 +1055,10 @@ def build_config(
         values[name] = coerce(specs[name], value, specs[name].flag)
     for spec in specs.values():
         if spec.required and spec.name not in values:
+            if spec.metadata.get("positional"):  # given as an argument: `vocab corpus.txt`
+                name = spec.name.upper()
+                raise UserError(f"{name} is required, as an argument (or {spec.flag} {name}): "
+                                f"{spec.help}")  # fmt: skip
             raise UserError(f"{spec.flag} is required ({spec.help})")
     return cls(**values)
 
