@@ -170,7 +170,8 @@ def test_missing_required_flag_names_it():
     with pytest.raises(UserError, match="--output is required"):
         build_config(VocabConfig, {}, {"input": ["a"]})
     # an argument as usually given: named as one
-    with pytest.raises(UserError, match=r"^INPUT is required, as an argument \(or --input INPUT\): "):
+    said = r"^INPUT is required, as an argument \(or --input INPUT\): "
+    with pytest.raises(UserError, match=said):
         build_config(VocabConfig, {}, {"output": "o"})
 
 
