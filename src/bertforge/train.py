@@ -303,7 +303,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         state = load_checkpoint(resume)
         check_same_run(state, cfg, bert, resume, data_id, d.main)
         note_new_schedule(state, cfg, d.main)
-    check_one_start(d, out, state["step"] if state else 0, len(data))
+    first = state["step"] if state else 0  # the step this run starts from
+    check_one_start(d, out, first, len(data))
     if d.main and cfg.do_train and cfg.warmup_steps >= cfg.num_train_steps > 0:
         print(warmup_warning(cfg), file=sys.stderr)
     if d.main and cfg.do_train and state is None and (line := epochs_warning(cfg, split)):
@@ -318,7 +319,6 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             "start deletes: the weights would be gone with the first crash. Train into "
             f"another --output (e.g. {out.name}-2 beside it)."
         )
-    first = state["step"] if state else 0
     if d.main:
         prepare_output_dir(out, "train", cfg.overwrite and state is None, "--output")
         if state is None:
