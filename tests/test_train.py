@@ -459,11 +459,12 @@ def test_out_of_cpu_memory_stops_saying_what_micro_batch_to_rerun_with(
     run = args(train_data, out, tiny_bert_config, "--num-train-steps", "2", "--no-do-eval")
     assert main(run) == 2
     err = capsys.readouterr().err.strip()
+    said = next(m for m in train_module.CPU_OUT_OF_MEMORY if m in error)
     assert err == (
-        "bertforge: error: CPU out of memory at step 0 with micro-batch 16: a process does not "
-        "get its memory back after a failed allocation on the CPU; rerun with --micro-batch-size"
-        " 8 (or less: the batch stays --train-batch-size, by gradient accumulation; training "
-        "resumes from the last checkpoint)."
+        f"bertforge: error: CPU out of memory ({said}) at step 0 with micro-batch 16: a process "
+        "does not get its memory back after a failed allocation on the CPU; rerun with "
+        "--micro-batch-size 8 (or less: the batch stays --train-batch-size, by gradient "
+        "accumulation; training resumes from the last checkpoint)."
     )
     assert main([*run, "--micro-batch-size", "4"]) == 0
     assert [r["micro_batch_size"] for r in metrics(out)] == [4, 4]

@@ -517,7 +517,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                         if not out_of_memory(e):
                             raise
                         if not isinstance(e, torch.OutOfMemoryError):  # the CPU's: no retry
-                            raise UserError(out_of_memory_stop(d, step, micro)) from None
+                            raise UserError(out_of_memory_stop(d, step, micro, e)) from None
                         # leave the except block first, so the failed step's tensors go
                     if failed is None:
                         micro = halve_micro_batch(micro, d, optimizer, step)
@@ -887,10 +887,11 @@ def memory_of(d: Dist) -> str:
     return "CUDA" if d.device.type == "cuda" else d.device.type.upper()
 
 
-def out_of_memory_stop(d: Dist, step: int, micro: int) -> str:
+def out_of_memory_stop(d: Dist, step: int, micro: int, e: RuntimeError | None = None) -> str:
     """Why a run out of memory stops, and what to rerun with. Out of CPU memory, the process
     does not recover (under a 2.5 GB limit, retried in the same process, micro-batches of a
-    quarter failed too, where a fresh process trained at a quarter), so it never retries."""
+    quarter failed too, where a fresh process trained at a quarter), so it never retries; the
+    message quotes which CPU error it was (`e`), oneDNN's saying nothing of memory."""
     if micro == 1:
         hint = "even one instance per micro-batch does not fit; use a smaller --model-size or"
         hint += " shorter sequences"
@@ -903,7 +904,8 @@ def out_of_memory_stop(d: Dist, step: int, micro: int) -> str:
             "--train-batch-size, by gradient accumulation; training resumes from the last "
             "checkpoint)"
         )
-    return f"{memory_of(d)} out of memory at step {step} with micro-batch {micro}: {hint}."
+    said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if e is not None and m in str(e)), "")
+    return f"{memory_of(d)} out of memory{said} at step {step} with micro-batch {micro}: {hint}."
 
 
 def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
@@ -922,7 +924,7 @@ def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
             if not out_of_memory(e):
                 raise
             if not isinstance(e, torch.OutOfMemoryError):  # the CPU's: no retry
-                raise UserError(out_of_memory_stop(d, 0, fits)) from None
+                raise UserError(out_of_memory_stop(d, 0, fits, e)) from None
             # leave the except block first, so the failed trial's tensors go
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
