@@ -104,6 +104,19 @@ def test_tiny_model_learns(tmp_path, train_data, tiny_bert_config):
     assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000150.pt", "ckpt-00000300.pt"]
 
 
+def test_the_eval_line_gives_the_unigram_baseline(tmp_path, capsys):
+    """An accuracy means little without the best constant guess beside it (the report and
+    `bertforge run`'s summary have it too)."""
+    result = {k: 0.25 for k in train_module.EVAL_KEYS}
+    result |= {"global_step": 7, "masked_lm_accuracy": 0.0874, "masked_lm_unigram_baseline": 0.0858}
+    train_module.report_eval(tmp_path, result, progress=True)
+    assert capsys.readouterr().err == (
+        "eval at step 7: loss 0.2500, masked LM accuracy 0.0874 (unigram baseline 0.0858), next "
+        "sentence accuracy 0.2500\n"
+    )
+    assert "global_step = 7\n" in (tmp_path / "eval_results.txt").read_text()
+
+
 def test_data_too_small_to_hold_out_says_what_to_do(tmp_path, kjv_vocab, tiny_bert_config,
                                                     capsys):  # fmt: skip
     """One record (a one-line corpus): the held-out set would take it, so the run stops with

@@ -1066,7 +1066,8 @@ def report_eval(out: Path, result: dict[str, float], progress: bool) -> None:
     if progress:
         print(
             f"eval at step {result['global_step']}: loss {result['loss']:.4f}, masked LM "
-            f"accuracy {result['masked_lm_accuracy']:.4f}, next sentence accuracy "
+            f"accuracy {result['masked_lm_accuracy']:.4f} (unigram baseline "
+            f"{result['masked_lm_unigram_baseline']:.4f}), next sentence accuracy "
             f"{result['next_sentence_accuracy']:.4f}",
             file=sys.stderr,
         )
