@@ -434,7 +434,8 @@ def check_not_binary(path: str, head: bytes) -> None:
     text = head[:-4] if len(head) == SNIFF_BYTES else head
     bad = text.decode("utf-8", errors="replace").count("\ufffd")
     too_many_nuls = head.count(0) >= 4 and head.count(0) > len(head) // 100
-    if not too_many_nuls and bad > len(text) // 10 and (word := eight_bit_word(text)):
+    mostly_bad = len(text) >= 64 and bad > len(text) // 10
+    if not too_many_nuls and mostly_bad and (word := eight_bit_word(text)):
         raise UserError(
             f"{path}: not UTF-8 but text in a single-byte encoding (its first such word, "
             f"read as Windows-1252: {word!r}); convert it to UTF-8 first, e.g. `iconv -f "
@@ -442,7 +443,7 @@ def check_not_binary(path: str, head: bytes) -> None:
             "Latin-1, ISO-8859-9 for Turkish, WINDOWS-1251 for Cyrillic), and read that file "
             "instead of this one."
         )
-    if too_many_nuls or (len(text) >= 64 and bad > len(text) // 10):
+    if too_many_nuls or mostly_bad:
         raise UserError(
             f"{path}: looks binary (NUL bytes or mostly invalid UTF-8 in its first "
             f"{len(head)} bytes), not a text corpus; {LEAVE_OUT}."
