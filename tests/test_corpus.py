@@ -604,6 +604,34 @@ def test_control_characters_are_kept_for_the_tokenizer(tmp_path: Path):
     assert docs == [["a\x00b\x07c"]]
 
 
+def test_every_file_read_is_closed_plain_compressed_or_refused(tmp_path: Path, monkeypatch):
+    """Closing a stream closed its wrapper, not the file under it (gzip's, bz2's, lzma's and
+    bertforge's own readers leave a file object they were given open): a file descriptor
+    per input and pass until garbage collection, and a ResourceWarning under -X dev."""
+    opened = []
+
+    def tracking_open(*args, **kwargs):
+        f = builtins.open(*args, **kwargs)  # noqa: SIM115 - the code under test closes it
+        opened.append(f)
+        return f
+
+    monkeypatch.setattr(corpus, "open", tracking_open, raising=False)
+    text = b"one line\ntwo lines\n\nthree\n"
+    files = {"plain.txt": text, "gz.txt.gz": gzip.compress(text), "bz.txt.bz2": bz2.compress(text),
+             "xz.txt.xz": lzma.compress(text), "zst.txt.zst": zstandard.compress(text)}  # fmt: skip
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    docs, _ = docs_of([tmp_path / name for name in files])
+    assert len(docs) == 2 * len(files) and len(opened) >= len(files)
+    before = len(opened)
+    (tmp_path / "png.txt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(text)[:12])  # damaged: refused
+    for name in ("png.txt", "bad.gz"):
+        with pytest.raises(UserError):
+            docs_of([tmp_path / name])
+    assert len(opened) > before and all(f.closed for f in opened)
+
+
 @pytest.mark.parametrize(
     "head,kind",
     [

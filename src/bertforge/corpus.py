@@ -393,28 +393,54 @@ class _CountingReader(io.RawIOBase):
             self.progress.advance(n)
         return n or 0
 
+    def close(self) -> None:
+        """Close the file too (not standard input, which is not ours to close)."""
+        if not self.closed and self.raw is not sys.stdin.buffer:
+            self.raw.close()
+        super().close()
+
+
+class _Decompressed(io.BufferedReader):
+    """A decompressed stream that closes the compressed one under it when closed: gzip's,
+    bz2's and lzma's readers leave open a file object they were given."""
+
+    def __init__(self, raw: BinaryIO, under: io.BufferedReader) -> None:
+        super().__init__(raw, buffer_size=1 << 20)  # type: ignore[arg-type]
+        self.under = under
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.under.close()
+
 
 def open_text_stream(path: str, progress: Progress | None = None) -> io.BufferedReader:
-    """Open an input as a decompressed binary stream, refusing binary files."""
+    """Open an input as a decompressed binary stream, refusing binary files. Closing the
+    stream closes the file (and a refused one is closed before the error)."""
     if path == STDIN:
         raw: BinaryIO = sys.stdin.buffer
     else:
         try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the wrapper
+            raw = open(path, "rb")  # noqa: SIM115 - closed through the stream returned
         except OSError as e:
             raise UserError(f"{path}: cannot open ({e.strerror}).") from None
     stream = io.BufferedReader(_CountingReader(raw, progress), buffer_size=1 << 20)
-    head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
-    for magic, kind in COMPRESSED_MAGIC:
-        if head.startswith(magic):
-            decompressed = DECOMPRESSORS[kind](stream)
-            stream = io.BufferedReader(decompressed, buffer_size=1 << 20)  # type: ignore[arg-type]
-            try:
-                head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
-            except (OSError, EOFError, lzma.LZMAError) as e:
-                raise UserError(f"{path}: damaged {kind} file ({e}).") from None
-            break
-    check_not_binary(path, head)
+    try:
+        head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+        for magic, kind in COMPRESSED_MAGIC:
+            if head.startswith(magic):
+                stream = _Decompressed(DECOMPRESSORS[kind](stream), stream)
+                try:
+                    head = stream.peek(SNIFF_BYTES)[:SNIFF_BYTES]
+                except (OSError, EOFError, lzma.LZMAError) as e:
+                    raise UserError(f"{path}: damaged {kind} file ({e}).") from None
+                break
+        check_not_binary(path, head)
+    except BaseException:
+        if path != STDIN:
+            stream.close()
+        raise
     return stream
 
 
