@@ -128,6 +128,7 @@ def test_a_killed_holder_never_blocks_the_rerun(tmp_path):
         pass
     proc.kill()
     proc.wait()
+    proc.stdout.close()
     assert (out / LOCK).exists()  # kill -9 leaves the file, but not the lock
     with output_lock(out, "data", "--output"):
         pass

@@ -181,7 +181,9 @@ def test_a_moved_run_directory_is_the_same_run(tmp_path, kjv_corpus, capsys):
         f"note: the data was read from {first / 'data'}; the same records are now at "
         f"{moved / 'data'}, and the run goes on with them."
     ) in err
-    steps = [json.loads(x)["step"] for x in (moved / "train" / "metrics.jsonl").open()]
+    steps = [
+        json.loads(x)["step"] for x in (moved / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert min(steps) <= 6 and max(steps) == 9  # the first 6 steps' records kept: resumed
     assert state["train"]["config"]["output"] == str(moved / "train")
     run_cli(kjv_corpus, moved, "--num-train-steps", "9")  # and it is then the run there
