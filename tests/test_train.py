@@ -2134,7 +2134,7 @@ def test_mfu_is_logged_on_a_gpu_of_known_peak(tmp_path, monkeypatch, capsys):
     log.add(sums | {"tokens": 1000.0}, 1.0)
     cfg = TrainConfig(data="d", output="o", num_train_steps=10)
     log.write(tmp_path, 2, 1e-4, 8, 0, cfg, 0.5)  # 2,000 tokens, 600 masked, in 0.5 s
-    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     want = 4000 * base.training_flops_per_token(128, 0.3) / (2 * 756e12)
     assert record["tokens_per_second"] == 4000
     assert record["mfu"] == pytest.approx(want)
@@ -2161,7 +2161,7 @@ def test_peak_tflops_gives_mfu_where_the_table_does_not(tmp_path, train_data, ti
             str(tiny_bert_config), "--train-batch-size", "8", "--num-train-steps", "4",
             "--log-every", "2", "--eval-records", "0", "--peak-tflops", "0.5"]  # fmt: skip
     assert main(args) == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     bert = BertConfig.from_json(tiny_bert_config)
     low, high = bert.training_flops_per_token(64, 0.0), bert.training_flops_per_token(64, 1.0)
     assert [r["step"] for r in records] == [2, 4]  # --eval-records 0: no eval lines

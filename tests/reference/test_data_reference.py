@@ -102,7 +102,10 @@ def test_tensorflow_parses_our_shards(google, tmp_path: Path, corpus_and_vocab):
                            "max_predictions_per_seq": 10, "output": str(parsed)}}],
                tmp_path)  # fmt: skip
     theirs = [json.loads(line) for line in parsed.read_text().splitlines()]
-    ours = [decode_example(r) for s in shards for r in read_records(open(s, "rb"))]  # noqa: SIM115
+    ours = []
+    for shard in shards:
+        with open(shard, "rb") as f:
+            ours += [decode_example(r) for r in read_records(f)]
     assert len(theirs) == len(ours) > 1000
     for i, (t, o) in enumerate(zip(theirs, ours, strict=True)):
         assert t == o, f"record {i}: TensorFlow parsed {t}, we wrote {o}"
