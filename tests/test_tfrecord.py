@@ -42,6 +42,17 @@ def test_a_file_that_is_no_tfrecord_is_named_so():
         list(read_records(io.BytesIO(bytes(range(200, 256))), "x.bin"))
 
 
+def test_a_data_directorys_own_files_given_as_tfrecords_name_the_directory(tmp_path):
+    """`train --data 'DIR/*'` on a `bertforge data --format tfrecord` output takes in its
+    manifest.json too: the error names the directory to give instead."""
+    (tmp_path / "manifest.json").write_text('{"stage": "data"}')
+    name = str(tmp_path / "manifest.json")
+    said = f"{name}: not a TFRecord file but part of the `bertforge data` output {tmp_path}; "
+    with pytest.raises(UserError) as e:
+        list(read_records(io.BytesIO(b'{"stage": "data"}'), name))
+    assert str(e.value) == said + f"give the directory, --data {tmp_path}, which names its shards."
+
+
 def test_example_roundtrip():
     ex = {"a": [0, 1, 300, -5, 2**40], "f": [1.0, 0.5, 0.0], "empty": []}
     assert decode_example(encode_example(ex, floats={"f"})) == ex

@@ -17,12 +17,14 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import crc32c
 import numpy as np
 
 from bertforge.errors import UserError
+from bertforge.fileio import output_stages
 
 MASK_DELTA = 0xA282EAD8
 
@@ -69,6 +71,12 @@ def not_a_tfrecord(name: str, head: bytes) -> str:
     """The error for a file whose first bytes are no TFRecord header; for one that reads as
     text, what to do with a corpus (train was given `--data corpus.txt`: "record 0 has a bad
     length checksum; corrupt file")."""
+    folder = Path(name).parent
+    if folder.is_dir() and "data" in output_stages(folder):  # `--data 'DIR/*'`: its manifest too
+        return (
+            f"{name}: not a TFRecord file but part of the `bertforge data` output {folder}; give "
+            f"the directory, --data {folder}, which names its shards."
+        )
     try:
         text = head.decode("utf-8").isprintable() or b"\n" in head
     except UnicodeDecodeError:
