@@ -514,10 +514,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                     except TorchDynamoException as e:
                         failed = compile_failure(e, cfg, d, step)
                     except RuntimeError as e:
-                        if not out_of_memory(e):
-                            raise
-                        if not isinstance(e, torch.OutOfMemoryError):  # the CPU's: no retry
-                            raise UserError(out_of_memory_stop(d, step, micro, e)) from None
+                        retry_or_raise(e, d, step, micro)
                         # leave the except block first, so the failed step's tensors go
                     if failed is None:
                         micro = halve_micro_batch(micro, d, optimizer, step)
@@ -859,11 +856,17 @@ CPU_OUT_OF_MEMORY = (
 )
 
 
-def out_of_memory(e: RuntimeError) -> bool:
-    """A GPU's out-of-memory error, or the CPU's: torch raises a failed allocation on the CPU
-    (under a memory limit: ulimit -v, a container's) as a plain RuntimeError. Where the
-    kernel's OOM killer strikes first, the process dies with no error to catch."""
-    return isinstance(e, torch.OutOfMemoryError) or any(m in str(e) for m in CPU_OUT_OF_MEMORY)
+def retry_or_raise(e: RuntimeError, d: Dist, step: int, micro: int) -> None:
+    """Return where `e` is an out-of-memory error that a smaller micro-batch may cure: a GPU's
+    (torch.OutOfMemoryError). Raise the rest: the CPU's, which torch raises as a plain
+    RuntimeError (under a memory limit: ulimit -v, a container's), as the stop that says what
+    to rerun with (`out_of_memory_stop`); any other error as it is. Where the kernel's OOM
+    killer strikes first, the process dies with no error to catch."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return
+    if any(m in str(e) for m in CPU_OUT_OF_MEMORY):
+        raise UserError(out_of_memory_stop(d, step, micro, e)) from None
+    raise e
 
 
 def halve_micro_batch(micro: int, d: Dist, optimizer: torch.optim.Optimizer, step: int) -> int:
@@ -875,16 +878,12 @@ def halve_micro_batch(micro: int, d: Dist, optimizer: torch.optim.Optimizer, ste
     if micro == 1 or d.world > 1:
         raise UserError(out_of_memory_stop(d, step, micro))
     print(
-        f"bertforge: {memory_of(d)} out of memory at step {step} with micro-batch {micro}; "
-        f"retrying the step with micro-batch {micro // 2} (gradient accumulation doubles, the "
-        "effective batch stays the same)",
+        f"bertforge: {d.device.type.upper()} out of memory at step {step} with micro-batch "
+        f"{micro}; retrying the step with micro-batch {micro // 2} (gradient accumulation "
+        "doubles, the effective batch stays the same)",
         file=sys.stderr,
     )
     return micro // 2
-
-
-def memory_of(d: Dist) -> str:
-    return "CUDA" if d.device.type == "cuda" else d.device.type.upper()
 
 
 def out_of_memory_stop(d: Dist, step: int, micro: int, e: RuntimeError | None = None) -> str:
@@ -905,7 +904,8 @@ def out_of_memory_stop(d: Dist, step: int, micro: int, e: RuntimeError | None = 
             "checkpoint)"
         )
     said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if e is not None and m in str(e)), "")
-    return f"{memory_of(d)} out of memory{said} at step {step} with micro-batch {micro}: {hint}."
+    where = d.device.type.upper()  # CUDA, CPU
+    return f"{where} out of memory{said} at step {step} with micro-batch {micro}: {hint}."
 
 
 def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
@@ -921,10 +921,7 @@ def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
             trial(fits)
             break
         except RuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            if not isinstance(e, torch.OutOfMemoryError):  # the CPU's: no retry
-                raise UserError(out_of_memory_stop(d, 0, fits, e)) from None
+            retry_or_raise(e, d, 0, fits)
             # leave the except block first, so the failed trial's tensors go
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
