@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer
 from bertforge.checkpoint import InitWeights, read_init_checkpoint
 from bertforge.config import FillMaskConfig
 from bertforge.errors import UserError
-from bertforge.model import BertForPretraining, missing_heads, model_with_weights
+from bertforge.model import MLM_HEAD, BertForPretraining, missing_heads, model_with_weights
 from bertforge.tokenization import MASK, SPECIALS, Vocab, load_vocab
 from bertforge.workers import cap_torch_threads
 
@@ -117,7 +117,7 @@ def filled(text: str, guesses: list[list[Guess]]) -> str:
 
 def run_fill_mask(cfg: FillMaskConfig) -> list[list[list[Guess]]]:
     loaded = load_model(cfg.model, cfg.device, do_lower_case=cfg.do_lower_case)
-    if "the masked-LM head" in missing_heads(loaded.source.weights):
+    if MLM_HEAD in missing_heads(loaded.source.weights):
         path = loaded.source.path
         raise UserError(
             f"--model {path} has no masked-LM head (cls.predictions.*: a bare encoder, as "

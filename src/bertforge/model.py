@@ -722,9 +722,10 @@ def published_names(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # The parts beyond the encoder, by what a message calls them: a bare encoder (transformers'
 # BertModel) has only the pooler, BertForMaskedLM only the masked-LM head.
+MLM_HEAD = "the masked-LM head"
 HEADS: dict[str, tuple[str, ...]] = {
     "the pooler": ("pooler.weight", "pooler.bias"),
-    "the masked-LM head": (
+    MLM_HEAD: (
         "mlm_transform.weight",
         "mlm_transform.bias",
         "mlm_norm.weight",

@@ -87,6 +87,7 @@ from bertforge.instances import InstanceParams, VocabIds
 from bertforge.masking import MaskSpec
 from bertforge.model import (
     LAYER_OPTIONS,
+    MLM_HEAD,
     BertConfig,
     BertForPretraining,
     Packed,
@@ -364,7 +365,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             bare = " (a bare encoder, as transformers' BertModel saves one)"
             print(
                 f"bertforge: note: {init.path} has no weights for {' or '.join(fresh)}"
-                f"{bare if 'the masked-LM head' in fresh else ''}: they start from fresh "
+                f"{bare if MLM_HEAD in fresh else ''}: they start from fresh "
                 "weights, which the first steps train (the loss starts high).",
                 file=sys.stderr,
             )
