@@ -293,6 +293,47 @@ def test_output_dir_protection(tmp_path: Path, mixed_corpus: Path):
     train_vocab(cfg(mixed_corpus, foreign, vocab_size=600))  # its own output: rerun is fine
 
 
+def test_a_vocabulary_made_another_way_is_not_replaced_without_overwrite(
+    tmp_path: Path, mixed_corpus: Path, kjv_corpus: Path, kjv_vocab: Path
+):
+    """A rerun into a finished vocabulary with other settings, other files or standard input
+    is refused, naming what differs, and leaves every file as it was; the same settings on the
+    same files make it again; --overwrite replaces it; so does nothing else, extend included."""
+    out = tmp_path / "v"
+    train_vocab(cfg(mixed_corpus, out, vocab_size=600))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    other = tmp_path / "other.txt"
+    write_corpus(other, MIXED_DOCS * 3)
+    refusals = [
+        (cfg(mixed_corpus, out, vocab_size=700, do_lower_case=False),
+         "--vocab-size was 600, now 700, --do-lower-case was True, now False"),
+        (cfg(mixed_corpus, out, vocab_size=600, algorithm="sentencepiece", min_frequency=3,
+             num_unused=5, seed=1), "--num-unused was 99, now 5; 1 more"),
+        (cfg(other, out, vocab_size=600), f"the input files differ ({other} is new)"),
+        (cfg(Path("-"), out, vocab_size=600), "standard input or a pipe cannot be checked"),
+    ]  # fmt: skip
+    for config, said in refusals:
+        with pytest.raises(UserError, match=re.escape(f"--output: {out} holds a vocabulary "
+                                                      f"made another way (")) as e:  # fmt: skip
+            train_vocab(config)
+        assert said in str(e.value) and "pass --overwrite to replace it" in str(e.value)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    said = "(it was made by `bertforge vocab`, this by `bertforge vocab extend`; the input files"
+    with pytest.raises(UserError, match=re.escape(said)):
+        from bertforge.config import VocabExtendConfig
+        from bertforge.vocab import extend_vocab
+
+        extend_vocab(VocabExtendConfig(input=(str(kjv_corpus),), vocab=str(kjv_vocab),
+                                       output=str(out), progress=False))  # fmt: skip
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    train_vocab(cfg(mixed_corpus, out, vocab_size=600))  # the same again: made again, the same
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"} == {
+        k: v for k, v in before.items() if k != "manifest.json"
+    }
+    train_vocab(cfg(other, out, vocab_size=700, overwrite=True))
+    assert len(read_vocab_file(out / "vocab.txt")) == 700
+
+
 def test_the_corpus_directory_is_no_output(tmp_path: Path, kjv_vocab: Path):
     """`vocab corpus/ --output corpus/ --overwrite` wrote vocab.txt, tokenizer.json and the
     manifest among the corpus, which the next run over corpus/ read as text; the data stage's

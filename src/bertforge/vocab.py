@@ -44,7 +44,13 @@ from typing import Any
 
 import numpy as np
 
-from bertforge.config import VocabConfig, VocabExtendConfig, config_to_dict
+from bertforge.config import (
+    VocabConfig,
+    VocabExtendConfig,
+    changed_settings,
+    config_to_dict,
+    describe_changes,
+)
 from bertforge.corpus import (
     CorpusStats,
     InputFile,
@@ -52,6 +58,7 @@ from bertforge.corpus import (
     check_output_apart,
     corpus_notes,
     corpus_warnings,
+    inputs_diff,
     iter_documents,
     progress_bar,
     require_text,
@@ -63,6 +70,7 @@ from bertforge.fileio import (
     finish_output,
     locked_output,
     prepare_output_dir,
+    read_manifest,
     write_manifest,
 )
 from bertforge.tokenization import (
@@ -146,8 +154,10 @@ def train_vocab(cfg: VocabConfig) -> VocabResult:
     """Run the vocab stage: read the corpus, train, write vocab + tokenizer files + manifest."""
     check_output_apart(cfg.output, cfg.input)
     out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
-    begin_output(out, "vocab")
     inputs = resolve_inputs(cfg.input)
+    if not cfg.overwrite:
+        check_replacing(out, config_to_dict(cfg), VocabConfig, inputs)
+    begin_output(out, "vocab")
     scan = scan_corpus(inputs, cfg)
     require_text(scan.stats, cfg.input)
     alphabet = choose_alphabet(scan.char_counts, cfg.limit_alphabet)
@@ -685,6 +695,42 @@ def measure_quality(tokens: list[str], cfg: VocabConfig, heldout: list[str]) -> 
     return q
 
 
+UNCOMPARED = ("input", "output", "overwrite", "progress")  # the inputs are compared as files
+
+
+def check_replacing(
+    out: Path, config: dict[str, Any], cls: type, inputs: Sequence[InputFile]
+) -> None:
+    """Refuse to replace, without --overwrite, a finished vocabulary in --output that was made
+    with other settings or from other input files: a vocabulary of a large corpus takes long
+    to make, and a rerun with another flag more often meant another directory. The same
+    settings on the same files make the same vocabulary again (training is byte-identical
+    from run to run), so that rerun goes ahead."""
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("stage") != "vocab":
+        return
+    old = {k: v for k, v in manifest.get("config", {}).items() if k not in UNCOMPARED}
+    new = {k: v for k, v in config.items() if k not in UNCOMPARED}
+    changes = []
+    if made_by(old) != made_by(new):
+        changes.append(f"it was made by {made_by(old)}, this by {made_by(new)}")
+    elif changed := changed_settings(old, new, cls):
+        changes.append(describe_changes(old, new, changed[:3], cls))
+        if len(changed) > 3:
+            changes.append(f"{len(changed) - 3} more")
+    now = [f.describe() for f in inputs]
+    if any(i["bytes"] is None for i in now):
+        changes.append("standard input or a pipe cannot be checked against the files it was "
+                       "made from")  # fmt: skip
+    elif manifest.get("inputs") != now:
+        changes.append(f"the input files differ ({inputs_diff(manifest.get('inputs') or [], now)})")
+    if changes:
+        raise UserError(
+            f"--output: {out} holds a vocabulary made another way "
+            f"({'; '.join(changes)}); use another directory, or pass --overwrite to replace it."
+        )
+
+
 # ----------------------------------------------------------------------------- vocab extend
 
 
@@ -715,6 +761,20 @@ def extend_vocab(cfg: VocabExtendConfig) -> ExtendResult:
             "vocabulary to another directory (the checkpoint's own must stay as it is)."
         )
     return _extend_vocab(cfg, base)
+
+
+def made_by(config: dict[str, Any]) -> str:
+    return f"`bertforge vocab{' extend' if config.get('algorithm') == 'extend' else ''}`"
+
+
+def extend_record(cfg: VocabExtendConfig, base: Vocab) -> dict[str, Any]:
+    """The settings an extended vocabulary's manifest records: the base's casing, as used."""
+    return {
+        **config_to_dict(cfg),
+        "do_lower_case": base.do_lower_case,
+        "strip_accents": base.strip_accents,
+        "algorithm": "extend",
+    }
 
 
 @locked_output("vocab")
@@ -750,8 +810,11 @@ def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
     )
     check_output_apart(cfg.output, cfg.input)
     out = prepare_output_dir(cfg.output, "vocab", cfg.overwrite, "--output")
-    begin_output(out, "vocab")
     inputs = resolve_inputs(cfg.input)
+    record = extend_record(cfg, base)
+    if not cfg.overwrite:
+        check_replacing(out, record, VocabExtendConfig, inputs)
+    begin_output(out, "vocab")
     scan = scan_corpus(inputs, scan_cfg)
     require_text(scan.stats, cfg.input)
     counts = count_words(scan.sample, scan_cfg)
@@ -780,12 +843,7 @@ def _extend_vocab(cfg: VocabExtendConfig, base: Vocab) -> ExtendResult:
     write_manifest(
         out,
         "vocab",
-        {
-            **config_to_dict(cfg),
-            "do_lower_case": base.do_lower_case,
-            "strip_accents": base.strip_accents,
-            "algorithm": "extend",
-        },
+        record,
         inputs=[f.describe() for f in inputs],
         counts={
             **scan.stats.as_dict(),
