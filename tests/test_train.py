@@ -490,6 +490,62 @@ def test_out_of_cpu_memory_stops_saying_what_micro_batch_to_rerun_with(
         main([*run[:-3], "--num-train-steps", "3", "--no-do-eval"])
 
 
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+], ids=["gpu", "cpu"])  # fmt: skip
+def test_out_of_memory_in_the_evaluation_saves_the_step_and_names_the_eval_batch(
+    tmp_path, train_data, tiny_bert_config, monkeypatch, capsys, error
+):
+    """A --eval-batch-size too large for memory stopped with a traceback, at a step after the
+    last checkpoint: the steps since were lost. Now the step's checkpoint is saved first (at
+    a saving step or not), the stop names the batch to rerun with, and the rerun resumes at
+    that step with the same losses as a run that never stopped."""
+    real = BertForPretraining.pretraining_logits
+
+    def small_memory(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw):
+        if not self.training and masked_positions.shape[0] > 4:
+            raise error
+        return real(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw)
+
+    steps = ("--num-train-steps", "6", "--save-checkpoints-steps", "4", "--eval-records", "40")
+    ref = tmp_path / "ref"
+    assert main(args(train_data, ref, tiny_bert_config, *steps, "--eval-batch-size", "4")) == 0
+    monkeypatch.setattr(BertForPretraining, "pretraining_logits", small_memory)
+    where = "CUDA" if isinstance(error, torch.OutOfMemoryError) else "CPU"
+    said = "" if where == "CUDA" else " (DefaultCPUAllocator: can't allocate memory)"
+    for every in (3, 4):  # a step that saves no checkpoint, and one that does
+        out = tmp_path / f"every{every}"
+        run = args(train_data, out, tiny_bert_config, *steps, "--eval-every", str(every))
+        capsys.readouterr()
+        assert main([*run, "--eval-batch-size", "16"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err == (
+            f"bertforge: error: CPU out of memory{said} in the evaluation at step {every}, 16 "
+            "instances per forward pass: rerun with --eval-batch-size 8 (or less); the "
+            f"checkpoint of step {every} is saved, and the rerun resumes there."
+        ), where
+        assert list_checkpoints(out)[-1].name == f"ckpt-{every:08d}.pt"
+        assert main([*run, "--eval-batch-size", "4", "--eval-every", "4"]) == 0
+        assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+        for x, y in zip(metrics(ref), metrics(out), strict=True):
+            assert [x[k] for k in LOSSES] == [y[k] for k in LOSSES]
+        assert metrics(ref, True)[-1] == metrics(out, True)[-1]
+
+    def no_memory(self, *a, **kw):
+        if not self.training:
+            raise error
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(BertForPretraining, "pretraining_logits", no_memory)
+    capsys.readouterr()
+    one = args(train_data, tmp_path / "one", tiny_bert_config, *steps, "--eval-batch-size", "1")
+    assert main(one) == 2
+    assert "at step 4, 1 instances per forward pass: even one instance at a time does not fit" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_trial_step_leaves_no_trace():
     """What a multi-process run tries before its first step: it changes no gradient, optimizer
     state or random number generator, and leaves no gradients when out of memory either."""

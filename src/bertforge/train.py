@@ -58,6 +58,7 @@ from bertforge.checkpoint import (
     CHECKPOINTS,
     InitWeights,
     checkpoint_bytes,
+    checkpoint_path,
     list_checkpoints,
     load_checkpoint,
     read_google_run,
@@ -402,12 +403,29 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     autocast = autocast_to(precision, d.device)
 
     def evaluate_now() -> dict[str, float]:
-        result = evaluate(
-            model, data, split, spec, cfg, d, cfg.eval_batch_size or micro, autocast, packed, step
-        )
-        if d.main:
-            report_eval(out, result, cfg.progress)
-        return result
+        """The held-out metrics now. Out of memory (a large --eval-batch-size), the run stops
+        saying what to rerun with, where one process trains after saving this step's
+        checkpoint, so that the rerun resumes there (several cannot save one without the
+        others, which may be waiting in the evaluation's all-reduce)."""
+        batch = cfg.eval_batch_size or micro
+        try:
+            result = evaluate(model, data, split, spec, cfg, d, batch, autocast, packed, step)
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            error = str(e)  # leave the except block first, so the failed batch's tensors go
+        else:
+            if d.main:
+                report_eval(out, result, cfg.progress)
+            return result
+        model.train()
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()
+        saved = checkpoint_path(out, step).is_file()
+        if not saved and cfg.do_train and d.world == 1:
+            checkpoint()
+            saved = True
+        raise UserError(eval_out_of_memory_stop(d, step, batch, saved, error))
 
     def checkpoint() -> Path | None:
         rng = distributed.gather_objects(rng_state(), d)
@@ -857,6 +875,12 @@ CPU_OUT_OF_MEMORY = (
 )
 
 
+def out_of_memory(e: RuntimeError) -> bool:
+    """A GPU's out-of-memory error (torch.OutOfMemoryError) or the CPU's (a plain
+    RuntimeError, `CPU_OUT_OF_MEMORY`)."""
+    return isinstance(e, torch.OutOfMemoryError) or any(m in str(e) for m in CPU_OUT_OF_MEMORY)
+
+
 def retry_or_raise(e: RuntimeError, d: Dist, step: int, micro: int) -> None:
     """Return where `e` is an out-of-memory error that a smaller micro-batch may cure: a GPU's
     (torch.OutOfMemoryError). Raise the rest: the CPU's, which torch raises as a plain
@@ -907,6 +931,25 @@ def out_of_memory_stop(d: Dist, step: int, micro: int, e: RuntimeError | None = 
     said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if e is not None and m in str(e)), "")
     where = d.device.type.upper()  # CUDA, CPU
     return f"{where} out of memory{said} at step {step} with micro-batch {micro}: {hint}."
+
+
+def eval_out_of_memory_stop(d: Dist, step: int, batch: int, saved: bool, error: str) -> str:
+    """Why a run out of memory in its evaluation stops, and what to rerun with."""
+    said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if m in error), "")
+    where = d.device.type.upper()
+    if batch == 1:
+        hint = "even one instance at a time does not fit; use a smaller --model-size"
+    else:
+        hint = f"rerun with --eval-batch-size {batch // 2} (or less)"
+    kept = (
+        f"the checkpoint of step {step} is saved, and the rerun resumes there"
+        if saved
+        else "the rerun resumes from the last checkpoint"
+    )
+    return (
+        f"{where} out of memory{said} in the evaluation at step {step}, {batch} instances per "
+        f"forward pass: {hint}; {kept}."
+    )
 
 
 def fit_micro_batch(micro: int, d: Dist, trial: Callable[[int], None]) -> int:
