@@ -35,6 +35,7 @@ from bertforge.config import DataConfig, TrainConfig
 from bertforge.data import create_data
 from bertforge.distributed import Dist
 from bertforge.errors import UserError
+from bertforge.fileio import size_text
 from bertforge.model import BertConfig, BertForPretraining, Layer, from_hf, to_hf
 from bertforge.optim import GoogleAdamW, learning_rate
 from bertforge.shards import read_header
@@ -1215,6 +1216,80 @@ def test_converted_tfrecords_train_as_the_tfrecords(
     assert main([*argv, str(out), "--overwrite"]) == 0
 
 
+def test_tfrecords_are_held_narrow_read_in_parts_and_warned_of_before(
+    tmp_path, google_tfrecords, tiny_bert_config, kjv_vocab, monkeypatch, capsys
+):
+    """Google's TFRecords are read into memory in parts of TF_CHUNK records, each narrowed
+    as it comes (ids and positions int32, segment ids int8: a third of int64's memory), then
+    joined; a step's rows are int64 and the same wherever the parts fall. Files made with
+    another max_seq_length among them are refused, naming both. Where the TFRecords will not
+    fit in the memory available, the warning comes before they are read."""
+    from bertforge import batches
+
+    whole = PretrainingData(str(google_tfrecords))
+    held = whole.tf_rows
+    assert held is not None
+    narrow = ("input_ids", "token_type_ids", "positions", "labels")
+    assert [getattr(held, f).dtype for f in narrow] == [np.int32, np.int8, np.int32, np.int32]
+    copy = Path(shutil.copy(google_tfrecords, tmp_path / "copy.tfrecord"))
+    monkeypatch.setattr(batches, "TF_CHUNK", 7)
+    two = PretrainingData(f"{google_tfrecords},{copy}")
+    n = len(whole)
+    assert len(two) == 2 * n and two.tf_sizes == [n, n] and n % 7
+    ours, theirs = two.rows(np.arange(2 * n)), whole.rows(np.arange(n))
+    for field in ("input_ids", "lengths", "token_type_ids", "next_sentence", "positions",
+                  "labels"):  # fmt: skip
+        assert getattr(ours, field).dtype == np.int64, field
+        once = getattr(theirs, field)
+        assert np.array_equal(getattr(ours, field), np.concatenate([once, once])), field
+
+    with google_tfrecords.open("rb") as f:
+        records = list(read_records(f))[:3]
+    shorter = []
+    for record in records:  # the same instances cut to 32 tokens
+        example = decode_example(record)
+        for name in ("input_ids", "input_mask", "segment_ids"):
+            example[name] = example[name][:32]
+        shorter.append(encode_example(example, {"masked_lm_weights"}))
+    short = tmp_path / "short.tfrecord"
+    short.write_bytes(b"".join(frame(r) for r in shorter))
+    with pytest.raises(UserError, match=re.escape(
+            f"--data: {google_tfrecords} was made with max_seq_length 64, {short} with 32; "
+            "train on files made with one max_seq_length.")):  # fmt: skip
+        PretrainingData(f"{google_tfrecords},{short}")
+
+    size = google_tfrecords.stat().st_size
+    assert train_module.tfrecord_memory_warning(str(google_tfrecords), 1, None) is None
+    assert train_module.tfrecord_memory_warning(str(google_tfrecords), 1, 2 * size) is None
+    peak = size_text(int(train_module.TF_PEAK_PER_BYTE * size) * 2)
+    warning = (
+        f"bertforge: warning: {size_text(size)} of TFRecords are read into memory at every "
+        f"start by each of the 2 processes on this machine, about {peak} at the peak, and this "
+        f"machine has {size_text(2 * size)} available: the system may stop training for lack "
+        "of memory; `bertforge data convert` turns them once into shards that training reads "
+        "as it goes."
+    )
+    assert train_module.tfrecord_memory_warning(str(google_tfrecords), 2, 2 * size) == warning
+    monkeypatch.setattr(train_module, "available_memory", lambda: size)
+    said_before = []
+
+    def loading(files):
+        said_before.append(capsys.readouterr().err)
+        return real_load(files)
+
+    real_load = batches.load_tfrecords
+    monkeypatch.setattr(batches, "load_tfrecords", loading)
+    capsys.readouterr()
+    run = ("--num-train-steps", "1", "--no-do-eval", "--vocab", str(kjv_vocab / "vocab.txt"))
+    assert main(args(google_tfrecords, tmp_path / "tf", tiny_bert_config, *run)) == 0
+    first = said_before[0].splitlines()[0]
+    assert first.startswith(f"bertforge: warning: {size_text(size)} of TFRecords are read into "
+                            "memory at every start, about ")  # fmt: skip
+    assert first.endswith(f"this machine has {size_text(size)} available: the system may stop "
+                          "training for lack of memory; `bertforge data convert` turns them "
+                          "once into shards that training reads as it goes.")  # fmt: skip
+
+
 def test_token_ids_beyond_the_vocabulary_say_which_of_two_causes(
     tmp_path, google_tfrecords, train_data, kjv_vocab, tiny_bert_config, capsys
 ):
@@ -1303,8 +1378,10 @@ def test_records_whose_fields_contradict_each_other_stop_training_naming_the_rec
         records = list(read_records(f))
     cases = [  # (field, its entry, the value; None: one past the instance's length)
         ("segment_ids", 3, 2, "segment ids [2], not 0 or 1"),
+        ("segment_ids", 3, 300, "segment ids [300], not 0 or 1"),  # beyond int8: held as read
         ("next_sentence_labels", 0, 3, "next-sentence label 3, not 0 or 1"),
         ("masked_lm_positions", 0, None, "masked positions [{}] outside the instance"),
+        ("masked_lm_positions", 0, 5 << 30, f"masked positions [{5 << 30}] outside the instance"),
     ]
     for k, (field, entry, value, what) in enumerate(cases):
         example = decode_example(records[7])

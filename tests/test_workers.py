@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bertforge.workers import cgroup_cpu_quota, start_all, usable_cpus
+from bertforge.workers import available_memory, cgroup_cpu_quota, start_all, usable_cpus
 
 
 def fake_cgroup(tmp_path: Path, files: dict[str, str], own: str | None = None) -> tuple[Path, Path]:
@@ -40,6 +40,34 @@ def fake_cgroup(tmp_path: Path, files: dict[str, str], own: str | None = None) -
 def test_cgroup_cpu_quota(tmp_path, files, own, want):
     root, proc = fake_cgroup(tmp_path, files, own)
     assert cgroup_cpu_quota(root, proc) == want
+
+
+@pytest.mark.parametrize(
+    ("files", "own", "meminfo", "want"),
+    [
+        ({"memory.max": "1000000\n", "memory.current": "400000\n"}, None, 2000, 600_000),
+        ({"memory.max": "max\n", "memory.current": "400000\n"}, None, 2000, 2_048_000),
+        ({"job/memory.max": "900000\n", "job/memory.current": "100000\n",
+          "memory.max": "max\n"}, "job", 2000, 800_000),  # its own cgroup's limit
+        ({"memory.max": "1000\n", "memory.current": "5000\n"}, None, 2000, 0),  # over it
+        ({"memory/memory.limit_in_bytes": "3000000\n", "memory/memory.usage_in_bytes": "1000\n"},
+         None, 9000, 2_999_000),  # cgroup v1
+        ({"memory/memory.limit_in_bytes": "9223372036854771712\n",
+          "memory/memory.usage_in_bytes": "1000\n"}, None, 9000, 9_216_000),  # v1, no limit
+        ({"memory.max": "garbage\n"}, None, 2000, 2_048_000),
+        ({}, None, 2000, 2_048_000),  # no cgroup filesystem
+        ({"memory.max": "1000000\n", "memory.current": "400000\n"}, None, None, 600_000),
+        ({}, None, None, None),  # not Linux: nothing to read
+    ],
+)  # fmt: skip
+def test_available_memory_is_the_least_of_the_machine_and_the_cgroup(
+    tmp_path, files, own, meminfo, want
+):
+    root, proc = fake_cgroup(tmp_path, files, own)
+    info = tmp_path / "meminfo"
+    if meminfo is not None:
+        info.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {meminfo} kB\n")
+    assert available_memory(root, info, proc) == want
 
 
 def test_usable_cpus_caps_the_affinity_mask_by_the_quota(tmp_path):

@@ -29,14 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertforge.datacheck import data_files, data_vocab, read_tfrecord
+from bertforge.datacheck import data_files, data_vocab, tfrecord_batches
 from bertforge.errors import UserError
 from bertforge.fileio import write_json
+from bertforge.malloc import release_freed_memory
 from bertforge.masking import MaskSpec, RowRng, mask_batch
 from bertforge.shards import ShardSet, is_shard, segment_ids
 from bertforge.workers import usable_cpus
 
 IGNORE = -100  # label of an unused prediction slot
+TF_CHUNK = 4096  # TFRecords decoded at a time: 14 KB each while decoding (56 MB)
 SCAN_VERSION = 1  # of the file `PretrainingData.save_scan` writes
 MAX_SCAN_THREADS = 8  # shards a start-up pass reads at once (more buys nothing from one disk)
 
@@ -105,29 +107,10 @@ class PretrainingData:
             meta = self.native.headers[-1].meta
             p_max = meta.get("max_predictions_per_seq") if manifest is None else None
         else:
-            batches = [read_tfrecord(p) for p in files]
-            self.tf_sizes = [len(b) for b in batches]  # to name a record's file
-            rows = [
-                Rows(
-                    b.input_ids,
-                    b.lengths,
-                    None,
-                    b.segment_ids,
-                    b.next_sentence,
-                    b.positions,
-                    np.where(np.arange(b.labels.shape[1]) < b.counts[:, None], b.labels, IGNORE),
-                )
-                for b in batches
-                if len(b)
-            ]
-            if not rows:
+            loaded, self.tf_sizes = load_tfrecords(files)
+            if loaded is None:
                 raise UserError(f"--data: {path} holds no records.")
-            self.tf_rows = Rows(
-                *(
-                    np.concatenate([getattr(r, f) for r in rows]) if f != "sep_a" else None
-                    for f in Rows.__dataclass_fields__
-                )
-            )
+            self.tf_rows = loaded
             sizes = [len(self.tf_rows.lengths)]
             seq = self.tf_rows.input_ids.shape[1]
             static = True
@@ -273,15 +256,15 @@ class PretrainingData:
     def rows(self, index: np.ndarray) -> Rows:
         """The instances at global indices `index`, in that order."""
         if self.tf_rows is not None:
-            t = self.tf_rows
+            t = self.tf_rows  # held narrow (`load_tfrecords`); a batch's rows widened
             return Rows(
-                t.input_ids[index],
+                t.input_ids[index].astype(np.int64),
                 t.lengths[index],
                 None,
-                t.token_type_ids[index],
+                t.token_type_ids[index].astype(np.int64),
                 t.next_sentence[index],
-                t.positions[index],
-                t.labels[index],
+                t.positions[index].astype(np.int64),
+                t.labels[index].astype(np.int64),
             )
         assert self.native is not None
         rec = self.native.records(index)
@@ -302,6 +285,58 @@ class PretrainingData:
             positions,
             labels,
         )
+
+
+def load_tfrecords(files: Sequence[Path]) -> tuple[Rows | None, list[int]]:
+    """Every record of Google's TFRecord files, in memory (None: none), and each file's
+    count. Decoded TF_CHUNK records at a time, each part narrowed at once (`narrow`: token
+    ids and positions int32, segment ids int8), then joined field by field, the freed memory
+    handed back as it goes: 0.8 KB an instance of 128 tokens where int64 took 2.4 KB, at a
+    peak of about 1.6 times what is held (bench/RESULTS.md, session 51)."""
+    parts: list[dict[str, np.ndarray]] = []
+    sizes = []
+    first: dict[str, tuple[int, Path]] = {}  # each width as the first file had it
+    for path in files:
+        count = 0
+        for b in tfrecord_batches(path, chunk=TF_CHUNK):
+            count += len(b)
+            assert b.positions is not None and b.labels is not None and b.counts is not None
+            used = np.arange(b.labels.shape[1]) < b.counts[:, None]
+            parts.append({
+                "input_ids": narrow(b.input_ids, np.int32),
+                "lengths": b.lengths,
+                "token_type_ids": narrow(b.segment_ids, np.int8),
+                "next_sentence": b.next_sentence,
+                "positions": narrow(b.positions, np.int32),
+                "labels": narrow(np.where(used, b.labels, IGNORE), np.int32),
+            })  # fmt: skip
+            for name, what in (("input_ids", "max_seq_length"),
+                               ("positions", "max_predictions_per_seq")):  # fmt: skip
+                width = parts[-1][name].shape[1]
+                was, where = first.setdefault(name, (width, Path(path)))
+                if width != was:
+                    raise UserError(
+                        f"--data: {where} was made with {what} {was}, {path} with {width}; "
+                        f"train on files made with one {what}."
+                    )
+        sizes.append(count)
+    if not parts:
+        return None, sizes
+    release_freed_memory()  # the decoding's
+    joined = {}
+    for name in list(parts[0]):  # each part's arrays let go as their field is joined
+        joined[name] = np.concatenate([part.pop(name) for part in parts])
+        release_freed_memory()
+    return Rows(sep_a=None, **joined), sizes
+
+
+def narrow(a: np.ndarray, dtype: type) -> np.ndarray:
+    """`a` as `dtype` where every value fits in it, else as it is (a damaged record's wild
+    value is kept to be named by the start-up check, not wrapped)."""
+    info = np.iinfo(dtype)
+    if a.size and (a.min() < info.min or a.max() > info.max):
+        return a
+    return a.astype(dtype)
 
 
 def _contradiction(rec: np.ndarray) -> tuple[int, str] | None:

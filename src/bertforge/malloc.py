@@ -52,3 +52,19 @@ def keep_freed_memory() -> bool:
     ):
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(mallopt(M_TOP_PAD, TOP_PAD))
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim), which neither
+    the defaults nor `keep_freed_memory` do for free blocks below the heap's top: after a
+    load that freed much in many small pieces (the TFRecords' decoding). Whether it ran."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True

@@ -70,7 +70,7 @@ from bertforge.checkpoint import (
 )
 from bertforge.config import TrainConfig, changed_settings, config_to_dict, describe_changes
 from bertforge.data import mask_spec as data_mask_spec
-from bertforge.datacheck import check_recorded_vocab, folder_manifest
+from bertforge.datacheck import check_recorded_vocab, data_files, folder_manifest
 from bertforge.distributed import Dist
 from bertforge.errors import UserError
 from bertforge.fileio import (
@@ -105,6 +105,7 @@ from bertforge.optim import (
     param_groups,
     set_moments,
 )
+from bertforge.shards import is_shard
 from bertforge.tokenization import (
     Vocab,
     check_init_vocab,
@@ -114,6 +115,7 @@ from bertforge.tokenization import (
     read_vocab_file,
 )
 from bertforge.tune import use_tune
+from bertforge.workers import available_memory
 
 ANNOUNCED_CHECK_BYTES = 1 << 30  # a start-up check of more data is announced first
 DATA_SCAN_FILE = "data_check.json"  # the start-up pass over the data, kept for a resumed run
@@ -212,6 +214,10 @@ def claim_output(cfg: TrainConfig, d: Dist) -> Iterator[None]:
 
 def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     # ---- what we train on, with what, into what; all checked against each other
+    if d.main and (
+        line := tfrecord_memory_warning(cfg.data, distributed.local_processes(), available_memory())
+    ):
+        print(line, file=sys.stderr)
     data = PretrainingData(cfg.data)
     if d.main and data.native is not None and (note := data.native.limit_note()):
         print(note, file=sys.stderr)
@@ -258,14 +264,6 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             f"--data {cfg.data} holds {len(data)} record(s), and the held-out set "
             f"(--eval-records {eval_n}) takes them all, leaving none to train on; give more "
             "text, or --no-do-eval to train on every record."
-        )
-    tf_bytes = sum(f.stat().st_size for f in data.files) if data.tf_rows is not None else 0
-    if tf_bytes > 1 << 30 and d.main:
-        print(
-            f"bertforge: warning: {tf_bytes / 1e9:.1f} GB of TFRecords are read into memory at "
-            "every start (in every process); `bertforge data convert` turns them once into "
-            "shards that training reads as it goes.",
-            file=sys.stderr,
         )
     if cfg.do_train and eval_n > len(data) // 10 and d.main:  # a small corpus, a fixed count
         print(
@@ -1485,6 +1483,38 @@ def clear_run(out: Path) -> None:
     shutil.rmtree(out / "tensorboard", ignore_errors=True)
     for name in ("metrics.jsonl", "eval_results.txt", "manifest.json", "tune.json"):
         (out / name).unlink(missing_ok=True)
+
+
+TF_PEAK_PER_BYTE = 1.8  # memory at the peak of reading TFRecords per byte of them (1.74 seen)
+
+
+def tfrecord_memory_warning(path: str, processes: int, available: int | None) -> str | None:
+    """Before Google's TFRecords are read into memory, by every process of this machine: a
+    warning where they are over 1 GB, or would not fit in the memory `available`, saying what
+    they take and that `data convert` makes them shards that training reads as it goes. Said
+    first, as the system may kill a process out of memory without a word."""
+    files, _ = data_files(path)
+    if is_shard(files[0]):
+        return None
+    size = sum(f.stat().st_size for f in files)
+    need = int(TF_PEAK_PER_BYTE * size) * processes
+    short = available is not None and need > available
+    if size <= 1 << 30 and not short:
+        return None
+    each = f" by each of the {processes} processes on this machine" if processes > 1 else ""
+    line = (
+        f"bertforge: warning: {size_text(size)} of TFRecords are read into memory at every "
+        f"start{each}, about {size_text(need)} at the peak"
+    )
+    if short:
+        line += (
+            f", and this machine has {size_text(available or 0)} available: the system may "
+            "stop training for lack of memory"
+        )
+    return (
+        f"{line}; `bertforge data convert` turns them once into shards that training reads "
+        "as it goes."
+    )
 
 
 def check_disk_space(cfg: TrainConfig, bert: BertConfig, out: Path, step: int) -> str | None:

@@ -225,6 +225,44 @@ def cgroup_cpu_quota(root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) 
     return None
 
 
+def available_memory(
+    root: Path = Path("/sys/fs/cgroup"),
+    meminfo: Path = Path("/proc/meminfo"),
+    proc_cgroup: Path = Path("/proc/self/cgroup"),
+) -> int | None:
+    """Bytes this process can still take: the machine's MemAvailable, capped by what its
+    cgroup's memory limit leaves (a container's: docker --memory, Kubernetes' limits), or
+    None where neither can be read (not Linux). cgroup v2 keeps the limit in memory.max
+    ("max": none) and the use in memory.current; v1 in memory/memory.limit_in_bytes (a huge
+    number: none) and memory/memory.usage_in_bytes."""
+    free = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    own = None
+    with contextlib.suppress(OSError):
+        for line in proc_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                own = root / line[3:].lstrip("/")
+    left = None
+    with contextlib.suppress(OSError, ValueError):
+        for d in [own, root] if own is not None else [root]:
+            if (d / "memory.max").is_file():
+                limit = (d / "memory.max").read_text().strip()
+                if limit != "max":
+                    left = int(limit) - int((d / "memory.current").read_text())
+                break
+        else:
+            v1 = root / "memory"
+            if (v1 / "memory.limit_in_bytes").is_file():
+                limit = int((v1 / "memory.limit_in_bytes").read_text())
+                if limit < 1 << 60:
+                    left = limit - int((v1 / "memory.usage_in_bytes").read_text())
+    known = [x for x in (free, left) if x is not None]
+    return max(0, min(known)) if known else None
+
+
 def cap_torch_threads() -> None:
     """torch's CPU thread pool follows the affinity mask but not a cgroup CPU quota: in a
     container limited to 4 CPUs of a 64-core host it would run 64 threads on 4 CPUs' time.
