@@ -2033,15 +2033,18 @@ def test_processes_that_would_start_apart_are_stopped(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train_module.distributed, "gather_objects",
                         lambda obj, d: [seen["first"], obj])  # fmt: skip
-    seen["first"] = (40, 1000, "node-a")
-    train_module.check_one_start(d, tmp_path, 40, 1000)  # the same start: nothing said
+    seen["first"] = (40, 1000, "id-a", "node-a")
+    train_module.check_one_start(d, tmp_path, 40, 1000, "id-a")  # the same start: nothing said
     with pytest.raises(UserError, match=r"process 1 \(on .*\) would start at step 0, process 0 "
                        r"\(on node-a\) at step 40: .*a shared file system"):  # fmt: skip
-        train_module.check_one_start(d, tmp_path, 0, 1000)
+        train_module.check_one_start(d, tmp_path, 0, 1000, "id-a")
     with pytest.raises(UserError, match=r"--data: process 1 .* reads 999 records, process 0"):
-        train_module.check_one_start(d, tmp_path, 40, 999)
+        train_module.check_one_start(d, tmp_path, 40, 999, "id-a")
+    other = r"--data: process 1 \(on .*\) reads other records than process 0 \(on node-a\), as "
+    with pytest.raises(UserError, match=other + r"many \(1,000\): other shards or files"):
+        train_module.check_one_start(d, tmp_path, 40, 1000, "id-b")
     one = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-    train_module.check_one_start(one, tmp_path, 0, 5)  # one process: nothing to compare
+    train_module.check_one_start(one, tmp_path, 0, 5, "id-a")  # one process: nothing to compare
 
 
 def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):

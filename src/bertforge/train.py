@@ -304,7 +304,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         check_same_run(state, cfg, bert, resume, data_id, d.main)
         note_new_schedule(state, cfg, d.main)
     first = state["step"] if state else 0  # the step this run starts from
-    check_one_start(d, out, first, len(data))
+    check_one_start(d, out, first, len(data), data_id)
     if d.main and cfg.do_train and cfg.warmup_steps >= cfg.num_train_steps > 0:
         print(warmup_warning(cfg), file=sys.stderr)
     if d.main and cfg.do_train and state is None and (line := epochs_warning(cfg, split)):
@@ -1964,28 +1964,34 @@ def check_announcement(cfg: TrainConfig, data: PretrainingData) -> str | None:
             f"{len(data.files):,} shards) before the first step")  # fmt: skip
 
 
-def check_one_start(d: Dist, out: Path, step: int, records: int) -> None:
-    """Under torchrun, every process must start at process 0's step on data of as many
-    records. A machine that does not see --output's checkpoints (no shared file system there)
-    would start at step 0 with a fresh optimizer while the others resume, with no error (DDP
-    copies process 0's weights, nothing else); one reading other data, on other batches."""
+def check_one_start(d: Dist, out: Path, step: int, records: int, data_id: str) -> None:
+    """Under torchrun, every process must start at process 0's step on the same data (its
+    records' count and `PretrainingData.identity`). A machine that does not see --output's
+    checkpoints (no shared file system there) would start at step 0 with a fresh optimizer
+    while the others resume, with no error (DDP copies process 0's weights, nothing else);
+    one reading other data, on other batches."""
     if d.world == 1:
         return
-    mine = (step, records, socket.gethostname())
-    starts = cast(list[tuple[int, int, str]], distributed.gather_objects(mine, d))
-    step0, records0, host0 = starts[0]
-    for rank, (other_step, other_records, host) in enumerate(starts):
+    mine = (step, records, data_id, socket.gethostname())
+    starts = cast(list[tuple[int, int, str, str]], distributed.gather_objects(mine, d))
+    step0, records0, id0, host0 = starts[0]
+    for rank, (other_step, other_records, other_id, host) in enumerate(starts):
         if other_step != step0:
             raise UserError(
                 f"--output {out}: process {rank} (on {host}) would start at step {other_step}, "
                 f"process 0 (on {host0}) at step {step0}: they do not see the same checkpoints. "
                 "--output must be one directory that every machine sees (a shared file system)."
             )
-        if other_records != records0:
+        if (other_records, other_id) != (records0, id0):
+            what = (
+                f"{other_records:,} records, process 0 (on {host0}) {records0:,}"
+                if other_records != records0
+                else f"other records than process 0 (on {host0}), as many ({records0:,}): "
+                "other shards or files, or the same names of other sizes"
+            )
             raise UserError(
-                f"--data: process {rank} (on {host}) reads {other_records:,} records, process 0 "
-                f"(on {host0}) {records0:,}: give every machine the same data (a shared file "
-                "system, or identical copies)."
+                f"--data: process {rank} (on {host}) reads {what}; give every machine the same "
+                "data (a shared file system, or identical copies)."
             )
 
 
