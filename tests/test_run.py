@@ -7,14 +7,17 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bertforge import cli
+from bertforge import run as run_module
 from bertforge.cli import RUNNERS, main
 from bertforge.config import RunConfig, read_toml
 from bertforge.errors import UserError
+from bertforge.fileio import sha256_file
 from bertforge.report import write_report
 from bertforge.run import (
     DIRS,
@@ -285,6 +288,49 @@ def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch)
         f.write("\nOne more line.\n")
     assert main(["run", str(corpus), "--output", str(out), *FAST]) == 2
     assert "vocab: the corpus changed" in capsys.readouterr().err
+
+
+def test_an_edit_that_keeps_the_size_is_a_change_and_a_touch_is_not(tmp_path, kjv_corpus, capsys):
+    """The corpus lowercased in place (`tr A-Z a-z`: as many bytes) was taken as unchanged,
+    and every stage kept: a model of the old text. The files' times tell an edit, their
+    sha256 (recorded when a stage starts) whether the text changed: a file touched, or copied
+    back as it was, keeps every stage, and is hashed once only."""
+    corpus = tmp_path / "corpus.txt"
+    text = kjv_corpus.read_bytes()
+    corpus.write_bytes(text)
+    out = tmp_path / "run"
+    state = run_cli(corpus, out)
+    (recorded,) = state["vocab"]["corpus"]
+    assert recorded["sha256"] == sha256_file(corpus) and recorded["bytes"] == len(text)
+    assert state["data"]["corpus"] == state["vocab"]["corpus"]
+    time.sleep(0.01)
+    corpus.write_bytes(text.lower())
+    assert corpus.stat().st_size == len(text)
+    lowered = f"the corpus changed ({corpus} has other content, of as many bytes ({len(text):,}))"
+    assert main(["run", str(corpus), "--output", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"run: vocab: {lowered}" in err and f"because {lowered}." in err
+    time.sleep(0.01)
+    corpus.write_bytes(text)  # as it was, at another time
+    hashed = []
+    real = run_module.sha256_file
+
+    def counted(path):
+        hashed.append(Path(path).name)
+        return real(path)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(run_module, "sha256_file", counted)
+        run_cli(corpus, out)
+    assert capsys.readouterr().err.count("unchanged, kept") == 4
+    assert hashed.count(corpus.name) == 1  # for vocab and data, once
+    (restamped,) = json.loads((out / "run.json").read_text())["data"]["corpus"]
+    assert restamped["mtime_ns"] == corpus.stat().st_mtime_ns != recorded["mtime_ns"]
+    hashed.clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(run_module, "sha256_file", counted)
+        run_cli(corpus, out)
+    assert capsys.readouterr().err.count("unchanged, kept") == 4 and corpus.name not in hashed
 
 
 def test_a_corpus_fixed_after_a_data_error_resumes(tmp_path, kjv_corpus, kjv_vocab, capsys):

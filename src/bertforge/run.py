@@ -9,7 +9,8 @@ its own inputs. What run adds:
   set by run (a TOML section that sets one of them is refused). Names that mean different
   things in two stages get the stage as prefix (export's --format is --export-format).
 - Skipping and resuming. DIR/run.json records, per stage, the settings it last ran with, the
-  corpus files it read (names and sizes) and the sha256 of the manifest it wrote. A stage is
+  corpus files it read (names, sizes, times and sha256: `corpus_change`) and the sha256 of
+  the manifest it wrote. A stage is
   skipped when its settings, its corpus, its manifest and everything upstream are unchanged;
   a stage that was cut off resumes (data and train resume by themselves); training also
   resumes when only settings it can resume with changed (--num-train-steps, logging, ...).
@@ -317,11 +318,59 @@ def settings_key(cfg: Any) -> dict[str, Any]:
 
 
 def corpus_files(cfg: Any) -> list[dict[str, Any]] | None:
-    """The corpus files a stage reads, by name and size (what the data stage itself checks
-    before resuming), or None for a stage that reads no corpus."""
+    """The corpus files a stage reads, by name, size and modification time, or None for a
+    stage that reads no corpus. What the data stage itself checks before resuming is the
+    names and sizes; the time tells an edit that kept the size (`tr A-Z a-z`), which the
+    content's sha256 then confirms or not (`corpus_change`)."""
     if not hasattr(cfg, "input"):
         return None
-    return [f.describe() for f in resolve_inputs(cfg.input)]
+    files = [f.describe() for f in resolve_inputs(cfg.input)]
+    return [f if f["bytes"] is None else {**f, "mtime_ns": os.stat(f["path"]).st_mtime_ns}
+            for f in files]  # fmt: skip
+
+
+class Digests:
+    """The sha256 of corpus files, each read once per command (vocab and data read the same)."""
+
+    def __init__(self) -> None:
+        self.known: dict[tuple[str, int, int], str] = {}
+
+    def of(self, f: dict[str, Any]) -> str:
+        key = (f["path"], f["bytes"], f["mtime_ns"])
+        if key not in self.known:
+            self.known[key] = sha256_file(f["path"])
+        return self.known[key]
+
+    def added(self, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The files' entries with their sha256, as a stage's record keeps them."""
+        return [{**f, "sha256": self.of(f)} if "mtime_ns" in f else f for f in files]
+
+
+def restamped(was: list[dict[str, Any]] | None, now: list[dict[str, Any]]) -> bool:
+    """Whether a kept stage's record of its corpus files wants the times (and sha256) of
+    `now`: files found the same after a copy or a touch, or a record of an older bertforge."""
+    return was is None or any(
+        "sha256" not in old or old.get("mtime_ns") != new["mtime_ns"]
+        for old, new in zip(was, now, strict=True)
+        if "mtime_ns" in new
+    )
+
+
+def corpus_change(
+    was: list[dict[str, Any]], now: list[dict[str, Any]], digests: Digests
+) -> str | None:
+    """How the corpus files `now` differ from those a stage last ran on, or None: a file added,
+    gone or of another size, or of the same size, modified since, with other content (its
+    sha256). A file touched or copied (a moved run) but the same is the same. Records of an
+    older bertforge have names and sizes only, and are compared by them."""
+    if [(f["path"], f["bytes"]) for f in was] != [(f["path"], f["bytes"]) for f in now]:
+        return inputs_diff(was, now)
+    for old, new in zip(was, now, strict=True):
+        if "sha256" not in old or old.get("mtime_ns") == new.get("mtime_ns"):
+            continue
+        if digests.of(new) != old["sha256"]:
+            return f"{new['path']} has other content, of as many bytes ({new['bytes']:,})"
+    return None
 
 
 def recorded_corpus(record: dict[str, Any], directory: Path, default: Any) -> Any:
@@ -376,7 +425,7 @@ def decide(
 
 
 def plan_stages(
-    run: RunConfig, configs: dict[str, Any], state: dict[str, Any], out: Path
+    run: RunConfig, configs: dict[str, Any], state: dict[str, Any], out: Path, digests: Digests
 ) -> dict[str, tuple[str, str, list[dict[str, Any]] | None]]:
     """Each stage's (action, why it starts over, the corpus files it reads), decided before
     any stage runs: skip, resume or start (`decide`); a stage after one that runs starts over.
@@ -392,9 +441,9 @@ def plan_stages(
         if (
             record
             and corpus is not None
-            and corpus != (was := recorded_corpus(record, directory, corpus))
+            and (how := corpus_change(recorded_corpus(record, directory, corpus), corpus, digests))
         ):
-            changed = f"the corpus changed ({inputs_diff(was, corpus)})"
+            changed = f"the corpus changed ({how})"
             if stage == "data" and not record.get("done"):  # fixed after an error: resumed,
                 # the data stage keeps what it can (`data.run_units`)
                 print(f"run: data: {changed}; its shards whose text is unchanged are kept",
@@ -468,7 +517,8 @@ def _run_pipeline(
             )
     out.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = read_state(state_path) if not run.overwrite else {}
-    plans = plan_stages(run, configs, state, out)
+    digests = Digests()
+    plans = plan_stages(run, configs, state, out, digests)
     if keep_training:
         check_training_kept(plans, run, out)
     ran: list[str] = []
@@ -484,12 +534,17 @@ def _run_pipeline(
         if action == "skip":
             skipped.append(stage)
             print(f"run: {stage}: unchanged, kept {directory}", file=sys.stderr)
+            if corpus is not None and restamped(state[stage].get("corpus"), corpus):
+                state[stage]["corpus"] = digests.added(corpus)  # found the same: not read again
+                write_json(state_path, state)
             continue
         print(
             f"run: {stage}: {'resuming' if action == 'resume' else 'running'} -> {directory}",
             file=sys.stderr,
         )
         cfg = dataclasses.replace(cfg, overwrite=action == "start")
+        if corpus is not None:
+            corpus = digests.added(corpus)
         state[stage] = {"config": settings_key(cfg), "corpus": corpus, "done": False}
         write_json(state_path, state)
         started = time.monotonic()
