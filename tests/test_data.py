@@ -26,6 +26,7 @@ from bertforge.config import DataConfig
 from bertforge.data import create_data, print_summary
 from bertforge.datacheck import inspect, read_native, read_tfrecord, verify
 from bertforge.errors import UserError
+from bertforge.fileio import sha256_file
 from bertforge.shards import open_shard, read_header, record_dtype, write_shard
 from bertforge.tokenization import read_vocab_file
 from tests.conftest import report_of, write_arrow, write_corpus
@@ -265,6 +266,34 @@ def test_finished_output_is_kept_and_other_settings_refused(tmp_path, kjv_corpus
     assert verify(str(out))["records"] == first.manifest["counts"]["instances"]
     replaced = create_data(cfg(kjv_corpus, kjv_vocab, out, max_seq_length=128, overwrite=True))
     assert replaced.manifest["config"]["max_seq_length"] == 128
+
+
+def test_an_edit_that_keeps_the_corpus_size_is_not_taken_as_unchanged(
+    tmp_path, kjv_corpus, kjv_vocab
+):
+    """The corpus lowercased in place (as many bytes) kept a finished output, as made from the
+    same text. Its files' times and sha256 are recorded: edited, it is refused; touched, or
+    copied back as it was, it is kept."""
+    corpus = tmp_path / "c.txt"
+    text = kjv_corpus.read_bytes()
+    corpus.write_bytes(text)
+    out = tmp_path / "d"
+    first = create_data(cfg(corpus, kjv_vocab, out))
+    (stamp,) = first.manifest["input_stamps"]
+    assert stamp["sha256"] == sha256_file(corpus) and stamp["bytes"] == len(text)
+    time.sleep(0.01)
+    corpus.write_bytes(text.upper())
+    said = (
+        f"--output: {out} holds data made from other text ({corpus} has other content, of as "
+        f"many bytes ({len(text):,})); use another directory, or pass --overwrite"
+    )
+    with pytest.raises(UserError, match=re.escape(said)):
+        create_data(cfg(corpus, kjv_vocab, out))
+    time.sleep(0.01)
+    corpus.write_bytes(text)
+    assert create_data(cfg(corpus, kjv_vocab, out)).unchanged
+    corpus.write_bytes(text.upper())
+    assert not create_data(cfg(corpus, kjv_vocab, out, overwrite=True)).unchanged
 
 
 def test_unfinished_run_with_other_settings_is_refused(tmp_path, kjv_corpus, kjv_vocab):

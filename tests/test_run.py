@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bertforge import cli
-from bertforge import run as run_module
+from bertforge import corpus as corpus_module
 from bertforge.cli import RUNNERS, main
 from bertforge.config import RunConfig, read_toml
 from bertforge.errors import UserError
@@ -313,14 +313,14 @@ def test_an_edit_that_keeps_the_size_is_a_change_and_a_touch_is_not(tmp_path, kj
     time.sleep(0.01)
     corpus.write_bytes(text)  # as it was, at another time
     hashed = []
-    real = run_module.sha256_file
+    real = corpus_module.sha256_file
 
     def counted(path):
         hashed.append(Path(path).name)
         return real(path)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(run_module, "sha256_file", counted)
+        m.setattr(corpus_module, "sha256_file", counted)
         run_cli(corpus, out)
     assert capsys.readouterr().err.count("unchanged, kept") == 4
     assert hashed.count(corpus.name) == 1  # for vocab and data, once
@@ -328,7 +328,7 @@ def test_an_edit_that_keeps_the_size_is_a_change_and_a_touch_is_not(tmp_path, kj
     assert restamped["mtime_ns"] == corpus.stat().st_mtime_ns != recorded["mtime_ns"]
     hashed.clear()
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(run_module, "sha256_file", counted)
+        m.setattr(corpus_module, "sha256_file", counted)
         run_cli(corpus, out)
     assert capsys.readouterr().err.count("unchanged, kept") == 4 and corpus.name not in hashed
 

@@ -43,9 +43,11 @@ from bertforge.config import DataConfig, config_to_dict, describe_changes
 from bertforge.corpus import (
     STDIN,
     CorpusStats,
+    Digests,
     InputFile,
     Progress,
     check_output_apart,
+    corpus_change,
     corpus_notes,
     corpus_warnings,
     inputs_diff,
@@ -53,6 +55,7 @@ from bertforge.corpus import (
     progress_bar,
     require_text,
     resolve_inputs,
+    stamped,
     total_size,
 )
 from bertforge.datacheck import summarize
@@ -575,11 +578,15 @@ def settings_id(run: dict[str, Any]) -> str:
     return run_digest({k: v for k, v in run.items() if k not in ("inputs", "run_id")})
 
 
-def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool) -> str:
-    """'done' when out already holds this exact output, 'go' otherwise (resuming an unfinished
-    run with the same settings), 'changed' for an unfinished run with the same settings on
-    input files that have changed since (its units are kept where their text is the same);
-    refuses other settings unless overwrite, which starts over."""
+def check_resumable(
+    out: Path, run: dict[str, Any], run_id: str, overwrite: bool, inputs: Sequence[InputFile]
+) -> str:
+    """'done' when out already holds this exact output (from its input files as they are:
+    an edit that kept their sizes is told by their times and sha256, `corpus_change`), 'go'
+    otherwise (resuming an unfinished run with the same settings), 'changed' for an
+    unfinished run with the same settings on input files that have changed since (its units
+    are kept where their text is the same); refuses other settings unless overwrite, which
+    starts over."""
     if overwrite:
         clear_output(out)
         return "go"
@@ -598,7 +605,14 @@ def check_resumable(out: Path, run: dict[str, Any], run_id: str, overwrite: bool
             "again, or use another directory."
         )
     if previous.get("run_id") == run_id:
-        return "done" if manifest is not None else "go"
+        if manifest is None:
+            return "go"
+        if how := corpus_change(manifest.get("input_stamps") or [], stamped(inputs), Digests()):
+            raise UserError(
+                f"--output: {out} holds data made from other text ({how}); use another "
+                "directory, or pass --overwrite to make the data again."
+            )
+        return "done"
     if manifest is None and settings_id(previous) == settings_id(run):
         return "changed"
     raise UserError(
@@ -618,7 +632,7 @@ def create_data(cfg: DataConfig) -> DataResult:
     out = prepare_output_dir(cfg.output, "data", cfg.overwrite, "--output")
     run = run_settings(cfg, vocab, inputs)
     run_id = run_digest(run)
-    state = check_resumable(out, run, run_id, cfg.overwrite)
+    state = check_resumable(out, run, run_id, cfg.overwrite, inputs)
     if state == "done":
         manifest = read_manifest(out, "data")
         assert manifest is not None
@@ -684,6 +698,7 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
         out, "data", config,
         inputs=[i.describe() for i in inputs], counts=counts,
         extra={"run_id": run_id, "vocab": named,
+               "input_stamps": Digests().added(stamped(inputs)),
                "shards": shards,
                "format": {"kind": cfg.resolved_format, "static_masking": cfg.static,
                           "shard_version": SHARD_VERSION}},

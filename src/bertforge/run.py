@@ -47,7 +47,15 @@ from bertforge.config import (
     describe_changes,
     field_specs,
 )
-from bertforge.corpus import STDIN, inputs_diff, is_stream, resolve_inputs
+from bertforge.corpus import (
+    STDIN,
+    Digests,
+    corpus_change,
+    is_stream,
+    resolve_inputs,
+    restamped,
+    stamped,
+)
 from bertforge.errors import UserError
 from bertforge.fileio import (
     MANIFEST,
@@ -318,59 +326,9 @@ def settings_key(cfg: Any) -> dict[str, Any]:
 
 
 def corpus_files(cfg: Any) -> list[dict[str, Any]] | None:
-    """The corpus files a stage reads, by name, size and modification time, or None for a
-    stage that reads no corpus. What the data stage itself checks before resuming is the
-    names and sizes; the time tells an edit that kept the size (`tr A-Z a-z`), which the
-    content's sha256 then confirms or not (`corpus_change`)."""
-    if not hasattr(cfg, "input"):
-        return None
-    files = [f.describe() for f in resolve_inputs(cfg.input)]
-    return [f if f["bytes"] is None else {**f, "mtime_ns": os.stat(f["path"]).st_mtime_ns}
-            for f in files]  # fmt: skip
-
-
-class Digests:
-    """The sha256 of corpus files, each read once per command (vocab and data read the same)."""
-
-    def __init__(self) -> None:
-        self.known: dict[tuple[str, int, int], str] = {}
-
-    def of(self, f: dict[str, Any]) -> str:
-        key = (f["path"], f["bytes"], f["mtime_ns"])
-        if key not in self.known:
-            self.known[key] = sha256_file(f["path"])
-        return self.known[key]
-
-    def added(self, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The files' entries with their sha256, as a stage's record keeps them."""
-        return [{**f, "sha256": self.of(f)} if "mtime_ns" in f else f for f in files]
-
-
-def restamped(was: list[dict[str, Any]] | None, now: list[dict[str, Any]]) -> bool:
-    """Whether a kept stage's record of its corpus files wants the times (and sha256) of
-    `now`: files found the same after a copy or a touch, or a record of an older bertforge."""
-    return was is None or any(
-        "sha256" not in old or old.get("mtime_ns") != new["mtime_ns"]
-        for old, new in zip(was, now, strict=True)
-        if "mtime_ns" in new
-    )
-
-
-def corpus_change(
-    was: list[dict[str, Any]], now: list[dict[str, Any]], digests: Digests
-) -> str | None:
-    """How the corpus files `now` differ from those a stage last ran on, or None: a file added,
-    gone or of another size, or of the same size, modified since, with other content (its
-    sha256). A file touched or copied (a moved run) but the same is the same. Records of an
-    older bertforge have names and sizes only, and are compared by them."""
-    if [(f["path"], f["bytes"]) for f in was] != [(f["path"], f["bytes"]) for f in now]:
-        return inputs_diff(was, now)
-    for old, new in zip(was, now, strict=True):
-        if "sha256" not in old or old.get("mtime_ns") == new.get("mtime_ns"):
-            continue
-        if digests.of(new) != old["sha256"]:
-            return f"{new['path']} has other content, of as many bytes ({new['bytes']:,})"
-    return None
+    """The corpus files a stage reads, by name, size and modification time (`stamped`), or
+    None for a stage that reads no corpus."""
+    return stamped(resolve_inputs(cfg.input)) if hasattr(cfg, "input") else None
 
 
 def recorded_corpus(record: dict[str, Any], directory: Path, default: Any) -> Any:
