@@ -755,7 +755,7 @@ def test_a_disk_too_small_for_the_shards_is_warned_about_at_the_first(
     """A long run (four units or more) says after its first shard, from that shard's bytes
     per byte of text, when the shards to come will not fit on the disk."""
     from bertforge import data as data_module
-    from bertforge.data import space_warning
+    from bertforge.data import expanded_size, space_warning
 
     free = {"bytes": 0}
     real = shutil.disk_usage
@@ -771,6 +771,17 @@ def test_a_disk_too_small_for_the_shards_is_warned_about_at_the_first(
     free["bytes"] = shards  # room for them all
     rc, err = run_cli([*base, "--output", str(tmp_path / "b")], capsys)
     assert rc == 0 and "disk" not in err
+    # gzip'd (the text 3.3 times its size on disk): the text's size is what is compared, not
+    # the file's (taken before, it gave a third of the need, and no warning)
+    packed = tmp_path / "kjv.txt.gz"
+    packed.write_bytes(gzip.compress(kjv_corpus.read_bytes()))
+    assert packed.stat().st_size * 3 < kjv_corpus.stat().st_size
+    free["bytes"] = shards // 2
+    gz = ["--input", str(packed), *base[2:]]
+    rc, err = run_cli([*gz, "--output", str(tmp_path / "c")], capsys)
+    (early,) = [line for line in err.splitlines() if "disk" in line]
+    text = re.search(r"of the corpus's ([0-9.]+) MB of text\)", early)
+    assert rc == 0 and text and abs(float(text[1]) - kjv_corpus.stat().st_size / 1e6) <= 0.05
     # The estimate: the first shard's bytes per byte of text, times the text still to come.
     first = {"bytes": 100, "text_bytes": 1000}
     free["bytes"] = 899
@@ -780,6 +791,8 @@ def test_a_disk_too_small_for_the_shards_is_warned_about_at_the_first(
     assert space_warning(first, tmp_path, 10_000, [first, {"text_bytes": 5000}]) is None
     assert space_warning(first, tmp_path, None, [first]) is None  # a pipe: size unknown
     assert space_warning({"bytes": 100}, tmp_path, 10_000, []) is None  # an older part
+    assert expanded_size(1000, 3300, 1000) == 3300 and expanded_size(1000, 0, 0) == 1000
+    assert expanded_size(None, 5, 1) is None and expanded_size(1000, 990, 1000) == 1000
 
 
 def test_bad_inputs_give_one_clear_error(tmp_path, kjv_corpus, kjv_vocab, capsys):

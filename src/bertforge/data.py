@@ -413,7 +413,8 @@ def run_units(cfg: DataConfig, inputs: list[InputFile], s: UnitSettings, out: Pa
         parts[part["unit"]] = part
         if not checked:  # a long run: what the first shard shows, while it can be stopped
             checked = True
-            for warning in first_shard_warnings(part, s, vocab_file, size, parts.values()):
+            text = expanded_size(size, stats.bytes, progress.done)
+            for warning in first_shard_warnings(part, s, vocab_file, text, parts.values()):
                 (bar.write if bar else print)(warning, file=sys.stderr)  # above the bar
         if bar:
             bar.set_postfix(documents=f"{stats.documents:,}",
@@ -848,6 +849,15 @@ def first_shard_warnings(
     return [f"{w} (So far, from the first shard; Ctrl-C stops the run.)" for w in found if w]
 
 
+def expanded_size(size: int | None, decoded: int, read: int) -> int | None:
+    """The corpus's text, in bytes, from its `size` on disk and what reading it has given so
+    far: `decoded` bytes of text from `read` bytes of files. A gzip, bz2, xz or zstd corpus
+    holds several times its size in text, which the shards take room for."""
+    if size is None or decoded <= 0 or read <= 0:
+        return size
+    return max(size, round(size * decoded / read))
+
+
 def space_warning(part: dict[str, Any], out: Path, corpus_bytes: int | None,
                   done: Iterable[dict[str, Any]]) -> str | None:  # fmt: skip
     """When the shards still to come, at the first shard's bytes per byte of text, will not
@@ -863,7 +873,7 @@ def space_warning(part: dict[str, Any], out: Path, corpus_bytes: int | None,
     return (
         f"warning: {out}: its disk has {size_text(free)} free, and the shards to come will take "
         f"about {size_text(need)} ({size_text(part['bytes'])} for the first "
-        f"{size_text(text)} of the corpus's {size_text(corpus_bytes)}): the run will stop "
+        f"{size_text(text)} of the corpus's {size_text(corpus_bytes)} of text): the run will stop "
         "when the disk fills. Free some space or choose another --output (a rerun keeps the "
         "finished shards)."
     )
