@@ -310,6 +310,19 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
     assert main(["embed", "--model", str(exported_model), "--input", str(src), "--output",
                  str(src / "v.npy")]) == 1  # fmt: skip
     assert "a file is where a directory is needed" in capsys.readouterr().err
+    # The text as an argument, as vocab, data and run take their corpus; one file only
+    plain = tmp_path / "plain.npy"
+    assert main(["embed", str(src), "--model", str(exported_model), "--output", str(plain)]) == 0
+    assert np.array_equal(np.load(plain), np.load(nested))
+    for extra in ([str(src), str(empty)], [str(src), "--input", str(empty)]):
+        assert main(["embed", *extra, "--model", str(exported_model), "--output",
+                     str(tmp_path / "two.npy")]) == 2  # fmt: skip
+        assert "INPUT is one file, given as an argument or --input; got " in (
+            capsys.readouterr().err
+        )
+    assert main(["embed", "--model", str(exported_model), "--output", str(plain)]) == 2
+    assert "INPUT is required, as an argument (or --input INPUT)" in capsys.readouterr().err
+    assert not (tmp_path / "two.npy").exists()
     # A Google-style checkpoint directory: its vocab.txt does not say whether it is cased, so
     # fill-mask and embed take it from --lowercase/--cased (they refused it, and told to
     # export it first); export names the vocabulary beside the checkpoint under --checkpoint.

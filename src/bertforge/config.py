@@ -596,10 +596,10 @@ class EmbedConfig:
     model: str
     """An exported model directory, a `bertforge train` directory or ckpt-*.pt, a Hugging Face
     BERT directory, or a Google TF checkpoint (its bare vocab.txt needs --cased/--lowercase)."""
-    input: str
-    """One text file (or .gz/.bz2/.xz/.zst, - for stdin, a pipe): one sentence or text per
-    line; or JSON Lines (its first line a JSON object), Parquet or Arrow: one text per record,
-    from --text-field."""
+    input: str = option(positional=True)
+    """One text file (or .gz/.bz2/.xz/.zst, - for stdin, a pipe), as an argument or --input:
+    one sentence or text per line; or JSON Lines (its first line a JSON object), Parquet or
+    Arrow: one text per record, from --text-field."""
     text_field: str = "text"
     """The field (column) of a record that holds its text (its lines are joined by spaces)."""
     strict_utf8: bool = False
@@ -933,10 +933,19 @@ def fold_positionals(args: argparse.Namespace, unknown: list[str], cls: type | N
     --output o b.txt`: argparse takes only the first run of positional arguments and leaves
     b.txt unknown). Such leftovers are added to the command's positional field, in order."""
     specs = field_specs(cls) if cls is not None else []
-    name = next((s.name for s in specs if s.metadata.get("positional")), None)
-    if not unknown or name is None or any(u.startswith("-") and u != "-" for u in unknown):
+    spec = next((s for s in specs if s.metadata.get("positional")), None)
+    if not unknown or spec is None or any(u.startswith("-") and u != "-" for u in unknown):
         return unknown  # (nothing left over: the field untouched, so a TOML file can set it)
-    setattr(args, name, [*getattr(args, name, []), *unknown])
+    if spec.kind == "list":
+        setattr(args, spec.name, [*getattr(args, spec.name, []), *unknown])
+        return []
+    given = [getattr(args, spec.name)] if hasattr(args, spec.name) else []  # `embed a.txt`
+    if given or len(unknown) > 1:
+        raise UserError(
+            f"{spec.name.upper()} is one file, given as an argument or {spec.flag}; got "
+            f"{', '.join([*given, *unknown])}: give one."
+        )
+    setattr(args, spec.name, unknown[0])
     return []
 
 
