@@ -67,6 +67,12 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, f
     return wall, single, max(peak[0], single)
 
 
+def side_json(cmd: list[str]) -> dict[str, Any]:
+    """Run one side of a benchmark in a fresh process: the JSON object of its last line."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
 def corpus_file(work: Path, mb: float, corpus: str = "english") -> Path:
     """Build a benchmark corpus (`corpora.py`: english, 27 MB, repeated to reach `mb`; or
     turkish, 7.6 MB) in a child process: a forked child's peak RSS counts the parent's

@@ -28,14 +28,13 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HERE
+from common import HERE, side_json
 
 SEQ, PREDICTIONS, VOCAB = 128, 20, 30522
 SIDES = {"mapped": "memory-mapped (before)", "pread": "read by position (ShardSet)",
@@ -185,8 +184,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--gb", str(args.gb), "--steps",
                    str(args.steps), "--batch", str(args.batch), "--work", str(args.work),
                    "--side", name]  # fmt: skip
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True,
-                                          text=True).stdout.splitlines()[-1])  # fmt: skip
+            r = side_json(cmd)
             if name == "limited":
                 label = label.format(r["held"])
             print(f"| {label} | {r['startup_s']:.1f} | {r['startup_anon']:.0f} / "

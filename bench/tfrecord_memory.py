@@ -24,14 +24,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HERE
+from common import HERE, side_json
 
 SEQ, PREDICTIONS, VOCAB = 128, 20, 30522
 DISTINCT = 4096
@@ -143,8 +142,7 @@ def main() -> None:
         for name, label in SIDES.items():
             cmd = [sys.executable, __file__, "--mb", str(args.mb), "--work", str(args.work),
                    "--side", name]  # fmt: skip
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True,
-                                          text=True).stdout.splitlines()[-1])  # fmt: skip
+            r = side_json(cmd)
             held, peak = r["held_mb"], r["peak_mb"]
             print(f"| {label} | {r['records']:,} | {r['seconds']:.1f} | {held:.0f} "
                   f"({held / size:.2f}x) | {peak:.0f} ({peak / size:.2f}x) |",

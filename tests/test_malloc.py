@@ -64,9 +64,39 @@ def test_a_freed_block_stays_in_the_heap_for_the_next_step() -> None:
     assert tuned["heap_free_after"] >= BLOCK
 
 
+RELEASE = f"""
+import json
+import numpy as np
+from bertforge.malloc import keep_freed_memory, release_freed_memory
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+keep_freed_memory()
+block = np.ones({BLOCK}, dtype=np.uint8)
+held = rss()
+del block  # kept by the heap (above), so still resident
+kept = rss()
+released = release_freed_memory()
+print(json.dumps({{"held": held, "kept": kept, "after": rss(), "released": released}}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_memory_the_heap_keeps_goes_back_on_request() -> None:
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    r = json.loads(out.stdout)
+    assert r["released"] is True
+    assert r["kept"] > r["held"] - BLOCK // 2  # freed, but resident
+    assert r["after"] < r["kept"] - BLOCK // 2  # handed back
+
+
 def test_off_glibc_it_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(malloc.sys, "platform", "darwin")
     assert malloc.keep_freed_memory() is False
+    assert malloc.release_freed_memory() is False
 
 
 def test_a_process_training_on_the_cpu_sets_it(monkeypatch: pytest.MonkeyPatch) -> None:

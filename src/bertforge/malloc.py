@@ -10,7 +10,7 @@ machine's 2 cores) took 14,600 page faults a step and 63-68 ms; with the setting
 faults and 46-49 ms (`bench/RESULTS.md`). PyTorch's CPU performance guide recommends tcmalloc
 or jemalloc for the same reason, but those need LD_PRELOAD before the process starts;
 `mallopt` sets glibc's own allocator from inside, which is all this module does (ctypes:
-no library wraps mallopt).
+no library wraps mallopt), besides handing freed memory back on request (`malloc_trim`).
 
 What it costs: up to TRIM_THRESHOLD of freed memory stays with the process instead of going
 back to the system, and a freed block below MMAP_THRESHOLD is reused rather than unmapped;
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from typing import Any
 
 # mallopt's parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -37,14 +38,9 @@ def keep_freed_memory() -> bool:
     """Set glibc malloc's thresholds so that freed memory is reused, not returned and faulted
     in anew. Whether they were set: False off Linux/glibc (musl, macOS), changing nothing.
     Process-wide, and idempotent."""
-    if not sys.platform.startswith("linux"):
+    mallopt = glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     # the mmap threshold first: setting either fixes both (glibc stops adjusting them), and a
     # trim threshold alone would leave every block above 128 KiB to mmap
     if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and not mallopt(
@@ -58,13 +54,22 @@ def release_freed_memory() -> bool:
     """Hand the heap's free pages back to the system (glibc's malloc_trim), which neither
     the defaults nor `keep_freed_memory` do for free blocks below the heap's top: after a
     load that freed much in many small pieces (the TFRecords' decoding). Whether it ran."""
-    if not sys.platform.startswith("linux"):
+    trim = glibc("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
         return False
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
     trim(0)
     return True
+
+
+def glibc(name: str, argtypes: list[Any]) -> Any | None:
+    """glibc's function `name` returning an int, or None off Linux or where the C library
+    has none (musl has no malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
