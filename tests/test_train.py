@@ -533,6 +533,20 @@ def test_out_of_memory_in_the_evaluation_saves_the_step_and_names_the_eval_batch
             assert [x[k] for k in LOSSES] == [y[k] for k in LOSSES]
         assert metrics(ref, True)[-1] == metrics(out, True)[-1]
 
+    only = ("--no-do-train", "--init-checkpoint", str(ref), "--eval-records", "40")
+    alone = args(train_data, tmp_path / "alone", tiny_bert_config, *only, "--eval-batch-size", "16")
+    capsys.readouterr()
+    assert main(alone) == 2  # an evaluation alone: nothing to resume
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            "in the evaluation at step 0, 16 instances per forward pass: rerun with "
+            "--eval-batch-size 8 (or less)."
+        )
+    )
+
     def no_memory(self, *a, **kw):
         if not self.training:
             raise error

@@ -10,10 +10,10 @@ its own inputs. What run adds:
   things in two stages get the stage as prefix (export's --format is --export-format).
 - Skipping and resuming. DIR/run.json records, per stage, the settings it last ran with, the
   corpus files it read (names, sizes, times and sha256: `corpus_change`) and the sha256 of
-  the manifest it wrote. A stage is
-  skipped when its settings, its corpus, its manifest and everything upstream are unchanged;
-  a stage that was cut off resumes (data and train resume by themselves); training also
-  resumes when only settings it can resume with changed (--num-train-steps, logging, ...).
+  the manifest it wrote. A stage is skipped when its settings, its corpus, its manifest and
+  everything upstream are unchanged; a stage that was cut off resumes (data and train resume
+  by themselves); training also resumes when only settings it can resume with changed
+  (--num-train-steps, logging, ...).
   Anything else starts the stage, and all after it, over; but a run that would start a
   trained model over from step 0, deleting its checkpoints, is refused before any stage runs
   (`check_training_kept`), as `bertforge train` refuses to resume with other settings.

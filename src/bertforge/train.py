@@ -423,7 +423,14 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         if not saved and cfg.do_train and d.world == 1:
             checkpoint()
             saved = True
-        raise UserError(eval_out_of_memory_stop(d, step, batch, saved, error))
+        resumes = (
+            f"the checkpoint of step {step} is saved, and the rerun resumes there"
+            if saved
+            else "the rerun resumes from the last checkpoint"
+            if cfg.do_train
+            else None  # an evaluation alone (--no-do-train): nothing to resume
+        )
+        raise UserError(eval_out_of_memory_stop(d, step, batch, resumes, error))
 
     def checkpoint() -> Path | None:
         rng = distributed.gather_objects(rng_state(), d)
@@ -931,22 +938,18 @@ def out_of_memory_stop(d: Dist, step: int, micro: int, e: RuntimeError | None = 
     return f"{where} out of memory{said} at step {step} with micro-batch {micro}: {hint}."
 
 
-def eval_out_of_memory_stop(d: Dist, step: int, batch: int, saved: bool, error: str) -> str:
-    """Why a run out of memory in its evaluation stops, and what to rerun with."""
+def eval_out_of_memory_stop(d: Dist, step: int, batch: int, resumes: str | None, error: str) -> str:
+    """Why a run out of memory in its evaluation stops, what to rerun with and where the
+    rerun `resumes` (None: an evaluation alone)."""
     said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if m in error), "")
     where = d.device.type.upper()
     if batch == 1:
         hint = "even one instance at a time does not fit; use a smaller --model-size"
     else:
         hint = f"rerun with --eval-batch-size {batch // 2} (or less)"
-    kept = (
-        f"the checkpoint of step {step} is saved, and the rerun resumes there"
-        if saved
-        else "the rerun resumes from the last checkpoint"
-    )
     return (
         f"{where} out of memory{said} in the evaluation at step {step}, {batch} instances per "
-        f"forward pass: {hint}; {kept}."
+        f"forward pass: {hint}{f'; {resumes}' if resumes else ''}."
     )
 
 
