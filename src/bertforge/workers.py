@@ -200,18 +200,23 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, min(n, quota) if quota else n)
 
 
+def cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
+    """Where cgroup v2 keeps this process's limits: its own cgroup (named in /proc/self/cgroup
+    as "0::/PATH"), then the root (a container's own, seen from inside)."""
+    with contextlib.suppress(OSError):
+        for line in proc_cgroup.read_text().splitlines():
+            if line.startswith("0::"):
+                return [root / line[3:].lstrip("/"), root]
+    return [root]
+
+
 def cgroup_cpu_quota(root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
     """CPUs the cgroup quota allows (rounded up), or None: no quota, or no cgroup to read.
     cgroup v2 keeps "QUOTA PERIOD" (or "max PERIOD") in cpu.max of the process's own cgroup
     (the root one inside a container); v1 keeps cpu.cfs_quota_us (-1: none) and
     cpu.cfs_period_us under cpu/."""
-    own = None
-    with contextlib.suppress(OSError):
-        for line in proc_cgroup.read_text().splitlines():
-            if line.startswith("0::"):
-                own = root / line[3:].lstrip("/")
     try:
-        for d in [own, root] if own is not None else [root]:
+        for d in cgroup_dirs(root, proc_cgroup):
             if (d / "cpu.max").is_file():
                 quota, period = (d / "cpu.max").read_text().split()[:2]
                 return None if quota == "max" else math.ceil(int(quota) / int(period))
@@ -240,14 +245,9 @@ def available_memory(
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 free = int(line.split()[1]) * 1024
-    own = None
-    with contextlib.suppress(OSError):
-        for line in proc_cgroup.read_text().splitlines():
-            if line.startswith("0::"):
-                own = root / line[3:].lstrip("/")
     left = None
     with contextlib.suppress(OSError, ValueError):
-        for d in [own, root] if own is not None else [root]:
+        for d in cgroup_dirs(root, proc_cgroup):
             if (d / "memory.max").is_file():
                 limit = (d / "memory.max").read_text().strip()
                 if limit != "max":
