@@ -321,6 +321,7 @@ def test_an_edit_that_keeps_the_size_is_a_change_and_a_touch_is_not(tmp_path, kj
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(corpus_module, "sha256_file", counted)
+        m.setattr(corpus_module, "_DIGESTS", {})  # as a new process starts
         run_cli(corpus, out)
     assert capsys.readouterr().err.count("unchanged, kept") == 4
     assert hashed.count(corpus.name) == 1  # for vocab and data, once
@@ -329,6 +330,7 @@ def test_an_edit_that_keeps_the_size_is_a_change_and_a_touch_is_not(tmp_path, kj
     hashed.clear()
     with pytest.MonkeyPatch.context() as m:
         m.setattr(corpus_module, "sha256_file", counted)
+        m.setattr(corpus_module, "_DIGESTS", {})
         run_cli(corpus, out)
     assert capsys.readouterr().err.count("unchanged, kept") == 4 and corpus.name not in hashed
 

@@ -380,21 +380,22 @@ def stamped(inputs: Sequence[InputFile]) -> list[dict[str, Any]]:
             for f in files]  # fmt: skip
 
 
-class Digests:
-    """The sha256 of corpus files, each read once per command (vocab and data read the same)."""
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, bytes, mtime_ns) -> sha256
 
-    def __init__(self) -> None:
-        self.known: dict[tuple[str, int, int], str] = {}
 
-    def of(self, f: dict[str, Any]) -> str:
-        key = (f["path"], f["bytes"], f["mtime_ns"])
-        if key not in self.known:
-            self.known[key] = sha256_file(f["path"])
-        return self.known[key]
+def digest(f: dict[str, Any]) -> str:
+    """The sha256 of a `stamped` corpus file, read once per process while its size and time
+    stay the same (run's vocab and data stages, and the data stage's manifest, read the same
+    files)."""
+    key = (f["path"], f["bytes"], f["mtime_ns"])
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(f["path"])
+    return _DIGESTS[key]
 
-    def added(self, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The files' entries with their sha256, as a stage's record keeps them."""
-        return [{**f, "sha256": self.of(f)} if "mtime_ns" in f else f for f in files]
+
+def with_digests(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`stamped` files' entries with their sha256, as a record of what was read keeps them."""
+    return [{**f, "sha256": digest(f)} if "mtime_ns" in f else f for f in files]
 
 
 def restamped(was: list[dict[str, Any]] | None, now: list[dict[str, Any]]) -> bool:
@@ -407,9 +408,7 @@ def restamped(was: list[dict[str, Any]] | None, now: list[dict[str, Any]]) -> bo
     )
 
 
-def corpus_change(
-    was: list[dict[str, Any]], now: list[dict[str, Any]], digests: Digests
-) -> str | None:
+def corpus_change(was: list[dict[str, Any]], now: list[dict[str, Any]]) -> str | None:
     """How the corpus files `now` differ from those a stage last ran on, or None: a file added,
     gone or of another size, or of the same size, modified since, with other content (its
     sha256). A file touched or copied (a moved run) but the same is the same. Records of an
@@ -419,7 +418,7 @@ def corpus_change(
     for old, new in zip(was, now, strict=True):
         if "sha256" not in old or old.get("mtime_ns") == new.get("mtime_ns"):
             continue
-        if digests.of(new) != old["sha256"]:
+        if digest(new) != old["sha256"]:
             return f"{new['path']} has other content, of as many bytes ({new['bytes']:,})"
     return None
 

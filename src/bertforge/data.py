@@ -43,7 +43,6 @@ from bertforge.config import DataConfig, config_to_dict, describe_changes
 from bertforge.corpus import (
     STDIN,
     CorpusStats,
-    Digests,
     InputFile,
     Progress,
     check_output_apart,
@@ -57,6 +56,7 @@ from bertforge.corpus import (
     resolve_inputs,
     stamped,
     total_size,
+    with_digests,
 )
 from bertforge.datacheck import summarize
 from bertforge.errors import UserError
@@ -608,7 +608,7 @@ def check_resumable(
     if previous.get("run_id") == run_id:
         if manifest is None:
             return "go"
-        if how := corpus_change(manifest.get("input_stamps") or [], stamped(inputs), Digests()):
+        if how := corpus_change(manifest.get("input_stamps") or [], stamped(inputs)):
             raise UserError(
                 f"--output: {out} holds data made from other text ({how}); use another "
                 "directory, or pass --overwrite to make the data again."
@@ -699,7 +699,7 @@ def write_data_manifest(cfg: DataConfig, vocab: Vocab, inputs: Sequence[InputFil
         out, "data", config,
         inputs=[i.describe() for i in inputs], counts=counts,
         extra={"run_id": run_id, "vocab": named,
-               "input_stamps": Digests().added(stamped(inputs)),
+               "input_stamps": with_digests(stamped(inputs)),
                "shards": shards,
                "format": {"kind": cfg.resolved_format, "static_masking": cfg.static,
                           "shard_version": SHARD_VERSION}},

@@ -49,12 +49,12 @@ from bertforge.config import (
 )
 from bertforge.corpus import (
     STDIN,
-    Digests,
     corpus_change,
     is_stream,
     resolve_inputs,
     restamped,
     stamped,
+    with_digests,
 )
 from bertforge.errors import UserError
 from bertforge.fileio import (
@@ -383,7 +383,7 @@ def decide(
 
 
 def plan_stages(
-    run: RunConfig, configs: dict[str, Any], state: dict[str, Any], out: Path, digests: Digests
+    run: RunConfig, configs: dict[str, Any], state: dict[str, Any], out: Path
 ) -> dict[str, tuple[str, str, list[dict[str, Any]] | None]]:
     """Each stage's (action, why it starts over, the corpus files it reads), decided before
     any stage runs: skip, resume or start (`decide`); a stage after one that runs starts over.
@@ -399,7 +399,7 @@ def plan_stages(
         if (
             record
             and corpus is not None
-            and (how := corpus_change(recorded_corpus(record, directory, corpus), corpus, digests))
+            and (how := corpus_change(recorded_corpus(record, directory, corpus), corpus))
         ):
             changed = f"the corpus changed ({how})"
             if stage == "data" and not record.get("done"):  # fixed after an error: resumed,
@@ -475,8 +475,7 @@ def _run_pipeline(
             )
     out.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = read_state(state_path) if not run.overwrite else {}
-    digests = Digests()
-    plans = plan_stages(run, configs, state, out, digests)
+    plans = plan_stages(run, configs, state, out)
     if keep_training:
         check_training_kept(plans, run, out)
     ran: list[str] = []
@@ -493,7 +492,7 @@ def _run_pipeline(
             skipped.append(stage)
             print(f"run: {stage}: unchanged, kept {directory}", file=sys.stderr)
             if corpus is not None and restamped(state[stage].get("corpus"), corpus):
-                state[stage]["corpus"] = digests.added(corpus)  # found the same: not read again
+                state[stage]["corpus"] = with_digests(corpus)  # found the same: not read again
                 write_json(state_path, state)
             continue
         print(
@@ -502,7 +501,7 @@ def _run_pipeline(
         )
         cfg = dataclasses.replace(cfg, overwrite=action == "start")
         if corpus is not None:
-            corpus = digests.added(corpus)
+            corpus = with_digests(corpus)
         state[stage] = {"config": settings_key(cfg), "corpus": corpus, "done": False}
         write_json(state_path, state)
         started = time.monotonic()
