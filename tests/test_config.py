@@ -111,8 +111,10 @@ def test_inputs_before_between_and_after_the_flags(monkeypatch, capsys, tmp_path
     assert seen.pop().input == ("a",)
     assert cli.main(["vocab", "a", "--output", "o", "c", "--bogus"]) == 2
     assert "unknown argument '--bogus'" in capsys.readouterr().err
-    assert cli.main(["export", "x", "--output", "o"]) == 2  # no positional: refused
+    assert cli.main(["demo", "x"]) == 2  # no positional: refused
     assert "unexpected argument 'x'; this command takes flags only" in capsys.readouterr().err
+    assert cli.main(["export", "x", "--output", "o"]) == 2  # one path: the checkpoint
+    assert "--checkpoint: x does not exist." in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -317,7 +317,7 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
     for extra in ([str(src), str(empty)], [str(src), "--input", str(empty)]):
         assert main(["embed", *extra, "--model", str(exported_model), "--output",
                      str(tmp_path / "two.npy")]) == 2  # fmt: skip
-        assert "INPUT is one file, given as an argument or --input; got " in (
+        assert "INPUT is one path, given as an argument or --input; got " in (
             capsys.readouterr().err
         )
     assert main(["embed", "--model", str(exported_model), "--output", str(plain)]) == 2

@@ -561,6 +561,27 @@ def test_out_of_memory_in_the_evaluation_saves_the_step_and_names_the_eval_batch
     )
 
 
+def test_the_data_and_the_checkpoint_as_arguments(tmp_path, train_data, tiny_bert_config, capsys):
+    """`bertforge train DATA --output DIR` and `bertforge export DIR --output MODEL`, as data
+    verify and inspect take their directory; one path only."""
+    out = tmp_path / "t"
+    argv = args(train_data, out, tiny_bert_config, "--num-train-steps", "1", "--no-do-eval")
+    argv.remove("--data")
+    assert main(argv) == 0 and list_checkpoints(out)
+    assert main(["export", str(out), "--output", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*argv, str(train_data)]) == 2
+    assert f"DATA is one path, given as an argument or --data; got {train_data}, " in (
+        capsys.readouterr().err
+    )
+    assert (
+        main(["export", str(out), "--checkpoint", str(out), "--output", str(tmp_path / "n")]) == 2
+    )
+    assert "CHECKPOINT is one path, given as an argument or --checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
 def test_a_trial_step_leaves_no_trace():
     """What a multi-process run tries before its first step: it changes no gradient, optimizer
     state or random number generator, and leaves no gradients when out of memory either."""

@@ -322,9 +322,9 @@ class TrainConfig:
     """`bertforge train`: pretrain BERT (masked LM + next sentence) on `bertforge data` output
     or Google's TFRecords, on a CPU, a GPU, or many under torchrun. Resumes by itself."""
 
-    data: str = option(aliases=("--input_file",))
+    data: str = option(aliases=("--input_file",), positional=True)
     """A `bertforge data` directory, or TFRecord files (comma lists and globs, as Google's
-    --input_file)."""
+    --input_file), as an argument or --data."""
     output: str = option(aliases=("--output_dir",))
     """Directory for checkpoints, metrics.jsonl, eval_results.txt, bert_config.json, the vocab
     files, data_check.json and manifest.json. A directory with checkpoints is resumed from its
@@ -572,9 +572,10 @@ class ExportConfig:
     Face BERT directory, or a Google TF checkpoint (bert_model.ckpt with bert_config.json and
     vocab.txt beside it: the seed's TF-to-PyTorch conversion)."""
 
-    checkpoint: str = option(aliases=("--init_checkpoint", "--tf_checkpoint_path"))
+    checkpoint: str = option(aliases=("--init_checkpoint", "--tf_checkpoint_path"), positional=True)
     """A `bertforge train` directory or ckpt-*.pt file, a Hugging Face directory, or a Google TF
-    checkpoint (prefix bert_model.ckpt, or a directory: the latest its `checkpoint` file names)."""
+    checkpoint (prefix bert_model.ckpt, or a directory: the latest its `checkpoint` file
+    names), as an argument or --checkpoint."""
     output: str = option(aliases=("--output_dir", "--pytorch_dump_path"))
     """Directory for config.json, model.safetensors, the tokenizer files and manifest.json."""
     vocab: str | None = option(None, aliases=("--vocab_file",))
@@ -942,7 +943,7 @@ def fold_positionals(args: argparse.Namespace, unknown: list[str], cls: type | N
     given = [getattr(args, spec.name)] if hasattr(args, spec.name) else []  # `embed a.txt`
     if given or len(unknown) > 1:
         raise UserError(
-            f"{spec.name.upper()} is one file, given as an argument or {spec.flag}; got "
+            f"{spec.name.upper()} is one path, given as an argument or {spec.flag}; got "
             f"{', '.join([*given, *unknown])}: give one."
         )
     setattr(args, spec.name, unknown[0])
