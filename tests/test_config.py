@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 import pytest
 
 from bertforge.cli import main
-from bertforge.config import DataConfig, VocabConfig, build_config, field_specs, read_toml
+from bertforge.config import (
+    DataConfig,
+    EmbedConfig,
+    TrainConfig,
+    VocabConfig,
+    build_config,
+    field_specs,
+    fold_positionals,
+    read_toml,
+)
 from bertforge.errors import UserError
 
 
@@ -279,3 +289,19 @@ def test_the_cli_and_the_corpus_stages_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_several_data_files_as_arguments_are_one_comma_list():
+    """`bertforge train google/*.tfrecord --output o`: the shell expands an unquoted glob into
+    several arguments, which train reads as the comma list Google's --input_file takes; a
+    one-file field (embed's text) refuses a second."""
+    args = argparse.Namespace(data="a.tfrecord")  # --data a.tfrecord b.tfrecord c.tfrecord
+    assert fold_positionals(args, ["b.tfrecord", "c.tfrecord"], TrainConfig) == []
+    assert args.data == "a.tfrecord,b.tfrecord,c.tfrecord"
+    args = argparse.Namespace()
+    assert fold_positionals(args, ["x.tfrecord", "y.tfrecord"], TrainConfig) == []
+    assert args.data == "x.tfrecord,y.tfrecord"
+    with pytest.raises(UserError, match=r"INPUT is one path, given as an argument or --input; "
+                       r"got a\.txt, b\.txt: give one\."):  # fmt: skip
+        fold_positionals(argparse.Namespace(), ["a.txt", "b.txt"], EmbedConfig)
+    assert fold_positionals(argparse.Namespace(), ["a", "--bogus"], TrainConfig) == ["a", "--bogus"]

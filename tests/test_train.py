@@ -563,7 +563,7 @@ def test_out_of_memory_in_the_evaluation_saves_the_step_and_names_the_eval_batch
 
 def test_the_data_and_the_checkpoint_as_arguments(tmp_path, train_data, tiny_bert_config, capsys):
     """`bertforge train DATA --output DIR` and `bertforge export DIR --output MODEL`, as data
-    verify and inspect take their directory; one path only."""
+    verify and inspect take their directory; one checkpoint, one data directory."""
     out = tmp_path / "t"
     argv = args(train_data, out, tiny_bert_config, "--num-train-steps", "1", "--no-do-eval")
     argv.remove("--data")
@@ -571,8 +571,8 @@ def test_the_data_and_the_checkpoint_as_arguments(tmp_path, train_data, tiny_ber
     assert main(["export", str(out), "--output", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
     capsys.readouterr()
-    assert main([*argv, str(train_data)]) == 2
-    assert f"DATA is one path, given as an argument or --data; got {train_data}, " in (
+    assert main([*argv, str(train_data)]) == 2  # two data directories: one comma list
+    assert f"{train_data} is a directory, which is read alone (a `bertforge data` output: one " in (
         capsys.readouterr().err
     )
     assert (
@@ -1236,6 +1236,14 @@ def test_converted_tfrecords_train_as_the_tfrecords(
     for x, y in zip(metrics(tmp_path / "tf"), metrics(tmp_path / "native"), strict=True):
         assert x["loss"] == y["loss"]
 
+    # Several files, as the shell expands an unquoted glob: one comma list
+    two = Path(shutil.copy(google_tfrecords, tmp_path / "two.tfrecord"))
+    capsys.readouterr()
+    assert main(["data", "inspect", str(google_tfrecords), str(two), "-n", "0", "--vocab",
+                 str(kjv_vocab)]) == 0  # fmt: skip
+    assert f"statistics over all {2 * len(a):,} instances in 2 file(s)" in capsys.readouterr().out
+    assert main(["data", "verify", str(out), str(two)]) == 2
+    assert f"data verify takes one data directory; got {out}, {two}." in capsys.readouterr().err
     # Errors name the file and records; nothing is taken as data without a manifest. (Alone,
     # as Google's are: beside their data manifest, its vocabulary is checked first.)
     small = vocab_head(kjv_vocab, 300, tmp_path / "small")

@@ -124,13 +124,14 @@ def data_tool(argv: list[str]) -> None:
     v = sub.add_parser("verify", help="check every shard against the manifest (sha256, records)")
     v.add_argument("directory")
     i = sub.add_parser("inspect", help="show instances as tokens, then statistics")
-    i.add_argument("path", help="a data directory, or TFRecord files (globs, comma lists)")
+    i.add_argument("path", nargs="+", help="a data directory, or TFRecord files (globs, comma "
+                   "lists, or several)")  # fmt: skip
     i.add_argument("-n", type=int, default=5, help="instances to show (5)")
     i.add_argument("--vocab", help="vocab.txt or directory (default: the data's own vocab)")
     i.add_argument("--max-records", type=int, default=100_000,
                    help="statistics over at most this many records (100000)")  # fmt: skip
     c = sub.add_parser("convert", help="Google's TFRecords -> native shards for train (streaming)")
-    c.add_argument("input", help="TFRecord files (globs, comma lists)")
+    c.add_argument("input", nargs="+", help="TFRecord files (globs, comma lists, or several)")
     c.add_argument(
         "--vocab", required=True, help="the vocab.txt (or directory) they were made with"
     )
@@ -159,8 +160,14 @@ def data_tool(argv: list[str]) -> None:
         help="processes decoding records (default: every CPU this process may use)",
     )
     args, unknown = parser.parse_known_args(argv)
+    if args.tool == "verify" and unknown and not any(u.startswith("-") for u in unknown):
+        raise UserError(f"data verify takes one data directory; got {args.directory}, "
+                        f"{', '.join(unknown)}.")  # fmt: skip
     if unknown:  # named under the tool's usage, not `bertforge data [-h] {verify,...}`'s
         raise unknown_flags_error(unknown, {"verify": v, "inspect": i, "convert": c}[args.tool])
+    for name in ("path", "input"):  # several files (an unquoted glob): a comma list
+        if isinstance(getattr(args, name, None), list):
+            setattr(args, name, ",".join(getattr(args, name)))
     if args.tool == "inspect" and args.n < 0:
         raise UserError("-n: must be 0 or more.")
     if args.tool == "inspect" and args.max_records < 1:

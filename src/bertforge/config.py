@@ -49,16 +49,20 @@ def option(
     false_flags: Sequence[str] = (),
     split_commas: bool = False,
     positional: bool = False,
+    comma_list: bool = False,
 ) -> Any:
     """A config field. aliases: extra flag spellings; true/false_flags: extra boolean switches;
     split_commas: a list field that also accepts Google's comma-separated form; positional: also
-    given without a flag (`bertforge fill-mask "text"`)."""
+    given without a flag (`bertforge fill-mask "text"`); comma_list: a one-string field that
+    names several files by commas, whose arguments are joined so (`train a.tfrecord b.tfrecord`,
+    as the shell expands an unquoted glob)."""
     metadata = {
         "aliases": tuple(aliases),
         "true_flags": tuple(true_flags),
         "false_flags": tuple(false_flags),
         "split_commas": split_commas,
         "positional": positional,
+        "comma_list": comma_list,
     }
     return field(default=default, metadata=metadata)
 
@@ -322,7 +326,7 @@ class TrainConfig:
     """`bertforge train`: pretrain BERT (masked LM + next sentence) on `bertforge data` output
     or Google's TFRecords, on a CPU, a GPU, or many under torchrun. Resumes by itself."""
 
-    data: str = option(aliases=("--input_file",), positional=True)
+    data: str = option(aliases=("--input_file",), positional=True, comma_list=True)
     """A `bertforge data` directory, or TFRecord files (comma lists and globs, as Google's
     --input_file), as an argument or --data."""
     output: str = option(aliases=("--output_dir",))
@@ -941,6 +945,9 @@ def fold_positionals(args: argparse.Namespace, unknown: list[str], cls: type | N
         setattr(args, spec.name, [*getattr(args, spec.name, []), *unknown])
         return []
     given = [getattr(args, spec.name)] if hasattr(args, spec.name) else []  # `embed a.txt`
+    if spec.metadata.get("comma_list"):  # `train google/*.tfrecord`, the glob unquoted
+        setattr(args, spec.name, ",".join([*given, *unknown]))
+        return []
     if given or len(unknown) > 1:
         raise UserError(
             f"{spec.name.upper()} is one path, given as an argument or {spec.flag}; got "

@@ -178,6 +178,11 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
     for part in path.split(","):
         matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
         files += [Path(m) for m in matches]
+    if folder := next((f for f in files if f.is_dir()), None):
+        raise UserError(
+            f"{path}: {folder} is a directory, which is read alone (a `bertforge data` output: "
+            "one at a time); give one data directory, or TFRecord files."
+        )
     missing = [str(f) for f in files if not f.is_file()]
     if not files or missing:
         raise UserError(f"{path}: no such data file(s): {', '.join(missing) or path}.")
