@@ -894,7 +894,7 @@ def retry_or_raise(e: RuntimeError, d: Dist, step: int, micro: int) -> None:
     killer strikes first, the process dies with no error to catch."""
     if isinstance(e, torch.OutOfMemoryError):
         return
-    if any(m in str(e) for m in CPU_OUT_OF_MEMORY):
+    if out_of_memory(e):
         raise UserError(out_of_memory_stop(d, step, micro, e)) from None
     raise e
 
@@ -933,22 +933,25 @@ def out_of_memory_stop(d: Dist, step: int, micro: int, e: RuntimeError | None = 
             "--train-batch-size, by gradient accumulation; training resumes from the last "
             "checkpoint)"
         )
-    said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if e is not None and m in str(e)), "")
-    where = d.device.type.upper()  # CUDA, CPU
-    return f"{where} out of memory{said} at step {step} with micro-batch {micro}: {hint}."
+    return f"{ran_out(d, str(e or ''))} at step {step} with micro-batch {micro}: {hint}."
+
+
+def ran_out(d: Dist, error: str) -> str:
+    """What ran out: "CUDA out of memory", or "CPU out of memory (MARKER)" with the
+    CPU_OUT_OF_MEMORY marker `error` holds (oneDNN's message says nothing of memory)."""
+    said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if m in error), "")
+    return f"{d.device.type.upper()} out of memory{said}"
 
 
 def eval_out_of_memory_stop(d: Dist, step: int, batch: int, resumes: str | None, error: str) -> str:
     """Why a run out of memory in its evaluation stops, what to rerun with and where the
     rerun `resumes` (None: an evaluation alone)."""
-    said = next((f" ({m})" for m in CPU_OUT_OF_MEMORY if m in error), "")
-    where = d.device.type.upper()
     if batch == 1:
         hint = "even one instance at a time does not fit; use a smaller --model-size"
     else:
         hint = f"rerun with --eval-batch-size {batch // 2} (or less)"
     return (
-        f"{where} out of memory{said} in the evaluation at step {step}, {batch} instances per "
+        f"{ran_out(d, error)} in the evaluation at step {step}, {batch} instances per "
         f"forward pass: {hint}{f'; {resumes}' if resumes else ''}."
     )
 

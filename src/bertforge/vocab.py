@@ -56,9 +56,9 @@ from bertforge.corpus import (
     InputFile,
     Progress,
     check_output_apart,
+    corpus_change,
     corpus_notes,
     corpus_warnings,
-    inputs_diff,
     iter_documents,
     progress_bar,
     require_text,
@@ -722,8 +722,8 @@ def check_replacing(
     if any(i["bytes"] is None for i in now):
         changes.append("standard input or a pipe cannot be checked against the files it was "
                        "made from")  # fmt: skip
-    elif manifest.get("inputs") != now:
-        changes.append(f"the input files differ ({inputs_diff(manifest.get('inputs') or [], now)})")
+    elif how := corpus_change(manifest.get("inputs") or [], now):
+        changes.append(f"the input files differ ({how})")
     if changes:
         raise UserError(
             f"--output: {out} holds a vocabulary made another way "
