@@ -21,7 +21,9 @@ def fake_cgroup(tmp_path: Path, files: dict[str, str], own: str | None = None) -
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     proc = tmp_path / "proc_self_cgroup"
-    proc.write_text(f"0::/{own}\n" if own else "12:cpu,cpuacct:/\n")
+    if own is None or ":" not in own:  # a cgroup v2 path, or a v1 line of /proc/self/cgroup
+        own = f"0::/{own}" if own else "12:cpu,cpuacct:/"
+    proc.write_text(f"1:name=systemd:/user.slice\n{own}\n")
     return root, proc
 
 
@@ -35,8 +37,16 @@ def fake_cgroup(tmp_path: Path, files: dict[str, str], own: str | None = None) -
         ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None, None),
         ({"cpu.max": "garbage\n"}, None, None),
         ({}, None, None),  # no cgroup filesystem at all
+        ({"slice/cpu.max": "100000 100000\n", "slice/job/cpu.max": "400000 100000\n"},
+         "slice/job", 1),  # a slice's quota above the process's own cgroup holds too
+        ({"slice/cpu.max": "max 100000\n", "slice/job/cpu.max": "150000 100000\n"},
+         "slice/job", 2),
+        ({"cpu.max": "300000 100000\n"}, "docker/4f2a", 3),  # a container: its own path unseen
+        ({"cpu/job/cpu.cfs_quota_us": "200000\n", "cpu/job/cpu.cfs_period_us": "100000\n",
+          "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"},
+         "5:cpu,cpuacct:/job", 2),  # cgroup v1, the process's own cgroup
     ],
-)
+)  # fmt: skip
 def test_cgroup_cpu_quota(tmp_path, files, own, want):
     root, proc = fake_cgroup(tmp_path, files, own)
     assert cgroup_cpu_quota(root, proc) == want
@@ -58,6 +68,18 @@ def test_cgroup_cpu_quota(tmp_path, files, own, want):
         ({}, None, 2000, 2_048_000),  # no cgroup filesystem
         ({"memory.max": "1000000\n", "memory.current": "400000\n"}, None, None, 600_000),
         ({}, None, None, None),  # not Linux: nothing to read
+        ({"slice/memory.max": "500000\n", "slice/memory.current": "100000\n",
+          "slice/job/memory.max": "max\n", "slice/job/memory.current": "50000\n"},
+         "slice/job", 2000, 400_000),  # a limit on the slice above the process's cgroup
+        ({"slice/memory.max": "5000000\n", "slice/memory.current": "100000\n",
+          "slice/job/memory.max": "700000\n", "slice/job/memory.current": "50000\n"},
+         "slice/job", 9000, 650_000),  # its own, tighter
+        ({"memory/job/memory.limit_in_bytes": "2000000\n",
+          "memory/job/memory.usage_in_bytes": "500000\n",
+          "memory/memory.limit_in_bytes": "9223372036854771712\n",
+          "memory/memory.usage_in_bytes": "900000\n"}, "9:memory:/job", 9000, 1_500_000),  # v1
+        ({"memory.max": "800000\n", "memory.current": "100000\n"}, "docker/4f2a", 2000,
+         700_000),  # a container: the path named in /proc/self/cgroup is not in its view
     ],
 )  # fmt: skip
 def test_available_memory_is_the_least_of_the_machine_and_the_cgroup(

@@ -200,34 +200,49 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     return max(1, min(n, quota) if quota else n)
 
 
-def cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
-    """Where cgroup v2 keeps this process's limits: its own cgroup (named in /proc/self/cgroup
-    as "0::/PATH"), then the root (a container's own, seen from inside)."""
+def cgroup_dirs(root: Path, proc_cgroup: Path, controller: str | None = None) -> list[Path]:
+    """Where this process's cgroup limits are kept: its own cgroup, then each one above it up
+    to the root, as a limit set on any of them holds (systemd sets them on slices, a job
+    scheduler on the job's cgroup above its steps). cgroup v2 (controller None) names the
+    own cgroup in /proc/self/cgroup as "0::/PATH"; v1 as "4:memory:/PATH" for the controller's
+    hierarchy under ROOT/memory. Inside a container the named path may not be there (the
+    container sees its own cgroup as the root): only the root is read then."""
+    base = root if controller is None else root / controller
+    own = ""
     with contextlib.suppress(OSError):
         for line in proc_cgroup.read_text().splitlines():
-            if line.startswith("0::"):
-                return [root / line[3:].lstrip("/"), root]
-    return [root]
+            number, names, path = [*line.split(":", 2), "", ""][:3]
+            v2_line = number == "0" and not names
+            if v2_line if controller is None else controller in names.split(","):
+                own = path.strip("/")
+    parts = Path(own).parts if own else ()
+    above = [base.joinpath(*parts[:k]) for k in range(len(parts), 0, -1)]
+    return [d for d in above if d.is_dir()] + [base]
+
+
+def cgroup_numbers(d: Path, name: str) -> list[int] | None:
+    """The integers in one cgroup file ("250000 100000"), or None where it is missing,
+    unreadable, unbounded ("max") or not numbers."""
+    try:
+        return [int(x) for x in (d / name).read_text().split()]
+    except (OSError, ValueError):
+        return None
 
 
 def cgroup_cpu_quota(root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
-    """CPUs the cgroup quota allows (rounded up), or None: no quota, or no cgroup to read.
-    cgroup v2 keeps "QUOTA PERIOD" (or "max PERIOD") in cpu.max of the process's own cgroup
-    (the root one inside a container); v1 keeps cpu.cfs_quota_us (-1: none) and
-    cpu.cfs_period_us under cpu/."""
-    try:
-        for d in cgroup_dirs(root, proc_cgroup):
-            if (d / "cpu.max").is_file():
-                quota, period = (d / "cpu.max").read_text().split()[:2]
-                return None if quota == "max" else math.ceil(int(quota) / int(period))
-        v1 = root / "cpu"
-        if (v1 / "cpu.cfs_quota_us").is_file():
-            quota = int((v1 / "cpu.cfs_quota_us").read_text())
-            period = int((v1 / "cpu.cfs_period_us").read_text())
-            return math.ceil(quota / period) if quota > 0 and period > 0 else None
-    except (OSError, ValueError):
-        return None
-    return None
+    """CPUs the cgroup quotas allow (the least along the process's cgroup and those above it,
+    rounded up), or None: no quota, or no cgroup to read. cgroup v2 keeps "QUOTA PERIOD" (or
+    "max PERIOD") in cpu.max; v1 keeps cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us
+    under cpu/."""
+    quotas = []
+    dirs = cgroup_dirs(root, proc_cgroup)
+    v2 = any((d / "cpu.max").is_file() for d in dirs)
+    for d in dirs if v2 else cgroup_dirs(root, proc_cgroup, "cpu"):
+        files = ("cpu.max",) if v2 else ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        pair = [n for name in files for n in cgroup_numbers(d, name) or []]
+        if pair and len(pair) == 2 and pair[0] > 0 and pair[1] > 0:
+            quotas.append(pair[0] / pair[1])
+    return math.ceil(min(quotas)) if quotas else None
 
 
 def available_memory(
@@ -235,31 +250,27 @@ def available_memory(
     meminfo: Path = Path("/proc/meminfo"),
     proc_cgroup: Path = Path("/proc/self/cgroup"),
 ) -> int | None:
-    """Bytes this process can still take: the machine's MemAvailable, capped by what its
-    cgroup's memory limit leaves (a container's: docker --memory, Kubernetes' limits), or
+    """Bytes this process can still take: the machine's MemAvailable, capped by what the
+    cgroup memory limits leave (a container's: docker --memory, Kubernetes' limits; a
+    systemd slice's, a job scheduler's), the least along its cgroup and those above it, or
     None where neither can be read (not Linux). cgroup v2 keeps the limit in memory.max
-    ("max": none) and the use in memory.current; v1 in memory/memory.limit_in_bytes (a huge
-    number: none) and memory/memory.usage_in_bytes."""
+    ("max": none) and the use in memory.current; v1 in memory/.../memory.limit_in_bytes (a
+    huge number: none) and memory.usage_in_bytes."""
     free = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 free = int(line.split()[1]) * 1024
-    left = None
-    with contextlib.suppress(OSError, ValueError):
-        for d in cgroup_dirs(root, proc_cgroup):
-            if (d / "memory.max").is_file():
-                limit = (d / "memory.max").read_text().strip()
-                if limit != "max":
-                    left = int(limit) - int((d / "memory.current").read_text())
-                break
-        else:
-            v1 = root / "memory"
-            if (v1 / "memory.limit_in_bytes").is_file():
-                limit = int((v1 / "memory.limit_in_bytes").read_text())
-                if limit < 1 << 60:
-                    left = limit - int((v1 / "memory.usage_in_bytes").read_text())
-    known = [x for x in (free, left) if x is not None]
+    left = []
+    dirs = cgroup_dirs(root, proc_cgroup)
+    v2 = any((d / "memory.max").is_file() for d in dirs)
+    limit_file, use_file = ("memory.max", "memory.current") if v2 else (
+        "memory.limit_in_bytes", "memory.usage_in_bytes")  # fmt: skip
+    for d in dirs if v2 else cgroup_dirs(root, proc_cgroup, "memory"):
+        limit, use = cgroup_numbers(d, limit_file), cgroup_numbers(d, use_file)
+        if limit and use and limit[0] < 1 << 60:  # v1's "no limit": 2**63 less a page
+            left.append(limit[0] - use[0])
+    known = [x for x in (free, *left) if x is not None]
     return max(0, min(known)) if known else None
 
 
