@@ -1,6 +1,7 @@
 """`bertforge` under torchrun with one process's memory made small: a micro-batch of more than
-SIMULATED_OOM_ABOVE instances raises CUDA's out-of-memory error on process SIMULATED_OOM_RANK
-(test_train.py's multi-process out-of-memory tests; CPUs cannot run out of memory on cue)."""
+SIMULATED_OOM_ABOVE instances raises CUDA's out-of-memory error on process SIMULATED_OOM_RANK,
+in evaluations only where SIMULATED_OOM_EVAL is set (test_train.py's multi-process
+out-of-memory tests; CPUs cannot run out of memory on cue)."""
 
 import os
 import sys
@@ -16,6 +17,7 @@ real = BertForPretraining.pretraining_logits
 def small_memory(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw):
     above = int(os.environ["SIMULATED_OOM_ABOVE"])
     here = os.environ["RANK"] == os.environ["SIMULATED_OOM_RANK"]
+    here = here and not (self.training and os.environ.get("SIMULATED_OOM_EVAL"))
     if here and masked_positions.shape[0] > above:  # instances, padded or packed
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
     return real(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw)

@@ -2175,6 +2175,48 @@ def test_two_processes_agree_on_a_micro_batch_that_fits_before_the_first_step(
     )
 
 
+@pytest.mark.slow
+def test_two_processes_out_of_memory_in_an_evaluation_save_the_step_together(
+    tmp_path, train_data, tiny_bert_config
+):
+    """torchrun with 2 gloo processes, process 1 out of memory in evaluations of more than 4
+    instances (simulated). Process 0 waited in the evaluation's all-reduce and nothing was
+    saved: the steps since the last checkpoint were lost. Now both hear of it there, save the
+    step's checkpoint together and stop with one clear error each; the rerun with a smaller
+    --eval-batch-size resumes at that step and ends as an unbroken run does."""
+    helper = Path(__file__).with_name("simulated_oom.py")
+    steps = ("--num-train-steps", "6", "--save-checkpoints-steps", "4", "--eval-records", "40",
+             "--eval-every", "3")  # fmt: skip
+
+    def torchrun(out: Path, eval_batch: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMULATED_OOM_RANK": "1",
+               "SIMULATED_OOM_ABOVE": "4", "SIMULATED_OOM_EVAL": "1"}  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29525", str(helper), *args(train_data, out, tiny_bert_config,
+               *steps, "--eval-batch-size", str(eval_batch), *FP32)]  # fmt: skip
+        return run_group(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    done = torchrun(ref, 4)
+    assert done.returncode == 0, done.stderr
+    failed = torchrun(out, 16)
+    assert failed.returncode != 0
+    says = (
+        "bertforge: error: CPU out of memory on process(es) 1 in the evaluation at step 3, 16 "
+        "instances per forward pass: rerun with --eval-batch-size 8 (or less); the checkpoint "
+        "of step 3 is saved, and the rerun resumes there."
+    )
+    assert failed.stderr.count(says) == 2, failed.stderr  # each process says it, neither hangs
+    assert failed.stderr.count("Traceback") == 1  # torchrun's own, as it reports the exit codes
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt-00000003.pt"]
+    resumed = torchrun(out, 4)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in metrics(out)] == list(range(1, 7))
+    for x, y in zip(metrics(ref), metrics(out), strict=True):
+        assert [x[k] for k in LOSSES] == [y[k] for k in LOSSES]
+    assert metrics(ref, True)[-1] == metrics(out, True)[-1]
+
+
 def test_config_errors():
     with pytest.raises(UserError, match="--train-batch-size"):
         TrainConfig(data="d", output="o", train_batch_size=0)

@@ -401,36 +401,30 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     autocast = autocast_to(precision, d.device)
 
     def evaluate_now() -> dict[str, float]:
-        """The held-out metrics now. Out of memory (a large --eval-batch-size), the run stops
-        saying what to rerun with, where one process trains after saving this step's
-        checkpoint, so that the rerun resumes there (several cannot save one without the
-        others, which may be waiting in the evaluation's all-reduce)."""
+        """The held-out metrics now. Out of memory (a large --eval-batch-size) on any process,
+        every process saves this step's checkpoint together and stops, saying what to rerun
+        with, so that the rerun resumes there."""
         batch = cfg.eval_batch_size or micro
         try:
             result = evaluate(model, data, split, spec, cfg, d, batch, autocast, packed, step)
-        except RuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            error = str(e)  # leave the except block first, so the failed batch's tensors go
+        except EvalOutOfMemory as e:
+            error, short = e.error, e.processes  # the exception goes, with the failed frames
         else:
             if d.main:
                 report_eval(out, result, cfg.progress)
             return result
-        model.train()
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
         saved = checkpoint_path(out, step).is_file()
-        if not saved and cfg.do_train and d.world == 1:
+        if not saved and cfg.do_train:
             checkpoint()
             saved = True
         resumes = (
             f"the checkpoint of step {step} is saved, and the rerun resumes there"
             if saved
-            else "the rerun resumes from the last checkpoint"
-            if cfg.do_train
             else None  # an evaluation alone (--no-do-train): nothing to resume
         )
-        raise UserError(eval_out_of_memory_stop(d, step, batch, resumes, error))
+        raise UserError(eval_out_of_memory_stop(d, step, batch, resumes, error, short))
 
     def checkpoint() -> Path | None:
         rng = distributed.gather_objects(rng_state(), d)
@@ -943,15 +937,27 @@ def ran_out(d: Dist, error: str) -> str:
     return f"{d.device.type.upper()} out of memory{said}"
 
 
-def eval_out_of_memory_stop(d: Dist, step: int, batch: int, resumes: str | None, error: str) -> str:
-    """Why a run out of memory in its evaluation stops, what to rerun with and where the
-    rerun `resumes` (None: an evaluation alone)."""
+class EvalOutOfMemory(Exception):
+    """Out of memory in an evaluation on `processes` (ranks; `error`: the first one's
+    message), raised on every process once they have agreed."""
+
+    def __init__(self, error: str, processes: list[int]) -> None:
+        super().__init__(error)
+        self.error, self.processes = error, processes
+
+
+def eval_out_of_memory_stop(
+    d: Dist, step: int, batch: int, resumes: str | None, error: str, processes: list[int]
+) -> str:
+    """Why a run out of memory in its evaluation (on `processes`) stops, what to rerun with
+    and where the rerun `resumes` (None: an evaluation alone)."""
     if batch == 1:
         hint = "even one instance at a time does not fit; use a smaller --model-size"
     else:
         hint = f"rerun with --eval-batch-size {batch // 2} (or less)"
+    where = f" on process(es) {', '.join(map(str, processes))}" if d.world > 1 else ""
     return (
-        f"{ran_out(d, error)} in the evaluation at step {step}, {batch} instances per "
+        f"{ran_out(d, error)}{where} in the evaluation at step {step}, {batch} instances per "
         f"forward pass: {hint}{f'; {resumes}' if resumes else ''}."
     )
 
@@ -1048,41 +1054,54 @@ def evaluate(
     packed: bool,
     step: int,
 ) -> dict[str, float]:
-    """Google's eval metrics on the held-out split (its batches spread over the ranks)."""
+    """Google's eval metrics on the held-out split (its batches spread over the ranks). Out
+    of memory on any process, every process raises EvalOutOfMemory alike (they agree in the
+    sums' all-reduce), so that all can save a checkpoint together and stop."""
     model.eval()
     count = math.ceil((split.total - split.num_train) / batch)
     if cfg.max_eval_steps:
         count = min(count, cfg.max_eval_steps)
-    sums = torch.zeros(6, dtype=torch.float64, device=d.device)
+    sums = torch.zeros(7, dtype=torch.float64, device=d.device)  # the last: out of memory
     label_counts = torch.zeros(model.config.vocab_size, dtype=torch.float64, device=d.device)
-    for chunk in range(d.rank, count, d.world):
-        rows = eval_rows(data, split, spec, cfg.random_seed, chunk, batch)
-        b, lengths, layout = model_batch(rows, d.device, packed)
-        with autocast:
-            mlm_logits, nsp_logits = model.pretraining_logits(
-                b["input_ids"], b["token_type_ids"], lengths, b["positions"], layout
+    error = ""
+    try:
+        for chunk in range(d.rank, count, d.world):
+            rows = eval_rows(data, split, spec, cfg.random_seed, chunk, batch)
+            b, lengths, layout = model_batch(rows, d.device, packed)
+            with autocast:
+                mlm_logits, nsp_logits = model.pretraining_logits(
+                    b["input_ids"], b["token_type_ids"], lengths, b["positions"], layout
+                )
+            mlm, nsp, correct = pretraining_sums(
+                mlm_logits, b["labels"], nsp_logits, b["next_sentence"], model.config.vocab_size
             )
-        mlm, nsp, correct = pretraining_sums(
-            mlm_logits, b["labels"], nsp_logits, b["next_sentence"], model.config.vocab_size
-        )
-        masked = (b["labels"] != IGNORE).sum()
-        label_counts += torch.bincount(
-            b["labels"][b["labels"] != IGNORE], minlength=label_counts.numel()
-        ).double()
-        sums += torch.stack(
-            [
-                mlm,
-                nsp,
-                correct[0],
-                correct[1],
-                masked.float(),
-                torch.tensor(float(len(rows.lengths)), device=d.device),
-            ]
-        ).double()
+            masked = (b["labels"] != IGNORE).sum()
+            label_counts += torch.bincount(
+                b["labels"][b["labels"] != IGNORE], minlength=label_counts.numel()
+            ).double()
+            sums[:6] += torch.stack(
+                [
+                    mlm,
+                    nsp,
+                    correct[0],
+                    correct[1],
+                    masked.float(),
+                    torch.tensor(float(len(rows.lengths)), device=d.device),
+                ]
+            ).double()
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        error, sums[-1] = str(e), 1.0  # the others finish their batches, then hear of it
     distributed.all_reduce_sum(sums, d)
+    if sums[-1] > 0:
+        model.train()
+        errors = [str(x) for x in distributed.gather_objects(error, d)]
+        short = [rank for rank, x in enumerate(errors) if x]
+        raise EvalOutOfMemory(errors[short[0]], short)
     distributed.all_reduce_sum(label_counts, d)
     model.train()
-    mlm_sum, nsp_sum, mlm_ok, nsp_ok, masked, n = sums.tolist()
+    mlm_sum, nsp_sum, mlm_ok, nsp_ok, masked, n = sums.tolist()[:6]
     result = {
         "global_step": step,
         "masked_lm_loss": mlm_sum / max(masked, 1),
