@@ -12,7 +12,7 @@ costs the reader the same), in files of about 25 MB as `bertforge data --format 
 writes them, then in a fresh process per side reads them and prints the resident memory
 held after the read and the peak (VmHWM), both above the process's memory before it, as
 multiples of the files' size, and the time. Sides alternate over `--rounds`; the page
-cache is warm for all.
+cache is warm for all. Last, the peak `train`'s warning expects (`batches.tfrecord_peak`).
 
     python bench/tfrecord_memory.py [--mb 500] [--rounds 2]
 """
@@ -92,9 +92,10 @@ def read_int64(files: list[Path]) -> Any:
     return joined
 
 
-def kb(field: str) -> int:
+def mb(field: str) -> float:
+    """A /proc/self/status figure (its "kB" are KiB) in MB, as the files' size is counted."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+        return next(int(line.split()[1]) * 1024 / 1e6 for line in f if line.startswith(field + ":"))
 
 
 def side(directory: Path, name: str) -> dict[str, float]:
@@ -102,7 +103,7 @@ def side(directory: Path, name: str) -> dict[str, float]:
     from bertforge.batches import PretrainingData
 
     files = sorted(directory.glob("*.tfrecord"))
-    before = kb("VmRSS")
+    before = mb("VmRSS")
     start = time.perf_counter()
     if name == "int64":
         held = read_int64(files)
@@ -111,8 +112,8 @@ def side(directory: Path, name: str) -> dict[str, float]:
         held = PretrainingData(str(directory / "*.tfrecord"))
         records = len(held)
     seconds = time.perf_counter() - start  # measured below while `held` holds the records
-    return {"records": records, "seconds": seconds, "held_mb": (kb("VmRSS") - before) / 1024,
-            "peak_mb": (kb("VmHWM") - before) / 1024}  # fmt: skip
+    return {"records": records, "seconds": seconds, "held_mb": mb("VmRSS") - before,
+            "peak_mb": mb("VmHWM") - before}  # fmt: skip
 
 
 def main() -> None:
@@ -147,6 +148,12 @@ def main() -> None:
             print(f"| {label} | {r['records']:,} | {r['seconds']:.1f} | {held:.0f} "
                   f"({held / size:.2f}x) | {peak:.0f} ({peak / size:.2f}x) |",
                   flush=True)  # fmt: skip
+    from bertforge.batches import tfrecord_peak
+
+    estimate = tfrecord_peak(sorted(directory.glob("*.tfrecord"))) / 1e6
+    print(f"\ntrain's warning puts the narrowed reader's peak at {estimate:.0f} MB "
+          f"({estimate / size:.2f}x; `batches.tfrecord_peak`, from the first file's first "
+          "records)")  # fmt: skip
     if os.environ.get("KEEP_TFRECORDS") != "1":
         shutil.rmtree(directory)
 

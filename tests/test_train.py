@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from bertforge import hardware
+from bertforge import batches, hardware
 from bertforge import train as train_module
 from bertforge.batches import Order, PretrainingData, Split, step_rows
 from bertforge.checkpoint import (
@@ -1267,8 +1267,6 @@ def test_tfrecords_are_held_narrow_read_in_parts_and_warned_of_before(
     joined; a step's rows are int64 and the same wherever the parts fall. Files made with
     another max_seq_length among them are refused, naming both. Where the TFRecords will not
     fit in the memory available, the warning comes before they are read."""
-    from bertforge import batches
-
     whole = PretrainingData(str(google_tfrecords))
     held = whole.tf_rows
     assert held is not None
@@ -1304,7 +1302,7 @@ def test_tfrecords_are_held_narrow_read_in_parts_and_warned_of_before(
     size = google_tfrecords.stat().st_size
     assert train_module.tfrecord_memory_warning(str(google_tfrecords), 1, None) is None
     assert train_module.tfrecord_memory_warning(str(google_tfrecords), 1, 2 * size) is None
-    peak = size_text(int(train_module.TF_PEAK_PER_BYTE * size) * 2)
+    peak = size_text(batches.tfrecord_peak([google_tfrecords]) * 2)
     warning = (
         f"bertforge: warning: {size_text(size)} of TFRecords are read into memory at every "
         f"start by each of the 2 processes on this machine, about {peak} at the peak, and this "
@@ -1331,6 +1329,38 @@ def test_tfrecords_are_held_narrow_read_in_parts_and_warned_of_before(
     assert first.endswith(f"this machine has {size_text(size)} available: the system may stop "
                           "training for lack of memory; `bertforge data convert` turns them "
                           "once into shards that training reads as it goes.")  # fmt: skip
+
+
+@pytest.mark.parametrize("ids", ["kjv", "under 128", "over 16384"])
+def test_the_tfrecords_peak_is_told_from_their_first_records(
+    tmp_path, google_tfrecords, monkeypatch, ids
+):
+    """The warning's peak (`tfrecord_peak`): what `load_tfrecords` holds and the widest field
+    joined beside it, from a sample of the first file. A token id's varint takes one byte
+    under 128, two under 16,384 and three above: bytes of file per record vary with the
+    vocabulary, which a fixed ratio to the files' size (1.8) did not see."""
+    from bertforge.tfrecord import bert_example
+
+    monkeypatch.setattr(batches, "TF_CHUNK", 40)  # a sample of 40 records, then extrapolated
+    files = [google_tfrecords]
+    if ids != "kjv":
+        low, high = (5, 128) if ids == "under 128" else (16384, 30000)
+        rng = np.random.default_rng(0)
+        records = []
+        for _ in range(400):
+            n = int(rng.integers(8, 65))
+            tokens = [101, *rng.integers(low, high, n - 3).tolist(), 102, 102]
+            where = sorted(rng.choice(np.arange(1, n - 1), 5, replace=False).tolist())
+            labels = [tokens[p] for p in where]
+            segments = [0] * (n - 2) + [1] * 2
+            records.append(frame(bert_example(tokens, segments, where, labels, False, 64, 10)))
+        files = [tmp_path / "a.tfrecord", tmp_path / "b.tfrecord"]
+        files[0].write_bytes(b"".join(records[:150]))
+        files[1].write_bytes(b"".join(records[150:]))
+    rows, _ = batches.load_tfrecords(files)
+    fields = [a.nbytes for a in vars(rows).values() if a is not None]
+    peak = batches.TF_HEAP * (sum(fields) + max(fields))
+    assert batches.tfrecord_peak(files) == pytest.approx(peak, rel=0.08)
 
 
 def test_token_ids_beyond_the_vocabulary_say_which_of_two_causes(

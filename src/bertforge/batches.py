@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -29,16 +30,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertforge.datacheck import data_files, data_vocab, tfrecord_batches
+from bertforge.datacheck import Batch, data_files, data_vocab, tfrecord_batches
 from bertforge.errors import UserError
 from bertforge.fileio import write_json
 from bertforge.malloc import release_freed_memory
 from bertforge.masking import MaskSpec, RowRng, mask_batch
 from bertforge.shards import ShardSet, is_shard, segment_ids
+from bertforge.tfrecord import FRAMING, read_records
 from bertforge.workers import usable_cpus
 
 IGNORE = -100  # label of an unused prediction slot
 TF_CHUNK = 4096  # TFRecords decoded at a time: 14 KB each while decoding (56 MB)
+TF_HEAP = 1.06  # resident memory per byte of arrays, reading TFRecords (1.04-1.06 measured)
 SCAN_VERSION = 1  # of the file `PretrainingData.save_scan` writes
 MAX_SCAN_THREADS = 8  # shards a start-up pass reads at once (more buys nothing from one disk)
 
@@ -300,16 +303,7 @@ def load_tfrecords(files: Sequence[Path]) -> tuple[Rows | None, list[int]]:
         count = 0
         for b in tfrecord_batches(path, chunk=TF_CHUNK):
             count += len(b)
-            assert b.positions is not None and b.labels is not None and b.counts is not None
-            used = np.arange(b.labels.shape[1]) < b.counts[:, None]
-            parts.append({
-                "input_ids": narrow(b.input_ids, np.int32),
-                "lengths": b.lengths,
-                "token_type_ids": narrow(b.segment_ids, np.int8),
-                "next_sentence": b.next_sentence,
-                "positions": narrow(b.positions, np.int32),
-                "labels": narrow(np.where(used, b.labels, IGNORE), np.int32),
-            })  # fmt: skip
+            parts.append(narrowed(b))
             for name, what in (("input_ids", "max_seq_length"),
                                ("positions", "max_predictions_per_seq")):  # fmt: skip
                 width = parts[-1][name].shape[1]
@@ -328,6 +322,38 @@ def load_tfrecords(files: Sequence[Path]) -> tuple[Rows | None, list[int]]:
         joined[name] = np.concatenate([part.pop(name) for part in parts])
         release_freed_memory()
     return Rows(sep_a=None, **joined), sizes
+
+
+def narrowed(b: Batch) -> dict[str, np.ndarray]:
+    """Decoded TFRecords as `load_tfrecords` holds them: Rows' fields, narrowed."""
+    assert b.positions is not None and b.labels is not None and b.counts is not None
+    used = np.arange(b.labels.shape[1]) < b.counts[:, None]
+    return {
+        "input_ids": narrow(b.input_ids, np.int32),
+        "lengths": b.lengths,
+        "token_type_ids": narrow(b.segment_ids, np.int8),
+        "next_sentence": b.next_sentence,
+        "positions": narrow(b.positions, np.int32),
+        "labels": narrow(np.where(used, b.labels, IGNORE), np.int32),
+    }
+
+
+def tfrecord_peak(files: Sequence[Path]) -> int:
+    """The bytes `load_tfrecords` will take at its peak for these files: what it holds and,
+    as it joins the fields one by one, the widest field again, and malloc's pages beside
+    them (TF_HEAP; 1.68 times the files' size at length 128 with a 30,522-token vocabulary,
+    bench/RESULTS.md session 52). Told from the first file's first TF_CHUNK records, as the
+    files' bytes a record vary with the token ids (a varint: ids under 128 take one byte,
+    under 16,384 two) and with the length."""
+    sample = next(tfrecord_batches(files[0], chunk=TF_CHUNK, limit=TF_CHUNK), None)
+    if sample is None:
+        return 0
+    with open(files[0], "rb") as f:
+        records = itertools.islice(read_records(f, str(files[0]), check=False), len(sample))
+        taken = sum(FRAMING + len(r) for r in records)  # the sample's bytes of file
+    fields = [a.nbytes for a in narrowed(sample).values()]
+    per_byte = TF_HEAP * (sum(fields) + max(fields)) / taken
+    return int(per_byte * sum(f.stat().st_size for f in files))
 
 
 def narrow(a: np.ndarray, dtype: type) -> np.ndarray:

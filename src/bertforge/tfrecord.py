@@ -27,6 +27,7 @@ from bertforge.errors import UserError
 from bertforge.fileio import output_stages
 
 MASK_DELTA = 0xA282EAD8
+FRAMING = 16  # a record's bytes beside its data: its length, the length's crc, the data's crc
 
 
 def masked_crc(data: bytes) -> int:

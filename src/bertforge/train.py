@@ -51,6 +51,7 @@ from bertforge.batches import (
     scan_threads,
     slice_rows,
     step_rows,
+    tfrecord_peak,
     to_tensors,
     vocab_dir,
 )
@@ -1510,9 +1511,6 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-TF_PEAK_PER_BYTE = 1.8  # memory at the peak of reading TFRecords per byte of them (1.74 seen)
-
-
 def tfrecord_memory_warning(path: str, processes: int, available: int | None) -> str | None:
     """Before Google's TFRecords are read into memory, by every process of this machine: a
     warning where they are over 1 GB, or would not fit in the memory `available`, saying what
@@ -1522,7 +1520,7 @@ def tfrecord_memory_warning(path: str, processes: int, available: int | None) ->
     if is_shard(files[0]):
         return None
     size = sum(f.stat().st_size for f in files)
-    need = int(TF_PEAK_PER_BYTE * size) * processes
+    need = tfrecord_peak(files) * processes
     short = available is not None and need > available
     if size <= 1 << 30 and not short:
         return None
