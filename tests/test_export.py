@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -253,6 +255,20 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
     assert not (tmp_path / "sw" / "model.safetensors").exists()
     export(ExportConfig(checkpoint=str(trained_run), output=str(tmp_path / "sw"),
                         vocab=str(trained_run)))  # its own, named: taken  # fmt: skip
+    # Its very tokens, but cased: the exported tokenizer would keep capitals the model never saw
+    (tmp_path / "same").mkdir()
+    shutil.copy(trained_run / "vocab.txt", tmp_path / "same")
+    said = (
+        f"--vocab: {tmp_path / 'same' / 'vocab.txt'} keeps case and keeps accents, but the "
+        f"model's tokenizer lowercases and strips accents ({trained_run / 'tokenizer_config.json'}"
+        "), so the exported tokenizer would feed it text unlike what it learned from"
+    )
+    with pytest.raises(UserError, match=re.escape(said)):
+        export(ExportConfig(checkpoint=str(trained_run), output=str(tmp_path / "cased"),
+                            vocab=str(tmp_path / "same"), do_lower_case=False))  # fmt: skip
+    assert not (tmp_path / "cased" / "model.safetensors").exists()
+    export(ExportConfig(checkpoint=str(trained_run), output=str(tmp_path / "cased"),
+                        vocab=str(tmp_path / "same"), do_lower_case=True))  # fmt: skip
 
     # A model without a vocabulary beside it (a copied checkpoint): say to give --vocab.
     bare = tmp_path / "bare"

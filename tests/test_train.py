@@ -1865,6 +1865,31 @@ def test_init_from_hugging_face_and_bertforge_checkpoints(
     assert "cls.predictions.decoder.weight" in state
 
 
+def test_continuing_a_checkpoint_of_other_casing_is_warned_about(
+    tmp_path, train_data, exported_model, capsys
+):
+    """mBERT is cased; data made with --lowercase on its vocab.txt (the same tokens) trained
+    it on text unlike its pretraining's without a word. A warning now names both casings."""
+    cased = Path(shutil.copytree(exported_model, tmp_path / "cased"))
+    config = json.loads((cased / "tokenizer_config.json").read_text())
+    (cased / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    run = ["train", str(train_data), "--num-train-steps", "1", "--no-do-eval", "--no-progress",
+           "--init-checkpoint"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*run, str(cased), "--output", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"bertforge: warning: the tokenizer of --init-checkpoint {cased} keeps case and keeps "
+        f"accents ({cased / 'tokenizer_config.json'}); the data's lowercases and strips accents ("
+    ) in err
+    assert "Make the data with the checkpoint's casing (--cased or --lowercase)" in err
+    assert main([*run, str(exported_model), "--output", str(tmp_path / "b")]) == 0
+    assert "tokenizer of --init-checkpoint" not in capsys.readouterr().err  # the same casing
+    slots = ("--transfer-vocab",)  # a vocabulary of its own: its casing is the user's choice
+    assert main([*run, str(cased), *slots, "--output", str(tmp_path / "c")]) == 0
+    assert "tokenizer of --init-checkpoint" not in capsys.readouterr().err
+
+
 def test_transfer_vocab_starts_each_token_from_the_checkpoints_rows(
     tmp_path, train_data, kjv_vocab, tiny_bert_config, capsys
 ):

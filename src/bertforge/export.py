@@ -43,6 +43,7 @@ from bertforge.tokenization import (
     Vocab,
     first_difference,
     load_vocab,
+    other_normalization,
     read_vocab_file,
     save_tokenizer_files,
 )
@@ -124,6 +125,13 @@ def export_vocab(cfg: ExportConfig, source: InitWeights) -> Vocab:
                 f"--vocab: {vocab.path} is not the vocabulary beside the model, "
                 f"{source.vocab_file} (id {first}: {here} here, {there} there), so the model "
                 "would read its ids as other words; leave --vocab out to use it."
+            )
+        if differ := other_normalization(vocab, source.vocab_file):
+            given, learned, said = differ
+            raise UserError(
+                f"--vocab: {vocab.path} {given}, but the model's tokenizer {learned} ({said}), "
+                "so the exported tokenizer would feed it text unlike what it learned from; leave "
+                "--vocab out to use the one beside the model."
             )
     return vocab
 

@@ -482,6 +482,28 @@ def recorded_casing(path: Path) -> tuple[bool | None, bool | None, Path | None]:
     return None, None, None
 
 
+def normalization(do_lower_case: bool, strip_accents: bool | None) -> str:
+    """What a tokenizer does to text before its words are looked up, in words; accents
+    follow the casing unless set (Google's and transformers' BasicTokenizer)."""
+    stripped = do_lower_case if strip_accents is None else strip_accents
+    case = "lowercases" if do_lower_case else "keeps case"
+    return f"{case} and {'strips' if stripped else 'keeps'} accents"
+
+
+def other_normalization(vocab: Vocab, model_vocab: Path) -> tuple[str, str, Path] | None:
+    """(what `vocab`'s tokenizer does to text, what the one recorded beside a model's
+    vocabulary file does, the file recording it) where the two differ; None where they are
+    the same or nothing is recorded (Google's checkpoints have a bare vocab.txt)."""
+    lower, accents, said = recorded_casing(model_vocab.parent)
+    if lower is None or said is None:
+        return None
+    ours, theirs = (
+        normalization(vocab.do_lower_case, vocab.strip_accents),
+        normalization(lower, accents),
+    )
+    return None if ours == theirs else (ours, theirs, said)
+
+
 def load_vocab(path: str | Path, do_lower_case: bool | None = None, flag: str = "--vocab") -> Vocab:
     """Load a vocab directory (casing from its manifest, tokenizer_config.json or tokenizer.json:
     `recorded_casing`) or a bare vocab.txt (casing must then be given). A given casing that

@@ -113,6 +113,7 @@ from bertforge.tokenization import (
     copy_vocab,
     entry,
     load_vocab,
+    other_normalization,
     read_vocab_file,
 )
 from bertforge.tune import use_tune
@@ -243,6 +244,9 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             )
     vocab = resolve_vocab(cfg, data, init)
     check_records(cfg, data)  # after the ids' check: ids beyond the vocabulary say so first
+    continued = init is not None and not cfg.transfer_vocab  # on the checkpoint's vocabulary
+    if d.main and continued and (line := casing_warning(vocab, init)):  # type: ignore[arg-type]
+        print(line, file=sys.stderr)
     if init is not None and init.vocab_file is None and d.main:
         print(
             f"bertforge: warning: no vocab.txt or tokenizer.json beside {init.path}, so "
@@ -1972,6 +1976,22 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
             f"({vocab.size} tokens); {why}."
         )
     return vocab
+
+
+def casing_warning(vocab: Vocab, init: InitWeights) -> str | None:
+    """Continued pretraining on data normalized otherwise than the checkpoint's text was
+    (mBERT, cased, on data made with --lowercase): the data's vocabulary is the checkpoint's,
+    token for token, so nothing else tells. A warning, not an error: it may be meant."""
+    if init.vocab_file is None or not (differ := other_normalization(vocab, init.vocab_file)):
+        return None
+    ours, theirs, said = differ
+    return (
+        f"bertforge: warning: the tokenizer of --init-checkpoint {init.path} {theirs} "
+        f"({said}); the data's {ours} ({vocab.path}), so words reach the model otherwise than "
+        "in its pretraining (as [UNK] or other pieces, or its cased tokens never trained). "
+        "Make the data with the checkpoint's casing (--cased or --lowercase) to continue its "
+        "training as it was."
+    )
 
 
 def check_announcement(cfg: TrainConfig, data: PretrainingData) -> str | None:
