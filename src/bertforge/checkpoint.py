@@ -188,7 +188,7 @@ def vocab_beside(source: Path) -> Path | None:
 
 
 # What --init-checkpoint, --checkpoint and --model take, for their errors.
-READABLE = (
+MODEL_SOURCES = (
     "a bertforge training directory (with checkpoints/) or checkpoint file (ckpt-*.pt), a "
     "Hugging Face BERT directory (config.json + model.safetensors), or a Google TF checkpoint "
     "(bert_model.ckpt + bert_config.json)"
@@ -234,9 +234,9 @@ def read_init_checkpoint(
                 f"{flag}: {p} is a `bertforge run` directory; its model is {p / 'model'} (the "
                 f"export) and its training directory {p / 'train'}: give one of those."
             )
-        raise UserError(f"{flag}: {p} holds no model bertforge reads; give {READABLE}.")
+        raise UserError(f"{flag}: {p} holds no model bertforge reads; give {MODEL_SOURCES}.")
     if p.is_file() and not is_tf_checkpoint_file(p):  # a corpus, a config, a model's file
-        of = f"{p.parent}, the directory it is in" if p.name in HF_FILES else READABLE
+        of = f"{p.parent}, the directory it is in" if p.name in HF_FILES else MODEL_SOURCES
         raise UserError(f"{flag}: {p} is not a model checkpoint bertforge reads; give {of}.")
     from bertforge.tfcheckpoint import google_weights, resolve_prefix
 

@@ -75,7 +75,7 @@ BINARY_MAGIC: list[tuple[bytes, str]] = [
     (b"\xff\xfe", "UTF-16 text"),
     (b"\xfe\xff", "UTF-16 text"),
 ]
-READABLE = (
+CORPUS_FORMATS = (
     "bertforge reads UTF-8 text and JSON Lines, plain or compressed with gzip, bzip2, xz or "
     "zstd, and Parquet and Arrow files"
 )
@@ -85,7 +85,7 @@ BY_PATH = (
 )
 # What to do about a file that is no corpus: in a corpus directory every file is read.
 LEAVE_OUT = (
-    READABLE + "; leave it out of the corpus (move it out of the directory, or give the "
+    CORPUS_FORMATS + "; leave it out of the corpus (move it out of the directory, or give the "
     "corpus files by name or glob)"
 )
 BINARY_HINTS = {
