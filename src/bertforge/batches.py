@@ -342,14 +342,16 @@ def tfrecord_peak(files: Sequence[Path]) -> int:
     """The bytes `load_tfrecords` will take at its peak for these files: what it holds and,
     as it joins the fields one by one, the widest field again, and malloc's pages beside
     them (TF_HEAP; 1.68 times the files' size at length 128 with a 30,522-token vocabulary,
-    bench/RESULTS.md session 52). Told from the first file's first TF_CHUNK records, as the
-    files' bytes a record vary with the token ids (a varint: ids under 128 take one byte,
-    under 16,384 two) and with the length."""
-    sample = next(tfrecord_batches(files[0], chunk=TF_CHUNK, limit=TF_CHUNK), None)
-    if sample is None:
+    bench/RESULTS.md session 52). Told from the first TF_CHUNK records of the first file
+    that has any, as the files' bytes a record vary with the token ids (a varint: ids under
+    128 take one byte, under 16,384 two) and with the length."""
+    for path in files:  # the first that holds a record
+        if sample := next(tfrecord_batches(path, chunk=TF_CHUNK, limit=TF_CHUNK), None):
+            break
+    else:
         return 0
-    with open(files[0], "rb") as f:
-        records = itertools.islice(read_records(f, str(files[0]), check=False), len(sample))
+    with open(path, "rb") as f:
+        records = itertools.islice(read_records(f, str(path), check=False), len(sample))
         taken = sum(FRAMING + len(r) for r in records)  # the sample's bytes of file
     fields = [a.nbytes for a in narrowed(sample).values()]
     per_byte = TF_HEAP * (sum(fields) + max(fields)) / taken
