@@ -1361,10 +1361,9 @@ def test_the_tfrecords_peak_is_told_from_their_first_records(
     fields = [a.nbytes for a in vars(rows).values() if a is not None]
     peak = batches.TF_HEAP * (sum(fields) + max(fields))
     assert batches.tfrecord_peak(files) == pytest.approx(peak, rel=0.08)
-    (tmp_path / "empty.tfrecord").write_bytes(b"")  # no sample there: the next file's
-    assert batches.tfrecord_peak([tmp_path / "empty.tfrecord", *files]) == batches.tfrecord_peak(
-        files
-    )
+    empty = tmp_path / "empty.tfrecord"  # no sample there: the next file's
+    empty.write_bytes(b"")
+    assert batches.tfrecord_peak([empty, *files]) == batches.tfrecord_peak(files)
 
 
 def test_token_ids_beyond_the_vocabulary_say_which_of_two_causes(
