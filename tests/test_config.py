@@ -239,6 +239,33 @@ def test_toml_type_and_section_errors(tmp_path: Path):
         read_toml(f)
 
 
+def test_an_error_about_a_flag_the_config_file_set_quotes_its_line(tmp_path: Path, capsys):
+    """`--vocab-size: must be at least 100.` for a flag never typed sent the user to the
+    command line; the error now quotes the --config file's line that set it. A flag given on
+    the command line is its own source: nothing is added."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("In the beginning.\n")
+    f = tmp_path / "c.toml"
+    f.write_text(f'[run]\noutput = "{tmp_path / "work"}"\n[vocab]\nvocab-size = 10\n')
+    assert main(["run", str(corpus), "--config", str(f)]) == 2
+    assert capsys.readouterr().err == (
+        f"bertforge: error: --vocab-size: must be at least 100. (set in {f}: [vocab] "
+        "vocab-size = 10)\n"
+    )
+    f.write_text(f'[data]\nvocab = "{tmp_path / "nowhere"}"\n')
+    data = ["data", str(corpus), "--output", str(tmp_path / "d"), "--config", str(f)]
+    assert main(data) == 2
+    assert capsys.readouterr().err == (
+        f"bertforge: error: --vocab: {tmp_path / 'nowhere'} does not exist. (set in {f}: "
+        f'[data] vocab = "{tmp_path / "nowhere"}")\n'
+    )
+    assert main([*data, "--vocab", str(tmp_path / "elsewhere")]) == 2  # the command's own
+    assert capsys.readouterr().err == (
+        f"bertforge: error: --vocab: {tmp_path / 'elsewhere'} does not exist.\n"
+    )
+    assert not (tmp_path / "d" / "manifest.json").exists()
+
+
 def test_cli_unknown_flag_lists_valid_names(capsys):
     assert main(["vocab", "--input", "a", "--output", "o", "--vocab-sise", "5"]) == 2
     err = capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -347,21 +348,36 @@ def dispatch(args: argparse.Namespace) -> None:
         run_demo(args.output)
         return
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    if command == "run":
-        own = {f.name for f in dataclasses.fields(RunConfig)}
-        toml = read_toml(args.config) if args.config else {}
-        source = f"{args.config} [run]" if args.config else "config file"
-        mine = {k: v for k, v in values.items() if k in own}
-        run = build_config(RunConfig, toml.get("run", {}), mine, source=source)
-        run_pipeline_command(run, args.config, {k: v for k, v in values.items() if k not in own})
-        return
-    file_values: dict[str, Any] = {}
-    source = "config file"
-    if getattr(args, "config", None):
-        file_values = read_toml(args.config).get(command, {})
-        source = f"{args.config} [{command}]"
-    cfg = build_config(command_config(command), file_values, values, source=source)
-    RUNNERS[command](cfg)
+    config = getattr(args, "config", None)
+    toml = read_toml(config) if config else {}
+    try:
+        if command == "run":
+            own = {f.name for f in dataclasses.fields(RunConfig)}
+            source = f"{config} [run]" if config else "config file"
+            mine = {k: v for k, v in values.items() if k in own}
+            run = build_config(RunConfig, toml.get("run", {}), mine, source=source)
+            run_pipeline_command(run, config, {k: v for k, v in values.items() if k not in own})
+            return
+        source = f"{config} [{command}]" if config else "config file"
+        cfg = build_config(command_config(command), toml.get(command, {}), values, source=source)
+        RUNNERS[command](cfg)
+    except UserError as e:
+        sections = toml if command == "run" else {command: toml.get(command, {})}
+        raise UserError(blamed(str(e), config, sections, values)) from None
+
+
+def blamed(error: str, config: str | None, sections: dict[str, Any], given: dict[str, Any]) -> str:
+    """An error naming a flag (`--vocab-size: ...`) that the command line did not give but
+    the --config file set, with the file's line for it: the user looks there, not at the
+    command."""
+    flag = re.match(r"--([a-z][a-z0-9-]*)[:, ]", error)
+    if config is None or flag is None or flag[1].replace("-", "_") in given:
+        return error
+    name = flag[1].replace("-", "_")
+    lines = [f"[{section}] {key} = {json.dumps(value)}"
+             for section, keys in sections.items() if isinstance(keys, dict)
+             for key, value in keys.items() if key.replace("-", "_") == name]  # fmt: skip
+    return f"{error} (set in {config}: {'; '.join(lines)})" if lines else error
 
 
 class Terminated(KeyboardInterrupt):
