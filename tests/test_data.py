@@ -351,6 +351,20 @@ def test_a_data_directory_without_a_manifest_is_named_for_what_it_holds(train_da
     with pytest.raises(UserError, match=re.escape(f"glob: '{google}/*.tfrecord0'.")):
         data_files(str(google))
     assert data_files(f"{google}/*.tfrecord0") == ([google / "tf_examples.tfrecord0"], None)
+    # Paths that are not there: said once each ("X: no such data file(s): X." before)
+    gone, none = tmp_path / "gone", f"{google}/*.tfrecord9"
+    for path, says in (
+        (str(gone), f"{gone} does not exist (give a `bertforge data` directory, or TFRecord "
+                    "files)."),
+        (none, f"{none} matches no file."),
+        (f"{google}/*.tfrecord0,{none}", f"{none} matches no file (in {google}/*.tfrecord0,"
+                                         f"{none})."),
+        (f"{google}/tf_examples.tfrecord0,{gone}", f"{google}/tf_examples.tfrecord0,{gone}: no "
+                                                   f"such data file(s): {gone}."),
+    ):  # fmt: skip
+        with pytest.raises(UserError) as e:
+            data_files(path)
+        assert str(e.value) == says
 
 
 def test_the_data_tools_numbers_out_of_range_name_the_flag(train_data, tmp_path, capsys):

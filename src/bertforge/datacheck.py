@@ -177,6 +177,8 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
     files: list[Path] = []
     for part in path.split(","):
         matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
+        if not matches:
+            raise UserError(f"{part} matches no file" + (f" (in {path})." if part != path else "."))
         files += [Path(m) for m in matches]
     if folder := next((f for f in files if f.is_dir()), None):
         raise UserError(
@@ -184,6 +186,9 @@ def data_files(path: str) -> tuple[list[Path], dict[str, Any] | None]:
             "one at a time); give one data directory, or TFRecord files."
         )
     missing = [str(f) for f in files if not f.is_file()]
+    if missing == [path]:
+        raise UserError(f"{path} does not exist (give a `bertforge data` directory, or TFRecord "
+                        "files).")  # fmt: skip
     if not files or missing:
         raise UserError(f"{path}: no such data file(s): {', '.join(missing) or path}.")
     return files, None
