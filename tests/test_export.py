@@ -228,7 +228,7 @@ def test_a_full_disk_stops_cleanly_and_the_rerun_finishes(tmp_path, trained_run,
             assert (out / name).read_bytes() == (clean / name).read_bytes(), name
 
 
-def test_export_errors(tmp_path, trained_run, exported_model, capsys):
+def test_export_errors(tmp_path, trained_run, exported_model, kjv_vocab, train_data, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -298,6 +298,14 @@ def test_export_errors(tmp_path, trained_run, exported_model, capsys):
             export(ExportConfig(checkpoint=str(tmp_path / given), output=str(tmp_path / "x")))
     with pytest.raises(UserError, match=r"--checkpoint: .*small holds no model .*\(ckpt-\*\.pt\)"):
         export(ExportConfig(checkpoint=str(small.parent), output=str(tmp_path / "x")))
+    for given, stage, what in ((kjv_vocab, "vocab", "a vocabulary"),
+                               (train_data, "data", "pretraining data")):  # fmt: skip
+        with pytest.raises(UserError) as e:  # another stage's output: named, not "holds no model"
+            export(ExportConfig(checkpoint=str(given), output=str(tmp_path / "x")))
+        assert str(e.value).startswith(
+            f"--checkpoint: {given} is a `bertforge {stage}` output ({what}), not a model; give "
+            "a bertforge training directory"
+        )
     # A file that is no checkpoint: said so (a corpus was "no bert_config.json beside it"), and
     # a Hugging Face model's file is sent to its directory.
     model_file = exported_model / "model.safetensors"

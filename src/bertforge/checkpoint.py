@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from bertforge.errors import UserError
-from bertforge.fileio import RUN_STATE, atomic_open
+from bertforge.fileio import RUN_STATE, atomic_open, output_stages
 from bertforge.model import BertConfig, BertForPretraining, config_file_in, from_hf
 from bertforge.tokenization import bert_normalizer, find_vocab_file, new_words, wordpiece_ids
 
@@ -233,6 +233,12 @@ def read_init_checkpoint(
             raise UserError(
                 f"{flag}: {p} is a `bertforge run` directory; its model is {p / 'model'} (the "
                 f"export) and its training directory {p / 'train'}: give one of those."
+            )
+        if stage := next(iter(output_stages(p) & {"vocab", "data"}), None):
+            what = {"vocab": "a vocabulary", "data": "pretraining data"}[stage]
+            raise UserError(
+                f"{flag}: {p} is a `bertforge {stage}` output ({what}), not a model; give "
+                f"{MODEL_SOURCES}."
             )
         raise UserError(f"{flag}: {p} holds no model bertforge reads; give {MODEL_SOURCES}.")
     if p.is_file() and not is_tf_checkpoint_file(p):  # a corpus, a config, a model's file
