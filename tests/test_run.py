@@ -253,6 +253,17 @@ def test_an_output_inside_the_corpus_directory_is_not_read(tmp_path, kjv_corpus,
                  str(corpus / "data"), "--max-seq-length", "64", "--no-progress"]) == 0  # fmt: skip
     data = json.loads((corpus / "data" / "manifest.json").read_text())
     assert [i["path"] for i in data["inputs"]] == [str(corpus / "kjv.txt")]
+    # an output given as the corpus itself: refused, naming what it is (a vocabulary was
+    # trained on a vocabulary's files, with no word)
+    for given, what in ((out / "vocab", "a `bertforge vocab` output"),
+                        (out / "data", "a `bertforge data` output"),
+                        (out, "a `bertforge run` directory")):  # fmt: skip
+        assert main(["vocab", str(given), "--output", str(tmp_path / "v")]) == 2
+        assert capsys.readouterr().err == (
+            f"bertforge: error: --input: {given} is {what}, not a corpus (its files would be "
+            "read as text); give the corpus's files or the directory that holds them.\n"
+        )
+    assert not (tmp_path / "v").exists()
 
 
 def test_a_changed_corpus_is_not_kept(tmp_path, kjv_corpus, capsys, monkeypatch):

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bertforge.errors import UserError
-from bertforge.fileio import is_output_dir, sha256_file
+from bertforge.fileio import RUN_STATE, is_output_dir, output_stages, sha256_file
 
 STDIN = "-"
 DOC_START = re.compile(r'<doc( [a-z_]+="[^"]*")*>')  # WikiExtractor's, e.g. <doc id="1" ...>
@@ -233,6 +233,15 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
             continue
         p = Path(pattern)
         if p.is_dir():
+            if is_output_dir(p, names := os.listdir(p)):
+                stages = sorted(output_stages(p, names))
+                what = (f"a `bertforge {stages[0]}` output" if stages else
+                        "a `bertforge run` directory" if RUN_STATE in names else
+                        "a directory a bertforge stage is writing into")  # fmt: skip
+                raise UserError(
+                    f"{flag}: {pattern} is {what}, not a corpus (its files would be read as "
+                    "text); give the corpus's files or the directory that holds them."
+                )
             found = without_datasets_metadata(corpus_files_under(p))
             if not found:
                 raise UserError(f"{flag}: directory {pattern} contains no files.")
