@@ -50,6 +50,16 @@ def test_vocab_txt_validation(tmp_path: Path):
         read_vocab_file(write_vocab(tmp_path / "v.txt", ["[PAD]", "[UNK]", "a"]))
     with pytest.raises(UserError, match="does not exist"):
         read_vocab_file(tmp_path / "missing.txt")
+    # a corpus given as the vocabulary: said at its first line, not at its first blank one
+    verse = "In the beginning God created the heaven and the earth."
+    corpus = write_vocab(tmp_path / "corpus.txt", [verse, "", "And God said"])
+    with pytest.raises(UserError) as e:
+        read_vocab_file(corpus)
+    assert str(e.value) == (
+        f"{corpus}:1: 'In the beginning God created the heaven ...' holds a space, and a "
+        "vocab.txt holds one token per line (text is split at spaces before its words are "
+        "looked up); is this a corpus?"
+    )
 
 
 def test_a_missing_vocabulary_is_named_before_its_casing_is_asked_for(tmp_path: Path):

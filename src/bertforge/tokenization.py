@@ -104,6 +104,12 @@ def read_vocab_file(path: str | Path) -> list[str]:
 
     seen: dict[str, int] = {}
     for i, tok in enumerate(tokens):
+        if unit == "line" and any(c.isspace() for c in tok):  # never a token: text splits there
+            shown = tok if len(tok) <= 40 else tok[:40] + "..."
+            raise UserError(
+                f"{at(i)}: {shown!r} holds a space, and a vocab.txt holds one token per line "
+                "(text is split at spaces before its words are looked up); is this a corpus?"
+            )
         if not tok:
             raise UserError(f"{at(i)}: empty {unit} in the vocabulary; remove it.")
         if tok in seen:
