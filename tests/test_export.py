@@ -73,6 +73,15 @@ def test_fill_mask_pipeline_gives_our_guesses(exported_model):
     scale = ours[0].probability / ordinary[0]["score"]
     for g, h in zip(ours, ordinary, strict=True):
         assert g.probability == pytest.approx(h["score"] * scale, rel=1e-4)
+    loaded = load_model(str(exported_model), "cpu")
+    for text, says in (("Let there be light.", "."),  # no [MASK], and "[mask]": not one either
+                       ("Let there be [mask].", " ([MASK], in capitals).")):  # fmt: skip
+        with pytest.raises(UserError) as e:
+            fill_mask(loaded, text, 5)
+        assert (
+            str(e.value)
+            == f"no [MASK] in {text!r}; put [MASK] where a word should be guessed{says}"
+        )
 
 
 def test_export_files_and_manifest(tmp_path, trained_run):

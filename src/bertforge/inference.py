@@ -86,7 +86,8 @@ def fill_mask(loaded: Loaded, text: str, top_k: int) -> list[list[Guess]]:
         raise UserError(f"text has {len(ids)} pieces; the model reads at most {loaded.max_length}.")
     positions = [i for i, t in enumerate(ids) if t == mask_id]
     if not positions:
-        raise UserError(f"no {MASK} in {text!r}; put {MASK} where a word should be guessed.")
+        how = f" ({MASK}, in capitals)" if MASK.lower() in text.lower() else ""
+        raise UserError(f"no {MASK} in {text!r}; put {MASK} where a word should be guessed{how}.")
     dev = loaded.device
     input_ids = torch.tensor([ids], device=dev)
     logits, _ = loaded.model(
