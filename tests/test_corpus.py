@@ -10,6 +10,7 @@ import io
 import json
 import lzma
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -464,8 +465,14 @@ def test_directories_globs_sorted(tmp_path: Path):
     assert docs == [["b"], ["n"], ["steps: 3"], ["a"]]
     found = resolve_inputs([str(d / "**" / "*.txt")])
     assert [Path(f.path).name for f in found] == ["b.txt", "a.txt"]
-    docs, _ = docs_of([d / "work"])  # named itself, it is read
+    docs, _ = docs_of([d / "work"])  # named itself, it is read (a lock stays after its stage)
     assert docs == [["[PAD]"]]
+    run_dir = "a `bertforge run` directory"
+    for sub, what in (("vocab", "a `bertforge vocab` output"), ("run", run_dir)):
+        with pytest.raises(UserError, match=re.escape(f"{d / sub} is {what}, not a corpus")):
+            resolve_inputs([str(d / sub)])  # named itself: refused, as its files are no text
+    docs, _ = docs_of([d / "notes"])  # another tool's manifest.json and run.json: text
+    assert docs == [["n"], ["steps: 3"]]
     named = resolve_inputs([str(d / "vocab" / "*" / "*.txt")])  # so is a glob in it
     assert [Path(f.path).name for f in named] == ["vocab.txt"]
 

@@ -233,11 +233,7 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
             continue
         p = Path(pattern)
         if p.is_dir():
-            if is_output_dir(p, names := os.listdir(p)):
-                stages = sorted(output_stages(p, names))
-                what = (f"a `bertforge {stages[0]}` output" if stages else
-                        "a `bertforge run` directory" if RUN_STATE in names else
-                        "a directory a bertforge stage is writing into")  # fmt: skip
+            if what := output_named(p):
                 raise UserError(
                     f"{flag}: {pattern} is {what}, not a corpus (its files would be read as "
                     "text); give the corpus's files or the directory that holds them."
@@ -269,6 +265,18 @@ def resolve_inputs(patterns: Sequence[str], flag: str = "--input") -> list[Input
                 )
             out.append(InputFile(f, os.path.getsize(f)))
     return out
+
+
+def output_named(directory: Path) -> str | None:
+    """What a directory given as the corpus is, where bertforge wrote it: a stage's output (by
+    its manifest.json, or its unfinished run's file) or a `bertforge run` directory (by its
+    run.json); None otherwise. A lock file alone is read past: it stays after its stage."""
+    names = os.listdir(directory)
+    if stages := sorted(output_stages(directory, names)):
+        return f"a `bertforge {stages[0]}` output"
+    if RUN_STATE in names and is_output_dir(directory, [RUN_STATE]):
+        return "a `bertforge run` directory"
+    return None
 
 
 def check_output_apart(output: str, patterns: Sequence[str]) -> None:
