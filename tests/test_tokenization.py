@@ -56,10 +56,14 @@ def test_vocab_txt_validation(tmp_path: Path):
     with pytest.raises(UserError) as e:
         read_vocab_file(corpus)
     assert str(e.value) == (
-        f"{corpus}:1: 'In the beginning God created the heaven ...' holds a space, and a "
+        f"{corpus}:1: 'In the beginning God created the heaven ...' holds whitespace, and a "
         "vocab.txt holds one token per line (text is split at spaces before its words are "
         "looked up); is this a corpus?"
     )
+    pieces = write_vocab(tmp_path / "sp.vocab", ["<unk>\t0", "\u2581the\t-3.21"])
+    said = r"sp\.vocab:1: '<unk>\\t0' holds whitespace.*a SentencePiece \.vocab \(a piece and"
+    with pytest.raises(UserError, match=said):
+        read_vocab_file(pieces)
 
 
 def test_a_missing_vocabulary_is_named_before_its_casing_is_asked_for(tmp_path: Path):

@@ -106,9 +106,14 @@ def read_vocab_file(path: str | Path) -> list[str]:
     for i, tok in enumerate(tokens):
         if unit == "line" and any(c.isspace() for c in tok):  # never a token: text splits there
             shown = tok if len(tok) <= 40 else tok[:40] + "..."
+            why = "is this a corpus?"
+            if "\t" in tok:  # a piece, a tab and its score
+                why = ("a SentencePiece .vocab (a piece and its score a line) is not one: "
+                       "`bertforge vocab --algorithm sentencepiece` writes SentencePiece's "
+                       "pieces as WordPiece.")  # fmt: skip
             raise UserError(
-                f"{at(i)}: {shown!r} holds a space, and a vocab.txt holds one token per line "
-                "(text is split at spaces before its words are looked up); is this a corpus?"
+                f"{at(i)}: {shown!r} holds whitespace, and a vocab.txt holds one token per line "
+                f"(text is split at spaces before its words are looked up); {why}"
             )
         if not tok:
             raise UserError(f"{at(i)}: empty {unit} in the vocabulary; remove it.")
