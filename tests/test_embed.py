@@ -146,6 +146,10 @@ def test_json_lines_give_a_vector_per_record(tmp_path, exported_model, capsys):
     assert "embed: 3 records -> 3 vectors x 64" in err
     assert '1 record(s) had no string "t" field (read as empty)' in err
     assert "embed: 3 lines -> 3 vectors x 64" in err
+    one = tmp_path / "one.txt"  # counted in the singular ("1 lines -> 1 vectors" before)
+    one.write_text(LINES[0] + "\n")
+    embed(EmbedConfig(model=str(exported_model), input=str(one), output=str(tmp_path / "1.npy")))
+    assert "embed: 1 line -> 1 vector x 64" in capsys.readouterr().err
 
 
 def test_word_vectors_with_long_lines_cut_at_word_boundaries(tmp_path, exported_model, hf):

@@ -165,10 +165,14 @@ def embed(cfg: EmbedConfig) -> EmbedResult:
         if bar:
             bar.close()
     result = EmbedResult(out, len(offsets) - 1, rows, dim, truncated)
+
     # the summary and its warnings whatever --progress says (a bar's flag), as vocab and data do
-    what = "words" if token_level else "vectors"
-    read = f"{result.lines:,} {'records' if stats.records else 'lines'}"
-    print(f"embed: {read} -> {rows:,} {what} x {dim} -> {out} ({precision_name(dtype)} on "
+    def counted(n: int, what: str) -> str:  # "1 line", "3 lines"
+        return f"{n:,} {what if n == 1 else what + 's'}"
+
+    read = counted(result.lines, "record" if stats.records else "line")
+    made = counted(rows, "word" if token_level else "vector")
+    print(f"embed: {read} -> {made} x {dim} -> {out} ({precision_name(dtype)} on "
           f"{loaded.device.type})", file=sys.stderr)  # fmt: skip
     for line in corpus_warnings(stats.as_dict()):
         print(line, file=sys.stderr)
