@@ -244,8 +244,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
             )
     vocab = resolve_vocab(cfg, data, init)
     check_records(cfg, data)  # after the ids' check: ids beyond the vocabulary say so first
-    continued = init is not None and not cfg.transfer_vocab  # on the checkpoint's vocabulary
-    if d.main and continued and (line := casing_warning(vocab, init)):  # type: ignore[arg-type]
+    if d.main and not cfg.transfer_vocab and (line := casing_warning(vocab, init)):
         print(line, file=sys.stderr)
     if init is not None and init.vocab_file is None and d.main:
         print(
@@ -1978,11 +1977,14 @@ def resolve_vocab(cfg: TrainConfig, data: PretrainingData, init: InitWeights | N
     return vocab
 
 
-def casing_warning(vocab: Vocab, init: InitWeights) -> str | None:
-    """Continued pretraining on data normalized otherwise than the checkpoint's text was
-    (mBERT, cased, on data made with --lowercase): the data's vocabulary is the checkpoint's,
-    token for token, so nothing else tells. A warning, not an error: it may be meant."""
-    if init.vocab_file is None or not (differ := other_normalization(vocab, init.vocab_file)):
+def casing_warning(vocab: Vocab, init: InitWeights | None) -> str | None:
+    """Continued pretraining (on the checkpoint's vocabulary, not --transfer-vocab) on data
+    normalized otherwise than the checkpoint's text was (mBERT, cased, on data made with
+    --lowercase): the data's vocabulary is the checkpoint's, token for token, so nothing
+    else tells. A warning, not an error: it may be meant."""
+    if init is None or init.vocab_file is None:
+        return None
+    if not (differ := other_normalization(vocab, init.vocab_file)):
         return None
     ours, theirs, said = differ
     return (
