@@ -402,6 +402,11 @@ def test_inspect_native_and_google_tfrecords(tmp_path, kjv_corpus, kjv_vocab, ca
                  str(kjv_vocab)]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "masked_lm_labels:" in text and "[MASK]" in text and "masked " in text
+    alone = Path(shutil.copy(tf / "data.tfrecord", tmp_path / "alone.tfrecord"))
+    assert main(["data", "inspect", str(alone), "-n", "1"]) == 0  # ids: said, and how to see words
+    text = capsys.readouterr().out
+    assert text.startswith(f"(token ids: {alone} names no vocabulary; --vocab shows them as "
+                           "words)\ninstance 0:\n  token ids: 101 ")  # fmt: skip
 
 
 def test_google_flag_spellings(tmp_path, kjv_corpus, kjv_vocab, capsys):

@@ -359,10 +359,13 @@ def inspect(path: str, n: int = 5, vocab: str | None = None, max_records: int = 
     def show(ids: Sequence[int]) -> str:
         return " ".join(tokens[i] if tokens and i < len(tokens) else str(i) for i in ids)
 
+    if n and tokens is None:  # Google's TFRecords do not name their vocabulary
+        print(f"(token ids: {path} names no vocabulary; --vocab shows them as words)", file=file)
     for i in range(min(n, len(batch))):
         length = int(batch.lengths[i])
         print(f"instance {i}:", file=file)
-        print(f"  tokens: {show(batch.input_ids[i, :length])}", file=file)
+        print(f"  {'tokens' if tokens else 'token ids'}: {show(batch.input_ids[i, :length])}",
+              file=file)  # fmt: skip
         print(f"  segment_ids: {' '.join(map(str, batch.segment_ids[i, :length]))}", file=file)
         print(f"  is_random_next: {bool(batch.next_sentence[i])}", file=file)
         if batch.positions is not None and batch.labels is not None and batch.counts is not None:
