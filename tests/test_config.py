@@ -228,6 +228,11 @@ def test_toml_type_and_section_errors(tmp_path: Path):
         UserError, match=r"max-seq-length is .*; put it under \[data\] or \[train\]"
     ):
         read_toml(f)
+    f.write_text('output = "work"\n[train]\nlearning-rate = 1e-4\n')  # the command's section first
+    with pytest.raises(UserError, match=r"put it under \[run\] or \[vocab\] or \[data\]"):
+        read_toml(f, "run")
+    with pytest.raises(UserError, match=r"put it under \[train\] or \[vocab\] or \[data\]"):
+        read_toml(f, "train")
     f.write_text("frobnicate = 1\n")
     with pytest.raises(UserError, match="frobnicate is outside any section, and no section takes"):
         read_toml(f)

@@ -349,7 +349,7 @@ def dispatch(args: argparse.Namespace) -> None:
         return
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     config = getattr(args, "config", None)
-    toml = read_toml(config) if config else {}
+    toml = read_toml(config, command) if config else {}
     try:
         if command == "run":
             own = {f.name for f in dataclasses.fields(RunConfig)}

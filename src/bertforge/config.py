@@ -982,8 +982,9 @@ def unknown_flags_error(unknown: Sequence[str], parser: argparse.ArgumentParser)
 # ----------------------------------------------------------------------------- TOML + merge
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file; sections must be stage names."""
+def read_toml(path: str | Path, command: str | None = None) -> dict[str, Any]:
+    """Read a TOML config file; sections must be stage names. A key above every section is
+    told to go under the sections that take it, the `command`'s first."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config: {p} does not exist.")
@@ -997,6 +998,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             name = key.replace("-", "_")
             takers = [f"[{s}]" for s, cls in SECTIONS.items()
                       if name in {f.name for f in dataclasses.fields(cls)}]  # fmt: skip
+            takers.sort(key=lambda section: section != f"[{command}]")  # the command's first
             if not takers:
                 raise UserError(f"{p}: {key} is outside any section, and no section takes such a "
                                 f"key (each key is a flag of its section's stage).")  # fmt: skip
