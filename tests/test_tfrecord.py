@@ -116,7 +116,7 @@ def test_packed_varints_of_every_size():
 def test_bulk_decoding_is_decode_example(tmp_path):
     """datacheck decodes a chunk's lists all at once; it must equal decoding each record
     (packed lists), fall back for unpacked ones, and refuse lists of unequal length."""
-    from bertforge.datacheck import _tf_batch, _tf_batch_raw
+    from bertforge.datacheck import _tf_batch, tf_batch_raw
 
     rng = np.random.default_rng(1)
     n, seq, p = 50, 32, 5
@@ -135,7 +135,7 @@ def test_bulk_decoding_is_decode_example(tmp_path):
             "masked_lm_weights": np.r_[np.ones(count), np.zeros(p - count)],
             "next_sentence_labels": [int(rng.integers(0, 2))],
         }, floats={"masked_lm_weights"}))  # fmt: skip
-    bulk = _tf_batch_raw(records, "x.tfrecord")
+    bulk = tf_batch_raw(records, "x.tfrecord")
     plain = _tf_batch([decode_example(r) for r in records], "x.tfrecord")
     for field in ("input_ids", "lengths", "segment_ids", "next_sentence", "positions", "labels",
                   "counts"):  # fmt: skip
@@ -149,10 +149,10 @@ def test_bulk_decoding_is_decode_example(tmp_path):
     del rest["input_ids"]
     odd = _field(1, _field(1, entry)) + encode_example(rest, floats={"masked_lm_weights"})
     assert decode_example(odd)["input_ids"] == list(range(seq))
-    mixed = _tf_batch_raw([records[0], odd], "x.tfrecord")
+    mixed = tf_batch_raw([records[0], odd], "x.tfrecord")
     assert mixed.input_ids[1].tolist() == list(range(seq))
     assert np.array_equal(mixed.input_ids[0], plain.input_ids[0])
     short = encode_example({**decode_example(records[0]), "input_ids": [5, 6]},
                            floats={"masked_lm_weights"})  # fmt: skip
     with pytest.raises(UserError, match=r"x.tfrecord, record 7: input_ids has 2 values"):
-        _tf_batch_raw([*records[:2], short], "x.tfrecord", first=5)
+        tf_batch_raw([*records[:2], short], "x.tfrecord", first=5)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertforge.datacheck import Batch, data_files, data_vocab, tfrecord_batches
+from bertforge.datacheck import Batch, data_files, data_vocab, tf_batch_raw, tfrecord_batches
 from bertforge.errors import UserError
 from bertforge.fileio import write_json
 from bertforge.malloc import release_freed_memory
@@ -346,14 +346,13 @@ def tfrecord_peak(files: Sequence[Path]) -> int:
     that has any, as the files' bytes a record vary with the token ids (a varint: ids under
     128 take one byte, under 16,384 two) and with the length."""
     for path in files:  # the first that holds a record
-        if sample := next(tfrecord_batches(path, chunk=TF_CHUNK, limit=TF_CHUNK), None):
-            break
+        with open(path, "rb") as f:
+            if raw := list(itertools.islice(read_records(f, str(path)), TF_CHUNK)):
+                break
     else:
         return 0
-    with open(path, "rb") as f:
-        records = itertools.islice(read_records(f, str(path), check=False), len(sample))
-        taken = sum(FRAMING + len(r) for r in records)  # the sample's bytes of file
-    fields = [a.nbytes for a in narrowed(sample).values()]
+    taken = sum(FRAMING + len(r) for r in raw)  # the sample's bytes of file
+    fields = [a.nbytes for a in narrowed(tf_batch_raw(raw, path)).values()]
     per_byte = TF_HEAP * (sum(fields) + max(fields)) / taken
     return int(per_byte * sum(f.stat().st_size for f in files))
 

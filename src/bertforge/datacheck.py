@@ -106,13 +106,13 @@ def tfrecord_batches(
                 break
             raw.append(record)
             if len(raw) == chunk:
-                yield _tf_batch_raw(raw, path, first)
+                yield tf_batch_raw(raw, path, first)
                 raw, first = [], first + len(raw)
     if raw:
-        yield _tf_batch_raw(raw, path, first)
+        yield tf_batch_raw(raw, path, first)
 
 
-def _tf_batch_raw(raw: list[bytes], path: str | Path, first: int = 0) -> Batch:
+def tf_batch_raw(raw: list[bytes], path: str | Path, first: int = 0) -> Batch:
     """Batch of raw BERT records, each feature's values decoded for all records at once (the
     per-value Python loop of decode_example was the cost); falls back to it for records whose
     lists are not packed or hold varints of 9 bytes or more."""
@@ -419,7 +419,7 @@ def _convert_chunk(raw: list[bytes], path: str, first: int, vocab_size: int,
                    vocab_name: str) -> tuple[np.ndarray, dict[str, Any], str]:  # fmt: skip
     """Decode and check one chunk of TFRecords (in a worker); its native records."""
     where = f"{path}, records {first}-{first + len(raw) - 1}"
-    b = _tf_batch_raw(raw, path, first)
+    b = tf_batch_raw(raw, path, first)
     seq, p = b.input_ids.shape[1], b.positions.shape[1]  # type: ignore[union-attr]
     if int(b.input_ids.max(initial=0)) >= vocab_size:
         raise UserError(
