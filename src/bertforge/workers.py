@@ -220,6 +220,18 @@ def cgroup_dirs(root: Path, proc_cgroup: Path, controller: str | None = None) ->
     return [d for d in above if d.is_dir()] + [base]
 
 
+def limit_dirs(
+    root: Path, proc_cgroup: Path, v2_file: str, controller: str
+) -> tuple[bool, list[Path]]:
+    """Whether the limit is cgroup v2's (its `v2_file`, cpu.max or memory.max, is kept in
+    some cgroup of this process's), and the directories to read it from, the process's own
+    first (`cgroup_dirs`): v2's, or else v1's `controller` hierarchy."""
+    dirs = cgroup_dirs(root, proc_cgroup)
+    if any((d / v2_file).is_file() for d in dirs):
+        return True, dirs
+    return False, cgroup_dirs(root, proc_cgroup, controller)
+
+
 def cgroup_numbers(d: Path, name: str) -> list[int] | None:
     """The integers in one cgroup file ("250000 100000"), or None where it is missing,
     unreadable, unbounded ("max") or not numbers."""
@@ -235,12 +247,11 @@ def cgroup_cpu_quota(root: Path, proc_cgroup: Path = Path("/proc/self/cgroup")) 
     "max PERIOD") in cpu.max; v1 keeps cpu.cfs_quota_us (-1: none) and cpu.cfs_period_us
     under cpu/."""
     quotas = []
-    dirs = cgroup_dirs(root, proc_cgroup)
-    v2 = any((d / "cpu.max").is_file() for d in dirs)
-    for d in dirs if v2 else cgroup_dirs(root, proc_cgroup, "cpu"):
-        files = ("cpu.max",) if v2 else ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+    v2, dirs = limit_dirs(root, proc_cgroup, "cpu.max", "cpu")
+    files = ("cpu.max",) if v2 else ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+    for d in dirs:
         pair = [n for name in files for n in cgroup_numbers(d, name) or []]
-        if pair and len(pair) == 2 and pair[0] > 0 and pair[1] > 0:
+        if len(pair) == 2 and pair[0] > 0 and pair[1] > 0:
             quotas.append(pair[0] / pair[1])
     return math.ceil(min(quotas)) if quotas else None
 
@@ -262,11 +273,10 @@ def available_memory(
             if line.startswith("MemAvailable:"):
                 free = int(line.split()[1]) * 1024
     left = []
-    dirs = cgroup_dirs(root, proc_cgroup)
-    v2 = any((d / "memory.max").is_file() for d in dirs)
+    v2, dirs = limit_dirs(root, proc_cgroup, "memory.max", "memory")
     limit_file, use_file = ("memory.max", "memory.current") if v2 else (
         "memory.limit_in_bytes", "memory.usage_in_bytes")  # fmt: skip
-    for d in dirs if v2 else cgroup_dirs(root, proc_cgroup, "memory"):
+    for d in dirs:
         limit, use = cgroup_numbers(d, limit_file), cgroup_numbers(d, use_file)
         if limit and use and limit[0] < 1 << 60:  # v1's "no limit": 2**63 less a page
             left.append(limit[0] - use[0])
