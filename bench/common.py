@@ -13,10 +13,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+
+
+def made_once(directory: Path, write: Callable[[Path], None]) -> None:
+    """A benchmark's synthetic data, written by `write(PATH)` unless `directory` is there:
+    into DIRECTORY.partial, renamed when whole, so that a write cut short is never taken for
+    the data."""
+    if directory.exists():
+        return
+    start = time.perf_counter()
+    write(directory.with_suffix(".partial"))
+    directory.with_suffix(".partial").rename(directory)
+    print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
 def tree_rss_mb(root: int) -> float:

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE
+from common import HERE, made_once
 from shard_memory import write_shards
 
 SIDES = {"one": "one thread", "threads": "threads ({})",
@@ -105,11 +105,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
         return
     directory = args.work / f"shards_{args.gb}gb"
-    if not directory.exists():
-        start = time.perf_counter()
-        write_shards(directory.with_suffix(".partial"), float(args.gb))
-        directory.with_suffix(".partial").rename(directory)
-        print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    made_once(directory, lambda path: write_shards(path, float(args.gb)))
     size = sum(p.stat().st_size for p in directory.iterdir()) / 1e9
     can_drop = os.access(DROP, os.W_OK)
     caches = ["page cache", "disk"] if can_drop else ["page cache"]

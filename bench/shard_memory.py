@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HERE, side_json
+from common import HERE, made_once, side_json
 
 SEQ, PREDICTIONS, VOCAB = 128, 20, 30522
 SIDES = {"mapped": "memory-mapped (before)", "pread": "read by position (ShardSet)",
@@ -165,11 +165,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(side(directory, args.side, args.steps, args.batch)))
         return
-    if not directory.exists():
-        start = time.perf_counter()
-        write_shards(directory.with_suffix(".partial"), args.gb)
-        directory.with_suffix(".partial").rename(directory)
-        print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    made_once(directory, lambda path: write_shards(path, args.gb))
     size = sum(p.stat().st_size for p in directory.iterdir()) / 1e9
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; shards {size:.2f} GB; {args.steps} steps of "

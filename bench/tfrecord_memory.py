@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HERE, side_json
+from common import HERE, made_once, side_json
 
 SEQ, PREDICTIONS, VOCAB = 128, 20, 30522
 DISTINCT = 4096
@@ -127,11 +127,7 @@ def main() -> None:
     if args.side:
         print(json.dumps(side(directory, args.side)))
         return
-    if not directory.exists():
-        start = time.perf_counter()
-        write_tfrecords(directory.with_suffix(".partial"), args.mb)
-        directory.with_suffix(".partial").rename(directory)
-        print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    made_once(directory, lambda path: write_tfrecords(path, args.mb))
     files = list(directory.iterdir())
     size = sum(p.stat().st_size for p in files) / 1e6
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
