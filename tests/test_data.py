@@ -749,6 +749,7 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     said = (f"warning: {share:.1%} of the corpus's tokens are [UNK] (most often {named}): the "
             f"vocabulary ({bare}, read as cased)")  # fmt: skip
     assert said in err
+    assert f"--vocab {bare} is read cased (--cased), but none of its" in err  # said first too
     assert unk_warning({"unk_share": 0.0099}, True, "v") is None
     assert "read as uncased" in (unk_warning({"unk_share": 0.01}, True, "v") or "")
     assert unk_warning({"unk_share": None}, True, "v") is None  # Google's mode: not counted
@@ -762,10 +763,55 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     # in units of a twentieth of the corpus, the first shard warns before the run goes on
     rc, err = run_cli(["--input", str(kjv_corpus), "--vocab", str(bare), "--no-do-lower-case",
                        "--unit-mb", "0.015", "--output", str(tmp_path / "u")], capsys)  # fmt: skip
-    early, final = [line for line in err.splitlines() if "[UNK]" in line]
+    early, final = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert early.startswith("warning: ") and "read as cased" in early and "most often" in early
     assert early.endswith("(So far, from the first shard; Ctrl-C stops the run.)")
     assert final.startswith(f"warning: {share:.1%} of the corpus's tokens are [UNK] (most")
+
+
+def test_a_bare_vocabulary_read_with_the_other_casing_is_warned_about_first(
+    tmp_path, kjv_corpus, kjv_vocab, mixed_corpus, capsys
+):
+    """A bare vocab.txt's casing is the flag's; its tokens tell which it was made with. Read
+    lowercased, a cased one (mBERT's, a Turkish model's) never uses its capitalized tokens and
+    loses its accents; read cased, an uncased one turns capitalized words into [UNK]. Both are
+    warned about before any work (the [UNK] warning comes only at the end), naming the file,
+    the flag to pass and the tokens that tell."""
+    from bertforge.config import VocabConfig
+    from bertforge.vocab import train_vocab
+
+    cased = tmp_path / "cased"
+    train_vocab(VocabConfig(input=(str(kjv_corpus),), output=str(cased), vocab_size=1500,
+                            do_lower_case=False, progress=False))  # fmt: skip
+    bare = {}
+    for name, source in (("cased", cased), ("uncased", kjv_vocab)):
+        bare[name] = tmp_path / f"bare_{name}" / "vocab.txt"
+        bare[name].parent.mkdir()
+        bare[name].write_bytes((source / "vocab.txt").read_bytes())
+    base = ["--input", str(mixed_corpus), "--max-seq-length", "32", "--workers", "1"]
+
+    def data(vocab: Path, casing: str, out: str) -> list[str]:
+        rc, err = run_cli([*base, "--vocab", str(vocab), casing, "--output",
+                           str(tmp_path / out)], capsys)  # fmt: skip
+        assert rc == 0, err
+        return [line for line in err.splitlines() if "looks " in line]
+
+    (line,) = data(bare["cased"], "--lowercase", "a")
+    capitals = [t for t in bare["cased"].read_text().split() if t != t.lower() and t[0] != "["]
+    assert line.startswith(
+        f"bertforge: warning: --vocab {bare['cased']} is read lowercased (--lowercase), but "
+        f"{len(capitals):,} of its "
+    )
+    assert "tokens hold capital letters (" in line and "it looks cased" in line
+    assert line.endswith("Pass --cased if it was made from cased text.")
+    (line,) = data(bare["uncased"], "--cased", "b")
+    assert line.startswith(
+        f"bertforge: warning: --vocab {bare['uncased']} is read cased (--cased), but none of its "
+    )
+    assert "it looks uncased. Read so, every word with a capital letter becomes [UNK]" in line
+    assert data(bare["cased"], "--cased", "c") == []
+    assert data(bare["uncased"], "--lowercase", "d") == []
+    assert data(cased, "--cased", "e") == []  # its casing recorded (manifest): not a guess
 
 
 def test_a_disk_too_small_for_the_shards_is_warned_about_at_the_first(

@@ -344,12 +344,16 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
     assert f"--checkpoint: {bare}" in capsys.readouterr().err
     assert main(["fill-mask", "--model", ckpt, "--lowercase", "The [MASK] ."]) == 0
     assert main(["fill-mask", "--model", str(exported_model), "The [MASK] ."]) == 0
-    lines = capsys.readouterr().out.splitlines()  # the same model: the same guesses
+    said = capsys.readouterr()
+    lines = said.out.splitlines()  # the same model: the same guesses
     assert len(lines) == 4 and lines[:2] == lines[2:] and "[MASK] 1:" in lines[1], lines
+    assert "looks" not in said.err  # lowercased, as its tokens say it was made
     vectors = tmp_path / "g.npy"
     assert main(["embed", "--model", str(google), "--cased", "--input", str(src), "--output",
                  str(vectors), "--no-progress"]) == 0  # fmt: skip
     assert np.load(vectors).shape[0] == len(src.read_text().splitlines())
+    said = f"--model {google / 'vocab.txt'} is read cased (--cased), but none of its 1,396 tokens"
+    assert said in capsys.readouterr().err  # its tokens hold no capital letter: uncased
 
 
 def test_invalid_utf8_is_reported_whatever_the_bar_and_stops_with_strict_utf8(

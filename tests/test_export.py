@@ -272,10 +272,12 @@ def test_export_errors(tmp_path, trained_run, exported_model, kjv_vocab, train_d
         f"model's tokenizer lowercases and strips accents ({trained_run / 'tokenizer_config.json'}"
         "), so the exported tokenizer would feed it text unlike what it learned from"
     )
+    capsys.readouterr()
     with pytest.raises(UserError, match=re.escape(said)):
         export(ExportConfig(checkpoint=str(trained_run), output=str(tmp_path / "cased"),
                             vocab=str(tmp_path / "same"), do_lower_case=False))  # fmt: skip
     assert not (tmp_path / "cased" / "model.safetensors").exists()
+    assert capsys.readouterr().err == ""  # the error alone, not the casing's warning before it
     export(ExportConfig(checkpoint=str(trained_run), output=str(tmp_path / "cased"),
                         vocab=str(tmp_path / "same"), do_lower_case=True))  # fmt: skip
 
@@ -288,6 +290,10 @@ def test_export_errors(tmp_path, trained_run, exported_model, kjv_vocab, train_d
         export(ExportConfig(checkpoint=str(bare), output=str(tmp_path / "x")))
     # A vocabulary of another size.
     small = vocab_head(exported_model, 800, tmp_path / "small")
+    export(ExportConfig(checkpoint=str(bare), output=str(tmp_path / "bc"),
+                        vocab=str(tmp_path / "same"), do_lower_case=False))  # fmt: skip
+    said = f"--vocab {tmp_path / 'same' / 'vocab.txt'} is read cased (--cased), but none of its"
+    assert said in capsys.readouterr().err  # nothing beside the model to contradict: a warning
     with pytest.raises(UserError, match=r"800 tokens but the model .* vocab_size 1500"):
         export(
             ExportConfig(

@@ -17,10 +17,12 @@ from bertforge.tokenization import (
     bert_normalizer,
     bert_pre_tokenizer,
     build_tokenizer,
+    casing_doubt,
     find_vocab_file,
     google_layout,
     load_vocab,
     read_vocab_file,
+    token_casing,
 )
 from bertforge.vocab import train_vocab
 from tests.conftest import MIXED_DOCS
@@ -253,3 +255,42 @@ def test_line_encoder_equals_the_fast_tokenizer(tmp_path: Path, mixed_corpus: Pa
     assert not differ, f"{len(differ)} lines differ, e.g. {differ[:2]}"
     flat, counts = encoder.encode([], np.dtype(np.uint16))
     assert len(flat) == 0 and len(counts) == 0
+
+
+def test_a_vocabularys_tokens_tell_its_casing():
+    """`token_casing`: capital letters in at least 1% of the tokens (10 or more) say cased;
+    none, among 100 or more tokens with lowercase letters, say uncased; a script without case
+    says nothing. Bracketed specials and ## do not count."""
+
+    def layout(tokens: list[str]) -> list[str]:
+        return google_layout(tokens, num_unused=99)
+
+    words = [f"w{i}x" for i in range(990)]
+    capital = [f"W{i}" for i in range(10)]
+    assert token_casing(layout([*words, *capital]))[0] is False
+    made_lower, said = token_casing(layout([*words, *capital[:9]]))
+    assert made_lower is None and said == ""  # 9 of 999: below 1%
+    assert token_casing(layout([*words[:200], *capital[:9]]))[0] is None  # 9: below 10
+    assert token_casing(layout([*words[:200], *capital]))[0] is False
+    big, caps = [f"v{i}y" for i in range(3000)], [f"V{i}" for i in range(31)]
+    assert token_casing(layout([*big, *caps[:30]]))[0] is None  # 30 of 3,030: below 1%
+    assert token_casing(layout([*big, *caps]))[0] is False  # 31 of 3,031
+    assert token_casing(layout([*words[:900], *capital]))[0] is False  # 10 of 910
+    assert token_casing(layout([f"##{w}" for w in [*words[:980], *capital]]))[0] is False
+    assert token_casing(layout(words)) == (
+        True,
+        "none of its 990 tokens holds a capital letter",
+    )
+    assert token_casing(layout(words[:99]))[0] is None  # too few to tell
+    assert token_casing(layout([chr(0x4E00 + i) for i in range(500)]))[0] is None
+    shown = token_casing(layout([*capital, "A", "The", "##Berlin", "Ülke", *words]))[1]
+    assert shown == '14 of its 1,004 tokens hold capital letters ("The", "Berlin", "Ülke")'
+    path = Path("v/vocab.txt")
+    lower = casing_doubt(path, layout([*words, *capital]), True, "--vocab")
+    assert lower is not None and lower.startswith(
+        "bertforge: warning: --vocab v/vocab.txt is read "
+    )
+    assert casing_doubt(path, layout([*words, *capital]), False, "--vocab") is None
+    assert casing_doubt(path, layout(words), True, "--vocab") is None
+    upper = casing_doubt(path, layout(words), False, "--checkpoint")
+    assert upper is not None and "--checkpoint v/vocab.txt is read cased (--cased)" in upper

@@ -1202,6 +1202,12 @@ def test_records_by_glob_from_a_data_output_are_read_with_its_vocabulary_only(
     assert not (tmp_path / "t").exists() and not (tmp_path / "c").exists()
     right = ["data", "convert", records, "--vocab", str(kjv_vocab), "--output", str(tmp_path / "c")]
     assert main(right) == 0
+    bare = tmp_path / "bare" / "vocab.txt"  # its very file, bare: its casing from the flag
+    bare.parent.mkdir()
+    shutil.copy(kjv_vocab / "vocab.txt", bare)
+    capsys.readouterr()
+    assert main([*right[:4], str(bare), "--cased", "--output", str(tmp_path / "c2")]) == 0
+    assert f"--vocab {bare} is read cased (--cased), but none of its" in capsys.readouterr().err
 
 
 def test_converted_tfrecords_train_as_the_tfrecords(
@@ -1891,6 +1897,34 @@ def test_continuing_a_checkpoint_of_other_casing_is_warned_about(
     slots = ("--transfer-vocab",)  # a vocabulary of its own: its casing is the user's choice
     assert main([*run, str(cased), *slots, "--output", str(tmp_path / "c")]) == 0
     assert "tokenizer of --init-checkpoint" not in capsys.readouterr().err
+
+
+def test_continuing_a_google_checkpoint_of_other_casing_is_warned_about(
+    tmp_path, train_data, trained_run, kjv_corpus, kjv_vocab, capsys
+):
+    """Google's checkpoints record no casing (a bare vocab.txt beside them): their tokens
+    tell it (`token_casing`). Data made cased on an uncased checkpoint's vocab.txt is warned
+    about in train as well as in data (made long before, it may come from someone else)."""
+    google = tmp_path / "uncased_L-2_H-64"
+    cfg = TrainConfig(data=str(train_data), output="x")
+    google_run_checkpoint(list_checkpoints(trained_run)[-1], google / "bert_model.ckpt", cfg)
+    shutil.copy(trained_run / "bert_config.json", google)
+    shutil.copy(kjv_vocab / "vocab.txt", google)
+    cased = tmp_path / "cased_data"
+    assert main(["data", "--input", str(kjv_corpus), "--vocab", str(google / "vocab.txt"),
+                 "--cased", "--max-seq-length", "64", "--output", str(cased)]) == 0  # fmt: skip
+    assert "is read cased (--cased), but none of its" in capsys.readouterr().err
+    run = ["train", "--num-train-steps", "1", "--no-do-eval", "--no-progress", "--init-checkpoint",
+           str(google / "bert_model.ckpt")]  # fmt: skip
+    assert main([*run, "--data", str(cased), "--output", str(tmp_path / "a")]) == 0
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "the tokenizer of" in x]
+    assert line.startswith(
+        f"bertforge: warning: the tokenizer of --init-checkpoint {google / 'bert_model.ckpt'} "
+        "looks uncased (none of its "
+    )
+    assert "tokens holds a capital letter); the data's keeps case and keeps accents (" in line
+    assert main([*run, "--data", str(train_data), "--output", str(tmp_path / "b")]) == 0
+    assert "looks" not in capsys.readouterr().err  # lowercased data: as the checkpoint was
 
 
 def test_transfer_vocab_starts_each_token_from_the_checkpoints_rows(

@@ -128,7 +128,7 @@ def test_listed_words_come_first_as_the_tokenizer_normalizes_them(
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(
-    tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path
+    tmp_path: Path, kjv_corpus: Path, kjv_vocab: Path, capsys
 ):
     with pytest.raises(UserError, match="is the directory of --vocab"):
         extend_vocab(ecfg(kjv_corpus, kjv_vocab, kjv_vocab))
@@ -142,8 +142,13 @@ def test_bad_inputs_are_refused_before_anything_is_written(
         match=r"pass --cased or --lowercase \(--no-do-lower-case or --do-lower-case; Google",
     ):
         extend_vocab(ecfg(kjv_corpus, google, tmp_path / "g"))
+    capsys.readouterr()
     extend_vocab(ecfg(kjv_corpus, google / "vocab.txt", tmp_path / "g", do_lower_case=True))
     assert load_vocab(tmp_path / "g").do_lower_case is True
+    assert "looks" not in capsys.readouterr().err
+    extend_vocab(ecfg(kjv_corpus, google / "vocab.txt", tmp_path / "c", do_lower_case=False))
+    said = f"--vocab {google / 'vocab.txt'} is read cased (--cased), but none of its 1,396 tokens"
+    assert said in capsys.readouterr().err  # an uncased vocabulary (no capital): warned
     # no [unusedN] lines: nothing to write over
     full = [t for t in read_vocab_file(kjv_vocab / "vocab.txt") if not t.startswith("[unused")]
     (google / "vocab.txt").write_text("\n".join(full) + "\n", encoding="utf-8")

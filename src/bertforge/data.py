@@ -634,6 +634,8 @@ def create_data(cfg: DataConfig) -> DataResult:
     run = run_settings(cfg, vocab, inputs)
     run_id = run_digest(run)
     state = check_resumable(out, run, run_id, cfg.overwrite, inputs)
+    if vocab.casing_doubt:
+        print(vocab.casing_doubt, file=sys.stderr)  # before the work: it may be hours
     if state == "done":
         manifest = read_manifest(out, "data")
         assert manifest is not None

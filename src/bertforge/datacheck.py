@@ -13,6 +13,7 @@ import collections
 import concurrent.futures as cf
 import glob
 import itertools
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,6 +462,8 @@ def _convert(inputs: str, vocab_path: str, output: str, do_lower_case: bool | No
     if manifest is not None:
         raise UserError(f"{inputs}: already a `bertforge data` directory; train reads it as is.")
     vocab = load_vocab(vocab_path, do_lower_case)
+    if vocab.casing_doubt:
+        print(vocab.casing_doubt, file=sys.stderr)
     check_recorded_vocab(files, vocab.path, vocab.sha256)
     out = prepare_output_dir(output, "data", overwrite, "--output")
     earlier = [*out.glob("manifest.json"), *out.glob("shard-*"), *out.glob("run.json")]

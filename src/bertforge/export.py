@@ -133,6 +133,8 @@ def export_vocab(cfg: ExportConfig, source: InitWeights) -> Vocab:
                 "so the exported tokenizer would feed it text unlike what it learned from; leave "
                 "--vocab out to use the one beside the model."
             )
+    if vocab.casing_doubt:  # after the errors; the exported tokenizer records this casing
+        print(vocab.casing_doubt, file=sys.stderr)
     return vocab
 
 

@@ -8,6 +8,7 @@ Hugging Face BERT directory all work the same way, without a round trip through 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,8 @@ def load_model(
             "(bertforge export --checkpoint ... --vocab ...)."
         )
     vocab = load_vocab(source.vocab_file, do_lower_case, flag)
+    if vocab.casing_doubt:
+        print(vocab.casing_doubt, file=sys.stderr)
     if vocab.size != source.config.vocab_size:
         raise UserError(
             f"{flag}: {vocab.path} has {vocab.size} tokens, the model {source.config.vocab_size}."

@@ -391,6 +391,9 @@ class Vocab:
     do_lower_case: bool
     strip_accents: bool | None
     sha256: str
+    # A warning where the casing was given (nothing beside the file records it) and the
+    # tokens say the other (`casing_doubt`); the stage reading it prints it.
+    casing_doubt: str | None = None
 
     @property
     def size(self) -> int:
@@ -515,6 +518,53 @@ def other_normalization(vocab: Vocab, model_vocab: Path) -> tuple[str, str, Path
     return None if ours == theirs else (ours, theirs, said)
 
 
+CASED_SHARE = 0.01  # of a vocabulary's tokens holding a capital letter: it was made cased
+CASED_MIN = 10  # ... and at least this many
+UNCASED_MIN = 100  # tokens with lowercase letters and no capital one: it was made lowercased
+
+
+def token_casing(tokens: Sequence[str]) -> tuple[bool | None, str]:
+    """What a vocabulary's own tokens say of its casing: (True: made from lowercased text,
+    False: from cased text, None: they do not tell; the evidence, in words). Lowercased text
+    holds no capital letter, so neither does a vocabulary made from it; one made from cased
+    text holds many (a cased vocabulary of the demo corpus: 19% of its tokens). A script
+    without case (Chinese, Arabic, Hindi) tells nothing. Bracketed specials ([CLS],
+    [unused0]) are passed over."""
+    words = [t.removeprefix("##") for t in tokens if not (t.startswith("[") and t.endswith("]"))]
+    capital = [w for w in words if w != w.lower()]
+    if len(capital) >= max(CASED_MIN, CASED_SHARE * len(words)):
+        shown = [w for w in capital if len(w) > 2][:3] or capital[:3]
+        examples = ", ".join(f'"{w}"' for w in shown)
+        held = f"{len(capital):,} of its {len(words):,} tokens hold capital letters"
+        return False, f"{held} ({examples})"
+    if not capital and sum(w != w.upper() for w in words) >= UNCASED_MIN:
+        return True, f"none of its {len(words):,} tokens holds a capital letter"
+    return None, ""
+
+
+def casing_doubt(path: Path, tokens: Sequence[str], do_lower_case: bool, flag: str) -> str | None:
+    """A warning where a vocabulary's tokens (`token_casing`) say it was made with the other
+    casing than the one it is read with: read lowercased, a cased vocabulary's capitalized
+    tokens are never used and its accents are stripped (mBERT and Turkish models are cased);
+    read cased, an uncased one turns every capitalized word into [UNK]."""
+    made_lower, evidence = token_casing(tokens)
+    if made_lower is None or made_lower == do_lower_case:
+        return None
+    if do_lower_case:
+        return (
+            f"bertforge: warning: {flag} {path} is read lowercased (--lowercase), but "
+            f"{evidence}, which lowercased text never reaches: it looks cased. Read so, those "
+            "tokens are never used and accents are stripped (Turkish ç ş ğ ö ü become c s g o "
+            "u). Pass --cased if it was made from cased text."
+        )
+    return (
+        f"bertforge: warning: {flag} {path} is read cased (--cased), but {evidence}: it "
+        "looks uncased. Read so, every word with a capital letter becomes [UNK]. Pass "
+        "--lowercase if it was made from lowercased text (or leave it, if the text has no "
+        "capital letters)."
+    )
+
+
 def load_vocab(path: str | Path, do_lower_case: bool | None = None, flag: str = "--vocab") -> Vocab:
     """Load a vocab directory (casing from its manifest, tokenizer_config.json or tokenizer.json:
     `recorded_casing`) or a bare vocab.txt (casing must then be given). A given casing that
@@ -537,7 +587,8 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None, flag: str = 
             "--do_lower_case=False/True)."
         )
     tokens = read_vocab_file(vocab_file)
-    return Vocab(vocab_file, tuple(tokens), casing, strip_accents, sha256_file(vocab_file))
+    doubt = casing_doubt(vocab_file, tokens, casing, flag) if recorded is None else None
+    return Vocab(vocab_file, tuple(tokens), casing, strip_accents, sha256_file(vocab_file), doubt)
 
 
 class _IdTable:

@@ -113,8 +113,11 @@ from bertforge.tokenization import (
     copy_vocab,
     entry,
     load_vocab,
+    normalization,
     other_normalization,
     read_vocab_file,
+    recorded_casing,
+    token_casing,
 )
 from bertforge.tune import use_tune
 from bertforge.workers import available_memory
@@ -246,6 +249,8 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     check_records(cfg, data)  # after the ids' check: ids beyond the vocabulary say so first
     if d.main and not cfg.transfer_vocab and (line := casing_warning(vocab, init)):
         print(line, file=sys.stderr)
+    elif d.main and cfg.vocab and vocab.casing_doubt:  # a bare vocab.txt for TFRecords
+        print(vocab.casing_doubt, file=sys.stderr)  # (the data's own: the data stage said it)
     if init is not None and init.vocab_file is None and d.main:
         print(
             f"bertforge: warning: no vocab.txt or tokenizer.json beside {init.path}, so "
@@ -1981,12 +1986,21 @@ def casing_warning(vocab: Vocab, init: InitWeights | None) -> str | None:
     """Continued pretraining (on the checkpoint's vocabulary, not --transfer-vocab) on data
     normalized otherwise than the checkpoint's text was (mBERT, cased, on data made with
     --lowercase): the data's vocabulary is the checkpoint's, token for token, so nothing
-    else tells. A warning, not an error: it may be meant."""
+    else tells. The checkpoint's casing as recorded beside it, else (Google's checkpoints
+    record none) as its tokens tell (`token_casing`). A warning, not an error: it may be
+    meant."""
     if init is None or init.vocab_file is None:
         return None
-    if not (differ := other_normalization(vocab, init.vocab_file)):
+    if differ := other_normalization(vocab, init.vocab_file):
+        ours, theirs, said = differ
+    elif recorded_casing(init.vocab_file.parent)[0] is None:
+        made_lower, said = token_casing(read_vocab_file(init.vocab_file))
+        if made_lower is None or made_lower == vocab.do_lower_case:
+            return None
+        ours = normalization(vocab.do_lower_case, vocab.strip_accents)
+        theirs = f"looks {'uncased' if made_lower else 'cased'}"
+    else:
         return None
-    ours, theirs, said = differ
     return (
         f"bertforge: warning: the tokenizer of --init-checkpoint {init.path} {theirs} "
         f"({said}); the data's {ours} ({vocab.path}), so words reach the model otherwise than "

@@ -760,6 +760,8 @@ def extend_vocab(cfg: VocabExtendConfig) -> ExtendResult:
             f"--output {cfg.output} is the directory of --vocab {base.path}; write the extended "
             "vocabulary to another directory (the checkpoint's own must stay as it is)."
         )
+    if base.casing_doubt:
+        print(base.casing_doubt, file=sys.stderr)
     return _extend_vocab(cfg, base)
 
 
