@@ -1,7 +1,8 @@
 """`bertforge` under torchrun with one process's memory made small: a micro-batch of more than
 SIMULATED_OOM_ABOVE instances raises CUDA's out-of-memory error on process SIMULATED_OOM_RANK,
-in evaluations only where SIMULATED_OOM_EVAL is set (test_train.py's multi-process
-out-of-memory tests; CPUs cannot run out of memory on cue)."""
+in evaluations only where SIMULATED_OOM_EVAL is set; with SIMULATED_OOM_CALL instead, its Nth
+training forward pass does, mid-run (the CPU's error with SIMULATED_OOM_CPU). For
+test_train.py's multi-process out-of-memory tests: CPUs cannot run out of memory on cue."""
 
 import os
 import sys
@@ -12,11 +13,18 @@ from bertforge.cli import main
 from bertforge.model import BertForPretraining
 
 real = BertForPretraining.pretraining_logits
+calls = [0]  # training forward passes on this process
 
 
 def small_memory(self, input_ids, token_type_ids, lengths, masked_positions, *rest, **kw):
-    above = int(os.environ["SIMULATED_OOM_ABOVE"])
+    above = int(os.environ.get("SIMULATED_OOM_ABOVE", 1 << 30))
     here = os.environ["RANK"] == os.environ["SIMULATED_OOM_RANK"]
+    if here and self.training and "SIMULATED_OOM_CALL" in os.environ:
+        calls[0] += 1
+        if calls[0] == int(os.environ["SIMULATED_OOM_CALL"]):
+            if "SIMULATED_OOM_CPU" in os.environ:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory (simulated)")
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
     here = here and not (self.training and os.environ.get("SIMULATED_OOM_EVAL"))
     if here and masked_positions.shape[0] > above:  # instances, padded or packed
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -2309,6 +2309,101 @@ def test_two_processes_out_of_memory_in_an_evaluation_save_the_step_together(
     assert metrics(ref, True)[-1] == metrics(out, True)[-1]
 
 
+@pytest.mark.slow
+def test_two_processes_out_of_memory_mid_step_save_the_step_from_the_process_that_failed(
+    tmp_path, train_data, tiny_bert_config
+):
+    """torchrun with 2 gloo processes, process 1 out of memory in its 4th step (simulated,
+    after the trial step that fitted). Process 0 waits for its gradients in DDP's all-reduce,
+    so nothing could be agreed and the steps since the last checkpoint were lost. Now process
+    1 saves step 3 alone (the state before a step is every process's), with half the
+    micro-batch, and says so; the same command again resumes there, at micro-batch 4, and
+    ends as an unbroken run does (dropout 0: the masks are the step's)."""
+    helper = Path(__file__).with_name("simulated_oom.py")
+    steps = ("--num-train-steps", "6", "--save-checkpoints-steps", "2", "--no-do-eval")
+
+    def torchrun(out: Path, oom: dict[str, str]) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMULATED_OOM_RANK": "1", **oom}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29526", str(helper), *args(train_data, out, tiny_bert_config,
+               *steps, *FP32)]  # fmt: skip
+        return run_group(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    done = torchrun(ref, {})
+    assert done.returncode == 0, done.stderr
+    failed = torchrun(out, {"SIMULATED_OOM_CALL": "5"})  # the trial's, then steps 1, 2, 3
+    assert failed.returncode != 0
+    says = (
+        "bertforge: error: CPU out of memory on process 1 at step 3 with micro-batch 8: with "
+        "several processes the micro-batch cannot shrink mid-step; rerun with "
+        "--micro-batch-size 4 (or less: the batch stays --train-batch-size, by gradient "
+        "accumulation; the checkpoint of step 3 is saved, and the rerun resumes there)."
+    )
+    assert failed.stderr.count(says) == 1, failed.stderr
+    saved = list_checkpoints(out)
+    assert [p.name for p in saved] == ["ckpt-00000002.pt", "ckpt-00000003.pt"]
+    state = torch.load(saved[-1], weights_only=False)
+    assert state["micro_batch_size"] == 4 and len(state["rng"]) == 1  # its own: others reseed
+    resumed = torchrun(out, {})  # the same command
+    assert resumed.returncode == 0, resumed.stderr
+    assert [(r["step"], r["micro_batch_size"]) for r in metrics(out)] == [
+        (1, 8),
+        (2, 8),
+        (3, 8),
+        (4, 4),
+        (5, 4),
+        (6, 4),
+    ]
+    for x, y in zip(metrics(ref), metrics(out), strict=True):
+        for k in LOSSES:
+            assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+    # Out of CPU memory (the process does not recover: nothing saved), it stops all the same.
+    cpu = torchrun(tmp_path / "cpu", {"SIMULATED_OOM_CALL": "5", "SIMULATED_OOM_CPU": "1"})
+    assert cpu.returncode != 0
+    says = (
+        "bertforge: error: CPU out of memory (DefaultCPUAllocator: can't allocate memory) on "
+        "process 1 at step 3 with micro-batch 8: with several processes the micro-batch cannot "
+        "shrink mid-step; rerun with --micro-batch-size 4 (or less: the batch stays "
+        "--train-batch-size, by gradient accumulation; training resumes from the last "
+        "checkpoint)."
+    )
+    assert cpu.stderr.count(says) == 1, cpu.stderr
+    assert [p.name for p in list_checkpoints(tmp_path / "cpu")] == ["ckpt-00000002.pt"]
+
+
+def test_a_process_stranded_by_its_own_error_leaves_at_once(monkeypatch, capsys):
+    """An out-of-memory error that stops one process of several mid-step (the others wait in
+    DDP's all-reduce) is `Stranded`: `train` prints it and leaves with os._exit(2), without
+    the process group's shutdown, which deadlocked in torch's gloo at times (a worker thread
+    waiting for the GIL held by the destructor joining it). One process stops as before."""
+    from bertforge.distributed import Dist
+
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
+    for world, kind in ((2, train_module.Stranded), (1, UserError)):
+        d = Dist(rank=world - 1, world=world, local_rank=0, device=torch.device("cpu"))
+        with pytest.raises(UserError) as e:
+            train_module.retry_or_raise(cpu, d, 5, 8)
+        assert type(e.value) is kind
+    left = []
+
+    def stranded(cfg, d):
+        raise train_module.Stranded("out of memory on process 1")
+
+    def leave(code):
+        left.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(train_module, "_train", stranded)
+    monkeypatch.setattr(train_module.os, "_exit", leave)
+    monkeypatch.setattr(train_module.distributed, "shutdown", lambda d: left.append("shutdown"))
+    with pytest.raises(SystemExit):
+        train(TrainConfig(data="d", output="o"))
+    assert left[0] == 2 and capsys.readouterr().err == (  # (here the finally runs after it)
+        "bertforge: error: out of memory on process 1\n"
+    )
+
+
 def test_config_errors():
     with pytest.raises(UserError, match="--train-batch-size"):
         TrainConfig(data="d", output="o", train_batch_size=0)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -196,8 +197,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         with claim_output(cfg, d):
             return _train(cfg, d)
+    except Stranded as e:  # the others wait for this process: it leaves at once
+        print(f"bertforge: error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
     finally:
         distributed.shutdown(d)
+
+
+class Stranded(UserError):
+    """An error that stops one process of several while the others wait for it inside a
+    collective (DDP's all-reduce, mid-step). It can neither tell them nor shut its process
+    group down in order: torch's gloo deadlocks there at times (seen here: its worker thread
+    waits for the GIL that the process group's destructor, joining that thread, holds). So
+    `train` says why and the process leaves at once; torchrun then stops the others."""
 
 
 @contextlib.contextmanager
@@ -439,29 +451,45 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         rng = distributed.gather_objects(rng_state(), d)
         if not d.main:
             return None
-        return save_checkpoint(
-            out,
-            step,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng,
-                "micro_batch_size": micro,
-                "skipped_steps": skipped,
-                "config": run_settings(cfg),
-                "bert_config": bert.to_dict(),
-                "data": {
-                    "source": info.source,
-                    "records": len(data),
-                    "eval_records": eval_n,
-                    "identity": data_id,
-                },
-                "embeddings": embeddings,
-                "trained_length": trained_length(init, info.max_seq_length),
+        return save_checkpoint(out, step, run_state(rng, micro, skipped), cfg.keep_checkpoints)
+
+    def run_state(rng: list[dict[str, Any]], micro_batch: int, skips: int) -> dict[str, Any]:
+        """What a checkpoint holds: the step's state, with every process's random state."""
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,
+            "micro_batch_size": micro_batch,
+            "skipped_steps": skips,
+            "config": run_settings(cfg),
+            "bert_config": bert.to_dict(),
+            "data": {
+                "source": info.source,
+                "records": len(data),
+                "eval_records": eval_n,
+                "identity": data_id,
             },
-            cfg.keep_checkpoints,
-        )
+            "embeddings": embeddings,
+            "trained_length": trained_length(init, info.max_seq_length),
+        }
+
+    def save_alone(skips: int) -> str | None:
+        """Out of GPU memory mid-step on this process, one of several: the others wait for its
+        gradients inside DDP's all-reduce, where nothing more can be agreed, and torchrun stops
+        them once this one stops. The state before the step is every process's alike (DDP
+        keeps the replicas equal, and the optimizer has not stepped), so this process saves it
+        alone: with its own random state only (the resumed run reseeds every process's, as
+        after a change in the number of processes) and half the micro-batch, which a rerun
+        takes unless --micro-batch-size says otherwise. Several processes out of memory at
+        once each write the same step (atomically). Where the rerun resumes, in words; None
+        before the first step (nothing to save)."""
+        if step == 0:
+            return None
+        if not checkpoint_path(out, step).is_file():
+            own = run_state([rng_state()], max(1, micro // 2), skips)
+            save_checkpoint(out, step, own, cfg.keep_checkpoints)
+        return f"the checkpoint of step {step} is saved, and the rerun resumes there"
 
     if d.main and cfg.progress:
         what = f"resuming at step {step} from {resume}" if state else "starting"
@@ -543,6 +571,10 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                     except RuntimeError as e:
                         retry_or_raise(e, d, step, micro)
                         # leave the except block first, so the failed step's tensors go
+                    if failed is None and d.world > 1:  # the others wait in DDP's all-reduce
+                        optimizer.zero_grad(set_to_none=True)
+                        resumes = save_alone(ledger.skipped_so_far())
+                        raise Stranded(out_of_memory_stop(d, step, micro, resumes=resumes))
                     if failed is None:
                         micro = halve_micro_batch(micro, d, optimizer, step)
                         continue
@@ -844,6 +876,10 @@ class Ledger:
     def due(self, step: int, forced: bool) -> bool:
         return forced or not self.device_skip or step % READ_EVERY == 0
 
+    def skipped_so_far(self) -> int:
+        """The steps skipped, the pending ones counted (read without a word: a run stopping)."""
+        return self.skipped + sum(int(bad) for _, _, bad, _ in self.pending)
+
     def read(self, log: Window, cfg: TrainConfig, out: Path) -> bool:
         """Account the pending steps; True when a stop was requested on any rank."""
         stop = False
@@ -898,7 +934,8 @@ def retry_or_raise(e: RuntimeError, d: Dist, step: int, micro: int) -> None:
     if isinstance(e, torch.OutOfMemoryError):
         return
     if out_of_memory(e):
-        raise UserError(out_of_memory_stop(d, step, micro, e)) from None
+        stop = Stranded if d.world > 1 else UserError  # the others wait in a collective
+        raise stop(out_of_memory_stop(d, step, micro, e)) from None
     raise e
 
 
@@ -908,7 +945,7 @@ def halve_micro_batch(micro: int, d: Dist, optimizer: torch.optim.Optimizer, ste
     optimizer.zero_grad(set_to_none=True)
     if d.device.type == "cuda":
         torch.cuda.empty_cache()
-    if micro == 1 or d.world > 1:
+    if micro == 1:
         raise UserError(out_of_memory_stop(d, step, micro))
     print(
         f"bertforge: {d.device.type.upper()} out of memory at step {step} with micro-batch "
@@ -919,24 +956,29 @@ def halve_micro_batch(micro: int, d: Dist, optimizer: torch.optim.Optimizer, ste
     return micro // 2
 
 
-def out_of_memory_stop(d: Dist, step: int, micro: int, e: RuntimeError | None = None) -> str:
-    """Why a run out of memory stops, and what to rerun with. Out of CPU memory, the process
-    does not recover (under a 2.5 GB limit, retried in the same process, micro-batches of a
-    quarter failed too, where a fresh process trained at a quarter), so it never retries; the
-    message quotes which CPU error it was (`e`), oneDNN's saying nothing of memory."""
+def out_of_memory_stop(
+    d: Dist, step: int, micro: int, e: RuntimeError | None = None, resumes: str | None = None
+) -> str:
+    """Why a run out of memory stops, what to rerun with and where the rerun `resumes` (None:
+    from the last checkpoint). Out of CPU memory, the process does not recover (under a 2.5 GB
+    limit, retried in the same process, micro-batches of a quarter failed too, where a fresh
+    process trained at a quarter), so it never retries; the message quotes which CPU error it
+    was (`e`), oneDNN's saying nothing of memory."""
     if micro == 1:
         hint = "even one instance per micro-batch does not fit; use a smaller --model-size or"
         hint += " shorter sequences"
+        hint += f"; {resumes}" if resumes else ""
     else:
         why = "a process does not get its memory back after a failed allocation on the CPU"
         if d.world > 1:
             why = "with several processes the micro-batch cannot shrink mid-step"
         hint = (
             f"{why}; rerun with --micro-batch-size {micro // 2} (or less: the batch stays "
-            "--train-batch-size, by gradient accumulation; training resumes from the last "
-            "checkpoint)"
+            "--train-batch-size, by gradient accumulation; "
+            f"{resumes or 'training resumes from the last checkpoint'})"
         )
-    return f"{ran_out(d, str(e or ''))} at step {step} with micro-batch {micro}: {hint}."
+    where = f" on process {d.rank}" if d.world > 1 else ""
+    return f"{ran_out(d, str(e or ''))}{where} at step {step} with micro-batch {micro}: {hint}."
 
 
 def ran_out(d: Dist, error: str) -> str:
