@@ -749,7 +749,9 @@ def test_a_vocabulary_that_leaves_many_unks_is_warned_about(
     said = (f"warning: {share:.1%} of the corpus's tokens are [UNK] (most often {named}): the "
             f"vocabulary ({bare}, read as cased)")  # fmt: skip
     assert said in err
-    assert f"--vocab {bare} is read cased (--cased), but none of its" in err  # said first too
+    assert (
+        f"the vocabulary {bare} is read cased (--cased), but none of its" in err
+    )  # said first too
     assert unk_warning({"unk_share": 0.0099}, True, "v") is None
     assert "read as uncased" in (unk_warning({"unk_share": 0.01}, True, "v") or "")
     assert unk_warning({"unk_share": None}, True, "v") is None  # Google's mode: not counted
@@ -799,14 +801,16 @@ def test_a_bare_vocabulary_read_with_the_other_casing_is_warned_about_first(
     (line,) = data(bare["cased"], "--lowercase", "a")
     capitals = [t for t in bare["cased"].read_text().split() if t != t.lower() and t[0] != "["]
     assert line.startswith(
-        f"bertforge: warning: --vocab {bare['cased']} is read lowercased (--lowercase), but "
+        f"bertforge: warning: the vocabulary {bare['cased']} is read lowercased (--lowercase), "
+        "but "
         f"{len(capitals):,} of its "
     )
     assert "tokens hold capital letters (" in line and "it looks cased" in line
     assert line.endswith("Pass --cased if it was made from cased text.")
     (line,) = data(bare["uncased"], "--cased", "b")
     assert line.startswith(
-        f"bertforge: warning: --vocab {bare['uncased']} is read cased (--cased), but none of its "
+        f"bertforge: warning: the vocabulary {bare['uncased']} is read cased (--cased), but none "
+        "of its "
     )
     assert "it looks uncased. Read so, every word with a capital letter becomes [UNK]" in line
     assert data(bare["cased"], "--cased", "c") == []

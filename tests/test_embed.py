@@ -352,7 +352,7 @@ def test_embed_errors_leave_outputs_alone(tmp_path, exported_model, capsys):
     assert main(["embed", "--model", str(google), "--cased", "--input", str(src), "--output",
                  str(vectors), "--no-progress"]) == 0  # fmt: skip
     assert np.load(vectors).shape[0] == len(src.read_text().splitlines())
-    said = f"--model {google / 'vocab.txt'} is read cased (--cased), but none of its 1,396 tokens"
+    said = f"{google / 'vocab.txt'} is read cased (--cased), but none of its 1,396 tokens"
     assert said in capsys.readouterr().err  # its tokens hold no capital letter: uncased
 
 

@@ -292,7 +292,9 @@ def test_export_errors(tmp_path, trained_run, exported_model, kjv_vocab, train_d
     small = vocab_head(exported_model, 800, tmp_path / "small")
     export(ExportConfig(checkpoint=str(bare), output=str(tmp_path / "bc"),
                         vocab=str(tmp_path / "same"), do_lower_case=False))  # fmt: skip
-    said = f"--vocab {tmp_path / 'same' / 'vocab.txt'} is read cased (--cased), but none of its"
+    said = (
+        f"the vocabulary {tmp_path / 'same' / 'vocab.txt'} is read cased (--cased), but none of its"
+    )
     assert said in capsys.readouterr().err  # nothing beside the model to contradict: a warning
     with pytest.raises(UserError, match=r"800 tokens but the model .* vocab_size 1500"):
         export(

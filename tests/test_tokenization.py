@@ -286,11 +286,11 @@ def test_a_vocabularys_tokens_tell_its_casing():
     shown = token_casing(layout([*capital, "A", "The", "##Berlin", "Ülke", *words]))[1]
     assert shown == '14 of its 1,004 tokens hold capital letters ("The", "Berlin", "Ülke")'
     path = Path("v/vocab.txt")
-    lower = casing_doubt(path, layout([*words, *capital]), True, "--vocab")
+    lower = casing_doubt(path, layout([*words, *capital]), True)
     assert lower is not None and lower.startswith(
-        "bertforge: warning: --vocab v/vocab.txt is read "
+        "bertforge: warning: the vocabulary v/vocab.txt is read lowercased (--lowercase), but 10 "
     )
-    assert casing_doubt(path, layout([*words, *capital]), False, "--vocab") is None
-    assert casing_doubt(path, layout(words), True, "--vocab") is None
-    upper = casing_doubt(path, layout(words), False, "--checkpoint")
-    assert upper is not None and "--checkpoint v/vocab.txt is read cased (--cased)" in upper
+    assert casing_doubt(path, layout([*words, *capital]), False) is None
+    assert casing_doubt(path, layout(words), True) is None
+    upper = casing_doubt(path, layout(words), False)
+    assert upper is not None and "the vocabulary v/vocab.txt is read cased (--cased)" in upper

@@ -1207,7 +1207,9 @@ def test_records_by_glob_from_a_data_output_are_read_with_its_vocabulary_only(
     shutil.copy(kjv_vocab / "vocab.txt", bare)
     capsys.readouterr()
     assert main([*right[:4], str(bare), "--cased", "--output", str(tmp_path / "c2")]) == 0
-    assert f"--vocab {bare} is read cased (--cased), but none of its" in capsys.readouterr().err
+    assert (
+        f"the vocabulary {bare} is read cased (--cased), but none of its" in capsys.readouterr().err
+    )
 
 
 def test_converted_tfrecords_train_as_the_tfrecords(

@@ -147,7 +147,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(
     assert load_vocab(tmp_path / "g").do_lower_case is True
     assert "looks" not in capsys.readouterr().err
     extend_vocab(ecfg(kjv_corpus, google / "vocab.txt", tmp_path / "c", do_lower_case=False))
-    said = f"--vocab {google / 'vocab.txt'} is read cased (--cased), but none of its 1,396 tokens"
+    said = f"{google / 'vocab.txt'} is read cased (--cased), but none of its 1,396 tokens"
     assert said in capsys.readouterr().err  # an uncased vocabulary (no capital): warned
     # no [unusedN] lines: nothing to write over
     full = [t for t in read_vocab_file(kjv_vocab / "vocab.txt") if not t.startswith("[unused")]

@@ -542,7 +542,7 @@ def token_casing(tokens: Sequence[str]) -> tuple[bool | None, str]:
     return None, ""
 
 
-def casing_doubt(path: Path, tokens: Sequence[str], do_lower_case: bool, flag: str) -> str | None:
+def casing_doubt(path: Path, tokens: Sequence[str], do_lower_case: bool) -> str | None:
     """A warning where a vocabulary's tokens (`token_casing`) say it was made with the other
     casing than the one it is read with: read lowercased, a cased vocabulary's capitalized
     tokens are never used and its accents are stripped (mBERT and Turkish models are cased);
@@ -552,13 +552,13 @@ def casing_doubt(path: Path, tokens: Sequence[str], do_lower_case: bool, flag: s
         return None
     if do_lower_case:
         return (
-            f"bertforge: warning: {flag} {path} is read lowercased (--lowercase), but "
+            f"bertforge: warning: the vocabulary {path} is read lowercased (--lowercase), but "
             f"{evidence}, which lowercased text never reaches: it looks cased. Read so, those "
             "tokens are never used and accents are stripped (Turkish ç ş ğ ö ü become c s g o "
             "u). Pass --cased if it was made from cased text."
         )
     return (
-        f"bertforge: warning: {flag} {path} is read cased (--cased), but {evidence}: it "
+        f"bertforge: warning: the vocabulary {path} is read cased (--cased), but {evidence}: it "
         "looks uncased. Read so, every word with a capital letter becomes [UNK]. Pass "
         "--lowercase if it was made from lowercased text (or leave it, if the text has no "
         "capital letters)."
@@ -587,7 +587,7 @@ def load_vocab(path: str | Path, do_lower_case: bool | None = None, flag: str = 
             "--do_lower_case=False/True)."
         )
     tokens = read_vocab_file(vocab_file)
-    doubt = casing_doubt(vocab_file, tokens, casing, flag) if recorded is None else None
+    doubt = casing_doubt(vocab_file, tokens, casing) if recorded is None else None
     return Vocab(vocab_file, tuple(tokens), casing, strip_accents, sha256_file(vocab_file), doubt)
 
 
