@@ -3,8 +3,10 @@ checks against the data, TFRecord input, other optimizers, init checkpoints, two
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -16,6 +18,7 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1310,15 +1313,16 @@ def test_tfrecords_are_held_narrow_read_in_parts_and_warned_of_before(
     size = google_tfrecords.stat().st_size
     assert train_module.tfrecord_memory_warning(str(google_tfrecords), 1, None) is None
     assert train_module.tfrecord_memory_warning(str(google_tfrecords), 1, 2 * size) is None
-    peak = size_text(batches.tfrecord_peak([google_tfrecords]) * 2)
+    peak = batches.tfrecord_peak([google_tfrecords])  # one decode for all the processes
     warning = (
         f"bertforge: warning: {size_text(size)} of TFRecords are read into memory at every "
-        f"start by each of the 2 processes on this machine, about {peak} at the peak, and this "
-        f"machine has {size_text(2 * size)} available: the system may stop training for lack "
-        "of memory; `bertforge data convert` turns them once into shards that training reads "
-        "as it goes."
+        f"start (once for the 2 processes on this machine), about {size_text(peak)} at the "
+        f"peak, and this machine has {size_text(peak - 1)} available: the system may stop "
+        "training for lack of memory; `bertforge data convert` turns them once into shards "
+        "that training reads as it goes."
     )
-    assert train_module.tfrecord_memory_warning(str(google_tfrecords), 2, 2 * size) == warning
+    assert train_module.tfrecord_memory_warning(str(google_tfrecords), 2, peak - 1) == warning
+    assert train_module.tfrecord_memory_warning(str(google_tfrecords), 2, peak) is None
     monkeypatch.setattr(train_module, "available_memory", lambda: size)
     said_before = []
 
@@ -1337,6 +1341,64 @@ def test_tfrecords_are_held_narrow_read_in_parts_and_warned_of_before(
     assert first.endswith(f"this machine has {size_text(size)} available: the system may stop "
                           "training for lack of memory; `bertforge data convert` turns them "
                           "once into shards that training reads as it goes.")  # fmt: skip
+
+
+def test_the_processes_of_a_machine_share_one_decoded_copy_of_the_tfrecords(
+    tmp_path, google_tfrecords, monkeypatch
+):
+    """Under torchrun every process held its own copy of the TFRecords (8 GPUs: 8 copies).
+    `shared_tfrecords`: process 0 of the machine decodes them once and writes the arrays to
+    TMPDIR, the others map them (here 3 processes as threads), then the files go; all see the
+    very arrays one process decodes. Where they cannot be written (a full TMPDIR), each
+    process decodes its own copy, with a warning, and nothing is left behind either."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    whole, sizes = batches.load_tfrecords([google_tfrecords])
+    decoded = []
+    real_load = batches.load_tfrecords
+
+    def load(files):
+        decoded.append(files)
+        return real_load(files)
+
+    monkeypatch.setattr(batches, "load_tfrecords", load)
+
+    def three() -> list[tuple[Any, list[int], str | None]]:
+        with cf.ThreadPoolExecutor(3) as pool:
+            return list(pool.map(lambda r: batches.shared_tfrecords([google_tfrecords], r, 3),
+                                 range(3)))  # fmt: skip
+
+    held = sum(
+        getattr(whole, f).nbytes for f in batches.ROW_FIELDS if getattr(whole, f) is not None
+    )
+    for (rows, got, note), rank in zip(three(), range(3), strict=True):
+        assert got == sizes
+        for field in batches.ROW_FIELDS:
+            a, b = getattr(whole, field), getattr(rows, field)
+            assert (a is None and b is None) or (isinstance(b, np.memmap) and np.array_equal(a, b))
+        assert note == (None if rank else (
+            "train: the TFRecords were decoded once on this machine and are shared by its 3 "
+            f"processes through {tmp} ({held / 1e6:,.0f} MB, deleted once mapped)"))  # fmt: skip
+    assert len(decoded) == 1 and list(tmp.iterdir()) == []
+
+    def full(rows, sizes, folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(batches, "write_arrays", full)
+    decoded.clear()
+    for (rows, got, note), rank in zip(three(), range(3), strict=True):
+        assert got == sizes and not isinstance(rows.input_ids, np.memmap)
+        assert np.array_equal(rows.input_ids, whole.input_ids)
+        assert note == (None if rank else (
+            "bertforge: warning: the TFRecords' arrays could not be written for the 3 processes "
+            f"on this machine to share ({tmp}: No space left on device), so each holds its own "
+            "copy; set TMPDIR to a directory with room for them."))  # fmt: skip
+    assert len(decoded) == 3 and list(tmp.iterdir()) == []
+    data = PretrainingData(str(google_tfrecords), (0, 1))  # one process: nothing to share
+    assert data.tf_shared is None and len(decoded) == 4
 
 
 @pytest.mark.parametrize("ids", ["kjv", "under 128", "over 16384"])
@@ -2228,6 +2290,35 @@ def test_two_processes_match_one(tmp_path, train_data, tiny_bert_config):
 
 
 @pytest.mark.slow
+def test_two_processes_train_on_one_shared_copy_of_the_tfrecords(
+    tmp_path, google_tfrecords, kjv_vocab, tiny_bert_config
+):
+    """torchrun with 2 gloo processes on Google's TFRecords: process 0 decodes them and both
+    map its arrays (`shared_tfrecords`), which it deletes once both have them; the losses are
+    one process's."""
+    steps = ("--num-train-steps", "3", "--no-do-eval", "--vocab", str(kjv_vocab / "vocab.txt"))
+    one = tmp_path / "one"
+    assert main(args(google_tfrecords, one, tiny_bert_config, *steps)) == 0
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    argv = args(google_tfrecords, tmp_path / "two", tiny_bert_config, *steps, *FP32)
+    argv.remove("--no-progress")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29527", "-m", "bertforge.cli", *argv]  # fmt: skip
+    done = run_group(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "train: the TFRecords were decoded once on this machine and are shared by its 2 "
+        f"processes through {tmp} ("
+    ) in done.stderr
+    assert list(tmp.glob("bertforge*")) == []  # (torchrun leaves a folder of its own)
+    for x, y in zip(metrics(one), metrics(tmp_path / "two"), strict=True):
+        for k in LOSSES:
+            assert x[k] == pytest.approx(y[k], abs=1e-5), (x["step"], k)
+
+
+@pytest.mark.slow
 def test_two_processes_agree_on_a_micro_batch_that_fits_before_the_first_step(
     tmp_path, train_data, tiny_bert_config
 ):
@@ -2379,8 +2470,6 @@ def test_a_process_stranded_by_its_own_error_leaves_at_once(monkeypatch, capsys)
     DDP's all-reduce) is `Stranded`: `train` prints it and leaves with os._exit(2), without
     the process group's shutdown, which deadlocked in torch's gloo at times (a worker thread
     waiting for the GIL held by the destructor joining it). One process stops as before."""
-    from bertforge.distributed import Dist
-
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
     for world, kind in ((2, train_module.Stranded), (1, UserError)):
         d = Dist(rank=world - 1, world=world, local_rank=0, device=torch.device("cpu"))

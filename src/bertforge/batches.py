@@ -19,9 +19,13 @@ import itertools
 import json
 import os
 import queue
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,12 +100,16 @@ class PretrainingData:
     Native shards are read by position (`shards.ShardSet`: nothing is loaded or mapped);
     TFRecords are parsed into memory."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, local: tuple[int, int] | None = None) -> None:
+        """`local`: (this process's rank on its machine, the processes there) under torchrun,
+        whose processes on a machine decode TFRecords once and share them
+        (`shared_tfrecords`)."""
         files, manifest = data_files(path)
         self.files = files
         self.manifest = manifest
         self.native: ShardSet | None = None
         self.tf_rows: Rows | None = None
+        self.tf_shared: str | None = None  # a note how the TFRecords were shared, or a warning
         if is_shard(files[0]):
             self.native = ShardSet(files)
             sizes = self.native.sizes.tolist()
@@ -110,7 +118,10 @@ class PretrainingData:
             meta = self.native.headers[-1].meta
             p_max = meta.get("max_predictions_per_seq") if manifest is None else None
         else:
-            loaded, self.tf_sizes = load_tfrecords(files)
+            if local is not None and local[1] > 1:
+                loaded, self.tf_sizes, self.tf_shared = shared_tfrecords(files, *local)
+            else:
+                loaded, self.tf_sizes = load_tfrecords(files)
             if loaded is None:
                 raise UserError(f"--data: {path} holds no records.")
             self.tf_rows = loaded
@@ -322,6 +333,106 @@ def load_tfrecords(files: Sequence[Path]) -> tuple[Rows | None, list[int]]:
         joined[name] = np.concatenate([part.pop(name) for part in parts])
         release_freed_memory()
     return Rows(sep_a=None, **joined), sizes
+
+
+SHARE_POLL = 0.2  # seconds between looks for what another process of the machine wrote
+
+
+def shared_tfrecords(
+    files: Sequence[Path], local_rank: int, local_world: int
+) -> tuple[Rows | None, list[int], str | None]:
+    """`load_tfrecords` for the `local_world` processes torchrun starts on one machine,
+    which each held a whole copy (8 GPUs: 8 times the memory). Local process 0 decodes the
+    files and writes the arrays into a folder of the temporary directory (TMPDIR, else
+    /tmp); the others wait for it by looking for the folder (no collective: a long decode
+    does not meet a collective's timeout), and all map the arrays read-only, so the machine
+    holds one copy, in its page cache. Once every process has mapped them, process 0
+    deletes the folder (the mappings stay), so a crash later on leaves nothing on disk.
+    Where the arrays cannot be written (the temporary directory is full), each process
+    decodes its own copy, as before. The folder is named by the files and by the torchrun
+    agent that started this machine's processes (their parent, and its restarts), so
+    another run never reads it. Also returns how they were shared, as a note, or why not,
+    as a warning."""
+    key: list[Any] = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # the agent restarts them
+    key += [socket.gethostname(), os.getppid(), restarts]
+    name = "bertforge-tfrecords-" + hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / name
+    failed = folder.with_name(name + ".failed")  # process 0 did not write them
+    if local_rank == 0:
+        rows, sizes = load_tfrecords(files)
+        why = "no records" if rows is None else None
+        if rows is not None:
+            try:
+                size = write_arrays(rows, sizes, folder)
+            except OSError as e:
+                why = f"{folder.parent}: {e.strerror or e}"
+        if why is not None:  # each process decodes its own copy (or finds none)
+            failed.touch()  # an empty file: a full disk still takes it
+            seen = [failed.with_name(f"{failed.name}-{rank}") for rank in range(1, local_world)]
+            wait_for(seen)
+            for path in [failed, *seen]:
+                path.unlink(missing_ok=True)
+            unshared = (
+                "bertforge: warning: the TFRecords' arrays could not be written for the "
+                f"{local_world} processes on this machine to share ({why}), so each holds its "
+                "own copy; set TMPDIR to a directory with room for them."
+            )
+            return rows, sizes, None if rows is None else unshared
+        del rows
+        release_freed_memory()
+        mapped, sizes = map_arrays(folder)
+        wait_for([folder / f"mapped-{rank}" for rank in range(1, local_world)])
+        shutil.rmtree(folder, ignore_errors=True)  # the mappings stay
+        note = (
+            "train: the TFRecords were decoded once on this machine and are shared by its "
+            f"{local_world} processes through {folder.parent} ({size / 1e6:,.0f} MB, deleted "
+            "once mapped)"
+        )
+        return mapped, sizes, note
+    while not (folder / "sizes.json").exists():
+        if failed.exists():
+            failed.with_name(f"{failed.name}-{local_rank}").touch()
+            rows, sizes = load_tfrecords(files)
+            return rows, sizes, None
+        time.sleep(SHARE_POLL)
+    mapped, sizes = map_arrays(folder)
+    (folder / f"mapped-{local_rank}").touch()
+    return mapped, sizes, None
+
+
+def wait_for(paths: Sequence[Path]) -> None:
+    """Until every one of `paths` exists (what the other processes of the machine write)."""
+    for path in paths:
+        while not path.exists():
+            time.sleep(SHARE_POLL)
+
+
+def write_arrays(rows: Rows, sizes: list[int], folder: Path) -> int:
+    """Rows' fields as .npy files in `folder`, made whole under another name and renamed
+    (the others take the folder as ready once it exists); the bytes written."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        size = 0
+        for name in ROW_FIELDS:
+            if (a := getattr(rows, name)) is not None:
+                np.save(partial / f"{name}.npy", a)
+                size += a.nbytes
+        write_json(partial / "sizes.json", sizes)
+        os.rename(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return size
+
+
+def map_arrays(folder: Path) -> tuple[Rows, list[int]]:
+    """The Rows `write_arrays` wrote, mapped read-only, and the files' record counts."""
+    fields = {f.stem: np.load(f, mmap_mode="r") for f in folder.glob("*.npy")}
+    sizes = json.loads((folder / "sizes.json").read_text(encoding="utf-8"))
+    return Rows(**{name: fields.get(name) for name in ROW_FIELDS}), sizes
 
 
 def narrowed(b: Batch) -> dict[str, np.ndarray]:

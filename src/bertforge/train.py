@@ -235,9 +235,12 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
         line := tfrecord_memory_warning(cfg.data, distributed.local_processes(), available_memory())
     ):
         print(line, file=sys.stderr)
-    data = PretrainingData(cfg.data)
+    local = (d.local_rank, distributed.local_processes()) if d.world > 1 else None
+    data = PretrainingData(cfg.data, local)  # TFRecords: decoded once per machine
     if d.main and data.native is not None and (note := data.native.limit_note()):
         print(note, file=sys.stderr)
+    if data.tf_shared and ("warning" in data.tf_shared or (d.main and cfg.progress)):
+        print(data.tf_shared, file=sys.stderr)  # each machine's process 0 may warn
     info = data.info
     check_data_flags(cfg, data)
     reused = data.reuse_scan(Path(cfg.output) / DATA_SCAN_FILE)  # a resumed run's, if true
@@ -1562,22 +1565,23 @@ def clear_run(out: Path) -> None:
 
 
 def tfrecord_memory_warning(path: str, processes: int, available: int | None) -> str | None:
-    """Before Google's TFRecords are read into memory, by every process of this machine: a
-    warning where they are over 1 GB, or would not fit in the memory `available`, saying what
-    they take and that `data convert` makes them shards that training reads as it goes. Said
-    first, as the system may kill a process out of memory without a word."""
+    """Before Google's TFRecords are read into memory (once for this machine's `processes`:
+    `batches.shared_tfrecords`): a warning where they are over 1 GB, or would not fit in the
+    memory `available`, saying what they take and that `data convert` makes them shards that
+    training reads as it goes. Said first, as the system may kill a process out of memory
+    without a word."""
     files, _ = data_files(path)
     if is_shard(files[0]):
         return None
     size = sum(f.stat().st_size for f in files)
-    need = tfrecord_peak(files) * processes
+    need = tfrecord_peak(files)  # one process decodes them, the others map its arrays
     short = available is not None and need > available
     if size <= 1 << 30 and not short:
         return None
-    each = f" by each of the {processes} processes on this machine" if processes > 1 else ""
+    once = f" (once for the {processes} processes on this machine)" if processes > 1 else ""
     line = (
         f"bertforge: warning: {size_text(size)} of TFRecords are read into memory at every "
-        f"start{each}, about {size_text(need)} at the peak"
+        f"start{once}, about {size_text(need)} at the peak"
     )
     if short:
         line += (
