@@ -1399,6 +1399,12 @@ def test_the_processes_of_a_machine_share_one_decoded_copy_of_the_tfrecords(
     assert len(decoded) == 3 and list(tmp.iterdir()) == []
     data = PretrainingData(str(google_tfrecords), (0, 1))  # one process: nothing to share
     assert data.tf_shared is None and len(decoded) == 4
+    monkeypatch.undo()  # the real write_arrays again
+    batches.write_arrays(whole, sizes, tmp / "theirs")  # a folder of another user's: refused
+    assert (tmp / "theirs").stat().st_mode & 0o777 == 0o700
+    monkeypatch.setattr(batches.os, "getuid", lambda: os.stat(tmp / "theirs").st_uid + 1)
+    with pytest.raises(UserError, match=f"{tmp / 'theirs'} belongs to another user; "):
+        batches.map_arrays(tmp / "theirs")
 
 
 @pytest.mark.parametrize("ids", ["kjv", "under 128", "over 16384"])

@@ -413,7 +413,7 @@ def write_arrays(rows: Rows, sizes: list[int], folder: Path) -> int:
     (the others take the folder as ready once it exists); the bytes written."""
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    partial.mkdir(mode=0o700)  # the temporary directory is everyone's: this user's only
     try:
         size = 0
         for name in ROW_FIELDS:
@@ -430,6 +430,11 @@ def write_arrays(rows: Rows, sizes: list[int], folder: Path) -> int:
 
 def map_arrays(folder: Path) -> tuple[Rows, list[int]]:
     """The Rows `write_arrays` wrote, mapped read-only, and the files' record counts."""
+    if folder.stat().st_uid != os.getuid():
+        raise UserError(
+            f"{folder} belongs to another user; TFRecords are shared between the processes of "
+            "a machine through it: delete it, or set TMPDIR to a directory of your own."
+        )
     fields = {f.stem: np.load(f, mmap_mode="r") for f in folder.glob("*.npy")}
     sizes = json.loads((folder / "sizes.json").read_text(encoding="utf-8"))
     return Rows(**{name: fields.get(name) for name in ROW_FIELDS}), sizes
