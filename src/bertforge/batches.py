@@ -98,7 +98,7 @@ class PretrainingData:
     """Every instance of a data directory or of TFRecord files, addressed by a global index.
 
     Native shards are read by position (`shards.ShardSet`: nothing is loaded or mapped);
-    TFRecords are parsed into memory."""
+    TFRecords are parsed into memory (under torchrun once per machine: `shared_tfrecords`)."""
 
     def __init__(self, path: str, local: tuple[int, int] | None = None) -> None:
         """`local`: (this process's rank on its machine, the processes there) under torchrun,
