@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -20,16 +21,23 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def made_once(directory: Path, write: Callable[[Path], None]) -> None:
+def made_once(directory: Path, write: Callable[[Path], None]) -> int:
     """A benchmark's synthetic data, written by `write(PATH)` unless `directory` is there:
     into DIRECTORY.partial, renamed when whole, so that a write cut short is never taken for
-    the data."""
-    if directory.exists():
-        return
-    start = time.perf_counter()
-    write(directory.with_suffix(".partial"))
-    directory.with_suffix(".partial").rename(directory)
-    print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    the data. Its files' bytes."""
+    if not directory.exists():
+        start = time.perf_counter()
+        write(directory.with_suffix(".partial"))
+        directory.with_suffix(".partial").rename(directory)
+        print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return sum(p.stat().st_size for p in directory.iterdir())
+
+
+def machine() -> str:
+    """The first words of a benchmark's first line: the machine, its cores, Python."""
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
 
 
 def tree_rss_mb(root: int) -> float:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, made_once
+from common import HERE, machine, made_once
 from shard_memory import write_shards
 
 SIDES = {"one": "one thread", "threads": "threads ({})",
@@ -105,14 +104,12 @@ def main() -> None:
             print(json.dumps(r), flush=True)
         return
     directory = args.work / f"shards_{args.gb}gb"
-    made_once(directory, lambda path: write_shards(path, float(args.gb)))
-    size = sum(p.stat().st_size for p in directory.iterdir()) / 1e9
+    size = made_once(directory, lambda path: write_shards(path, float(args.gb))) / 1e9
     can_drop = os.access(DROP, os.W_OK)
     caches = ["page cache", "disk"] if can_drop else ["page cache"]
     shards = len(list(directory.iterdir()))
     note = "" if can_drop else "; not root: no from-disk side"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; {shards} shards, {size:.2f} GB{note}\n")  # fmt: skip
+    print(f"{machine()}; {shards} shards, {size:.2f} GB{note}\n")
     times: dict[tuple[str, str], list[float]] = {}
     print("| side | read from | seconds |")
     print("|---|---|---|")

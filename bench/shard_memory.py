@@ -25,7 +25,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HERE, made_once, side_json
+from common import HERE, machine, made_once, side_json
 
 SEQ, PREDICTIONS, VOCAB = 128, 20, 30522
 SIDES = {"mapped": "memory-mapped (before)", "pread": "read by position (ShardSet)",
@@ -165,11 +164,8 @@ def main() -> None:
     if args.side:
         print(json.dumps(side(directory, args.side, args.steps, args.batch)))
         return
-    made_once(directory, lambda path: write_shards(path, args.gb))
-    size = sum(p.stat().st_size for p in directory.iterdir()) / 1e9
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; shards {size:.2f} GB; {args.steps} steps of "
-          f"{args.batch}\n")  # fmt: skip
+    size = made_once(directory, lambda path: write_shards(path, args.gb)) / 1e9
+    print(f"{machine()}; shards {size:.2f} GB; {args.steps} steps of {args.batch}\n")
     print(
         "| side | start-up s | RSS after start-up, anon / file MB | RSS file, peak over the "
         "steps MB | RSS at the end, anon / file MB | peak RSS (VmHWM) MB | ms a batch |"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import HERE, made_once, side_json
+from common import HERE, machine, made_once, side_json
 
 SEQ, PREDICTIONS, VOCAB = 128, 20, 30522
 DISTINCT = 4096
@@ -127,12 +126,9 @@ def main() -> None:
     if args.side:
         print(json.dumps(side(directory, args.side)))
         return
-    made_once(directory, lambda path: write_tfrecords(path, args.mb))
+    size = made_once(directory, lambda path: write_tfrecords(path, args.mb)) / 1e6
     files = list(directory.iterdir())
-    size = sum(p.stat().st_size for p in files) / 1e6
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; TFRecords {size:.0f} MB in {len(files)} "
-          "files\n")  # fmt: skip
+    print(f"{machine()}; TFRecords {size:.0f} MB in {len(files)} files\n")
     print("| reader | records | seconds | held MB (x files) | peak MB (x files) |")
     print("|---|---|---|---|---|")
     for _ in range(args.rounds):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import HERE, made_once
+from common import HERE, machine, made_once
 from tfrecord_memory import mb, write_tfrecords
 
 SIDES = {"own": "a copy per process (to session 52)",
@@ -103,11 +102,9 @@ def main() -> None:
     if args.side:
         side(directory, args.side, args.rank, args.processes, args.meeting)
         return
-    made_once(directory, lambda path: write_tfrecords(path, args.mb))
-    size = sum(p.stat().st_size for p in directory.iterdir()) / 1e6
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; TFRecords {size:.0f} MB; {args.processes} processes; "
-          f"TMPDIR {tempfile.gettempdir()}\n")  # fmt: skip
+    size = made_once(directory, lambda path: write_tfrecords(path, args.mb)) / 1e6
+    print(f"{machine()}; TFRecords {size:.0f} MB; {args.processes} processes; TMPDIR "
+          f"{tempfile.gettempdir()}\n")  # fmt: skip
     print("| side | slowest read s | sum of Pss MB (x files) | sum of RSS MB | sum of peaks MB |")
     print("|---|---|---|---|---|")
     pss = {name: [] for name in SIDES}
