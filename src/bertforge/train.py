@@ -231,12 +231,10 @@ def claim_output(cfg: TrainConfig, d: Dist) -> Iterator[None]:
 
 def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
     # ---- what we train on, with what, into what; all checked against each other
-    if d.main and (
-        line := tfrecord_memory_warning(cfg.data, distributed.local_processes(), available_memory())
-    ):
+    here = distributed.local_processes()  # this machine's: they share TFRecords
+    if d.main and (line := tfrecord_memory_warning(cfg.data, here, available_memory())):
         print(line, file=sys.stderr)
-    local = (d.local_rank, distributed.local_processes()) if d.world > 1 else None
-    data = PretrainingData(cfg.data, local)  # TFRecords: decoded once per machine
+    data = PretrainingData(cfg.data, (d.local_rank, here) if d.world > 1 else None)
     if d.main and data.native is not None and (note := data.native.limit_note()):
         print(note, file=sys.stderr)
     if data.tf_shared and ("warning" in data.tf_shared or (d.main and cfg.progress)):
@@ -574,11 +572,11 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                     except RuntimeError as e:
                         retry_or_raise(e, d, step, micro)
                         # leave the except block first, so the failed step's tensors go
-                    if failed is None and d.world > 1:  # the others wait in DDP's all-reduce
-                        optimizer.zero_grad(set_to_none=True)
-                        resumes = save_alone(ledger.skipped_so_far())
-                        raise Stranded(out_of_memory_stop(d, step, micro, resumes=resumes))
-                    if failed is None:
+                    if failed is None:  # out of GPU memory
+                        if d.world > 1:  # the others wait in DDP's all-reduce: save, stop
+                            optimizer.zero_grad(set_to_none=True)
+                            resumes = save_alone(ledger.skipped_so_far())
+                            raise Stranded(out_of_memory_stop(d, step, micro, resumes=resumes))
                         micro = halve_micro_batch(micro, d, optimizer, step)
                         continue
                     # The automatic compile failed (no compiler, an old GPU, a torch bug):
