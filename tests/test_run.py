@@ -24,6 +24,7 @@ from bertforge.run import (
     check_stages_agree,
     print_summary,
     run_flags,
+    run_many,
     run_pipeline,
     stage_configs,
 )
@@ -461,6 +462,36 @@ def test_run_under_torchrun(tmp_path, kjv_corpus):
     binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
     failed = torchrun(binary, tmp_path / "three")
     assert failed.returncode != 0 and "not a text corpus" in failed.stderr
+
+
+def test_under_torchrun_a_failed_training_leaves_the_process_group_as_it_is(
+    tmp_path, monkeypatch
+):
+    """`run` under torchrun shuts the process group down after the pipeline only: where
+    training fails on one process, the others may wait for it inside a collective, and the
+    shutdown could hang (`distributed.leave`; the CLI ends the process instead)."""
+    import torch
+
+    from bertforge import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.Dist(
+        1, 2, 1, torch.device("cpu")))  # fmt: skip
+    monkeypatch.setattr(distributed, "waiting_group", lambda d: None)
+    monkeypatch.setattr(distributed, "broadcast_word", lambda word, d, group: "resume")
+    monkeypatch.setattr(distributed, "shutdown", lambda d: calls.append("shutdown"))
+    run = RunConfig(input=("corpus.txt",), output=str(tmp_path / "run"), progress=False)
+    configs = stage_configs(run, {}, {"vocab_size": 1500, "max_seq_length": 64})
+
+    def failing(cfg):
+        calls.append("train")
+        raise UserError("the disk is full")
+
+    with pytest.raises(UserError):
+        run_many(run, configs, {"train": failing})
+    assert calls == ["train"]
+    run_many(run, configs, {"train": lambda cfg: calls.append("train")})
+    assert calls == ["train", "train", "shutdown"]
 
 
 def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):

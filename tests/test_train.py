@@ -1385,6 +1385,18 @@ def test_the_processes_of_a_machine_share_one_decoded_copy_of_the_tfrecords(
             "train: the TFRecords were decoded once on this machine and are shared by its 3 "
             f"processes through {tmp} ({held / 1e6:,.0f} MB, deleted once mapped)"))  # fmt: skip
     assert len(decoded) == 1 and list(tmp.iterdir()) == []
+    # Process 0 stopped while it waits for the others to map them (one failed, and torchrun
+    # stops the rest): the folder goes all the same.
+    real_sleep = batches.time.sleep
+
+    def stopped(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batches.time, "sleep", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        batches.shared_tfrecords([google_tfrecords], 0, 2)
+    monkeypatch.setattr(batches.time, "sleep", real_sleep)
+    assert len(decoded) == 2 and list(tmp.iterdir()) == []
 
     def full(rows, sizes, folder):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -2337,7 +2349,7 @@ def test_two_processes_agree_on_a_micro_batch_that_fits_before_the_first_step(
     one = tmp_path / "one"
     steps = ("--num-train-steps", "3", "--no-do-eval")
     main(args(train_data, one, tiny_bert_config, *steps))
-    helper = Path(__file__).with_name("simulated_oom.py")
+    helper = Path(__file__).with_name("simulated_faults.py")
 
     def torchrun(out: Path, above: int, *extra: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMULATED_OOM_RANK": "1",
@@ -2377,7 +2389,7 @@ def test_two_processes_out_of_memory_in_an_evaluation_save_the_step_together(
     saved: the steps since the last checkpoint were lost. Now both hear of it there, save the
     step's checkpoint together and stop with one clear error each; the rerun with a smaller
     --eval-batch-size resumes at that step and ends as an unbroken run does."""
-    helper = Path(__file__).with_name("simulated_oom.py")
+    helper = Path(__file__).with_name("simulated_faults.py")
     steps = ("--num-train-steps", "6", "--save-checkpoints-steps", "4", "--eval-records", "40",
              "--eval-every", "3")  # fmt: skip
 
@@ -2420,7 +2432,7 @@ def test_two_processes_out_of_memory_mid_step_save_the_step_from_the_process_tha
     1 saves step 3 alone (the state before a step is every process's), with half the
     micro-batch, and says so; the same command again resumes there, at micro-batch 4, and
     ends as an unbroken run does (dropout 0: the masks are the step's)."""
-    helper = Path(__file__).with_name("simulated_oom.py")
+    helper = Path(__file__).with_name("simulated_faults.py")
     steps = ("--num-train-steps", "6", "--save-checkpoints-steps", "2", "--no-do-eval")
 
     def torchrun(out: Path, oom: dict[str, str]) -> subprocess.CompletedProcess:
@@ -2473,34 +2485,103 @@ def test_two_processes_out_of_memory_mid_step_save_the_step_from_the_process_tha
     assert [p.name for p in list_checkpoints(tmp_path / "cpu")] == ["ckpt-00000002.pt"]
 
 
-def test_a_process_stranded_by_its_own_error_leaves_at_once(monkeypatch, capsys):
-    """An out-of-memory error that stops one process of several mid-step (the others wait in
-    DDP's all-reduce) is `Stranded`: `train` prints it and leaves with os._exit(2), without
-    the process group's shutdown, which deadlocked in torch's gloo at times (a worker thread
-    waiting for the GIL held by the destructor joining it). One process stops as before."""
-    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8")
-    for world, kind in ((2, train_module.Stranded), (1, UserError)):
-        d = Dist(rank=world - 1, world=world, local_rank=0, device=torch.device("cpu"))
-        with pytest.raises(UserError) as e:
-            train_module.retry_or_raise(cpu, d, 5, 8)
-        assert type(e.value) is kind
-    left = []
+@pytest.mark.slow
+def test_a_full_disk_on_process_0_stops_the_run_at_once_and_says_why_once(
+    tmp_path, train_data, tiny_bert_config
+):
+    """torchrun with 2 gloo processes; process 0 finds the disk full halfway through step 4's
+    checkpoint (simulated) while process 1 goes on into step 5's all-reduce. Shutting the
+    process group down there can hang (NCCL; gloo's destructor did here), so process 0 says
+    why and leaves without it, and process 1, whose collective fails, says in one line that
+    another process stopped instead of a traceback through torch. The partial checkpoint is
+    gone, step 2's is whole, and the same command resumes from it."""
+    helper = Path(__file__).with_name("simulated_faults.py")
+    steps = ("--num-train-steps", "6", "--save-checkpoints-steps", "2", "--no-do-eval")
 
-    def stranded(cfg, d):
-        raise train_module.Stranded("out of memory on process 1")
+    def torchrun(out: Path, fault: dict[str, str]) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **fault}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", "29528", str(helper), *args(train_data, out, tiny_bert_config,
+               *steps, *FP32)]  # fmt: skip
+        return run_group(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+    out = tmp_path / "out"
+    failed = torchrun(out, {"SIMULATED_FULL_DISK_STEP": "4"})
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("bertforge: error")]
+    assert len(errors) == 2 and errors[0] == (
+        f"bertforge: error: {out / 'checkpoints'}: no space left on the device while writing "
+        "ckpt-00000004.pt; free some space and run the same command again (finished files "
+        "are kept)."
+    ), failed.stderr
+    # gloo's words for it vary with the timing: closed, or reset where bytes went unread
+    assert re.fullmatch(
+        r"bertforge: error: process 1 stops: another process of this run stopped "
+        r"\((Connection closed by peer|Connection reset by peer|Broken pipe)\); its own "
+        r"error, above or in its log, says why\.",
+        errors[1],
+    ), failed.stderr
+    assert "bertforge/" not in failed.stderr  # no traceback through bertforge (torchrun's own)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000002.pt"]
+    resumed = torchrun(out, {})
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_error_under_torchrun_leaves_the_process_group_as_it_is(tmp_path, monkeypatch, capsys):
+    """Under torchrun, `main` says the error, then ends the process with its exit status by
+    os._exit, never through the process group's shutdown (`distributed.leave`); `train`
+    shuts the group down after a clean run only. Alone, `main` returns the status."""
+    from bertforge import distributed
+
+    calls = []
+
+    def failing(cfg, d):
+        raise UserError("the disk is full")
 
     def leave(code):
-        left.append(code)
+        calls.append(code)
         raise SystemExit(code)
 
-    monkeypatch.setattr(train_module, "_train", stranded)
-    monkeypatch.setattr(train_module.os, "_exit", leave)
-    monkeypatch.setattr(train_module.distributed, "shutdown", lambda d: left.append("shutdown"))
+    monkeypatch.setattr(train_module, "_train", failing)
+    monkeypatch.setattr(distributed, "shutdown", lambda d: calls.append("shutdown"))
+    argv = ["train", "--data", "d", "--output", str(tmp_path / "o"), "--device", "cpu"]
+    assert main(argv) == 2 and calls == []  # one process: no group, the status returned
+    assert capsys.readouterr().err == "bertforge: error: the disk is full\n"
+    monkeypatch.setattr(distributed, "grouped", lambda: True)
+    monkeypatch.setattr(distributed.os, "_exit", leave)
     with pytest.raises(SystemExit):
-        train(TrainConfig(data="d", output="o"))
-    assert left[0] == 2 and capsys.readouterr().err == (  # (here the finally runs after it)
-        "bertforge: error: out of memory on process 1\n"
+        main(argv)
+    assert calls == [2]  # left at once: no shutdown
+    assert capsys.readouterr().err == "bertforge: error: the disk is full\n"
+    # A collective that fails because another process left: one line, not torch's traceback.
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [::1]:5")
+
+    def lost(cfg, d):
+        monkeypatch.setenv("RANK", "3")  # torchrun's (set earlier, setup would take it)
+        raise peer
+
+    monkeypatch.setattr(train_module, "_train", lost)
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert calls == [2, 1] and capsys.readouterr().err == (
+        "bertforge: error: process 3 stops: another process of this run stopped (Connection "
+        "closed by peer); its own error, above or in its log, says why.\n"
     )
+
+    # Any other error: Python's traceback, printed before leaving.
+    def bug(cfg, d):
+        return 1 / 0
+
+    monkeypatch.setattr(train_module, "_train", bug)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert calls == [2, 1, 1] and "Traceback" in err and "ZeroDivisionError" in err
+    monkeypatch.setattr(distributed, "grouped", lambda: False)
+    with pytest.raises(ZeroDivisionError):  # alone, Python prints it as always
+        main(argv)
 
 
 def test_config_errors():

@@ -381,9 +381,11 @@ def shared_tfrecords(
             return rows, sizes, None if rows is None else unshared
         del rows
         release_freed_memory()
-        mapped, sizes = map_arrays(folder)
-        wait_for([folder / f"mapped-{rank}" for rank in range(1, local_world)])
-        shutil.rmtree(folder, ignore_errors=True)  # the mappings stay
+        try:
+            mapped, sizes = map_arrays(folder)
+            wait_for([folder / f"mapped-{rank}" for rank in range(1, local_world)])
+        finally:  # stopped while waiting (another process failed): nothing left behind either
+            shutil.rmtree(folder, ignore_errors=True)  # the mappings stay
         note = (
             "train: the TFRecords were decoded once on this machine and are shared by its "
             f"{local_world} processes through {folder.parent} ({size / 1e6:,.0f} MB, deleted "

@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -388,6 +389,26 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+def process_group() -> Any:
+    """bertforge.distributed where this process is one of a torchrun job's (in its process
+    group), else None. torch.distributed must have been imported for a group to exist: the
+    commands that never import torch stay free of it."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from bertforge import distributed
+
+    return distributed if distributed.grouped() else None
+
+
+def ended(code: int) -> int:
+    """The exit status `code`, after an error said: returned, or where this process is one of
+    several, the process ends here, leaving the process group as it is (`distributed.leave`:
+    the others may be waiting for this one inside a collective)."""
+    if (group := process_group()) is not None:
+        group.leave(code)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
@@ -413,18 +434,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         dispatch(args)
     except UserError as e:
         print(f"bertforge: error: {e}", file=sys.stderr)
-        return 2
+        return ended(2)
     except BrokenPipeError:  # `bertforge data inspect ... | head`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
         return 128 + signal.SIGPIPE
     except OSError as e:  # the file system refused (full, read-only, permissions): no traceback
         print(f"bertforge: error: {os_error_message(e)}", file=sys.stderr)
-        return 1
+        return ended(1)
     except KeyboardInterrupt as e:
         term = isinstance(e, Terminated)
         how = "terminated" if term else "interrupted"
         print(f"bertforge: {how}; finished outputs are kept.", file=sys.stderr)
-        return 128 + (signal.SIGTERM if term else signal.SIGINT)  # 143 or 130, as train
+        return ended(128 + (signal.SIGTERM if term else signal.SIGINT))  # 143 or 130, as train
+    except Exception as e:  # a bug, or torch's own error: Python's traceback, as always,
+        if (group := process_group()) is None:  # but under torchrun printed here, to leave
+            raise
+        print(group.peer_gone(e) or traceback.format_exc().rstrip(), file=sys.stderr)
+        return ended(1)
     finally:
         if on_term is not None:
             signal.signal(signal.SIGTERM, on_term)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -94,8 +95,59 @@ def barrier(d: Dist) -> None:
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group in order, once every process is done: after an error, never
+    (`leave`)."""
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def grouped() -> bool:
+    """Whether this process is in a process group (one of a torchrun job's)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def leave(code: int) -> None:
+    """End this process at once with `code`, its error said, where it is in a process group
+    (`grouped`); return where it is alone. After an error on one process, the others may be
+    waiting for it inside a collective (the next step's all-reduce, while process 0 finds
+    the disk full), and shutting the group down then can hang instead of ending: NCCL waits
+    for the collective (torchtitan calls destroy_process_group only after a clean run for
+    this, its PR 1342), and gloo's destructor was seen here to deadlock, joining a worker
+    thread that waited for the GIL it held. Python's own exit would run that destructor
+    too, so the process leaves with os._exit, its output flushed; torchrun then stops the
+    others."""
+    if not grouped():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# What a collective raises on the processes left when another one of the run has gone:
+# gloo's, as its socket sees the other end close (or reset, where the one that left had
+# unread bytes from this one; a write to it then fails), and NCCL's.
+PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote process exited",
+    "NCCL communicator was aborted",
+)
+
+
+def peer_gone(e: BaseException) -> str | None:
+    """One line for a collective that failed because another process of the run stopped (its
+    own error says why): a traceback through torch's internals would bury that error."""
+    if not isinstance(e, RuntimeError):
+        return None
+    why = next((m for m in PEER_GONE if m in str(e)), None)
+    if why is None:
+        return None
+    rank = os.environ.get("RANK", "?")
+    return (
+        f"bertforge: error: process {rank} stops: another process of this run stopped "
+        f"({why}); its own error, above or in its log, says why."
+    )
 
 
 def gpu_neighbours(d: Dist) -> list[str]:

@@ -531,27 +531,25 @@ def run_many(
 
     d = distributed.setup(configs["train"].device)
     group = distributed.waiting_group(d)
-    try:
-        if d.main:
-            told = False
+    if d.main:
+        told = False
 
-            def train_together(cfg: Any) -> None:
-                nonlocal told
-                told = True
-                distributed.broadcast_word("start" if cfg.overwrite else "resume", d, group)
-                runners["train"](cfg)
+        def train_together(cfg: Any) -> None:
+            nonlocal told
+            told = True
+            distributed.broadcast_word("start" if cfg.overwrite else "resume", d, group)
+            runners["train"](cfg)
 
-            try:
-                run_pipeline(run, configs, {**runners, "train": train_together}, keep_training)
-            finally:
-                if not told:
-                    distributed.broadcast_word("none", d, group)
-        else:
-            word = distributed.broadcast_word(None, d, group)
-            if word != "none":
-                runners["train"](dataclasses.replace(configs["train"], overwrite=word == "start"))
-    finally:
-        distributed.shutdown(d)
+        try:
+            run_pipeline(run, configs, {**runners, "train": train_together}, keep_training)
+        finally:
+            if not told:
+                distributed.broadcast_word("none", d, group)
+    else:
+        word = distributed.broadcast_word(None, d, group)
+        if word != "none":
+            runners["train"](dataclasses.replace(configs["train"], overwrite=word == "start"))
+    distributed.shutdown(d)  # on success only (`distributed.leave`)
 
 
 def print_summary(s: Summary, out: Path) -> None:

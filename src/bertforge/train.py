@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -194,22 +193,10 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     d = distributed.setup(cfg.device)
-    try:
-        with claim_output(cfg, d):
-            return _train(cfg, d)
-    except Stranded as e:  # the others wait for this process: it leaves at once
-        print(f"bertforge: error: {e}", file=sys.stderr, flush=True)
-        os._exit(2)
-    finally:
-        distributed.shutdown(d)
-
-
-class Stranded(UserError):
-    """An error that stops one process of several while the others wait for it inside a
-    collective (DDP's all-reduce, mid-step). It can neither tell them nor shut its process
-    group down in order: torch's gloo deadlocks there at times (seen here: its worker thread
-    waits for the GIL that the process group's destructor, joining that thread, holds). So
-    `train` says why and the process leaves at once; torchrun then stops the others."""
+    with claim_output(cfg, d):
+        result = _train(cfg, d)
+    distributed.shutdown(d)  # on success only: an error leaves the group as it is (`leave`)
+    return result
 
 
 @contextlib.contextmanager
@@ -576,7 +563,7 @@ def _train(cfg: TrainConfig, d: Dist) -> TrainResult:
                         if d.world > 1:  # the others wait in DDP's all-reduce: save, stop
                             optimizer.zero_grad(set_to_none=True)
                             resumes = save_alone(ledger.skipped_so_far())
-                            raise Stranded(out_of_memory_stop(d, step, micro, resumes=resumes))
+                            raise UserError(out_of_memory_stop(d, step, micro, resumes=resumes))
                         micro = halve_micro_batch(micro, d, optimizer, step)
                         continue
                     # The automatic compile failed (no compiler, an old GPU, a torch bug):
@@ -935,8 +922,7 @@ def retry_or_raise(e: RuntimeError, d: Dist, step: int, micro: int) -> None:
     if isinstance(e, torch.OutOfMemoryError):
         return
     if out_of_memory(e):
-        stop = Stranded if d.world > 1 else UserError  # the others wait in a collective
-        raise stop(out_of_memory_stop(d, step, micro, e)) from None
+        raise UserError(out_of_memory_stop(d, step, micro, e)) from None
     raise e
 
 
