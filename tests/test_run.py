@@ -464,9 +464,7 @@ def test_run_under_torchrun(tmp_path, kjv_corpus):
     assert failed.returncode != 0 and "not a text corpus" in failed.stderr
 
 
-def test_under_torchrun_a_failed_training_leaves_the_process_group_as_it_is(
-    tmp_path, monkeypatch
-):
+def test_under_torchrun_a_failed_training_leaves_the_process_group_as_it_is(tmp_path, monkeypatch):
     """`run` under torchrun shuts the process group down after the pipeline only: where
     training fails on one process, the others may wait for it inside a collective, and the
     shutdown could hang (`distributed.leave`; the CLI ends the process instead)."""
