@@ -186,6 +186,35 @@ def test_a_copied_vocabulary_says_its_casing_and_leaves_no_earlier_files(tmp_pat
     assert config["model_max_length"] == 64 and config["do_lower_case"] is True
 
 
+def test_a_vocab_txt_edited_by_hand_travels_with_a_tokenizer_json_of_its_own(
+    tmp_path: Path, capsys
+):
+    """Words put into [unused] slots of a `bertforge vocab` output's vocab.txt by hand leave
+    its tokenizer.json behind. The tokens of vocab.txt are the ones used, so the copy beside
+    what is made with them (`copy_vocab`) gets a tokenizer.json written from them, with a
+    note, instead of the stale one, which would give the new words other ids."""
+    from bertforge.tokenization import copy_vocab, save_tokenizer_files, tokenizer_json_tokens
+
+    made, out = tmp_path / "vocab", tmp_path / "out"
+    save_tokenizer_files(made, TOKENS, do_lower_case=True, strip_accents=None)
+    out.mkdir()
+    copy_vocab(load_vocab(made), out)  # as made: copied, and no note
+    assert (out / "tokenizer.json").read_bytes() == (made / "tokenizer.json").read_bytes()
+    assert capsys.readouterr().err == ""
+    edited = [*TOKENS[:-1], "zebra"]
+    (made / "vocab.txt").write_text("".join(f"{t}\n" for t in edited), encoding="utf-8")
+    copy_vocab(load_vocab(made), out)
+    assert capsys.readouterr().err == (
+        f"bertforge: note: {made / 'tokenizer.json'} holds other tokens than "
+        f"{made / 'vocab.txt'} (was vocab.txt edited by hand?); vocab.txt's are the ones "
+        f"used, and {out / 'tokenizer.json'} is written from them.\n"
+    )
+    assert tokenizer_json_tokens(out / "tokenizer.json") == edited
+    assert load_vocab(out).tokens == tuple(edited)
+    pieces = build_tokenizer(edited, do_lower_case=True).encode("Zebra", add_special_tokens=False)
+    assert pieces.tokens == ["zebra"]  # the written one is the edited vocabulary's, lowercased
+
+
 def test_final_sigma_and_long_words():
     tok = build_tokenizer(TOKENS, do_lower_case=True)
     pieces = tok.encode("ΟΔΟΣ Σ", add_special_tokens=False).tokens

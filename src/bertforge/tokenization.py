@@ -26,6 +26,7 @@ import functools
 import itertools
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -723,15 +724,38 @@ class LineEncoder:
 VOCAB_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def same_tokens(tokenizer_json: Path, vocab: Vocab) -> bool:
+    """Whether a tokenizer.json holds `vocab`'s tokens, in its order (one it cannot read
+    as BERT's WordPiece does not)."""
+    if tokenizer_json.resolve() == vocab.path.resolve():
+        return True
+    try:
+        return tuple(tokenizer_json_tokens(tokenizer_json)) == vocab.tokens
+    except UserError:
+        return False
+
+
 def copy_vocab(vocab: Vocab, out: Path) -> None:
     """The vocabulary travels with what was made with it (a training run's model, which export
     and later stages read from there; a data directory's records, which hold token ids only):
-    `VOCAB_FILES` from beside `vocab`, and a tokenizer_config.json saying its casing."""
+    `VOCAB_FILES` from beside `vocab`, and a tokenizer_config.json saying its casing. A
+    tokenizer.json beside a vocab.txt that holds other tokens (vocab.txt edited by hand after
+    `bertforge vocab`, to put words in [unused] slots) is written anew from vocab.txt, whose
+    tokens are the ones used: a copy would disagree with the token ids it travels with."""
     source = vocab.path.parent
     for name in VOCAB_FILES:
         src, target = (vocab.path if name == "vocab.txt" else source / name), out / name
         if name == "vocab.txt" and vocab.path.suffix == ".json":  # read from a tokenizer.json
             write_text(target, "".join(f"{token}\n" for token in vocab.tokens))
+        elif name == "tokenizer.json" and src.is_file() and not same_tokens(src, vocab):
+            print(
+                f"bertforge: note: {src} holds other tokens than {vocab.path} (was vocab.txt "
+                f"edited by hand?); vocab.txt's are the ones used, and {target} is written "
+                "from them.",
+                file=sys.stderr,
+            )
+            tokenizer = build_tokenizer(vocab.tokens, vocab.do_lower_case, vocab.strip_accents)
+            write_text(target, tokenizer.to_str(pretty=True))
         elif src.is_file():
             if src.resolve() != target.resolve():
                 copy_file(src, target)
