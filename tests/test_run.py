@@ -492,6 +492,42 @@ def test_under_torchrun_a_failed_training_leaves_the_process_group_as_it_is(tmp_
     assert calls == ["train", "train", "shutdown"]
 
 
+def test_a_vocab_txt_edited_by_hand_is_what_the_stages_after_it_read(tmp_path, kjv_corpus, capsys):
+    """Words written into the [unused] slots of a run's vocab.txt by hand (as --num-unused
+    means them to be): run saw the vocab stage's manifest unchanged and kept every stage, so
+    the data and the model never had them. Now the data stage runs again (its manifest names
+    the vocab.txt it was made with), training is refused to start over while it has
+    checkpoints, saying that --overwrite would also undo the edit; without them, the model
+    has the new word, and the edited vocab.txt is kept."""
+    out = tmp_path / "run"
+    run_cli(kjv_corpus, out)
+    vocab = out / "vocab" / "vocab.txt"
+    lines = vocab.read_text(encoding="utf-8").splitlines()
+    lines[lines.index("[unused5]")] = "zzzword"
+    edited = "".join(f"{line}\n" for line in lines)
+    vocab.write_text(edited, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["run", str(kjv_corpus), "--output", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "because the data stage runs again (its vocabulary changed: "
+        f"{vocab.resolve()} is not the one the data was made with)" in err
+    )
+    assert "pass --overwrite: every stage runs again, the vocabulary too, without the " in err
+    shutil.rmtree(out / "train")
+    state = run_cli(kjv_corpus, out)
+    err = capsys.readouterr().err
+    assert f"run: vocab: kept {out / 'vocab'}, whose vocab.txt is not the one the stage " in err
+    assert "run: data: running" in err and state["vocab"]["done"]
+    assert vocab.read_text(encoding="utf-8") == edited
+    for kept in (out / "data", out / "model"):
+        assert "zzzword" in (kept / "vocab.txt").read_text(encoding="utf-8").split()
+        tokenizer = json.loads((kept / "tokenizer.json").read_text(encoding="utf-8"))
+        assert "zzzword" in tokenizer["model"]["vocab"]
+    run_cli(kjv_corpus, out)  # once made with it, the data is kept
+    assert "run: data: unchanged, kept" in capsys.readouterr().err
+
+
 def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):
     out = tmp_path / "run"
     run = RunConfig(input=(str(kjv_corpus),), output=str(out), progress=False)

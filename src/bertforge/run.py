@@ -369,9 +369,11 @@ def decide(
     changed = changed_settings(old, new, type(cfg))
     if not changed:
         if record.get("done"):
-            if manifest.is_file() and sha256_file(manifest) == record.get("manifest_sha256"):
-                return "skip", ""
-            return "start", f"its {MANIFEST} is not the one it wrote"
+            if not (manifest.is_file() and sha256_file(manifest) == record.get("manifest_sha256")):
+                return "start", f"its {MANIFEST} is not the one it wrote"
+            if stage == "data" and (why := vocabulary_changed(cfg, directory)):
+                return "start", why
+            return "skip", ""
         return "resume", ""
     if stage == "train":
         from bertforge.train import RESUMABLE
@@ -380,6 +382,31 @@ def decide(
         if not changed:
             return "resume", ""
     return "start", describe_changes(old, new, changed, type(cfg))
+
+
+def vocabulary_changed(cfg: DataConfig, directory: Path) -> str | None:
+    """Why finished data no longer holds its vocabulary's ids: the vocab.txt it was made with
+    changed since (words written into [unused] slots by hand); None while it is the same."""
+    made = (read_manifest(directory).get("vocab") or {}).get("sha256")
+    if made is None or cfg.vocab is None:
+        return None
+    from bertforge.tokenization import find_vocab_file
+
+    try:
+        path = find_vocab_file(Path(cfg.vocab), "--vocab")
+    except UserError:  # gone: the stage's own run says so
+        return None
+    if sha256_file(path) == made:
+        return None
+    return f"its vocabulary changed: {path} is not the one the data was made with"
+
+
+def edited_vocab(directory: Path) -> Path | None:
+    """The vocab.txt of a finished vocab stage where it is not the one the stage wrote (words
+    written into its [unused] slots by hand, as they are meant to be), else None."""
+    made = read_manifest(directory).get("outputs", {}).get("vocab.txt", {}).get("sha256")
+    path = directory / "vocab.txt"
+    return path if made and path.is_file() and sha256_file(path) != made else None
 
 
 def plan_stages(
@@ -431,12 +458,15 @@ def check_training_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, 
     if action != "start" or run.overwrite or not checkpoints:
         return
     own = why.startswith("--")  # training's own settings, not an earlier stage's
+    vocab = plans.get("vocab")
+    edited = vocab is not None and vocab[0] == "skip" and edited_vocab(out / DIRS["vocab"])
+    again = ", the vocabulary too, without the edits of its vocab.txt" if edited else ""
     raise UserError(
         f"--output: this run would start the training in {directory} over from step 0 and "
         f"delete its checkpoints (the last: {checkpoints[-1].name}), because {why}. Nothing was "
         "changed. To keep them, rerun as they were trained (the same corpus and settings). To "
-        f"train anew: delete {directory} (or pass --overwrite: every stage runs again), or give "
-        "another --output."
+        f"train anew: delete {directory} (or pass --overwrite: every stage runs again{again}), "
+        "or give another --output."
         + (
             f" To go on from their weights with the new settings: --init-checkpoint "
             f"{checkpoints[-1]} with another --output."
@@ -490,7 +520,12 @@ def _run_pipeline(
         action, _, corpus = plans[stage]
         if action == "skip":
             skipped.append(stage)
-            print(f"run: {stage}: unchanged, kept {directory}", file=sys.stderr)
+            if stage == "vocab" and (edited := edited_vocab(directory)):
+                print(f"run: vocab: kept {directory}, whose {edited.name} is not the one the "
+                      "stage wrote (edited by hand?): the stages after it read it as it is",
+                      file=sys.stderr)  # fmt: skip
+            else:
+                print(f"run: {stage}: unchanged, kept {directory}", file=sys.stderr)
             if corpus is not None and restamped(state[stage].get("corpus"), corpus):
                 state[stage]["corpus"] = with_digests(corpus)  # found the same: not read again
                 write_json(state_path, state)
