@@ -526,6 +526,14 @@ def test_a_vocab_txt_edited_by_hand_is_what_the_stages_after_it_read(tmp_path, k
         assert "zzzword" in tokenizer["model"]["vocab"]
     run_cli(kjv_corpus, out)  # once made with it, the data is kept
     assert "run: data: unchanged, kept" in capsys.readouterr().err
+    # A run that would make the vocabulary again (another size) is refused: the edits would go.
+    assert main(["run", str(kjv_corpus), "--output", str(out), *FAST, "--vocab-size", "1400"]) == 2
+    assert (
+        "this run would make the vocabulary again, because --vocab-size was 1500, now 1400, "
+        f"and {vocab} was edited since the vocab stage wrote it: the edits would be lost. "
+        "Nothing was changed." in capsys.readouterr().err
+    )
+    assert vocab.read_text(encoding="utf-8") == edited
 
 
 def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):

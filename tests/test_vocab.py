@@ -330,6 +330,17 @@ def test_a_vocabulary_made_another_way_is_not_replaced_without_overwrite(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"} == {
         k: v for k, v in before.items() if k != "manifest.json"
     }
+    # vocab.txt edited by hand (a word in an [unused] slot): the same rerun would undo it
+    tokens = read_vocab_file(out / "vocab.txt")
+    tokens[tokens.index("[unused5]")] = "zzzword"
+    (out / "vocab.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+    edited = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match=re.escape(
+        "(its vocab.txt was edited after it was written, new words in its [unused] slots "
+        "perhaps, which making it again would undo); use another directory, or pass "
+        "--overwrite")):  # fmt: skip
+        train_vocab(cfg(mixed_corpus, out, vocab_size=600))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == edited
     train_vocab(cfg(other, out, vocab_size=700, overwrite=True))
     assert len(read_vocab_file(out / "vocab.txt")) == 700
 

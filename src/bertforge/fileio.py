@@ -207,6 +207,21 @@ def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag:
     return d
 
 
+def edited_output(
+    directory: Path, name: str, manifest: dict[str, Any] | None = None
+) -> Path | None:
+    """DIRECTORY/NAME where it is not the file its stage wrote (the sha256 its manifest records
+    differs: edited by hand since, as a vocab.txt's [unused] slots are meant to be), else None.
+    `manifest`: the directory's, when read already."""
+    manifest = read_manifest(directory) if manifest is None else manifest
+    outputs = (manifest or {}).get("outputs")
+    made = outputs.get(name) if isinstance(outputs, dict) else None
+    path = directory / name
+    if not isinstance(made, dict) or "sha256" not in made or not path.is_file():
+        return None
+    return None if sha256_file(path) == made["sha256"] else path
+
+
 def refuse_other_stage(d: Path, stage: str, flag: str, stages: set[str] | None = None) -> None:
     """Refuse, --overwrite or not, a directory that holds another stage's output: writing
     there would replace its manifest.json (`train --output DATA --overwrite` made the data

@@ -60,6 +60,7 @@ from bertforge.errors import UserError
 from bertforge.fileio import (
     MANIFEST,
     RUN_STATE,
+    edited_output,
     holds_files,
     output_lock,
     read_manifest,
@@ -387,7 +388,7 @@ def decide(
 def vocabulary_changed(cfg: DataConfig, directory: Path) -> str | None:
     """Why finished data no longer holds its vocabulary's ids: the vocab.txt it was made with
     changed since (words written into [unused] slots by hand); None while it is the same."""
-    made = (read_manifest(directory).get("vocab") or {}).get("sha256")
+    made = ((read_manifest(directory) or {}).get("vocab") or {}).get("sha256")
     if made is None or cfg.vocab is None:
         return None
     from bertforge.tokenization import find_vocab_file
@@ -399,14 +400,6 @@ def vocabulary_changed(cfg: DataConfig, directory: Path) -> str | None:
     if sha256_file(path) == made:
         return None
     return f"its vocabulary changed: {path} is not the one the data was made with"
-
-
-def edited_vocab(directory: Path) -> Path | None:
-    """The vocab.txt of a finished vocab stage where it is not the one the stage wrote (words
-    written into its [unused] slots by hand, as they are meant to be), else None."""
-    made = read_manifest(directory).get("outputs", {}).get("vocab.txt", {}).get("sha256")
-    path = directory / "vocab.txt"
-    return path if made and path.is_file() and sha256_file(path) != made else None
 
 
 def plan_stages(
@@ -446,6 +439,21 @@ def plan_stages(
     return plans
 
 
+def check_vocab_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, out: Path) -> None:
+    """Refuse, before any stage runs, to make the vocabulary again over a vocab.txt edited by
+    hand (words written into its [unused] slots): the edits would be gone without a word."""
+    vocab = plans.get("vocab")
+    if vocab is None or vocab[0] == "skip" or run.overwrite:
+        return
+    if edited := edited_output(out / DIRS["vocab"], "vocab.txt"):
+        raise UserError(
+            f"--output: this run would make the vocabulary again, because {vocab[1]}, and "
+            f"{edited} was edited since the vocab stage wrote it: the edits would be lost. "
+            "Nothing was changed. To keep it, copy its directory out of the run and give it "
+            "with --vocab; to make it anew, pass --overwrite (every stage runs again)."
+        )
+
+
 def check_training_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, out: Path) -> None:
     """Refuse, before any stage runs, a run that would start a trained model over: training
     from step 0 deletes the checkpoints of its directory, which may hold days of training.
@@ -459,7 +467,9 @@ def check_training_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, 
         return
     own = why.startswith("--")  # training's own settings, not an earlier stage's
     vocab = plans.get("vocab")
-    edited = vocab is not None and vocab[0] == "skip" and edited_vocab(out / DIRS["vocab"])
+    edited = (
+        vocab is not None and vocab[0] == "skip" and edited_output(out / DIRS["vocab"], "vocab.txt")
+    )
     again = ", the vocabulary too, without the edits of its vocab.txt" if edited else ""
     raise UserError(
         f"--output: this run would start the training in {directory} over from step 0 and "
@@ -507,6 +517,7 @@ def _run_pipeline(
     state: dict[str, Any] = read_state(state_path) if not run.overwrite else {}
     plans = plan_stages(run, configs, state, out)
     if keep_training:
+        check_vocab_kept(plans, run, out)
         check_training_kept(plans, run, out)
     ran: list[str] = []
     skipped: list[str] = []
@@ -520,7 +531,7 @@ def _run_pipeline(
         action, _, corpus = plans[stage]
         if action == "skip":
             skipped.append(stage)
-            if stage == "vocab" and (edited := edited_vocab(directory)):
+            if stage == "vocab" and (edited := edited_output(directory, "vocab.txt")):
                 print(f"run: vocab: kept {directory}, whose {edited.name} is not the one the "
                       "stage wrote (edited by hand?): the stages after it read it as it is",
                       file=sys.stderr)  # fmt: skip

@@ -67,6 +67,7 @@ from bertforge.corpus import (
 from bertforge.errors import UserError
 from bertforge.fileio import (
     begin_output,
+    edited_output,
     finish_output,
     locked_output,
     prepare_output_dir,
@@ -724,6 +725,11 @@ def check_replacing(
                        "made from")  # fmt: skip
     elif how := corpus_change(manifest.get("inputs") or [], now):
         changes.append(f"the input files differ ({how})")
+    if edited := edited_output(out, "vocab.txt", manifest):
+        changes.append(
+            f"its {edited.name} was edited after it was written, new words in its [unused] "
+            "slots perhaps, which making it again would undo"
+        )
     if changes:
         raise UserError(
             f"--output: {out} holds a vocabulary made another way "
