@@ -140,6 +140,32 @@ def test_export_files_and_manifest(tmp_path, trained_run):
     )
 
 
+def test_an_export_changed_since_is_not_replaced_without_overwrite(tmp_path, trained_run, capsys):
+    """Files of an export changed since it was written (a model fine-tuned and saved over
+    it) are not replaced by exporting again, unless --overwrite; files the export never
+    wrote (a model card) stay either way."""
+    out = tmp_path / "model"
+    argv = ["export", "--checkpoint", str(trained_run), "--output", str(out)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the same again: written again
+    (out / "README.md").write_text("my model card")
+    weights = out / "model.safetensors"
+    exported = weights.read_bytes()
+    weights.write_bytes(exported[:-1] + bytes([exported[-1] ^ 1]))  # one weight, same size
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"bertforge: error: --output: {out} holds an export whose model.safetensors changed "
+        "since it was written (a model fine-tuned and saved there?); exporting again would "
+        "replace them. Give another --output, or pass --overwrite.\n"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*argv, "--overwrite"]) == 0
+    assert weights.read_bytes() == exported
+    assert (out / "README.md").read_text() == "my model card"
+
+
 def test_the_export_reads_no_further_than_training_did(tmp_path, trained_run, capsys):
     """trained_run trained on sequences of 64 pieces and has 128 positions: rows 64-127 are as
     initialized. The export's model_max_length is 64, so transformers' tokenizer (and flair's

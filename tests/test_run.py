@@ -529,11 +529,25 @@ def test_a_vocab_txt_edited_by_hand_is_what_the_stages_after_it_read(tmp_path, k
     # A run that would make the vocabulary again (another size) is refused: the edits would go.
     assert main(["run", str(kjv_corpus), "--output", str(out), *FAST, "--vocab-size", "1400"]) == 2
     assert (
-        "this run would make the vocabulary again, because --vocab-size was 1500, now 1400, "
-        f"and {vocab} was edited since the vocab stage wrote it: the edits would be lost. "
-        "Nothing was changed." in capsys.readouterr().err
+        f"this run would write {out / 'vocab'} again, because --vocab-size was 1500, now 1400, "
+        "and its vocab.txt changed since the vocab stage wrote it: the changes would be lost. "
+        "Nothing was changed. To keep them, copy its directory out of the run and give it with "
+        "--vocab; to make it anew, pass --overwrite (every stage runs again)."
+        in capsys.readouterr().err
     )
     assert vocab.read_text(encoding="utf-8") == edited
+    # A model saved over the export (fine-tuned): a run that would export again is refused.
+    weights = out / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert (
+        main(["run", str(kjv_corpus), "--output", str(out), *FAST, "--num-train-steps", "9"]) == 2
+    )
+    assert (
+        f"this run would write {out / 'model'} again, because the train stage runs again, and "
+        "its model.safetensors changed since the export stage wrote it: the changes would be "
+        f"lost. Nothing was changed. To keep them, move them out of {out / 'model'}, and rerun."
+        in capsys.readouterr().err
+    )
 
 
 def test_an_interrupted_run_resumes(tmp_path, kjv_corpus, capsys):

@@ -29,6 +29,7 @@ from bertforge.errors import UserError
 from bertforge.fileio import (
     atomic_open,
     begin_output,
+    edited_outputs,
     finish_output,
     locked_output,
     prepare_output_dir,
@@ -67,6 +68,12 @@ def export(cfg: ExportConfig) -> ExportResult:
     source = read_init_checkpoint(cfg.checkpoint, "--checkpoint")
     vocab = export_vocab(cfg, source)
     out = prepare_output_dir(cfg.output, "export", cfg.overwrite, "--output")
+    if not cfg.overwrite and (changed := edited_outputs(out)):
+        raise UserError(
+            f"--output: {out} holds an export whose {', '.join(p.name for p in changed)} "
+            "changed since it was written (a model fine-tuned and saved there?); exporting "
+            "again would replace them. Give another --output, or pass --overwrite."
+        )
     begin_output(out, "export")
     # An earlier --format google export's files: rewritten below, or not wanted.
     for old in [out / "bert_config.json", *out.glob(f"{GOOGLE_CHECKPOINT}.*")]:

@@ -207,19 +207,25 @@ def prepare_output_dir(directory: str | Path, stage: str, overwrite: bool, flag:
     return d
 
 
-def edited_output(
-    directory: Path, name: str, manifest: dict[str, Any] | None = None
-) -> Path | None:
-    """DIRECTORY/NAME where it is not the file its stage wrote (the sha256 its manifest records
-    differs: edited by hand since, as a vocab.txt's [unused] slots are meant to be), else None.
-    `manifest`: the directory's, when read already."""
+def edited_outputs(
+    directory: Path, names: Sequence[str] | None = None, manifest: dict[str, Any] | None = None
+) -> list[Path]:
+    """The outputs its manifest records (of `names`, when given) that are not the files the
+    stage wrote: their size or sha256 differs, edited or replaced by hand since (a vocab.txt's
+    [unused] slots are meant to be; a model fine-tuned and saved there). `manifest`: the
+    directory's, when read already."""
     manifest = read_manifest(directory) if manifest is None else manifest
     outputs = (manifest or {}).get("outputs")
-    made = outputs.get(name) if isinstance(outputs, dict) else None
-    path = directory / name
-    if not isinstance(made, dict) or "sha256" not in made or not path.is_file():
-        return None
-    return None if sha256_file(path) == made["sha256"] else path
+    if not isinstance(outputs, dict):
+        return []
+    changed = []
+    for name in outputs if names is None else names:
+        made, path = outputs.get(name), directory / name
+        if not isinstance(made, dict) or "sha256" not in made or not path.is_file():
+            continue  # not recorded, or gone: a stage writes it again
+        if path.stat().st_size != made.get("bytes") or sha256_file(path) != made["sha256"]:
+            changed.append(path)
+    return changed
 
 
 def refuse_other_stage(d: Path, stage: str, flag: str, stages: set[str] | None = None) -> None:

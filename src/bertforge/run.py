@@ -60,7 +60,7 @@ from bertforge.errors import UserError
 from bertforge.fileio import (
     MANIFEST,
     RUN_STATE,
-    edited_output,
+    edited_outputs,
     holds_files,
     output_lock,
     read_manifest,
@@ -434,23 +434,36 @@ def plan_stages(
         if action == "resume" and stage not in RESUMES:
             action, why = "start", "it was cut off"  # quick stages simply run again
         if action != "skip" and upstream is None:
-            upstream = f"the {stage} stage runs again ({why})"
+            upstream = f"the {stage} stage runs again" + (f" ({why})" if why else "")
         plans[stage] = (action, why, corpus)
     return plans
 
 
-def check_vocab_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, out: Path) -> None:
-    """Refuse, before any stage runs, to make the vocabulary again over a vocab.txt edited by
-    hand (words written into its [unused] slots): the edits would be gone without a word."""
-    vocab = plans.get("vocab")
-    if vocab is None or vocab[0] == "skip" or run.overwrite:
+def check_edits_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, out: Path) -> None:
+    """Refuse, before any stage runs, to write a stage's output again over files edited or
+    replaced by hand since it wrote them: the vocabulary's vocab.txt (words written into its
+    [unused] slots), the export's files (a model fine-tuned and saved there). The edits would
+    be gone without a word."""
+    if run.overwrite:
         return
-    if edited := edited_output(out / DIRS["vocab"], "vocab.txt"):
+    for stage, names in (("vocab", ["vocab.txt"]), ("export", None)):
+        plan = plans.get(stage)
+        if plan is None or plan[0] == "skip":
+            continue
+        directory = out / DIRS[stage]
+        if not (changed := edited_outputs(directory, names)):
+            continue
+        what = ", ".join(p.name for p in changed)
+        keep = (
+            "copy its directory out of the run and give it with --vocab; to make it anew, "
+            "pass --overwrite (every stage runs again)"
+            if stage == "vocab"
+            else f"move them out of {directory}, and rerun"
+        )
         raise UserError(
-            f"--output: this run would make the vocabulary again, because {vocab[1]}, and "
-            f"{edited} was edited since the vocab stage wrote it: the edits would be lost. "
-            "Nothing was changed. To keep it, copy its directory out of the run and give it "
-            "with --vocab; to make it anew, pass --overwrite (every stage runs again)."
+            f"--output: this run would write {directory} again, because {plan[1]}, and its "
+            f"{what} changed since the {stage} stage wrote it: the changes would be lost. "
+            f"Nothing was changed. To keep them, {keep}."
         )
 
 
@@ -468,7 +481,9 @@ def check_training_kept(plans: dict[str, tuple[str, str, Any]], run: RunConfig, 
     own = why.startswith("--")  # training's own settings, not an earlier stage's
     vocab = plans.get("vocab")
     edited = (
-        vocab is not None and vocab[0] == "skip" and edited_output(out / DIRS["vocab"], "vocab.txt")
+        vocab is not None
+        and vocab[0] == "skip"
+        and edited_outputs(out / DIRS["vocab"], ["vocab.txt"])
     )
     again = ", the vocabulary too, without the edits of its vocab.txt" if edited else ""
     raise UserError(
@@ -517,7 +532,7 @@ def _run_pipeline(
     state: dict[str, Any] = read_state(state_path) if not run.overwrite else {}
     plans = plan_stages(run, configs, state, out)
     if keep_training:
-        check_vocab_kept(plans, run, out)
+        check_edits_kept(plans, run, out)
         check_training_kept(plans, run, out)
     ran: list[str] = []
     skipped: list[str] = []
@@ -531,8 +546,8 @@ def _run_pipeline(
         action, _, corpus = plans[stage]
         if action == "skip":
             skipped.append(stage)
-            if stage == "vocab" and (edited := edited_output(directory, "vocab.txt")):
-                print(f"run: vocab: kept {directory}, whose {edited.name} is not the one the "
+            if stage == "vocab" and edited_outputs(directory, ["vocab.txt"]):
+                print(f"run: vocab: kept {directory}, whose vocab.txt is not the one the "
                       "stage wrote (edited by hand?): the stages after it read it as it is",
                       file=sys.stderr)  # fmt: skip
             else:

@@ -67,7 +67,7 @@ from bertforge.corpus import (
 from bertforge.errors import UserError
 from bertforge.fileio import (
     begin_output,
-    edited_output,
+    edited_outputs,
     finish_output,
     locked_output,
     prepare_output_dir,
@@ -725,10 +725,10 @@ def check_replacing(
                        "made from")  # fmt: skip
     elif how := corpus_change(manifest.get("inputs") or [], now):
         changes.append(f"the input files differ ({how})")
-    if edited := edited_output(out, "vocab.txt", manifest):
+    if edited_outputs(out, ["vocab.txt"], manifest):
         changes.append(
-            f"its {edited.name} was edited after it was written, new words in its [unused] "
-            "slots perhaps, which making it again would undo"
+            "its vocab.txt was edited after it was written, new words in its [unused] slots "
+            "perhaps, which making it again would undo"
         )
     if changes:
         raise UserError(
