@@ -192,6 +192,9 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """The train stage. Under torchrun, an error leaves the process group as it is (the others
+    may be waiting for this process in a collective, where its shutdown can hang): the CLI
+    says the error and ends the process with `distributed.leave`, as a caller should."""
     d = distributed.setup(cfg.device)
     with claim_output(cfg, d):
         result = _train(cfg, d)
