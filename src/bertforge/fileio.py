@@ -223,8 +223,8 @@ def edited_outputs(
         made, path = outputs.get(name), directory / name
         if not isinstance(made, dict) or "sha256" not in made or not path.is_file():
             continue  # not recorded, or gone: a stage writes it again
-        size = made.get("bytes", path.stat().st_size)  # (an older manifest may not say)
-        if path.stat().st_size != size or sha256_file(path) != made["sha256"]:
+        size = path.stat().st_size  # (an older manifest may not record it: the sha256 tells)
+        if made.get("bytes", size) != size or sha256_file(path) != made["sha256"]:
             changed.append(path)
     return changed
 
